@@ -1,0 +1,77 @@
+"""sockshare: move live sockets between processes, on Linux, macOS and Windows.
+
+Three layers, from the bottom:
+
+* :mod:`sockshare.protocol` -- sans-I/O: the token format, the frame codec and the
+  message payloads, documented byte by byte in ``docs/protocol.md``;
+* :mod:`sockshare.backends` -- the OS mechanisms: SCM_RIGHTS, pidfd_getfd,
+  WSADuplicateSocket, inheritance and systemd socket activation;
+* the public API re-exported here: tokens (:func:`export_socket`,
+  :func:`import_socket`, :func:`release`), and every error class under
+  :class:`SockshareError`.
+
+The server runtime (``sockshare serve``) lives in :mod:`sockshare.server`, the IPC
+carriers in :mod:`sockshare.carriers`.
+"""
+
+from sockshare._errors import (
+    BackendUnavailable,
+    CarrierClosed,
+    CarrierError,
+    CarrierFull,
+    CarrierNotFound,
+    CarrierPermission,
+    CarrierTimeout,
+    ChannelBroken,
+    ChannelClosed,
+    ChannelError,
+    ExporterGone,
+    HandoffError,
+    HandoffRejected,
+    InvalidToken,
+    LocalProtocolError,
+    MessageTooLarge,
+    PeerRefused,
+    ProtocolError,
+    RemoteProtocolError,
+    SockshareError,
+    TokenConsumed,
+    TokenError,
+    TokenExpired,
+    WrongProcess,
+)
+from sockshare._tokens import DEFAULT_TTL, export_socket, import_socket, release
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_TTL",
+    "BackendUnavailable",
+    "CarrierClosed",
+    "CarrierError",
+    "CarrierFull",
+    "CarrierNotFound",
+    "CarrierPermission",
+    "CarrierTimeout",
+    "ChannelBroken",
+    "ChannelClosed",
+    "ChannelError",
+    "ExporterGone",
+    "HandoffError",
+    "HandoffRejected",
+    "InvalidToken",
+    "LocalProtocolError",
+    "MessageTooLarge",
+    "PeerRefused",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "SockshareError",
+    "TokenConsumed",
+    "TokenError",
+    "TokenExpired",
+    "WrongProcess",
+    "__version__",
+    "export_socket",
+    "import_socket",
+    "release",
+]

@@ -1,0 +1,173 @@
+"""Every exception sockshare raises, under one root.
+
+Errors say whose fault a failure is and what to do about it::
+
+    SockshareError
+    ├── TokenError                      a token could not be imported
+    │   ├── InvalidToken (ValueError)   garbled, truncated, wrong version, forged secret
+    │   ├── WrongProcess                presented by a process it was not made for
+    │   ├── TokenConsumed               already imported (tokens are single use)
+    │   ├── TokenExpired                its time ran out, or the exporter released it
+    │   └── ExporterGone                the exporting process exited (or its agent did)
+    ├── ProtocolError                   the wire rules were broken
+    │   ├── LocalProtocolError          ... by us: a bug or a misuse of the API
+    │   └── RemoteProtocolError         ... by the peer: garbage, forged or truncated frames
+    ├── MessageTooLarge (ValueError)    over a documented limit, refused before sending
+    ├── ChannelError                    a handoff channel cannot be used
+    │   ├── ChannelClosed               you closed it
+    │   ├── ChannelBroken               it broke from outside (peer died); cause chained
+    │   └── PeerRefused                 the handshake refused the peer (uid/pid policy)
+    ├── HandoffError                    one handoff did not complete
+    │   └── HandoffRejected             the receiver rejected it; the socket is yours again
+    ├── CarrierError                    an IPC carrier failed (sockshare.carriers)
+    │   ├── CarrierNotFound             no such queue/pipe/segment/peer address
+    │   ├── CarrierPermission           the OS refused access
+    │   ├── CarrierTimeout (TimeoutError) nothing arrived or left in time
+    │   ├── CarrierFull                 the queue or ring is full
+    │   └── CarrierClosed               the carrier or its peer is gone
+    └── BackendUnavailable              this OS mechanism does not work here (and why)
+
+Every class is importable from the package top level. ``ValueError`` and
+``TimeoutError`` mixins keep stdlib-style ``except`` clauses working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailable",
+    "CarrierClosed",
+    "CarrierError",
+    "CarrierFull",
+    "CarrierNotFound",
+    "CarrierPermission",
+    "CarrierTimeout",
+    "ChannelBroken",
+    "ChannelClosed",
+    "ChannelError",
+    "ExporterGone",
+    "HandoffError",
+    "HandoffRejected",
+    "InvalidToken",
+    "LocalProtocolError",
+    "MessageTooLarge",
+    "PeerRefused",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "SockshareError",
+    "TokenConsumed",
+    "TokenError",
+    "TokenExpired",
+    "WrongProcess",
+]
+
+
+class SockshareError(Exception):
+    """Root of every exception sockshare raises on purpose."""
+
+
+# --- tokens -----------------------------------------------------------------
+
+
+class TokenError(SockshareError):
+    """A token could not be imported. Nothing was left open by the attempt."""
+
+
+class InvalidToken(TokenError, ValueError):
+    """The token is garbled, truncated, of an unknown version, or its secret is wrong."""
+
+
+class WrongProcess(TokenError):
+    """The token was made for another process id; only that process may import it."""
+
+
+class TokenConsumed(TokenError):
+    """The token was already imported once; tokens are single use."""
+
+
+class TokenExpired(TokenError):
+    """The token's lifetime ran out, or the exporter released it, before import."""
+
+
+class ExporterGone(TokenError):
+    """The process that exported the socket exited before the import."""
+
+
+# --- wire protocol ------------------------------------------------------------
+
+
+class ProtocolError(SockshareError):
+    """The handoff wire protocol was violated. Abstract: see the two subclasses."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to do something the protocol forbids (a bug in the caller)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol forbids; the connection cannot continue."""
+
+
+class MessageTooLarge(SockshareError, ValueError):
+    """A message, metadata, pre-read data or fd count is over a documented limit."""
+
+
+# --- channel ------------------------------------------------------------------
+
+
+class ChannelError(SockshareError):
+    """A handoff channel cannot be used."""
+
+
+class ChannelClosed(ChannelError):
+    """This side closed the channel (or its listener) and then used it."""
+
+
+class ChannelBroken(ChannelError):
+    """The channel broke from outside: the peer died or hung up. Cause in ``__cause__``."""
+
+
+class PeerRefused(ChannelError):
+    """The handshake refused the peer: version, uid or pid policy."""
+
+
+class HandoffError(SockshareError):
+    """One handoff did not complete."""
+
+
+class HandoffRejected(HandoffError):
+    """The receiver rejected the handoff; the sender still owns the socket."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# --- carriers -----------------------------------------------------------------
+
+
+class CarrierError(SockshareError):
+    """An IPC carrier (pipe, queue, shared memory, socket) failed."""
+
+
+class CarrierNotFound(CarrierError):
+    """The named queue, pipe, segment or address does not exist (or nobody listens)."""
+
+
+class CarrierPermission(CarrierError):
+    """The operating system refused access to the carrier."""
+
+
+class CarrierTimeout(CarrierError, TimeoutError):
+    """Nothing could be received or sent before the timeout."""
+
+
+class CarrierFull(CarrierError):
+    """The queue or ring buffer is full and the send did not wait."""
+
+
+class CarrierClosed(CarrierError):
+    """The carrier was closed by this side, or its peer went away."""
+
+
+class BackendUnavailable(SockshareError):
+    """An OS mechanism (SCM_RIGHTS, pidfd_getfd, WSADuplicateSocket...) is not usable here."""

@@ -1,0 +1,288 @@
+"""The token API: ``export_socket``, ``import_socket``, ``release``.
+
+The portable form of PHP's ``socket_wsaprotocol_info_export/import/release`` and of
+Python's Windows-only ``socket.share``/``socket.fromshare``::
+
+    token = sockshare.export_socket(sock, target_pid)   # exporter
+    sock = sockshare.import_socket(token)               # in process target_pid
+    sockshare.release(token)                            # exporter withdraws it
+
+A token is bound to its target pid, single use, and expires (30 s by default). The
+exporter's duplicate of the socket is closed when the token is imported, released or
+expires; an import that fails for any reason leaves no descriptor open on either side.
+The exchange behind an import is described in ``docs/protocol.md`` ("Token import").
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+
+from sockshare._errors import (
+    ExporterGone,
+    InvalidToken,
+    RemoteProtocolError,
+    SockshareError,
+    TokenConsumed,
+    WrongProcess,
+)
+from sockshare.backends._agent import agent
+from sockshare.backends._scm import close_fds, peer_credentials, recv_with_fds, send_with_fds
+from sockshare.protocol import (
+    Claim,
+    FrameDecoder,
+    FrameType,
+    decode_error,
+    decode_grant,
+    decode_token,
+    encode_claim,
+    encode_done,
+    encode_frame,
+    error_to_exception,
+)
+from sockshare.protocol._token import ADDR_ABSTRACT, TokenInfo
+
+__all__ = ["DEFAULT_TTL", "export_socket", "import_socket", "release"]
+
+#: Default token lifetime in seconds.
+DEFAULT_TTL = 30.0
+
+# Windows: WSASocket must never see the same WSAPROTOCOL_INFO twice in one process (the
+# duplicated handle is consumed by the first import), so we remember what we imported.
+_seen_lock = threading.Lock()
+_seen: set[tuple[int, int]] = set()
+
+
+def export_socket(
+    sock: socket.socket | int, target_pid: int, *, ttl: float = DEFAULT_TTL
+) -> str:
+    """Export ``sock`` for the process ``target_pid``; return a printable ASCII token.
+
+    The token may travel by any IPC (pipe, env var, file, queue, HTTP header). Only the
+    process ``target_pid`` can import it, once, within ``ttl`` seconds. The caller keeps
+    ``sock`` and may close it right away: the exporter holds its own duplicate until the
+    token is imported, released or expired.
+
+    Raises ``ValueError`` for a bad ``ttl`` or pid, and
+    :class:`~sockshare.LocalProtocolError` for a socket kind sockshare cannot move.
+    """
+    if isinstance(sock, int):
+        probe = socket.socket(fileno=os.dup(sock))
+        try:
+            return agent().export(probe, target_pid, ttl)
+        finally:
+            probe.close()
+    if sock.fileno() < 0:
+        raise ValueError("cannot export a closed socket")
+    return agent().export(sock, target_pid, ttl)
+
+
+def release(token: str) -> bool:
+    """Withdraw a token this process exported and nobody imported yet.
+
+    Returns ``True`` if the token was pending (its duplicate is now closed), ``False``
+    if it was already imported, expired, released, or was not exported by this process.
+    Raises :class:`~sockshare.InvalidToken` if ``token`` is not a token at all.
+    """
+    return agent().release(decode_token(token))
+
+
+def import_socket(
+    token: str, *, blocking: bool = True, timeout: float = 5.0
+) -> socket.socket:
+    """Import the socket named by ``token``; the caller owns the returned socket.
+
+    The socket is non-inheritable. It is put in blocking mode (``blocking=True``,
+    ``gettimeout() is None``) or non-blocking mode explicitly; the O_NONBLOCK flag lives
+    on the open file description, so this also changes it for any copy the exporter
+    still holds. ``timeout`` bounds the exchange with the exporter.
+
+    Raises :class:`~sockshare.InvalidToken`, :class:`~sockshare.WrongProcess`,
+    :class:`~sockshare.TokenConsumed`, :class:`~sockshare.TokenExpired` or
+    :class:`~sockshare.ExporterGone`, all subclasses of ``SockshareError``.
+    """
+    info = decode_token(token)
+    if info.target_pid != os.getpid():
+        raise WrongProcess(
+            f"this token was exported for pid {info.target_pid}; this process is "
+            f"pid {os.getpid()}: export it again for this process"
+        )
+    sock = _import_windows(info, timeout) if info.is_windows else _import_posix(info, timeout)
+    sock.setblocking(blocking)
+    return sock
+
+
+# --- POSIX ----------------------------------------------------------------------
+
+
+def _connect_agent(info: TokenInfo, timeout: float) -> socket.socket:
+    if info.is_windows:
+        ch = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        addr: str | bytes | tuple[str, int] = ("127.0.0.1", info.agent_port)
+    else:
+        ch = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        addr = b"\0" + info.address if info.address_kind == ADDR_ABSTRACT else info.address
+    ch.settimeout(timeout)
+    try:
+        ch.connect(addr)
+    except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError) as exc:
+        ch.close()
+        raise _gone(info) from exc
+    except TimeoutError as exc:
+        ch.close()
+        raise ExporterGone(f"the exporter (pid {info.exporter_pid}) did not answer in {timeout} s") from exc
+    except BaseException:
+        ch.close()
+        raise
+    return ch
+
+
+def _gone(info: TokenInfo) -> ExporterGone:
+    if _pid_alive(info.exporter_pid):
+        return ExporterGone(
+            f"the export agent of pid {info.exporter_pid} is not reachable: that process "
+            "exec'd or is no longer the exporter; export the socket again"
+        )
+    return ExporterGone(
+        f"the exporting process (pid {info.exporter_pid}) has exited, and the socket "
+        "with it: export it again from a live process"
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    if sys.platform == "win32":
+        return True  # no cheap, reliable probe; the message stays generic
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return True
+
+
+def _exchange(ch: socket.socket, info: TokenInfo) -> tuple[int, socket.socket | None]:
+    """Send CLAIM; return (token id, socket) from the GRANT. Raises on ERROR frames."""
+    ch.sendall(encode_frame(FrameType.CLAIM, encode_claim(
+        Claim(info.token_id, info.secret, os.getpid()))))
+    decoder = FrameDecoder(max_payload=8192, allow_fds=not info.is_windows)
+    try:
+        while True:
+            if info.is_windows:
+                data, fds = ch.recv(8192), []
+            else:
+                data, fds = recv_with_fds(ch, 8192)
+            if not data and not fds:
+                decoder.end_of_stream()
+                raise ExporterGone("the export agent hung up before answering")
+            decoder.feed(data, fds)
+            frame = decoder.next_frame()
+            if frame is None:
+                continue
+            if frame.type == FrameType.ERROR:
+                close_fds(frame.fds)
+                raise error_to_exception(decode_error(frame.payload))
+            if frame.type != FrameType.GRANT or len(frame.fds) != (0 if info.is_windows else 1):
+                close_fds(frame.fds)
+                raise RemoteProtocolError(f"the export agent answered {frame.type.name} "
+                                          f"with {len(frame.fds)} fds")
+            try:
+                grant = decode_grant(frame.payload)
+                if grant.token_id != info.token_id:
+                    raise RemoteProtocolError("the export agent granted another token")
+                if info.is_windows:
+                    return grant.token_id, None
+                fd = frame.fds[0]
+                _check_is_socket(fd, grant.kind.type)
+                return grant.token_id, socket.socket(
+                    grant.kind.family, grant.kind.type, grant.kind.proto, fileno=fd)
+            except BaseException:
+                close_fds(frame.fds)
+                raise
+    except TimeoutError as exc:
+        raise ExporterGone(f"the exporter (pid {info.exporter_pid}) did not answer in time") from exc
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        raise ExporterGone("the export agent hung up before answering") from exc
+    finally:
+        close_fds(decoder.take_fds())
+
+
+def _check_is_socket(fd: int, stype: int) -> None:
+    try:
+        probe = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise RemoteProtocolError(f"the descriptor received is not a socket: {exc}") from None
+    try:
+        actual = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+    finally:
+        probe.detach()
+    if actual != stype:
+        raise RemoteProtocolError(f"the socket received is of type {actual}, the agent said {stype}")
+
+
+def _import_posix(info: TokenInfo, timeout: float) -> socket.socket:
+    ch = _connect_agent(info, timeout)
+    try:
+        if sys.platform.startswith("linux") or sys.platform == "darwin":
+            pid, _uid, _gid = peer_credentials(ch)
+            if pid and pid != info.exporter_pid:
+                raise ExporterGone(
+                    f"the token's agent address is held by pid {pid}, not by the "
+                    f"exporter (pid {info.exporter_pid}): refusing to talk to it"
+                )
+        _tid, sock = _exchange(ch, info)
+        assert sock is not None
+        try:
+            ch.sendall(encode_frame(FrameType.DONE, encode_done(info.token_id)))
+        except OSError:
+            pass  # the agent closes its copy on hang-up too; we own the socket already
+        return sock
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, SockshareError):
+            raise
+        raise ExporterGone(f"the exchange with the export agent failed: {exc}") from exc
+    finally:
+        ch.close()
+
+
+# --- Windows --------------------------------------------------------------------
+
+
+def _import_windows(info: TokenInfo, timeout: float) -> socket.socket:
+    if sys.platform != "win32":
+        raise InvalidToken(
+            "this token carries a Windows WSAPROTOCOL_INFO blob: only the Windows "
+            "process it was exported for can import it"
+        )
+    key = (info.exporter_pid, info.token_id)
+    with _seen_lock:
+        if key in _seen:
+            raise TokenConsumed("this token was already imported by this process; tokens are single use")
+        _seen.add(key)
+    # Take ownership of the handle the OS already duplicated into this process first, so
+    # that every refusal below can close it instead of leaking it.
+    try:
+        sock = socket.fromshare(info.blob)
+    except OSError as exc:
+        raise InvalidToken(f"Windows refused the WSAPROTOCOL_INFO blob: {exc}") from exc
+    try:
+        ch = _connect_agent(info, timeout)
+        try:
+            _exchange(ch, info)
+            try:
+                ch.sendall(encode_frame(FrameType.DONE, encode_done(info.token_id)))
+            except OSError:
+                pass
+        finally:
+            ch.close()
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+

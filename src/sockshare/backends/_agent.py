@@ -1,0 +1,403 @@
+"""The export agent: the exporting side of a token, one per process.
+
+``export_socket`` registers a duplicate of the socket here under a random 64-bit id and
+a 128-bit secret, and returns a token naming this agent. The agent is a daemon thread
+started by the first export. It listens on
+
+* POSIX: a UNIX stream socket, in the Linux abstract namespace (``\\0sockshare/<pid>/<random>``)
+  or, elsewhere, as ``agent.sock`` in a private 0700 directory;
+* Windows: a loopback TCP port (the socket itself travels inside the token as a
+  ``WSAPROTOCOL_INFOW`` blob, already duplicated for the target pid by the OS).
+
+An importer connects, sends a CLAIM frame (id, secret, its pid) and gets back either a
+GRANT (with the descriptor attached by SCM_RIGHTS on POSIX) or an ERROR frame whose code
+says why not. On POSIX the agent checks the peer's kernel-reported credentials
+(``SO_PEERCRED``): pid must be the token's target, uid the exporter's. After a GRANT the
+importer answers DONE and the agent closes its duplicate; if the importer vanishes
+instead, the duplicate is closed all the same. Expired and released entries are closed
+by the agent's sweep. A bounded memory of finished ids (tombstones) lets the agent say
+"consumed", "expired" or "released" rather than "unknown".
+
+``os.fork()``: the child inherits the registry but not the thread. An at-fork hook
+closes the child's copies of every descriptor the agent held and starts afresh; tokens
+made before the fork keep naming the parent's agent.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+import selectors
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from sockshare._errors import SockshareError
+from sockshare.backends._scm import close_fds, peer_credentials, recv_with_fds, send_with_fds
+from sockshare.protocol import (
+    Claim,
+    ErrorCode,
+    FrameDecoder,
+    FrameType,
+    Grant,
+    SocketKind,
+    decode_claim,
+    decode_done,
+    encode_error,
+    encode_frame,
+    encode_grant,
+)
+from sockshare.protocol._token import (
+    ADDR_ABSTRACT,
+    ADDR_PATH,
+    KIND_POSIX,
+    KIND_WINDOWS,
+    TokenInfo,
+    encode_token,
+)
+
+__all__ = ["ExportAgent", "agent"]
+
+log = logging.getLogger("sockshare.agent")
+
+IS_WINDOWS = sys.platform == "win32"
+#: How long an importer may take between connecting and finishing the exchange.
+CONN_DEADLINE = 10.0
+#: How many finished token ids the agent remembers, to give precise refusals.
+TOMBSTONES = 16384
+#: Upper bound of a token lifetime; None-expiry tokens are not offered.
+MAX_TTL = 7 * 24 * 3600.0
+
+
+@dataclass(slots=True)
+class _Entry:
+    token_id: int
+    secret: bytes
+    target_pid: int
+    fd: int  # the agent's duplicate (POSIX); -1 on Windows
+    kind: SocketKind
+    deadline: float  # time.monotonic()
+
+
+@dataclass(slots=True)
+class _Conn:
+    sock: socket.socket
+    deadline: float
+    decoder: FrameDecoder = field(default_factory=lambda: FrameDecoder(max_payload=256))
+    granted: _Entry | None = None
+    peer: tuple[int, int] = (0, 0)
+
+
+class ExportAgent:
+    """The per-process registry of exported sockets and the thread that serves them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[int, _Entry] = {}
+        self._tombs: OrderedDict[int, ErrorCode] = OrderedDict()
+        self._listener: socket.socket | None = None
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._conns: dict[int, _Conn] = {}
+        self._thread: threading.Thread | None = None
+        self._dir: str | None = None
+        self._address: bytes = b""
+        self._address_kind = ADDR_ABSTRACT
+        self._port = 0
+        self._pid = os.getpid()
+        self._uid = os.getuid() if hasattr(os, "getuid") else 0
+        self._stopping = False
+        self._sel: selectors.BaseSelector | None = None
+
+    # -- public, called from any thread of the exporting process --------------------
+
+    def export(self, sock: socket.socket, target_pid: int, ttl: float) -> str:
+        if not 0 < ttl <= MAX_TTL:
+            raise ValueError(f"ttl must be > 0 and at most {MAX_TTL:.0f} seconds, not {ttl!r}")
+        if not 0 < target_pid < 2**32:
+            raise ValueError(f"target_pid must be a process id, not {target_pid!r}")
+        kind = SocketKind.of(sock)
+        kind.pack()  # raises LocalProtocolError for families/types we cannot move
+        self._ensure_running()
+        token_id = secrets.randbits(64)
+        secret = secrets.token_bytes(16)
+        expires_ms = int((time.time() + ttl) * 1000)
+        deadline = time.monotonic() + ttl
+        if sys.platform == "win32":
+            blob = sock.share(target_pid)
+            entry = _Entry(token_id, secret, target_pid, -1, kind, deadline)
+            info = TokenInfo(KIND_WINDOWS, self._pid, target_pid, token_id, secret, expires_ms,
+                             agent_port=self._port, blob=blob)
+        else:
+            fd = os.dup(sock.fileno())  # non-inheritable since PEP 446
+            entry = _Entry(token_id, secret, target_pid, fd, kind, deadline)
+            info = TokenInfo(KIND_POSIX, self._pid, target_pid, token_id, secret, expires_ms,
+                             exporter_uid=self._uid, address=self._address,
+                             address_kind=self._address_kind)
+        with self._lock:
+            self._entries[token_id] = entry
+        self._wake()
+        return encode_token(info)
+
+    def release(self, info: TokenInfo) -> bool:
+        """Withdraw an unused token of ours. True if it was still waiting for import."""
+        if info.exporter_pid != self._pid:
+            return False
+        with self._lock:
+            entry = self._entries.get(info.token_id)
+            if entry is None or not hmac.compare_digest(entry.secret, info.secret):
+                return False
+            del self._entries[info.token_id]
+            self._tomb(info.token_id, ErrorCode.RELEASED)
+        if entry.fd >= 0:
+            close_fds([entry.fd])
+        return True
+
+    def pending(self) -> int:
+        """How many exported sockets wait for import (their duplicates are open)."""
+        with self._lock:
+            return len(self._entries)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def _ensure_running(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._open_listener()
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
+            self._thread = threading.Thread(
+                target=self._run, name=f"sockshare-export-agent-{self._pid}", daemon=True
+            )
+            self._thread.start()
+
+    def _open_listener(self) -> None:
+        if IS_WINDOWS:
+            lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            lst.bind(("127.0.0.1", 0))
+            self._port = lst.getsockname()[1]
+        else:
+            lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            if sys.platform.startswith("linux"):
+                name = f"\0sockshare/{self._pid}/{secrets.token_hex(8)}".encode()
+                lst.bind(name)
+                self._address, self._address_kind = name[1:], ADDR_ABSTRACT
+            else:
+                self._dir = tempfile.mkdtemp(prefix="sockshare-")  # mode 0700
+                path = os.path.join(self._dir, "agent.sock")
+                lst.bind(path)
+                self._address, self._address_kind = path.encode(), ADDR_PATH
+        lst.listen(128)
+        lst.setblocking(False)
+        self._listener = lst
+
+    def _wake(self) -> None:
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:  # full (already woken) or closed
+                pass
+
+    def _after_fork_in_child(self) -> None:
+        # The thread did not survive the fork; our copies of its descriptors did.
+        self._lock = threading.Lock()
+        fds = [e.fd for e in self._entries.values() if e.fd >= 0]
+        fds += [c.granted.fd for c in self._conns.values() if c.granted and c.granted.fd >= 0]
+        close_fds(fds)
+        for s in [self._listener, self._wake_r, self._wake_w, *(c.sock for c in self._conns.values())]:
+            if s is not None:
+                s.close()
+        if self._sel is not None:
+            self._sel.close()
+        self.__init__()  # type: ignore[misc]
+
+    # -- the agent thread ----------------------------------------------------------
+
+    def _run(self) -> None:
+        sel = self._sel = selectors.DefaultSelector()
+        assert self._listener is not None and self._wake_r is not None
+        sel.register(self._listener, selectors.EVENT_READ, None)
+        sel.register(self._wake_r, selectors.EVENT_READ, None)
+        try:
+            while not self._stopping:
+                timeout = self._sweep()
+                for key, _ in sel.select(timeout):
+                    if key.fileobj is self._listener:
+                        self._accept()
+                    elif key.fileobj is self._wake_r:
+                        try:
+                            self._wake_r.recv(4096)
+                        except OSError:
+                            pass
+                    else:
+                        conn = self._conns.get(key.fd)
+                        if conn is not None:
+                            self._serve(conn)
+        except Exception:  # pragma: no cover - the agent must never die silently
+            log.exception("sockshare export agent crashed; exported tokens can no longer be imported")
+        finally:
+            sel.close()
+
+    def _sweep(self) -> float | None:
+        """Close expired entries and stale connections; return the select timeout."""
+        now = time.monotonic()
+        expired: list[int] = []
+        nearest: float | None = None
+        with self._lock:
+            for tid, e in list(self._entries.items()):
+                if e.deadline <= now:
+                    del self._entries[tid]
+                    self._tomb(tid, ErrorCode.EXPIRED)
+                    if e.fd >= 0:
+                        expired.append(e.fd)
+                elif nearest is None or e.deadline < nearest:
+                    nearest = e.deadline
+        close_fds(expired)
+        for conn in list(self._conns.values()):
+            if conn.deadline <= now:
+                self._drop(conn, "the importer took too long")
+            elif nearest is None or conn.deadline < nearest:
+                nearest = conn.deadline
+        return None if nearest is None else max(0.0, nearest - now) + 0.001
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            s, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # EMFILE and friends: keep serving the rest
+            log.warning("export agent could not accept an importer: %s", exc)
+            time.sleep(0.01)
+            return
+        s.setblocking(False)
+        conn = _Conn(s, time.monotonic() + CONN_DEADLINE)
+        if not IS_WINDOWS:
+            try:
+                pid, uid, _gid = peer_credentials(s)
+            except (OSError, SockshareError):
+                s.close()
+                return
+            conn.peer = (pid, uid)
+        self._conns[s.fileno()] = conn
+        assert self._sel is not None
+        self._sel.register(s, selectors.EVENT_READ, None)
+
+    def _serve(self, conn: _Conn) -> None:
+        try:
+            data, fds = recv_with_fds(conn.sock, 512) if not IS_WINDOWS else (conn.sock.recv(512), [])
+        except (BlockingIOError, InterruptedError):
+            return
+        except (OSError, SockshareError):
+            self._drop(conn, "receive failed")
+            return
+        try:
+            if not data and not fds:
+                conn.decoder.end_of_stream()
+                self._drop(conn, "")
+                return
+            conn.decoder.feed(data, fds)
+            while (frame := conn.decoder.next_frame()) is not None:
+                if frame.type == FrameType.CLAIM and conn.granted is None:
+                    self._on_claim(conn, decode_claim(frame.payload))
+                elif frame.type == FrameType.DONE and conn.granted is not None:
+                    if decode_done(frame.payload) != conn.granted.token_id:
+                        raise ValueError("DONE names another token")
+                    self._drop(conn, "")
+                    return
+                else:
+                    raise ValueError(f"unexpected {frame.type.name} frame")
+        except (SockshareError, ValueError, OSError) as exc:
+            close_fds(conn.decoder.take_fds())
+            self._reply_error(conn, ErrorCode.PROTOCOL, str(exc))
+            self._drop(conn, f"protocol error: {exc}")
+
+    def _on_claim(self, conn: _Conn, claim: Claim) -> None:
+        with self._lock:
+            entry = self._entries.get(claim.token_id)
+            if entry is None:
+                code = self._tombs.get(claim.token_id, ErrorCode.BAD_TOKEN)
+                self._reply_error(conn, code, _REFUSALS[code])
+                return
+            if not hmac.compare_digest(entry.secret, claim.secret):
+                self._reply_error(conn, ErrorCode.BAD_TOKEN, "the token's secret is wrong (forged token)")
+                return
+            pid, uid = conn.peer if not IS_WINDOWS else (claim.pid, self._uid)
+            if pid != entry.target_pid:
+                self._reply_error(
+                    conn, ErrorCode.WRONG_PROCESS,
+                    f"this token was exported for pid {entry.target_pid}; pid {pid} may not import it",
+                )
+                return
+            if uid != self._uid and uid != 0:
+                self._reply_error(
+                    conn, ErrorCode.WRONG_PROCESS,
+                    f"the importer runs as uid {uid}; the exporter only hands sockets to uid {self._uid}",
+                )
+                return
+            if entry.deadline <= time.monotonic():
+                del self._entries[claim.token_id]
+                self._tomb(claim.token_id, ErrorCode.EXPIRED)
+                close_fds([entry.fd] if entry.fd >= 0 else [])
+                self._reply_error(conn, ErrorCode.EXPIRED, _REFUSALS[ErrorCode.EXPIRED])
+                return
+            del self._entries[claim.token_id]
+            self._tomb(claim.token_id, ErrorCode.CONSUMED)
+        conn.granted = entry
+        frame = encode_frame(FrameType.GRANT, encode_grant(Grant(entry.token_id, entry.kind)),
+                             nfds=0 if IS_WINDOWS else 1)
+        send_with_fds(conn.sock, frame, [] if IS_WINDOWS else [entry.fd])
+
+    def _reply_error(self, conn: _Conn, code: ErrorCode, text: str) -> None:
+        try:
+            conn.sock.send(encode_frame(FrameType.ERROR, encode_error(code, text)))
+        except OSError:
+            pass
+
+    def _drop(self, conn: _Conn, why: str) -> None:
+        if why:
+            log.debug("export agent closes an importer connection: %s", why)
+        self._conns.pop(conn.sock.fileno(), None)
+        if self._sel is not None:
+            try:
+                self._sel.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+        if conn.granted is not None and conn.granted.fd >= 0:
+            close_fds([conn.granted.fd])
+            conn.granted = None
+        conn.sock.close()
+
+    def _tomb(self, token_id: int, code: ErrorCode) -> None:
+        self._tombs[token_id] = code
+        while len(self._tombs) > TOMBSTONES:
+            self._tombs.popitem(last=False)
+
+
+_REFUSALS = {
+    ErrorCode.BAD_TOKEN: "the exporter knows no such token: forged, or consumed/expired long ago",
+    ErrorCode.CONSUMED: "this token was already imported; tokens are single use: export again",
+    ErrorCode.EXPIRED: "this token expired before it was imported: export again (or pass a longer ttl)",
+    ErrorCode.RELEASED: "the exporter released this token before it was imported",
+}
+
+_agent = ExportAgent()
+
+
+def agent() -> ExportAgent:
+    """The process's export agent (a fresh one in a forked child)."""
+    return _agent
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _agent._after_fork_in_child())

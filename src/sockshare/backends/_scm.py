@@ -1,0 +1,115 @@
+"""SCM_RIGHTS done right: send and receive descriptors over a UNIX socket.
+
+The stdlib's ``socket.send_fds``/``recv_fds`` hide two traps (see
+``shared/notes/fd-passing-pitfalls.md``): truncation by the kernel is silent (only
+``MSG_CTRUNC`` says so) and received descriptors are inheritable because the ``flags``
+argument is ignored. This module calls ``sendmsg``/``recvmsg`` itself:
+
+* every receive passes ``MSG_CMSG_CLOEXEC`` where the OS has it (Linux, FreeBSD), and
+  sets close-on-exec by hand right after the receive elsewhere;
+* a truncated control message closes every descriptor that did arrive and raises
+  :class:`~sockshare.RemoteProtocolError`: a stream cannot be resynchronised after it;
+* at least one data byte always travels with descriptors;
+* ``EINTR`` is retried by Python itself (PEP 475).
+
+It also reads the peer's credentials (``SO_PEERCRED`` on Linux, ``LOCAL_PEERCRED`` /
+``getpeereid`` elsewhere) for authentication.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import struct
+import sys
+
+from sockshare._errors import BackendUnavailable, RemoteProtocolError
+
+__all__ = [
+    "CMSG_SPACE_MAX",
+    "close_fds",
+    "peer_credentials",
+    "recv_with_fds",
+    "send_with_fds",
+]
+
+_INT_SIZE = array.array("i").itemsize
+_CLOEXEC_FLAG: int = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+#: Room for the largest descriptor batch a frame may carry (253).
+CMSG_SPACE_MAX = socket.CMSG_SPACE(253 * _INT_SIZE) if hasattr(socket, "CMSG_SPACE") else 0
+
+
+def close_fds(fds: list[int] | tuple[int, ...]) -> None:
+    """Close every descriptor in ``fds``, ignoring ones already closed."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def send_with_fds(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...]) -> int:
+    """Send ``data`` (non-empty) with ``fds`` attached to its first byte. Returns bytes sent.
+
+    On a blocking socket the whole of ``data`` is sent; the descriptors go with the
+    first sendmsg only, as the frame rules require.
+    """
+    if not data:
+        raise ValueError("descriptors must travel with at least one data byte")
+    if fds:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sent = sock.sendmsg([data], anc)
+    else:
+        sent = sock.send(data)
+    if sent < len(data) and sock.gettimeout() != 0.0:
+        sock.sendall(memoryview(data)[sent:])
+        sent = len(data)
+    return sent
+
+
+def recv_with_fds(sock: socket.socket, bufsize: int = 65536) -> tuple[bytes, list[int]]:
+    """Receive up to ``bufsize`` bytes and any descriptors, all close-on-exec.
+
+    Raises :class:`RemoteProtocolError` (after closing what arrived) if the kernel
+    truncated the descriptors or the data of a datagram/seqpacket message.
+    """
+    data, ancdata, flags, _addr = sock.recvmsg(bufsize, CMSG_SPACE_MAX, _CLOEXEC_FLAG)
+    fds: list[int] = []
+    for level, ctype, cdata in ancdata:
+        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+            usable = len(cdata) - (len(cdata) % _INT_SIZE)
+            fds.extend(array.array("i", cdata[:usable]))
+    if not _CLOEXEC_FLAG:
+        for fd in fds:
+            os.set_inheritable(fd, False)
+    if flags & getattr(socket, "MSG_CTRUNC", 0):
+        close_fds(fds)
+        raise RemoteProtocolError(
+            f"the kernel truncated the descriptors of a message ({len(fds)} arrived): "
+            "the receiver is at its fd limit (ulimit -n) or the sender exceeded 253"
+        )
+    if flags & getattr(socket, "MSG_TRUNC", 0) and sock.type != socket.SOCK_STREAM:
+        close_fds(fds)
+        raise RemoteProtocolError("a message was larger than the receive buffer")
+    return data, fds
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """Return ``(pid, uid, gid)`` of the process at the other end of a UNIX socket.
+
+    The pid is the one that *connected* (or called socketpair); pid is 0 where the OS
+    does not report it (getpeereid on older BSDs).
+    """
+    if hasattr(socket, "SO_PEERCRED"):
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", raw)
+        return pid, uid, gid
+    if sys.platform == "darwin":
+        # LOCAL_PEERCRED (0x001) gives struct xucred; LOCAL_PEERPID (0x002) the pid.
+        sol_local = 0
+        pid = struct.unpack("i", sock.getsockopt(sol_local, 0x002, 4))[0]
+        xucred = sock.getsockopt(sol_local, 0x001, 76)
+        _version, uid, _ngroups = struct.unpack_from("IIh", xucred)
+        return pid, uid, -1
+    raise BackendUnavailable(f"no way to read peer credentials of a UNIX socket on {sys.platform}")
