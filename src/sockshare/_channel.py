@@ -1,0 +1,846 @@
+"""The handoff channel: many live connections per second between two processes.
+
+A token moves one socket over any IPC; a :class:`Channel` is the hot path a server uses
+to hand over thousands of connections a second between two processes that stay
+connected. Each handoff carries the socket, JSON metadata and the bytes the sender
+already read from it, and (by default) is *acknowledged*: the sender keeps its copy
+until the receiver accepts; a reject, or a receiver that dies before answering, gives
+the socket back to the sender as a :class:`Ticket` in state ``"rejected"`` or
+``"returned"`` that it can act on (re-dispatch).
+
+The wire exchange (docs/protocol.md, "Channel")::
+
+    both sides      HELLO (version, pid, uid, features, max payload)
+    sender          HANDOFF [flags: ACK] (n entries, n fds)    -->
+    receiver        ACCEPT (ids...) | REJECT (id, reason)       <--
+    either side     BYE, then close
+
+The channel is symmetric: either end may send handoffs. This module holds the I/O-free
+state (:class:`_ChannelState`) and the blocking adapter; :mod:`sockshare._aio` is the
+asyncio adapter over the same state.
+
+Transports: a UNIX stream socket (a path, or ``@name`` in the Linux abstract
+namespace), descriptors by SCM_RIGHTS; on Windows, loopback TCP (``tcp://127.0.0.1:PORT``)
+with sockets moved as WSAPROTOCOL_INFO blobs for the receiver's pid learnt in HELLO.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import os
+import socket
+import stat
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sockshare._errors import (
+    ChannelBroken,
+    ChannelClosed,
+    ChannelError,
+    LocalProtocolError,
+    MessageTooLarge,
+    PeerRefused,
+    RemoteProtocolError,
+    SockshareError,
+)
+from sockshare.backends._scm import close_fds, peer_credentials, recv_with_fds, send_with_fds
+from sockshare.protocol import (
+    FLAG_ACK,
+    FLAG_WSA,
+    MAX_DATA,
+    MAX_FDS_PER_FRAME,
+    MAX_META,
+    MAX_PAYLOAD,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    HandoffEntry,
+    Hello,
+    Reject,
+    SocketKind,
+    decode_accept,
+    decode_control,
+    decode_error,
+    decode_handoff,
+    decode_hello,
+    decode_reject,
+    encode_accept,
+    encode_control,
+    encode_error,
+    encode_frame,
+    encode_handoff,
+    encode_hello,
+    encode_reject,
+    error_to_exception,
+)
+
+__all__ = ["Channel", "ChannelListener", "Handoff", "PeerInfo", "Ticket"]
+
+log = logging.getLogger("sockshare.channel")
+
+IS_WINDOWS = sys.platform == "win32"
+FEATURE_SCM = 0x1
+FEATURE_WSA = 0x2
+FEATURE_ACK = 0x4
+#: Sockets per HANDOFF frame in a batched send (well under SCM_MAX_FD = 253).
+BATCH = 64
+RECV_BUF = 256 * 1024
+HANDSHAKE_TIMEOUT = 5.0
+
+_ids = itertools.count(1)
+
+TicketState = Literal["pending", "sent", "accepted", "rejected", "returned"]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """Who is at the other end, from its HELLO (pid/uid checked against the kernel's)."""
+
+    pid: int
+    uid: int
+    name: str
+    features: int
+    max_payload: int
+
+
+@dataclass(eq=False, slots=True)
+class Ticket:
+    """The sender's view of one handoff.
+
+    ``state`` is ``"pending"`` until the receiver answers, ``"sent"`` for
+    fire-and-forget handoffs, then ``"accepted"``, ``"rejected"`` (the receiver said no:
+    ``reason``) or ``"returned"`` (the channel broke before an answer). While pending, and
+    after a reject or a return, ``socket`` is the sender's own socket, intact; after an
+    accept it is closed and ``None``.
+    """
+
+    id: int
+    socket: socket.socket | None
+    meta: Any = None
+    data: bytes = b""
+    state: TicketState = "pending"
+    reason: str = ""
+    _channel: Channel | None = field(default=None, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self.state != "pending"
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the receiver answers; True if accepted. Pumps the channel."""
+        if self.state == "pending" and self._channel is not None:
+            self._channel._wait_ticket(self, timeout)
+        return self.state in ("accepted", "sent")
+
+
+@dataclass(eq=False, slots=True)
+class Handoff:
+    """The receiver's view of one handoff: a socket that is now yours.
+
+    ``data`` are the bytes the sender had already read from the connection: consume them
+    before reading from ``socket``. ``meta`` is the sender's JSON metadata (decoded on
+    first access). Answer with :meth:`accept` or :meth:`reject` when the sender asked for
+    an acknowledgement (``acked``); until then the sender keeps its own copy.
+    """
+
+    id: int
+    socket: socket.socket
+    data: bytes
+    raw_meta: bytes
+    acked: bool
+    _send: Any = field(default=None, repr=False)
+    answered: bool = False
+    _meta: Any = field(default=None, repr=False)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        if self._meta is None:
+            self._meta = json.loads(self.raw_meta) if self.raw_meta else {}
+        return self._meta  # type: ignore[no-any-return]
+
+    def accept(self) -> None:
+        """Tell the sender we own the connection now; it closes its copy."""
+        if self.answered:
+            return
+        self.answered = True
+        if self.acked and self._send is not None:
+            self._send(encode_frame(FrameType.ACCEPT, encode_accept([self.id])))
+
+    def reject(self, reason: str = "") -> None:
+        """Give the connection back: our copy is closed, the sender's stays open."""
+        if self.answered:
+            raise LocalProtocolError(f"handoff {self.id} was already answered")
+        self.answered = True
+        self.socket.close()
+        if self.acked and self._send is not None:
+            self._send(encode_frame(FrameType.REJECT, encode_reject(Reject(self.id, reason))))
+
+
+class _ChannelState:
+    """Everything a channel knows, and how frames change it. No blocking I/O here.
+
+    Incoming bytes and descriptors go to :meth:`receive_data`; it returns nothing, and
+    updates ``incoming`` (handoffs for us), the tickets, and ``returned`` (tickets given
+    back). Building frames to send is :meth:`handoff_frames`.
+    """
+
+    def __init__(self, *, max_payload: int = MAX_PAYLOAD, wsa: bool = False) -> None:
+        self.wsa = wsa
+        self.decoder = FrameDecoder(max_payload=max_payload, allow_fds=not wsa)
+        self.max_payload = max_payload
+        self.peer: PeerInfo | None = None
+        self.incoming: deque[Handoff] = deque()
+        self.tickets: dict[int, Ticket] = {}
+        self.returned: deque[Ticket] = deque()
+        self.controls: deque[dict[str, Any]] = deque()
+        self.broken: BaseException | None = None
+        self.closed = False
+        self.peer_said_bye = False
+        self.socket_blocking: bool | None = True
+        self.counters = {"sent": 0, "received": 0, "accepted": 0, "rejected": 0, "returned": 0}
+
+    # -- outgoing ----------------------------------------------------------------
+
+    def handoff_frames(
+        self, items: list[tuple[socket.socket, Any, bytes]], ack: bool,
+    ) -> list[tuple[bytes, list[int], list[Ticket]]]:
+        """Encode HANDOFF frames for ``items`` (sock, meta, data); register tickets."""
+        out: list[tuple[bytes, list[int], list[Ticket]]] = []
+        flags = (FLAG_ACK if ack else 0) | (FLAG_WSA if self.wsa else 0)
+        peer_max = self.peer.max_payload if self.peer else MAX_PAYLOAD
+        entries: list[HandoffEntry] = []
+        tickets: list[Ticket] = []
+        size = 2
+        for sock, meta, data in items:
+            raw = _encode_meta(meta)
+            if len(data) > MAX_DATA:
+                raise MessageTooLarge(f"pre-read data of {len(data)} bytes; the limit is {MAX_DATA}")
+            blob = b""
+            if self.wsa:
+                assert self.peer is not None
+                if sys.platform == "win32":
+                    blob = sock.share(self.peer.pid)
+            entry = HandoffEntry(next(_ids), SocketKind.of(sock), raw, bytes(data), blob)
+            esize = 20 + len(raw) + len(data) + (2 + len(blob) if self.wsa else 0)
+            if entries and (len(entries) >= BATCH or size + esize > peer_max):
+                out.append(self._frame(entries, tickets, flags))
+                entries, tickets, size = [], [], 2
+            entries.append(entry)
+            tickets.append(Ticket(entry.id, sock, meta, bytes(data), "pending" if ack else "sent"))
+            size += esize
+        if entries:
+            out.append(self._frame(entries, tickets, flags))
+        return out
+
+    def _frame(
+        self, entries: list[HandoffEntry], tickets: list[Ticket], flags: int,
+    ) -> tuple[bytes, list[int], list[Ticket]]:
+        payload = encode_handoff(entries, wsa=self.wsa)
+        fds = [] if self.wsa else [t.socket.fileno() for t in tickets if t.socket is not None]
+        frame = encode_frame(FrameType.HANDOFF, payload, flags=flags, nfds=len(fds),
+                             max_payload=self.peer.max_payload if self.peer else MAX_PAYLOAD)
+        return frame, fds, tickets
+
+    # -- incoming ----------------------------------------------------------------
+
+    def receive_data(self, data: bytes, fds: list[int], send: Any) -> None:
+        """Feed what one receive returned; ``send(bytes)`` is used for answers."""
+        if not data and not fds:
+            self.decoder.end_of_stream()
+            raise ConnectionResetError("the peer closed the channel")
+        self.decoder.feed(data, fds)
+        while (frame := self.decoder.next_frame()) is not None:
+            self._on_frame(frame, send)
+
+    def _on_frame(self, frame: Frame, send: Any) -> None:
+        t = frame.type
+        if t == FrameType.HANDOFF:
+            self._on_handoff(frame, send)
+        elif frame.fds:
+            close_fds(frame.fds)
+            raise RemoteProtocolError(f"{t.name} frame carried {len(frame.fds)} descriptors")
+        elif t == FrameType.ACCEPT:
+            for hid in decode_accept(frame.payload):
+                ticket = self._ticket(hid)
+                ticket.state = "accepted"
+                self.counters["accepted"] += 1
+                if ticket.socket is not None:
+                    ticket.socket.close()
+                    ticket.socket = None
+        elif t == FrameType.REJECT:
+            rej = decode_reject(frame.payload)
+            ticket = self._ticket(rej.id)
+            ticket.state, ticket.reason = "rejected", rej.reason
+            self.counters["rejected"] += 1
+            self.returned.append(ticket)
+        elif t == FrameType.CONTROL:
+            self.controls.append(decode_control(frame.payload))
+        elif t == FrameType.BYE:
+            self.peer_said_bye = True
+            raise ConnectionResetError("the peer ended the channel (BYE)")
+        elif t == FrameType.ERROR:
+            raise error_to_exception(decode_error(frame.payload))
+        else:
+            raise RemoteProtocolError(f"unexpected {t.name} frame on a channel")
+
+    def _ticket(self, hid: int) -> Ticket:
+        ticket = self.tickets.pop(hid, None)
+        if ticket is None:
+            raise RemoteProtocolError(f"the peer answered handoff {hid}, which is not pending")
+        return ticket
+
+    def _on_handoff(self, frame: Frame, send: Any) -> None:
+        fds = list(frame.fds)
+        try:
+            wsa = bool(frame.flags & FLAG_WSA)
+            if wsa != self.wsa:
+                raise RemoteProtocolError("HANDOFF frame of the wrong transport kind")
+            entries = decode_handoff(frame.payload, wsa=wsa)
+            if not wsa and len(entries) != len(fds):
+                raise RemoteProtocolError(
+                    f"HANDOFF frame lists {len(entries)} sockets but carries {len(fds)} fds")
+            acked = bool(frame.flags & FLAG_ACK)
+            made: list[Handoff] = []
+            try:
+                for i, e in enumerate(entries):
+                    sock = self._make_socket(e, fds[i] if not wsa else -1)
+                    if not wsa:
+                        fds[i] = -1  # owned by sock now
+                    made.append(Handoff(e.id, sock, e.data, e.meta, acked, send))
+            except BaseException:
+                for h in made:
+                    h.socket.close()
+                raise
+        except BaseException:
+            close_fds([fd for fd in fds if fd >= 0])
+            raise
+        self.counters["received"] += len(made)
+        self.incoming.extend(made)
+
+    def _make_socket(self, e: HandoffEntry, fd: int) -> socket.socket:
+        if self.wsa:
+            if sys.platform != "win32":
+                raise RemoteProtocolError("WSAPROTOCOL_INFO blobs can only be imported on Windows")
+            sock = socket.fromshare(e.blob)
+        else:
+            sock = socket.socket(e.kind.family, e.kind.type, e.kind.proto, fileno=fd)
+            try:
+                actual = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+            except OSError as exc:
+                sock.detach()
+                raise RemoteProtocolError(f"descriptor of handoff {e.id} is not a socket: {exc}") from None
+            if actual != e.kind.type:
+                sock.close()
+                raise RemoteProtocolError(f"handoff {e.id} says socket type {e.kind.type}, it is {actual}")
+        if self.socket_blocking is not None:
+            sock.setblocking(self.socket_blocking)
+        return sock
+
+    def fail(self, exc: BaseException) -> None:
+        """The channel broke: give every pending ticket back, close stray descriptors."""
+        if self.broken is None:
+            self.broken = exc
+        close_fds(self.decoder.take_fds())
+        for ticket in self.tickets.values():
+            ticket.state = "returned"
+            ticket.reason = f"the channel broke before the receiver answered: {exc}"
+            self.counters["returned"] += 1
+            self.returned.append(ticket)
+        self.tickets.clear()
+
+    def check_usable(self) -> None:
+        if self.closed:
+            raise ChannelClosed("this channel was closed by this side")
+        if self.broken is not None:
+            raise ChannelBroken(f"the channel is broken: {self.broken}") from self.broken
+
+
+def _encode_meta(meta: Any) -> bytes:
+    if meta is None:
+        return b""
+    if isinstance(meta, bytes | bytearray):
+        raw = bytes(meta)
+    else:
+        try:
+            raw = json.dumps(meta, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as exc:
+            raise LocalProtocolError(f"handoff metadata must be JSON-compatible: {exc}") from None
+    if len(raw) > MAX_META:
+        raise MessageTooLarge(f"metadata of {len(raw)} bytes; the limit is {MAX_META}")
+    return raw
+
+
+# --- addresses ----------------------------------------------------------------------
+
+
+def _parse_address(address: str | os.PathLike[str]) -> tuple[int, Any]:
+    a = os.fspath(address)
+    if a.startswith("tcp://"):
+        host, _, port = a[6:].rpartition(":")
+        host = host.strip("[]")
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return fam, (host, int(port))
+    if a.startswith("unix://"):
+        a = a[7:]
+    if IS_WINDOWS:
+        raise ChannelError("on Windows a channel address is tcp://127.0.0.1:PORT")
+    if a.startswith("@"):
+        return socket.AF_UNIX, b"\0" + a[1:].encode()
+    return socket.AF_UNIX, a
+
+
+def _hello_for(max_payload: int, name: str, wsa: bool) -> bytes:
+    features = FEATURE_ACK | (FEATURE_WSA if wsa else FEATURE_SCM)
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    hello = Hello(os.getpid(), uid, 3, features, max_payload, name)
+    return encode_frame(FrameType.HELLO, encode_hello(hello))
+
+
+# --- the blocking channel ----------------------------------------------------------------
+
+
+class Channel:
+    """One end of a handoff channel (blocking form). Thread-safe for one sender thread
+    and one receiver thread at a time.
+
+    Make one with :meth:`connect`, :meth:`ChannelListener.accept` (via
+    :meth:`Channel.listen`) or :meth:`pair`.
+    """
+
+    def __init__(
+        self, sock: socket.socket, *, max_payload: int = MAX_PAYLOAD, name: str = "",
+        _peer_checked: bool = False,
+    ) -> None:
+        self._sock = sock
+        self._wsa = sock.family != getattr(socket, "AF_UNIX", -1)
+        if self._wsa and not IS_WINDOWS:
+            raise ChannelError(
+                "descriptors cannot travel over TCP on POSIX: use a UNIX socket address")
+        self._state = _ChannelState(max_payload=max_payload, wsa=self._wsa)
+        self._rlock = threading.RLock()
+        self._wlock = threading.Lock()
+        self.name = name
+
+    # -- construction ----------------------------------------------------------------
+
+    @classmethod
+    def listen(
+        cls, address: str | os.PathLike[str], *, allow_uids: Iterable[int] | None = None,
+        allow_pids: Iterable[int] | None = None, backlog: int = 128, mode: int = 0o600,
+        max_payload: int = MAX_PAYLOAD, name: str = "",
+    ) -> ChannelListener:
+        """Listen for channel peers at ``address`` (a path, ``@abstract`` or ``tcp://``).
+
+        By default only processes of this uid may connect; ``allow_uids`` and
+        ``allow_pids`` narrow or widen that (pids are checked with the kernel's
+        credentials of the connecting socket, not taken on trust).
+        """
+        return ChannelListener(address, allow_uids=allow_uids, allow_pids=allow_pids,
+                               backlog=backlog, mode=mode, max_payload=max_payload, name=name)
+
+    @classmethod
+    def connect(
+        cls, address: str | os.PathLike[str], *, timeout: float = HANDSHAKE_TIMEOUT,
+        max_payload: int = MAX_PAYLOAD, name: str = "",
+    ) -> Channel:
+        """Connect to a listening channel and complete the handshake."""
+        family, addr = _parse_address(address)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            try:
+                sock.connect(addr)
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                raise ChannelError(f"nobody listens for handoffs at {os.fspath(address)!r}") from exc
+            ch = cls(sock, max_payload=max_payload, name=name)
+            ch._handshake(timeout, policy=None)
+        except BaseException:
+            sock.close()
+            raise
+        return ch
+
+    @classmethod
+    def pair(cls, *, max_payload: int = MAX_PAYLOAD) -> tuple[Channel, Channel]:
+        """Two connected ends in this process (hand one to a child with pass_fds)."""
+        a, b = socket.socketpair()
+        ca, cb = cls(a, max_payload=max_payload), cls(b, max_payload=max_payload)
+        for c in (ca, cb):
+            c._sock.sendall(_hello_for(max_payload, "", c._wsa))
+        for c in (ca, cb):
+            c._handshake(HANDSHAKE_TIMEOUT, policy=None, send_hello=False)
+        return ca, cb
+
+    @classmethod
+    def from_socket(cls, sock: socket.socket, *, max_payload: int = MAX_PAYLOAD,
+                    name: str = "") -> Channel:
+        """Wrap a connected socket (e.g. one end of a socketpair inherited by a child)."""
+        ch = cls(sock, max_payload=max_payload, name=name)
+        ch._handshake(HANDSHAKE_TIMEOUT, policy=None)
+        return ch
+
+    def _handshake(self, timeout: float, policy: _Policy | None, send_hello: bool = True) -> None:
+        sock = self._sock
+        sock.settimeout(timeout)
+        if send_hello:
+            sock.sendall(_hello_for(self._state.max_payload, self.name, self._wsa))
+        deadline = time.monotonic() + timeout
+        decoder = FrameDecoder(max_payload=4096, allow_fds=False)
+        frame: Frame | None = None
+        try:
+            while frame is None:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                try:
+                    data = sock.recv(4096)
+                except TimeoutError:
+                    raise PeerRefused(f"the peer sent no HELLO within {timeout} s") from None
+                if not data:
+                    raise PeerRefused("the peer closed the connection during the handshake")
+                decoder.feed(data)
+                frame = decoder.next_frame()
+        except RemoteProtocolError as exc:
+            raise PeerRefused(f"the peer does not speak the sockshare channel protocol: {exc}") from exc
+        if frame.type == FrameType.ERROR:
+            raise PeerRefused(str(error_to_exception(decode_error(frame.payload))))
+        if frame.type != FrameType.HELLO:
+            raise PeerRefused(f"expected HELLO, the peer sent {frame.type.name}")
+        hello = decode_hello(frame.payload)
+        if hello.version != 1:
+            self._refuse(f"protocol version {hello.version} is not supported (this side speaks 1)")
+        if sock.family == getattr(socket, "AF_UNIX", -1):
+            kpid, kuid, _ = peer_credentials(sock)
+            # socketpair ends report their creator's pid: only a third pid is a lie
+            if kpid and kpid != os.getpid() and kpid != hello.pid:
+                self._refuse(f"HELLO says pid {hello.pid} but the kernel says pid {kpid}")
+            if kuid != hello.uid:
+                self._refuse(f"HELLO says uid {hello.uid} but the kernel says uid {kuid}")
+        if policy is not None:
+            why = policy.refusal(hello.pid, hello.uid)
+            if why:
+                self._refuse(why)
+        self._state.peer = PeerInfo(hello.pid, hello.uid, hello.name, hello.features,
+                                    min(hello.max_payload, MAX_PAYLOAD))
+        # leftover bytes after HELLO (the peer may already be sending) go to the channel
+        rest = decoder.take_fds()
+        close_fds(rest)
+        if decoder.buffered:
+            leftover = bytes(decoder._buf)
+            self._state.decoder.feed(leftover)
+        sock.settimeout(None)
+
+    def _refuse(self, why: str) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.sendall(encode_frame(FrameType.ERROR, encode_error(ErrorCode.REFUSED, why)))
+        raise PeerRefused(why)
+
+    # -- properties ----------------------------------------------------------------
+
+    @property
+    def peer(self) -> PeerInfo:
+        """The peer's pid, uid, name and features, from the handshake."""
+        assert self._state.peer is not None
+        return self._state.peer
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Handoffs sent, received, accepted, rejected, returned on this channel."""
+        return dict(self._state.counters)
+
+    @property
+    def closed(self) -> bool:
+        return self._state.closed
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    # -- sending -------------------------------------------------------------------
+
+    def send(self, sock: socket.socket, *, meta: Any = None, data: bytes = b"",
+             ack: bool = True) -> Ticket:
+        """Hand ``sock`` to the peer with ``meta`` (JSON-compatible) and pre-read ``data``.
+
+        The channel takes ownership of ``sock``. With ``ack=True`` the sender's copy
+        stays open until the receiver accepts (``ticket.wait()``); a reject or a broken
+        channel hands it back in ``ticket.socket``. With ``ack=False`` it is closed as
+        soon as it is sent (fire-and-forget).
+        """
+        return self.send_many([(sock, meta, data)], ack=ack)[0]
+
+    def send_many(self, items: Iterable[tuple[socket.socket, Any, bytes]], *,
+                  ack: bool = True) -> list[Ticket]:
+        """Hand over many sockets at once: up to 64 per frame, one sendmsg per frame."""
+        self._state.check_usable()
+        batch = list(items)
+        with self._wlock:
+            frames = self._state.handoff_frames(batch, ack)
+            out: list[Ticket] = []
+            for frame, fds, tickets in frames:
+                if ack:
+                    for t in tickets:
+                        t._channel = self
+                        self._state.tickets[t.id] = t
+                try:
+                    send_with_fds(self._sock, frame, fds) if fds else self._sock.sendall(frame)
+                except OSError as exc:
+                    for t in tickets:
+                        self._state.tickets.pop(t.id, None)
+                    self._break(exc)
+                    raise ChannelBroken(f"the peer is gone: {exc}") from exc
+                self._state.counters["sent"] += len(tickets)
+                if not ack:
+                    for t in tickets:
+                        if t.socket is not None:
+                            t.socket.close()
+                            t.socket = None
+                out.extend(tickets)
+        return out
+
+    def _send_raw(self, frame: bytes) -> None:
+        with self._wlock:
+            try:
+                self._sock.sendall(frame)
+            except OSError as exc:
+                self._break(exc)
+                raise ChannelBroken(f"the peer is gone: {exc}") from exc
+
+    def send_control(self, obj: dict[str, Any]) -> None:
+        """Send a small JSON control message (used by the server runtime)."""
+        self._state.check_usable()
+        self._send_raw(encode_frame(FrameType.CONTROL, encode_control(obj)))
+
+    # -- receiving -----------------------------------------------------------------
+
+    def receive(self, timeout: float | None = None) -> Handoff:
+        """Wait for the next handoff from the peer."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._rlock:
+            while not self._state.incoming:
+                self._state.check_usable()
+                if self._state.peer_said_bye:
+                    raise ChannelBroken("the peer ended the channel (BYE)")
+                if not self._pump(deadline):
+                    raise TimeoutError(f"no handoff arrived within {timeout} s")
+            return self._state.incoming.popleft()
+
+    def __iter__(self) -> Iterator[Handoff]:
+        """Yield handoffs until the peer ends the channel."""
+        while True:
+            try:
+                yield self.receive()
+            except ChannelBroken:
+                if self._state.peer_said_bye or isinstance(self._state.broken, ConnectionResetError):
+                    return
+                raise
+
+    def poll(self, timeout: float | None = 0.0) -> None:
+        """Process whatever arrived (acks, rejects, handoffs) within ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._rlock:
+            self._state.check_usable()
+            self._pump(deadline)
+
+    def returned(self) -> list[Ticket]:
+        """Tickets given back since the last call (rejected, or returned by a break)."""
+        out = list(self._state.returned)
+        self._state.returned.clear()
+        return out
+
+    def receive_control(self, timeout: float | None = None) -> dict[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._rlock:
+            while not self._state.controls:
+                self._state.check_usable()
+                if not self._pump(deadline):
+                    raise TimeoutError(f"no control message within {timeout} s")
+            return self._state.controls.popleft()
+
+    def _wait_ticket(self, ticket: Ticket, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._rlock:
+            while ticket.state == "pending":
+                if self._state.broken is not None or self._state.closed:
+                    return
+                if not self._pump(deadline):
+                    raise TimeoutError(f"handoff {ticket.id} not answered within {timeout} s")
+
+    def _pump(self, deadline: float | None) -> bool:
+        """Read once (until ``deadline``) and process. False on timeout."""
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._sock.settimeout(0.0)
+            else:
+                self._sock.settimeout(remaining)
+        else:
+            self._sock.settimeout(None)
+        try:
+            if self._wsa:
+                data, fds = self._sock.recv(RECV_BUF), []
+            else:
+                data, fds = recv_with_fds(self._sock, RECV_BUF)
+        except (BlockingIOError, TimeoutError):
+            return False
+        except (OSError, SockshareError) as exc:
+            self._break(exc)
+            return True
+        try:
+            self._state.receive_data(data, fds, self._send_raw)
+        except (OSError, SockshareError, ValueError) as exc:
+            self._break(exc)
+        return True
+
+    def _break(self, exc: BaseException) -> None:
+        if self._state.broken is None:
+            if not isinstance(exc, ConnectionResetError):
+                log.warning("handoff channel to pid %s broke: %s",
+                            self._state.peer.pid if self._state.peer else "?", exc)
+            self._state.fail(exc)
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+
+    # -- closing -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Say BYE and close. Pending tickets are returned; unread handoffs are closed."""
+        if self._state.closed:
+            return
+        with contextlib.suppress(OSError):
+            if self._state.broken is None:
+                self._sock.sendall(encode_frame(FrameType.BYE))
+        self._state.fail(ChannelClosed("closed by this side"))
+        self._state.closed = True
+        while self._state.incoming:
+            h = self._state.incoming.popleft()
+            h.socket.close()
+        self._sock.close()
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Policy:
+    uids: frozenset[int] | None
+    pids: frozenset[int] | None
+
+    def refusal(self, pid: int, uid: int) -> str:
+        if self.pids is not None and pid not in self.pids:
+            return f"pid {pid} is not in this listener's allow-list"
+        if self.uids is not None and uid not in self.uids:
+            return f"uid {uid} may not hand off to this listener (allowed: {sorted(self.uids)})"
+        return ""
+
+
+class ChannelListener:
+    """A listening channel address. :meth:`accept` returns handshaken :class:`Channel` s."""
+
+    def __init__(
+        self, address: str | os.PathLike[str], *, allow_uids: Iterable[int] | None,
+        allow_pids: Iterable[int] | None, backlog: int, mode: int, max_payload: int,
+        name: str,
+    ) -> None:
+        family, addr = _parse_address(address)
+        self.address = os.fspath(address)
+        self._path = addr if family == getattr(socket, "AF_UNIX", -1) and isinstance(addr, str) else None
+        own_uid = os.getuid() if hasattr(os, "getuid") else 0
+        uids = frozenset(allow_uids) if allow_uids is not None else frozenset({own_uid})
+        self._policy = _Policy(uids, frozenset(allow_pids) if allow_pids is not None else None)
+        self._max_payload = max_payload
+        self._name = name
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if self._path is not None:
+                _remove_stale_socket(self._path)
+            elif family != getattr(socket, "AF_UNIX", -1):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            if self._path is not None:
+                os.chmod(self._path, mode)
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self._closed = False
+        if family != getattr(socket, "AF_UNIX", -1):
+            host, port = sock.getsockname()[:2]
+            self.address = f"tcp://{host}:{port}"
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def accept(self, timeout: float | None = None) -> Channel:
+        """Wait for a peer that passes the handshake and the uid/pid policy.
+
+        Peers that fail are refused with an ERROR frame and logged; accept goes on
+        waiting for the next one (until ``timeout``).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._closed:
+                raise ChannelClosed("this listener was closed")
+            self._sock.settimeout(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                raise TimeoutError(f"no channel peer connected within {timeout} s") from None
+            except OSError as exc:
+                if self._closed:
+                    raise ChannelClosed("this listener was closed") from exc
+                raise
+            ch = Channel(conn, max_payload=self._max_payload, name=self._name)
+            try:
+                ch._handshake(HANDSHAKE_TIMEOUT, self._policy)
+            except (PeerRefused, OSError, RemoteProtocolError) as exc:
+                log.warning("refused a channel peer on %s: %s", self.address, exc)
+                conn.close()
+                continue
+            return ch
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._sock.close()
+        if self._path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._path)
+
+    def __enter__(self) -> ChannelListener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead listener; refuse to steal a live one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ChannelError(f"{path!r} exists and is not a socket: refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    raise ChannelError(f"another process already listens at {path!r}")
