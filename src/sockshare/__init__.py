@@ -7,13 +7,16 @@ Three layers, from the bottom:
 * :mod:`sockshare.backends` -- the OS mechanisms: SCM_RIGHTS, pidfd_getfd,
   WSADuplicateSocket, inheritance and systemd socket activation;
 * the public API re-exported here: tokens (:func:`export_socket`,
-  :func:`import_socket`, :func:`release`), and every error class under
+  :func:`import_socket`, :func:`release`), the handoff :class:`Channel` (blocking)
+  and :class:`AsyncChannel` (asyncio), and every error class under
   :class:`SockshareError`.
 
 The server runtime (``sockshare serve``) lives in :mod:`sockshare.server`, the IPC
 carriers in :mod:`sockshare.carriers`.
 """
 
+from sockshare._aio import AsyncChannel, AsyncChannelListener
+from sockshare._channel import Channel, ChannelListener, Handoff, PeerInfo, Ticket
 from sockshare._errors import (
     BackendUnavailable,
     CarrierClosed,
@@ -46,6 +49,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TTL",
+    "AsyncChannel",
+    "AsyncChannelListener",
+    "Channel",
+    "ChannelListener",
+    "Handoff",
+    "PeerInfo",
+    "Ticket",
     "BackendUnavailable",
     "CarrierClosed",
     "CarrierError",

@@ -56,7 +56,6 @@ from sockshare.protocol import (
     FLAG_ACK,
     FLAG_WSA,
     MAX_DATA,
-    MAX_FDS_PER_FRAME,
     MAX_META,
     MAX_PAYLOAD,
     ErrorCode,
@@ -683,7 +682,7 @@ class Channel:
             self._sock.settimeout(None)
         try:
             if self._wsa:
-                data, fds = self._sock.recv(RECV_BUF), []
+                data, fds = self._sock.recv(RECV_BUF), list[int]()
             else:
                 data, fds = recv_with_fds(self._sock, RECV_BUF)
         except (BlockingIOError, TimeoutError):

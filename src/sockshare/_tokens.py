@@ -29,7 +29,7 @@ from sockshare._errors import (
     WrongProcess,
 )
 from sockshare.backends._agent import agent
-from sockshare.backends._scm import close_fds, peer_credentials, recv_with_fds, send_with_fds
+from sockshare.backends._scm import close_fds, peer_credentials, recv_with_fds
 from sockshare.protocol import (
     Claim,
     FrameDecoder,
@@ -175,7 +175,7 @@ def _exchange(ch: socket.socket, info: TokenInfo) -> tuple[int, socket.socket | 
     try:
         while True:
             if info.is_windows:
-                data, fds = ch.recv(8192), []
+                data, fds = ch.recv(8192), list[int]()
             else:
                 data, fds = recv_with_fds(ch, 8192)
             if not data and not fds:

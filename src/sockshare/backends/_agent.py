@@ -225,7 +225,8 @@ class ExportAgent:
 
     def _run(self) -> None:
         sel = self._sel = selectors.DefaultSelector()
-        assert self._listener is not None and self._wake_r is not None
+        assert self._listener is not None
+        assert self._wake_r is not None
         sel.register(self._listener, selectors.EVENT_READ, None)
         sel.register(self._wake_r, selectors.EVENT_READ, None)
         try:
@@ -339,7 +340,7 @@ class ExportAgent:
                     f"this token was exported for pid {entry.target_pid}; pid {pid} may not import it",
                 )
                 return
-            if uid != self._uid and uid != 0:
+            if uid not in (self._uid, 0):
                 self._reply_error(
                     conn, ErrorCode.WRONG_PROCESS,
                     f"the importer runs as uid {uid}; the exporter only hands sockets to uid {self._uid}",
@@ -400,4 +401,4 @@ def agent() -> ExportAgent:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: _agent._after_fork_in_child())
+    os.register_at_fork(after_in_child=_agent._after_fork_in_child)

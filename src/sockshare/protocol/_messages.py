@@ -107,8 +107,8 @@ if hasattr(socket, "AF_UNIX"):
 _TYPES = {1: socket.SOCK_STREAM, 2: socket.SOCK_DGRAM}
 if hasattr(socket, "SOCK_SEQPACKET"):
     _TYPES[3] = socket.SOCK_SEQPACKET
-_FAMILY_CODES = {v: k for k, v in _FAMILIES.items()}
-_TYPE_CODES = {v: k for k, v in _TYPES.items()}
+_FAMILY_CODES: dict[int, int] = {int(v): k for k, v in _FAMILIES.items()}
+_TYPE_CODES: dict[int, int] = {int(v): k for k, v in _TYPES.items()}
 
 
 @dataclass(frozen=True, slots=True)

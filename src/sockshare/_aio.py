@@ -1,0 +1,310 @@
+"""The asyncio form of the handoff channel.
+
+Same protocol, same state (:class:`sockshare._channel._ChannelState`), different I/O:
+the channel socket is non-blocking and watched with ``loop.add_reader``; frames that
+cannot be written at once wait in a queue drained by ``loop.add_writer``. Descriptors go
+with the first ``sendmsg`` of their frame, as the frame rules require.
+
+::
+
+    ch = await AsyncChannel.connect("/run/app/handoff.sock")
+    ticket = await ch.send(conn, meta={"route": "chat"}, data=pre_read)  # waits for the ack
+    async for h in ch:            # on the other side
+        ...
+        h.accept()
+
+Do not share the underlying socket with the blocking :class:`~sockshare.Channel` once
+wrapped: :meth:`AsyncChannel.wrap` takes over a handshaken channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from sockshare._channel import (
+    HANDSHAKE_TIMEOUT,
+    RECV_BUF,
+    Channel,
+    ChannelListener,
+    Handoff,
+    PeerInfo,
+    Ticket,
+)
+from sockshare._errors import ChannelBroken, ChannelClosed, SockshareError
+from sockshare.backends._scm import recv_with_fds
+from sockshare.protocol import MAX_PAYLOAD, FrameType, encode_frame
+
+__all__ = ["AsyncChannel", "AsyncChannelListener"]
+
+
+class AsyncChannel:
+    """One end of a handoff channel, for asyncio. Make one with :meth:`connect`,
+    :meth:`AsyncChannelListener.accept` or :meth:`wrap`."""
+
+    def __init__(self, ch: Channel) -> None:
+        self._ch = ch
+        self._state = ch._state
+        self._sock = ch._sock
+        self._sock.setblocking(False)
+        self._loop = asyncio.get_running_loop()
+        self._wq: deque[tuple[memoryview, list[int], list[Ticket]]] = deque()
+        self._writing = False
+        self._waiters: list[asyncio.Future[None]] = []
+        self._reading = True
+        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    @classmethod
+    async def connect(cls, address: str | os.PathLike[str], *,
+                      timeout: float = HANDSHAKE_TIMEOUT, name: str = "") -> AsyncChannel:
+        """Connect to a listening channel (the handshake runs in a worker thread)."""
+        ch = await asyncio.to_thread(Channel.connect, address, timeout=timeout, name=name)
+        return cls(ch)
+
+    @classmethod
+    def wrap(cls, ch: Channel) -> AsyncChannel:
+        """Take over a handshaken blocking channel (e.g. from :meth:`Channel.pair`)."""
+        return cls(ch)
+
+    @property
+    def peer(self) -> PeerInfo:
+        return self._ch.peer
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return self._ch.counters
+
+    @property
+    def closed(self) -> bool:
+        return self._state.closed
+
+    # -- reading -------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            if self._ch._wsa:
+                data, fds = self._sock.recv(RECV_BUF), list[int]()
+            else:
+                data, fds = recv_with_fds(self._sock, RECV_BUF)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (OSError, SockshareError) as exc:
+            self._break(exc)
+            return
+        try:
+            self._state.receive_data(data, fds, self._write_frame)
+        except (OSError, SockshareError, ValueError) as exc:
+            self._break(exc)
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _wait_event(self) -> None:
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.append(fut)
+        await fut
+
+    def _break(self, exc: BaseException) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._sock.fileno())
+            self._reading = False
+        if self._writing:
+            self._loop.remove_writer(self._sock.fileno())
+            self._writing = False
+        self._ch._break(exc)
+        self._wq.clear()
+        self._wake()
+
+    async def receive(self) -> Handoff:
+        """Wait for the next handoff."""
+        while not self._state.incoming:
+            self._state.check_usable()
+            await self._wait_event()
+        return self._state.incoming.popleft()
+
+    def __aiter__(self) -> AsyncIterator[Handoff]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Handoff]:
+        while True:
+            try:
+                yield await self.receive()
+            except ChannelBroken:
+                if self._state.peer_said_bye or isinstance(self._state.broken, ConnectionResetError):
+                    return
+                raise
+
+    async def receive_control(self) -> dict[str, Any]:
+        while not self._state.controls:
+            self._state.check_usable()
+            await self._wait_event()
+        return self._state.controls.popleft()
+
+    def returned(self) -> list[Ticket]:
+        """Tickets given back since the last call (rejected, or returned by a break)."""
+        out = list(self._state.returned)
+        self._state.returned.clear()
+        return out
+
+    # -- writing -------------------------------------------------------------------
+
+    def _write_frame(self, frame: bytes, fds: list[int] | None = None,
+                     tickets: list[Ticket] | None = None) -> None:
+        self._wq.append((memoryview(frame), fds or [], tickets or []))
+        self._flush()
+
+    def _flush(self) -> None:
+        from sockshare.backends._scm import send_with_fds
+
+        try:
+            while self._wq:
+                buf, fds, tickets = self._wq[0]
+                sent = send_with_fds(self._sock, bytes(buf), fds) if fds else self._sock.send(buf)
+                if sent < len(buf):
+                    self._wq[0] = (buf[sent:], [], tickets)
+                    break
+                self._wq.popleft()
+                self._sent(tickets)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            self._break(exc)
+            return
+        want = bool(self._wq)
+        if want and not self._writing:
+            self._loop.add_writer(self._sock.fileno(), self._flush)
+            self._writing = True
+        elif not want and self._writing:
+            self._loop.remove_writer(self._sock.fileno())
+            self._writing = False
+
+    def _sent(self, tickets: list[Ticket]) -> None:
+        self._state.counters["sent"] += len(tickets)
+        for t in tickets:
+            if t.state == "sent" and t.socket is not None:
+                t.socket.close()
+                t.socket = None
+
+    def send_nowait(self, items: Iterable[tuple[socket.socket, Any, bytes]], *,
+                    ack: bool = True) -> list[Ticket]:
+        """Queue handoffs without waiting for answers; see :meth:`wait`."""
+        self._state.check_usable()
+        out: list[Ticket] = []
+        for frame, fds, tickets in self._state.handoff_frames(list(items), ack):
+            if ack:
+                for t in tickets:
+                    self._state.tickets[t.id] = t
+            self._write_frame(frame, fds, tickets)
+            out.extend(tickets)
+        return out
+
+    async def wait(self, tickets: Iterable[Ticket]) -> None:
+        """Wait until every ticket is answered (or returned by a broken channel)."""
+        for t in tickets:
+            while t.state == "pending":
+                if self._state.broken is not None or self._state.closed:
+                    break
+                await self._wait_event()
+
+    async def send(self, sock: socket.socket, *, meta: Any = None, data: bytes = b"",
+                   ack: bool = True) -> Ticket:
+        """Hand ``sock`` over; with ``ack`` wait for the answer. Never raises for a reject:
+        look at ``ticket.state`` (the socket is in ``ticket.socket`` unless accepted)."""
+        [ticket] = self.send_nowait([(sock, meta, data)], ack=ack)
+        if ack:
+            await self.wait([ticket])
+        return ticket
+
+    async def send_many(self, items: Iterable[tuple[socket.socket, Any, bytes]], *,
+                        ack: bool = True) -> list[Ticket]:
+        tickets = self.send_nowait(items, ack=ack)
+        if ack:
+            await self.wait(tickets)
+        return tickets
+
+    def send_control(self, obj: dict[str, Any]) -> None:
+        from sockshare.protocol import encode_control
+
+        self._state.check_usable()
+        self._write_frame(encode_frame(FrameType.CONTROL, encode_control(obj)))
+
+    async def drain(self) -> None:
+        """Wait until everything queued was written."""
+        while self._wq and self._state.broken is None:
+            await asyncio.sleep(0.001)
+
+    async def aclose(self) -> None:
+        """Say BYE, close; pending tickets are returned, unread handoffs closed."""
+        if self._state.closed:
+            return
+        if self._state.broken is None:
+            with contextlib.suppress(SockshareError):
+                self._write_frame(encode_frame(FrameType.BYE))
+            await asyncio.wait_for(self.drain(), 1.0)
+        if self._reading:
+            self._loop.remove_reader(self._sock.fileno())
+            self._reading = False
+        if self._writing:
+            self._loop.remove_writer(self._sock.fileno())
+            self._writing = False
+        self._state.broken = self._state.broken or ChannelClosed("closed by this side")
+        self._ch.close()
+        self._wake()
+
+    async def __aenter__(self) -> AsyncChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class AsyncChannelListener:
+    """asyncio form of :class:`~sockshare.ChannelListener`."""
+
+    def __init__(self, listener: ChannelListener) -> None:
+        self._listener = listener
+        self.address = listener.address
+
+    @classmethod
+    def listen(cls, address: str | os.PathLike[str], *, max_payload: int = MAX_PAYLOAD,
+               **kw: Any) -> AsyncChannelListener:
+        return cls(Channel.listen(address, max_payload=max_payload, **kw))
+
+    async def accept(self) -> AsyncChannel:
+        loop = asyncio.get_running_loop()
+        fd = self._listener.fileno()
+        while True:
+            fut: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, _resolve, fut)
+            try:
+                await fut
+            finally:
+                loop.remove_reader(fd)
+            try:
+                ch = await asyncio.to_thread(self._listener.accept, 0.05)
+            except TimeoutError:
+                continue
+            return AsyncChannel(ch)
+
+    def close(self) -> None:
+        self._listener.close()
+
+    async def __aenter__(self) -> AsyncChannelListener:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -1,0 +1,165 @@
+"""Linux ``pidfd_open`` / ``pidfd_getfd``: pull a descriptor out of another process.
+
+``pidfd_getfd(2)`` (Linux >= 5.6) duplicates descriptor ``fd`` of the process behind a
+pidfd into the calling process, like a ``dup`` across the process boundary. It needs
+no cooperation from the other process (it is never told), but
+
+* the caller needs ``PTRACE_MODE_ATTACH_REALCREDS`` rights over the target: the same
+  uid and, under Yama ``ptrace_scope=1``, the target must be a descendant, unless the
+  caller has ``CAP_SYS_PTRACE``; containers' seccomp profiles often refuse the call;
+* the caller must learn the descriptor number some other way (a pipe, a message);
+* glibc has no wrapper: the syscalls are made through ``ctypes`` by number. Both
+  x86_64 and aarch64 use the generic numbers, ``pidfd_open`` = 434 and
+  ``pidfd_getfd`` = 438.
+
+The received descriptor is close-on-exec: the kernel sets ``O_CLOEXEC`` on it (the
+``flags`` argument must be 0); :func:`getfd` checks that and enforces it should a
+kernel ever behave otherwise.
+
+:func:`available` says whether the mechanism works here and, if not, why.
+:func:`getfd` raises :class:`~sockshare.BackendUnavailable` with the reason when the
+OS refuses the call itself (``ENOSYS``: no such syscall; ``EPERM``/``EACCES``: no
+ptrace rights or a seccomp filter), and plain ``OSError`` subclasses when the
+arguments are wrong (``ProcessLookupError`` for a process that is gone, ``OSError``
+with ``EBADF`` for a descriptor number the target does not have).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import sys
+from collections.abc import Callable
+
+from sockshare._errors import BackendUnavailable
+
+__all__ = [
+    "NR_PIDFD_GETFD",
+    "NR_PIDFD_OPEN",
+    "available",
+    "getfd",
+    "pidfd_getfd",
+    "pidfd_open",
+]
+
+#: Syscall numbers, identical on x86_64 and aarch64 (asm-generic table).
+NR_PIDFD_OPEN = 434
+NR_PIDFD_GETFD = 438
+_ARCHES = frozenset({"x86_64", "amd64", "aarch64", "arm64"})
+
+_syscall: Callable[..., int] | None = None
+_why_not: str = ""
+
+
+def _load() -> Callable[..., int] | None:
+    """Find libc's ``syscall``; remember why not in ``_why_not``."""
+    global _syscall, _why_not
+    if _syscall is not None or _why_not:
+        return _syscall
+    if not sys.platform.startswith("linux"):
+        _why_not = f"pidfd_getfd is Linux-only; this is {sys.platform}"
+        return None
+    machine = platform.machine().lower()
+    if machine not in _ARCHES:
+        _why_not = f"syscall numbers for {machine!r} are not known to sockshare"
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syscall
+    except (OSError, AttributeError) as exc:
+        _why_not = f"libc's syscall() is not reachable through ctypes: {exc}"
+        return None
+    fn.restype = ctypes.c_long
+    fn.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long]
+    _syscall = fn
+    return fn
+
+
+def _explain(err: int, what: str) -> str:
+    if err == errno.ENOSYS:
+        return f"{what}: the kernel has no such syscall (ENOSYS; Linux >= 5.6 needed)"
+    if err in (errno.EPERM, errno.EACCES):
+        return (
+            f"{what}: {errno.errorcode[err]}: no ptrace rights over the target (same uid "
+            "needed and, under Yama ptrace_scope >= 1, a descendant or CAP_SYS_PTRACE), "
+            "or a seccomp filter refuses the syscall"
+        )
+    return f"{what}: {os.strerror(err)}"
+
+
+def _call(nr: int, a: int, b: int, what: str) -> int:
+    fn = _load()
+    if fn is None:
+        raise BackendUnavailable(_why_not)
+    ret = int(fn(nr, a, b, 0))
+    if ret >= 0:
+        return ret
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EPERM, errno.EACCES):
+        raise BackendUnavailable(_explain(err, what))
+    if err == errno.ESRCH:
+        raise ProcessLookupError(err, f"{what}: no such process")
+    raise OSError(err, _explain(err, what))
+
+
+def pidfd_open(pid: int) -> int:
+    """Return a pidfd (close-on-exec) for process ``pid``. The caller closes it."""
+    if pid <= 0:
+        raise ValueError(f"pid must be positive, not {pid!r}")
+    return _call(NR_PIDFD_OPEN, pid, 0, f"pidfd_open({pid})")
+
+
+def pidfd_getfd(pidfd: int, fd: int) -> int:
+    """Duplicate descriptor ``fd`` of the process behind ``pidfd``; return the new fd.
+
+    The new descriptor is close-on-exec (checked, and forced should it not be).
+    """
+    if fd < 0:
+        raise ValueError(f"fd must be >= 0, not {fd!r}")
+    new = _call(NR_PIDFD_GETFD, pidfd, fd, f"pidfd_getfd(fd {fd})")
+    try:
+        if os.get_inheritable(new):
+            os.set_inheritable(new, False)
+    except BaseException:
+        os.close(new)
+        raise
+    return new
+
+
+def getfd(pid: int, fd: int) -> int:
+    """Duplicate descriptor ``fd`` of process ``pid`` into this process (close-on-exec).
+
+    Raises :class:`~sockshare.BackendUnavailable` (with the reason) if the OS refuses,
+    ``ProcessLookupError`` if ``pid`` is gone, ``OSError(EBADF)`` if it has no ``fd``.
+    """
+    pidfd = pidfd_open(pid)
+    try:
+        return pidfd_getfd(pidfd, fd)
+    finally:
+        os.close(pidfd)
+
+
+def available() -> tuple[bool, str]:
+    """``(True, "")`` if pidfd_getfd works here, else ``(False, reason)``.
+
+    The probe pulls one of this process's own descriptors, which needs no ptrace
+    rights: a ``True`` does not promise access to every other process (see
+    :func:`getfd` for the per-target refusal).
+    """
+    try:
+        r, w = os.pipe()
+    except OSError as exc:  # EMFILE: cannot even probe
+        return False, f"cannot probe: {exc}"
+    try:
+        new = getfd(os.getpid(), r)
+    except BackendUnavailable as exc:
+        return False, str(exc)
+    except OSError as exc:
+        return False, f"pidfd_getfd probe failed: {exc}"
+    finally:
+        os.close(r)
+        os.close(w)
+    os.close(new)
+    return True, ""
