@@ -51,7 +51,14 @@ from sockshare._errors import (
     RemoteProtocolError,
     SockshareError,
 )
-from sockshare.backends._scm import close_fds, peer_credentials, recv_with_fds, send_with_fds
+from sockshare.backends._scm import (
+    MSG_DONTWAIT,
+    close_fds,
+    peer_credentials,
+    recv_with_fds,
+    send_frame,
+    wait_ready,
+)
 from sockshare.protocol import (
     FLAG_ACK,
     FLAG_WSA,
@@ -428,6 +435,9 @@ class Channel:
         self._rlock = threading.RLock()
         self._wlock = threading.Lock()
         self.name = name
+        #: Seconds a send may wait for a peer that does not read before the channel is
+        #: declared broken (never a silent hang).
+        self.send_timeout: float | None = 30.0
 
     # -- construction ----------------------------------------------------------------
 
@@ -487,9 +497,11 @@ class Channel:
         return ch
 
     def _handshake(self, timeout: float, policy: _Policy | None, send_hello: bool = True) -> None:
+        """Exchange HELLOs. With a ``policy`` (the listening side) the peer's HELLO is
+        checked first and answered with our HELLO or an ERROR; otherwise we speak first."""
         sock = self._sock
         sock.settimeout(timeout)
-        if send_hello:
+        if send_hello and policy is None:
             sock.sendall(_hello_for(self._state.max_payload, self.name, self._wsa))
         deadline = time.monotonic() + timeout
         decoder = FrameDecoder(max_payload=4096, allow_fds=False)
@@ -527,6 +539,8 @@ class Channel:
                 self._refuse(why)
         self._state.peer = PeerInfo(hello.pid, hello.uid, hello.name, hello.features,
                                     min(hello.max_payload, MAX_PAYLOAD))
+        if policy is not None:
+            sock.sendall(_hello_for(self._state.max_payload, self.name, self._wsa))
         # leftover bytes after HELLO (the peer may already be sending) go to the channel
         rest = decoder.take_fds()
         close_fds(rest)
@@ -587,7 +601,7 @@ class Channel:
                         t._channel = self
                         self._state.tickets[t.id] = t
                 try:
-                    send_with_fds(self._sock, frame, fds) if fds else self._sock.sendall(frame)
+                    send_frame(self._sock, frame, fds, self.send_timeout)
                 except OSError as exc:
                     for t in tickets:
                         self._state.tickets.pop(t.id, None)
@@ -605,7 +619,7 @@ class Channel:
     def _send_raw(self, frame: bytes) -> None:
         with self._wlock:
             try:
-                self._sock.sendall(frame)
+                send_frame(self._sock, frame, (), self.send_timeout)
             except OSError as exc:
                 self._break(exc)
                 raise ChannelBroken(f"the peer is gone: {exc}") from exc
@@ -672,21 +686,16 @@ class Channel:
 
     def _pump(self, deadline: float | None) -> bool:
         """Read once (until ``deadline``) and process. False on timeout."""
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._sock.settimeout(0.0)
-            else:
-                self._sock.settimeout(remaining)
-        else:
-            self._sock.settimeout(None)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
+            if not wait_ready(self._sock, write=False, timeout=remaining):
+                return False
             if self._wsa:
                 data, fds = self._sock.recv(RECV_BUF), list[int]()
             else:
-                data, fds = recv_with_fds(self._sock, RECV_BUF)
-        except (BlockingIOError, TimeoutError):
-            return False
+                data, fds = recv_with_fds(self._sock, RECV_BUF, MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True  # another reader took it; the caller loops
         except (OSError, SockshareError) as exc:
             self._break(exc)
             return True

@@ -20,21 +20,29 @@ from __future__ import annotations
 
 import array
 import os
+import select
 import socket
 import struct
 import sys
+import time
 
 from sockshare._errors import BackendUnavailable, RemoteProtocolError
 
 __all__ = [
     "CMSG_SPACE_MAX",
+    "MSG_DONTWAIT",
     "close_fds",
+    "send_frame",
+    "wait_ready",
     "peer_credentials",
     "recv_with_fds",
     "send_with_fds",
 ]
 
 _INT_SIZE = array.array("i").itemsize
+#: Per-call non-blocking flag: lets threads share one blocking socket without racing on
+#: its O_NONBLOCK flag or its Python timeout. 0 where the OS has none (Windows).
+MSG_DONTWAIT: int = getattr(socket, "MSG_DONTWAIT", 0)
 _CLOEXEC_FLAG: int = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 #: Room for the largest descriptor batch a frame may carry (253).
 CMSG_SPACE_MAX = socket.CMSG_SPACE(253 * _INT_SIZE) if hasattr(socket, "CMSG_SPACE") else 0
@@ -68,13 +76,55 @@ def send_with_fds(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, 
     return sent
 
 
-def recv_with_fds(sock: socket.socket, bufsize: int = 65536) -> tuple[bytes, list[int]]:
+def wait_ready(sock: socket.socket, *, write: bool, timeout: float | None) -> bool:
+    """Wait until ``sock`` is readable (or writable); False if ``timeout`` ran out."""
+    if hasattr(select, "poll"):
+        p = select.poll()
+        p.register(sock.fileno(), select.POLLOUT if write else select.POLLIN)
+        ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        return bool(p.poll(ms))
+    r, w, _ = select.select([] if write else [sock], [sock] if write else [], [], timeout)
+    return bool(r or w)
+
+
+def send_frame(
+    sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = (),
+    timeout: float | None = None,
+) -> None:
+    """Send all of ``data`` (fds with its first byte) within ``timeout`` seconds.
+
+    Uses ``MSG_DONTWAIT`` per call, so it works on a socket that other threads read in
+    blocking mode. Raises ``TimeoutError`` when the peer does not read in time.
+    """
+    if not MSG_DONTWAIT:  # Windows: plain blocking send on a socket without timeout
+        sock.sendall(data)
+        return
+    deadline = None if timeout is None else time.monotonic() + timeout
+    view = memoryview(data)
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    while view:
+        try:
+            sent = sock.sendmsg([view], anc, MSG_DONTWAIT)
+        except BlockingIOError:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if (remaining is not None and remaining <= 0) or not wait_ready(
+                sock, write=True, timeout=remaining
+            ):
+                raise TimeoutError(f"the peer did not read for {timeout} s") from None
+            continue
+        view = view[sent:]
+        anc = []  # descriptors travel once, with the first byte
+
+
+def recv_with_fds(
+    sock: socket.socket, bufsize: int = 65536, flags: int = 0
+) -> tuple[bytes, list[int]]:
     """Receive up to ``bufsize`` bytes and any descriptors, all close-on-exec.
 
     Raises :class:`RemoteProtocolError` (after closing what arrived) if the kernel
     truncated the descriptors or the data of a datagram/seqpacket message.
     """
-    data, ancdata, flags, _addr = sock.recvmsg(bufsize, CMSG_SPACE_MAX, _CLOEXEC_FLAG)
+    data, ancdata, flags, _addr = sock.recvmsg(bufsize, CMSG_SPACE_MAX, _CLOEXEC_FLAG | flags)
     fds: list[int] = []
     for level, ctype, cdata in ancdata:
         if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:

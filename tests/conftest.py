@@ -1,0 +1,75 @@
+"""Shared pytest fixtures: short socket directories, fd counting, child processes.
+
+Every test that starts a process registers it with ``procs`` so that it is ended (by
+pid, never by name) even when the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+
+
+def fd_count(pid: int | str = "self") -> int:
+    """Open descriptors of a process, from /proc."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short private directory for UNIX socket paths (sun_path is ~108 bytes)."""
+    d = tempfile.mkdtemp(prefix="ss-", dir="/tmp")
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class Procs:
+    """Start Python child processes and make sure they end."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def python(self, code: str, *args: str, **kw: object) -> subprocess.Popen[bytes]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+        env.update(kw.pop("env", {}) or {})  # type: ignore[call-overload]
+        kw.setdefault("stdout", subprocess.PIPE)
+        p = subprocess.Popen([sys.executable, "-c", code, *args], env=env, **kw)  # type: ignore[call-overload]
+        self.started.append(p)
+        return p
+
+    def cleanup(self) -> None:
+        for p in self.started:
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            for f in (p.stdout, p.stderr, p.stdin):
+                if f is not None:
+                    f.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    p = Procs()
+    try:
+        yield p
+    finally:
+        p.cleanup()
