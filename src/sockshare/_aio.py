@@ -57,6 +57,7 @@ class AsyncChannel:
         self._writing = False
         self._waiters: list[asyncio.Future[None]] = []
         self._reading = True
+        self._flush_scheduled = False
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
     @classmethod
@@ -97,7 +98,7 @@ class AsyncChannel:
             self._break(exc)
             return
         try:
-            self._state.receive_data(data, fds, self._write_frame)
+            self._state.receive_data(data, fds, self._answer)
         except (OSError, SockshareError, ValueError) as exc:
             self._break(exc)
         self._wake()
@@ -123,6 +124,17 @@ class AsyncChannel:
         self._ch._break(exc)
         self._wq.clear()
         self._wake()
+
+    async def wait_activity(self) -> bool:
+        """Wait until the peer's next frames were processed (or the channel ended).
+
+        For a supervisor watching many handoffs at once (the server dispatcher): after
+        it returns, look at ticket states, :meth:`returned` and the controls. True while
+        the channel is usable; False (at once) once it is broken or closed.
+        """
+        if self._state.broken is None and not self._state.closed:
+            await self._wait_event()
+        return self._state.broken is None and not self._state.closed
 
     async def receive(self) -> Handoff:
         """Wait for the next handoff."""
@@ -156,6 +168,23 @@ class AsyncChannel:
         return out
 
     # -- writing -------------------------------------------------------------------
+
+    def _answer(self, hid: int, reason: str | None) -> None:
+        frame = self._state.answer(hid, reason)
+        if self._state.broken is not None or self._state.closed:
+            return
+        if frame is not None:
+            self._write_frame(frame)
+        elif not self._flush_scheduled:
+            # coalesced ACCEPTs go out at the end of this loop iteration at the latest
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_answers)
+
+    def _flush_answers(self) -> None:
+        self._flush_scheduled = False
+        frame = self._state.take_accepts()
+        if frame is not None and self._state.broken is None and not self._state.closed:
+            self._write_frame(frame)
 
     def _write_frame(self, frame: bytes, fds: list[int] | None = None,
                      tickets: list[Ticket] | None = None) -> None:
@@ -248,6 +277,7 @@ class AsyncChannel:
             return
         if self._state.broken is None:
             with contextlib.suppress(SockshareError):
+                self._flush_answers()
                 self._write_frame(encode_frame(FrameType.BYE))
             await asyncio.wait_for(self.drain(), 1.0)
         if self._reading:

@@ -25,13 +25,16 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 
 from sockshare._errors import BackendUnavailable, RemoteProtocolError
 
 __all__ = [
     "CMSG_SPACE_MAX",
     "MSG_DONTWAIT",
+    "RECV_FLAGS",
     "close_fds",
+    "fds_from_ancillary",
     "send_frame",
     "wait_ready",
     "peer_credentials",
@@ -42,8 +45,14 @@ __all__ = [
 _INT_SIZE = array.array("i").itemsize
 #: Per-call non-blocking flag: lets threads share one blocking socket without racing on
 #: its O_NONBLOCK flag or its Python timeout. 0 where the OS has none (Windows).
-MSG_DONTWAIT: int = getattr(socket, "MSG_DONTWAIT", 0)
-_CLOEXEC_FLAG: int = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+MSG_DONTWAIT: int = int(getattr(socket, "MSG_DONTWAIT", 0))
+_CLOEXEC_FLAG: int = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_CTRUNC = int(getattr(socket, "MSG_CTRUNC", 0))
+#: Flags for a non-blocking, close-on-exec recvmsg.
+RECV_FLAGS = _CLOEXEC_FLAG | int(getattr(socket, "MSG_DONTWAIT", 0))
+_TRUNC = int(getattr(socket, "MSG_TRUNC", 0))
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(getattr(socket, "SCM_RIGHTS", -1))
 #: Room for the largest descriptor batch a frame may carry (253).
 CMSG_SPACE_MAX = socket.CMSG_SPACE(253 * _INT_SIZE) if hasattr(socket, "CMSG_SPACE") else 0
 
@@ -76,25 +85,41 @@ def send_with_fds(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, 
     return sent
 
 
-def wait_ready(sock: socket.socket, *, write: bool, timeout: float | None) -> bool:
-    """Wait until ``sock`` is readable (or writable); False if ``timeout`` ran out."""
+def wait_ready(sock: socket.socket, *, write: bool, timeout: float | None,
+               read_too: bool = False) -> tuple[bool, bool]:
+    """Wait until ``sock`` is readable (or writable, and readable too if ``read_too``).
+
+    Returns ``(ready_for_what_was_asked, readable)``; both False on timeout.
+    """
     if hasattr(select, "poll"):
         p = select.poll()
-        p.register(sock.fileno(), select.POLLOUT if write else select.POLLIN)
+        mask = (select.POLLOUT | (select.POLLIN if read_too else 0)) if write else select.POLLIN
+        p.register(sock.fileno(), mask)
         ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
-        return bool(p.poll(ms))
-    r, w, _ = select.select([] if write else [sock], [sock] if write else [], [], timeout)
-    return bool(r or w)
+        events = p.poll(ms)
+        if not events:
+            return False, False
+        ev = events[0][1]
+        readable = bool(ev & (select.POLLIN | select.POLLHUP | select.POLLERR))
+        if write:
+            return bool(ev & (select.POLLOUT | select.POLLHUP | select.POLLERR)), readable
+        return True, readable
+    rl = [sock] if (not write or read_too) else []
+    r, w, _ = select.select(rl, [sock] if write else [], [], timeout)
+    return (bool(w) if write else bool(r)), bool(r)
 
 
 def send_frame(
     sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = (),
-    timeout: float | None = None,
+    timeout: float | None = None, on_readable: Callable[[], bool] | None = None,
 ) -> None:
     """Send all of ``data`` (fds with its first byte) within ``timeout`` seconds.
 
     Uses ``MSG_DONTWAIT`` per call, so it works on a socket that other threads read in
-    blocking mode. Raises ``TimeoutError`` when the peer does not read in time.
+    blocking mode. While the socket is full, ``on_readable()`` is called whenever data
+    arrives, so a peer that is itself blocked writing to us (acks) is drained and two
+    senders never deadlock; it returns False if it could not read (then we only wait for
+    room). Raises ``TimeoutError`` when the peer does not read in time.
     """
     if not MSG_DONTWAIT:  # Windows: plain blocking send on a socket without timeout
         sock.sendall(data)
@@ -102,14 +127,18 @@ def send_frame(
     deadline = None if timeout is None else time.monotonic() + timeout
     view = memoryview(data)
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    read_too = on_readable is not None
     while view:
         try:
             sent = sock.sendmsg([view], anc, MSG_DONTWAIT)
         except BlockingIOError:
             remaining = None if deadline is None else deadline - time.monotonic()
-            if (remaining is not None and remaining <= 0) or not wait_ready(
-                sock, write=True, timeout=remaining
-            ):
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"the peer did not read for {timeout} s") from None
+            writable, readable = wait_ready(sock, write=True, timeout=remaining, read_too=read_too)
+            if readable and on_readable is not None and not on_readable():
+                read_too = False
+            if not writable and not readable:
                 raise TimeoutError(f"the peer did not read for {timeout} s") from None
             continue
         view = view[sent:]
@@ -125,24 +154,34 @@ def recv_with_fds(
     truncated the descriptors or the data of a datagram/seqpacket message.
     """
     data, ancdata, flags, _addr = sock.recvmsg(bufsize, CMSG_SPACE_MAX, _CLOEXEC_FLAG | flags)
+    return data, fds_from_ancillary(sock, ancdata, flags)
+
+
+def fds_from_ancillary(
+    sock: socket.socket, ancdata: list[tuple[int, int, bytes]], flags: int
+) -> list[int]:
+    """The descriptors in what ``recvmsg`` returned, close-on-exec, with truncation
+    checked (see :func:`recv_with_fds`). For callers that call ``recvmsg`` themselves."""
     fds: list[int] = []
     for level, ctype, cdata in ancdata:
-        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+        if level == _SOL_SOCKET and ctype == _SCM_RIGHTS:
             usable = len(cdata) - (len(cdata) % _INT_SIZE)
             fds.extend(array.array("i", cdata[:usable]))
     if not _CLOEXEC_FLAG:
         for fd in fds:
             os.set_inheritable(fd, False)
-    if flags & getattr(socket, "MSG_CTRUNC", 0):
+    if not flags:
+        return fds
+    if flags & _CTRUNC:
         close_fds(fds)
         raise RemoteProtocolError(
             f"the kernel truncated the descriptors of a message ({len(fds)} arrived): "
             "the receiver is at its fd limit (ulimit -n) or the sender exceeded 253"
         )
-    if flags & getattr(socket, "MSG_TRUNC", 0) and sock.type != socket.SOCK_STREAM:
+    if flags & _TRUNC and sock.type != socket.SOCK_STREAM:
         close_fds(fds)
         raise RemoteProtocolError("a message was larger than the receive buffer")
-    return data, fds
+    return fds
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

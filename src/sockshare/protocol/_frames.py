@@ -32,6 +32,7 @@ import enum
 import struct
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from sockshare._errors import LocalProtocolError, MessageTooLarge, RemoteProtocolError
 
@@ -72,10 +73,10 @@ class FrameType(enum.IntEnum):
     CONTROL = 0x30  # server control messages (JSON), see docs/protocol.md
 
 
-_KNOWN_TYPES = frozenset(int(t) for t in FrameType)
+_TYPE_BY_VALUE = {int(t): t for t in FrameType}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Frame:
     """One decoded frame. ``fds`` belong to whoever received the frame."""
 
@@ -123,6 +124,11 @@ class FrameDecoder:
     def buffered(self) -> int:
         """Bytes received but not yet returned as part of a frame."""
         return len(self._buf)
+
+    @property
+    def holds_fds(self) -> bool:
+        """True while received descriptors wait for their frame (or an error)."""
+        return bool(self._fds) or self._pending is not None or self._failed is not None
 
     def feed(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
         """Add what one receive call returned. Ownership of ``fds`` passes to the decoder."""
@@ -176,7 +182,7 @@ class FrameDecoder:
 
     # -- internals -------------------------------------------------------------
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str) -> NoReturn:
         self._failed = RemoteProtocolError(message)
         raise self._failed
 
@@ -192,7 +198,8 @@ class FrameDecoder:
             self._fail(f"bad magic {bytes(magic)!r}: the peer does not speak sockshare")
         if version != VERSION:
             self._fail(f"frame of protocol version {version}; this side speaks {VERSION}")
-        if ftype not in _KNOWN_TYPES:
+        frame_type = _TYPE_BY_VALUE.get(ftype)
+        if frame_type is None:
             self._fail(f"unknown frame type 0x{ftype:02x}")
         if reserved != 0:
             self._fail("reserved header bytes are not zero")
@@ -207,5 +214,9 @@ class FrameDecoder:
                 f"frame announces {nfds} descriptors but {len(self._fds)} arrived "
                 "(truncated by the kernel, or a broken sender)"
             )
+        if nfds == 0:
+            return frame_type, flags, length, ()
+        if nfds == 1:
+            return frame_type, flags, length, (self._fds.popleft(),)
         fds = tuple(self._fds.popleft() for _ in range(nfds))
-        return FrameType(ftype), flags, length, fds
+        return frame_type, flags, length, fds

@@ -9,6 +9,7 @@ they read what a peer sent.
 
 from __future__ import annotations
 
+import _socket
 import enum
 import json
 import socket
@@ -67,6 +68,8 @@ MAX_META = 16 * 1024
 #: Largest pre-read data one handoff may carry.
 MAX_DATA = 64 * 1024
 
+_U16 = struct.Struct(">H")
+
 # Frame flags
 FLAG_ACK = 0x01  # HANDOFF: the sender waits for ACCEPT/REJECT before closing its copy
 FLAG_WSA = 0x02  # HANDOFF/GRANT: entries carry a WSAPROTOCOL_INFO blob instead of an fd
@@ -121,27 +124,49 @@ class SocketKind:
 
     @classmethod
     def of(cls, sock: socket.socket) -> SocketKind:
-        # SOCK_NONBLOCK/SOCK_CLOEXEC may be or-ed into sock.type on Linux.
-        stype = sock.type & 0xF if hasattr(socket, "SOCK_NONBLOCK") else sock.type
-        return cls(int(sock.family), int(stype), sock.proto)
+        # The raw C getters return ints (socket.socket's properties build enums: slow).
+        # SOCK_NONBLOCK/SOCK_CLOEXEC may be or-ed into the type on Linux.
+        key = (_raw_family(sock), _raw_type(sock) & _TYPE_MASK, _raw_proto(sock))
+        kind = _KINDS.get(key)
+        if kind is None:
+            kind = _KINDS[key] = cls(*key)
+        return kind
 
     def pack(self) -> bytes:
-        try:
-            fam, typ = _FAMILY_CODES[self.family], _TYPE_CODES[self.type]
-        except KeyError:
-            raise LocalProtocolError(
-                f"sockshare moves INET, INET6 and UNIX sockets of type STREAM, DGRAM or "
-                f"SEQPACKET; this one is family {self.family}, type {self.type}"
-            ) from None
-        return struct.pack(">BBH", fam, typ, self.proto)
+        packed = _PACKED.get(self)
+        if packed is None:
+            try:
+                fam, typ = _FAMILY_CODES[self.family], _TYPE_CODES[self.type]
+            except KeyError:
+                raise LocalProtocolError(
+                    f"sockshare moves INET, INET6 and UNIX sockets of type STREAM, DGRAM or "
+                    f"SEQPACKET; this one is family {self.family}, type {self.type}"
+                ) from None
+            packed = _PACKED[self] = struct.pack(">BBH", fam, typ, self.proto)
+        return packed
 
     @classmethod
     def unpack(cls, raw: bytes) -> SocketKind:
+        kind = _UNPACKED.get(raw)
+        if kind is not None:
+            return kind
         fam, typ, proto = struct.unpack(">BBH", raw)
         try:
-            return cls(_FAMILIES[fam], _TYPES[typ], proto)
+            kind = cls(int(_FAMILIES[fam]), int(_TYPES[typ]), proto)
         except KeyError:
             raise RemoteProtocolError(f"unknown socket family/type codes {fam}/{typ}") from None
+        if len(_UNPACKED) < 256:
+            _UNPACKED[bytes(raw)] = kind
+        return kind
+
+
+_raw_family = _socket.socket.__dict__["family"].__get__
+_raw_type = _socket.socket.__dict__["type"].__get__
+_raw_proto = _socket.socket.__dict__["proto"].__get__
+_TYPE_MASK = 0xF if hasattr(socket, "SOCK_NONBLOCK") else -1
+_KINDS: dict[tuple[int, int, int], SocketKind] = {}
+_PACKED: dict[SocketKind, bytes] = {}
+_UNPACKED: dict[bytes, SocketKind] = {}
 
 
 # --- HELLO --------------------------------------------------------------------
@@ -248,10 +273,10 @@ def decode_done(p: bytes) -> int:
 
 # --- HANDOFF / ACCEPT / REJECT (channel) ------------------------------------------
 
-_ENTRY = struct.Struct(">QBBHII")  # id, family, type, proto, meta_len, data_len
+_ENTRY = struct.Struct(">Q4sII")  # id, kind (family, type: u8; proto: u16), meta_len, data_len
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HandoffEntry:
     """One socket in a HANDOFF frame. ``meta`` is encoded JSON, ``data`` raw bytes."""
 
@@ -263,16 +288,17 @@ class HandoffEntry:
 
 
 def encode_handoff(entries: list[HandoffEntry], *, wsa: bool = False) -> bytes:
-    parts = [struct.pack(">H", len(entries))]
+    parts = [_U16.pack(len(entries))]
+    append, pack = parts.append, _ENTRY.pack
     for e in entries:
-        if len(e.meta) > MAX_META:
-            raise MessageTooLarge(f"metadata of {len(e.meta)} bytes; the limit is {MAX_META}")
-        if len(e.data) > MAX_DATA:
-            raise MessageTooLarge(f"pre-read data of {len(e.data)} bytes; the limit is {MAX_DATA}")
-        fam, typ, proto = struct.unpack(">BBH", e.kind.pack())
-        parts.append(_ENTRY.pack(e.id, fam, typ, proto, len(e.meta), len(e.data)))
-        parts.append(e.meta)
-        parts.append(e.data)
+        meta, data = e.meta, e.data
+        if len(meta) > MAX_META:
+            raise MessageTooLarge(f"metadata of {len(meta)} bytes; the limit is {MAX_META}")
+        if len(data) > MAX_DATA:
+            raise MessageTooLarge(f"pre-read data of {len(data)} bytes; the limit is {MAX_DATA}")
+        append(pack(e.id, e.kind.pack(), len(meta), len(data)))
+        append(meta)
+        append(data)
         if wsa:
             parts.append(struct.pack(">H", len(e.blob)))
             parts.append(e.blob)
@@ -281,17 +307,20 @@ def encode_handoff(entries: list[HandoffEntry], *, wsa: bool = False) -> bytes:
 
 def decode_handoff(p: bytes, *, wsa: bool = False) -> list[HandoffEntry]:
     _need(p, 2, "HANDOFF", exact=False)
-    (count,) = struct.unpack_from(">H", p)
+    (count,) = _U16.unpack_from(p)
     pos, out = 2, []
+    unpack, esize, end = _ENTRY.unpack_from, _ENTRY.size, len(p)
     for _ in range(count):
-        _need(p, pos + _ENTRY.size, "HANDOFF entry", exact=False)
-        hid, fam, typ, proto, mlen, dlen = _ENTRY.unpack_from(p, pos)
-        pos += _ENTRY.size
+        if pos + esize > end:
+            _need(p, pos + esize, "HANDOFF entry", exact=False)
+        hid, rawkind, mlen, dlen = unpack(p, pos)
+        pos += esize
         if mlen > MAX_META or dlen > MAX_DATA:
             raise RemoteProtocolError(
                 f"handoff entry with {mlen} metadata / {dlen} data bytes is over the limits"
             )
-        _need(p, pos + mlen + dlen, "HANDOFF entry body", exact=False)
+        if pos + mlen + dlen > end:
+            _need(p, pos + mlen + dlen, "HANDOFF entry body", exact=False)
         meta, data = p[pos:pos + mlen], p[pos + mlen:pos + mlen + dlen]
         pos += mlen + dlen
         blob = b""
@@ -301,7 +330,7 @@ def decode_handoff(p: bytes, *, wsa: bool = False) -> list[HandoffEntry]:
             _need(p, pos + 2 + blen, "HANDOFF blob", exact=False)
             blob = p[pos + 2:pos + 2 + blen]
             pos += 2 + blen
-        kind = SocketKind.unpack(struct.pack(">BBH", fam, typ, proto))
+        kind = _UNPACKED.get(rawkind) or SocketKind.unpack(rawkind)
         out.append(HandoffEntry(hid, kind, meta, data, blob))
     if pos != len(p):
         raise RemoteProtocolError(f"HANDOFF frame has {len(p) - pos} trailing bytes")

@@ -1,0 +1,223 @@
+"""Benchmark: handoffs per second over a sockshare Channel, against raw baselines.
+
+Run:  python benchmarks/channel.py [--n 10000] [--runs 7]
+
+Every mode moves N descriptors from a sender process to a receiver process over a UNIX
+socketpair; the receiver wraps each in a Python socket object (where the mode is
+Python) and closes it. Elapsed time runs from the sender's first send to the
+receiver's last close. Modes, all in one run, interleaved run by run:
+
+* raw_send_fds_1   -- socket.send_fds / recv_fds, one fd + 164 payload bytes a message,
+                      socket(fileno=...) on receipt: the baseline ratios refer to;
+* raw_send_fds_64  -- the same with 64 fds a message;
+* c_sendmsg_1/64   -- a C sendmsg/recvmsg loop (benchmarks/c/fdloop.c), no socket objects;
+* chan_unacked     -- Channel.send(sock, meta=<64 B JSON>, data=<100 B>, ack=False);
+* chan_acked       -- the same with ack=True, pipelined (the sender reads acks as it goes);
+* chan_batch       -- Channel.send_many, 64 sockets a call, ack=False;
+* chan_batch_acked -- the same, acked.
+
+Prints medians of the per-run figures and ratios; writes benchmarks/results/channel.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+import sockshare  # noqa: E402
+
+META = {"route": "chat", "client": ["127.0.0.1", 54321], "id": "abcdefgh1"}
+DATA = b"G" * 100
+PAYLOAD = json.dumps(META).encode() + DATA
+HERE = Path(__file__).resolve().parent
+
+
+def _fork_pair(
+    sender: Callable[[socket.socket, int], Callable[[], None]],
+    receiver: Callable[[socket.socket, int], None],
+    n: int,
+) -> float:
+    """Fork a receiver; ``sender(sock, n)`` prepares (handshake, sockets) and returns
+    the timed part. Time runs from calling it to the receiver's last close."""
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # receiver
+        code = 0
+        try:
+            a.close()
+            os.close(r)
+            receiver(b, n)
+            os.write(w, repr(time.perf_counter()).encode())
+        except BaseException as exc:  # noqa: BLE001
+            sys.stderr.write(f"receiver failed: {exc!r}\n")
+            code = 1
+        os._exit(code)
+    b.close()
+    os.close(w)
+    go = sender(a, n)
+    t0 = time.perf_counter()
+    go()
+    end = os.read(r, 64)
+    os.close(r)
+    a.close()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not end:
+        raise RuntimeError("receiver failed")
+    return float(end) - t0
+
+
+# --- raw baselines ----------------------------------------------------------------------
+
+
+def raw_sender(k: int) -> Callable[[socket.socket, int], Callable[[], None]]:
+    def prepare(sock: socket.socket, n: int) -> Callable[[], None]:
+        base = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = [base.fileno()] * k
+
+        def go() -> None:
+            for _ in range(n // k):
+                socket.send_fds(sock, [PAYLOAD], fds)
+            sock.recv(1)  # receiver done
+            base.close()
+
+        return go
+
+    return prepare
+
+
+def raw_receiver(k: int) -> Callable[[socket.socket, int], None]:
+    def recv(sock: socket.socket, n: int) -> None:
+        got = 0
+        while got < n:
+            _msg, fds, _flags, _addr = socket.recv_fds(sock, len(PAYLOAD), k)
+            for fd in fds:
+                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd).close()
+            got += len(fds)
+        sock.send(b"k")
+
+    return recv
+
+
+# --- sockshare channel ------------------------------------------------------------------
+
+
+def _make_socks(n: int) -> list[socket.socket]:
+    base = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    out = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, os.dup(base.fileno()))
+           for _ in range(n)]
+    base.close()
+    return out
+
+
+def chan_sender(ack: bool, batch: int) -> Callable[[socket.socket, int], Callable[[], None]]:
+    def prepare(sock: socket.socket, n: int) -> Callable[[], None]:
+        ch = sockshare.Channel.from_socket(sock)
+        socks = _make_socks(n)
+        return lambda: send(ch, socks, n)
+
+    def send(ch: sockshare.Channel, socks: list[socket.socket], n: int) -> None:
+        tickets = []
+        if batch == 1:
+            for i, s in enumerate(socks):
+                tickets.append(ch.send(s, meta=META, data=DATA, ack=ack))
+                if ack and i % 64 == 63:
+                    ch.poll(0)
+        else:
+            for i in range(0, n, batch):
+                chunk = [(s, META, DATA) for s in socks[i:i + batch]]
+                tickets.extend(ch.send_many(chunk, ack=ack))
+                if ack:
+                    ch.poll(0)
+        for t in tickets:
+            if not t.wait(30):
+                raise RuntimeError(f"handoff {t.id} {t.state}")
+        ch.receive_control(timeout=60)
+        ch._sock.detach()  # the fork helper closes it
+
+    return prepare
+
+
+def chan_receiver(sock: socket.socket, n: int) -> None:
+    ch = sockshare.Channel.from_socket(sock)
+    for _ in range(n):
+        h = ch.receive(timeout=60)
+        h.accept()
+        h.socket.close()
+    ch.send_control({"done": True})
+    ch._sock.detach()
+
+
+# --- C ------------------------------------------------------------------------------
+
+
+def build_c() -> str | None:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    out = os.path.join(tempfile.mkdtemp(prefix="ss-bench-"), "fdloop")
+    subprocess.run([cc, "-O2", "-Wall", "-o", out, str(HERE / "c" / "fdloop.c")], check=True)
+    return out
+
+
+def run_c(binary: str, n: int, k: int) -> float:
+    out = subprocess.run([binary, str(n), str(k)], check=True, capture_output=True, text=True)
+    return float(out.stdout)
+
+
+# --- driver -------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=10000, help="handoffs per run")
+    ap.add_argument("--runs", type=int, default=7)
+    args = ap.parse_args()
+    n = args.n - args.n % 64
+    binary = build_c()
+    modes: dict[str, Callable[[], float]] = {
+        "raw_send_fds_1": lambda: _fork_pair(raw_sender(1), raw_receiver(1), n),
+        "raw_send_fds_64": lambda: _fork_pair(raw_sender(64), raw_receiver(64), n),
+        "chan_unacked": lambda: _fork_pair(chan_sender(False, 1), chan_receiver, n),
+        "chan_acked": lambda: _fork_pair(chan_sender(True, 1), chan_receiver, n),
+        "chan_batch": lambda: _fork_pair(chan_sender(False, 64), chan_receiver, n),
+        "chan_batch_acked": lambda: _fork_pair(chan_sender(True, 64), chan_receiver, n),
+    }
+    if binary:
+        modes["c_sendmsg_1"] = lambda: run_c(binary, n, 1)
+        modes["c_sendmsg_64"] = lambda: run_c(binary, n, 64)
+    results: dict[str, list[float]] = {m: [] for m in modes}
+    for run in range(args.runs):
+        for name, fn in modes.items():
+            results[name].append(fn() / n * 1e6)  # us per handoff
+        print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
+    base = statistics.median(results["raw_send_fds_1"])
+    print(f"\n{n} handoffs per run, {args.runs} runs, median of runs "
+          f"(Python {sys.version.split()[0]}, {os.cpu_count()} cores)\n")
+    print(f"{'mode':<18} {'us/handoff':>11} {'handoffs/s':>12} {'vs raw_send_fds_1':>18}")
+    summary = {}
+    for name, vals in results.items():
+        med = statistics.median(vals)
+        summary[name] = {"us_per_handoff": med, "per_s": 1e6 / med, "ratio": med / base,
+                         "runs": vals}
+        print(f"{name:<18} {med:>11.2f} {1e6 / med:>12,.0f} {med / base:>17.2f}x")
+    out = HERE / "results" / "channel.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"n": n, "runs": args.runs, "modes": summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
