@@ -152,10 +152,13 @@ def chan_sender(ack: bool, batch: int) -> Callable[[socket.socket, int], Callabl
 
 def chan_receiver(sock: socket.socket, n: int) -> None:
     ch = sockshare.Channel.from_socket(sock)
-    for _ in range(n):
-        h = ch.receive(timeout=60)
-        h.accept()
-        h.socket.close()
+    got = 0
+    while got < n:
+        batch = ch.receive_many()
+        ch.accept_all(batch)
+        for h in batch:
+            h.socket.close()
+        got += len(batch)
     ch.send_control({"done": True})
     ch._sock.detach()
 

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import sys
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -36,7 +37,7 @@ from sockshare._channel import (
     PeerInfo,
     Ticket,
 )
-from sockshare._errors import ChannelBroken, ChannelClosed, SockshareError
+from sockshare._errors import ChannelBroken, ChannelClosed, ChannelError, SockshareError
 from sockshare.backends._scm import recv_with_fds
 from sockshare.protocol import MAX_PAYLOAD, FrameType, encode_frame
 
@@ -51,8 +52,8 @@ class AsyncChannel:
         self._ch = ch
         self._state = ch._state
         self._sock = ch._sock
+        self._loop = _selector_loop()
         self._sock.setblocking(False)
-        self._loop = asyncio.get_running_loop()
         self._wq: deque[tuple[memoryview, list[int], list[Ticket]]] = deque()
         self._writing = False
         self._waiters: list[asyncio.Future[None]] = []
@@ -64,6 +65,7 @@ class AsyncChannel:
     async def connect(cls, address: str | os.PathLike[str], *,
                       timeout: float = HANDSHAKE_TIMEOUT, name: str = "") -> AsyncChannel:
         """Connect to a listening channel (the handshake runs in a worker thread)."""
+        _selector_loop()
         ch = await asyncio.to_thread(Channel.connect, address, timeout=timeout, name=name)
         return cls(ch)
 
@@ -170,7 +172,7 @@ class AsyncChannel:
     # -- writing -------------------------------------------------------------------
 
     def _answer(self, hid: int, reason: str | None) -> None:
-        frame = self._state.answer(hid, reason)
+        frame = self._state.answer(hid, reason, coalesce=True)
         if self._state.broken is not None or self._state.closed:
             return
         if frame is not None:
@@ -310,7 +312,7 @@ class AsyncChannelListener:
         return cls(Channel.listen(address, max_payload=max_payload, **kw))
 
     async def accept(self) -> AsyncChannel:
-        loop = asyncio.get_running_loop()
+        loop = _selector_loop()
         fd = self._listener.fileno()
         while True:
             fut: asyncio.Future[None] = loop.create_future()
@@ -333,6 +335,18 @@ class AsyncChannelListener:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+
+
+def _selector_loop() -> asyncio.AbstractEventLoop:
+    """The running loop, if it can watch sockets with add_reader (not a Windows Proactor)."""
+    loop = asyncio.get_running_loop()
+    if sys.platform == "win32" and isinstance(loop, asyncio.ProactorEventLoop):
+        raise ChannelError(
+            "on Windows an AsyncChannel needs an asyncio.SelectorEventLoop: the default "
+            "ProactorEventLoop has no add_reader, and a socket bound to its completion port "
+            "cannot be shared; use asyncio.run(main(), loop_factory=asyncio.SelectorEventLoop)"
+        )
+    return loop
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -236,17 +236,19 @@ class _ChannelState:
 
     # -- answers -------------------------------------------------------------------
 
-    def answer(self, hid: int, reason: str | None) -> bytes | None:
+    def answer(self, hid: int, reason: str | None, *, coalesce: bool) -> bytes | None:
         """Record an answer to handoff ``hid``; return frame bytes to send now, if any.
 
-        ACCEPTs are coalesced while more received handoffs wait in ``incoming`` (a
-        batch): one ACCEPT frame then answers up to 64 handoffs. REJECTs go at once.
+        With ``coalesce`` (the asyncio adapter, which flushes at the end of the current
+        loop iteration) ACCEPTs collect into one frame of up to 64 ids; otherwise each
+        goes at once, so a blocking receiver busy with a connection never holds its
+        sender's ticket. REJECTs always go at once.
         """
         if reason is not None:
             out = self.take_accepts() or b""
             return out + encode_frame(FrameType.REJECT, encode_reject(Reject(hid, reason)))
         self.pending_accepts.append(hid)
-        if len(self.pending_accepts) >= BATCH or not self.incoming:
+        if not coalesce or len(self.pending_accepts) >= BATCH:
             return self.take_accepts()
         return None
 
@@ -365,8 +367,10 @@ class _ChannelState:
             kind = _UNPACKED.get(rawkind) or SocketKind.unpack(rawkind)
             # _make_socket, inlined: this is the per-connection hot path
             sock = socket.socket(kind.family, kind.type, kind.proto, fd)
-        except BaseException:
+        except BaseException as exc:
             close_fds([fd])
+            if isinstance(exc, OSError):  # e.g. ENOTSOCK: the peer sent a pipe or a file
+                raise RemoteProtocolError(f"descriptor of handoff {hid} is not a socket: {exc}") from None
             raise
         try:
             if sock.getsockopt(_SOL_SOCKET, _SO_TYPE) != kind.type:
@@ -461,7 +465,10 @@ class _ChannelState:
             if self.socket_blocking is not None:
                 sock.setblocking(self.socket_blocking)
             return sock
-        sock = socket.socket(e.kind.family, e.kind.type, e.kind.proto, fd)
+        try:
+            sock = socket.socket(e.kind.family, e.kind.type, e.kind.proto, fd)
+        except OSError as exc:  # e.g. ENOTSOCK: the peer sent a pipe or a file
+            raise RemoteProtocolError(f"descriptor of handoff {e.id} is not a socket: {exc}") from None
         try:
             try:
                 actual = sock.getsockopt(_SOL_SOCKET, _SO_TYPE)
@@ -576,6 +583,7 @@ class Channel:
         self._state = _ChannelState(max_payload=max_payload, wsa=self._wsa)
         self._rlock = threading.RLock()
         self._wlock = threading.Lock()
+        self._batching = False
         self._rbuf = bytearray(RECV_BUF)
         self._rview = memoryview(self._rbuf)
         self.name = name
@@ -650,15 +658,21 @@ class Channel:
         deadline = time.monotonic() + timeout
         decoder = FrameDecoder(max_payload=4096, allow_fds=False)
         frame: Frame | None = None
+        got = 0
         try:
             while frame is None:
                 sock.settimeout(max(0.001, deadline - time.monotonic()))
+                # Read no byte past the peer's first frame: the next one may carry fds,
+                # which the kernel discards on a plain recv() (docs/protocol.md).
+                want = HEADER.size - got if got < HEADER.size else (
+                    HEADER.size + int.from_bytes(decoder._buf[8:12], "big") - got)
                 try:
-                    data = sock.recv(4096)
+                    data = sock.recv(want)
                 except TimeoutError:
                     raise PeerRefused(f"the peer sent no HELLO within {timeout} s") from None
                 if not data:
                     raise PeerRefused("the peer closed the connection during the handshake")
+                got += len(data)
                 decoder.feed(data)
                 frame = decoder.next_frame()
         except RemoteProtocolError as exc:
@@ -805,9 +819,29 @@ class Channel:
             self._rlock.release()
 
     def _answer(self, hid: int, reason: str | None) -> None:
-        frame = self._state.answer(hid, reason)
+        frame = self._state.answer(hid, reason, coalesce=self._batching)
         if frame is not None and self._state.broken is None and not self._state.closed:
             self._send_raw(frame)
+
+    def accept_all(self, handoffs: Iterable[Handoff]) -> None:
+        """Accept many handoffs with one ACCEPT frame (per 64), e.g. a whole batch from
+        :meth:`receive_many`."""
+        self._batching = True
+        try:
+            for h in handoffs:
+                h.accept()
+        finally:
+            self._batching = False
+        self.flush()
+
+    def receive_many(self, max_count: int = BATCH, timeout: float | None = None) -> list[Handoff]:
+        """Wait for at least one handoff; return up to ``max_count`` that are ready."""
+        first = self.receive(timeout)
+        out = [first]
+        incoming = self._state.incoming
+        while incoming and len(out) < max_count:
+            out.append(incoming.popleft())
+        return out
 
     def flush(self) -> None:
         """Send answers that are still coalescing (done before every blocking read)."""
@@ -987,6 +1021,10 @@ class ChannelListener:
         try:
             if self._path is not None:
                 _remove_stale_socket(self._path)
+            elif sys.platform == "win32":
+                # SO_REUSEADDR on Windows lets another socket bind this very port and take
+                # our peers (and the sockets they hand over): claim it exclusively instead.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
             elif family != getattr(socket, "AF_UNIX", -1):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(addr)

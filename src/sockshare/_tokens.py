@@ -69,7 +69,12 @@ def export_socket(
     :class:`~sockshare.LocalProtocolError` for a socket kind sockshare cannot move.
     """
     if isinstance(sock, int):
-        probe = socket.socket(fileno=os.dup(sock))
+        dup = os.dup(sock)
+        try:
+            probe = socket.socket(fileno=dup)
+        except BaseException:  # not a socket (ENOTSOCK): do not leak the duplicate
+            os.close(dup)
+            raise
         try:
             return agent().export(probe, target_pid, ttl)
         finally:
@@ -104,6 +109,11 @@ def import_socket(
     :class:`~sockshare.ExporterGone`, all subclasses of ``SockshareError``.
     """
     info = decode_token(token)
+    if sys.platform == "win32" and not info.is_windows:
+        raise InvalidToken(
+            "this is a POSIX token (made on Linux/macOS, for SCM_RIGHTS over a UNIX socket): "
+            "it cannot be imported on Windows; export the socket from a Windows process"
+        )
     if info.target_pid != os.getpid():
         raise WrongProcess(
             f"this token was exported for pid {info.target_pid}; this process is "
@@ -133,6 +143,9 @@ def _connect_agent(info: TokenInfo, timeout: float) -> socket.socket:
     except TimeoutError as exc:
         ch.close()
         raise ExporterGone(f"the exporter (pid {info.exporter_pid}) did not answer in {timeout} s") from exc
+    except OSError as exc:  # EAGAIN (backlog full), an unusable address (path too long)...
+        ch.close()
+        raise ExporterGone(f"cannot reach the export agent of pid {info.exporter_pid}: {exc}") from exc
     except BaseException:
         ch.close()
         raise
@@ -153,7 +166,20 @@ def _gone(info: TokenInfo) -> ExporterGone:
 
 def _pid_alive(pid: int) -> bool:
     if sys.platform == "win32":
-        return True  # no cheap, reliable probe; the message stays generic
+        import _winapi
+
+        try:  # PROCESS_QUERY_LIMITED_INFORMATION
+            handle = _winapi.OpenProcess(0x1000, False, pid)
+        except PermissionError:
+            return True  # it exists, but is not ours to query
+        except OSError:
+            return False  # ERROR_INVALID_PARAMETER: no such process
+        try:
+            return bool(_winapi.GetExitCodeProcess(handle) == _winapi.STILL_ACTIVE)
+        finally:
+            _winapi.CloseHandle(handle)
+    if not 0 < pid < 2**31:  # a token field is 32 bits; os.kill(0) means our own group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -263,15 +289,23 @@ def _import_windows(info: TokenInfo, timeout: float) -> socket.socket:
     key = (info.exporter_pid, info.token_id)
     with _seen_lock:
         if key in _seen:
-            raise TokenConsumed("this token was already imported by this process; tokens are single use")
+            raise TokenConsumed(
+                "this process already presented this token (imported or refused); tokens are "
+                "single use: export again"
+            )
         _seen.add(key)
     # Take ownership of the handle the OS already duplicated into this process first, so
-    # that every refusal below can close it instead of leaking it.
+    # that every refusal below can close it instead of leaking it. (fromshare() twice on
+    # one blob returns the same handle twice: hence the set above.)
     try:
         sock = socket.fromshare(info.blob)
     except OSError as exc:
         raise InvalidToken(f"Windows refused the WSAPROTOCOL_INFO blob: {exc}") from exc
     try:
+        if not _pid_alive(info.exporter_pid):
+            # Fail fast: Windows retries a refused loopback connect for about 2 s, and a
+            # dead exporter's port may belong to another program by now.
+            raise _gone(info)
         ch = _connect_agent(info, timeout)
         try:
             _exchange(ch, info)
@@ -281,8 +315,11 @@ def _import_windows(info: TokenInfo, timeout: float) -> socket.socket:
                 pass
         finally:
             ch.close()
-    except BaseException:
+    except BaseException as exc:
         sock.close()
+        if isinstance(exc, OSError) and not isinstance(exc, SockshareError):
+            # e.g. WSAECONNABORTED when the exporter dies in the middle of the exchange
+            raise ExporterGone(f"the exchange with the export agent failed: {exc}") from exc
         raise
     return sock
 

@@ -114,6 +114,9 @@ class ExportAgent:
         self._uid = os.getuid() if hasattr(os, "getuid") else 0
         self._stopping = False
         self._sel: selectors.BaseSelector | None = None
+        # When the agent's select() returns at the latest (monotonic; None: never), as
+        # of its last sweep. export() wakes the thread only for an earlier deadline.
+        self._next_sweep: float | None = None
 
     # -- public, called from any thread of the exporting process --------------------
 
@@ -138,11 +141,13 @@ class ExportAgent:
             fd = os.dup(sock.fileno())  # non-inheritable since PEP 446
             entry = _Entry(token_id, secret, target_pid, fd, kind, deadline)
             info = TokenInfo(KIND_POSIX, self._pid, target_pid, token_id, secret, expires_ms,
-                             exporter_uid=self._uid, address=self._address,
+                             exporter_uid=_euid(), address=self._address,
                              address_kind=self._address_kind)
         with self._lock:
             self._entries[token_id] = entry
-        self._wake()
+            wake = self._next_sweep is None or deadline < self._next_sweep
+        if wake:  # otherwise the sweep already planned will see it in time
+            self._wake()
         return encode_token(info)
 
     def release(self, info: TokenInfo) -> bool:
@@ -263,6 +268,7 @@ class ExportAgent:
                         expired.append(e.fd)
                 elif nearest is None or e.deadline < nearest:
                     nearest = e.deadline
+            self._next_sweep = nearest
         close_fds(expired)
         for conn in list(self._conns.values()):
             if conn.deadline <= now:
@@ -293,6 +299,9 @@ class ExportAgent:
         self._conns[s.fileno()] = conn
         assert self._sel is not None
         self._sel.register(s, selectors.EVENT_READ, None)
+        # The importer sends its CLAIM right after connecting: it is usually here
+        # already, so serve it now rather than after one more trip through select().
+        self._serve(conn)
 
     def _serve(self, conn: _Conn) -> None:
         try:
@@ -309,6 +318,9 @@ class ExportAgent:
                 return
             conn.decoder.feed(data, fds)
             while (frame := conn.decoder.next_frame()) is not None:
+                if frame.fds:  # no frame an importer sends carries any: close, refuse
+                    close_fds(frame.fds)
+                    raise ValueError(f"a {frame.type.name} frame carries no descriptors")
                 if frame.type == FrameType.CLAIM and conn.granted is None:
                     self._on_claim(conn, decode_claim(frame.payload))
                 elif frame.type == FrameType.DONE and conn.granted is not None:
@@ -340,10 +352,11 @@ class ExportAgent:
                     f"this token was exported for pid {entry.target_pid}; pid {pid} may not import it",
                 )
                 return
-            if uid not in (self._uid, 0):
+            my_uid = _euid() if not IS_WINDOWS else self._uid
+            if uid not in (my_uid, 0):
                 self._reply_error(
                     conn, ErrorCode.WRONG_PROCESS,
-                    f"the importer runs as uid {uid}; the exporter only hands sockets to uid {self._uid}",
+                    f"the importer runs as uid {uid}; the exporter only hands sockets to uid {my_uid}",
                 )
                 return
             if entry.deadline <= time.monotonic():
@@ -391,6 +404,14 @@ _REFUSALS = {
     ErrorCode.EXPIRED: "this token expired before it was imported: export again (or pass a longer ttl)",
     ErrorCode.RELEASED: "the exporter released this token before it was imported",
 }
+
+
+def _euid() -> int:
+    """The uid that counts now (SO_PEERCRED reports effective uids). Read at each export
+    and claim: a server that drops privileges after importing sockshare exports as the
+    uid it dropped to."""
+    return os.geteuid() if hasattr(os, "geteuid") else 0
+
 
 _agent = ExportAgent()
 

@@ -121,8 +121,8 @@ def send_frame(
     senders never deadlock; it returns False if it could not read (then we only wait for
     room). Raises ``TimeoutError`` when the peer does not read in time.
     """
-    if not MSG_DONTWAIT:  # Windows: plain blocking send on a socket without timeout
-        sock.sendall(data)
+    if not MSG_DONTWAIT:  # Windows: no per-call flag (and no descriptors to attach)
+        _send_frame_nonblocking(sock, data, timeout, on_readable)
         return
     deadline = None if timeout is None else time.monotonic() + timeout
     view = memoryview(data)
@@ -143,6 +143,42 @@ def send_frame(
             continue
         view = view[sent:]
         anc = []  # descriptors travel once, with the first byte
+
+
+def _send_frame_nonblocking(
+    sock: socket.socket, data: bytes, timeout: float | None,
+    on_readable: Callable[[], bool] | None,
+) -> None:
+    """send_frame() where MSG_DONTWAIT does not exist (Windows): the socket is made
+    non-blocking for the duration of the send, then its previous timeout restored.
+
+    A channel's reader only calls ``recv`` after ``select`` reported data, so switching
+    the mode under it is harmless; without this, a peer that stops reading would block
+    the sender for ever instead of breaking the channel after ``timeout``.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    view = memoryview(data)
+    read_too = on_readable is not None
+    previous = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        while view:
+            try:
+                sent = sock.send(view)
+            except BlockingIOError:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"the peer did not read for {timeout} s") from None
+                writable, readable = wait_ready(sock, write=True, timeout=remaining, read_too=read_too)
+                if readable and on_readable is not None and not on_readable():
+                    read_too = False
+                if not writable and not readable:
+                    raise TimeoutError(f"the peer did not read for {timeout} s") from None
+                continue
+            view = view[sent:]
+    finally:
+        if sock.fileno() >= 0:
+            sock.settimeout(previous)
 
 
 def recv_with_fds(

@@ -211,7 +211,8 @@ class ErrorMessage:
 
 
 def encode_error(code: ErrorCode, text: str) -> bytes:
-    return struct.pack(">H", int(code)) + text.encode()[:4096]
+    # 4094: the whole payload fits the 4096-byte limit a peer applies during the handshake
+    return struct.pack(">H", int(code)) + _cut(text, 4094)
 
 
 def decode_error(p: bytes) -> ErrorMessage:
@@ -355,7 +356,7 @@ class Reject:
 
 
 def encode_reject(r: Reject) -> bytes:
-    return struct.pack(">Q", r.id) + r.reason.encode()[:1024]
+    return struct.pack(">Q", r.id) + _cut(r.reason, 1024)
 
 
 def decode_reject(p: bytes) -> Reject:
@@ -386,6 +387,15 @@ def decode_control(p: bytes) -> dict[str, Any]:
 def _need(p: bytes, n: int, what: str, *, exact: bool = True) -> None:
     if len(p) < n or (exact and len(p) != n):
         raise RemoteProtocolError(f"{what} payload has {len(p)} bytes, expected {n}")
+
+
+def _cut(text: str, limit: int) -> bytes:
+    """UTF-8 of ``text``, cut to ``limit`` bytes on a character boundary (a cut
+    mid-character would make the peer's decoder refuse the frame)."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return raw
+    return raw[:limit].decode("utf-8", "ignore").encode()
 
 
 def _text(raw: bytes, what: str) -> str:
