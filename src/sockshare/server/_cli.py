@@ -1,0 +1,212 @@
+"""``sockshare serve`` and ``sockshare status``.
+
+:func:`add_commands` registers both subcommands on an argparse ``subparsers`` object
+(each parser sets ``func=callable(args) -> int``); :mod:`sockshare.cli` calls it.
+``python -m sockshare.server._cli serve ...`` runs the same commands stand-alone.
+
+``serve`` follows gunicorn/uvicorn conventions::
+
+    sockshare serve [APP] --bind 127.0.0.1:8000 --bind unix:/run/app.sock --workers 4 \\
+        --policy least-conn --max-conns 100 --queue 64 --metrics 127.0.0.1:9100
+
+With neither ``APP`` nor ``--worker-cmd`` it serves the demo app
+(``sockshare.server._demo:handle``) on 127.0.0.1:8000. ``--config FILE`` reads pools,
+routes and listeners from TOML; flags given next to it override its top-level settings.
+
+``status`` asks a running dispatcher over its control socket and prints a table
+(``rich`` if installed, plain text otherwise), ``--json`` for scripts, ``--watch`` to
+refresh until interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import io
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from sockshare.server._config import DEFAULT_APP, DEFAULT_BIND, POLICIES, ConfigError, from_args
+from sockshare.server._control import ControlError, find_servers, request
+
+__all__ = ["add_commands", "main", "render_status"]
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``serve`` and ``status``."""
+    p = subparsers.add_parser(
+        "serve", help="run a dispatcher and its workers",
+        description="Accept connections and hand each one to a worker process.")
+    p.add_argument("app", nargs="?", help=f"module:callable, async def handle(conn) (default: {DEFAULT_APP})")
+    p.add_argument("-b", "--bind", action="append", metavar="ADDR",
+                   help=f"HOST:PORT, [v6]:PORT or unix:/path; repeatable (default: {DEFAULT_BIND})")
+    p.add_argument("-w", "--workers", type=int, metavar="N", help="workers per pool (default: 2)")
+    p.add_argument("--worker-cmd", metavar="CMD",
+                   help="run this command as the worker (any language; see docs/server.md)")
+    p.add_argument("--policy", metavar="P",
+                   help=f"{', '.join(POLICIES)} or module:function (default: least-conn)")
+    p.add_argument("--hash-key", metavar="FIELD", help="meta field for --policy hash-key (default: host)")
+    p.add_argument("--max-conns", type=int, metavar="N", help="connections per worker (default: unlimited)")
+    p.add_argument("--queue", type=int, metavar="N",
+                   help="connections that may wait when every worker is full (default: 64)")
+    p.add_argument("--queue-timeout", type=float, metavar="S",
+                   help="seconds a queued connection may wait (default: 30)")
+    p.add_argument("--sniff", action="store_true", help="read Host / TLS SNI before routing")
+    p.add_argument("--proxy-protocol", choices=("off", "optional", "required"),
+                   help="expect a PROXY v1/v2 header (default: off)")
+    p.add_argument("-c", "--config", metavar="FILE", help="TOML configuration (pools, routes)")
+    p.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics at HOST:PORT/metrics")
+    p.add_argument("--control", metavar="PATH", help="control socket path (default: per-user runtime dir)")
+    p.add_argument("--grace", type=float, metavar="S", help="seconds to finish on stop (default: 10)")
+    p.add_argument("--max-retries", type=int, metavar="N",
+                   help="re-dispatches of a returned handoff before giving up (default: 3)")
+    p.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=serve)
+
+    s = subparsers.add_parser("status", help="show a running server's workers and counters")
+    s.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
+    s.add_argument("--json", action="store_true", help="print the raw JSON status")
+    s.add_argument("--watch", nargs="?", const=1.0, type=float, metavar="SECONDS",
+                   help="refresh every SECONDS (default 1) until interrupted")
+    s.set_defaults(func=status)
+
+
+# --- serve ----------------------------------------------------------------------------
+
+
+def serve(args: argparse.Namespace) -> int:
+    from sockshare.server._dispatcher import Dispatcher
+
+    try:
+        cfg = from_args(args)
+    except ConfigError as exc:
+        print(f"sockshare serve: {exc}", file=sys.stderr)
+        return 2
+    level = getattr(logging, cfg.log_level.upper(), logging.INFO)
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s dispatcher[%(process)d] %(name)s: %(message)s")
+    try:
+        return asyncio.run(Dispatcher(cfg).run())
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- status ---------------------------------------------------------------------------
+
+
+def _pick_control(path: str | None) -> str:
+    if path:
+        return path
+    found = find_servers()
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ControlError("no running sockshare server found; give --control PATH")
+    raise ControlError("several servers are running; pick one with --control:\n  " + "\n  ".join(found))
+
+
+def _fmt_age(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+_COLUMNS = ("ID", "POOL", "PID", "GEN", "STATE", "CONNS", "INFLIGHT", "HANDOFFS", "RATE/S",
+            "REJECTS", "RESTARTS", "LOST")
+
+
+def _rows(st: dict[str, Any]) -> list[tuple[str, ...]]:
+    return [(str(w["id"]), w["pool"], str(w["pid"] or "-"), str(w["generation"]), w["state"],
+             str(w["connections"]), str(w["inflight"]), str(w["handoffs"]), f"{w['rate']:.1f}",
+             str(w["rejects"]), str(w["restarts"]), str(w["lost"])) for w in st["workers"]]
+
+
+def _summary(st: dict[str, Any]) -> list[str]:
+    c = st["counters"]
+    rate = sum(w["rate"] for w in st["workers"])
+    queues = ", ".join(f"{p['name']} {p['queue']}/{p['queue_limit']}" for p in st["pools"])
+    listeners = ", ".join(f"{lst['name']}={lst['address']}" for lst in st["listeners"])
+    refused = c["refused"]
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(c["refused_by_reason"].items()))
+    return [
+        f"sockshare pid {st['pid']}  up {_fmt_age(st['uptime'])}"
+        f"{'  STOPPING' if st.get('stopping') else ''}  listening: {listeners}",
+        f"accepted {c['accepted']}  handoffs {c['handoffs']} ({rate:.1f}/s)  rejects {c['rejects']}"
+        f"  re-dispatched {c['redispatches']}  refused {refused}{f' ({reasons})' if reasons else ''}"
+        f"  lost {c['lost']}  queue {queues}",
+    ]
+
+
+def render_status(st: dict[str, Any]) -> str:
+    """The plain-text table (used when ``rich`` is not installed)."""
+    rows = [_COLUMNS, *_rows(st)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+    lines = [*_summary(st), ""]
+    for r in rows:
+        lines.append("  ".join(cell.rjust(widths[i]) if i not in (1, 4) else cell.ljust(widths[i])
+                               for i, cell in enumerate(r)).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def _render_rich(st: dict[str, Any]) -> str | None:
+    try:
+        console_mod: Any = importlib.import_module("rich.console")
+        table_mod: Any = importlib.import_module("rich.table")
+    except ImportError:
+        return None
+    buf = io.StringIO()
+    console = console_mod.Console(file=buf, force_terminal=sys.stdout.isatty(), width=120)
+    for line in _summary(st):
+        console.print(line, highlight=False)
+    table = table_mod.Table(show_edge=False)
+    for col in _COLUMNS:
+        table.add_column(col, justify="left" if col in ("POOL", "STATE") else "right")
+    for r in _rows(st):
+        table.add_row(*r)
+    console.print(table)
+    return buf.getvalue()
+
+
+def status(args: argparse.Namespace) -> int:
+    try:
+        path = _pick_control(args.control)
+    except ControlError as exc:
+        print(f"sockshare status: {exc}", file=sys.stderr)
+        return 1
+    try:
+        while True:
+            try:
+                resp = request(path, {"cmd": "status"})
+            except (ControlError, OSError, ValueError) as exc:
+                print(f"sockshare status: {exc}", file=sys.stderr)
+                return 1
+            if not resp.get("ok"):
+                print(f"sockshare status: {resp.get('error')}", file=sys.stderr)
+                return 1
+            st = resp["status"]
+            text = (json.dumps(st, indent=2) + "\n") if args.json else (
+                _render_rich(st) or render_status(st))
+            if args.watch:
+                sys.stdout.write("\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n")
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            if not args.watch:
+                return 0
+            time.sleep(max(0.1, args.watch))
+    except KeyboardInterrupt:
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sockshare.server._cli")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_commands(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,423 @@
+"""What ``sockshare serve`` was asked to do: listeners, pools, routes, limits.
+
+A :class:`ServerConfig` comes from the command line (:func:`from_args` builds the
+one-pool case: ``sockshare serve APP --bind ... --workers N``) or from a TOML file
+(:func:`load_toml`, ``--config FILE``), with command-line flags that were given
+explicitly overriding the file's top-level settings. Everything is validated here, once,
+so the dispatcher can trust what it gets; mistakes raise :class:`ConfigError` with a
+message that names the offending key.
+
+The file format (docs/server.md has the full reference)::
+
+    queue = 64                       # waiting connections per pool when all are full
+    grace = 10.0                     # seconds workers get to finish on stop
+    metrics = "127.0.0.1:9100"
+
+    [[listen]]
+    bind = "127.0.0.1:8000"
+    name = "web"
+    sniff = true                     # read Host (HTTP) / SNI (TLS) before routing
+    proxy = "optional"               # PROXY v1/v2 header: off | optional | required
+
+    [pools.web]
+    app = "sockshare.server._demo:handle"
+    workers = 2
+    policy = "least-conn"
+    max_conns = 100
+
+    [pools.php]
+    worker_cmd = "php examples/php/worker.php {channel}"
+    workers = 1
+
+    [[routes]]                       # first match wins; no match: default_pool
+    host = "php.example"
+    pool = "php"
+
+Bind addresses: ``HOST:PORT`` (IPv4 or a name), ``[::1]:PORT`` (IPv6), ``unix:/path``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sockshare._errors import SockshareError
+
+__all__ = [
+    "DEFAULT_APP",
+    "DEFAULT_BIND",
+    "POLICIES",
+    "BindAddress",
+    "ConfigError",
+    "ListenerConfig",
+    "PoolConfig",
+    "RouteConfig",
+    "ServerConfig",
+    "from_args",
+    "load_toml",
+    "parse_bind",
+]
+
+DEFAULT_APP = "sockshare.server._demo:handle"
+DEFAULT_BIND = "127.0.0.1:8000"
+#: Policy names accepted by ``--policy`` (or ``module:function`` for a user callable).
+POLICIES = ("least-conn", "round-robin", "hash-addr", "hash-key")
+
+
+class ConfigError(SockshareError, ValueError):
+    """The configuration (flags or file) is invalid; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class BindAddress:
+    """A parsed ``--bind`` value."""
+
+    text: str
+    family: int
+    address: Any  # (host, port), (host, port, flow, scope) or a path
+
+    @property
+    def is_unix(self) -> bool:
+        return self.family == getattr(socket, "AF_UNIX", -1)
+
+
+def parse_bind(text: str) -> BindAddress:
+    """``HOST:PORT`` (IPv4 or name), ``[v6]:PORT``, ``unix:/path``."""
+    t = text.strip()
+    if t.startswith("unix:"):
+        path = t[5:]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise ConfigError(f"bind {text!r}: unix: needs a path")
+        return BindAddress(t, socket.AF_UNIX, os.path.abspath(path))
+    if t.startswith("["):
+        host, sep, rest = t[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ConfigError(f"bind {text!r}: IPv6 addresses are written [addr]:port")
+        return BindAddress(t, socket.AF_INET6, (host, _port(text, rest[1:])))
+    host, sep, port = t.rpartition(":")
+    if not sep:
+        raise ConfigError(f"bind {text!r}: expected HOST:PORT, [v6]:PORT or unix:/path")
+    if ":" in host:
+        raise ConfigError(f"bind {text!r}: write IPv6 addresses in brackets, [::1]:8000")
+    return BindAddress(t, socket.AF_INET, (host or "0.0.0.0", _port(text, port)))
+
+
+def _port(text: str, port: str) -> int:
+    try:
+        n = int(port)
+    except ValueError:
+        raise ConfigError(f"bind {text!r}: port {port!r} is not a number") from None
+    if not 0 <= n <= 65535:
+        raise ConfigError(f"bind {text!r}: port {n} is out of range")
+    return n
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """One listening address. ``pool`` routes everything it accepts (unless a route
+    matches first); ``sniff`` reads the protocol header before routing."""
+
+    bind: BindAddress
+    name: str
+    sniff: bool = False
+    pool: str | None = None
+    backlog: int = 1024
+    #: PROXY protocol header: "off", "optional" or "required" (sniffed and consumed)
+    proxy: str = "off"
+
+    @property
+    def sniffs(self) -> bool:
+        """Whether connections on this listener go through the sniffers first."""
+        return self.sniff or self.proxy != "off"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """A set of identical workers: a Python ``app`` or a ``worker_cmd`` in any language."""
+
+    name: str
+    app: str | None = None
+    worker_cmd: str | None = None
+    workers: int = 1
+    policy: str = "least-conn"
+    #: meta field (dotted path, e.g. ``host`` or ``proxy.src.0``) for ``hash-key``
+    hash_key: str = "host"
+    #: connections per worker (open + being handed over); None: unlimited
+    max_conns: int | None = None
+    #: connections waiting for a free worker; past it they are refused
+    queue: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """Chooses a pool. Every field given must match; ``host``/``sni`` take globs."""
+
+    pool: str
+    host: str | None = None
+    sni: str | None = None
+    proxy: bool | None = None
+    listener: str | None = None
+
+    def matches(self, listener: str, meta: Mapping[str, Any]) -> bool:
+        if self.listener is not None and self.listener != listener:
+            return False
+        if self.proxy is not None and (meta.get("proxy") is not None) != self.proxy:
+            return False
+        if self.host is not None and not _glob(self.host, meta.get("host")):
+            return False
+        return not (self.sni is not None and not _glob(self.sni, meta.get("sni")))
+
+
+def _glob(pattern: str, value: Any) -> bool:
+    if not isinstance(value, str) or not value:
+        return False
+    host = value.lower()
+    if host.startswith("[") and "]" in host:          # [v6]:port
+        host = host[1:host.index("]")]
+    elif host.count(":") == 1:                         # name:port
+        host = host.partition(":")[0]
+    return fnmatch.fnmatchcase(host, pattern.lower())
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """Everything the dispatcher needs. Built by :func:`from_args` / :func:`load_toml`."""
+
+    listeners: list[ListenerConfig]
+    pools: dict[str, PoolConfig]
+    routes: list[RouteConfig] = field(default_factory=list)
+    default_pool: str = "default"
+    grace: float = 10.0
+    metrics: str | None = None
+    control: str | None = None
+    log_level: str = "info"
+    sniff_timeout: float = 5.0
+    #: times a returned handoff is re-dispatched before the connection is closed
+    max_retries: int = 3
+    #: seconds a connection may wait in a queue before it is refused
+    queue_timeout: float = 30.0
+    backoff_initial: float = 0.1
+    backoff_max: float = 30.0
+    #: a worker that ran this long resets the backoff
+    stable_after: float = 10.0
+    #: seconds a started worker gets to connect its channel
+    connect_timeout: float = 15.0
+
+    def validate(self) -> None:
+        if not self.listeners:
+            raise ConfigError("no listener: give --bind or [[listen]]")
+        if not self.pools:
+            raise ConfigError("no pool defined")
+        if self.default_pool not in self.pools:
+            raise ConfigError(f"default_pool {self.default_pool!r} is not a defined pool")
+        names = [lc.name for lc in self.listeners]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"listener names must be unique: {names}")
+        binds = [lc.bind.text for lc in self.listeners
+                 if lc.bind.is_unix or lc.bind.address[1] != 0]   # port 0: each its own port
+        if len(set(binds)) != len(binds):
+            raise ConfigError(f"the same address is bound twice: {binds}")
+        for lc in self.listeners:
+            if lc.proxy not in ("off", "optional", "required"):
+                raise ConfigError(f"listener {lc.name!r}: proxy must be off, optional or required")
+            if lc.pool is not None and lc.pool not in self.pools:
+                raise ConfigError(f"listener {lc.name!r}: unknown pool {lc.pool!r}")
+        for i, r in enumerate(self.routes):
+            if r.pool not in self.pools:
+                raise ConfigError(f"routes[{i}]: unknown pool {r.pool!r}")
+            if r.listener is not None and r.listener not in names:
+                raise ConfigError(f"routes[{i}]: unknown listener {r.listener!r}")
+        for p in self.pools.values():
+            if (p.app is None) == (p.worker_cmd is None):
+                raise ConfigError(f"pool {p.name!r}: give exactly one of app or worker_cmd")
+            if p.app is not None and ":" not in p.app:
+                raise ConfigError(f"pool {p.name!r}: app must be module:callable, not {p.app!r}")
+            if p.workers < 1:
+                raise ConfigError(f"pool {p.name!r}: workers must be at least 1")
+            if p.max_conns is not None and p.max_conns < 1:
+                raise ConfigError(f"pool {p.name!r}: max_conns must be at least 1")
+            if p.queue < 0:
+                raise ConfigError(f"pool {p.name!r}: queue must be 0 or more")
+            if p.policy not in POLICIES and ":" not in p.policy:
+                raise ConfigError(f"pool {p.name!r}: policy {p.policy!r} is not one of "
+                                  f"{', '.join(POLICIES)} or module:function")
+        if self.grace < 0 or self.max_retries < 0:
+            raise ConfigError("grace and max_retries must not be negative")
+        if self.metrics is not None:
+            parse_bind(self.metrics)
+
+    def route(self, listener: ListenerConfig, meta: Mapping[str, Any]) -> tuple[str, str]:
+        """``(pool, why)`` for a connection accepted on ``listener`` with sniffed ``meta``;
+        ``why`` is ``routes[i]``, ``listener`` or ``default`` (it goes to meta "route")."""
+        for i, r in enumerate(self.routes):
+            if r.matches(listener.name, meta):
+                return r.pool, f"routes[{i}]"
+        if listener.pool:
+            return listener.pool, "listener"
+        return self.default_pool, "default"
+
+
+# --- command line -------------------------------------------------------------------
+
+
+def _listeners_from(binds: list[str]) -> list[ListenerConfig]:
+    out = []
+    for i, b in enumerate(binds):
+        out.append(ListenerConfig(bind=parse_bind(b), name=f"l{i}" if len(binds) > 1 else "main"))
+    return out
+
+
+def from_args(args: argparse.Namespace) -> ServerConfig:
+    """Build the configuration of ``sockshare serve`` from parsed flags (and ``--config``)."""
+    if getattr(args, "config", None):
+        cfg = load_toml(args.config)
+        _override(cfg, args)
+        cfg.validate()
+        return cfg
+    app = args.app
+    if app is None and not args.worker_cmd:
+        app = DEFAULT_APP
+    if app is not None and args.worker_cmd:
+        raise ConfigError("give an APP or --worker-cmd, not both")
+    pool = PoolConfig(
+        name="default", app=app, worker_cmd=args.worker_cmd or None,
+        workers=args.workers if args.workers is not None else 2,
+        policy=args.policy or "least-conn", hash_key=args.hash_key or "host",
+        max_conns=args.max_conns, queue=args.queue if args.queue is not None else 64,
+    )
+    binds = args.bind or [DEFAULT_BIND]
+    listeners = [
+        ListenerConfig(bind=lc.bind, name=lc.name, sniff=bool(args.sniff),
+                       proxy=args.proxy_protocol or "off")
+        for lc in _listeners_from(binds)
+    ]
+    cfg = ServerConfig(listeners=listeners, pools={"default": pool})
+    _override(cfg, args)
+    cfg.validate()
+    return cfg
+
+
+def _override(cfg: ServerConfig, args: argparse.Namespace) -> None:
+    for key in ("grace", "metrics", "control", "log_level", "max_retries", "queue_timeout"):
+        value = getattr(args, key, None)
+        if value is not None:
+            setattr(cfg, key, value)
+    if getattr(args, "config", None) and args.bind:
+        cfg.listeners = _listeners_from(args.bind)
+
+
+# --- TOML ---------------------------------------------------------------------------
+
+
+_TOP = {"queue", "grace", "metrics", "control", "log_level", "sniff_timeout", "max_retries",
+        "queue_timeout", "backoff_initial", "backoff_max", "stable_after", "connect_timeout",
+        "default_pool", "listen", "pools", "routes"}
+_POOL = {"app", "worker_cmd", "workers", "policy", "hash_key", "max_conns", "queue"}
+_LISTEN = {"bind", "name", "sniff", "pool", "backlog", "proxy"}
+_ROUTE = {"pool", "host", "sni", "proxy", "listener"}
+
+
+def load_toml(path: str | os.PathLike[str]) -> ServerConfig:
+    """Read a TOML configuration file (see the module docstring)."""
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {os.fspath(path)!r}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {os.fspath(path)!r}: {exc}") from exc
+    return parse_document(doc)
+
+
+def parse_document(doc: Mapping[str, Any]) -> ServerConfig:
+    """Turn a decoded TOML document into a validated :class:`ServerConfig`."""
+    _only(doc, _TOP, "the top level")
+    default_queue = _typed(doc, "queue", int, 64, "queue")
+    pools: dict[str, PoolConfig] = {}
+    raw_pools = doc.get("pools", {})
+    if not isinstance(raw_pools, dict) or not raw_pools:
+        raise ConfigError("[pools.NAME] tables are required (at least one pool)")
+    for name, p in raw_pools.items():
+        where = f"pools.{name}"
+        if not isinstance(p, dict):
+            raise ConfigError(f"{where} must be a table")
+        _only(p, _POOL, where)
+        pools[name] = PoolConfig(
+            name=name,
+            app=_typed(p, "app", str, None, where),
+            worker_cmd=_typed(p, "worker_cmd", str, None, where),
+            workers=_typed(p, "workers", int, 1, where),
+            policy=_typed(p, "policy", str, "least-conn", where),
+            hash_key=_typed(p, "hash_key", str, "host", where),
+            max_conns=_typed(p, "max_conns", int, None, where),
+            queue=_typed(p, "queue", int, default_queue, where),
+        )
+    listeners: list[ListenerConfig] = []
+    raw_listen = doc.get("listen", [])
+    if not isinstance(raw_listen, list):
+        raise ConfigError("listen must be an array of tables: [[listen]]")
+    for i, lt in enumerate(raw_listen):
+        where = f"listen[{i}]"
+        if not isinstance(lt, dict):
+            raise ConfigError(f"{where} must be a table")
+        _only(lt, _LISTEN, where)
+        bind = _typed(lt, "bind", str, None, where)
+        if bind is None:
+            raise ConfigError(f"{where}: bind is required")
+        listeners.append(ListenerConfig(
+            bind=parse_bind(bind), name=_typed(lt, "name", str, f"l{i}", where),
+            sniff=_typed(lt, "sniff", bool, False, where), pool=_typed(lt, "pool", str, None, where),
+            backlog=_typed(lt, "backlog", int, 1024, where),
+            proxy=_typed(lt, "proxy", str, "off", where)))
+    routes: list[RouteConfig] = []
+    raw_routes = doc.get("routes", [])
+    if not isinstance(raw_routes, list):
+        raise ConfigError("routes must be an array of tables: [[routes]]")
+    for i, rt in enumerate(raw_routes):
+        where = f"routes[{i}]"
+        if not isinstance(rt, dict):
+            raise ConfigError(f"{where} must be a table")
+        _only(rt, _ROUTE, where)
+        pool = _typed(rt, "pool", str, None, where)
+        if pool is None:
+            raise ConfigError(f"{where}: pool is required")
+        routes.append(RouteConfig(pool=pool, host=_typed(rt, "host", str, None, where),
+                                  sni=_typed(rt, "sni", str, None, where),
+                                  proxy=_typed(rt, "proxy", bool, None, where),
+                                  listener=_typed(rt, "listener", str, None, where)))
+    cfg = ServerConfig(listeners=listeners, pools=pools, routes=routes,
+                       default_pool=_typed(doc, "default_pool", str, next(iter(pools)), "the top level"))
+    for key, typ in (("grace", float), ("metrics", str), ("control", str), ("log_level", str),
+                     ("sniff_timeout", float), ("max_retries", int), ("queue_timeout", float),
+                     ("backoff_initial", float), ("backoff_max", float), ("stable_after", float),
+                     ("connect_timeout", float)):
+        if key in doc:
+            setattr(cfg, key, _typed(doc, key, typ, None, "the top level"))
+    return cfg
+
+
+def _only(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+
+
+def _typed(table: Mapping[str, Any], key: str, typ: type, default: Any, where: str) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be an integer")
+    if not isinstance(value, typ):
+        raise ConfigError(f"{where}: {key} must be {typ.__name__}, not {type(value).__name__}")
+    return value

@@ -1,0 +1,239 @@
+"""The control socket: how ``sockshare status`` talks to a running dispatcher.
+
+A UNIX stream socket, mode 0600, in a directory of mode 0700 owned by the server's uid:
+``$XDG_RUNTIME_DIR/sockshare/<pid>.ctl``, else ``/tmp/sockshare-<uid>/<pid>.ctl``, or
+``--control PATH``. The dispatcher's handoff channel (``<pid>.chan``) lives beside it.
+
+The protocol is newline-delimited JSON, one request per line, one response per line::
+
+    -> {"cmd": "status"}
+    <- {"ok": true, "status": {...}}
+    -> {"cmd": "nope"}
+    <- {"ok": false, "error": "unknown command 'nope' (known: ping, status)"}
+
+Whatever a client sends cannot disturb the dispatcher: a line that is not JSON, not an
+object, not UTF-8, or names no known command gets an error response; a line longer than
+64 KiB, more than 16 bad lines, or 60 s of silence close the connection; at most 32
+clients are served at once. The handler runs on the dispatcher's event loop and only
+reads its state, so it must stay quick and never raise: an exception inside it becomes
+an error response.
+
+:func:`request` is the (blocking) client side used by ``sockshare status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import stat
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from sockshare._errors import SockshareError
+
+__all__ = [
+    "ControlError",
+    "ControlServer",
+    "default_path",
+    "find_servers",
+    "request",
+    "runtime_dir",
+]
+
+log = logging.getLogger("sockshare.server.control")
+
+MAX_LINE = 64 * 1024
+MAX_BAD = 16
+IDLE_TIMEOUT = 60.0
+MAX_CLIENTS = 32
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class ControlError(SockshareError):
+    """The control socket cannot be created, found or used."""
+
+
+def runtime_dir() -> str:
+    """The private per-user directory for control and channel sockets (created 0700).
+
+    Refuses a directory that is a symlink, belongs to another uid, or is open to group
+    or others (another user could then swap sockets under us).
+    """
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        path = os.path.join(xdg, "sockshare")
+    else:
+        path = os.path.join(tempfile.gettempdir(), f"sockshare-{os.getuid()}")
+    ensure_private_dir(path)
+    return path
+
+
+def ensure_private_dir(path: str) -> None:
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ControlError(f"{path!r} is not a directory (a symlink?): refusing to use it")
+    if st.st_uid != os.getuid():
+        raise ControlError(f"{path!r} belongs to uid {st.st_uid}, not to us ({os.getuid()})")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def default_path(pid: int | None = None) -> str:
+    return os.path.join(runtime_dir(), f"{pid or os.getpid()}.ctl")
+
+
+def find_servers() -> list[str]:
+    """Control sockets in the default directory whose dispatcher is still alive."""
+    try:
+        d = runtime_dir()
+        names = os.listdir(d)
+    except (OSError, ControlError):
+        return []
+    out = []
+    for name in sorted(names):
+        stem, ext = os.path.splitext(name)
+        if ext != ".ctl" or not stem.isdigit():
+            continue
+        try:
+            os.kill(int(stem), 0)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            pass
+        out.append(os.path.join(d, name))
+    return out
+
+
+class ControlServer:
+    """Serves ``handler(request) -> response`` on a private UNIX socket."""
+
+    def __init__(self, path: str, handler: Handler) -> None:
+        self.path = path
+        self._handler = handler
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        d = os.path.dirname(self.path) or "."
+        ensure_private_dir(d)
+        from sockshare._channel import _remove_stale_socket
+
+        try:
+            _remove_stale_socket(self.path)
+        except SockshareError as exc:
+            raise ControlError(str(exc)) from exc
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_LINE)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for t in list(self._clients):
+                t.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+            self._server = None
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._clients) >= MAX_CLIENTS:
+            writer.write(_line({"ok": False, "error": "too many control clients"}))
+            writer.close()
+            return
+        self._clients.add(task)
+        try:
+            await self._serve(reader, writer)
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            self._clients.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        bad = 0
+        while bad < MAX_BAD:
+            try:
+                raw = await asyncio.wait_for(reader.readuntil(b"\n"), IDLE_TIMEOUT)
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial.strip():  # a last request without its newline
+                    writer.write(_line(self._answer(exc.partial)))
+                    await writer.drain()
+                return
+            except asyncio.LimitOverrunError:
+                writer.write(_line({"ok": False, "error": f"request longer than {MAX_LINE} bytes"}))
+                await writer.drain()
+                return
+            except TimeoutError:
+                return
+            if not raw.strip():
+                continue
+            response = self._answer(raw)
+            if not response.get("ok"):
+                bad += 1
+            writer.write(_line(response))
+            await writer.drain()
+        writer.write(_line({"ok": False, "error": "too many bad requests; closing"}))
+
+    def _answer(self, raw: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            return {"ok": False, "error": f"not a JSON line: {exc}"}
+        if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+            return {"ok": False, "error": 'a request is a JSON object with a "cmd" string'}
+        try:
+            return self._handler(req)
+        except Exception as exc:
+            log.exception("control command %r failed", req.get("cmd"))
+            return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def request(path: str, req: dict[str, Any], *, timeout: float = 5.0) -> dict[str, Any]:
+    """Send one request to a control socket and return the decoded response."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise ControlError(f"no sockshare server answers at {path!r}: {exc}") from exc
+        except PermissionError as exc:
+            raise ControlError(f"not allowed to open {path!r} (another user's server?)") from exc
+        s.sendall(_line(req))
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            buf += chunk
+    except TimeoutError as exc:
+        raise ControlError(f"the server at {path!r} did not answer within {timeout} s") from exc
+    finally:
+        s.close()
+    if not buf:
+        raise ControlError(f"the server at {path!r} closed the connection without answering")
+    out = json.loads(buf)
+    if not isinstance(out, dict):
+        raise ControlError(f"unexpected answer from {path!r}: {buf[:200]!r}")
+    return out

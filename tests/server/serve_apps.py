@@ -1,0 +1,56 @@
+"""Apps and a policy the server tests run in real worker processes.
+
+Workers import this module as ``serve_apps`` (the tests put ``tests/server`` on
+``PYTHONPATH``). The line protocol of :func:`app`: the client sends one command line,
+the worker answers one JSON line describing itself (worker id, pid, generation,
+handoff id, pre-read length, sniffed meta) and then:
+
+``who``        closes;
+``hold``       keeps the connection open until the client closes it;
+``sleep S``    waits S seconds before answering, then closes;
+``exit``       kills the worker process (``os._exit(7)``) without answering;
+``raise``      raises inside the handler (the worker must survive);
+anything else (an HTTP request line, say) is treated as ``who``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+
+async def app(conn: Any) -> None:
+    pre = conn.reader._buffer  # what the dispatcher pre-read sits at the front
+    pre_len = len(pre)
+    line = await asyncio.wait_for(conn.reader.readline(), 10.0)
+    cmd = line.decode("latin-1").strip()
+    answer = {
+        "id": conn.worker.id, "pid": os.getpid(), "gen": conn.worker.generation,
+        "pool": conn.worker.pool, "hid": conn.handoff_id, "pre": pre_len,
+        "meta": conn.meta, "client": list(conn.client_address) if isinstance(
+            conn.client_address, tuple) else conn.client_address,
+    }
+    if cmd == "exit":
+        os._exit(7)
+    if cmd == "raise":
+        raise RuntimeError("the test asked this handler to fail")
+    if cmd.startswith("sleep "):
+        await asyncio.sleep(float(cmd.split()[1]))
+    conn.writer.write(json.dumps(answer).encode() + b"\n")
+    await conn.writer.drain()
+    if cmd == "hold":
+        while await conn.reader.read(4096):
+            pass
+    await conn.close()
+
+
+def pick_last(workers: Sequence[Any], conn: Any) -> Any:
+    """A user policy: always the highest worker id."""
+    return workers[-1]
+
+
+def broken_policy(workers: Sequence[Any], conn: Any) -> Any:
+    raise ValueError("this policy is broken on purpose")
