@@ -15,13 +15,15 @@ The server runtime (``sockshare serve``) lives in :mod:`sockshare.server`, the I
 carriers in :mod:`sockshare.carriers`.
 """
 
-from sockshare._aio import AsyncChannel, AsyncChannelListener
+from typing import TYPE_CHECKING, Any
+
 from sockshare._channel import Channel, ChannelListener, Handoff, PeerInfo, Ticket
 from sockshare._errors import (
     BackendUnavailable,
     CarrierClosed,
     CarrierError,
     CarrierFull,
+    CarrierInUse,
     CarrierNotFound,
     CarrierPermission,
     CarrierTimeout,
@@ -45,7 +47,20 @@ from sockshare._errors import (
 )
 from sockshare._tokens import DEFAULT_TTL, export_socket, import_socket, release
 
+if TYPE_CHECKING:
+    from sockshare._aio import AsyncChannel, AsyncChannelListener
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # asyncio costs ~0.5 s to import in the embeddable Windows CPython: load the asyncio
+    # channel only when it is asked for.
+    if name in ("AsyncChannel", "AsyncChannelListener"):
+        from sockshare import _aio
+
+        return getattr(_aio, name)
+    raise AttributeError(f"module 'sockshare' has no attribute {name!r}")
 
 __all__ = [
     "DEFAULT_TTL",
@@ -60,6 +75,7 @@ __all__ = [
     "CarrierClosed",
     "CarrierError",
     "CarrierFull",
+    "CarrierInUse",
     "CarrierNotFound",
     "CarrierPermission",
     "CarrierTimeout",

@@ -24,8 +24,13 @@ Errors say whose fault a failure is and what to do about it::
     │   ├── CarrierPermission           the OS refused access
     │   ├── CarrierTimeout (TimeoutError) nothing arrived or left in time
     │   ├── CarrierFull                 the queue or ring is full
+    │   ├── CarrierInUse                the address/name is held by another reader
     │   └── CarrierClosed               the carrier or its peer is gone
     └── BackendUnavailable              this OS mechanism does not work here (and why)
+
+The server runtime adds its own, still under ``SockshareError``:
+``sockshare.server.SniffError`` (a client that cannot be routed) and the migration
+errors documented in ``docs/server.md``.
 
 Every class is importable from the package top level. ``ValueError`` and
 ``TimeoutError`` mixins keep stdlib-style ``except`` clauses working.
@@ -38,6 +43,7 @@ __all__ = [
     "CarrierClosed",
     "CarrierError",
     "CarrierFull",
+    "CarrierInUse",
     "CarrierNotFound",
     "CarrierPermission",
     "CarrierTimeout",
@@ -163,6 +169,10 @@ class CarrierTimeout(CarrierError, TimeoutError):
 
 class CarrierFull(CarrierError):
     """The queue or ring buffer is full and the send did not wait."""
+
+
+class CarrierInUse(CarrierError):
+    """The path or name is held by another reader, or by something that is not a carrier."""
 
 
 class CarrierClosed(CarrierError):

@@ -25,6 +25,7 @@ import io
 import math
 import os
 import select
+import sys
 import time
 import urllib.parse
 import warnings
@@ -44,7 +45,7 @@ __all__ = [
     "Carrier",
     "Deadline",
     "Mode",
-    "backoff_sleep",
+    "Backoff",
     "full_or_timeout",
     "os_error",
     "query_int",
@@ -98,7 +99,7 @@ def os_error(
     what: str,
     *,
     refused: type[CarrierError] = CarrierNotFound,
-) -> CarrierError | MessageTooLarge:
+) -> CarrierError:
     """Map an errno to the precise carrier error. ``what`` says which call on which URL.
 
     ``refused`` is the class for ECONNREFUSED: "nobody listens" when connecting
@@ -118,8 +119,6 @@ def os_error(
         return CarrierTimeout(text)
     if err in (errno.EPIPE, errno.ECONNRESET, errno.EIDRM, errno.ENOTCONN, errno.ECONNABORTED):
         return CarrierClosed(text)
-    if err == errno.EMSGSIZE:
-        return MessageTooLarge(text)
     return CarrierError(text)
 
 
@@ -128,7 +127,7 @@ def wait_fd(fd: int, *, write: bool, timeout: float | None) -> bool:
 
     Hang-ups and errors count as ready: the next read or write then reports them.
     """
-    if hasattr(select, "poll"):
+    if sys.platform != "win32":
         poller = select.poll()
         poller.register(fd, select.POLLOUT if write else select.POLLIN)
         ms = None if timeout is None else math.ceil(timeout * 1000)
@@ -137,21 +136,46 @@ def wait_fd(fd: int, *, write: bool, timeout: float | None) -> bool:
     return bool(readers or writers)
 
 
-#: Bounds of :func:`backoff_sleep`: the first pause and the longest one.
+#: First and longest pause of a :class:`Backoff`.
 BACKOFF_FIRST = 20e-6
 BACKOFF_CAP = 1e-3
 
 
-def backoff_sleep(delay: float, deadline: Deadline, cap: float = BACKOFF_CAP) -> float:
-    """Sleep ``delay`` (never past the deadline) and return the next, doubled, delay.
+class Backoff:
+    """Pacing for a polling loop, where the kernel offers no timed wait (System V
+    queues; opening a FIFO before its reader).
 
-    Only for facilities with no timed wait in the kernel (System V queues, opening a
-    FIFO before its reader). The cap bounds added latency; at 1 ms an idle wait costs
-    about a thousand cheap wake-ups a second, not a busy core.
+    For the first ``spin`` seconds each :meth:`pause` only yields the CPU (an answer
+    often comes within microseconds, and a sleep costs at least the ~50 us timer slack);
+    after that it sleeps, doubling from ``first`` up to ``cap``, never past the deadline.
+    The cap bounds the added latency; at 1 ms an idle wait is about a thousand cheap
+    wake-ups a second, not a busy core.
     """
-    rem = deadline.remaining()
-    time.sleep(delay if rem is None else min(delay, rem))
-    return min(delay * 2, cap)
+
+    __slots__ = ("_cap", "_deadline", "_delay", "_spin_until")
+
+    def __init__(
+        self, deadline: Deadline, *, spin: float = 0.0, first: float = BACKOFF_FIRST, cap: float = BACKOFF_CAP
+    ) -> None:
+        self._deadline = deadline
+        self._delay = first
+        self._cap = cap
+        self._spin_until = time.monotonic() + spin
+
+    def pause(self) -> None:
+        if time.monotonic() < self._spin_until:
+            _yield()
+            return
+        rem = self._deadline.remaining()
+        time.sleep(self._delay if rem is None else min(self._delay, rem))
+        self._delay = min(self._delay * 2, self._cap)
+
+
+def _yield() -> None:
+    if sys.platform == "win32":
+        time.sleep(0)
+    else:
+        os.sched_yield()
 
 
 def query_int(parts: urllib.parse.SplitResult, name: str, default: int, low: int, high: int) -> int:
@@ -201,6 +225,8 @@ class Carrier(abc.ABC):
 
     _closed: bool = True  # until _setup has succeeded
     _owner: bool = False
+    _pid = 0  # the process that opened this end
+    _close_reason = "this carrier was closed"
 
     def __init__(
         self,
@@ -220,10 +246,11 @@ class Carrier(abc.ABC):
         _check_query(parts, self.query_params)
         self.mode: Mode = mode
         self.url = url
+        self._pid = os.getpid()
         self.timeout = Deadline(timeout).timeout
         deadline = Deadline(self.timeout)
         try:
-            self._setup(parts, mode == "r" if create is None else create, deadline)
+            self._setup(parts, create, deadline)
         except BaseException:
             self._release()
             raise
@@ -232,8 +259,16 @@ class Carrier(abc.ABC):
     # -- what subclasses implement ---------------------------------------------------
 
     @abc.abstractmethod
-    def _setup(self, parts: urllib.parse.SplitResult, create: bool, deadline: Deadline) -> None:
-        """Open (and if ``create``, make) the resource. Set ``self._owner`` if made here."""
+    def _setup(self, parts: urllib.parse.SplitResult, create: bool | None, deadline: Deadline) -> None:
+        """Open (and if asked to, make) the resource. Set ``self._owner`` if made here.
+
+        ``create`` is what the caller passed: ``None`` means this carrier's default
+        (see :meth:`_creates`).
+        """
+
+    def _creates(self, create: bool | None) -> bool:
+        """The default ownership rule: the reader creates, the writer attaches."""
+        return self.mode == "r" if create is None else create
 
     @abc.abstractmethod
     def _send(self, data: bytes, deadline: Deadline) -> None:
@@ -245,7 +280,7 @@ class Carrier(abc.ABC):
 
     @abc.abstractmethod
     def _release(self) -> None:
-        """Free OS resources; remove the named resource if ``self._owner``. Idempotent."""
+        """Free OS resources; remove the named resource if :meth:`_removes`. Idempotent."""
 
     @classmethod
     @abc.abstractmethod
@@ -261,7 +296,15 @@ class Carrier(abc.ABC):
     @property
     def owner(self) -> bool:
         """True if this end created the resource and removes it when closed."""
-        return self._owner
+        return self._removes()
+
+    def _removes(self) -> bool:
+        """Whether closing removes the resource: only in the process that created it.
+
+        A child made by ``fork()`` inherits this object; when it closes its copy (or
+        exits and collects it) the parent's queue, FIFO or ring must stay.
+        """
+        return self._owner and os.getpid() == self._pid
 
     def send(self, data: bytes | bytearray | memoryview, timeout: float | None = None) -> None:
         """Send one message.
@@ -270,7 +313,8 @@ class Carrier(abc.ABC):
         :attr:`max_message`; :class:`~sockshare.CarrierFull` if there is no room and
         the timeout is 0; :class:`~sockshare.CarrierTimeout` if there is still no room
         when it runs out; :class:`~sockshare.CarrierClosed` if this end was closed or
-        the reader is gone. ``timeout=None`` means the carrier's default timeout.
+        the reader is gone (this end is then closed). ``timeout=None`` means the
+        carrier's default timeout.
         """
         if not isinstance(data, bytes):
             if not isinstance(data, bytearray | memoryview):
@@ -289,7 +333,8 @@ class Carrier(abc.ABC):
 
         Raises :class:`~sockshare.CarrierTimeout` if none arrives in time and
         :class:`~sockshare.CarrierClosed` if this end was closed or the carrier was
-        removed by its owner (after the messages already in it were received).
+        removed by its owner (after the messages already in it were received; this
+        end is then closed).
         ``timeout=None`` means the carrier's default timeout.
         """
         self._check_usable("r")
@@ -314,14 +359,20 @@ class Carrier(abc.ABC):
             self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else ("owner" if self._owner else "open")
+        state = "closed" if self._closed else ("owner" if self.owner else "open")
         return f"<{type(self).__name__} {self.url!r} mode={self.mode!r} {state}>"
+
+    def _give_up(self, reason: str) -> CarrierClosed:
+        """Close this end after a failure that leaves it unusable (the peer is gone, a
+        stream was cut mid-message); return the :class:`CarrierClosed` to raise. Every
+        later call raises it again, with the same reason."""
+        self._close_reason = reason
+        self.close()
+        return CarrierClosed(f"{self.url}: {reason}")
 
     def _check_usable(self, mode: Mode) -> None:
         if self._closed:
-            raise CarrierClosed(f"{self.url}: this carrier was closed")
+            raise CarrierClosed(f"{self.url}: {self._close_reason}")
         if self.mode != mode:
             verb = "send on" if mode == "w" else "receive from"
-            raise io.UnsupportedOperation(
-                f"cannot {verb} {self.url}: it was opened with mode={self.mode!r}"
-            )
+            raise io.UnsupportedOperation(f"cannot {verb} {self.url}: it was opened with mode={self.mode!r}")

@@ -1,0 +1,1 @@
+"""Tests of :mod:`sockshare.carriers`, on the real kernel facilities."""
