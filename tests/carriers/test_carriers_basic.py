@@ -18,7 +18,6 @@ import pytest
 
 from sockshare import (
     CarrierClosed,
-    CarrierError,
     CarrierFull,
     CarrierInUse,
     CarrierNotFound,
