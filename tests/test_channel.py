@@ -346,3 +346,90 @@ def test_receive_timeout_is_a_timeout() -> None:
     assert time.monotonic() - t0 < 2
     a.close()
     b.close()
+
+
+# --- closing never leaves a connection with two owners -----------------------------------
+
+
+def test_sender_close_waits_for_answers_in_flight() -> None:
+    a, b = sockshare.Channel.pair()
+    x, y = socket.socketpair()
+    ticket = a.send(x)
+    h = b.receive(timeout=5)
+
+    def answer_late() -> None:
+        time.sleep(0.3)  # the sender is already in close() and has said BYE
+        h.accept()
+
+    th = threading.Thread(target=answer_late)
+    th.start()
+    a.close()
+    th.join()
+    assert ticket.state == "accepted"  # not "returned": the receiver owns it
+    assert ticket.socket is None
+    h.socket.sendall(b"!")
+    assert y.recv(1) == b"!"
+    for s in (h.socket, y):
+        s.close()
+    b.close()
+
+
+def test_receiver_close_rejects_queued_and_accepts_held() -> None:
+    a, b = sockshare.Channel.pair()
+    pairs = [socket.socketpair() for _ in range(3)]
+    tickets = [a.send(x) for x, _ in pairs]
+    held = b.receive(timeout=5)  # the application took one and did not answer
+    for _ in range(20):  # read the other two into the queue (one read per fd message)
+        if len(b._state.incoming) == 2:
+            break
+        b.poll(0.2)
+    b.close()
+    for t in tickets:
+        t.wait(5)
+    assert [t.state for t in tickets] == ["accepted", "rejected", "rejected"]
+    assert tickets[1].reason == "the receiver closed the channel before taking it"
+    for t, (_, far) in zip(tickets[1:], pairs[1:], strict=True):
+        assert t.socket is not None  # back with the sender, usable
+        t.socket.sendall(b"?")
+        assert far.recv(1) == b"?"
+        t.socket.close()
+    held.socket.close()
+    for _, far in pairs:
+        far.close()
+    a.close()
+
+
+def test_answering_after_a_break_refuses_to_serve() -> None:
+    ch, raw = _raw_peer()
+    x, y = socket.socketpair()
+    entry = struct.pack(">H", 1) + struct.pack(">Q4sII", 7, bytes([3, 1, 0, 0]), 0, 0)
+    send_with_fds(raw, encode_frame(FrameType.HANDOFF, entry, flags=1, nfds=1), [x.fileno()])
+    x.close()
+    h = ch.receive(timeout=5)
+    raw.sendall(b"garbage that breaks the channel")
+    with pytest.raises(sockshare.ChannelBroken):
+        ch.receive(timeout=5)
+    with pytest.raises(sockshare.ChannelBroken, match="sender has it back"):
+        h.accept()
+    h.socket.close()
+    y.close()
+    raw.close()
+    ch.close()
+
+
+def test_close_abandons_what_a_live_peer_never_answers() -> None:
+    a, b = sockshare.Channel.pair()
+    a.close_timeout = 0.3
+    x, y = socket.socketpair()
+    ticket = a.send(x)
+    held = b.receive(timeout=5)  # never answered, and b stays open
+    t0 = time.monotonic()
+    a.close()
+    assert time.monotonic() - t0 < 3
+    assert ticket.state == "abandoned"
+    assert ticket.socket is None and x.fileno() == -1  # our copy is closed: one owner
+    held.socket.sendall(b"k")
+    assert y.recv(1) == b"k"
+    for s in (held.socket, y):
+        s.close()
+    b.close()

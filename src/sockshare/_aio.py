@@ -142,6 +142,8 @@ class AsyncChannel:
         """Wait for the next handoff."""
         while not self._state.incoming:
             self._state.check_usable()
+            if self._state.peer_said_bye:
+                raise ChannelBroken("the peer ended the channel (BYE)")
             await self._wait_event()
         return self._state.incoming.popleft()
 
@@ -172,9 +174,7 @@ class AsyncChannel:
     # -- writing -------------------------------------------------------------------
 
     def _answer(self, hid: int, reason: str | None) -> None:
-        frame = self._state.answer(hid, reason, coalesce=True)
-        if self._state.broken is not None or self._state.closed:
-            return
+        frame = self._state.answer(hid, reason, coalesce=True)  # raises if ended
         if frame is not None:
             self._write_frame(frame)
         elif not self._flush_scheduled:
@@ -274,21 +274,30 @@ class AsyncChannel:
             await asyncio.sleep(0.001)
 
     async def aclose(self) -> None:
-        """Say BYE, close; pending tickets are returned, unread handoffs closed."""
-        if self._state.closed:
+        """End the channel cleanly (see :meth:`sockshare.Channel.close`): answer what we
+        received, say BYE, wait up to ``close_timeout`` for answers to our handoffs."""
+        st = self._state
+        if st.closed:
             return
-        if self._state.broken is None:
-            with contextlib.suppress(SockshareError):
-                self._flush_answers()
+        if st.broken is None:
+            try:
+                for frame in st.closing_frames():
+                    self._write_frame(frame)
                 self._write_frame(encode_frame(FrameType.BYE))
-            await asyncio.wait_for(self.drain(), 1.0)
+                deadline = self._loop.time() + self._ch.close_timeout
+                while (self._wq or st.tickets) and st.broken is None and self._loop.time() < deadline:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wait_event(), max(0.0, deadline - self._loop.time()))
+            except SockshareError:
+                pass
         if self._reading:
             self._loop.remove_reader(self._sock.fileno())
             self._reading = False
         if self._writing:
             self._loop.remove_writer(self._sock.fileno())
             self._writing = False
-        self._state.broken = self._state.broken or ChannelClosed("closed by this side")
+        st.abandon_pending()
+        st.broken = st.broken or ChannelClosed("closed by this side")
         self._ch.close()
         self._wake()
 

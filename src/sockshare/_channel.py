@@ -123,7 +123,7 @@ _SO_TYPE = int(socket.SO_TYPE)
 _FAST_CLOEXEC = bool(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _BLOCKING_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 
-TicketState = Literal["pending", "sent", "accepted", "rejected", "returned"]
+TicketState = Literal["pending", "sent", "accepted", "rejected", "returned", "abandoned"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +143,12 @@ class Ticket:
 
     ``state`` is ``"pending"`` until the receiver answers, ``"sent"`` for
     fire-and-forget handoffs, then ``"accepted"``, ``"rejected"`` (the receiver said no:
-    ``reason``) or ``"returned"`` (the channel broke before an answer). While pending, and
-    after a reject or a return, ``socket`` is the sender's own socket, intact; after an
-    accept it is closed and ``None``.
+    ``reason``) or ``"returned"`` (the channel ended before an answer, so the receiver
+    never owned it). While pending, and after a reject or a return, ``socket`` is the
+    sender's own socket, intact; after an accept it is closed and ``None``.
+    ``"abandoned"``: this side closed the channel and the receiver, still alive, did not
+    answer within ``close_timeout``; the sender's copy was closed so that the connection
+    is never served twice (the receiver may still serve it).
     """
 
     id: int
@@ -188,12 +191,26 @@ class Handoff:
 
     @property
     def meta(self) -> dict[str, Any]:
+        """The sender's metadata, decoded on first access.
+
+        Raises :class:`~sockshare.RemoteProtocolError` if the sender put something that
+        is not a JSON object there."""
         if self._meta is None:
-            self._meta = json.loads(self.raw_meta) if self.raw_meta else {}
+            try:
+                meta = json.loads(self.raw_meta) if self.raw_meta else {}
+            except ValueError as exc:
+                raise RemoteProtocolError(f"handoff {self.id} carries metadata that is not JSON: {exc}") from None
+            if not isinstance(meta, dict):
+                raise RemoteProtocolError(f"handoff {self.id} carries metadata that is not a JSON object")
+            self._meta = meta
         return self._meta  # type: ignore[no-any-return]
 
     def accept(self) -> None:
-        """Tell the sender we own the connection now; it closes its copy."""
+        """Tell the sender we own the connection now; it closes its copy.
+
+        Accept *before* using the socket. If this raises
+        :class:`~sockshare.ChannelBroken`, the channel ended before the answer could go
+        and the sender has the connection back: close your copy and do not serve it."""
         if self.answered:
             return
         self.answered = True
@@ -233,6 +250,8 @@ class _ChannelState:
         self.socket_blocking: bool | None = True
         self.counters = {"sent": 0, "received": 0, "accepted": 0, "rejected": 0, "returned": 0}
         self.pending_accepts: list[int] = []
+        #: acked handoffs received and not answered yet (queued or with the application)
+        self.outstanding: dict[int, Handoff] = {}
 
     # -- answers -------------------------------------------------------------------
 
@@ -244,6 +263,13 @@ class _ChannelState:
         goes at once, so a blocking receiver busy with a connection never holds its
         sender's ticket. REJECTs always go at once.
         """
+        if self.closed:
+            raise ChannelClosed("this channel was closed by this side")
+        if self.broken is not None:
+            raise ChannelBroken(
+                f"the channel ended before handoff {hid} was answered; the sender has it "
+                f"back: close this copy ({self.broken})") from self.broken
+        self.outstanding.pop(hid, None)
         if reason is not None:
             out = self.take_accepts() or b""
             return out + encode_frame(FrameType.REJECT, encode_reject(Reject(hid, reason)))
@@ -383,8 +409,10 @@ class _ChannelState:
                 raise RemoteProtocolError(f"descriptor of handoff {hid} is unusable: {exc}") from None
             raise
         end = 34 + mlen
-        self.incoming.append(Handoff(hid, sock, data[end:end + dlen], data[34:end],
-                                     flags & FLAG_ACK != 0, answer))
+        h = Handoff(hid, sock, data[end:end + dlen], data[34:end], flags & FLAG_ACK != 0, answer)
+        self.incoming.append(h)
+        if h.acked:
+            self.outstanding[hid] = h
         self.counters["received"] += 1
         return True
 
@@ -412,8 +440,8 @@ class _ChannelState:
         elif t == FrameType.CONTROL:
             self.controls.append(decode_control(frame.payload))
         elif t == FrameType.BYE:
+            # The peer sends nothing more but still reads our answers until it closes.
             self.peer_said_bye = True
-            raise ConnectionResetError("the peer ended the channel (BYE)")
         elif t == FrameType.ERROR:
             raise error_to_exception(decode_error(frame.payload))
         else:
@@ -452,6 +480,9 @@ class _ChannelState:
             raise
         self.counters["received"] += len(made)
         self.incoming.extend(made)
+        if acked:
+            for h in made:
+                self.outstanding[h.id] = h
 
     def _make_socket(self, e: HandoffEntry, fd: int) -> socket.socket:
         """Wrap a received descriptor (or import a WSA blob) in the documented mode.
@@ -484,15 +515,58 @@ class _ChannelState:
         return sock
 
     def fail(self, exc: BaseException) -> None:
-        """The channel broke: give every pending ticket back, close stray descriptors."""
+        """The channel broke: give every pending ticket back, close stray descriptors.
+
+        Acknowledged handoffs we received and did not answer are the sender's again:
+        queued ones are closed here, and answering one the application holds raises
+        ChannelBroken (it must not be served). Fire-and-forget handoffs stay ours."""
         if self.broken is None:
             self.broken = exc
         close_fds(self.decoder.take_fds())
+        if self.outstanding:
+            keep = [h for h in self.incoming if not h.acked]  # fire-and-forget: ours
+            for h in self.incoming:
+                if h.acked:
+                    h.socket.close()
+            self.incoming.clear()
+            self.incoming.extend(keep)
+            self.outstanding.clear()
         for ticket in self.tickets.values():
             ticket.state = "returned"
             ticket.reason = f"the channel broke before the receiver answered: {exc}"
             self.counters["returned"] += 1
             self.returned.append(ticket)
+        self.tickets.clear()
+
+    def closing_frames(self) -> list[bytes]:
+        """Answers owed before BYE: REJECT what is still queued (closing our copies),
+        ACCEPT what the application holds unanswered."""
+        out: list[bytes] = []
+        while self.incoming:
+            h = self.incoming.popleft()
+            h.socket.close()
+            if h.acked and not h.answered:
+                h.answered = True
+                self.outstanding.pop(h.id, None)
+                out.append(encode_frame(FrameType.REJECT, encode_reject(
+                    Reject(h.id, "the receiver closed the channel before taking it"))))
+        for h in self.outstanding.values():
+            h.answered = True
+            self.pending_accepts.append(h.id)
+        self.outstanding.clear()
+        accepts = self.take_accepts()
+        if accepts is not None:
+            out.append(accepts)
+        return out
+
+    def abandon_pending(self) -> None:
+        """This side is closing and the live peer did not answer: close our copies."""
+        for ticket in self.tickets.values():
+            ticket.state = "abandoned"
+            ticket.reason = "the receiver did not answer before this side closed the channel"
+            if ticket.socket is not None:
+                ticket.socket.close()
+                ticket.socket = None
         self.tickets.clear()
 
     def check_usable(self) -> None:
@@ -523,7 +597,9 @@ def _encode_meta(meta: Any) -> bytes:
     if meta is None:
         return b""
     if isinstance(meta, bytes | bytearray):
-        raw = bytes(meta)
+        raw = bytes(meta)  # pre-encoded by the caller: a JSON object, unchecked
+    elif not isinstance(meta, dict):
+        raise LocalProtocolError(f"handoff metadata must be a dict (a JSON object), not {type(meta).__name__}")
     else:
         try:
             raw = _json_encode(meta).encode()
@@ -590,6 +666,8 @@ class Channel:
         #: Seconds a send may wait for a peer that does not read before the channel is
         #: declared broken (never a silent hang).
         self.send_timeout: float | None = 30.0
+        #: Seconds :meth:`close` waits for the peer's answers to pending handoffs.
+        self.close_timeout: float = 5.0
 
     # -- construction ----------------------------------------------------------------
 
@@ -820,7 +898,7 @@ class Channel:
 
     def _answer(self, hid: int, reason: str | None) -> None:
         frame = self._state.answer(hid, reason, coalesce=self._batching)
-        if frame is not None and self._state.broken is None and not self._state.closed:
+        if frame is not None:
             self._send_raw(frame)
 
     def accept_all(self, handoffs: Iterable[Handoff]) -> None:
@@ -967,18 +1045,34 @@ class Channel:
     # -- closing -------------------------------------------------------------------
 
     def close(self) -> None:
-        """Say BYE and close. Pending tickets are returned; unread handoffs are closed."""
-        if self._state.closed:
+        """End the channel cleanly, answering everything first.
+
+        As a receiver: handoffs still queued are rejected (the sender gets them back),
+        handoffs the application took and did not answer are accepted (they are its
+        own). Then BYE. As a sender: wait up to ``close_timeout`` for the peer's answers
+        to pending handoffs; those the peer never received come back as ``"returned"``
+        tickets (see :meth:`returned`), those a live peer did not answer in time are
+        ``"abandoned"`` (our copy is closed: never two owners).
+        """
+        st = self._state
+        if st.closed:
             return
-        with contextlib.suppress(OSError, SockshareError):
-            if self._state.broken is None:
-                self.flush()
-                self._sock.sendall(encode_frame(FrameType.BYE))
-        self._state.fail(ChannelClosed("closed by this side"))
-        self._state.closed = True
-        while self._state.incoming:
-            h = self._state.incoming.popleft()
-            h.socket.close()
+        if st.broken is None:
+            try:
+                with self._rlock:
+                    for frame in st.closing_frames():
+                        send_frame(self._sock, frame, (), self.send_timeout, None)
+                    send_frame(self._sock, encode_frame(FrameType.BYE), (), self.send_timeout, None)
+                    deadline = time.monotonic() + self.close_timeout
+                    while st.tickets and st.broken is None and time.monotonic() < deadline:
+                        self._pump(deadline)
+            except (OSError, SockshareError) as exc:
+                self._break(exc)
+        st.abandon_pending()
+        st.fail(ChannelClosed("closed by this side"))
+        st.closed = True
+        while st.incoming:  # fire-and-forget handoffs nobody took
+            st.incoming.popleft().socket.close()
         self._sock.close()
 
     def __enter__(self) -> Channel:

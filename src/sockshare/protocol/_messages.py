@@ -309,6 +309,8 @@ def encode_handoff(entries: list[HandoffEntry], *, wsa: bool = False) -> bytes:
 def decode_handoff(p: bytes, *, wsa: bool = False) -> list[HandoffEntry]:
     _need(p, 2, "HANDOFF", exact=False)
     (count,) = _U16.unpack_from(p)
+    if count == 0:
+        raise RemoteProtocolError("HANDOFF frame with no entries")
     pos, out = 2, []
     unpack, esize, end = _ENTRY.unpack_from, _ENTRY.size, len(p)
     for _ in range(count):
