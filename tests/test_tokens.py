@@ -129,6 +129,7 @@ def self_agent() -> int:
     a, b = socket.socketpair()
     with a, b:
         sockshare.import_socket(sockshare.export_socket(a, os.getpid()), timeout=IO).close()
+    sockshare.close_agent_connections()  # pooling is tested in tests/test_token_pool.py
     assert agent().pending() == 0
     wait_fd_count("self", n0, what="this process (exporter)")
     return n0
@@ -463,6 +464,7 @@ def test_wrong_process_is_refused(
     forged = encode_token(dataclasses.replace(decode_token(token), target_pid=os.getpid()))
     with pytest.raises(sockshare.WrongProcess):
         sockshare.import_socket(forged, timeout=IO)
+    sockshare.close_agent_connections()  # the refusal left a pooled connection
     # ... and a third sibling, both ways
     other = PeerProcess()
     try:

@@ -45,7 +45,13 @@ from sockshare._errors import (
     TokenExpired,
     WrongProcess,
 )
-from sockshare._tokens import DEFAULT_TTL, export_socket, import_socket, release
+from sockshare._tokens import (
+    DEFAULT_TTL,
+    close_agent_connections,
+    export_socket,
+    import_socket,
+    release,
+)
 
 if TYPE_CHECKING:
     from sockshare._aio import AsyncChannel, AsyncChannelListener
@@ -97,6 +103,7 @@ __all__ = [
     "TokenExpired",
     "WrongProcess",
     "__version__",
+    "close_agent_connections",
     "export_socket",
     "import_socket",
     "release",

@@ -44,7 +44,7 @@ from sockshare.protocol import (
 )
 from sockshare.protocol._token import ADDR_ABSTRACT, TokenInfo
 
-__all__ = ["DEFAULT_TTL", "export_socket", "import_socket", "release"]
+__all__ = ["DEFAULT_TTL", "close_agent_connections", "export_socket", "import_socket", "release"]
 
 #: Default token lifetime in seconds.
 DEFAULT_TTL = 30.0
@@ -193,27 +193,41 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def _exchange(ch: socket.socket, info: TokenInfo) -> tuple[int, socket.socket | None]:
-    """Send CLAIM; return (token id, socket) from the GRANT. Raises on ERROR frames."""
-    ch.sendall(encode_frame(FrameType.CLAIM, encode_claim(
-        Claim(info.token_id, info.secret, os.getpid()))))
+class _Stale(ExporterGone):
+    """A pooled connection the agent had already closed: retry on a fresh one."""
+
+
+def _exchange(ch: socket.socket, info: TokenInfo) -> tuple[socket.socket | None, SockshareError | None]:
+    """Send CLAIM; return the granted socket (None on Windows), or the refusal the agent
+    answered with (an ERROR frame: the connection is still good for another claim)."""
     decoder = FrameDecoder(max_payload=8192, allow_fds=not info.is_windows)
+    got_any = False
     try:
+        try:
+            ch.sendall(encode_frame(FrameType.CLAIM, encode_claim(
+                Claim(info.token_id, info.secret, os.getpid()))))
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise _Stale("the export agent closed the connection") from exc
         while True:
             if info.is_windows:
                 data, fds = ch.recv(8192), list[int]()
             else:
                 data, fds = recv_with_fds(ch, 8192)
             if not data and not fds:
+                if not got_any:
+                    raise _Stale("the export agent hung up before answering")
                 decoder.end_of_stream()
                 raise ExporterGone("the export agent hung up before answering")
+            got_any = True
             decoder.feed(data, fds)
             frame = decoder.next_frame()
             if frame is None:
                 continue
             if frame.type == FrameType.ERROR:
                 close_fds(frame.fds)
-                raise error_to_exception(decode_error(frame.payload))
+                if decoder.buffered:
+                    raise RemoteProtocolError("the export agent sent more than one answer")
+                return None, error_to_exception(decode_error(frame.payload))
             if frame.type != FrameType.GRANT or len(frame.fds) != (0 if info.is_windows else 1):
                 close_fds(frame.fds)
                 raise RemoteProtocolError(f"the export agent answered {frame.type.name} "
@@ -223,58 +237,140 @@ def _exchange(ch: socket.socket, info: TokenInfo) -> tuple[int, socket.socket | 
                 if grant.token_id != info.token_id:
                     raise RemoteProtocolError("the export agent granted another token")
                 if info.is_windows:
-                    return grant.token_id, None
-                fd = frame.fds[0]
-                _check_is_socket(fd, grant.kind.type)
-                return grant.token_id, socket.socket(
-                    grant.kind.family, grant.kind.type, grant.kind.proto, fileno=fd)
+                    return None, None
+                return _wrap(frame.fds[0], grant.kind.family, grant.kind.type, grant.kind.proto), None
             except BaseException:
                 close_fds(frame.fds)
                 raise
     except TimeoutError as exc:
         raise ExporterGone(f"the exporter (pid {info.exporter_pid}) did not answer in time") from exc
-    except (ConnectionResetError, BrokenPipeError) as exc:
+    except ConnectionResetError as exc:
+        if not got_any:
+            raise _Stale("the export agent closed the connection") from exc
         raise ExporterGone("the export agent hung up before answering") from exc
     finally:
         close_fds(decoder.take_fds())
 
 
-def _check_is_socket(fd: int, stype: int) -> None:
+def _wrap(fd: int, family: int, stype: int, proto: int) -> socket.socket:
+    """A socket object for a received descriptor, its type checked. On failure the
+    descriptor is left to the caller (detached, not closed)."""
     try:
-        probe = socket.socket(fileno=fd)
+        sock = socket.socket(family, stype, proto, fd)
     except OSError as exc:
-        raise RemoteProtocolError(f"the descriptor received is not a socket: {exc}") from None
+        raise RemoteProtocolError(f"the descriptor received is not usable: {exc}") from None
     try:
-        actual = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-    finally:
-        probe.detach()
+        actual = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+    except OSError as exc:
+        sock.detach()
+        raise RemoteProtocolError(f"the descriptor received is not a socket: {exc}") from None
     if actual != stype:
+        sock.detach()
         raise RemoteProtocolError(f"the socket received is of type {actual}, the agent said {stype}")
+    return sock
+
+
+# One pooled connection per export agent (at most a few, when imports run in parallel
+# threads), so that an import is one CLAIM/GRANT/DONE exchange on an open connection.
+_pool_lock = threading.Lock()
+_pool: dict[tuple[int, bytes], list[socket.socket]] = {}
+_POOL_PER_AGENT = 4
+_POOL_AGENTS = 16
+
+
+def _checkout(key: tuple[int, bytes]) -> socket.socket | None:
+    with _pool_lock:
+        conns = _pool.get(key)
+        if not conns:
+            return None
+        ch = conns.pop()
+        if not conns:
+            del _pool[key]
+        return ch
+
+
+def _checkin(key: tuple[int, bytes], ch: socket.socket) -> None:
+    with _pool_lock:
+        if key not in _pool and len(_pool) >= _POOL_AGENTS:
+            for old in _pool.pop(next(iter(_pool))):
+                old.close()
+        conns = _pool.setdefault(key, [])
+        if len(conns) < _POOL_PER_AGENT:
+            conns.append(ch)
+            return
+    ch.close()
+
+
+def close_agent_connections() -> int:
+    """Close the connections this process keeps open to other processes' export agents
+    (one per agent, reused by later imports). Returns how many were closed."""
+    with _pool_lock:
+        conns = [c for cs in _pool.values() for c in cs]
+        _pool.clear()
+    for c in conns:
+        c.close()
+    return len(conns)
+
+
+def _forget_pool_in_child() -> None:
+    global _pool_lock
+    _pool_lock = threading.Lock()
+    for cs in _pool.values():  # the child's copies; the parent's stay open
+        for c in cs:
+            c.close()
+    _pool.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def _import_posix(info: TokenInfo, timeout: float) -> socket.socket:
-    ch = _connect_agent(info, timeout)
-    try:
-        if sys.platform.startswith("linux") or sys.platform == "darwin":
-            pid, _uid, _gid = peer_credentials(ch)
-            if pid and pid != info.exporter_pid:
-                raise ExporterGone(
-                    f"the token's agent address is held by pid {pid}, not by the "
-                    f"exporter (pid {info.exporter_pid}): refusing to talk to it"
-                )
-        _tid, sock = _exchange(ch, info)
+    key = (info.exporter_pid, info.address)
+    for _attempt in range(2):
+        ch = _checkout(key)
+        reused = ch is not None
+        if ch is None:
+            ch = _connect_agent(info, timeout)
+            try:
+                if sys.platform.startswith("linux") or sys.platform == "darwin":
+                    pid, _uid, _gid = peer_credentials(ch)
+                    if pid and pid != info.exporter_pid:
+                        raise ExporterGone(
+                            f"the token's agent address is held by pid {pid}, not by the "
+                            f"exporter (pid {info.exporter_pid}): refusing to talk to it"
+                        )
+            except BaseException:
+                ch.close()
+                raise
+        ch.settimeout(timeout)
+        try:
+            sock, refusal = _exchange(ch, info)
+        except _Stale:
+            ch.close()
+            if reused:
+                continue  # the agent had closed our idle connection: one fresh try
+            raise
+        except (OSError, ValueError) as exc:
+            ch.close()
+            if isinstance(exc, SockshareError):
+                raise
+            raise ExporterGone(f"the exchange with the export agent failed: {exc}") from exc
+        except BaseException:
+            ch.close()
+            raise
+        if refusal is not None:
+            _checkin(key, ch)
+            raise refusal
         assert sock is not None
         try:
             ch.sendall(encode_frame(FrameType.DONE, encode_done(info.token_id)))
         except OSError:
-            pass  # the agent closes its copy on hang-up too; we own the socket already
+            ch.close()  # the agent closes its copy on hang-up too; we own the socket
+        else:
+            _checkin(key, ch)
         return sock
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, SockshareError):
-            raise
-        raise ExporterGone(f"the exchange with the export agent failed: {exc}") from exc
-    finally:
-        ch.close()
+    raise ExporterGone(f"the export agent of pid {info.exporter_pid} keeps closing connections")
 
 
 # --- Windows --------------------------------------------------------------------
@@ -308,7 +404,9 @@ def _import_windows(info: TokenInfo, timeout: float) -> socket.socket:
             raise _gone(info)
         ch = _connect_agent(info, timeout)
         try:
-            _exchange(ch, info)
+            _sock, refusal = _exchange(ch, info)
+            if refusal is not None:
+                raise refusal
             try:
                 ch.sendall(encode_frame(FrameType.DONE, encode_done(info.token_id)))
             except OSError:

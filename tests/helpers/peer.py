@@ -206,10 +206,13 @@ class Peer:
             with open(file, encoding="ascii") as f:
                 token = f.read()
         assert token is not None
-        if blocking is None:
-            s = sockshare.import_socket(token, timeout=timeout)
-        else:
-            s = sockshare.import_socket(token, blocking=blocking, timeout=timeout)
+        try:
+            if blocking is None:
+                s = sockshare.import_socket(token, timeout=timeout)
+            else:
+                s = sockshare.import_socket(token, blocking=blocking, timeout=timeout)
+        finally:
+            _unpool()
         return {"h": self._add(s), **self.info(s)}
 
     def op_import_many(self, tokens: list[str], threads: int = 8) -> list[Any]:
@@ -225,8 +228,11 @@ class Peer:
             with s:
                 return [int(s.family), int(s.type), os.fstat(s.fileno()).st_ino]
 
-        with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(one, tokens))
+        try:
+            with ThreadPoolExecutor(threads) as pool:
+                return list(pool.map(one, tokens))
+        finally:
+            _unpool()
 
     def op_pidfd_getfd(self, pid: int, fd: int) -> Any:
         """Pull descriptor ``fd`` out of process ``pid`` with pidfd_getfd."""
@@ -317,10 +323,17 @@ class Peer:
                 self.link.sendall(b"k\n")
         finally:
             rf.close()
+            _unpool()
         return sorted(kinds)
 
     def op_exit(self) -> None:
         raise SystemExit(0)
+
+
+def _unpool() -> None:
+    """Close the pooled agent connections after an import, so that fd counts compare
+    like with like (the pool itself is tested in tests/test_token_pool.py)."""
+    sockshare.close_agent_connections()
 
 
 def _error(exc: BaseException) -> dict[str, Any]:
@@ -374,6 +387,7 @@ def main() -> None:
             first: dict[str, Any] = {"ok": {"h": peer._add(s), **peer.info(s)}}
         except BaseException as exc:
             first = _error(exc)
+        _unpool()
         sys.stdout.write(json.dumps(first) + "\n")
         sys.stdout.flush()
     serve(peer, sys.stdin, sys.stdout)

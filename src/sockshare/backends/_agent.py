@@ -14,7 +14,9 @@ GRANT (with the descriptor attached by SCM_RIGHTS on POSIX) or an ERROR frame wh
 says why not. On POSIX the agent checks the peer's kernel-reported credentials
 (``SO_PEERCRED``): pid must be the token's target, uid the exporter's. After a GRANT the
 importer answers DONE and the agent closes its duplicate; if the importer vanishes
-instead, the duplicate is closed all the same. Expired and released entries are closed
+instead, the duplicate is closed all the same. The connection then stays open for the
+importer's next CLAIM (importers pool one connection per agent: no connect, accept or
+credential check per import), for at most ``IDLE_DEADLINE`` seconds. Expired and released entries are closed
 by the agent's sweep. A bounded memory of finished ids (tombstones) lets the agent say
 "consumed", "expired" or "released" rather than "unknown".
 
@@ -69,6 +71,10 @@ log = logging.getLogger("sockshare.agent")
 IS_WINDOWS = sys.platform == "win32"
 #: How long an importer may take between connecting and finishing the exchange.
 CONN_DEADLINE = 10.0
+#: How long an importer's connection may wait, idle, for its next CLAIM.
+IDLE_DEADLINE = 30.0
+#: At most this many idle importer connections are kept.
+MAX_IDLE = 64
 #: How many finished token ids the agent remembers, to give precise refusals.
 TOMBSTONES = 16384
 #: Upper bound of a token lifetime; None-expiry tokens are not offered.
@@ -92,6 +98,7 @@ class _Conn:
     decoder: FrameDecoder = field(default_factory=lambda: FrameDecoder(max_payload=256))
     granted: _Entry | None = None
     peer: tuple[int, int] = (0, 0)
+    idle: bool = False
 
 
 class ExportAgent:
@@ -322,12 +329,18 @@ class ExportAgent:
                     close_fds(frame.fds)
                     raise ValueError(f"a {frame.type.name} frame carries no descriptors")
                 if frame.type == FrameType.CLAIM and conn.granted is None:
+                    conn.idle = False
+                    conn.deadline = time.monotonic() + CONN_DEADLINE
                     self._on_claim(conn, decode_claim(frame.payload))
                 elif frame.type == FrameType.DONE and conn.granted is not None:
                     if decode_done(frame.payload) != conn.granted.token_id:
                         raise ValueError("DONE names another token")
-                    self._drop(conn, "")
-                    return
+                    # The importer has the socket: close our duplicate, and keep the
+                    # connection for its next CLAIM (an importer pools connections).
+                    if conn.granted.fd >= 0:
+                        close_fds([conn.granted.fd])
+                    conn.granted = None
+                    self._idle(conn)
                 else:
                     raise ValueError(f"unexpected {frame.type.name} frame")
         except (SockshareError, ValueError, OSError) as exc:
@@ -377,6 +390,17 @@ class ExportAgent:
             conn.sock.send(encode_frame(FrameType.ERROR, encode_error(code, text)))
         except OSError:
             pass
+        if code != ErrorCode.PROTOCOL:
+            self._idle(conn)  # a refusal: the connection may serve the next claim
+
+    def _idle(self, conn: _Conn) -> None:
+        """The connection waits for another CLAIM, for at most IDLE_DEADLINE seconds;
+        past MAX_IDLE idle connections the oldest is closed."""
+        conn.deadline = time.monotonic() + IDLE_DEADLINE
+        conn.idle = True
+        idle = [c for c in self._conns.values() if c.idle]
+        if len(idle) > MAX_IDLE:
+            self._drop(min(idle, key=lambda c: c.deadline), "too many idle importers")
 
     def _drop(self, conn: _Conn, why: str) -> None:
         if why:
