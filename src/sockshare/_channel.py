@@ -199,7 +199,8 @@ class Handoff:
             try:
                 meta = json.loads(self.raw_meta) if self.raw_meta else {}
             except ValueError as exc:
-                raise RemoteProtocolError(f"handoff {self.id} carries metadata that is not JSON: {exc}") from None
+                raise RemoteProtocolError(
+                    f"handoff {self.id} carries metadata that is not JSON: {exc}") from None
             if not isinstance(meta, dict):
                 raise RemoteProtocolError(f"handoff {self.id} carries metadata that is not a JSON object")
             self._meta = meta
@@ -599,7 +600,8 @@ def _encode_meta(meta: Any) -> bytes:
     if isinstance(meta, bytes | bytearray):
         raw = bytes(meta)  # pre-encoded by the caller: a JSON object, unchecked
     elif not isinstance(meta, dict):
-        raise LocalProtocolError(f"handoff metadata must be a dict (a JSON object), not {type(meta).__name__}")
+        raise LocalProtocolError(
+            f"handoff metadata must be a dict (a JSON object), not {type(meta).__name__}")
     else:
         try:
             raw = _json_encode(meta).encode()
