@@ -142,7 +142,7 @@ def getfd(pid: int, fd: int) -> int:
 
 
 def available() -> tuple[bool, str]:
-    """``(True, "")`` if pidfd_getfd works here, else ``(False, reason)``.
+    """``(True, what)`` if pidfd_getfd works here, else ``(False, reason)``.
 
     The probe pulls one of this process's own descriptors, which needs no ptrace
     rights: a ``True`` does not promise access to every other process (see
@@ -162,4 +162,5 @@ def available() -> tuple[bool, str]:
         os.close(r)
         os.close(w)
     os.close(new)
-    return True, ""
+    return True, ("pulled a descriptor from this process; other processes need ptrace "
+                  "rights (same uid and not restricted by Yama, or CAP_SYS_PTRACE)")
