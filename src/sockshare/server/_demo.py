@@ -1,0 +1,708 @@
+"""The built-in demo app: an HTTP/1.1 page, ``/whoami`` and a WebSocket echo.
+
+``sockshare serve`` runs this handler when no application is named. It exists to *show*
+the handoff: every answer says which worker process produced it, so a person (or a test)
+can see a connection accepted by the dispatcher being served by a worker, and later see
+it moved from one worker to another.
+
+Routes (HTTP/1.1 through :mod:`h11`, keep-alive, bounded head and body sizes):
+
+* ``GET /`` -- a self-contained HTML page (inline CSS and JS, no external resources)
+  naming the worker that served it (``#worker-pid``, also in ``document.title``) with a
+  WebSocket panel talking to ``/ws``; every reply lands in ``#ws-log``;
+* ``GET /whoami`` -- ``{"worker_pid": ..., "worker_id": ..., "handoff_id": ...}``;
+* ``GET /ws`` with ``Upgrade: websocket`` -- RFC 6455 through :mod:`wsproto`: each text
+  message comes back as ``{"echo": msg, "worker_pid": ..., "worker_id": ..., "n": k}``
+  where ``k`` counts the messages on this connection; pings are answered, closes are
+  completed;
+* anything else: 404 (unknown path), 405 (known path, other method), 400 on garbage,
+  431 on an oversized head, 413 on a large body, 505 on HTTP/2+ request lines;
+  ``Connection: close`` is honoured.
+
+The handler only touches the :class:`DemoConnection` attributes below, so it runs under
+the worker runtime as well as under a test harness that builds the same shape by hand.
+Bytes the dispatcher already read sit at the front of ``conn.reader`` and are parsed as
+the start of the first request like any other bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from email.utils import formatdate
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import h11
+from wsproto.connection import Connection as WSConnection
+from wsproto.connection import ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+from wsproto.frame_protocol import CloseReason
+from wsproto.utilities import generate_accept_token
+
+__all__ = [
+    "DemoConnection",
+    "DemoWorker",
+    "MAX_BODY_BYTES",
+    "MAX_HEAD_BYTES",
+    "MAX_WS_MESSAGE_BYTES",
+    "handle",
+    "render_page",
+]
+
+log = logging.getLogger(__name__)
+
+#: Largest request head (request line plus headers) accepted; past it: 431.
+MAX_HEAD_BYTES = 16 * 1024
+#: Largest request body read (and thrown away); past it: 413 and close.
+MAX_BODY_BYTES = 64 * 1024
+#: Largest WebSocket text message echoed; past it: close 1009.
+MAX_WS_MESSAGE_BYTES = 64 * 1024
+#: A keep-alive connection with no request for this long is closed quietly.
+HTTP_IDLE_TIMEOUT = 30.0
+#: A WebSocket with no frame for this long is closed with 1001.
+WS_IDLE_TIMEOUT = 600.0
+#: How long a peer may take to answer our close frame.
+WS_CLOSE_TIMEOUT = 5.0
+#: Bound on any single write (``drain``) to a peer that does not read.
+WRITE_TIMEOUT = 30.0
+#: After a final response, how long unread request bytes are drained before closing, so
+#: the kernel does not answer them with a RST that would destroy the response in flight.
+LINGER_TIMEOUT = 2.0
+LINGER_BYTES = 256 * 1024
+
+READ_CHUNK = 64 * 1024
+SERVER_NAME = b"sockshare-demo"
+WS_VERSION = b"13"
+
+
+class DemoWorker(Protocol):
+    """What the handler reads of ``conn.worker``."""
+
+    @property
+    def id(self) -> object: ...
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def generation(self) -> object: ...
+
+
+class DemoConnection(Protocol):
+    """What the handler reads of the connection the worker runtime hands it."""
+
+    @property
+    def reader(self) -> asyncio.StreamReader: ...
+
+    @property
+    def writer(self) -> asyncio.StreamWriter: ...
+
+    @property
+    def meta(self) -> Mapping[str, Any]: ...
+
+    @property
+    def handoff_id(self) -> int: ...
+
+    @property
+    def worker(self) -> DemoWorker: ...
+
+    async def close(self) -> None: ...
+
+
+async def handle(conn: DemoConnection) -> None:
+    """Serve one connection: HTTP/1.1 requests until close, or a WebSocket after upgrade."""
+    try:
+        await _HttpSession(conn).run()
+    except (ConnectionError, TimeoutError):
+        pass  # the peer went away or stopped reading: nothing left to tell it
+    finally:
+        await conn.close()
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def _served_by(conn: DemoConnection) -> dict[str, Any]:
+    return {
+        "worker_pid": conn.worker.pid,
+        "worker_id": _jsonable(conn.worker.id),
+        "handoff_id": conn.handoff_id,
+    }
+
+
+def _jsonable(value: object) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    """All values of header ``name`` (h11 lower-cases names), comma lists split."""
+    out: list[bytes] = []
+    for key, value in headers:
+        if key == name:
+            out.extend(part.strip() for part in value.split(b",") if part.strip())
+    return out
+
+
+def _has_token(headers: Iterable[tuple[bytes, bytes]], name: bytes, token: bytes) -> bool:
+    return any(v.lower() == token for v in _header(headers, name))
+
+
+def _head_size(request: h11.Request) -> int:
+    """About the wire size of a parsed request head."""
+    size = len(request.method) + len(request.target) + 12
+    return size + sum(len(name) + len(value) + 4 for name, value in request.headers)
+
+
+def _request_path(target: bytes) -> str:
+    text = target.decode("ascii", "replace")
+    if text == "*":
+        return text
+    return urlsplit(text).path or "/"
+
+
+class _HttpSession:
+    """One TCP connection's HTTP/1.1 conversation."""
+
+    def __init__(self, conn: DemoConnection) -> None:
+        self.conn = conn
+        self.reader = conn.reader
+        self.writer = conn.writer
+        self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+
+    # -- I/O
+
+    async def _next_event(self, timeout: float) -> Any:
+        """The next h11 event (or ``h11.PAUSED``), reading as needed; ``TimeoutError``."""
+        while True:
+            event = self.http.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            async with asyncio.timeout(timeout):
+                data = await self.reader.read(READ_CHUNK)
+            self.http.receive_data(data)  # b"" is end of stream
+
+    async def _write(self, *events: Any) -> None:
+        data = b"".join(self.http.send(e) or b"" for e in events)
+        self.writer.write(data)
+        async with asyncio.timeout(WRITE_TIMEOUT):
+            await self.writer.drain()
+
+    async def _respond(
+        self,
+        status: int,
+        body: bytes,
+        content_type: bytes,
+        *,
+        head: bool = False,
+        extra: Iterable[tuple[bytes, bytes]] = (),
+        close: bool = False,
+    ) -> None:
+        headers = [
+            (b"content-type", content_type),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+            (b"date", formatdate(usegmt=True).encode()),
+            (b"server", SERVER_NAME),
+            *extra,
+        ]
+        if close:
+            headers.append((b"connection", b"close"))
+        events: list[Any] = [h11.Response(status_code=status, headers=headers)]
+        if body and not head:
+            events.append(h11.Data(data=body))
+        events.append(h11.EndOfMessage())
+        await self._write(*events)
+
+    async def _error(
+        self,
+        status: int,
+        detail: str,
+        *,
+        head: bool = False,
+        extra: Iterable[tuple[bytes, bytes]] = (),
+        close: bool = False,
+    ) -> None:
+        """A small text/plain error response, when h11 still lets us send one."""
+        if self.http.our_state not in {h11.IDLE, h11.SEND_RESPONSE}:
+            return
+        reason = _REASONS.get(status, "Error")
+        body = f"{status} {reason}\n{detail}\n".encode()
+        with contextlib.suppress(h11.LocalProtocolError):
+            await self._respond(
+                status, body, b"text/plain; charset=utf-8", head=head, extra=extra, close=close
+            )
+
+    async def _linger(self) -> None:
+        """Half-close, then drain what the client still sends, so our reply is not reset."""
+        with contextlib.suppress(OSError, RuntimeError):
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+        left = LINGER_BYTES
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(LINGER_TIMEOUT):
+                while left > 0:
+                    chunk = await self.reader.read(min(left, READ_CHUNK))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+
+    # -- the request loop
+
+    async def run(self) -> None:
+        while True:
+            try:
+                event = await self._next_event(HTTP_IDLE_TIMEOUT)
+            except h11.RemoteProtocolError as exc:
+                await self._error(exc.error_status_hint, "malformed request", close=True)
+                await self._linger()
+                return
+            except TimeoutError:
+                if self.http.their_state is not h11.IDLE or self.http.trailing_data[0]:
+                    await self._error(408, "request not received in time", close=True)
+                return
+            if isinstance(event, h11.ConnectionClosed):
+                return
+            if not isinstance(event, h11.Request):  # pragma: no cover - h11 guarantees it
+                return
+            keep_going = await self._serve(event)
+            if not keep_going:
+                return
+            if self.http.our_state is h11.MUST_CLOSE or self.http.their_state is not h11.DONE:
+                await self._linger()
+                return
+            try:
+                self.http.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _read_body(self) -> bool:
+        """Read (and drop) the request body; False if too large or cut short."""
+        size = 0
+        while True:
+            event = await self._next_event(HTTP_IDLE_TIMEOUT)
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > MAX_BODY_BYTES:
+                    await self._error(413, f"request body over {MAX_BODY_BYTES} bytes", close=True)
+                    await self._linger()
+                    return False
+            else:  # EndOfMessage (h11 reports a body cut short as RemoteProtocolError)
+                return isinstance(event, h11.EndOfMessage)
+
+    async def _serve(self, request: h11.Request) -> bool:
+        """Answer one request; False when the connection must end now."""
+        if _head_size(request) > MAX_HEAD_BYTES:
+            # h11 bounds only an *incomplete* head; one that arrived whole in a read is
+            # measured here.
+            await self._error(431, f"request head over {MAX_HEAD_BYTES} bytes", close=True)
+            await self._linger()
+            return False
+        try:
+            if not await self._read_body():
+                return False
+        except h11.RemoteProtocolError as exc:
+            await self._error(exc.error_status_hint, "malformed request body", close=True)
+            await self._linger()
+            return False
+
+        method = request.method.upper()
+        head = method == b"HEAD"
+        if request.http_version not in {b"1.0", b"1.1"}:
+            await self._error(505, "HTTP/1.0 and HTTP/1.1 only", head=head, close=True)
+            return False
+        path = _request_path(request.target)
+        try:
+            if path == "/ws":
+                return await self._serve_ws(request, method)
+            if path not in _PAGES:
+                await self._error(404, f"no such page: {path}", head=head)
+            elif method not in {b"GET", b"HEAD"}:
+                await self._error(405, "use GET", head=head, extra=[(b"allow", b"GET, HEAD")])
+            elif path == "/":
+                page = render_page(self.conn).encode()
+                await self._respond(200, page, b"text/html; charset=utf-8", head=head)
+            else:
+                body = json.dumps(_served_by(self.conn)).encode() + b"\n"
+                await self._respond(200, body, b"application/json", head=head)
+        except (ConnectionError, TimeoutError):
+            raise
+        except Exception:
+            log.exception("demo: request %s %s failed", method.decode(), path)
+            await self._error(500, "internal error", close=True)
+            return False
+        return True
+
+    async def _serve_ws(self, request: h11.Request, method: bytes) -> bool:
+        headers = request.headers
+        upgrade = _has_token(headers, b"upgrade", b"websocket") and _has_token(
+            headers, b"connection", b"upgrade"
+        )
+        if not upgrade:
+            await self._error(
+                426,
+                "this is a WebSocket endpoint: connect with Upgrade: websocket",
+                head=method == b"HEAD",
+                extra=[(b"upgrade", b"websocket")],
+            )
+            return True
+        if method != b"GET":
+            await self._error(405, "a WebSocket upgrade is a GET", extra=[(b"allow", b"GET")])
+            return True
+        if WS_VERSION not in _header(headers, b"sec-websocket-version"):
+            await self._error(
+                426, "only WebSocket version 13", extra=[(b"sec-websocket-version", WS_VERSION)]
+            )
+            return True
+        keys = _header(headers, b"sec-websocket-key")
+        if len(keys) != 1:
+            await self._error(400, "exactly one Sec-WebSocket-Key is required")
+            return True
+        switch = h11.InformationalResponse(
+            status_code=101,
+            headers=[
+                (b"upgrade", b"websocket"),
+                (b"connection", b"Upgrade"),
+                (b"sec-websocket-accept", generate_accept_token(keys[0])),
+                (b"server", SERVER_NAME),
+            ],
+        )
+        try:
+            await self._write(switch)
+        except h11.LocalProtocolError:  # pragma: no cover - h11 saw no upgrade request
+            await self._error(400, "upgrade not possible here", close=True)
+            return False
+        trailing, closed = self.http.trailing_data
+        await _WebSocketSession(self.conn).run(trailing, closed)
+        return False
+
+
+_PAGES = {"/", "/whoami"}
+
+_REASONS = {
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    426: "Upgrade Required",
+    431: "Request Header Fields Too Large",
+    505: "HTTP Version Not Supported",
+    500: "Internal Server Error",
+}
+
+
+# --------------------------------------------------------------------------- WebSocket
+
+
+class _WebSocketSession:
+    """The echo service on an upgraded connection."""
+
+    def __init__(self, conn: DemoConnection) -> None:
+        self.conn = conn
+        self.reader = conn.reader
+        self.writer = conn.writer
+        self.count = 0
+
+    async def _send(self, ws: WSConnection, event: Any) -> None:
+        self.writer.write(ws.send(event))
+        async with asyncio.timeout(WRITE_TIMEOUT):
+            await self.writer.drain()
+
+    async def _close(self, ws: WSConnection, code: int, reason: str) -> None:
+        if ws.state is ConnectionState.OPEN:
+            await self._send(ws, CloseConnection(code=code, reason=reason))
+
+    async def run(self, trailing: bytes, closed: bool) -> None:
+        ws = WSConnection(ConnectionType.SERVER, trailing_data=trailing)
+        if closed:
+            ws.receive_data(None)
+        parts: list[str] = []
+        size = 0
+        while True:
+            for event in ws.events():
+                if isinstance(event, TextMessage):
+                    if ws.state is not ConnectionState.OPEN:
+                        continue  # we are closing: late messages are dropped
+                    parts.append(event.data)
+                    size += len(event.data)
+                    if size > MAX_WS_MESSAGE_BYTES:
+                        parts.clear()
+                        await self._close(ws, CloseReason.MESSAGE_TOO_BIG, "message too big")
+                    elif event.message_finished:
+                        message = "".join(parts)
+                        parts.clear()
+                        size = 0
+                        await self._echo(ws, message)
+                elif isinstance(event, BytesMessage):
+                    await self._close(ws, CloseReason.UNSUPPORTED_DATA, "text messages only")
+                elif isinstance(event, Ping):
+                    if ws.state is ConnectionState.OPEN:
+                        await self._send(ws, event.response())
+                elif isinstance(event, Pong):
+                    pass
+                elif isinstance(event, CloseConnection):
+                    if ws.state is ConnectionState.REMOTE_CLOSING:
+                        await self._send(ws, event.response())  # completes the handshake
+                    elif ws.state is ConnectionState.OPEN:
+                        # wsproto reports a protocol violation as a close event while still
+                        # OPEN: say why, and drop the connection without waiting.
+                        await self._close(ws, event.code, event.reason or "")
+                    return
+            if ws.state is ConnectionState.CLOSED:
+                return
+            closing = ws.state is ConnectionState.LOCAL_CLOSING
+            try:
+                async with asyncio.timeout(WS_CLOSE_TIMEOUT if closing else WS_IDLE_TIMEOUT):
+                    data = await self.reader.read(READ_CHUNK)
+            except TimeoutError:
+                if closing:
+                    return
+                await self._close(ws, CloseReason.GOING_AWAY, "idle")
+                continue
+            ws.receive_data(data or None)
+
+    async def _echo(self, ws: WSConnection, message: str) -> None:
+        self.count += 1
+        reply = {
+            "echo": message,
+            "worker_pid": self.conn.worker.pid,
+            "worker_id": _jsonable(self.conn.worker.id),
+            "n": self.count,
+        }
+        await self._send(ws, TextMessage(data=json.dumps(reply)))
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def _script_json(value: object) -> str:
+    """JSON safe to put inside ``<script>``: no ``</script>`` or ``<!--`` can appear."""
+    return (
+        json.dumps(value)
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+    )
+
+
+def render_page(conn: DemoConnection) -> str:
+    """The HTML of ``GET /`` for this connection."""
+    info = _served_by(conn)
+    info["worker_generation"] = _jsonable(conn.worker.generation)
+    client = conn.meta.get("client")
+    if isinstance(client, (tuple, list)) and len(client) >= 2:
+        client_text = f"{client[0]}:{client[1]}"
+    else:
+        client_text = "" if client is None else str(client)
+    e = html.escape
+    return _PAGE.format(
+        pid=e(str(info["worker_pid"])),
+        worker_id=e(str(info["worker_id"])),
+        generation=e(str(info["worker_generation"])),
+        handoff_id=e(str(info["handoff_id"])),
+        client=e(client_text or "unknown"),
+        served_json=_script_json(info),
+    )
+
+
+# The page is a str.format template: literal braces in CSS and JS are doubled.
+_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>sockshare demo \u00b7 worker pid {pid}</title>
+<link rel="icon" href="data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' \
+viewBox='0 0 16 16'%3E%3Ccircle cx='8' cy='8' r='7' fill='%2338bdf8'/%3E%3C/svg%3E">
+<style>
+  :root {{
+    --bg: #0f172a; --panel: #111c33; --line: #23304d; --text: #e2e8f0; --muted: #94a3b8;
+    --accent: #38bdf8; --ok: #34d399; --warn: #fbbf24; --bad: #f87171;
+    --mono: ui-monospace, SFMono-Regular, Menlo, Consolas, "DejaVu Sans Mono", monospace;
+  }}
+  * {{ box-sizing: border-box; }}
+  body {{
+    margin: 0; min-height: 100vh; color: var(--text);
+    font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
+    background: radial-gradient(1200px 600px at 10% -10%, #1e3a5f 0%, transparent 60%), var(--bg);
+  }}
+  main {{ max-width: 960px; margin: 0 auto; padding: 40px 24px 56px; }}
+  header {{ display: flex; align-items: baseline; gap: 14px; margin-bottom: 28px; }}
+  header h1 {{ margin: 0; font-size: 26px; letter-spacing: -0.02em; }}
+  header h1 span {{ color: var(--accent); }}
+  header p {{ margin: 0; color: var(--muted); }}
+  .grid {{ display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1.4fr); gap: 20px; }}
+  @media (max-width: 760px) {{ .grid {{ grid-template-columns: 1fr; }} }}
+  .card {{
+    background: var(--panel); border: 1px solid var(--line); border-radius: 14px;
+    padding: 20px 22px; box-shadow: 0 10px 30px rgba(0, 0, 0, 0.25);
+  }}
+  .card h2 {{
+    margin: 0 0 14px; font-size: 13px; font-weight: 600; text-transform: uppercase;
+    letter-spacing: 0.08em; color: var(--muted);
+  }}
+  .pid {{ font: 700 46px/1.1 var(--mono); color: var(--accent); margin: 2px 0 16px; }}
+  .pid small {{ display: block; font: 500 12px/1.4 system-ui, sans-serif; color: var(--muted);
+    letter-spacing: 0.06em; text-transform: uppercase; }}
+  dl {{ display: grid; grid-template-columns: auto 1fr; gap: 6px 16px; margin: 0; }}
+  dt {{ color: var(--muted); }}
+  dd {{ margin: 0; font-family: var(--mono); overflow-wrap: anywhere; }}
+  .status {{ display: inline-flex; align-items: center; gap: 8px; font-size: 13px;
+    color: var(--muted); margin-bottom: 14px; }}
+  .dot {{ width: 9px; height: 9px; border-radius: 50%; background: var(--warn); }}
+  .status[data-state="open"] .dot {{ background: var(--ok); box-shadow: 0 0 8px var(--ok); }}
+  .status[data-state="closed"] .dot {{ background: var(--bad); }}
+  form {{ display: flex; gap: 8px; margin-bottom: 14px; }}
+  input {{
+    flex: 1; min-width: 0; padding: 9px 12px; border-radius: 9px; border: 1px solid var(--line);
+    background: #0b1326; color: var(--text); font: inherit;
+  }}
+  input:focus {{ outline: 2px solid var(--accent); outline-offset: -1px; }}
+  button {{
+    padding: 9px 16px; border: 0; border-radius: 9px; background: var(--accent);
+    color: #04121f; font: 600 14px system-ui, sans-serif; cursor: pointer;
+  }}
+  button:disabled {{ opacity: 0.45; cursor: default; }}
+  button.ghost {{ background: transparent; color: var(--accent); border: 1px solid var(--line); }}
+  #ws-log {{
+    list-style: none; margin: 0; padding: 0; max-height: 320px; overflow-y: auto;
+    display: flex; flex-direction: column; gap: 8px;
+  }}
+  #ws-log li {{
+    display: grid; grid-template-columns: auto 1fr auto; gap: 10px; align-items: center;
+    padding: 8px 12px; border-radius: 9px; background: #0b1326; border: 1px solid var(--line);
+  }}
+  #ws-log .n {{ font: 600 12px var(--mono); color: var(--muted); }}
+  #ws-log .msg {{ overflow-wrap: anywhere; }}
+  #ws-log .who {{ font: 12px var(--mono); padding: 2px 8px; border-radius: 999px;
+    background: rgba(56, 189, 248, 0.12); color: var(--accent); white-space: nowrap; }}
+  #ws-log li.moved .who {{ background: rgba(251, 191, 36, 0.15); color: var(--warn); }}
+  #ws-log li.note {{ grid-template-columns: 1fr; color: var(--muted); font-size: 13px; }}
+  .empty {{ color: var(--muted); font-size: 13px; }}
+  footer {{ margin-top: 26px; color: var(--muted); font-size: 13px; }}
+  code {{ font-family: var(--mono); color: var(--text); }}
+</style>
+</head>
+<body>
+<main>
+  <header>
+    <h1>sock<span>share</span></h1>
+    <p>demo app &mdash; this connection was handed to a worker process</p>
+  </header>
+  <div class="grid">
+    <section class="card" id="served-by-card">
+      <h2>Served by</h2>
+      <div class="pid"><small>worker pid</small><span id="worker-pid">{pid}</span></div>
+      <dl>
+        <dt>worker id</dt><dd id="worker-id">{worker_id}</dd>
+        <dt>generation</dt><dd id="worker-generation">{generation}</dd>
+        <dt>handoff id</dt><dd id="handoff-id">{handoff_id}</dd>
+        <dt>client</dt><dd id="client">{client}</dd>
+      </dl>
+      <!-- ============================================================================
+           PLACEHOLDER: live-migration "move me" button (separate issue, not built yet).
+           It goes in #migration-slot below; this page does not migrate anything.
+           ============================================================================ -->
+      <div id="migration-slot" data-placeholder="move-me" hidden></div>
+    </section>
+    <section class="card" id="ws-card">
+      <h2>WebSocket echo &middot; <code>/ws</code></h2>
+      <div class="status" id="ws-status" data-state="connecting">
+        <span class="dot"></span><span id="ws-status-text">connecting&hellip;</span>
+      </div>
+      <form id="ws-form" autocomplete="off">
+        <input id="ws-input" placeholder="type a message" maxlength="2000" value="">
+        <button id="ws-send" type="submit" disabled>Send</button>
+        <button id="ws-reconnect" class="ghost" type="button" hidden>Reconnect</button>
+      </form>
+      <ol id="ws-log" aria-live="polite"></ol>
+      <p class="empty" id="ws-empty">No replies yet.</p>
+    </section>
+  </div>
+  <footer>Reload the page or open <code>/whoami</code> to see which worker answers next.</footer>
+</main>
+<script id="served-by" type="application/json">{served_json}</script>
+<script>
+(() => {{
+  "use strict";
+  const served = JSON.parse(document.getElementById("served-by").textContent);
+  const $ = (id) => document.getElementById(id);
+  const log = $("ws-log"), input = $("ws-input"), send = $("ws-send");
+  const status = $("ws-status"), statusText = $("ws-status-text"), again = $("ws-reconnect");
+  let ws = null;
+
+  function setStatus(state, text) {{
+    status.dataset.state = state;
+    statusText.textContent = text;
+    send.disabled = state !== "open";
+    again.hidden = state !== "closed";
+  }}
+
+  function addNote(text) {{
+    const li = document.createElement("li");
+    li.className = "note";
+    li.textContent = text;
+    log.appendChild(li);
+    $("ws-empty").hidden = true;
+  }}
+
+  function addReply(raw) {{
+    let reply;
+    try {{ reply = JSON.parse(raw); }} catch (err) {{ reply = {{ echo: raw }}; }}
+    const li = document.createElement("li");
+    li.dataset.reply = raw;
+    li.dataset.workerPid = String(reply.worker_pid);
+    if (reply.worker_pid !== served.worker_pid) li.classList.add("moved");
+    const n = document.createElement("span");
+    n.className = "n";
+    n.textContent = "#" + reply.n;
+    const msg = document.createElement("span");
+    msg.className = "msg";
+    msg.textContent = reply.echo;
+    const who = document.createElement("span");
+    who.className = "who";
+    who.textContent = "worker pid " + reply.worker_pid + " \u00b7 id " + reply.worker_id;
+    li.append(n, msg, who);
+    log.appendChild(li);
+    log.scrollTop = log.scrollHeight;
+    $("ws-empty").hidden = true;
+  }}
+
+  function connect() {{
+    const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+    setStatus("connecting", "connecting\u2026");
+    ws = new WebSocket(scheme + location.host + "/ws");
+    ws.onopen = () => {{
+      setStatus("open", "connected");
+      ws.send("hello from the page");
+    }};
+    ws.onmessage = (ev) => addReply(String(ev.data));
+    ws.onclose = (ev) => {{
+      setStatus("closed", "closed (" + ev.code + (ev.reason ? ": " + ev.reason : "") + ")");
+      addNote("connection closed, code " + ev.code);
+    }};
+  }}
+
+  $("ws-form").addEventListener("submit", (ev) => {{
+    ev.preventDefault();
+    const text = input.value.trim();
+    if (!text || !ws || ws.readyState !== WebSocket.OPEN) return;
+    ws.send(text);
+    input.value = "";
+  }});
+  again.addEventListener("click", connect);
+  connect();
+}})();
+</script>
+</body>
+</html>
+"""
