@@ -116,6 +116,8 @@ _HANDOFF = int(FrameType.HANDOFF)
 # frame header + entry count + one entry header: the single-handoff hot path
 _SINGLE = struct.Struct(">2sBBBBHIHQ4sII")
 _FD = struct.Struct("i")
+_ENTRY = struct.Struct(">Q4sII")
+_U16 = struct.Struct(">H")
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(getattr(socket, "SCM_RIGHTS", 1))
 _SO_TYPE = int(socket.SO_TYPE)
@@ -318,6 +320,8 @@ class _ChannelState:
         if len(items) == 1 and not self.wsa:
             frame, fd, ticket = self.single_frame(*items[0], ack)
             return [(frame, [fd], [ticket])]
+        if not self.wsa:
+            return self._fd_frames(items, ack)
         out: list[tuple[bytes, list[int], list[Ticket]]] = []
         flags = (FLAG_ACK if ack else 0) | (FLAG_WSA if self.wsa else 0)
         peer_max = self.peer.max_payload if self.peer else MAX_PAYLOAD
@@ -346,6 +350,50 @@ class _ChannelState:
         if entries:
             out.append(self._frame(entries, tickets, flags))
         return out
+
+    def _fd_frames(
+        self, items: list[tuple[socket.socket, Any, bytes]], ack: bool,
+    ) -> list[tuple[bytes, list[int], list[Ticket]]]:
+        """The batched hot path: entries packed straight into the payload (the same
+        bytes as :func:`~sockshare.protocol.encode_handoff`; the test vectors check)."""
+        out: list[tuple[bytes, list[int], list[Ticket]]] = []
+        flags = FLAG_ACK if ack else 0
+        peer_max = self.peer.max_payload if self.peer else MAX_PAYLOAD
+        state: TicketState = "pending" if ack else "sent"
+        parts: list[bytes] = [b""]
+        fds: list[int] = []
+        tickets: list[Ticket] = []
+        size = 2
+        pack, kind_of = _ENTRY.pack, SocketKind.of
+        for sock, meta, pre in items:
+            raw = _encode_meta(meta)
+            data = pre if type(pre) is bytes else bytes(pre)
+            ldata = len(data)
+            if ldata > MAX_DATA:
+                raise MessageTooLarge(f"pre-read data of {ldata} bytes; the limit is {MAX_DATA}")
+            esize = 20 + len(raw) + ldata
+            if esize + 2 > peer_max:
+                raise MessageTooLarge(
+                    f"a handoff of {esize + 2} bytes is over the peer's limit of {peer_max}")
+            if tickets and (len(tickets) >= BATCH or size + esize > peer_max):
+                out.append(self._close_frame(parts, fds, tickets, flags, size))
+                parts, fds, tickets, size = [b""], [], [], 2
+            hid = next(_ids)
+            parts.append(pack(hid, kind_of(sock).pack(), len(raw), ldata))
+            parts.append(raw)
+            parts.append(data)
+            fds.append(sock.fileno())
+            tickets.append(Ticket(hid, sock, meta, data, state))
+            size += esize
+        if tickets:
+            out.append(self._close_frame(parts, fds, tickets, flags, size))
+        return out
+
+    @staticmethod
+    def _close_frame(parts: list[bytes], fds: list[int], tickets: list[Ticket], flags: int,
+                     size: int) -> tuple[bytes, list[int], list[Ticket]]:
+        parts[0] = HEADER.pack(MAGIC, VERSION, _HANDOFF, flags, len(fds), 0, size) + _U16.pack(len(fds))
+        return b"".join(parts), fds, tickets
 
     def _frame(
         self, entries: list[HandoffEntry], tickets: list[Ticket], flags: int,
@@ -466,10 +514,31 @@ class _ChannelState:
                     f"HANDOFF frame lists {len(entries)} sockets but carries {len(fds)} fds")
             acked = bool(frame.flags & FLAG_ACK)
             made: list[Handoff] = []
+            blocking = self.socket_blocking
             try:
                 for i, e in enumerate(entries):
-                    sock = self._make_socket(e, fds[i] if not wsa else -1)
-                    if not wsa:
+                    if wsa:
+                        sock = self._make_socket(e, -1)
+                    else:  # _make_socket, inlined for batches
+                        kind = e.kind
+                        try:
+                            sock = socket.socket(kind.family, kind.type, kind.proto, fds[i])
+                        except OSError as exc:
+                            raise RemoteProtocolError(
+                                f"descriptor of handoff {e.id} is not a socket: {exc}") from None
+                        try:
+                            if sock.getsockopt(_SOL_SOCKET, _SO_TYPE) != kind.type:
+                                raise RemoteProtocolError(
+                                    f"handoff {e.id} is not of the socket type it claims")
+                            if blocking is not None:
+                                sock.setblocking(blocking)
+                        except OSError as exc:
+                            sock.detach()
+                            raise RemoteProtocolError(
+                                f"descriptor of handoff {e.id} is unusable: {exc}") from None
+                        except BaseException:
+                            sock.detach()
+                            raise
                         fds[i] = -1  # owned by sock now
                     made.append(Handoff(e.id, sock, e.data, e.meta, acked, answer))
             except BaseException:
