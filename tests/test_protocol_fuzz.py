@@ -196,6 +196,7 @@ class _Idle:
             with a, b:
                 sockshare.import_socket(sockshare.export_socket(a, os.getpid()),
                                         timeout=5).close()
+            sockshare.close_agent_connections()  # pooling: tests/test_token_pool.py
             wait_fd_count("self", n, timeout=5, what="this process (agent start)")
             self._base = n
         return self._base
@@ -209,6 +210,8 @@ def _attempt(text: str) -> None:
         s = sockshare.import_socket(text, timeout=2)
     except sockshare.SockshareError:
         return
+    finally:
+        sockshare.close_agent_connections()  # a refusal may have pooled a connection
     s.close()
 
 
