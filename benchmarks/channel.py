@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-import sockshare  # noqa: E402
+import sockshare
 
 META = {"route": "chat", "client": ["127.0.0.1", 54321], "id": "abcdefgh1"}
 DATA = b"G" * 100
@@ -61,7 +61,7 @@ def _fork_pair(
             os.close(r)
             receiver(b, n)
             os.write(w, repr(time.perf_counter()).encode())
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             sys.stderr.write(f"receiver failed: {exc!r}\n")
             code = 1
         os._exit(code)

@@ -191,17 +191,22 @@ def test_iteration_ends_on_bye() -> None:
     b.close()
 
 
+def _accept_nothing(lst: sockshare.ChannelListener) -> None:
+    with pytest.raises(TimeoutError):
+        lst.accept(timeout=2)  # the refused peer is not returned
+
+
 def test_policy_refuses_other_uids_and_pids(sock_dir: Path) -> None:
     path = str(sock_dir / "p.sock")
     lst = sockshare.Channel.listen(path, allow_uids=[os.getuid() + 4242])
-    th = threading.Thread(target=lambda: pytest.raises(TimeoutError, lst.accept, timeout=2))
+    th = threading.Thread(target=_accept_nothing, args=(lst,))
     th.start()
     with pytest.raises(sockshare.PeerRefused, match="uid"):
         sockshare.Channel.connect(path)
     th.join()
     lst.close()
     lst = sockshare.Channel.listen(path, allow_pids=[1])
-    th = threading.Thread(target=lambda: pytest.raises(TimeoutError, lst.accept, timeout=2))
+    th = threading.Thread(target=_accept_nothing, args=(lst,))
     th.start()
     with pytest.raises(sockshare.PeerRefused, match="allow-list"):
         sockshare.Channel.connect(path)
@@ -212,9 +217,8 @@ def test_policy_refuses_other_uids_and_pids(sock_dir: Path) -> None:
 
 def test_listener_refuses_to_steal_a_live_address(sock_dir: Path) -> None:
     path = str(sock_dir / "live.sock")
-    with sockshare.Channel.listen(path):
-        with pytest.raises(sockshare.ChannelError, match="already listens"):
-            sockshare.Channel.listen(path)
+    with sockshare.Channel.listen(path), pytest.raises(sockshare.ChannelError, match="already listens"):
+        sockshare.Channel.listen(path)
     Path(path).write_text("not a socket")
     with pytest.raises(sockshare.ChannelError, match="not a socket"):
         sockshare.Channel.listen(path)
@@ -427,7 +431,8 @@ def test_close_abandons_what_a_live_peer_never_answers() -> None:
     a.close()
     assert time.monotonic() - t0 < 3
     assert ticket.state == "abandoned"
-    assert ticket.socket is None and x.fileno() == -1  # our copy is closed: one owner
+    assert ticket.socket is None
+    assert x.fileno() == -1  # our copy is closed: one owner
     held.socket.sendall(b"k")
     assert y.recv(1) == b"k"
     for s in (held.socket, y):

@@ -25,7 +25,7 @@ import os
 import socket
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from sockshare._channel import (
@@ -59,6 +59,10 @@ class AsyncChannel:
         self._waiters: list[asyncio.Future[None]] = []
         self._reading = True
         self._flush_scheduled = False
+        #: called right after the peer's frames were processed, before waiters wake: a
+        #: supervisor (the server dispatcher) settles answers and relays handoffs without
+        #: waiting for its task's next turn of the loop
+        self.on_activity: Callable[[], None] | None = None
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
     @classmethod
@@ -86,6 +90,11 @@ class AsyncChannel:
     def closed(self) -> bool:
         return self._state.closed
 
+    @property
+    def usable(self) -> bool:
+        """False once this side closed the channel or it broke."""
+        return self._state.broken is None and not self._state.closed
+
     # -- reading -------------------------------------------------------------------
 
     def _on_readable(self) -> None:
@@ -103,6 +112,8 @@ class AsyncChannel:
             self._state.receive_data(data, fds, self._answer)
         except (OSError, SockshareError, ValueError) as exc:
             self._break(exc)
+        if self.on_activity is not None:
+            self.on_activity()
         self._wake()
 
     def _wake(self) -> None:
@@ -123,7 +134,7 @@ class AsyncChannel:
         if self._writing:
             self._loop.remove_writer(self._sock.fileno())
             self._writing = False
-        self._ch._break(exc)
+        self._ch._break(exc)  # reads what the peer sent before the break first
         self._wq.clear()
         self._wake()
 
@@ -169,6 +180,14 @@ class AsyncChannel:
         """Tickets given back since the last call (rejected, or returned by a break)."""
         out = list(self._state.returned)
         self._state.returned.clear()
+        return out
+
+    def received(self) -> list[Handoff]:
+        """Handoffs that arrived and were not taken yet, without waiting: for a supervisor
+        that watches with :meth:`wait_activity` (the server dispatcher, which relays the
+        connections its workers migrate)."""
+        out = list(self._state.incoming)
+        self._state.incoming.clear()
         return out
 
     # -- writing -------------------------------------------------------------------
@@ -267,6 +286,17 @@ class AsyncChannel:
 
         self._state.check_usable()
         self._write_frame(encode_frame(FrameType.CONTROL, encode_control(obj)))
+
+    def flush(self) -> None:
+        """Send coalesced answers (ACCEPTs) now rather than at the end of this loop
+        iteration: a receiver that is about to act on a connection makes sure the sender
+        will learn that it took it, even if the receiver dies the next instant."""
+        self._flush_answers()
+
+    @property
+    def buffered(self) -> bool:
+        """True while frames wait in this side's write queue (see :meth:`drain`)."""
+        return bool(self._wq)
 
     async def drain(self) -> None:
         """Wait until everything queued was written."""

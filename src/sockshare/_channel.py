@@ -59,6 +59,7 @@ from sockshare.backends._scm import (
     close_fds,
     fds_from_ancillary,
     peer_credentials,
+    recv_with_fds,
     send_frame,
     wait_ready,
 )
@@ -731,6 +732,7 @@ class Channel:
         self._rlock = threading.RLock()
         self._wlock = threading.Lock()
         self._batching = False
+        self._leftovers_read = False
         self._rbuf = bytearray(RECV_BUF)
         self._rview = memoryview(self._rbuf)
         self.name = name
@@ -1109,9 +1111,30 @@ class Channel:
             if not isinstance(exc, ConnectionResetError):
                 log.warning("handoff channel to pid %s broke: %s",
                             self._state.peer.pid if self._state.peer else "?", exc)
+            self._read_leftovers()
             self._state.fail(exc)
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
+
+    def _read_leftovers(self) -> None:
+        """Process what the peer sent before the channel broke (a failed *write* breaks it
+        too): an ACCEPT already in our receive buffer must count, or the handoff it
+        answers would be "returned" -- and handed to someone else -- while the peer had
+        taken it. Bounded; stops at the end of the data or at any error."""
+        if self._wsa or self._leftovers_read:
+            return
+        self._leftovers_read = True
+        for _ in range(64):
+            try:
+                data, fds = recv_with_fds(self._sock, RECV_BUF, MSG_DONTWAIT)
+            except (OSError, SockshareError):
+                return
+            if not data and not fds:
+                return
+            try:
+                self._state.receive_data(data, fds, self._answer)
+            except (OSError, SockshareError, ValueError):
+                return
 
     # -- closing -------------------------------------------------------------------
 

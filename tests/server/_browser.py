@@ -307,8 +307,8 @@ class Browser:
             except TimeoutError:
                 raise CdpError(f"no {method} event in {timeout}s") from None
             if msg.get("method") == method and msg.get("sessionId") == session_id:
-                params = msg.get("params", {})
-                return params
+                found: dict[str, Any] = msg.get("params", {})
+                return found
             if "method" in msg:
                 self._events.append(msg)
 

@@ -303,7 +303,7 @@ def test_page_and_whoami_share_one_keepalive_connection(server: DemoServer) -> N
         assert '<dd id="worker-id">7</dd>' in page
         assert '<dd id="handoff-id">1</dd>' in page
         assert 'id="ws-log"' in page
-        assert "PLACEHOLDER" in page
+        assert 'id="move-me"' in page
         assert 'id="migration-slot"' in page
         # self-contained: nothing fetched from anywhere else
         assert not re.search(r"""(?:src|href)=["']?(?:https?:)?//""", page)

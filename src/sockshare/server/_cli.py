@@ -1,6 +1,6 @@
-"""``sockshare serve`` and ``sockshare status``.
+"""``sockshare serve``, ``status``, ``reload``, ``upgrade`` and ``migrate``.
 
-:func:`add_commands` registers both subcommands on an argparse ``subparsers`` object
+:func:`add_commands` registers the subcommands on an argparse ``subparsers`` object
 (each parser sets ``func=callable(args) -> int``); :mod:`sockshare.cli` calls it.
 ``python -m sockshare.server._cli serve ...`` runs the same commands stand-alone.
 
@@ -15,7 +15,9 @@ routes and listeners from TOML; flags given next to it override its top-level se
 
 ``status`` asks a running dispatcher over its control socket and prints a table
 (``rich`` if installed, plain text otherwise), ``--json`` for scripts, ``--watch`` to
-refresh until interrupted.
+refresh until interrupted. ``reload`` (a new generation of workers, like SIGHUP),
+``upgrade`` (a new dispatcher process, like SIGUSR2) and ``migrate --from WORKER
+[--count N]`` (move live connections off a worker) talk to the same control socket.
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--max-retries", type=int, metavar="N",
                    help="re-dispatches of a returned handoff before giving up (default: 3)")
     p.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"))
+    p.add_argument("--resume", metavar="SPEC",
+                   help="module:callable, async def resume(conn, state), for migrated connections "
+                        "(default: resume beside the app's handler, if any; '-': none)")
+    p.add_argument("--no-rebalance", action="store_true",
+                   help="never move connections between workers to even out the load")
     p.set_defaults(func=serve)
 
     s = subparsers.add_parser("status", help="show a running server's workers and counters")
@@ -73,6 +80,30 @@ def add_commands(subparsers: Any) -> None:
     s.add_argument("--watch", nargs="?", const=1.0, type=float, metavar="SECONDS",
                    help="refresh every SECONDS (default 1) until interrupted")
     s.set_defaults(func=status)
+
+    r = subparsers.add_parser("reload", help="start a new generation of workers (like SIGHUP)",
+                              description="Start new workers (the app is imported again), move "
+                                          "live connections to them, retire the old ones.")
+    r.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
+    r.add_argument("--no-wait", action="store_true", help="return at once instead of waiting")
+    r.set_defaults(func=reload)
+
+    u = subparsers.add_parser("upgrade", help="replace the dispatcher process (like SIGUSR2)",
+                              description="Start a new dispatcher with the listening sockets; it "
+                                          "takes over once its workers are ready.")
+    u.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
+    u.add_argument("--no-wait", action="store_true", help="return at once instead of waiting")
+    u.set_defaults(func=upgrade)
+
+    m = subparsers.add_parser("migrate", help="move live connections off a worker",
+                              description="Ask a worker to migrate its connections to the other "
+                                          "workers of its pool.")
+    m.add_argument("--from", dest="source", type=int, required=True, metavar="WORKER",
+                   help="worker id (sockshare status, ID column)")
+    m.add_argument("--count", type=int, metavar="N", help="how many (default: every one that can move)")
+    m.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
+    m.add_argument("--no-wait", action="store_true", help="do not wait for the migrations to finish")
+    m.set_defaults(func=migrate)
 
 
 # --- serve ----------------------------------------------------------------------------
@@ -115,13 +146,14 @@ def _fmt_age(seconds: float) -> str:
 
 
 _COLUMNS = ("ID", "POOL", "PID", "GEN", "STATE", "CONNS", "INFLIGHT", "HANDOFFS", "RATE/S",
-            "REJECTS", "RESTARTS", "LOST")
+            "REJECTS", "RESTARTS", "LOST", "MIG IN", "MIG OUT")
 
 
 def _rows(st: dict[str, Any]) -> list[tuple[str, ...]]:
     return [(str(w["id"]), w["pool"], str(w["pid"] or "-"), str(w["generation"]), w["state"],
              str(w["connections"]), str(w["inflight"]), str(w["handoffs"]), f"{w['rate']:.1f}",
-             str(w["rejects"]), str(w["restarts"]), str(w["lost"])) for w in st["workers"]]
+             str(w["rejects"]), str(w["restarts"]), str(w["lost"]), str(w.get("migrated_in", 0)),
+             str(w.get("migrated_out", 0))) for w in st["workers"]]
 
 
 def _summary(st: dict[str, Any]) -> list[str]:
@@ -131,12 +163,19 @@ def _summary(st: dict[str, Any]) -> list[str]:
     listeners = ", ".join(f"{lst['name']}={lst['address']}" for lst in st["listeners"])
     refused = c["refused"]
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(c["refused_by_reason"].items()))
+    lat = st.get("migration_latency") or {}
     return [
         f"sockshare pid {st['pid']}  up {_fmt_age(st['uptime'])}"
         f"{'  STOPPING' if st.get('stopping') else ''}  listening: {listeners}",
         f"accepted {c['accepted']}  handoffs {c['handoffs']} ({rate:.1f}/s)  rejects {c['rejects']}"
         f"  re-dispatched {c['redispatches']}  refused {refused}{f' ({reasons})' if reasons else ''}"
         f"  lost {c['lost']}  queue {queues}",
+        f"generation {st.get('generation', 1)}  reloads {c.get('reloads', 0)}"
+        f" (failed {c.get('reload_failures', 0)})  upgrades {c.get('upgrades', 0)}"
+        f" (failed {c.get('upgrade_failures', 0)})  migrations {c.get('migrations', 0)}"
+        f" (refused {c.get('migrations_refused', 0)}, closed {c.get('migrations_closed', 0)})"
+        f"  latency p50 {lat.get('p50_ms', 0):.3f} ms p99 {lat.get('p99_ms', 0):.3f} ms"
+        f"  rebalances {c.get('rebalances', 0)}",
     ]
 
 
@@ -198,6 +237,47 @@ def status(args: argparse.Namespace) -> int:
             time.sleep(max(0.1, args.watch))
     except KeyboardInterrupt:
         return 0
+
+
+def _command(name: str, args: argparse.Namespace, req: dict[str, Any],
+             timeout: float) -> dict[str, Any] | None:
+    try:
+        path = _pick_control(args.control)
+        resp = request(path, req, timeout=timeout)
+    except (ControlError, OSError, ValueError) as exc:
+        print(f"sockshare {name}: {exc}", file=sys.stderr)
+        return None
+    if not resp.get("ok"):
+        print(f"sockshare {name}: {resp.get('error')}", file=sys.stderr)
+        return None
+    return resp
+
+
+def reload(args: argparse.Namespace) -> int:
+    resp = _command("reload", args, {"cmd": "reload", "wait": not args.no_wait}, 60.0)
+    if resp is None:
+        return 1
+    print(f"reload requested (#{resp['queued']})" if "queued" in resp
+          else f"reloaded: generation {resp.get('generation')} serving")
+    return 0
+
+
+def upgrade(args: argparse.Namespace) -> int:
+    resp = _command("upgrade", args, {"cmd": "upgrade", "wait": not args.no_wait}, 60.0)
+    if resp is None:
+        return 1
+    print(f"new dispatcher pid {resp['pid']}: {resp.get('state')}")
+    return 0
+
+
+def migrate(args: argparse.Namespace) -> int:
+    req = {"cmd": "migrate", "from": args.source, "count": args.count, "wait": not args.no_wait}
+    resp = _command("migrate", args, req, 20.0)
+    if resp is None:
+        return 1
+    print(f"worker {resp['worker']}: {resp['flagged']} connection(s) asked to move, "
+          f"{resp['migrated']} migrated")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

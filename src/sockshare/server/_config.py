@@ -20,7 +20,7 @@ The file format (docs/server.md has the full reference)::
     proxy = "optional"               # PROXY v1/v2 header: off | optional | required
 
     [pools.web]
-    app = "sockshare.server._demo:handle"
+    app = "sockshare.server._demo:handle"   # resume: sockshare.server._demo:resume
     workers = 2
     policy = "least-conn"
     max_conns = 100
@@ -154,6 +154,10 @@ class PoolConfig:
     max_conns: int | None = None
     #: connections waiting for a free worker; past it they are refused
     queue: int = 64
+    #: the resume handler, ``module:callable`` ("-": none); None: ``resume`` beside the app's
+    resume: str | None = None
+    #: move connections from busy to idle workers; None: on unless a hash policy
+    rebalance: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +214,11 @@ class ServerConfig:
     stable_after: float = 10.0
     #: seconds a started worker gets to connect its channel
     connect_timeout: float = 15.0
+    #: seconds between two looks at the load spread of each pool
+    rebalance_interval: float = 1.0
+    #: rebalance when busiest - idlest > max(rebalance_min, rebalance_spread * busiest)
+    rebalance_min: int = 4
+    rebalance_spread: float = 0.5
 
     def validate(self) -> None:
         if not self.listeners:
@@ -246,11 +255,19 @@ class ServerConfig:
                 raise ConfigError(f"pool {p.name!r}: max_conns must be at least 1")
             if p.queue < 0:
                 raise ConfigError(f"pool {p.name!r}: queue must be 0 or more")
+            if p.resume is not None and p.resume not in ("-", "none") and ":" not in p.resume:
+                raise ConfigError(f"pool {p.name!r}: resume must be module:callable or '-', "
+                                  f"not {p.resume!r}")
+            if p.resume is not None and p.worker_cmd is not None:
+                raise ConfigError(f"pool {p.name!r}: resume is for Python apps, not worker_cmd")
             if p.policy not in POLICIES and ":" not in p.policy:
                 raise ConfigError(f"pool {p.name!r}: policy {p.policy!r} is not one of "
                                   f"{', '.join(POLICIES)} or module:function")
         if self.grace < 0 or self.max_retries < 0:
             raise ConfigError("grace and max_retries must not be negative")
+        if self.rebalance_interval <= 0 or self.rebalance_min < 1 or self.rebalance_spread < 0:
+            raise ConfigError("rebalance_interval must be positive, rebalance_min at least 1 and "
+                              "rebalance_spread not negative")
         if self.metrics is not None:
             parse_bind(self.metrics)
 
@@ -292,6 +309,8 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
         workers=args.workers if args.workers is not None else 2,
         policy=args.policy or "least-conn", hash_key=args.hash_key or "host",
         max_conns=args.max_conns, queue=args.queue if args.queue is not None else 64,
+        resume=getattr(args, "resume", None),
+        rebalance=False if getattr(args, "no_rebalance", False) else None,
     )
     binds = args.bind or [DEFAULT_BIND]
     listeners = [
@@ -319,8 +338,10 @@ def _override(cfg: ServerConfig, args: argparse.Namespace) -> None:
 
 _TOP = {"queue", "grace", "metrics", "control", "log_level", "sniff_timeout", "max_retries",
         "queue_timeout", "backoff_initial", "backoff_max", "stable_after", "connect_timeout",
+        "rebalance_interval", "rebalance_min", "rebalance_spread",
         "default_pool", "listen", "pools", "routes"}
-_POOL = {"app", "worker_cmd", "workers", "policy", "hash_key", "max_conns", "queue"}
+_POOL = {"app", "worker_cmd", "workers", "policy", "hash_key", "max_conns", "queue", "resume",
+         "rebalance"}
 _LISTEN = {"bind", "name", "sniff", "pool", "backlog", "proxy"}
 _ROUTE = {"pool", "host", "sni", "proxy", "listener"}
 
@@ -359,6 +380,8 @@ def parse_document(doc: Mapping[str, Any]) -> ServerConfig:
             hash_key=_typed(p, "hash_key", str, "host", where),
             max_conns=_typed(p, "max_conns", int, None, where),
             queue=_typed(p, "queue", int, default_queue, where),
+            resume=_typed(p, "resume", str, None, where),
+            rebalance=_typed(p, "rebalance", bool, None, where),
         )
     listeners: list[ListenerConfig] = []
     raw_listen = doc.get("listen", [])
@@ -398,7 +421,8 @@ def parse_document(doc: Mapping[str, Any]) -> ServerConfig:
     for key, typ in (("grace", float), ("metrics", str), ("control", str), ("log_level", str),
                      ("sniff_timeout", float), ("max_retries", int), ("queue_timeout", float),
                      ("backoff_initial", float), ("backoff_max", float), ("stable_after", float),
-                     ("connect_timeout", float)):
+                     ("connect_timeout", float), ("rebalance_interval", float),
+                     ("rebalance_min", int), ("rebalance_spread", float)):
         if key in doc:
             setattr(cfg, key, _typed(doc, key, typ, None, "the top level"))
     return cfg

@@ -8,15 +8,25 @@ The protocol is newline-delimited JSON, one request per line, one response per l
 
     -> {"cmd": "status"}
     <- {"ok": true, "status": {...}}
+    -> {"cmd": "reload", "wait": true}
+    <- {"ok": true, "generation": 2}
     -> {"cmd": "nope"}
-    <- {"ok": false, "error": "unknown command 'nope' (known: ping, status)"}
+    <- {"ok": false, "error": "unknown command 'nope' (known: ping, status, ...)"}
+
+Commands: ``status``, ``ping``, ``reload``, ``upgrade``, ``migrate`` (docs/server.md) and
+``takeover``, which only the dispatcher that an ``upgrade`` started may send.
 
 Whatever a client sends cannot disturb the dispatcher: a line that is not JSON, not an
 object, not UTF-8, or names no known command gets an error response; a line longer than
 64 KiB, more than 16 bad lines, or 60 s of silence close the connection; at most 32
-clients are served at once. The handler runs on the dispatcher's event loop and only
-reads its state, so it must stay quick and never raise: an exception inside it becomes
-an error response.
+clients are served at once. The handler runs on the dispatcher's event loop; it may be a
+coroutine function (``reload`` and ``upgrade`` can wait for their outcome), and it never
+raises: an exception inside it becomes an error response.
+
+On an upgrade the new dispatcher binds its control socket beside the old one's path and
+:meth:`ControlServer.move` renames it over that path once it has taken over; a server
+only ever removes the socket file it created itself (checked by inode), so the old
+dispatcher's exit does not remove the new one's socket.
 
 :func:`request` is the (blocking) client side used by ``sockshare status``.
 """
@@ -25,13 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
 import socket
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sockshare._errors import SockshareError
@@ -52,7 +63,7 @@ MAX_BAD = 16
 IDLE_TIMEOUT = 60.0
 MAX_CLIENTS = 32
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+Handler = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 
 
 class ControlError(SockshareError):
@@ -120,6 +131,7 @@ class ControlServer:
         self._handler = handler
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
+        self._inode = 0
 
     async def start(self) -> None:
         d = os.path.dirname(self.path) or "."
@@ -136,6 +148,12 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
+        self._inode = os.stat(self.path).st_ino
+
+    def move(self, path: str) -> None:
+        """Rename the socket file to ``path`` (atomically replacing what is there)."""
+        os.rename(self.path, path)
+        self.path = path
 
     async def close(self) -> None:
         if self._server is not None:
@@ -146,7 +164,8 @@ class ControlServer:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
             self._server = None
         with contextlib.suppress(OSError):
-            os.unlink(self.path)
+            if os.stat(self.path).st_ino == self._inode:   # never another server's socket
+                os.unlink(self.path)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -173,7 +192,7 @@ class ControlServer:
                 raw = await asyncio.wait_for(reader.readuntil(b"\n"), IDLE_TIMEOUT)
             except asyncio.IncompleteReadError as exc:
                 if exc.partial.strip():  # a last request without its newline
-                    writer.write(_line(self._answer(exc.partial)))
+                    writer.write(_line(await self._answer(exc.partial)))
                     await writer.drain()
                 return
             except asyncio.LimitOverrunError:
@@ -184,14 +203,14 @@ class ControlServer:
                 return
             if not raw.strip():
                 continue
-            response = self._answer(raw)
+            response = await self._answer(raw)
             if not response.get("ok"):
                 bad += 1
             writer.write(_line(response))
             await writer.drain()
         writer.write(_line({"ok": False, "error": "too many bad requests; closing"}))
 
-    def _answer(self, raw: bytes) -> dict[str, Any]:
+    async def _answer(self, raw: bytes) -> dict[str, Any]:
         try:
             req = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
@@ -199,7 +218,10 @@ class ControlServer:
         if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
             return {"ok": False, "error": 'a request is a JSON object with a "cmd" string'}
         try:
-            return self._handler(req)
+            out = self._handler(req)
+            if inspect.isawaitable(out):
+                out = await out
+            return out
         except Exception as exc:
             log.exception("control command %r failed", req.get("cmd"))
             return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}

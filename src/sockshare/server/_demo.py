@@ -9,12 +9,14 @@ Routes (HTTP/1.1 through :mod:`h11`, keep-alive, bounded head and body sizes):
 
 * ``GET /`` -- a self-contained HTML page (inline CSS and JS, no external resources)
   naming the worker that served it (``#worker-pid``, also in ``document.title``) with a
-  WebSocket panel talking to ``/ws``; every reply lands in ``#ws-log``;
+  WebSocket panel talking to ``/ws``: every reply lands in ``#ws-log``, the worker
+  serving the WebSocket now is ``#ws-worker-pid``, its counter ``#ws-count``, and the
+  "Move me" button (``#move-me``) migrates it (a ``li.note.moved`` tells from where);
 * ``GET /whoami`` -- ``{"worker_pid": ..., "worker_id": ..., "handoff_id": ...}``;
 * ``GET /ws`` with ``Upgrade: websocket`` -- RFC 6455 through :mod:`wsproto`: each text
   message comes back as ``{"echo": msg, "worker_pid": ..., "worker_id": ..., "n": k}``
-  where ``k`` counts the messages on this connection; pings are answered, closes are
-  completed;
+  where ``k`` counts the messages on this connection; ``{"cmd": "move"}`` is not echoed:
+  it migrates the connection; pings are answered, closes are completed;
 * anything else: 404 (unknown path), 405 (known path, other method), 400 on garbage,
   431 on an oversized head, 413 on a large body, 505 on HTTP/2+ request lines;
   ``Connection: close`` is honoured.
@@ -23,6 +25,23 @@ The handler only touches the :class:`DemoConnection` attributes below, so it run
 the worker runtime as well as under a test harness that builds the same shape by hand.
 Bytes the dispatcher already read sit at the front of ``conn.reader`` and are parsed as
 the start of the first request like any other bytes.
+
+Live migration (docs/server.md). :func:`resume` sits beside :func:`handle`, so the worker
+runtime finds it and connections can move between workers with their state:
+
+* a WebSocket moves between two messages: when the page's "move me" button sends
+  ``{"cmd": "move"}``, or when the dispatcher asks (rebalancing, reload, upgrade,
+  ``sockshare migrate``). Its state is the message counter; frames are read *whole*, one
+  at a time (header, then exactly the payload), so wsproto never holds half a frame
+  that would be lost: every byte not yet parsed is still in the reader (or in our small
+  look-ahead, given back as ``unread``) and travels with the socket. The new worker
+  starts with ``{"event": "moved", "from_pid", "worker_pid", "worker_id", "n", "moves",
+  "reason", "latency_ms"}`` and goes on counting: no message is lost or answered twice;
+* an idle keep-alive HTTP connection (between two requests) moves when the dispatcher
+  asks, with what h11 has buffered of the next request as ``unread``; a request being
+  answered is never interrupted (the connection is not migratable meanwhile).
+
+Under the test harness (no ``migrate``), the button answers ``{"event": "move_failed"}``.
 """
 
 from __future__ import annotations
@@ -32,6 +51,7 @@ import contextlib
 import html
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from email.utils import formatdate
 from typing import Any, Protocol
@@ -44,6 +64,8 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
+from sockshare.server._worker import MigrationError, MigrationRequested
+
 __all__ = [
     "DemoConnection",
     "DemoWorker",
@@ -52,6 +74,7 @@ __all__ = [
     "MAX_WS_MESSAGE_BYTES",
     "handle",
     "render_page",
+    "resume",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,6 +147,40 @@ async def handle(conn: DemoConnection) -> None:
         await conn.close()
 
 
+async def resume(conn: DemoConnection, state: Any) -> None:
+    """Continue a connection another worker migrated here (``state`` from :func:`handle`)."""
+    try:
+        if isinstance(state, dict) and state.get("kind") == "ws":
+            await _WebSocketSession(conn, state).resumed()
+        else:
+            await _HttpSession(conn).run()
+    except (ConnectionError, TimeoutError):
+        pass
+    finally:
+        await conn.close()
+
+
+def _can_migrate(conn: DemoConnection) -> bool:
+    """A worker-runtime connection whose app has a resume handler (not the test harness)."""
+    return bool(getattr(conn, "migratable", False)) and hasattr(conn, "interruptible")
+
+
+async def _migrate(conn: DemoConnection, state: dict[str, Any], unread: bytes,
+                   reason: str = "") -> str:
+    """Move the connection; '' when it moved, else why not (it is still ours)."""
+    migrate = getattr(conn, "migrate", None)
+    if migrate is None:
+        return "this server cannot move connections"
+    try:
+        await migrate(state, unread=unread, reason=reason)
+    except MigrationError as exc:
+        event = getattr(conn, "migration_requested", None)
+        if event is not None:
+            event.clear()
+        return str(exc)
+    return ""
+
+
 # --------------------------------------------------------------------------- HTTP
 
 
@@ -178,14 +235,22 @@ class _HttpSession:
 
     # -- I/O
 
-    async def _next_event(self, timeout: float) -> Any:
-        """The next h11 event (or ``h11.PAUSED``), reading as needed; ``TimeoutError``."""
+    async def _next_event(self, timeout: float, *, idle: bool = False) -> Any:
+        """The next h11 event (or ``h11.PAUSED``), reading as needed; ``TimeoutError``.
+
+        ``idle``: waiting for the next request, when a migration request may interrupt
+        the read (:class:`MigrationRequested`)."""
         while True:
             event = self.http.next_event()
             if event is not h11.NEED_DATA:
                 return event
             async with asyncio.timeout(timeout):
-                data = await self.reader.read(READ_CHUNK)
+                if (idle and self.http.their_state is h11.IDLE and self.http.our_state is h11.IDLE
+                        and _can_migrate(self.conn)):
+                    data = await self.conn.interruptible(  # type: ignore[attr-defined]
+                        self.reader.read(READ_CHUNK))
+                else:
+                    data = await self.reader.read(READ_CHUNK)
             self.http.receive_data(data)  # b"" is end of stream
 
     async def _write(self, *events: Any) -> None:
@@ -258,7 +323,12 @@ class _HttpSession:
     async def run(self) -> None:
         while True:
             try:
-                event = await self._next_event(HTTP_IDLE_TIMEOUT)
+                event = await self._next_event(HTTP_IDLE_TIMEOUT, idle=True)
+            except MigrationRequested:
+                unread, closed = self.http.trailing_data
+                if not closed and not await _migrate(self.conn, {"kind": "http"}, unread):
+                    return
+                continue
             except h11.RemoteProtocolError as exc:
                 await self._error(exc.error_status_hint, "malformed request", close=True)
                 await self._linger()
@@ -402,13 +472,18 @@ _REASONS = {
 
 
 class _WebSocketSession:
-    """The echo service on an upgraded connection."""
+    """The echo service on an upgraded connection; it can move to another worker."""
 
-    def __init__(self, conn: DemoConnection) -> None:
+    def __init__(self, conn: DemoConnection, state: Mapping[str, Any] | None = None) -> None:
         self.conn = conn
         self.reader = conn.reader
         self.writer = conn.writer
-        self.count = 0
+        state = state or {}
+        self.count = int(state.get("n", 0))
+        self.moves = int(state.get("moves", 0))
+        #: bytes read past the upgrade request (h11's trailing data): parsed first
+        self.pending = bytearray()
+        self.move_asked = False
 
     async def _send(self, ws: WSConnection, event: Any) -> None:
         self.writer.write(ws.send(event))
@@ -419,10 +494,73 @@ class _WebSocketSession:
         if ws.state is ConnectionState.OPEN:
             await self._send(ws, CloseConnection(code=code, reason=reason))
 
+    # -- reading whole frames
+
+    async def _exactly(self, n: int, *, interruptible: bool = False) -> bytes:
+        if len(self.pending) >= n:
+            out = bytes(self.pending[:n])
+            del self.pending[:n]
+            return out
+        want = n - len(self.pending)
+        if interruptible and not self.pending:
+            data: bytes = await self.conn.interruptible(  # type: ignore[attr-defined]
+                self.reader.readexactly(want))
+        else:
+            data = await self.reader.readexactly(want)
+        out = bytes(self.pending) + data
+        self.pending.clear()
+        return out
+
+    async def _frame(self, *, interruptible: bool) -> tuple[bytes, int]:
+        """``(frame bytes, 0)`` for one whole frame; ``(header, n)`` for a frame whose
+        payload (n bytes with the mask) is over the limit and must be skipped."""
+        head = await self._exactly(2, interruptible=interruptible)
+        length, masked = head[1] & 0x7F, head[1] & 0x80
+        ext = b""
+        if length == 126:
+            ext = await self._exactly(2)
+            length = int.from_bytes(ext, "big")
+        elif length == 127:
+            ext = await self._exactly(8)
+            length = int.from_bytes(ext, "big")
+        rest = length + (4 if masked else 0)
+        if length > MAX_WS_MESSAGE_BYTES:
+            return head + ext, rest
+        return head + ext + await self._exactly(rest), 0
+
+    async def _skip(self, n: int) -> None:
+        while n > 0:
+            chunk = await self._exactly(min(n, READ_CHUNK))
+            n -= len(chunk)
+
+    # -- the session
+
+    async def resumed(self) -> None:
+        """First words on the new worker, then the same echo service."""
+        mig = self.conn.meta.get("migration") or {}
+        started = mig.get("started") if isinstance(mig, Mapping) else None
+        latency = (time.monotonic() - started) * 1000 if isinstance(started, float) else None
+        ws = WSConnection(ConnectionType.SERVER)
+        await self._send(ws, TextMessage(data=json.dumps({
+            "event": "moved",
+            "from_pid": mig.get("from_pid") if isinstance(mig, Mapping) else None,
+            "worker_pid": self.conn.worker.pid,
+            "worker_id": _jsonable(self.conn.worker.id),
+            "n": self.count,
+            "moves": self.moves,
+            "reason": mig.get("reason") if isinstance(mig, Mapping) else None,
+            "latency_ms": None if latency is None else round(latency, 3),
+        })))
+        await self._loop(ws)
+
     async def run(self, trailing: bytes, closed: bool) -> None:
-        ws = WSConnection(ConnectionType.SERVER, trailing_data=trailing)
-        if closed:
+        ws = WSConnection(ConnectionType.SERVER)
+        self.pending += trailing
+        if closed and not trailing:
             ws.receive_data(None)
+        await self._loop(ws)
+
+    async def _loop(self, ws: WSConnection) -> None:
         parts: list[str] = []
         size = 0
         while True:
@@ -439,7 +577,7 @@ class _WebSocketSession:
                         message = "".join(parts)
                         parts.clear()
                         size = 0
-                        await self._echo(ws, message)
+                        await self._message(ws, message)
                 elif isinstance(event, BytesMessage):
                     await self._close(ws, CloseReason.UNSUPPORTED_DATA, "text messages only")
                 elif isinstance(event, Ping):
@@ -457,16 +595,52 @@ class _WebSocketSession:
                     return
             if ws.state is ConnectionState.CLOSED:
                 return
+            between = ws.state is ConnectionState.OPEN and not parts
+            if between and self.move_asked:
+                self.move_asked = False
+                if await self._move(ws, "button"):
+                    return
             closing = ws.state is ConnectionState.LOCAL_CLOSING
             try:
                 async with asyncio.timeout(WS_CLOSE_TIMEOUT if closing else WS_IDLE_TIMEOUT):
-                    data = await self.reader.read(READ_CHUNK)
+                    frame, skip = await self._frame(interruptible=between and _can_migrate(self.conn))
+                    if skip:
+                        await self._close(ws, CloseReason.MESSAGE_TOO_BIG, "message too big")
+                        await self._skip(skip)
+                        continue
+            except MigrationRequested:
+                if await self._move(ws, ""):
+                    return
+                continue
             except TimeoutError:
                 if closing:
                     return
                 await self._close(ws, CloseReason.GOING_AWAY, "idle")
                 continue
-            ws.receive_data(data or None)
+            except asyncio.IncompleteReadError:
+                ws.receive_data(None)   # the peer closed mid-frame
+                continue
+            ws.receive_data(frame)
+
+    async def _move(self, ws: WSConnection, why: str) -> bool:
+        """Migrate between two messages; True if the connection is gone to another worker."""
+        state = {"kind": "ws", "n": self.count, "moves": self.moves + 1}
+        failure = await _migrate(self.conn, state, bytes(self.pending), why)
+        if not failure:
+            return True
+        if why == "button":
+            await self._send(ws, TextMessage(data=json.dumps({
+                "event": "move_failed", "reason": failure, "worker_pid": self.conn.worker.pid,
+                "n": self.count})))
+        return False
+
+    async def _message(self, ws: WSConnection, message: str) -> None:
+        if message.startswith("{") and message.endswith("}"):
+            with contextlib.suppress(ValueError):
+                if json.loads(message) == {"cmd": "move"}:
+                    self.move_asked = True   # once this frame's events are done
+                    return
+        await self._echo(ws, message)
 
     async def _echo(self, ws: WSConnection, message: str) -> None:
         self.count += 1
@@ -588,6 +762,10 @@ viewBox='0 0 16 16'%3E%3Ccircle cx='8' cy='8' r='7' fill='%2338bdf8'/%3E%3C/svg%
   #ws-log li.moved .who {{ background: rgba(251, 191, 36, 0.15); color: var(--warn); }}
   #ws-log li.note {{ grid-template-columns: 1fr; color: var(--muted); font-size: 13px; }}
   .empty {{ color: var(--muted); font-size: 13px; }}
+  .hint {{ color: var(--muted); font-size: 13px; margin: 16px 0 0; }}
+  dl.live {{ margin-bottom: 14px; }}
+  dl.live dd {{ color: var(--accent); }}
+  #ws-log li.note.moved {{ color: var(--warn); }}
   footer {{ margin-top: 26px; color: var(--muted); font-size: 13px; }}
   code {{ font-family: var(--mono); color: var(--text); }}
 </style>
@@ -608,20 +786,26 @@ viewBox='0 0 16 16'%3E%3Ccircle cx='8' cy='8' r='7' fill='%2338bdf8'/%3E%3C/svg%
         <dt>handoff id</dt><dd id="handoff-id">{handoff_id}</dd>
         <dt>client</dt><dd id="client">{client}</dd>
       </dl>
-      <!-- ============================================================================
-           PLACEHOLDER: live-migration "move me" button (separate issue, not built yet).
-           It goes in #migration-slot below; this page does not migrate anything.
-           ============================================================================ -->
-      <div id="migration-slot" data-placeholder="move-me" hidden></div>
+      <div id="migration-slot">
+        <p class="hint">The WebSocket on the right is a live connection. <b>Move me</b> hands
+        it, socket and state, to another worker process: the pid changes, the counter goes
+        on, no message is lost.</p>
+      </div>
     </section>
     <section class="card" id="ws-card">
       <h2>WebSocket echo &middot; <code>/ws</code></h2>
       <div class="status" id="ws-status" data-state="connecting">
         <span class="dot"></span><span id="ws-status-text">connecting&hellip;</span>
       </div>
+      <dl class="live">
+        <dt>served now by pid</dt><dd id="ws-worker-pid">&ndash;</dd>
+        <dt>messages</dt><dd id="ws-count">0</dd>
+        <dt>moves</dt><dd id="ws-moves">0</dd>
+      </dl>
       <form id="ws-form" autocomplete="off">
         <input id="ws-input" placeholder="type a message" maxlength="2000" value="">
         <button id="ws-send" type="submit" disabled>Send</button>
+        <button id="move-me" class="ghost" type="button" disabled>Move me</button>
         <button id="ws-reconnect" class="ghost" type="button" hidden>Reconnect</button>
       </form>
       <ol id="ws-log" aria-live="polite"></ol>
@@ -638,26 +822,47 @@ viewBox='0 0 16 16'%3E%3Ccircle cx='8' cy='8' r='7' fill='%2338bdf8'/%3E%3C/svg%
   const $ = (id) => document.getElementById(id);
   const log = $("ws-log"), input = $("ws-input"), send = $("ws-send");
   const status = $("ws-status"), statusText = $("ws-status-text"), again = $("ws-reconnect");
+  const move = $("move-me");
   let ws = null;
 
   function setStatus(state, text) {{
     status.dataset.state = state;
     statusText.textContent = text;
     send.disabled = state !== "open";
+    move.disabled = state !== "open";
     again.hidden = state !== "closed";
   }}
 
-  function addNote(text) {{
+  function addNote(text, cls) {{
     const li = document.createElement("li");
-    li.className = "note";
+    li.className = "note" + (cls ? " " + cls : "");
     li.textContent = text;
     log.appendChild(li);
+    log.scrollTop = log.scrollHeight;
     $("ws-empty").hidden = true;
+    return li;
+  }}
+
+  function onEvent(msg) {{
+    if (msg.event === "moved") {{
+      $("ws-worker-pid").textContent = String(msg.worker_pid);
+      $("ws-moves").textContent = String(msg.moves);
+      const li = addNote("moved from worker pid " + msg.from_pid + " to pid " + msg.worker_pid +
+        " (" + msg.reason + (msg.latency_ms != null ? ", " + msg.latency_ms + " ms" : "") +
+        "); counter at " + msg.n, "moved");
+      li.dataset.moved = JSON.stringify(msg);
+    }} else if (msg.event === "move_failed") {{
+      addNote("could not move: " + msg.reason, "failed");
+    }}
+    move.disabled = !ws || ws.readyState !== WebSocket.OPEN;
   }}
 
   function addReply(raw) {{
     let reply;
     try {{ reply = JSON.parse(raw); }} catch (err) {{ reply = {{ echo: raw }}; }}
+    if (reply.event) {{ onEvent(reply); return; }}
+    $("ws-worker-pid").textContent = String(reply.worker_pid);
+    $("ws-count").textContent = String(reply.n);
     const li = document.createElement("li");
     li.dataset.reply = raw;
     li.dataset.workerPid = String(reply.worker_pid);
@@ -698,6 +903,11 @@ viewBox='0 0 16 16'%3E%3Ccircle cx='8' cy='8' r='7' fill='%2338bdf8'/%3E%3C/svg%
     if (!text || !ws || ws.readyState !== WebSocket.OPEN) return;
     ws.send(text);
     input.value = "";
+  }});
+  move.addEventListener("click", () => {{
+    if (!ws || ws.readyState !== WebSocket.OPEN) return;
+    move.disabled = true;   // until the new worker (or a refusal) answers
+    ws.send(JSON.stringify({{ cmd: "move" }}));
   }});
   again.addEventListener("click", connect);
   connect();

@@ -2,7 +2,7 @@
 
 One asyncio process owns every listening socket. Its life::
 
-    bind listeners ─ listen on the private channel address ─ start workers
+    bind listeners (or take them: LISTEN_FDS) ─ channel address ─ start workers ─ READY=1
         │
         ▼  (listener readable: up to 64 accepts per wake-up)
     accept ─▶ [sniff] ─▶ route to a pool ─▶ policy picks a worker ─▶ batch
@@ -27,16 +27,53 @@ Past the queue, or after the timeout, it is *refused*: closed at once with SO_LI
 (the client sees a reset, never a half answer), one log line (rate-limited to 10/s with a
 summary of the rest) and ``refused{reason}`` counted. Re-dispatched connections go to the
 head of the queue and are never refused for a full queue (they were admitted already).
-On shutdown, connections still queued are refused with reason ``shutdown``, like a
-listen backlog that is closed.
 
-Supervision. Each worker id has a supervisor task: it starts the process (the Python
-runtime for an ``app``, or a ``worker_cmd`` in any language, given
-``SOCKSHARE_CHANNEL``/``SOCKSHARE_WORKER_ID``), waits for it to exit and restarts it
-after an exponential backoff (``backoff_initial`` doubling to ``backoff_max``, reset once
-a worker ran ``stable_after`` seconds). When a worker dies, its channel breaks: every
-handoff it had not accepted comes back as a returned ticket and is re-dispatched -- not
-lost; the connections it had accepted die with it (counted as ``lost``).
+Supervision. Each worker *process* has a :class:`WorkerSlot` and a supervisor task: it
+starts the process (the Python runtime for an ``app``, or a ``worker_cmd`` in any
+language, given ``SOCKSHARE_CHANNEL``/``SOCKSHARE_WORKER_ID``), waits for it to exit and
+restarts it after an exponential backoff. Slots of the same worker id share their
+counters (:class:`WorkerStats`), so a reload does not reset them. When a worker dies, its
+channel breaks: every handoff it had not accepted comes back and is re-dispatched; the
+connections it had accepted die with it (``lost``).
+
+Migration: a relay with chained acknowledgements. A worker migrating a connection
+sends it to the dispatcher as a HANDOFF on its own channel, meta ``{"resume": state}``.
+The dispatcher forwards it to another worker of the pool that can resume (fewest
+connections; the source and the workers already tried excluded) and answers the source
+only when the target has answered: ACCEPT after the target's ACCEPT, REJECT when no
+worker could take it (the source then keeps serving it). So every descriptor copy has
+one owner at a time: the source closes its copy on our ACCEPT, we close ours on the
+target's ACCEPT (the channel does that), and a copy whose owner dies is closed by the
+kernel. If the source dies mid-way, the forward goes on: the target serves, or our copy
+is closed. Migrations are asked for by the rebalancer (load spread past a threshold,
+or a worker over ``max_conns``), by ``sockshare migrate``, by a reload and by an upgrade.
+
+Reload (SIGHUP, ``sockshare reload``): a new slot per worker id starts a fresh process
+(the app is imported again); once every one of them is ready they become the pool's
+workers, and the old ones get ``{"cmd": "drain", "migrate": true}``: they reject new
+handoffs (re-dispatched to the new ones), migrate what can move, finish the rest within
+``grace`` and exit. If a new worker cannot start (an import error), the reload is
+abandoned and the old workers go on. The listeners never close: nothing is refused.
+
+Upgrade (SIGUSR2, ``sockshare upgrade``): the dispatcher itself is replaced. It starts
+``python -m sockshare.backends._inherit FD... -- <its own command line>`` with its
+listening sockets (and the metrics socket) passed as ``LISTEN_FDS``/``LISTEN_FDNAMES``
+-- the systemd protocol, so socket activation and upgrades share one code path, the
+sockets are in place before the new process runs its first line, and no listener is
+ever closed or re-bound. The new dispatcher starts its workers and, once they are
+ready, asks the old one to hand over (``{"cmd": "takeover"}`` on the old control
+socket). The old one then tells systemd ``MAINPID=<new pid>``, stops accepting (the
+kernel's accept queue is shared, so nothing is lost), connects a channel to the new
+dispatcher, forwards its queue over it, and drains its workers with migration: their
+connections travel worker → old dispatcher → new dispatcher → new worker. It exits when
+its last worker has. If the new dispatcher dies before taking over, the old one simply
+goes on serving.
+
+systemd: listeners may come from socket activation (``LISTEN_FDS``, matched to the
+configured listeners by ``LISTEN_FDNAMES`` or address), they are put in the fd store
+(``FDSTORE=1``, ``FDNAME=<listener>``) so they survive a crash of the dispatcher, and the
+service manager hears ``READY=1``, ``RELOADING=1``, ``STOPPING=1`` and, on upgrade,
+``MAINPID=``.
 
 The dispatcher never reads or writes client data except what a sniffer consumed, which
 travels with the handoff as pre-read bytes.
@@ -57,25 +94,35 @@ import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sockshare._aio import AsyncChannel, AsyncChannelListener
-from sockshare._channel import Ticket, _remove_stale_socket
-from sockshare._errors import ChannelError, SockshareError
+from sockshare._channel import Handoff, Ticket, _remove_stale_socket
+from sockshare._errors import BackendUnavailable, ChannelError, SockshareError
+from sockshare.backends import _inherit
 from sockshare.backends._scm import peer_credentials
 from sockshare.server._config import ListenerConfig, PoolConfig, ServerConfig, parse_bind
-from sockshare.server._control import ControlServer, default_path, runtime_dir
+from sockshare.server._control import ControlServer, default_path, request, runtime_dir
 from sockshare.server._metrics import MetricsServer
-from sockshare.server._policy import ConnInfo, Policy, make_policy
+from sockshare.server._policy import ConnInfo, LeastConnections, Policy, make_policy
 
-__all__ = ["Dispatcher", "WorkerSlot"]
+__all__ = ["Dispatcher", "WorkerSlot", "WorkerStats"]
 
 log = logging.getLogger("sockshare.server")
 
 ACCEPT_BATCH = 64
 REFUSAL_LOG_PER_SECOND = 10
 _LINGER_RESET = struct.pack("ii", 1, 0)
+#: LISTEN_FDNAMES name of the metrics socket passed to a new dispatcher on upgrade.
+METRICS_FDNAME = "sockshare.metrics"
+#: Environment of a dispatcher started by ``upgrade``: the predecessor's pid and control.
+ENV_UPGRADE_FROM = "SOCKSHARE_UPGRADE_FROM"
+ENV_UPGRADE_CONTROL = "SOCKSHARE_UPGRADE_CONTROL"
+#: Migrations asked of one worker per rebalancing round, at most.
+REBALANCE_BATCH = 64
+#: Migration latencies kept for the percentiles in ``status``.
+LATENCY_SAMPLES = 2048
 
 
 def _describe_exit(rc: int | None) -> str:
@@ -97,9 +144,46 @@ def _close_reset(sock: socket.socket) -> None:
     sock.close()
 
 
+def _sd_notify(state: str, fds: list[int] | None = None) -> None:
+    """sd_notify that never disturbs the dispatcher (no NOTIFY_SOCKET: nothing)."""
+    try:
+        _inherit.notify(state, fds or ())
+    except (OSError, BackendUnavailable) as exc:
+        log.warning("sd_notify %r failed: %s", state.split("\n", maxsplit=1)[0], exc)
+
+
+def _remove_dead_sockets(rundir: str) -> None:
+    """Channel and control sockets left by dispatchers that were killed (SIGKILL, a crash):
+    ``<pid>.chan``/``<pid>.ctl`` whose pid is gone and on which nobody listens."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(rundir):
+            stem, ext = os.path.splitext(name)
+            if ext not in (".chan", ".ctl") or not stem.isdigit():
+                continue
+            try:
+                os.kill(int(stem), 0)
+                continue   # alive (or another user's): not ours to touch
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            with contextlib.suppress(OSError, SockshareError):
+                _remove_stale_socket(os.path.join(rundir, name))
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
 @dataclass(eq=False, slots=True)
 class Waiting:
-    """A client connection the dispatcher holds: queued, batched or in flight."""
+    """A client connection the dispatcher holds: queued, batched or in flight.
+
+    ``origin`` is set for a migration: the handoff the source (a worker, or the old
+    dispatcher during an upgrade) sent us; it is answered when the target answers."""
 
     sock: socket.socket
     info: ConnInfo
@@ -108,6 +192,9 @@ class Waiting:
     since: float
     attempts: int = 0
     exclude: int | None = None
+    origin: Handoff | None = None
+    origin_slot: WorkerSlot | None = None
+    tried: list[WorkerSlot] = field(default_factory=list)
 
 
 class PoolState:
@@ -118,17 +205,34 @@ class PoolState:
         self.policy: Policy = make_policy(cfg.policy, cfg.hash_key)
         self.workers: list[WorkerSlot] = []
         self.queue: deque[Waiting] = deque()
+        rebalance = cfg.rebalance
+        self.rebalance = (not cfg.policy.startswith("hash-")) if rebalance is None else rebalance
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """Counters of one worker id, shared by its successive processes (restarts, reloads)."""
+
+    generation: int = 0
+    handoffs: int = 0
+    rejects: int = 0
+    returned: int = 0
+    restarts: int = 0
+    lost: int = 0
+    migrated_in: int = 0
+    migrated_out: int = 0
 
 
 class WorkerSlot:
-    """One worker id: the process currently behind it, its channel and its counters.
+    """One worker process (and its successors after crashes): channel, counts, state.
 
     Implements :class:`~sockshare.server._policy.WorkerView` for the policies.
     """
 
-    def __init__(self, wid: int, pool: PoolState) -> None:
+    def __init__(self, wid: int, pool: PoolState, stats: WorkerStats | None = None) -> None:
         self.id = wid
         self.pool_state = pool
+        self.stats = stats or WorkerStats()
         self.generation = 0
         self.proc: asyncio.subprocess.Process | None = None
         self.channel: AsyncChannel | None = None
@@ -136,14 +240,17 @@ class WorkerSlot:
         self.active = 0
         self.reserved = 0
         self.pending: dict[int, tuple[Ticket, Waiting]] = {}
-        self.handoffs = 0
-        self.rejects = 0
-        self.returned = 0
-        self.restarts = 0
-        self.lost = 0
         self.started = 0.0
         self.rate = 0.0
         self.marks: deque[tuple[float, int]] = deque(maxlen=6)
+        #: said {"ev": "hello", "resume": true}: a migration target
+        self.can_resume = False
+        self.hello = False
+        self.fatal = False
+        self.exits = 0
+        #: replaced by a reload / handed over by an upgrade: never restarted
+        self.retired = False
+        self.rebalance_after = 0.0
 
     @property
     def pid(self) -> int | None:
@@ -161,22 +268,37 @@ class WorkerSlot:
     def max_conns(self) -> int | None:
         return self.pool_state.cfg.max_conns
 
+    @property
+    def python(self) -> bool:
+        return self.pool_state.cfg.app is not None
+
     def has_room(self) -> bool:
         if self.state != "ready" or self.channel is None:
             return False
         cap = self.pool_state.cfg.max_conns
         return cap is None or self.connections < cap
 
+    def control(self, obj: dict[str, Any]) -> bool:
+        if self.channel is None:
+            return False
+        try:
+            self.channel.send_control(obj)
+        except SockshareError:
+            return False
+        return True
+
     def __repr__(self) -> str:
         return f"<worker {self.id} pool={self.pool} pid={self.pid} {self.state}>"
 
 
 class ListenerState:
-    def __init__(self, cfg: ListenerConfig, sock: socket.socket) -> None:
+    def __init__(self, cfg: ListenerConfig, sock: socket.socket, *, owned: bool = True) -> None:
         self.cfg = cfg
         self.sock = sock
         self.accepted = 0
         self.paused = False
+        #: the socket file (UNIX) is ours to remove on stop (not systemd's, not handed over)
+        self.owned = owned
         if cfg.bind.is_unix:
             self.address = f"unix:{cfg.bind.address}"
         else:
@@ -205,12 +327,28 @@ def bind_listener(cfg: ListenerConfig) -> socket.socket:
     return sock
 
 
+def _same_address(sock: socket.socket, cfg: ListenerConfig) -> bool:
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return False
+    b = cfg.bind
+    if sock.family != b.family:
+        return False
+    if b.is_unix:
+        return bool(name == b.address)
+    host, port = b.address[0], b.address[1]
+    return port != 0 and name[1] == port and (name[0] == host or host in ("", "0.0.0.0", "::"))
+
+
 class Dispatcher:
     """The server process. ``await Dispatcher(cfg).run()`` returns the exit status."""
 
-    def __init__(self, cfg: ServerConfig) -> None:
+    def __init__(self, cfg: ServerConfig, *, argv: list[str] | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
+        #: the command line an upgrade executes again (new code, same arguments)
+        self.argv = argv if argv is not None else [sys.executable, *sys.orig_argv[1:]]
         self.pools: dict[str, PoolState] = {name: PoolState(p) for name, p in cfg.pools.items()}
         self.slots: list[WorkerSlot] = []
         wid = itertools.count(1)
@@ -219,11 +357,12 @@ class Dispatcher:
                 slot = WorkerSlot(next(wid), pool)
                 pool.workers.append(slot)
                 self.slots.append(slot)
-        self._by_id = {s.id: s for s in self.slots}
         self.listeners: list[ListenerState] = []
         self.counters: dict[str, int] = dict.fromkeys(
             ("accepted", "handoffs", "rejects", "returned", "redispatches", "sniff_failures",
-             "lost"), 0)
+             "lost", "migrations", "migrations_refused", "migrations_closed",
+             "migration_requests", "rebalances", "reloads", "reload_failures", "upgrades",
+             "upgrade_failures"), 0)
         self.refused: dict[str, int] = {}
         self._ids = itertools.count(1)
         self._batches: dict[WorkerSlot, list[Waiting]] = {}
@@ -233,11 +372,13 @@ class Dispatcher:
         self._stop_event: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sniffing: set[asyncio.Task[None]] = set()
-        self._supervisors: list[asyncio.Task[None]] = []
+        self._supervisors: set[asyncio.Task[None]] = set()
         self._chan: AsyncChannelListener | None = None
         self._chan_path = ""
         self._control: ControlServer | None = None
+        self._control_final = ""
         self._metrics: MetricsServer | None = None
+        self._metrics_sock: socket.socket | None = None
         self._sniff: Callable[..., Awaitable[Any]] | None = None
         self._sniff_rules: dict[str, Any] = {}
         self._log_budget = REFUSAL_LOG_PER_SECOND
@@ -246,6 +387,29 @@ class Dispatcher:
         self._started_wall = time.time()
         self._started = time.monotonic()
         self._pid = os.getpid()
+        self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        #: where migrated connections go: fewest connections, ties rotate (whatever the
+        #: pool's policy: a migration moves a connection *away* from its worker)
+        self._migration_policy = LeastConnections()
+        self._req_ids = itertools.count(1)
+        self._acks: dict[int, asyncio.Future[int]] = {}
+        # reload: requests are numbered; one reload covers every request made before it
+        self._reload_requested = 0
+        self._reload_done = 0
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_waiters: list[tuple[int, asyncio.Future[bool]]] = []
+        self._reload_ok = True
+        self.generation = 1
+        # upgrade, old side
+        self._successor: asyncio.subprocess.Process | None = None
+        self._successor_ready: asyncio.Future[bool] | None = None
+        self._handed_over = False
+        self._upstream: AsyncChannel | None = None
+        self._upstream_pending: dict[int, tuple[Ticket, Waiting]] = {}
+        # upgrade, new side
+        self._predecessor = 0
+        self._predecessor_control = ""
+        self._ready = False
 
     # -- life ------------------------------------------------------------------------
 
@@ -273,8 +437,10 @@ class Dispatcher:
             return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        loop.add_signal_handler(signal.SIGUSR2, self._on_sigusr2)
         for slot in self.slots:
-            self._supervisors.append(loop.create_task(self._supervise(slot)))
+            self._start_supervisor(slot)
         self._spawn(self._accept_workers())
         self._spawn(self._housekeeping())
         for ls in self.listeners:
@@ -282,11 +448,12 @@ class Dispatcher:
         log.info("dispatcher pid %d: %s; %d worker(s) in %d pool(s); control %s", self._pid,
                  ", ".join(ls.address for ls in self.listeners), len(self.slots), len(self.pools),
                  self._control.path if self._control else "-")
+        self._spawn(self._announce_ready())
         await self._stop_event.wait()
         await self._shutdown()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
             loop.remove_signal_handler(sig)
-        return 0
+        return 0 if self._ready or not self._predecessor else 1
 
     def stop(self, why: str = "stop requested") -> None:
         """Begin a graceful stop (a second call: stop now, workers are killed)."""
@@ -301,32 +468,109 @@ class Dispatcher:
                             slot.proc.kill()
             return
         log.info("%s: stopping (grace %.1f s)", why, self.cfg.grace)
+        if not self._handed_over and (self._ready or not self._predecessor):
+            _sd_notify("STOPPING=1")
         self._stopping = True
         self._stop_event.set()
 
+    def _on_sighup(self) -> None:
+        self._spawn(self.reload("SIGHUP"))
+
+    def _on_sigusr2(self) -> None:
+        self._spawn(self.upgrade("SIGUSR2"))
+
     async def _setup(self) -> None:
+        self._predecessor = int(os.environ.pop(ENV_UPGRADE_FROM, "0") or 0)
+        self._predecessor_control = os.environ.pop(ENV_UPGRADE_CONTROL, "")
         rundir = runtime_dir()
+        _remove_dead_sockets(rundir)
         self._chan_path = os.path.join(rundir, f"{self._pid}.chan")
         self._chan = AsyncChannelListener.listen(self._chan_path, name="dispatcher")
+        inherited = self._inherited()
         for lc in self.cfg.listeners:
-            try:
-                sock = bind_listener(lc)
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot listen on {lc.bind.text}: {exc.strerror or exc}") from exc
-            except SockshareError as exc:
-                raise OSError(f"cannot listen on {lc.bind.text}: {exc}") from exc
-            self.listeners.append(ListenerState(lc, sock))
+            sock = self._take_inherited(inherited, lc)
+            owned = True
+            if sock is not None:
+                owned = bool(self._predecessor)   # systemd's socket files stay systemd's
+                log.info("listener %s: inherited descriptor %d", lc.name, sock.fileno())
+            else:
+                try:
+                    sock = bind_listener(lc)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"cannot listen on {lc.bind.text}: "
+                                             f"{exc.strerror or exc}") from exc
+                except SockshareError as exc:
+                    raise OSError(f"cannot listen on {lc.bind.text}: {exc}") from exc
+            self.listeners.append(ListenerState(lc, sock, owned=owned))
+        metrics_inherited = inherited.pop(METRICS_FDNAME, [])
+        for name, socks in inherited.items():
+            for s in socks:
+                log.warning("inherited descriptor %d (%s) matches no configured listener: closed",
+                            s.fileno(), name)
+                s.close()
         if any(lc.sniffs for lc in self.cfg.listeners):
             self._load_sniffer()
-        self._control = ControlServer(self.cfg.control or default_path(self._pid), self._on_control)
+        control = self.cfg.control or default_path(self._pid)
+        if self._predecessor and self.cfg.control:
+            # the predecessor still serves at that path: ours moves there on takeover
+            self._control_final = control
+            control = f"{control}.{self._pid}"
+        self._control = ControlServer(control, self._on_control)
         await self._control.start()
         if self.cfg.metrics:
             b = parse_bind(self.cfg.metrics)
             if b.is_unix:
                 raise OSError("--metrics takes HOST:PORT")
-            self._metrics = MetricsServer(b.address[0], b.address[1], self.status)
+            msock = metrics_inherited.pop(0) if metrics_inherited else None
+            for s in metrics_inherited:
+                s.close()
+            self._metrics = MetricsServer(b.address[0], b.address[1], self.status, sock=msock)
             await self._metrics.start()
+            self._metrics_sock = self._metrics.socket
             log.info("metrics on http://%s:%d/metrics", self._metrics.host, self._metrics.port)
+        else:
+            for s in metrics_inherited:
+                s.close()
+        for ls in self.listeners:   # listeners survive a crash of this process
+            with contextlib.suppress(ValueError, OSError, BackendUnavailable):
+                _inherit.store_fds([ls.sock], ls.cfg.name)
+
+    def _inherited(self) -> dict[str, list[socket.socket]]:
+        """LISTEN_FDS sockets (systemd, or a predecessor dispatcher) by name, validated by
+        :func:`sockshare.backends._inherit.listen_fds`; duplicates of one socket (socket
+        unit plus fd store) are closed."""
+        out: dict[str, list[socket.socket]] = {}
+        seen: set[tuple[int, int]] = set()
+        for name, sock in _inherit.listen_fds():
+            st = os.fstat(sock.fileno())
+            if (st.st_dev, st.st_ino) in seen:
+                sock.close()
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            out.setdefault(name, []).append(sock)
+        return out
+
+    def _take_inherited(self, inherited: dict[str, list[socket.socket]],
+                        lc: ListenerConfig) -> socket.socket | None:
+        candidates = inherited.get(lc.name) or []
+        pick = next((s for s in candidates if s.family == lc.bind.family), None)
+        if pick is None:
+            for socks in inherited.values():
+                pick = next((s for s in socks if _same_address(s, lc)), None)
+                if pick is not None:
+                    break
+        if pick is None:
+            return None
+        for socks in inherited.values():
+            if pick in socks:
+                socks.remove(pick)
+        if pick.type != socket.SOCK_STREAM:
+            pick.close()
+            raise OSError(f"listener {lc.name}: the inherited socket is not a stream socket")
+        if not pick.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            pick.listen(lc.backlog)
+        pick.setblocking(False)
+        return pick
 
     def _load_sniffer(self) -> None:
         from sockshare.server._sniff import SniffRules, sniff
@@ -346,6 +590,48 @@ class Dispatcher:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def _start_supervisor(self, slot: WorkerSlot) -> None:
+        task = asyncio.get_running_loop().create_task(self._supervise(slot))
+        self._supervisors.add(task)
+        task.add_done_callback(self._supervisors.discard)
+
+    async def _wait_ready(self, slots: list[WorkerSlot], timeout: float) -> list[WorkerSlot]:
+        """Wait until each slot is ready (a Python worker: said hello too); the failed ones
+        (fatal, exited) are returned; [] means all ready."""
+        deadline = time.monotonic() + timeout
+        while True:
+            failed = [s for s in slots if s.fatal or s.exits > 0]
+            if failed:
+                return failed
+            if all(s.state == "ready" and (s.hello or not s.python) for s in slots):
+                return []
+            if time.monotonic() > deadline or self._stopping:
+                return [s for s in slots if s.state != "ready"] or slots
+            await asyncio.sleep(0.02)
+
+    async def _announce_ready(self) -> None:
+        """READY=1 once the first workers are up; a new dispatcher takes over first."""
+        initial = list(self.slots)
+        failed = await self._wait_ready(initial, self.cfg.connect_timeout)
+        if self._stopping:
+            return
+        if self._predecessor:
+            if failed:
+                log.error("upgrade: %d worker(s) of the new dispatcher did not start; giving up "
+                          "(pid %d keeps serving)", len(failed), self._predecessor)
+                self.stop("upgrade failed")
+                return
+            if not await self._take_over():
+                self.stop("upgrade failed")
+                return
+        self._ready = True
+        _sd_notify(f"READY=1\nSTATUS={self._status_line()}")
+
+    def _status_line(self) -> str:
+        up = sum(s.state == "ready" for s in self.slots)
+        return (f"{up} worker(s) ready, generation {self.generation}, "
+                f"{self.counters['migrations']} migration(s)")
+
     async def _shutdown(self) -> None:
         loop = asyncio.get_running_loop()
         for ls in self.listeners:
@@ -356,17 +642,19 @@ class Dispatcher:
         log.info("listeners closed; %d handoff(s) in flight, %d queued", inflight,
                  sum(len(p.queue) for p in self.pools.values()))
         deadline = loop.time() + 2.0
-        while loop.time() < deadline and any(s.pending or s.reserved for s in self.slots):
+        while loop.time() < deadline and (any(s.pending or s.reserved for s in self.slots)
+                                          or self._upstream_pending):
             await asyncio.sleep(0.01)
         for pool in self.pools.values():
             while pool.queue:
                 self._refuse(pool.queue.popleft(), "shutdown", "the server is stopping")
         for slot in self.slots:
+            slot.retired = True
             if slot.proc is not None and slot.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     slot.proc.send_signal(signal.SIGKILL if self._hurry else signal.SIGTERM)
         if self._supervisors:
-            _done, pending = await asyncio.wait(self._supervisors, timeout=self.cfg.grace + 2.0)
+            _done, pending = await asyncio.wait(set(self._supervisors), timeout=self.cfg.grace + 2.0)
             if pending:
                 for slot in self.slots:
                     if slot.proc is not None and slot.proc.returncode is None:
@@ -379,9 +667,9 @@ class Dispatcher:
         log.info("stopped")
 
     async def _teardown(self) -> None:
-        for task in list(self._tasks) + self._supervisors:
+        for task in list(self._tasks) + list(self._supervisors):
             task.cancel()
-        for task in list(self._tasks) + self._supervisors:
+        for task in list(self._tasks) + list(self._supervisors):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         for ls in self.listeners:
@@ -394,12 +682,21 @@ class Dispatcher:
             for t, w in slot.pending.values():
                 if t.socket is not None:
                     t.socket.close()
-                w.sock.close()
+                self._drop(w)
             slot.pending.clear()
         for items in self._batches.values():
             for w in items:
-                w.sock.close()
+                self._drop(w)
         self._batches.clear()
+        if self._upstream is not None:
+            with contextlib.suppress(Exception):
+                await self._upstream.aclose()
+            self._upstream = None
+        for t, w in self._upstream_pending.values():
+            if t.socket is not None:
+                t.socket.close()
+            self._drop(w)
+        self._upstream_pending.clear()
         if self._chan is not None:
             self._chan.close()
             self._chan = None
@@ -407,6 +704,16 @@ class Dispatcher:
             await self._control.close()
         if self._metrics is not None:
             await self._metrics.close()
+        if self._successor is not None and self._successor.returncode is None and not self._handed_over:
+            with contextlib.suppress(ProcessLookupError):
+                self._successor.kill()
+
+    def _drop(self, w: Waiting) -> None:
+        """Close our copy of a held connection (a migration: its source decides)."""
+        if w.origin is not None and not w.origin.answered:
+            with contextlib.suppress(SockshareError):
+                w.origin.reject("the dispatcher is stopping")
+        w.sock.close()
 
     def _close_listener(self, ls: ListenerState) -> None:
         if ls.sock.fileno() < 0:
@@ -414,7 +721,7 @@ class Dispatcher:
         with contextlib.suppress(ValueError, RuntimeError):
             asyncio.get_running_loop().remove_reader(ls.sock.fileno())
         ls.sock.close()
-        if ls.cfg.bind.is_unix:
+        if ls.cfg.bind.is_unix and ls.owned and not self._handed_over:
             with contextlib.suppress(OSError):
                 os.unlink(ls.cfg.bind.address)
 
@@ -442,7 +749,7 @@ class Dispatcher:
         ls.paused = True
 
         def resume() -> None:
-            if not self._stopping and ls.sock.fileno() >= 0:
+            if not self._stopping and not self._handed_over and ls.sock.fileno() >= 0:
                 ls.paused = False
                 loop.add_reader(ls.sock.fileno(), self._on_acceptable, ls)
 
@@ -502,8 +809,13 @@ class Dispatcher:
 
     def _place(self, w: Waiting, *, front: bool = False) -> None:
         """Send ``w`` to a worker with room, or queue it, or refuse it."""
+        if w.origin is not None:
+            self._place_migration(w)
+            return
         pool = self.pools[w.info.pool]
         if not pool.queue and self._assign(pool, w):
+            return
+        if self._handed_over and self._forward_upstream(w):
             return
         if front:
             pool.queue.appendleft(w)
@@ -526,16 +838,22 @@ class Dispatcher:
         if pick is None:
             return False
         assert isinstance(pick, WorkerSlot)
-        pick.reserved += 1
-        self._batches.setdefault(pick, []).append(w)
+        self._reserve(pick, w)
+        return True
+
+    def _reserve(self, slot: WorkerSlot, w: Waiting) -> None:
+        slot.reserved += 1
+        self._batches.setdefault(slot, []).append(w)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
-        return True
 
     def _drain(self, pool: PoolState) -> None:
         while pool.queue and self._assign(pool, pool.queue[0]):
             pool.queue.popleft()
+        if self._handed_over:
+            while pool.queue and self._forward_upstream(pool.queue[0]):
+                pool.queue.popleft()
 
     def _flush(self) -> None:
         """Send this loop turn's handoffs: one send_nowait per worker."""
@@ -567,17 +885,23 @@ class Dispatcher:
         if counts:
             w.attempts += 1
         w.exclude = slot.id
+        if w.origin is not None:
+            w.tried.append(slot)
         if w.attempts > self.cfg.max_retries:
             self._refuse(w, "retries_exhausted",
                          f"handed over {w.attempts} times without being accepted; last: {why}")
             return
         if counts:
             self.counters["redispatches"] += 1
-            w.meta["attempt"] = w.attempts
+            if w.origin is None:
+                w.meta["attempt"] = w.attempts
             log.info("re-dispatching %s (%s)", w.info.handoff_id, why)
         self._place(w, front=True)
 
     def _refuse(self, w: Waiting, reason: str, detail: str, *, count: bool = True) -> None:
+        if w.origin is not None:
+            self._migration_failed(w, detail)
+            return
         if count:
             self.refused[reason] = self.refused.get(reason, 0) + 1
         _close_reset(w.sock)
@@ -598,6 +922,85 @@ class Dispatcher:
                         self._log_suppressed, self.refused)
             self._log_suppressed = 0
 
+    # -- migration relay -------------------------------------------------------------
+
+    def _migration_in(self, source: WorkerSlot | None, h: Handoff) -> None:
+        """A connection handed to us by a worker (or the old dispatcher) to move on."""
+        try:
+            meta = h.meta
+        except ValueError:
+            h.reject("undecodable metadata")
+            return
+        if not isinstance(meta, dict) or "resume" not in meta:
+            h.reject('a worker may only hand over connections it migrates (meta "resume")')
+            return
+        # the channel made it blocking (shared with the source's paused transport)
+        with contextlib.suppress(OSError):
+            h.socket.setblocking(False)
+        pool = meta.get("pool")
+        if pool not in self.pools:
+            pool = self.cfg.default_pool
+            meta["pool"] = pool
+        info = ConnInfo(meta.get("client"), str(meta.get("listener", "")), pool,
+                        str(meta.get("handoff_id", "")), meta)
+        if source is not None:
+            # in transit: no longer the source's (which will not report it closed) unless
+            # it comes back refused; so a source that dies now does not count it lost
+            source.active = max(0, source.active - 1)
+        self._place_migration(Waiting(h.socket, info, meta, h.data, time.monotonic(), origin=h,
+                                      origin_slot=source))
+
+    def _place_migration(self, w: Waiting) -> None:
+        pool = self.pools.get(w.info.pool) or self.pools[self.cfg.default_pool]
+        candidates = [s for s in pool.workers if s.has_room() and s.can_resume
+                      and s is not w.origin_slot and s not in w.tried]
+        if candidates:
+            pick = self._migration_policy(candidates, w.info)
+            assert isinstance(pick, WorkerSlot)
+            self._reserve(pick, w)
+            self._flush()   # a migration is latency-bound: forward it now
+            return
+        if self._handed_over and self._forward_upstream(w):
+            return
+        self._migration_failed(w, f"no other worker of pool {pool.cfg.name!r} can take it")
+
+    def _migration_failed(self, w: Waiting, why: str) -> None:
+        """No target: the source gets its connection back (REJECT) and keeps serving it;
+        a source that is gone cannot, so our copy is closed (FIN, not RST)."""
+        h = w.origin
+        assert h is not None
+        source_alive = (w.origin_slot is None or w.origin_slot.channel is not None) and not h.answered
+        if not h.answered:
+            with contextlib.suppress(SockshareError):
+                h.reject(why[:1000])   # closes our copy
+        w.sock.close()
+        if source_alive:
+            if w.origin_slot is not None:
+                w.origin_slot.active += 1   # it stays the source's
+            self.counters["migrations_refused"] += 1
+            log.info("migration of %s refused: %s", w.info.handoff_id, why)
+        else:
+            self.counters["migrations_closed"] += 1
+            log.warning("migration of %s: the source is gone and %s; closed", w.info.handoff_id, why)
+
+    def _migration_done(self, w: Waiting, target: WorkerSlot | None) -> None:
+        h = w.origin
+        assert h is not None
+        with contextlib.suppress(SockshareError):
+            h.accept()
+        self.counters["migrations"] += 1
+        if w.origin_slot is not None:
+            w.origin_slot.stats.migrated_out += 1
+        if target is not None:
+            target.stats.migrated_in += 1
+        mig = w.meta.get("migration")
+        started = mig.get("started") if isinstance(mig, dict) else None
+        now = time.monotonic()
+        if isinstance(started, float) and 0 <= now - started < 60:
+            self._latencies.append(now - started)   # CLOCK_MONOTONIC is system-wide
+        else:
+            self._latencies.append(now - w.since)
+
     # -- workers: channels -------------------------------------------------------------
 
     async def _accept_workers(self) -> None:
@@ -609,17 +1012,28 @@ class Dispatcher:
                 return
             slot = self._match(ch)
             if slot is None:
+                if (self._predecessor and ch.peer.pid == self._predecessor
+                        and ch.peer.name == f"dispatcher:{self._predecessor}"):
+                    log.info("upgrade: the old dispatcher (pid %d) connected its channel", ch.peer.pid)
+                    self._spawn(self._watch_peer(ch))
+                    continue
                 log.warning("refused a channel from pid %d (%r): not a worker this dispatcher "
                             "started", ch.peer.pid, ch.peer.name)
                 with contextlib.suppress(Exception):
                     await ch.aclose()
                 continue
             slot.channel = ch
-            slot.state = "draining" if self._stopping else "ready"
+            if slot.retired or self._stopping:
+                slot.state = "retiring" if slot.retired else "draining"
+            else:
+                slot.state = "ready"
             log.info("worker %d (pid %d, pool %s, generation %d) ready", slot.id, ch.peer.pid,
                      slot.pool, slot.generation)
+            ch.on_activity = lambda slot=slot, ch=ch: self._settle_safely(slot, ch)
             self._spawn(self._watch_tickets(slot, ch))
             self._spawn(self._watch_controls(slot, ch))
+            if slot.retired:
+                self._retire(slot, "reload")
             self._drain(slot.pool_state)
 
     def _match(self, ch: AsyncChannel) -> WorkerSlot | None:
@@ -633,9 +1047,10 @@ class Dispatcher:
         # a wrapper (shell script, runtime launcher) may connect from a child process
         name = ch.peer.name
         if name.startswith("worker:") and name[7:].isdigit():
-            named = self._by_id.get(int(name[7:]))
-            if free(named):
-                return named
+            wid = int(name[7:])
+            for slot in self.slots:
+                if slot.id == wid and free(slot) and not slot.retired:
+                    return slot
         return None
 
     async def _watch_tickets(self, slot: WorkerSlot, ch: AsyncChannel) -> None:
@@ -661,24 +1076,43 @@ class Dispatcher:
             if isinstance(n, int) and n > 0:
                 slot.active = max(0, slot.active - n)
                 self._drain(slot.pool_state)
+        elif ev == "hello":
+            slot.hello = True
+            slot.can_resume = bool(msg.get("resume"))
+        elif ev == "migrate_ack":
+            fut = self._acks.pop(msg.get("req") or 0, None)
+            n = msg.get("n")
+            if fut is not None and not fut.done():
+                fut.set_result(n if isinstance(n, int) else 0)
         elif ev == "draining":
             if slot.state == "ready":
                 slot.state = "draining"
                 log.info("worker %d (pid %s) is draining", slot.id, slot.pid)
         elif ev == "fatal":
-            slot.state = "draining"
+            slot.fatal = True
+            if slot.state == "ready":
+                slot.state = "draining"
             log.error("worker %d (pid %s): %s", slot.id, slot.pid, msg.get("reason", "fatal error"))
         else:
             log.debug("worker %d: control message %r", slot.id, msg)
 
+    def _settle_safely(self, slot: WorkerSlot, ch: AsyncChannel) -> None:
+        try:
+            self._settle(slot, ch)
+        except Exception:   # in the channel's read callback: never let it escape
+            log.exception("worker %d: settling its channel failed", slot.id)
+
     def _settle(self, slot: WorkerSlot, ch: AsyncChannel) -> None:
-        """Apply the answers that arrived: accepts, rejects, returned tickets."""
+        """Apply the answers that arrived: accepts, rejects, returned tickets; and take
+        the connections the worker migrates out."""
         if slot.pending:
             accepted = [tid for tid, (t, _w) in slot.pending.items() if t.state == "accepted"]
             for tid in accepted:
-                del slot.pending[tid]
+                _t, w = slot.pending.pop(tid)
+                if w.origin is not None:
+                    self._migration_done(w, slot)
             slot.active += len(accepted)
-            slot.handoffs += len(accepted)
+            slot.stats.handoffs += len(accepted)
             self.counters["handoffs"] += len(accepted)
         back = ch.returned()
         for t in back:
@@ -689,17 +1123,19 @@ class Dispatcher:
                 continue
             w = entry[1]
             if t.state == "rejected":
-                slot.rejects += 1
+                slot.stats.rejects += 1
                 self.counters["rejects"] += 1
                 why = f"rejected by worker {slot.id}: {t.reason or 'no reason given'}"
             else:
-                slot.returned += 1
+                slot.stats.returned += 1
                 self.counters["returned"] += 1
                 why = f"worker {slot.id} went away before answering"
             if t.socket is None:
                 continue
             w.sock = t.socket
             self._redispatch(w, slot, why)
+        for h in ch.received():
+            self._migration_in(slot, h)
         if back:
             self._drain(slot.pool_state)
 
@@ -715,12 +1151,12 @@ class Dispatcher:
             self._apply_control(slot, ch, msg)
         slot.channel = None
         if slot.active:
-            slot.lost += slot.active
+            slot.stats.lost += slot.active
             self.counters["lost"] += slot.active
             log.warning("worker %d (pid %d) went away with %d open connection(s): they are lost "
                         "with it", slot.id, ch.peer.pid, slot.active)
         slot.active = 0
-        if slot.state in ("ready", "draining"):
+        if slot.state in ("ready", "draining", "retiring"):
             slot.state = "gone"
         with contextlib.suppress(Exception):
             await ch.aclose()
@@ -770,15 +1206,19 @@ class Dispatcher:
                 "--channel", self._chan_path, "--id", str(slot.id), "--pool", p.name,
                 "--generation", str(slot.generation), "--grace", str(self.cfg.grace),
                 "--log-level", self.cfg.log_level]
+        if p.resume is not None:
+            argv += ["--resume", p.resume]
         return argv, env
 
     async def _supervise(self, slot: WorkerSlot) -> None:
         assert self._stop_event is not None
         failures = 0
-        while not self._stopping:
-            slot.generation += 1
+        while not self._stopping and not slot.retired:
+            slot.stats.generation += 1
+            slot.generation = slot.stats.generation
             argv, env = self.command(slot)
             ran = 0.0
+            slot.hello = slot.can_resume = slot.fatal = False
             try:
                 # own process group: a terminal's Ctrl-C reaches the dispatcher only,
                 # which then stops the workers once, gracefully
@@ -788,6 +1228,7 @@ class Dispatcher:
                 log.error("worker %d: cannot start %s: %s", slot.id, shlex.join(argv), exc)
                 rc: int | None = None
                 pid = 0
+                slot.exits += 1
             else:
                 slot.proc = proc
                 pid = proc.pid
@@ -802,10 +1243,11 @@ class Dispatcher:
                 finally:
                     watchdog.cancel()
                 ran = time.monotonic() - slot.started
+                slot.exits += 1
                 await self._after_exit(slot)
-            if self._stopping:
-                slot.state = "stopped"
-                log.info("worker %d (pid %d) exited with %s", slot.id, pid, _describe_exit(rc))
+            if self._stopping or slot.retired:
+                log.info("worker %d (pid %d, generation %d) exited with %s", slot.id, pid,
+                         slot.generation, _describe_exit(rc))
                 break
             # a clean exit (a worker told to stop, or done) does not grow the backoff
             failures = 1 if rc == 0 or ran >= self.cfg.stable_after else failures + 1
@@ -815,10 +1257,12 @@ class Dispatcher:
                         slot.id, pid, _describe_exit(rc), ran, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_event.wait(), delay)
-            if self._stopping:
-                slot.state = "stopped"
+            if self._stopping or slot.retired:
                 break
-            slot.restarts += 1
+            slot.stats.restarts += 1
+        slot.state = "stopped"
+        if slot.retired and not self._stopping and slot in self.slots:
+            self.slots.remove(slot)
 
     def _connect_timeout(self, slot: WorkerSlot, proc: asyncio.subprocess.Process) -> None:
         if slot.proc is proc and slot.channel is None and proc.returncode is None:
@@ -839,10 +1283,351 @@ class Dispatcher:
         with contextlib.suppress(Exception):
             await ch.aclose()   # returns its pending tickets; _watch_tickets re-dispatches
 
+    # -- retiring, reloading ---------------------------------------------------------
+
+    def _retire(self, slot: WorkerSlot, reason: str) -> None:
+        """Stop giving ``slot`` connections; ask it to migrate what it can and exit."""
+        slot.retired = True
+        if slot.state in ("ready", "draining", "starting", "backoff"):
+            slot.state = "retiring" if slot.channel is not None else "stopped"
+        proc = slot.proc
+        if proc is None or proc.returncode is not None:
+            return
+        if slot.channel is None or not (slot.python and slot.control(
+                {"cmd": "drain", "migrate": True, "reason": reason})):
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()   # a foreign worker drains on SIGTERM (docs/server.md)
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.cfg.grace + 3.0, self._kill_if_running, slot, proc)
+
+    async def reload(self, why: str = "reload requested", *, wait: bool = False) -> dict[str, Any]:
+        """Replace every worker by a fresh process (the app imported again), migrating the
+        connections that can move. Concurrent requests are coalesced: one reload covers
+        every request made before it started."""
+        if self._stopping or self._handed_over:
+            return {"ok": False, "error": "the dispatcher is stopping or handed over"}
+        self._reload_requested += 1
+        seq = self._reload_requested
+        log.info("%s: reload #%d", why, seq)
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._reload_waiters.append((seq, fut))
+        if self._reload_task is None or self._reload_task.done():
+            self._reload_task = self._spawn(self._reload_loop())
+        if not wait:
+            return {"ok": True, "queued": seq}
+        try:
+            ok = await asyncio.wait_for(asyncio.shield(fut), self.cfg.connect_timeout + 30.0)
+        except TimeoutError:
+            return {"ok": False, "error": "the reload did not complete in time"}
+        return {"ok": ok, "generation": self.generation, **(
+            {} if ok else {"error": "the new workers did not start; the old ones go on serving"})}
+
+    async def _reload_loop(self) -> None:
+        while self._reload_done < self._reload_requested and not self._stopping:
+            target = self._reload_requested
+            ok = await self._reload_once()
+            self._reload_done = target
+            for seq, fut in list(self._reload_waiters):
+                if seq <= target:
+                    self._reload_waiters.remove((seq, fut))
+                    if not fut.done():
+                        fut.set_result(ok)
+
+    async def _reload_once(self) -> bool:
+        mono = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        _sd_notify(f"RELOADING=1\nMONOTONIC_USEC={mono}\nSTATUS=reloading")
+        fresh: list[tuple[PoolState, WorkerSlot, WorkerSlot]] = []
+        for pool in self.pools.values():
+            for old in list(pool.workers):
+                new = WorkerSlot(old.id, pool, old.stats)
+                self.slots.append(new)
+                fresh.append((pool, old, new))
+                self._start_supervisor(new)
+        failed = await self._wait_ready([n for _p, _o, n in fresh], self.cfg.connect_timeout)
+        if self._stopping:
+            return False
+        if failed:
+            self.counters["reload_failures"] += 1
+            log.error("reload failed: %s; the old workers go on serving",
+                      ", ".join(f"worker {s.id} ({'app error' if s.fatal else s.state})" for s in failed))
+            for _p, _o, new in fresh:
+                new.retired = True
+                if new.proc is not None and new.proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        new.proc.terminate()
+                    asyncio.get_running_loop().call_later(self.cfg.grace + 3.0,
+                                                          self._kill_if_running, new, new.proc)
+            _sd_notify(f"READY=1\nSTATUS=reload failed; {self._status_line()}")
+            return False
+        for pool in self.pools.values():
+            pool.workers = [new for p, _o, new in fresh if p is pool]
+        for _p, old, _n in fresh:
+            self._retire(old, "reload")
+        self.generation += 1
+        self.counters["reloads"] += 1
+        log.info("reload: generation %d serving; %d old worker(s) draining", self.generation,
+                 len(fresh))
+        for pool in self.pools.values():
+            self._drain(pool)
+        _sd_notify(f"READY=1\nSTATUS={self._status_line()}")
+        return True
+
+    # -- migration requests, rebalancing -----------------------------------------------
+
+    async def ask_migrate(self, slot: WorkerSlot, n: int | None, reason: str,
+                          timeout: float = 2.0) -> int:
+        """Ask ``slot`` to migrate up to ``n`` connections (None: all that can); returns how
+        many it flagged (-1: no answer)."""
+        req = next(self._req_ids)
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._acks[req] = fut
+        self.counters["migration_requests"] += 1
+        if not slot.control({"cmd": "migrate", "n": n, "reason": reason, "req": req}):
+            self._acks.pop(req, None)
+            return -1
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            self._acks.pop(req, None)
+            return -1
+
+    def _rebalance(self, now: float) -> None:
+        for pool in self.pools.values():
+            if not pool.rebalance:
+                continue
+            ws = [s for s in pool.workers if s.state == "ready" and s.can_resume and s.channel]
+            if len(ws) < 2:
+                continue
+            busiest = max(ws, key=lambda s: (s.active, -s.id))
+            idlest = min(ws, key=lambda s: (s.connections, s.id))
+            cap = pool.cfg.max_conns
+            excess = busiest.active - cap if cap is not None and busiest.active > cap else 0
+            spread = busiest.active - idlest.connections
+            threshold = max(self.cfg.rebalance_min, self.cfg.rebalance_spread * busiest.active)
+            if (excess <= 0 and spread <= threshold) or now < busiest.rebalance_after:
+                continue
+            n = min(REBALANCE_BATCH, max(excess, spread // 2))
+            if n <= 0:
+                continue
+            busiest.rebalance_after = now + max(2.0, 2 * self.cfg.rebalance_interval)
+            self.counters["rebalances"] += 1
+            log.info("rebalance: worker %d has %d connection(s), worker %d %d: asking %d to move",
+                     busiest.id, busiest.active, idlest.id, idlest.connections, n)
+            self._spawn(self.ask_migrate(busiest, n, "rebalance"))
+
+    async def _migrate_command(self, req: dict[str, Any]) -> dict[str, Any]:
+        wid, count = req.get("from"), req.get("count")
+        if not isinstance(wid, int) or (count is not None and (not isinstance(count, int) or count < 0)):
+            return {"ok": False, "error": 'migrate takes {"from": worker id, "count": n or null}'}
+        slots = [s for s in self.slots if s.id == wid and s.state == "ready" and not s.retired]
+        if not slots:
+            return {"ok": False, "error": f"worker {wid} is not a ready worker"}
+        slot = slots[0]
+        if not slot.can_resume:
+            return {"ok": False, "error": f"worker {wid}'s app has no resume handler: it cannot migrate"}
+        others = [s for s in slot.pool_state.workers if s is not slot and s.can_resume and s.has_room()]
+        if not others:
+            return {"ok": False, "error": f"no other worker of pool {slot.pool!r} can take connections"}
+        before = slot.stats.migrated_out
+        flagged = await self.ask_migrate(slot, count, "request")
+        if flagged < 0:
+            return {"ok": False, "error": f"worker {wid} did not answer"}
+        moved = 0
+        if req.get("wait") and flagged:
+            deadline = time.monotonic() + float(req.get("timeout") or 10.0)
+            while slot.stats.migrated_out - before < flagged and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        moved = slot.stats.migrated_out - before
+        return {"ok": True, "worker": wid, "asked": count, "flagged": flagged, "migrated": moved}
+
+    # -- upgrade: the old dispatcher ---------------------------------------------------
+
+    async def upgrade(self, why: str = "upgrade requested", *, wait: bool = False) -> dict[str, Any]:
+        """Start a new dispatcher (the same command line: new code) with our listeners;
+        hand over to it once it says its workers are ready."""
+        if self._stopping or self._handed_over:
+            return {"ok": False, "error": "the dispatcher is stopping or already handed over"}
+        if self._successor is not None:
+            return {"ok": False, "error": f"an upgrade is under way (pid {self._successor.pid})"}
+        loop = asyncio.get_running_loop()
+        socks = [(ls.cfg.name, ls.sock) for ls in self.listeners if ls.sock.fileno() >= 0]
+        if self._metrics_sock is not None and self._metrics_sock.fileno() >= 0:
+            socks.append((METRICS_FDNAME, self._metrics_sock))
+        env_add, fds = _inherit.pass_listen_fds(socks)
+        env = dict(os.environ, **env_add)
+        env[ENV_UPGRADE_FROM] = str(self._pid)
+        env[ENV_UPGRADE_CONTROL] = self._control.path if self._control else ""
+        argv = [sys.executable, "-m", "sockshare.backends._inherit", *map(str, fds), "--", *self.argv]
+        log.info("%s: starting a new dispatcher: %s", why, shlex.join(self.argv))
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv, env=env, pass_fds=fds,
+                                                        stdin=asyncio.subprocess.DEVNULL)
+        except OSError as exc:
+            self.counters["upgrade_failures"] += 1
+            log.error("upgrade: cannot start the new dispatcher: %s", exc)
+            return {"ok": False, "error": str(exc)}
+        self._successor = proc
+        self._successor_ready = loop.create_future()
+        watcher = self._spawn(self._watch_successor(proc))
+        if not wait:
+            return {"ok": True, "pid": proc.pid, "state": "starting"}
+        await asyncio.wait({self._successor_ready, watcher},
+                                     timeout=self.cfg.connect_timeout + 30.0,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if self._handed_over:
+            return {"ok": True, "pid": proc.pid, "state": "handed over"}
+        return {"ok": False, "pid": proc.pid, "error": "the new dispatcher did not take over"}
+
+    async def _watch_successor(self, proc: asyncio.subprocess.Process) -> None:
+        try:
+            rc = await asyncio.wait_for(proc.wait(), self.cfg.connect_timeout + 30.0)
+        except TimeoutError:
+            if self._handed_over:
+                return
+            log.error("upgrade: the new dispatcher (pid %d) did not take over in time: killed",
+                      proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            rc = await proc.wait()
+        if self._handed_over:
+            return   # it runs on; its exit is none of our business any more
+        self.counters["upgrade_failures"] += 1
+        log.error("upgrade failed: the new dispatcher (pid %d) exited with %s before taking "
+                  "over; this one (pid %d) goes on serving", proc.pid, _describe_exit(rc), self._pid)
+        self._successor = None
+        if self._successor_ready is not None and not self._successor_ready.done():
+            self._successor_ready.set_result(False)
+
+    async def _takeover(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The new dispatcher is ready: give it everything."""
+        proc = self._successor
+        pid, chan = req.get("pid"), req.get("channel")
+        if proc is None or pid != proc.pid or not isinstance(chan, str):
+            return {"ok": False, "error": "takeover refused: not the dispatcher this one started"}
+        if self._handed_over:
+            return {"ok": False, "error": "already handed over"}
+        try:
+            up = await AsyncChannel.connect(chan, name=f"dispatcher:{self._pid}")
+        except (OSError, SockshareError) as exc:
+            log.error("upgrade: cannot connect to the new dispatcher's channel: %s", exc)
+            return {"ok": False, "error": f"cannot connect to {chan}: {exc}"}
+        self._handed_over = True
+        self._upstream = up
+        _sd_notify(f"MAINPID={pid}")
+        loop = asyncio.get_running_loop()
+        for ls in self.listeners:   # the kernel's accept queue is shared: nothing is lost
+            with contextlib.suppress(ValueError, RuntimeError, OSError):
+                loop.remove_reader(ls.sock.fileno())
+        if self._metrics is not None:
+            await self._metrics.close()
+            self._metrics = None
+        self._spawn(self._watch_upstream(up))
+        for slot in list(self.slots):
+            self._retire(slot, "upgrade")
+        for pool in self.pools.values():
+            pool.workers = []
+            self._drain(pool)
+        self.counters["upgrades"] += 1
+        if self._successor_ready is not None and not self._successor_ready.done():
+            self._successor_ready.set_result(True)
+        log.info("upgrade: handed over to pid %d; draining %d worker(s)", pid, len(self.slots))
+        self._spawn(self._exit_when_drained())
+        return {"ok": True, "pid": self._pid}
+
+    def _forward_upstream(self, w: Waiting) -> bool:
+        up = self._upstream
+        if up is None or up.closed:
+            return False
+        try:
+            [t] = up.send_nowait([(w.sock, w.meta, w.data)], ack=True)
+        except (SockshareError, ValueError, OSError) as exc:
+            log.warning("upgrade: cannot forward %s to the new dispatcher: %s", w.info.handoff_id, exc)
+            return False
+        self._upstream_pending[t.id] = (t, w)
+        return True
+
+    async def _watch_upstream(self, up: AsyncChannel) -> None:
+        while True:
+            alive = await up.wait_activity()
+            for tid, (t, w) in list(self._upstream_pending.items()):
+                if t.state == "accepted":
+                    del self._upstream_pending[tid]
+                    if w.origin is not None:
+                        self._migration_done(w, None)
+            for t in up.returned():
+                entry = self._upstream_pending.pop(t.id, None)
+                if entry is None:
+                    if t.socket is not None:
+                        t.socket.close()
+                    continue
+                w = entry[1]
+                if t.socket is not None:
+                    w.sock = t.socket
+                self._refuse(w, "upgrade", f"the new dispatcher did not take it: {t.reason}")
+            if not alive:
+                return
+
+    async def _exit_when_drained(self) -> None:
+        while self.slots or self._upstream_pending or any(p.queue for p in self.pools.values()):
+            await asyncio.sleep(0.05)
+        self.stop("handed over to the new dispatcher")
+
+    # -- upgrade: the new dispatcher -------------------------------------------------
+
+    async def _take_over(self) -> bool:
+        log.info("upgrade: workers ready; asking pid %d to hand over", self._predecessor)
+        try:
+            resp = await asyncio.to_thread(
+                request, self._predecessor_control,
+                {"cmd": "takeover", "pid": self._pid, "channel": self._chan_path}, timeout=30.0)
+        except (OSError, SockshareError, ValueError) as exc:
+            log.error("upgrade: the old dispatcher did not answer: %s", exc)
+            return False
+        if not resp.get("ok"):
+            log.error("upgrade: the old dispatcher refused: %s", resp.get("error"))
+            return False
+        for ls in self.listeners:
+            ls.owned = True
+        if self._control_final and self._control is not None:
+            with contextlib.suppress(OSError):
+                self._control.move(self._control_final)
+        log.info("upgrade: took over from pid %d", self._predecessor)
+        return True
+
+    async def _watch_peer(self, ch: AsyncChannel) -> None:
+        """Connections the old dispatcher hands us: migrations (chained answers) and its
+        queue (ours at once)."""
+        while True:
+            alive = await ch.wait_activity()
+            for h in ch.received():
+                try:
+                    meta = h.meta
+                except ValueError:
+                    h.reject("undecodable metadata")
+                    continue
+                if isinstance(meta, dict) and "resume" in meta:
+                    self._migration_in(None, h)
+                    continue
+                h.accept()
+                meta = meta if isinstance(meta, dict) else {}
+                pool = str(meta.get("pool"))
+                if pool not in self.pools:
+                    pool = self.cfg.default_pool
+                meta["pool"] = pool
+                info = ConnInfo(meta.get("client"), str(meta.get("listener", "")), pool,
+                                str(meta.get("handoff_id", "")), meta)
+                self._place(Waiting(h.socket, info, meta, h.data, time.monotonic()), front=True)
+            ch.returned()
+            if not alive:
+                with contextlib.suppress(Exception):
+                    await ch.aclose()
+                return
+
     # -- housekeeping --------------------------------------------------------------------
 
     async def _housekeeping(self) -> None:
         tick = 0
+        next_rebalance = time.monotonic() + self.cfg.rebalance_interval
         while True:
             await asyncio.sleep(0.25)
             tick += 1
@@ -854,11 +1639,14 @@ class Dispatcher:
                 self._drain(pool)
             if tick % 4 == 0:
                 for slot in self.slots:
-                    slot.marks.append((now, slot.handoffs))
+                    slot.marks.append((now, slot.stats.handoffs))
                     t0, n0 = slot.marks[0]
-                    slot.rate = (slot.handoffs - n0) / (now - t0) if now > t0 else 0.0
+                    slot.rate = (slot.stats.handoffs - n0) / (now - t0) if now > t0 else 0.0
                 if now - self._log_window >= 1.0:
                     self._flush_refusal_log()
+            if now >= next_rebalance and not self._stopping and not self._handed_over:
+                next_rebalance = now + self.cfg.rebalance_interval
+                self._rebalance(now)
 
     # -- status ----------------------------------------------------------------------
 
@@ -866,22 +1654,30 @@ class Dispatcher:
         """A JSON-compatible snapshot (the control socket's ``status``, the metrics)."""
         now = time.monotonic()
         workers = []
-        for s in self.slots:
+        for s in sorted(self.slots, key=lambda s: (s.id, s.generation)):
+            st = s.stats
             workers.append({
                 "id": s.id, "pool": s.pool, "pid": s.pid, "generation": s.generation,
                 "state": s.state, "connections": s.active, "inflight": len(s.pending) + s.reserved,
-                "handoffs": s.handoffs, "rate": round(s.rate, 1), "rejects": s.rejects,
-                "returned": s.returned, "restarts": s.restarts, "lost": s.lost,
+                "handoffs": st.handoffs, "rate": round(s.rate, 1), "rejects": st.rejects,
+                "returned": st.returned, "restarts": st.restarts, "lost": st.lost,
+                "migrated_in": st.migrated_in, "migrated_out": st.migrated_out,
+                "resume": s.can_resume, "retiring": s.retired,
                 "uptime": round(now - s.started, 1) if s.pid else 0.0,
             })
         counters: dict[str, Any] = dict(self.counters)
         counters["refused"] = sum(self.refused.values())
         counters["refused_by_reason"] = dict(self.refused)
+        lat = list(self._latencies)
         return {
             "pid": self._pid,
             "started": self._started_wall,
             "uptime": round(now - self._started, 1),
             "stopping": self._stopping,
+            "generation": self.generation,
+            "handed_over": self._handed_over,
+            "predecessor": self._predecessor or None,
+            "successor": self._successor.pid if self._successor is not None else None,
             "channel": self._chan_path,
             "control": self._control.path if self._control else None,
             "metrics": (f"{self._metrics.host}:{self._metrics.port}" if self._metrics else None),
@@ -890,18 +1686,29 @@ class Dispatcher:
                            "accepted": ls.accepted} for ls in self.listeners],
             "pools": [{"name": p.cfg.name, "policy": p.cfg.policy, "workers": len(p.workers),
                        "max_conns": p.cfg.max_conns, "queue": len(p.queue),
-                       "queue_limit": p.cfg.queue,
+                       "queue_limit": p.cfg.queue, "rebalance": p.rebalance,
                        "app": p.cfg.app, "worker_cmd": p.cfg.worker_cmd}
                       for p in self.pools.values()],
             "workers": workers,
             "counters": counters,
+            "migration_latency": {"samples": len(lat),
+                                  "p50_ms": round(_percentile(lat, 0.50) * 1000, 3),
+                                  "p99_ms": round(_percentile(lat, 0.99) * 1000, 3)},
         }
 
-    def _on_control(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def _on_control(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req["cmd"]
         if cmd == "status":
             return {"ok": True, "status": self.status()}
         if cmd == "ping":
             return {"ok": True, "pid": self._pid}
-        return {"ok": False, "error": f"unknown command {cmd!r} (known: ping, status)"}
-
+        if cmd == "reload":
+            return await self.reload("reload requested (control socket)", wait=bool(req.get("wait")))
+        if cmd == "upgrade":
+            return await self.upgrade("upgrade requested (control socket)", wait=bool(req.get("wait")))
+        if cmd == "migrate":
+            return await self._migrate_command(req)
+        if cmd == "takeover":
+            return await self._takeover(req)
+        return {"ok": False, "error": f"unknown command {cmd!r} "
+                                      "(known: ping, status, reload, upgrade, migrate)"}

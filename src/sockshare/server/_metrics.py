@@ -22,6 +22,17 @@ Series (``pool``/``worker`` labels where it makes sense)::
     sockshare_worker_inflight{pool,worker}     handoffs not yet answered
     sockshare_worker_restarts_total{pool,worker}
     sockshare_worker_up{pool,worker}           1 when its channel is connected
+    sockshare_migrations_total{result}         ok | refused (the source kept it) |
+                                               closed (the source was gone, no target)
+    sockshare_migrations_in_total{pool,worker} connections moved to / away from a worker
+    sockshare_migrations_out_total{pool,worker}
+    sockshare_migration_requests_total         asked of workers (rebalance, reload...)
+    sockshare_rebalances_total                 rebalancing rounds that asked for moves
+    sockshare_migration_latency_seconds{quantile}  0.5 and 0.99 of the last 2048
+    sockshare_reloads_total{result}            ok | failed
+    sockshare_upgrades_total{result}           ok | failed (this dispatcher's)
+    sockshare_generation                       worker generation (reloads + 1)
+    sockshare_workers_retiring                 old workers still draining
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -66,7 +78,19 @@ def render(status: dict[str, Any]) -> str:
     """The exposition text for a dispatcher status snapshot."""
     o = _Out()
     c = status["counters"]
-    workers = status["workers"]
+    # one series per worker id: a reload has an old and a new process behind one id for
+    # a while; their counters are shared (the same numbers), their gauges add up
+    workers: list[dict[str, Any]] = []
+    by_id: dict[Any, dict[str, Any]] = {}
+    for w in sorted(status["workers"], key=lambda w: bool(w.get("retiring"))):
+        seen = by_id.get((w["pool"], w["id"]))
+        if seen is None:
+            row = dict(w)
+            by_id[(w["pool"], w["id"])] = row
+            workers.append(row)
+        else:
+            seen["connections"] += w["connections"]
+            seen["inflight"] += w["inflight"]
 
     o.family("sockshare_accepted_total", "counter", "Connections accepted by the dispatcher.")
     for lst in status["listeners"]:
@@ -100,26 +124,62 @@ def render(status: dict[str, Any]) -> str:
         for w in workers:
             o.sample(name, w[key], pool=w["pool"], worker=w["id"])
     o.family("sockshare_worker_up", "gauge", "1 when the worker's channel is connected.")
-    for w in workers:
+    current = workers
+    for w in current:
         o.sample("sockshare_worker_up", 1 if w["state"] in ("ready", "draining") else 0,
                  pool=w["pool"], worker=w["id"])
+    o.family("sockshare_migrations_total", "counter", "Connections migrated between workers.")
+    for result, key in (("ok", "migrations"), ("refused", "migrations_refused"),
+                        ("closed", "migrations_closed")):
+        o.sample("sockshare_migrations_total", c.get(key, 0), result=result)
+    for name, key, help_ in (
+        ("sockshare_migrations_in_total", "migrated_in", "Connections migrated to a worker."),
+        ("sockshare_migrations_out_total", "migrated_out", "Connections migrated away from a worker."),
+    ):
+        o.family(name, "counter", help_)
+        for w in current:
+            o.sample(name, w.get(key, 0), pool=w["pool"], worker=w["id"])
+    o.family("sockshare_migration_requests_total", "counter", "Migrations asked of workers.")
+    o.sample("sockshare_migration_requests_total", c.get("migration_requests", 0))
+    o.family("sockshare_rebalances_total", "counter", "Rebalancing rounds that asked for moves.")
+    o.sample("sockshare_rebalances_total", c.get("rebalances", 0))
+    lat = status.get("migration_latency") or {}
+    o.family("sockshare_migration_latency_seconds", "gauge",
+             "Migration latency (migrate() called to the target's ACCEPT), recent quantiles.")
+    for q, key in (("0.5", "p50_ms"), ("0.99", "p99_ms")):
+        o.sample("sockshare_migration_latency_seconds", lat.get(key, 0) / 1000, quantile=q)
+    o.family("sockshare_reloads_total", "counter", "Reloads (new worker generations).")
+    o.sample("sockshare_reloads_total", c.get("reloads", 0), result="ok")
+    o.sample("sockshare_reloads_total", c.get("reload_failures", 0), result="failed")
+    o.family("sockshare_upgrades_total", "counter", "Upgrades of the dispatcher started here.")
+    o.sample("sockshare_upgrades_total", c.get("upgrades", 0), result="ok")
+    o.sample("sockshare_upgrades_total", c.get("upgrade_failures", 0), result="failed")
+    o.family("sockshare_generation", "gauge", "Worker generation (1 + successful reloads).")
+    o.sample("sockshare_generation", status.get("generation", 1))
+    o.family("sockshare_workers_retiring", "gauge", "Old workers still draining.")
+    o.sample("sockshare_workers_retiring", sum(bool(w.get("retiring")) for w in status["workers"]))
     return "\n".join(o.lines) + "\n"
 
 
 class MetricsServer:
     """``GET /metrics`` on a TCP address, rendered from ``snapshot()`` at each request."""
 
-    def __init__(self, host: str, port: int, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, host: str, port: int, snapshot: Callable[[], dict[str, Any]], *,
+                 sock: socket.socket | None = None) -> None:
         self.host = host
         self.port = port
         self._snapshot = snapshot
         self._server: asyncio.Server | None = None
+        #: the listening socket (kept to pass it to a new dispatcher on upgrade)
+        self.socket: socket.socket | None = sock
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._client, self.host, self.port,
-                                                  limit=8192, reuse_address=True)
-        sock = self._server.sockets[0]
-        self.port = sock.getsockname()[1]
+        if self.socket is None:
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            self.socket = socket.create_server((self.host, self.port), family=family)
+        self.socket.setblocking(False)
+        self._server = await asyncio.start_server(self._client, sock=self.socket, limit=8192)
+        self.host, self.port = self.socket.getsockname()[:2]
 
     async def close(self) -> None:
         if self._server is not None:

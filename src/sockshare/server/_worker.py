@@ -5,23 +5,58 @@
 
 Life of a worker:
 
-1. import the app (``async def handle(conn: Connection) -> None``) and connect an
-   :class:`~sockshare.AsyncChannel` to the dispatcher, HELLO name ``worker:N``. If the
-   app cannot be imported the worker still connects, tells the dispatcher
-   (``{"ev": "fatal"}``), rejects whatever was already sent to it with the reason and
-   exits with status 3: the dispatcher re-dispatches and restarts it with backoff.
+1. import the app (``async def handle(conn: Connection) -> None``) and its *resume*
+   handler (``async def resume(conn, state)``: ``--resume module:callable``, or by
+   convention ``resume`` next to ``handle`` in the same module), then connect an
+   :class:`~sockshare.AsyncChannel` to the dispatcher, HELLO name ``worker:N``, and say
+   what it can do: ``{"ev": "hello", "resume": true|false}``. If the app cannot be
+   imported the worker still connects, tells the dispatcher (``{"ev": "fatal"}``), rejects
+   whatever was already sent to it with the reason and exits with status 3: the
+   dispatcher re-dispatches and restarts it with backoff.
 2. for each handoff: build a :class:`Connection` (a StreamReader that already holds the
    pre-read bytes, then ``connect_accepted_socket`` on the socket); only then ACCEPT
-   the handoff. A handoff whose connection cannot be set up is REJECTed with a reason,
-   and the dispatcher gives it to another worker.
+   the handoff, and the ACCEPT is written out before the app runs (a worker killed
+   right after its app wrote to the client must not have the connection re-dispatched).
+   A handoff whose connection cannot be set up is REJECTed with a reason, and the
+   dispatcher gives it to another worker. A handoff whose meta carries
+   ``"resume"`` is a connection *migrated* from another worker: ``resume(conn, state)``
+   runs instead of ``handle(conn)``.
 3. run the app as a task. An exception in the app is logged, the connection closed; the
    worker goes on. Closed connections are reported to the dispatcher in CONTROL frames,
    ``{"ev": "closed", "n": k}``, batched per event-loop turn, so least-connections and
-   ``max_conns`` see real numbers.
-4. SIGTERM or SIGINT (or the dispatcher going away): ``{"ev": "draining"}``, every new
-   handoff is rejected ("worker is shutting down"), running handlers get ``--grace``
-   seconds to finish, what is left is cancelled, the channel closed, exit status 0. A
-   second signal cancels the handlers at once.
+   ``max_conns`` see real numbers (a migrated connection is not: the dispatcher counts
+   it out when the target accepts it).
+4. SIGTERM or SIGINT (or the dispatcher going away, or its ``{"cmd": "drain"}``):
+   ``{"ev": "draining"}``, every new handoff is rejected ("worker is shutting down"),
+   running handlers get ``--grace`` seconds to finish, what is left is cancelled, the
+   channel closed, exit status 0. A second signal cancels the handlers at once.
+
+Migration (docs/server.md, "Moving live connections"). A handler gives its connection
+away with ``await conn.migrate(state)``. Detaching a connection from asyncio takes five
+steps, in this order, each one undoable until the dispatcher answers:
+
+* flush: every byte the handler wrote leaves the transport (``drain`` with a high-water
+  mark of 0, then the transport's write buffer is checked empty);
+* pause reading, and copy what the StreamReader holds but the handler did not consume
+  (plus ``unread``, bytes the handler took but wants to give back);
+* duplicate the descriptor and hand the duplicate to the dispatcher over this worker's
+  channel, acknowledged, with meta ``{"resume": state, "migration": {...}, ...}`` and
+  the unread bytes as the handoff's pre-read data;
+* the dispatcher forwards it to another worker and answers only once that worker
+  ACCEPTed (the answers are chained). ACCEPT: the transport is closed here -- that closes
+  only this process's descriptor, the connection lives on in the target, so no FIN and
+  no RST reach the client; ``migrate`` returns and the handler should return too.
+  REJECT (no worker could take it): the duplicate is closed, reading resumes, and
+  :class:`MigrationRefused` tells the handler the connection is still its own.
+* the channel breaks before an answer (the dispatcher died): the target may already
+  serve the connection, so this side must not: its copies are closed and
+  :class:`MigrationAborted` is raised. Either way exactly one process serves it.
+
+The dispatcher asks for migrations (rebalancing, reload, upgrade, ``sockshare migrate``)
+with ``{"cmd": "migrate", "n": k}`` or ``{"cmd": "drain", "migrate": true}``: the worker
+sets ``conn.migration_requested`` on connections that are :attr:`Connection.migratable`;
+a handler notices through :meth:`Connection.interruptible` (which raises
+:class:`MigrationRequested`) or by watching the event itself.
 """
 
 from __future__ import annotations
@@ -30,26 +65,103 @@ import argparse
 import asyncio
 import contextlib
 import inspect
+import json
 import logging
 import os
 import signal
+import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sockshare._aio import AsyncChannel
 from sockshare._channel import Handoff
 from sockshare._errors import ChannelError, SockshareError
+from sockshare.protocol import MAX_DATA, MAX_META
 
-__all__ = ["App", "Connection", "Worker", "WorkerInfo", "main", "open_connection"]
+__all__ = [
+    "MAX_STATE",
+    "App",
+    "Connection",
+    "MigrationAborted",
+    "MigrationError",
+    "MigrationRefused",
+    "MigrationRequested",
+    "MigrationUnsupported",
+    "Resume",
+    "StateError",
+    "Worker",
+    "WorkerInfo",
+    "encode_state",
+    "load_app",
+    "load_resume",
+    "main",
+    "open_connection",
+]
 
 log = logging.getLogger("sockshare.server.worker")
 
 App = Callable[["Connection"], Awaitable[None]]
+Resume = Callable[["Connection", Any], Awaitable[None]]
+T = TypeVar("T")
 #: StreamReader buffer limit of a Connection (same as asyncio's default).
 READ_LIMIT = 2 ** 16
 EXIT_APP_ERROR = 3
+#: Largest migration state: compact JSON, UTF-8. The handoff metadata limit is 16 KiB
+#: (docs/protocol.md); the other 4 KiB carry the connection's own meta (client, pool...).
+MAX_STATE = 12 * 1024
+#: Seconds ``migrate`` waits for the client to take what the handler wrote.
+FLUSH_TIMEOUT = 10.0
+#: Meta keys a migrated connection always keeps (the rest may be trimmed to make room).
+_ESSENTIAL_META = ("handoff_id", "client", "peer", "listener", "pool", "route")
+
+
+class MigrationError(SockshareError):
+    """A migration did not happen. Subclasses say who has the connection now."""
+
+
+class MigrationUnsupported(MigrationError):
+    """This connection cannot move: the app has no resume handler, or the handler set
+    ``conn.migratable = False``. Nothing was touched."""
+
+
+class StateError(MigrationError, ValueError):
+    """The state is not JSON-compatible, or over :data:`MAX_STATE` bytes. Nothing was
+    touched: the connection is still the handler's."""
+
+
+class MigrationRefused(MigrationError):
+    """No other worker could take the connection (or it could not be detached): it is
+    still the handler's, reading resumed, nothing lost."""
+
+
+class MigrationAborted(MigrationError):
+    """The channel to the dispatcher broke while the connection was on its way. It may
+    already be served by the target, so this side closed its copies: it is gone from
+    here, never served twice."""
+
+
+class MigrationRequested(Exception):
+    """Raised by :meth:`Connection.interruptible` when the dispatcher asked this
+    connection to move: call ``await conn.migrate(state)`` (or go on serving)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the dispatcher asked this connection to migrate ({reason})")
+        self.reason = reason
+
+
+def encode_state(state: Any) -> bytes:
+    """Compact JSON of a migration state; :class:`StateError` if it cannot travel."""
+    try:
+        raw = json.dumps(state, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise StateError(f"migration state must be JSON-compatible: {exc}") from None
+    if len(raw) > MAX_STATE:
+        raise StateError(f"migration state of {len(raw)} bytes of JSON is over the limit of "
+                         f"{MAX_STATE} bytes")
+    return raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,14 +181,11 @@ class Connection:
     ``reader`` yields the bytes the dispatcher already read (``meta``'s sniffer fields
     were parsed from them) and then what the client sends next, seamlessly. ``meta``
     holds ``client`` (``[host, port]``, or ``"unix"``), ``pool``, ``route``,
-    ``listener``, ``handoff_id``, ``attempt`` (when re-dispatched) and whatever the
-    sniffer found (``host``, ``sni``, ``proxy``, ``method``, ``path``...); the table is
-    in docs/server.md.
+    ``listener``, ``handoff_id``, ``attempt`` (when re-dispatched), ``migration``
+    (``{"from", "from_pid", "count", "started", "reason"}`` when it was migrated here) and
+    whatever the sniffer found (``host``, ``sni``, ``proxy``, ``method``, ``path``...);
+    the table is in docs/server.md.
     """
-
-    # Room is left for ``await conn.migrate(state)`` (moving a live connection to
-    # another worker with application state): it will need ``_sock``'s transport to be
-    # detached, and ``worker`` to reach the channel. Not implemented here.
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  meta: dict[str, Any], worker: WorkerInfo) -> None:
@@ -85,6 +194,12 @@ class Connection:
         self.meta = meta
         self.worker = worker
         self._closed = False
+        self._migrated = False
+        self._migrating = False
+        self._migratable = False
+        self._requested = asyncio.Event()
+        self._reason = ""
+        self._runtime: Worker | None = None
 
     @property
     def handoff_id(self) -> str:
@@ -103,6 +218,119 @@ class Connection:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def migrated(self) -> bool:
+        """True once the connection was handed to another worker."""
+        return self._migrated
+
+    @property
+    def resumed(self) -> bool:
+        """True when this connection was migrated here from another worker."""
+        return "migration" in self.meta
+
+    # -- migration -----------------------------------------------------------------
+
+    @property
+    def migratable(self) -> bool:
+        """Whether the dispatcher may ask this connection to move. True by default when
+        the app has a resume handler; a handler sets it False while it cannot move
+        (in the middle of a request) -- such connections are drained instead."""
+        return self._migratable and not self._closed
+
+    @migratable.setter
+    def migratable(self, value: bool) -> None:
+        self._migratable = bool(value)
+
+    @property
+    def migration_requested(self) -> asyncio.Event:
+        """Set when the dispatcher asked this connection to move (see :attr:`migration_reason`)."""
+        return self._requested
+
+    @property
+    def migration_reason(self) -> str:
+        """``rebalance``, ``reload``, ``upgrade``, ``request``... ('' when not asked)."""
+        return self._reason
+
+    def request_migration(self, reason: str) -> None:
+        """Ask the handler to migrate (what the runtime does when the dispatcher asks)."""
+        self._reason = reason
+        self._requested.set()
+
+    async def interruptible(self, aw: Awaitable[T]) -> T:
+        """Await ``aw`` (a read, typically) unless a migration is requested first: then
+        ``aw`` is cancelled and :class:`MigrationRequested` raised. Cancelling a
+        StreamReader read loses no data: bytes stay in the reader until a read returns.
+
+        While :attr:`migratable` is False, requests do not interrupt."""
+        if not self._migratable:
+            return await aw
+        if self._requested.is_set():
+            if inspect.iscoroutine(aw):
+                aw.close()
+            raise MigrationRequested(self._reason or "requested")
+        task = asyncio.ensure_future(aw)
+        waiter = asyncio.ensure_future(self._requested.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            waiter.cancel()
+            raise
+        if task.done():
+            waiter.cancel()
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if task.cancelled():
+            raise MigrationRequested(self._reason or "requested")
+        return task.result()   # it completed while being cancelled: keep its result
+
+    async def migrate(self, state: Any = None, *, unread: bytes = b"", reason: str = "") -> None:
+        """Give this connection, with ``state``, to another worker of the pool, where
+        ``resume(conn, state)`` continues it with the same socket and every byte not
+        consumed here (what the reader holds, after ``unread``). ``reason`` shows in the
+        target's ``conn.meta["migration"]["reason"]`` (default: why the dispatcher asked,
+        or ``"handler"``).
+
+        Returns once the target accepted; the handler should return then (the
+        connection is no longer usable here). Raises :class:`StateError` or
+        :class:`MigrationUnsupported` before touching anything,
+        :class:`MigrationRefused` when the connection is still the handler's, and
+        :class:`MigrationAborted` when it is gone from here.
+        """
+        rt = self._runtime
+        if self._closed:
+            raise MigrationError("the connection is already closed")
+        if self._migrating:
+            raise MigrationError("this connection is already migrating")
+        if rt is None or rt.resume is None:
+            raise MigrationUnsupported(
+                "this worker's app has no resume handler: define async def resume(conn, state) "
+                "next to handle, or give --resume module:callable")
+        if not self._migratable:
+            raise MigrationUnsupported("the handler marked this connection as not migratable")
+        started = time.monotonic()
+        encode_state(state)
+        meta = rt.migration_meta(self, state, started, reason)
+        if len(unread) + len(self._buffer()) > MAX_DATA:
+            raise MigrationRefused(f"{len(unread) + len(self._buffer())} unread bytes are over "
+                                   f"the {MAX_DATA}-byte limit of a handoff")
+        self._migrating = True
+        try:
+            await rt.migrate_out(self, meta, bytes(unread))
+        finally:
+            self._migrating = False
+
+    def _buffer(self) -> bytearray:
+        buf: bytearray = getattr(self.reader, "_buffer")  # noqa: B009 - no public API for it
+        return buf
+
+    def _detached(self) -> None:
+        """The connection left: mark it closed without touching the socket again."""
+        self._closed = True
+        self._migrated = True
 
     async def close(self) -> None:
         """Close the connection (flushing what was written); safe to call twice."""
@@ -128,8 +356,17 @@ async def open_connection(handoff: Handoff, worker: WorkerInfo, *,
         meta = dict(handoff.meta)
     except ValueError:  # undecodable JSON meta: the connection itself is still fine
         meta = {}
-    transport, protocol = await loop.connect_accepted_socket(
-        lambda: asyncio.StreamReaderProtocol(reader, loop=loop), sock=handoff.socket)
+    make = getattr(loop, "_make_socket_transport", None)
+    if make is not None and handoff.socket.type == socket.SOCK_STREAM:
+        # CPython's selector loop: the transport at once, instead of connect_accepted_socket
+        # and its two turns of the loop waiting for connection_made (which still runs,
+        # scheduled, before any byte is read) -- a migrated connection resumes sooner.
+        handoff.socket.setblocking(False)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport = make(handoff.socket, protocol)
+    else:
+        transport, protocol = await loop.connect_accepted_socket(
+            lambda: asyncio.StreamReaderProtocol(reader, loop=loop), sock=handoff.socket)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     return Connection(reader, writer, meta, worker)
 
@@ -138,15 +375,18 @@ class Worker:
     """The worker's event-loop side: one channel, many handler tasks."""
 
     def __init__(self, app: App | None, info: WorkerInfo, channel: str, *, grace: float = 10.0,
-                 app_error: str = "") -> None:
+                 app_error: str = "", resume: Resume | None = None) -> None:
         self.app = app
+        self.resume = resume
         self.info = info
         self.address = channel
         self.grace = grace
         self.app_error = app_error
         self.ch: AsyncChannel | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        self.conns: dict[Connection, None] = {}   # insertion-ordered: oldest first
         self.stopping = asyncio.Event()
+        self._migrate_all = ""
         self._signals = 0
         self._closed_unreported = 0
         self._flush_scheduled = False
@@ -184,11 +424,136 @@ class Worker:
         if n:
             self._control({"ev": "closed", "n": n, "active": len(self.tasks)})
 
+    # -- migration -------------------------------------------------------------------
+
+    def migration_meta(self, conn: Connection, state: Any, started: float,
+                       reason: str = "") -> dict[str, Any]:
+        """The handoff meta of a migrating connection, within the 16 KiB meta limit."""
+        previous = conn.meta.get("migration")
+        count = previous.get("count", 0) if isinstance(previous, dict) else 0
+        migration = {"from": self.info.id, "from_pid": self.info.pid,
+                     "count": count + 1 if isinstance(count, int) else 1,
+                     "started": started,
+                     "reason": reason or conn.migration_reason or "handler"}
+        meta = {k: v for k, v in conn.meta.items() if k not in ("resume", "attempt", "migration")}
+        meta["migration"] = migration
+        meta["resume"] = state
+        if len(json.dumps(meta, separators=(",", ":"))) > MAX_META:
+            meta = {k: meta[k] for k in (*_ESSENTIAL_META, "migration", "resume") if k in meta}
+            if len(json.dumps(meta, separators=(",", ":"))) > MAX_META:
+                raise StateError(f"migration state and connection metadata are over the "
+                                 f"{MAX_META}-byte metadata limit")
+        return meta
+
+    async def migrate_out(self, conn: Connection, meta: dict[str, Any], unread: bytes) -> None:
+        ch = self.ch
+        if ch is None or ch.closed:
+            raise MigrationRefused("the worker has no channel to the dispatcher")
+        writer = conn.writer
+        transport: asyncio.Transport = writer.transport  # type: ignore[assignment]
+        if transport.is_closing():
+            raise MigrationRefused("the connection is closing")
+        # 1. everything written leaves the transport
+        transport.set_write_buffer_limits(high=0)
+        try:
+            async with asyncio.timeout(FLUSH_TIMEOUT):
+                await writer.drain()
+                while transport.get_write_buffer_size():
+                    await asyncio.sleep(0.001)
+        except TimeoutError:
+            transport.set_write_buffer_limits()
+            raise MigrationRefused(f"the client did not take what was written within "
+                                   f"{FLUSH_TIMEOUT:.0f} s") from None
+        except BaseException:
+            transport.set_write_buffer_limits()
+            raise
+        # 2. stop reading; what is buffered (and not consumed) travels with the socket
+        transport.pause_reading()
+        data = unread + bytes(conn._buffer())
+        raw_sock = transport.get_extra_info("socket")
+        try:
+            if len(data) > MAX_DATA:
+                raise MigrationRefused(f"{len(data)} unread bytes are over the {MAX_DATA}-byte "
+                                       f"limit of a handoff")
+            # 3. a duplicate of the descriptor goes to the dispatcher; the transport keeps
+            # the original until the answer
+            dup = socket.socket(raw_sock.family, raw_sock.type, raw_sock.proto,
+                                os.dup(raw_sock.fileno()))
+        except BaseException:
+            transport.set_write_buffer_limits()
+            transport.resume_reading()
+            raise
+        try:
+            ticket = await ch.send(dup, meta=meta, data=data)
+        except (SockshareError, ValueError, OSError) as exc:
+            dup.close()
+            os.set_blocking(raw_sock.fileno(), False)
+            transport.set_write_buffer_limits()
+            transport.resume_reading()
+            raise MigrationRefused(f"cannot hand the connection to the dispatcher: {exc}") from exc
+        if ticket.state == "accepted":
+            # 4. the target has it: close this process's descriptor only (no FIN, no RST)
+            conn._detached()
+            transport.abort()
+            log.debug("worker %d: %s migrated", self.info.id, conn.handoff_id)
+            return
+        if ticket.socket is not None:
+            ticket.socket.close()
+        if ticket.state == "rejected":
+            conn._requested.clear()
+            os.set_blocking(raw_sock.fileno(), False)   # the receiver may have changed it
+            transport.set_write_buffer_limits()
+            transport.resume_reading()
+            raise MigrationRefused(f"no worker took the connection: {ticket.reason or 'refused'}")
+        conn._detached()
+        transport.abort()
+        raise MigrationAborted(f"the channel to the dispatcher broke mid-migration ({ticket.reason}); "
+                               f"the connection is no longer served here")
+
+    def _request_migrations(self, n: int | None, reason: str) -> int:
+        picked = 0
+        for conn in list(self.conns):
+            if n is not None and picked >= n:
+                break
+            if n is None:   # everyone: also those that become migratable later
+                conn.request_migration(reason)
+                picked += conn.migratable
+            elif conn.migratable and not conn._migrating and not conn.migration_requested.is_set():
+                conn.request_migration(reason)
+                picked += 1
+        return picked
+
+    async def _controls(self, ch: AsyncChannel) -> None:
+        while True:
+            try:
+                msg = await ch.receive_control()
+            except ChannelError:
+                return
+            cmd = msg.get("cmd")
+            reason = str(msg.get("reason") or "request")
+            if cmd == "migrate":
+                n = msg.get("n")
+                count = n if isinstance(n, int) and n >= 0 else None
+                picked = self._request_migrations(count, reason) if self.resume is not None else 0
+                self._control({"ev": "migrate_ack", "n": picked, "req": msg.get("req")})
+            elif cmd == "drain":
+                if msg.get("migrate") and self.resume is not None:
+                    self._migrate_all = reason
+                if not self.stopping.is_set():
+                    log.info("worker %d: the dispatcher asked to drain (%s)", self.info.id, reason)
+                    self.stopping.set()
+            else:
+                log.debug("worker %d: control message %r", self.info.id, msg)
+
     # -- handoffs --------------------------------------------------------------------
 
     async def _serve(self, h: Handoff) -> None:
         if self.stopping.is_set():
             h.reject("worker is shutting down")
+            return
+        resuming = "resume" in h.meta
+        if resuming and self.resume is None:
+            h.reject("this worker's app has no resume handler")
             return
         try:
             conn = await open_connection(h, self.info)
@@ -199,26 +564,58 @@ class Worker:
             return
         try:
             h.accept()
+            # The ACCEPT leaves before the app may write a byte: were this process killed
+            # between the two, the dispatcher would take the connection back and give it
+            # to another worker, and the client would hear from both.
+            assert self.ch is not None
+            self.ch.flush()
+            if self.ch.buffered:
+                await self.ch.drain()
+            if not self.ch.usable:
+                raise ChannelError("the channel closed before the ACCEPT left")
         except SockshareError as exc:  # the channel broke under us: the sender still has it
             log.warning("worker %d: could not accept handoff %d: %s", self.info.id, h.id, exc)
             conn.writer.transport.abort()
             return
-        assert self.app is not None
+        state = conn.meta.pop("resume", None)
+        conn._runtime = self
+        conn._migratable = self.resume is not None
+        self.conns[conn] = None
+        if self._migrate_all:
+            conn.request_migration(self._migrate_all)
         try:
-            await self.app(conn)
+            if resuming:
+                assert self.resume is not None
+                await self.resume(conn, state)
+            else:
+                assert self.app is not None
+                await self.app(conn)
         except asyncio.CancelledError:
             log.info("worker %d: handler for %s cancelled", self.info.id, conn.handoff_id)
         except Exception:
-            log.exception("worker %d: handler failed on %s", self.info.id, conn.handoff_id)
+            log.exception("worker %d: %s failed on %s", self.info.id,
+                          "resume handler" if resuming else "handler", conn.handoff_id)
         finally:
+            self.conns.pop(conn, None)
             if not conn.closed:
                 await conn.close()
-            self._closed_one()
+            if not conn.migrated:   # the dispatcher counted a migrated one out already
+                self._closed_one()
 
     def _start(self, h: Handoff) -> None:
         task = asyncio.get_running_loop().create_task(self._serve(h))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def _take(self) -> None:
+        if self.ch is None:
+            return
+        for h in self.ch.received():
+            if self.stopping.is_set():
+                with contextlib.suppress(SockshareError):
+                    h.reject("worker is shutting down")
+            else:
+                self._start(h)
 
     async def _receive(self, ch: AsyncChannel) -> None:
         try:
@@ -245,7 +642,10 @@ class Worker:
         ch = self.ch
         if self.app is None:
             return await self._fail(ch)
+        self._control({"ev": "hello", "resume": self.resume is not None, "pid": self.info.pid})
+        ch.on_activity = self._take   # handoffs start in the read callback: no task hop
         receiver = loop.create_task(self._receive(ch))
+        controls = loop.create_task(self._controls(ch))
         stop = loop.create_task(self.stopping.wait())
         await asyncio.wait({receiver, stop}, return_when=asyncio.FIRST_COMPLETED)
         if not self.stopping.is_set():
@@ -254,12 +654,17 @@ class Worker:
             self.stopping.set()
         else:
             self._control({"ev": "draining"})
+            if self._migrate_all:
+                n = self._request_migrations(None, self._migrate_all)
+                log.info("worker %d: asked %d connection(s) to migrate (%s)", self.info.id, n,
+                         self._migrate_all)
         await self._drain()
         self._flush_report()
-        receiver.cancel()
-        stop.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await receiver
+        for t in (receiver, controls, stop):
+            t.cancel()
+        for t in (receiver, controls):
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
         with contextlib.suppress(asyncio.CancelledError, TimeoutError, SockshareError, OSError):
             await ch.aclose()
         log.info("worker %d (pid %d) stopped", self.info.id, self.info.pid)
@@ -305,10 +710,52 @@ def load_app(spec: str) -> App:
     return call
 
 
+def resume_spec(app: str, resume: str | None) -> str | None:
+    """Which resume handler goes with ``app``: ``resume`` if given (``"-"``: none), else
+    the convention -- ``resume`` beside the handler (``myapp:handle`` -> ``myapp:resume``,
+    ``myapp:api.handle`` -> ``myapp:api.resume``)."""
+    if resume is not None:
+        return None if resume in ("", "-", "none") else resume
+    module, sep, attr = app.partition(":")
+    if not sep:
+        return None
+    parts = attr.split(".")
+    parts[-1] = "resume"
+    return f"{module}:{'.'.join(parts)}"
+
+
+def load_resume(app: str, resume: str | None) -> Resume | None:
+    """Import the resume handler of ``app`` (None when the app has none). An explicit
+    ``resume`` that cannot be imported raises; a missing conventional one is None."""
+    from sockshare.server._policy import load_callable
+
+    spec = resume_spec(app, resume)
+    if spec is None:
+        return None
+    try:
+        func = load_callable(spec)
+    except (ImportError, AttributeError, TypeError):
+        if resume is not None:
+            raise
+        return None
+    if inspect.iscoroutinefunction(func):
+        return func
+
+    async def call(conn: Connection, state: Any) -> None:
+        result = func(conn, state)
+        if inspect.isawaitable(result):
+            await result
+
+    return call
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sockshare.server._worker",
                                 description="A sockshare Python worker (started by the dispatcher).")
     p.add_argument("--app", required=True, help="module:callable, async def handle(conn)")
+    p.add_argument("--resume", default=None,
+                   help="module:callable, async def resume(conn, state) (default: resume beside "
+                        "the app's handler, if there is one; '-': none)")
     p.add_argument("--channel", default=os.environ.get("SOCKSHARE_CHANNEL"),
                    help="the dispatcher's channel address (default: $SOCKSHARE_CHANNEL)")
     p.add_argument("--id", type=int, default=int(os.environ.get("SOCKSHARE_WORKER_ID", "0")))
@@ -330,15 +777,22 @@ def main(argv: list[str] | None = None) -> int:
         log.error("no channel address: give --channel or set SOCKSHARE_CHANNEL")
         return 2
     app: App | None = None
+    resume: Resume | None = None
     error = ""
     try:
         app = load_app(args.app)
+        resume = load_resume(args.app, args.resume)
     except Exception as exc:
+        app = None
         error = f"{args.app}: {type(exc).__name__}: {exc}"
         log.error("worker %d: %s", info.id, error)
-    worker = Worker(app, info, args.channel, grace=args.grace, app_error=error)
+    worker = Worker(app, info, args.channel, grace=args.grace, app_error=error, resume=resume)
     return asyncio.run(worker.run())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: apps import the exception
+    # classes from sockshare.server._worker, and they must be the ones raised here.
+    import importlib
+
+    sys.exit(importlib.import_module("sockshare.server._worker").main())

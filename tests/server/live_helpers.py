@@ -1,0 +1,166 @@
+"""Helpers for the live-connection tests: a line client, a server that survives upgrades,
+descriptor counts, and bounded waits.
+
+:class:`LiveServer` is :class:`serve_helpers.Server` that follows the dispatcher across
+``sockshare upgrade``: the process it started (``self.proc``) exits after handing over,
+the new one is found through the (same) control socket, and :meth:`LiveServer.close`
+stops whichever dispatcher is current -- only pids that this server reported, which the
+test started directly or indirectly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from serve_helpers import Server, connect, read_line
+
+from sockshare._errors import SockshareError
+from sockshare.server._control import request
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, exited but not reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.02)
+    return not pid_alive(pid)
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class LineClient:
+    """One connection to ``live_apps``: ``ask("echo x")`` returns the JSON answer."""
+
+    def __init__(self, addr: Any, timeout: float = 10.0) -> None:
+        self.sock = connect(addr, timeout=timeout)
+        self.buf = b""
+
+    def send(self, text: str) -> None:
+        self.sock.sendall(text.encode())
+
+    def read(self) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(f"connection closed (buffered {self.buf!r})")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        out: dict[str, Any] = json.loads(line)
+        return out
+
+    def ask(self, cmd: str) -> dict[str, Any]:
+        self.send(cmd + "\n")
+        return self.read()
+
+    def read_eof(self, timeout: float = 10.0) -> bytes:
+        """Wait for the server to close: what was still sent, b'' on a clean FIN."""
+        self.sock.settimeout(timeout)
+        out = self.buf
+        while True:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return out
+            out += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class LiveServer(Server):
+    """A ``sockshare serve`` that may be upgraded (its dispatcher pid changes)."""
+
+    def __init__(self, tmp: Path, *args: str, **kw: Any) -> None:
+        self.dispatchers: set[int] = set()
+        super().__init__(tmp, *args, **kw)
+        self.dispatchers.add(self.pid)
+
+    def status(self) -> dict[str, Any]:
+        st = super().status()
+        self.dispatchers.add(st["pid"])
+        if st.get("successor"):
+            self.dispatchers.add(st["successor"])
+        return st
+
+    def current(self) -> int:
+        pid: int = self.status()["pid"]
+        return pid
+
+    def command(self, req: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        return request(self.control, req, timeout=timeout)
+
+    def wait_ready(self, n: int, timeout: float = 20.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None and not (self.dispatchers - {self.pid}):
+                raise AssertionError(f"the server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                last = self.status()
+            except (OSError, AssertionError, ValueError, SockshareError):
+                last = None
+            if last is not None and sum(w["state"] == "ready" for w in last["workers"]) >= n:
+                return dict(last)
+            time.sleep(0.05)
+        raise AssertionError(f"{n} worker(s) not ready within {timeout} s: {last}\n{self.log()}")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.status()
+        for pid in sorted(self.dispatchers):
+            if pid != self.pid and pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        for pid in sorted(self.dispatchers):
+            if pid != self.pid and not wait_gone(pid, 15.0):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        super().close()
+
+
+def wait_until(pred: Any, timeout: float = 10.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or pred}")
+        time.sleep(0.02)
+
+
+def is_clean_eof(c: LineClient, timeout: float = 10.0) -> bool:
+    """The server closed with FIN (not RST) and sent nothing more."""
+    try:
+        return c.read_eof(timeout) == b""
+    except ConnectionResetError:
+        return False
+
+
+def tcp_rst_close(s: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    s.close()
+
+
+__all__ = ["LineClient", "LiveServer", "fd_count", "is_clean_eof", "pid_alive", "read_line",
+           "tcp_rst_close", "wait_gone", "wait_until"]

@@ -1,0 +1,201 @@
+"""Faults during migration: a worker SIGKILLed while a connection moves out of it or into
+it. The rule: the connection ends up served by exactly one worker, or closed -- never by
+two (the echo counter would skip or repeat, two workers would count it), never leaked
+(the dispatcher's descriptor count comes back to its baseline).
+
+Timing is made deterministic with SIGSTOP: a stopped target holds the forwarded handoff
+unanswered, so the kill lands exactly "in the middle".
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from live_helpers import LineClient, LiveServer, fd_count, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+APP = "live_apps:handle"
+
+
+def _idle(st: dict) -> bool:
+    return all(w["inflight"] == 0 for w in st["workers"]) and all(
+        w["state"] == "ready" for w in st["workers"])
+
+
+def _baseline(srv: LiveServer) -> int:
+    srv.wait_for(_idle, what="idle")
+    time.sleep(0.2)
+    return fd_count(srv.pid)
+
+
+def _wait_fds(srv: LiveServer, expected: int) -> None:
+    wait_until(lambda: fd_count(srv.pid) <= expected, timeout=10,
+               what=f"dispatcher fds back to {expected} (now {fd_count(srv.pid)})")
+
+
+def test_source_killed_while_its_connection_moves_out(tmp_path: Path) -> None:
+    with LiveServer(tmp_path, "--no-rebalance", "--policy", "round-robin", app=APP, workers=2) as srv:
+        base = _baseline(srv)
+        w = srv.workers()
+        c = LineClient(srv.address())
+        first = c.ask("echo a")
+        source = first["pid"]
+        target = w[2]["pid"] if first["id"] == 1 else w[1]["pid"]
+        os.kill(target, signal.SIGSTOP)
+        try:
+            c.send("move\n")
+            # the handoff sits at the stopped target; the source waits for the answer
+            srv.wait_for(lambda st: any(x["inflight"] == 1 for x in st["workers"]),
+                         what="the migration in flight")
+            os.kill(source, signal.SIGKILL)
+            srv.wait_for(lambda st: any(x["restarts"] == 1 for x in st["workers"]),
+                         what="the source restarted")
+        finally:
+            os.kill(target, signal.SIGCONT)
+        moved = c.read()
+        assert moved["moved"]
+        assert moved["pid"] == target
+        assert moved["from"] == source
+        assert c.ask("echo b") == {"n": 2, "pid": target, "id": moved["id"], "echo": "b"}
+        st = srv.wait_for(_idle, what="settled")
+        assert sum(x["connections"] for x in st["workers"]) == 1
+        assert st["counters"]["migrations"] == 1
+        assert st["counters"]["lost"] == 0   # counted out on the target's accept
+        c.close()
+        srv.wait_for(lambda st: sum(x["connections"] for x in st["workers"]) == 0, what="closed")
+        _wait_fds(srv, base)
+
+
+def test_target_killed_while_the_connection_moves_in(tmp_path: Path) -> None:
+    with LiveServer(tmp_path, "--no-rebalance", "--policy", "round-robin", app=APP, workers=2) as srv:
+        base = _baseline(srv)
+        w = srv.workers()
+        c = LineClient(srv.address())
+        first = c.ask("echo a")
+        target = w[2]["pid"] if first["id"] == 1 else w[1]["pid"]
+        os.kill(target, signal.SIGSTOP)
+        c.send("move\n")
+        srv.wait_for(lambda st: any(x["inflight"] == 1 for x in st["workers"]),
+                     what="the migration in flight")
+        os.kill(target, signal.SIGKILL)
+        # no other worker: the dispatcher gives it back; the source goes on serving
+        refused = c.read()
+        assert "refused" in refused
+        assert refused["pid"] == first["pid"]
+        assert c.ask("echo b") == {"n": 2, "pid": first["pid"], "id": first["id"], "echo": "b"}
+        st = srv.wait_for(_idle, what="target restarted")
+        assert st["counters"]["migrations_refused"] == 1
+        assert st["counters"]["returned"] == 1
+        assert sum(x["connections"] for x in st["workers"]) == 1
+        c.close()
+        srv.wait_for(lambda st: sum(x["connections"] for x in st["workers"]) == 0, what="closed")
+        _wait_fds(srv, base)
+
+
+def test_target_killed_with_a_third_worker_free(tmp_path: Path) -> None:
+    with LiveServer(tmp_path, "--no-rebalance", "--policy", "round-robin", app=APP, workers=3) as srv:
+        base = _baseline(srv)
+        c = LineClient(srv.address())
+        first = c.ask("echo a")
+        others = [x["pid"] for x in srv.status()["workers"] if x["pid"] != first["pid"]]
+        for pid in others:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            c.send("move\n")
+            srv.wait_for(lambda st: sum(x["inflight"] for x in st["workers"]) == 1,
+                         what="the migration in flight")
+            st = srv.status()
+            stuck = next(x["pid"] for x in st["workers"] if x["inflight"] == 1)
+            os.kill(stuck, signal.SIGKILL)
+        finally:
+            for pid in others:
+                os.kill(pid, signal.SIGCONT)
+        moved = c.read()
+        survivor = next(p for p in others if p != stuck)
+        assert moved["moved"]
+        assert moved["pid"] == survivor
+        assert c.ask("echo b")["n"] == 2
+        c.close()
+        srv.wait_for(lambda st: _idle(st) and sum(x["connections"] for x in st["workers"]) == 0,
+                     what="settled")
+        _wait_fds(srv, base)
+
+
+def test_random_kills_during_a_migration_storm(tmp_path: Path) -> None:
+    """Clients move their connections in a loop while workers are SIGKILLed at random.
+    Every connection must either go on answering in order, or end (EOF/reset) -- and the
+    dispatcher must hold no stray descriptor once it is over."""
+    with LiveServer(tmp_path, "--no-rebalance", app=APP, workers=3) as srv:
+        base = _baseline(srv)
+        addr = srv.address()
+        stop = threading.Event()
+        results: dict[str, int] = {"ok": 0, "ended": 0, "bad": 0, "migrations": 0}
+        problems: list[str] = []
+        lock = threading.Lock()
+
+        def client(k: int) -> None:
+            rng = random.Random(k)
+            while not stop.is_set():
+                try:
+                    c = LineClient(addr, timeout=15)
+                except OSError as exc:
+                    with lock:
+                        problems.append(f"connect: {exc}")
+                    return
+                n = 0
+                try:
+                    while not stop.is_set():
+                        if rng.random() < 0.5:
+                            c.send("move\n")
+                            answer = c.read()
+                            if "moved" in answer:
+                                with lock:
+                                    results["migrations"] += 1
+                            elif "refused" not in answer:
+                                raise AssertionError(f"unexpected {answer}")
+                        n += 1
+                        answer = c.ask(f"echo {n}")
+                        if answer.get("n") != n or answer.get("echo") != str(n):
+                            with lock:
+                                results["bad"] += 1
+                                problems.append(f"client {k}: expected n={n}, got {answer}")
+                            break
+                    with lock:
+                        results["ok"] += 1
+                except (EOFError, ConnectionResetError, BrokenPipeError):
+                    with lock:
+                        results["ended"] += 1   # its worker was killed: closed, not hung
+                except TimeoutError:
+                    with lock:
+                        problems.append(f"client {k}: hung")
+                finally:
+                    c.close()
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        rng = random.Random(42)
+        try:
+            for _ in range(5):
+                time.sleep(0.6)
+                victims = [w["pid"] for w in srv.status()["workers"] if w["pid"] and w["state"] == "ready"]
+                os.kill(rng.choice(victims), signal.SIGKILL)
+            time.sleep(0.6)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert not problems, problems[:5]
+        assert results["bad"] == 0
+        assert results["migrations"] > 50, results
+        st = srv.wait_for(lambda st: _idle(st) and sum(w["connections"] for w in st["workers"]) == 0,
+                          timeout=20, what="every connection closed and counted")
+        print(f"storm: {results}; dispatcher counters {st['counters']}")
+        _wait_fds(srv, base)

@@ -1,0 +1,245 @@
+"""Live migration between workers: ``await conn.migrate(state)`` and ``resume(conn, state)``.
+
+Real dispatcher, real workers, real sockets on 127.0.0.1, the ``live_apps`` line protocol.
+A migrated connection keeps its socket (the client never reconnects), every byte the
+source had read but not consumed, and its state (the message counter ``n`` goes on);
+bad states and failing resume handlers close the connection cleanly and leave the
+workers running.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from live_helpers import LineClient, LiveServer, is_clean_eof, wait_until
+from serve_helpers import ROOT, env_with_apps
+
+pytestmark = pytest.mark.timeout(120)
+
+APP = "live_apps:handle"
+
+
+def test_migration_carries_state_and_unread_bytes(tmp_path: Path) -> None:
+    with LiveServer(tmp_path, "--no-rebalance", app=APP, workers=2) as srv:
+        c = LineClient(srv.address())
+        first = c.ask("echo a")
+        assert first["n"] == 1
+        # "echo b" and "echo c" arrive with "move": read by the source, not consumed
+        c.send("move\necho b\necho c\n")
+        moved = c.read()
+        assert moved["moved"] is True
+        assert moved["from"] == first["pid"]
+        assert moved["pid"] != first["pid"]
+        assert moved["n"] == 1
+        assert moved["count"] == 1
+        b, cc = c.read(), c.read()
+        assert (b["echo"], b["n"], b["pid"]) == ("b", 2, moved["pid"])
+        assert (cc["echo"], cc["n"], cc["pid"]) == ("c", 3, moved["pid"])
+        st = srv.status()
+        assert st["counters"]["migrations"] == 1
+        assert st["counters"]["lost"] == 0
+        by_pid = {w["pid"]: w for w in st["workers"]}
+        assert by_pid[first["pid"]]["migrated_out"] == 1
+        assert by_pid[moved["pid"]]["migrated_in"] == 1
+        # exactly one worker counts the connection
+        assert by_pid[first["pid"]]["connections"] == 0
+        assert by_pid[moved["pid"]]["connections"] == 1
+        c.close()
+
+
+def test_two_hundred_migrations_keep_every_message_in_order(tmp_path: Path) -> None:
+    with LiveServer(tmp_path, "--no-rebalance", app=APP, workers=3) as srv:
+        c = LineClient(srv.address())
+        pids = [c.ask("echo 0")["pid"]]
+        latencies = []
+        for i in range(1, 201):
+            c.send(f"move\necho {i}\n")
+            moved = c.read()
+            assert moved["moved"], moved
+            assert moved["from"] == pids[-1], moved
+            echo = c.read()
+            assert (echo["echo"], echo["n"], echo["pid"]) == (str(i), i + 1, moved["pid"])
+            pids.append(moved["pid"])
+            latencies.append(moved["latency_us"])
+        assert len(set(pids)) == 3
+        st = srv.status()
+        assert st["counters"]["migrations"] == 200
+        assert st["counters"]["migrations_refused"] == 0
+        assert st["migration_latency"]["samples"] == 200
+        assert sum(w["connections"] for w in st["workers"]) == 1
+        latencies.sort()
+        print(f"migration latency (migrate() -> resume): p50 {latencies[100]:.0f} us, "
+              f"p99 {latencies[197]:.0f} us")
+        c.close()
+
+
+@pytest.mark.parametrize(("cmd", "error"), [
+    ("big", "over the limit of 12288 bytes"),
+    ("badstate", "must be JSON-compatible"),
+])
+def test_bad_state_closes_cleanly_and_the_worker_survives(tmp_path: Path, cmd: str, error: str) -> None:
+    with LiveServer(tmp_path, "--no-rebalance", app=APP, workers=1) as srv:
+        c = LineClient(srv.address())
+        pid = c.ask("echo a")["pid"]
+        c.send(cmd + "\n")
+        assert is_clean_eof(c), "closed with a FIN, nothing half-sent"
+        c.close()
+        log = wait_until(lambda: error in srv.log() and srv.log(), what="the error in the log")
+        assert "StateError" in log
+        c2 = LineClient(srv.address())
+        assert c2.ask("echo b")["pid"] == pid
+        c2.close()
+        st = srv.wait_for(lambda st: st["workers"][0]["connections"] == 0, what="close reported")
+        assert st["counters"]["migrations"] == 0
+        assert st["workers"][0]["restarts"] == 0
+
+
+def test_resume_handler_that_raises(tmp_path: Path) -> None:
+    with LiveServer(tmp_path, "--no-rebalance", app=APP, workers=2) as srv:
+        c = LineClient(srv.address())
+        before = {w["id"]: w["pid"] for w in srv.status()["workers"]}
+        c.ask("echo a")
+        c.send("boom\n")
+        assert is_clean_eof(c)
+        c.close()
+        wait_until(lambda: "resume handler failed" in srv.log(), what="the failure logged")
+        assert "resume was told to fail" in srv.log()
+        st = srv.wait_for(lambda st: all(w["connections"] == 0 for w in st["workers"]),
+                          what="no connection left")
+        assert {w["id"]: w["pid"] for w in st["workers"]} == before
+        assert st["counters"]["migrations"] == 1
+        assert st["counters"]["lost"] == 0
+
+
+def test_without_a_resume_handler_nothing_migrates(tmp_path: Path) -> None:
+    with LiveServer(tmp_path, "--no-rebalance", "--resume", "-", app=APP, workers=2) as srv:
+        c = LineClient(srv.address())
+        wid = c.ask("echo a")["id"]
+        assert all(not w["resume"] for w in srv.status()["workers"])
+        resp = srv.command({"cmd": "migrate", "from": wid, "count": 1})
+        assert not resp["ok"]
+        assert "no resume handler" in resp["error"]
+        c.send("move\n")   # the handler tries anyway: MigrationUnsupported ends it
+        assert is_clean_eof(c)
+        wait_until(lambda: "MigrationUnsupported" in srv.log(), what="the error logged")
+        c.close()
+
+
+def test_refused_when_no_other_worker_and_the_connection_goes_on(tmp_path: Path) -> None:
+    with LiveServer(tmp_path, app=APP, workers=1) as srv:
+        c = LineClient(srv.address())
+        pid = c.ask("echo a")["pid"]
+        refused = c.ask("move")
+        assert "no other worker" in refused["refused"]
+        assert c.ask("echo b") == {"n": 2, "pid": pid, "id": 1, "echo": "b"}
+        assert srv.status()["counters"]["migrations_refused"] == 1
+        c.close()
+
+
+def test_sockshare_migrate_command(tmp_path: Path) -> None:
+    with LiveServer(tmp_path, "--no-rebalance", "--policy", "serve_apps:pick_last", app=APP,
+                    workers=2) as srv:
+        clients = [LineClient(srv.address()) for _ in range(6)]
+        for c in clients:
+            assert c.ask("echo a")["id"] == 2
+        out = subprocess.run(
+            [sys.executable, "-m", "sockshare.cli", "migrate", "--from", "2", "--count", "4",
+             "--control", srv.control], check=False, capture_output=True, text=True, timeout=60,
+            env=env_with_apps(), cwd=str(ROOT))
+        assert out.returncode == 0, out.stderr
+        assert "4 connection(s) asked to move, 4 migrated" in out.stdout
+        st = srv.status()
+        assert [w["connections"] for w in st["workers"]] == [4, 2]
+        assert st["counters"]["migration_requests"] == 1
+        moved = 0
+        for c in clients:
+            first = c.ask("echo b")
+            if "moved" in first:
+                assert first["reason"] == "request"
+                moved += 1
+                first = c.read()
+            assert first["n"] == 2
+        assert moved == 4
+        bad = subprocess.run(
+            [sys.executable, "-m", "sockshare.cli", "migrate", "--from", "9", "--control", srv.control],
+            check=False, capture_output=True, text=True, timeout=60, env=env_with_apps(), cwd=str(ROOT))
+        assert bad.returncode == 1
+        assert "worker 9 is not a ready worker" in bad.stderr
+        for c in clients:
+            c.close()
+
+
+def test_rebalancing_moves_connections_off_the_busy_worker(tmp_path: Path) -> None:
+    with LiveServer(tmp_path, "--policy", "serve_apps:pick_last", app=APP, workers=2) as srv:
+        clients = [LineClient(srv.address()) for _ in range(12)]
+        for c in clients:
+            assert c.ask("echo a")["id"] == 2   # the policy piles them up on worker 2
+        st = srv.wait_for(lambda st: st["workers"][0]["connections"] >= 5, timeout=15,
+                          what="the rebalancer to move connections to worker 1")
+        assert st["counters"]["rebalances"] >= 1
+        assert abs(st["workers"][0]["connections"] - st["workers"][1]["connections"]) <= 2
+        for c in clients:
+            answer = c.ask("echo b")
+            if "moved" in answer:
+                assert answer["reason"] == "rebalance"
+                answer = c.read()
+            assert answer["n"] == 2
+            c.close()
+
+
+def test_not_migratable_connections_are_drained_on_reload(tmp_path: Path) -> None:
+    with LiveServer(tmp_path, "--no-rebalance", app=APP, workers=1) as srv:
+        mover, stayer = LineClient(srv.address()), LineClient(srv.address())
+        old = mover.ask("echo a")["pid"]
+        assert stayer.ask("nomove") == {"migratable": False, "pid": old}
+        assert srv.command({"cmd": "reload", "wait": True})["ok"]
+        moved = mover.read()
+        assert moved["moved"]
+        assert moved["from"] == old
+        assert moved["reason"] == "reload"
+        assert mover.ask("echo b")["n"] == 2
+        # the other one is still served by the old worker, which drains
+        assert stayer.ask("echo c") == {"n": 1, "pid": old, "id": 1, "echo": "c"}
+        st = srv.status()
+        assert [w["state"] for w in st["workers"]] == ["retiring", "ready"]
+        stayer.close()
+        srv.wait_for(lambda st: len(st["workers"]) == 1, what="the old worker to exit")
+        mover.close()
+
+
+def test_status_and_metrics_count_migrations_reloads(tmp_path: Path) -> None:
+    import urllib.request
+
+    with LiveServer(tmp_path, "--no-rebalance", "--metrics", "127.0.0.1:0", app=APP,
+                    workers=2) as srv:
+        c = LineClient(srv.address())
+        c.ask("echo a")
+        assert c.ask("move")["moved"]
+        assert srv.command({"cmd": "reload", "wait": True})["ok"]
+        assert c.read()["reason"] == "reload"
+        st = srv.status()
+        assert st["generation"] == 2
+        assert st["counters"]["reloads"] == 1
+        assert st["counters"]["migrations"] == 2
+        assert st["migration_latency"]["samples"] == 2
+        host, port = st["metrics"].split(":")
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        assert 'sockshare_migrations_total{result="ok"} 2' in text
+        assert 'sockshare_reloads_total{result="ok"} 1' in text
+        assert "sockshare_generation 2" in text
+        assert 'sockshare_migration_latency_seconds{quantile="0.99"}' in text
+        assert "sockshare_migrations_in_total{" in text
+        # one series per worker id, even while a retiring process shares the id
+        lines = [ln for ln in text.splitlines() if ln.startswith("sockshare_handoffs_total{")]
+        assert len(lines) == len({ln.split(" ")[0] for ln in lines}) == 2
+        out = subprocess.run([sys.executable, "-m", "sockshare.cli", "status", "--control", srv.control],
+                             check=False, capture_output=True, text=True, timeout=60,
+                             env=env_with_apps(), cwd=str(ROOT))
+        assert "migrations 2" in out.stdout
+        assert "reloads 1" in out.stdout
+        assert "MIG IN" in out.stdout
+        c.close()

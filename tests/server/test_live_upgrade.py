@@ -1,0 +1,257 @@
+"""Reloads and zero-downtime upgrades of a running server.
+
+* ``sockshare reload`` / SIGHUP: new workers (a fresh interpreter imports the app again),
+  the old ones migrate their connections to them and exit; a reload storm under load
+  refuses and resets nothing.
+* ``sockshare upgrade`` / SIGUSR2: a new dispatcher process inherits the listeners
+  (LISTEN_FDS through the exec wrapper), takes over, and the old dispatcher's workers
+  migrate their connections to the new dispatcher's workers; the old one exits 0.
+* A new dispatcher that dies before taking over leaves the old one serving.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from live_helpers import LineClient, LiveServer, pid_alive, wait_gone, wait_until
+from serve_helpers import ROOT, connect, env_with_apps, read_line
+
+pytestmark = pytest.mark.timeout(240)
+
+APP = "live_apps:handle"
+
+
+class ShortLoad:
+    """Short connections (``who``) in a loop from a few threads; every failure kept."""
+
+    def __init__(self, addr: Any, threads: int = 4) -> None:
+        self.addr = addr
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                with connect(self.addr, timeout=10) as s:
+                    s.sendall(b"who\n")
+                    line = read_line(s)
+                if b'"pid"' not in line:
+                    raise ConnectionError(f"bad answer {line!r}")
+                with self.lock:
+                    self.ok += 1
+            except OSError as exc:
+                with self.lock:
+                    self.failures.append(f"{type(exc).__name__}: {exc}")
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+
+def _follow(c: LineClient, n: int) -> dict[str, Any]:
+    """Echo once more, skipping the "moved" notices of migrations that happened."""
+    answer = c.ask(f"echo {n}")
+    while "moved" in answer:
+        answer = c.read()
+    return answer
+
+
+def test_reload_moves_connections_to_new_workers(tmp_path: Path) -> None:
+    with LiveServer(tmp_path, app=APP, workers=2) as srv:
+        clients = [LineClient(srv.address()) for _ in range(8)]
+        old = {c.ask("echo 1")["pid"] for c in clients}
+        out = subprocess.run([sys.executable, "-m", "sockshare.cli", "reload", "--control", srv.control],
+                             check=False, capture_output=True, text=True, timeout=60,
+                             env=env_with_apps(), cwd=str(ROOT))
+        assert out.returncode == 0, out.stderr
+        assert "generation 2 serving" in out.stdout
+        for c in clients:
+            moved = c.read()
+            assert moved["moved"]
+            assert moved["reason"] == "reload"
+            assert moved["from"] in old
+            answer = c.ask("echo 2")
+            assert answer["n"] == 2
+            assert answer["pid"] not in old
+        st = srv.wait_for(lambda st: len(st["workers"]) == 2 and all(
+            w["state"] == "ready" for w in st["workers"]), what="old workers gone")
+        assert st["generation"] == 2
+        assert st["counters"]["reloads"] == 1
+        assert st["counters"]["migrations"] == 8
+        assert {w["generation"] for w in st["workers"]} == {2}
+        for c in clients:
+            c.close()
+
+
+def test_sighup_reload_storm_under_load(tmp_path: Path) -> None:
+    """Fifty reloads in a row (SIGHUP, back to back: coalesced) and fifty more waited for
+    one by one, with short connections flowing and long ones echoing: nothing refused,
+    reset or lost."""
+    with LiveServer(tmp_path, app=APP, workers=2) as srv:
+        addr = srv.address()
+        longs = [LineClient(addr) for _ in range(6)]
+        for c in longs:
+            c.ask("echo 1")
+        load = ShortLoad(addr)
+        try:
+            for _ in range(50):
+                os.kill(srv.pid, signal.SIGHUP)
+                time.sleep(0.02)
+            for _ in range(50):
+                assert srv.command({"cmd": "reload", "wait": True})["ok"]
+            for i, c in enumerate(longs):
+                assert _follow(c, 2)["n"] == 2, i
+        finally:
+            load.finish()
+        assert load.failures == []
+        assert load.ok > 50
+        st = srv.wait_for(lambda st: len(st["workers"]) == 2, timeout=30, what="old generations gone")
+        c = st["counters"]
+        assert c["refused"] == 0
+        assert c["lost"] == 0
+        assert c["reload_failures"] == 0
+        assert 51 <= c["reloads"] <= 100
+        print(f"reload storm: {c['reloads']} reloads, {load.ok} short connections, "
+              f"{c['migrations']} migrations")
+        for cl in longs:
+            cl.close()
+
+
+def test_reload_with_broken_new_code_keeps_the_old_workers(tmp_path: Path) -> None:
+    flag = tmp_path / "broken"
+    env_app = "live_broken:handle"
+    (tmp_path / "apps").mkdir()
+    (tmp_path / "apps" / "live_broken.py").write_text(
+        "import os\n"
+        f"if os.path.exists({str(flag)!r}):\n"
+        "    raise ImportError('the new code is broken')\n"
+        "from live_apps import handle, resume  # noqa: F401\n")
+    os.environ["PYTHONPATH"] = f"{tmp_path / 'apps'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    try:
+        with LiveServer(tmp_path, "--log-level", "warning", app=env_app, workers=2) as srv:
+            c = LineClient(srv.address())
+            pid = c.ask("echo 1")["pid"]
+            flag.write_text("x")
+            resp = srv.command({"cmd": "reload", "wait": True})
+            assert not resp["ok"]
+            assert "old ones go on serving" in resp["error"]
+            assert c.ask("echo 2") == {"n": 2, "pid": pid, "id": c.ask("who")["id"], "echo": "2"}
+            st = srv.wait_for(lambda st: len(st["workers"]) == 2, what="the failed generation gone")
+            assert st["counters"]["reload_failures"] == 1
+            assert st["generation"] == 1
+            flag.unlink()
+            assert srv.command({"cmd": "reload", "wait": True})["ok"]
+            assert _follow(c, 3)["n"] == 3
+            c.close()
+    finally:
+        os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
+
+
+def test_upgrade_replaces_the_dispatcher(tmp_path: Path) -> None:
+    sock_path = tmp_path / "s.sock"
+    with LiveServer(tmp_path, app=APP, workers=2,
+                    bind=["127.0.0.1:0", f"unix:{sock_path}"]) as srv:
+        old_pid = srv.pid
+        tcp = srv.address("l0")
+        clients = [LineClient(tcp) for _ in range(4)] + [LineClient(str(sock_path)) for _ in range(2)]
+        for c in clients:
+            c.ask("echo 1")
+        load = ShortLoad(tcp, threads=3)
+        try:
+            out = subprocess.run(
+                [sys.executable, "-m", "sockshare.cli", "upgrade", "--control", srv.control],
+                check=False, capture_output=True, text=True, timeout=90, env=env_with_apps(), cwd=str(ROOT))
+            assert out.returncode == 0, out.stderr + srv.log()
+            new_pid = int(out.stdout.split()[3].rstrip(":"))
+            assert "handed over" in out.stdout
+            assert srv.proc.wait(30) == 0   # the old dispatcher drained and exited
+            for c in clients:
+                answer = _follow(c, 2)
+                assert answer["n"] == 2
+        finally:
+            load.finish()
+        assert load.failures == []
+        st = srv.status()
+        assert st["pid"] == new_pid != old_pid
+        assert st["predecessor"] == old_pid
+        assert sock_path.exists()
+        fresh = LineClient(str(sock_path))
+        assert fresh.ask("echo 1")["n"] == 1
+        fresh.close()
+        new_workers = {w["pid"] for w in st["workers"]}
+        for c in clients:
+            assert c.ask("who")["pid"] in new_workers
+        assert st["counters"]["refused"] == 0
+        assert st["counters"]["migrations"] >= 6   # (and short ones caught in flight)
+        log = srv.log()
+        assert "upgrade: took over from pid" in log
+        assert f"MAINPID={new_pid}" not in log   # not under systemd here: nothing sent
+        # and once more, from the new one (a chain of upgrades)
+        assert srv.command({"cmd": "upgrade", "wait": True})["ok"]
+        wait_until(lambda: not pid_alive(new_pid), timeout=30, what="the second dispatcher to exit")
+        for c in clients:
+            assert _follow(c, 3)["n"] == 3
+            c.close()
+
+
+def test_new_dispatcher_dying_during_upgrade(tmp_path: Path) -> None:
+    flag = tmp_path / "slow"
+    os.environ["LIVE_APPS_SLOW_IMPORT"] = str(flag)
+    try:
+        with LiveServer(tmp_path, app=APP, workers=2) as srv:
+            c = LineClient(srv.address())
+            c.ask("echo 1")
+            flag.write_text("x")   # the new dispatcher's workers take 5 s to import the app
+            resp = srv.command({"cmd": "upgrade", "wait": False})
+            assert resp["ok"]
+            successor = resp["pid"]
+            wait_until(lambda: "worker 2 started" in srv.log().split(f"dispatcher[{successor}]", 1)[-1],
+                       timeout=20, what="the new dispatcher's workers")
+            children = _children(successor)
+            os.kill(successor, signal.SIGKILL)
+            for pid in children:
+                with __import__("contextlib").suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            st = srv.wait_for(lambda st: st["counters"]["upgrade_failures"] == 1, timeout=20,
+                              what="the failed upgrade noticed")
+            assert st["pid"] == srv.pid
+            assert not st["handed_over"]
+            assert "goes on serving" in srv.log()
+            assert c.ask("echo 2")["n"] == 2
+            fresh = LineClient(srv.address())
+            assert fresh.ask("echo 1")["n"] == 1
+            fresh.close()
+            flag.unlink()
+            assert srv.command({"cmd": "upgrade", "wait": True})["ok"]
+            assert srv.proc.wait(30) == 0
+            assert _follow(c, 3)["n"] == 3
+            c.close()
+            for pid in children:
+                assert wait_gone(pid, 10)
+    finally:
+        del os.environ["LIVE_APPS_SLOW_IMPORT"]
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
