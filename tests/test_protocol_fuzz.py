@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import os
 import socket
+import time
 from collections import Counter
 
 import pytest
@@ -188,7 +189,10 @@ class _Idle:
 
     def base(self) -> int:
         if self._base is None:
-            n = fd_count()
+            # Earlier tests in this process may have left pooled agent connections (and
+            # the agent's ends of them): close them and let the count settle first.
+            sockshare.close_agent_connections()
+            n = _settle_count()
             thread = agent()._thread
             if thread is None or not thread.is_alive():
                 n += 4  # the agent's listener, wake pair and epoll
@@ -203,6 +207,19 @@ class _Idle:
 
 
 _IDLE = _Idle()
+
+
+def _settle_count(timeout: float = 5.0) -> int:
+    """The fd count once it stops moving (an agent thread may still close its ends)."""
+    deadline = time.monotonic() + timeout
+    last = fd_count()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = fd_count()
+        if now == last:
+            return now
+        last = now
+    return last
 
 
 def _attempt(text: str) -> None:

@@ -124,6 +124,8 @@ def self_agent() -> int:
     once it runs (after ``export_socket`` returned), and closes its duplicate and the
     importer's connection when DONE arrives (after ``import_socket`` returned).
     """
+    sockshare.close_agent_connections()  # earlier tests may have left pooled ones
+    time.sleep(0.1)  # the agent closes its ends of them
     thread = agent()._thread
     n0 = fd_count() + (0 if thread is not None and thread.is_alive() else AGENT_FDS)
     a, b = socket.socketpair()
