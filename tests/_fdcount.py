@@ -71,6 +71,20 @@ def wait_fd_count(pid: int | str, expected: int, *, timeout: float = 5.0,
         time.sleep(0.005)
 
 
+def settled_fd_count(pid: int | str = "self", timeout: float = 5.0) -> int:
+    """The fd count once it stops moving (an agent thread may still be opening or
+    closing its ends), or the last count after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last = fd_count(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = fd_count(pid)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def socket_inodes(pid: int | str = "self") -> set[int]:
     """The inode numbers of every socket the process holds."""
     out = set()

@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import os
 import socket
-import time
 from collections import Counter
 
 import pytest
@@ -40,7 +39,7 @@ from sockshare.protocol import (
     encode_token,
 )
 from sockshare.protocol._token import ADDR_ABSTRACT, ADDR_PATH, KIND_POSIX, KIND_WINDOWS
-from tests._fdcount import fd_count, wait_fd_count
+from tests._fdcount import settled_fd_count, wait_fd_count
 
 FUZZ = settings(database=None, deadline=None, max_examples=300,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -192,7 +191,7 @@ class _Idle:
             # Earlier tests in this process may have left pooled agent connections (and
             # the agent's ends of them): close them and let the count settle first.
             sockshare.close_agent_connections()
-            n = _settle_count()
+            n = settled_fd_count()
             thread = agent()._thread
             if thread is None or not thread.is_alive():
                 n += 4  # the agent's listener, wake pair and epoll
@@ -207,19 +206,6 @@ class _Idle:
 
 
 _IDLE = _Idle()
-
-
-def _settle_count(timeout: float = 5.0) -> int:
-    """The fd count once it stops moving (an agent thread may still close its ends)."""
-    deadline = time.monotonic() + timeout
-    last = fd_count()
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        now = fd_count()
-        if now == last:
-            return now
-        last = now
-    return last
 
 
 def _attempt(text: str) -> None:

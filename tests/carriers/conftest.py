@@ -25,7 +25,7 @@ import pytest
 import sockshare
 from sockshare import carriers
 from sockshare.carriers import _libc
-from tests._fdcount import fd_count, fd_table, wait_fd_count
+from tests._fdcount import fd_count, fd_table, settled_fd_count, wait_fd_count
 
 SCHEMES = list(carriers.CARRIERS)
 AVAILABLE = carriers.available()
@@ -117,19 +117,6 @@ class Addresses:
         return found
 
 
-def _settled_fd_count(timeout: float = 2.0) -> int:
-    """The fd count once it has stopped moving (an agent thread may still be starting)."""
-    deadline = time.monotonic() + timeout
-    last = fd_count()
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        now = fd_count()
-        if now == last:
-            return now
-        last = now
-    return last
-
-
 def _start_token_agent() -> None:
     """One export/import round trip, so the export agent's own fds predate the baseline."""
     a, b = socket.socketpair()
@@ -158,7 +145,7 @@ def _hygiene(request: pytest.FixtureRequest, addrs: Addresses) -> Iterator[None]
     if "token_agent" in request.fixturenames:
         _start_token_agent()
         before = fd_table()
-        baseline = _settled_fd_count()
+        baseline = settled_fd_count(timeout=2.0)
     yield
     wait_fd_count("self", baseline, timeout=5.0, before=before, what="the test process")
     left = addrs.leftovers()

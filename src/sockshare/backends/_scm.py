@@ -124,25 +124,15 @@ def send_frame(
     if not MSG_DONTWAIT:  # Windows: no per-call flag (and no descriptors to attach)
         _send_frame_nonblocking(sock, data, timeout, on_readable)
         return
-    deadline = None if timeout is None else time.monotonic() + timeout
-    view = memoryview(data)
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-    read_too = on_readable is not None
-    while view:
-        try:
-            sent = sock.sendmsg([view], anc, MSG_DONTWAIT)
-        except BlockingIOError:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"the peer did not read for {timeout} s") from None
-            writable, readable = wait_ready(sock, write=True, timeout=remaining, read_too=read_too)
-            if readable and on_readable is not None and not on_readable():
-                read_too = False
-            if not writable and not readable:
-                raise TimeoutError(f"the peer did not read for {timeout} s") from None
-            continue
-        view = view[sent:]
+
+    def send_once(view: memoryview) -> int:
+        nonlocal anc
+        sent = sock.sendmsg([view], anc, MSG_DONTWAIT)
         anc = []  # descriptors travel once, with the first byte
+        return sent
+
+    _send_loop(sock, memoryview(data), send_once, timeout, on_readable)
 
 
 def _send_frame_nonblocking(
@@ -156,29 +146,37 @@ def _send_frame_nonblocking(
     the mode under it is harmless; without this, a peer that stops reading would block
     the sender for ever instead of breaking the channel after ``timeout``.
     """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    view = memoryview(data)
-    read_too = on_readable is not None
     previous = sock.gettimeout()
     sock.setblocking(False)
     try:
-        while view:
-            try:
-                sent = sock.send(view)
-            except BlockingIOError:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"the peer did not read for {timeout} s") from None
-                writable, readable = wait_ready(sock, write=True, timeout=remaining, read_too=read_too)
-                if readable and on_readable is not None and not on_readable():
-                    read_too = False
-                if not writable and not readable:
-                    raise TimeoutError(f"the peer did not read for {timeout} s") from None
-                continue
-            view = view[sent:]
+        _send_loop(sock, memoryview(data), sock.send, timeout, on_readable)
     finally:
         if sock.fileno() >= 0:
             sock.settimeout(previous)
+
+
+def _send_loop(
+    sock: socket.socket, view: memoryview, send_once: Callable[[memoryview], int],
+    timeout: float | None, on_readable: Callable[[], bool] | None,
+) -> None:
+    """Call ``send_once`` until ``view`` is sent; while the socket is full, wait for room
+    (and drain the peer through ``on_readable``) until ``timeout``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    read_too = on_readable is not None
+    while view:
+        try:
+            sent = send_once(view)
+        except BlockingIOError:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"the peer did not read for {timeout} s") from None
+            writable, readable = wait_ready(sock, write=True, timeout=remaining, read_too=read_too)
+            if readable and on_readable is not None and not on_readable():
+                read_too = False
+            if not writable and not readable:
+                raise TimeoutError(f"the peer did not read for {timeout} s") from None
+            continue
+        view = view[sent:]
 
 
 def recv_with_fds(
