@@ -28,9 +28,11 @@ Errors say whose fault a failure is and what to do about it::
     │   └── CarrierClosed               the carrier or its peer is gone
     └── BackendUnavailable              this OS mechanism does not work here (and why)
 
-The server runtime adds its own, still under ``SockshareError``:
-``sockshare.server.SniffError`` (a client that cannot be routed) and the migration
-errors documented in ``docs/server.md``.
+The server runtime (:mod:`sockshare.server`) adds its own, still under
+``SockshareError``: ``ConfigError`` (a bad configuration), ``ControlError`` (the control
+socket), ``SniffError`` (a client that cannot be routed), and ``MigrationError`` with
+``MigrationUnsupported``, ``StateError``, ``MigrationRefused`` and ``MigrationAborted``
+(moving a live connection; see ``docs/server.md``).
 
 Every class is importable from the package top level. ``ValueError`` and
 ``TimeoutError`` mixins keep stdlib-style ``except`` clauses working.
