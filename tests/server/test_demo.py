@@ -503,7 +503,7 @@ def test_websocket_fragments_are_reassembled(server: DemoServer) -> None:
 
 def test_websocket_frame_sent_with_the_upgrade_request(server: DemoServer) -> None:
     """A frame in the same segment as the handshake (h11's trailing data) is not lost."""
-    early = FrameProtocol(client=True, extensions=[]).send_data("early bird", fin=True)
+    early = bytes(FrameProtocol(client=True, extensions=[]).send_data("early bird", fin=True))
     ws = WsClient(server.port, early=early)
     try:
         event = ws.next_event()

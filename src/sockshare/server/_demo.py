@@ -724,6 +724,7 @@ viewBox='0 0 16 16'%3E%3Ccircle cx='8' cy='8' r='7' fill='%2338bdf8'/%3E%3C/svg%
     margin: 0 0 14px; font-size: 13px; font-weight: 600; text-transform: uppercase;
     letter-spacing: 0.08em; color: var(--muted);
   }}
+  .card h2 code {{ text-transform: none; letter-spacing: 0; color: var(--accent); }}
   .pid {{ font: 700 46px/1.1 var(--mono); color: var(--accent); margin: 2px 0 16px; }}
   .pid small {{ display: block; font: 500 12px/1.4 system-ui, sans-serif; color: var(--muted);
     letter-spacing: 0.06em; text-transform: uppercase; }}
@@ -749,6 +750,7 @@ viewBox='0 0 16 16'%3E%3Ccircle cx='8' cy='8' r='7' fill='%2338bdf8'/%3E%3C/svg%
   button.ghost {{ background: transparent; color: var(--accent); border: 1px solid var(--line); }}
   #ws-log {{
     list-style: none; margin: 0; padding: 0; max-height: 320px; overflow-y: auto;
+    scrollbar-width: thin; scrollbar-color: #334155 transparent;
     display: flex; flex-direction: column; gap: 8px;
   }}
   #ws-log li {{
