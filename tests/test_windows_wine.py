@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.windows.winpeer import SCRIPT, PeerClient, PeerError
+from tests.windows.winpeer import SCRIPT, PeerClient, PeerError, recv_exact
 from tests.wine_support import WinePython, parse_pytest_summary, windows_path, wine_python
 
 pytestmark = pytest.mark.wine
@@ -61,13 +61,6 @@ def spawn(wine: WinePython) -> Iterator[Spawn]:
             peer.finish()
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < size:
-        chunk = sock.recv(min(65536, size - len(buf)))
-        assert chunk, f"connection closed after {len(buf)} of {size} bytes"
-        buf += chunk
-    return bytes(buf)
 
 
 def _echo_round(client: socket.socket, server: PeerClient, h: int, size: int) -> None:
@@ -76,7 +69,7 @@ def _echo_round(client: socket.socket, server: PeerClient, h: int, size: int) ->
     server.send_line(f'{{"op": "echo", "h": {h}}}')
     writer = threading.Thread(target=client.sendall, args=(payload,), daemon=True)
     writer.start()  # while we read the echo: neither side waits on a full buffer
-    echoed = _recv_exact(client, size)
+    echoed = recv_exact(client, size)
     writer.join(IO)
     assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
     client.shutdown(socket.SHUT_WR)
@@ -120,7 +113,7 @@ def _connect_and_queue(exporter: PeerClient) -> tuple[socket.socket, int, int]:
     client.sendall(b"hello from linux")
     assert exporter.call("recv", h=conn["h"], n=16) == "hello from linux"
     exporter.call("send", h=conn["h"], data="hello from windows")
-    assert _recv_exact(client, 18) == b"hello from windows"
+    assert recv_exact(client, 18) == b"hello from windows"
     client.sendall(b"queued, unread by the exporter")  # must travel with the socket
     return client, conn["h"], lst["port"]
 
@@ -150,7 +143,7 @@ def test_linux_client_token_handoff(spawn: Spawn, route: str, tmp_path: Path,
         assert exporter.finish() == 0
         assert importer.call("recv", h=got["h"], n=30) == "queued, unread by the exporter"
         importer.call("send", h=got["h"], data="served by the importer")
-        assert _recv_exact(client, 22) == b"served by the importer"
+        assert recv_exact(client, 22) == b"served by the importer"
         _echo_round(client, importer, got["h"], 512 * 1024)
 
 
@@ -177,7 +170,7 @@ def test_linux_client_token_through_environment_variable(spawn: Spawn) -> None:
         got = newcomer.call("import", token=token2)
         assert (got["local"], got["peer"]) == (port, client.getsockname()[1])
         newcomer.call("send", h=got["h"], data="served by the newcomer")
-        assert _recv_exact(client, 22) == b"served by the newcomer"
+        assert recv_exact(client, 22) == b"served by the newcomer"
         # the released token's duplicate still sits in 'target' until it exits (documented)
         target.finish()
         _echo_round(client, newcomer, got["h"], 64 * 1024)
@@ -215,7 +208,7 @@ def test_linux_client_channel_handoff(spawn: Spawn) -> None:
         assert (back["state"], back["reason"]) == ("rejected", "no capacity")
         assert sender.call("recv", h=back["h"], n=31) == "body not read by the dispatcher"
         sender.call("send", h=back["h"], data="503 from the sender")
-        assert _recv_exact(client, 19) == b"503 from the sender"
+        assert recv_exact(client, 19) == b"503 from the sender"
         _echo_round(client, sender, back["h"], 64 * 1024)
 
     # 2. accepted: the receiver serves the Linux client; the sender keeps no copy
@@ -225,6 +218,6 @@ def test_linux_client_channel_handoff(spawn: Spawn) -> None:
         assert sender.call("ticket_wait", t=ticket["t"])["state"] == "accepted"
         assert receiver.call("recv", h=got["h"], n=31) == "body not read by the dispatcher"
         receiver.call("send", h=got["h"], data="200 from the receiver")
-        assert _recv_exact(client, 21) == b"200 from the receiver"
+        assert recv_exact(client, 21) == b"200 from the receiver"
         assert sender.finish() == 0  # the sender may go: the connection is the receiver's
         _echo_round(client, receiver, got["h"], 512 * 1024)

@@ -21,7 +21,7 @@ import pytest
 if sys.platform != "win32":
     pytest.skip("Windows-only: run through scripts/wine_python.py pytest", allow_module_level=True)
 
-from winpeer import IO_TIMEOUT, PeerClient
+from winpeer import IO_TIMEOUT, PeerClient, recv_exact, sees_eof
 
 import sockshare
 
@@ -46,23 +46,8 @@ def spawn() -> Iterator[Spawn]:
             peer.finish()
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < size:
-        chunk = sock.recv(size - len(buf))
-        assert chunk, f"connection closed after {len(buf)} of {size} bytes"
-        buf += chunk
-    return bytes(buf)
 
 
-def _sees_eof(sock: socket.socket, timeout: float) -> bool:
-    sock.settimeout(timeout)
-    try:
-        return sock.recv(1) == b""
-    except TimeoutError:
-        return False
-    finally:
-        sock.settimeout(IO_TIMEOUT)
 
 
 @dataclasses.dataclass
@@ -125,11 +110,11 @@ def test_handoff_with_meta_and_preread_data_acked(pair: Pair) -> None:
     assert answered == {"state": "accepted", "reason": "", "h": None}
     # the receiver alone serves the connection now, both ways
     pair.receiver.call("send", h=got["h"], data="HTTP/1.1 200 OK\r\n\r\n")
-    assert _recv_exact(client, 19) == b"HTTP/1.1 200 OK\r\n\r\n"
+    assert recv_exact(client, 19) == b"HTTP/1.1 200 OK\r\n\r\n"
     client.sendall(b"more")
     assert pair.receiver.call("recv", h=got["h"], n=4) == "more"
     pair.receiver.call("close", h=got["h"])
-    assert _sees_eof(client, IO_TIMEOUT)  # the sender kept no copy
+    assert sees_eof(client, IO_TIMEOUT)  # the sender kept no copy
     counters = pair.sender.call("ch_counters", ch=pair.sch)
     assert counters["sent"] == 1
     assert counters["accepted"] == 1
@@ -153,7 +138,7 @@ def test_several_handoffs_in_a_row(pair: Pair) -> None:
         assert got["peer"] == client.getsockname()[1]
         assert pair.sender.call("ticket_wait", t=t["t"])["state"] == "accepted"
         pair.receiver.call("send", h=got["h"], data=f"bye {i}")
-        assert _recv_exact(client, 5) == f"bye {i}".encode()
+        assert recv_exact(client, 5) == f"bye {i}".encode()
 
 
 def test_reject_gives_the_socket_back_usable(pair: Pair) -> None:
@@ -169,11 +154,11 @@ def test_reject_gives_the_socket_back_usable(pair: Pair) -> None:
     assert back is not None
     # the sender's socket is intact, both ways; the receiver's copy is gone
     pair.sender.call("send", h=back, data="served by the sender")
-    assert _recv_exact(client, 20) == b"served by the sender"
+    assert recv_exact(client, 20) == b"served by the sender"
     client.sendall(b"ping")
     assert pair.sender.call("recv", h=back, n=4) == "ping"
     pair.sender.call("close", h=back)
-    assert _sees_eof(client, IO_TIMEOUT)
+    assert sees_eof(client, IO_TIMEOUT)
 
 
 def test_receiver_killed_before_answering_returns_the_ticket(pair: Pair) -> None:
@@ -189,9 +174,9 @@ def test_receiver_killed_before_answering_returns_the_ticket(pair: Pair) -> None
     assert back is not None
     assert pair.sender.call("recv", h=back, n=5) == "hello"  # nobody read it: still there
     pair.sender.call("send", h=back, data="still here")
-    assert _recv_exact(client, 10) == b"still here"
+    assert recv_exact(client, 10) == b"still here"
     pair.sender.call("close", h=back)
-    assert _sees_eof(client, IO_TIMEOUT)
+    assert sees_eof(client, IO_TIMEOUT)
     err = pair.sender.refused("ch_send", "ChannelBroken", ch=pair.sch, h=pair.srv)
     assert err.msg
 
@@ -203,9 +188,9 @@ def test_fire_and_forget(pair: Pair) -> None:
     got = pair.receiver.call("ch_receive", ch=pair.rch)
     assert got["acked"] is False
     pair.receiver.call("send", h=got["h"], data="y")
-    assert _recv_exact(client, 1) == b"y"
+    assert recv_exact(client, 1) == b"y"
     pair.receiver.call("close", h=got["h"])
-    assert _sees_eof(client, IO_TIMEOUT)
+    assert sees_eof(client, IO_TIMEOUT)
 
 
 def test_unix_addresses_are_refused_on_windows() -> None:
@@ -253,7 +238,7 @@ def test_async_channel_in_this_process() -> None:
                     with h.socket as s:
                         s.settimeout(IO_TIMEOUT)
                         s.sendall(b"from the receiver")
-                        assert _recv_exact(client, 17) == b"from the receiver"
+                        assert recv_exact(client, 17) == b"from the receiver"
             await a.aclose()
             await b.aclose()
         finally:

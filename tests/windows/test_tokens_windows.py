@@ -28,7 +28,7 @@ import pytest
 if sys.platform != "win32":
     pytest.skip("Windows-only: run through scripts/wine_python.py pytest", allow_module_level=True)
 
-from winpeer import IO_TIMEOUT, PeerClient
+from winpeer import IO_TIMEOUT, PeerClient, recv_exact, sees_eof
 
 import sockshare
 from sockshare.protocol._token import ADDR_ABSTRACT, KIND_POSIX, TokenInfo, decode_token, encode_token
@@ -54,23 +54,8 @@ def spawn() -> Iterator[Spawn]:
             peer.finish()
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < size:
-        chunk = sock.recv(size - len(buf))
-        assert chunk, f"connection closed after {len(buf)} of {size} bytes"
-        buf += chunk
-    return bytes(buf)
 
 
-def _sees_eof(sock: socket.socket, timeout: float) -> bool:
-    sock.settimeout(timeout)
-    try:
-        return sock.recv(1) == b""
-    except TimeoutError:
-        return False
-    finally:
-        sock.settimeout(IO_TIMEOUT)
 
 
 @dataclasses.dataclass
@@ -95,7 +80,7 @@ def connected(spawn: Spawn) -> Iterator[Connected]:
         client.sendall(b"hello exporter")
         assert exporter.call("recv", h=conn["h"], n=14) == "hello exporter"
         exporter.call("send", h=conn["h"], data="hello client")
-        assert _recv_exact(client, 12) == b"hello client"
+        assert recv_exact(client, 12) == b"hello client"
         yield Connected(client, exporter, conn["h"], lst["port"])
     finally:
         client.close()
@@ -147,13 +132,13 @@ def test_export_import_between_siblings(connected: Connected, spawn: Spawn) -> N
 
     assert importer.call("recv", h=got["h"], n=22) == "queued before the move"
     importer.call("send", h=got["h"], data="served by the importer")
-    assert _recv_exact(c.client, 22) == b"served by the importer"
+    assert recv_exact(c.client, 22) == b"served by the importer"
     payload = os.urandom(200_000)
     c.client.sendall(payload)
     assert importer.call("recv", h=got["h"], n=len(payload)) == payload.decode("latin-1")
     # an orderly close, seen at both ends: nobody else holds the connection
     importer.call("close", h=got["h"])
-    assert _sees_eof(c.client, IO_TIMEOUT)
+    assert sees_eof(c.client, IO_TIMEOUT)
 
 
 def test_nonblocking_import(connected: Connected, spawn: Spawn) -> None:
@@ -215,7 +200,7 @@ def test_expired_token_is_refused_and_the_duplicate_closed(connected: Connected,
     connected.client.sendall(b"abc")
     assert connected.exporter.call("recv", h=connected.h, n=3) == "abc"
     connected.exporter.call("close", h=connected.h)
-    assert _sees_eof(connected.client, IO_TIMEOUT)
+    assert sees_eof(connected.client, IO_TIMEOUT)
     assert importer.proc.poll() is None
 
 
@@ -229,7 +214,7 @@ def test_release_then_import_is_expired(connected: Connected, spawn: Spawn) -> N
     assert "released" in err.msg
     assert importer.refused("import", "TokenConsumed", token=token)  # still single use locally
     connected.exporter.call("close", h=connected.h)
-    assert _sees_eof(connected.client, IO_TIMEOUT)
+    assert sees_eof(connected.client, IO_TIMEOUT)
 
 
 def test_token_never_imported_keeps_the_duplicate_in_the_target(connected: Connected, spawn: Spawn) -> None:
@@ -238,9 +223,9 @@ def test_token_never_imported_keeps_the_duplicate_in_the_target(connected: Conne
     token = connected.exporter.call("export", h=connected.h, pid=importer.pid)
     assert connected.exporter.call("release", token=token) is True
     connected.exporter.call("close", h=connected.h)
-    assert not _sees_eof(connected.client, 0.5)  # the target still holds the duplicate
+    assert not sees_eof(connected.client, 0.5)  # the target still holds the duplicate
     importer.finish()
-    assert _sees_eof(connected.client, IO_TIMEOUT)  # ...until it exits
+    assert sees_eof(connected.client, IO_TIMEOUT)  # ...until it exits
 
 
 def test_garbled_tokens_are_invalid(connected: Connected, spawn: Spawn) -> None:
@@ -271,7 +256,7 @@ def test_forged_secret_is_refused_and_the_duplicate_closed(connected: Connected,
     assert connected.exporter.call("pending") == 1
     connected.exporter.call("close", h=connected.h)
     # the forged attempt took the duplicate (fromshare first) and closed it on refusal
-    assert _sees_eof(connected.client, IO_TIMEOUT)
+    assert sees_eof(connected.client, IO_TIMEOUT)
 
 
 def test_exporter_gone(connected: Connected, spawn: Spawn) -> None:
@@ -281,7 +266,7 @@ def test_exporter_gone(connected: Connected, spawn: Spawn) -> None:
     err = importer.refused("import", "ExporterGone", token=token)
     assert str(decode_token(token).exporter_pid) in err.msg
     assert "exited" in err.msg
-    assert _sees_eof(connected.client, IO_TIMEOUT)  # the importer closed what it took
+    assert sees_eof(connected.client, IO_TIMEOUT)  # the importer closed what it took
 
 
 def test_posix_token_is_invalid_on_windows() -> None:

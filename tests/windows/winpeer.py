@@ -44,7 +44,8 @@ def _s(data: bytes) -> str:
     return data.decode("latin-1")
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    """Exactly ``size`` bytes from ``sock``; EOFError if it closes first."""
     buf = bytearray()
     while len(buf) < size:
         chunk = sock.recv(min(65536, size - len(buf)))
@@ -52,6 +53,18 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
             raise EOFError(f"connection closed after {len(buf)} of {size} bytes")
         buf += chunk
     return bytes(buf)
+
+
+def sees_eof(sock: socket.socket, timeout: float) -> bool:
+    """True if ``sock`` reports end of file within ``timeout`` (no process holds the
+    other end any more); its timeout is put back to IO_TIMEOUT after."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    finally:
+        sock.settimeout(IO_TIMEOUT)
 
 
 class Peer:
@@ -108,7 +121,7 @@ class Peer:
         return len(data)
 
     def op_recv(self, h: int, n: int) -> str:
-        return _s(_recv_exact(self._sock(h), n))
+        return _s(recv_exact(self._sock(h), n))
 
     def op_recv_eof(self, h: int, timeout: float = IO_TIMEOUT) -> bool:
         """True when the peer closed (recv returns b''); False if it stays open."""
