@@ -438,3 +438,38 @@ def test_close_abandons_what_a_live_peer_never_answers() -> None:
     for s in (held.socket, y):
         s.close()
     b.close()
+
+
+def test_single_handoffs_take_the_one_read_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream of one-socket handoffs is decoded without the general frame decoder
+    (the fast path once went unused because recvmsg reports MSG_CMSG_CLOEXEC back in its
+    flags); the sockets still arrive whole, with their bytes, metadata, blocking mode and
+    a checked type."""
+    from sockshare._channel import _ChannelState
+
+    general = 0
+    original = _ChannelState.receive_data
+
+    def counting(self: _ChannelState, data: bytes, fds: list[int], answer: object) -> None:
+        nonlocal general
+        general += 1
+        original(self, data, fds, answer)
+
+    monkeypatch.setattr(_ChannelState, "receive_data", counting)
+    a, b = sockshare.Channel.pair()
+    with a, b:
+        pairs = [socket.socketpair() for _ in range(20)]
+        for i, (left, _right) in enumerate(pairs):
+            left.setblocking(False)  # the receiver's copy must come back blocking
+            a.send(left, meta={"i": i}, data=b"pre-%d" % i, ack=i % 2 == 0)
+        for i, (_left, right) in enumerate(pairs):
+            h = b.receive(timeout=5)
+            assert (h.meta, h.data, h.acked) == ({"i": i}, b"pre-%d" % i, i % 2 == 0)
+            assert h.socket.gettimeout() is None
+            assert os.get_blocking(h.socket.fileno())
+            h.accept()
+            right.sendall(b"x%d" % i)
+            assert h.socket.recv(16) == b"x%d" % i
+            h.socket.close()
+            right.close()
+        assert general == 0

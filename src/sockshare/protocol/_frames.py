@@ -126,6 +126,12 @@ class FrameDecoder:
         return len(self._buf)
 
     @property
+    def idle(self) -> bool:
+        """True when nothing is buffered and no descriptor waits: the next read starts
+        a fresh frame (the receivers' single-frame fast path relies on it)."""
+        return not self._buf and not self._fds and self._pending is None and self._failed is None
+
+    @property
     def holds_fds(self) -> bool:
         """True while received descriptors wait for their frame (or an error)."""
         return bool(self._fds) or self._pending is not None or self._failed is not None

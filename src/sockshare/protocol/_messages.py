@@ -132,6 +132,15 @@ class SocketKind:
             kind = _KINDS[key] = cls(*key)
         return kind
 
+    @staticmethod
+    def code_of(sock: socket.socket) -> bytes:
+        """``SocketKind.of(sock).pack()`` in one dictionary lookup (the send hot path)."""
+        code = _CODES.get((_raw_family(sock), _raw_type(sock) & _TYPE_MASK, _raw_proto(sock)))
+        if code is None:
+            code = SocketKind.of(sock).pack()
+            _CODES[(_raw_family(sock), _raw_type(sock) & _TYPE_MASK, _raw_proto(sock))] = code
+        return code
+
     def pack(self) -> bytes:
         packed = _PACKED.get(self)
         if packed is None:
@@ -167,6 +176,7 @@ _TYPE_MASK = 0xF if hasattr(socket, "SOCK_NONBLOCK") else -1
 _KINDS: dict[tuple[int, int, int], SocketKind] = {}
 _PACKED: dict[SocketKind, bytes] = {}
 _UNPACKED: dict[bytes, SocketKind] = {}
+_CODES: dict[tuple[int, int, int], bytes] = {}
 
 
 # --- HELLO --------------------------------------------------------------------
