@@ -57,6 +57,7 @@ class AsyncChannel:
         self._wq: deque[tuple[memoryview, list[int], list[Ticket]]] = deque()
         self._writing = False
         self._waiters: list[asyncio.Future[None]] = []
+        self._end_waiters: list[asyncio.Future[None]] = []
         self._reading = True
         self._flush_scheduled = False
         #: called right after the peer's frames were processed, before waiters wake: a
@@ -118,9 +119,7 @@ class AsyncChannel:
 
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
+        _resolve_all(waiters)
 
     async def _wait_event(self) -> None:
         fut: asyncio.Future[None] = self._loop.create_future()
@@ -137,6 +136,34 @@ class AsyncChannel:
         self._ch._break(exc)  # reads what the peer sent before the break first
         self._wq.clear()
         self._wake()
+        self._wake_end()
+
+    def _wake_end(self) -> None:
+        waiters, self._end_waiters = self._end_waiters, []
+        _resolve_all(waiters)
+
+    async def wait_closed(self) -> None:
+        """Wait until the channel is broken or closed, and only that: a supervisor that
+        handles the peer's frames in :attr:`on_activity` keeps one task here instead of
+        one woken by every read."""
+        while self._state.broken is None and not self._state.closed:
+            fut: asyncio.Future[None] = self._loop.create_future()
+            self._end_waiters.append(fut)
+            await fut
+
+    def track_accepts(self) -> None:
+        """From now on, record tickets the peer accepts, for :meth:`accepted`."""
+        if self._state.accepted_log is None:
+            self._state.accepted_log = []
+
+    def accepted(self) -> list[Ticket]:
+        """Tickets accepted since the last call (after :meth:`track_accepts`): a
+        supervisor settles what changed instead of scanning everything pending."""
+        log = self._state.accepted_log
+        if not log:
+            return []
+        self._state.accepted_log = []
+        return log
 
     async def wait_activity(self) -> bool:
         """Wait until the peer's next frames were processed (or the channel ended).
@@ -182,6 +209,16 @@ class AsyncChannel:
         self._state.returned.clear()
         return out
 
+    def received_controls(self) -> list[dict[str, Any]]:
+        """Control messages that arrived and were not taken yet, without waiting (the
+        companion of :meth:`received` for a supervisor using :attr:`on_activity`)."""
+        controls = self._state.controls
+        if not controls:
+            return []
+        out = list(controls)
+        controls.clear()
+        return out
+
     def received(self) -> list[Handoff]:
         """Handoffs that arrived and were not taken yet, without waiting: for a supervisor
         that watches with :meth:`wait_activity` (the server dispatcher, which relays the
@@ -203,9 +240,13 @@ class AsyncChannel:
 
     def _flush_answers(self) -> None:
         self._flush_scheduled = False
+        if self._state.broken is not None or self._state.closed:
+            return
         frame = self._state.take_accepts()
-        if frame is not None and self._state.broken is None and not self._state.closed:
+        if frame is not None:
             self._write_frame(frame)
+        elif self._wq and not self._writing:
+            self._flush()
 
     def _write_frame(self, frame: bytes, fds: list[int] | None = None,
                      tickets: list[Ticket] | None = None) -> None:
@@ -215,21 +256,32 @@ class AsyncChannel:
     def _flush(self) -> None:
         from sockshare.backends._scm import send_with_fds
 
+        wq = self._wq
         try:
-            while self._wq:
-                buf, fds, tickets = self._wq[0]
+            while wq:
+                buf, fds, tickets = wq[0]
+                if not fds and len(wq) > 1 and not wq[1][1]:
+                    # answers and controls queued in this turn of the loop: one write
+                    parts: list[memoryview] = []
+                    merged: list[Ticket] = []
+                    while wq and not wq[0][1]:
+                        part, _fds, ts = wq.popleft()
+                        parts.append(part)
+                        merged.extend(ts)
+                    wq.appendleft((memoryview(b"".join(parts)), [], merged))
+                    continue
                 sent = send_with_fds(self._sock, bytes(buf), fds) if fds else self._sock.send(buf)
                 if sent < len(buf):
-                    self._wq[0] = (buf[sent:], [], tickets)
+                    wq[0] = (buf[sent:], [], tickets)
                     break
-                self._wq.popleft()
+                wq.popleft()
                 self._sent(tickets)
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as exc:
             self._break(exc)
             return
-        want = bool(self._wq)
+        want = bool(wq)
         if want and not self._writing:
             self._loop.add_writer(self._sock.fileno(), self._flush)
             self._writing = True
@@ -281,11 +333,21 @@ class AsyncChannel:
             await self.wait(tickets)
         return tickets
 
-    def send_control(self, obj: dict[str, Any]) -> None:
+    def send_control(self, obj: dict[str, Any], *, soon: bool = False) -> None:
+        """Send a small JSON control message. With ``soon`` it goes out at the end of
+        this turn of the loop, in one write with the answers and other controls queued
+        by then (or earlier, with the next frame written)."""
         from sockshare.protocol import encode_control
 
         self._state.check_usable()
-        self._write_frame(encode_frame(FrameType.CONTROL, encode_control(obj)))
+        frame = encode_frame(FrameType.CONTROL, encode_control(obj))
+        if not soon:
+            self._write_frame(frame)
+            return
+        self._wq.append((memoryview(frame), [], []))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_answers)
 
     def flush(self) -> None:
         """Send coalesced answers (ACCEPTs) now rather than at the end of this loop
@@ -330,6 +392,7 @@ class AsyncChannel:
         st.broken = st.broken or ChannelClosed("closed by this side")
         self._ch.close()
         self._wake()
+        self._wake_end()
 
     async def __aenter__(self) -> AsyncChannel:
         return self
@@ -391,3 +454,8 @@ def _selector_loop() -> asyncio.AbstractEventLoop:
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _resolve_all(futures: list[asyncio.Future[None]]) -> None:
+    for fut in futures:
+        _resolve(fut)

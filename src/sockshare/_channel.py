@@ -293,6 +293,8 @@ class _ChannelState:
         self.pending_accepts: list[int] = []
         #: acked handoffs received and not answered yet (queued or with the application)
         self.outstanding: dict[int, Handoff] = {}
+        #: tickets accepted by the peer, when a supervisor asked to track them
+        self.accepted_log: list[Ticket] | None = None
 
     # -- answers -------------------------------------------------------------------
 
@@ -527,6 +529,7 @@ class _ChannelState:
             close_fds(frame.fds)
             raise RemoteProtocolError(f"{t.name} frame carried {len(frame.fds)} descriptors")
         elif t == FrameType.ACCEPT:
+            log = self.accepted_log
             for hid in decode_accept(frame.payload):
                 ticket = self._ticket(hid)
                 ticket.state = "accepted"
@@ -534,6 +537,8 @@ class _ChannelState:
                 if ticket.socket is not None:
                     ticket.socket.close()
                     ticket.socket = None
+                if log is not None:
+                    log.append(ticket)
         elif t == FrameType.REJECT:
             rej = decode_reject(frame.payload)
             ticket = self._ticket(rej.id)

@@ -299,6 +299,9 @@ class ListenerState:
         self.paused = False
         #: the socket file (UNIX) is ours to remove on stop (not systemd's, not handed over)
         self.owned = owned
+        # socket.accept() builds enums for family/type/proto on every call (1 us): the
+        # raw numbers once, and the C-level accept
+        self.kind = (int(sock.family), int(sock.type) & 0xF, int(sock.proto))
         if cfg.bind.is_unix:
             self.address = f"unix:{cfg.bind.address}"
         else:
@@ -728,9 +731,12 @@ class Dispatcher:
     # -- accepting -------------------------------------------------------------------
 
     def _on_acceptable(self, ls: ListenerState) -> None:
+        accept = ls.sock._accept  # type: ignore[attr-defined]  # the C accept, see ListenerState
+        family, type_, proto = ls.kind
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, addr = ls.sock.accept()
+                fd, addr = accept()
+                sock = socket.socket(family, type_, proto, fd)
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionAbortedError:
@@ -1029,9 +1035,11 @@ class Dispatcher:
                 slot.state = "ready"
             log.info("worker %d (pid %d, pool %s, generation %d) ready", slot.id, ch.peer.pid,
                      slot.pool, slot.generation)
+            # Everything the worker sends is handled in the channel's read callback; one
+            # task waits for the end (no task woken per read: 2 fewer per connection).
+            ch.track_accepts()
             ch.on_activity = lambda slot=slot, ch=ch: self._settle_safely(slot, ch)
-            self._spawn(self._watch_tickets(slot, ch))
-            self._spawn(self._watch_controls(slot, ch))
+            self._spawn(self._watch_worker(slot, ch))
             if slot.retired:
                 self._retire(slot, "reload")
             self._drain(slot.pool_state)
@@ -1053,20 +1061,11 @@ class Dispatcher:
                     return slot
         return None
 
-    async def _watch_tickets(self, slot: WorkerSlot, ch: AsyncChannel) -> None:
+    async def _watch_worker(self, slot: WorkerSlot, ch: AsyncChannel) -> None:
         # (when cancelled at teardown, _teardown closes the channel and the sockets)
-        while await ch.wait_activity():
-            self._settle(slot, ch)
+        await ch.wait_closed()
         self._settle(slot, ch)
         await self._detach(slot, ch)
-
-    async def _watch_controls(self, slot: WorkerSlot, ch: AsyncChannel) -> None:
-        while True:
-            try:
-                msg = await ch.receive_control()
-            except ChannelError:
-                return
-            self._apply_control(slot, ch, msg)
 
     def _apply_control(self, slot: WorkerSlot, ch: AsyncChannel, msg: dict[str, Any]) -> None:
         self._settle(slot, ch)   # count ACCEPTs that preceded this message first
@@ -1099,21 +1098,26 @@ class Dispatcher:
     def _settle_safely(self, slot: WorkerSlot, ch: AsyncChannel) -> None:
         try:
             self._settle(slot, ch)
+            for msg in ch.received_controls():
+                self._apply_control(slot, ch, msg)
         except Exception:   # in the channel's read callback: never let it escape
             log.exception("worker %d: settling its channel failed", slot.id)
 
     def _settle(self, slot: WorkerSlot, ch: AsyncChannel) -> None:
         """Apply the answers that arrived: accepts, rejects, returned tickets; and take
         the connections the worker migrates out."""
-        if slot.pending:
-            accepted = [tid for tid, (t, _w) in slot.pending.items() if t.state == "accepted"]
-            for tid in accepted:
-                _t, w = slot.pending.pop(tid)
-                if w.origin is not None:
-                    self._migration_done(w, slot)
-            slot.active += len(accepted)
-            slot.stats.handoffs += len(accepted)
-            self.counters["handoffs"] += len(accepted)
+        accepted = 0
+        for t in ch.accepted():
+            entry = slot.pending.pop(t.id, None)
+            if entry is None:
+                continue
+            accepted += 1
+            if entry[1].origin is not None:
+                self._migration_done(entry[1], slot)
+        if accepted:
+            slot.active += accepted
+            slot.stats.handoffs += accepted
+            self.counters["handoffs"] += accepted
         back = ch.returned()
         for t in back:
             entry = slot.pending.pop(t.id, None)

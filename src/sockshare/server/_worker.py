@@ -72,7 +72,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -108,6 +108,9 @@ Resume = Callable[["Connection", Any], Awaitable[None]]
 T = TypeVar("T")
 #: StreamReader buffer limit of a Connection (same as asyncio's default).
 READ_LIMIT = 2 ** 16
+#: Seconds a close report may wait to ride along with the next ACCEPTs (least-conn
+#: counts are that much behind at most).
+REPORT_DELAY = 0.002
 EXIT_APP_ERROR = 3
 #: Largest migration state: compact JSON, UTF-8. The handoff metadata limit is 16 KiB
 #: (docs/protocol.md); the other 4 KiB carry the connection's own meta (client, pool...).
@@ -345,30 +348,48 @@ class Connection:
         return f"<Connection {self.handoff_id} from {self.client_address!r} on worker {self.worker.id}>"
 
 
+def _meta_of(handoff: Handoff) -> dict[str, Any]:
+    try:
+        return dict(handoff.meta)
+    except (ValueError, SockshareError):  # undecodable meta: the connection is still fine
+        return {}
+
+
+def connection_now(handoff: Handoff, worker: WorkerInfo, *,
+                   limit: int = READ_LIMIT) -> Connection | None:
+    """:func:`open_connection` without waiting, on CPython's selector loop: the transport
+    at once, instead of connect_accepted_socket and its two turns of the loop waiting for
+    connection_made (which still runs, scheduled, before any byte is read) -- a migrated
+    connection resumes sooner. None where that is not possible (another loop, a socket
+    that is not a stream)."""
+    loop = asyncio.get_running_loop()
+    make = getattr(loop, "_make_socket_transport", None)
+    if make is None or handoff.socket.type != socket.SOCK_STREAM:
+        return None
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    if handoff.data:
+        reader.feed_data(handoff.data)
+    handoff.socket.setblocking(False)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport = make(handoff.socket, protocol)
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    return Connection(reader, writer, _meta_of(handoff), worker)
+
+
 async def open_connection(handoff: Handoff, worker: WorkerInfo, *,
                           limit: int = READ_LIMIT) -> Connection:
     """Wrap a received handoff in asyncio streams; pre-read bytes come first."""
+    conn = connection_now(handoff, worker, limit=limit)
+    if conn is not None:
+        return conn
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     if handoff.data:
         reader.feed_data(handoff.data)
-    try:
-        meta = dict(handoff.meta)
-    except ValueError:  # undecodable JSON meta: the connection itself is still fine
-        meta = {}
-    make = getattr(loop, "_make_socket_transport", None)
-    if make is not None and handoff.socket.type == socket.SOCK_STREAM:
-        # CPython's selector loop: the transport at once, instead of connect_accepted_socket
-        # and its two turns of the loop waiting for connection_made (which still runs,
-        # scheduled, before any byte is read) -- a migrated connection resumes sooner.
-        handoff.socket.setblocking(False)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-        transport = make(handoff.socket, protocol)
-    else:
-        transport, protocol = await loop.connect_accepted_socket(
-            lambda: asyncio.StreamReaderProtocol(reader, loop=loop), sock=handoff.socket)
+    transport, protocol = await loop.connect_accepted_socket(
+        lambda: asyncio.StreamReaderProtocol(reader, loop=loop), sock=handoff.socket)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-    return Connection(reader, writer, meta, worker)
+    return Connection(reader, writer, _meta_of(handoff), worker)
 
 
 class Worker:
@@ -407,22 +428,24 @@ class Worker:
 
     # -- reporting -------------------------------------------------------------------
 
-    def _control(self, obj: dict[str, Any]) -> None:
+    def _control(self, obj: dict[str, Any], *, soon: bool = False) -> None:
         if self.ch is not None:
             with contextlib.suppress(SockshareError):
-                self.ch.send_control(obj)
+                self.ch.send_control(obj, soon=soon)
 
     def _closed_one(self) -> None:
+        # Reported in batches: with the next ACCEPTs (same write) or after REPORT_DELAY,
+        # whichever comes first -- not one write, and one dispatcher wake-up, per close.
         self._closed_unreported += 1
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_report)
+            asyncio.get_running_loop().call_later(REPORT_DELAY, self._flush_report, True)
 
-    def _flush_report(self) -> None:
+    def _flush_report(self, soon: bool = False) -> None:
         self._flush_scheduled = False
         n, self._closed_unreported = self._closed_unreported, 0
         if n:
-            self._control({"ev": "closed", "n": n, "active": len(self.tasks)})
+            self._control({"ev": "closed", "n": n, "active": len(self.tasks)}, soon=soon)
 
     # -- migration -------------------------------------------------------------------
 
@@ -523,37 +546,43 @@ class Worker:
                 picked += 1
         return picked
 
-    async def _controls(self, ch: AsyncChannel) -> None:
-        while True:
-            try:
-                msg = await ch.receive_control()
-            except ChannelError:
-                return
-            cmd = msg.get("cmd")
-            reason = str(msg.get("reason") or "request")
-            if cmd == "migrate":
-                n = msg.get("n")
-                count = n if isinstance(n, int) and n >= 0 else None
-                picked = self._request_migrations(count, reason) if self.resume is not None else 0
-                self._control({"ev": "migrate_ack", "n": picked, "req": msg.get("req")})
-            elif cmd == "drain":
-                if msg.get("migrate") and self.resume is not None:
-                    self._migrate_all = reason
-                if not self.stopping.is_set():
-                    log.info("worker %d: the dispatcher asked to drain (%s)", self.info.id, reason)
-                    self.stopping.set()
-            else:
-                log.debug("worker %d: control message %r", self.info.id, msg)
+    def _apply_control(self, msg: dict[str, Any]) -> None:
+        cmd = msg.get("cmd")
+        reason = str(msg.get("reason") or "request")
+        if cmd == "migrate":
+            n = msg.get("n")
+            count = n if isinstance(n, int) and n >= 0 else None
+            picked = self._request_migrations(count, reason) if self.resume is not None else 0
+            self._control({"ev": "migrate_ack", "n": picked, "req": msg.get("req")})
+        elif cmd == "drain":
+            if msg.get("migrate") and self.resume is not None:
+                self._migrate_all = reason
+            if not self.stopping.is_set():
+                log.info("worker %d: the dispatcher asked to drain (%s)", self.info.id, reason)
+                self.stopping.set()
+        else:
+            log.debug("worker %d: control message %r", self.info.id, msg)
 
     # -- handoffs --------------------------------------------------------------------
 
+    def _resuming(self, h: Handoff) -> bool | None:
+        """Whether ``h`` resumes a migrated connection; None if it was rejected."""
+        try:
+            resuming = "resume" in h.meta
+        except SockshareError:  # metadata that is not a JSON object: a plain connection
+            resuming = False
+        if resuming and self.resume is None:
+            h.reject("this worker's app has no resume handler")
+            return None
+        return resuming
+
     async def _serve(self, h: Handoff) -> None:
+        """One handoff on its own (the path for loops without a synchronous transport)."""
         if self.stopping.is_set():
             h.reject("worker is shutting down")
             return
-        resuming = "resume" in h.meta
-        if resuming and self.resume is None:
-            h.reject("this worker's app has no resume handler")
+        resuming = self._resuming(h)
+        if resuming is None:
             return
         try:
             conn = await open_connection(h, self.info)
@@ -564,17 +593,26 @@ class Worker:
             return
         try:
             h.accept()
-            # The ACCEPT leaves before the app may write a byte: were this process killed
-            # between the two, the dispatcher would take the connection back and give it
-            # to another worker, and the client would hear from both.
             assert self.ch is not None
             self.ch.flush()
-            if self.ch.buffered:
-                await self.ch.drain()
-            if not self.ch.usable:
-                raise ChannelError("the channel closed before the ACCEPT left")
         except SockshareError as exc:  # the channel broke under us: the sender still has it
             log.warning("worker %d: could not accept handoff %d: %s", self.info.id, h.id, exc)
+            conn.writer.transport.abort()
+            return
+        await self._run(conn, resuming)
+
+    async def _run(self, conn: Connection, resuming: bool) -> None:
+        """Serve an accepted connection once its ACCEPT has left."""
+        # The ACCEPT leaves before the app may write a byte: were this process killed
+        # between the two, the dispatcher would take the connection back and give it
+        # to another worker, and the client would hear from both.
+        ch = self.ch
+        assert ch is not None
+        if ch.buffered:
+            await ch.drain()
+        if not ch.usable:
+            log.warning("worker %d: the channel closed before the ACCEPT of %s left",
+                        self.info.id, conn.handoff_id)
             conn.writer.transport.abort()
             return
         state = conn.meta.pop("resume", None)
@@ -602,30 +640,66 @@ class Worker:
             if not conn.migrated:   # the dispatcher counted a migrated one out already
                 self._closed_one()
 
-    def _start(self, h: Handoff) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(h))
+    def _task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    def _on_activity(self) -> None:
+        """The channel's read callback: start what arrived, apply controls."""
+        try:
+            self._take()
+            if self.ch is not None:
+                for msg in self.ch.received_controls():
+                    self._apply_control(msg)
+        except Exception:   # never let it escape into the channel's reader
+            log.exception("worker %d: handling the dispatcher's frames failed", self.info.id)
+
     def _take(self) -> None:
-        if self.ch is None:
+        """Set up every handoff that arrived in this read, accept them all, send the
+        ACCEPTs (and a pending close report) in one write, then start the handlers."""
+        ch = self.ch
+        if ch is None:
             return
-        for h in self.ch.received():
-            if self.stopping.is_set():
+        handoffs = ch.received()
+        if not handoffs:
+            return
+        if self.stopping.is_set():
+            for h in handoffs:
                 with contextlib.suppress(SockshareError):
                     h.reject("worker is shutting down")
-            else:
-                self._start(h)
-
-    async def _receive(self, ch: AsyncChannel) -> None:
+            return
+        ready: list[tuple[Handoff, Connection, bool]] = []
+        for h in handoffs:
+            resuming = self._resuming(h)
+            if resuming is None:
+                continue
+            try:
+                conn = connection_now(h, self.info)
+            except (OSError, RuntimeError, ValueError) as exc:
+                log.warning("worker %d: cannot set up handoff %d: %s", self.info.id, h.id, exc)
+                h.reject(f"cannot set up the connection: {exc}")
+                continue
+            if conn is None:   # no synchronous transport here: the general path
+                self._task(self._serve(h))
+                continue
+            ready.append((h, conn, resuming))
+        if not ready:
+            return
         try:
-            async for h in ch:
-                if self.stopping.is_set():
-                    h.reject("worker is shutting down")
-                else:
-                    self._start(h)
-        except ChannelError as exc:
-            log.warning("worker %d: channel to the dispatcher broke: %s", self.info.id, exc)
+            for h, _conn, _resuming in ready:
+                h.accept()
+            if self._closed_unreported:
+                self._flush_report(soon=True)   # rides along with the ACCEPTs
+            ch.flush()
+        except SockshareError as exc:  # the channel broke under us: the sender has them
+            log.warning("worker %d: could not accept %d handoff(s): %s", self.info.id,
+                        len(ready), exc)
+            for _h, conn, _resuming in ready:
+                conn.writer.transport.abort()
+            return
+        for _h, conn, resuming in ready:
+            self._task(self._run(conn, resuming))
 
     # -- life ------------------------------------------------------------------------
 
@@ -643,9 +717,10 @@ class Worker:
         if self.app is None:
             return await self._fail(ch)
         self._control({"ev": "hello", "resume": self.resume is not None, "pid": self.info.pid})
-        ch.on_activity = self._take   # handoffs start in the read callback: no task hop
-        receiver = loop.create_task(self._receive(ch))
-        controls = loop.create_task(self._controls(ch))
+        # handoffs start, and controls apply, in the read callback: no task hop, and no
+        # task woken per read
+        ch.on_activity = self._on_activity
+        receiver = loop.create_task(ch.wait_closed())
         stop = loop.create_task(self.stopping.wait())
         await asyncio.wait({receiver, stop}, return_when=asyncio.FIRST_COMPLETED)
         if not self.stopping.is_set():
@@ -660,11 +735,10 @@ class Worker:
                          self._migrate_all)
         await self._drain()
         self._flush_report()
-        for t in (receiver, controls, stop):
+        for t in (receiver, stop):
             t.cancel()
-        for t in (receiver, controls):
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        with contextlib.suppress(asyncio.CancelledError):
+            await receiver
         with contextlib.suppress(asyncio.CancelledError, TimeoutError, SockshareError, OSError):
             await ch.aclose()
         log.info("worker %d (pid %d) stopped", self.info.id, self.info.pid)
