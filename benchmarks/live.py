@@ -76,12 +76,15 @@ def main() -> int:
     ap.add_argument("--short-rate", type=float, default=200.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "live.json"))
+    ap.add_argument("--src", default=str(ROOT / "src"),
+                    help="the sockshare source tree the server runs (e.g. an exported commit, "
+                         "for an A/B against this one)")
     args = ap.parse_args()
     command = shlex.join(["python", *sys.argv])
 
     tmp = Path(tempfile.mkdtemp(prefix="ss-live-"))
     port = free_port()
-    server = ServeProcess(port, tmp, args.workers, pythonpath=str(ROOT / "src"))
+    server = ServeProcess(port, tmp, args.workers, pythonpath=str(Path(args.src).resolve()))
     server.start()
     load = Load(("127.0.0.1", port), short_clients=4, short_rate=args.short_rate, ws_clients=args.ws)
     load.start()

@@ -473,3 +473,37 @@ def test_single_handoffs_take_the_one_read_fast_path(monkeypatch: pytest.MonkeyP
             h.socket.close()
             right.close()
         assert general == 0
+
+
+def test_asyncio_receiver_gets_non_blocking_sockets_and_deferred_frames_keep_order() -> None:
+    """An AsyncChannel hands over sockets ready for asyncio (non-blocking at the
+    descriptor, timeout 0.0); controls deferred to the end of the loop turn and the
+    coalesced ACCEPT leave together on flush(), in the order they were queued."""
+    a, b = sockshare.Channel.pair()
+
+    async def main() -> None:
+        ab = sockshare.AsyncChannel.wrap(b)
+        left, right = socket.socketpair()
+        try:
+            ticket = a.send(left, meta={"n": 1}, data=b"hi")
+            h = await asyncio.wait_for(ab.receive(), 5)
+            assert h.socket.gettimeout() == 0.0
+            assert not os.get_blocking(h.socket.fileno())
+            ab.send_control({"ev": "first"}, soon=True)
+            h.accept()
+            ab.send_control({"ev": "second"}, soon=True)
+            ab.flush()
+            assert not ab.buffered
+            assert await asyncio.to_thread(ticket.wait, 5)
+            assert a.receive_control(timeout=5) == {"ev": "first"}
+            assert a.receive_control(timeout=5) == {"ev": "second"}
+            right.sendall(b"ping")
+            loop = asyncio.get_running_loop()
+            assert await asyncio.wait_for(loop.sock_recv(h.socket, 4), 5) == b"ping"
+            h.socket.close()
+        finally:
+            right.close()
+            await ab.aclose()
+            a.close()
+
+    asyncio.run(main())

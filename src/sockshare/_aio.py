@@ -54,6 +54,8 @@ class AsyncChannel:
         self._sock = ch._sock
         self._loop = _selector_loop()
         self._sock.setblocking(False)
+        # received sockets come non-blocking, as asyncio wants them (one ioctl, not two)
+        self._state.socket_blocking = False
         self._wq: deque[tuple[memoryview, list[int], list[Ticket]]] = deque()
         self._writing = False
         self._waiters: list[asyncio.Future[None]] = []

@@ -84,6 +84,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import shlex
@@ -195,6 +196,12 @@ class Waiting:
     origin: Handoff | None = None
     origin_slot: WorkerSlot | None = None
     tried: list[WorkerSlot] = field(default_factory=list)
+    #: ``meta`` already encoded as JSON (the admission fast path); None once ``meta``
+    #: changes after admission
+    raw: bytes | None = None
+
+    def encoded_meta(self) -> bytes | dict[str, Any]:
+        return self.raw if self.raw is not None else self.meta
 
 
 class PoolState:
@@ -302,6 +309,8 @@ class ListenerState:
         # socket.accept() builds enums for family/type/proto on every call (1 us): the
         # raw numbers once, and the C-level accept
         self.kind = (int(sock.family), int(sock.type) & 0xF, int(sock.proto))
+        #: set by the dispatcher once the sniffer is known (see Dispatcher._static_route)
+        self.static_route: tuple[str, str, str, str] | None = None
         if cfg.bind.is_unix:
             self.address = f"unix:{cfg.bind.address}"
         else:
@@ -513,6 +522,8 @@ class Dispatcher:
                 s.close()
         if any(lc.sniffs for lc in self.cfg.listeners):
             self._load_sniffer()
+        for ls in self.listeners:
+            ls.static_route = self._static_route(ls)
         control = self.cfg.control or default_path(self._pid)
         if self._predecessor and self.cfg.control:
             # the predecessor still serves at that path: ours moves there on takeover
@@ -761,9 +772,34 @@ class Dispatcher:
 
         loop.call_later(delay, resume)
 
+    def _static_route(self, ls: ListenerState) -> tuple[str, str, str, str] | None:
+        """For a TCP listener with no sniffer and a configuration without routes, where
+        every connection goes: ``(pool, why, json_head, json_tail)``, the constant parts
+        of its metadata encoded once. None where the route depends on the connection."""
+        if ls.cfg.bind.is_unix or (ls.cfg.sniffs and self._sniff is not None) or self.cfg.routes:
+            return None
+        pool, why = self.cfg.route(ls.cfg, {})
+        head = f'"listener":{json.dumps(ls.cfg.name)},'
+        tail = f'"route":{json.dumps(why)},"pool":{json.dumps(pool)}'
+        return pool, why, head, tail
+
     def _admit(self, ls: ListenerState, sock: socket.socket, addr: Any) -> None:
         hid = f"{self._pid}.{next(self._ids)}"
-        meta: dict[str, Any] = {"handoff_id": hid, "listener": ls.cfg.name}
+        static = ls.static_route
+        if static is not None:
+            # The common case, in one step: metadata built and encoded here (what
+            # _route would produce, in the same key order), no routing rules to try.
+            pool, why, head, tail = static
+            host, port = addr[0], addr[1]
+            client = [host, port]
+            meta: dict[str, Any] = {"handoff_id": hid, "listener": ls.cfg.name, "client": client,
+                                    "route": why, "pool": pool}
+            raw = (f'{{"handoff_id":"{hid}",{head}"client":["{host}",{port}],{tail}}}'.encode()
+                   if '"' not in host and "\\" not in host else None)
+            self._place(Waiting(sock, ConnInfo(client, ls.cfg.name, pool, hid, meta), meta, b"",
+                                time.monotonic(), raw=raw))
+            return
+        meta = {"handoff_id": hid, "listener": ls.cfg.name}
         if ls.cfg.bind.is_unix:
             meta["client"] = "unix"
             with contextlib.suppress(OSError, SockshareError):
@@ -872,7 +908,7 @@ class Dispatcher:
                 self._bounce(slot, items, "the worker went away before the handoff was sent")
                 continue
             try:
-                tickets = ch.send_nowait([(w.sock, w.meta, w.data) for w in items], ack=True)
+                tickets = ch.send_nowait([(w.sock, w.encoded_meta(), w.data) for w in items], ack=True)
             except ChannelError as exc:
                 self._bounce(slot, items, f"the channel is unusable: {exc}")
                 continue
@@ -901,6 +937,7 @@ class Dispatcher:
             self.counters["redispatches"] += 1
             if w.origin is None:
                 w.meta["attempt"] = w.attempts
+                w.raw = None
             log.info("re-dispatching %s (%s)", w.info.handoff_id, why)
         self._place(w, front=True)
 
@@ -940,7 +977,8 @@ class Dispatcher:
         if not isinstance(meta, dict) or "resume" not in meta:
             h.reject('a worker may only hand over connections it migrates (meta "resume")')
             return
-        # the channel made it blocking (shared with the source's paused transport)
+        # non-blocking, as the paused transport of the source had it (an AsyncChannel
+        # delivers it so already; a no-op then)
         with contextlib.suppress(OSError):
             h.socket.setblocking(False)
         pool = meta.get("pool")
@@ -1543,7 +1581,7 @@ class Dispatcher:
         if up is None or up.closed:
             return False
         try:
-            [t] = up.send_nowait([(w.sock, w.meta, w.data)], ack=True)
+            [t] = up.send_nowait([(w.sock, w.encoded_meta(), w.data)], ack=True)
         except (SockshareError, ValueError, OSError) as exc:
             log.warning("upgrade: cannot forward %s to the new dispatcher: %s", w.info.handoff_id, exc)
             return False

@@ -191,18 +191,45 @@ class Connection:
     """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 meta: dict[str, Any], worker: WorkerInfo) -> None:
+                 meta: dict[str, Any] | None, worker: WorkerInfo, *, raw_meta: bytes = b"") -> None:
         self.reader = reader
         self.writer = writer
-        self.meta = meta
+        self._meta = meta
+        self._raw_meta = raw_meta
         self.worker = worker
         self._closed = False
         self._migrated = False
         self._migrating = False
         self._migratable = False
-        self._requested = asyncio.Event()
+        self._requested_event: asyncio.Event | None = None
         self._reason = ""
         self._runtime: Worker | None = None
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The handoff's metadata (decoded on first use: many handlers never look)."""
+        meta = self._meta
+        if meta is None:
+            try:
+                meta = json.loads(self._raw_meta) if self._raw_meta else {}
+            except ValueError:  # undecodable: the connection itself is still fine
+                meta = {}
+            if not isinstance(meta, dict):
+                meta = {}
+            self._meta = meta
+        return meta
+
+    @meta.setter
+    def meta(self, value: dict[str, Any]) -> None:
+        self._meta = value
+
+    @property
+    def _requested(self) -> asyncio.Event:
+        # made on first use: most connections are never asked to migrate
+        event = self._requested_event
+        if event is None:
+            event = self._requested_event = asyncio.Event()
+        return event
 
     @property
     def handoff_id(self) -> str:
@@ -348,13 +375,6 @@ class Connection:
         return f"<Connection {self.handoff_id} from {self.client_address!r} on worker {self.worker.id}>"
 
 
-def _meta_of(handoff: Handoff) -> dict[str, Any]:
-    try:
-        return dict(handoff.meta)
-    except (ValueError, SockshareError):  # undecodable meta: the connection is still fine
-        return {}
-
-
 def connection_now(handoff: Handoff, worker: WorkerInfo, *,
                    limit: int = READ_LIMIT) -> Connection | None:
     """:func:`open_connection` without waiting, on CPython's selector loop: the transport
@@ -369,11 +389,12 @@ def connection_now(handoff: Handoff, worker: WorkerInfo, *,
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     if handoff.data:
         reader.feed_data(handoff.data)
-    handoff.socket.setblocking(False)
+    if handoff.socket.gettimeout() != 0.0:  # an AsyncChannel already made it non-blocking
+        handoff.socket.setblocking(False)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     transport = make(handoff.socket, protocol)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-    return Connection(reader, writer, _meta_of(handoff), worker)
+    return Connection(reader, writer, None, worker, raw_meta=handoff.raw_meta)
 
 
 async def open_connection(handoff: Handoff, worker: WorkerInfo, *,
@@ -389,7 +410,7 @@ async def open_connection(handoff: Handoff, worker: WorkerInfo, *,
     transport, protocol = await loop.connect_accepted_socket(
         lambda: asyncio.StreamReaderProtocol(reader, loop=loop), sock=handoff.socket)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-    return Connection(reader, writer, _meta_of(handoff), worker)
+    return Connection(reader, writer, None, worker, raw_meta=handoff.raw_meta)
 
 
 class Worker:
@@ -567,8 +588,9 @@ class Worker:
 
     def _resuming(self, h: Handoff) -> bool | None:
         """Whether ``h`` resumes a migrated connection; None if it was rejected."""
+        # (the dispatcher writes the key literally: no decoding for plain connections)
         try:
-            resuming = "resume" in h.meta
+            resuming = b'"resume"' in h.raw_meta and "resume" in h.meta
         except SockshareError:  # metadata that is not a JSON object: a plain connection
             resuming = False
         if resuming and self.resume is None:
@@ -615,7 +637,7 @@ class Worker:
                         self.info.id, conn.handoff_id)
             conn.writer.transport.abort()
             return
-        state = conn.meta.pop("resume", None)
+        state = conn.meta.pop("resume", None) if resuming else None
         conn._runtime = self
         conn._migratable = self.resume is not None
         self.conns[conn] = None
