@@ -160,13 +160,23 @@ static int on_handoff(struct ss_conn *c, struct ss_frame *f)
         if (r != SS_OK) return r;
     }
     fflush(stdout);
+    unsigned served = 0;
     for (size_t i = 0; i < count; i++) {
         if (f->fds[i] < 0) continue;
         int fd = f->fds[i];
         f->fds[i] = -1; /* taken: serve() closes it */
         serve(fd, &e[i]);
+        served++;
         printf("served %llu\n", (unsigned long long)e[i].id);
         fflush(stdout);
+    }
+    if (served && getenv("SOCKSHARE_WORKER_ID")) {
+        /* under `sockshare serve --worker-cmd`: report the closes, so that least-conn
+         * and --max-conns count this worker's open connections right */
+        char report[64];
+        int n = snprintf(report, sizeof report, "{\"ev\":\"closed\",\"n\":%u}", served);
+        r = ss_send_frame(c, SS_CONTROL, 0, (const uint8_t *)report, (size_t)n, NULL, 0, 5000);
+        if (r != SS_OK) return r;
     }
     return SS_OK;
 }

@@ -135,11 +135,18 @@ function on_handoff(Connection $c, Frame $f): void
         // one ACCEPT for all of them: the sockets are ours from here on
         $c->sendFrame(Sockshare\ACCEPT, 0, Codec::encodeAccept($accepted));
     }
+    $served = 0;
     foreach ($entries as $i => $e) {
         if ($f->fds[$i] !== null) {
             serve($f->take($i), $e, $metas[$i]);
+            $served++;
             out(sprintf('served %u', $e['id']));
         }
+    }
+    if ($served > 0 && getenv('SOCKSHARE_WORKER_ID') !== false) {
+        // under `sockshare serve --worker-cmd`: report the closes, so that least-conn and
+        // --max-conns count this worker's open connections right
+        $c->sendFrame(Sockshare\CONTROL, 0, json_encode(['ev' => 'closed', 'n' => $served]));
     }
 }
 

@@ -16,6 +16,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,12 @@ def _exercise(srv: Server, expect_exe: str, marker: bytes = b"") -> None:
     assert st["counters"]["refused"] == 0
     assert st["counters"]["redispatches"] == 0
     assert {w["state"] for w in st["workers"]} == {"ready"}
+    # the worker reports its closes: its open-connection count falls back to 0
+    deadline = time.monotonic() + 10
+    while sum(w["connections"] for w in st["workers"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        st = srv.status()
+    assert [w["connections"] for w in st["workers"]] == [0, 0], st["workers"]
 
 
 def test_php_worker(tmp_path: Path) -> None:
