@@ -881,26 +881,58 @@ def test_exporter_exec_drops_its_duplicates(exporter: PeerProcess,
     settle(importer)
 
 
-def test_stopped_exporter_times_out(exporter: PeerProcess, importer: PeerProcess) -> None:
-    """An exporter that does not answer: ExporterGone after ``timeout``, nothing left open
-    on either side once it runs again (it then finds the importer gone)."""
+def test_stopped_exporter_times_out_and_the_token_survives(
+    exporter: PeerProcess, importer: PeerProcess,
+) -> None:
+    """An exporter that does not answer: ExporterGone after ``timeout``. When it runs
+    again it finds the importer gone and gives the token back (the GRANT never arrived):
+    a second import gets the connection, whole; then nothing is left open on either
+    side. A token given back can still be released."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as lst:
+        lst.settimeout(IO)
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(4)
+        conn = exporter.call("socket", family="inet", type="stream",
+                             connect=list(lst.getsockname()))
+        srv, _ = lst.accept()
+    with srv:
+        srv.settimeout(IO)
+        token = exporter.call("export", h=conn["h"], pid=importer.pid, close=True)
+        os.kill(exporter.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            err = importer.fails("import", token=token, timeout=0.5)
+            assert err.name == "ExporterGone", err
+            assert time.monotonic() - t0 < 5
+            settle(importer)
+        finally:
+            os.kill(exporter.pid, signal.SIGCONT)
+        # The agent served the claim when it woke up, found the importer gone and kept
+        # the socket for the next try.
+        assert exporter.call("pending") == 1
+        got = importer.call("import", token=token, timeout=5)
+        srv.sendall(b"still here;")
+        assert bytes.fromhex(importer.call("recv", h=got["h"], n=11)) == b"still here;"
+        importer.call("close", h=got["h"])
+        assert srv.recv(1) == b""
+        assert exporter.call("pending") == 0
+        assert importer.fails("import", token=token).name == "TokenConsumed"
+
+    # given back, then released: gone for good
     s = exporter.call("socket", family="inet", type="stream", bind=["127.0.0.1", 0],
                       listen=True)
     token = exporter.call("export", h=s["h"], pid=importer.pid, close=True)
     os.kill(exporter.pid, signal.SIGSTOP)
     try:
-        t0 = time.monotonic()
-        err = importer.fails("import", token=token, timeout=0.5)
-        assert err.name == "ExporterGone", err
-        assert time.monotonic() - t0 < 5
-        settle(importer)
+        assert importer.fails("import", token=token, timeout=0.5).name == "ExporterGone"
     finally:
         os.kill(exporter.pid, signal.SIGCONT)
-    # The agent served the claim when it woke up; the importer had hung up, so the
-    # duplicate was closed; the token counts as used.
     deadline = time.monotonic() + 5
-    while exporter.call("pending") and time.monotonic() < deadline:
+    while exporter.call("pending") != 1 and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert exporter.call("release", token=token) is True
+    assert exporter.call("pending") == 0
+    assert importer.fails("import", token=token).name == "TokenExpired"  # (released)
     settle(exporter)
     settle(importer)
 

@@ -13,8 +13,9 @@ An importer connects, sends a CLAIM frame (id, secret, its pid) and gets back ei
 GRANT (with the descriptor attached by SCM_RIGHTS on POSIX) or an ERROR frame whose code
 says why not. On POSIX the agent checks the peer's kernel-reported credentials
 (``SO_PEERCRED``): pid must be the token's target, uid the exporter's. After a GRANT the
-importer answers DONE and the agent closes its duplicate; if the importer vanishes
-instead, the duplicate is closed all the same. The connection then stays open for the
+importer answers DONE and the agent closes its duplicate; if the importer hangs up
+instead (it timed out, or died), the token is given back: it can be imported again
+until it expires, unless it was released meanwhile. The connection then stays open for the
 importer's next CLAIM (importers pool one connection per agent: no connect, accept or
 credential check per import), for at most ``IDLE_DEADLINE`` seconds. Expired and released entries are closed
 by the agent's sweep. A bounded memory of finished ids (tombstones) lets the agent say
@@ -89,6 +90,7 @@ class _Entry:
     fd: int  # the agent's duplicate (POSIX); -1 on Windows
     kind: SocketKind
     deadline: float  # time.monotonic()
+    released: bool = False  # release() came while a GRANT of it was in flight
 
 
 @dataclass(slots=True)
@@ -107,6 +109,8 @@ class ExportAgent:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[int, _Entry] = {}
+        #: granted, DONE not received yet: back to _entries if the importer hangs up
+        self._inflight: dict[int, _Entry] = {}
         self._tombs: OrderedDict[int, ErrorCode] = OrderedDict()
         self._listener: socket.socket | None = None
         self._wake_r: socket.socket | None = None
@@ -163,7 +167,12 @@ class ExportAgent:
             return False
         with self._lock:
             entry = self._entries.get(info.token_id)
-            if entry is None or not hmac.compare_digest(entry.secret, info.secret):
+            if entry is None:
+                flying = self._inflight.get(info.token_id)
+                if flying is not None and hmac.compare_digest(flying.secret, info.secret):
+                    flying.released = True  # not given back if that import fails
+                return False
+            if not hmac.compare_digest(entry.secret, info.secret):
                 return False
             del self._entries[info.token_id]
             self._tomb(info.token_id, ErrorCode.RELEASED)
@@ -337,6 +346,8 @@ class ExportAgent:
                         raise ValueError("DONE names another token")
                     # The importer has the socket: close our duplicate, and keep the
                     # connection for its next CLAIM (an importer pools connections).
+                    with self._lock:
+                        self._inflight.pop(conn.granted.token_id, None)
                     if conn.granted.fd >= 0:
                         close_fds([conn.granted.fd])
                     conn.granted = None
@@ -380,6 +391,8 @@ class ExportAgent:
                 return
             del self._entries[claim.token_id]
             self._tomb(claim.token_id, ErrorCode.CONSUMED)
+            if entry.fd >= 0:
+                self._inflight[claim.token_id] = entry
         conn.granted = entry
         frame = encode_frame(FrameType.GRANT, encode_grant(Grant(entry.token_id, entry.kind)),
                              nfds=0 if IS_WINDOWS else 1)
@@ -411,10 +424,26 @@ class ExportAgent:
                 self._sel.unregister(conn.sock)
             except (KeyError, ValueError):
                 pass
-        if conn.granted is not None and conn.granted.fd >= 0:
-            close_fds([conn.granted.fd])
+        if conn.granted is not None:
+            self._give_back(conn.granted)
             conn.granted = None
         conn.sock.close()
+
+    def _give_back(self, entry: _Entry) -> None:
+        """The importer hung up between GRANT and DONE: it timed out, or died, before
+        the descriptor reached it (or right after). Unless released or expired, the
+        token can be imported again -- a slow exporter does not lose the connection."""
+        if entry.fd < 0:  # Windows: the duplicate is the target's already
+            return
+        with self._lock:
+            self._inflight.pop(entry.token_id, None)
+            if (not entry.released and entry.deadline > time.monotonic()
+                    and self._tombs.get(entry.token_id) == ErrorCode.CONSUMED):
+                del self._tombs[entry.token_id]
+                self._entries[entry.token_id] = entry  # (this thread's next sweep sees it)
+                return
+            self._tomb(entry.token_id, ErrorCode.RELEASED if entry.released else ErrorCode.CONSUMED)
+        close_fds([entry.fd])
 
     def _tomb(self, token_id: int, code: ErrorCode) -> None:
         self._tombs[token_id] = code
