@@ -379,8 +379,11 @@ def decode_reject(p: bytes) -> Reject:
 # --- CONTROL ------------------------------------------------------------------
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps would build one per call
+
+
 def encode_control(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return _COMPACT.encode(obj).encode()
 
 
 def decode_control(p: bytes) -> dict[str, Any]:

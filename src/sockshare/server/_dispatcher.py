@@ -379,6 +379,7 @@ class Dispatcher:
         self._ids = itertools.count(1)
         self._batches: dict[WorkerSlot, list[Waiting]] = {}
         self._flush_scheduled = False
+        self._accepting = False  # inside an accept burst: it flushes at its end
         self._stopping = False
         self._hurry = False
         self._stop_event: asyncio.Event | None = None
@@ -742,6 +743,17 @@ class Dispatcher:
     # -- accepting -------------------------------------------------------------------
 
     def _on_acceptable(self, ls: ListenerState) -> None:
+        self._accepting = True
+        try:
+            self._accept_burst(ls)
+        finally:
+            self._accepting = False
+        if self._batches:
+            # hand this burst over now, not one turn of the loop later (a turn costs
+            # more than the handoff itself at a few connections a burst)
+            self._flush()
+
+    def _accept_burst(self, ls: ListenerState) -> None:
         accept = ls.sock._accept  # type: ignore[attr-defined]  # the C accept, see ListenerState
         family, type_, proto = ls.kind
         for _ in range(ACCEPT_BATCH):
@@ -885,8 +897,12 @@ class Dispatcher:
 
     def _reserve(self, slot: WorkerSlot, w: Waiting) -> None:
         slot.reserved += 1
-        self._batches.setdefault(slot, []).append(w)
-        if not self._flush_scheduled:
+        batch = self._batches.get(slot)
+        if batch is None:
+            self._batches[slot] = [w]
+        else:
+            batch.append(w)
+        if not self._flush_scheduled and not self._accepting:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 

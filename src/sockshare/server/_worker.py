@@ -61,6 +61,7 @@ a handler notices through :meth:`Connection.interruptible` (which raises
 
 from __future__ import annotations
 
+import _socket
 import argparse
 import asyncio
 import contextlib
@@ -108,6 +109,9 @@ Resume = Callable[["Connection", Any], Awaitable[None]]
 T = TypeVar("T")
 #: StreamReader buffer limit of a Connection (same as asyncio's default).
 READ_LIMIT = 2 ** 16
+_SOCK_STREAM = int(socket.SOCK_STREAM)
+# the C getter: socket.socket.type builds an enum on every access
+_raw_type = _socket.socket.__dict__["type"].__get__
 #: Seconds a close report may wait to ride along with the next ACCEPTs (least-conn
 #: counts are that much behind at most).
 REPORT_DELAY = 0.002
@@ -384,7 +388,7 @@ def connection_now(handoff: Handoff, worker: WorkerInfo, *,
     that is not a stream)."""
     loop = asyncio.get_running_loop()
     make = getattr(loop, "_make_socket_transport", None)
-    if make is None or handoff.socket.type != socket.SOCK_STREAM:
+    if make is None or _raw_type(handoff.socket) & 0xF != _SOCK_STREAM:
         return None
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     if handoff.data:
