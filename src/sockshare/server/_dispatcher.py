@@ -883,7 +883,9 @@ class Dispatcher:
         self._drain(pool)
 
     def _assign(self, pool: PoolState, w: Waiting) -> bool:
-        candidates = [s for s in pool.workers if s.has_room()]
+        cap = pool.cfg.max_conns   # WorkerSlot.has_room, inlined: once per connection
+        candidates = [s for s in pool.workers if s.state == "ready" and s.channel is not None
+                      and (cap is None or s.connections < cap)]
         if w.exclude is not None and len(candidates) > 1:
             candidates = [s for s in candidates if s.id != w.exclude]
         if not candidates:

@@ -118,12 +118,22 @@ class LeastConnections:
         self._last = -1
 
     def __call__(self, workers: Sequence[WorkerView], conn: ConnInfo) -> WorkerView | None:
-        if not workers:
-            return None
-        low = min(w.connections for w in workers)
-        tied = [w for w in workers if w.connections == low]
-        pick = next((w for w in tied if w.id > self._last), tied[0])
-        self._last = pick.id
+        # one pass (this runs for every connection): the least loaded; among equals, the
+        # first after the last pick in id order, else the first
+        best: WorkerView | None = None
+        best_n = 0
+        after: WorkerView | None = None
+        last = self._last
+        for w in workers:
+            n = w.connections
+            if best is None or n < best_n:
+                best, best_n = w, n
+                after = w if w.id > last else None
+            elif n == best_n and after is None and w.id > last:
+                after = w
+        pick = after or best
+        if pick is not None:
+            self._last = pick.id
         return pick
 
 
