@@ -190,3 +190,24 @@ def test_a_worker_stopped_alone_drains_and_is_replaced(tmp_path: Path) -> None:
         assert st["counters"]["lost"] == 0
         assert st["counters"]["refused"] == 0
         assert f"worker 1 (pid {pid1}) exited with status 0" in srv.log()
+
+
+@pytest.mark.parametrize("cmd", ["/nonexistent/sockshare-worker", "bad\\u0000byte"])
+def test_worker_command_that_cannot_start(tmp_path: Path, cmd: str) -> None:
+    """A worker command the OS refuses (no such file; a NUL byte from the config): the
+    error is logged, the start retried with backoff, the dispatcher keeps running and
+    answers its control socket, and stops cleanly."""
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(f"""
+[[listen]]
+bind = "127.0.0.1:0"
+[pools.bad]
+worker_cmd = "{cmd}"
+""")
+    with Server(tmp_path, "--config", str(cfg), app=None, workers=None, bind=[], ready=0) as srv:
+        srv.wait_for(lambda st: st["workers"][0]["restarts"] >= 1, what="a retry", timeout=10)
+        st = srv.status()
+        assert st["workers"][0]["state"] != "ready"
+        log = srv.log()
+        assert "worker 1: cannot start" in log
+        assert "internal error" not in log

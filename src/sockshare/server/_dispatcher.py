@@ -91,6 +91,7 @@ import shlex
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections import deque
@@ -380,6 +381,7 @@ class Dispatcher:
         self._batches: dict[WorkerSlot, list[Waiting]] = {}
         self._flush_scheduled = False
         self._accepting = False  # inside an accept burst: it flushes at its end
+        self._failed = False  # a task died of a bug (see _task_failed)
         self._stopping = False
         self._hurry = False
         self._stop_event: asyncio.Event | None = None
@@ -466,7 +468,7 @@ class Dispatcher:
         await self._shutdown()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
             loop.remove_signal_handler(sig)
-        return 0 if self._ready or not self._predecessor else 1
+        return 0 if (self._ready or not self._predecessor) and not self._failed else 1
 
     def stop(self, why: str = "stop requested") -> None:
         """Begin a graceful stop (a second call: stop now, workers are killed)."""
@@ -603,12 +605,26 @@ class Dispatcher:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_failed)
         return task
 
     def _start_supervisor(self, slot: WorkerSlot) -> None:
         task = asyncio.get_running_loop().create_task(self._supervise(slot))
         self._supervisors.add(task)
         task.add_done_callback(self._supervisors.discard)
+        task.add_done_callback(self._task_failed)
+
+    def _task_failed(self, task: asyncio.Task[Any]) -> None:
+        """A dispatcher task died of a bug: say so and stop (exit status 1) rather than
+        run on without, say, a worker supervisor -- connections would wait forever."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.critical("internal error in %s: %r; stopping", task.get_coro().__qualname__,  # type: ignore[union-attr]
+                     exc, exc_info=exc)
+        self._failed = True
+        if self._stop_event is not None:
+            self.stop("internal error")
 
     async def _wait_ready(self, slots: list[WorkerSlot], timeout: float) -> list[WorkerSlot]:
         """Wait until each slot is ready (a Python worker: said hello too); the failed ones
@@ -1284,7 +1300,8 @@ class Dispatcher:
                 # which then stops the workers once, gracefully
                 proc = await asyncio.create_subprocess_exec(*argv, env=env, process_group=0,
                                                             stdin=asyncio.subprocess.DEVNULL)
-            except OSError as exc:
+            except (OSError, ValueError, subprocess.SubprocessError) as exc:
+                # (ValueError: e.g. a NUL byte in --worker-cmd)
                 log.error("worker %d: cannot start %s: %s", slot.id, shlex.join(argv), exc)
                 rc: int | None = None
                 pid = 0
