@@ -154,18 +154,18 @@ def test_app_that_cannot_be_loaded(tmp_path: Path) -> None:
         assert "exited with status 3" in log
 
 
+def _one_foreign_pool(tmp_path: Path, worker_cmd: str, head: str = "") -> Server:
+    """A server with one pool whose worker is ``worker_cmd``, expected never to be ready;
+    returned once its first start failed and was retried."""
+    cfg = tmp_path / "pool.toml"
+    cfg.write_text(f'{head}\n[[listen]]\nbind = "127.0.0.1:0"\n[pools.p]\nworker_cmd = "{worker_cmd}"\n')
+    return Server(tmp_path, "--config", str(cfg), app=None, workers=None, bind=[], ready=0)
+
+
 def test_worker_that_never_connects_is_killed(tmp_path: Path) -> None:
     script = tmp_path / "mute.py"
     script.write_text("import time\ntime.sleep(60)\n")
-    cfg = tmp_path / "mute.toml"
-    cfg.write_text(f"""
-connect_timeout = 0.5
-[[listen]]
-bind = "127.0.0.1:0"
-[pools.mute]
-worker_cmd = "{sys.executable} {script}"
-""")
-    with Server(tmp_path, "--config", str(cfg), app=None, workers=None, bind=[], ready=0) as srv:
+    with _one_foreign_pool(tmp_path, f"{sys.executable} {script}", "connect_timeout = 0.5") as srv:
         srv.wait_for(lambda st: st["workers"][0]["restarts"] >= 1, what="a restart", timeout=10)
         assert "did not connect to the dispatcher" in srv.log()
 
@@ -197,14 +197,7 @@ def test_worker_command_that_cannot_start(tmp_path: Path, cmd: str) -> None:
     """A worker command the OS refuses (no such file; a NUL byte from the config): the
     error is logged, the start retried with backoff, the dispatcher keeps running and
     answers its control socket, and stops cleanly."""
-    cfg = tmp_path / "bad.toml"
-    cfg.write_text(f"""
-[[listen]]
-bind = "127.0.0.1:0"
-[pools.bad]
-worker_cmd = "{cmd}"
-""")
-    with Server(tmp_path, "--config", str(cfg), app=None, workers=None, bind=[], ready=0) as srv:
+    with _one_foreign_pool(tmp_path, cmd) as srv:
         srv.wait_for(lambda st: st["workers"][0]["restarts"] >= 1, what="a retry", timeout=10)
         st = srv.status()
         assert st["workers"][0]["state"] != "ready"
