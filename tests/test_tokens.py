@@ -20,6 +20,8 @@ import fcntl
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -1036,3 +1038,75 @@ def test_windows_token_is_refused_on_posix() -> None:
     blob = TokenInfo(KIND_WINDOWS, 1, os.getpid(), 7, b"s" * 16, 0, agent_port=1, blob=b"x")
     with pytest.raises(sockshare.InvalidToken):
         sockshare.import_socket(encode_token(blob), timeout=IO)
+
+
+FORK_STORM = r"""
+import os, socket, stat, subprocess, sys, threading
+import sockshare
+
+IMPORTER = '''
+import sys, sockshare
+for line in sys.stdin:
+    sockshare.import_socket(line.strip(), timeout=10).close()
+    print("ok", flush=True)
+'''
+imp = subprocess.Popen([sys.executable, "-c", IMPORTER], stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, text=True)
+sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+sock.bind(("127.0.0.1", 0))
+sock.listen()
+inode = os.fstat(sock.fileno()).st_ino
+stop = threading.Event()
+cycles = 0
+
+def churn():
+    global cycles
+    while not stop.is_set():
+        token = sockshare.export_socket(sock, imp.pid)            # imported
+        imp.stdin.write(token + "\n")
+        imp.stdin.flush()
+        assert imp.stdout.readline().strip() == "ok"
+        sockshare.release(sockshare.export_socket(sock, imp.pid))  # released
+        sockshare.export_socket(sock, imp.pid, ttl=0.001)           # expires
+        cycles += 1
+
+def copies():
+    n = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            st = os.fstat(int(name))
+        except OSError:
+            continue
+        n += stat.S_ISSOCK(st.st_mode) and st.st_ino == inode
+    return n
+
+thread = threading.Thread(target=churn)
+thread.start()
+bad = []
+for _ in range(int(sys.argv[1])):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(min(copies(), 100))  # the original only: 1
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 1:
+        bad.append(os.waitstatus_to_exitcode(status))
+stop.set()
+thread.join()
+imp.stdin.close()
+imp.wait(10)
+print(cycles, bad)
+"""
+
+
+def test_fork_during_exports_never_leaks_a_duplicate_into_the_child(tmp_path: Path) -> None:
+    """os.fork() while another thread exports, imports, releases and lets tokens expire
+    as fast as it can: every child holds the exported socket exactly once (its inherited
+    original), never one of the agent's duplicates, whatever the agent was doing."""
+    script = tmp_path / "storm.py"
+    script.write_text(FORK_STORM)
+    out = subprocess.run([sys.executable, str(script), "500"], capture_output=True, text=True, check=False,
+                         timeout=240)
+    assert out.returncode == 0, out.stderr
+    cycles, bad = out.stdout.split(" ", 1)
+    assert int(cycles) > 20, out.stdout
+    assert bad.strip() == "[]", f"children with a leaked duplicate (copies held): {bad}"

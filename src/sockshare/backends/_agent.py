@@ -23,7 +23,9 @@ by the agent's sweep. A bounded memory of finished ids (tombstones) lets the age
 
 ``os.fork()``: the child inherits the registry but not the thread. An at-fork hook
 closes the child's copies of every descriptor the agent held and starts afresh; tokens
-made before the fork keep naming the parent's agent.
+made before the fork keep naming the parent's agent. Every duplicate is made and closed
+under the registry's lock, which ``fork()`` takes first: no child inherits a duplicate
+in transit between two states (tests/test_tokens.py forks during an export storm).
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ class ExportAgent:
     """The per-process registry of exported sockets and the thread that serves them."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # RLock: a fork from a signal handler inside it proceeds
         self._entries: dict[int, _Entry] = {}
         #: granted, DONE not received yet: back to _entries if the importer hangs up
         self._inflight: dict[int, _Entry] = {}
@@ -149,12 +151,15 @@ class ExportAgent:
             info = TokenInfo(KIND_WINDOWS, self._pid, target_pid, token_id, secret, expires_ms,
                              agent_port=self._port, blob=blob)
         else:
-            fd = os.dup(sock.fileno())  # non-inheritable since PEP 446
-            entry = _Entry(token_id, secret, target_pid, fd, kind, deadline)
+            entry = _Entry(token_id, secret, target_pid, -1, kind, deadline)
             info = TokenInfo(KIND_POSIX, self._pid, target_pid, token_id, secret, expires_ms,
                              exporter_uid=_euid(), address=self._address,
                              address_kind=self._address_kind)
         with self._lock:
+            if sys.platform != "win32":
+                # duplicated under the lock, which os.fork() takes too: a child never
+                # inherits a duplicate that no registry of ours lists
+                entry.fd = os.dup(sock.fileno())  # non-inheritable since PEP 446
             self._entries[token_id] = entry
             wake = self._next_sweep is None or deadline < self._next_sweep
         if wake:  # otherwise the sweep already planned will see it in time
@@ -176,8 +181,8 @@ class ExportAgent:
                 return False
             del self._entries[info.token_id]
             self._tomb(info.token_id, ErrorCode.RELEASED)
-        if entry.fd >= 0:
-            close_fds([entry.fd])
+            if entry.fd >= 0:
+                close_fds([entry.fd])
         return True
 
     def pending(self) -> int:
@@ -229,12 +234,19 @@ class ExportAgent:
             except OSError:  # full (already woken) or closed
                 pass
 
+    def _before_fork(self) -> None:
+        self._lock.acquire()
+
+    def _after_fork_in_parent(self) -> None:
+        self._lock.release()
+
     def _after_fork_in_child(self) -> None:
         # The thread did not survive the fork; our copies of its descriptors did.
-        self._lock = threading.Lock()
-        fds = [e.fd for e in self._entries.values() if e.fd >= 0]
-        fds += [c.granted.fd for c in self._conns.values() if c.granted and c.granted.fd >= 0]
-        close_fds(fds)
+        self._lock = threading.RLock()  # RLock: a fork from a signal handler inside it proceeds
+        fds = {e.fd for e in self._entries.values() if e.fd >= 0}
+        fds |= {e.fd for e in self._inflight.values() if e.fd >= 0}
+        fds |= {c.granted.fd for c in self._conns.values() if c.granted and c.granted.fd >= 0}
+        close_fds(list(fds))
         for s in [self._listener, self._wake_r, self._wake_w, *(c.sock for c in self._conns.values())]:
             if s is not None:
                 s.close()
@@ -285,7 +297,7 @@ class ExportAgent:
                 elif nearest is None or e.deadline < nearest:
                     nearest = e.deadline
             self._next_sweep = nearest
-        close_fds(expired)
+            close_fds(expired)
         for conn in list(self._conns.values()):
             if conn.deadline <= now:
                 self._drop(conn, "the importer took too long")
@@ -348,8 +360,8 @@ class ExportAgent:
                     # connection for its next CLAIM (an importer pools connections).
                     with self._lock:
                         self._inflight.pop(conn.granted.token_id, None)
-                    if conn.granted.fd >= 0:
-                        close_fds([conn.granted.fd])
+                        if conn.granted.fd >= 0:
+                            close_fds([conn.granted.fd])
                     conn.granted = None
                     self._idle(conn)
                 else:
@@ -443,7 +455,7 @@ class ExportAgent:
                 self._entries[entry.token_id] = entry  # (this thread's next sweep sees it)
                 return
             self._tomb(entry.token_id, ErrorCode.RELEASED if entry.released else ErrorCode.CONSUMED)
-        close_fds([entry.fd])
+            close_fds([entry.fd])
 
     def _tomb(self, token_id: int, code: ErrorCode) -> None:
         self._tombs[token_id] = code
@@ -475,4 +487,7 @@ def agent() -> ExportAgent:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_agent._after_fork_in_child)
+    # fork() waits until no agent operation is half done (a duplicate made but not yet
+    # listed, or unlisted but not yet closed), so the child closes every copy it got
+    os.register_at_fork(before=_agent._before_fork, after_in_parent=_agent._after_fork_in_parent,
+                        after_in_child=_agent._after_fork_in_child)
