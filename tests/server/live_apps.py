@@ -16,6 +16,7 @@ it was served by. Every answer is one JSON line:
 ``boom``       migrates with ``{"raise": true}``: ``resume`` raises on the target;
 ``nomove``     marks the connection not migratable (answers ``{"migratable": false}``);
 ``stall S``    answers after S seconds without reading (a busy handler);
+``block S``    blocks the worker's whole event loop for S seconds (a hung worker);
 ``who``        ``{"pid": ..., "id": ..., "n": k}`` without counting.
 
 When the file named by ``$LIVE_APPS_SLOW_IMPORT`` exists, importing this module takes 5
@@ -87,6 +88,9 @@ async def _serve(conn: Connection, state: dict[str, Any]) -> None:
         elif cmd == "nomove":
             conn.migratable = False
             await _say(conn, {"migratable": False, "pid": os.getpid()})
+        elif cmd == "block":
+            time.sleep(float(arg or "1"))  # on purpose: nothing else runs in this worker
+            await _say(conn, {"blocked": float(arg or "1"), "pid": os.getpid()})
         elif cmd == "stall":
             await asyncio.sleep(float(arg or "1"))
             await _say(conn, {"stalled": float(arg or "1"), "pid": os.getpid()})

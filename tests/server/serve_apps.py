@@ -8,6 +8,8 @@ handoff id, pre-read length, sniffed meta) and then:
 ``who``        closes;
 ``hold``       keeps the connection open until the client closes it;
 ``sleep S``    waits S seconds before answering, then closes;
+``block S``    blocks the worker's whole event loop for S seconds (a hung worker), then
+               answers and closes;
 ``exit``       kills the worker process (``os._exit(7)``) without answering;
 ``raise``      raises inside the handler (the worker must survive);
 anything else (an HTTP request line, say) is treated as ``who``.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +42,8 @@ async def app(conn: Any) -> None:
         raise RuntimeError("the test asked this handler to fail")
     if cmd.startswith("sleep "):
         await asyncio.sleep(float(cmd.split()[1]))
+    if cmd.startswith("block "):
+        time.sleep(float(cmd.split()[1]))  # on purpose: nothing else runs in this worker
     conn.writer.write(json.dumps(answer).encode() + b"\n")
     await conn.writer.drain()
     if cmd == "hold":

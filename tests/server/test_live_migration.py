@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -243,3 +244,26 @@ def test_status_and_metrics_count_migrations_reloads(tmp_path: Path) -> None:
         assert "reloads 1" in out.stdout
         assert "MIG IN" in out.stdout
         c.close()
+
+
+def test_migration_to_a_hung_worker_comes_back(tmp_path: Path) -> None:
+    """The only possible target is hung (its event loop blocked): the migration waits
+    for its answer until --timeout, the hung worker is killed, and the connection is
+    the source's again (MigrationRefused), served on as if nothing had happened."""
+    with LiveServer(tmp_path, "--no-rebalance", "--timeout", "1", app=APP, workers=2) as srv:
+        c = LineClient(srv.address())
+        first = c.ask("echo a")
+        blocker = LineClient(srv.address())
+        assert blocker.ask("who")["pid"] != first["pid"]
+        blocker.send("block 60\n")
+        time.sleep(0.3)  # the other worker reads it and blocks
+        refused = c.ask("move")
+        assert "refused" in refused, refused
+        assert refused["pid"] == first["pid"]
+        assert c.ask("echo b") == {"n": 2, "pid": first["pid"], "id": first["id"], "echo": "b"}
+        st = srv.status()
+        assert st["counters"]["hung_kills"] == 1
+        assert st["counters"]["migrations"] == 0
+        assert st["counters"]["migrations_refused"] == 1
+        c.close()
+        blocker.close()

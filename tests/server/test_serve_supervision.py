@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,34 @@ def test_worker_command_that_cannot_start(tmp_path: Path, cmd: str) -> None:
         log = srv.log()
         assert "worker 1: cannot start" in log
         assert "internal error" not in log
+
+
+def test_hung_worker_is_killed_and_its_handoffs_go_elsewhere(tmp_path: Path) -> None:
+    """--timeout: a worker whose event loop is blocked leaves the next handoff
+    unanswered; after the timeout it is killed and restarted, that connection is served
+    by the other worker, and the blocked client's connection dies with the hung one."""
+    with Server(tmp_path, "--policy", "round-robin", "--timeout", "1", workers=2) as srv:
+        addr = srv.address()
+        blocked = connect(addr)
+        blocked.sendall(b"block 30\n")
+        st = srv.wait_for(lambda st: sum(w["connections"] for w in st["workers"]) == 1,
+                          what="the blocking request accepted")
+        hung = next(w for w in st["workers"] if w["connections"] == 1)
+        t0 = time.monotonic()
+        # round-robin: the hung worker gets one of these two; it cannot answer
+        answers = [ask(addr) for _ in range(2)]
+        took = time.monotonic() - t0
+        assert {a["id"] for a in answers} == {3 - hung["id"]}, answers
+        assert 0.9 < took < 10, took
+        st = srv.wait_for(lambda st: st["workers"][hung["id"] - 1]["generation"] == 2
+                          and st["workers"][hung["id"] - 1]["state"] == "ready",
+                          what="the hung worker replaced")
+        assert st["counters"]["hung_kills"] == 1
+        assert st["counters"]["redispatches"] >= 1
+        assert st["counters"]["refused"] == 0
+        try:   # it died with the hung worker
+            assert read_line(blocked) == b""
+        except ConnectionResetError:
+            pass
+        blocked.close()
+        assert "left 1 handoff(s) unanswered" in srv.log()

@@ -66,6 +66,9 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--grace", type=float, metavar="S", help="seconds to finish on stop (default: 10)")
     p.add_argument("--max-retries", type=int, metavar="N",
                    help="re-dispatches of a returned handoff before giving up (default: 3)")
+    p.add_argument("-t", "--timeout", type=float, metavar="S",
+                   help="a worker that leaves a handoff unanswered S seconds is killed and "
+                        "restarted, its handoffs go to other workers (default: 30; 0: never)")
     p.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"))
     p.add_argument("--resume", metavar="SPEC",
                    help="module:callable, async def resume(conn, state), for migrated connections "
@@ -169,7 +172,7 @@ def _summary(st: dict[str, Any]) -> list[str]:
         f"{'  STOPPING' if st.get('stopping') else ''}  listening: {listeners}",
         f"accepted {c['accepted']}  handoffs {c['handoffs']} ({rate:.1f}/s)  rejects {c['rejects']}"
         f"  re-dispatched {c['redispatches']}  refused {refused}{f' ({reasons})' if reasons else ''}"
-        f"  lost {c['lost']}  queue {queues}",
+        f"  lost {c['lost']}  hung killed {c.get('hung_kills', 0)}  queue {queues}",
         f"generation {st.get('generation', 1)}  reloads {c.get('reloads', 0)}"
         f" (failed {c.get('reload_failures', 0)})  upgrades {c.get('upgrades', 0)}"
         f" (failed {c.get('upgrade_failures', 0)})  migrations {c.get('migrations', 0)}"

@@ -200,6 +200,8 @@ class Waiting:
     #: ``meta`` already encoded as JSON (the admission fast path); None once ``meta``
     #: changes after admission
     raw: bytes | None = None
+    #: when it was last handed to a worker (time.monotonic(); --timeout counts from it)
+    sent: float = 0.0
 
     def encoded_meta(self) -> bytes | dict[str, Any]:
         return self.raw if self.raw is not None else self.meta
@@ -259,6 +261,8 @@ class WorkerSlot:
         #: replaced by a reload / handed over by an upgrade: never restarted
         self.retired = False
         self.rebalance_after = 0.0
+        #: killed for leaving a handoff unanswered past --timeout (until restarted)
+        self.hung = False
 
     @property
     def pid(self) -> int | None:
@@ -375,7 +379,7 @@ class Dispatcher:
             ("accepted", "handoffs", "rejects", "returned", "redispatches", "sniff_failures",
              "lost", "migrations", "migrations_refused", "migrations_closed",
              "migration_requests", "rebalances", "reloads", "reload_failures", "upgrades",
-             "upgrade_failures"), 0)
+             "upgrade_failures", "hung_kills"), 0)
         self.refused: dict[str, int] = {}
         self._ids = itertools.count(1)
         self._batches: dict[WorkerSlot, list[Waiting]] = {}
@@ -950,7 +954,9 @@ class Dispatcher:
                 for w in items:
                     self._refuse(w, "error", f"cannot hand over: {exc}")
                 continue
+            now = time.monotonic()
             for t, w in zip(tickets, items, strict=True):
+                w.sent = now
                 slot.pending[t.id] = (t, w)
 
     def _bounce(self, slot: WorkerSlot, items: list[Waiting], why: str) -> None:
@@ -1308,6 +1314,7 @@ class Dispatcher:
                 slot.exits += 1
             else:
                 slot.proc = proc
+                slot.hung = False
                 pid = proc.pid
                 slot.started = time.monotonic()
                 slot.state = "starting"
@@ -1714,6 +1721,8 @@ class Dispatcher:
                     self._refuse(pool.queue.popleft(), "queue_timeout",
                                  f"waited {self.cfg.queue_timeout:.0f} s for a free worker")
                 self._drain(pool)
+            if self.cfg.timeout > 0:
+                self._kill_hung(now)
             if tick % 4 == 0:
                 for slot in self.slots:
                     slot.marks.append((now, slot.stats.handoffs))
@@ -1724,6 +1733,26 @@ class Dispatcher:
             if now >= next_rebalance and not self._stopping and not self._handed_over:
                 next_rebalance = now + self.cfg.rebalance_interval
                 self._rebalance(now)
+
+    def _kill_hung(self, now: float) -> None:
+        """--timeout: a worker that leaves a handoff unanswered that long is not serving
+        (its event loop is blocked, or it is stopped): SIGKILL. Its channel breaks, the
+        unanswered handoffs come back and go to other workers, the supervisor starts a
+        new one. Connections it had accepted die with it, as with any crash."""
+        for slot in self.slots:
+            proc = slot.proc
+            if not slot.pending or proc is None or proc.returncode is not None or slot.hung:
+                continue
+            oldest = min(w.sent for _t, w in slot.pending.values())
+            if now - oldest <= self.cfg.timeout:
+                continue
+            slot.hung = True
+            self.counters["hung_kills"] += 1
+            log.error("worker %d (pid %d) left %d handoff(s) unanswered for %.1f s (--timeout "
+                      "%g): killing it; they go to other workers", slot.id, proc.pid,
+                      len(slot.pending), now - oldest, self.cfg.timeout)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
 
     # -- status ----------------------------------------------------------------------
 

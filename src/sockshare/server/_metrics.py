@@ -154,6 +154,9 @@ def render(status: dict[str, Any]) -> str:
     o.family("sockshare_upgrades_total", "counter", "Upgrades of the dispatcher started here.")
     o.sample("sockshare_upgrades_total", c.get("upgrades", 0), result="ok")
     o.sample("sockshare_upgrades_total", c.get("upgrade_failures", 0), result="failed")
+    o.family("sockshare_hung_workers_killed_total", "counter",
+             "Workers killed for leaving a handoff unanswered past --timeout.")
+    o.sample("sockshare_hung_workers_killed_total", c.get("hung_kills", 0))
     o.family("sockshare_generation", "gauge", "Worker generation (1 + successful reloads).")
     o.sample("sockshare_generation", status.get("generation", 1))
     o.family("sockshare_workers_retiring", "gauge", "Old workers still draining.")
