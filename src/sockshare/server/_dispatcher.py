@@ -114,6 +114,9 @@ __all__ = ["Dispatcher", "WorkerSlot", "WorkerStats"]
 log = logging.getLogger("sockshare.server")
 
 ACCEPT_BATCH = 64
+_TCP_INFO = int(getattr(socket, "TCP_INFO", 0))
+_IPPROTO_TCP = int(socket.IPPROTO_TCP)
+_U32 = struct.Struct("=I")
 REFUSAL_LOG_PER_SECOND = 10
 _LINGER_RESET = struct.pack("ii", 1, 0)
 #: LISTEN_FDNAMES name of the metrics socket passed to a new dispatcher on upgrade.
@@ -314,6 +317,8 @@ class ListenerState:
         # socket.accept() builds enums for family/type/proto on every call (1 us): the
         # raw numbers once, and the C-level accept
         self.kind = (int(sock.family), int(sock.type) & 0xF, int(sock.proto))
+        self.tcp_info = (sys.platform.startswith("linux") and _TCP_INFO > 0
+                         and self.kind[0] in (int(socket.AF_INET), int(socket.AF_INET6)))
         #: set by the dispatcher once the sniffer is known (see Dispatcher._static_route)
         self.static_route: tuple[str, str, str, str] | None = None
         if cfg.bind.is_unix:
@@ -776,7 +781,17 @@ class Dispatcher:
     def _accept_burst(self, ls: ListenerState) -> None:
         accept = ls.sock._accept  # type: ignore[attr-defined]  # the C accept, see ListenerState
         family, type_, proto = ls.kind
-        for _ in range(ACCEPT_BATCH):
+        budget = ACCEPT_BATCH
+        if ls.tcp_info:
+            # Linux tells a TCP listener's accept queue length (TCP_INFO, tcpi_unacked):
+            # accept that many instead of until EAGAIN -- the BlockingIOError that ends
+            # a burst costs 4.5 us, the question 0.5 us
+            try:
+                ready = _U32.unpack_from(ls.sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, 28), 24)[0]
+            except OSError:
+                ready = ACCEPT_BATCH
+            budget = min(ready, ACCEPT_BATCH) or 1   # 0: a race; one try settles it
+        for _ in range(budget):
             try:
                 fd, addr = accept()
                 sock = socket.socket(family, type_, proto, fd)
