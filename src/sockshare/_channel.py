@@ -412,9 +412,9 @@ class _ChannelState:
         fds: list[int] = []
         tickets: list[Ticket] = []
         size = 2
-        pack, kind_of = _ENTRY.pack, SocketKind.of
+        pack, code_of = _ENTRY.pack, SocketKind.code_of
         for sock, meta, pre in items:
-            raw = _encode_meta(meta)
+            raw = meta if type(meta) is bytes and len(meta) <= MAX_META else _encode_meta(meta)
             data = pre if type(pre) is bytes else bytes(pre)
             ldata = len(data)
             if ldata > MAX_DATA:
@@ -427,7 +427,7 @@ class _ChannelState:
                 out.append(self._close_frame(parts, fds, tickets, flags, size))
                 parts, fds, tickets, size = [b""], [], [], 2
             hid = next(_ids)
-            parts.append(pack(hid, kind_of(sock).pack(), len(raw), ldata))
+            parts.append(pack(hid, code_of(sock), len(raw), ldata))
             parts.append(raw)
             parts.append(data)
             fds.append(sock.fileno())
