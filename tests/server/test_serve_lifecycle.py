@@ -207,3 +207,31 @@ def test_bad_command_line(tmp_path: Path) -> None:
                        check=False)
     assert r.returncode == 2
     assert "not both" in r.stderr
+
+
+def test_metadata_of_the_fast_admission_path_is_exact(tmp_path: Path) -> None:
+    """Without sniffing or routes the dispatcher encodes each connection's metadata
+    itself (constant parts once): names with quotes, backslashes and non-ASCII letters
+    reach the worker exactly as configured, with the client's address."""
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(r"""
+[[listen]]
+bind = "127.0.0.1:0"
+name = "front \"ü\" \\ door"
+pool = "pööl \"1\""
+
+[pools."pööl \"1\""]
+app = "serve_apps:app"
+workers = 1
+""")
+    with Server(tmp_path, "--config", str(cfg), app=None, workers=None, bind=[]) as srv:
+        st = srv.status()
+        host, port = st["listeners"][0]["address"].rsplit(":", 1)
+        with connect((host, int(port))) as s:
+            s.sendall(b"who\n")
+            answer = json.loads(read_line(s))
+            local = s.getsockname()
+        meta = answer["meta"]
+        assert meta == {"handoff_id": answer["hid"], "listener": 'front "ü" \\ door',
+                        "client": [local[0], local[1]], "route": "listener",
+                        "pool": 'pööl "1"'}
