@@ -696,23 +696,23 @@ class Worker:
                     h.reject("worker is shutting down")
             return
         ready: list[tuple[Handoff, Connection, bool]] = []
-        for h in handoffs:
-            resuming = self._resuming(h)
-            if resuming is None:
-                continue
-            try:
-                conn = connection_now(h, self.info)
-            except (OSError, RuntimeError, ValueError) as exc:
-                log.warning("worker %d: cannot set up handoff %d: %s", self.info.id, h.id, exc)
-                h.reject(f"cannot set up the connection: {exc}")
-                continue
-            if conn is None:   # no synchronous transport here: the general path
-                self._task(self._serve(h))
-                continue
-            ready.append((h, conn, resuming))
-        if not ready:
-            return
-        try:
+        try:   # (a reject or accept raises once the channel is broken)
+            for h in handoffs:
+                resuming = self._resuming(h)
+                if resuming is None:
+                    continue
+                try:
+                    conn = connection_now(h, self.info)
+                except (OSError, RuntimeError, ValueError) as exc:
+                    log.warning("worker %d: cannot set up handoff %d: %s", self.info.id, h.id, exc)
+                    h.reject(f"cannot set up the connection: {exc}")
+                    continue
+                if conn is None:   # no synchronous transport here: the general path
+                    self._task(self._serve(h))
+                    continue
+                ready.append((h, conn, resuming))
+            if not ready:
+                return
             for h, _conn, _resuming in ready:
                 h.accept()
             if self._closed_unreported:
@@ -720,8 +720,8 @@ class Worker:
             ch.flush()
         except SockshareError as exc:  # the channel broke under us: the sender has them
             log.warning("worker %d: could not accept %d handoff(s): %s", self.info.id,
-                        len(ready), exc)
-            for _h, conn, _resuming in ready:
+                        len(handoffs), exc)
+            for _h, conn, _resuming in ready:   # before they read a byte (next loop turn)
                 conn.writer.transport.abort()
             return
         for _h, conn, resuming in ready:
