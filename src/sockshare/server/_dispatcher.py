@@ -141,6 +141,12 @@ def _describe_exit(rc: int | None) -> str:
     return f"status {rc}"
 
 
+def _log_task_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed: %r", task.get_coro().__qualname__,  # type: ignore[union-attr]
+                  task.exception(), exc_info=task.exception())
+
+
 def _close_reset(sock: socket.socket) -> None:
     """Close so that the client sees a reset at once (no FIN, no TIME_WAIT here)."""
     with contextlib.suppress(OSError):
@@ -472,7 +478,7 @@ class Dispatcher:
         log.info("dispatcher pid %d: %s; %d worker(s) in %d pool(s); control %s", self._pid,
                  ", ".join(ls.address for ls in self.listeners), len(self.slots), len(self.pools),
                  self._control.path if self._control else "-")
-        self._spawn(self._announce_ready())
+        self._spawn(self._announce_ready(), critical=False)
         await self._stop_event.wait()
         await self._shutdown()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
@@ -498,10 +504,10 @@ class Dispatcher:
         self._stop_event.set()
 
     def _on_sighup(self) -> None:
-        self._spawn(self.reload("SIGHUP"))
+        self._spawn(self.reload("SIGHUP"), critical=False)
 
     def _on_sigusr2(self) -> None:
-        self._spawn(self.upgrade("SIGUSR2"))
+        self._spawn(self.upgrade("SIGUSR2"), critical=False)
 
     async def _setup(self) -> None:
         self._predecessor = int(os.environ.pop(ENV_UPGRADE_FROM, "0") or 0)
@@ -610,11 +616,13 @@ class Dispatcher:
                     proxy=lc.proxy,  # type: ignore[arg-type]  # validated by ServerConfig
                     http=lc.sniff, tls=lc.sniff)
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Any, *, critical: bool = True) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task of the dispatcher. A *critical* one that dies of a bug
+        stops the server; another (a reload, an upgrade, a rebalance) is logged."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(self._task_failed)
+        task.add_done_callback(self._task_failed if critical else _log_task_failure)
         return task
 
     def _start_supervisor(self, slot: WorkerSlot) -> None:
@@ -1411,7 +1419,7 @@ class Dispatcher:
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._reload_waiters.append((seq, fut))
         if self._reload_task is None or self._reload_task.done():
-            self._reload_task = self._spawn(self._reload_loop())
+            self._reload_task = self._spawn(self._reload_loop(), critical=False)
         if not wait:
             return {"ok": True, "queued": seq}
         try:
@@ -1512,7 +1520,7 @@ class Dispatcher:
             self.counters["rebalances"] += 1
             log.info("rebalance: worker %d has %d connection(s), worker %d %d: asking %d to move",
                      busiest.id, busiest.active, idlest.id, idlest.connections, n)
-            self._spawn(self.ask_migrate(busiest, n, "rebalance"))
+            self._spawn(self.ask_migrate(busiest, n, "rebalance"), critical=False)
 
     async def _migrate_command(self, req: dict[str, Any]) -> dict[str, Any]:
         wid, count = req.get("from"), req.get("count")
@@ -1567,7 +1575,7 @@ class Dispatcher:
             return {"ok": False, "error": str(exc)}
         self._successor = proc
         self._successor_ready = loop.create_future()
-        watcher = self._spawn(self._watch_successor(proc))
+        watcher = self._spawn(self._watch_successor(proc), critical=False)
         if not wait:
             return {"ok": True, "pid": proc.pid, "state": "starting"}
         await asyncio.wait({self._successor_ready, watcher},
