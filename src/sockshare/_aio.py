@@ -128,13 +128,17 @@ class AsyncChannel:
         self._waiters.append(fut)
         await fut
 
-    def _break(self, exc: BaseException) -> None:
+    def _unwatch(self) -> None:
+        """Stop watching the channel socket (it breaks, or this side closes it)."""
         if self._reading:
             self._loop.remove_reader(self._sock.fileno())
             self._reading = False
         if self._writing:
             self._loop.remove_writer(self._sock.fileno())
             self._writing = False
+
+    def _break(self, exc: BaseException) -> None:
+        self._unwatch()
         self._ch._break(exc)  # reads what the peer sent before the break first
         self._wq.clear()
         self._wake()
@@ -352,9 +356,10 @@ class AsyncChannel:
             self._loop.call_soon(self._flush_answers)
 
     def flush(self) -> None:
-        """Send coalesced answers (ACCEPTs) now rather than at the end of this loop
-        iteration: a receiver that is about to act on a connection makes sure the sender
-        will learn that it took it, even if the receiver dies the next instant."""
+        """Send coalesced answers (ACCEPTs), and controls sent with ``soon``, now rather
+        than at the end of this loop iteration: a receiver that is about to act on a
+        connection makes sure the sender will learn that it took it, even if the receiver
+        dies the next instant."""
         self._flush_answers()
 
     @property
@@ -384,12 +389,7 @@ class AsyncChannel:
                         await asyncio.wait_for(self._wait_event(), max(0.0, deadline - self._loop.time()))
             except SockshareError:
                 pass
-        if self._reading:
-            self._loop.remove_reader(self._sock.fileno())
-            self._reading = False
-        if self._writing:
-            self._loop.remove_writer(self._sock.fileno())
-            self._writing = False
+        self._unwatch()
         st.abandon_pending()
         st.broken = st.broken or ChannelClosed("closed by this side")
         self._ch.close()

@@ -289,7 +289,6 @@ class _ChannelState:
         self.socket_blocking: bool | None = True
         self.counters = {"sent": 0, "accepted": 0, "rejected": 0, "returned": 0}
         self.received = 0  # an attribute, not in the dict: the hot path counts it
-        self._single_ok = not wsa  # WSA frames carry blobs, not descriptors
         self.pending_accepts: list[int] = []
         #: acked handoffs received and not answered yet (queued or with the application)
         self.outstanding: dict[int, Handoff] = {}
@@ -492,7 +491,7 @@ class _ChannelState:
         length, count, hid, rawkind, mlen, dlen = _SINGLE_TAIL.unpack_from(data, 8)
         if (count != 1 or len(data) != 12 + length or length != 22 + mlen + dlen
                 or mlen > MAX_META or dlen > MAX_DATA or length > self.max_payload
-                or not self._single_ok):
+                or self.wsa):  # (WSA frames carry blobs, not descriptors)
             return False
         try:
             kind = _UNPACKED.get(rawkind) or SocketKind.unpack(rawkind)

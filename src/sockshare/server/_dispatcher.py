@@ -802,7 +802,6 @@ class Dispatcher:
         for _ in range(budget):
             try:
                 fd, addr = accept()
-                sock = socket.socket(family, type_, proto, fd)
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionAbortedError:
@@ -811,6 +810,11 @@ class Dispatcher:
                 log.error("accept on %s failed: %s; pausing it for 0.5 s", ls.address, exc)
                 self._pause(ls, 0.5)
                 break
+            try:
+                sock = socket.socket(family, type_, proto, fd)
+            except OSError:  # (the client already gone, say) never leave the fd behind
+                os.close(fd)
+                continue
             ls.accepted += 1
             self.counters["accepted"] += 1
             self._admit(ls, sock, addr)
