@@ -55,6 +55,14 @@ class LineClient:
         self.sock = connect(addr, timeout=timeout)
         self.buf = b""
 
+    @classmethod
+    def wrap(cls, sock: socket.socket, timeout: float = 10.0) -> LineClient:
+        """A client on a socket connected by other means."""
+        c = cls.__new__(cls)
+        sock.settimeout(timeout)
+        c.sock, c.buf = sock, b""
+        return c
+
     def send(self, text: str) -> None:
         self.sock.sendall(text.encode())
 

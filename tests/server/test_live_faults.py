@@ -9,6 +9,7 @@ unanswered, so the kill lands exactly "in the middle".
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -40,25 +41,41 @@ def _wait_fds(srv: LiveServer, expected: int) -> None:
                what=f"dispatcher fds back to {expected} (now {fd_count(srv.pid)})")
 
 
+#: how a handler's own migration travels: relayed by the dispatcher, or straight to the
+#: other worker (the default)
+RELAY = ("--no-direct-migration",)
+DIRECT: tuple[str, ...] = ()
+
+
+def _kill_source_mid_move(srv: LiveServer, c: LineClient) -> tuple[int, int]:
+    """Have ``c``'s worker migrate it to the other one, stopped (SIGSTOP): the handoff
+    waits there unanswered (relayed, at the dispatcher's; direct, announced after a few
+    ms) while the source is SIGKILLed; then the target goes on. (source, target) pids."""
+    w = srv.workers()
+    first = c.ask("echo a")
+    source = first["pid"]
+    target = w[2]["pid"] if first["id"] == 1 else w[1]["pid"]
+    os.kill(target, signal.SIGSTOP)
+    try:
+        c.send("move\n")
+        srv.wait_for(lambda st: any(x["inflight"] == 1 and x["pid"] == target
+                                    for x in st["workers"]), what="the migration in flight")
+        os.kill(source, signal.SIGKILL)
+        srv.wait_for(lambda st: any(x["restarts"] == 1 for x in st["workers"]),
+                     what="the source restarted")
+    finally:
+        os.kill(target, signal.SIGCONT)
+    return source, target
+
+
 def test_source_killed_while_its_connection_moves_out(tmp_path: Path) -> None:
-    with LiveServer(tmp_path, "--no-rebalance", "--policy", "round-robin", app=APP, workers=2) as srv:
+    """Relayed: the dispatcher holds the connection, so the target serves it although
+    its source is dead."""
+    with LiveServer(tmp_path, "--no-rebalance", "--policy", "round-robin", *RELAY, app=APP,
+                    workers=2) as srv:
         base = _baseline(srv)
-        w = srv.workers()
         c = LineClient(srv.address())
-        first = c.ask("echo a")
-        source = first["pid"]
-        target = w[2]["pid"] if first["id"] == 1 else w[1]["pid"]
-        os.kill(target, signal.SIGSTOP)
-        try:
-            c.send("move\n")
-            # the handoff sits at the stopped target; the source waits for the answer
-            srv.wait_for(lambda st: any(x["inflight"] == 1 for x in st["workers"]),
-                         what="the migration in flight")
-            os.kill(source, signal.SIGKILL)
-            srv.wait_for(lambda st: any(x["restarts"] == 1 for x in st["workers"]),
-                         what="the source restarted")
-        finally:
-            os.kill(target, signal.SIGCONT)
+        source, target = _kill_source_mid_move(srv, c)
         moved = c.read()
         assert moved["moved"]
         assert moved["pid"] == target
@@ -73,8 +90,33 @@ def test_source_killed_while_its_connection_moves_out(tmp_path: Path) -> None:
         _wait_fds(srv, base)
 
 
-def test_target_killed_while_the_connection_moves_in(tmp_path: Path) -> None:
-    with LiveServer(tmp_path, "--no-rebalance", "--policy", "round-robin", app=APP, workers=2) as srv:
+def test_source_killed_during_a_direct_migration(tmp_path: Path) -> None:
+    """Direct: the target cannot deliver its ACCEPT to a dead source, and the rule is
+    that an unconfirmed handoff is never served (the sender might have taken it back):
+    the connection is closed, served by nobody, and nothing leaks."""
+    with LiveServer(tmp_path, "--no-rebalance", "--policy", "round-robin", *DIRECT, app=APP,
+                    workers=2) as srv:
+        base = _baseline(srv)
+        c = LineClient(srv.address())
+        _kill_source_mid_move(srv, c)
+        with pytest.raises((EOFError, ConnectionResetError)):
+            c.read()
+        st = srv.wait_for(lambda st: _idle(st) and sum(x["connections"] for x in st["workers"]) == 0,
+                          what="settled")
+        assert st["counters"]["migrations"] == 0
+        # the target is fine, and takes new connections
+        other = LineClient(srv.address())
+        assert other.ask("echo x")["n"] == 1
+        other.close()
+        c.close()
+        _wait_fds(srv, base)
+
+
+@pytest.mark.parametrize("mode", ["relay", "direct"])
+def test_target_killed_while_the_connection_moves_in(tmp_path: Path, mode: str) -> None:
+    flags = RELAY if mode == "relay" else DIRECT
+    with LiveServer(tmp_path, "--no-rebalance", "--policy", "round-robin", *flags, app=APP,
+                    workers=2) as srv:
         base = _baseline(srv)
         w = srv.workers()
         c = LineClient(srv.address())
@@ -92,15 +134,22 @@ def test_target_killed_while_the_connection_moves_in(tmp_path: Path) -> None:
         assert c.ask("echo b") == {"n": 2, "pid": first["pid"], "id": first["id"], "echo": "b"}
         st = srv.wait_for(_idle, what="target restarted")
         assert st["counters"]["migrations_refused"] == 1
-        assert st["counters"]["returned"] == 1
+        # relayed, the dispatcher got it back. Direct, the source did, then tried the
+        # relay: the dispatcher may not have seen the target die yet and forward it there
+        assert st["counters"]["returned"] == 1 if mode == "relay" else st["counters"]["returned"] <= 1
         assert sum(x["connections"] for x in st["workers"]) == 1
         c.close()
         srv.wait_for(lambda st: sum(x["connections"] for x in st["workers"]) == 0, what="closed")
         _wait_fds(srv, base)
 
 
-def test_target_killed_with_a_third_worker_free(tmp_path: Path) -> None:
-    with LiveServer(tmp_path, "--no-rebalance", "--policy", "round-robin", app=APP, workers=3) as srv:
+@pytest.mark.parametrize("mode", ["relay", "direct"])
+def test_target_killed_with_a_third_worker_free(tmp_path: Path, mode: str) -> None:
+    """Direct: the source gets it back when the target dies, and the relay gives it to
+    the third worker."""
+    flags = RELAY if mode == "relay" else DIRECT
+    with LiveServer(tmp_path, "--no-rebalance", "--policy", "round-robin", *flags, app=APP,
+                    workers=3) as srv:
         base = _baseline(srv)
         c = LineClient(srv.address())
         first = c.ask("echo a")
@@ -116,7 +165,8 @@ def test_target_killed_with_a_third_worker_free(tmp_path: Path) -> None:
             os.kill(stuck, signal.SIGKILL)
         finally:
             for pid in others:
-                os.kill(pid, signal.SIGCONT)
+                with contextlib.suppress(ProcessLookupError):   # (the killed one, reaped)
+                    os.kill(pid, signal.SIGCONT)
         moved = c.read()
         survivor = next(p for p in others if p != stuck)
         assert moved["moved"]

@@ -9,6 +9,8 @@ workers running.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,8 +41,10 @@ def test_migration_carries_state_and_unread_bytes(tmp_path: Path) -> None:
         b, cc = c.read(), c.read()
         assert (b["echo"], b["n"], b["pid"]) == ("b", 2, moved["pid"])
         assert (cc["echo"], cc["n"], cc["pid"]) == ("c", 3, moved["pid"])
-        st = srv.status()
-        assert st["counters"]["migrations"] == 1
+        # (a direct migration reaches the dispatcher's counts in the workers' next reports)
+        st = srv.wait_for(lambda st: st["counters"]["migrations"] == 1
+                          and sum(w["migrated_out"] for w in st["workers"]) == 1, what="counted")
+        assert st["counters"]["migrations_direct"] == 1
         assert st["counters"]["lost"] == 0
         by_pid = {w["pid"]: w for w in st["workers"]}
         assert by_pid[first["pid"]]["migrated_out"] == 1
@@ -267,3 +271,97 @@ def test_migration_to_a_hung_worker_comes_back(tmp_path: Path) -> None:
         assert st["counters"]["migrations_refused"] == 1
         c.close()
         blocker.close()
+
+
+def test_relayed_when_direct_migration_is_off(tmp_path: Path) -> None:
+    with LiveServer(tmp_path, "--no-rebalance", "--no-direct-migration", app=APP, workers=2) as srv:
+        c = LineClient(srv.address())
+        first = c.ask("echo a")
+        moved = c.ask("move")
+        assert moved["moved"]
+        assert moved["pid"] != first["pid"]
+        assert c.ask("echo b")["n"] == 2
+        st = srv.wait_for(lambda st: st["counters"]["migrations"] == 1, what="counted")
+        assert st["counters"]["migrations_direct"] == 0
+        c.close()
+
+
+def test_direct_migrations_follow_restarts_and_reloads(tmp_path: Path) -> None:
+    """The dispatcher keeps every worker's list of peers current: after a worker is
+    SIGKILLed and restarted, and after a reload, handler migrations still go straight to
+    the (new) other worker, and exactly one worker counts each connection."""
+    with LiveServer(tmp_path, "--no-rebalance", app=APP, workers=2) as srv:
+        c = LineClient(srv.address())
+        first = c.ask("echo a")
+        victim = next(w["pid"] for w in srv.status()["workers"] if w["pid"] != first["pid"])
+        os.kill(victim, signal.SIGKILL)
+        st = srv.wait_for(lambda st: all(w["state"] == "ready" and w["pid"] not in (None, victim)
+                                         for w in st["workers"]) and len(st["workers"]) == 2,
+                          what="the killed worker restarted")
+        fresh = next(w["pid"] for w in st["workers"] if w["pid"] != first["pid"])
+
+        def moved_to(pid: int, n: int) -> None:
+            # the restarted worker's peers list may still be on its way: wait for a
+            # direct move, not just any
+            moved = c.ask("move")
+            assert moved["moved"], moved
+            assert moved["pid"] == pid, moved
+            assert c.ask("echo x")["n"] == n
+
+        before = srv.status()["counters"]["migrations_direct"]
+        moved_to(fresh, 2)
+        srv.wait_for(lambda st: st["counters"]["migrations_direct"] == before + 1,
+                     what="a direct migration to the restarted worker")
+        assert srv.command({"cmd": "reload", "wait": True})["ok"]
+        assert c.read()["reason"] == "reload"      # the reload moved it (relayed)
+        assert c.ask("echo y")["n"] == 3
+        st = srv.wait_for(lambda st: len(st["workers"]) == 2 and all(
+            w["state"] == "ready" and not w["retiring"] for w in st["workers"]), what="reloaded")
+        now_pid = c.ask("who")["pid"]
+        other = next(w["pid"] for w in st["workers"] if w["pid"] != now_pid)
+        before = st["counters"]["migrations_direct"]
+        moved_to(other, 4)
+        st = srv.wait_for(lambda st: st["counters"]["migrations_direct"] == before + 1
+                          and sum(w["connections"] for w in st["workers"]) == 1, what="counted")
+        assert {w["pid"]: w["connections"] for w in st["workers"]} == {other: 1, now_pid: 0}
+        c.close()
+        srv.wait_for(lambda st: sum(w["connections"] for w in st["workers"]) == 0, what="closed")
+
+
+def test_a_peer_socket_takes_only_migrating_connections(tmp_path: Path) -> None:
+    """A worker's peer socket (``<pid>.peer`` beside the dispatcher's channel, same uid
+    only) is a handoff channel like any other: a plain connection is rejected with a
+    reason and stays the sender's; one that carries a resume state is resumed."""
+    import socket as _socket
+
+    import sockshare
+
+    with LiveServer(tmp_path, "--no-rebalance", app=APP, workers=1) as srv:
+        st = srv.status()
+        pid = st["workers"][0]["pid"]
+        path = os.path.join(os.path.dirname(st["channel"]), f"{pid}.peer")
+        assert os.path.exists(path)
+        assert os.stat(path).st_mode & 0o077 == 0
+        server = _socket.create_server(("127.0.0.1", 0))
+        client = _socket.create_connection(server.getsockname())
+        conn, _ = server.accept()
+        try:
+            with sockshare.Channel.connect(path, name="test") as ch:
+                t = ch.send(conn, meta={"client": ["127.0.0.1", 1]}, data=b"")
+                assert t.wait(10) is False
+                assert t.state == "rejected"
+                assert "migrates" in t.reason
+                assert t.socket is not None     # still ours, intact
+                meta = {"client": ["127.0.0.1", 1], "resume": {"n": 41, "pids": [1]},
+                        "migration": {"from": 99, "from_pid": 1, "count": 1,
+                                      "started": time.monotonic(), "reason": "test"}}
+                t2 = ch.send(t.socket, meta=meta, data=b"echo z\n")
+                assert t2.wait(10) is True
+            conn.close()
+            c = LineClient.wrap(client)
+            moved = c.read()
+            assert (moved["moved"], moved["pid"], moved["n"]) == (True, pid, 41)
+            assert c.read() == {"n": 42, "pid": pid, "id": 1, "echo": "z"}
+        finally:
+            client.close()
+            server.close()

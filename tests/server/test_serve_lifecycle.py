@@ -183,12 +183,22 @@ def test_sniff_failure_is_counted_and_logged(tmp_path: Path) -> None:
     ("[pools.a]\napp='m:f'\n", "no listener"),
     ("pools = 3", "pools"),
     ("[pools.a\n", "config"),
+    ("direct_migration = 'no'\n[pools.a]\napp='m:f'\n[[listen]]\nbind='127.0.0.1:1'\n",
+     "direct_migration must be bool"),
 ])
 def test_config_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
     p = tmp_path / "bad.toml"
     p.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_toml(p).validate()
+
+
+def test_direct_migration_is_on_unless_turned_off(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("[pools.a]\napp='m:f'\n[[listen]]\nbind='127.0.0.1:1'\n")
+    assert load_toml(p).direct_migration is True
+    p.write_text("direct_migration = false\n" + p.read_text())
+    assert load_toml(p).direct_migration is False
 
 
 def test_parse_bind() -> None:

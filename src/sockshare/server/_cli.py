@@ -75,6 +75,9 @@ def add_commands(subparsers: Any) -> None:
                         "(default: resume beside the app's handler, if any; '-': none)")
     p.add_argument("--no-rebalance", action="store_true",
                    help="never move connections between workers to even out the load")
+    p.add_argument("--no-direct-migration", action="store_true",
+                   help="relay every migration through the dispatcher (default: a handler's "
+                        "own migrate() goes straight to another worker)")
     p.set_defaults(func=serve)
 
     s = subparsers.add_parser("status", help="show a running server's workers and counters")
@@ -176,7 +179,8 @@ def _summary(st: dict[str, Any]) -> list[str]:
         f"generation {st.get('generation', 1)}  reloads {c.get('reloads', 0)}"
         f" (failed {c.get('reload_failures', 0)})  upgrades {c.get('upgrades', 0)}"
         f" (failed {c.get('upgrade_failures', 0)})  migrations {c.get('migrations', 0)}"
-        f" (refused {c.get('migrations_refused', 0)}, closed {c.get('migrations_closed', 0)})"
+        f" (direct {c.get('migrations_direct', 0)}, refused {c.get('migrations_refused', 0)},"
+        f" closed {c.get('migrations_closed', 0)})"
         f"  latency p50 {lat.get('p50_ms', 0):.3f} ms p99 {lat.get('p99_ms', 0):.3f} ms"
         f"  rebalances {c.get('rebalances', 0)}",
     ]

@@ -222,6 +222,9 @@ class ServerConfig:
     #: rebalance when busiest - idlest > max(rebalance_min, rebalance_spread * busiest)
     rebalance_min: int = 4
     rebalance_spread: float = 0.5
+    #: a handler's own migrate() goes straight to a peer worker (one hop); False: every
+    #: migration is relayed by the dispatcher (two hops)
+    direct_migration: bool = True
 
     def validate(self) -> None:
         if not self.listeners:
@@ -333,6 +336,8 @@ def _override(cfg: ServerConfig, args: argparse.Namespace) -> None:
         value = getattr(args, key, None)
         if value is not None:
             setattr(cfg, key, value)
+    if getattr(args, "no_direct_migration", False):
+        cfg.direct_migration = False
     if getattr(args, "config", None) and args.bind:
         cfg.listeners = _listeners_from(args.bind)
 
@@ -342,7 +347,7 @@ def _override(cfg: ServerConfig, args: argparse.Namespace) -> None:
 
 _TOP = {"queue", "grace", "metrics", "control", "log_level", "sniff_timeout", "max_retries",
         "queue_timeout", "backoff_initial", "backoff_max", "stable_after", "connect_timeout", "timeout",
-        "rebalance_interval", "rebalance_min", "rebalance_spread",
+        "rebalance_interval", "rebalance_min", "rebalance_spread", "direct_migration",
         "default_pool", "listen", "pools", "routes"}
 _POOL = {"app", "worker_cmd", "workers", "policy", "hash_key", "max_conns", "queue", "resume",
          "rebalance"}
@@ -426,7 +431,8 @@ def parse_document(doc: Mapping[str, Any]) -> ServerConfig:
                      ("sniff_timeout", float), ("max_retries", int), ("queue_timeout", float),
                      ("backoff_initial", float), ("backoff_max", float), ("stable_after", float),
                      ("connect_timeout", float), ("timeout", float), ("rebalance_interval", float),
-                     ("rebalance_min", int), ("rebalance_spread", float)):
+                     ("rebalance_min", int), ("rebalance_spread", float),
+                     ("direct_migration", bool)):
         if key in doc:
             setattr(cfg, key, _typed(doc, key, typ, None, "the top level"))
     return cfg

@@ -108,6 +108,7 @@ from sockshare.server._config import ListenerConfig, PoolConfig, ServerConfig, p
 from sockshare.server._control import ControlServer, default_path, request, runtime_dir
 from sockshare.server._metrics import MetricsServer
 from sockshare.server._policy import ConnInfo, LeastConnections, Policy, make_policy
+from sockshare.server._worker import PEER_SUFFIX
 
 __all__ = ["Dispatcher", "WorkerSlot", "WorkerStats"]
 
@@ -169,7 +170,7 @@ def _remove_dead_sockets(rundir: str) -> None:
     with contextlib.suppress(OSError):
         for name in os.listdir(rundir):
             stem, ext = os.path.splitext(name)
-            if ext not in (".chan", ".ctl") or not stem.isdigit():
+            if ext not in (".chan", ".ctl", PEER_SUFFIX) or not stem.isdigit():
                 continue
             try:
                 os.kill(int(stem), 0)
@@ -265,6 +266,9 @@ class WorkerSlot:
         #: said {"ev": "hello", "resume": true}: a migration target
         self.can_resume = False
         self.hello = False
+        #: where it listens for peer workers (direct migration), and what we told it last
+        self.peer_path = ""
+        self.peers_sent: list[list[Any]] | None = None
         self.fatal = False
         self.exits = 0
         #: replaced by a reload / handed over by an upgrade: never restarted
@@ -390,7 +394,10 @@ class Dispatcher:
             ("accepted", "handoffs", "rejects", "returned", "redispatches", "sniff_failures",
              "lost", "migrations", "migrations_refused", "migrations_closed",
              "migration_requests", "rebalances", "reloads", "reload_failures", "upgrades",
-             "upgrade_failures", "hung_kills"), 0)
+             "upgrade_failures", "hung_kills", "migrations_direct"), 0)
+        #: direct migrations still unanswered a few ms after they left: (source pid,
+        #: handoff id) -> (target, since); for --timeout and the status
+        self._moving: dict[tuple[int, int], tuple[WorkerSlot, float]] = {}
         self.refused: dict[str, int] = {}
         self._ids = itertools.count(1)
         self._batches: dict[WorkerSlot, list[Waiting]] = {}
@@ -1094,6 +1101,51 @@ class Dispatcher:
             self.counters["migrations_closed"] += 1
             log.warning("migration of %s: the source is gone and %s; closed", w.info.handoff_id, why)
 
+    # -- direct migrations (worker to worker; we hear of them afterwards) --------------
+
+    def _push_peers(self, pool: PoolState) -> None:
+        """Tell every ready worker of ``pool`` that resumes which others take its own
+        migrations directly, ``{"cmd": "peers", "peers": [[id, pid, path, connections]]}``
+        (when that changed). A worker that is not listed, or lists nobody, relays."""
+        if not self.cfg.direct_migration:
+            return
+        ready = [s for s in pool.workers if s.state == "ready" and s.channel is not None
+                 and s.can_resume and s.peer_path and not s.retired and s.pid]
+        for s in ready:
+            listed = [[o.id, o.pid, o.peer_path, o.connections] for o in ready
+                      if o is not s and o.has_room()]
+            if listed != s.peers_sent and s.control({"cmd": "peers", "peers": listed}):
+                s.peers_sent = listed
+
+    def _direct_event(self, slot: WorkerSlot, ev: str, msg: dict[str, Any]) -> None:
+        """Reports of direct migrations: the source's ``moving`` (still unanswered after
+        a few ms), ``moved_out`` or ``move_back``; the target's ``moved_in``."""
+        key_raw = msg.get("key")
+        key = (tuple(key_raw) if isinstance(key_raw, list) and len(key_raw) == 2
+               and all(isinstance(x, int) for x in key_raw) else None)
+        if ev == "moved_in":
+            slot.active += 1
+            slot.stats.migrated_in += 1
+            self.counters["migrations"] += 1
+            self.counters["migrations_direct"] += 1
+            latency = msg.get("latency")   # measured by the target as resume started
+            if isinstance(latency, float) and 0 <= latency < 60:
+                self._latencies.append(latency)
+            return
+        if ev == "moved_out":
+            slot.active = max(0, slot.active - 1)
+            slot.stats.migrated_out += 1
+            self._drain(slot.pool_state)
+        if key is None:
+            return
+        if ev == "moving":
+            target = next((s for s in slot.pool_state.workers if s.id == msg.get("to")
+                           and s.channel is not None), None)
+            if target is not None:
+                self._moving[key] = (target, time.monotonic())
+        else:
+            self._moving.pop(key, None)
+
     def _migration_done(self, w: Waiting, target: WorkerSlot | None) -> None:
         h = w.origin
         assert h is not None
@@ -1183,6 +1235,14 @@ class Dispatcher:
         elif ev == "hello":
             slot.hello = True
             slot.can_resume = bool(msg.get("resume"))
+            peer = msg.get("peer")
+            slot.peer_path, slot.peers_sent = "", None   # a new process
+            if (isinstance(peer, str) and peer.endswith(PEER_SUFFIX)
+                    and os.path.dirname(peer) == os.path.dirname(self._chan_path)):
+                slot.peer_path = peer
+            self._push_peers(slot.pool_state)
+        elif ev in ("moved_in", "moved_out", "moving", "move_back"):
+            self._direct_event(slot, ev, msg)
         elif ev == "migrate_ack":
             fut = self._acks.pop(msg.get("req") or 0, None)
             n = msg.get("n")
@@ -1192,6 +1252,7 @@ class Dispatcher:
             if slot.state == "ready":
                 slot.state = "draining"
                 log.info("worker %d (pid %s) is draining", slot.id, slot.pid)
+                self._push_peers(slot.pool_state)
         elif ev == "fatal":
             slot.fatal = True
             if slot.state == "ready":
@@ -1267,6 +1328,10 @@ class Dispatcher:
         slot.active = 0
         if slot.state in ("ready", "draining", "retiring"):
             slot.state = "gone"
+        # its direct migrations out are settled by their targets now (or died with it)
+        for key in [k for k in self._moving if k[0] == ch.peer.pid]:
+            del self._moving[key]
+        self._push_peers(slot.pool_state)
         with contextlib.suppress(Exception):
             await ch.aclose()
         proc = slot.proc
@@ -1401,6 +1466,7 @@ class Dispatcher:
         slot.retired = True
         if slot.state in ("ready", "draining", "starting", "backoff"):
             slot.state = "retiring" if slot.channel is not None else "stopped"
+        self._push_peers(slot.pool_state)
         proc = slot.proc
         if proc is None or proc.returncode is not None:
             return
@@ -1760,6 +1826,8 @@ class Dispatcher:
             if now >= next_rebalance and not self._stopping and not self._handed_over:
                 next_rebalance = now + self.cfg.rebalance_interval
                 self._rebalance(now)
+                for pool in self.pools.values():
+                    self._push_peers(pool)   # their connection counts
 
     def _kill_hung(self, now: float) -> None:
         """--timeout: a worker that leaves a handoff unanswered that long is not serving
@@ -1780,6 +1848,18 @@ class Dispatcher:
                       len(slot.pending), now - oldest, self.cfg.timeout)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
+        for (source, _hid), (slot, since) in list(self._moving.items()):
+            proc = slot.proc
+            if now - since <= self.cfg.timeout or proc is None or proc.returncode is not None \
+                    or slot.hung:
+                continue
+            slot.hung = True
+            self.counters["hung_kills"] += 1
+            log.error("worker %d (pid %d) left a connection migrating in from pid %d unanswered "
+                      "for %.1f s (--timeout %g): killing it; the connection goes back", slot.id,
+                      proc.pid, source, now - since, self.cfg.timeout)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
 
     # -- status ----------------------------------------------------------------------
 
@@ -1787,11 +1867,15 @@ class Dispatcher:
         """A JSON-compatible snapshot (the control socket's ``status``, the metrics)."""
         now = time.monotonic()
         workers = []
+        moving_in: dict[WorkerSlot, int] = {}
+        for target, _since in self._moving.values():
+            moving_in[target] = moving_in.get(target, 0) + 1
         for s in sorted(self.slots, key=lambda s: (s.id, s.generation)):
             st = s.stats
             workers.append({
                 "id": s.id, "pool": s.pool, "pid": s.pid, "generation": s.generation,
-                "state": s.state, "connections": s.active, "inflight": len(s.pending) + s.reserved,
+                "state": s.state, "connections": s.active,
+                "inflight": len(s.pending) + s.reserved + moving_in.get(s, 0),
                 "handoffs": st.handoffs, "rate": round(s.rate, 1), "rejects": st.rejects,
                 "returned": st.returned, "restarts": st.restarts, "lost": st.lost,
                 "migrated_in": st.migrated_in, "migrated_out": st.migrated_out,

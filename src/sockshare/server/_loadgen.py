@@ -120,8 +120,10 @@ class _WsClient:
         c = self.load.counters
         host, port = self.load.addr
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
-                                                    self.load.timeout)
+            # (not wait_for: on 3.11 it can drop a connection that completes just as the
+            # timeout fires, and the socket leaks)
+            async with asyncio.timeout(self.load.timeout):
+                reader, writer = await asyncio.open_connection(host, port)
         except (OSError, TimeoutError):
             c.ws_refused += 1
             return

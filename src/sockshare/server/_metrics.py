@@ -24,6 +24,8 @@ Series (``pool``/``worker`` labels where it makes sense)::
     sockshare_worker_up{pool,worker}           1 when its channel is connected
     sockshare_migrations_total{result}         ok | refused (the source kept it) |
                                                closed (the source was gone, no target)
+    sockshare_migrations_direct_total          of the ok ones, those that went straight from
+                                               worker to worker (not relayed)
     sockshare_migrations_in_total{pool,worker} connections moved to / away from a worker
     sockshare_migrations_out_total{pool,worker}
     sockshare_migration_requests_total         asked of workers (rebalance, reload...)
@@ -132,6 +134,9 @@ def render(status: dict[str, Any]) -> str:
     for result, key in (("ok", "migrations"), ("refused", "migrations_refused"),
                         ("closed", "migrations_closed")):
         o.sample("sockshare_migrations_total", c.get(key, 0), result=result)
+    o.family("sockshare_migrations_direct_total", "counter",
+             "Migrations that went straight from worker to worker.")
+    o.sample("sockshare_migrations_direct_total", c.get("migrations_direct", 0))
     for name, key, help_ in (
         ("sockshare_migrations_in_total", "migrated_in", "Connections migrated to a worker."),
         ("sockshare_migrations_out_total", "migrated_out", "Connections migrated away from a worker."),

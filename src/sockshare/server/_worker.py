@@ -77,7 +77,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sockshare._aio import AsyncChannel
+from sockshare._aio import AsyncChannel, AsyncChannelListener
 from sockshare._channel import Handoff
 from sockshare._errors import ChannelError, SockshareError
 from sockshare.protocol import MAX_DATA, MAX_META
@@ -123,6 +123,10 @@ MAX_STATE = 12 * 1024
 FLUSH_TIMEOUT = 10.0
 #: Meta keys a migrated connection always keeps (the rest may be trimmed to make room).
 _ESSENTIAL_META = ("handoff_id", "client", "peer", "listener", "pool", "route")
+#: A worker's peer channel socket: ``<its pid>.peer``, beside the dispatcher's channel.
+PEER_SUFFIX = ".peer"
+#: Seconds to open a channel to a peer worker (in the background).
+PEER_CONNECT_TIMEOUT = 5.0
 
 
 class MigrationError(SockshareError):
@@ -417,6 +421,20 @@ async def open_connection(handoff: Handoff, worker: WorkerInfo, *,
     return Connection(reader, writer, None, worker, raw_meta=handoff.raw_meta)
 
 
+class _Peer:
+    """Another worker of the pool, as the dispatcher last described it, and our channel
+    to it once open."""
+
+    __slots__ = ("ch", "id", "load", "path", "pid")
+
+    def __init__(self, wid: int, pid: int, path: str, load: int) -> None:
+        self.id = wid
+        self.pid = pid
+        self.path = path
+        self.load = load
+        self.ch: AsyncChannel | None = None
+
+
 class Worker:
     """The worker's event-loop side: one channel, many handler tasks."""
 
@@ -436,6 +454,13 @@ class Worker:
         self._signals = 0
         self._closed_unreported = 0
         self._flush_scheduled = False
+        self._reports: list[dict[str, Any]] = []
+        #: direct migration: our listener for peer workers, and the pool's other workers
+        self._peer_listener: AsyncChannelListener | None = None
+        self.peer_path = ""
+        self._peers: dict[int, _Peer] = {}
+        self._incoming: set[AsyncChannel] = set()
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- signals ---------------------------------------------------------------------
 
@@ -466,9 +491,19 @@ class Worker:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_later(REPORT_DELAY, self._flush_report, True)
 
+    def _queue_report(self, obj: dict[str, Any]) -> None:
+        """A report that may wait as long as a close report (direct migrations)."""
+        self._reports.append(obj)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(REPORT_DELAY, self._flush_report, True)
+
     def _flush_report(self, soon: bool = False) -> None:
         self._flush_scheduled = False
         n, self._closed_unreported = self._closed_unreported, 0
+        reports, self._reports = self._reports, []
+        for obj in reports:   # first: a connection that moved in may be among the closed
+            self._control(obj, soon=soon)
         if n:
             self._control({"ev": "closed", "n": n, "active": len(self.tasks)}, soon=soon)
 
@@ -531,6 +566,23 @@ class Worker:
             transport.set_write_buffer_limits()
             transport.resume_reading()
             raise
+        if self._peers and not conn.migration_requested.is_set() and not self.stopping.is_set():
+            # the handler's own migration: straight to a peer worker, one hop instead of
+            # two; if it says no (or dies before answering) the dispatcher gets a try
+            peer = self._pick_peer()
+            if peer is not None:
+                outcome = await self._move_direct(peer, dup, meta, data)
+                if outcome == "accepted":
+                    conn._detached()
+                    transport.abort()
+                    log.debug("worker %d: %s migrated to worker %d", self.info.id,
+                              conn.handoff_id, peer.id)
+                    return
+                if outcome == "gone":
+                    conn._detached()
+                    transport.abort()
+                    raise MigrationAborted(f"worker {peer.id} did not answer before its channel "
+                                           f"closed; the connection is no longer served here")
         try:
             ticket = await ch.send(dup, meta=meta, data=data)
         except (SockshareError, ValueError, OSError) as exc:
@@ -558,6 +610,187 @@ class Worker:
         raise MigrationAborted(f"the channel to the dispatcher broke mid-migration ({ticket.reason}); "
                                f"the connection is no longer served here")
 
+    # -- direct migration: peer workers ----------------------------------------------
+
+    def _pick_peer(self) -> _Peer | None:
+        """The connected peer with the fewest connections (the dispatcher's last count,
+        plus what we sent it since); ties rotate."""
+        best: _Peer | None = None
+        for p in self._peers.values():
+            ch = p.ch
+            if ch is not None and ch.usable and (best is None or p.load < best.load):
+                best = p
+        if best is not None:
+            best.load += 1
+            del self._peers[best.id]   # last in the rotation
+            self._peers[best.id] = best
+        return best
+
+    async def _move_direct(self, peer: _Peer, dup: socket.socket, meta: dict[str, Any],
+                           data: bytes) -> str:
+        """Hand ``dup`` to ``peer``, acknowledged. ``"accepted"`` (dup closed), ``"back"``
+        (rejected, or the peer went away before answering: dup is ours again) or
+        ``"gone"`` (our end closed first: the peer may serve it, dup was closed).
+
+        The dispatcher hears of it afterwards, in the batched reports: the source says
+        ``moved_out``, the target ``moved_in``. Only a move still unanswered after
+        REPORT_DELAY is announced (``moving``), so that the dispatcher's --timeout can
+        kill a hung target: its channel then breaks and the connection comes back."""
+        ch = peer.ch
+        assert ch is not None
+        try:
+            [ticket] = ch.send_nowait([(dup, meta, data)], ack=True)
+        except (SockshareError, ValueError, OSError) as exc:
+            log.info("worker %d: direct migration to worker %d failed (%s); via the dispatcher",
+                     self.info.id, peer.id, exc)
+            return "back"
+        key = [self.info.pid, ticket.id]
+        announced = False
+
+        def announce() -> None:
+            nonlocal announced
+            if ticket.state == "pending":
+                announced = True
+                self._control({"ev": "moving", "to": peer.id, "key": key})
+
+        timer = asyncio.get_running_loop().call_later(REPORT_DELAY, announce)
+        try:
+            await ch.wait([ticket])
+        finally:
+            timer.cancel()
+        if ticket.state == "accepted":
+            self._queue_report({"ev": "moved_out", "to": peer.id, "key": key})
+            return "accepted"
+        if announced:
+            self._queue_report({"ev": "move_back", "to": peer.id, "key": key})
+        if ticket.state in ("rejected", "returned") and ticket.socket is not None:
+            log.info("worker %d: worker %d %s the migration (%s); via the dispatcher",
+                     self.info.id, peer.id, ticket.state, ticket.reason or "no reason")
+            return "back"
+        return "gone"
+
+    def _set_peers(self, listed: Any) -> None:
+        """The dispatcher's list of the pool's other workers that take migrations
+        directly, ``[[id, pid, path, connections], ...]``: channels to new ones open in
+        the background, those no longer listed close."""
+        fresh: dict[int, tuple[int, str, int]] = {}
+        if isinstance(listed, list):
+            for item in listed:
+                if (isinstance(item, list) and len(item) == 4 and isinstance(item[0], int)
+                        and isinstance(item[1], int) and isinstance(item[2], str)
+                        and isinstance(item[3], int) and item[0] != self.info.id):
+                    fresh[item[0]] = (item[1], item[2], item[3])
+        for wid, p in list(self._peers.items()):
+            want = fresh.get(wid)
+            if want is None or want[:2] != (p.pid, p.path):
+                del self._peers[wid]
+                self._close_peer(p)
+        for wid, (pid, path, load) in fresh.items():
+            known = self._peers.get(wid)
+            if known is None:
+                peer = self._peers[wid] = _Peer(wid, pid, path, load)
+                self._bg(self._connect_peer(peer))
+            else:
+                known.load = load
+
+    def _close_peer(self, p: _Peer) -> None:
+        ch, p.ch = p.ch, None
+        if ch is not None:
+            self._bg(ch.aclose())   # waits for answers to what is in flight
+
+    async def _connect_peer(self, p: _Peer) -> None:
+        try:
+            ch = await AsyncChannel.connect(p.path, name=f"peer:{self.info.id}",
+                                            timeout=PEER_CONNECT_TIMEOUT)
+        except (OSError, SockshareError) as exc:
+            log.info("worker %d: no direct channel to worker %d (%s); migrations to it go "
+                     "through the dispatcher", self.info.id, p.id, exc)
+            return
+        if self._peers.get(p.id) is not p or self.stopping.is_set():
+            await ch.aclose()
+            return
+        p.ch = ch
+        await ch.wait_closed()
+        if p.ch is ch:
+            p.ch = None
+        await ch.aclose()
+
+    def _open_peer_listener(self) -> None:
+        """Listen for peer workers beside the dispatcher's channel (a path only: no
+        peers for abstract or TCP channel addresses)."""
+        if self.address.startswith(("@", "tcp://")) or not os.path.isabs(self.address):
+            return
+        path = os.path.join(os.path.dirname(self.address), f"{self.info.pid}{PEER_SUFFIX}")
+        try:
+            self._peer_listener = AsyncChannelListener.listen(path, name=f"worker:{self.info.id}")
+        except (OSError, SockshareError) as exc:
+            log.warning("worker %d: cannot listen for peer workers at %s (%s); migrations "
+                        "go through the dispatcher", self.info.id, path, exc)
+            return
+        self.peer_path = path
+        self._bg(self._accept_peers(self._peer_listener))
+
+    async def _accept_peers(self, listener: AsyncChannelListener) -> None:
+        while True:
+            try:
+                ch = await listener.accept()
+            except (ChannelError, OSError):
+                return
+            except SockshareError as exc:   # a bad handshake: that peer only
+                log.warning("worker %d: refused a peer channel: %s", self.info.id, exc)
+                continue
+            if self._peer_listener is not listener:   # closed meanwhile
+                await ch.aclose()
+                return
+            ch.on_activity = lambda ch=ch: self._on_peer_activity(ch)
+            self._incoming.add(ch)
+            self._bg(self._watch_peer(ch))
+
+    async def _watch_peer(self, ch: AsyncChannel) -> None:
+        await ch.wait_closed()
+        self._incoming.discard(ch)
+        await ch.aclose()
+
+    def _on_peer_activity(self, ch: AsyncChannel) -> None:
+        try:
+            self._take(ch, from_peer=True)
+            ch.received_controls()   # (peers send none)
+        except Exception:   # never let it escape into the channel's reader
+            log.exception("worker %d: handling a peer worker's frames failed", self.info.id)
+
+    def _moved_in(self, h: Handoff, conn: Connection) -> None:
+        """Report a direct migration in (its latency measured here, as resume starts)."""
+        mig = conn.meta.get("migration")
+        mig = mig if isinstance(mig, dict) else {}
+        started = mig.get("started")
+        latency = time.monotonic() - started if isinstance(started, float) else None
+        self._queue_report({"ev": "moved_in", "from": mig.get("from"),
+                            "key": [mig.get("from_pid"), h.id], "latency": latency})
+
+    def _bg(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._bg_done)
+
+    def _bg_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker %d: background task failed", self.info.id, exc_info=task.exception())
+
+    async def _close_peers(self) -> None:
+        if self._peer_listener is not None:
+            self._peer_listener.close()
+            self._peer_listener = None
+        for p in list(self._peers.values()):
+            self._close_peer(p)
+        self._peers.clear()
+        for ch in list(self._incoming):
+            self._bg(ch.aclose())
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=5.0)
+        for t in list(self._background):
+            t.cancel()
+
     def _request_migrations(self, n: int | None, reason: str) -> int:
         picked = 0
         for conn in list(self.conns):
@@ -579,6 +812,8 @@ class Worker:
             count = n if isinstance(n, int) and n >= 0 else None
             picked = self._request_migrations(count, reason) if self.resume is not None else 0
             self._control({"ev": "migrate_ack", "n": picked, "req": msg.get("req")})
+        elif cmd == "peers":
+            self._set_peers(msg.get("peers"))
         elif cmd == "drain":
             if msg.get("migrate") and self.resume is not None:
                 self._migrate_all = reason
@@ -602,13 +837,16 @@ class Worker:
             return None
         return resuming
 
-    async def _serve(self, h: Handoff) -> None:
+    async def _serve(self, h: Handoff, ch: AsyncChannel, from_peer: bool = False) -> None:
         """One handoff on its own (the path for loops without a synchronous transport)."""
         if self.stopping.is_set():
             h.reject("worker is shutting down")
             return
         resuming = self._resuming(h)
         if resuming is None:
+            return
+        if from_peer and not resuming:
+            h.reject("a peer worker may only hand over connections it migrates")
             return
         try:
             conn = await open_connection(h, self.info)
@@ -619,21 +857,20 @@ class Worker:
             return
         try:
             h.accept()
-            assert self.ch is not None
-            self.ch.flush()
+            ch.flush()
         except SockshareError as exc:  # the channel broke under us: the sender still has it
             log.warning("worker %d: could not accept handoff %d: %s", self.info.id, h.id, exc)
             conn.writer.transport.abort()
             return
-        await self._run(conn, resuming)
+        await self._run(conn, resuming, ch, h if from_peer else None)
 
-    async def _run(self, conn: Connection, resuming: bool) -> None:
-        """Serve an accepted connection once its ACCEPT has left."""
+    async def _run(self, conn: Connection, resuming: bool, ch: AsyncChannel,
+                   from_peer: Handoff | None = None) -> None:
+        """Serve an accepted connection once its ACCEPT has left (``from_peer``: the
+        handoff, when a peer worker migrated it here directly)."""
         # The ACCEPT leaves before the app may write a byte: were this process killed
         # between the two, the dispatcher would take the connection back and give it
         # to another worker, and the client would hear from both.
-        ch = self.ch
-        assert ch is not None
         if ch.buffered:
             await ch.drain()
         if not ch.usable:
@@ -641,6 +878,8 @@ class Worker:
                         self.info.id, conn.handoff_id)
             conn.writer.transport.abort()
             return
+        if from_peer is not None:
+            self._moved_in(from_peer, conn)
         state = conn.meta.pop("resume", None) if resuming else None
         conn._runtime = self
         conn._migratable = self.resume is not None
@@ -674,19 +913,17 @@ class Worker:
     def _on_activity(self) -> None:
         """The channel's read callback: start what arrived, apply controls."""
         try:
-            self._take()
             if self.ch is not None:
+                self._take(self.ch)
                 for msg in self.ch.received_controls():
                     self._apply_control(msg)
         except Exception:   # never let it escape into the channel's reader
             log.exception("worker %d: handling the dispatcher's frames failed", self.info.id)
 
-    def _take(self) -> None:
-        """Set up every handoff that arrived in this read, accept them all, send the
-        ACCEPTs (and a pending close report) in one write, then start the handlers."""
-        ch = self.ch
-        if ch is None:
-            return
+    def _take(self, ch: AsyncChannel, from_peer: bool = False) -> None:
+        """Set up every handoff that arrived in this read (on the dispatcher's channel,
+        or a peer worker's), accept them all, send the ACCEPTs (and pending reports, to
+        the dispatcher) in one write, then start the handlers."""
         handoffs = ch.received()
         if not handoffs:
             return
@@ -701,6 +938,9 @@ class Worker:
                 resuming = self._resuming(h)
                 if resuming is None:
                     continue
+                if from_peer and not resuming:
+                    h.reject("a peer worker may only hand over connections it migrates")
+                    continue
                 try:
                     conn = connection_now(h, self.info)
                 except (OSError, RuntimeError, ValueError) as exc:
@@ -708,14 +948,14 @@ class Worker:
                     h.reject(f"cannot set up the connection: {exc}")
                     continue
                 if conn is None:   # no synchronous transport here: the general path
-                    self._task(self._serve(h))
+                    self._task(self._serve(h, ch, from_peer))
                     continue
                 ready.append((h, conn, resuming))
             if not ready:
                 return
             for h, _conn, _resuming in ready:
                 h.accept()
-            if self._closed_unreported:
+            if not from_peer and (self._closed_unreported or self._reports):
                 self._flush_report(soon=True)   # rides along with the ACCEPTs
             ch.flush()
         except SockshareError as exc:  # the channel broke under us: the sender has them
@@ -724,8 +964,8 @@ class Worker:
             for _h, conn, _resuming in ready:   # before they read a byte (next loop turn)
                 conn.writer.transport.abort()
             return
-        for _h, conn, resuming in ready:
-            self._task(self._run(conn, resuming))
+        for h, conn, resuming in ready:
+            self._task(self._run(conn, resuming, ch, h if from_peer else None))
 
     # -- life ------------------------------------------------------------------------
 
@@ -742,7 +982,10 @@ class Worker:
         ch = self.ch
         if self.app is None:
             return await self._fail(ch)
-        self._control({"ev": "hello", "resume": self.resume is not None, "pid": self.info.pid})
+        if self.resume is not None:
+            self._open_peer_listener()
+        self._control({"ev": "hello", "resume": self.resume is not None, "pid": self.info.pid,
+                       "peer": self.peer_path or None})
         # handoffs start, and controls apply, in the read callback: no task hop, and no
         # task woken per read
         ch.on_activity = self._on_activity
@@ -760,6 +1003,7 @@ class Worker:
                 log.info("worker %d: asked %d connection(s) to migrate (%s)", self.info.id, n,
                          self._migrate_all)
         await self._drain()
+        await self._close_peers()
         self._flush_report()
         for t in (receiver, stop):
             t.cancel()
