@@ -2,6 +2,7 @@
 
 Run:  python benchmarks/live.py [--reloads 50] [--upgrades 10] [--migrations 1000]
                                 [--kills 10] [--naive 10] [--ws 20] [--short-rate 200]
+                                [--relay]
 
 What it does: starts ``sockshare serve`` (the built-in demo app, 2 workers) on a free port
 of 127.0.0.1 and puts it under a steady load (``sockshare.server._loadgen``): short
@@ -17,7 +18,8 @@ the other under that load:
 * ``migrations``  -- N WebSocket clients ask ``{"cmd": "move"}``: the demo migrates the
   connection to the other worker; the latency is the new worker's ``latency_ms``, from
   ``migrate()`` being called on the old worker to ``resume`` starting on the new one
-  (CLOCK_MONOTONIC is system-wide);
+  (CLOCK_MONOTONIC is system-wide). They go straight from worker to worker; with
+  ``--relay`` through the dispatcher (the A/B of the two paths);
 * ``kills``       -- a random worker SIGKILLed N times (its own connections die with it:
   they are counted apart, as ``ws_killed``/``killed_lost``, and the short connections it
   held show as resets, which the dispatcher counts as ``lost``);
@@ -79,12 +81,16 @@ def main() -> int:
     ap.add_argument("--src", default=str(ROOT / "src"),
                     help="the sockshare source tree the server runs (e.g. an exported commit, "
                          "for an A/B against this one)")
+    ap.add_argument("--relay", action="store_true",
+                    help="serve with --no-direct-migration: every migration relayed by the "
+                         "dispatcher (two hops), to compare with the default direct one")
     args = ap.parse_args()
     command = shlex.join(["python", *sys.argv])
 
     tmp = Path(tempfile.mkdtemp(prefix="ss-live-"))
     port = free_port()
-    server = ServeProcess(port, tmp, args.workers, pythonpath=str(Path(args.src).resolve()))
+    server = ServeProcess(port, tmp, args.workers, pythonpath=str(Path(args.src).resolve()),
+                          extra=("--no-direct-migration",) if args.relay else ())
     server.start()
     load = Load(("127.0.0.1", port), short_clients=4, short_rate=args.short_rate, ws_clients=args.ws)
     load.start()
@@ -115,7 +121,7 @@ def main() -> int:
                     "platform": platform.platform()},
         "duration_s": round(time.monotonic() - t0, 1),
         "load": {"ws_clients": args.ws, "ws_period_s": 0.05, "short_rate_per_s": args.short_rate,
-                 "workers": args.workers},
+                 "workers": args.workers, "migration": "relayed" if args.relay else "direct"},
         "phases": results,
         "migration_latency_ms": mig,
         "totals": {"short_ok": final.short_ok, "ws_messages": final.ws_messages,

@@ -47,6 +47,10 @@ target's ACCEPT (the channel does that), and a copy whose owner dies is closed b
 kernel. If the source dies mid-way, the forward goes on: the target serves, or our copy
 is closed. Migrations are asked for by the rebalancer (load spread past a threshold,
 or a worker over ``max_conns``), by ``sockshare migrate``, by a reload and by an upgrade.
+A handler's own migration skips the relay (one hop instead of two): the dispatcher keeps
+every ready worker's list of peers (``{"cmd": "peers"}``) and learns of the move from
+the workers' reports (``moved_in``/``moved_out``; ``moving`` for one still unanswered,
+which ``--timeout`` watches); see the worker module.
 
 Reload (SIGHUP, ``sockshare reload``): a new slot per worker id starts a fresh process
 (the app is imported again); once every one of them is ready they become the pool's

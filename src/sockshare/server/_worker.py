@@ -52,6 +52,18 @@ steps, in this order, each one undoable until the dispatcher answers:
   serve the connection, so this side must not: its copies are closed and
   :class:`MigrationAborted` is raised. Either way exactly one process serves it.
 
+Direct migration: a handler's own ``migrate()`` (not one the dispatcher asked for)
+skips the relay. Each worker that can resume listens on ``<pid>.peer`` beside the
+dispatcher's channel and says so in its hello; the dispatcher sends every worker the
+pool's other ready workers (``{"cmd": "peers", ...}``); the source hands the duplicate
+straight to the one with the fewest connections, on a channel between the two. The
+answer is the target's own: ACCEPT (the source closes its copy), or REJECT / the target
+dying first (the source tries the relay). The target does not serve a handoff whose
+ACCEPT it could not deliver (a source killed mid-way: the connection is closed). The
+dispatcher hears of it in the batched reports (``moved_out`` from the source,
+``moved_in`` from the target); a move unanswered after REPORT_DELAY is announced
+(``moving``) so that ``--timeout`` covers a hung target.
+
 The dispatcher asks for migrations (rebalancing, reload, upgrade, ``sockshare migrate``)
 with ``{"cmd": "migrate", "n": k}`` or ``{"cmd": "drain", "migrate": true}``: the worker
 sets ``conn.migration_requested`` on connections that are :attr:`Connection.migratable`;
@@ -123,6 +135,9 @@ MAX_STATE = 12 * 1024
 FLUSH_TIMEOUT = 10.0
 #: Meta keys a migrated connection always keeps (the rest may be trimmed to make room).
 _ESSENTIAL_META = ("handoff_id", "client", "peer", "listener", "pool", "route")
+#: compact JSON (ASCII): migration metadata, and states (which must also be finite)
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+_COMPACT_STRICT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 #: A worker's peer channel socket: ``<its pid>.peer``, beside the dispatcher's channel.
 PEER_SUFFIX = ".peer"
 #: Seconds to open a channel to a peer worker (in the background).
@@ -166,7 +181,7 @@ class MigrationRequested(Exception):
 def encode_state(state: Any) -> bytes:
     """Compact JSON of a migration state; :class:`StateError` if it cannot travel."""
     try:
-        raw = json.dumps(state, separators=(",", ":"), allow_nan=False).encode()
+        raw = _COMPACT_STRICT.encode(state).encode()
     except (TypeError, ValueError, RecursionError) as exc:
         raise StateError(f"migration state must be JSON-compatible: {exc}") from None
     if len(raw) > MAX_STATE:
@@ -402,7 +417,9 @@ def connection_now(handoff: Handoff, worker: WorkerInfo, *,
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     transport = make(handoff.socket, protocol)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-    return Connection(reader, writer, None, worker, raw_meta=handoff.raw_meta)
+    decoded = handoff._meta   # (already decoded to look for "resume": not twice)
+    return Connection(reader, writer, decoded if isinstance(decoded, dict) else None, worker,
+                      raw_meta=handoff.raw_meta)
 
 
 async def open_connection(handoff: Handoff, worker: WorkerInfo, *,
@@ -418,7 +435,9 @@ async def open_connection(handoff: Handoff, worker: WorkerInfo, *,
     transport, protocol = await loop.connect_accepted_socket(
         lambda: asyncio.StreamReaderProtocol(reader, loop=loop), sock=handoff.socket)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-    return Connection(reader, writer, None, worker, raw_meta=handoff.raw_meta)
+    decoded = handoff._meta   # (already decoded to look for "resume": not twice)
+    return Connection(reader, writer, decoded if isinstance(decoded, dict) else None, worker,
+                      raw_meta=handoff.raw_meta)
 
 
 class _Peer:
@@ -510,8 +529,9 @@ class Worker:
     # -- migration -------------------------------------------------------------------
 
     def migration_meta(self, conn: Connection, state: Any, started: float,
-                       reason: str = "") -> dict[str, Any]:
-        """The handoff meta of a migrating connection, within the 16 KiB meta limit."""
+                       reason: str = "") -> bytes:
+        """The handoff meta of a migrating connection, encoded (compact JSON, ASCII),
+        within the 16 KiB meta limit."""
         previous = conn.meta.get("migration")
         count = previous.get("count", 0) if isinstance(previous, dict) else 0
         migration = {"from": self.info.id, "from_pid": self.info.pid,
@@ -521,14 +541,16 @@ class Worker:
         meta = {k: v for k, v in conn.meta.items() if k not in ("resume", "attempt", "migration")}
         meta["migration"] = migration
         meta["resume"] = state
-        if len(json.dumps(meta, separators=(",", ":"))) > MAX_META:
+        raw = _COMPACT.encode(meta).encode()
+        if len(raw) > MAX_META:
             meta = {k: meta[k] for k in (*_ESSENTIAL_META, "migration", "resume") if k in meta}
-            if len(json.dumps(meta, separators=(",", ":"))) > MAX_META:
+            raw = _COMPACT.encode(meta).encode()
+            if len(raw) > MAX_META:
                 raise StateError(f"migration state and connection metadata are over the "
                                  f"{MAX_META}-byte metadata limit")
-        return meta
+        return raw
 
-    async def migrate_out(self, conn: Connection, meta: dict[str, Any], unread: bytes) -> None:
+    async def migrate_out(self, conn: Connection, meta: bytes, unread: bytes) -> None:
         ch = self.ch
         if ch is None or ch.closed:
             raise MigrationRefused("the worker has no channel to the dispatcher")
@@ -566,7 +588,8 @@ class Worker:
             transport.set_write_buffer_limits()
             transport.resume_reading()
             raise
-        if self._peers and not conn.migration_requested.is_set() and not self.stopping.is_set():
+        requested = conn._requested_event is not None and conn._requested_event.is_set()
+        if self._peers and not requested and not self.stopping.is_set():
             # the handler's own migration: straight to a peer worker, one hop instead of
             # two; if it says no (or dies before answering) the dispatcher gets a try
             peer = self._pick_peer()
@@ -626,7 +649,7 @@ class Worker:
             self._peers[best.id] = best
         return best
 
-    async def _move_direct(self, peer: _Peer, dup: socket.socket, meta: dict[str, Any],
+    async def _move_direct(self, peer: _Peer, dup: socket.socket, meta: bytes,
                            data: bytes) -> str:
         """Hand ``dup`` to ``peer``, acknowledged. ``"accepted"`` (dup closed), ``"back"``
         (rejected, or the peer went away before answering: dup is ours again) or
