@@ -12,6 +12,7 @@ import struct
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -321,6 +322,32 @@ def test_hostile_frames_break_the_channel_and_close_every_fd(case: str) -> None:
         far.settimeout(5)
         assert far.recv(1) == b""
         far.close()
+    assert fd_count() == before
+    ch.close()
+    raw.close()
+
+
+@pytest.mark.parametrize(("claim", "make"), [
+    ((3, 1), lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)),   # type lie
+    ((1, 1), lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)),  # family lie
+    ((3, 1), os.pipe),                                                       # not a socket
+], ids=["type", "family", "pipe"])
+def test_a_descriptor_that_is_not_what_its_entry_claims(claim: tuple[int, int], make: Any) -> None:
+    """The kernel is asked what arrived (family, type; a socket at all): a lie breaks
+    the channel with a precise error, and the descriptor is closed."""
+    ch, raw = _raw_peer()
+    before = fd_count()
+    a, b = make()
+    fa = a if isinstance(a, int) else a.fileno()
+    entry = struct.pack(">H", 1) + struct.pack(">QBBHII", 7, *claim, 0, 0, 0)
+    send_with_fds(raw, encode_frame(FrameType.HANDOFF, entry, nfds=1), [fa])
+    for x in (a, b):
+        os.close(x) if isinstance(x, int) else x.close()
+    with pytest.raises(sockshare.ChannelBroken) as exc:
+        ch.receive(timeout=5)
+    cause = exc.value.__cause__
+    assert isinstance(cause, sockshare.RemoteProtocolError)
+    assert "not a socket" in str(cause) or "socket type it claims" in str(cause)
     assert fd_count() == before
     ch.close()
     raw.close()

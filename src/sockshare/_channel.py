@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -129,7 +129,6 @@ _ENTRY = struct.Struct(">Q4sII")
 _U16 = struct.Struct(">H")
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(getattr(socket, "SCM_RIGHTS", 1))
-_SO_TYPE = int(socket.SO_TYPE)
 # received fds are close-on-exec by the kernel only where MSG_CMSG_CLOEXEC exists
 _FAST_CLOEXEC = bool(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _BLOCKING_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
@@ -160,6 +159,19 @@ def _wrap_fast(family: int, type: int, proto: int, fd: int) -> socket.socket:
 # the public constructor.
 _wrap = (_wrap_fast if getattr(socket.socket, "__slots__", None) == ["__weakref__", "_io_refs", "_closed"]
          else _wrap_portable)
+
+# the C getters (socket.socket's own properties build an enum on every access)
+_c_type: Callable[[socket.socket], int]
+_c_family: Callable[[socket.socket], int]
+if "type" in _socket.socket.__dict__ and "family" in _socket.socket.__dict__:
+    _c_type = _socket.socket.__dict__["type"].__get__
+    _c_family = _socket.socket.__dict__["family"].__get__
+else:  # pragma: no cover - not CPython
+    def _c_type(sock: socket.socket) -> int:
+        return int(sock.type)
+
+    def _c_family(sock: socket.socket) -> int:
+        return int(sock.family)
 
 TicketState = Literal["pending", "sent", "accepted", "rejected", "returned", "abandoned"]
 
@@ -495,15 +507,17 @@ class _ChannelState:
             return False
         try:
             kind = _UNPACKED.get(rawkind) or SocketKind.unpack(rawkind)
-            # _make_socket, inlined: this is the per-connection hot path
-            sock = _wrap(kind.family, kind.type, kind.proto, fd)
+            # _make_socket, inlined: this is the per-connection hot path. Family and
+            # type are left for the constructor to ask the kernel (getsockname, which
+            # it makes anyway, and SO_TYPE, in C), then compared with the claim.
+            sock = _wrap(-1, -1, kind.proto, fd)
         except BaseException as exc:
             close_fds([fd])
             if isinstance(exc, OSError):  # e.g. ENOTSOCK: the peer sent a pipe or a file
                 raise RemoteProtocolError(f"descriptor of handoff {hid} is not a socket: {exc}") from None
             raise
         try:
-            if sock.getsockopt(_SOL_SOCKET, _SO_TYPE) != kind.type:
+            if _c_type(sock) != kind.type or _c_family(sock) != kind.family:
                 raise RemoteProtocolError(f"handoff {hid} is not of the socket type it claims")
             if self.socket_blocking is not None:
                 sock.setblocking(self.socket_blocking)
@@ -579,13 +593,13 @@ class _ChannelState:
                         sock = self._make_socket(e, -1)
                     else:  # _make_socket, inlined for batches
                         kind = e.kind
-                        try:
-                            sock = socket.socket(kind.family, kind.type, kind.proto, fds[i])
+                        try:   # family and type from the kernel, then compared
+                            sock = _wrap(-1, -1, kind.proto, fds[i])
                         except OSError as exc:
                             raise RemoteProtocolError(
                                 f"descriptor of handoff {e.id} is not a socket: {exc}") from None
                         try:
-                            if sock.getsockopt(_SOL_SOCKET, _SO_TYPE) != kind.type:
+                            if _c_type(sock) != kind.type or _c_family(sock) != kind.family:
                                 raise RemoteProtocolError(
                                     f"handoff {e.id} is not of the socket type it claims")
                             if blocking is not None:
@@ -624,17 +638,16 @@ class _ChannelState:
             if self.socket_blocking is not None:
                 sock.setblocking(self.socket_blocking)
             return sock
-        try:
-            sock = socket.socket(e.kind.family, e.kind.type, e.kind.proto, fd)
+        try:   # family and type from the kernel (getsockname, SO_TYPE), then compared
+            sock = _wrap(-1, -1, e.kind.proto, fd)
         except OSError as exc:  # e.g. ENOTSOCK: the peer sent a pipe or a file
             raise RemoteProtocolError(f"descriptor of handoff {e.id} is not a socket: {exc}") from None
         try:
-            try:
-                actual = sock.getsockopt(_SOL_SOCKET, _SO_TYPE)
-            except OSError as exc:
-                raise RemoteProtocolError(f"descriptor of handoff {e.id} is not a socket: {exc}") from None
-            if actual != e.kind.type:
-                raise RemoteProtocolError(f"handoff {e.id} says socket type {e.kind.type}, it is {actual}")
+            actual = (_c_family(sock), _c_type(sock))
+            if actual != (e.kind.family, e.kind.type):
+                raise RemoteProtocolError(
+                    f"handoff {e.id} says socket family/type {e.kind.family}/{e.kind.type}, "
+                    f"it is {actual[0]}/{actual[1]}")
             if self.socket_blocking is not None:
                 sock.setblocking(self.socket_blocking)
         except BaseException:

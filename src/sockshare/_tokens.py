@@ -255,18 +255,15 @@ def _exchange(ch: socket.socket, info: TokenInfo) -> tuple[socket.socket | None,
 def _wrap(fd: int, family: int, stype: int, proto: int) -> socket.socket:
     """A socket object for a received descriptor, its type checked. On failure the
     descriptor is left to the caller (detached, not closed)."""
-    try:
-        sock = socket.socket(family, stype, proto, fd)
+    try:   # the kernel says what it is (getsockname, SO_TYPE); compared with the claim
+        sock = socket.socket(-1, -1, proto, fd)
     except OSError as exc:
-        raise RemoteProtocolError(f"the descriptor received is not usable: {exc}") from None
-    try:
-        actual = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-    except OSError as exc:
-        sock.detach()
         raise RemoteProtocolError(f"the descriptor received is not a socket: {exc}") from None
-    if actual != stype:
+    actual = (int(sock.family), int(sock.type))
+    if actual != (family, stype):
         sock.detach()
-        raise RemoteProtocolError(f"the socket received is of type {actual}, the agent said {stype}")
+        raise RemoteProtocolError(f"the socket received is of family/type {actual[0]}/{actual[1]}, "
+                                  f"the agent said {family}/{stype}")
     return sock
 
 
