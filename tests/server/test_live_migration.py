@@ -378,3 +378,18 @@ def test_a_peer_socket_takes_only_migrating_connections(tmp_path: Path) -> None:
         finally:
             client.close()
             server.close()
+
+
+def test_workers_with_peer_channels_stop_at_once(tmp_path: Path) -> None:
+    """Closing the peer listener and channels does not hold a stopping worker up (it
+    once waited 5 s for its own accept loop)."""
+    with LiveServer(tmp_path, "--no-rebalance", app=APP, workers=2) as srv:
+        c = LineClient(srv.address())
+        c.ask("echo a")
+        assert c.ask("move")["moved"]
+        srv.wait_for(lambda st: st["counters"]["migrations"] == 1, what="counted")
+        c.close()
+        srv.wait_for(lambda st: sum(w["connections"] for w in st["workers"]) == 0, what="closed")
+        t0 = time.monotonic()
+        assert srv.stop() == 0
+        assert time.monotonic() - t0 < 3.0

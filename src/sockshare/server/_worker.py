@@ -480,6 +480,7 @@ class Worker:
         self._peers: dict[int, _Peer] = {}
         self._incoming: set[AsyncChannel] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._accepting_peers: asyncio.Task[None] | None = None
 
     # -- signals ---------------------------------------------------------------------
 
@@ -751,7 +752,7 @@ class Worker:
                         "go through the dispatcher", self.info.id, path, exc)
             return
         self.peer_path = path
-        self._bg(self._accept_peers(self._peer_listener))
+        self._accepting_peers = self._bg(self._accept_peers(self._peer_listener))
 
     async def _accept_peers(self, listener: AsyncChannelListener) -> None:
         while True:
@@ -790,10 +791,11 @@ class Worker:
         self._queue_report({"ev": "moved_in", "from": mig.get("from"),
                             "key": [mig.get("from_pid"), h.id], "latency": latency})
 
-    def _bg(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _bg(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._bg_done)
+        return task
 
     def _bg_done(self, task: asyncio.Task[None]) -> None:
         self._background.discard(task)
@@ -801,6 +803,11 @@ class Worker:
             log.error("worker %d: background task failed", self.info.id, exc_info=task.exception())
 
     async def _close_peers(self) -> None:
+        if self._accepting_peers is not None:   # (it waits on the listener's descriptor)
+            self._accepting_peers.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting_peers
+            self._accepting_peers = None
         if self._peer_listener is not None:
             self._peer_listener.close()
             self._peer_listener = None
