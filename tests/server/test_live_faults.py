@@ -68,10 +68,14 @@ def _kill_source_mid_move(srv: LiveServer, c: LineClient) -> tuple[int, int]:
     return source, target
 
 
-def test_source_killed_while_its_connection_moves_out(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["relay", "direct"])
+def test_source_killed_while_its_connection_moves_out(tmp_path: Path, mode: str) -> None:
     """Relayed: the dispatcher holds the connection, so the target serves it although
-    its source is dead."""
-    with LiveServer(tmp_path, "--no-rebalance", "--policy", "round-robin", *RELAY, app=APP,
+    its source is dead. Direct: the target's ACCEPT cannot reach the dead source; it
+    holds the connection, unread, until the dispatcher confirms that the source process
+    has exited (so it cannot have taken the connection back), then serves it."""
+    flags = RELAY if mode == "relay" else DIRECT
+    with LiveServer(tmp_path, "--no-rebalance", "--policy", "round-robin", *flags, app=APP,
                     workers=2) as srv:
         base = _baseline(srv)
         c = LineClient(srv.address())
@@ -81,35 +85,52 @@ def test_source_killed_while_its_connection_moves_out(tmp_path: Path) -> None:
         assert moved["pid"] == target
         assert moved["from"] == source
         assert c.ask("echo b") == {"n": 2, "pid": target, "id": moved["id"], "echo": "b"}
-        st = srv.wait_for(_idle, what="settled")
+        st = srv.wait_for(lambda st: _idle(st) and st["counters"]["migrations"] == 1, what="settled")
         assert sum(x["connections"] for x in st["workers"]) == 1
-        assert st["counters"]["migrations"] == 1
+        assert st["counters"]["migrations_direct"] == (1 if mode == "direct" else 0)
         assert st["counters"]["lost"] == 0   # counted out on the target's accept
+        if mode == "direct":
+            assert "the source is gone" in srv.log()
         c.close()
         srv.wait_for(lambda st: sum(x["connections"] for x in st["workers"]) == 0, what="closed")
         _wait_fds(srv, base)
 
 
-def test_source_killed_during_a_direct_migration(tmp_path: Path) -> None:
-    """Direct: the target cannot deliver its ACCEPT to a dead source, and the rule is
-    that an unconfirmed handoff is never served (the sender might have taken it back):
-    the connection is closed, served by nobody, and nothing leaks."""
-    with LiveServer(tmp_path, "--no-rebalance", "--policy", "round-robin", *DIRECT, app=APP,
-                    workers=2) as srv:
-        base = _baseline(srv)
-        c = LineClient(srv.address())
-        _kill_source_mid_move(srv, c)
-        with pytest.raises((EOFError, ConnectionResetError)):
-            c.read()
-        st = srv.wait_for(lambda st: _idle(st) and sum(x["connections"] for x in st["workers"]) == 0,
-                          what="settled")
-        assert st["counters"]["migrations"] == 0
-        # the target is fine, and takes new connections
-        other = LineClient(srv.address())
-        assert other.ask("echo x")["n"] == 1
-        other.close()
-        c.close()
-        _wait_fds(srv, base)
+def test_a_direct_migration_whose_source_lives_is_not_served(tmp_path: Path) -> None:
+    """The other side of that rule, with a real peer: a process that hands a worker a
+    migrating connection and closes its channel before the ACCEPT can reach it, while it
+    lives. The worker must not serve it (the sender might have taken it back): closed."""
+    import socket as _socket
+
+    import sockshare
+
+    with LiveServer(tmp_path, "--no-rebalance", app=APP, workers=1) as srv:
+        st = srv.status()
+        pid = st["workers"][0]["pid"]
+        path = os.path.join(os.path.dirname(st["channel"]), f"{pid}.peer")
+        server = _socket.create_server(("127.0.0.1", 0))
+        client = _socket.create_connection(server.getsockname())
+        conn, _ = server.accept()
+        try:
+            with sockshare.Channel.connect(path, name="test") as ch:
+                os.kill(pid, signal.SIGSTOP)    # it reads the handoff only after we left
+                try:
+                    meta = {"resume": {"n": 1, "pids": [1]},
+                            "migration": {"from": 99, "from_pid": os.getpid(), "count": 1,
+                                          "started": time.monotonic(), "reason": "test"}}
+                    ch.close_timeout = 0.2
+                    t = ch.send(conn, meta=meta, data=b"", ack=True)
+                    ch.close()
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+            assert t.state == "abandoned"
+            conn.close()
+            c = LineClient.wrap(client)
+            assert c.read_eof() == b""          # closed by the worker, never served
+            assert srv.status()["counters"]["migrations"] == 0
+        finally:
+            client.close()
+            server.close()
 
 
 @pytest.mark.parametrize("mode", ["relay", "direct"])

@@ -133,6 +133,10 @@ ENV_UPGRADE_CONTROL = "SOCKSHARE_UPGRADE_CONTROL"
 REBALANCE_BATCH = 64
 #: Migration latencies kept for the percentiles in ``status``.
 LATENCY_SAMPLES = 2048
+#: seconds to wait for a worker to be reaped before saying it lives (the worker waits 5)
+ORPHAN_WAIT = 3.0
+#: seconds a worker's exit is remembered for those questions
+ORPHAN_MEMORY = 60.0
 
 
 def _describe_exit(rc: int | None) -> str:
@@ -402,6 +406,9 @@ class Dispatcher:
         #: direct migrations still unanswered a few ms after they left: (source pid,
         #: handoff id) -> (target, since); for --timeout and the status
         self._moving: dict[tuple[int, int], tuple[WorkerSlot, float]] = {}
+        #: worker pids that exited (reaped), and when: a target whose ACCEPT could not
+        #: reach a dead source may serve the connection
+        self._exited: dict[int, tuple[float, WorkerSlot]] = {}
         self.refused: dict[str, int] = {}
         self._ids = itertools.count(1)
         self._batches: dict[WorkerSlot, list[Waiting]] = {}
@@ -1150,6 +1157,40 @@ class Dispatcher:
         else:
             self._moving.pop(key, None)
 
+    async def _answer_orphan(self, slot: WorkerSlot, msg: dict[str, Any]) -> None:
+        """A target could not deliver its ACCEPT of a direct migration: the source's end
+        closed first. Dead (a worker of ours that exited in the last ORPHAN_MEMORY s):
+        the target serves it. Alive, or not ours: it must not. A source still running
+        gets ORPHAN_WAIT seconds to be reaped (a SIGKILL is seen within ms)."""
+        pid = msg.get("pid")
+        dead = False
+        if isinstance(pid, int) and pid > 0:
+            deadline = time.monotonic() + ORPHAN_WAIT
+            while True:
+                now = time.monotonic()
+                exited = self._exited.get(pid)
+                if exited is not None and now - exited[0] < ORPHAN_MEMORY:
+                    dead = True
+                    source = exited[1]
+                    # it died counting the connection as its own: not lost after all
+                    ch = source.channel
+                    if ch is not None and ch.peer.pid == pid:   # (not detached yet)
+                        source.active = max(0, source.active - 1)
+                    else:
+                        source.stats.lost = max(0, source.stats.lost - 1)
+                        self.counters["lost"] = max(0, self.counters["lost"] - 1)
+                    source.stats.migrated_out += 1
+                    break
+                running = any(s.proc is not None and s.proc.pid == pid and s.proc.returncode is None
+                              for s in self.slots)
+                if not running or now >= deadline:
+                    break
+                await asyncio.sleep(0.01)
+        log.info("direct migration from pid %s whose ACCEPT was lost: the source is %s; "
+                 "worker %d %s it", pid, "gone" if dead else "alive (or not ours)", slot.id,
+                 "serves" if dead else "closes")
+        slot.control({"cmd": "orphan", "key": msg.get("key"), "dead": dead})
+
     def _migration_done(self, w: Waiting, target: WorkerSlot | None) -> None:
         h = w.origin
         assert h is not None
@@ -1247,6 +1288,8 @@ class Dispatcher:
             self._push_peers(slot.pool_state)
         elif ev in ("moved_in", "moved_out", "moving", "move_back"):
             self._direct_event(slot, ev, msg)
+        elif ev == "orphan":
+            self._spawn(self._answer_orphan(slot, msg), critical=False)
         elif ev == "migrate_ack":
             fut = self._acks.pop(msg.get("req") or 0, None)
             n = msg.get("n")
@@ -1422,6 +1465,7 @@ class Dispatcher:
                     rc = await proc.wait()
                 finally:
                     watchdog.cancel()
+                self._exited[pid] = (time.monotonic(), slot)
                 ran = time.monotonic() - slot.started
                 slot.exits += 1
                 await self._after_exit(slot)
@@ -1832,6 +1876,8 @@ class Dispatcher:
                 self._rebalance(now)
                 for pool in self.pools.values():
                     self._push_peers(pool)   # their connection counts
+                for pid in [p for p, (t, _s) in self._exited.items() if now - t > ORPHAN_MEMORY]:
+                    del self._exited[pid]
 
     def _kill_hung(self, now: float) -> None:
         """--timeout: a worker that leaves a handoff unanswered that long is not serving

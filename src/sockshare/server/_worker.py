@@ -58,8 +58,9 @@ dispatcher's channel and says so in its hello; the dispatcher sends every worker
 pool's other ready workers (``{"cmd": "peers", ...}``); the source hands the duplicate
 straight to the one with the fewest connections, on a channel between the two. The
 answer is the target's own: ACCEPT (the source closes its copy), or REJECT / the target
-dying first (the source tries the relay). The target does not serve a handoff whose
-ACCEPT it could not deliver (a source killed mid-way: the connection is closed). The
+dying first (the source tries the relay). A handoff whose ACCEPT the target could not
+deliver (its source's end closed) is held, unread, until the dispatcher says whether
+the source process has exited: then the target serves it, else closes it. The
 dispatcher hears of it in the batched reports (``moved_out`` from the source,
 ``moved_in`` from the target); a move unanswered after REPORT_DELAY is announced
 (``moving``) so that ``--timeout`` covers a hung target.
@@ -87,7 +88,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sockshare._aio import AsyncChannel, AsyncChannelListener
 from sockshare._channel import Handoff
@@ -142,6 +143,9 @@ _COMPACT_STRICT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 PEER_SUFFIX = ".peer"
 #: Seconds to open a channel to a peer worker (in the background).
 PEER_CONNECT_TIMEOUT = 5.0
+#: Seconds a direct migration whose ACCEPT could not reach its source waits for the
+#: dispatcher to say whether that source process is gone (then it is served here).
+ORPHAN_TIMEOUT = 5.0
 
 
 class MigrationError(SockshareError):
@@ -481,6 +485,8 @@ class Worker:
         self._incoming: set[AsyncChannel] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._accepting_peers: asyncio.Task[None] | None = None
+        #: direct migrations held while the dispatcher says whether their source lives
+        self._orphans: dict[tuple[int, int], tuple[Handoff, Connection]] = {}
 
     # -- signals ---------------------------------------------------------------------
 
@@ -782,6 +788,47 @@ class Worker:
         except Exception:   # never let it escape into the channel's reader
             log.exception("worker %d: handling a peer worker's frames failed", self.info.id)
 
+    def _orphaned(self, ch: AsyncChannel, held: list[tuple[Handoff, Connection]]) -> None:
+        """Direct migrations whose ACCEPT could not reach the source: its end of the
+        channel closed first. If the source *process* is gone, nobody else can serve
+        them, so this worker may; if it lives, it may have taken them back, so this one
+        must not. Held (not reading) while the dispatcher, which saw its workers exit,
+        answers; closed without an answer within ORPHAN_TIMEOUT."""
+        pid = ch.peer.pid
+        keys = []
+        for h, conn in held:
+            cast(asyncio.Transport, conn.writer.transport).pause_reading()   # (before it ever read)
+            key = (pid, h.id)
+            self._orphans[key] = (h, conn)
+            keys.append(key)
+            self._control({"ev": "orphan", "pid": pid, "key": list(key)})
+        asyncio.get_running_loop().call_later(ORPHAN_TIMEOUT, self._drop_orphans, keys)
+
+    def _adopt(self, msg: dict[str, Any]) -> None:
+        """The dispatcher's answer about a held direct migration."""
+        key = msg.get("key")
+        if not (isinstance(key, list) and len(key) == 2 and all(isinstance(x, int) for x in key)):
+            return
+        entry = self._orphans.pop((key[0], key[1]), None)
+        if entry is None:
+            return
+        h, conn = entry
+        if msg.get("dead") is True and not self.stopping.is_set() and self.ch is not None:
+            log.info("worker %d: the source of %s died before our ACCEPT reached it; "
+                     "served here", self.info.id, conn.handoff_id)
+            cast(asyncio.Transport, conn.writer.transport).resume_reading()
+            self._task(self._run(conn, True, self.ch, h))
+        else:
+            log.warning("worker %d: %s: our ACCEPT did not reach its source, which lives; "
+                        "closed here", self.info.id, conn.handoff_id)
+            conn.writer.transport.abort()
+
+    def _drop_orphans(self, keys: list[tuple[int, int]]) -> None:
+        for key in keys:
+            entry = self._orphans.pop(key, None)
+            if entry is not None:
+                entry[1].writer.transport.abort()
+
     def _moved_in(self, h: Handoff, conn: Connection) -> None:
         """Report a direct migration in (its latency measured here, as resume starts)."""
         mig = conn.meta.get("migration")
@@ -803,6 +850,7 @@ class Worker:
             log.error("worker %d: background task failed", self.info.id, exc_info=task.exception())
 
     async def _close_peers(self) -> None:
+        self._drop_orphans(list(self._orphans))
         if self._accepting_peers is not None:   # (it waits on the listener's descriptor)
             self._accepting_peers.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -844,6 +892,8 @@ class Worker:
             self._control({"ev": "migrate_ack", "n": picked, "req": msg.get("req")})
         elif cmd == "peers":
             self._set_peers(msg.get("peers"))
+        elif cmd == "orphan":
+            self._adopt(msg)
         elif cmd == "drain":
             if msg.get("migrate") and self.resume is not None:
                 self._migrate_all = reason
@@ -904,6 +954,9 @@ class Worker:
         if ch.buffered:
             await ch.drain()
         if not ch.usable:
+            if from_peer is not None:   # served here after all if its source is dead
+                self._orphaned(ch, [(from_peer, conn)])
+                return
             log.warning("worker %d: the channel closed before the ACCEPT of %s left",
                         self.info.id, conn.handoff_id)
             conn.writer.transport.abort()
@@ -991,6 +1044,9 @@ class Worker:
         except SockshareError as exc:  # the channel broke under us: the sender has them
             log.warning("worker %d: could not accept %d handoff(s): %s", self.info.id,
                         len(handoffs), exc)
+            if from_peer and ready:   # unless the sender is dead: ask
+                self._orphaned(ch, [(h, conn) for h, conn, _resuming in ready])
+                return
             for _h, conn, _resuming in ready:   # before they read a byte (next loop turn)
                 conn.writer.transport.abort()
             return
