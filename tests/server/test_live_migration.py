@@ -293,11 +293,15 @@ def test_direct_migrations_follow_restarts_and_reloads(tmp_path: Path) -> None:
     with LiveServer(tmp_path, "--no-rebalance", app=APP, workers=2) as srv:
         c = LineClient(srv.address())
         first = c.ask("echo a")
-        victim = next(w["pid"] for w in srv.status()["workers"] if w["pid"] != first["pid"])
+        st = srv.status()
+        victim = next(w["pid"] for w in st["workers"] if w["pid"] != first["pid"])
+        victim_peer = os.path.join(os.path.dirname(st["channel"]), f"{victim}.peer")
+        assert os.path.exists(victim_peer)
         os.kill(victim, signal.SIGKILL)
         st = srv.wait_for(lambda st: all(w["state"] == "ready" and w["pid"] not in (None, victim)
                                          for w in st["workers"]) and len(st["workers"]) == 2,
                           what="the killed worker restarted")
+        assert not os.path.exists(victim_peer)   # the dispatcher removed what it left
         n = 1
 
         def direct_move() -> int:

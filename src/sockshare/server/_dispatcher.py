@@ -1466,6 +1466,10 @@ class Dispatcher:
                 finally:
                     watchdog.cancel()
                 self._exited[pid] = (time.monotonic(), slot)
+                if slot.peer_path.endswith(f"{os.sep}{pid}{PEER_SUFFIX}"):
+                    # a killed worker could not remove its peer socket
+                    with contextlib.suppress(OSError, SockshareError):
+                        _remove_stale_socket(slot.peer_path)
                 ran = time.monotonic() - slot.started
                 slot.exits += 1
                 await self._after_exit(slot)
