@@ -234,6 +234,11 @@ def test_status_and_metrics_count_migrations_reloads(tmp_path: Path) -> None:
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as resp:
             text = resp.read().decode()
         assert 'sockshare_migrations_total{result="ok"} 2' in text
+        # the handler's own move went straight to the other worker (unless the workers'
+        # peer channels were still opening); the reload's was relayed
+        direct = st["counters"]["migrations_direct"]
+        assert direct <= 1
+        assert f"sockshare_migrations_direct_total {direct}" in text
         assert 'sockshare_reloads_total{result="ok"} 1' in text
         assert "sockshare_generation 2" in text
         assert 'sockshare_migration_latency_seconds{quantile="0.99"}' in text
@@ -244,7 +249,7 @@ def test_status_and_metrics_count_migrations_reloads(tmp_path: Path) -> None:
         out = subprocess.run([sys.executable, "-m", "sockshare.cli", "status", "--control", srv.control],
                              check=False, capture_output=True, text=True, timeout=60,
                              env=env_with_apps(), cwd=str(ROOT))
-        assert "migrations 2" in out.stdout
+        assert f"migrations 2 (direct {direct}," in out.stdout
         assert "reloads 1" in out.stdout
         assert "MIG IN" in out.stdout
         c.close()
