@@ -28,7 +28,7 @@ import pytest
 if sys.platform != "win32":
     pytest.skip("Windows-only: run through scripts/wine_python.py pytest", allow_module_level=True)
 
-from winpeer import IO_TIMEOUT, PeerClient, recv_exact, sees_eof
+from winpeer import IO_TIMEOUT, PeerClient, popen, recv_exact, sees_eof
 
 import sockshare
 from sockshare.protocol._token import ADDR_ABSTRACT, KIND_POSIX, TokenInfo, decode_token, encode_token
@@ -89,7 +89,7 @@ def connected(spawn: Spawn) -> Iterator[Connected]:
 def test_import_sockshare_and_doctor() -> None:
     code = "import sockshare, sys; print(sockshare.__version__, sys.platform)"
     runs = [  # started together, waited for with a limit each
-        subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for args in (["-c", code], ["-m", "sockshare.cli", "doctor", "--json"],
                      ["-m", "sockshare.cli", "doctor"])
     ]

@@ -326,6 +326,21 @@ class PeerError(AssertionError):
         self.name, self.mro, self.msg = name, mro, msg
 
 
+def popen(argv: list[str], **kw: Any) -> subprocess.Popen[str]:
+    """subprocess.Popen, tried up to 3 times: Wine's CreateProcess now and then fails
+    with ERROR_INTERNAL_ERROR (1359) under load -- the emulator, not what is tested."""
+    for attempt in range(3):
+        try:
+            proc: subprocess.Popen[str] = subprocess.Popen(argv, **kw)
+        except OSError as exc:
+            if getattr(exc, "winerror", None) != 1359 or attempt == 2:
+                raise
+            time.sleep(0.2)
+        else:
+            return proc
+    raise AssertionError("unreachable")
+
+
 class PeerClient:
     """Drives one peer process through its pipes; every wait has a time limit."""
 
@@ -343,7 +358,7 @@ class PeerClient:
     @classmethod
     def spawn(cls, name: str, *args: str, env: dict[str, str] | None = None) -> PeerClient:
         """Start a sibling peer with this interpreter (used inside Windows)."""
-        proc = subprocess.Popen(
+        proc = popen(
             [sys.executable, str(SCRIPT), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
             env=None if env is None else {**os.environ, **env},
