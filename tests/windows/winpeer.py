@@ -125,14 +125,7 @@ class Peer:
 
     def op_recv_eof(self, h: int, timeout: float = IO_TIMEOUT) -> bool:
         """True when the peer closed (recv returns b''); False if it stays open."""
-        s = self._sock(h)
-        s.settimeout(timeout)
-        try:
-            return s.recv(1) == b""
-        except TimeoutError:
-            return False
-        finally:
-            s.settimeout(IO_TIMEOUT)
+        return sees_eof(self._sock(h), timeout)
 
     def op_echo(self, h: int) -> int:
         """Echo everything until the peer shuts down its side; return the byte count."""

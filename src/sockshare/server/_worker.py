@@ -74,7 +74,6 @@ a handler notices through :meth:`Connection.interruptible` (which raises
 
 from __future__ import annotations
 
-import _socket
 import argparse
 import asyncio
 import contextlib
@@ -91,7 +90,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from sockshare._aio import AsyncChannel, AsyncChannelListener
-from sockshare._channel import Handoff
+from sockshare._channel import Handoff, _c_type
 from sockshare._errors import ChannelError, SockshareError
 from sockshare.protocol import MAX_DATA, MAX_META
 
@@ -123,8 +122,6 @@ T = TypeVar("T")
 #: StreamReader buffer limit of a Connection (same as asyncio's default).
 READ_LIMIT = 2 ** 16
 _SOCK_STREAM = int(socket.SOCK_STREAM)
-# the C getter: socket.socket.type builds an enum on every access
-_raw_type = _socket.socket.__dict__["type"].__get__
 #: Seconds a close report may wait to ride along with the next ACCEPTs (least-conn
 #: counts are that much behind at most).
 REPORT_DELAY = 0.002
@@ -411,7 +408,7 @@ def connection_now(handoff: Handoff, worker: WorkerInfo, *,
     that is not a stream)."""
     loop = asyncio.get_running_loop()
     make = getattr(loop, "_make_socket_transport", None)
-    if make is None or _raw_type(handoff.socket) & 0xF != _SOCK_STREAM:
+    if make is None or _c_type(handoff.socket) & 0xF != _SOCK_STREAM:
         return None
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     if handoff.data:
@@ -905,8 +902,9 @@ class Worker:
 
     # -- handoffs --------------------------------------------------------------------
 
-    def _resuming(self, h: Handoff) -> bool | None:
-        """Whether ``h`` resumes a migrated connection; None if it was rejected."""
+    def _resuming(self, h: Handoff, from_peer: bool = False) -> bool | None:
+        """Whether ``h`` resumes a migrated connection; None if it was rejected (no
+        resume handler here, or a plain connection from a peer worker)."""
         # (the dispatcher writes the key literally: no decoding for plain connections)
         try:
             resuming = b'"resume"' in h.raw_meta and "resume" in h.meta
@@ -915,6 +913,9 @@ class Worker:
         if resuming and self.resume is None:
             h.reject("this worker's app has no resume handler")
             return None
+        if from_peer and not resuming:
+            h.reject("a peer worker may only hand over connections it migrates")
+            return None
         return resuming
 
     async def _serve(self, h: Handoff, ch: AsyncChannel, from_peer: bool = False) -> None:
@@ -922,11 +923,8 @@ class Worker:
         if self.stopping.is_set():
             h.reject("worker is shutting down")
             return
-        resuming = self._resuming(h)
+        resuming = self._resuming(h, from_peer)
         if resuming is None:
-            return
-        if from_peer and not resuming:
-            h.reject("a peer worker may only hand over connections it migrates")
             return
         try:
             conn = await open_connection(h, self.info)
@@ -1018,11 +1016,8 @@ class Worker:
         ready: list[tuple[Handoff, Connection, bool]] = []
         try:   # (a reject or accept raises once the channel is broken)
             for h in handoffs:
-                resuming = self._resuming(h)
+                resuming = self._resuming(h, from_peer)
                 if resuming is None:
-                    continue
-                if from_peer and not resuming:
-                    h.reject("a peer worker may only hand over connections it migrates")
                     continue
                 try:
                     conn = connection_now(h, self.info)
