@@ -360,7 +360,7 @@ def test_sender_to_python_receiver(lang: str, answer: str,
             assert status == 0, sender.stderr
             assert lines[0] == "rejected busy now"
         assert lines[-1].startswith("done fds=")
-        with pytest.raises(ChannelBroken, match="BYE"):
+        with pytest.raises(sockshare.ChannelEnded, match="BYE"):
             ch.receive(timeout=TIMEOUT)
     assert fd_count() == before
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from sockshare._channel import (
     HANDSHAKE_TIMEOUT,
+    OUT_LIMIT,
     RECV_BUF,
     Channel,
     ChannelListener,
@@ -37,11 +38,24 @@ from sockshare._channel import (
     PeerInfo,
     Ticket,
 )
-from sockshare._errors import ChannelBroken, ChannelClosed, ChannelError, SockshareError
+from sockshare._errors import (
+    ChannelBroken,
+    ChannelClosed,
+    ChannelEnded,
+    ChannelError,
+    ChannelTimeout,
+    LocalProtocolError,
+    SockshareError,
+)
 from sockshare.backends._scm import recv_with_fds
 from sockshare.protocol import MAX_PAYLOAD, FrameType, encode_frame
 
 __all__ = ["AsyncChannel", "AsyncChannelListener"]
+
+#: Past this many bytes queued and not written (the peer does not read), the channel is
+#: broken: a peer that reads nothing for that long is stuck, and memory stays bounded.
+#: Past ``OUT_LIMIT`` this side already stops reading, so it takes no new work.
+HARD_OUT_LIMIT = 16 * OUT_LIMIT
 
 
 class AsyncChannel:
@@ -57,6 +71,7 @@ class AsyncChannel:
         # received sockets come non-blocking, as asyncio wants them (one ioctl, not two)
         self._state.socket_blocking = False
         self._wq: deque[tuple[memoryview, list[int], list[Ticket]]] = deque()
+        self._wq_bytes = 0
         self._writing = False
         self._waiters: list[asyncio.Future[None]] = []
         self._end_waiters: list[asyncio.Future[None]] = []
@@ -101,6 +116,12 @@ class AsyncChannel:
     # -- reading -------------------------------------------------------------------
 
     def _on_readable(self) -> None:
+        if self._wq_bytes > OUT_LIMIT:
+            # the peer does not read what we queued: take in nothing new (its handoffs
+            # would add answers) until it does; _flush() watches the socket again
+            self._loop.remove_reader(self._sock.fileno())
+            self._reading = False
+            return
         try:
             if self._ch._wsa:
                 data, fds = self._sock.recv(RECV_BUF), list[int]()
@@ -141,6 +162,7 @@ class AsyncChannel:
         self._unwatch()
         self._ch._break(exc)  # reads what the peer sent before the break first
         self._wq.clear()
+        self._wq_bytes = 0
         self._wake()
         self._wake_end()
 
@@ -183,13 +205,15 @@ class AsyncChannel:
         return self._state.broken is None and not self._state.closed
 
     async def receive(self) -> Handoff:
-        """Wait for the next handoff."""
-        while not self._state.incoming:
-            self._state.check_usable()
-            if self._state.peer_said_bye:
-                raise ChannelBroken("the peer ended the channel (BYE)")
+        """Wait for the next handoff; :class:`~sockshare.ChannelEnded` once the peer said
+        goodbye and every handoff it sent was taken."""
+        st = self._state
+        while not st.incoming:
+            if st.peer_said_bye and not st.closed:
+                raise ChannelEnded("the peer ended the channel (BYE)")
+            st.check_usable()
             await self._wait_event()
-        return self._state.incoming.popleft()
+        return st.incoming.popleft()
 
     def __aiter__(self) -> AsyncIterator[Handoff]:
         return self._iterate()
@@ -198,10 +222,8 @@ class AsyncChannel:
         while True:
             try:
                 yield await self.receive()
-            except ChannelBroken:
-                if self._state.peer_said_bye or isinstance(self._state.broken, ConnectionResetError):
-                    return
-                raise
+            except ChannelEnded:
+                return
 
     async def receive_control(self) -> dict[str, Any]:
         while not self._state.controls:
@@ -257,6 +279,7 @@ class AsyncChannel:
     def _write_frame(self, frame: bytes, fds: list[int] | None = None,
                      tickets: list[Ticket] | None = None) -> None:
         self._wq.append((memoryview(frame), fds or [], tickets or []))
+        self._wq_bytes += len(frame)
         self._flush()
 
     def _flush(self) -> None:
@@ -277,6 +300,7 @@ class AsyncChannel:
                     wq.appendleft((memoryview(b"".join(parts)), [], merged))
                     continue
                 sent = send_with_fds(self._sock, bytes(buf), fds) if fds else self._sock.send(buf)
+                self._wq_bytes -= sent
                 if sent < len(buf):
                     wq[0] = (buf[sent:], [], tickets)
                     break
@@ -287,6 +311,14 @@ class AsyncChannel:
         except OSError as exc:
             self._break(exc)
             return
+        if self._wq_bytes > HARD_OUT_LIMIT:
+            self._break(ChannelBroken(
+                f"the peer has not read {self._wq_bytes} bytes of frames queued for it: it is stuck"))
+            return
+        if (not self._reading and self._wq_bytes <= OUT_LIMIT and self._state.broken is None
+                and not self._state.closed):
+            self._loop.add_reader(self._sock.fileno(), self._on_readable)
+            self._reading = True
         want = bool(wq)
         if want and not self._writing:
             self._loop.add_writer(self._sock.fileno(), self._flush)
@@ -310,10 +342,29 @@ class AsyncChannel:
         for frame, fds, tickets in self._state.handoff_frames(list(items), ack):
             if ack:
                 for t in tickets:
+                    t._channel = self
                     self._state.tickets[t.id] = t
             self._write_frame(frame, fds, tickets)
             out.extend(tickets)
         return out
+
+    def _wait_ticket(self, ticket: Ticket, timeout: float | None) -> None:
+        """``Ticket.wait()`` from another thread than the loop's (in the loop's own thread
+        it would block the loop that must read the answer)."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            raise LocalProtocolError(
+                f"ticket {ticket.id} belongs to an AsyncChannel: 'await channel.wait([ticket])' "
+                "in its event loop (a blocking wait there would stop the loop that reads the answer)")
+        fut = asyncio.run_coroutine_threadsafe(self.wait([ticket]), self._loop)
+        try:
+            fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise ChannelTimeout(f"handoff {ticket.id} not answered within {timeout} s") from None
 
     async def wait(self, tickets: Iterable[Ticket]) -> None:
         """Wait until every ticket is answered (or returned by a broken channel)."""
@@ -351,6 +402,7 @@ class AsyncChannel:
             self._write_frame(frame)
             return
         self._wq.append((memoryview(frame), [], []))
+        self._wq_bytes += len(frame)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush_answers)

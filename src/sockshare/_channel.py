@@ -27,11 +27,13 @@ with sockets moved as WSAPROTOCOL_INFO blobs for the receiver's pid learnt in HE
 from __future__ import annotations
 
 import _socket
+import array
 import contextlib
 import itertools
 import json
 import logging
 import os
+import select
 import socket
 import stat
 import struct
@@ -46,7 +48,11 @@ from typing import Any, Literal
 from sockshare._errors import (
     ChannelBroken,
     ChannelClosed,
+    ChannelEnded,
     ChannelError,
+    ChannelTimeout,
+    HandoffRejected,
+    HandoffReturned,
     LocalProtocolError,
     MessageTooLarge,
     PeerRefused,
@@ -61,7 +67,6 @@ from sockshare.backends._scm import (
     fds_from_ancillary,
     peer_credentials,
     recv_with_fds,
-    send_frame,
     wait_ready,
 )
 from sockshare.protocol import (
@@ -114,6 +119,11 @@ BATCH = 64
 #: and a copy.
 RECV_BUF = 64 * 1024
 HANDSHAKE_TIMEOUT = 5.0
+#: Bytes of frames one side may hold unwritten while its peer does not read: answers,
+#: controls, BYE, the tail of a handoff frame. Answers and controls never wait for the
+#: peer (they are queued); past this bound the side stops *reading* the peer's frames,
+#: so it takes in no new handoffs to answer, until the peer reads again.
+OUT_LIMIT = 1024 * 1024
 
 _ids = itertools.count(1)
 _HANDOFF = int(FrameType.HANDOFF)
@@ -207,17 +217,38 @@ class Ticket:
     data: bytes = b""
     state: TicketState = "pending"
     reason: str = ""
-    _channel: Channel | None = field(default=None, repr=False)
+    #: the channel that sent it: a blocking Channel, or an AsyncChannel
+    _channel: Any = field(default=None, repr=False)
 
     @property
     def done(self) -> bool:
         return self.state != "pending"
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the receiver answers; True if accepted. Pumps the channel."""
+        """Block until the receiver answers; True if accepted (or sent, for a
+        fire-and-forget handoff). Reads the channel while it waits.
+
+        Raises :class:`~sockshare.ChannelTimeout` if no answer came within ``timeout``.
+        A ticket of an :class:`~sockshare.AsyncChannel` is waited for with
+        ``await channel.wait([ticket])`` in its event loop; from another thread,
+        ``wait()`` works too."""
         if self.state == "pending" and self._channel is not None:
             self._channel._wait_ticket(self, timeout)
         return self.state in ("accepted", "sent")
+
+    def result(self, timeout: float | None = None) -> None:
+        """Wait like :meth:`wait`, then return if the receiver took the connection.
+
+        Raises :class:`~sockshare.HandoffRejected` (``reason``) if it said no, and
+        :class:`~sockshare.HandoffReturned` if the channel ended before it answered; in
+        both cases the socket is in the exception's (and this ticket's) ``socket``, still
+        the sender's to serve or hand elsewhere."""
+        self.wait(timeout)
+        if self.state == "rejected":
+            raise HandoffRejected(f"handoff {self.id} was rejected: {self.reason or 'no reason given'}",
+                                  self.reason, self.socket)
+        if self.state in ("returned", "abandoned"):
+            raise HandoffReturned(f"handoff {self.id} came back: {self.reason}", self.reason, self.socket)
 
 
 @dataclass(eq=False, slots=True)
@@ -802,11 +833,21 @@ class Channel:
         self._state = _ChannelState(max_payload=max_payload, wsa=self._wsa)
         self._rlock = threading.RLock()
         self._wlock = threading.Lock()
+        #: frames written as the socket takes them (answers, controls, BYE, the tail of
+        #: a handoff frame), their size, and the lock that guards both
+        self._out: deque[memoryview] = deque()
+        self._out_bytes = 0
+        self._qlock = threading.Lock()
+        self._poller: Any = None
+        if hasattr(select, "poll"):
+            self._poller = select.poll()
+            self._poller.register(sock.fileno(), select.POLLIN)
         self._batching = False
         self._leftovers_read = False
         self.name = name
-        #: Seconds a send may wait for a peer that does not read before the channel is
-        #: declared broken (never a silent hang).
+        #: Seconds a handoff send (or a control past ``OUT_LIMIT``) may wait for a peer
+        #: that reads nothing: then :class:`~sockshare.ChannelTimeout`, never a silent
+        #: hang. The channel stays usable.
         self.send_timeout: float | None = 30.0
         #: Seconds :meth:`close` waits for the peer's answers to pending handoffs.
         self.close_timeout: float = 5.0
@@ -953,6 +994,168 @@ class Channel:
     def fileno(self) -> int:
         return self._sock.fileno()
 
+    # -- writing -------------------------------------------------------------------
+    #
+    # Two kinds of frames leave this side. Handoffs wait for room in the socket (the
+    # peer not reading them is the peer not calling into its channel), reading the
+    # peer's frames meanwhile, up to ``send_timeout``. Everything else -- answers,
+    # controls, BYE -- never waits: it goes into ``_out`` and is written as the socket
+    # takes it, now or on this side's next call into the channel (every call flushes,
+    # and every blocking wait also waits for room while ``_out`` is not empty). Frames
+    # leave in the order they were queued; ``_wlock`` is held by whoever writes.
+
+    def _try_send(self, view: memoryview, anc: list[tuple[int, int, bytes]] | None = None) -> int:
+        """One write that never blocks: bytes sent, 0 if the socket is full."""
+        try:
+            if MSG_DONTWAIT:
+                if anc:
+                    return self._sock.sendmsg([view], anc, MSG_DONTWAIT)
+                return self._sock.send(view, MSG_DONTWAIT)
+            # Windows: no per-call flag; a reader waits in select() before recv(), so
+            # switching the mode under it for one call is harmless
+            previous = self._sock.gettimeout()
+            self._sock.setblocking(False)
+            try:
+                return self._sock.send(view)
+            finally:
+                self._sock.settimeout(previous)
+        except (BlockingIOError, InterruptedError):
+            return 0
+
+    def _queue(self, frame: bytes) -> None:
+        """Queue a frame that must not wait for the peer, and write what fits now."""
+        if self._state.broken is not None:
+            return  # nothing more leaves a broken channel; the caller checks
+        with self._qlock:
+            self._out.append(memoryview(frame))
+            self._out_bytes += len(frame)
+        self._flush()
+
+    def _flush(self) -> bool:
+        """Write queued frames while the socket takes them, never waiting. True once the
+        queue is empty. A write error breaks the channel (see ``_state.broken``)."""
+        while self._out:
+            if not self._wlock.acquire(blocking=False):
+                return False  # its holder flushes the queue after its own frame
+            try:
+                done = self._flush_locked()
+            finally:
+                self._wlock.release()
+            if not done:
+                return False
+        return True
+
+    def _flush_locked(self) -> bool:
+        """``_flush`` with ``_wlock`` held: False while the socket is full."""
+        out = self._out
+        while out:
+            if len(out) > 1:  # several answers and controls: one write
+                with self._qlock:
+                    joined = memoryview(b"".join(out))
+                    out.clear()
+                    out.append(joined)
+            view = out[0]
+            try:
+                sent = self._try_send(view)
+            except OSError as exc:
+                self._break(exc)
+                self._drop_queue()
+                return True
+            if not sent:
+                return False
+            with self._qlock:
+                self._out_bytes -= sent
+                if sent < len(view):
+                    out[0] = view[sent:]
+                    return False
+                out.popleft()
+        return True
+
+    def _send_handoff(self, frame: bytes, fds: list[int]) -> bool:
+        """Write one handoff frame, its descriptors with its first byte, after the frames
+        already queued. Waits for room (reading the peer's frames meanwhile) up to
+        ``send_timeout``: False if not one byte could go by then (nothing was sent). Once
+        the frame has started, its tail is queued if the time runs out mid-frame.
+        Raises OSError if the peer is gone."""
+        deadline = None if self.send_timeout is None else time.monotonic() + self.send_timeout
+        view = memoryview(frame)
+        anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else None
+        read_too = True
+        with self._wlock:
+            while True:
+                sent = self._try_send(view, anc) if self._flush_locked() else 0
+                if self._state.broken is not None:
+                    raise ConnectionError(f"the channel broke: {self._state.broken}")
+                if sent:
+                    break
+                room = self._wait_room(deadline, read_too)
+                if room is None:
+                    return False
+                read_too = room
+            view = view[sent:]
+            while view:
+                sent = self._try_send(view)
+                if sent:
+                    view = view[sent:]
+                    continue
+                if self._wait_room(deadline, True) is None:
+                    with self._qlock:  # ahead of anything queued meanwhile
+                        self._out.appendleft(view)
+                        self._out_bytes += len(view)
+                    break
+        if self._out:
+            self._flush()
+        return True
+
+    def _wait_room(self, deadline: float | None, read_too: bool) -> bool | None:
+        """Wait until the socket has room, reading the peer's frames if it sends any (a
+        peer blocked writing to us must make progress too). None once ``deadline``
+        passed; otherwise whether reading here is still possible."""
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return None
+        paused = self._out_bytes > OUT_LIMIT
+        writable, readable = wait_ready(self._sock, write=True, timeout=remaining,
+                                        read_too=read_too and not paused)
+        if readable and not paused and not self._drain():
+            return False  # another thread reads: only wait for room from now on
+        if not writable and not readable:
+            return None
+        return read_too
+
+    def _drain(self) -> bool:
+        """Read what the peer sent, if no other thread is reading. False if one is."""
+        if not self._rlock.acquire(blocking=False):
+            return False
+        try:
+            if self._state.broken is None:
+                self._read_once(time.monotonic())
+            return True
+        finally:
+            self._rlock.release()
+
+    def _readable_now(self) -> bool:
+        if self._poller is not None:
+            return bool(self._poller.poll(0))
+        return bool(select.select([self._sock], [], [], 0)[0])
+
+    def _take_in(self) -> None:
+        """Write what is queued and process what the peer has sent, without waiting:
+        every call into the channel does this, so a side that only sends still learns
+        of answers at once, and its peer's queued answers can leave."""
+        if self._out:
+            self._flush()
+        if not self._rlock.acquire(blocking=False):
+            return  # another thread is reading
+        try:
+            for _ in range(64):  # bounded: a peer sending without pause cannot hold us
+                st = self._state
+                if st.broken is not None or self._out_bytes > OUT_LIMIT or not self._readable_now():
+                    break
+                self._read_once(time.monotonic())
+        finally:
+            self._rlock.release()
+
     # -- sending -------------------------------------------------------------------
 
     def send(self, sock: socket.socket, *, meta: Any = None, data: bytes = b"",
@@ -960,30 +1163,54 @@ class Channel:
         """Hand ``sock`` to the peer with ``meta`` (JSON-compatible) and pre-read ``data``.
 
         The channel takes ownership of ``sock``. With ``ack=True`` the sender's copy
-        stays open until the receiver accepts (``ticket.wait()``); a reject or a broken
-        channel hands it back in ``ticket.socket``. With ``ack=False`` it is closed as
-        soon as it is sent (fire-and-forget).
+        stays open until the receiver accepts (``ticket.wait()``, ``ticket.result()``,
+        or just later calls: every call takes in the answers that arrived); a reject or a
+        broken channel hands it back in ``ticket.socket``. With ``ack=False`` it is
+        closed as soon as it is sent (fire-and-forget).
+
+        Waits only while the peer does not read its handoffs: up to ``send_timeout``,
+        then :class:`~sockshare.ChannelTimeout`, with nothing sent and ``sock`` still
+        the caller's (the channel stays usable).
         """
         st = self._state
-        if st.broken is not None or st.closed or self._wsa:
+        if st.broken is not None or st.closed or self._wsa or self._out:
             return self.send_many([(sock, meta, data)], ack=ack)[0]
+        if st.tickets and self._readable_now():
+            self._take_in()
         frame, fd, ticket = st.single_frame(sock, meta, data, ack)
-        with self._wlock:
-            if ack:
-                ticket._channel = self
-                st.tickets[ticket.id] = ticket
+        if ack:
+            ticket._channel = self
+            st.tickets[ticket.id] = ticket
+        sent = 0
+        if self._wlock.acquire(blocking=False):  # the common case: one sendmsg
             try:
-                try:  # one sendmsg in the common case; the general loop otherwise
-                    sent = self._sock.sendmsg([frame], [(_SOL_SOCKET, _SCM_RIGHTS, _FD.pack(fd))],
-                                              MSG_DONTWAIT)
-                    if sent < len(frame):
-                        send_frame(self._sock, frame[sent:], (), self.send_timeout, self._drain)
-                except BlockingIOError:
-                    send_frame(self._sock, frame, [fd], self.send_timeout, self._drain)
+                sent = self._sock.sendmsg([frame], [(_SOL_SOCKET, _SCM_RIGHTS, _FD.pack(fd))], MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                st.tickets.pop(ticket.id, None)
+                self._wlock.release()
+                self._break(exc)
+                raise ChannelBroken(f"the peer is gone: {exc}") from exc
+            if 0 < sent < len(frame):
+                with self._qlock:
+                    self._out.appendleft(memoryview(frame)[sent:])
+                    self._out_bytes += len(frame) - sent
+            self._wlock.release()
+            if self._out:
+                self._flush()
+        if not sent:
+            try:
+                ok = self._send_handoff(frame, [fd])
             except OSError as exc:
                 st.tickets.pop(ticket.id, None)
                 self._break(exc)
                 raise ChannelBroken(f"the peer is gone: {exc}") from exc
+            if not ok:
+                st.tickets.pop(ticket.id, None)
+                raise ChannelTimeout(
+                    f"the peer read no handoff for {self.send_timeout} s; nothing was sent "
+                    "and the socket is still yours")
         st.counters["sent"] += 1
         if not ack:
             sock.close()
@@ -992,52 +1219,50 @@ class Channel:
 
     def send_many(self, items: Iterable[tuple[socket.socket, Any, bytes]], *,
                   ack: bool = True) -> list[Ticket]:
-        """Hand over many sockets at once: up to 64 per frame, one sendmsg per frame."""
-        self._state.check_usable()
+        """Hand over many sockets at once: up to 64 per frame, one sendmsg per frame.
+
+        On :class:`~sockshare.ChannelTimeout`, the exception's ``sent`` lists the
+        tickets of the frames that went; the other sockets are still the caller's."""
+        st = self._state
+        st.check_usable()
         batch = list(items)
-        with self._wlock:
-            frames = self._state.handoff_frames(batch, ack)
-            out: list[Ticket] = []
-            for frame, fds, tickets in frames:
-                if ack:
-                    for t in tickets:
-                        t._channel = self
-                        self._state.tickets[t.id] = t
-                try:
-                    send_frame(self._sock, frame, fds, self.send_timeout, self._drain)
-                except OSError as exc:
-                    for t in tickets:
-                        self._state.tickets.pop(t.id, None)
-                    self._break(exc)
-                    raise ChannelBroken(f"the peer is gone: {exc}") from exc
-                self._state.counters["sent"] += len(tickets)
-                if not ack:
-                    for t in tickets:
-                        if t.socket is not None:
-                            t.socket.close()
-                            t.socket = None
-                out.extend(tickets)
+        if st.tickets or self._out:
+            self._take_in()
+        frames = st.handoff_frames(batch, ack)
+        out: list[Ticket] = []
+        for frame, fds, tickets in frames:
+            if ack:
+                for t in tickets:
+                    t._channel = self
+                    st.tickets[t.id] = t
+            try:
+                ok = self._send_handoff(frame, fds)
+            except OSError as exc:
+                for t in tickets:
+                    st.tickets.pop(t.id, None)
+                self._break(exc)
+                raise ChannelBroken(f"the peer is gone: {exc}") from exc
+            if not ok:
+                for t in tickets:
+                    st.tickets.pop(t.id, None)
+                raise ChannelTimeout(
+                    f"the peer read no handoff for {self.send_timeout} s; {len(out)} of "
+                    f"{len(batch)} handoffs went (see .sent), the other sockets are still yours",
+                    out)
+            st.counters["sent"] += len(tickets)
+            if not ack:
+                for t in tickets:
+                    if t.socket is not None:
+                        t.socket.close()
+                        t.socket = None
+            out.extend(tickets)
         return out
 
     def _send_raw(self, frame: bytes) -> None:
-        with self._wlock:
-            try:
-                send_frame(self._sock, frame, (), self.send_timeout, self._drain)
-            except OSError as exc:
-                self._break(exc)
-                raise ChannelBroken(f"the peer is gone: {exc}") from exc
-
-    def _drain(self) -> bool:
-        """Called while a send waits for room: read what the peer sent, if no other
-        thread is reading, so that two ends blocked on each other make progress."""
-        if not self._rlock.acquire(blocking=False):
-            return False
-        try:
-            if self._state.broken is None:
-                self._pump(time.monotonic())
-            return True
-        finally:
-            self._rlock.release()
+        """Queue an answer or a control (never waits); ChannelBroken if the channel broke."""
+        self._queue(frame)
+        if self._state.broken is not None:
+            raise ChannelBroken(f"the peer is gone: {self._state.broken}") from self._state.broken
 
     def _answer(self, hid: int, reason: str | None) -> None:
         frame = self._state.answer(hid, reason, coalesce=self._batching)
@@ -1073,44 +1298,64 @@ class Channel:
         return out
 
     def flush(self) -> None:
-        """Send answers that are still coalescing (done before every blocking read)."""
+        """Queue answers that are still coalescing, and write what the socket takes."""
         frame = self._state.take_accepts()
         if frame is not None and self._state.broken is None:
             self._send_raw(frame)
+        elif self._out:
+            self._flush()
 
     def send_control(self, obj: dict[str, Any]) -> None:
-        """Send a small JSON control message (used by the server runtime)."""
+        """Send a small JSON control message (used by the server runtime).
+
+        Never waits for the peer while this side holds less than ``OUT_LIMIT`` bytes it
+        could not write yet; past that, waits for the peer to read, up to
+        ``send_timeout`` (then :class:`~sockshare.ChannelTimeout`, nothing sent)."""
         self._state.check_usable()
-        self._send_raw(encode_frame(FrameType.CONTROL, encode_control(obj)))
+        frame = encode_frame(FrameType.CONTROL, encode_control(obj))
+        if self._out_bytes > OUT_LIMIT:
+            deadline = None if self.send_timeout is None else time.monotonic() + self.send_timeout
+            while self._out_bytes > OUT_LIMIT:
+                self._state.check_usable()
+                if self._wait_room(deadline, True) is None:
+                    raise ChannelTimeout(
+                        f"the peer has not read {self._out_bytes} bytes of this side's frames "
+                        f"for {self.send_timeout} s; the control was not sent")
+                self._flush()
+        self._send_raw(frame)
 
     # -- receiving -----------------------------------------------------------------
 
     def receive(self, timeout: float | None = None) -> Handoff:
-        """Wait for the next handoff from the peer."""
+        """Wait for the next handoff from the peer.
+
+        Raises :class:`~sockshare.ChannelEnded` once the peer said goodbye and every
+        handoff it sent was taken, :class:`~sockshare.ChannelTimeout` after
+        ``timeout``, :class:`~sockshare.ChannelBroken` if the peer went away without
+        saying goodbye."""
         st = self._state
         incoming = st.incoming
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._rlock:
             while not incoming:
+                if st.peer_said_bye and not st.closed:
+                    raise ChannelEnded("the peer ended the channel (BYE)")
                 if st.closed or st.broken is not None:
                     st.check_usable()
-                if st.peer_said_bye:
-                    raise ChannelBroken("the peer ended the channel (BYE)")
                 if st.pending_accepts:
                     self.flush()
                 if not self._pump(deadline):
-                    raise TimeoutError(f"no handoff arrived within {timeout} s")
+                    raise ChannelTimeout(f"no handoff arrived within {timeout} s")
             return incoming.popleft()
 
     def __iter__(self) -> Iterator[Handoff]:
-        """Yield handoffs until the peer ends the channel."""
+        """Yield handoffs until the peer ends the channel with BYE (a peer that goes
+        away without it raises :class:`~sockshare.ChannelBroken`)."""
         while True:
             try:
                 yield self.receive()
-            except ChannelBroken:
-                if self._state.peer_said_bye or isinstance(self._state.broken, ConnectionResetError):
-                    return
-                raise
+            except ChannelEnded:
+                return
 
     def poll(self, timeout: float | None = 0.0) -> None:
         """Process whatever arrived (acks, rejects, handoffs) within ``timeout``."""
@@ -1121,9 +1366,13 @@ class Channel:
             self._pump(deadline)
 
     def returned(self) -> list[Ticket]:
-        """Tickets given back since the last call (rejected, or returned by a break)."""
-        out = list(self._state.returned)
-        self._state.returned.clear()
+        """Tickets given back since the last call (rejected, or returned by a break).
+        Takes in what the peer has sent first, without waiting."""
+        st = self._state
+        if st.broken is None and not st.closed and (st.tickets or self._out):
+            self._take_in()
+        out = list(st.returned)
+        st.returned.clear()
         return out
 
     def receive_control(self, timeout: float | None = None) -> dict[str, Any]:
@@ -1132,7 +1381,7 @@ class Channel:
             while not self._state.controls:
                 self._state.check_usable()
                 if not self._pump(deadline):
-                    raise TimeoutError(f"no control message within {timeout} s")
+                    raise ChannelTimeout(f"no control message within {timeout} s")
             return self._state.controls.popleft()
 
     def _wait_ticket(self, ticket: Ticket, timeout: float | None) -> None:
@@ -1142,9 +1391,25 @@ class Channel:
                 if self._state.broken is not None or self._state.closed:
                     return
                 if not self._pump(deadline):
-                    raise TimeoutError(f"handoff {ticket.id} not answered within {timeout} s")
+                    raise ChannelTimeout(f"handoff {ticket.id} not answered within {timeout} s")
 
     def _pump(self, deadline: float | None) -> bool:
+        """Wait until the peer sent something (and process it) or ``deadline``, writing
+        queued frames as the socket takes them meanwhile. False on timeout."""
+        if self._out and not self._flush() and self._state.broken is None:
+            # the peer has not read all we queued: wait for room as well as for data
+            # (past OUT_LIMIT only for room: no new handoffs to answer until it reads)
+            paused = self._out_bytes > OUT_LIMIT
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            writable, readable = wait_ready(self._sock, write=True, timeout=remaining,
+                                            read_too=not paused)
+            if writable and not self._flush() and not readable and self._out:
+                time.sleep(0.001)  # another thread holds the write side and will flush
+            if not readable or paused:
+                return writable
+        return self._read_once(deadline)
+
+    def _read_once(self, deadline: float | None) -> bool:
         """Read once (until ``deadline``) and process. False on timeout."""
         try:
             if self._wsa:
@@ -1195,8 +1460,38 @@ class Channel:
                             self._state.peer.pid if self._state.peer else "?", exc)
             self._read_leftovers()
             self._state.fail(exc)
+            self._drop_queue()
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
+
+    def _room_for_queue(self) -> None:
+        """Closing with frames the peer has not read: let the kernel hold them instead.
+
+        Answers must reach the sender even though it reads them after this side has
+        gone: an ACCEPT lost with the channel would let it hand the connection
+        elsewhere. On a UNIX socket what a peer has not read counts against the
+        *writer's* send buffer, so a larger one (SO_SNDBUFFORCE where this process may,
+        else up to the system's maximum) takes the queue in one write."""
+        if self._wsa:
+            return
+        need = 2 * self._out_bytes + 65536
+        with contextlib.suppress(OSError):
+            if self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= need:
+                return
+        for opt in (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF):
+            if opt is None:
+                continue
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, opt, need)
+            except OSError:
+                continue
+            break
+        self._flush()
+
+    def _drop_queue(self) -> None:
+        with self._qlock:
+            self._out.clear()
+            self._out_bytes = 0
 
     def _read_leftovers(self) -> None:
         """Process what the peer sent before the channel broke (a failed *write* breaks it
@@ -1229,6 +1524,10 @@ class Channel:
         to pending handoffs; those the peer never received come back as ``"returned"``
         tickets (see :meth:`returned`), those a live peer did not answer in time are
         ``"abandoned"`` (our copy is closed: never two owners).
+
+        Answers this side queued and could not write yet are written first, waiting up to
+        ``send_timeout`` for the peer to read them: an ACCEPT that never arrives would
+        let the sender hand the same connection elsewhere.
         """
         st = self._state
         if st.closed:
@@ -1237,11 +1536,25 @@ class Channel:
             try:
                 with self._rlock:
                     for frame in st.closing_frames():
-                        send_frame(self._sock, frame, (), self.send_timeout, None)
-                    send_frame(self._sock, encode_frame(FrameType.BYE), (), self.send_timeout, None)
-                    deadline = time.monotonic() + self.close_timeout
-                    while st.tickets and st.broken is None and time.monotonic() < deadline:
-                        self._pump(deadline)
+                        self._queue(frame)
+                    self._queue(encode_frame(FrameType.BYE))
+                    if self._out:
+                        self._room_for_queue()
+                    now = time.monotonic()
+                    flush_by = None if self.send_timeout is None else now + self.send_timeout
+                    answers_by = now + self.close_timeout
+                    while st.broken is None:
+                        now = time.monotonic()
+                        if self._out and (flush_by is None or now < flush_by):
+                            self._pump(flush_by)
+                        elif st.tickets and now < answers_by:
+                            self._pump(answers_by)
+                        else:
+                            break
+                    if self._out and st.broken is None:
+                        log.warning("closing the handoff channel to pid %s with %d bytes of answers "
+                                    "the peer did not read in %s s", st.peer.pid if st.peer else "?",
+                                    self._out_bytes, self.send_timeout)
             except (OSError, SockshareError) as exc:
                 self._break(exc)
         st.abandon_pending()

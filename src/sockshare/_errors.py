@@ -16,9 +16,12 @@ Errors say whose fault a failure is and what to do about it::
     ├── ChannelError                    a handoff channel cannot be used
     │   ├── ChannelClosed               you closed it
     │   ├── ChannelBroken               it broke from outside (peer died); cause chained
+    │   ├── ChannelEnded                the peer said goodbye: no more handoffs will come
+    │   ├── ChannelTimeout (TimeoutError) nothing arrived, or the peer did not read, in time
     │   └── PeerRefused                 the handshake refused the peer (uid/pid policy)
-    ├── HandoffError                    one handoff did not complete
-    │   └── HandoffRejected             the receiver rejected it; the socket is yours again
+    ├── HandoffError                    one handoff did not complete; the socket is yours again
+    │   ├── HandoffRejected             the receiver rejected it (``reason``)
+    │   └── HandoffReturned             the channel ended before the receiver answered
     ├── CarrierError                    an IPC carrier failed (sockshare.carriers)
     │   ├── CarrierNotFound             no such queue/pipe/segment/peer address
     │   ├── CarrierPermission           the OS refused access
@@ -40,6 +43,8 @@ Every class is importable from the package top level. ``ValueError`` and
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BackendUnavailable",
     "CarrierClosed",
@@ -51,10 +56,13 @@ __all__ = [
     "CarrierTimeout",
     "ChannelBroken",
     "ChannelClosed",
+    "ChannelEnded",
     "ChannelError",
+    "ChannelTimeout",
     "ExporterGone",
     "HandoffError",
     "HandoffRejected",
+    "HandoffReturned",
     "InvalidToken",
     "LocalProtocolError",
     "MessageTooLarge",
@@ -134,20 +142,46 @@ class ChannelBroken(ChannelError):
     """The channel broke from outside: the peer died or hung up. Cause in ``__cause__``."""
 
 
+class ChannelEnded(ChannelError):
+    """The peer ended the channel cleanly (BYE) and nothing it sent is left to take.
+
+    Iterating over a channel stops quietly here; :meth:`~sockshare.Channel.receive`
+    raises it. Not an error of the peer: it said goodbye."""
+
+
+class ChannelTimeout(ChannelError, TimeoutError):
+    """A channel call ran out of time: nothing arrived, or the peer did not read.
+
+    The channel is still usable. A send that timed out sent nothing: the socket is
+    still the caller's (for :meth:`~sockshare.Channel.send_many`, ``sent`` lists the
+    tickets of the handoffs that did go before the timeout)."""
+
+    def __init__(self, message: str, sent: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.sent: list[Any] = sent or []
+
+
 class PeerRefused(ChannelError):
     """The handshake refused the peer: version, uid or pid policy."""
 
 
 class HandoffError(SockshareError):
-    """One handoff did not complete."""
+    """One handoff did not complete; the sender still owns the socket (``socket``)."""
+
+    def __init__(self, message: str, reason: str = "", socket: Any = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.socket = socket
 
 
 class HandoffRejected(HandoffError):
-    """The receiver rejected the handoff; the sender still owns the socket."""
+    """The receiver rejected the handoff (``reason``); the sender still owns the socket."""
 
-    def __init__(self, message: str, reason: str = "") -> None:
-        super().__init__(message)
-        self.reason = reason
+
+class HandoffReturned(HandoffError):
+    """The channel ended before the receiver answered: the receiver never owned the
+    connection, and the sender has it back (or, when this side closed the channel and
+    the receiver did not answer in time, its copy was closed: ``socket`` is None)."""
 
 
 # --- carriers -----------------------------------------------------------------
