@@ -110,7 +110,7 @@ from sockshare.backends import _inherit
 from sockshare.backends._scm import peer_credentials
 from sockshare.server._config import ListenerConfig, PoolConfig, ServerConfig, parse_bind
 from sockshare.server._control import ControlServer, default_path, request, runtime_dir
-from sockshare.server._metrics import MetricsServer
+from sockshare.server._metrics import Histogram, MetricsServer
 from sockshare.server._policy import ConnInfo, LeastConnections, Policy, make_policy
 from sockshare.server._worker import PEER_SUFFIX
 
@@ -436,6 +436,7 @@ class Dispatcher:
         self._started = time.monotonic()
         self._pid = os.getpid()
         self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self._latency_histogram = Histogram()
         #: where migrated connections go: fewest connections, ties rotate (whatever the
         #: pool's policy: a migration moves a connection *away* from its worker)
         self._migration_policy = LeastConnections()
@@ -1141,7 +1142,7 @@ class Dispatcher:
             self.counters["migrations_direct"] += 1
             latency = msg.get("latency")   # measured by the target as resume started
             if isinstance(latency, float) and 0 <= latency < 60:
-                self._latencies.append(latency)
+                self._record_latency(latency)
             return
         if ev == "moved_out":
             slot.active = max(0, slot.active - 1)
@@ -1205,9 +1206,13 @@ class Dispatcher:
         started = mig.get("started") if isinstance(mig, dict) else None
         now = time.monotonic()
         if isinstance(started, float) and 0 <= now - started < 60:
-            self._latencies.append(now - started)   # CLOCK_MONOTONIC is system-wide
+            self._record_latency(now - started)   # CLOCK_MONOTONIC is system-wide
         else:
-            self._latencies.append(now - w.since)
+            self._record_latency(now - w.since)
+
+    def _record_latency(self, seconds: float) -> None:
+        self._latencies.append(seconds)
+        self._latency_histogram.observe(seconds)
 
     # -- workers: channels -------------------------------------------------------------
 
@@ -1964,7 +1969,8 @@ class Dispatcher:
             "counters": counters,
             "migration_latency": {"samples": len(lat),
                                   "p50_ms": round(_percentile(lat, 0.50) * 1000, 3),
-                                  "p99_ms": round(_percentile(lat, 0.99) * 1000, 3)},
+                                  "p99_ms": round(_percentile(lat, 0.99) * 1000, 3),
+                                  "histogram": self._latency_histogram.snapshot()},
         }
 
     async def _on_control(self, req: dict[str, Any]) -> dict[str, Any]:
