@@ -70,3 +70,23 @@ def test_python_examples_name_no_private_module() -> None:
         for block in _FENCE.findall(path.read_text()):
             found += [f"{path.name}: {ref}" for ref in _PRIVATE_REF.findall(block)]
     assert found == []
+
+
+def test_nothing_points_to_notes_outside_the_repository() -> None:
+    """What the code relies on is written in docs/ ("Pitfalls" in docs/protocol.md), not
+    in a notes file that a user of the repository does not have."""
+    patterns = re.compile("|".join([r"\.\./" + "shared", "shared/" + "notes",
+                                    r"pitfalls? \d", "fd-passing " + "notes"]), re.I)
+    found = []
+    for top in ("src", "tests", "docs", "benchmarks", "examples", "scripts", "README.md"):
+        base = ROOT / top
+        for path in ([base] if base.is_file() else sorted(base.rglob("*"))):
+            if path.suffix not in (".py", ".md", ".c", ".h", ".php", ".toml", ".txt", ""):
+                continue
+            if not path.is_file():
+                continue
+            for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                if patterns.search(line):
+                    found.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert found == []
+    assert "## Pitfalls" in (ROOT / "docs" / "protocol.md").read_text()
