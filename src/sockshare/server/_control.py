@@ -1,8 +1,10 @@
 """The control socket: how ``sockshare status`` talks to a running dispatcher.
 
-A UNIX stream socket, mode 0600, in a directory of mode 0700 owned by the server's uid:
-``$XDG_RUNTIME_DIR/sockshare/<pid>.ctl``, else ``/tmp/sockshare-<uid>/<pid>.ctl``, or
-``--control PATH``. The dispatcher's handoff channel (``<pid>.chan``) lives beside it.
+A UNIX stream socket, mode 0600: ``$XDG_RUNTIME_DIR/sockshare/<pid>.ctl``, else
+``/tmp/sockshare-<uid>/<pid>.ctl`` (a directory of mode 0700 owned by the server's uid,
+where the dispatcher's handoff channel ``<pid>.chan`` lives too), or ``--control PATH``
+(its directory is created 0700 if missing; an existing one is never chmod'ed, and is
+refused when another user could replace the socket in it: :func:`check_socket_dir`).
 
 The protocol is newline-delimited JSON, one request per line, one response per line::
 
@@ -50,6 +52,7 @@ from sockshare._errors import SockshareError
 __all__ = [
     "ControlError",
     "ControlServer",
+    "check_socket_dir",
     "default_path",
     "find_servers",
     "request",
@@ -71,10 +74,12 @@ class ControlError(SockshareError):
 
 
 def runtime_dir() -> str:
-    """The private per-user directory for control and channel sockets (created 0700).
+    """sockshare's private per-user directory for control and channel sockets.
 
-    Refuses a directory that is a symlink, belongs to another uid, or is open to group
-    or others (another user could then swap sockets under us).
+    ``$XDG_RUNTIME_DIR/sockshare``, else ``<tmp>/sockshare-<uid>``; created with mode
+    0700. Refuses one that is a symlink or belongs to another uid; one of ours that is
+    open to group or others (someone loosened it) is set back to 0700: this directory
+    is sockshare's own, named after it, never one the user chose.
     """
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
@@ -86,6 +91,7 @@ def runtime_dir() -> str:
 
 
 def ensure_private_dir(path: str) -> None:
+    """Create or check sockshare's own directory ``path`` (see :func:`runtime_dir`)."""
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
     st = os.lstat(path)
@@ -95,6 +101,43 @@ def ensure_private_dir(path: str) -> None:
         raise ControlError(f"{path!r} belongs to uid {st.st_uid}, not to us ({os.getuid()})")
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
+
+
+def check_socket_dir(path: str) -> None:
+    """The directory that will hold a control socket given with ``--control``.
+
+    A missing directory is created with mode 0700 (its parent must exist). An existing
+    one is used as it is -- its mode is never changed, it may be shared, like ``/tmp``
+    or ``/run`` -- but only if nobody else can replace the socket in it: it must be a
+    directory owned by us or by root, and not writable by every user unless it has the
+    sticky bit (which lets only a file's owner remove or rename it). Otherwise
+    :class:`ControlError` says why. The socket itself is always mode 0600.
+    """
+    try:
+        os.mkdir(path, 0o700)
+        return
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ControlError(f"cannot create the control socket's directory {path!r}: "
+                           f"{exc.strerror or exc}") from exc
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ControlError(f"cannot use {path!r} for the control socket: {exc.strerror or exc}") from exc
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ControlError(f"{path!r} is not a directory: cannot put the control socket in it")
+    if st.st_uid not in (os.getuid(), 0):
+        raise ControlError(
+            f"{path!r} belongs to uid {st.st_uid}, neither to us ({os.getuid()}) nor to "
+            "root: its owner could replace the control socket; give --control a path in a "
+            "directory of yours")
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        raise ControlError(
+            f"{path!r} (mode {mode:04o}) is writable by every user and has no sticky bit: "
+            "anyone could replace the control socket; give --control a path in a private "
+            "directory (or one with the sticky bit, like /tmp)")
 
 
 def default_path(pid: int | None = None) -> str:
@@ -134,8 +177,7 @@ class ControlServer:
         self._inode = 0
 
     async def start(self) -> None:
-        d = os.path.dirname(self.path) or "."
-        ensure_private_dir(d)
+        check_socket_dir(os.path.dirname(os.path.abspath(self.path)))
         from sockshare._channel import _remove_stale_socket
 
         try:
