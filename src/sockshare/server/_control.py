@@ -41,6 +41,7 @@ import inspect
 import json
 import logging
 import os
+import shlex
 import socket
 import stat
 import tempfile
@@ -54,6 +55,7 @@ __all__ = [
     "ControlServer",
     "check_socket_dir",
     "default_path",
+    "describe_server",
     "find_servers",
     "request",
     "runtime_dir",
@@ -144,26 +146,93 @@ def default_path(pid: int | None = None) -> str:
     return os.path.join(runtime_dir(), f"{pid or os.getpid()}.ctl")
 
 
-def find_servers() -> list[str]:
-    """Control sockets in the default directory whose dispatcher is still alive."""
+def _is_stale(path: str) -> bool:
+    """True when nothing listens on the socket file ``path`` any more."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        d = runtime_dir()
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False   # gone already, not ours, slow: not ours to judge
+    finally:
+        probe.close()
+    return False
+
+
+def find_servers(directory: str | None = None) -> list[str]:
+    """Control sockets in ``directory`` (default: :func:`runtime_dir`) that a live
+    dispatcher listens on.
+
+    A ``<pid>.ctl`` whose process is gone, or whose pid now belongs to a process that
+    does not listen on it (the pid was reused), is left by a server that was killed
+    (SIGKILL, a crash): it is removed. Sockets of processes we may not signal (another
+    user's) are listed as they are.
+    """
+    try:
+        d = directory or runtime_dir()
         names = os.listdir(d)
     except (OSError, ControlError):
         return []
     out = []
-    for name in sorted(names):
+    for name in sorted(names, key=lambda n: (len(n), n)):
         stem, ext = os.path.splitext(name)
         if ext != ".ctl" or not stem.isdigit():
             continue
+        path = os.path.join(d, name)
         try:
             os.kill(int(stem), 0)
         except ProcessLookupError:
-            continue
-        except PermissionError:
             pass
-        out.append(os.path.join(d, name))
+        except PermissionError:
+            out.append(path)
+            continue
+        if _is_stale(path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                log.info("removed %s: the server that made it is gone", path)
+            continue
+        out.append(path)
     return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return ""
+    return shlex.join(a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0"))
+
+
+def describe_server(path: str, *, timeout: float = 2.0) -> str:
+    """One server for a list a user picks from: pid, command line, listeners, and the
+    ``--control`` that names it."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    pid, cmd, listening, note = stem, "", "", ""
+    try:
+        resp = request(path, {"cmd": "status"}, timeout=timeout)
+        st = resp.get("status") if resp.get("ok") else None
+    except (ControlError, OSError, ValueError) as exc:
+        st, note = None, f" (did not answer: {exc})"
+    if isinstance(st, dict):
+        pid = str(st.get("pid", pid))
+        argv = st.get("argv")
+        if isinstance(argv, list) and all(isinstance(a, str) for a in argv):
+            cmd = shlex.join(argv)
+        listening = ", ".join(f"{lst.get('name')}={lst.get('address')}"
+                              for lst in st.get("listeners") or [] if isinstance(lst, dict))
+        if st.get("successor") and not st.get("handed_over"):
+            note = f" (upgrading: pid {st['successor']} is taking over)"
+        elif st.get("predecessor") and not st.get("ready", True):
+            note = f" (taking over from pid {st['predecessor']})"
+    if not cmd and pid.isdigit():
+        cmd = _cmdline(int(pid))
+    if len(cmd) > 200:
+        cmd = cmd[:197] + "..."
+    return (f"pid {pid}{note}: {cmd or '?'}\n      listening: {listening or '?'}\n"
+            f"      --control {path}")
 
 
 class ControlServer:
