@@ -146,19 +146,19 @@ def default_path(pid: int | None = None) -> str:
     return os.path.join(runtime_dir(), f"{pid or os.getpid()}.ctl")
 
 
-def _is_stale(path: str) -> bool:
-    """True when nothing listens on the socket file ``path`` any more."""
+def _probe(path: str) -> str:
+    """``"listening"``, ``"refused"`` (a socket file nobody listens on) or ``"unknown"``."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
         probe.connect(path)
     except ConnectionRefusedError:
-        return True
+        return "refused"
     except OSError:
-        return False   # gone already, not ours, slow: not ours to judge
+        return "unknown"   # gone already, not a socket, not ours, too slow
     finally:
         probe.close()
-    return False
+    return "listening"
 
 
 def find_servers(directory: str | None = None) -> list[str]:
@@ -183,17 +183,20 @@ def find_servers(directory: str | None = None) -> list[str]:
         path = os.path.join(d, name)
         try:
             os.kill(int(stem), 0)
+            alive = True
         except ProcessLookupError:
-            pass
+            alive = False
         except PermissionError:
             out.append(path)
             continue
-        if _is_stale(path):
-            with contextlib.suppress(OSError):
+        state = _probe(path)
+        if state == "listening" or (alive and state == "unknown"):
+            out.append(path)
+            continue
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
                 os.unlink(path)
                 log.info("removed %s: the server that made it is gone", path)
-            continue
-        out.append(path)
     return out
 
 
