@@ -241,10 +241,10 @@ def test_status_and_metrics_count_migrations_reloads(tmp_path: Path) -> None:
         assert f"sockshare_migrations_direct_total {direct}" in text
         assert 'sockshare_reloads_total{result="ok"} 1' in text
         assert "sockshare_generation 2" in text
-        assert 'sockshare_migration_latency_seconds{quantile="0.99"}' in text
+        assert "sockshare_migration_duration_seconds_count 2" in text
         assert "sockshare_migrations_in_total{" in text
         # one series per worker id, even while a retiring process shares the id
-        lines = [ln for ln in text.splitlines() if ln.startswith("sockshare_handoffs_total{")]
+        lines = [ln for ln in text.splitlines() if ln.startswith("sockshare_handoffs_accepted_total{")]
         assert len(lines) == len({ln.split(" ")[0] for ln in lines}) == 2
         out = subprocess.run([sys.executable, "-m", "sockshare.cli", "status", "--control", srv.control],
                              check=False, capture_output=True, text=True, timeout=60,

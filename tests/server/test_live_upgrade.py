@@ -246,6 +246,48 @@ def test_new_dispatcher_dying_during_upgrade(tmp_path: Path) -> None:
         del os.environ["LIVE_APPS_SLOW_IMPORT"]
 
 
+def test_reload_during_an_upgrade_is_refused(tmp_path: Path) -> None:
+    """``sockshare reload`` (and SIGHUP) while a new dispatcher is starting: refused with
+    "an upgrade is under way", not reported as done and then lost when the new one takes
+    over; once the upgrade is over, a reload works on the new dispatcher."""
+    flag = tmp_path / "slow"
+    os.environ["LIVE_APPS_SLOW_IMPORT"] = str(flag)
+    try:
+        with LiveServer(tmp_path, app=APP, workers=2) as srv:
+            c = LineClient(srv.address())
+            c.ask("echo 1")
+            flag.write_text("x")   # the new dispatcher's workers take 5 s to import the app
+            resp = srv.command({"cmd": "upgrade", "wait": False})
+            assert resp["ok"]
+            successor = resp["pid"]
+            reload_cmd = [sys.executable, "-m", "sockshare.cli", "reload", "--control", srv.control]
+            out = subprocess.run(reload_cmd, check=False, capture_output=True, text=True,
+                                 timeout=60, env=env_with_apps(), cwd=str(ROOT))
+            assert out.returncode == 1, out.stdout + out.stderr
+            assert "an upgrade is under way" in out.stderr
+            assert f"pid {successor}" in out.stderr
+            assert "generation" not in out.stdout
+            os.kill(srv.pid, signal.SIGHUP)
+            wait_until(lambda: "SIGHUP: reload refused: an upgrade is under way" in srv.log(),
+                       timeout=10, what="the SIGHUP refused in the log")
+            st = srv.status()
+            assert st["pid"] == srv.pid
+            assert st["generation"] == 1
+            assert st["counters"]["reloads"] == 0
+            assert len(st["workers"]) == 2   # no reload generation was started
+            flag.unlink()
+            assert srv.proc.wait(40) == 0   # handed over, drained, exited
+            assert srv.status()["pid"] == successor
+            out = subprocess.run(reload_cmd, check=False, capture_output=True, text=True,
+                                 timeout=60, env=env_with_apps(), cwd=str(ROOT))
+            assert out.returncode == 0, out.stderr
+            assert "generation 2 serving" in out.stdout
+            assert _follow(c, 2)["n"] == 2
+            c.close()
+    finally:
+        del os.environ["LIVE_APPS_SLOW_IMPORT"]
+
+
 def _children(pid: int) -> list[int]:
     out: list[int] = []
     try:

@@ -130,9 +130,9 @@ def test_metrics_endpoint(tmp_path: Path) -> None:
             text = r.read().decode()
         samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                    for line in text.splitlines() if line and not line.startswith("#")}
-        assert sum(v for k, v in samples.items() if k.startswith("sockshare_handoffs_total{")) == 3
+        assert sum(v for k, v in samples.items() if k.startswith("sockshare_handoffs_accepted_total{")) == 3
         assert samples['sockshare_queue_depth{pool="default"}'] == 0
-        assert samples["sockshare_redispatches_total"] == 0
+        assert samples["sockshare_handoffs_redispatched_total"] == 0
         assert 'sockshare_worker_connections{pool="default",worker="1"}' in samples
         assert 'sockshare_worker_restarts_total{pool="default",worker="2"}' in samples
         with pytest.raises(urllib.error.HTTPError) as e:
@@ -147,6 +147,6 @@ def test_render_escapes_labels() -> None:
           "workers": [], "pools": [{"name": "p\\q", "queue": 1}],
           "listeners": [{"name": "x", "accepted": 5}]}
     text = render(st)
-    assert 'sockshare_refused_total{reason="a\\"b"} 2' in text
+    assert 'sockshare_connections_refused_total{reason="a\\"b"} 2' in text
     assert 'sockshare_queue_depth{pool="p\\\\q"} 1' in text
     assert text.endswith("\n")

@@ -1,9 +1,9 @@
 """SCM_RIGHTS done right: send and receive descriptors over a UNIX socket.
 
-The stdlib's ``socket.send_fds``/``recv_fds`` hide two traps (see
-``shared/notes/fd-passing-pitfalls.md``): truncation by the kernel is silent (only
-``MSG_CTRUNC`` says so) and received descriptors are inheritable because the ``flags``
-argument is ignored. This module calls ``sendmsg``/``recvmsg`` itself:
+The stdlib's ``socket.send_fds``/``recv_fds`` hide two traps (docs/protocol.md,
+"Pitfalls": *Truncated descriptors*, *Close-on-exec*): truncation by the kernel is
+silent (only ``MSG_CTRUNC`` says so) and received descriptors are inheritable because
+the ``flags`` argument is ignored. This module calls ``sendmsg``/``recvmsg`` itself:
 
 * every receive passes ``MSG_CMSG_CLOEXEC`` where the OS has it (Linux, FreeBSD), and
   sets close-on-exec by hand right after the receive elsewhere;

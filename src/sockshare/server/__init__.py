@@ -15,6 +15,9 @@ handoff id). Layout:
 * :mod:`._control` -- the owner-only control socket read by ``sockshare status``;
 * :mod:`._cli` -- the ``serve``, ``status``, ``reload``, ``upgrade`` and ``migrate`` commands;
 * :mod:`._loadgen` -- the load generator of the live benchmark and its CI test.
+
+Those modules are private: what an app or the docs use is imported from here
+(``from sockshare.server import Connection, MigrationRequested, sniff``), see ``__all__``.
 """
 
 from importlib import import_module
@@ -23,12 +26,33 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sockshare.server._config import ConfigError
     from sockshare.server._control import ControlError
-    from sockshare.server._sniff import SniffError, SniffResult, SniffRules
+    from sockshare.server._sniff import (
+        MAX_CLIENT_HELLO,
+        MAX_HTTP_HEAD,
+        MAX_PROXY_HEADER,
+        MAX_SNIFF_META,
+        NEED_DATA,
+        ClientHello,
+        HttpHead,
+        NeedData,
+        ProxyHeader,
+        SniffError,
+        SniffResult,
+        SniffRules,
+        classify,
+        parse_client_hello,
+        parse_http_head,
+        parse_proxy_header,
+        proxy_signature,
+        route,
+        sniff,
+    )
     from sockshare.server._worker import (
         Connection,
         MigrationAborted,
         MigrationError,
         MigrationRefused,
+        MigrationRequested,
         MigrationUnsupported,
         StateError,
         WorkerInfo,
@@ -39,32 +63,70 @@ if TYPE_CHECKING:
 _WHERE = {
     "ConfigError": "_config",
     "ControlError": "_control",
+    "MAX_CLIENT_HELLO": "_sniff",
+    "MAX_HTTP_HEAD": "_sniff",
+    "MAX_PROXY_HEADER": "_sniff",
+    "MAX_SNIFF_META": "_sniff",
+    "NEED_DATA": "_sniff",
+    "ClientHello": "_sniff",
+    "HttpHead": "_sniff",
+    "NeedData": "_sniff",
+    "ProxyHeader": "_sniff",
     "SniffError": "_sniff",
     "SniffResult": "_sniff",
     "SniffRules": "_sniff",
+    "classify": "_sniff",
+    "parse_client_hello": "_sniff",
+    "parse_http_head": "_sniff",
+    "parse_proxy_header": "_sniff",
+    "proxy_signature": "_sniff",
+    "route": "_sniff",
+    "sniff": "_sniff",
     "Connection": "_worker",
     "MigrationAborted": "_worker",
     "MigrationError": "_worker",
     "MigrationRefused": "_worker",
+    "MigrationRequested": "_worker",
     "MigrationUnsupported": "_worker",
     "StateError": "_worker",
     "WorkerInfo": "_worker",
 }
 
 __all__ = [
+    "ClientHello",
     "ConfigError",
     "Connection",
     "ControlError",
+    "HttpHead",
+    "MAX_CLIENT_HELLO",
+    "MAX_HTTP_HEAD",
+    "MAX_PROXY_HEADER",
+    "MAX_SNIFF_META",
     "MigrationAborted",
     "MigrationError",
     "MigrationRefused",
+    "MigrationRequested",
     "MigrationUnsupported",
+    "NEED_DATA",
+    "NeedData",
+    "ProxyHeader",
     "SniffError",
     "SniffResult",
     "SniffRules",
     "StateError",
     "WorkerInfo",
+    "classify",
+    "parse_client_hello",
+    "parse_http_head",
+    "parse_proxy_header",
+    "proxy_signature",
+    "route",
+    "sniff",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
 
 
 def __getattr__(name: str) -> Any:

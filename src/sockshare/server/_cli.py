@@ -33,7 +33,13 @@ import time
 from typing import Any
 
 from sockshare.server._config import DEFAULT_APP, DEFAULT_BIND, POLICIES, ConfigError, from_args
-from sockshare.server._control import ControlError, find_servers, request
+from sockshare.server._control import (
+    ControlError,
+    describe_server,
+    find_servers,
+    request,
+    runtime_dir,
+)
 
 __all__ = ["add_commands", "main", "render_status"]
 
@@ -136,14 +142,26 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _pick_control(path: str | None) -> str:
+    """``--control``, else the only live server in the runtime directory (sockets left
+    by dead servers are removed on the way); several: say which and how to pick one."""
     if path:
         return path
     found = find_servers()
     if len(found) == 1:
         return found[0]
     if not found:
-        raise ControlError("no running sockshare server found; give --control PATH")
-    raise ControlError("several servers are running; pick one with --control:\n  " + "\n  ".join(found))
+        raise ControlError("no running sockshare server found in "
+                           f"{_runtime_dir_text()}; give --control PATH")
+    lines = "\n".join(f"  {describe_server(p)}" for p in found)
+    raise ControlError(f"{len(found)} sockshare servers are running; pick one with "
+                       f"--control PATH:\n{lines}")
+
+
+def _runtime_dir_text() -> str:
+    try:
+        return runtime_dir()
+    except ControlError as exc:
+        return f"the runtime directory ({exc})"
 
 
 def _fmt_age(seconds: float) -> str:

@@ -1,8 +1,10 @@
 """The control socket: how ``sockshare status`` talks to a running dispatcher.
 
-A UNIX stream socket, mode 0600, in a directory of mode 0700 owned by the server's uid:
-``$XDG_RUNTIME_DIR/sockshare/<pid>.ctl``, else ``/tmp/sockshare-<uid>/<pid>.ctl``, or
-``--control PATH``. The dispatcher's handoff channel (``<pid>.chan``) lives beside it.
+A UNIX stream socket, mode 0600: ``$XDG_RUNTIME_DIR/sockshare/<pid>.ctl``, else
+``/tmp/sockshare-<uid>/<pid>.ctl`` (a directory of mode 0700 owned by the server's uid,
+where the dispatcher's handoff channel ``<pid>.chan`` lives too), or ``--control PATH``
+(its directory is created 0700 if missing; an existing one is never chmod'ed, and is
+refused when another user could replace the socket in it: :func:`check_socket_dir`).
 
 The protocol is newline-delimited JSON, one request per line, one response per line::
 
@@ -39,6 +41,7 @@ import inspect
 import json
 import logging
 import os
+import shlex
 import socket
 import stat
 import tempfile
@@ -50,7 +53,9 @@ from sockshare._errors import SockshareError
 __all__ = [
     "ControlError",
     "ControlServer",
+    "check_socket_dir",
     "default_path",
+    "describe_server",
     "find_servers",
     "request",
     "runtime_dir",
@@ -71,10 +76,12 @@ class ControlError(SockshareError):
 
 
 def runtime_dir() -> str:
-    """The private per-user directory for control and channel sockets (created 0700).
+    """sockshare's private per-user directory for control and channel sockets.
 
-    Refuses a directory that is a symlink, belongs to another uid, or is open to group
-    or others (another user could then swap sockets under us).
+    ``$XDG_RUNTIME_DIR/sockshare``, else ``<tmp>/sockshare-<uid>``; created with mode
+    0700. Refuses one that is a symlink or belongs to another uid; one of ours that is
+    open to group or others (someone loosened it) is set back to 0700: this directory
+    is sockshare's own, named after it, never one the user chose.
     """
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg):
@@ -86,6 +93,7 @@ def runtime_dir() -> str:
 
 
 def ensure_private_dir(path: str) -> None:
+    """Create or check sockshare's own directory ``path`` (see :func:`runtime_dir`)."""
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
     st = os.lstat(path)
@@ -97,30 +105,137 @@ def ensure_private_dir(path: str) -> None:
         os.chmod(path, 0o700)
 
 
+def check_socket_dir(path: str) -> None:
+    """The directory that will hold a control socket given with ``--control``.
+
+    A missing directory is created with mode 0700 (its parent must exist). An existing
+    one is used as it is -- its mode is never changed, it may be shared, like ``/tmp``
+    or ``/run`` -- but only if nobody else can replace the socket in it: it must be a
+    directory owned by us or by root, and not writable by every user unless it has the
+    sticky bit (which lets only a file's owner remove or rename it). Otherwise
+    :class:`ControlError` says why. The socket itself is always mode 0600.
+    """
+    try:
+        os.mkdir(path, 0o700)
+        return
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ControlError(f"cannot create the control socket's directory {path!r}: "
+                           f"{exc.strerror or exc}") from exc
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ControlError(f"cannot use {path!r} for the control socket: {exc.strerror or exc}") from exc
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ControlError(f"{path!r} is not a directory: cannot put the control socket in it")
+    if st.st_uid not in (os.getuid(), 0):
+        raise ControlError(
+            f"{path!r} belongs to uid {st.st_uid}, neither to us ({os.getuid()}) nor to "
+            "root: its owner could replace the control socket; give --control a path in a "
+            "directory of yours")
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        raise ControlError(
+            f"{path!r} (mode {mode:04o}) is writable by every user and has no sticky bit: "
+            "anyone could replace the control socket; give --control a path in a private "
+            "directory (or one with the sticky bit, like /tmp)")
+
+
 def default_path(pid: int | None = None) -> str:
     return os.path.join(runtime_dir(), f"{pid or os.getpid()}.ctl")
 
 
-def find_servers() -> list[str]:
-    """Control sockets in the default directory whose dispatcher is still alive."""
+def _probe(path: str) -> str:
+    """``"listening"``, ``"refused"`` (a socket file nobody listens on) or ``"unknown"``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        d = runtime_dir()
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError:
+        return "unknown"   # gone already, not a socket, not ours, too slow
+    finally:
+        probe.close()
+    return "listening"
+
+
+def find_servers(directory: str | None = None) -> list[str]:
+    """Control sockets in ``directory`` (default: :func:`runtime_dir`) that a live
+    dispatcher listens on.
+
+    A ``<pid>.ctl`` whose process is gone, or whose pid now belongs to a process that
+    does not listen on it (the pid was reused), is left by a server that was killed
+    (SIGKILL, a crash): it is removed. Sockets of processes we may not signal (another
+    user's) are listed as they are.
+    """
+    try:
+        d = directory or runtime_dir()
         names = os.listdir(d)
     except (OSError, ControlError):
         return []
     out = []
-    for name in sorted(names):
+    for name in sorted(names, key=lambda n: (len(n), n)):
         stem, ext = os.path.splitext(name)
         if ext != ".ctl" or not stem.isdigit():
             continue
+        path = os.path.join(d, name)
         try:
             os.kill(int(stem), 0)
+            alive = True
         except ProcessLookupError:
-            continue
+            alive = False
         except PermissionError:
-            pass
-        out.append(os.path.join(d, name))
+            out.append(path)
+            continue
+        state = _probe(path)
+        if state == "listening" or (alive and state == "unknown"):
+            out.append(path)
+            continue
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+                log.info("removed %s: the server that made it is gone", path)
     return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return ""
+    return shlex.join(a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0"))
+
+
+def describe_server(path: str, *, timeout: float = 2.0) -> str:
+    """One server for a list a user picks from: pid, command line, listeners, and the
+    ``--control`` that names it."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    pid, cmd, listening, note = stem, "", "", ""
+    try:
+        resp = request(path, {"cmd": "status"}, timeout=timeout)
+        st = resp.get("status") if resp.get("ok") else None
+    except (ControlError, OSError, ValueError) as exc:
+        st, note = None, f" (did not answer: {exc})"
+    if isinstance(st, dict):
+        pid = str(st.get("pid", pid))
+        argv = st.get("argv")
+        if isinstance(argv, list) and all(isinstance(a, str) for a in argv):
+            cmd = shlex.join(argv)
+        listening = ", ".join(f"{lst.get('name')}={lst.get('address')}"
+                              for lst in st.get("listeners") or [] if isinstance(lst, dict))
+        if st.get("successor") and not st.get("handed_over"):
+            note = f" (upgrading: pid {st['successor']} is taking over)"
+        elif st.get("predecessor") and not st.get("ready", True):
+            note = f" (taking over from pid {st['predecessor']})"
+    if not cmd and pid.isdigit():
+        cmd = _cmdline(int(pid))
+    if len(cmd) > 200:
+        cmd = cmd[:197] + "..."
+    return (f"pid {pid}{note}: {cmd or '?'}\n      listening: {listening or '?'}\n"
+            f"      --control {path}")
 
 
 class ControlServer:
@@ -134,8 +249,7 @@ class ControlServer:
         self._inode = 0
 
     async def start(self) -> None:
-        d = os.path.dirname(self.path) or "."
-        ensure_private_dir(d)
+        check_socket_dir(os.path.dirname(os.path.abspath(self.path)))
         from sockshare._channel import _remove_stale_socket
 
         try:

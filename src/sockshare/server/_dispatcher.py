@@ -110,7 +110,7 @@ from sockshare.backends import _inherit
 from sockshare.backends._scm import peer_credentials
 from sockshare.server._config import ListenerConfig, PoolConfig, ServerConfig, parse_bind
 from sockshare.server._control import ControlServer, default_path, request, runtime_dir
-from sockshare.server._metrics import MetricsServer
+from sockshare.server._metrics import Histogram, MetricsServer
 from sockshare.server._policy import ConnInfo, LeastConnections, Policy, make_policy
 from sockshare.server._worker import PEER_SUFFIX
 
@@ -436,6 +436,7 @@ class Dispatcher:
         self._started = time.monotonic()
         self._pid = os.getpid()
         self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self._latency_histogram = Histogram()
         #: where migrated connections go: fewest connections, ties rotate (whatever the
         #: pool's policy: a migration moves a connection *away* from its worker)
         self._migration_policy = LeastConnections()
@@ -445,7 +446,8 @@ class Dispatcher:
         self._reload_requested = 0
         self._reload_done = 0
         self._reload_task: asyncio.Task[None] | None = None
-        self._reload_waiters: list[tuple[int, asyncio.Future[bool]]] = []
+        #: (request number, future of the outcome: None when it served, else the error)
+        self._reload_waiters: list[tuple[int, asyncio.Future[str | None]]] = []
         self._reload_ok = True
         self.generation = 1
         # upgrade, old side
@@ -1141,7 +1143,7 @@ class Dispatcher:
             self.counters["migrations_direct"] += 1
             latency = msg.get("latency")   # measured by the target as resume started
             if isinstance(latency, float) and 0 <= latency < 60:
-                self._latencies.append(latency)
+                self._record_latency(latency)
             return
         if ev == "moved_out":
             slot.active = max(0, slot.active - 1)
@@ -1205,9 +1207,13 @@ class Dispatcher:
         started = mig.get("started") if isinstance(mig, dict) else None
         now = time.monotonic()
         if isinstance(started, float) and 0 <= now - started < 60:
-            self._latencies.append(now - started)   # CLOCK_MONOTONIC is system-wide
+            self._record_latency(now - started)   # CLOCK_MONOTONIC is system-wide
         else:
-            self._latencies.append(now - w.since)
+            self._record_latency(now - w.since)
+
+    def _record_latency(self, seconds: float) -> None:
+        self._latencies.append(seconds)
+        self._latency_histogram.observe(seconds)
 
     # -- workers: channels -------------------------------------------------------------
 
@@ -1535,34 +1541,61 @@ class Dispatcher:
         every request made before it started."""
         if self._stopping or self._handed_over:
             return {"ok": False, "error": "the dispatcher is stopping or handed over"}
+        upgrading = self._upgrading()
+        if upgrading:
+            log.warning("%s: reload refused: %s", why, upgrading)
+            return {"ok": False, "error": f"reload refused: {upgrading}"}
         self._reload_requested += 1
         seq = self._reload_requested
         log.info("%s: reload #%d", why, seq)
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._reload_waiters.append((seq, fut))
         if self._reload_task is None or self._reload_task.done():
             self._reload_task = self._spawn(self._reload_loop(), critical=False)
         if not wait:
             return {"ok": True, "queued": seq}
         try:
-            ok = await asyncio.wait_for(asyncio.shield(fut), self.cfg.connect_timeout + 30.0)
+            error = await asyncio.wait_for(asyncio.shield(fut), self.cfg.connect_timeout + 30.0)
         except TimeoutError:
             return {"ok": False, "error": "the reload did not complete in time"}
-        return {"ok": ok, "generation": self.generation, **(
-            {} if ok else {"error": "the new workers did not start; the old ones go on serving"})}
+        return {"ok": error is None, "generation": self.generation,
+                **({} if error is None else {"error": error})}
+
+    def _upgrading(self) -> str:
+        """Why a reload cannot be done now because of an upgrade ("" if it can). The new
+        dispatcher starts workers of its own from the code as it is, and retires ours: a
+        reload here would be lost (or would start workers that nobody retires)."""
+        if self._successor is not None and not self._handed_over:
+            return (f"an upgrade is under way (new dispatcher pid {self._successor.pid}, which "
+                    "starts its own workers with the current code); retry once it is over")
+        if self._predecessor and not self._ready:
+            return (f"an upgrade is under way (this dispatcher is taking over from pid "
+                    f"{self._predecessor}); retry once it has taken over")
+        return ""
 
     async def _reload_loop(self) -> None:
         while self._reload_done < self._reload_requested and not self._stopping:
             target = self._reload_requested
-            ok = await self._reload_once()
+            error = await self._reload_once()
             self._reload_done = target
             for seq, fut in list(self._reload_waiters):
                 if seq <= target:
                     self._reload_waiters.remove((seq, fut))
                     if not fut.done():
-                        fut.set_result(ok)
+                        fut.set_result(error)
 
-    async def _reload_once(self) -> bool:
+    def _abandon(self, fresh: list[tuple[PoolState, WorkerSlot, WorkerSlot]]) -> None:
+        """Stop the new workers of a reload that will not serve."""
+        for _p, _o, new in fresh:
+            new.retired = True
+            if new.proc is not None and new.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    new.proc.terminate()
+                asyncio.get_running_loop().call_later(self.cfg.grace + 3.0,
+                                                      self._kill_if_running, new, new.proc)
+
+    async def _reload_once(self) -> str | None:
+        """One reload: None once the new generation serves, else what went wrong."""
         mono = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         _sd_notify(f"RELOADING=1\nMONOTONIC_USEC={mono}\nSTATUS=reloading")
         fresh: list[tuple[PoolState, WorkerSlot, WorkerSlot]] = []
@@ -1573,21 +1606,22 @@ class Dispatcher:
                 fresh.append((pool, old, new))
                 self._start_supervisor(new)
         failed = await self._wait_ready([n for _p, _o, n in fresh], self.cfg.connect_timeout)
-        if self._stopping:
-            return False
+        if self._stopping:   # (the shutdown stops every worker, these ones too)
+            return "the dispatcher is stopping"
+        upgrading = self._upgrading() or ("the dispatcher handed over to a new one"
+                                          if self._handed_over else "")
+        if upgrading:   # an upgrade started while the new workers were starting
+            self.counters["reload_failures"] += 1
+            log.error("reload abandoned: %s", upgrading)
+            self._abandon(fresh)
+            return f"reload abandoned: {upgrading}"
         if failed:
             self.counters["reload_failures"] += 1
             log.error("reload failed: %s; the old workers go on serving",
                       ", ".join(f"worker {s.id} ({'app error' if s.fatal else s.state})" for s in failed))
-            for _p, _o, new in fresh:
-                new.retired = True
-                if new.proc is not None and new.proc.returncode is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        new.proc.terminate()
-                    asyncio.get_running_loop().call_later(self.cfg.grace + 3.0,
-                                                          self._kill_if_running, new, new.proc)
+            self._abandon(fresh)
             _sd_notify(f"READY=1\nSTATUS=reload failed; {self._status_line()}")
-            return False
+            return "the new workers did not start; the old ones go on serving"
         for pool in self.pools.values():
             pool.workers = [new for p, _o, new in fresh if p is pool]
         for _p, old, _n in fresh:
@@ -1599,7 +1633,7 @@ class Dispatcher:
         for pool in self.pools.values():
             self._drain(pool)
         _sd_notify(f"READY=1\nSTATUS={self._status_line()}")
-        return True
+        return None
 
     # -- migration requests, rebalancing -----------------------------------------------
 
@@ -1942,6 +1976,8 @@ class Dispatcher:
         lat = list(self._latencies)
         return {
             "pid": self._pid,
+            "argv": self.argv,
+            "ready": self._ready,
             "started": self._started_wall,
             "uptime": round(now - self._started, 1),
             "stopping": self._stopping,
@@ -1964,7 +2000,8 @@ class Dispatcher:
             "counters": counters,
             "migration_latency": {"samples": len(lat),
                                   "p50_ms": round(_percentile(lat, 0.50) * 1000, 3),
-                                  "p99_ms": round(_percentile(lat, 0.99) * 1000, 3)},
+                                  "p99_ms": round(_percentile(lat, 0.99) * 1000, 3),
+                                  "histogram": self._latency_histogram.snapshot()},
         }
 
     async def _on_control(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -7,50 +7,111 @@ keeps to the standard library plus h11/wsproto. :func:`render` turns a snapshot 
 text; :class:`MetricsServer` is a minimal HTTP/1.0-style responder on the event loop
 (one request per connection, a 5 s read deadline, an 8 KiB request-head limit).
 
-Series (``pool``/``worker`` labels where it makes sense)::
+Series (``pool``/``worker`` labels where it makes sense; counters end in ``_total``,
+durations are in seconds)::
 
-    sockshare_accepted_total{listener}         connections accepted by the dispatcher
-    sockshare_handoffs_total{pool,worker}      handoffs the worker accepted
-    sockshare_rejects_total{pool,worker}       handoffs the worker rejected
-    sockshare_returned_total{pool,worker}      handoffs given back by a dying channel
-    sockshare_redispatches_total               returned/rejected handoffs sent again
-    sockshare_refused_total{reason}            connections closed unserved
-    sockshare_sniff_failures_total
-    sockshare_lost_total                       open connections that died with a worker
-    sockshare_queue_depth{pool}                connections waiting for a free worker
-    sockshare_worker_connections{pool,worker}  open connections (as reported)
-    sockshare_worker_inflight{pool,worker}     handoffs not yet answered
+    sockshare_connections_accepted_total{listener}  accepted by the dispatcher
+    sockshare_connections_refused_total{reason}     closed unserved
+    sockshare_connections_lost_total                open connections that died with a worker
+    sockshare_connections_sniff_failed_total        connections whose sniffing failed
+    sockshare_handoffs_accepted_total{pool,worker}  handoffs the worker accepted
+    sockshare_handoffs_rejected_total{pool,worker}  handoffs the worker rejected
+    sockshare_handoffs_returned_total{pool,worker}  handoffs given back by a dying channel
+    sockshare_handoffs_redispatched_total           returned/rejected handoffs sent again
+    sockshare_queue_depth{pool}                     connections waiting for a free worker
+    sockshare_worker_connections{pool,worker}       open connections (as reported)
+    sockshare_worker_inflight{pool,worker}          handoffs not yet answered
     sockshare_worker_restarts_total{pool,worker}
-    sockshare_worker_up{pool,worker}           1 when its channel is connected
-    sockshare_migrations_total{result}         ok | refused (the source kept it) |
-                                               closed (the source was gone, no target)
-    sockshare_migrations_direct_total          of the ok ones, those that went straight from
-                                               worker to worker (not relayed)
-    sockshare_migrations_in_total{pool,worker} connections moved to / away from a worker
+    sockshare_worker_up{pool,worker}                1 when its channel is connected
+    sockshare_migrations_total{result}              ok | refused (the source kept it) |
+                                                    closed (the source was gone, no target)
+    sockshare_migrations_direct_total               of the ok ones, those that went
+                                                    straight from worker to worker
+    sockshare_migrations_in_total{pool,worker}      connections moved to / away from a worker
     sockshare_migrations_out_total{pool,worker}
-    sockshare_migration_requests_total         asked of workers (rebalance, reload...)
-    sockshare_rebalances_total                 rebalancing rounds that asked for moves
-    sockshare_migration_latency_seconds{quantile}  0.5 and 0.99 of the last 2048
-    sockshare_reloads_total{result}            ok | failed
-    sockshare_upgrades_total{result}           ok | failed (this dispatcher's)
-    sockshare_generation                       worker generation (reloads + 1)
-    sockshare_workers_retiring                 old workers still draining
+    sockshare_migration_requests_total              asked of workers (rebalance, reload...)
+    sockshare_rebalances_total                      rebalancing rounds that asked for moves
+    sockshare_migration_duration_seconds            histogram (``_bucket{le}``, ``_sum``,
+                                                    ``_count``), 0.1 ms .. 10 s
+    sockshare_reloads_total{result}                 ok | failed
+    sockshare_upgrades_total{result}                ok | failed (this dispatcher's)
+    sockshare_hung_workers_killed_total
+    sockshare_generation                            worker generation (reloads + 1)
+    sockshare_workers_retiring                      old workers still draining
+
+The names of 0.1.0 are still written, with the same values, for one release: their HELP
+text starts with ``DEPRECATED`` and names the replacement (:data:`DEPRECATED`).
+``sockshare_migration_latency_seconds{quantile}`` (a gauge of recent quantiles, which
+cannot be summed across dispatchers) is the one deprecated series with no exact
+replacement: the histogram gives the same figures with ``histogram_quantile()``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
-__all__ = ["MetricsServer", "render"]
+__all__ = ["DEPRECATED", "LATENCY_BUCKETS", "Histogram", "MetricsServer", "render"]
 
 log = logging.getLogger("sockshare.server.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+#: Upper bounds (seconds) of the migration duration histogram: 0.1 ms to 10 s, three
+#: buckets a decade (a direct migration takes 0.3-2 ms here; a relayed one under load,
+#: or one that waits for a busy target, tens of ms; past 10 s only ``+Inf`` counts it).
+LATENCY_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                          0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+#: Old series name -> the name that replaces it (both are written until the next release).
+DEPRECATED: Final = {
+    "sockshare_accepted_total": "sockshare_connections_accepted_total",
+    "sockshare_refused_total": "sockshare_connections_refused_total",
+    "sockshare_lost_total": "sockshare_connections_lost_total",
+    "sockshare_sniff_failures_total": "sockshare_connections_sniff_failed_total",
+    "sockshare_handoffs_total": "sockshare_handoffs_accepted_total",
+    "sockshare_rejects_total": "sockshare_handoffs_rejected_total",
+    "sockshare_returned_total": "sockshare_handoffs_returned_total",
+    "sockshare_redispatches_total": "sockshare_handoffs_redispatched_total",
+    "sockshare_migration_latency_seconds": "sockshare_migration_duration_seconds",
+}
+
+
+class Histogram:
+    """Counts of observations per bucket, their sum and number, since the start.
+
+    ``observe`` is a binary search and an increment; :meth:`snapshot` gives the
+    cumulative counts that the exposition format wants (JSON-compatible, for ``status``).
+    """
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        if list(bounds) != sorted(set(bounds)):
+            raise ValueError("histogram bounds must be strictly increasing")
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)   # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1   # le: value <= bound
+        self.sum += value
+        self.count += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        cumulative, n = [], 0
+        for c in self.counts:
+            n += c
+            cumulative.append(n)
+        return {"le": list(self.bounds), "buckets": cumulative, "sum": self.sum,
+                "count": self.count}
 
 
 def _esc(v: Any) -> str:
@@ -63,17 +124,46 @@ def _labels(**kw: Any) -> str:
     return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in kw.items()) + "}"
 
 
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
 class _Out:
+    """Families are written whole; a renamed counter's old name is written after it."""
+
     def __init__(self) -> None:
         self.lines: list[str] = []
+        self._old: dict[str, tuple[str, str, list[str]]] = {}
+        self._current = ""
 
     def family(self, name: str, kind: str, help_: str) -> None:
+        self._end()
+        self._current = name
         self.lines.append(f"# HELP {name} {help_}")
         self.lines.append(f"# TYPE {name} {kind}")
+        for old, new in DEPRECATED.items():
+            if new == name and kind != "histogram":
+                self._old[name] = (old, kind, [])
 
     def sample(self, name: str, value: float, **labels: Any) -> None:
-        v = int(value) if float(value).is_integer() else value
-        self.lines.append(f"{name}{_labels(**labels)} {v}")
+        line = f"{_labels(**labels)} {_num(value)}"
+        self.lines.append(name + line)
+        entry = self._old.get(name)
+        if entry is not None:
+            entry[2].append(entry[0] + line)
+
+    def _end(self) -> None:
+        entry = self._old.pop(self._current, None)
+        if entry is not None:
+            old, kind, samples = entry
+            self.lines.append(f"# HELP {old} DEPRECATED, removed in the next release: "
+                              f"use {self._current} (same value).")
+            self.lines.append(f"# TYPE {old} {kind}")
+            self.lines.extend(samples)
+
+    def text(self) -> str:
+        self._end()
+        return "\n".join(self.lines) + "\n"
 
 
 def render(status: dict[str, Any]) -> str:
@@ -94,27 +184,33 @@ def render(status: dict[str, Any]) -> str:
             seen["connections"] += w["connections"]
             seen["inflight"] += w["inflight"]
 
-    o.family("sockshare_accepted_total", "counter", "Connections accepted by the dispatcher.")
+    o.family("sockshare_connections_accepted_total", "counter",
+             "Connections accepted by the dispatcher.")
     for lst in status["listeners"]:
-        o.sample("sockshare_accepted_total", lst["accepted"], listener=lst["name"])
+        o.sample("sockshare_connections_accepted_total", lst["accepted"], listener=lst["name"])
+    o.family("sockshare_connections_refused_total", "counter",
+             "Connections closed without being served, by reason.")
+    for reason, n in sorted(c["refused_by_reason"].items()):
+        o.sample("sockshare_connections_refused_total", n, reason=reason)
+    o.family("sockshare_connections_lost_total", "counter",
+             "Open connections that died with their worker.")
+    o.sample("sockshare_connections_lost_total", c["lost"])
+    o.family("sockshare_connections_sniff_failed_total", "counter",
+             "Connections whose sniffing failed.")
+    o.sample("sockshare_connections_sniff_failed_total", c["sniff_failures"])
     for name, key, help_ in (
-        ("sockshare_handoffs_total", "handoffs", "Handoffs accepted by a worker."),
-        ("sockshare_rejects_total", "rejects", "Handoffs rejected by a worker."),
-        ("sockshare_returned_total", "returned", "Handoffs returned by a broken channel."),
+        ("sockshare_handoffs_accepted_total", "handoffs", "Handoffs accepted by a worker."),
+        ("sockshare_handoffs_rejected_total", "rejects", "Handoffs rejected by a worker."),
+        ("sockshare_handoffs_returned_total", "returned",
+         "Handoffs given back by a broken channel."),
         ("sockshare_worker_restarts_total", "restarts", "Worker restarts."),
     ):
         o.family(name, "counter", help_)
         for w in workers:
             o.sample(name, w[key], pool=w["pool"], worker=w["id"])
-    o.family("sockshare_redispatches_total", "counter", "Returned or rejected handoffs sent again.")
-    o.sample("sockshare_redispatches_total", c["redispatches"])
-    o.family("sockshare_refused_total", "counter", "Connections closed without being served.")
-    for reason, n in sorted(c["refused_by_reason"].items()):
-        o.sample("sockshare_refused_total", n, reason=reason)
-    o.family("sockshare_sniff_failures_total", "counter", "Connections whose sniffing failed.")
-    o.sample("sockshare_sniff_failures_total", c["sniff_failures"])
-    o.family("sockshare_lost_total", "counter", "Open connections that died with their worker.")
-    o.sample("sockshare_lost_total", c["lost"])
+    o.family("sockshare_handoffs_redispatched_total", "counter",
+             "Returned or rejected handoffs sent again.")
+    o.sample("sockshare_handoffs_redispatched_total", c["redispatches"])
     o.family("sockshare_queue_depth", "gauge", "Connections waiting for a free worker.")
     for p in status["pools"]:
         o.sample("sockshare_queue_depth", p["queue"], pool=p["name"])
@@ -126,8 +222,7 @@ def render(status: dict[str, Any]) -> str:
         for w in workers:
             o.sample(name, w[key], pool=w["pool"], worker=w["id"])
     o.family("sockshare_worker_up", "gauge", "1 when the worker's channel is connected.")
-    current = workers
-    for w in current:
+    for w in workers:
         o.sample("sockshare_worker_up", 1 if w["state"] in ("ready", "draining") else 0,
                  pool=w["pool"], worker=w["id"])
     o.family("sockshare_migrations_total", "counter", "Connections migrated between workers.")
@@ -142,15 +237,25 @@ def render(status: dict[str, Any]) -> str:
         ("sockshare_migrations_out_total", "migrated_out", "Connections migrated away from a worker."),
     ):
         o.family(name, "counter", help_)
-        for w in current:
+        for w in workers:
             o.sample(name, w.get(key, 0), pool=w["pool"], worker=w["id"])
     o.family("sockshare_migration_requests_total", "counter", "Migrations asked of workers.")
     o.sample("sockshare_migration_requests_total", c.get("migration_requests", 0))
     o.family("sockshare_rebalances_total", "counter", "Rebalancing rounds that asked for moves.")
     o.sample("sockshare_rebalances_total", c.get("rebalances", 0))
     lat = status.get("migration_latency") or {}
+    hist = lat.get("histogram") or Histogram().snapshot()
+    name = "sockshare_migration_duration_seconds"
+    o.family(name, "histogram",
+             "Migration duration, from migrate() called to the target's ACCEPT.")
+    for le, n in zip(hist["le"], hist["buckets"], strict=False):
+        o.sample(f"{name}_bucket", n, le=repr(float(le)))
+    o.sample(f"{name}_bucket", hist["count"], le="+Inf")
+    o.sample(f"{name}_sum", hist["sum"])
+    o.sample(f"{name}_count", hist["count"])
     o.family("sockshare_migration_latency_seconds", "gauge",
-             "Migration latency (migrate() called to the target's ACCEPT), recent quantiles.")
+             "DEPRECATED, removed in the next release: use the histogram "
+             "sockshare_migration_duration_seconds. Quantiles of the last 2048 migrations.")
     for q, key in (("0.5", "p50_ms"), ("0.99", "p99_ms")):
         o.sample("sockshare_migration_latency_seconds", lat.get(key, 0) / 1000, quantile=q)
     o.family("sockshare_reloads_total", "counter", "Reloads (new worker generations).")
@@ -166,7 +271,7 @@ def render(status: dict[str, Any]) -> str:
     o.sample("sockshare_generation", status.get("generation", 1))
     o.family("sockshare_workers_retiring", "gauge", "Old workers still draining.")
     o.sample("sockshare_workers_retiring", sum(bool(w.get("retiring")) for w in status["workers"]))
-    return "\n".join(o.lines) + "\n"
+    return o.text()
 
 
 class MetricsServer:

@@ -2,8 +2,8 @@
 
 The dispatcher accepts a connection and must decide which pool of workers gets it
 *before* any worker has seen a byte, and then hand over the socket itself -- not a
-copy of the stream. Two facts shape everything here (pitfalls 12 and 13 in the team's
-fd-passing notes):
+copy of the stream. Two facts shape everything here (docs/protocol.md, "Pitfalls":
+*Bytes already read travel with the socket*, *TLS is routed by peeking*):
 
 * **Bytes already read travel with the socket.** Whatever the dispatcher consumes from
   the kernel is gone from the socket; it must reach the worker as *pre-read data* in the
