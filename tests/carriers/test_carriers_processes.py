@@ -137,9 +137,9 @@ def test_reader_process_killed(addrs: Addresses, children: list[Child], scheme: 
                 _send_until_it_fails(tx, b"x" * min(4096, tx.max_message))
             assert time.monotonic() - t0 < 3.0
             assert tx.closed
-        if scheme == "shm":  # the dead owner's ring is refused at once, with a reason
+        if scheme == "shm":  # a writer is refused the dead owner's ring at once, with a reason
             with pytest.raises(CarrierClosed, match="left over"):
-                carriers.open(url, "r")
+                carriers.open(url, "w")
     finally:
         if scheme == "shm":
             with contextlib.suppress(FileNotFoundError):
