@@ -20,7 +20,7 @@ Carriers, by URL (``max_message`` in brackets):
 * ``fifo:///path`` -- named pipe, ``\\\\.\\pipe\\name`` on Windows (PIPE_BUF - 4 = 4092);
 * ``mq://name`` -- POSIX message queue (its mq_msgsize, 8192 by default);
 * ``sysvmq://key`` -- System V message queue (msgmax, 8192 by default);
-* ``shm://name`` -- shared-memory ring guarded by process-shared semaphores (64 KiB).
+* ``shm://name`` -- shared-memory ring guarded by a robust process-shared mutex (64 KiB).
 
 Every carrier has the same interface (:class:`Carrier`): ``send(bytes)``,
 ``recv(timeout=...) -> bytes``, ``close()``, use as a context manager, and
