@@ -11,6 +11,8 @@ import os
 import random
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 from typing import NoReturn
@@ -20,7 +22,8 @@ import pytest
 from sockshare import CarrierClosed, CarrierTimeout, carriers
 from sockshare.carriers._base import Deadline
 from sockshare.carriers._shm import ShmCarrier
-from tests.carriers.conftest import Addresses, needs
+from tests.carriers.child import make_message
+from tests.carriers.conftest import Addresses, Child, needs
 
 # --- shm:// : writers killed at random moments --------------------------------------
 
@@ -300,3 +303,41 @@ def test_shm_new_reader_replaces_a_dead_readers_ring(addrs: Addresses) -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+# --- fifo:// : a stray write in the stream -------------------------------------------------
+
+STRAY = {
+    "text": b"garbage",
+    "old length prefix": b"\x00\x00\x03\xe8abc",  # "1000 bytes follow", then 3
+    "fake header": b"\xf1\x70\x0f\xa0xyz",  # our magic, "4000 bytes follow", then 3
+}
+
+
+@pytest.mark.parametrize("count", [50, 3])
+@pytest.mark.parametrize("stray", list(STRAY))
+def test_fifo_stray_write_does_not_cost_the_next_writers_messages(
+    addrs: Addresses, children: list[Child], stray: str, count: int
+) -> None:
+    """Another process writes 7 bytes that are not a frame; a writer process then sends
+    ``count`` messages: the reader gets every one of them, in order, and counts the 7
+    bytes it skipped."""
+    needs("fifo")
+    if sys.platform == "win32":
+        pytest.skip("POSIX FIFOs only")
+    with carriers.open(addrs.url("fifo"), "r", timeout=5) as rx:
+        path = rx.url.removeprefix("fifo://")
+        code = (
+            "import os, sys; fd = os.open(sys.argv[1], os.O_WRONLY | os.O_NONBLOCK); "
+            "os.write(fd, bytes.fromhex(sys.argv[2])); os.close(fd)"
+        )
+        done = subprocess.run([sys.executable, "-c", code, path, STRAY[stray].hex()], timeout=30, check=False)
+        assert done.returncode == 0
+        child = Child("send", rx.url, str(count))
+        children.append(child)
+        got = [rx.recv(timeout=5) for _ in range(count)]
+        assert got == [make_message(i, rx.max_message) for i in range(count)]
+        assert child.wait() == 0, child.stderr()
+        with pytest.raises(CarrierTimeout):
+            rx.recv(timeout=0.1)
+        assert rx.discarded == 7  # type: ignore[attr-defined]
