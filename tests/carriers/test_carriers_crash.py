@@ -19,11 +19,12 @@ from typing import NoReturn
 
 import pytest
 
-from sockshare import CarrierClosed, CarrierTimeout, carriers
+from sockshare import CarrierClosed, CarrierFull, CarrierTimeout, carriers
+from sockshare.carriers import _libc
 from sockshare.carriers._base import Deadline
 from sockshare.carriers._shm import ShmCarrier
 from tests.carriers.child import make_message
-from tests.carriers.conftest import Addresses, Child, needs
+from tests.carriers.conftest import Addresses, Child, mq_exists, needs, sysv_exists
 
 # --- shm:// : writers killed at random moments --------------------------------------
 
@@ -341,3 +342,131 @@ def test_fifo_stray_write_does_not_cost_the_next_writers_messages(
         with pytest.raises(CarrierTimeout):
             rx.recv(timeout=0.1)
         assert rx.discarded == 7  # type: ignore[attr-defined]
+
+
+# --- mq:// and sysvmq:// : the reader dies ---------------------------------------------
+
+
+def _queue_gone(scheme: str, url: str) -> bool:
+    name = url.split("://", 1)[1].lstrip("/").split("?")[0]
+    if scheme == "mq":
+        record = f"/dev/shm/.sockshare-mq.{name}"
+        return not mq_exists(name) and not os.path.exists(record)
+    key = int(name, 0)
+    return not sysv_exists(key) and not os.path.exists(f"/dev/shm/.sockshare-sysvmq.{key:08x}")
+
+
+def _start_reader(children: list[Child], url: str) -> Child:
+    child = Child("reader", url)
+    children.append(child)
+    assert child.line().startswith("ready "), "the reader did not start"
+    return child
+
+
+def _fill(tx: carriers.Carrier) -> int:
+    for sent in range(10_000):
+        try:
+            tx.send(b"f" * tx.max_message, timeout=0)
+        except CarrierFull:
+            return sent
+    raise AssertionError("the queue never filled")
+
+
+@pytest.mark.parametrize("scheme", ["mq", "sysvmq"])
+def test_writer_blocked_on_a_full_queue_learns_the_reader_died(
+    addrs: Addresses, children: list[Child], scheme: str
+) -> None:
+    """A writer waiting forever (timeout=None) in send() on a full queue gets
+    CarrierClosed within about a second of the reader being killed."""
+    needs(scheme)
+    url = addrs.url(scheme)
+    reader = _start_reader(children, url)
+    outcome: list[BaseException | None] = []
+    with carriers.open(url, "w", timeout=None) as tx:  # every send waits as long as it takes
+        assert _fill(tx) > 0
+
+        def blocked_send() -> None:
+            try:
+                tx.send(b"x" * tx.max_message, timeout=None)
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=blocked_send, daemon=True)
+        thread.start()
+        time.sleep(0.3)
+        assert thread.is_alive(), outcome  # it is waiting for room
+        reader.kill()
+        killed = time.monotonic()
+        thread.join(timeout=5)
+        waited = time.monotonic() - killed
+        try:
+            assert not thread.is_alive(), "the writer still waits, 5 s after the reader died"
+            assert isinstance(outcome[0], CarrierClosed), outcome
+            assert "gone" in str(outcome[0])
+            assert waited < 1.5
+            assert tx.closed
+        finally:
+            # the next reader replaces the dead one's queue, and removes it on close
+            # (which also ends a writer still blocked on it)
+            carriers.open(url, "r", timeout=5).close()
+            thread.join(timeout=5)
+            if thread.is_alive():  # (only without the fix) free the writer by hand
+                _remove_queue(scheme, url)
+                thread.join(timeout=5)
+    assert _queue_gone(scheme, url)
+
+
+def _remove_queue(scheme: str, url: str) -> None:
+    name = url.split("://", 1)[1].lstrip("/")
+    if scheme == "mq":
+        _libc.call("mq_unlink", b"/" + name.encode())
+    else:
+        key = int(name, 0)
+        qid = _libc.call("msgget", key - (1 << 32) if key >= 1 << 31 else key, 0)
+        _libc.call("msgctl", qid, 0, None)  # IPC_RMID
+
+
+@pytest.mark.parametrize("scheme", ["mq", "sysvmq"])
+def test_new_reader_takes_over_a_dead_readers_queue(
+    addrs: Addresses, children: list[Child], scheme: str
+) -> None:
+    """The dead reader's queue (with stale messages in it) is replaced by the next reader,
+    which owns the new one and removes it (and the owner record) on close."""
+    needs(scheme)
+    url = addrs.url(scheme)
+    reader = _start_reader(children, url)
+    with carriers.open(url, "w", timeout=5) as old_writer:
+        old_writer.send(b"stale 1")
+        old_writer.send(b"stale 2")
+        reader.kill()
+        with pytest.raises(CarrierClosed, match="left over"):
+            carriers.open(url, "w", timeout=1)  # nobody would ever read it
+        with carriers.open(url, "r", timeout=5) as rx:
+            assert rx.owner
+            with pytest.raises(CarrierTimeout):
+                rx.recv(timeout=0.2)  # the stale messages went with the old queue
+            with carriers.open(url, "w", timeout=5) as tx:
+                tx.send(b"fresh")
+                assert rx.recv(timeout=1) == b"fresh"
+            with pytest.raises(CarrierClosed):  # the old queue is gone for its writers too
+                old_writer.send(b"into the old queue", timeout=1)
+        assert _queue_gone(scheme, url)
+
+
+@pytest.mark.parametrize("scheme", ["mq", "sysvmq"])
+def test_two_new_readers_race_for_a_dead_readers_queue(
+    addrs: Addresses, children: list[Child], scheme: str
+) -> None:
+    """Two processes open the dead reader's queue at once: exactly one owns the new queue,
+    the other attaches to it, and a message sent then reaches one of them."""
+    needs(scheme)
+    url = addrs.url(scheme)
+    _start_reader(children, url).kill()
+    racers = [_start_reader(children, url) for _ in range(2)]
+    with carriers.open(url, "w", timeout=5) as tx:
+        tx.send(b"hello")
+    for racer in racers:
+        racer.close()  # closes stdin: each closes its end and exits
+        assert racer.wait() == 0, racer.stderr()
+    assert _queue_gone(scheme, url)
