@@ -29,6 +29,7 @@ from tests.carriers.conftest import Addresses, Child, mq_exists, needs, sysv_exi
 # --- shm:// : writers killed at random moments --------------------------------------
 
 KILLS = 200
+MIN_RECOVERIES = 5
 RING_SLOTS = 8
 SIZE = 1 << 16  # every message is exactly 64 KiB
 _HEAD = struct.Struct("<II")  # writer id, message number
@@ -141,8 +142,12 @@ def test_shm_survives_200_writers_killed_at_random_moments(addrs: Addresses) -> 
         assert isinstance(rx, ShmCarrier)
         try:
             last_message = time.monotonic()
-            while kills < KILLS:
-                assert time.monotonic() - started < 60, f"only {kills} kills in 60 s"
+            # at least KILLS kills, and on until some of them hit a writer holding the lock or
+            # in the middle of a message (the counters the ring keeps of its recoveries)
+            while kills < KILLS or sum(rx._recoveries()) < MIN_RECOVERIES:
+                assert time.monotonic() - started < 30, (
+                    f"only {kills} kills and {rx._recoveries()} recoveries in 30 s"
+                )
                 while len(writers) < 3:
                     pid = _fork(_writer, rx.url, next_wid, w)
                     next_wid += 1
@@ -206,7 +211,6 @@ def test_shm_survives_200_writers_killed_at_random_moments(addrs: Addresses) -> 
     assert all(n == 1 for n in received.values()), "a message was received twice"
     assert longest_stall < 1.0
     assert len(reported) > KILLS  # the writers really sent between the kills
-    assert repairs + skipped > 0  # some were killed holding the lock or mid-message
 
 
 # --- shm:// : killed at chosen points --------------------------------------------------
