@@ -22,6 +22,7 @@ import pytest
 from sockshare import CarrierClosed, CarrierFull, CarrierTimeout, carriers
 from sockshare.carriers import _libc
 from sockshare.carriers._base import Deadline
+from sockshare.carriers._proc import alive, self_ident
 from sockshare.carriers._shm import ShmCarrier
 from tests.carriers.child import make_message
 from tests.carriers.conftest import Addresses, Child, mq_exists, needs, sysv_exists
@@ -474,3 +475,22 @@ def test_two_new_readers_race_for_a_dead_readers_queue(
         racer.close()  # closes stdin: each closes its end and exits
         assert racer.wait() == 0, racer.stderr()
     assert _queue_gone(scheme, url)
+
+
+def test_liveness_sees_zombies_and_reused_pids() -> None:
+    """What "dead" means for every recovery above: a killed process not yet collected
+    (a zombie) is dead, and so is a pid whose start time differs (the pid was reused)."""
+    me = self_ident()
+    assert alive(me)
+    assert not alive(me._replace(start=me.start + 1))  # same pid, another process
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 5
+        while alive(me._replace(pid=pid, start=0)):  # it exits; we have not collected it
+            assert time.monotonic() < deadline, "a zombie counts as alive"
+            time.sleep(0.01)
+    finally:
+        os.waitpid(pid, 0)
+    assert not alive(me._replace(pid=pid, start=0))
