@@ -2,7 +2,8 @@
 
 Every test in this folder runs under :func:`_hygiene`: it fails if the test leaves a
 descriptor open in this process (``/proc/self/fd``) or leaves behind any resource named
-by :class:`Addresses` (socket file, FIFO, ``/dev/shm`` ring, POSIX or System V queue).
+by :class:`Addresses` (socket file, FIFO, ``/dev/shm`` ring, POSIX or System V queue,
+a queue's owner record in ``/dev/shm``).
 The whole run also checks ``/dev/shm`` and ``ipcs -q`` for anything of ours at the end.
 """
 
@@ -112,6 +113,8 @@ class Addresses:
         found += [f"mq /{n}" for n in self.mq if mq_exists(n)]
         found += [f"sysv {k:#x}" for k in self.sysv if sysv_exists(k)]
         shm = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+        records = [f".sockshare-mq.{n}" for n in self.mq] + [f".sockshare-sysvmq.{k:08x}" for k in self.sysv]
+        found += [f"/dev/shm/{e}" for e in shm for r in records if e == r or e.startswith(f"{r}.")]
         for name in self.shm:
             found += [f"/dev/shm/{e}" for e in shm if e == name or e.startswith(f".{name}.")]
         return found
@@ -155,7 +158,9 @@ def _hygiene(request: pytest.FixtureRequest, addrs: Addresses) -> Iterator[None]
 @pytest.fixture(scope="session", autouse=True)
 def _nothing_of_ours_left() -> Iterator[None]:
     yield
-    shm = [e for e in os.listdir("/dev/shm") if SHM_PREFIX in e] if os.path.isdir("/dev/shm") else []
+    sysv_records = f".sockshare-sysvmq.{SYSV_BASE >> 16:04x}"
+    shm = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
+    shm = [e for e in shm if SHM_PREFIX in e or e.startswith(sysv_records)]
     assert not shm, f"left in /dev/shm: {shm}"
     ours = [k for k in sysv_keys_in_use() if SYSV_BASE <= k < SYSV_BASE + 0x10000]
     assert not ours, f"System V queues left (ipcs -q): {[hex(k) for k in ours]}"

@@ -119,9 +119,10 @@ LIVENESS_SCHEMES = ["unix", "unixgram", "tcp", "udp", "fifo", "shm"]
 def test_reader_process_killed(addrs: Addresses, children: list[Child], scheme: str) -> None:
     """A reader killed without closing: the writer gets CarrierClosed, never a hang.
 
-    (A killed reader cannot remove what it made: the test removes the leftovers, which
-    is what an operator would do; queues are kernel objects that outlive their reader by
-    design, so mq and sysvmq are not in this list.)
+    (A killed reader cannot remove what it made: the test removes the leftovers; a new
+    reader would replace the shm ring by itself. Queues outlive their reader by design:
+    mq and sysvmq writers learn of the death through the owner record, tested in
+    test_carriers_crash.py.)
     """
     needs(scheme)
     child = Child("reader", addrs.url(scheme))
@@ -137,9 +138,9 @@ def test_reader_process_killed(addrs: Addresses, children: list[Child], scheme: 
                 _send_until_it_fails(tx, b"x" * min(4096, tx.max_message))
             assert time.monotonic() - t0 < 3.0
             assert tx.closed
-        if scheme == "shm":  # the dead owner's ring is refused at once, with a reason
+        if scheme == "shm":  # a writer is refused the dead owner's ring at once, with a reason
             with pytest.raises(CarrierClosed, match="left over"):
-                carriers.open(url, "r")
+                carriers.open(url, "w")
     finally:
         if scheme == "shm":
             with contextlib.suppress(FileNotFoundError):

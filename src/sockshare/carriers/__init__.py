@@ -17,10 +17,10 @@ Carriers, by URL (``max_message`` in brackets):
 * ``unixgram:///path`` -- UNIX datagram socket (64 KiB);
 * ``tcp://host:port`` -- TCP, length-prefixed (1 MiB);
 * ``udp://host:port`` -- UDP with acknowledgements and resends (65 482 bytes);
-* ``fifo:///path`` -- named pipe, ``\\\\.\\pipe\\name`` on Windows (PIPE_BUF - 4 = 4092);
+* ``fifo:///path`` -- named pipe, ``\\\\.\\pipe\\name`` on Windows (PIPE_BUF - 8 = 4088);
 * ``mq://name`` -- POSIX message queue (its mq_msgsize, 8192 by default);
 * ``sysvmq://key`` -- System V message queue (msgmax, 8192 by default);
-* ``shm://name`` -- shared-memory ring guarded by process-shared semaphores (64 KiB).
+* ``shm://name`` -- shared-memory ring guarded by a robust process-shared mutex (64 KiB).
 
 Every carrier has the same interface (:class:`Carrier`): ``send(bytes)``,
 ``recv(timeout=...) -> bytes``, ``close()``, use as a context manager, and

@@ -2,10 +2,19 @@
 
 POSIX (``fifo:///path/to/pipe``)
     The reader creates the FIFO (``mkfifo``, mode 0600) unless it exists, and removes
-    it on close if it created it. Each message goes out as one ``write`` of a 4-byte
-    length plus payload, at most ``PIPE_BUF`` (4096 on Linux) bytes, which POSIX makes
-    atomic: messages of concurrent writers never interleave, and a full pipe makes a
-    non-blocking write fail whole, so a timed-out send leaves nothing behind.
+    it on close if it created it. Each message goes out as one ``write`` of an 8-byte
+    header (a 2-byte magic, the 2-byte length, a CRC-32 of length and payload) plus the
+    payload, at most ``PIPE_BUF`` (4096 on Linux) bytes, which POSIX makes atomic:
+    messages of concurrent writers never interleave, a reader sees a frame whole or not
+    at all, and a full pipe makes a non-blocking write fail whole, so a timed-out send
+    leaves nothing behind.
+
+    Anything else written into the FIFO (a stray ``echo``, a crashed or foreign writer)
+    cannot desynchronise the stream: the reader only delivers frames whose magic, length
+    and checksum hold; it skips anything else byte by byte up to the next valid frame. A
+    frame that claims more bytes than the pipe holds when it runs dry is not one of ours
+    (ours are never split), so it is skipped at once instead of swallowing the frames
+    behind it. Skipped bytes are counted in :attr:`FifoCarrier.discarded`.
     A writer opening the FIFO before any reader has it open waits (polling with
     backoff, up to the open timeout) and then raises :class:`~sockshare.CarrierTimeout`;
     one whose reader has gone gets :class:`~sockshare.CarrierClosed`. The reader also
@@ -30,6 +39,7 @@ import stat
 import struct
 import sys
 import urllib.parse
+import zlib
 
 from sockshare._errors import CarrierClosed, CarrierError, CarrierInUse, CarrierTimeout
 from sockshare.carriers._base import (
@@ -43,7 +53,8 @@ from sockshare.carriers._base import (
 
 __all__ = ["FifoCarrier"]
 
-_LEN = struct.Struct("!I")
+_FRAME = struct.Struct("!2sHI")  # magic, payload length, CRC-32 of length and payload
+_MAGIC = b"\xf1\x70"
 _PIPE_BUF: int = getattr(select, "PIPE_BUF", 4096)
 _OPEN_POLL_CAP = 0.05  # longest pause while a writer waits for a reader to appear
 
@@ -55,6 +66,14 @@ def _fifo_path(parts: urllib.parse.SplitResult) -> str:
     if not path:
         raise ValueError("fifo:// needs a path")
     return path
+
+
+#: CRC-32 of each possible 2-byte length: the checksum goes on from there over the payload.
+_LENGTH_CRC = [zlib.crc32(struct.pack("!H", n)) for n in range(_PIPE_BUF + 1)]
+
+
+def _frame(data: bytes) -> bytes:
+    return _FRAME.pack(_MAGIC, len(data), zlib.crc32(data, _LENGTH_CRC[len(data)])) + data
 
 
 def _raise_os(exc: OSError, what: str) -> CarrierError:
@@ -275,11 +294,14 @@ if sys.platform == "win32":
 else:
 
     class FifoCarrier(Carrier):
-        """``fifo:///path``: a POSIX named pipe (FIFO) carrying length-prefixed messages."""
+        """``fifo:///path``: a POSIX named pipe (FIFO) carrying checksummed frames."""
 
         scheme = "fifo"
-        #: ``PIPE_BUF`` less the 4-byte length: the largest write POSIX keeps atomic.
-        max_message = _PIPE_BUF - _LEN.size
+        #: ``PIPE_BUF`` less the 8-byte header: the largest write POSIX keeps atomic.
+        max_message = _PIPE_BUF - _FRAME.size
+        #: Bytes this reader skipped because they were not valid frames (written by
+        #: something else than a carrier writer).
+        discarded = 0
 
         _rfd = -1
         _wfd = -1
@@ -330,7 +352,7 @@ else:
             return fd
 
         def _send(self, data: bytes, deadline: Deadline) -> None:
-            frame = _LEN.pack(len(data)) + data
+            frame = _frame(data)
             while True:
                 try:
                     written = os.write(self._wfd, frame)
@@ -346,30 +368,59 @@ else:
                 if not wait_fd(self._wfd, write=True, timeout=deadline.remaining()):
                     raise full_or_timeout(deadline, f"send to {self.url}")
 
-        def _take(self) -> bytes | None:
+        def _take(self, *, dry: bool) -> bytes | None:
+            """The next valid frame's payload from the buffer, or None if more is needed.
+
+            ``dry``: the pipe had nothing more to read. A frame of ours is written
+            atomically, so an incomplete one then is not ours and is skipped."""
             buf = self._buf
             assert buf is not None
-            if len(buf) < _LEN.size:
-                return None
-            (size,) = _LEN.unpack_from(buf)
-            if size > self.max_message:
-                dropped = len(buf)
-                buf.clear()
-                raise CarrierError(
-                    f"{self.url}: a writer put something else than carrier frames in the "
-                    f"FIFO; {dropped} bytes were discarded"
-                )
-            end = _LEN.size + size
-            if len(buf) < end:
-                return None
-            message = bytes(buf[_LEN.size : end])
-            del buf[:end]
-            return message
+            if len(buf) >= _FRAME.size:  # the usual case: a valid frame right at the start
+                magic, size, crc = _FRAME.unpack_from(buf)
+                end = _FRAME.size + size
+                if magic == _MAGIC and size <= self.max_message and len(buf) >= end:
+                    message = bytes(buf[_FRAME.size : end])
+                    if zlib.crc32(message, _LENGTH_CRC[size]) == crc:
+                        del buf[:end]
+                        return message
+            while True:
+                start = buf.find(_MAGIC)
+                if start < 0:  # keep a last byte that may begin a magic
+                    keep = 1 if buf[-1:] == _MAGIC[:1] else 0
+                    self._skip(len(buf) - keep)
+                    if not dry or not keep:
+                        return None
+                    start = 0
+                self._skip(start)
+                if len(buf) < _FRAME.size:
+                    if dry and buf:
+                        self._skip(1)
+                        continue
+                    return None
+                _, size, crc = _FRAME.unpack_from(buf)
+                end = _FRAME.size + size
+                if size > self.max_message or (dry and len(buf) < end):
+                    self._skip(1)
+                    continue
+                if len(buf) < end:
+                    return None
+                message = bytes(buf[_FRAME.size : end])
+                if zlib.crc32(message, _LENGTH_CRC[size]) != crc:
+                    self._skip(1)
+                    continue
+                del buf[:end]
+                return message
+
+        def _skip(self, count: int) -> None:
+            if count > 0:
+                assert self._buf is not None
+                del self._buf[:count]
+                self.discarded += count
 
         def _recv(self, deadline: Deadline) -> bytes:
             assert self._buf is not None
             while True:
-                message = self._take()
+                message = self._take(dry=False)
                 if message is not None:
                     return message
                 try:
@@ -381,6 +432,10 @@ else:
                 if chunk:
                     self._buf += chunk
                     continue
+                if self._buf:  # the pipe is dry: what is left cannot be the start of a frame
+                    message = self._take(dry=True)
+                    if message is not None:
+                        return message
                 if not wait_fd(self._rfd, write=False, timeout=deadline.remaining()):
                     raise CarrierTimeout(f"{self.url}: nothing received in {deadline.timeout:g} s")
 

@@ -1,7 +1,8 @@
 """ctypes bindings for the C calls the standard library does not wrap.
 
 POSIX message queues (``mq_*``), System V message queues (``msg*``) and process-shared
-POSIX semaphores (``sem_*``) have no Python API. This module finds them in the C
+POSIX semaphores (``sem_*``), robust mutexes (``pthread_mutex_*``) and futexes (through
+``syscall``) have no Python API. This module finds them in the C
 library (glibc >= 2.34 has everything in libc; older glibc keeps ``mq_*`` in librt),
 declares their C signatures once, and exposes each as a small typed Python function
 that returns the C result and leaves ``errno`` to :func:`ctypes.get_errno`.
@@ -25,8 +26,11 @@ __all__ = [
     "Timespec",
     "abs_timespec",
     "call",
+    "futex_wait",
+    "futex_wake",
     "get_errno",
     "missing",
+    "rel_timespec",
 ]
 
 get_errno = ctypes.get_errno
@@ -58,7 +62,7 @@ _ssize = ctypes.c_ssize_t
 _str = ctypes.c_char_p
 
 #: name -> (restype, argtypes)
-_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+_SIGNATURES: dict[str, tuple[Any, list[Any] | None]] = {
     # POSIX message queues
     "mq_open": (_int, [_str, _int, ctypes.c_uint, ctypes.POINTER(MqAttr)]),
     "mq_close": (_int, [_int]),
@@ -82,6 +86,19 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "sem_wait": (_int, [_p]),
     "sem_timedwait": (_int, [_p, ctypes.POINTER(Timespec)]),
     "sem_clockwait": (_int, [_p, _int, ctypes.POINTER(Timespec)]),
+    # process-shared robust mutexes (these return an error number, not -1 and errno)
+    "pthread_mutexattr_init": (_int, [_p]),
+    "pthread_mutexattr_destroy": (_int, [_p]),
+    "pthread_mutexattr_setpshared": (_int, [_p, _int]),
+    "pthread_mutexattr_setrobust": (_int, [_p, _int]),
+    "pthread_mutex_init": (_int, [_p, _p]),
+    "pthread_mutex_trylock": (_int, [_p]),
+    "pthread_mutex_timedlock": (_int, [_p, ctypes.POINTER(Timespec)]),
+    "pthread_mutex_clocklock": (_int, [_p, _int, ctypes.POINTER(Timespec)]),
+    "pthread_mutex_unlock": (_int, [_p]),
+    "pthread_mutex_consistent": (_int, [_p]),
+    # syscall(2) is variadic: the caller passes ctypes-typed arguments
+    "syscall": (_long, None),
 }
 
 
@@ -138,3 +155,74 @@ def abs_timespec(seconds_from_now: float, *, monotonic: bool) -> Timespec:
     clock = time.CLOCK_MONOTONIC if monotonic else time.CLOCK_REALTIME
     at = time.clock_gettime_ns(clock) + max(0, int(seconds_from_now * 1e9))
     return Timespec(at // 1_000_000_000, at % 1_000_000_000)
+
+
+def rel_timespec(seconds: float) -> Timespec:
+    """A relative ``timespec`` of ``seconds`` (not negative)."""
+    ns = max(0, int(seconds * 1e9))
+    return Timespec(ns // 1_000_000_000, ns % 1_000_000_000)
+
+
+#: futex(2) syscall numbers by ``platform.machine()``; the call is not in libc.
+_SYS_FUTEX = {
+    "x86_64": 202,
+    "amd64": 202,
+    "aarch64": 98,
+    "arm64": 98,
+    "riscv64": 98,
+    "loongarch64": 98,
+    "i386": 240,
+    "i686": 240,
+    "armv7l": 240,
+    "armv6l": 240,
+    "ppc64le": 221,
+    "ppc64": 221,
+    "s390x": 238,
+}
+_FUTEX_WAIT, _FUTEX_WAKE = 0, 1
+
+
+@cache
+def futex_number() -> int | None:
+    """The futex syscall number on this machine, or None (not Linux, unknown CPU)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import platform
+
+    return _SYS_FUTEX.get(platform.machine().lower())
+
+
+def futex_wait(address: int, expected: int, seconds: float) -> int:
+    """Sleep while the shared 32-bit word at ``address`` holds ``expected``, at most
+    ``seconds``. Returns 0 when woken, else the errno (EAGAIN: the word had already
+    changed; ETIMEDOUT; EINTR). Not FUTEX_PRIVATE: the word is in shared memory."""
+    number = futex_number()
+    assert number is not None
+    ts = rel_timespec(seconds)
+    rc = call(
+        "syscall",
+        ctypes.c_long(number),
+        ctypes.c_void_p(address),
+        ctypes.c_int(_FUTEX_WAIT),
+        ctypes.c_uint32(expected),
+        ctypes.byref(ts),
+        ctypes.c_void_p(None),
+        ctypes.c_int(0),
+    )
+    return 0 if rc == 0 else get_errno()
+
+
+def futex_wake(address: int) -> None:
+    """Wake every process sleeping in :func:`futex_wait` on ``address``."""
+    number = futex_number()
+    assert number is not None
+    call(
+        "syscall",
+        ctypes.c_long(number),
+        ctypes.c_void_p(address),
+        ctypes.c_int(_FUTEX_WAKE),
+        ctypes.c_int(0x7FFFFFFF),
+        ctypes.c_void_p(None),
+        ctypes.c_void_p(None),
+        ctypes.c_int(0),
+    )

@@ -8,11 +8,21 @@ the creator and remover instead). Removal is immediate: messages still queued ar
 lost, and every later operation by other processes fails with
 :class:`~sockshare.CarrierClosed`.
 
+The creator also writes an owner record (:mod:`~sockshare.carriers._owner`,
+``/dev/shm/.sockshare-sysvmq.<key>``). A writer waiting on a full queue checks it every
+half second and raises :class:`~sockshare.CarrierClosed` once the owner has died (a
+writer opening the queue checks it once). A reader that finds the key taken by a queue
+whose owner is dead replaces it: it removes the old queue (its stale messages go with
+it; its writers get :class:`~sockshare.CarrierClosed`) and creates a new one, which it
+owns and removes on close.
+
 The kernel keeps boundaries and order; any number of writers and readers may share a
 queue (each message goes to one reader). All messages have ``mtype`` 1.
 
-``msgsnd``/``msgrcv`` have no timed form. With ``timeout=None`` they block in the
-kernel; with a finite timeout the carrier polls with ``IPC_NOWAIT``: it only yields the
+``msgsnd``/``msgrcv`` have no timed form. With ``timeout=None`` a receive blocks in the
+kernel, and so does a send to a queue without an owner record; otherwise (a finite
+timeout, or a send that must keep an eye on the owner) the carrier polls with
+``IPC_NOWAIT``: it only yields the
 CPU for the first 50 microseconds, then sleeps with a backoff doubling from 20
 microseconds to 1 ms. An idle wait costs about a thousand cheap wake-ups a second and
 adds at most about 1 ms of latency.
@@ -25,20 +35,25 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import struct
 import sys
+import time
 import urllib.parse
 
-from sockshare._errors import CarrierError, CarrierTimeout
+from sockshare._errors import CarrierClosed, CarrierError, CarrierTimeout
 from sockshare.carriers import _libc
 from sockshare.carriers._base import (
+    WAIT_SLICE,
     Backoff,
     Carrier,
     Deadline,
     full_or_timeout,
     os_error,
 )
+from sockshare.carriers._owner import OwnerRecord
+from sockshare.carriers._proc import ProcIdent, alive
 
 __all__ = ["SysVMQCarrier", "sysv_key"]
 
@@ -89,30 +104,90 @@ class SysVMQCarrier(Carrier):
 
     _qid = -1
     _buf: ctypes.Array[ctypes.c_char] | None = None
+    _record: OwnerRecord | None = None
+    _watched = False  # the queue has an owner record that a waiting writer checks
 
     def _setup(self, parts: urllib.parse.SplitResult, create: bool | None, deadline: Deadline) -> None:
         if reason := self.unavailable_reason():
             raise CarrierError(f"sysvmq:// is not available here: {reason}")
         key = sysv_key(parts)
+        self._record = record = OwnerRecord("sysvmq", f"{key & 0xFFFFFFFF:08x}")
         # asking for read (reader) or write (writer) permission makes msgget check it now
         want = 0o400 if self.mode == "r" else 0o200
         if self._creates(create):
-            self._qid = _libc.call("msgget", key, _IPC_CREAT | _IPC_EXCL | 0o600)
-            if self._qid >= 0:
-                self._owner = True
-            elif _libc.get_errno() != errno.EEXIST:
-                raise _fail(f"msgget {self.url}")
+            self._create_or_take_over(key, want, record)
         if self._qid < 0:
             self._qid = _libc.call("msgget", key, want)
             if self._qid < 0:
                 raise _fail(f"msgget {self.url}")
+            if (dead := self._watch(record)) is not None:
+                raise CarrierClosed(
+                    f"{self.url}: the queue is left over from an owner (pid {dead.pid}) that is gone; "
+                    "the next reader to open it will replace it"
+                )
         self.max_message = min(_proc_kernel("msgmax", 8192), _proc_kernel("msgmnb", 16384))
         self._buf = ctypes.create_string_buffer(_MTYPE.size + self.max_message)
 
+    def _create_or_take_over(self, key: int, want: int, record: OwnerRecord) -> None:
+        """Create the queue, or attach to it, or replace it if its owner is dead."""
+        for _ in range(8):  # each round lost a race with another reader; bounded
+            qid = _libc.call("msgget", key, _IPC_CREAT | _IPC_EXCL | 0o600)
+            if qid >= 0:
+                self._qid, self._owner = qid, True
+                record.publish(qid)
+                return
+            if _libc.get_errno() != errno.EEXIST:
+                raise _fail(f"msgget {self.url}")
+            qid = _libc.call("msgget", key, want)
+            if qid < 0:
+                if _libc.get_errno() in (errno.ENOENT, errno.EIDRM):
+                    continue  # removed since: create it
+                raise _fail(f"msgget {self.url}")
+            self._qid = qid
+            if self._watch(record) is None:
+                return  # a live owner, or none recorded: attach
+            if record.take_over(qid, functools.partial(self._replace, key, qid)):
+                self._owner, self._watched = True, False
+                return
+        raise CarrierError(f"{self.url}: the queue kept changing while opening it; try again")
+
+    def _watch(self, record: OwnerRecord) -> ProcIdent | None:
+        """Read the attached queue's owner record once: note whether there is one to
+        watch while sending; return the owner if it is dead."""
+        found = record.read()
+        self._watched = found is not None and found[1] == self._qid
+        if self._watched and found is not None and not alive(found[0]):
+            return found[0]
+        return None
+
+    def _replace(self, key: int, old: int) -> int | None:
+        """Remove queue ``old`` (its owner is dead) and create a new one: its id, or None
+        if another process created one first."""
+        if _libc.call("msgctl", old, _IPC_RMID, None) != 0 and _libc.get_errno() not in _REMOVED:
+            raise _fail(f"msgctl(IPC_RMID) of the dead owner's queue {self.url}")
+        qid = _libc.call("msgget", key, _IPC_CREAT | _IPC_EXCL | 0o600)
+        if qid < 0:
+            if _libc.get_errno() == errno.EEXIST:
+                return None
+            raise _fail(f"msgget {self.url}")
+        self._qid = qid
+        return qid
+
+    def _owner_died(self) -> CarrierClosed | None:
+        """The error to raise if the queue's recorded owner has died (not for the owner)."""
+        if self._record is None or self._removes():
+            return None
+        dead = self._record.dead_owner(self._qid)
+        if dead is None:
+            return None
+        return self._give_up(f"the queue's owner (pid {dead.pid}) is gone")
+
     def _send(self, data: bytes, deadline: Deadline) -> None:
         message = _MTYPE.pack(1) + data
-        blocking = deadline.timeout is None
+        # block in the kernel only if there is no owner to watch
+        blocking = deadline.timeout is None and not self._watched
         backoff = Backoff(deadline, spin=_SPIN)
+        next_check = time.monotonic() + WAIT_SLICE
         while True:
             flags = 0 if blocking else _IPC_NOWAIT
             if _libc.call("msgsnd", self._qid, message, len(data), flags) == 0:
@@ -126,6 +201,10 @@ class SysVMQCarrier(Carrier):
                 raise _fail(f"msgsnd {self.url}")
             if deadline.expired():
                 raise full_or_timeout(deadline, f"send to {self.url}")
+            if time.monotonic() >= next_check:
+                if (gone := self._owner_died()) is not None:
+                    raise gone
+                next_check = time.monotonic() + WAIT_SLICE
             backoff.pause()
 
     def _recv(self, deadline: Deadline) -> bytes:
@@ -155,6 +234,8 @@ class SysVMQCarrier(Carrier):
     def _release(self) -> None:
         if self._removes() and self._qid >= 0:
             _libc.call("msgctl", self._qid, _IPC_RMID, None)
+            if self._record is not None:
+                self._record.remove()
         self._qid = -1
 
     @classmethod
