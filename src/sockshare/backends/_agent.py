@@ -106,7 +106,6 @@ ACCEPT_PAUSE = 0.1
 #: One log line a second of each kind, at most.
 LOG_INTERVAL = 1.0
 _CTRUNC = int(getattr(socket, "MSG_CTRUNC", 0))
-_UNKNOWN = -2  # a _Conn's peer start time not read yet
 
 
 @dataclass(slots=True)
@@ -117,7 +116,10 @@ class _Entry:
     fd: int  # the agent's duplicate (POSIX); -1 on Windows
     kind: SocketKind
     deadline: float  # time.monotonic()
-    start: int | None = None  # the target's start time (Linux), None: pid only
+    # the target process (Linux): its pidfs inode (exact) and start time (to the tick);
+    # None, None: bound to its pid number only
+    ino: int | None = None
+    start: int | None = None
     released: bool = False  # release() came while a GRANT of it was in flight
 
 
@@ -133,7 +135,8 @@ class _Conn:
     peer: tuple[int, int] = (0, 0)  # pid, uid
     idle: bool = False
     silent: bool = True  # no complete frame received yet
-    peer_start: int | None = _UNKNOWN
+    #: the connecting process's pidfs inode and start time, once read (at its CLAIM)
+    identity: tuple[int | None, int | None] | None = None
 
 
 class _Log:
@@ -213,9 +216,6 @@ class ExportAgent:
             raise ValueError(f"target_pid must be a process id, not {target_pid!r}")
         kind = SocketKind.of(sock)
         kind.pack()  # raises LocalProtocolError for families/types we cannot move
-        # Linux: the target's start time binds the token to the process itself (raises
-        # ProcessLookupError if there is none); elsewhere, to its pid only.
-        start = _pidfd.start_time(target_pid) if _PROC_IDENTITY and _pidfd.proc_is_ours() else None
         self._ensure_running()
         token_id = secrets.randbits(64)
         secret = secrets.token_bytes(16)
@@ -227,11 +227,17 @@ class ExportAgent:
             info = TokenInfo(KIND_WINDOWS, self._pid, target_pid, token_id, secret, expires_ms,
                              agent_port=self._port, blob=blob)
         else:
-            entry = _Entry(token_id, secret, target_pid, -1, kind, deadline, start)
+            entry = _Entry(token_id, secret, target_pid, -1, kind, deadline)
             info = TokenInfo(KIND_POSIX, self._pid, target_pid, token_id, secret, expires_ms,
                              exporter_uid=_euid(), address=self._address,
                              address_kind=self._address_kind)
         with self._lock:
+            if _PROC_IDENTITY and _pidfd.proc_is_ours():
+                # Linux: bind the token to the target process itself, not to its pid
+                # number (raises ProcessLookupError if there is none). Under the lock:
+                # no forked child inherits the pidfd opened meanwhile.
+                entry.ino = _pidfd.process_inode(target_pid)
+                entry.start = _pidfd.start_time(target_pid)
             if sys.platform != "win32":
                 # duplicated under the lock, which os.fork() takes too: a child never
                 # inherits a duplicate that no registry of ours lists
@@ -596,7 +602,14 @@ class ExportAgent:
                     f"this token was exported for pid {entry.target_pid}; pid {pid} may not import it",
                 )
                 return
-            if entry.start is not None and self._peer_start(conn) != entry.start:
+            try:
+                same = self._same_process(entry, conn)
+            except OSError as exc:  # EMFILE: cannot open /proc/<pid>/stat
+                self._reply_error(conn, ErrorCode.LIMIT,
+                                  f"the exporting process (pid {self._pid}) cannot check the "
+                                  f"importer's identity now ({exc}): retry later")
+                return
+            if not same:
                 self._reply_error(
                     conn, ErrorCode.WRONG_PROCESS,
                     f"this token was exported for the process that had pid {pid} then; that "
@@ -626,26 +639,40 @@ class ExportAgent:
                              nfds=0 if IS_WINDOWS else 1)
         send_with_fds(conn.sock, frame, [] if IS_WINDOWS else [entry.fd])
 
-    def _peer_start(self, conn: _Conn) -> int | None:
-        """The start time of the process that connected ``conn`` (read once per
-        connection; None if it cannot be told). Called under the lock."""
-        if conn.peer_start != _UNKNOWN:
-            return conn.peer_start
+    def _same_process(self, entry: _Entry, conn: _Conn) -> bool:
+        """Is the process that connected ``conn`` the one ``entry`` was exported for
+        (whose pid it has)? Exact where both pidfs inodes are known, to the clock tick
+        by start times otherwise, by pid only where neither can be had."""
+        if entry.ino is None and entry.start is None:
+            return True
+        ino, start = self._identity(conn)
+        if entry.ino is not None and ino is not None:
+            return ino == entry.ino
+        return entry.start is not None and start == entry.start
+
+    def _identity(self, conn: _Conn) -> tuple[int | None, int | None]:
+        """(pidfs inode, start time) of the process that connected ``conn``, read once
+        per connection. Called under the lock (no forked child inherits the pidfd)."""
+        if conn.identity is not None:
+            return conn.identity
         pidfd = _pidfd.peer_pidfd(conn.sock)  # the connecting process itself, if the kernel can
-        try:
-            try:
-                start = _pidfd.start_time(conn.peer[0])
-            except ProcessLookupError:
-                start = None
-            # Read before the check: if the connecting process is still alive now, the
-            # process we read was that one (a live process keeps its pid).
-            if pidfd is not None and _pidfd.pidfd_exited(pidfd):
-                start = None
+        try:  # (OSError such as EMFILE propagate, and nothing is cached)
+            ino = _pidfd.pidfd_inode(pidfd) if pidfd is not None else None
+            start = None
+            if ino is None:
+                try:
+                    start = _pidfd.start_time(conn.peer[0])
+                except ProcessLookupError:
+                    pass
+                # Read before this check: if the connecting process is alive now, the
+                # process we read was that one (a live process keeps its pid).
+                if pidfd is not None and _pidfd.pidfd_exited(pidfd):
+                    start = None
         finally:
             if pidfd is not None:
                 close_fds([pidfd])
-        conn.peer_start = start
-        return start
+        conn.identity = (ino, start)
+        return conn.identity
 
     def _reply_error(self, conn: _Conn, code: ErrorCode, text: str) -> None:
         try:

@@ -19,12 +19,19 @@ kernel ever behave otherwise.
 :func:`available` says whether the mechanism works here and, if not, why.
 
 Process identity, for binding a token to a process rather than to a pid number (a pid
-is reused once its process is gone): :func:`start_time` reads a process's start time
-(field 22 of ``/proc/<pid>/stat``, in clock ticks since boot), which together with the
-pid names one process; :func:`proc_is_ours` says whether ``/proc`` shows this process's
-pid namespace (otherwise its numbers mean other processes); :func:`peer_pidfd` returns
-a pidfd for the process at the other end of a UNIX socket (``SO_PEERPIDFD``, Linux >=
-6.5), and :func:`pidfd_exited` whether that process has exited since.
+is reused once its process is gone):
+
+* :func:`process_inode` / :func:`pidfd_inode`: since Linux 6.9 a pidfd is an inode of
+  the ``pidfs`` filesystem, one per process, whose number is never reused until reboot:
+  it names exactly one process (``None`` on older kernels, where every pidfd shares one
+  anonymous inode);
+* :func:`peer_pidfd`: a pidfd for the process at the other end of a UNIX socket
+  (``SO_PEERPIDFD``, Linux >= 6.5), and :func:`pidfd_exited`: whether it has exited;
+* :func:`start_time`: a process's start time (field 22 of ``/proc/<pid>/stat``, in
+  clock ticks since boot, 10 ms): with the pid it names one process, unless the pid is
+  reused within the same tick (which takes privileges over the pid namespace);
+  :func:`proc_is_ours` says whether ``/proc`` shows this process's pid namespace
+  (otherwise its numbers mean other processes).
 :func:`getfd` raises :class:`~sockshare.BackendUnavailable` with the reason when the
 OS refuses the call itself (``ENOSYS``: no such syscall; ``EPERM``/``EACCES``: no
 ptrace rights or a seccomp filter), and plain ``OSError`` subclasses when the
@@ -53,8 +60,10 @@ __all__ = [
     "peer_pidfd",
     "pidfd_exited",
     "pidfd_getfd",
+    "pidfd_inode",
     "pidfd_open",
     "proc_is_ours",
+    "process_inode",
     "start_time",
 ]
 
@@ -193,7 +202,8 @@ def start_time(pid: int) -> int | None:
     field 22): with the pid, it names one process, whatever later reuses the number.
 
     Raises ``ProcessLookupError`` if there is no such process; returns ``None`` if it
-    cannot be told (no ``/proc``, as on macOS, or ``/proc`` hides the process).
+    cannot be told (no ``/proc``, as on macOS, or ``/proc`` hides the process). Other
+    ``OSError`` (EMFILE) propagate: the caller cannot tell, and must not guess.
     """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -202,7 +212,7 @@ def start_time(pid: int) -> int | None:
         if not os.path.isdir("/proc/self"):
             return None  # no procfs at all
         raise ProcessLookupError(errno.ESRCH, f"no process has pid {pid}") from None
-    except OSError:
+    except PermissionError:  # hidden from us (mounted with hidepid)
         return None
     try:  # the command name (field 2) may hold spaces and parentheses: cut at the last ')'
         return int(data.rsplit(b")", 1)[1].split()[19])
@@ -253,3 +263,52 @@ def pidfd_exited(pidfd: int) -> bool:
     p = select.poll()
     p.register(pidfd, select.POLLIN)
     return bool(p.poll(0))
+
+
+_pidfs: bool | None = None
+
+
+def _has_pidfs() -> bool:
+    """True if pidfds have one inode per process (pidfs, Linux >= 6.9): told by
+    comparing a pidfd's (device, inode) with an epoll descriptor's, which is the shared
+    anonymous inode where pidfs does not exist."""
+    global _pidfs
+    if _pidfs is None:
+        try:
+            fd = pidfd_open(os.getpid())
+        except (OSError, BackendUnavailable):
+            _pidfs = False
+            return False
+        try:
+            ep = select.epoll()
+            try:
+                a, b = os.fstat(fd), os.fstat(ep.fileno())
+                _pidfs = (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino)
+            finally:
+                ep.close()
+        finally:
+            os.close(fd)
+    return _pidfs
+
+
+def pidfd_inode(pidfd: int) -> int | None:
+    """The pidfs inode number of the process behind ``pidfd`` (unique until reboot), or
+    ``None`` where pidfds have no inode of their own (Linux < 6.9)."""
+    if not _has_pidfs():
+        return None
+    return os.fstat(pidfd).st_ino
+
+
+def process_inode(pid: int) -> int | None:
+    """The pidfs inode number of process ``pid`` (see :func:`pidfd_inode`), or ``None``
+    where it cannot be had. Raises ``ProcessLookupError`` if there is no such process."""
+    if not hasattr(select, "epoll") or _load() is None or not _has_pidfs():
+        return None
+    try:
+        fd = pidfd_open(pid)
+    except BackendUnavailable:  # seccomp, or no such syscall
+        return None
+    try:
+        return pidfd_inode(fd)
+    finally:
+        os.close(fd)
