@@ -887,6 +887,26 @@ def test_exporter_exec_drops_its_duplicates(exporter: PeerProcess,
     settle(importer)
 
 
+def _stop(pid: int) -> None:
+    """SIGSTOP our child ``pid`` and wait (bounded) until all its threads are stopped:
+    the signal is delivered asynchronously, and its agent thread could serve one more
+    import."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + IO
+    while time.monotonic() < deadline:
+        states = set()
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                    states.add(f.read().rsplit(b")", 1)[1].split()[0])
+            except FileNotFoundError:
+                continue
+        if states == {b"T"}:
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop")
+
+
 def test_stopped_exporter_times_out_and_the_token_survives(
     exporter: PeerProcess, importer: PeerProcess,
 ) -> None:
@@ -904,7 +924,7 @@ def test_stopped_exporter_times_out_and_the_token_survives(
     with srv:
         srv.settimeout(IO)
         token = exporter.call("export", h=conn["h"], pid=importer.pid, close=True)
-        os.kill(exporter.pid, signal.SIGSTOP)
+        _stop(exporter.pid)
         try:
             t0 = time.monotonic()
             err = importer.fails("import", token=token, timeout=0.5)
@@ -931,7 +951,7 @@ def test_stopped_exporter_times_out_and_the_token_survives(
     s = exporter.call("socket", family="inet", type="stream", bind=["127.0.0.1", 0],
                       listen=True)
     token = exporter.call("export", h=s["h"], pid=importer.pid, close=True)
-    os.kill(exporter.pid, signal.SIGSTOP)
+    _stop(exporter.pid)
     try:
         assert importer.fails("import", token=token, timeout=0.5).name == "ExporterTimeout"
     finally:
