@@ -546,7 +546,10 @@ class ExportAgent:
         try:
             # No room for ancillary data: descriptors a peer attaches (no importer frame
             # carries any) are closed by the kernel and never enter this process.
-            data, _anc, flags, _addr = conn.sock.recvmsg(512)
+            if IS_WINDOWS:  # (no recvmsg, and no descriptors to receive)
+                data, flags = conn.sock.recv(512), 0
+            else:
+                data, _anc, flags, _addr = conn.sock.recvmsg(512)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
