@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 import sockshare
+from sockshare.backends import _pidfd
 from sockshare.protocol import FrameType, decode_token, encode_frame, encode_token
 from sockshare.protocol._messages import ErrorCode, encode_error
 from sockshare.protocol._token import ADDR_ABSTRACT, KIND_POSIX, TokenInfo
@@ -257,8 +258,11 @@ def test_idle_connection_flood_is_bounded(importer: PeerProcess, uid: int,
 # --- 6: a reused pid is not the target -----------------------------------------------
 
 PID_REUSE = r"""
-import json, os, socket, sys
+import json, os, socket, sys, time
 import sockshare
+from sockshare.backends import _pidfd
+if sys.argv[1] == "start-time":  # as on Linux < 6.9: no pidfs inode, start times only
+    _pidfd._pidfs = False
 
 def child(fn):
     r, w = os.pipe()
@@ -298,6 +302,8 @@ os.close(go_r)
 token = sockshare.export_socket(a, target)
 os.close(go_w)
 os.waitpid(target, 0)
+if sys.argv[1] == "start-time":
+    time.sleep(0.05)  # start times count clock ticks (10 ms): let some pass
 result = {"target": target, "tries": 0}
 for _ in range(5):  # the next fork gets pid `target` (unless something else forked first)
     result["tries"] += 1
@@ -349,17 +355,25 @@ def _unshare_pid_ok() -> str:
 UNSHARE_WHY = _unshare_pid_ok() if sys.platform.startswith("linux") else "Linux only"
 
 
+PIDFS = pytest.mark.skipif(not _pidfd._has_pidfs(),
+                           reason="pidfds have no inode of their own before Linux 6.9")
+
+
 @pytest.mark.skipif(bool(UNSHARE_WHY), reason=UNSHARE_WHY or "-")
-def test_a_process_that_reuses_the_target_pid_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("identity", [pytest.param("pidfs", marks=PIDFS), "start-time"])
+def test_a_process_that_reuses_the_target_pid_is_refused(tmp_path: Path,
+                                                          identity: str) -> None:
     """The target exits without importing; the next process forked gets its pid (made
     so with ns_last_pid, in a pid namespace of our own) and presents the token: refused
     with WrongProcess (old code: it imported the live connection). The token stays
-    pending; a live target still imports its own token."""
+    pending; a live target still imports its own token. ``pidfs``: the process's pidfs
+    inode (Linux >= 6.9), exact even within one clock tick; ``start-time``: the
+    fallback for older kernels, its start time in /proc."""
     script = tmp_path / "reuse.py"
     script.write_text(PID_REUSE)
     out = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable,
-                          str(script)], capture_output=True, text=True, timeout=60,
-                         check=False)
+                          str(script), identity], capture_output=True, text=True,
+                         timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result.get("imposter_pid") == result["target"], result  # the pid was reused

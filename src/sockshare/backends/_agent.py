@@ -237,7 +237,8 @@ class ExportAgent:
                 # number (raises ProcessLookupError if there is none). Under the lock:
                 # no forked child inherits the pidfd opened meanwhile.
                 entry.ino = _pidfd.process_inode(target_pid)
-                entry.start = _pidfd.start_time(target_pid)
+                if entry.ino is None:  # Linux < 6.9: to the clock tick
+                    entry.start = _pidfd.start_time(target_pid)
             if sys.platform != "win32":
                 # duplicated under the lock, which os.fork() takes too: a child never
                 # inherits a duplicate that no registry of ours lists
@@ -649,9 +650,9 @@ class ExportAgent:
         if entry.ino is None and entry.start is None:
             return True
         ino, start = self._identity(conn)
-        if entry.ino is not None and ino is not None:
+        if entry.ino is not None:  # (None: SO_PEERPIDFD refused; it predates pidfs)
             return ino == entry.ino
-        return entry.start is not None and start == entry.start
+        return start == entry.start
 
     def _identity(self, conn: _Conn) -> tuple[int | None, int | None]:
         """(pidfs inode, start time) of the process that connected ``conn``, read once

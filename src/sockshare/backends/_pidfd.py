@@ -242,8 +242,8 @@ def proc_is_ours() -> bool:
 
 def peer_pidfd(sock: socket.socket) -> int | None:
     """A pidfd (close-on-exec) for the process that connected ``sock``, from
-    ``SO_PEERPIDFD`` (Linux >= 6.5), or ``None`` where the kernel has no such option.
-    The caller closes it."""
+    ``SO_PEERPIDFD`` (Linux >= 6.5), or ``None`` where the kernel has no such option
+    (or the peer is gone). Other errors (EMFILE) propagate. The caller closes it."""
     global _peer_pidfd_works
     if _peer_pidfd_works is False or platform.machine().lower() not in _ARCHES:
         return None
@@ -252,7 +252,10 @@ def peer_pidfd(sock: socket.socket) -> int | None:
     except OSError as exc:
         if exc.errno in (errno.ENOPROTOOPT, errno.EINVAL, errno.EOPNOTSUPP):
             _peer_pidfd_works = False
-        return None
+            return None
+        if exc.errno == errno.ESRCH:  # the peer is gone (and reaped)
+            return None
+        raise  # EMFILE...: the caller cannot tell who it is now
     _peer_pidfd_works = True
     fd = int.from_bytes(raw, sys.byteorder, signed=True)
     return fd if fd >= 0 else None
