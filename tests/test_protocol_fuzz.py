@@ -194,7 +194,7 @@ class _Idle:
             n = settled_fd_count()
             thread = agent()._thread
             if thread is None or not thread.is_alive():
-                n += 4  # the agent's listener, wake pair and epoll
+                n += 5  # the agent's listener, wake pair, epoll and reserve fd
             a, b = socket.socketpair()
             with a, b:
                 sockshare.import_socket(sockshare.export_socket(a, os.getpid()),

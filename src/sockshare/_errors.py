@@ -8,7 +8,10 @@ Errors say whose fault a failure is and what to do about it::
     │   ├── WrongProcess                presented by a process it was not made for
     │   ├── TokenConsumed               already imported (tokens are single use)
     │   ├── TokenExpired                its time ran out, or the exporter released it
-    │   └── ExporterGone                the exporting process exited (or its agent did)
+    │   ├── ExporterGone                the exporting process exited (or its agent did)
+    │   │   └── ExporterTimeout (TimeoutError) alive, but its agent did not answer in time
+    │   └── ExporterBusy                its agent refused for now: out of fds, too many conns
+    ├── ExportFailed (OSError)          export_socket failed in the OS (EMFILE, ESRCH...)
     ├── ProtocolError                   the wire rules were broken
     │   ├── LocalProtocolError          ... by us: a bug or a misuse of the API
     │   └── RemoteProtocolError         ... by the peer: garbage, forged or truncated frames
@@ -37,7 +40,7 @@ socket), ``SniffError`` (a client that cannot be routed), and ``MigrationError``
 ``MigrationUnsupported``, ``StateError``, ``MigrationRefused`` and ``MigrationAborted``
 (moving a live connection; see ``docs/server.md``).
 
-Every class is importable from the package top level. ``ValueError`` and
+Every class is importable from the package top level. ``ValueError``, ``OSError`` and
 ``TimeoutError`` mixins keep stdlib-style ``except`` clauses working.
 """
 
@@ -59,7 +62,10 @@ __all__ = [
     "ChannelEnded",
     "ChannelError",
     "ChannelTimeout",
+    "ExportFailed",
+    "ExporterBusy",
     "ExporterGone",
+    "ExporterTimeout",
     "HandoffError",
     "HandoffRejected",
     "HandoffReturned",
@@ -106,6 +112,22 @@ class TokenExpired(TokenError):
 
 class ExporterGone(TokenError):
     """The process that exported the socket exited before the import."""
+
+
+class ExporterTimeout(ExporterGone, TimeoutError):
+    """The exporting process is alive, but its export agent did not complete the import
+    before the deadline (the process is stopped, overloaded or out of descriptors)."""
+
+
+class ExporterBusy(TokenError):
+    """The exporter's agent answered that it cannot serve the import now (it is out of
+    file descriptors, or has too many importer connections). The token is not consumed."""
+
+
+class ExportFailed(SockshareError, OSError):
+    """``export_socket`` failed in the operating system (``errno`` set): the process is
+    out of file descriptors (EMFILE), the descriptor is not a socket, the target pid
+    does not exist..."""
 
 
 # --- wire protocol ------------------------------------------------------------

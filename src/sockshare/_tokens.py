@@ -7,21 +7,28 @@ Python's Windows-only ``socket.share``/``socket.fromshare``::
     sock = sockshare.import_socket(token)               # in process target_pid
     sockshare.release(token)                            # exporter withdraws it
 
-A token is bound to its target pid, single use, and expires (30 s by default). The
-exporter's duplicate of the socket is closed when the token is imported, released or
-expires; an import that fails for any reason leaves no descriptor open on either side.
-The exchange behind an import is described in ``docs/protocol.md`` ("Token import").
+A token is bound to its target process (on Linux to the process itself, by its start
+time; elsewhere to its pid), single use, and expires (30 s by default). The exporter's
+duplicate of the socket is closed when the token is imported, released or expires; an
+import that fails for any reason leaves no descriptor open on either side, and takes at
+most its ``timeout`` in all. The exchange behind an import is described in
+``docs/protocol.md`` ("Tokens").
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sys
 import threading
+import time
 
 from sockshare._errors import (
+    ExporterBusy,
     ExporterGone,
+    ExporterTimeout,
+    ExportFailed,
     InvalidToken,
     RemoteProtocolError,
     SockshareError,
@@ -32,6 +39,7 @@ from sockshare.backends._agent import agent
 from sockshare.backends._scm import close_fds, peer_credentials, recv_with_fds
 from sockshare.protocol import (
     Claim,
+    ErrorCode,
     FrameDecoder,
     FrameType,
     decode_error,
@@ -65,23 +73,52 @@ def export_socket(
     ``sock`` and may close it right away: the exporter holds its own duplicate until the
     token is imported, released or expired.
 
-    Raises ``ValueError`` for a bad ``ttl`` or pid, and
-    :class:`~sockshare.LocalProtocolError` for a socket kind sockshare cannot move.
+    On Linux the token is bound to the process that has pid ``target_pid`` now (its
+    start time is recorded): should it exit, a process that later gets the same pid
+    cannot import the token. Elsewhere the binding is to the pid number.
+
+    Raises ``ValueError`` for a bad ``ttl`` or pid,
+    :class:`~sockshare.LocalProtocolError` for a socket kind sockshare cannot move, and
+    :class:`~sockshare.ExportFailed` (an ``OSError``, with its ``errno``) when the OS
+    refuses: this process is out of file descriptors (``EMFILE``), ``sock`` is not a
+    socket (``ENOTSOCK``), no process has pid ``target_pid`` (``ESRCH``).
     """
-    if isinstance(sock, int):
-        dup = os.dup(sock)
-        try:
-            probe = socket.socket(fileno=dup)
-        except BaseException:  # not a socket (ENOTSOCK): do not leak the duplicate
-            os.close(dup)
+    try:
+        if isinstance(sock, int):
+            dup = os.dup(sock)
+            try:
+                probe = socket.socket(fileno=dup)
+            except BaseException:  # not a socket (ENOTSOCK): do not leak the duplicate
+                os.close(dup)
+                raise
+            try:
+                return agent().export(probe, target_pid, ttl)
+            finally:
+                probe.close()
+        if sock.fileno() < 0:
+            raise ValueError("cannot export a closed socket")
+        return agent().export(sock, target_pid, ttl)
+    except OSError as exc:
+        if isinstance(exc, SockshareError):
             raise
-        try:
-            return agent().export(probe, target_pid, ttl)
-        finally:
-            probe.close()
-    if sock.fileno() < 0:
-        raise ValueError("cannot export a closed socket")
-    return agent().export(sock, target_pid, ttl)
+        raise _export_failed(exc, sock, target_pid) from exc
+
+
+def _export_failed(exc: OSError, sock: socket.socket | int, target_pid: int) -> ExportFailed:
+    err = exc.errno or 0
+    if err in (errno.EMFILE, errno.ENFILE):
+        what = (f"this process is out of file descriptors ({errno.errorcode[err]}): close "
+                "some, or raise its limit (ulimit -n), then export again")
+    elif err == errno.ESRCH:
+        what = (f"no process has pid {target_pid}: a token is bound to a running process; "
+                "export it once the target runs")
+    elif err == errno.ENOTSOCK:
+        what = f"descriptor {sock} is not a socket"
+    elif err == errno.EBADF:
+        what = f"descriptor {sock} is not open"
+    else:
+        what = exc.strerror or str(exc)
+    return ExportFailed(err, f"cannot export the socket: {what}")
 
 
 def release(token: str) -> bool:
@@ -102,12 +139,17 @@ def import_socket(
     The socket is non-inheritable. It is put in blocking mode (``blocking=True``,
     ``gettimeout() is None``) or non-blocking mode explicitly; the O_NONBLOCK flag lives
     on the open file description, so this also changes it for any copy the exporter
-    still holds. ``timeout`` bounds the exchange with the exporter.
+    still holds. ``timeout`` (seconds) is one deadline for the whole import: connecting,
+    claiming and receiving, however the exporter dribbles its answer.
 
     Raises :class:`~sockshare.InvalidToken`, :class:`~sockshare.WrongProcess`,
-    :class:`~sockshare.TokenConsumed`, :class:`~sockshare.TokenExpired` or
-    :class:`~sockshare.ExporterGone`, all subclasses of ``SockshareError``.
+    :class:`~sockshare.TokenConsumed`, :class:`~sockshare.TokenExpired`,
+    :class:`~sockshare.ExporterGone` (the exporter exited),
+    :class:`~sockshare.ExporterTimeout` (alive, but no answer within ``timeout``; also a
+    ``TimeoutError``) or :class:`~sockshare.ExporterBusy` (alive, but it cannot serve
+    now, e.g. out of file descriptors), all subclasses of ``SockshareError``.
     """
+    deadline = time.monotonic() + timeout
     info = decode_token(token)
     if sys.platform == "win32" and not info.is_windows:
         raise InvalidToken(
@@ -119,7 +161,10 @@ def import_socket(
             f"this token was exported for pid {info.target_pid}; this process is "
             f"pid {os.getpid()}: export it again for this process"
         )
-    sock = _import_windows(info, timeout) if info.is_windows else _import_posix(info, timeout)
+    if info.is_windows:
+        sock = _import_windows(info, deadline, timeout)
+    else:
+        sock = _import_posix(info, deadline, timeout)
     sock.setblocking(blocking)
     return sock
 
@@ -127,29 +172,58 @@ def import_socket(
 # --- POSIX ----------------------------------------------------------------------
 
 
-def _connect_agent(info: TokenInfo, timeout: float) -> socket.socket:
+def _left(deadline: float) -> float:
+    """Seconds left until ``deadline``; ``TimeoutError`` once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the import's deadline passed")
+    return left
+
+
+def _timed_out(info: TokenInfo, timeout: float) -> ExporterGone:
+    """The error for an import that ran out of time: the exporter exited, or it is
+    alive and its agent did not answer (stopped, overloaded, out of descriptors)."""
+    if not _pid_alive(info.exporter_pid):
+        return _gone(info)
+    return ExporterTimeout(
+        f"the exporting process (pid {info.exporter_pid}) is alive, but its export agent "
+        f"did not complete the import within the {timeout} s timeout: it may be stopped, "
+        "overloaded or out of file descriptors (check that process); the token stays "
+        "valid until it expires: import again, or with a longer timeout"
+    )
+
+
+def _connect_agent(info: TokenInfo, deadline: float, timeout: float) -> socket.socket:
     if info.is_windows:
         ch = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         addr: str | bytes | tuple[str, int] = ("127.0.0.1", info.agent_port)
     else:
         ch = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         addr = b"\0" + info.address if info.address_kind == ADDR_ABSTRACT else info.address
-    ch.settimeout(timeout)
+    pause = 0.001
     try:
-        ch.connect(addr)
+        while True:
+            ch.settimeout(_left(deadline))
+            try:
+                ch.connect(addr)
+                return ch
+            except BlockingIOError:
+                # EAGAIN: a UNIX listener's backlog is full (the agent is not accepting
+                # right now): try again until the deadline
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                pause = min(pause * 2, 0.05)
     except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError) as exc:
         ch.close()
         raise _gone(info) from exc
     except TimeoutError as exc:
         ch.close()
-        raise ExporterGone(f"the exporter (pid {info.exporter_pid}) did not answer in {timeout} s") from exc
-    except OSError as exc:  # EAGAIN (backlog full), an unusable address (path too long)...
+        raise _timed_out(info, timeout) from exc
+    except OSError as exc:  # an unusable address (path too long)...
         ch.close()
         raise ExporterGone(f"cannot reach the export agent of pid {info.exporter_pid}: {exc}") from exc
     except BaseException:
         ch.close()
         raise
-    return ch
 
 
 def _gone(info: TokenInfo) -> ExporterGone:
@@ -197,18 +271,24 @@ class _Stale(ExporterGone):
     """A pooled connection the agent had already closed: retry on a fresh one."""
 
 
-def _exchange(ch: socket.socket, info: TokenInfo) -> tuple[socket.socket | None, SockshareError | None]:
+def _exchange(ch: socket.socket, info: TokenInfo, deadline: float,
+              timeout: float) -> tuple[socket.socket | None, SockshareError | None]:
     """Send CLAIM; return the granted socket (None on Windows), or the refusal the agent
-    answered with (an ERROR frame: the connection is still good for another claim)."""
+    answered with (an ERROR frame: the connection is still good for another claim,
+    unless the agent refused the connection itself). Every wait ends by ``deadline``."""
     decoder = FrameDecoder(max_payload=8192, allow_fds=not info.is_windows)
     got_any = False
     try:
         try:
+            ch.settimeout(_left(deadline))
             ch.sendall(encode_frame(FrameType.CLAIM, encode_claim(
                 Claim(info.token_id, info.secret, os.getpid()))))
-        except (ConnectionResetError, BrokenPipeError) as exc:
-            raise _Stale("the export agent closed the connection") from exc
+        except (ConnectionResetError, BrokenPipeError):
+            # The agent closed the connection: an idle one it dropped (end of file
+            # below), or a new one it refused at once (its ERROR frame waits below).
+            pass
         while True:
+            ch.settimeout(_left(deadline))
             if info.is_windows:
                 data, fds = ch.recv(8192), list[int]()
             else:
@@ -227,7 +307,12 @@ def _exchange(ch: socket.socket, info: TokenInfo) -> tuple[socket.socket | None,
                 close_fds(frame.fds)
                 if decoder.buffered:
                     raise RemoteProtocolError("the export agent sent more than one answer")
-                return None, error_to_exception(decode_error(frame.payload))
+                err = decode_error(frame.payload)
+                if err.code in (ErrorCode.LIMIT, ErrorCode.INTERNAL):
+                    # out of descriptors, too many connections: it is alive, try later
+                    return None, ExporterBusy(err.text or f"the export agent of pid "
+                                              f"{info.exporter_pid} cannot serve imports now")
+                return None, error_to_exception(err)
             if frame.type != FrameType.GRANT or len(frame.fds) != (0 if info.is_windows else 1):
                 close_fds(frame.fds)
                 raise RemoteProtocolError(f"the export agent answered {frame.type.name} "
@@ -243,7 +328,7 @@ def _exchange(ch: socket.socket, info: TokenInfo) -> tuple[socket.socket | None,
                 close_fds(frame.fds)
                 raise
     except TimeoutError as exc:
-        raise ExporterGone(f"the exporter (pid {info.exporter_pid}) did not answer in time") from exc
+        raise _timed_out(info, timeout) from exc
     except ConnectionResetError as exc:
         if not got_any:
             raise _Stale("the export agent closed the connection") from exc
@@ -322,13 +407,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
-def _import_posix(info: TokenInfo, timeout: float) -> socket.socket:
+def _import_posix(info: TokenInfo, deadline: float, timeout: float) -> socket.socket:
     key = (info.exporter_pid, info.address)
     for _attempt in range(2):
         ch = _checkout(key)
         reused = ch is not None
         if ch is None:
-            ch = _connect_agent(info, timeout)
+            ch = _connect_agent(info, deadline, timeout)
             try:
                 if sys.platform.startswith("linux") or sys.platform == "darwin":
                     pid, _uid, _gid = peer_credentials(ch)
@@ -340,9 +425,8 @@ def _import_posix(info: TokenInfo, timeout: float) -> socket.socket:
             except BaseException:
                 ch.close()
                 raise
-        ch.settimeout(timeout)
         try:
-            sock, refusal = _exchange(ch, info)
+            sock, refusal = _exchange(ch, info, deadline, timeout)
         except _Stale:
             ch.close()
             if reused:
@@ -360,7 +444,8 @@ def _import_posix(info: TokenInfo, timeout: float) -> socket.socket:
             _checkin(key, ch)
             raise refusal
         assert sock is not None
-        try:
+        try:  # DONE is 20 bytes on a connection that reads: never blocks in practice
+            ch.settimeout(max(deadline - time.monotonic(), 0.5))
             ch.sendall(encode_frame(FrameType.DONE, encode_done(info.token_id)))
         except OSError:
             ch.close()  # the agent closes its copy on hang-up too; we own the socket
@@ -373,7 +458,7 @@ def _import_posix(info: TokenInfo, timeout: float) -> socket.socket:
 # --- Windows --------------------------------------------------------------------
 
 
-def _import_windows(info: TokenInfo, timeout: float) -> socket.socket:
+def _import_windows(info: TokenInfo, deadline: float, timeout: float) -> socket.socket:
     if sys.platform != "win32":
         raise InvalidToken(
             "this token carries a Windows WSAPROTOCOL_INFO blob: only the Windows "
@@ -399,12 +484,13 @@ def _import_windows(info: TokenInfo, timeout: float) -> socket.socket:
             # Fail fast: Windows retries a refused loopback connect for about 2 s, and a
             # dead exporter's port may belong to another program by now.
             raise _gone(info)
-        ch = _connect_agent(info, timeout)
+        ch = _connect_agent(info, deadline, timeout)
         try:
-            _sock, refusal = _exchange(ch, info)
+            _sock, refusal = _exchange(ch, info, deadline, timeout)
             if refusal is not None:
                 raise refusal
             try:
+                ch.settimeout(max(deadline - time.monotonic(), 0.5))
                 ch.sendall(encode_frame(FrameType.DONE, encode_done(info.token_id)))
             except OSError:
                 pass

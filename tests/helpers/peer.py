@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import logging
 import os
+import resource
 import socket
 import sys
 import time
@@ -56,6 +58,7 @@ class Peer:
         self.socks: dict[int, socket.socket] = {}
         self.next_h = 1
         self.link = link
+        self.hog: list[int] = []  # descriptors held by ``exhaust``
 
     # -- helpers ---------------------------------------------------------------
 
@@ -325,6 +328,36 @@ class Peer:
             rf.close()
             _unpool()
         return sorted(kinds)
+
+    def op_log(self, path: str) -> None:
+        """Write sockshare's log, every level, to ``path``, one line per record."""
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+        logger = logging.getLogger("sockshare")
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+
+    def op_nofile(self, soft: int) -> list[int]:
+        """Set this process's soft RLIMIT_NOFILE; return the (soft, hard) it had."""
+        old = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, old[1]))
+        return list(old)
+
+    def op_exhaust(self) -> int:
+        """Open /dev/null until EMFILE; return how many were opened (kept open)."""
+        while True:
+            try:
+                self.hog.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                return len(self.hog)
+
+    def op_unexhaust(self) -> int:
+        """Close what ``exhaust`` opened; return how many."""
+        n = len(self.hog)
+        for fd in self.hog:
+            os.close(fd)
+        self.hog = []
+        return n
 
     def op_exit(self) -> None:
         raise SystemExit(0)

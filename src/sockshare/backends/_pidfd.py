@@ -17,6 +17,21 @@ The received descriptor is close-on-exec: the kernel sets ``O_CLOEXEC`` on it (t
 kernel ever behave otherwise.
 
 :func:`available` says whether the mechanism works here and, if not, why.
+
+Process identity, for binding a token to a process rather than to a pid number (a pid
+is reused once its process is gone):
+
+* :func:`process_inode` / :func:`pidfd_inode`: since Linux 6.9 a pidfd is an inode of
+  the ``pidfs`` filesystem, one per process, whose number is never reused until reboot:
+  it names exactly one process (``None`` on older kernels, where every pidfd shares one
+  anonymous inode);
+* :func:`peer_pidfd`: a pidfd for the process at the other end of a UNIX socket
+  (``SO_PEERPIDFD``, Linux >= 6.5), and :func:`pidfd_exited`: whether it has exited;
+* :func:`start_time`: a process's start time (field 22 of ``/proc/<pid>/stat``, in
+  clock ticks since boot, 10 ms): with the pid it names one process, unless the pid is
+  reused within the same tick (which takes privileges over the pid namespace);
+  :func:`proc_is_ours` says whether ``/proc`` shows this process's pid namespace
+  (otherwise its numbers mean other processes).
 :func:`getfd` raises :class:`~sockshare.BackendUnavailable` with the reason when the
 OS refuses the call itself (``ENOSYS``: no such syscall; ``EPERM``/``EACCES``: no
 ptrace rights or a seccomp filter), and plain ``OSError`` subclasses when the
@@ -30,6 +45,8 @@ import ctypes
 import errno
 import os
 import platform
+import select
+import socket
 import sys
 from collections.abc import Callable
 
@@ -40,14 +57,23 @@ __all__ = [
     "NR_PIDFD_OPEN",
     "available",
     "getfd",
+    "peer_pidfd",
+    "pidfd_exited",
     "pidfd_getfd",
+    "pidfd_inode",
     "pidfd_open",
+    "proc_is_ours",
+    "process_inode",
+    "start_time",
 ]
 
 #: Syscall numbers, identical on x86_64 and aarch64 (asm-generic table).
 NR_PIDFD_OPEN = 434
 NR_PIDFD_GETFD = 438
 _ARCHES = frozenset({"x86_64", "amd64", "aarch64", "arm64"})
+#: getsockopt(SOL_SOCKET, SO_PEERPIDFD), asm-generic value (x86_64, aarch64); Python 3.11
+#: does not name it.
+SO_PEERPIDFD = 77
 
 _syscall: Callable[..., int] | None = None
 _why_not: str = ""
@@ -164,3 +190,128 @@ def available() -> tuple[bool, str]:
     os.close(new)
     return True, ("pulled a descriptor from this process; other processes need ptrace "
                   "rights (same uid and not restricted by Yama, or CAP_SYS_PTRACE)")
+
+
+# --- process identity ---------------------------------------------------------------
+
+_peer_pidfd_works: bool | None = None if sys.platform.startswith("linux") else False
+
+
+def start_time(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks since boot, ``/proc/<pid>/stat``
+    field 22): with the pid, it names one process, whatever later reuses the number.
+
+    Raises ``ProcessLookupError`` if there is no such process; returns ``None`` if it
+    cannot be told (no ``/proc``, as on macOS, or ``/proc`` hides the process). Other
+    ``OSError`` (EMFILE) propagate: the caller cannot tell, and must not guess.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        if not os.path.isdir("/proc/self"):
+            return None  # no procfs at all
+        raise ProcessLookupError(errno.ESRCH, f"no process has pid {pid}") from None
+    except PermissionError:  # hidden from us (mounted with hidepid)
+        return None
+    try:  # the command name (field 2) may hold spaces and parentheses: cut at the last ')'
+        return int(data.rsplit(b")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+_proc_checked: tuple[int, bool] = (0, False)
+
+
+def proc_is_ours() -> bool:
+    """True if ``/proc`` shows this process's pid namespace (``/proc/self`` is our pid).
+
+    In a pid namespace entered without mounting its own ``/proc``, ``/proc/<n>`` is
+    another process than pid ``n`` of ours: start times read there would be wrong.
+    """
+    global _proc_checked
+    pid = os.getpid()
+    if _proc_checked[0] != pid:
+        try:
+            ours = os.readlink("/proc/self") == str(pid)
+        except OSError:
+            ours = False
+        _proc_checked = (pid, ours)
+    return _proc_checked[1]
+
+
+def peer_pidfd(sock: socket.socket) -> int | None:
+    """A pidfd (close-on-exec) for the process that connected ``sock``, from
+    ``SO_PEERPIDFD`` (Linux >= 6.5), or ``None`` where the kernel has no such option
+    (or the peer is gone). Other errors (EMFILE) propagate. The caller closes it."""
+    global _peer_pidfd_works
+    if _peer_pidfd_works is False or platform.machine().lower() not in _ARCHES:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4)
+    except OSError as exc:
+        if exc.errno in (errno.ENOPROTOOPT, errno.EINVAL, errno.EOPNOTSUPP):
+            _peer_pidfd_works = False
+            return None
+        if exc.errno == errno.ESRCH:  # the peer is gone (and reaped)
+            return None
+        raise  # EMFILE...: the caller cannot tell who it is now
+    _peer_pidfd_works = True
+    fd = int.from_bytes(raw, sys.byteorder, signed=True)
+    return fd if fd >= 0 else None
+
+
+def pidfd_exited(pidfd: int) -> bool:
+    """True once the process behind ``pidfd`` has exited (a pidfd polls readable then)."""
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(0))
+
+
+_pidfs: bool | None = None
+
+
+def _has_pidfs() -> bool:
+    """True if pidfds have one inode per process (pidfs, Linux >= 6.9): told by
+    comparing a pidfd's (device, inode) with an epoll descriptor's, which is the shared
+    anonymous inode where pidfs does not exist."""
+    global _pidfs
+    if _pidfs is None:
+        try:
+            fd = pidfd_open(os.getpid())
+        except (OSError, BackendUnavailable):
+            _pidfs = False
+            return False
+        try:
+            ep = select.epoll()
+            try:
+                a, b = os.fstat(fd), os.fstat(ep.fileno())
+                _pidfs = (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino)
+            finally:
+                ep.close()
+        finally:
+            os.close(fd)
+    return _pidfs
+
+
+def pidfd_inode(pidfd: int) -> int | None:
+    """The pidfs inode number of the process behind ``pidfd`` (unique until reboot), or
+    ``None`` where pidfds have no inode of their own (Linux < 6.9)."""
+    if not _has_pidfs():
+        return None
+    return os.fstat(pidfd).st_ino
+
+
+def process_inode(pid: int) -> int | None:
+    """The pidfs inode number of process ``pid`` (see :func:`pidfd_inode`), or ``None``
+    where it cannot be had. Raises ``ProcessLookupError`` if there is no such process."""
+    if not hasattr(select, "epoll") or _load() is None or not _has_pidfs():
+        return None
+    try:
+        fd = pidfd_open(pid)
+    except BackendUnavailable:  # seccomp, or no such syscall
+        return None
+    try:
+        return pidfd_inode(fd)
+    finally:
+        os.close(fd)

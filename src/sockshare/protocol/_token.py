@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ _WIN = struct.Struct(">BIIQ16sQHH")  # kind, exp pid, target pid, id, secret, ex
 
 ADDR_ABSTRACT = 0
 ADDR_PATH = 1
+
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +93,13 @@ def encode_token(t: TokenInfo) -> str:
 
 
 def decode_token(text: str | bytes) -> TokenInfo:
-    """Parse a token; raise :class:`InvalidToken` saying exactly what is wrong with it."""
+    """Parse a token; raise :class:`InvalidToken` saying exactly what is wrong with it.
+
+    Decoding is strict: after the prefix, only the unpadded base64url alphabet, in the
+    one canonical encoding of the body, of exactly the length the body's fields give.
+    Whitespace around the token (the newline of a line read from a pipe or a file) is
+    ignored; anything else added, removed or changed makes it invalid.
+    """
     if isinstance(text, bytes | bytearray):
         try:
             text = bytes(text).decode("ascii")
@@ -110,10 +119,21 @@ def decode_token(text: str | bytes) -> TokenInfo:
             "upgrade the importing side"
         )
     b64 = text[len(PREFIX):]
+    if not _B64URL.fullmatch(b64):
+        bad = next(c for c in b64 if not (c.isascii() and (c.isalnum() or c in "-_")))
+        raise InvalidToken(
+            f"the token is garbled: {bad!r} is not a base64url character (A-Z a-z 0-9 - _, "
+            "no padding): pass the token on unchanged"
+        )
+    if len(b64) % 4 == 1:
+        raise InvalidToken("the token is garbled or truncated: its length is impossible")
     try:
         body = base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4))
     except (binascii.Error, ValueError):
         raise InvalidToken("the token is garbled: its text is not base64url") from None
+    if base64.urlsafe_b64encode(body).rstrip(b"=") != b64.encode("ascii"):
+        # the last character carries bits the body does not have: not our encoding
+        raise InvalidToken("the token is garbled: its last character was changed")
     if len(body) < 5 or zlib.crc32(body[:-4]) != struct.unpack(">I", body[-4:])[0]:
         raise InvalidToken(
             "the token is garbled or truncated (checksum mismatch): pass it on unchanged"
