@@ -69,6 +69,10 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("-t", "--timeout", type=float, metavar="S",
                    help="a worker that leaves a handoff unanswered S seconds is killed and "
                         "restarted, its handoffs go to other workers (default: 30; 0: never)")
+    p.add_argument("--upgrade-probation", type=float, metavar="S",
+                   help="on upgrade, the old dispatcher keeps serving beside the new one this "
+                        "long (and until the new one answers with ready workers) before it "
+                        "hands over; if the new one dies first, the old one goes on (default: 1)")
     p.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"))
     p.add_argument("--resume", metavar="SPEC",
                    help="module:callable, async def resume(conn, state), for migrated connections "

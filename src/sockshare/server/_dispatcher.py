@@ -66,12 +66,14 @@ listening sockets (and the metrics socket) passed as ``LISTEN_FDS``/``LISTEN_FDN
 sockets are in place before the new process runs its first line, and no listener is
 ever closed or re-bound. The new dispatcher starts its workers and, once they are
 ready, asks the old one to hand over (``{"cmd": "takeover"}`` on the old control
-socket). The old one then tells systemd ``MAINPID=<new pid>``, stops accepting (the
-kernel's accept queue is shared, so nothing is lost), connects a channel to the new
-dispatcher, forwards its queue over it, and drains its workers with migration: their
-connections travel worker → old dispatcher → new dispatcher → new worker. It exits when
-its last worker has. If the new dispatcher dies before taking over, the old one simply
-goes on serving.
+socket). Both then serve side by side for a probation (``upgrade_probation`` seconds,
+and until the new one answers a status with ready workers); only then does the old one
+tell systemd ``MAINPID=<new pid>``, stop accepting (the kernel's accept queue is shared,
+so nothing is lost), connect a channel to the new dispatcher, forward its queue over
+it, and drain its workers with migration: their connections travel worker → old
+dispatcher → new dispatcher → new worker. It exits when its last worker has. If the new
+dispatcher dies before the hand-over (before or right after its takeover request), the
+old one simply goes on serving: it never stopped.
 
 systemd: listeners may come from socket activation (``LISTEN_FDS``, matched to the
 configured listeners by ``LISTEN_FDNAMES`` or address), they are put in the fd store
@@ -451,6 +453,9 @@ class Dispatcher:
         # upgrade, old side
         self._successor: asyncio.subprocess.Process | None = None
         self._successor_ready: asyncio.Future[bool] | None = None
+        #: the successor asked to take over and serves beside us until it has shown
+        #: that it serves (see _prove_successor)
+        self._probation: asyncio.Task[None] | None = None
         self._handed_over = False
         self._upstream: AsyncChannel | None = None
         self._upstream_pending: dict[int, tuple[Ticket, Waiting]] = {}
@@ -539,7 +544,9 @@ class Dispatcher:
             sock = self._take_inherited(inherited, lc)
             owned = True
             if sock is not None:
-                owned = bool(self._predecessor)   # systemd's socket files stay systemd's
+                # systemd's socket files stay systemd's; a predecessor's become ours
+                # when it hands over (_handed_over_to_us)
+                owned = False
                 log.info("listener %s: inherited descriptor %d", lc.name, sock.fileno())
             else:
                 try:
@@ -1222,7 +1229,7 @@ class Dispatcher:
             if slot is None:
                 if (self._predecessor and ch.peer.pid == self._predecessor
                         and ch.peer.name == f"dispatcher:{self._predecessor}"):
-                    log.info("upgrade: the old dispatcher (pid %d) connected its channel", ch.peer.pid)
+                    self._handed_over_to_us()
                     self._spawn(self._watch_peer(ch))
                     continue
                 log.warning("refused a channel from pid %d (%r): not a worker this dispatcher "
@@ -1721,25 +1728,92 @@ class Dispatcher:
         if self._handed_over:
             return   # it runs on; its exit is none of our business any more
         self.counters["upgrade_failures"] += 1
-        log.error("upgrade failed: the new dispatcher (pid %d) exited with %s before taking "
-                  "over; this one (pid %d) goes on serving", proc.pid, _describe_exit(rc), self._pid)
+        probation, self._probation = self._probation, None
+        if probation is not None:
+            probation.cancel()
+        log.error("upgrade failed: the new dispatcher (pid %d) exited with %s before %s; this "
+                  "one (pid %d) goes on serving", proc.pid, _describe_exit(rc),
+                  "it had shown that it serves" if probation is not None else "taking over",
+                  self._pid)
         self._successor = None
         if self._successor_ready is not None and not self._successor_ready.done():
             self._successor_ready.set_result(False)
 
     async def _takeover(self, req: dict[str, Any]) -> dict[str, Any]:
-        """The new dispatcher is ready: give it everything."""
+        """The new dispatcher is ready. It serves beside this one (both accept on the
+        same listening sockets) until it has shown that it serves; only then does this
+        one hand over (:meth:`_hand_over`). Dying before that, it leaves this one serving,
+        as if the upgrade had never started."""
         proc = self._successor
-        pid, chan = req.get("pid"), req.get("channel")
+        pid, chan, control = req.get("pid"), req.get("channel"), req.get("control")
         if proc is None or pid != proc.pid or not isinstance(chan, str):
             return {"ok": False, "error": "takeover refused: not the dispatcher this one started"}
         if self._handed_over:
             return {"ok": False, "error": "already handed over"}
+        if self._probation is not None:
+            return {"ok": False, "error": "a takeover is already under way"}
+        self._probation = self._spawn(self._prove_successor(
+            proc, chan, control if isinstance(control, str) else ""), critical=False)
+        log.info("upgrade: pid %d is ready; both serve until it has shown that it serves "
+                 "(at least %.1f s), then this one hands over", proc.pid, self.cfg.upgrade_probation)
+        return {"ok": True, "pid": self._pid, "probation": self.cfg.upgrade_probation}
+
+    async def _prove_successor(self, proc: asyncio.subprocess.Process, chan: str,
+                               control: str) -> None:
+        """Probation: ``upgrade_probation`` seconds with the new dispatcher alive, then its
+        control socket must answer a status with a ready worker in every pool (its event
+        loop runs, its workers are up). Then hand over. Not within ``connect_timeout``:
+        it is killed, and :meth:`_watch_successor` says that this one goes on serving."""
+        deadline = time.monotonic() + self.cfg.upgrade_probation + self.cfg.connect_timeout
+        await asyncio.sleep(self.cfg.upgrade_probation)
+        why = "no control socket"
+        while True:
+            if proc.returncode is not None or self._successor is not proc or self._stopping:
+                return   # (its exit is reported by _watch_successor)
+            if control:
+                why = await self._probe_successor(proc.pid, control)
+                if not why:
+                    break
+            if time.monotonic() > deadline:
+                log.error("upgrade: the new dispatcher (pid %d) has not shown that it serves "
+                          "(%s): killing it", proc.pid, why)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                return
+            await asyncio.sleep(0.1)
+        if proc.returncode is None and self._successor is proc and not self._stopping:
+            await self._hand_over(proc, chan)
+
+    async def _probe_successor(self, pid: int, control: str) -> str:
+        """'' if the new dispatcher answers a status with a ready worker in each pool,
+        else what is wrong."""
+        try:
+            resp = await asyncio.to_thread(request, control, {"cmd": "status"}, timeout=2.0)
+        except (OSError, SockshareError, ValueError) as exc:
+            return f"its control socket did not answer: {exc}"
+        st = resp.get("status")
+        if not resp.get("ok") or not isinstance(st, dict) or st.get("pid") != pid:
+            return f"its control socket answered {resp!r:.200}"
+        ready = {w.get("pool") for w in st.get("workers", ()) if isinstance(w, dict)
+                 and w.get("state") == "ready"}
+        missing = [p for p in self.pools if p not in ready]
+        return f"no ready worker in pool(s) {', '.join(missing)}" if missing else ""
+
+    async def _hand_over(self, proc: asyncio.subprocess.Process, chan: str) -> None:
+        """The new dispatcher has shown that it serves: give it everything."""
+        pid = proc.pid
         try:
             up = await AsyncChannel.connect(chan, name=f"dispatcher:{self._pid}")
         except (OSError, SockshareError) as exc:
-            log.error("upgrade: cannot connect to the new dispatcher's channel: %s", exc)
-            return {"ok": False, "error": f"cannot connect to {chan}: {exc}"}
+            log.error("upgrade: cannot connect to the new dispatcher's channel (%s): killing "
+                      "it", exc)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            return
+        if proc.returncode is not None or self._stopping:
+            with contextlib.suppress(Exception):
+                await up.aclose()
+            return
         self._handed_over = True
         self._upstream = up
         _sd_notify(f"MAINPID={pid}")
@@ -1761,7 +1835,6 @@ class Dispatcher:
             self._successor_ready.set_result(True)
         log.info("upgrade: handed over to pid %d; draining %d worker(s)", pid, len(self.slots))
         self._spawn(self._exit_when_drained())
-        return {"ok": True, "pid": self._pid}
 
     def _forward_upstream(self, w: Waiting) -> bool:
         up = self._upstream
@@ -1808,20 +1881,30 @@ class Dispatcher:
         try:
             resp = await asyncio.to_thread(
                 request, self._predecessor_control,
-                {"cmd": "takeover", "pid": self._pid, "channel": self._chan_path}, timeout=30.0)
+                {"cmd": "takeover", "pid": self._pid, "channel": self._chan_path,
+                 "control": self._control.path if self._control else ""}, timeout=30.0)
         except (OSError, SockshareError, ValueError) as exc:
             log.error("upgrade: the old dispatcher did not answer: %s", exc)
             return False
         if not resp.get("ok"):
             log.error("upgrade: the old dispatcher refused: %s", resp.get("error"))
             return False
+        log.info("upgrade: took over from pid %d (it serves beside this one for %s s, then "
+                 "hands over)", self._predecessor, resp.get("probation", "?"))
+        return True
+
+    def _handed_over_to_us(self) -> None:
+        """The old dispatcher connected its channel: it no longer accepts, its workers
+        drain into ours. The listeners' socket files and the control path are ours now
+        (not before: were this process to die during the probation, the old one goes on
+        with them)."""
         for ls in self.listeners:
             ls.owned = True
         if self._control_final and self._control is not None:
             with contextlib.suppress(OSError):
                 self._control.move(self._control_final)
-        log.info("upgrade: took over from pid %d", self._predecessor)
-        return True
+            self._control_final = ""
+        log.info("upgrade: pid %d handed over; its workers drain into ours", self._predecessor)
 
     async def _watch_peer(self, ch: AsyncChannel) -> None:
         """Connections the old dispatcher hands us: migrations (chained answers) and its
