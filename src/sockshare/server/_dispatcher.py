@@ -28,6 +28,16 @@ Past the queue, or after the timeout, it is *refused*: closed at once with SO_LI
 summary of the rest) and ``refused{reason}`` counted. Re-dispatched connections go to the
 head of the queue and are never refused for a full queue (they were admitted already).
 
+Descriptors. Accepting stops short of RLIMIT_NOFILE: when an accepted descriptor reaches
+``limit - fd_reserve`` (descriptors are allocated lowest first, so every one below it is
+taken), every listener is held until the lowest free descriptor is back under the mark;
+connections wait in the kernel's accept queue meanwhile, and the reserve is there for
+starting workers and answering the control socket. A worker says in its hello how many
+connections its descriptors allow (``capacity``: a cap like ``max_conns``), refuses a
+handoff with REJECT_NO_FDS when it is out of them anyway (no attempt counted; it gets
+nothing more until ``{"ev": "fds", "full": false}``). Sniffing listeners are also held
+while ``sniff_max`` connections are being sniffed.
+
 Supervision. Each worker *process* has a :class:`WorkerSlot` and a supervisor task: it
 starts the process (the Python runtime for an ``app``, or a ``worker_cmd`` in any
 language, given ``SOCKSHARE_CHANNEL``/``SOCKSHARE_WORKER_ID``), waits for it to exit and
@@ -114,13 +124,15 @@ from sockshare.server._config import ListenerConfig, PoolConfig, ServerConfig, p
 from sockshare.server._control import ControlServer, default_path, request, runtime_dir
 from sockshare.server._metrics import MetricsServer
 from sockshare.server._policy import ConnInfo, LeastConnections, Policy, make_policy
-from sockshare.server._worker import PEER_SUFFIX
+from sockshare.server._worker import PEER_SUFFIX, REJECT_NO_FDS
 
 __all__ = ["Dispatcher", "WorkerSlot", "WorkerStats"]
 
 log = logging.getLogger("sockshare.server")
 
 ACCEPT_BATCH = 64
+#: seconds between two looks at the free descriptors while accepting is held for them
+FD_PROBE_INTERVAL = 0.02
 _TCP_INFO = int(getattr(socket, "TCP_INFO", 0))
 _IPPROTO_TCP = int(socket.IPPROTO_TCP)
 _U32 = struct.Struct("=I")
@@ -286,6 +298,12 @@ class WorkerSlot:
         self.rebalance_after = 0.0
         #: killed for leaving a handoff unanswered past --timeout (until restarted)
         self.hung = False
+        #: connections it may have (max_conns; 0 while it says it is out of descriptors)
+        self.limit = pool.cfg.max_conns if pool.cfg.max_conns is not None else sys.maxsize
+        self.fd_full = False
+        #: (process, connections) whose channel ended while the process lived on: lost
+        #: only if it does not exit cleanly (it finishes them first)
+        self.unreported: tuple[asyncio.subprocess.Process, int] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -310,8 +328,17 @@ class WorkerSlot:
     def has_room(self) -> bool:
         if self.state != "ready" or self.channel is None:
             return False
+        return self.connections < self.limit
+
+    def set_fd_full(self, full: bool, capacity: int | None = None) -> None:
+        """Out of descriptors: no handoffs. Not any more, with descriptors for
+        ``capacity`` connections in all: that many at most (it says so again if that was
+        too many)."""
+        self.fd_full = full
         cap = self.pool_state.cfg.max_conns
-        return cap is None or self.connections < cap
+        self.limit = 0 if full else (cap if cap is not None else sys.maxsize)
+        if capacity is not None and not full:
+            self.limit = min(self.limit, max(1, capacity))
 
     def control(self, obj: dict[str, Any]) -> bool:
         if self.channel is None:
@@ -331,7 +358,9 @@ class ListenerState:
         self.cfg = cfg
         self.sock = sock
         self.accepted = 0
-        self.paused = False
+        #: why it does not accept now: "emfile" (accept failed), "fds" (the fd reserve
+        #: is reached), "sniff" (sniff_max connections are being sniffed)
+        self.holds: set[str] = set()
         #: the socket file (UNIX) is ours to remove on stop (not systemd's, not handed over)
         self.owned = owned
         # socket.accept() builds enums for family/type/proto on every call (1 us): the
@@ -341,6 +370,8 @@ class ListenerState:
                          and self.kind[0] in (int(socket.AF_INET), int(socket.AF_INET6)))
         #: set by the dispatcher once the sniffer is known (see Dispatcher._static_route)
         self.static_route: tuple[str, str, str, str] | None = None
+        #: connections go through the sniffer (set with static_route)
+        self.sniffs = False
         if cfg.bind.is_unix:
             self.address = f"unix:{cfg.bind.address}"
         else:
@@ -404,7 +435,8 @@ class Dispatcher:
             ("accepted", "handoffs", "rejects", "returned", "redispatches", "sniff_failures",
              "lost", "migrations", "migrations_refused", "migrations_closed",
              "migration_requests", "rebalances", "reloads", "reload_failures", "upgrades",
-             "upgrade_failures", "hung_kills", "migrations_direct"), 0)
+             "upgrade_failures", "hung_kills", "migrations_direct", "fd_pauses",
+             "fd_rejects"), 0)
         #: direct migrations still unanswered a few ms after they left: (source pid,
         #: handoff id) -> (target, since); for --timeout and the status
         self._moving: dict[tuple[int, int], tuple[WorkerSlot, float]] = {}
@@ -422,6 +454,10 @@ class Dispatcher:
         self._stop_event: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sniffing: set[asyncio.Task[None]] = set()
+        #: RLIMIT_NOFILE, and the descriptor number past which accepting pauses
+        self._fd_limit, reserve = self._fd_limits()
+        self._fd_high = self._fd_limit - reserve if self._fd_limit else 1 << 30
+        self._fd_logged = -1e9
         self._supervisors: set[asyncio.Task[None]] = set()
         self._chan: AsyncChannelListener | None = None
         self._chan_path = ""
@@ -567,6 +603,7 @@ class Dispatcher:
             self._load_sniffer()
         for ls in self.listeners:
             ls.static_route = self._static_route(ls)
+            ls.sniffs = ls.cfg.sniffs and self._sniff is not None
         control = self.cfg.control or default_path(self._pid)
         if self._predecessor and self.cfg.control:
             # the predecessor still serves at that path: ours moves there on takeover
@@ -815,6 +852,12 @@ class Dispatcher:
         accept = ls.sock._accept  # type: ignore[attr-defined]  # the C accept, see ListenerState
         family, type_, proto = ls.kind
         budget = ACCEPT_BATCH
+        if ls.sniffs:
+            room = self.cfg.sniff_max - len(self._sniffing)
+            if room <= 0:
+                self._hold(ls, "sniff")
+                return
+            budget = min(budget, room)
         if ls.tcp_info:
             # Linux tells a TCP listener's accept queue length (TCP_INFO, tcpi_unacked):
             # accept that many instead of until EAGAIN -- the BlockingIOError that ends
@@ -823,7 +866,7 @@ class Dispatcher:
                 ready = _U32.unpack_from(ls.sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, 28), 24)[0]
             except OSError:
                 ready = ACCEPT_BATCH
-            budget = min(ready, ACCEPT_BATCH) or 1   # 0: a race; one try settles it
+            budget = min(ready, budget) or 1   # 0: a race; one try settles it
         for _ in range(budget):
             try:
                 fd, addr = accept()
@@ -843,18 +886,82 @@ class Dispatcher:
             ls.accepted += 1
             self.counters["accepted"] += 1
             self._admit(ls, sock, addr)
+            if fd >= self._fd_high:   # (descriptors are allocated lowest first)
+                self._fds_low(fd)
+                break
 
     def _pause(self, ls: ListenerState, delay: float) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(ls.sock.fileno())
-        ls.paused = True
+        self._hold(ls, "emfile")
+        asyncio.get_running_loop().call_later(delay, self._release, ls, "emfile")
 
-        def resume() -> None:
-            if not self._stopping and not self._handed_over and ls.sock.fileno() >= 0:
-                ls.paused = False
-                loop.add_reader(ls.sock.fileno(), self._on_acceptable, ls)
+    def _hold(self, ls: ListenerState, why: str) -> None:
+        """Stop accepting on ``ls`` for ``why`` (connections wait in the kernel's
+        accept queue meanwhile: nothing is refused)."""
+        if not ls.holds and ls.sock.fileno() >= 0:
+            with contextlib.suppress(ValueError, RuntimeError, OSError):
+                asyncio.get_running_loop().remove_reader(ls.sock.fileno())
+        ls.holds.add(why)
 
-        loop.call_later(delay, resume)
+    def _release(self, ls: ListenerState, why: str) -> None:
+        if why not in ls.holds:
+            return
+        ls.holds.discard(why)
+        if (not ls.holds and not self._stopping and not self._handed_over
+                and ls.sock.fileno() >= 0):
+            asyncio.get_running_loop().add_reader(ls.sock.fileno(), self._on_acceptable, ls)
+            if why != "emfile":
+                self._on_acceptable(ls)   # what waits in the accept queue, now
+
+    # -- the descriptor reserve --------------------------------------------------------
+
+    def _fd_limits(self) -> tuple[int, int]:
+        """``(limit, reserve)``: RLIMIT_NOFILE, and how many descriptors are kept free
+        for what must never fail for lack of one: starting workers (pipes, their
+        channels), the control socket, the metrics endpoint, an upgrade."""
+        try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except (ImportError, OSError, ValueError):
+            return 0, 0
+        if soft == getattr(resource, "RLIM_INFINITY", -1) or soft <= 0 or soft > 1 << 30:
+            soft = 1 << 30
+        reserve = self.cfg.fd_reserve
+        if reserve is None:
+            reserve = 16 + 8 * len(self.slots)
+        return soft, max(0, min(reserve, soft // 2))
+
+    def _fds_low(self, fd: int) -> None:
+        """An accepted descriptor reached ``limit - reserve``: every descriptor below it
+        is taken. Stop accepting until some are free again."""
+        self.counters["fd_pauses"] += 1
+        now = time.monotonic()
+        if now - self._fd_logged >= 10.0:   # (one line per 10 s at most)
+            log.warning("descriptor %d reached the reserve (RLIMIT_NOFILE %d, %d kept for "
+                        "workers and control): accepting paused until descriptors are free; "
+                        "connections wait in the kernel's queue (%d pause(s) so far)", fd,
+                        self._fd_limit, self._fd_limit - self._fd_high, self.counters["fd_pauses"])
+            self._fd_logged = now
+        for ls in self.listeners:
+            self._hold(ls, "fds")
+        asyncio.get_running_loop().call_later(FD_PROBE_INTERVAL, self._probe_fds)
+
+    def _probe_fds(self) -> None:
+        """While held for descriptors: the lowest free one (what the next accept would
+        get), every FD_PROBE_INTERVAL; below the mark by an eighth of the reserve, resume."""
+        if not any("fds" in ls.holds for ls in self.listeners):
+            return
+        try:
+            fd = os.open(os.devnull, os.O_RDONLY)   # the lowest free descriptor
+        except OSError:
+            fd = self._fd_limit
+        else:
+            os.close(fd)
+        if fd < self._fd_high - max(1, (self._fd_limit - self._fd_high) // 8) or self._stopping:
+            for ls in self.listeners:
+                self._release(ls, "fds")
+            return
+        asyncio.get_running_loop().call_later(FD_PROBE_INTERVAL, self._probe_fds)
 
     def _static_route(self, ls: ListenerState) -> tuple[str, str, str, str] | None:
         """For a TCP listener with no sniffer and a configuration without routes, where
@@ -895,9 +1002,16 @@ class Dispatcher:
             sock.setblocking(False)
             task = asyncio.get_running_loop().create_task(self._sniff_then_route(ls, sock, meta))
             self._sniffing.add(task)
-            task.add_done_callback(self._sniffing.discard)
+            task.add_done_callback(self._sniffed)
             return
         self._route(ls, sock, meta, b"")
+
+    def _sniffed(self, task: asyncio.Task[None]) -> None:
+        self._sniffing.discard(task)
+        if len(self._sniffing) < self.cfg.sniff_max:
+            for ls in self.listeners:
+                if "sniff" in ls.holds:
+                    self._release(ls, "sniff")
 
     async def _sniff_then_route(self, ls: ListenerState, sock: socket.socket,
                                 meta: dict[str, Any]) -> None:
@@ -908,8 +1022,8 @@ class Dispatcher:
             _close_reset(sock)
             raise
         except Exception as exc:
+            # (one log line: the refusal's, rate-limited with the others)
             self.counters["sniff_failures"] += 1
-            log.info("sniffing %s from %s failed: %s", meta["handoff_id"], meta.get("client"), exc)
             self._refuse(Waiting(sock, ConnInfo(meta["client"], ls.cfg.name, "", meta["handoff_id"],
                                                 meta), meta, b"", time.monotonic()),
                          "sniff_failed", str(exc), count=True)
@@ -955,9 +1069,9 @@ class Dispatcher:
         self._drain(pool)
 
     def _assign(self, pool: PoolState, w: Waiting) -> bool:
-        cap = pool.cfg.max_conns   # WorkerSlot.has_room, inlined: once per connection
+        # WorkerSlot.has_room, inlined: once per connection
         candidates = [s for s in pool.workers if s.state == "ready" and s.channel is not None
-                      and (cap is None or s.connections < cap)]
+                      and s.connections < s.limit]
         if w.exclude is not None and len(candidates) > 1:
             candidates = [s for s in candidates if s.id != w.exclude]
         if not candidates:
@@ -1287,12 +1401,20 @@ class Dispatcher:
         elif ev == "hello":
             slot.hello = True
             slot.can_resume = bool(msg.get("resume"))
+            capacity = msg.get("capacity")   # (connections its descriptors allow)
+            slot.set_fd_full(False, capacity if isinstance(capacity, int) else None)
             peer = msg.get("peer")
             slot.peer_path, slot.peers_sent = "", None   # a new process
             if (isinstance(peer, str) and peer.endswith(PEER_SUFFIX)
                     and os.path.dirname(peer) == os.path.dirname(self._chan_path)):
                 slot.peer_path = peer
             self._push_peers(slot.pool_state)
+        elif ev == "fds":
+            full = bool(msg.get("full"))
+            capacity = msg.get("capacity")
+            slot.set_fd_full(full, capacity if isinstance(capacity, int) else None)
+            if not full:
+                self._drain(slot.pool_state)
         elif ev in ("moved_in", "moved_out", "moving", "move_back"):
             self._direct_event(slot, ev, msg)
         elif ev == "orphan":
@@ -1346,6 +1468,15 @@ class Dispatcher:
                     t.socket.close()
                 continue
             w = entry[1]
+            if t.state == "rejected" and t.reason == REJECT_NO_FDS:
+                # not the connection's fault: no attempt counted, one log line per episode
+                self.counters["fd_rejects"] += 1
+                if not slot.fd_full:
+                    slot.set_fd_full(True)   # (the worker logs it, rate-limited)
+                if t.socket is not None:
+                    w.sock = t.socket
+                    self._redispatch(w, slot, REJECT_NO_FDS, counts=False)
+                continue
             if t.state == "rejected":
                 slot.stats.rejects += 1
                 self.counters["rejects"] += 1
@@ -1374,12 +1505,20 @@ class Dispatcher:
                 break
             self._apply_control(slot, ch, msg)
         slot.channel = None
-        if slot.active:
+        proc = slot.proc
+        if slot.active and proc is not None and proc.returncode is None:
+            # the process lives on: a worker whose channel ended finishes its connections
+            # and exits 0; they are lost only if it does not (see _count_unreported)
+            slot.unreported = (proc, slot.active)
+            log.warning("worker %d (pid %d): its channel ended with %d open connection(s); "
+                        "it should finish them and exit", slot.id, ch.peer.pid, slot.active)
+        elif slot.active:
             slot.stats.lost += slot.active
             self.counters["lost"] += slot.active
             log.warning("worker %d (pid %d) went away with %d open connection(s): they are lost "
                         "with it", slot.id, ch.peer.pid, slot.active)
         slot.active = 0
+        slot.set_fd_full(False)
         if slot.state in ("ready", "draining", "retiring"):
             slot.state = "gone"
         # its direct migrations out are settled by their targets now (or died with it)
@@ -1473,6 +1612,7 @@ class Dispatcher:
                 finally:
                     watchdog.cancel()
                 self._exited[pid] = (time.monotonic(), slot)
+                self._count_unreported(slot, proc, rc)
                 if slot.peer_path.endswith(f"{os.sep}{pid}{PEER_SUFFIX}"):
                     # a killed worker could not remove its peer socket
                     with contextlib.suppress(OSError, SockshareError):
@@ -1498,6 +1638,23 @@ class Dispatcher:
         slot.state = "stopped"
         if slot.retired and not self._stopping and slot in self.slots:
             self.slots.remove(slot)
+
+    def _count_unreported(self, slot: WorkerSlot, proc: asyncio.subprocess.Process,
+                          rc: int | None) -> None:
+        """The connections of a worker whose channel ended before it exited: finished if
+        it exited 0 (it drains them, within --grace), lost otherwise."""
+        left, slot.unreported = slot.unreported, None
+        if left is None or left[0] is not proc:
+            return
+        n = left[1]
+        if rc == 0:
+            log.info("worker %d (pid %d) exited 0: it finished the %d connection(s) it had "
+                     "when its channel ended", slot.id, proc.pid, n)
+            return
+        slot.stats.lost += n
+        self.counters["lost"] += n
+        log.warning("worker %d (pid %d) exited with %s: %d open connection(s) lost with it",
+                    slot.id, proc.pid, _describe_exit(rc), n)
 
     def _connect_timeout(self, slot: WorkerSlot, proc: asyncio.subprocess.Process) -> None:
         if slot.proc is proc and slot.channel is None and proc.returncode is None:
@@ -2016,7 +2173,7 @@ class Dispatcher:
                 "handoffs": st.handoffs, "rate": round(s.rate, 1), "rejects": st.rejects,
                 "returned": st.returned, "restarts": st.restarts, "lost": st.lost,
                 "migrated_in": st.migrated_in, "migrated_out": st.migrated_out,
-                "resume": s.can_resume, "retiring": s.retired,
+                "resume": s.can_resume, "retiring": s.retired, "fd_full": s.fd_full,
                 "uptime": round(now - s.started, 1) if s.pid else 0.0,
             })
         counters: dict[str, Any] = dict(self.counters)
