@@ -22,7 +22,8 @@ PROXY      v1 text / v2 binary header       exactly the header, never put in ``d
 TLS        record + ClientHello: SNI, ALPN  nothing (``data == b""``)
 HTTP/1.x   request line + header block      exactly the head (or up to the ``Host``
                                             line), which becomes ``data``
-other      --                               nothing
+other      --                               nothing (but a slow first line: what was
+                                            read of it, in ``data``)
 =========  ===============================  ==========================================
 
 Layers
@@ -39,8 +40,13 @@ routing table.
 
 The asyncio driver :func:`sniff` moves the bytes: it peeks at everything queued (up to a
 bound), runs a parser, and when the parser needs more it waits for the socket to hold
-*more* than it already holds -- on Linux by raising ``SO_RCVLOWAT`` to one byte over the
-queued count for the time of the wait (peeked bytes keep a socket readable, so plain
+*more* than it already holds. A slow client does not make it look at everything again
+per byte (docs/sniffing.md, "Slow clients"): an incomplete HTTP head is consumed as it
+comes (it is all head), parsers run only when the new bytes can complete something
+(:class:`_HttpGate`, :class:`_TlsGate`), and a connection still incomplete after a few
+looks is looked at again after a pause, not at every segment. It waits on Linux by
+raising ``SO_RCVLOWAT`` to one byte over the queued count (a TLS record: to its end)
+for the time of the wait (peeked bytes keep a socket readable, so plain
 readiness would spin), elsewhere by polling with a short back-off. ``SO_RCVLOWAT`` is
 put back before :func:`sniff` returns, on every path, because the option lives on the
 socket the worker receives. A ClientHello split over several TCP segments, or across
@@ -789,7 +795,8 @@ class SniffResult:
     ``"method"``, ``"path"``, ``"version"``, ``"host"``; for TLS ``"sni"``, ``"alpn"``;
     ``"proxy"`` when a PROXY header was received; ``"silent": True`` when the client sent
     nothing. ``data``: exactly the bytes consumed from the socket that the worker must
-    see first (the HTTP head; ``b""`` for TLS and unknown; never the PROXY header).
+    see first (the HTTP head; ``b""`` for TLS; for unknown, ``b""`` unless a first line
+    trickled in slowly and was read while waiting for its end; never the PROXY header).
     """
 
     pool: str | None
