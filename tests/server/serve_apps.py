@@ -8,6 +8,7 @@ handoff id, pre-read length, sniffed meta) and then:
 ``who``        closes;
 ``hold``       keeps the connection open until the client closes it;
 ``sleep S``    waits S seconds before answering, then closes;
+``leak N``     opens N descriptors (/dev/null) that the worker keeps for good (once);
 ``block S``    blocks the worker's whole event loop for S seconds (a hung worker), then
                answers and closes;
 ``exit``       kills the worker process (``os._exit(7)``) without answering;
@@ -23,6 +24,8 @@ import os
 import time
 from collections.abc import Sequence
 from typing import Any
+
+_leaked: list[int] = []
 
 
 async def app(conn: Any) -> None:
@@ -42,6 +45,8 @@ async def app(conn: Any) -> None:
         raise RuntimeError("the test asked this handler to fail")
     if cmd.startswith("sleep "):
         await asyncio.sleep(float(cmd.split()[1]))
+    if cmd.startswith("leak ") and not _leaked:   # N more descriptors, kept for good
+        _leaked.extend(os.open(os.devnull, os.O_RDONLY) for _ in range(int(cmd.split()[1])))
     if cmd.startswith("block "):
         time.sleep(float(cmd.split()[1]))  # on purpose: nothing else runs in this worker
     conn.writer.write(json.dumps(answer).encode() + b"\n")

@@ -1,7 +1,8 @@
 """Drive a real ``sockshare serve`` process from the tests.
 
 :class:`Server` starts ``python -m sockshare.server._cli serve ...`` as a child process
-with its own control socket in a tmp directory, waits (bounded) until every worker has
+with its own control socket in a tmp directory (``nofile=N``: under RLIMIT_NOFILE N),
+waits (bounded) until every worker has
 connected, reads the live status over the control socket, and on :meth:`Server.close`
 stops it with SIGTERM (SIGKILL after a deadline) -- only the dispatcher we started, and
 worker pids it reported that still run our worker command line.
@@ -36,10 +37,17 @@ def env_with_apps() -> dict[str, str]:
     return env
 
 
+#: ``python -c _LIMIT_FDS N argv...``: RLIMIT_NOFILE = N (soft and hard: the dispatcher
+#: and its workers cannot raise it back), then exec argv in the same process
+_LIMIT_FDS = ("import os, resource, sys; n = int(sys.argv[1]); "
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); os.execv(sys.argv[2], sys.argv[2:])")
+
+
 class Server:
     def __init__(self, tmp: Path, *args: str, workers: int | None = 2,
                  app: str | None = "serve_apps:app", bind: list[str] | None = None,
-                 ready: int | None = None, cwd: Path | None = None) -> None:
+                 ready: int | None = None, cwd: Path | None = None,
+                 nofile: int | None = None) -> None:
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         self.control = str(tmp / "ctl" / "server.ctl")
@@ -53,6 +61,8 @@ class Server:
             argv += ["--workers", str(workers)]
         argv += ["--control", self.control, "--grace", "5", *args]
         self._log = open(self.log_path, "wb")
+        if nofile is not None:
+            argv = [sys.executable, "-c", _LIMIT_FDS, str(nofile), *argv]
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=env_with_apps(),
                                      cwd=str(cwd or ROOT))

@@ -170,7 +170,7 @@ def test_sniff_failure_is_counted_and_logged(tmp_path: Path) -> None:
         st = srv.status()
         assert st["counters"]["sniff_failures"] == 1
         assert st["counters"]["refused_by_reason"] == {"sniff_failed": 1}
-        assert "sniffing" in srv.log()
+        assert "(sniff_failed): expected a PROXY protocol header" in srv.log()   # one line
 
 
 @pytest.mark.parametrize(("text", "message"), [

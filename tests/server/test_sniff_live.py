@@ -439,6 +439,45 @@ class TestHttp:
             conn.close()
         c.result()
 
+    @pytest.mark.parametrize("until", ["headers", "host"])
+    def test_head_a_byte_at_a_time(self, listener: socket.socket, until: str) -> None:
+        """A trickled head (consumed as it comes, looked at with pauses) gives exactly
+        the head as data; the body stays in the socket."""
+        head = b"GET /x HTTP/1.1\r\nHost: www.example.test\r\nX-A: 1\r\n\r\n"
+        body = b"BODY"
+        c = raw_client(listener, *(head[i:i + 1] for i in range(len(head))), body,
+                       pause=0.003)
+        conn = accept(listener)
+        try:
+            result = run_sniff(conn, SniffRules(hosts=HOSTS, http_until=until))  # type: ignore[arg-type]
+            assert result.pool == "web"
+            want = head if until == "headers" else head[:head.index(b"X-A")]
+            assert result.data == want
+            time.sleep(0.2)
+            assert conn.recv(100) == head[len(want):] + body
+            assert lowat(conn) == 1
+        finally:
+            conn.close()
+        c.result()
+
+    def test_slow_first_line_that_is_not_http(self, listener: socket.socket) -> None:
+        """A first line read while it trickled in, then not HTTP: the bytes read are the
+        data (the worker sees them first), the rest stays in the socket."""
+        line = b"SET key value\r\n"
+        c = raw_client(listener, *(line[i:i + 1] for i in range(len(line))), b"more",
+                       pause=0.01)
+        conn = accept(listener)
+        try:
+            result = run_sniff(conn, SniffRules(default="other"))
+            assert (result.pool, result.meta) == ("other", {"protocol": "unknown"})
+            assert line.startswith(result.data)
+            assert result.data   # (read while waiting for the end of the line)
+            time.sleep(0.2)
+            assert result.data + conn.recv(100) == line + b"more"
+        finally:
+            conn.close()
+        c.result()
+
     def test_until_host(self, listener: socket.socket) -> None:
         head = b"GET / HTTP/1.1\r\nHost: www.example.test\r\nAccept: */*\r\n\r\n"
         c = raw_client(listener, head)

@@ -64,6 +64,14 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--queue-timeout", type=float, metavar="S",
                    help="seconds a queued connection may wait (default: 30)")
     p.add_argument("--sniff", action="store_true", help="read Host / TLS SNI before routing")
+    p.add_argument("--sniff-timeout", type=float, metavar="S",
+                   help="seconds a client has to send what the sniffer reads (default: 5)")
+    p.add_argument("--sniff-max", type=int, metavar="N",
+                   help="connections sniffed at once; past it new ones wait in the kernel's "
+                        "accept queue (default: 512)")
+    p.add_argument("--fd-reserve", type=int, metavar="N",
+                   help="descriptors kept free for workers and the control socket: accepting "
+                        "pauses past RLIMIT_NOFILE - N (default: 16 + 8 per worker)")
     p.add_argument("--proxy-protocol", choices=("off", "optional", "required"),
                    help="expect a PROXY v1/v2 header (default: off)")
     p.add_argument("-c", "--config", metavar="FILE", help="TOML configuration (pools, routes)")
@@ -75,6 +83,10 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("-t", "--timeout", type=float, metavar="S",
                    help="a worker that leaves a handoff unanswered S seconds is killed and "
                         "restarted, its handoffs go to other workers (default: 30; 0: never)")
+    p.add_argument("--upgrade-probation", type=float, metavar="S",
+                   help="on upgrade, the old dispatcher keeps serving beside the new one this "
+                        "long (and until the new one answers with ready workers) before it "
+                        "hands over; if the new one dies first, the old one goes on (default: 1)")
     p.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"))
     p.add_argument("--resume", metavar="SPEC",
                    help="module:callable, async def resume(conn, state), for migrated connections "

@@ -204,6 +204,13 @@ class ServerConfig:
     control: str | None = None
     log_level: str = "info"
     sniff_timeout: float = 5.0
+    #: connections being sniffed at once, at most; past it the sniffing listeners stop
+    #: accepting (connections wait in the kernel's accept queue) until one is done
+    sniff_max: int = 512
+    #: descriptors kept free (for starting workers, the control socket, an upgrade):
+    #: accepting pauses when an accepted descriptor reaches RLIMIT_NOFILE - fd_reserve;
+    #: None: 16 + 8 per worker, at most half the limit
+    fd_reserve: int | None = None
     #: times a returned handoff is re-dispatched before the connection is closed
     max_retries: int = 3
     #: seconds a connection may wait in a queue before it is refused
@@ -214,6 +221,10 @@ class ServerConfig:
     stable_after: float = 10.0
     #: seconds a started worker gets to connect its channel
     connect_timeout: float = 15.0
+    #: upgrade: seconds the new dispatcher serves beside the old one, which keeps its
+    #: listeners and workers (and takes back over if the new one dies), before the old
+    #: one hands over; it also waits until the new one answers a status with ready workers
+    upgrade_probation: float = 1.0
     #: a worker that leaves a handoff unanswered this long is hung: killed and restarted,
     #: its unanswered handoffs go to other workers (0: never)
     timeout: float = 30.0
@@ -269,8 +280,12 @@ class ServerConfig:
             if p.policy not in POLICIES and ":" not in p.policy:
                 raise ConfigError(f"pool {p.name!r}: policy {p.policy!r} is not one of "
                                   f"{', '.join(POLICIES)} or module:function")
-        if self.grace < 0 or self.max_retries < 0 or self.timeout < 0:
-            raise ConfigError("grace, max_retries and timeout must not be negative")
+        if self.sniff_max < 1 or not self.sniff_timeout > 0:
+            raise ConfigError("sniff_max must be at least 1 and sniff_timeout positive")
+        if self.fd_reserve is not None and self.fd_reserve < 0:
+            raise ConfigError("fd_reserve must not be negative")
+        if self.grace < 0 or self.max_retries < 0 or self.timeout < 0 or self.upgrade_probation < 0:
+            raise ConfigError("grace, max_retries, timeout and upgrade_probation must not be negative")
         if self.rebalance_interval <= 0 or self.rebalance_min < 1 or self.rebalance_spread < 0:
             raise ConfigError("rebalance_interval must be positive, rebalance_min at least 1 and "
                               "rebalance_spread not negative")
@@ -332,7 +347,7 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
 
 def _override(cfg: ServerConfig, args: argparse.Namespace) -> None:
     for key in ("grace", "metrics", "control", "log_level", "max_retries", "queue_timeout",
-                "timeout"):
+                "timeout", "upgrade_probation", "sniff_max", "fd_reserve", "sniff_timeout"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(cfg, key, value)
@@ -348,7 +363,7 @@ def _override(cfg: ServerConfig, args: argparse.Namespace) -> None:
 _TOP = {"queue", "grace", "metrics", "control", "log_level", "sniff_timeout", "max_retries",
         "queue_timeout", "backoff_initial", "backoff_max", "stable_after", "connect_timeout", "timeout",
         "rebalance_interval", "rebalance_min", "rebalance_spread", "direct_migration",
-        "default_pool", "listen", "pools", "routes"}
+        "upgrade_probation", "sniff_max", "fd_reserve", "default_pool", "listen", "pools", "routes"}
 _POOL = {"app", "worker_cmd", "workers", "policy", "hash_key", "max_conns", "queue", "resume",
          "rebalance"}
 _LISTEN = {"bind", "name", "sniff", "pool", "backlog", "proxy"}
@@ -432,7 +447,8 @@ def parse_document(doc: Mapping[str, Any]) -> ServerConfig:
                      ("backoff_initial", float), ("backoff_max", float), ("stable_after", float),
                      ("connect_timeout", float), ("timeout", float), ("rebalance_interval", float),
                      ("rebalance_min", int), ("rebalance_spread", float),
-                     ("direct_migration", bool)):
+                     ("direct_migration", bool), ("upgrade_probation", float),
+                     ("sniff_max", int), ("fd_reserve", int)):
         if key in doc:
             setattr(cfg, key, _typed(doc, key, typ, None, "the top level"))
     return cfg

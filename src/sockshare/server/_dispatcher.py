@@ -28,6 +28,16 @@ Past the queue, or after the timeout, it is *refused*: closed at once with SO_LI
 summary of the rest) and ``refused{reason}`` counted. Re-dispatched connections go to the
 head of the queue and are never refused for a full queue (they were admitted already).
 
+Descriptors. Accepting stops short of RLIMIT_NOFILE: when an accepted descriptor reaches
+``limit - fd_reserve`` (descriptors are allocated lowest first, so every one below it is
+taken), every listener is held until the lowest free descriptor is back under the mark;
+connections wait in the kernel's accept queue meanwhile, and the reserve is there for
+starting workers and answering the control socket. A worker says in its hello how many
+connections its descriptors allow (``capacity``: a cap like ``max_conns``), refuses a
+handoff with REJECT_NO_FDS when it is out of them anyway (no attempt counted; it gets
+nothing more until ``{"ev": "fds", "full": false}``). Sniffing listeners are also held
+while ``sniff_max`` connections are being sniffed.
+
 Supervision. Each worker *process* has a :class:`WorkerSlot` and a supervisor task: it
 starts the process (the Python runtime for an ``app``, or a ``worker_cmd`` in any
 language, given ``SOCKSHARE_CHANNEL``/``SOCKSHARE_WORKER_ID``), waits for it to exit and
@@ -66,12 +76,14 @@ listening sockets (and the metrics socket) passed as ``LISTEN_FDS``/``LISTEN_FDN
 sockets are in place before the new process runs its first line, and no listener is
 ever closed or re-bound. The new dispatcher starts its workers and, once they are
 ready, asks the old one to hand over (``{"cmd": "takeover"}`` on the old control
-socket). The old one then tells systemd ``MAINPID=<new pid>``, stops accepting (the
-kernel's accept queue is shared, so nothing is lost), connects a channel to the new
-dispatcher, forwards its queue over it, and drains its workers with migration: their
-connections travel worker → old dispatcher → new dispatcher → new worker. It exits when
-its last worker has. If the new dispatcher dies before taking over, the old one simply
-goes on serving.
+socket). Both then serve side by side for a probation (``upgrade_probation`` seconds,
+and until the new one answers a status with ready workers); only then does the old one
+tell systemd ``MAINPID=<new pid>``, stop accepting (the kernel's accept queue is shared,
+so nothing is lost), connect a channel to the new dispatcher, forward its queue over
+it, and drain its workers with migration: their connections travel worker → old
+dispatcher → new dispatcher → new worker. It exits when its last worker has. If the new
+dispatcher dies before the hand-over (before or right after its takeover request), the
+old one simply goes on serving: it never stopped.
 
 systemd: listeners may come from socket activation (``LISTEN_FDS``, matched to the
 configured listeners by ``LISTEN_FDNAMES`` or address), they are put in the fd store
@@ -112,13 +124,15 @@ from sockshare.server._config import ListenerConfig, PoolConfig, ServerConfig, p
 from sockshare.server._control import ControlServer, default_path, request, runtime_dir
 from sockshare.server._metrics import Histogram, MetricsServer
 from sockshare.server._policy import ConnInfo, LeastConnections, Policy, make_policy
-from sockshare.server._worker import PEER_SUFFIX
+from sockshare.server._worker import PEER_SUFFIX, REJECT_NO_FDS
 
 __all__ = ["Dispatcher", "WorkerSlot", "WorkerStats"]
 
 log = logging.getLogger("sockshare.server")
 
 ACCEPT_BATCH = 64
+#: seconds between two looks at the free descriptors while accepting is held for them
+FD_PROBE_INTERVAL = 0.02
 _TCP_INFO = int(getattr(socket, "TCP_INFO", 0))
 _IPPROTO_TCP = int(socket.IPPROTO_TCP)
 _U32 = struct.Struct("=I")
@@ -284,6 +298,12 @@ class WorkerSlot:
         self.rebalance_after = 0.0
         #: killed for leaving a handoff unanswered past --timeout (until restarted)
         self.hung = False
+        #: connections it may have (max_conns; 0 while it says it is out of descriptors)
+        self.limit = pool.cfg.max_conns if pool.cfg.max_conns is not None else sys.maxsize
+        self.fd_full = False
+        #: (process, connections) whose channel ended while the process lived on: lost
+        #: only if it does not exit cleanly (it finishes them first)
+        self.unreported: tuple[asyncio.subprocess.Process, int] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -308,8 +328,17 @@ class WorkerSlot:
     def has_room(self) -> bool:
         if self.state != "ready" or self.channel is None:
             return False
+        return self.connections < self.limit
+
+    def set_fd_full(self, full: bool, capacity: int | None = None) -> None:
+        """Out of descriptors: no handoffs. Not any more, with descriptors for
+        ``capacity`` connections in all: that many at most (it says so again if that was
+        too many)."""
+        self.fd_full = full
         cap = self.pool_state.cfg.max_conns
-        return cap is None or self.connections < cap
+        self.limit = 0 if full else (cap if cap is not None else sys.maxsize)
+        if capacity is not None and not full:
+            self.limit = min(self.limit, max(1, capacity))
 
     def control(self, obj: dict[str, Any]) -> bool:
         if self.channel is None:
@@ -329,7 +358,9 @@ class ListenerState:
         self.cfg = cfg
         self.sock = sock
         self.accepted = 0
-        self.paused = False
+        #: why it does not accept now: "emfile" (accept failed), "fds" (the fd reserve
+        #: is reached), "sniff" (sniff_max connections are being sniffed)
+        self.holds: set[str] = set()
         #: the socket file (UNIX) is ours to remove on stop (not systemd's, not handed over)
         self.owned = owned
         # socket.accept() builds enums for family/type/proto on every call (1 us): the
@@ -339,6 +370,8 @@ class ListenerState:
                          and self.kind[0] in (int(socket.AF_INET), int(socket.AF_INET6)))
         #: set by the dispatcher once the sniffer is known (see Dispatcher._static_route)
         self.static_route: tuple[str, str, str, str] | None = None
+        #: connections go through the sniffer (set with static_route)
+        self.sniffs = False
         if cfg.bind.is_unix:
             self.address = f"unix:{cfg.bind.address}"
         else:
@@ -402,7 +435,8 @@ class Dispatcher:
             ("accepted", "handoffs", "rejects", "returned", "redispatches", "sniff_failures",
              "lost", "migrations", "migrations_refused", "migrations_closed",
              "migration_requests", "rebalances", "reloads", "reload_failures", "upgrades",
-             "upgrade_failures", "hung_kills", "migrations_direct"), 0)
+             "upgrade_failures", "hung_kills", "migrations_direct", "fd_pauses",
+             "fd_rejects"), 0)
         #: direct migrations still unanswered a few ms after they left: (source pid,
         #: handoff id) -> (target, since); for --timeout and the status
         self._moving: dict[tuple[int, int], tuple[WorkerSlot, float]] = {}
@@ -420,6 +454,10 @@ class Dispatcher:
         self._stop_event: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sniffing: set[asyncio.Task[None]] = set()
+        #: RLIMIT_NOFILE, and the descriptor number past which accepting pauses
+        self._fd_limit, reserve = self._fd_limits()
+        self._fd_high = self._fd_limit - reserve if self._fd_limit else 1 << 30
+        self._fd_logged = -1e9
         self._supervisors: set[asyncio.Task[None]] = set()
         self._chan: AsyncChannelListener | None = None
         self._chan_path = ""
@@ -453,6 +491,9 @@ class Dispatcher:
         # upgrade, old side
         self._successor: asyncio.subprocess.Process | None = None
         self._successor_ready: asyncio.Future[bool] | None = None
+        #: the successor asked to take over and serves beside us until it has shown
+        #: that it serves (see _prove_successor)
+        self._probation: asyncio.Task[None] | None = None
         self._handed_over = False
         self._upstream: AsyncChannel | None = None
         self._upstream_pending: dict[int, tuple[Ticket, Waiting]] = {}
@@ -541,7 +582,9 @@ class Dispatcher:
             sock = self._take_inherited(inherited, lc)
             owned = True
             if sock is not None:
-                owned = bool(self._predecessor)   # systemd's socket files stay systemd's
+                # systemd's socket files stay systemd's; a predecessor's become ours
+                # when it hands over (_handed_over_to_us)
+                owned = False
                 log.info("listener %s: inherited descriptor %d", lc.name, sock.fileno())
             else:
                 try:
@@ -562,6 +605,7 @@ class Dispatcher:
             self._load_sniffer()
         for ls in self.listeners:
             ls.static_route = self._static_route(ls)
+            ls.sniffs = ls.cfg.sniffs and self._sniff is not None
         control = self.cfg.control or default_path(self._pid)
         if self._predecessor and self.cfg.control:
             # the predecessor still serves at that path: ours moves there on takeover
@@ -810,6 +854,12 @@ class Dispatcher:
         accept = ls.sock._accept  # type: ignore[attr-defined]  # the C accept, see ListenerState
         family, type_, proto = ls.kind
         budget = ACCEPT_BATCH
+        if ls.sniffs:
+            room = self.cfg.sniff_max - len(self._sniffing)
+            if room <= 0:
+                self._hold(ls, "sniff")
+                return
+            budget = min(budget, room)
         if ls.tcp_info:
             # Linux tells a TCP listener's accept queue length (TCP_INFO, tcpi_unacked):
             # accept that many instead of until EAGAIN -- the BlockingIOError that ends
@@ -818,7 +868,7 @@ class Dispatcher:
                 ready = _U32.unpack_from(ls.sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, 28), 24)[0]
             except OSError:
                 ready = ACCEPT_BATCH
-            budget = min(ready, ACCEPT_BATCH) or 1   # 0: a race; one try settles it
+            budget = min(ready, budget) or 1   # 0: a race; one try settles it
         for _ in range(budget):
             try:
                 fd, addr = accept()
@@ -838,18 +888,82 @@ class Dispatcher:
             ls.accepted += 1
             self.counters["accepted"] += 1
             self._admit(ls, sock, addr)
+            if fd >= self._fd_high:   # (descriptors are allocated lowest first)
+                self._fds_low(fd)
+                break
 
     def _pause(self, ls: ListenerState, delay: float) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(ls.sock.fileno())
-        ls.paused = True
+        self._hold(ls, "emfile")
+        asyncio.get_running_loop().call_later(delay, self._release, ls, "emfile")
 
-        def resume() -> None:
-            if not self._stopping and not self._handed_over and ls.sock.fileno() >= 0:
-                ls.paused = False
-                loop.add_reader(ls.sock.fileno(), self._on_acceptable, ls)
+    def _hold(self, ls: ListenerState, why: str) -> None:
+        """Stop accepting on ``ls`` for ``why`` (connections wait in the kernel's
+        accept queue meanwhile: nothing is refused)."""
+        if not ls.holds and ls.sock.fileno() >= 0:
+            with contextlib.suppress(ValueError, RuntimeError, OSError):
+                asyncio.get_running_loop().remove_reader(ls.sock.fileno())
+        ls.holds.add(why)
 
-        loop.call_later(delay, resume)
+    def _release(self, ls: ListenerState, why: str) -> None:
+        if why not in ls.holds:
+            return
+        ls.holds.discard(why)
+        if (not ls.holds and not self._stopping and not self._handed_over
+                and ls.sock.fileno() >= 0):
+            asyncio.get_running_loop().add_reader(ls.sock.fileno(), self._on_acceptable, ls)
+            if why != "emfile":
+                self._on_acceptable(ls)   # what waits in the accept queue, now
+
+    # -- the descriptor reserve --------------------------------------------------------
+
+    def _fd_limits(self) -> tuple[int, int]:
+        """``(limit, reserve)``: RLIMIT_NOFILE, and how many descriptors are kept free
+        for what must never fail for lack of one: starting workers (pipes, their
+        channels), the control socket, the metrics endpoint, an upgrade."""
+        try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except (ImportError, OSError, ValueError):
+            return 0, 0
+        if soft == getattr(resource, "RLIM_INFINITY", -1) or soft <= 0 or soft > 1 << 30:
+            soft = 1 << 30
+        reserve = self.cfg.fd_reserve
+        if reserve is None:
+            reserve = 16 + 8 * len(self.slots)
+        return soft, max(0, min(reserve, soft // 2))
+
+    def _fds_low(self, fd: int) -> None:
+        """An accepted descriptor reached ``limit - reserve``: every descriptor below it
+        is taken. Stop accepting until some are free again."""
+        self.counters["fd_pauses"] += 1
+        now = time.monotonic()
+        if now - self._fd_logged >= 10.0:   # (one line per 10 s at most)
+            log.warning("descriptor %d reached the reserve (RLIMIT_NOFILE %d, %d kept for "
+                        "workers and control): accepting paused until descriptors are free; "
+                        "connections wait in the kernel's queue (%d pause(s) so far)", fd,
+                        self._fd_limit, self._fd_limit - self._fd_high, self.counters["fd_pauses"])
+            self._fd_logged = now
+        for ls in self.listeners:
+            self._hold(ls, "fds")
+        asyncio.get_running_loop().call_later(FD_PROBE_INTERVAL, self._probe_fds)
+
+    def _probe_fds(self) -> None:
+        """While held for descriptors: the lowest free one (what the next accept would
+        get), every FD_PROBE_INTERVAL; below the mark by an eighth of the reserve, resume."""
+        if not any("fds" in ls.holds for ls in self.listeners):
+            return
+        try:
+            fd = os.open(os.devnull, os.O_RDONLY)   # the lowest free descriptor
+        except OSError:
+            fd = self._fd_limit
+        else:
+            os.close(fd)
+        if fd < self._fd_high - max(1, (self._fd_limit - self._fd_high) // 8) or self._stopping:
+            for ls in self.listeners:
+                self._release(ls, "fds")
+            return
+        asyncio.get_running_loop().call_later(FD_PROBE_INTERVAL, self._probe_fds)
 
     def _static_route(self, ls: ListenerState) -> tuple[str, str, str, str] | None:
         """For a TCP listener with no sniffer and a configuration without routes, where
@@ -890,9 +1004,16 @@ class Dispatcher:
             sock.setblocking(False)
             task = asyncio.get_running_loop().create_task(self._sniff_then_route(ls, sock, meta))
             self._sniffing.add(task)
-            task.add_done_callback(self._sniffing.discard)
+            task.add_done_callback(self._sniffed)
             return
         self._route(ls, sock, meta, b"")
+
+    def _sniffed(self, task: asyncio.Task[None]) -> None:
+        self._sniffing.discard(task)
+        if len(self._sniffing) < self.cfg.sniff_max:
+            for ls in self.listeners:
+                if "sniff" in ls.holds:
+                    self._release(ls, "sniff")
 
     async def _sniff_then_route(self, ls: ListenerState, sock: socket.socket,
                                 meta: dict[str, Any]) -> None:
@@ -903,8 +1024,8 @@ class Dispatcher:
             _close_reset(sock)
             raise
         except Exception as exc:
+            # (one log line: the refusal's, rate-limited with the others)
             self.counters["sniff_failures"] += 1
-            log.info("sniffing %s from %s failed: %s", meta["handoff_id"], meta.get("client"), exc)
             self._refuse(Waiting(sock, ConnInfo(meta["client"], ls.cfg.name, "", meta["handoff_id"],
                                                 meta), meta, b"", time.monotonic()),
                          "sniff_failed", str(exc), count=True)
@@ -950,9 +1071,9 @@ class Dispatcher:
         self._drain(pool)
 
     def _assign(self, pool: PoolState, w: Waiting) -> bool:
-        cap = pool.cfg.max_conns   # WorkerSlot.has_room, inlined: once per connection
+        # WorkerSlot.has_room, inlined: once per connection
         candidates = [s for s in pool.workers if s.state == "ready" and s.channel is not None
-                      and (cap is None or s.connections < cap)]
+                      and s.connections < s.limit]
         if w.exclude is not None and len(candidates) > 1:
             candidates = [s for s in candidates if s.id != w.exclude]
         if not candidates:
@@ -1228,7 +1349,7 @@ class Dispatcher:
             if slot is None:
                 if (self._predecessor and ch.peer.pid == self._predecessor
                         and ch.peer.name == f"dispatcher:{self._predecessor}"):
-                    log.info("upgrade: the old dispatcher (pid %d) connected its channel", ch.peer.pid)
+                    self._handed_over_to_us()
                     self._spawn(self._watch_peer(ch))
                     continue
                 log.warning("refused a channel from pid %d (%r): not a worker this dispatcher "
@@ -1286,12 +1407,20 @@ class Dispatcher:
         elif ev == "hello":
             slot.hello = True
             slot.can_resume = bool(msg.get("resume"))
+            capacity = msg.get("capacity")   # (connections its descriptors allow)
+            slot.set_fd_full(False, capacity if isinstance(capacity, int) else None)
             peer = msg.get("peer")
             slot.peer_path, slot.peers_sent = "", None   # a new process
             if (isinstance(peer, str) and peer.endswith(PEER_SUFFIX)
                     and os.path.dirname(peer) == os.path.dirname(self._chan_path)):
                 slot.peer_path = peer
             self._push_peers(slot.pool_state)
+        elif ev == "fds":
+            full = bool(msg.get("full"))
+            capacity = msg.get("capacity")
+            slot.set_fd_full(full, capacity if isinstance(capacity, int) else None)
+            if not full:
+                self._drain(slot.pool_state)
         elif ev in ("moved_in", "moved_out", "moving", "move_back"):
             self._direct_event(slot, ev, msg)
         elif ev == "orphan":
@@ -1345,6 +1474,15 @@ class Dispatcher:
                     t.socket.close()
                 continue
             w = entry[1]
+            if t.state == "rejected" and t.reason == REJECT_NO_FDS:
+                # not the connection's fault: no attempt counted, one log line per episode
+                self.counters["fd_rejects"] += 1
+                if not slot.fd_full:
+                    slot.set_fd_full(True)   # (the worker logs it, rate-limited)
+                if t.socket is not None:
+                    w.sock = t.socket
+                    self._redispatch(w, slot, REJECT_NO_FDS, counts=False)
+                continue
             if t.state == "rejected":
                 slot.stats.rejects += 1
                 self.counters["rejects"] += 1
@@ -1373,12 +1511,20 @@ class Dispatcher:
                 break
             self._apply_control(slot, ch, msg)
         slot.channel = None
-        if slot.active:
+        proc = slot.proc
+        if slot.active and proc is not None and proc.returncode is None:
+            # the process lives on: a worker whose channel ended finishes its connections
+            # and exits 0; they are lost only if it does not (see _count_unreported)
+            slot.unreported = (proc, slot.active)
+            log.warning("worker %d (pid %d): its channel ended with %d open connection(s); "
+                        "it should finish them and exit", slot.id, ch.peer.pid, slot.active)
+        elif slot.active:
             slot.stats.lost += slot.active
             self.counters["lost"] += slot.active
             log.warning("worker %d (pid %d) went away with %d open connection(s): they are lost "
                         "with it", slot.id, ch.peer.pid, slot.active)
         slot.active = 0
+        slot.set_fd_full(False)
         if slot.state in ("ready", "draining", "retiring"):
             slot.state = "gone"
         # its direct migrations out are settled by their targets now (or died with it)
@@ -1472,6 +1618,7 @@ class Dispatcher:
                 finally:
                     watchdog.cancel()
                 self._exited[pid] = (time.monotonic(), slot)
+                self._count_unreported(slot, proc, rc)
                 if slot.peer_path.endswith(f"{os.sep}{pid}{PEER_SUFFIX}"):
                     # a killed worker could not remove its peer socket
                     with contextlib.suppress(OSError, SockshareError):
@@ -1497,6 +1644,23 @@ class Dispatcher:
         slot.state = "stopped"
         if slot.retired and not self._stopping and slot in self.slots:
             self.slots.remove(slot)
+
+    def _count_unreported(self, slot: WorkerSlot, proc: asyncio.subprocess.Process,
+                          rc: int | None) -> None:
+        """The connections of a worker whose channel ended before it exited: finished if
+        it exited 0 (it drains them, within --grace), lost otherwise."""
+        left, slot.unreported = slot.unreported, None
+        if left is None or left[0] is not proc:
+            return
+        n = left[1]
+        if rc == 0:
+            log.info("worker %d (pid %d) exited 0: it finished the %d connection(s) it had "
+                     "when its channel ended", slot.id, proc.pid, n)
+            return
+        slot.stats.lost += n
+        self.counters["lost"] += n
+        log.warning("worker %d (pid %d) exited with %s: %d open connection(s) lost with it",
+                    slot.id, proc.pid, _describe_exit(rc), n)
 
     def _connect_timeout(self, slot: WorkerSlot, proc: asyncio.subprocess.Process) -> None:
         if slot.proc is proc and slot.channel is None and proc.returncode is None:
@@ -1755,25 +1919,92 @@ class Dispatcher:
         if self._handed_over:
             return   # it runs on; its exit is none of our business any more
         self.counters["upgrade_failures"] += 1
-        log.error("upgrade failed: the new dispatcher (pid %d) exited with %s before taking "
-                  "over; this one (pid %d) goes on serving", proc.pid, _describe_exit(rc), self._pid)
+        probation, self._probation = self._probation, None
+        if probation is not None:
+            probation.cancel()
+        log.error("upgrade failed: the new dispatcher (pid %d) exited with %s before %s; this "
+                  "one (pid %d) goes on serving", proc.pid, _describe_exit(rc),
+                  "it had shown that it serves" if probation is not None else "taking over",
+                  self._pid)
         self._successor = None
         if self._successor_ready is not None and not self._successor_ready.done():
             self._successor_ready.set_result(False)
 
     async def _takeover(self, req: dict[str, Any]) -> dict[str, Any]:
-        """The new dispatcher is ready: give it everything."""
+        """The new dispatcher is ready. It serves beside this one (both accept on the
+        same listening sockets) until it has shown that it serves; only then does this
+        one hand over (:meth:`_hand_over`). Dying before that, it leaves this one serving,
+        as if the upgrade had never started."""
         proc = self._successor
-        pid, chan = req.get("pid"), req.get("channel")
+        pid, chan, control = req.get("pid"), req.get("channel"), req.get("control")
         if proc is None or pid != proc.pid or not isinstance(chan, str):
             return {"ok": False, "error": "takeover refused: not the dispatcher this one started"}
         if self._handed_over:
             return {"ok": False, "error": "already handed over"}
+        if self._probation is not None:
+            return {"ok": False, "error": "a takeover is already under way"}
+        self._probation = self._spawn(self._prove_successor(
+            proc, chan, control if isinstance(control, str) else ""), critical=False)
+        log.info("upgrade: pid %d is ready; both serve until it has shown that it serves "
+                 "(at least %.1f s), then this one hands over", proc.pid, self.cfg.upgrade_probation)
+        return {"ok": True, "pid": self._pid, "probation": self.cfg.upgrade_probation}
+
+    async def _prove_successor(self, proc: asyncio.subprocess.Process, chan: str,
+                               control: str) -> None:
+        """Probation: ``upgrade_probation`` seconds with the new dispatcher alive, then its
+        control socket must answer a status with a ready worker in every pool (its event
+        loop runs, its workers are up). Then hand over. Not within ``connect_timeout``:
+        it is killed, and :meth:`_watch_successor` says that this one goes on serving."""
+        deadline = time.monotonic() + self.cfg.upgrade_probation + self.cfg.connect_timeout
+        await asyncio.sleep(self.cfg.upgrade_probation)
+        why = "no control socket"
+        while True:
+            if proc.returncode is not None or self._successor is not proc or self._stopping:
+                return   # (its exit is reported by _watch_successor)
+            if control:
+                why = await self._probe_successor(proc.pid, control)
+                if not why:
+                    break
+            if time.monotonic() > deadline:
+                log.error("upgrade: the new dispatcher (pid %d) has not shown that it serves "
+                          "(%s): killing it", proc.pid, why)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                return
+            await asyncio.sleep(0.1)
+        if proc.returncode is None and self._successor is proc and not self._stopping:
+            await self._hand_over(proc, chan)
+
+    async def _probe_successor(self, pid: int, control: str) -> str:
+        """'' if the new dispatcher answers a status with a ready worker in each pool,
+        else what is wrong."""
+        try:
+            resp = await asyncio.to_thread(request, control, {"cmd": "status"}, timeout=2.0)
+        except (OSError, SockshareError, ValueError) as exc:
+            return f"its control socket did not answer: {exc}"
+        st = resp.get("status")
+        if not resp.get("ok") or not isinstance(st, dict) or st.get("pid") != pid:
+            return f"its control socket answered {resp!r:.200}"
+        ready = {w.get("pool") for w in st.get("workers", ()) if isinstance(w, dict)
+                 and w.get("state") == "ready"}
+        missing = [p for p in self.pools if p not in ready]
+        return f"no ready worker in pool(s) {', '.join(missing)}" if missing else ""
+
+    async def _hand_over(self, proc: asyncio.subprocess.Process, chan: str) -> None:
+        """The new dispatcher has shown that it serves: give it everything."""
+        pid = proc.pid
         try:
             up = await AsyncChannel.connect(chan, name=f"dispatcher:{self._pid}")
         except (OSError, SockshareError) as exc:
-            log.error("upgrade: cannot connect to the new dispatcher's channel: %s", exc)
-            return {"ok": False, "error": f"cannot connect to {chan}: {exc}"}
+            log.error("upgrade: cannot connect to the new dispatcher's channel (%s): killing "
+                      "it", exc)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            return
+        if proc.returncode is not None or self._stopping:
+            with contextlib.suppress(Exception):
+                await up.aclose()
+            return
         self._handed_over = True
         self._upstream = up
         _sd_notify(f"MAINPID={pid}")
@@ -1795,7 +2026,6 @@ class Dispatcher:
             self._successor_ready.set_result(True)
         log.info("upgrade: handed over to pid %d; draining %d worker(s)", pid, len(self.slots))
         self._spawn(self._exit_when_drained())
-        return {"ok": True, "pid": self._pid}
 
     def _forward_upstream(self, w: Waiting) -> bool:
         up = self._upstream
@@ -1842,20 +2072,30 @@ class Dispatcher:
         try:
             resp = await asyncio.to_thread(
                 request, self._predecessor_control,
-                {"cmd": "takeover", "pid": self._pid, "channel": self._chan_path}, timeout=30.0)
+                {"cmd": "takeover", "pid": self._pid, "channel": self._chan_path,
+                 "control": self._control.path if self._control else ""}, timeout=30.0)
         except (OSError, SockshareError, ValueError) as exc:
             log.error("upgrade: the old dispatcher did not answer: %s", exc)
             return False
         if not resp.get("ok"):
             log.error("upgrade: the old dispatcher refused: %s", resp.get("error"))
             return False
+        log.info("upgrade: took over from pid %d (it serves beside this one for %s s, then "
+                 "hands over)", self._predecessor, resp.get("probation", "?"))
+        return True
+
+    def _handed_over_to_us(self) -> None:
+        """The old dispatcher connected its channel: it no longer accepts, its workers
+        drain into ours. The listeners' socket files and the control path are ours now
+        (not before: were this process to die during the probation, the old one goes on
+        with them)."""
         for ls in self.listeners:
             ls.owned = True
         if self._control_final and self._control is not None:
             with contextlib.suppress(OSError):
                 self._control.move(self._control_final)
-        log.info("upgrade: took over from pid %d", self._predecessor)
-        return True
+            self._control_final = ""
+        log.info("upgrade: pid %d handed over; its workers drain into ours", self._predecessor)
 
     async def _watch_peer(self, ch: AsyncChannel) -> None:
         """Connections the old dispatcher hands us: migrations (chained answers) and its
@@ -1967,7 +2207,7 @@ class Dispatcher:
                 "handoffs": st.handoffs, "rate": round(s.rate, 1), "rejects": st.rejects,
                 "returned": st.returned, "restarts": st.restarts, "lost": st.lost,
                 "migrated_in": st.migrated_in, "migrated_out": st.migrated_out,
-                "resume": s.can_resume, "retiring": s.retired,
+                "resume": s.can_resume, "retiring": s.retired, "fd_full": s.fd_full,
                 "uptime": round(now - s.started, 1) if s.pid else 0.0,
             })
         counters: dict[str, Any] = dict(self.counters)

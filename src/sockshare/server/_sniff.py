@@ -22,7 +22,8 @@ PROXY      v1 text / v2 binary header       exactly the header, never put in ``d
 TLS        record + ClientHello: SNI, ALPN  nothing (``data == b""``)
 HTTP/1.x   request line + header block      exactly the head (or up to the ``Host``
                                             line), which becomes ``data``
-other      --                               nothing
+other      --                               nothing (but a slow first line: what was
+                                            read of it, in ``data``)
 =========  ===============================  ==========================================
 
 Layers
@@ -39,8 +40,13 @@ routing table.
 
 The asyncio driver :func:`sniff` moves the bytes: it peeks at everything queued (up to a
 bound), runs a parser, and when the parser needs more it waits for the socket to hold
-*more* than it already holds -- on Linux by raising ``SO_RCVLOWAT`` to one byte over the
-queued count for the time of the wait (peeked bytes keep a socket readable, so plain
+*more* than it already holds. A slow client does not make it look at everything again
+per byte (docs/sniffing.md, "Slow clients"): an incomplete HTTP head is consumed as it
+comes (it is all head), parsers run only when the new bytes can complete something
+(:class:`_HttpGate`, :class:`_TlsGate`), and a connection still incomplete after a few
+looks is looked at again after a pause, not at every segment. It waits on Linux by
+raising ``SO_RCVLOWAT`` to one byte over the queued count (a TLS record: to its end)
+for the time of the wait (peeked bytes keep a socket readable, so plain
 readiness would spin), elsewhere by polling with a short back-off. ``SO_RCVLOWAT`` is
 put back before :func:`sniff` returns, on every path, because the option lives on the
 socket the worker receives. A ClientHello split over several TCP segments, or across
@@ -789,7 +795,8 @@ class SniffResult:
     ``"method"``, ``"path"``, ``"version"``, ``"host"``; for TLS ``"sni"``, ``"alpn"``;
     ``"proxy"`` when a PROXY header was received; ``"silent": True`` when the client sent
     nothing. ``data``: exactly the bytes consumed from the socket that the worker must
-    see first (the HTTP head; ``b""`` for TLS and unknown; never the PROXY header).
+    see first (the HTTP head; ``b""`` for TLS; for unknown, ``b""`` unless a first line
+    trickled in slowly and was read while waiting for its end; never the PROXY header).
     """
 
     pool: str | None
@@ -806,6 +813,84 @@ _RCVLOWAT: Final[int | None] = getattr(socket, "SO_RCVLOWAT", None)
 _POLLRDHUP: Final = getattr(select, "POLLRDHUP", 0)
 
 
+#: A connection whose message is still incomplete after this many looks is *trickling*:
+#: from then on it is looked at again after a pause (PACE_MIN doubling up to PACE_MAX)
+#: rather than at every byte that arrives -- a slow client costs a few looks a second.
+PACE_AFTER: Final = 3
+PACE_MIN: Final = 0.005
+PACE_MAX: Final = 0.05
+
+
+class _HttpGate:
+    """When parsing an HTTP head again can give something new, judged from the new bytes
+    only: the whole head is parsed once, when its blank line has arrived (``until="host"``:
+    at each new line). The header lines completed in between are checked as they arrive
+    (one regex over the new lines), so garbage still fails at once."""
+
+    __slots__ = ("checked", "until")
+
+    def __init__(self, until: str) -> None:
+        self.until = until
+        self.checked = -1   # end of the lines checked so far (-1: the request line not seen)
+
+    def __call__(self, buf: bytes, prev: int) -> bool:
+        if self.checked < 0:
+            eol = buf.find(b"\n")
+            if eol < 0:
+                return True   # (the request line is incomplete: the parser says why)
+            self.checked = eol + 1
+            if self.until == "host":
+                return True   # an absolute-form target gives the host
+        start = max(self.checked - 1, prev - 3, 0)
+        if _BLANK_LINE.search(buf, start) is not None:
+            return True
+        last = buf.rfind(b"\n", self.checked)
+        if last < 0:
+            # the byte after a complete Host line tells whether it is folded
+            return self.until == "host" and prev > 0 and buf[prev - 1:prev] == b"\n"
+        ok = _HEADER_LINES.fullmatch(buf, self.checked, last + 1) is not None
+        self.checked = last + 1
+        return not ok or self.until == "host"
+
+
+class _TlsGate:
+    """A ClientHello is parsed when a TLS record of it is complete (or a record header is
+    wrong: the parser says why); :meth:`want` is how many bytes the records announce, so
+    that the driver sleeps until they are all there (``SO_RCVLOWAT``)."""
+
+    __slots__ = ("complete",)
+
+    def __init__(self) -> None:
+        self.complete = 0
+
+    @staticmethod
+    def _walk(buf: bytes) -> tuple[int, int, bool]:
+        """(end of the complete records, bytes wanted next, a header is malformed)."""
+        pos = 0
+        while True:
+            if len(buf) < pos + 5:
+                head = buf[pos:pos + 2]
+                bad = bool(head) and (head[0] != 0x16 or head[1:2] not in (b"", b"\x03"))
+                return pos, pos + 5, bad
+            rlen = int.from_bytes(buf[pos + 3:pos + 5], "big")
+            if buf[pos] != 0x16 or buf[pos + 1] != 0x03 or not 0 < rlen <= _MAX_RECORD:
+                return pos, pos + 5, True
+            end = pos + 5 + rlen
+            if len(buf) < end:
+                return pos, end, False
+            pos = end
+
+    def __call__(self, buf: bytes, prev: int) -> bool:
+        complete, _want, bad = self._walk(buf)
+        if bad or complete > self.complete or prev <= 0:   # (the first look checks what it can)
+            self.complete = complete
+            return True
+        return False
+
+    def want(self, buf: bytes) -> int:
+        return self._walk(buf)[1]
+
+
 class _Peeker:
     """Peek, wait for more, consume exactly: all the I/O :func:`sniff` does."""
 
@@ -815,6 +900,8 @@ class _Peeker:
         self.timeout = timeout
         self.deadline = loop.time() + timeout
         self.seen = 0  # bytes of the stream seen since the last consume
+        #: bytes of an incomplete message consumed while waiting for the rest (see until)
+        self.taken = bytearray()
         self.select_ok = True  # False once add_reader is not implemented (Proactor)
 
     def _peek(self, n: int) -> bytes | None:
@@ -845,38 +932,66 @@ class _Peeker:
         return SniffError(f"timed out after {self.timeout:g} s waiting for the rest of the "
                           f"{what} ({self.seen} bytes so far)", "timeout")
 
-    async def until(self, parse: Callable[[bytes], T | NeedData], limit: int, what: str) -> T:
-        """Peek up to ``limit`` bytes until ``parse`` gives a result; raise SniffError."""
+    async def until(self, parse: Callable[[bytes], T | NeedData], limit: int, what: str, *,
+                    gate: Callable[[bytes, int], bool] | None = None,
+                    want: Callable[[bytes], int] | None = None,
+                    take: Callable[[bytes], bool] | None = None) -> T:
+        """Look at up to ``limit`` bytes until ``parse`` gives a result; raise SniffError.
+
+        ``gate(buf, bytes seen at the previous look)``: whether ``parse`` can say something
+        new (it is skipped otherwise); ``want(buf)``: how many bytes to wait for before
+        looking again (else one more than now); ``take(buf)``: whether the bytes of an
+        incomplete message may be consumed while waiting for the rest (:attr:`taken`), so
+        that the next look peeks only at the new ones -- peeking is a walk over every
+        segment queued, and a slow client's are one byte each."""
         prev = -1
         stalls = 0
+        looks = 0
         while True:
-            buf = self._peek(limit)
-            have = 0
-            if buf is not None:
-                if not buf:
+            new = self._peek(limit - len(self.taken))
+            have = len(self.taken)
+            queued = 0
+            need = 0
+            if new is not None:
+                if not new:
                     raise self._closed(what)
+                queued = len(new)
+                buf = bytes(self.taken) + new if self.taken else new
                 have = len(buf)
                 self.seen = max(self.seen, have)
-                result = parse(buf)
-                if result is not NEED_DATA:
-                    return result
-                if have >= limit:
-                    raise SniffError(f"{what} over {limit} bytes", "oversize")
+                if have >= limit or gate is None or gate(buf, max(prev, 0)):
+                    result = parse(buf)
+                    if result is not NEED_DATA:
+                        return result
+                    if have >= limit:
+                        raise SniffError(f"{what} over {limit} bytes", "oversize")
                 if have == prev:  # woken up, nothing new: FIN behind the data, or spurious
                     if self._peer_closed():
                         raise self._closed(what)
                     stalls += 1
                 else:
                     stalls = 0
+                    looks += 1
                 prev = have
-            await self._wait(have, stalls, what)
+                if take is not None and take(buf):
+                    self.taken += self._recv_exactly(queued)
+                    queued = 0
+                elif want is not None:
+                    need = min(want(buf), limit) - len(self.taken)
+            await self._wait(queued, stalls, what, need, looks)
 
-    async def _wait(self, have: int, stalls: int, what: str) -> None:
-        """Wait until the socket holds more than ``have`` bytes (or EOF), or raise."""
+    async def _wait(self, have: int, stalls: int, what: str, need: int = 0, looks: int = 0) -> None:
+        """Wait until the socket holds more than ``have`` bytes (at least ``need``, where
+        SO_RCVLOWAT can say so), or EOF; or raise. A trickling client (``looks`` past
+        PACE_AFTER) waits for a pause instead: it is looked at a few times a second, not
+        at every byte."""
         left = self.deadline - self.loop.time()
         if left <= 0:
             raise self._out_of_time(what)
         lowat = _LINUX and _RCVLOWAT is not None
+        if looks > PACE_AFTER and not stalls and (need <= have or not lowat):
+            await asyncio.sleep(min(left, PACE_MIN * 2 ** min(looks - PACE_AFTER - 1, 4), PACE_MAX))
+            return
         if stalls or not self.select_ok or (have and not lowat):
             # Peeked bytes keep the socket readable: without SO_RCVLOWAT, poll.
             await asyncio.sleep(min(left, 0.001 * (2 ** min(stalls, 6))))
@@ -898,7 +1013,7 @@ class _Peeker:
         try:
             if opt is not None:
                 restore = self.sock.getsockopt(socket.SOL_SOCKET, opt)
-                self.sock.setsockopt(socket.SOL_SOCKET, opt, have + 1)
+                self.sock.setsockopt(socket.SOL_SOCKET, opt, max(have + 1, need))
             async with asyncio.timeout(left):
                 await fut
         except TimeoutError:
@@ -915,6 +1030,14 @@ class _Peeker:
                     pass
 
     def consume(self, n: int) -> bytes:
+        """The first ``n`` bytes of the stream (those :attr:`taken` already, then exactly
+        the rest, which a peek has already seen queued)."""
+        out, self.taken = self.taken[:n], self.taken[n:]
+        out += self._recv_exactly(n - len(out))
+        self.seen = len(self.taken)
+        return bytes(out)
+
+    def _recv_exactly(self, n: int) -> bytes:
         """Read exactly ``n`` bytes that a peek has already seen queued."""
         out = bytearray()
         try:
@@ -929,7 +1052,6 @@ class _Peeker:
         if len(out) != n:
             raise SniffError(f"the client closed the connection before {n} sniffed bytes "
                              "could be consumed", "closed")
-        self.seen = 0
         return bytes(out)
 
 
@@ -980,8 +1102,11 @@ async def sniff(sock: socket.socket, rules: SniffRules, timeout: float) -> Sniff
     expect = " or ".join(name for name, on in (("HTTP request line", rules.http),
                                                 ("TLS record", rules.tls)) if on)
     try:
+        # (a request line that trickles in is consumed as it comes: it can no longer be
+        # TLS, and it is part of the head, or of the unknown stream's data)
         kind = await io.until(lambda b: classify(b, http=rules.http, tls=rules.tls),
-                              rules.max_http_head, expect)
+                              rules.max_http_head, expect,
+                              take=(lambda b: b[0] != 0x16) if rules.http else None)
     except SniffError as exc:
         if exc.reason != "silent" or rules.unknown == "reject":
             raise
@@ -991,21 +1116,26 @@ async def sniff(sock: socket.socket, rules: SniffRules, timeout: float) -> Sniff
     pool: str | None = None
     data = b""
     if kind == "tls":
+        tls_gate = _TlsGate()
         hello = await io.until(lambda b: parse_client_hello(b, max_size=rules.max_client_hello),
-                               rules.max_client_hello, "TLS ClientHello")
+                               rules.max_client_hello, "TLS ClientHello", gate=tls_gate,
+                               want=tls_gate.want)
         meta.update(protocol="tls", sni=hello.sni, alpn=list(hello.alpn))
         pool = route(rules.snis, hello.sni)
     elif kind == "http":
         head = await io.until(
             lambda b: parse_http_head(b, max_size=rules.max_http_head, until=rules.http_until),
-            rules.max_http_head, "HTTP head")
+            rules.max_http_head, "HTTP head", gate=_HttpGate(rules.http_until),
+            take=lambda _b: True)   # (NEED_DATA: every byte so far is part of the head)
         data = io.consume(head.length)
         meta.update(protocol="http", method=head.method, path=head.target,
                     version=head.version, host=head.host)
         pool = route(rules.hosts, head.host)
     elif rules.unknown == "reject":
-        first = io._peek(16) or b""
+        first = bytes(io.taken[:16]) + (io._peek(16) or b"")
         raise SniffError(f"neither HTTP nor TLS: {_show(first, 16)}", "unrecognised")
+    else:
+        data = bytes(io.taken)   # what was consumed before it turned out not to be HTTP
 
     size = len(json.dumps(meta, separators=(",", ":")))
     if size > MAX_SNIFF_META:

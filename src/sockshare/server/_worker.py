@@ -26,6 +26,11 @@ Life of a worker:
    ``{"ev": "closed", "n": k}``, batched per event-loop turn, so least-connections and
    ``max_conns`` see real numbers (a migrated connection is not: the dispatcher counts
    it out when the target accepts it).
+   Descriptors: the hello says how many connections fit below RLIMIT_NOFILE -
+   FD_HEADROOM (``"capacity"``); a handoff whose descriptor lands past that mark is
+   REJECTed with REJECT_NO_FDS instead of risking a truncated read (MSG_CTRUNC ends the
+   channel), and ``{"ev": "fds", "full": true|false, "capacity": n}`` tells the
+   dispatcher when to stop and start again.
 4. SIGTERM or SIGINT (or the dispatcher going away, or its ``{"cmd": "drain"}``):
    ``{"ev": "draining"}``, every new handoff is rejected ("worker is shutting down"),
    running handlers get ``--grace`` seconds to finish, what is left is cancelled, the
@@ -126,6 +131,40 @@ _SOCK_STREAM = int(socket.SOCK_STREAM)
 #: counts are that much behind at most).
 REPORT_DELAY = 0.002
 EXIT_APP_ERROR = 3
+#: Descriptors a worker keeps free: one channel read may carry 64 (the dispatcher's
+#: batch), and the kernel drops descriptors that do not fit (MSG_CTRUNC), which ends the
+#: channel. A handoff whose descriptor lands past RLIMIT_NOFILE - FD_HEADROOM is refused
+#: with REJECT_NO_FDS (the dispatcher gives it to another worker, and sends this one no
+#: more until it says ``{"ev": "fds", "full": false}``).
+FD_HEADROOM = 80
+REJECT_NO_FDS = "worker out of file descriptors"
+
+
+def _open_fds() -> int:
+    """How many descriptors this process has open: the /proc list where there is one,
+    else the lowest free descriptor (which does not see holes)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1   # (the listing's own)
+    except OSError:
+        try:
+            fd = os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            return 1 << 30
+        os.close(fd)
+        return fd
+
+
+def fd_mark() -> int:
+    """The descriptor number from which handoffs are refused (see FD_HEADROOM)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 1 << 30
+    if soft <= 0 or soft > 1 << 30:
+        return 1 << 30
+    return max(soft - FD_HEADROOM, soft // 3)
 #: Largest migration state: compact JSON, UTF-8. The handoff metadata limit is 16 KiB
 #: (docs/protocol.md); the other 4 KiB carry the connection's own meta (client, pool...).
 MAX_STATE = 12 * 1024
@@ -484,6 +523,13 @@ class Worker:
         self._accepting_peers: asyncio.Task[None] | None = None
         #: direct migrations held while the dispatcher says whether their source lives
         self._orphans: dict[tuple[int, int], tuple[Handoff, Connection]] = {}
+        #: handoffs are refused from this descriptor number on; we said we are full
+        self._fd_mark = fd_mark()
+        self._fd_full = False
+        self._fd_refused = 0
+        self._fd_capacity = 1 << 30
+        self._fd_timer: asyncio.TimerHandle | None = None
+        self._fd_logged = -1e9
 
     # -- signals ---------------------------------------------------------------------
 
@@ -510,9 +556,50 @@ class Worker:
         # Reported in batches: with the next ACCEPTs (same write) or after REPORT_DELAY,
         # whichever comes first -- not one write, and one dispatcher wake-up, per close.
         self._closed_unreported += 1
+        if self._fd_full:
+            self._check_fds()
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_later(REPORT_DELAY, self._flush_report, True)
+
+    def _refuse_no_fds(self, h: Handoff) -> None:
+        """``h``'s descriptor is past the mark: refuse it (our copy is closed, the sender
+        keeps its own), and tell the dispatcher once that we are full."""
+        fd = h.socket.fileno()
+        h.reject(REJECT_NO_FDS)
+        self._fd_refused += 1
+        if not self._fd_full:
+            self._fd_full = True
+            now = time.monotonic()
+            if now - self._fd_logged >= 10.0:
+                log.warning("worker %d: descriptor %d reached the mark %d (RLIMIT_NOFILE - %d): "
+                            "refusing handoffs until connections close (%d refused so far)",
+                            self.info.id, fd, self._fd_mark, FD_HEADROOM, self._fd_refused)
+                self._fd_logged = now
+            self._control({"ev": "fds", "full": True}, soon=True)
+            if self._fd_timer is None:
+                self._fd_timer = asyncio.get_running_loop().call_later(0.1, self._fd_tick)
+
+    def _check_fds(self) -> None:
+        """Full: are there descriptors below the mark again? (How many are open: the
+        /proc list where there is one, else the lowest free one, which ignores holes.)"""
+        if not self._fd_full:
+            return
+        free = self._fd_mark - _open_fds()
+        # how many connections it can hold: those it has, one per free descriptor (at
+        # most what it could at the start: connections closing still count in conns)
+        capacity = min(self._fd_capacity, len(self.conns) + free)
+        if free > 0 and free >= min(FD_HEADROOM // 4, max(1, capacity // 4)):
+            self._fd_full = False
+            self._fd_capacity = capacity
+            self._control({"ev": "fds", "full": False, "capacity": capacity}, soon=True)
+            return
+        if self._fd_timer is None:   # (no connection may close to call us again)
+            self._fd_timer = asyncio.get_running_loop().call_later(0.1, self._fd_tick)
+
+    def _fd_tick(self) -> None:
+        self._fd_timer = None
+        self._check_fds()
 
     def _queue_report(self, obj: dict[str, Any]) -> None:
         """A report that may wait as long as a close report (direct migrations)."""
@@ -1014,8 +1101,12 @@ class Worker:
                     h.reject("worker is shutting down")
             return
         ready: list[tuple[Handoff, Connection, bool]] = []
+        mark = self._fd_mark
         try:   # (a reject or accept raises once the channel is broken)
             for h in handoffs:
+                if h.socket.fileno() >= mark:
+                    self._refuse_no_fds(h)
+                    continue
                 resuming = self._resuming(h, from_peer)
                 if resuming is None:
                     continue
@@ -1065,8 +1156,13 @@ class Worker:
             return await self._fail(ch)
         if self.resume is not None:
             self._open_peer_listener()
-        self._control({"ev": "hello", "resume": self.resume is not None, "pid": self.info.pid,
-                       "peer": self.peer_path or None})
+        hello: dict[str, Any] = {"ev": "hello", "resume": self.resume is not None,
+                                 "pid": self.info.pid, "peer": self.peer_path or None}
+        if self._fd_mark < 1 << 30:
+            # connections it can hold before the mark, one descriptor each
+            self._fd_capacity = max(1, self._fd_mark - _open_fds())
+            hello["capacity"] = self._fd_capacity
+        self._control(hello)
         # handoffs start, and controls apply, in the read callback: no task hop, and no
         # task woken per read
         ch.on_activity = self._on_activity
