@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sockshare._channel import (
@@ -51,6 +53,8 @@ from sockshare.backends._scm import recv_with_fds
 from sockshare.protocol import MAX_PAYLOAD, FrameType, encode_frame
 
 __all__ = ["AsyncChannel", "AsyncChannelListener"]
+
+log = logging.getLogger("sockshare.channel")
 
 #: Past this many bytes queued and not written (the peer does not read), the channel is
 #: broken: a peer that reads nothing for that long is stuck, and memory stays bounded.
@@ -456,11 +460,26 @@ class AsyncChannel:
 
 
 class AsyncChannelListener:
-    """asyncio form of :class:`~sockshare.ChannelListener`."""
+    """asyncio form of :class:`~sockshare.ChannelListener`.
+
+    Connections are accepted in the event loop and each handshake runs on its own (in a
+    small thread pool), so a peer that stays silent, hangs up or is refused costs only
+    itself: the others' handshakes go on beside it. A peer of a uid the policy refuses
+    is closed before any byte is read; at most ``MAX_HANDSHAKES`` run at once (more wait
+    in the kernel's backlog).
+    """
+
+    MAX_HANDSHAKES = 16
 
     def __init__(self, listener: ChannelListener) -> None:
         self._listener = listener
         self.address = listener.address
+        self._ready: deque[Channel] = deque()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._running: set[asyncio.Future[Channel]] = set()
+        self._pool: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watching = False
 
     @classmethod
     def listen(cls, address: str | os.PathLike[str], *, max_payload: int = MAX_PAYLOAD,
@@ -468,23 +487,83 @@ class AsyncChannelListener:
         return cls(Channel.listen(address, max_payload=max_payload, **kw))
 
     async def accept(self) -> AsyncChannel:
+        """Wait for the next peer that passed its handshake."""
         loop = _selector_loop()
-        fd = self._listener.fileno()
-        while True:
+        if self._loop is None:
+            self._loop = loop
+            self._listener._sock.setblocking(False)
+        while not self._ready:
+            if self._listener._closed:
+                raise ChannelClosed("this listener was closed")
+            self._watch()
             fut: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, _resolve, fut)
+            self._waiters.append(fut)
             try:
                 await fut
             finally:
-                loop.remove_reader(fd)
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+        return AsyncChannel(self._ready.popleft())
+
+    def _watch(self) -> None:
+        if not self._watching and self._loop is not None and not self._listener._closed:
+            self._loop.add_reader(self._listener.fileno(), self._on_connect)
+            self._watching = True
+
+    def _unwatch(self) -> None:
+        if self._watching and self._loop is not None:
+            self._loop.remove_reader(self._listener.fileno())
+            self._watching = False
+
+    def _on_connect(self) -> None:
+        assert self._loop is not None
+        while len(self._running) < self.MAX_HANDSHAKES:
             try:
-                ch = await asyncio.to_thread(self._listener.accept, 0.05)
-            except TimeoutError:
+                conn = self._listener._accept_raw(0.0)
+            except ChannelError:
+                self._unwatch()
+                self._wake()
+                return
+            except OSError as exc:
+                log.warning("channel listener on %s: %s", self.address, exc)
+                return
+            if conn is None:
+                break
+            if not self._listener._precheck(conn):
                 continue
-            return AsyncChannel(ch)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.MAX_HANDSHAKES, thread_name_prefix="sockshare-hello")
+            fut = self._loop.run_in_executor(self._pool, self._listener._handshake_conn, conn)
+            self._running.add(fut)
+            fut.add_done_callback(self._handshake_done)
+        if len(self._running) >= self.MAX_HANDSHAKES:
+            self._unwatch()  # the backlog holds the rest until a handshake ends
+
+    def _handshake_done(self, fut: asyncio.Future[Channel]) -> None:
+        self._running.discard(fut)
+        if not fut.cancelled() and fut.exception() is None:
+            ch = fut.result()
+            if self._listener._closed:
+                ch.close()
+            else:
+                self._ready.append(ch)
+                self._wake()
+        if not self._listener._closed:
+            self._watch()
+
+    def _wake(self) -> None:
+        for w in self._waiters:
+            if not w.done():
+                w.set_result(None)
 
     def close(self) -> None:
+        self._unwatch()
         self._listener.close()
+        while self._ready:
+            self._ready.popleft().close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        self._wake()
 
     async def __aenter__(self) -> AsyncChannelListener:
         return self

@@ -29,6 +29,7 @@ from __future__ import annotations
 import _socket
 import array
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -50,6 +51,7 @@ from sockshare._errors import (
     ChannelClosed,
     ChannelEnded,
     ChannelError,
+    ChannelPermission,
     ChannelTimeout,
     HandoffRejected,
     HandoffReturned,
@@ -282,6 +284,9 @@ class Handoff:
             except ValueError as exc:
                 raise RemoteProtocolError(
                     f"handoff {self.id} carries metadata that is not JSON: {exc}") from None
+            except RecursionError:
+                raise RemoteProtocolError(
+                    f"handoff {self.id} carries metadata that nests too deeply") from None
             if not isinstance(meta, dict):
                 raise RemoteProtocolError(f"handoff {self.id} carries metadata that is not a JSON object")
             self._meta = meta
@@ -883,6 +888,11 @@ class Channel:
                 sock.connect(addr)
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 raise ChannelError(f"nobody listens for handoffs at {os.fspath(address)!r}") from exc
+            except PermissionError as exc:
+                raise ChannelPermission(
+                    f"this process (uid {os.getuid() if hasattr(os, 'getuid') else '?'}) may not "
+                    f"connect to {os.fspath(address)!r}: {exc.strerror}; the listener's owner "
+                    "decides who may (its file mode, allow_uids)") from exc
             ch = cls(sock, max_payload=max_payload, name=name)
             ch._handshake(timeout, policy=None)
         except BaseException:
@@ -1619,6 +1629,7 @@ class ChannelListener:
             raise
         self._sock = sock
         self._closed = False
+        self._logged: dict[str, tuple[float, int]] = {}
         if family != getattr(socket, "AF_UNIX", -1):
             host, port = sock.getsockname()[:2]
             self.address = f"tcp://{host}:{port}"
@@ -1629,30 +1640,94 @@ class ChannelListener:
     def accept(self, timeout: float | None = None) -> Channel:
         """Wait for a peer that passes the handshake and the uid/pid policy.
 
-        Peers that fail are refused with an ERROR frame and logged; accept goes on
-        waiting for the next one (until ``timeout``).
+        Peers that fail are refused with an ERROR frame and logged (rate-limited); accept
+        goes on waiting for the next one until ``timeout``, then raises
+        :class:`~sockshare.ChannelTimeout`. A peer of a uid the policy refuses is closed
+        unread, before any handshake; a silent one costs at most the handshake timeout.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self._closed:
-                raise ChannelClosed("this listener was closed")
-            self._sock.settimeout(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                raise TimeoutError(f"no channel peer connected within {timeout} s") from None
-            except OSError as exc:
-                if self._closed:
-                    raise ChannelClosed("this listener was closed") from exc
-                raise
-            ch = Channel(conn, max_payload=self._max_payload, name=self._name)
-            try:
-                ch._handshake(HANDSHAKE_TIMEOUT, self._policy)
-            except (PeerRefused, OSError, RemoteProtocolError) as exc:
-                log.warning("refused a channel peer on %s: %s", self.address, exc)
-                conn.close()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise ChannelTimeout(f"no channel peer connected within {timeout} s")
+            conn = self._accept_raw(remaining)
+            if conn is None:
                 continue
-            return ch
+            try:
+                return self._handshake_conn(conn)
+            except ChannelError:
+                continue
+
+    def _accept_raw(self, timeout: float | None) -> socket.socket | None:
+        """One connection from the backlog, or None (nothing in ``timeout``, a peer that
+        gave up, this process out of descriptors: logged, and the caller goes on)."""
+        if self._closed:
+            raise ChannelClosed("this listener was closed")
+        try:
+            self._sock.settimeout(timeout)
+            conn, _ = self._sock.accept()
+        except (TimeoutError, BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            if self._closed:
+                raise ChannelClosed("this listener was closed") from exc
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # the peer waits in the backlog; try again shortly, never spin
+                self._log("accept", "cannot accept a channel peer on %s: %s", self.address, exc)
+                time.sleep(0.05 if timeout is None else min(0.05, max(0.0, timeout)))
+                return None
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                return None
+            raise
+        return conn
+
+    def _precheck(self, conn: socket.socket) -> bool:
+        """Before reading a byte: refuse a peer whose uid the policy refuses (the
+        kernel's word, not the peer's), so that others pay nothing for it."""
+        if conn.family != getattr(socket, "AF_UNIX", -1) or self._policy.uids is None:
+            return True
+        try:
+            _pid, uid, _gid = peer_credentials(conn)
+        except (OSError, SockshareError):
+            return True  # the handshake checks again
+        if uid in self._policy.uids:
+            return True
+        why = f"uid {uid} may not hand off to this listener (allowed: {sorted(self._policy.uids)})"
+        with contextlib.suppress(OSError):
+            conn.send(encode_frame(FrameType.ERROR, encode_error(ErrorCode.REFUSED, why)),
+                      MSG_DONTWAIT)
+        conn.close()
+        self._log("refused", "refused a channel peer on %s: %s", self.address, why)
+        return False
+
+    def _handshake_conn(self, conn: socket.socket) -> Channel:
+        """Handshake on an accepted connection; on any failure the connection is closed,
+        the refusal logged, and :class:`~sockshare.PeerRefused` raised."""
+        if not self._precheck(conn):
+            raise PeerRefused("refused before the handshake")
+        try:
+            ch = Channel(conn, max_payload=self._max_payload, name=self._name)
+            ch._handshake(HANDSHAKE_TIMEOUT, self._policy)
+        except (SockshareError, OSError, ValueError, RecursionError) as exc:
+            self._log("refused", "refused a channel peer on %s: %s", self.address, exc)
+            conn.close()
+            raise PeerRefused(str(exc)) from None
+        except BaseException:
+            conn.close()
+            raise
+        return ch
+
+    def _log(self, kind: str, msg: str, *args: object) -> None:
+        """A warning, at most one a second per kind, with the number left out."""
+        now = time.monotonic()
+        last, skipped = self._logged.get(kind, (0.0, 0))
+        if now - last < 1.0:
+            self._logged[kind] = (last, skipped + 1)
+            return
+        self._logged[kind] = (now, 0)
+        if skipped:
+            msg += f" ({skipped} more like it in the last second)"
+        log.warning(msg, *args)
 
     def close(self) -> None:
         if self._closed:

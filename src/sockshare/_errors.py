@@ -20,6 +20,7 @@ Errors say whose fault a failure is and what to do about it::
     │   ├── ChannelClosed               you closed it
     │   ├── ChannelBroken               it broke from outside (peer died); cause chained
     │   ├── ChannelEnded                the peer said goodbye: no more handoffs will come
+    │   ├── ChannelPermission (PermissionError) the OS refused access to the address
     │   ├── ChannelTimeout (TimeoutError) nothing arrived, or the peer did not read, in time
     │   └── PeerRefused                 the handshake refused the peer (uid/pid policy)
     ├── HandoffError                    one handoff did not complete; the socket is yours again
@@ -61,6 +62,7 @@ __all__ = [
     "ChannelClosed",
     "ChannelEnded",
     "ChannelError",
+    "ChannelPermission",
     "ChannelTimeout",
     "ExportFailed",
     "ExporterBusy",
@@ -169,6 +171,11 @@ class ChannelEnded(ChannelError):
 
     Iterating over a channel stops quietly here; :meth:`~sockshare.Channel.receive`
     raises it. Not an error of the peer: it said goodbye."""
+
+
+class ChannelPermission(ChannelError, PermissionError):
+    """The operating system refused this process access to a channel's address (another
+    user's socket file, mode 0600)."""
 
 
 class ChannelTimeout(ChannelError, TimeoutError):

@@ -245,3 +245,36 @@ workers = 1
         assert meta == {"handoff_id": answer["hid"], "listener": 'front "ü" \\ door',
                         "client": [local[0], local[1]], "route": "listener",
                         "pool": 'pööl "1"'}
+
+
+def test_peers_that_hang_up_on_the_worker_channel_cost_only_themselves(tmp_path: Path) -> None:
+    """Connecting to the dispatcher's ``<pid>.chan`` and hanging up (or saying nothing)
+    before HELLO once ended its worker-accept task, and the server exited 1. Now each
+    such peer is refused alone: the server serves on, and a restarted worker still gets
+    in."""
+    from sockshare.server._control import runtime_dir
+
+    with Server(tmp_path, workers=2) as srv:
+        srv.wait_ready(2)
+        chan = os.path.join(runtime_dir(), f"{srv.proc.pid}.chan")
+        silent = []
+        for i in range(20):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(chan)
+            if i % 2:
+                s.close()  # hangs up at once
+            else:
+                silent.append(s)  # says nothing
+        ask(srv.address())
+        victim = next(iter(srv.workers().values()))["pid"]
+        assert victim not in (os.getpid(), srv.proc.pid)
+        os.kill(victim, signal.SIGKILL)
+        srv.wait_for(lambda st: sum(w["state"] == "ready" for w in st["workers"]) == 2
+                     and victim not in {w["pid"] for w in st["workers"]},
+                     timeout=20, what="the killed worker replaced")
+        for _ in range(5):
+            ask(srv.address())
+        for s in silent:
+            s.close()
+        assert srv.proc.poll() is None
+        assert "internal error" not in srv.log()

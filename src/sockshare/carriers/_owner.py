@@ -27,7 +27,6 @@ treated as before, with no owner check. A record not owned by this user is ignor
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import secrets
@@ -118,6 +117,8 @@ class OwnerRecord:
         except OSError:
             return False
         try:
+            import fcntl  # POSIX only, as are the queues that have owner records
+
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 here = os.lstat(self.path)

@@ -391,6 +391,8 @@ def decode_control(p: bytes) -> dict[str, Any]:
         obj = json.loads(p)
     except (UnicodeDecodeError, ValueError) as exc:
         raise RemoteProtocolError(f"CONTROL payload is not JSON: {exc}") from None
+    except RecursionError:
+        raise RemoteProtocolError("CONTROL payload nests too deeply") from None
     if not isinstance(obj, dict):
         raise RemoteProtocolError("CONTROL payload is not a JSON object")
     return obj

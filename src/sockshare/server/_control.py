@@ -327,7 +327,7 @@ class ControlServer:
     async def _answer(self, raw: bytes) -> dict[str, Any]:
         try:
             req = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             return {"ok": False, "error": f"not a JSON line: {exc}"}
         if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
             return {"ok": False, "error": 'a request is a JSON object with a "cmd" string'}
@@ -369,7 +369,10 @@ def request(path: str, req: dict[str, Any], *, timeout: float = 5.0) -> dict[str
         s.close()
     if not buf:
         raise ControlError(f"the server at {path!r} closed the connection without answering")
-    out = json.loads(buf)
+    try:
+        out = json.loads(buf)
+    except (ValueError, RecursionError) as exc:
+        raise ControlError(f"the server at {path!r} answered something that is not JSON: {exc}") from None
     if not isinstance(out, dict):
         raise ControlError(f"unexpected answer from {path!r}: {buf[:200]!r}")
     return out
