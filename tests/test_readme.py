@@ -24,3 +24,23 @@ def test_readme_first_lines_name_both_commands() -> None:
     assert any("sockshare serve" in line for line in head)
     assert any("pytest" in line for line in head)
     assert "python -m pytest" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_error_table_matches_the_error_tree() -> None:
+    """Every error class the package exports is in the README's table (or is an abstract
+    parent named in it), and every name in the table exists and is a SockshareError."""
+    import sockshare
+    from sockshare import _errors
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Errors"):text.index("## Platforms")]
+    named = set(re.findall(r"`(\w+)`", table))
+    exported = {n for n in _errors.__all__ if n != "SockshareError"}
+    abstract = {"TokenError", "ProtocolError", "ChannelError", "HandoffError", "CarrierError"}
+    carriers = {n for n in exported if n.startswith("Carrier")}
+    missing = exported - named - abstract - carriers - {"BackendUnavailable"}
+    assert not missing, f"errors not in the README table: {sorted(missing)}"
+    for name in named & set(dir(sockshare)):
+        obj = getattr(sockshare, name)
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            assert issubclass(obj, sockshare.SockshareError), name

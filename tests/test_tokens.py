@@ -937,7 +937,10 @@ def test_stopped_exporter_times_out_and_the_token_survives(
         finally:
             os.kill(exporter.pid, signal.SIGCONT)
         # The agent served the claim when it woke up, found the importer gone and kept
-        # the socket for the next try.
+        # the socket for the next try (it finds that out on its own thread: bounded wait)
+        deadline = time.monotonic() + 10
+        while exporter.call("pending") != 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert exporter.call("pending") == 1
         got = importer.call("import", token=token, timeout=5)
         srv.sendall(b"still here;")

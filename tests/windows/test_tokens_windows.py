@@ -180,9 +180,11 @@ def test_agent_refuses_a_replayed_claim(connected: Connected, spawn: Spawn) -> N
     token = connected.exporter.call("export", h=connected.h, pid=importer.pid)
     importer.call("import", token=token)
     info = decode_token(token)
-    ch = _connect_agent(info, IO_TIMEOUT)
+    deadline = time.monotonic() + IO_TIMEOUT
+    ch = _connect_agent(info, deadline, IO_TIMEOUT)
     try:
-        sock, refusal = _exchange(ch, info)  # a refusal comes back, the connection stays good
+        # a refusal comes back, the connection stays good
+        sock, refusal = _exchange(ch, info, deadline, IO_TIMEOUT)
         assert sock is None
         assert isinstance(refusal, sockshare.TokenConsumed)
     finally:
