@@ -126,6 +126,8 @@ HANDSHAKE_TIMEOUT = 5.0
 #: peer (they are queued); past this bound the side stops *reading* the peer's frames,
 #: so it takes in no new handoffs to answer, until the peer reads again.
 OUT_LIMIT = 1024 * 1024
+#: A sender that only sends takes in its peer's answers every this many acked sends.
+TAKE_IN_EVERY = 16
 
 _ids = itertools.count(1)
 _HANDOFF = int(FrameType.HANDOFF)
@@ -849,6 +851,7 @@ class Channel:
             self._poller.register(sock.fileno(), select.POLLIN)
         self._batching = False
         self._leftovers_read = False
+        self._sends_unread = 0
         self.name = name
         #: Seconds a handoff send (or a control past ``OUT_LIMIT``) may wait for a peer
         #: that reads nothing: then :class:`~sockshare.ChannelTimeout`, never a silent
@@ -1185,8 +1188,15 @@ class Channel:
         st = self._state
         if st.broken is not None or st.closed or self._wsa or self._out:
             return self.send_many([(sock, meta, data)], ack=ack)[0]
-        if st.tickets and self._readable_now():
-            self._take_in()
+        if st.tickets:
+            # take in the answers that arrived, every TAKE_IN_EVERY acked sends (each look
+            # is a syscall): the copies the receiver took are closed as we go, at most
+            # that many sends late
+            self._sends_unread += 1
+            if self._sends_unread >= TAKE_IN_EVERY:
+                self._sends_unread = 0
+                if self._readable_now():
+                    self._take_in()
         frame, fd, ticket = st.single_frame(sock, meta, data, ack)
         if ack:
             ticket._channel = self
