@@ -220,13 +220,87 @@ def test_an_async_side_whose_peer_reads_nothing_stops_reading_and_stays_bounded(
         await asyncio.sleep(0.2)
         assert ch._wq_bytes == 0
         assert ch.received_controls() == [{"hello": 1}]
-        # a peer that never reads at all: broken at the hard bound, not unbounded memory
-        while ch.usable:
+        # a peer that never reads at all: past the hard bound, and send_timeout without
+        # taking a byte, the channel breaks; memory never grows without bound
+        a.send_timeout = 0.3
+        while ch._wq_bytes <= HARD_OUT_LIMIT:
             ch.send_control(big)
-            assert ch._wq_bytes <= HARD_OUT_LIMIT + 16_384
+        assert ch.usable  # not stuck for long enough yet
+        await asyncio.sleep(0.4)
+        ch.send_control(big)
+        assert not ch.usable
         with pytest.raises(sockshare.ChannelBroken):
             ch.send_control(big)
         await ch.aclose()
 
     asyncio.run(main())
     b.close()
+
+
+RECEIVER_AT_LIMIT = r"""
+import os, resource, socket, sys, sockshare
+ch = sockshare.Channel.from_socket(socket.socket(fileno=int(sys.argv[1])))
+base = len(os.listdir("/proc/self/fd"))
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (base + 12, hard))  # room for about 10 more
+print("ready", flush=True)
+held = []
+while True:
+    try:
+        held.append(ch.receive(timeout=2))
+    except sockshare.ChannelTimeout:
+        break
+ch.accept_all(held)
+print("took", len(held), flush=True)
+for h in held:
+    h.socket.sendall(b"served\n")
+    h.socket.close()
+h = ch.receive(timeout=10)   # room again: the next one is taken
+h.accept()
+h.socket.sendall(b"served\n")
+h.socket.close()
+for _ in ch:
+    pass
+ch.close()
+print("fds", len(os.listdir("/proc/self/fd")) - base, flush=True)
+"""
+
+
+def test_a_receiver_out_of_descriptors_gives_the_rest_back(procs: Procs) -> None:
+    """A batch arrives at a receiver at its fd limit: the kernel hands over what fits
+    and cuts the rest (MSG_CTRUNC). The receiver takes those and REJECTs the others, so
+    the sender still has them; the channel stays up and the next handoff is taken. It
+    used to break the channel and lose the whole batch."""
+    a, b = socket.socketpair()
+    rx = procs.python(RECEIVER_AT_LIMIT, str(b.fileno()), pass_fds=[b.fileno()])
+    b.close()
+    ch = sockshare.Channel.from_socket(a)
+    assert rx.stdout is not None
+    assert rx.stdout.readline() == b"ready\n"
+    before = fd_count()
+    pairs = [socket.socketpair() for _ in range(40)]
+    tickets = ch.send_many([(x, {"i": i}, b"") for i, (x, _y) in enumerate(pairs)])
+    for t in tickets:
+        t.wait(10)
+    took = int(rx.stdout.readline().split()[1])
+    rejected = [t for t in tickets if t.state == "rejected"]
+    assert 0 < took < 40
+    assert len(rejected) == 40 - took
+    assert {t.reason for t in rejected} == {sockshare._channel.NO_FDS}
+    for t, (_x, y) in zip(tickets, pairs, strict=True):
+        if t.state == "accepted":
+            assert y.recv(16) == b"served\n"
+        else:  # still the sender's, whole
+            assert t.socket is not None
+            t.socket.sendall(b"back\n")
+            assert y.recv(16) == b"back\n"
+            t.socket.close()
+        y.close()
+    x, y = socket.socketpair()
+    assert ch.send(x).wait(10)
+    assert y.recv(16) == b"served\n"
+    y.close()
+    ch.close()
+    assert rx.stdout.readline() == b"fds -1\n"  # all it received closed, and its channel
+    assert rx.wait(10) == 0
+    assert fd_count() == before - 1  # the channel socket

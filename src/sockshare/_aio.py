@@ -49,17 +49,20 @@ from sockshare._errors import (
     LocalProtocolError,
     SockshareError,
 )
-from sockshare.backends._scm import recv_with_fds
+from sockshare.backends._scm import recv_with_fds_cut
 from sockshare.protocol import MAX_PAYLOAD, FrameType, encode_frame
 
 __all__ = ["AsyncChannel", "AsyncChannelListener"]
 
 log = logging.getLogger("sockshare.channel")
 
-#: Past this many bytes queued and not written (the peer does not read), the channel is
-#: broken: a peer that reads nothing for that long is stuck, and memory stays bounded.
-#: Past ``OUT_LIMIT`` this side already stops reading, so it takes no new work.
+#: Past this many bytes queued and not written, with the peer reading nothing of them for
+#: the channel's ``send_timeout``, the channel is broken: that peer is stuck, and memory
+#: stays bounded. (Past ``OUT_LIMIT`` this side already stops reading, so it takes no
+#: new work; a burst of this side's own handoffs that the peer is reading is no reason.)
 HARD_OUT_LIMIT = 16 * OUT_LIMIT
+#: Frames without descriptors queued together are written in one call, this much at most.
+_MERGE = 64 * 1024
 
 
 class AsyncChannel:
@@ -76,6 +79,7 @@ class AsyncChannel:
         self._state.socket_blocking = False
         self._wq: deque[tuple[memoryview, list[int], list[Ticket]]] = deque()
         self._wq_bytes = 0
+        self._last_write = self._loop.time()  # the peer last took bytes (or nothing waited)
         self._writing = False
         self._waiters: list[asyncio.Future[None]] = []
         self._end_waiters: list[asyncio.Future[None]] = []
@@ -127,17 +131,18 @@ class AsyncChannel:
             self._reading = False
             return
         try:
+            cut = False
             if self._ch._wsa:
                 data, fds = self._sock.recv(RECV_BUF), list[int]()
             else:
-                data, fds = recv_with_fds(self._sock, RECV_BUF)
+                data, fds, cut = recv_with_fds_cut(self._sock, RECV_BUF)
         except (BlockingIOError, InterruptedError):
             return
         except (OSError, SockshareError) as exc:
             self._break(exc)
             return
         try:
-            self._state.receive_data(data, fds, self._answer)
+            self._state.receive_data(data, fds, self._answer, cut)
         except (OSError, SockshareError, ValueError) as exc:
             self._break(exc)
         if self.on_activity is not None:
@@ -293,18 +298,23 @@ class AsyncChannel:
         try:
             while wq:
                 buf, fds, tickets = wq[0]
-                if not fds and len(wq) > 1 and not wq[1][1]:
-                    # answers and controls queued in this turn of the loop: one write
+                if not fds and len(wq) > 1 and not wq[1][1] and len(buf) + len(wq[1][0]) <= _MERGE:
+                    # answers and controls queued in this turn of the loop: one write (of
+                    # at most _MERGE bytes: a long queue is not joined again on every try)
                     parts: list[memoryview] = []
                     merged: list[Ticket] = []
-                    while wq and not wq[0][1]:
+                    total = 0
+                    while wq and not wq[0][1] and (not parts or total + len(wq[0][0]) <= _MERGE):
                         part, _fds, ts = wq.popleft()
                         parts.append(part)
                         merged.extend(ts)
+                        total += len(part)
                     wq.appendleft((memoryview(b"".join(parts)), [], merged))
                     continue
                 sent = send_with_fds(self._sock, bytes(buf), fds) if fds else self._sock.send(buf)
                 self._wq_bytes -= sent
+                if sent:
+                    self._last_write = self._loop.time()
                 if sent < len(buf):
                     wq[0] = (buf[sent:], [], tickets)
                     break
@@ -315,10 +325,16 @@ class AsyncChannel:
         except OSError as exc:
             self._break(exc)
             return
-        if self._wq_bytes > HARD_OUT_LIMIT:
-            self._break(ChannelBroken(
-                f"the peer has not read {self._wq_bytes} bytes of frames queued for it: it is stuck"))
-            return
+        if not wq:
+            self._last_write = self._loop.time()
+        elif self._wq_bytes > HARD_OUT_LIMIT:
+            stuck = self._loop.time() - self._last_write
+            limit = self._ch.send_timeout
+            if limit is not None and stuck > limit:
+                self._break(ChannelBroken(
+                    f"the peer has read none of the {self._wq_bytes} bytes queued for it "
+                    f"for {stuck:.0f} s: it is stuck"))
+                return
         if (not self._reading and self._wq_bytes <= OUT_LIMIT and self._state.broken is None
                 and not self._state.closed):
             self._loop.add_reader(self._sock.fileno(), self._on_readable)
@@ -503,10 +519,13 @@ class AsyncChannelListener:
             finally:
                 if fut in self._waiters:
                     self._waiters.remove(fut)
-        return AsyncChannel(self._ready.popleft())
+        ch = self._ready.popleft()
+        self._watch()
+        return AsyncChannel(ch)
 
     def _watch(self) -> None:
-        if not self._watching and self._loop is not None and not self._listener._closed:
+        if (not self._watching and self._loop is not None and not self._listener._closed
+                and len(self._ready) < self.MAX_HANDSHAKES):
             self._loop.add_reader(self._listener.fileno(), self._on_connect)
             self._watching = True
 
@@ -548,8 +567,8 @@ class AsyncChannelListener:
             else:
                 self._ready.append(ch)
                 self._wake()
-        if not self._listener._closed:
-            self._watch()
+        if not self._listener._closed and len(self._ready) < self.MAX_HANDSHAKES:
+            self._watch()  # (peers nobody takes wait in the kernel's backlog, not here)
 
     def _wake(self) -> None:
         for w in self._waiters:

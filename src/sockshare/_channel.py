@@ -44,7 +44,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from sockshare._errors import (
     ChannelBroken,
@@ -66,7 +66,7 @@ from sockshare.backends._scm import (
     MSG_DONTWAIT,
     RECV_FLAGS,
     close_fds,
-    fds_from_ancillary,
+    fds_from_ancillary_cut,
     peer_credentials,
     recv_with_fds,
     wait_ready,
@@ -128,6 +128,9 @@ HANDSHAKE_TIMEOUT = 5.0
 OUT_LIMIT = 1024 * 1024
 #: A sender that only sends takes in its peer's answers every this many acked sends.
 TAKE_IN_EVERY = 16
+#: The REJECT reason for a handoff whose descriptor the kernel could not give this
+#: process (it is at its fd limit): the sender still owns the connection.
+NO_FDS = "receiver out of file descriptors"
 
 _ids = itertools.count(1)
 _HANDOFF = int(FrameType.HANDOFF)
@@ -244,9 +247,11 @@ class Ticket:
         """Wait like :meth:`wait`, then return if the receiver took the connection.
 
         Raises :class:`~sockshare.HandoffRejected` (``reason``) if it said no, and
-        :class:`~sockshare.HandoffReturned` if the channel ended before it answered; in
-        both cases the socket is in the exception's (and this ticket's) ``socket``, still
-        the sender's to serve or hand elsewhere."""
+        :class:`~sockshare.HandoffReturned` if the channel ended before it answered. The
+        socket is then in the exception's (and this ticket's) ``socket``, still the
+        sender's to serve or hand elsewhere -- except for a ticket this side *abandoned*
+        (it closed the channel and the live receiver did not answer in time): its copy
+        was closed, ``socket`` is None, and the receiver may be serving it."""
         self.wait(timeout)
         if self.state == "rejected":
             raise HandoffRejected(f"handoff {self.id} was rejected: {self.reason or 'no reason given'}",
@@ -503,9 +508,18 @@ class _ChannelState:
 
     # -- incoming ----------------------------------------------------------------
 
-    def receive_data(self, data: bytes, fds: list[int], answer: Any) -> None:
-        """Feed what one receive returned; ``answer`` goes into each Handoff."""
+    def receive_data(self, data: bytes, fds: list[int], answer: Any, cut: bool = False) -> None:
+        """Feed what one receive returned; ``answer`` goes into each Handoff.
+
+        ``cut``: the kernel truncated this read's descriptors (this process is at its
+        fd limit): the handoffs whose descriptor never arrived are answered REJECT
+        (``NO_FDS``: the sender still has them) instead of breaking the channel."""
         decoder = self.decoder
+        if cut:
+            decoder.feed(data, fds, cut=True)
+            while (frame := decoder.next_frame()) is not None:
+                self._on_frame(frame, answer)
+            return
         if fds and not decoder.buffered and not decoder.holds_fds:
             # Hot path: exactly one whole HANDOFF frame with its descriptors, the common
             # case since the kernel ends a read after each message that carries fds.
@@ -624,9 +638,13 @@ class _ChannelState:
                     f"HANDOFF frame lists {len(entries)} sockets but carries {len(fds)} fds")
             acked = bool(frame.flags & FLAG_ACK)
             made: list[Handoff] = []
+            missing: list[int] = []
             blocking = self.socket_blocking
             try:
                 for i, e in enumerate(entries):
+                    if not wsa and fds[i] < 0:  # the kernel cut it: we are out of fds
+                        missing.append(e.id)
+                        continue
                     if wsa:
                         sock = self._make_socket(e, -1)
                     else:  # _make_socket, inlined for batches
@@ -663,6 +681,16 @@ class _ChannelState:
         if acked:
             for h in made:
                 self.outstanding[h.id] = h
+        if missing:
+            if acked:
+                log.warning("out of file descriptors: %d handoff(s) given back to the sender",
+                            len(missing))
+                for hid in missing:
+                    answer(hid, NO_FDS)
+            else:
+                log.error("out of file descriptors: %d fire-and-forget handoff(s) lost (the "
+                          "kernel closed them; their sender had already closed its copies)",
+                          len(missing))
 
     def _make_socket(self, e: HandoffEntry, fd: int) -> socket.socket:
         """Wrap a received descriptor (or import a WSA blob) in the documented mode.
@@ -710,12 +738,12 @@ class _ChannelState:
             self.incoming.clear()
             self.incoming.extend(keep)
             self.outstanding.clear()
-        for ticket in self.tickets.values():
+        tickets, self.tickets = self.tickets, {}  # (a sender thread may be adding one)
+        for ticket in tickets.values():
             ticket.state = "returned"
             ticket.reason = f"the channel broke before the receiver answered: {exc}"
             self.counters["returned"] += 1
             self.returned.append(ticket)
-        self.tickets.clear()
 
     def closing_frames(self) -> list[bytes]:
         """Answers owed before BYE: REJECT what is still queued (closing our copies),
@@ -740,13 +768,13 @@ class _ChannelState:
 
     def abandon_pending(self) -> None:
         """This side is closing and the live peer did not answer: close our copies."""
-        for ticket in self.tickets.values():
+        tickets, self.tickets = self.tickets, {}
+        for ticket in tickets.values():
             ticket.state = "abandoned"
             ticket.reason = "the receiver did not answer before this side closed the channel"
             if ticket.socket is not None:
                 ticket.socket.close()
                 ticket.socket = None
-        self.tickets.clear()
 
     def check_usable(self) -> None:
         if self.closed:
@@ -1088,8 +1116,8 @@ class Channel:
         """Write one handoff frame, its descriptors with its first byte, after the frames
         already queued. Waits for room (reading the peer's frames meanwhile) up to
         ``send_timeout``: False if not one byte could go by then (nothing was sent). Once
-        the frame has started, its tail is queued if the time runs out mid-frame.
-        Raises OSError if the peer is gone."""
+        the frame has started it is finished (see :meth:`_finish_locked`). Raises
+        OSError if the peer is gone."""
         deadline = None if self.send_timeout is None else time.monotonic() + self.send_timeout
         view = memoryview(frame)
         anc = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else None
@@ -1105,20 +1133,57 @@ class Channel:
                 if room is None:
                     return False
                 read_too = room
-            view = view[sent:]
-            while view:
-                sent = self._try_send(view)
-                if sent:
-                    view = view[sent:]
-                    continue
-                if self._wait_room(deadline, True) is None:
-                    with self._qlock:  # ahead of anything queued meanwhile
-                        self._out.appendleft(view)
-                        self._out_bytes += len(view)
-                    break
+            if sent < len(view):
+                self._finish_locked(view[sent:])
         if self._out:
             self._flush()
         return True
+
+    def _finish_locked(self, view: memoryview) -> None:
+        """Write the rest of a handoff frame that has started (``_wlock`` held): a frame
+        is never left half-written, since nothing else may follow it on the stream until
+        it ends. A peer that stops reading in its middle for ``send_timeout`` breaks the
+        channel (OSError), as one that is gone does."""
+        deadline = None if self.send_timeout is None else time.monotonic() + self.send_timeout
+        while view:
+            sent = self._try_send(view)
+            if sent:
+                view = view[sent:]
+                continue
+            if self._state.broken is not None:
+                raise ConnectionError(f"the channel broke: {self._state.broken}")
+            if self._wait_room(deadline, True) is None:
+                raise TimeoutError(
+                    f"the peer stopped reading in the middle of a handoff frame for "
+                    f"{self.send_timeout} s")
+
+    def _send_failed(self, tickets: list[Ticket], exc: OSError) -> NoReturn:
+        """A handoff send met a broken channel: its sockets are the caller's, and only
+        through this exception (never also through :meth:`returned`)."""
+        self._break(exc)
+        st = self._state
+        mine = {t.id for t in tickets}
+        for t in tickets:
+            st.tickets.pop(t.id, None)
+        if st.returned and any(t.id in mine for t in st.returned):
+            kept = [t for t in st.returned if t.id not in mine]
+            st.counters["returned"] -= len(st.returned) - len(kept)
+            st.returned.clear()
+            st.returned.extend(kept)
+        for t in tickets:
+            t.state, t.reason = "returned", f"not sent: the channel broke ({exc})"
+        raise ChannelBroken(f"the peer is gone: {exc}") from exc
+
+    def _send_timed_out(self, tickets: list[Ticket]) -> None:
+        """Nothing of a handoff frame went: unregister its tickets. On Windows the frame
+        already holds handles duplicated into the peer (``socket.share``), which a peer
+        that goes on would keep: the channel is broken instead, so the peer closes them."""
+        for t in tickets:
+            self._state.tickets.pop(t.id, None)
+        if self._wsa:
+            self._break(ChannelTimeout(
+                f"the peer read nothing for {self.send_timeout} s with handles already "
+                "duplicated into it: channel closed so that it closes them"))
 
     def _wait_room(self, deadline: float | None, read_too: bool) -> bool | None:
         """Wait until the socket has room, reading the peer's frames if it sends any (a
@@ -1203,31 +1268,30 @@ class Channel:
             st.tickets[ticket.id] = ticket
         sent = 0
         if self._wlock.acquire(blocking=False):  # the common case: one sendmsg
+            failed: OSError | None = None
             try:
-                sent = self._sock.sendmsg([frame], [(_SOL_SOCKET, _SCM_RIGHTS, _FD.pack(fd))], MSG_DONTWAIT)
+                if not self._out:  # (never into the middle of a queued frame)
+                    sent = self._sock.sendmsg([frame], [(_SOL_SOCKET, _SCM_RIGHTS, _FD.pack(fd))],
+                                              MSG_DONTWAIT)
+                    if 0 < sent < len(frame):  # never leave a handoff half-written
+                        self._finish_locked(memoryview(frame)[sent:])
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError as exc:
-                st.tickets.pop(ticket.id, None)
+                failed = exc
+            finally:
                 self._wlock.release()
-                self._break(exc)
-                raise ChannelBroken(f"the peer is gone: {exc}") from exc
-            if 0 < sent < len(frame):
-                with self._qlock:
-                    self._out.appendleft(memoryview(frame)[sent:])
-                    self._out_bytes += len(frame) - sent
-            self._wlock.release()
+            if failed is not None:
+                self._send_failed([ticket], failed)
             if self._out:
                 self._flush()
         if not sent:
             try:
                 ok = self._send_handoff(frame, [fd])
             except OSError as exc:
-                st.tickets.pop(ticket.id, None)
-                self._break(exc)
-                raise ChannelBroken(f"the peer is gone: {exc}") from exc
+                self._send_failed([ticket], exc)
             if not ok:
-                st.tickets.pop(ticket.id, None)
+                self._send_timed_out([ticket])
                 raise ChannelTimeout(
                     f"the peer read no handoff for {self.send_timeout} s; nothing was sent "
                     "and the socket is still yours")
@@ -1258,13 +1322,9 @@ class Channel:
             try:
                 ok = self._send_handoff(frame, fds)
             except OSError as exc:
-                for t in tickets:
-                    st.tickets.pop(t.id, None)
-                self._break(exc)
-                raise ChannelBroken(f"the peer is gone: {exc}") from exc
+                self._send_failed(tickets, exc)
             if not ok:
-                for t in tickets:
-                    st.tickets.pop(t.id, None)
+                self._send_timed_out(tickets)
                 raise ChannelTimeout(
                     f"the peer read no handoff for {self.send_timeout} s; {len(out)} of "
                     f"{len(batch)} handoffs went (see .sent), the other sockets are still yours",
@@ -1406,12 +1466,21 @@ class Channel:
 
     def _wait_ticket(self, ticket: Ticket, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._rlock:
-            while ticket.state == "pending":
-                if self._state.broken is not None or self._state.closed:
-                    return
-                if not self._pump(deadline):
-                    raise ChannelTimeout(f"handoff {ticket.id} not answered within {timeout} s")
+        while ticket.state == "pending":
+            if self._state.broken is not None or self._state.closed:
+                return
+            # another thread may be reading (in receive()): it updates the ticket, so
+            # wait for the lock in short turns and look at the ticket in between
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise ChannelTimeout(f"handoff {ticket.id} not answered within {timeout} s")
+            if not self._rlock.acquire(timeout=0.01 if left is None else min(left, 0.01)):
+                continue
+            try:
+                if ticket.state == "pending" and self._state.broken is None and not self._state.closed:
+                    self._pump(deadline)
+            finally:
+                self._rlock.release()
 
     def _pump(self, deadline: float | None) -> bool:
         """Wait until the peer sent something (and process it) or ``deadline``, writing
@@ -1431,6 +1500,7 @@ class Channel:
 
     def _read_once(self, deadline: float | None) -> bool:
         """Read once (until ``deadline``) and process. False on timeout."""
+        cut = False
         try:
             if self._wsa:
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -1459,16 +1529,16 @@ class Channel:
                             return True
                         fds = [fd]
                     else:
-                        fds = fds_from_ancillary(self._sock, anc, flags)
+                        fds, cut = fds_from_ancillary_cut(self._sock, anc, flags)
                 else:
-                    fds = fds_from_ancillary(self._sock, anc, flags)
+                    fds, cut = fds_from_ancillary_cut(self._sock, anc, flags)
         except InterruptedError:
             return True
         except (OSError, SockshareError) as exc:
             self._break(exc)
             return True
         try:
-            self._state.receive_data(data, fds, self._answer)
+            self._state.receive_data(data, fds, self._answer, cut)
         except (OSError, SockshareError, ValueError) as exc:
             self._break(exc)
         return True
@@ -1553,35 +1623,47 @@ class Channel:
         if st.closed:
             return
         if st.broken is None:
+            # Another thread may be blocked in receive(): then it reads the answers, and
+            # this one only writes and watches the tickets.
+            reading = self._rlock.acquire(timeout=self.close_timeout)
             try:
-                with self._rlock:
-                    for frame in st.closing_frames():
-                        self._queue(frame)
-                    self._queue(encode_frame(FrameType.BYE))
-                    if self._out:
-                        self._room_for_queue()
+                for frame in st.closing_frames():
+                    self._queue(frame)
+                self._queue(encode_frame(FrameType.BYE))
+                if self._out:
+                    self._room_for_queue()
+                now = time.monotonic()
+                flush_by = None if self.send_timeout is None else now + self.send_timeout
+                answers_by = now + self.close_timeout
+                while st.broken is None:
                     now = time.monotonic()
-                    flush_by = None if self.send_timeout is None else now + self.send_timeout
-                    answers_by = now + self.close_timeout
-                    while st.broken is None:
-                        now = time.monotonic()
-                        if self._out and (flush_by is None or now < flush_by):
-                            self._pump(flush_by)
-                        elif st.tickets and now < answers_by:
-                            self._pump(answers_by)
-                        else:
-                            break
-                    if self._out and st.broken is None:
-                        log.warning("closing the handoff channel to pid %s with %d bytes of answers "
-                                    "the peer did not read in %s s", st.peer.pid if st.peer else "?",
-                                    self._out_bytes, self.send_timeout)
+                    if self._out and (flush_by is None or now < flush_by):
+                        until: float | None = flush_by
+                    elif st.tickets and now < answers_by:
+                        until = answers_by
+                    else:
+                        break
+                    if reading:
+                        self._pump(until)
+                    else:
+                        self._flush()
+                        time.sleep(0.005)
+                if self._out and st.broken is None:
+                    log.warning("closing the handoff channel to pid %s with %d bytes of answers "
+                                "the peer did not read in %s s", st.peer.pid if st.peer else "?",
+                                self._out_bytes, self.send_timeout)
             except (OSError, SockshareError) as exc:
                 self._break(exc)
+            finally:
+                if reading:
+                    self._rlock.release()
         st.abandon_pending()
         st.fail(ChannelClosed("closed by this side"))
         st.closed = True
         while st.incoming:  # fire-and-forget handoffs nobody took
             st.incoming.popleft().socket.close()
+        with contextlib.suppress(OSError):  # wakes a thread blocked reading it
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
 
     def __enter__(self) -> Channel:

@@ -35,10 +35,12 @@ __all__ = [
     "RECV_FLAGS",
     "close_fds",
     "fds_from_ancillary",
+    "fds_from_ancillary_cut",
     "send_frame",
     "wait_ready",
     "peer_credentials",
     "recv_with_fds",
+    "recv_with_fds_cut",
     "send_with_fds",
 ]
 
@@ -216,6 +218,28 @@ def fds_from_ancillary(
         close_fds(fds)
         raise RemoteProtocolError("a message was larger than the receive buffer")
     return fds
+
+
+def fds_from_ancillary_cut(
+    sock: socket.socket, ancdata: list[tuple[int, int, bytes]], flags: int
+) -> tuple[list[int], bool]:
+    """Like :func:`fds_from_ancillary`, but a read whose descriptors the kernel cut
+    (``MSG_CTRUNC``: this process is at its fd limit) is not an error: returns the
+    descriptors that did arrive -- the first ones of the message, in order -- and True.
+    The caller must treat the rest as lost (the kernel closed them)."""
+    if flags & _CTRUNC:
+        return fds_from_ancillary(sock, ancdata, flags & ~_CTRUNC), True
+    return fds_from_ancillary(sock, ancdata, flags), False
+
+
+def recv_with_fds_cut(
+    sock: socket.socket, bufsize: int = 65536, flags: int = 0
+) -> tuple[bytes, list[int], bool]:
+    """:func:`recv_with_fds` that reports a cut instead of raising (see
+    :func:`fds_from_ancillary_cut`)."""
+    data, ancdata, rflags, _addr = sock.recvmsg(bufsize, CMSG_SPACE_MAX, _CLOEXEC_FLAG | flags)
+    fds, cut = fds_from_ancillary_cut(sock, ancdata, rflags)
+    return data, fds, cut
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

@@ -119,6 +119,9 @@ class FrameDecoder:
         # header of the frame being assembled: (type, flags, length, fds already taken)
         self._pending: tuple[FrameType, int, int, tuple[int, ...]] | None = None
         self._failed: RemoteProtocolError | None = None
+        #: the kernel cut the descriptors of the last read (MSG_CTRUNC: we are at our fd
+        #: limit): the frame they belong to gets -1 for each one that never arrived
+        self._cut = False
 
     @property
     def buffered(self) -> int:
@@ -136,9 +139,16 @@ class FrameDecoder:
         """True while received descriptors wait for their frame (or an error)."""
         return bool(self._fds) or self._pending is not None or self._failed is not None
 
-    def feed(self, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
-        """Add what one receive call returned. Ownership of ``fds`` passes to the decoder."""
+    def feed(self, data: bytes, fds: list[int] | tuple[int, ...] = (), *, cut: bool = False) -> None:
+        """Add what one receive call returned. Ownership of ``fds`` passes to the decoder.
+
+        ``cut``: the kernel truncated this read's descriptors (``MSG_CTRUNC``, the
+        receiver at its fd limit). The frame they came with is still returned, its
+        missing descriptors as ``-1`` (the first ones arrive, in order): the receiver
+        answers those entries instead of losing the stream."""
         self._fds.extend(fds)
+        if cut:
+            self._cut = True
         if self._failed is not None:
             raise self._failed
         if fds and not self.allow_fds:
@@ -182,7 +192,7 @@ class FrameDecoder:
         out = list(self._fds)
         self._fds.clear()
         if self._pending is not None:
-            out.extend(self._pending[3])
+            out.extend(fd for fd in self._pending[3] if fd >= 0)
             self._pending = None
         return out
 
@@ -215,6 +225,10 @@ class FrameDecoder:
             self._fail(f"frame announces {nfds} descriptors; the limit is {MAX_FDS_PER_FRAME}")
         if nfds and not self.allow_fds:
             self._fail("frame announces descriptors on a connection that carries none")
+        if len(self._fds) < nfds and self._cut and self.allow_fds:
+            self._cut = False
+            got = tuple(self._fds.popleft() for _ in range(len(self._fds)))
+            return frame_type, flags, length, got + (-1,) * (nfds - len(got))
         if len(self._fds) < nfds:
             self._fail(
                 f"frame announces {nfds} descriptors but {len(self._fds)} arrived "
