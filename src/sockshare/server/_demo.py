@@ -64,7 +64,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
-from sockshare.server._worker import MigrationError, MigrationRequested
+from sockshare.server._handler import MigrationError, MigrationRequested
 
 __all__ = [
     "DemoConnection",
