@@ -157,7 +157,7 @@ class PeerMigration:
 
         The dispatcher hears of it afterwards, in the batched reports: the source says
         ``moved_out``, the target ``moved_in``. Only a move still unanswered after
-        REPORT_DELAY is announced (``moving``), so that the dispatcher's --timeout can
+        the report delay is announced (``moving``), so that the dispatcher's --timeout can
         kill a hung target: its channel then breaks and the connection comes back."""
         ch = peer.ch
         assert ch is not None
