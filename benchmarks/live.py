@@ -5,7 +5,7 @@ Run:  python benchmarks/live.py [--reloads 50] [--upgrades 10] [--migrations 100
                                 [--relay]
 
 What it does: starts ``sockshare serve`` (the built-in demo app, 2 workers) on a free port
-of 127.0.0.1 and puts it under a steady load (``sockshare.server._loadgen``): short
+of 127.0.0.1 and puts it under a steady load (tests/server/loadgen.py): short
 ``GET /whoami`` connections (``--short-rate`` per second from 4 clients) and ``--ws``
 long-lived WebSocket connections, each sending a numbered message every 50 ms and
 checking every echo (order, counter, nothing lost, nothing twice). Then, one phase after
@@ -48,8 +48,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests" / "server"))   # the load generator, shared with its test
 
-from sockshare.server._loadgen import Load, Scenario, ServeProcess, free_port  # noqa: E402
+from loadgen import Load, Scenario, ServeProcess, free_port  # noqa: E402
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:

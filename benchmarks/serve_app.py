@@ -6,7 +6,7 @@ per worker from it), close. The same coroutine, :func:`answer`, serves all three
 Python configurations:
 
 * ``sockshare serve serve_app:handle`` -- the app a sockshare worker runs (``conn`` is a
-  :class:`sockshare.server._worker.Connection`);
+  :class:`sockshare.server.Connection`);
 * ``python benchmarks/serve_app.py shared --fd FD`` -- pre-fork shared accept:
   ``asyncio.start_server`` on a listening socket inherited from the parent;
 * ``python benchmarks/serve_app.py reuseport --port P`` -- binds 127.0.0.1:P itself with

@@ -35,7 +35,7 @@ import os
 import time
 from typing import Any
 
-from sockshare.server._worker import (
+from sockshare.server._handler import (
     Connection,
     MigrationAborted,
     MigrationRefused,

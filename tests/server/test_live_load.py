@@ -2,7 +2,7 @@
 full size: 50 reloads, 10 upgrades, 1,000 migrations, 10 SIGKILLs).
 
 Under a steady load of short HTTP connections and long-lived WebSockets that check every
-echo (``sockshare.server._loadgen``), against ``sockshare serve`` running the demo app:
+echo (``tests/server/loadgen.py``), against ``sockshare serve`` running the demo app:
 reloads, upgrades and migrations refuse, reset, drop, lose or duplicate nothing; SIGKILLs
 lose only the killed workers' own connections (the short ones the dispatcher counts as
 ``lost``, the WebSockets whose last worker was killed); and, to show the measurement can
@@ -14,8 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from sockshare.server._loadgen import Load, Scenario, ServeProcess, free_port
+from loadgen import Load, Scenario, ServeProcess, free_port
 
 pytestmark = pytest.mark.timeout(240)
 

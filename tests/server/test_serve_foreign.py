@@ -139,7 +139,7 @@ def test_worker_cmd_gets_the_channel_as_last_argument(tmp_path: Path) -> None:
 
 
 def test_worker_cmd_placeholders(tmp_path: Path) -> None:
-    cmd = (f"{sys.executable} -m sockshare.server._worker --app serve_apps:app "
+    cmd = (f"{sys.executable} -m sockshare.server.worker --app serve_apps:app "
            "--channel {channel} --id {id}")
     with Server(tmp_path, "--policy", "round-robin", "--worker-cmd", cmd, app=None,
                 workers=2) as srv:

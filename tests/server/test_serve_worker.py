@@ -12,7 +12,8 @@ import pytest
 from serve_helpers import Server, connect
 
 from sockshare import AsyncChannel, Channel
-from sockshare.server._worker import Connection, WorkerInfo, load_app, open_connection
+from sockshare.server._handler import Connection, WorkerInfo, open_connection
+from sockshare.server._runtime import load_app
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,11 +7,12 @@ it moved from one worker to another.
 
 Routes (HTTP/1.1 through :mod:`h11`, keep-alive, bounded head and body sizes):
 
-* ``GET /`` -- a self-contained HTML page (inline CSS and JS, no external resources)
-  naming the worker that served it (``#worker-pid``, also in ``document.title``) with a
-  WebSocket panel talking to ``/ws``: every reply lands in ``#ws-log``, the worker
-  serving the WebSocket now is ``#ws-worker-pid``, its counter ``#ws-count``, and the
-  "Move me" button (``#move-me``) migrates it (a ``li.note.moved`` tells from where);
+* ``GET /`` -- a self-contained HTML page (inline CSS and JS, no external resources;
+  its template is ``demo_page.html``, package data beside this module) naming the worker
+  that served it (``#worker-pid``, also in ``document.title``) with a WebSocket panel
+  talking to ``/ws``: every reply lands in ``#ws-log``, the worker serving the WebSocket
+  now is ``#ws-worker-pid``, its counter ``#ws-count``, and the "Move me" button
+  (``#move-me``) migrates it (a ``li.note.moved`` tells from where);
 * ``GET /whoami`` -- ``{"worker_pid": ..., "worker_id": ..., "handoff_id": ...}``;
 * ``GET /ws`` with ``Upgrade: websocket`` -- RFC 6455 through :mod:`wsproto`: each text
   message comes back as ``{"echo": msg, "worker_pid": ..., "worker_id": ..., "n": k}``
@@ -48,12 +49,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import html
 import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
 from email.utils import formatdate
+from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -64,7 +67,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import generate_accept_token
 
-from sockshare.server._worker import MigrationError, MigrationRequested
+from sockshare.server._handler import MigrationError, MigrationRequested
 
 __all__ = [
     "DemoConnection",
@@ -101,6 +104,8 @@ LINGER_BYTES = 256 * 1024
 READ_CHUNK = 64 * 1024
 SERVER_NAME = b"sockshare-demo"
 WS_VERSION = b"13"
+#: The page of ``GET /``: package data beside this module (see :func:`render_page`).
+PAGE_RESOURCE = "demo_page.html"
 
 
 class DemoWorker(Protocol):
@@ -678,7 +683,7 @@ def render_page(conn: DemoConnection) -> str:
     else:
         client_text = "" if client is None else str(client)
     e = html.escape
-    return _PAGE.format(
+    return _page_template().format(
         pid=e(str(info["worker_pid"])),
         worker_id=e(str(info["worker_id"])),
         generation=e(str(info["worker_generation"])),
@@ -688,233 +693,10 @@ def render_page(conn: DemoConnection) -> str:
     )
 
 
-# The page is a str.format template: literal braces in CSS and JS are doubled.
-_PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>sockshare demo \u00b7 worker pid {pid}</title>
-<link rel="icon" href="data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' \
-viewBox='0 0 16 16'%3E%3Ccircle cx='8' cy='8' r='7' fill='%2338bdf8'/%3E%3C/svg%3E">
-<style>
-  :root {{
-    --bg: #0f172a; --panel: #111c33; --line: #23304d; --text: #e2e8f0; --muted: #94a3b8;
-    --accent: #38bdf8; --ok: #34d399; --warn: #fbbf24; --bad: #f87171;
-    --mono: ui-monospace, SFMono-Regular, Menlo, Consolas, "DejaVu Sans Mono", monospace;
-  }}
-  * {{ box-sizing: border-box; }}
-  body {{
-    margin: 0; min-height: 100vh; color: var(--text);
-    font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif;
-    background: radial-gradient(1200px 600px at 10% -10%, #1e3a5f 0%, transparent 60%), var(--bg);
-  }}
-  main {{ max-width: 960px; margin: 0 auto; padding: 40px 24px 56px; }}
-  header {{ display: flex; align-items: baseline; gap: 14px; margin-bottom: 28px; }}
-  header h1 {{ margin: 0; font-size: 26px; letter-spacing: -0.02em; }}
-  header h1 span {{ color: var(--accent); }}
-  header p {{ margin: 0; color: var(--muted); }}
-  .grid {{ display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1.4fr); gap: 20px; }}
-  @media (max-width: 760px) {{ .grid {{ grid-template-columns: 1fr; }} }}
-  .card {{
-    background: var(--panel); border: 1px solid var(--line); border-radius: 14px;
-    padding: 20px 22px; box-shadow: 0 10px 30px rgba(0, 0, 0, 0.25);
-  }}
-  .card h2 {{
-    margin: 0 0 14px; font-size: 13px; font-weight: 600; text-transform: uppercase;
-    letter-spacing: 0.08em; color: var(--muted);
-  }}
-  .card h2 code {{ text-transform: none; letter-spacing: 0; color: var(--accent); }}
-  .pid {{ font: 700 46px/1.1 var(--mono); color: var(--accent); margin: 2px 0 16px; }}
-  .pid small {{ display: block; font: 500 12px/1.4 system-ui, sans-serif; color: var(--muted);
-    letter-spacing: 0.06em; text-transform: uppercase; }}
-  dl {{ display: grid; grid-template-columns: auto 1fr; gap: 6px 16px; margin: 0; }}
-  dt {{ color: var(--muted); }}
-  dd {{ margin: 0; font-family: var(--mono); overflow-wrap: anywhere; }}
-  .status {{ display: inline-flex; align-items: center; gap: 8px; font-size: 13px;
-    color: var(--muted); margin-bottom: 14px; }}
-  .dot {{ width: 9px; height: 9px; border-radius: 50%; background: var(--warn); }}
-  .status[data-state="open"] .dot {{ background: var(--ok); box-shadow: 0 0 8px var(--ok); }}
-  .status[data-state="closed"] .dot {{ background: var(--bad); }}
-  form {{ display: flex; gap: 8px; margin-bottom: 14px; }}
-  input {{
-    flex: 1; min-width: 0; padding: 9px 12px; border-radius: 9px; border: 1px solid var(--line);
-    background: #0b1326; color: var(--text); font: inherit;
-  }}
-  input:focus {{ outline: 2px solid var(--accent); outline-offset: -1px; }}
-  button {{
-    padding: 9px 16px; border: 0; border-radius: 9px; background: var(--accent);
-    color: #04121f; font: 600 14px system-ui, sans-serif; cursor: pointer;
-  }}
-  button:disabled {{ opacity: 0.45; cursor: default; }}
-  button.ghost {{ background: transparent; color: var(--accent); border: 1px solid var(--line); }}
-  #ws-log {{
-    list-style: none; margin: 0; padding: 0; max-height: 320px; overflow-y: auto;
-    scrollbar-width: thin; scrollbar-color: #334155 transparent;
-    display: flex; flex-direction: column; gap: 8px;
-  }}
-  #ws-log li {{
-    display: grid; grid-template-columns: auto 1fr auto; gap: 10px; align-items: center;
-    padding: 8px 12px; border-radius: 9px; background: #0b1326; border: 1px solid var(--line);
-  }}
-  #ws-log .n {{ font: 600 12px var(--mono); color: var(--muted); }}
-  #ws-log .msg {{ overflow-wrap: anywhere; }}
-  #ws-log .who {{ font: 12px var(--mono); padding: 2px 8px; border-radius: 999px;
-    background: rgba(56, 189, 248, 0.12); color: var(--accent); white-space: nowrap; }}
-  #ws-log li.moved .who {{ background: rgba(251, 191, 36, 0.15); color: var(--warn); }}
-  #ws-log li.note {{ grid-template-columns: 1fr; color: var(--muted); font-size: 13px; }}
-  .empty {{ color: var(--muted); font-size: 13px; }}
-  .hint {{ color: var(--muted); font-size: 13px; margin: 16px 0 0; }}
-  dl.live {{ margin-bottom: 14px; }}
-  dl.live dd {{ color: var(--accent); }}
-  #ws-log li.note.moved {{ color: var(--warn); }}
-  footer {{ margin-top: 26px; color: var(--muted); font-size: 13px; }}
-  code {{ font-family: var(--mono); color: var(--text); }}
-</style>
-</head>
-<body>
-<main>
-  <header>
-    <h1>sock<span>share</span></h1>
-    <p>demo app &mdash; this connection was handed to a worker process</p>
-  </header>
-  <div class="grid">
-    <section class="card" id="served-by-card">
-      <h2>Served by</h2>
-      <div class="pid"><small>worker pid</small><span id="worker-pid">{pid}</span></div>
-      <dl>
-        <dt>worker id</dt><dd id="worker-id">{worker_id}</dd>
-        <dt>generation</dt><dd id="worker-generation">{generation}</dd>
-        <dt>handoff id</dt><dd id="handoff-id">{handoff_id}</dd>
-        <dt>client</dt><dd id="client">{client}</dd>
-      </dl>
-      <div id="migration-slot">
-        <p class="hint">The WebSocket on the right is a live connection. <b>Move me</b> hands
-        it, socket and state, to another worker process: the pid changes, the counter goes
-        on, no message is lost.</p>
-      </div>
-    </section>
-    <section class="card" id="ws-card">
-      <h2>WebSocket echo &middot; <code>/ws</code></h2>
-      <div class="status" id="ws-status" data-state="connecting">
-        <span class="dot"></span><span id="ws-status-text">connecting&hellip;</span>
-      </div>
-      <dl class="live">
-        <dt>served now by pid</dt><dd id="ws-worker-pid">&ndash;</dd>
-        <dt>messages</dt><dd id="ws-count">0</dd>
-        <dt>moves</dt><dd id="ws-moves">0</dd>
-      </dl>
-      <form id="ws-form" autocomplete="off">
-        <input id="ws-input" placeholder="type a message" maxlength="2000" value="">
-        <button id="ws-send" type="submit" disabled>Send</button>
-        <button id="move-me" class="ghost" type="button" disabled>Move me</button>
-        <button id="ws-reconnect" class="ghost" type="button" hidden>Reconnect</button>
-      </form>
-      <ol id="ws-log" aria-live="polite"></ol>
-      <p class="empty" id="ws-empty">No replies yet.</p>
-    </section>
-  </div>
-  <footer>Reload the page or open <code>/whoami</code> to see which worker answers next.</footer>
-</main>
-<script id="served-by" type="application/json">{served_json}</script>
-<script>
-(() => {{
-  "use strict";
-  const served = JSON.parse(document.getElementById("served-by").textContent);
-  const $ = (id) => document.getElementById(id);
-  const log = $("ws-log"), input = $("ws-input"), send = $("ws-send");
-  const status = $("ws-status"), statusText = $("ws-status-text"), again = $("ws-reconnect");
-  const move = $("move-me");
-  let ws = null;
-
-  function setStatus(state, text) {{
-    status.dataset.state = state;
-    statusText.textContent = text;
-    send.disabled = state !== "open";
-    move.disabled = state !== "open";
-    again.hidden = state !== "closed";
-  }}
-
-  function addNote(text, cls) {{
-    const li = document.createElement("li");
-    li.className = "note" + (cls ? " " + cls : "");
-    li.textContent = text;
-    log.appendChild(li);
-    log.scrollTop = log.scrollHeight;
-    $("ws-empty").hidden = true;
-    return li;
-  }}
-
-  function onEvent(msg) {{
-    if (msg.event === "moved") {{
-      $("ws-worker-pid").textContent = String(msg.worker_pid);
-      $("ws-moves").textContent = String(msg.moves);
-      const li = addNote("moved from worker pid " + msg.from_pid + " to pid " + msg.worker_pid +
-        " (" + msg.reason + (msg.latency_ms != null ? ", " + msg.latency_ms + " ms" : "") +
-        "); counter at " + msg.n, "moved");
-      li.dataset.moved = JSON.stringify(msg);
-    }} else if (msg.event === "move_failed") {{
-      addNote("could not move: " + msg.reason, "failed");
-    }}
-    move.disabled = !ws || ws.readyState !== WebSocket.OPEN;
-  }}
-
-  function addReply(raw) {{
-    let reply;
-    try {{ reply = JSON.parse(raw); }} catch (err) {{ reply = {{ echo: raw }}; }}
-    if (reply.event) {{ onEvent(reply); return; }}
-    $("ws-worker-pid").textContent = String(reply.worker_pid);
-    $("ws-count").textContent = String(reply.n);
-    const li = document.createElement("li");
-    li.dataset.reply = raw;
-    li.dataset.workerPid = String(reply.worker_pid);
-    if (reply.worker_pid !== served.worker_pid) li.classList.add("moved");
-    const n = document.createElement("span");
-    n.className = "n";
-    n.textContent = "#" + reply.n;
-    const msg = document.createElement("span");
-    msg.className = "msg";
-    msg.textContent = reply.echo;
-    const who = document.createElement("span");
-    who.className = "who";
-    who.textContent = "worker pid " + reply.worker_pid + " \u00b7 id " + reply.worker_id;
-    li.append(n, msg, who);
-    log.appendChild(li);
-    log.scrollTop = log.scrollHeight;
-    $("ws-empty").hidden = true;
-  }}
-
-  function connect() {{
-    const scheme = location.protocol === "https:" ? "wss://" : "ws://";
-    setStatus("connecting", "connecting\u2026");
-    ws = new WebSocket(scheme + location.host + "/ws");
-    ws.onopen = () => {{
-      setStatus("open", "connected");
-      ws.send("hello from the page");
-    }};
-    ws.onmessage = (ev) => addReply(String(ev.data));
-    ws.onclose = (ev) => {{
-      setStatus("closed", "closed (" + ev.code + (ev.reason ? ": " + ev.reason : "") + ")");
-      addNote("connection closed, code " + ev.code);
-    }};
-  }}
-
-  $("ws-form").addEventListener("submit", (ev) => {{
-    ev.preventDefault();
-    const text = input.value.trim();
-    if (!text || !ws || ws.readyState !== WebSocket.OPEN) return;
-    ws.send(text);
-    input.value = "";
-  }});
-  move.addEventListener("click", () => {{
-    if (!ws || ws.readyState !== WebSocket.OPEN) return;
-    move.disabled = true;   // until the new worker (or a refusal) answers
-    ws.send(JSON.stringify({{ cmd: "move" }}));
-  }});
-  again.addEventListener("click", connect);
-  connect();
-}})();
-</script>
-</body>
-</html>
-"""
+@functools.cache
+def _page_template() -> str:
+    """``demo_page.html``, package data beside this module, read once. It is a
+    :meth:`str.format` template: ``{pid}``, ``{worker_id}``, ``{generation}``,
+    ``{handoff_id}``, ``{client}`` and ``{served_json}`` are filled in, and the literal
+    braces of its CSS and JS are doubled."""
+    return resources.files(__package__).joinpath(PAGE_RESOURCE).read_text(encoding="utf-8")

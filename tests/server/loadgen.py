@@ -1,7 +1,8 @@
 """A load generator for the demo app that counts every failure: short HTTP and long-lived
 WebSocket clients, on 127.0.0.1 only, bounded in time and count.
 
-Used by ``benchmarks/live.py`` and ``tests/server/test_live_load.py`` to show that reloads,
+A test and benchmark tool, not part of the library: ``benchmarks/live.py`` and
+``tests/server/test_live_load.py`` import it (as ``loadgen``) to show that reloads,
 upgrades, migrations and worker crashes refuse, reset or lose nothing but what a
 SIGKILLed worker had in hand::
 

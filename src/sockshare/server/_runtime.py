@@ -1,0 +1,748 @@
+"""The worker runtime: one process, one channel to the dispatcher, many handler tasks.
+
+Started by the dispatcher as ``python -m sockshare.server.worker --app module:callable
+--channel ADDRESS --id N`` (:mod:`sockshare.server.worker` calls :func:`main`;
+``SOCKSHARE_CHANNEL`` / ``SOCKSHARE_WORKER_ID`` work too). The handler API it serves is
+in ``_handler``; direct migration between workers in ``_peers``.
+
+Life of a worker (:meth:`Worker.run`):
+
+1. import the app (``async def handle(conn: Connection) -> None``) and its *resume*
+   handler (``async def resume(conn, state)``: ``--resume module:callable``, or by
+   convention ``resume`` next to ``handle`` in the same module: :func:`resume_spec`), then
+   connect an :class:`~sockshare.AsyncChannel` to the dispatcher, HELLO name ``worker:N``,
+   and say what it can do: ``{"ev": "hello", "resume": true|false, "pid", "peer"}``. If the
+   app cannot be imported the worker still connects, tells the dispatcher
+   (``{"ev": "fatal"}``), rejects whatever was already sent to it with the reason and
+   exits with status 3 (:data:`EXIT_APP_ERROR`): the dispatcher re-dispatches and
+   restarts it with backoff.
+2. for each handoff (:meth:`Worker.take`, called from the channel's read callback: no
+   task hop): build a :class:`~sockshare.server.Connection` (a StreamReader that already
+   holds the pre-read bytes, then the transport on the socket); only then ACCEPT the
+   handoff, and the ACCEPT is written out before the app runs (a worker killed right
+   after its app wrote to the client must not have the connection re-dispatched). A
+   handoff whose connection cannot be set up is REJECTed with a reason, and the
+   dispatcher gives it to another worker. A handoff whose meta carries ``"resume"`` is a
+   connection *migrated* from another worker: ``resume(conn, state)`` runs instead of
+   ``handle(conn)``.
+3. run the app as a task (:meth:`Worker._run`). An exception in the app is logged, the
+   connection closed; the worker goes on. Closed connections are reported to the
+   dispatcher in CONTROL frames, ``{"ev": "closed", "n": k}``, batched per
+   :data:`REPORT_DELAY` or riding along with the next ACCEPTs, so least-connections and
+   ``max_conns`` see real numbers (a migrated connection is not: the dispatcher counts it
+   out when the target accepts it).
+   Descriptors: the hello says how many connections fit below RLIMIT_NOFILE -
+   :data:`FD_HEADROOM` (``"capacity"``); a handoff whose descriptor lands past that mark
+   is REJECTed with :data:`REJECT_NO_FDS` instead of risking a truncated read
+   (MSG_CTRUNC ends the channel), and ``{"ev": "fds", "full": true|false, "capacity": n}``
+   tells the dispatcher when to stop and start again.
+4. SIGTERM or SIGINT (or the dispatcher going away, or its ``{"cmd": "drain"}``):
+   ``{"ev": "draining"}``, every new handoff is rejected ("worker is shutting down"),
+   running handlers get ``--grace`` seconds to finish, what is left is cancelled, the
+   channel closed, exit status 0. A second signal cancels the handlers at once.
+
+Migrating out (:meth:`Worker.migrate_out`, behind ``conn.migrate(state)``; docs/server.md,
+"Moving live connections"). Detaching a connection from asyncio takes these steps, in
+this order, each one undoable until the target answers:
+
+* flush: every byte the handler wrote leaves the transport (``drain`` with a high-water
+  mark of 0, then the transport's write buffer is checked empty);
+* pause reading, and copy what the StreamReader holds but the handler did not consume
+  (plus ``unread``, bytes the handler took but wants to give back);
+* duplicate the descriptor and hand the duplicate over, acknowledged, with meta
+  ``{"resume": state, "migration": {...}, ...}`` (:meth:`Worker.migration_meta`) and the
+  unread bytes as the handoff's pre-read data: straight to a peer worker for the
+  handler's own migrations (``_peers``), else to the dispatcher, which forwards it to
+  another worker and answers only once that worker ACCEPTed (the answers are chained);
+* ACCEPT: the transport is closed here -- that closes only this process's descriptor,
+  the connection lives on in the target, so no FIN and no RST reach the client.
+  REJECT (no worker could take it): the duplicate is closed, reading resumes, and
+  ``MigrationRefused`` tells the handler the connection is still its own. The channel
+  breaking before an answer (the dispatcher died): the target may already serve the
+  connection, so this side must not: its copies are closed and ``MigrationAborted`` is
+  raised. Either way exactly one process serves it.
+
+The dispatcher asks for migrations (rebalancing, reload, upgrade, ``sockshare migrate``)
+with ``{"cmd": "migrate", "n": k}`` or ``{"cmd": "drain", "migrate": true}``: the runtime
+calls ``request_migration`` on connections that are migratable
+(:meth:`Worker._request_migrations`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from sockshare._aio import AsyncChannel
+from sockshare._channel import Handoff
+from sockshare._errors import ChannelError, SockshareError
+from sockshare.protocol import MAX_DATA, MAX_META
+from sockshare.server._handler import (
+    App,
+    Connection,
+    MigrationAborted,
+    MigrationRefused,
+    Resume,
+    StateError,
+    WorkerInfo,
+    connection_now,
+    open_connection,
+)
+from sockshare.server._peers import Move, PeerMigration
+
+__all__ = [
+    "EXIT_APP_ERROR",
+    "FD_HEADROOM",
+    "REJECT_NO_FDS",
+    "REPORT_DELAY",
+    "Worker",
+    "fd_mark",
+    "load_app",
+    "load_resume",
+    "main",
+    "resume_spec",
+]
+
+log = logging.getLogger("sockshare.server.worker")
+
+#: Seconds a close report may wait to ride along with the next ACCEPTs (least-conn
+#: counts are that much behind at most).
+REPORT_DELAY = 0.002
+EXIT_APP_ERROR = 3
+#: Descriptors a worker keeps free: one channel read may carry 64 (the dispatcher's
+#: batch), and the kernel drops descriptors that do not fit (MSG_CTRUNC), which ends the
+#: channel. A handoff whose descriptor lands past RLIMIT_NOFILE - FD_HEADROOM is refused
+#: with REJECT_NO_FDS (the dispatcher gives it to another worker, and sends this one no
+#: more until it says ``{"ev": "fds", "full": false}``).
+FD_HEADROOM = 80
+REJECT_NO_FDS = "worker out of file descriptors"
+#: Seconds ``migrate`` waits for the client to take what the handler wrote.
+FLUSH_TIMEOUT = 10.0
+#: Meta keys a migrated connection always keeps (the rest may be trimmed to make room).
+_ESSENTIAL_META = ("handoff_id", "client", "peer", "listener", "pool", "route")
+#: compact JSON (ASCII) of migration metadata
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def _open_fds() -> int:
+    """How many descriptors this process has open: the /proc list where there is one,
+    else the lowest free descriptor (which does not see holes)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1   # (the listing's own)
+    except OSError:
+        try:
+            fd = os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            return 1 << 30
+        os.close(fd)
+        return fd
+
+
+def fd_mark() -> int:
+    """The descriptor number from which handoffs are refused (see FD_HEADROOM)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 1 << 30
+    if soft <= 0 or soft > 1 << 30:
+        return 1 << 30
+    return max(soft - FD_HEADROOM, soft // 3)
+#: Largest migration state: compact JSON, UTF-8. The handoff metadata limit is 16 KiB
+
+
+class Worker:
+    """The worker's event-loop side: one channel, many handler tasks."""
+
+    def __init__(self, app: App | None, info: WorkerInfo, channel: str, *, grace: float = 10.0,
+                 app_error: str = "", resume: Resume | None = None) -> None:
+        self.app = app
+        self.resume = resume
+        self.info = info
+        self.address = channel
+        self.grace = grace
+        self.app_error = app_error
+        self.ch: AsyncChannel | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.conns: dict[Connection, None] = {}   # insertion-ordered: oldest first
+        self.stopping = asyncio.Event()
+        self._migrate_all = ""
+        self._signals = 0
+        self._closed_unreported = 0
+        self._flush_scheduled = False
+        self._reports: list[dict[str, Any]] = []
+        #: direct migration: our listener and channels for peer workers, held orphans
+        self.peers = PeerMigration(self, report_delay=REPORT_DELAY)
+        #: handoffs are refused from this descriptor number on; we said we are full
+        self._fd_mark = fd_mark()
+        self._fd_full = False
+        self._fd_refused = 0
+        self._fd_capacity = 1 << 30
+        self._fd_timer: asyncio.TimerHandle | None = None
+        self._fd_logged = -1e9
+
+    # -- signals ---------------------------------------------------------------------
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("worker %d: %s, draining (%d connection(s) running, grace %.1f s)",
+                     self.info.id, signal.Signals(signum).name, len(self.tasks), self.grace)
+            self.stopping.set()
+        else:
+            log.warning("worker %d: second signal, cancelling %d handler(s)", self.info.id,
+                        len(self.tasks))
+            for t in self.tasks:
+                t.cancel()
+
+    # -- reporting -------------------------------------------------------------------
+
+    def control(self, obj: dict[str, Any], *, soon: bool = False) -> None:
+        if self.ch is not None:
+            with contextlib.suppress(SockshareError):
+                self.ch.send_control(obj, soon=soon)
+
+    def _closed_one(self) -> None:
+        # Reported in batches: with the next ACCEPTs (same write) or after REPORT_DELAY,
+        # whichever comes first -- not one write, and one dispatcher wake-up, per close.
+        self._closed_unreported += 1
+        if self._fd_full:
+            self._check_fds()
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(REPORT_DELAY, self._flush_report, True)
+
+    def _refuse_no_fds(self, h: Handoff) -> None:
+        """``h``'s descriptor is past the mark: refuse it (our copy is closed, the sender
+        keeps its own), and tell the dispatcher once that we are full."""
+        fd = h.socket.fileno()
+        h.reject(REJECT_NO_FDS)
+        self._fd_refused += 1
+        if not self._fd_full:
+            self._fd_full = True
+            now = time.monotonic()
+            if now - self._fd_logged >= 10.0:
+                log.warning("worker %d: descriptor %d reached the mark %d (RLIMIT_NOFILE - %d): "
+                            "refusing handoffs until connections close (%d refused so far)",
+                            self.info.id, fd, self._fd_mark, FD_HEADROOM, self._fd_refused)
+                self._fd_logged = now
+            self.control({"ev": "fds", "full": True}, soon=True)
+            if self._fd_timer is None:
+                self._fd_timer = asyncio.get_running_loop().call_later(0.1, self._fd_tick)
+
+    def _check_fds(self) -> None:
+        """Full: are there descriptors below the mark again? (How many are open: the
+        /proc list where there is one, else the lowest free one, which ignores holes.)"""
+        if not self._fd_full:
+            return
+        free = self._fd_mark - _open_fds()
+        # how many connections it can hold: those it has, one per free descriptor (at
+        # most what it could at the start: connections closing still count in conns)
+        capacity = min(self._fd_capacity, len(self.conns) + free)
+        if free > 0 and free >= min(FD_HEADROOM // 4, max(1, capacity // 4)):
+            self._fd_full = False
+            self._fd_capacity = capacity
+            self.control({"ev": "fds", "full": False, "capacity": capacity}, soon=True)
+            return
+        if self._fd_timer is None:   # (no connection may close to call us again)
+            self._fd_timer = asyncio.get_running_loop().call_later(0.1, self._fd_tick)
+
+    def _fd_tick(self) -> None:
+        self._fd_timer = None
+        self._check_fds()
+
+    def queue_report(self, obj: dict[str, Any]) -> None:
+        """A report that may wait as long as a close report (direct migrations)."""
+        self._reports.append(obj)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(REPORT_DELAY, self._flush_report, True)
+
+    def _flush_report(self, soon: bool = False) -> None:
+        self._flush_scheduled = False
+        n, self._closed_unreported = self._closed_unreported, 0
+        reports, self._reports = self._reports, []
+        for obj in reports:   # first: a connection that moved in may be among the closed
+            self.control(obj, soon=soon)
+        if n:
+            self.control({"ev": "closed", "n": n, "active": len(self.tasks)}, soon=soon)
+
+    # -- migration -------------------------------------------------------------------
+
+    def migration_meta(self, conn: Connection, state: Any, started: float,
+                       reason: str = "") -> bytes:
+        """The handoff meta of a migrating connection, encoded (compact JSON, ASCII),
+        within the 16 KiB meta limit."""
+        previous = conn.meta.get("migration")
+        count = previous.get("count", 0) if isinstance(previous, dict) else 0
+        migration = {"from": self.info.id, "from_pid": self.info.pid,
+                     "count": count + 1 if isinstance(count, int) else 1,
+                     "started": started,
+                     "reason": reason or conn.migration_reason or "handler"}
+        meta = {k: v for k, v in conn.meta.items() if k not in ("resume", "attempt", "migration")}
+        meta["migration"] = migration
+        meta["resume"] = state
+        raw = _COMPACT.encode(meta).encode()
+        if len(raw) > MAX_META:
+            meta = {k: meta[k] for k in (*_ESSENTIAL_META, "migration", "resume") if k in meta}
+            raw = _COMPACT.encode(meta).encode()
+            if len(raw) > MAX_META:
+                raise StateError(f"migration state and connection metadata are over the "
+                                 f"{MAX_META}-byte metadata limit")
+        return raw
+
+    async def migrate_out(self, conn: Connection, meta: bytes, unread: bytes) -> None:
+        ch = self.ch
+        if ch is None or ch.closed:
+            raise MigrationRefused("the worker has no channel to the dispatcher")
+        writer = conn.writer
+        transport: asyncio.Transport = writer.transport  # type: ignore[assignment]
+        if transport.is_closing():
+            raise MigrationRefused("the connection is closing")
+        # 1. everything written leaves the transport
+        transport.set_write_buffer_limits(high=0)
+        try:
+            async with asyncio.timeout(FLUSH_TIMEOUT):
+                await writer.drain()
+                while transport.get_write_buffer_size():
+                    await asyncio.sleep(0.001)
+        except TimeoutError:
+            transport.set_write_buffer_limits()
+            raise MigrationRefused(f"the client did not take what was written within "
+                                   f"{FLUSH_TIMEOUT:.0f} s") from None
+        except BaseException:
+            transport.set_write_buffer_limits()
+            raise
+        # 2. stop reading; what is buffered (and not consumed) travels with the socket
+        transport.pause_reading()
+        data = unread + bytes(conn._buffer())
+        raw_sock = transport.get_extra_info("socket")
+        try:
+            if len(data) > MAX_DATA:
+                raise MigrationRefused(f"{len(data)} unread bytes are over the {MAX_DATA}-byte "
+                                       f"limit of a handoff")
+            # 3. a duplicate of the descriptor goes to the dispatcher; the transport keeps
+            # the original until the answer
+            dup = socket.socket(raw_sock.family, raw_sock.type, raw_sock.proto,
+                                os.dup(raw_sock.fileno()))
+        except BaseException:
+            transport.set_write_buffer_limits()
+            transport.resume_reading()
+            raise
+        requested = conn._requested_event is not None and conn._requested_event.is_set()
+        if self.peers.peers and not requested and not self.stopping.is_set():
+            # the handler's own migration: straight to a peer worker, one hop instead of
+            # two; if it says no (or dies before answering) the dispatcher gets a try
+            peer = self.peers.pick()
+            if peer is not None:
+                outcome = await self.peers.move(peer, dup, meta, data)
+                if outcome is Move.ACCEPTED:
+                    conn._detached()
+                    transport.abort()
+                    log.debug("worker %d: %s migrated to worker %d", self.info.id,
+                              conn.handoff_id, peer.id)
+                    return
+                if outcome is Move.GONE:
+                    conn._detached()
+                    transport.abort()
+                    raise MigrationAborted(f"worker {peer.id} did not answer before its channel "
+                                           f"closed; the connection is no longer served here")
+        try:
+            ticket = await ch.send(dup, meta=meta, data=data)
+        except (SockshareError, ValueError, OSError) as exc:
+            dup.close()
+            os.set_blocking(raw_sock.fileno(), False)
+            transport.set_write_buffer_limits()
+            transport.resume_reading()
+            raise MigrationRefused(f"cannot hand the connection to the dispatcher: {exc}") from exc
+        if ticket.state == "accepted":
+            # 4. the target has it: close this process's descriptor only (no FIN, no RST)
+            conn._detached()
+            transport.abort()
+            log.debug("worker %d: %s migrated", self.info.id, conn.handoff_id)
+            return
+        if ticket.socket is not None:
+            ticket.socket.close()
+        if ticket.state == "rejected":
+            conn._requested.clear()
+            os.set_blocking(raw_sock.fileno(), False)   # the receiver may have changed it
+            transport.set_write_buffer_limits()
+            transport.resume_reading()
+            raise MigrationRefused(f"no worker took the connection: {ticket.reason or 'refused'}")
+        conn._detached()
+        transport.abort()
+        raise MigrationAborted(f"the channel to the dispatcher broke mid-migration ({ticket.reason}); "
+                               f"the connection is no longer served here")
+
+    def _request_migrations(self, n: int | None, reason: str) -> int:
+        picked = 0
+        for conn in list(self.conns):
+            if n is not None and picked >= n:
+                break
+            if n is None:   # everyone: also those that become migratable later
+                conn.request_migration(reason)
+                picked += conn.migratable
+            elif conn.migratable and not conn._migrating and not conn.migration_requested.is_set():
+                conn.request_migration(reason)
+                picked += 1
+        return picked
+
+    def _apply_control(self, msg: dict[str, Any]) -> None:
+        cmd = msg.get("cmd")
+        reason = str(msg.get("reason") or "request")
+        if cmd == "migrate":
+            n = msg.get("n")
+            count = n if isinstance(n, int) and n >= 0 else None
+            picked = self._request_migrations(count, reason) if self.resume is not None else 0
+            self.control({"ev": "migrate_ack", "n": picked, "req": msg.get("req")})
+        elif cmd == "peers":
+            self.peers.set_peers(msg.get("peers"))
+        elif cmd == "orphan":
+            self.peers.adopt(msg)
+        elif cmd == "drain":
+            if msg.get("migrate") and self.resume is not None:
+                self._migrate_all = reason
+            if not self.stopping.is_set():
+                log.info("worker %d: the dispatcher asked to drain (%s)", self.info.id, reason)
+                self.stopping.set()
+        else:
+            log.debug("worker %d: control message %r", self.info.id, msg)
+
+    # -- handoffs --------------------------------------------------------------------
+
+    def _resuming(self, h: Handoff, from_peer: bool = False) -> bool | None:
+        """Whether ``h`` resumes a migrated connection; None if it was rejected (no
+        resume handler here, or a plain connection from a peer worker)."""
+        # (the dispatcher writes the key literally: no decoding for plain connections)
+        try:
+            resuming = b'"resume"' in h.raw_meta and "resume" in h.meta
+        except SockshareError:  # metadata that is not a JSON object: a plain connection
+            resuming = False
+        if resuming and self.resume is None:
+            h.reject("this worker's app has no resume handler")
+            return None
+        if from_peer and not resuming:
+            h.reject("a peer worker may only hand over connections it migrates")
+            return None
+        return resuming
+
+    async def _serve(self, h: Handoff, ch: AsyncChannel, from_peer: bool = False) -> None:
+        """One handoff on its own (the path for loops without a synchronous transport)."""
+        if self.stopping.is_set():
+            h.reject("worker is shutting down")
+            return
+        resuming = self._resuming(h, from_peer)
+        if resuming is None:
+            return
+        try:
+            conn = await open_connection(h, self.info)
+        except (OSError, RuntimeError, ValueError) as exc:
+            log.warning("worker %d: cannot set up handoff %d: %s", self.info.id, h.id, exc)
+            if not h.answered:
+                h.reject(f"cannot set up the connection: {exc}")
+            return
+        try:
+            h.accept()
+            ch.flush()
+        except SockshareError as exc:  # the channel broke under us: the sender still has it
+            log.warning("worker %d: could not accept handoff %d: %s", self.info.id, h.id, exc)
+            conn.writer.transport.abort()
+            return
+        await self._run(conn, resuming, ch, h if from_peer else None)
+
+    async def _run(self, conn: Connection, resuming: bool, ch: AsyncChannel,
+                   from_peer: Handoff | None = None) -> None:
+        """Serve an accepted connection once its ACCEPT has left (``from_peer``: the
+        handoff, when a peer worker migrated it here directly)."""
+        # The ACCEPT leaves before the app may write a byte: were this process killed
+        # between the two, the dispatcher would take the connection back and give it
+        # to another worker, and the client would hear from both.
+        if ch.buffered:
+            await ch.drain()
+        if not ch.usable:
+            if from_peer is not None:   # served here after all if its source is dead
+                self.peers.hold(ch, [(from_peer, conn)])
+                return
+            log.warning("worker %d: the channel closed before the ACCEPT of %s left",
+                        self.info.id, conn.handoff_id)
+            conn.writer.transport.abort()
+            return
+        if from_peer is not None:
+            self.peers.moved_in(from_peer, conn)
+        state = conn.meta.pop("resume", None) if resuming else None
+        conn._runtime = self
+        conn._migratable = self.resume is not None
+        self.conns[conn] = None
+        if self._migrate_all:
+            conn.request_migration(self._migrate_all)
+        try:
+            if resuming:
+                assert self.resume is not None
+                await self.resume(conn, state)
+            else:
+                assert self.app is not None
+                await self.app(conn)
+        except asyncio.CancelledError:
+            log.info("worker %d: handler for %s cancelled", self.info.id, conn.handoff_id)
+        except Exception:
+            log.exception("worker %d: %s failed on %s", self.info.id,
+                          "resume handler" if resuming else "handler", conn.handoff_id)
+        finally:
+            self.conns.pop(conn, None)
+            if not conn.closed:
+                await conn.close()
+            if not conn.migrated:   # the dispatcher counted a migrated one out already
+                self._closed_one()
+
+    def _task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def serve_adopted(self, h: Handoff, conn: Connection) -> None:
+        """Serve a held direct migration whose source died (see ``_peers``)."""
+        assert self.ch is not None
+        self._task(self._run(conn, True, self.ch, h))
+
+    def _on_activity(self) -> None:
+        """The channel's read callback: start what arrived, apply controls."""
+        try:
+            if self.ch is not None:
+                self.take(self.ch)
+                for msg in self.ch.received_controls():
+                    self._apply_control(msg)
+        except Exception:   # never let it escape into the channel's reader
+            log.exception("worker %d: handling the dispatcher's frames failed", self.info.id)
+
+    def take(self, ch: AsyncChannel, from_peer: bool = False) -> None:
+        """Set up every handoff that arrived in this read (on the dispatcher's channel,
+        or a peer worker's), accept them all, send the ACCEPTs (and pending reports, to
+        the dispatcher) in one write, then start the handlers."""
+        handoffs = ch.received()
+        if not handoffs:
+            return
+        if self.stopping.is_set():
+            for h in handoffs:
+                with contextlib.suppress(SockshareError):
+                    h.reject("worker is shutting down")
+            return
+        ready: list[tuple[Handoff, Connection, bool]] = []
+        mark = self._fd_mark
+        try:   # (a reject or accept raises once the channel is broken)
+            for h in handoffs:
+                if h.socket.fileno() >= mark:
+                    self._refuse_no_fds(h)
+                    continue
+                resuming = self._resuming(h, from_peer)
+                if resuming is None:
+                    continue
+                try:
+                    conn = connection_now(h, self.info)
+                except (OSError, RuntimeError, ValueError) as exc:
+                    log.warning("worker %d: cannot set up handoff %d: %s", self.info.id, h.id, exc)
+                    h.reject(f"cannot set up the connection: {exc}")
+                    continue
+                if conn is None:   # no synchronous transport here: the general path
+                    self._task(self._serve(h, ch, from_peer))
+                    continue
+                ready.append((h, conn, resuming))
+            if not ready:
+                return
+            for h, _conn, _resuming in ready:
+                h.accept()
+            if not from_peer and (self._closed_unreported or self._reports):
+                self._flush_report(soon=True)   # rides along with the ACCEPTs
+            ch.flush()
+        except SockshareError as exc:  # the channel broke under us: the sender has them
+            log.warning("worker %d: could not accept %d handoff(s): %s", self.info.id,
+                        len(handoffs), exc)
+            if from_peer and ready:   # unless the sender is dead: ask
+                self.peers.hold(ch, [(h, conn) for h, conn, _resuming in ready])
+                return
+            for _h, conn, _resuming in ready:   # before they read a byte (next loop turn)
+                conn.writer.transport.abort()
+            return
+        for h, conn, resuming in ready:
+            self._task(self._run(conn, resuming, ch, h if from_peer else None))
+
+    # -- life ------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            self.ch = await AsyncChannel.connect(self.address, name=f"worker:{self.info.id}")
+        except (OSError, SockshareError) as exc:
+            log.error("worker %d: cannot connect to the dispatcher at %s: %s", self.info.id,
+                      self.address, exc)
+            return 1
+        ch = self.ch
+        if self.app is None:
+            return await self._fail(ch)
+        if self.resume is not None:
+            self.peers.listen(self.address)
+        hello: dict[str, Any] = {"ev": "hello", "resume": self.resume is not None,
+                                 "pid": self.info.pid, "peer": self.peers.path or None}
+        if self._fd_mark < 1 << 30:
+            # connections it can hold before the mark, one descriptor each
+            self._fd_capacity = max(1, self._fd_mark - _open_fds())
+            hello["capacity"] = self._fd_capacity
+        self.control(hello)
+        # handoffs start, and controls apply, in the read callback: no task hop, and no
+        # task woken per read
+        ch.on_activity = self._on_activity
+        receiver = loop.create_task(ch.wait_closed())
+        stop = loop.create_task(self.stopping.wait())
+        await asyncio.wait({receiver, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not self.stopping.is_set():
+            log.info("worker %d: the dispatcher closed the channel; finishing %d connection(s)",
+                     self.info.id, len(self.tasks))
+            self.stopping.set()
+        else:
+            self.control({"ev": "draining"})
+            if self._migrate_all:
+                n = self._request_migrations(None, self._migrate_all)
+                log.info("worker %d: asked %d connection(s) to migrate (%s)", self.info.id, n,
+                         self._migrate_all)
+        await self._drain()
+        await self.peers.close()
+        self._flush_report()
+        for t in (receiver, stop):
+            t.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await receiver
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError, SockshareError, OSError):
+            await ch.aclose()
+        log.info("worker %d (pid %d) stopped", self.info.id, self.info.pid)
+        return 0
+
+    async def _drain(self) -> None:
+        if self.tasks:
+            _done, pending = await asyncio.wait(set(self.tasks), timeout=self.grace)
+            if pending:
+                log.warning("worker %d: %d handler(s) still running after %.1f s: cancelled",
+                            self.info.id, len(pending), self.grace)
+                for t in pending:
+                    t.cancel()
+                await asyncio.wait(pending, timeout=1.0)
+
+    async def _fail(self, ch: AsyncChannel) -> int:
+        reason = f"the app cannot be loaded: {self.app_error}"
+        self.control({"ev": "fatal", "reason": reason})
+        # whatever the dispatcher sent before it read "fatal" goes back with the reason
+        with contextlib.suppress(TimeoutError, ChannelError):
+            async with asyncio.timeout(0.2):
+                async for h in ch:
+                    h.reject(reason)
+        with contextlib.suppress(TimeoutError, SockshareError, OSError):
+            await ch.aclose()
+        return EXIT_APP_ERROR
+
+
+def load_app(spec: str) -> App:
+    """Import ``module:callable``; the callable takes a :class:`Connection`."""
+    from sockshare.server._policy import load_callable
+
+    func = load_callable(spec)
+
+    if inspect.iscoroutinefunction(func):
+        return func
+
+    async def call(conn: Connection) -> None:
+        result = func(conn)
+        if inspect.isawaitable(result):
+            await result
+
+    return call
+
+
+def resume_spec(app: str, resume: str | None) -> str | None:
+    """Which resume handler goes with ``app``: ``resume`` if given (``"-"``: none), else
+    the convention -- ``resume`` beside the handler (``myapp:handle`` -> ``myapp:resume``,
+    ``myapp:api.handle`` -> ``myapp:api.resume``)."""
+    if resume is not None:
+        return None if resume in ("", "-", "none") else resume
+    module, sep, attr = app.partition(":")
+    if not sep:
+        return None
+    parts = attr.split(".")
+    parts[-1] = "resume"
+    return f"{module}:{'.'.join(parts)}"
+
+
+def load_resume(app: str, resume: str | None) -> Resume | None:
+    """Import the resume handler of ``app`` (None when the app has none). An explicit
+    ``resume`` that cannot be imported raises; a missing conventional one is None."""
+    from sockshare.server._policy import load_callable
+
+    spec = resume_spec(app, resume)
+    if spec is None:
+        return None
+    try:
+        func = load_callable(spec)
+    except (ImportError, AttributeError, TypeError):
+        if resume is not None:
+            raise
+        return None
+    if inspect.iscoroutinefunction(func):
+        return func
+
+    async def call(conn: Connection, state: Any) -> None:
+        result = func(conn, state)
+        if inspect.isawaitable(result):
+            await result
+
+    return call
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sockshare.server.worker",
+                                description="A sockshare Python worker (started by the dispatcher).")
+    p.add_argument("--app", required=True, help="module:callable, async def handle(conn)")
+    p.add_argument("--resume", default=None,
+                   help="module:callable, async def resume(conn, state) (default: resume beside "
+                        "the app's handler, if there is one; '-': none)")
+    p.add_argument("--channel", default=os.environ.get("SOCKSHARE_CHANNEL"),
+                   help="the dispatcher's channel address (default: $SOCKSHARE_CHANNEL)")
+    p.add_argument("--id", type=int, default=int(os.environ.get("SOCKSHARE_WORKER_ID", "0")))
+    p.add_argument("--pool", default=os.environ.get("SOCKSHARE_POOL", "default"))
+    p.add_argument("--generation", type=int,
+                   default=int(os.environ.get("SOCKSHARE_GENERATION", "0")))
+    p.add_argument("--grace", type=float, default=10.0)
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    info = WorkerInfo(args.id, os.getpid(), args.generation, args.pool)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s worker:{info.id}[{info.pid}] %(name)s: %(message)s")
+    if not args.channel:
+        log.error("no channel address: give --channel or set SOCKSHARE_CHANNEL")
+        return 2
+    app: App | None = None
+    resume: Resume | None = None
+    error = ""
+    try:
+        app = load_app(args.app)
+        resume = load_resume(args.app, args.resume)
+    except Exception as exc:
+        app = None
+        error = f"{args.app}: {type(exc).__name__}: {exc}"
+        log.error("worker %d: %s", info.id, error)
+    worker = Worker(app, info, args.channel, grace=args.grace, app_error=error, resume=resume)
+    return asyncio.run(worker.run())
