@@ -164,3 +164,28 @@ def test_a_sender_holds_no_accepted_copies(n: int) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_ticket_result_raises_with_the_socket_back() -> None:
+    """``ticket.result()``: None once accepted; HandoffRejected (reason) or
+    HandoffReturned when the connection is still the sender's, socket in hand."""
+    a, b = sockshare.Channel.pair()
+    pairs = [socket.socketpair() for _ in range(3)]
+    t1, t2, t3 = (a.send(x) for x, _y in pairs)
+    h1, h2, _h3 = (b.receive(timeout=5) for _ in range(3))
+    h1.accept()
+    h2.reject("full")
+    assert t1.result(5) is None
+    with pytest.raises(sockshare.HandoffRejected) as rej:
+        t2.result(5)
+    assert rej.value.reason == "full"
+    assert rej.value.socket is pairs[1][0]
+    b._sock.shutdown(socket.SHUT_RDWR)  # the receiver goes away without answering h3
+    with pytest.raises(sockshare.HandoffReturned) as ret:
+        t3.result(5)
+    assert ret.value.socket is pairs[2][0]
+    assert isinstance(ret.value, sockshare.HandoffError)
+    for s in (h1.socket, _h3.socket, *(s for p in pairs for s in p)):
+        s.close()
+    a.close()
+    b.close()

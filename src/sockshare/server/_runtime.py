@@ -217,8 +217,9 @@ class Worker:
         # Reported in batches: with the next ACCEPTs (same write) or after REPORT_DELAY,
         # whichever comes first -- not one write, and one dispatcher wake-up, per close.
         self._closed_unreported += 1
-        if self._fd_full:
-            self._check_fds()
+        if self._fd_full and self._fd_timer is None:
+            # look again soon, not on every close: each look lists /proc/self/fd
+            self._fd_timer = asyncio.get_running_loop().call_later(0.01, self._fd_tick)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_later(REPORT_DELAY, self._flush_report, True)
