@@ -190,6 +190,10 @@ class PeerMigration:
             log.info("worker %d: worker %d %s the migration (%s); via the dispatcher",
                      self._host.info.id, peer.id, ticket.state, ticket.reason or "no reason")
             return Move.BACK
+        # Abandoned (our channel to the target closed before it answered): the
+        # connection left this worker all the same -- the target may serve it, and
+        # reports moved_in if it does -- so the dispatcher must count it out of here.
+        self._host.queue_report({"ev": "moved_out", "to": peer.id, "key": key})
         return Move.GONE
 
     def set_peers(self, listed: Any) -> None:
