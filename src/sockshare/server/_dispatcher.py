@@ -283,6 +283,7 @@ class Dispatcher:
             sd_notify("STOPPING=1")
         self.stopping = True
         self.stop_event.set()
+        self.supervisor.changed()
 
     def _on_sighup(self) -> None:
         self.spawn(self.reload("SIGHUP"), critical=False)

@@ -77,6 +77,9 @@ class Supervisor:
         self.admission = d.admission
         #: one supervisor task per slot
         self.tasks = Tasks()
+        #: set (and replaced) by :meth:`changed`; waiters of wait_ready count in _waiting
+        self._changed = asyncio.Event()
+        self._waiting = 0
         # reload: requests are numbered; one reload covers every request made before it
         self._reload_requested = 0
         self._reload_done = 0
@@ -90,17 +93,32 @@ class Supervisor:
 
     async def wait_ready(self, slots: list[WorkerSlot], timeout: float) -> list[WorkerSlot]:
         """Wait until each slot is ready (a Python worker: said hello too); the failed ones
-        (fatal, exited) are returned; [] means all ready."""
+        (fatal, exited) are returned; [] means all ready. Woken by :meth:`changed`."""
         deadline = time.monotonic() + timeout
         while True:
+            changed = self._changed
             failed = [s for s in slots if s.fatal or s.exits > 0]
             if failed:
                 return failed
             if all(s.state is READY and (s.hello or not s.python) for s in slots):
                 return []
-            if time.monotonic() > deadline or self.d.stopping:
+            left = deadline - time.monotonic()
+            if left < 0 or self.d.stopping:
                 return [s for s in slots if s.state is not READY] or slots
-            await asyncio.sleep(0.02)
+            self._waiting += 1
+            try:
+                await asyncio.wait_for(changed.wait(), left + 0.001)
+            except TimeoutError:
+                pass
+            finally:
+                self._waiting -= 1
+
+    def changed(self) -> None:
+        """A slot changed what :meth:`wait_ready` looks at (state, hello, fatal, exits), or
+        the dispatcher is stopping: wake its waiters."""
+        if self._waiting:
+            event, self._changed = self._changed, asyncio.Event()
+            event.set()
 
     # -- workers: channels -------------------------------------------------------------
 
@@ -124,6 +142,7 @@ class Supervisor:
                     await ch.aclose()
                 continue
             slot.connected(ch, stopping=self.d.stopping)
+            self.changed()
             log.info("worker %d (pid %d, pool %s, generation %d) ready", slot.id, ch.peer.pid,
                      slot.pool, slot.generation)
             # Everything the worker sends is handled in the channel's read callback; one
@@ -168,6 +187,7 @@ class Supervisor:
                 self.admission.feed(slot.pool_state)
         elif ev == "hello":
             slot.hello = True
+            self.changed()
             slot.can_resume = bool(msg.get("resume"))
             capacity = msg.get("capacity")   # (connections its descriptors allow)
             slot.set_fd_full(False, capacity if isinstance(capacity, int) else None)
@@ -191,10 +211,12 @@ class Supervisor:
             self.d.migration.acked(msg)
         elif ev == "draining":
             if slot.stops_taking():
+                self.changed()
                 log.info("worker %d (pid %s) is draining", slot.id, slot.pid)
                 self.d.migration.push_peers(slot.pool_state)
         elif ev == "fatal":
             slot.fatal = True
+            self.changed()
             slot.stops_taking()
             log.error("worker %d (pid %s): %s", slot.id, slot.pid, msg.get("reason", "fatal error"))
         else:
@@ -268,6 +290,7 @@ class Supervisor:
                 break
             self._apply_control(slot, ch, msg)
         slot.channel_ended()
+        self.changed()
         proc = slot.proc
         if slot.active and proc is not None and proc.returncode is None:
             # the process lives on: a worker whose channel ended finishes its connections
@@ -358,8 +381,10 @@ class Supervisor:
                 rc: int | None = None
                 pid = 0
                 slot.exits += 1
+                self.changed()
             else:
                 slot.process_started(proc, time.monotonic())
+                self.changed()
                 pid = proc.pid
                 log.info("worker %d started: pid %d, pool %s, generation %d", slot.id, pid,
                          slot.pool, slot.generation)
@@ -377,6 +402,7 @@ class Supervisor:
                         _remove_stale_socket(slot.peer_path)
                 ran = time.monotonic() - slot.started
                 slot.exits += 1
+                self.changed()
                 await self._after_exit(slot)
             if self.d.stopping or slot.retired:
                 log.info("worker %d (pid %d, generation %d) exited with %s", slot.id, pid,
@@ -386,6 +412,7 @@ class Supervisor:
             failures = 1 if rc == 0 or ran >= self.cfg.stable_after else failures + 1
             delay = min(self.cfg.backoff_max, self.cfg.backoff_initial * 2 ** (failures - 1))
             slot.backing_off()
+            self.changed()
             log.warning("worker %d (pid %d) exited with %s after %.1f s; restarting in %.2f s",
                         slot.id, pid, describe_exit(rc), ran, delay)
             with contextlib.suppress(TimeoutError):
@@ -394,6 +421,7 @@ class Supervisor:
                 break
             slot.stats.restarts += 1
         slot.supervisor_done()
+        self.changed()
         if slot.retired and not self.d.stopping and slot in self.slots:
             self.slots.remove(slot)
 
@@ -438,6 +466,7 @@ class Supervisor:
     def retire(self, slot: WorkerSlot, reason: str) -> None:
         """Stop giving ``slot`` connections; ask it to migrate what it can and exit."""
         slot.retire()
+        self.changed()
         self.d.migration.push_peers(slot.pool_state)
         proc = slot.proc
         if proc is None or proc.returncode is not None:
