@@ -100,8 +100,8 @@ class Admission:
             pool.queue.append(w)
         else:
             self.refuse(w, "queue_full",
-                         f"every worker of pool {pool.cfg.name!r} is full and "
-                         f"{len(pool.queue)} connection(s) already wait")
+                        f"every worker of pool {pool.cfg.name!r} is full and "
+                        f"{len(pool.queue)} connection(s) already wait")
             return
         self.feed(pool)
 
@@ -177,7 +177,7 @@ class Admission:
             w.tried.append(slot)
         if w.attempts > self.cfg.max_retries:
             self.refuse(w, "retries_exhausted",
-                         f"handed over {w.attempts} times without being accepted; last: {why}")
+                        f"handed over {w.attempts} times without being accepted; last: {why}")
             return
         if counts:
             self.counters["redispatches"] += 1

@@ -84,7 +84,7 @@ class ListenerState:
         self.kind = (int(sock.family), int(sock.type) & 0xF, int(sock.proto))
         self.tcp_info = (sys.platform.startswith("linux") and _TCP_INFO > 0
                          and self.kind[0] in (int(socket.AF_INET), int(socket.AF_INET6)))
-        #: set by the dispatcher once the sniffer is known (see Dispatcher._static_route)
+        #: set by the dispatcher once the sniffer is known (see Listeners.prepare)
         self.static_route: tuple[str, str, str, str] | None = None
         #: connections go through the sniffer (set with static_route)
         self.sniffs = False
@@ -442,9 +442,9 @@ class Listeners:
         except Exception as exc:
             # (one log line: the refusal's, rate-limited with the others)
             self.counters["sniff_failures"] += 1
-            self.admission.refuse(Waiting(sock, ConnInfo(meta["client"], ls.cfg.name, "", meta["handoff_id"],
-                                                meta), meta, b"", time.monotonic()),
-                         "sniff_failed", str(exc), count=True)
+            info = ConnInfo(meta["client"], ls.cfg.name, "", meta["handoff_id"], meta)
+            self.admission.refuse(Waiting(sock, info, meta, b"", time.monotonic()),
+                                  "sniff_failed", str(exc), count=True)
             return
         sniffed = dict(getattr(result, "meta", {}) or {})
         for key in ("handoff_id", "listener", "client"):

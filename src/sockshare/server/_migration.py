@@ -112,7 +112,7 @@ class Migrations:
             # it comes back refused; so a source that dies now does not count it lost
             source.active = max(0, source.active - 1)
         self.place(Waiting(h.socket, info, meta, h.data, time.monotonic(), origin=h,
-                                      origin_slot=source))
+                           origin_slot=source))
 
     def place(self, w: Waiting) -> None:
         pool = self.pools.get(w.info.pool) or self.pools[self.cfg.default_pool]

@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sockshare._aio import AsyncChannel
@@ -77,7 +78,7 @@ class Supervisor:
         self.admission = d.admission
         #: one supervisor task per slot
         self.tasks = Tasks()
-        #: set (and replaced) by :meth:`changed`; waiters of wait_ready count in _waiting
+        #: set (and replaced) by :meth:`changed`; the waiters of :meth:`until` count in _waiting
         self._changed = asyncio.Event()
         self._waiting = 0
         # reload: requests are numbered; one reload covers every request made before it
@@ -93,29 +94,44 @@ class Supervisor:
 
     async def wait_ready(self, slots: list[WorkerSlot], timeout: float) -> list[WorkerSlot]:
         """Wait until each slot is ready (a Python worker: said hello too); the failed ones
-        (fatal, exited) are returned; [] means all ready. Woken by :meth:`changed`."""
+        (fatal, exited) are returned; [] means all ready."""
+        def failed() -> list[WorkerSlot]:
+            return [s for s in slots if s.fatal or s.exits > 0]
+
+        def ready() -> bool:
+            return all(s.state is READY and (s.hello or not s.python) for s in slots)
+
+        await self.until(lambda: bool(failed()) or ready() or self.d.stopping, timeout)
+        bad = failed()
+        if bad:
+            return bad
+        if ready():
+            return []
+        return [s for s in slots if s.state is not READY] or slots
+
+    async def until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Wait until ``done()`` is true, looking again each time a slot changes
+        (:meth:`changed`: a state, a hello, a fatal error, an exit; the dispatcher
+        stopping), ``timeout`` seconds at most. Returns ``done()``'s last answer."""
         deadline = time.monotonic() + timeout
         while True:
             changed = self._changed
-            failed = [s for s in slots if s.fatal or s.exits > 0]
-            if failed:
-                return failed
-            if all(s.state is READY and (s.hello or not s.python) for s in slots):
-                return []
+            if done():
+                return True
             left = deadline - time.monotonic()
-            if left < 0 or self.d.stopping:
-                return [s for s in slots if s.state is not READY] or slots
+            if left <= 0:
+                return False
             self._waiting += 1
             try:
-                await asyncio.wait_for(changed.wait(), left + 0.001)
+                await asyncio.wait_for(changed.wait(), left)
             except TimeoutError:
                 pass
             finally:
                 self._waiting -= 1
 
     def changed(self) -> None:
-        """A slot changed what :meth:`wait_ready` looks at (state, hello, fatal, exits), or
-        the dispatcher is stopping: wake its waiters."""
+        """A slot changed what :meth:`until` may look at (state, channel, hello, fatal,
+        exits), or the dispatcher is stopping: wake the waiters."""
         if self._waiting:
             event, self._changed = self._changed, asyncio.Event()
             event.set()
@@ -454,12 +470,10 @@ class Supervisor:
         ch = slot.channel
         if ch is None:
             return
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-            if slot.channel is not ch:
-                return
+        if await self.until(lambda: slot.channel is not ch, 1.0):
+            return
         with contextlib.suppress(Exception):
-            await ch.aclose()   # returns its pending tickets; _watch_tickets re-dispatches
+            await ch.aclose()   # returns its pending tickets; _settle re-dispatches them
 
     # -- retiring, reloading ---------------------------------------------------------
 
@@ -539,8 +553,8 @@ class Supervisor:
         failed = await self.wait_ready([n for _p, _o, n in fresh], self.cfg.connect_timeout)
         if self.d.stopping:   # (the shutdown stops every worker, these ones too)
             return "the dispatcher is stopping"
-        upgrading = self.d.handover.reload_refusal() or ("the dispatcher handed over to a new one"
-                                          if self.d.handover.handed_over else "")
+        upgrading = self.d.handover.reload_refusal() or (
+            "the dispatcher handed over to a new one" if self.d.handover.handed_over else "")
         if upgrading:   # an upgrade started while the new workers were starting
             self.counters["reload_failures"] += 1
             log.error("reload abandoned: %s", upgrading)

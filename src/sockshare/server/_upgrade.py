@@ -108,8 +108,8 @@ class Handover:
         if not wait:
             return {"ok": True, "pid": proc.pid, "state": "starting"}
         await asyncio.wait({self._successor_ready, watcher},
-                                     timeout=self.cfg.connect_timeout + 30.0,
-                                     return_when=asyncio.FIRST_COMPLETED)
+                           timeout=self.cfg.connect_timeout + 30.0,
+                           return_when=asyncio.FIRST_COMPLETED)
         if self.handed_over:
             return {"ok": True, "pid": proc.pid, "state": "handed over"}
         return {"ok": False, "pid": proc.pid, "error": "the new dispatcher did not take over"}
