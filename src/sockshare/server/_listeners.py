@@ -1,0 +1,464 @@
+"""The listening side: listening sockets, inherited descriptors, the accept loop.
+
+Where a connection enters. :meth:`Listeners.open` binds each configured listener, or
+takes it from ``LISTEN_FDS`` (systemd socket activation, or the old dispatcher of an
+upgrade: :func:`sockshare.backends._inherit.listen_fds`), matched by
+``LISTEN_FDNAMES`` name or by address; the sockets go into systemd's fd store so they
+survive a crash of the dispatcher. When a listening socket is readable,
+:meth:`Listeners.on_acceptable` accepts a burst (up to ``ACCEPT_BATCH``, or as many as
+Linux says wait in the queue), and each accepted socket is *admitted*: its metadata
+built (the common case -- TCP, no sniffer, no routes -- encoded once per listener), or
+sniffed first (a task per connection, at most ``sniff_max`` at once), routed to a pool
+and given to :meth:`~sockshare.server._admission.Admission.place`. The batches of the
+burst are flushed when it ends.
+
+Holds. A listener stops accepting (connections wait in the kernel's accept queue; none
+is refused) while it has a *hold*: ``emfile`` (accept failed: 0.5 s), ``fds`` (an
+accepted descriptor reached ``RLIMIT_NOFILE - fd_reserve``: every lower one is taken;
+released when the lowest free descriptor is back under the mark) or ``sniff``
+(``sniff_max`` connections are being sniffed).
+
+Also here: :func:`sd_notify`, the dispatcher's word to systemd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import socket
+import struct
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from sockshare._channel import _remove_stale_socket
+from sockshare._errors import BackendUnavailable, SockshareError
+from sockshare.backends import _inherit
+from sockshare.backends._scm import peer_credentials
+from sockshare.server._admission import close_reset
+from sockshare.server._config import ListenerConfig
+from sockshare.server._policy import ConnInfo
+from sockshare.server._slots import Waiting
+from sockshare.server._tasks import Tasks
+
+if TYPE_CHECKING:
+    from sockshare.server._dispatcher import Dispatcher
+
+__all__ = ["ACCEPT_BATCH", "ListenerState", "Listeners", "bind_listener", "sd_notify"]
+
+log = logging.getLogger("sockshare.server")
+
+ACCEPT_BATCH = 64
+#: seconds between two looks at the free descriptors while accepting is held for them
+FD_PROBE_INTERVAL = 0.02
+_TCP_INFO = int(getattr(socket, "TCP_INFO", 0))
+_IPPROTO_TCP = int(socket.IPPROTO_TCP)
+_U32 = struct.Struct("=I")
+
+
+def sd_notify(state: str, fds: list[int] | None = None) -> None:
+    """sd_notify that never disturbs the dispatcher (no NOTIFY_SOCKET: nothing)."""
+    try:
+        _inherit.notify(state, fds or ())
+    except (OSError, BackendUnavailable) as exc:
+        log.warning("sd_notify %r failed: %s", state.split("\n", maxsplit=1)[0], exc)
+
+
+class ListenerState:
+    def __init__(self, cfg: ListenerConfig, sock: socket.socket, *, owned: bool = True) -> None:
+        self.cfg = cfg
+        self.sock = sock
+        self.accepted = 0
+        #: why it does not accept now: "emfile" (accept failed), "fds" (the fd reserve
+        #: is reached), "sniff" (sniff_max connections are being sniffed)
+        self.holds: set[str] = set()
+        #: the socket file (UNIX) is ours to remove on stop (not systemd's, not handed over)
+        self.owned = owned
+        # socket.accept() builds enums for family/type/proto on every call (1 us): the
+        # raw numbers once, and the C-level accept
+        self.kind = (int(sock.family), int(sock.type) & 0xF, int(sock.proto))
+        self.tcp_info = (sys.platform.startswith("linux") and _TCP_INFO > 0
+                         and self.kind[0] in (int(socket.AF_INET), int(socket.AF_INET6)))
+        #: set by the dispatcher once the sniffer is known (see Listeners.prepare)
+        self.static_route: tuple[str, str, str, str] | None = None
+        #: connections go through the sniffer (set with static_route)
+        self.sniffs = False
+        if cfg.bind.is_unix:
+            self.address = f"unix:{cfg.bind.address}"
+        else:
+            host, port = sock.getsockname()[:2]
+            self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_listener(cfg: ListenerConfig) -> socket.socket:
+    """Create, bind and listen; UNIX paths: a stale socket file is replaced, a live one
+    (another process accepts on it) is not."""
+    b = cfg.bind
+    sock = socket.socket(b.family, socket.SOCK_STREAM)
+    try:
+        if b.is_unix:
+            _remove_stale_socket(b.address)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if b.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(b.address)
+        sock.listen(cfg.backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _same_address(sock: socket.socket, cfg: ListenerConfig) -> bool:
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return False
+    b = cfg.bind
+    if sock.family != b.family:
+        return False
+    if b.is_unix:
+        return bool(name == b.address)
+    host, port = b.address[0], b.address[1]
+    return port != 0 and name[1] == port and (name[0] == host or host in ("", "0.0.0.0", "::"))
+
+
+class Listeners:
+    """The dispatcher's listening sockets, and everything that accepts on them."""
+
+    def __init__(self, d: Dispatcher) -> None:
+        self.d = d
+        self.cfg = d.cfg
+        self.pools = d.pools
+        self.slots = d.slots
+        self.counters = d.counters
+        self.admission = d.admission
+        self._place = d.admission.place
+        self._pid = d.pid
+        self.all: list[ListenerState] = []
+        self._ids = itertools.count(1)
+        #: connections being sniffed (one task each)
+        self.sniffing = Tasks()
+        self.sniff: Callable[..., Awaitable[Any]] | None = None
+        self._sniff_rules: dict[str, Any] = {}
+        #: RLIMIT_NOFILE, and the descriptor number past which accepting pauses
+        self._fd_limit, reserve = self._fd_limits()
+        self._fd_high = self._fd_limit - reserve if self._fd_limit else 1 << 30
+        self._fd_logged = -1e9
+
+    def open(self, inherited: dict[str, list[socket.socket]]) -> None:
+        """Every configured listener: taken from ``inherited`` (removed from it) or bound."""
+        for lc in self.cfg.listeners:
+            sock = self._take_inherited(inherited, lc)
+            owned = True
+            if sock is not None:
+                # systemd's socket files stay systemd's; a predecessor's become ours
+                # when it hands over (Takeover._handed_over_to_us)
+                owned = False
+                log.info("listener %s: inherited descriptor %d", lc.name, sock.fileno())
+            else:
+                try:
+                    sock = bind_listener(lc)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"cannot listen on {lc.bind.text}: "
+                                             f"{exc.strerror or exc}") from exc
+                except SockshareError as exc:
+                    raise OSError(f"cannot listen on {lc.bind.text}: {exc}") from exc
+            self.all.append(ListenerState(lc, sock, owned=owned))
+
+    def prepare(self) -> None:
+        """Load the sniffer if a listener sniffs; settle each listener's route."""
+        if any(lc.sniffs for lc in self.cfg.listeners):
+            self._load_sniffer()
+        for ls in self.all:
+            ls.static_route = self._static_route(ls)
+            ls.sniffs = ls.cfg.sniffs and self.sniff is not None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for ls in self.all:
+            loop.add_reader(ls.sock.fileno(), self.on_acceptable, ls)
+
+    def stop_accepting(self) -> None:
+        """Hand-over of an upgrade: the new dispatcher accepts from now on (the kernel's
+        accept queue is shared: nothing is lost)."""
+        loop = asyncio.get_running_loop()
+        for ls in self.all:
+            with contextlib.suppress(ValueError, RuntimeError, OSError):
+                loop.remove_reader(ls.sock.fileno())
+
+    def close_all(self) -> None:
+        for ls in self.all:
+            self.close(ls)
+
+    def inherited(self) -> dict[str, list[socket.socket]]:
+        """LISTEN_FDS sockets (systemd, or a predecessor dispatcher) by name, validated by
+        :func:`sockshare.backends._inherit.listen_fds`; duplicates of one socket (socket
+        unit plus fd store) are closed."""
+        out: dict[str, list[socket.socket]] = {}
+        seen: set[tuple[int, int]] = set()
+        for name, sock in _inherit.listen_fds():
+            st = os.fstat(sock.fileno())
+            if (st.st_dev, st.st_ino) in seen:
+                sock.close()
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            out.setdefault(name, []).append(sock)
+        return out
+
+    def _take_inherited(self, inherited: dict[str, list[socket.socket]],
+                        lc: ListenerConfig) -> socket.socket | None:
+        candidates = inherited.get(lc.name) or []
+        pick = next((s for s in candidates if s.family == lc.bind.family), None)
+        if pick is None:
+            for socks in inherited.values():
+                pick = next((s for s in socks if _same_address(s, lc)), None)
+                if pick is not None:
+                    break
+        if pick is None:
+            return None
+        for socks in inherited.values():
+            if pick in socks:
+                socks.remove(pick)
+        if pick.type != socket.SOCK_STREAM:
+            pick.close()
+            raise OSError(f"listener {lc.name}: the inherited socket is not a stream socket")
+        if not pick.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            pick.listen(lc.backlog)
+        pick.setblocking(False)
+        return pick
+
+    def _load_sniffer(self) -> None:
+        from sockshare.server._sniff import SniffRules, sniff
+
+        self.sniff = sniff
+        for lc in self.cfg.listeners:
+            if lc.sniffs:
+                # routing stays here (cfg.route: globs, listener, proxy presence); the
+                # sniffer only reads, so no tables and no default pool
+                self._sniff_rules[lc.name] = SniffRules(
+                    proxy=lc.proxy,  # type: ignore[arg-type]  # validated by ServerConfig
+                    http=lc.sniff, tls=lc.sniff)
+
+    def close(self, ls: ListenerState) -> None:
+        if ls.sock.fileno() < 0:
+            return
+        with contextlib.suppress(ValueError, RuntimeError):
+            asyncio.get_running_loop().remove_reader(ls.sock.fileno())
+        ls.sock.close()
+        if ls.cfg.bind.is_unix and ls.owned and not self.d.handover.handed_over:
+            with contextlib.suppress(OSError):
+                os.unlink(ls.cfg.bind.address)
+
+    def on_acceptable(self, ls: ListenerState) -> None:
+        """The loop's reader callback of a listening socket: one accept burst."""
+        admission = self.admission
+        admission.accepting = True
+        try:
+            self._accept_burst(ls)
+        finally:
+            admission.accepting = False
+        if admission.batches:
+            # hand this burst over now, not one turn of the loop later (a turn costs
+            # more than the handoff itself at a few connections a burst)
+            admission.flush()
+
+    def _accept_burst(self, ls: ListenerState) -> None:
+        accept = ls.sock._accept  # type: ignore[attr-defined]  # the C accept, see ListenerState
+        family, type_, proto = ls.kind
+        budget = ACCEPT_BATCH
+        if ls.sniffs:
+            room = self.cfg.sniff_max - len(self.sniffing)
+            if room <= 0:
+                self.hold(ls, "sniff")
+                return
+            budget = min(budget, room)
+        if ls.tcp_info:
+            # Linux tells a TCP listener's accept queue length (TCP_INFO, tcpi_unacked):
+            # accept that many instead of until EAGAIN -- the BlockingIOError that ends
+            # a burst costs 4.5 us, the question 0.5 us
+            try:
+                ready = _U32.unpack_from(ls.sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, 28), 24)[0]
+            except OSError:
+                ready = ACCEPT_BATCH
+            budget = min(ready, budget) or 1   # 0: a race; one try settles it
+        for _ in range(budget):
+            try:
+                fd, addr = accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:  # EMFILE/ENFILE/ENOBUFS: back off instead of spinning
+                log.error("accept on %s failed: %s; pausing it for 0.5 s", ls.address, exc)
+                self._pause(ls, 0.5)
+                break
+            try:
+                sock = socket.socket(family, type_, proto, fd)
+            except OSError:  # (the client already gone, say) never leave the fd behind
+                os.close(fd)
+                continue
+            ls.accepted += 1
+            self.counters["accepted"] += 1
+            self._admit(ls, sock, addr)
+            if fd >= self._fd_high:   # (descriptors are allocated lowest first)
+                self._fds_low(fd)
+                break
+
+    def _pause(self, ls: ListenerState, delay: float) -> None:
+        self.hold(ls, "emfile")
+        asyncio.get_running_loop().call_later(delay, self.release, ls, "emfile")
+
+    def hold(self, ls: ListenerState, why: str) -> None:
+        """Stop accepting on ``ls`` for ``why`` (connections wait in the kernel's
+        accept queue meanwhile: nothing is refused)."""
+        if not ls.holds and ls.sock.fileno() >= 0:
+            with contextlib.suppress(ValueError, RuntimeError, OSError):
+                asyncio.get_running_loop().remove_reader(ls.sock.fileno())
+        ls.holds.add(why)
+
+    def release(self, ls: ListenerState, why: str) -> None:
+        if why not in ls.holds:
+            return
+        ls.holds.discard(why)
+        if (not ls.holds and not self.d.stopping and not self.d.handover.handed_over
+                and ls.sock.fileno() >= 0):
+            asyncio.get_running_loop().add_reader(ls.sock.fileno(), self.on_acceptable, ls)
+            if why != "emfile":
+                self.on_acceptable(ls)   # what waits in the accept queue, now
+
+    def _fd_limits(self) -> tuple[int, int]:
+        """``(limit, reserve)``: RLIMIT_NOFILE, and how many descriptors are kept free
+        for what must never fail for lack of one: starting workers (pipes, their
+        channels), the control socket, the metrics endpoint, an upgrade."""
+        try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except (ImportError, OSError, ValueError):
+            return 0, 0
+        if soft == getattr(resource, "RLIM_INFINITY", -1) or soft <= 0 or soft > 1 << 30:
+            soft = 1 << 30
+        reserve = self.cfg.fd_reserve
+        if reserve is None:
+            reserve = 16 + 8 * len(self.slots)
+        return soft, max(0, min(reserve, soft // 2))
+
+    def _fds_low(self, fd: int) -> None:
+        """An accepted descriptor reached ``limit - reserve``: every descriptor below it
+        is taken. Stop accepting until some are free again."""
+        self.counters["fd_pauses"] += 1
+        now = time.monotonic()
+        if now - self._fd_logged >= 10.0:   # (one line per 10 s at most)
+            log.warning("descriptor %d reached the reserve (RLIMIT_NOFILE %d, %d kept for "
+                        "workers and control): accepting paused until descriptors are free; "
+                        "connections wait in the kernel's queue (%d pause(s) so far)", fd,
+                        self._fd_limit, self._fd_limit - self._fd_high, self.counters["fd_pauses"])
+            self._fd_logged = now
+        for ls in self.all:
+            self.hold(ls, "fds")
+        asyncio.get_running_loop().call_later(FD_PROBE_INTERVAL, self._probe_fds)
+
+    def _probe_fds(self) -> None:
+        """While held for descriptors: the lowest free one (what the next accept would
+        get), every FD_PROBE_INTERVAL; below the mark by an eighth of the reserve, resume."""
+        if not any("fds" in ls.holds for ls in self.all):
+            return
+        try:
+            fd = os.open(os.devnull, os.O_RDONLY)   # the lowest free descriptor
+        except OSError:
+            fd = self._fd_limit
+        else:
+            os.close(fd)
+        if fd < self._fd_high - max(1, (self._fd_limit - self._fd_high) // 8) or self.d.stopping:
+            for ls in self.all:
+                self.release(ls, "fds")
+            return
+        asyncio.get_running_loop().call_later(FD_PROBE_INTERVAL, self._probe_fds)
+
+    def _static_route(self, ls: ListenerState) -> tuple[str, str, str, str] | None:
+        """For a TCP listener with no sniffer and a configuration without routes, where
+        every connection goes: ``(pool, why, json_head, json_tail)``, the constant parts
+        of its metadata encoded once. None where the route depends on the connection."""
+        if ls.cfg.bind.is_unix or (ls.cfg.sniffs and self.sniff is not None) or self.cfg.routes:
+            return None
+        pool, why = self.cfg.route(ls.cfg, {})
+        head = f'"listener":{json.dumps(ls.cfg.name)},'
+        tail = f'"route":{json.dumps(why)},"pool":{json.dumps(pool)}'
+        return pool, why, head, tail
+
+    def _admit(self, ls: ListenerState, sock: socket.socket, addr: Any) -> None:
+        hid = f"{self._pid}.{next(self._ids)}"
+        static = ls.static_route
+        if static is not None:
+            # The common case, in one step: metadata built and encoded here (what
+            # _route would produce, in the same key order), no routing rules to try.
+            pool, why, head, tail = static
+            host, port = addr[0], addr[1]
+            client = [host, port]
+            meta: dict[str, Any] = {"handoff_id": hid, "listener": ls.cfg.name, "client": client,
+                                    "route": why, "pool": pool}
+            raw = (f'{{"handoff_id":"{hid}",{head}"client":["{host}",{port}],{tail}}}'.encode()
+                   if '"' not in host and "\\" not in host else None)
+            self._place(Waiting(sock, ConnInfo(client, ls.cfg.name, pool, hid, meta), meta, b"",
+                                time.monotonic(), raw=raw))
+            return
+        meta = {"handoff_id": hid, "listener": ls.cfg.name}
+        if ls.cfg.bind.is_unix:
+            meta["client"] = "unix"
+            with contextlib.suppress(OSError, SockshareError):
+                pid, uid, _gid = peer_credentials(sock)
+                meta["peer"] = {"pid": pid, "uid": uid}
+        else:
+            meta["client"] = [addr[0], addr[1]]
+        if ls.cfg.sniffs and self.sniff is not None:
+            sock.setblocking(False)
+            self.sniffing.spawn(self._sniff_then_route(ls, sock, meta), self._sniffed)
+            return
+        self._route(ls, sock, meta, b"")
+
+    def _sniffed(self, task: asyncio.Task[None]) -> None:
+        # (Tasks has dropped it already)
+        if len(self.sniffing) < self.cfg.sniff_max:
+            for ls in self.all:
+                if "sniff" in ls.holds:
+                    self.release(ls, "sniff")
+
+    async def _sniff_then_route(self, ls: ListenerState, sock: socket.socket,
+                                meta: dict[str, Any]) -> None:
+        assert self.sniff is not None
+        try:
+            result = await self.sniff(sock, self._sniff_rules[ls.cfg.name], self.cfg.sniff_timeout)
+        except asyncio.CancelledError:
+            close_reset(sock)
+            raise
+        except Exception as exc:
+            # (one log line: the refusal's, rate-limited with the others)
+            self.counters["sniff_failures"] += 1
+            info = ConnInfo(meta["client"], ls.cfg.name, "", meta["handoff_id"], meta)
+            self.admission.refuse(Waiting(sock, info, meta, b"", time.monotonic()),
+                                  "sniff_failed", str(exc), count=True)
+            return
+        sniffed = dict(getattr(result, "meta", {}) or {})
+        for key in ("handoff_id", "listener", "client"):
+            sniffed.pop(key, None)
+        meta.update(sniffed)
+        pool = getattr(result, "pool", None)
+        self._route(ls, sock, meta, bytes(getattr(result, "data", b"") or b""), pool)
+
+    def _route(self, ls: ListenerState, sock: socket.socket, meta: dict[str, Any], data: bytes,
+               pool: str | None = None) -> None:
+        if pool is None or pool not in self.pools:
+            pool, meta["route"] = self.cfg.route(ls.cfg, meta)
+        else:
+            meta["route"] = "sniffer"
+        meta["pool"] = pool
+        info = ConnInfo(meta["client"], ls.cfg.name, pool, meta["handoff_id"], meta)
+        self._place(Waiting(sock, info, meta, data, time.monotonic()))

@@ -1,0 +1,328 @@
+"""Migration: the relay, direct moves, orphans, peer lists, rebalancing.
+
+A live connection moves from one worker to another in one of two ways.
+
+*Relayed* (two hops, chained acknowledgements): the source sends it to the dispatcher as
+a HANDOFF on its own channel, meta ``{"resume": state}``; :meth:`Migrations.take` makes a
+:class:`~sockshare.server._slots.Waiting` with ``origin`` set, and :meth:`place` picks a
+target of the pool that can resume (fewest connections; the source and the workers
+already tried excluded) and forwards it at once through admission's batches. The
+source is answered only when the target has: :meth:`done` (ACCEPT after the target's
+ACCEPT) or :meth:`failed` (REJECT: no worker could take it; the source keeps serving
+it; a source that is gone cannot, so our copy is closed). Every descriptor copy has one
+owner at a time. After an upgrade's hand-over, a migration with no local target goes to
+the new dispatcher (``Handover.forward``).
+
+*Direct* (one hop): every ready worker that resumes gets the list of its peers
+(:meth:`push_peers`, ``{"cmd": "peers", ...}``) and moves a handler's connection to one
+itself; the dispatcher learns of it afterwards from ``moved_out``/``moved_in`` reports
+(and ``moving`` for one still unanswered, which ``--timeout`` watches: see
+``Supervisor.kill_hung``). A target whose ACCEPT could not reach a source that closed
+first asks whether it may serve the *orphan* (:meth:`answer_orphan`): yes only if the
+source is a worker of ours that exited.
+
+*Asked for*: :meth:`ask_migrate` sends ``{"cmd": "migrate", ...}`` to a worker and waits
+for its ``migrate_ack``; the rebalancer (:meth:`rebalance`: load spread past a threshold,
+or a worker over ``max_conns``) and ``sockshare migrate`` (:meth:`command`) use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from sockshare._channel import Handoff
+from sockshare._errors import SockshareError
+from sockshare.server._metrics import Histogram
+from sockshare.server._policy import ConnInfo, LeastConnections
+from sockshare.server._slots import PoolState, SlotState, Waiting, WorkerSlot
+
+if TYPE_CHECKING:
+    from sockshare.server._dispatcher import Dispatcher
+
+__all__ = ["LATENCY_SAMPLES", "ORPHAN_MEMORY", "ORPHAN_WAIT", "REBALANCE_BATCH", "Migrations"]
+
+log = logging.getLogger("sockshare.server")
+
+READY = SlotState.READY
+#: Migrations asked of one worker per rebalancing round, at most.
+REBALANCE_BATCH = 64
+#: Migration latencies kept for the percentiles in ``status``.
+LATENCY_SAMPLES = 2048
+#: seconds to wait for a worker to be reaped before saying it lives (the worker waits 5)
+ORPHAN_WAIT = 3.0
+#: seconds a worker's exit is remembered for those questions
+ORPHAN_MEMORY = 60.0
+
+
+class Migrations:
+    """The relay and the bookkeeping of direct moves."""
+
+    def __init__(self, d: Dispatcher) -> None:
+        self.d = d
+        self.cfg = d.cfg
+        self.pools = d.pools
+        self.slots = d.slots
+        self.counters = d.counters
+        self.admission = d.admission
+        #: direct migrations still unanswered a few ms after they left: (source pid,
+        #: handoff id) -> (target, since); for --timeout and the status
+        self.moving: dict[tuple[int, int], tuple[WorkerSlot, float]] = {}
+        #: worker pids that exited (reaped), and when: a target whose ACCEPT could not
+        #: reach a dead source may serve the connection
+        self.exited: dict[int, tuple[float, WorkerSlot]] = {}
+        self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.latency_histogram = Histogram()
+        #: where migrated connections go: fewest connections, ties rotate (whatever the
+        #: pool's policy: a migration moves a connection *away* from its worker)
+        self._policy = LeastConnections()
+        self._req_ids = itertools.count(1)
+        #: migrate requests waiting for their migrate_ack, by request number
+        self.acks: dict[int, asyncio.Future[int]] = {}
+
+    # -- the relay -----------------------------------------------------------------------
+
+    def take(self, source: WorkerSlot | None, h: Handoff) -> None:
+        """A connection handed to us by a worker (or the old dispatcher) to move on."""
+        try:
+            meta = h.meta
+        except ValueError:
+            h.reject("undecodable metadata")
+            return
+        if not isinstance(meta, dict) or "resume" not in meta:
+            h.reject('a worker may only hand over connections it migrates (meta "resume")')
+            return
+        # non-blocking, as the paused transport of the source had it (an AsyncChannel
+        # delivers it so already; a no-op then)
+        with contextlib.suppress(OSError):
+            h.socket.setblocking(False)
+        pool = meta.get("pool")
+        if pool not in self.pools:
+            pool = self.cfg.default_pool
+            meta["pool"] = pool
+        info = ConnInfo(meta.get("client"), str(meta.get("listener", "")), pool,
+                        str(meta.get("handoff_id", "")), meta)
+        if source is not None:
+            # in transit: no longer the source's (which will not report it closed) unless
+            # it comes back refused; so a source that dies now does not count it lost
+            source.active = max(0, source.active - 1)
+        self.place(Waiting(h.socket, info, meta, h.data, time.monotonic(), origin=h,
+                           origin_slot=source))
+
+    def place(self, w: Waiting) -> None:
+        pool = self.pools.get(w.info.pool) or self.pools[self.cfg.default_pool]
+        candidates = [s for s in pool.workers if s.has_room() and s.can_resume
+                      and s is not w.origin_slot and s not in w.tried]
+        if candidates:
+            pick = self._policy(candidates, w.info)
+            assert isinstance(pick, WorkerSlot)
+            self.admission.reserve(pick, w)
+            self.admission.flush()   # a migration is latency-bound: forward it now
+            return
+        if self.d.handover.handed_over and self.d.handover.forward(w):
+            return
+        self.failed(w, f"no other worker of pool {pool.cfg.name!r} can take it")
+
+    def failed(self, w: Waiting, why: str) -> None:
+        """No target: the source gets its connection back (REJECT) and keeps serving it;
+        a source that is gone cannot, so our copy is closed (FIN, not RST)."""
+        h = w.origin
+        assert h is not None
+        source_alive = (w.origin_slot is None or w.origin_slot.channel is not None) and not h.answered
+        if not h.answered:
+            with contextlib.suppress(SockshareError):
+                h.reject(why[:1000])   # closes our copy
+        w.sock.close()
+        if source_alive:
+            if w.origin_slot is not None:
+                w.origin_slot.active += 1   # it stays the source's
+            self.counters["migrations_refused"] += 1
+            log.info("migration of %s refused: %s", w.info.handoff_id, why)
+        else:
+            self.counters["migrations_closed"] += 1
+            log.warning("migration of %s: the source is gone and %s; closed", w.info.handoff_id, why)
+
+    # -- direct migrations (worker to worker; we hear of them afterwards) --------------
+
+    def push_peers(self, pool: PoolState) -> None:
+        """Tell every ready worker of ``pool`` that resumes which others take its own
+        migrations directly, ``{"cmd": "peers", "peers": [[id, pid, path, connections]]}``
+        (when that changed). A worker that is not listed, or lists nobody, relays."""
+        if not self.cfg.direct_migration:
+            return
+        ready = [s for s in pool.workers if s.state is READY and s.channel is not None
+                 and s.can_resume and s.peer_path and not s.retired and s.pid]
+        for s in ready:
+            listed = [[o.id, o.pid, o.peer_path, o.connections] for o in ready
+                      if o is not s and o.has_room()]
+            if listed != s.peers_sent and s.control({"cmd": "peers", "peers": listed}):
+                s.peers_sent = listed
+
+    def _direct_event(self, slot: WorkerSlot, ev: str, msg: dict[str, Any]) -> None:
+        """Reports of direct migrations: the source's ``moving`` (still unanswered after
+        a few ms), ``moved_out`` or ``move_back``; the target's ``moved_in``."""
+        key_raw = msg.get("key")
+        key = (tuple(key_raw) if isinstance(key_raw, list) and len(key_raw) == 2
+               and all(isinstance(x, int) for x in key_raw) else None)
+        if ev == "moved_in":
+            slot.active += 1
+            slot.stats.migrated_in += 1
+            self.counters["migrations"] += 1
+            self.counters["migrations_direct"] += 1
+            latency = msg.get("latency")   # measured by the target as resume started
+            if isinstance(latency, float) and 0 <= latency < 60:
+                self.record_latency(latency)
+            return
+        if ev == "moved_out":
+            slot.active = max(0, slot.active - 1)
+            slot.stats.migrated_out += 1
+            self.admission.feed(slot.pool_state)
+        if key is None:
+            return
+        if ev == "moving":
+            target = next((s for s in slot.pool_state.workers if s.id == msg.get("to")
+                           and s.channel is not None), None)
+            if target is not None:
+                self.moving[key] = (target, time.monotonic())
+        else:
+            self.moving.pop(key, None)
+
+    async def answer_orphan(self, slot: WorkerSlot, msg: dict[str, Any]) -> None:
+        """A target could not deliver its ACCEPT of a direct migration: the source's end
+        closed first. Dead (a worker of ours that exited in the last ORPHAN_MEMORY s):
+        the target serves it. Alive, or not ours: it must not. A source still running
+        gets ORPHAN_WAIT seconds to be reaped (a SIGKILL is seen within ms)."""
+        pid = msg.get("pid")
+        dead = False
+        if isinstance(pid, int) and pid > 0:
+            deadline = time.monotonic() + ORPHAN_WAIT
+            while True:
+                now = time.monotonic()
+                exited = self.exited.get(pid)
+                if exited is not None and now - exited[0] < ORPHAN_MEMORY:
+                    dead = True
+                    source = exited[1]
+                    # it died counting the connection as its own: not lost after all
+                    ch = source.channel
+                    if ch is not None and ch.peer.pid == pid:   # (not detached yet)
+                        source.active = max(0, source.active - 1)
+                    else:
+                        source.stats.lost = max(0, source.stats.lost - 1)
+                        self.counters["lost"] = max(0, self.counters["lost"] - 1)
+                    source.stats.migrated_out += 1
+                    break
+                running = any(s.proc is not None and s.proc.pid == pid and s.proc.returncode is None
+                              for s in self.slots)
+                if not running or now >= deadline:
+                    break
+                await asyncio.sleep(0.01)
+        log.info("direct migration from pid %s whose ACCEPT was lost: the source is %s; "
+                 "worker %d %s it", pid, "gone" if dead else "alive (or not ours)", slot.id,
+                 "serves" if dead else "closes")
+        slot.control({"cmd": "orphan", "key": msg.get("key"), "dead": dead})
+
+    def done(self, w: Waiting, target: WorkerSlot | None) -> None:
+        h = w.origin
+        assert h is not None
+        with contextlib.suppress(SockshareError):
+            h.accept()
+        self.counters["migrations"] += 1
+        if w.origin_slot is not None:
+            w.origin_slot.stats.migrated_out += 1
+        if target is not None:
+            target.stats.migrated_in += 1
+        mig = w.meta.get("migration")
+        started = mig.get("started") if isinstance(mig, dict) else None
+        now = time.monotonic()
+        if isinstance(started, float) and 0 <= now - started < 60:
+            self.record_latency(now - started)   # CLOCK_MONOTONIC is system-wide
+        else:
+            self.record_latency(now - w.since)
+
+    def record_latency(self, seconds: float) -> None:
+        self.latencies.append(seconds)
+        self.latency_histogram.observe(seconds)
+
+    # -- migration requests, rebalancing -----------------------------------------------
+
+    async def ask_migrate(self, slot: WorkerSlot, n: int | None, reason: str,
+                          timeout: float = 2.0) -> int:
+        """Ask ``slot`` to migrate up to ``n`` connections (None: all that can); returns how
+        many it flagged (-1: no answer)."""
+        req = next(self._req_ids)
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.acks[req] = fut
+        self.counters["migration_requests"] += 1
+        if not slot.control({"cmd": "migrate", "n": n, "reason": reason, "req": req}):
+            self.acks.pop(req, None)
+            return -1
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            self.acks.pop(req, None)
+            return -1
+
+    def rebalance(self, now: float) -> None:
+        for pool in self.pools.values():
+            if not pool.rebalance:
+                continue
+            ws = [s for s in pool.workers if s.state is READY and s.can_resume and s.channel]
+            if len(ws) < 2:
+                continue
+            busiest = max(ws, key=lambda s: (s.active, -s.id))
+            idlest = min(ws, key=lambda s: (s.connections, s.id))
+            cap = pool.cfg.max_conns
+            excess = busiest.active - cap if cap is not None and busiest.active > cap else 0
+            spread = busiest.active - idlest.connections
+            threshold = max(self.cfg.rebalance_min, self.cfg.rebalance_spread * busiest.active)
+            if (excess <= 0 and spread <= threshold) or now < busiest.rebalance_after:
+                continue
+            n = min(REBALANCE_BATCH, max(excess, spread // 2))
+            if n <= 0:
+                continue
+            busiest.rebalance_after = now + max(2.0, 2 * self.cfg.rebalance_interval)
+            self.counters["rebalances"] += 1
+            log.info("rebalance: worker %d has %d connection(s), worker %d %d: asking %d to move",
+                     busiest.id, busiest.active, idlest.id, idlest.connections, n)
+            self.d.spawn(self.ask_migrate(busiest, n, "rebalance"), critical=False)
+
+    async def command(self, req: dict[str, Any]) -> dict[str, Any]:
+        wid, count = req.get("from"), req.get("count")
+        if not isinstance(wid, int) or (count is not None and (not isinstance(count, int) or count < 0)):
+            return {"ok": False, "error": 'migrate takes {"from": worker id, "count": n or null}'}
+        slots = [s for s in self.slots if s.id == wid and s.state is READY and not s.retired]
+        if not slots:
+            return {"ok": False, "error": f"worker {wid} is not a ready worker"}
+        slot = slots[0]
+        if not slot.can_resume:
+            return {"ok": False, "error": f"worker {wid}'s app has no resume handler: it cannot migrate"}
+        others = [s for s in slot.pool_state.workers if s is not slot and s.can_resume and s.has_room()]
+        if not others:
+            return {"ok": False, "error": f"no other worker of pool {slot.pool!r} can take connections"}
+        before = slot.stats.migrated_out
+        flagged = await self.ask_migrate(slot, count, "request")
+        if flagged < 0:
+            return {"ok": False, "error": f"worker {wid} did not answer"}
+        moved = 0
+        if req.get("wait") and flagged:
+            deadline = time.monotonic() + float(req.get("timeout") or 10.0)
+            while slot.stats.migrated_out - before < flagged and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        moved = slot.stats.migrated_out - before
+        return {"ok": True, "worker": wid, "asked": count, "flagged": flagged, "migrated": moved}
+
+    def acked(self, msg: dict[str, Any]) -> None:
+        """A worker's ``migrate_ack``: how many connections it flagged."""
+        fut = self.acks.pop(msg.get("req") or 0, None)
+        n = msg.get("n")
+        if fut is not None and not fut.done():
+            fut.set_result(n if isinstance(n, int) else 0)
+
+    def forget_exits(self, now: float) -> None:
+        for pid in [p for p, (t, _s) in self.exited.items() if now - t > ORPHAN_MEMORY]:
+            del self.exited[pid]

@@ -1,0 +1,211 @@
+"""The migration relay and its bookkeeping, built in the test process.
+
+:class:`~sockshare.server._migration.Migrations` gets a stand-in for the dispatcher
+(the config, the pools, the counters, a real :class:`~sockshare.server._admission.Admission`)
+and worker slots whose channels are stand-ins that record what would be sent; the
+migrated connections are real TCP connections on 127.0.0.1. The end-to-end tests
+(test_live_migration.py) run the same paths through real workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from sockshare.server._admission import Admission
+from sockshare.server._config import PoolConfig, ServerConfig
+from sockshare.server._migration import Migrations
+from sockshare.server._slots import PoolState, WorkerSlot
+
+
+@dataclass
+class _Ticket:
+    id: int
+
+
+@dataclass
+class StandInChannel:
+    """What the relay uses of a worker's AsyncChannel."""
+
+    batches: list[list[tuple[Any, Any, bytes]]] = field(default_factory=list)
+    controls: list[dict[str, Any]] = field(default_factory=list)
+    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def send_nowait(self, items: list[tuple[Any, Any, bytes]], *, ack: bool) -> list[_Ticket]:
+        self.batches.append(list(items))
+        return [_Ticket(next(self._ids)) for _ in items]
+
+    def send_control(self, obj: dict[str, Any]) -> None:
+        self.controls.append(obj)
+
+
+@dataclass
+class StandInHandoff:
+    """A handoff a source worker sent the dispatcher (what the relay uses of Handoff)."""
+
+    socket: socket.socket
+    meta: dict[str, Any]
+    data: bytes = b""
+    answered: bool = False
+    answer: str = ""
+
+    def accept(self) -> None:
+        self.answered, self.answer = True, "accept"
+
+    def reject(self, why: str) -> None:
+        self.answered, self.answer = True, f"reject: {why}"
+        self.socket.close()
+
+
+class Relay:
+    """Migrations with a stand-in dispatcher and three resuming workers."""
+
+    def __init__(self, workers: int = 3) -> None:
+        pc = PoolConfig("default", app="x:y", workers=workers)
+        self.cfg = ServerConfig(listeners=[], pools={"default": pc})
+        self.pool = PoolState(pc)
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("migrations", "migrations_refused", "migrations_closed", "migrations_direct",
+             "migration_requests", "rebalances", "redispatches"), 0)
+        self.admission = Admission(self.cfg, {"default": self.pool}, self.counters)
+        self.admission.accepting = True   # (no event loop: nothing scheduled for later)
+        self.spawned: list[Coroutine[Any, Any, Any]] = []
+        self.d = SimpleNamespace(
+            cfg=self.cfg, pools={"default": self.pool}, slots=[], counters=self.counters,
+            admission=self.admission, handover=SimpleNamespace(handed_over=False),
+            spawn=lambda coro, critical=True: self.spawned.append(coro))
+        self.mig = Migrations(self.d)  # type: ignore[arg-type]
+        self.admission.place_migration = self.mig.place
+        self.admission.migration_failed = self.mig.failed
+        self.channels: list[StandInChannel] = []
+        self.workers: list[WorkerSlot] = []
+        for wid in range(1, workers + 1):
+            slot = WorkerSlot(wid, self.pool)
+            slot.proc = SimpleNamespace(pid=1000 + wid, returncode=None)  # type: ignore[assignment]
+            ch = StandInChannel()
+            slot.connected(ch, stopping=False)  # type: ignore[arg-type]
+            slot.can_resume = True
+            slot.peer_path = f"/run/{1000 + wid}.peer"
+            self.pool.workers.append(slot)
+            self.d.slots.append(slot)
+            self.channels.append(ch)
+            self.workers.append(slot)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.sockets: list[socket.socket] = [self.listener]
+
+    def handoff(self) -> StandInHandoff:
+        c = socket.create_connection(self.listener.getsockname()[:2], timeout=5)
+        s, addr = self.listener.accept()
+        self.sockets += [c, s]
+        return StandInHandoff(s, {"resume": {"n": 1}, "handoff_id": "t.1", "client": list(addr),
+                                  "pool": "default"})
+
+    def close(self) -> None:
+        for coro in self.spawned:
+            coro.close()
+        for s in self.sockets:
+            s.close()
+
+
+@pytest.fixture
+def relay() -> Iterator[Relay]:
+    r = Relay()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def test_relay_forwards_at_once_and_answers_the_source_after_the_target(relay: Relay) -> None:
+    w1, w2, w3 = relay.workers
+    w1.active, w2.active, w3.active = 5, 3, 1
+    h = relay.handoff()
+    relay.mig.take(w1, h)  # type: ignore[arg-type]
+    # in transit: no longer the source's; forwarded now to the idlest other worker
+    assert w1.active == 4
+    assert [len(b) for b in relay.channels[2].batches] == [1]
+    assert relay.channels[2].batches[0][0][0] is h.socket
+    assert len(w3.pending) == 1
+    assert not h.answered   # the source waits for the target's answer
+    (_t, w), = w3.pending.values()
+    relay.mig.done(w, w3)
+    assert h.answer == "accept"
+    assert relay.counters["migrations"] == 1
+    assert (w1.stats.migrated_out, w3.stats.migrated_in) == (1, 1)
+    assert len(relay.mig.latencies) == 1
+
+
+def test_no_target_gives_the_connection_back(relay: Relay) -> None:
+    w1, w2, w3 = relay.workers
+    w2.stops_taking()
+    w3.can_resume = False
+    w1.active = 2
+    h = relay.handoff()
+    relay.mig.take(w1, h)  # type: ignore[arg-type]
+    assert h.answer.startswith("reject: no other worker of pool 'default'")
+    assert w1.active == 2   # it stays the source's
+    assert relay.counters["migrations_refused"] == 1
+    assert h.socket.fileno() == -1
+
+
+def test_a_source_that_is_gone_cannot_take_it_back(relay: Relay) -> None:
+    w1, _w2, _w3 = relay.workers
+    h = relay.handoff()
+    relay.mig.take(w1, h)  # type: ignore[arg-type]
+    (_t, w), = relay.workers[1].pending.values() or relay.workers[2].pending.values()
+    w1.channel_ended()
+    relay.mig.failed(w, "the target went away")
+    assert relay.counters["migrations_closed"] == 1
+    assert relay.counters["migrations_refused"] == 0
+
+
+def test_not_a_migration_is_rejected(relay: Relay) -> None:
+    h = relay.handoff()
+    h.meta = {"handoff_id": "x"}
+    relay.mig.take(relay.workers[0], h)  # type: ignore[arg-type]
+    assert "resume" in h.answer
+
+
+def test_direct_move_reports(relay: Relay) -> None:
+    w1, w2, _w3 = relay.workers
+    w1.active = 3
+    relay.mig._direct_event(w1, "moving", {"key": [1001, 7], "to": 2})
+    assert relay.mig.moving[(1001, 7)][0] is w2
+    relay.mig._direct_event(w1, "moved_out", {"key": [1001, 7]})
+    relay.mig._direct_event(w2, "moved_in", {"key": [1001, 7], "latency": 0.002})
+    assert not relay.mig.moving
+    assert (w1.active, w2.active) == (2, 1)
+    assert (w1.stats.migrated_out, w2.stats.migrated_in) == (1, 1)
+    assert relay.counters["migrations_direct"] == 1
+    assert list(relay.mig.latencies) == [0.002]
+
+
+def test_peer_lists_name_the_others_with_room_once(relay: Relay) -> None:
+    _w1, _w2, w3 = relay.workers
+    relay.mig.push_peers(relay.pool)
+    peers = relay.channels[0].controls[-1]
+    assert peers == {"cmd": "peers", "peers": [[2, 1002, "/run/1002.peer", 0],
+                                               [3, 1003, "/run/1003.peer", 0]]}
+    relay.mig.push_peers(relay.pool)   # nothing changed: nothing sent
+    assert len(relay.channels[0].controls) == 1
+    w3.retire()
+    relay.mig.push_peers(relay.pool)
+    assert relay.channels[0].controls[-1]["peers"] == [[2, 1002, "/run/1002.peer", 0]]
+    assert len(relay.channels[2].controls) == 1   # a retired worker gets no new list
+
+
+def test_rebalance_asks_the_busiest_worker(relay: Relay) -> None:
+    w1, _w2, _w3 = relay.workers
+    w1.active = 40
+    relay.mig.rebalance(100.0)
+    assert relay.counters["rebalances"] == 1
+    assert len(relay.spawned) == 1
+    assert relay.spawned[0].cr_frame.f_locals["slot"] is w1  # type: ignore[attr-defined]
+    relay.mig.rebalance(100.1)   # not again before rebalance_after
+    assert relay.counters["rebalances"] == 1
