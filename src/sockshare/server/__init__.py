@@ -5,8 +5,19 @@ Each accepted connection is handed to a worker over a handoff :class:`~sockshare
 together with the bytes a sniffer already read and metadata (client address, route,
 handoff id). Layout:
 
-* :mod:`._dispatcher` -- listeners, accept loop, balancing, queue, supervision, the
-  migration relay, rebalancing, reload, upgrade, systemd (LISTEN_FDS, sd_notify, fd store);
+* :mod:`._dispatcher` -- a small ``Dispatcher`` that composes the parts below and runs
+  setup, signals, housekeeping and stop;
+* :mod:`._listeners` -- listening and inherited sockets (systemd LISTEN_FDS, fd store,
+  upgrades), the accept loop, the fd reserve, sniffing, sd_notify;
+* :mod:`._admission` -- pools, the queue, placing, batching, re-dispatch and refusal (no
+  process code: buildable in a test with stand-ins);
+* :mod:`._supervision` -- worker processes and their channels, reload, ``--timeout``;
+* :mod:`._migration` -- the relay, direct-move bookkeeping, orphans, peer lists,
+  rebalancing, ``sockshare migrate``;
+* :mod:`._upgrade` -- both sides of ``sockshare upgrade`` (hand-over with probation, takeover);
+* :mod:`._slots` -- worker slots and their states (every transition in one table), pools;
+* :mod:`._status`, :mod:`._metrics` -- the status snapshot and ``/metrics``;
+* :mod:`._tasks` -- the one helper that keeps background tasks;
 * :mod:`._sniff` -- HTTP/1.x, TLS ClientHello (SNI, by MSG_PEEK) and PROXY v1/v2 sniffers;
 * :mod:`._handler` -- what an app sees: :class:`Connection` (with ``conn.migrate(state)``
   and ``resume(conn, state)``), :class:`WorkerInfo`, the migration errors;

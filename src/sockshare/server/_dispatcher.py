@@ -134,6 +134,7 @@ from sockshare.server._control import ControlServer, default_path, runtime_dir
 from sockshare.server._listeners import Listeners, ListenerState, bind_listener, sd_notify
 from sockshare.server._metrics import MetricsServer
 from sockshare.server._migration import Migrations
+from sockshare.server._peers import PEER_SUFFIX
 from sockshare.server._slots import PoolState, SlotState, Waiting, WorkerSlot, WorkerStats
 from sockshare.server._supervision import Supervisor
 from sockshare.server._tasks import Tasks, log_task_failure
@@ -144,7 +145,6 @@ from sockshare.server._upgrade import (
     Handover,
     Takeover,
 )
-from sockshare.server._worker import PEER_SUFFIX
 
 __all__ = ["Dispatcher", "ListenerState", "PoolState", "SlotState", "Waiting", "WorkerSlot",
            "WorkerStats", "bind_listener"]

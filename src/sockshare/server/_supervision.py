@@ -41,9 +41,10 @@ from sockshare._aio import AsyncChannel
 from sockshare._channel import _remove_stale_socket
 from sockshare._errors import ChannelError, SockshareError
 from sockshare.server._listeners import sd_notify
+from sockshare.server._peers import PEER_SUFFIX
+from sockshare.server._runtime import REJECT_NO_FDS
 from sockshare.server._slots import PoolState, SlotState, WorkerSlot
 from sockshare.server._tasks import Tasks
-from sockshare.server._worker import PEER_SUFFIX, REJECT_NO_FDS
 
 if TYPE_CHECKING:
     from sockshare.server._dispatcher import Dispatcher
@@ -369,7 +370,7 @@ class Supervisor:
                 out.append(self.d.chan_path)
             return out, env
         assert p.app is not None
-        argv = [sys.executable, "-m", "sockshare.server._worker", "--app", p.app,
+        argv = [sys.executable, "-m", "sockshare.server.worker", "--app", p.app,
                 "--channel", self.d.chan_path, "--id", str(slot.id), "--pool", p.name,
                 "--generation", str(slot.generation), "--grace", str(self.cfg.grace),
                 "--log-level", self.cfg.log_level]

@@ -108,7 +108,7 @@ class Handover:
         if not wait:
             return {"ok": True, "pid": proc.pid, "state": "starting"}
         await asyncio.wait({self._successor_ready, watcher},
-                           timeout=self.cfg.connect_timeout + 30.0,
+                           timeout=self.cfg.connect_timeout + 30.0 + self.cfg.upgrade_probation,
                            return_when=asyncio.FIRST_COMPLETED)
         if self.handed_over:
             return {"ok": True, "pid": proc.pid, "state": "handed over"}
@@ -128,7 +128,7 @@ class Handover:
 
     async def _watch_successor(self, proc: asyncio.subprocess.Process) -> None:
         try:
-            rc = await asyncio.wait_for(proc.wait(), self.cfg.connect_timeout + 30.0)
+            rc = await asyncio.wait_for(proc.wait(), self.cfg.connect_timeout + 30.0 + self.cfg.upgrade_probation)
         except TimeoutError:
             if self.handed_over:
                 return
