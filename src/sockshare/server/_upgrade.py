@@ -128,7 +128,8 @@ class Handover:
 
     async def _watch_successor(self, proc: asyncio.subprocess.Process) -> None:
         try:
-            rc = await asyncio.wait_for(proc.wait(), self.cfg.connect_timeout + 30.0 + self.cfg.upgrade_probation)
+            late = self.cfg.connect_timeout + 30.0 + self.cfg.upgrade_probation
+            rc = await asyncio.wait_for(proc.wait(), late)
         except TimeoutError:
             if self.handed_over:
                 return
