@@ -22,7 +22,7 @@ from sockshare._version import __version__  # noqa: E402
 
 project = "sockshare"
 author = "the sockshare authors"
-copyright = "the sockshare authors"  # noqa: A001
+copyright = "the sockshare authors"
 version = release = __version__
 
 extensions = [
