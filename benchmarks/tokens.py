@@ -318,9 +318,9 @@ def main() -> None:
         print(f"target: token median under {target:.0f} µs: {verdict}")
 
     if prof is not None:
-        s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(25)
-        print("\n=== importer (token runs), cumulative ===\n" + s.getvalue())
+        profile_text = io.StringIO()
+        pstats.Stats(prof, stream=profile_text).sort_stats("cumulative").print_stats(25)
+        print("\n=== importer (token runs), cumulative ===\n" + profile_text.getvalue())
         print("=== exporter agent thread, cumulative ===\n"
               + exporter_report.get("agent_profile", ""))
 

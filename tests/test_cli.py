@@ -45,3 +45,16 @@ def test_no_command_prints_usage() -> None:
     out = _run()
     assert out.returncode == 2
     assert "usage" in out.stdout.lower()
+
+
+def test_python_dash_m_sockshare_is_the_console_script() -> None:
+    # `python -m sockshare` takes the same arguments, prints the same and exits the same.
+    for args in (["--version"], ["doctor", "--json"], ["nosuch"]):
+        via_m = subprocess.run([sys.executable, "-m", "sockshare", *args], capture_output=True,
+                               text=True, timeout=60, check=False)
+        via_cli = _run(*args)
+        assert via_m.returncode == via_cli.returncode, (args, via_m.stderr)
+        assert via_m.stdout == via_cli.stdout
+        assert via_m.stderr == via_cli.stderr
+    assert _run("--version").stdout.strip() == f"sockshare {sockshare._version.__version__}"
+    assert sockshare.__version__ is sockshare._version.__version__

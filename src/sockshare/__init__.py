@@ -59,11 +59,10 @@ from sockshare._tokens import (
     import_socket,
     release,
 )
+from sockshare._version import __version__
 
 if TYPE_CHECKING:
     from sockshare._aio import AsyncChannel, AsyncChannelListener
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import sockshare
+from sockshare._version import __version__
 
 __all__ = ["main"]
 
@@ -120,7 +121,7 @@ def _doctor(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({k: {"ok": ok, "why": why} for k, (ok, why) in checks.items()}, indent=2))
     else:
-        print(f"sockshare {sockshare.__version__} on {sys.platform}, Python {sys.version.split()[0]}")
+        print(f"sockshare {__version__} on {sys.platform}, Python {sys.version.split()[0]}")
         for name, (ok, why) in checks.items():
             print(f"  {'ok ' if ok else 'no '} {name:<24} {why}")
     return 0 if checks["tokens"][0] else 1
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sockshare",
         description="Move live sockets between processes.",
     )
-    parser.add_argument("--version", action="version", version=f"sockshare {sockshare.__version__}")
+    parser.add_argument("--version", action="version", version=f"sockshare {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     doctor = sub.add_parser("doctor", help="report which backends work on this machine")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
