@@ -166,6 +166,22 @@ def test_a_source_that_is_gone_cannot_take_it_back(relay: Relay) -> None:
     assert relay.counters["migrations_refused"] == 0
 
 
+def test_a_restarted_source_is_not_given_its_predecessors_connection(relay: Relay) -> None:
+    """The source died while its migration was in transit and its slot has a new
+    process by the time the relay fails: the connection is closed, not counted as the
+    new process's (which never had it and will never report it closed)."""
+    w1, _w2, _w3 = relay.workers
+    h = relay.handoff()
+    relay.mig.take(w1, h)  # type: ignore[arg-type]
+    (_t, w), = relay.workers[1].pending.values() or relay.workers[2].pending.values()
+    w1.channel_ended()
+    w1.connected(StandInChannel(), stopping=False)  # type: ignore[arg-type]
+    relay.mig.failed(w, "the target went away")
+    assert w1.active == 0
+    assert relay.counters["migrations_closed"] == 1
+    assert relay.counters["migrations_refused"] == 0
+
+
 def test_not_a_migration_is_rejected(relay: Relay) -> None:
     h = relay.handoff()
     h.meta = {"handoff_id": "x"}
