@@ -22,6 +22,7 @@ from sockshare.server._admission import Admission
 from sockshare.server._config import PoolConfig, ServerConfig
 from sockshare.server._migration import Migrations
 from sockshare.server._slots import PoolState, WorkerSlot
+from sockshare.server._supervision import Supervisor
 
 
 @dataclass
@@ -165,6 +166,22 @@ def test_a_source_that_is_gone_cannot_take_it_back(relay: Relay) -> None:
     assert relay.counters["migrations_refused"] == 0
 
 
+def test_a_restarted_source_is_not_given_its_predecessors_connection(relay: Relay) -> None:
+    """The source died while its migration was in transit and its slot has a new
+    process by the time the relay fails: the connection is closed, not counted as the
+    new process's (which never had it and will never report it closed)."""
+    w1, _w2, _w3 = relay.workers
+    h = relay.handoff()
+    relay.mig.take(w1, h)  # type: ignore[arg-type]
+    (_t, w), = relay.workers[1].pending.values() or relay.workers[2].pending.values()
+    w1.channel_ended()
+    w1.connected(StandInChannel(), stopping=False)  # type: ignore[arg-type]
+    relay.mig.failed(w, "the target went away")
+    assert w1.active == 0
+    assert relay.counters["migrations_closed"] == 1
+    assert relay.counters["migrations_refused"] == 0
+
+
 def test_not_a_migration_is_rejected(relay: Relay) -> None:
     h = relay.handoff()
     h.meta = {"handoff_id": "x"}
@@ -209,3 +226,45 @@ def test_rebalance_asks_the_busiest_worker(relay: Relay) -> None:
     assert relay.spawned[0].cr_frame.f_locals["slot"] is w1  # type: ignore[attr-defined]
     relay.mig.rebalance(100.1)   # not again before rebalance_after
     assert relay.counters["rebalances"] == 1
+
+
+@dataclass
+class ReportingChannel(StandInChannel):
+    """A source worker's channel after one read: its handoffs and controls (what the
+    supervisor's read callback takes from an AsyncChannel)."""
+
+    handoffs: list[StandInHandoff] = field(default_factory=list)
+    reports: list[dict[str, Any]] = field(default_factory=list)
+
+    def accepted(self) -> list[_Ticket]:
+        return []
+
+    def returned(self) -> list[_Ticket]:
+        return []
+
+    def received(self) -> list[StandInHandoff]:
+        out, self.handoffs = self.handoffs, []
+        return out
+
+    def received_controls(self) -> list[dict[str, Any]]:
+        out, self.reports = self.reports, []
+        return out
+
+
+def test_a_connection_moved_in_and_relayed_out_in_one_read_is_not_counted(relay: Relay) -> None:
+    """A worker that got a connection directly from a peer and migrates it on through the
+    dispatcher sends the ``moved_in`` ahead of the handoff. Read together, the supervisor
+    must count it in before it counts it out: the other way round the -1 hit 0 (clamped)
+    and the +1 then left the worker counting a connection it no longer had."""
+    w1, w2, w3 = relay.workers
+    relay.d.migration = relay.mig
+    sup = Supervisor(relay.d)  # type: ignore[arg-type]
+    ch = ReportingChannel()
+    ch.reports.append({"ev": "moved_in", "from": 1, "key": [1001, 5], "latency": 0.001})
+    ch.handoffs.append(relay.handoff())
+    sup._settle_safely(w2, ch)  # type: ignore[arg-type]
+    assert w2.active == 0
+    assert w2.stats.migrated_in == 1
+    # relayed on to another worker, which counts it in once it accepts
+    assert len(relay.channels[0].batches) + len(relay.channels[2].batches) == 1
+    assert (w1.active, w3.active) == (0, 0)

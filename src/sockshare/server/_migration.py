@@ -112,7 +112,8 @@ class Migrations:
             # it comes back refused; so a source that dies now does not count it lost
             source.active = max(0, source.active - 1)
         self.place(Waiting(h.socket, info, meta, h.data, time.monotonic(), origin=h,
-                           origin_slot=source))
+                           origin_slot=source,
+                           origin_channel=source.channel if source is not None else None))
 
     def place(self, w: Waiting) -> None:
         pool = self.pools.get(w.info.pool) or self.pools[self.cfg.default_pool]
@@ -133,7 +134,11 @@ class Migrations:
         a source that is gone cannot, so our copy is closed (FIN, not RST)."""
         h = w.origin
         assert h is not None
-        source_alive = (w.origin_slot is None or w.origin_slot.channel is not None) and not h.answered
+        # (the same process: a slot whose worker died may have a successor by now, which
+        # never had this connection)
+        source_alive = (w.origin_slot is None or (w.origin_slot.channel is not None
+                                                  and w.origin_slot.channel is w.origin_channel)
+                        ) and not h.answered
         if not h.answered:
             with contextlib.suppress(SockshareError):
                 h.reject(why[:1000])   # closes our copy

@@ -359,6 +359,10 @@ class Worker:
                     transport.abort()
                     raise MigrationAborted(f"worker {peer.id} did not answer before its channel "
                                            f"closed; the connection is no longer served here")
+        if self._reports or self._closed_unreported:
+            # the reports first (same write, ahead of the handoff): were this connection
+            # moved in directly, the dispatcher must count it in before it counts it out
+            self._flush_report(soon=True)
         try:
             ticket = await ch.send(dup, meta=meta, data=data)
         except (SockshareError, ValueError, OSError) as exc:

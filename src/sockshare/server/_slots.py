@@ -100,6 +100,8 @@ class Waiting:
     exclude: int | None = None
     origin: Handoff | None = None
     origin_slot: WorkerSlot | None = None
+    #: the source's channel when it handed it over (the slot may have a successor's since)
+    origin_channel: object | None = None
     tried: list[WorkerSlot] = field(default_factory=list)
     #: ``meta`` already encoded as JSON (the admission fast path); None once ``meta``
     #: changes after admission

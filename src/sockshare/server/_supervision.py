@@ -10,9 +10,10 @@ a wrapper's child) and from then on everything the worker sends is handled in th
 channel's read callback (:meth:`_settle`): ACCEPTs become ``active``, REJECTs and
 returned tickets go back to admission (``redispatch``), control messages are applied
 (:meth:`_apply_control`: closes, hello, descriptors, migration reports), and handoffs the
-worker sends are migrations (``Migrations.take``). One task per worker waits for the end
-of its channel (:meth:`_detach`): what it had accepted is lost with it unless the process
-lives on and exits 0.
+worker sends are migrations (``Migrations.take``), taken after the controls that came with
+them (a worker sends the ``moved_in`` of a connection ahead of its relay). One task per
+worker waits for the end of its channel (:meth:`_detach`): what it had accepted is lost
+with it unless the process lives on and exits 0.
 
 Reload (:meth:`reload`): a new slot per worker id starts a fresh process; once each is
 ready they become the pool's workers and the old ones are retired (:meth:`retire`:
@@ -244,12 +245,14 @@ class Supervisor:
             self._settle(slot, ch)
             for msg in ch.received_controls():
                 self._apply_control(slot, ch, msg)
+            self._take_migrations(slot, ch)
         except Exception:   # in the channel's read callback: never let it escape
             log.exception("worker %d: settling its channel failed", slot.id)
 
     def _settle(self, slot: WorkerSlot, ch: AsyncChannel) -> None:
-        """Apply the answers that arrived: accepts, rejects, returned tickets; and take
-        the connections the worker migrates out."""
+        """Apply the answers that arrived: accepts, rejects, returned tickets. (The
+        connections the worker migrates out are taken after its controls, by
+        :meth:`_take_migrations`.)"""
         accepted = 0
         for t in ch.accepted():
             entry = slot.pending.pop(t.id, None)
@@ -291,13 +294,21 @@ class Supervisor:
                 continue
             w.sock = t.socket
             self.admission.redispatch(w, slot, why)
-        for h in ch.received():
-            self.d.migration.take(slot, h)
         if back:
             self.admission.feed(slot.pool_state)
 
+    def _take_migrations(self, slot: WorkerSlot, ch: AsyncChannel) -> None:
+        """Relay the connections the worker hands over (it migrates them out), each
+        counted out of it. After the reports that arrived with them: a connection that
+        moved in directly is counted in by its ``moved_in``, which the worker sends ahead
+        of the handoff; taken first, its -1 would hit a count without that +1 (clamped
+        at 0, it was lost, and the count stayed one too high once the report came)."""
+        for h in ch.received():
+            self.d.migration.take(slot, h)
+
     async def _detach(self, slot: WorkerSlot, ch: AsyncChannel) -> None:
         if slot.channel is not ch:
+            self._take_migrations(slot, ch)
             return
         # the last reports (a draining worker's final "closed") may sit unread beside its BYE
         while True:
@@ -306,6 +317,7 @@ class Supervisor:
             except ChannelError:
                 break
             self._apply_control(slot, ch, msg)
+        self._take_migrations(slot, ch)
         slot.channel_ended()
         self.changed()
         proc = slot.proc
