@@ -18,7 +18,7 @@ import pytest
 
 import sockshare
 from sockshare.backends._scm import send_with_fds
-from sockshare.protocol import FrameType, Hello, encode_frame, encode_hello
+from sockshare.protocol import ErrorCode, FrameType, Hello, encode_error, encode_frame, encode_hello
 from tests.conftest import Procs, fd_count
 
 RECEIVER = r"""
@@ -199,21 +199,32 @@ def _accept_nothing(lst: sockshare.ChannelListener) -> None:
 
 def test_policy_refuses_other_uids_and_pids(sock_dir: Path) -> None:
     path = str(sock_dir / "p.sock")
-    lst = sockshare.Channel.listen(path, allow_uids=[os.getuid() + 4242])
-    th = threading.Thread(target=_accept_nothing, args=(lst,))
-    th.start()
-    with pytest.raises(sockshare.PeerRefused, match="uid"):
-        sockshare.Channel.connect(path)
-    th.join()
-    lst.close()
-    lst = sockshare.Channel.listen(path, allow_pids=[1])
-    th = threading.Thread(target=_accept_nothing, args=(lst,))
-    th.start()
-    with pytest.raises(sockshare.PeerRefused, match="allow-list"):
-        sockshare.Channel.connect(path)
-    th.join()
-    lst.close()
-    assert not os.path.exists(path)
+    for kwargs, match in (({"allow_uids": [os.getuid() + 4242]}, "uid"),
+                          ({"allow_pids": [1]}, "allow-list")):
+        lst = sockshare.Channel.listen(path, **kwargs)  # type: ignore[arg-type]
+        th = threading.Thread(target=_accept_nothing, args=(lst,))
+        th.start()
+        try:
+            with pytest.raises(sockshare.PeerRefused, match=match):
+                sockshare.Channel.connect(path)
+        finally:
+            th.join()
+            lst.close()
+
+
+def test_refusal_read_even_when_the_listener_hung_up_before_our_hello() -> None:
+    """A listener that refuses by uid answers and closes before reading our HELLO: the
+    connecting side's write fails (EPIPE), and it must still report the refusal it was
+    sent, not a broken pipe."""
+    before = fd_count()
+    mine, theirs = socket.socketpair()
+    theirs.sendall(encode_frame(FrameType.ERROR, encode_error(
+        ErrorCode.REFUSED, "uid 0 may not hand off to this listener")))
+    theirs.close()
+    with pytest.raises(sockshare.PeerRefused, match="may not hand off"):
+        sockshare.Channel.from_socket(mine)
+    mine.close()
+    assert fd_count() == before
 
 
 def test_listener_refuses_to_steal_a_live_address(sock_dir: Path) -> None:

@@ -956,7 +956,12 @@ class Channel:
         sock = self._sock
         sock.settimeout(timeout)
         if send_hello and policy is None:
-            sock.sendall(_hello_for(self._state.max_payload, self.name, self._wsa))
+            try:
+                sock.sendall(_hello_for(self._state.max_payload, self.name, self._wsa))
+            except (BrokenPipeError, ConnectionResetError):
+                # A listener that refuses us by our uid answers and hangs up before it
+                # reads a byte: its ERROR frame is still ours to read, so read it.
+                pass
         deadline = time.monotonic() + timeout
         decoder = FrameDecoder(max_payload=4096, allow_fds=False)
         frame: Frame | None = None
@@ -972,6 +977,8 @@ class Channel:
                     data = sock.recv(want)
                 except TimeoutError:
                     raise PeerRefused(f"the peer sent no HELLO within {timeout} s") from None
+                except ConnectionResetError:
+                    data = b""
                 if not data:
                     raise PeerRefused("the peer closed the connection during the handshake")
                 got += len(data)
