@@ -55,6 +55,61 @@ def close_reset(sock: socket.socket) -> None:
     sock.close()
 
 
+_REASONS = {400: "Bad Request", 414: "URI Too Long", 431: "Request Header Fields Too Large",
+            503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+#: connections answered with an HTTP error and closing gracefully, at most (past it: reset)
+MAX_LINGERING = 256
+_lingering: set[socket.socket] = set()
+
+
+def http_refusal(sock: socket.socket, status: int) -> bool:
+    """Answer an HTTP client that is refused with ``status`` (what an HTTP server would
+    say, not a reset) and close once it has read it: the write side is shut at once, the
+    socket closed when the client closes or after a second (a reset would discard the
+    answer from the client's receive buffer). False if it could not be written (the
+    caller resets the connection)."""
+    if len(_lingering) >= MAX_LINGERING:
+        return False
+    reason = _REASONS.get(status, "Error")
+    body = f"{status} {reason}\n".encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+    try:
+        if sock.send(head + body, socket.MSG_DONTWAIT) < len(head) + len(body):
+            return False
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return False
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        sock.close()
+        return True
+    _lingering.add(sock)
+
+    def done() -> None:
+        if sock in _lingering:
+            _lingering.discard(sock)
+            with contextlib.suppress(OSError, ValueError):
+                loop.remove_reader(sock)
+            sock.close()
+
+    def readable() -> None:
+        try:   # drain what the client still sends; its FIN (b"") ends the wait
+            if sock.recv(65536, socket.MSG_DONTWAIT):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        done()
+
+    sock.setblocking(False)
+    loop.add_reader(sock, readable)
+    loop.call_later(1.0, done)
+    return True
+
+
 def _no_relay(w: Waiting, why: str = "") -> None:
     raise RuntimeError("a migration reached an Admission without a migration relay")
 
@@ -187,13 +242,20 @@ class Admission:
             log.info("re-dispatching %s (%s)", w.info.handoff_id, why)
         self.place(w, front=True)
 
-    def refuse(self, w: Waiting, reason: str, detail: str, *, count: bool = True) -> None:
+    def refuse(self, w: Waiting, reason: str, detail: str, *, count: bool = True,
+               http_status: int | None = None) -> None:
+        """Close a connection no worker will serve: with a reset, or, for an HTTP client
+        (``http_status``), with the answer an HTTP server would give."""
         if w.origin is not None:
             self.migration_failed(w, detail)
             return
         if count:
             self.refused[reason] = self.refused.get(reason, 0) + 1
-        close_reset(w.sock)
+        if http_status is None and w.data and w.meta.get("protocol") == "http":
+            # a sniffed HTTP request that no worker will take: what a full server says
+            http_status = 503
+        if http_status is None or not http_refusal(w.sock, http_status):
+            close_reset(w.sock)
         now = time.monotonic()
         if now - self._log_window >= 1.0:
             self.flush_refusal_log()

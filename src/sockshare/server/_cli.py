@@ -96,6 +96,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--no-direct-migration", action="store_true",
                    help="relay every migration through the dispatcher (default: a handler's "
                         "own migrate() goes straight to another worker)")
+    _web_flags(p)
     p.set_defaults(func=serve)
 
     s = subparsers.add_parser("status", help="show a running server's workers and counters")
@@ -128,6 +129,51 @@ def add_commands(subparsers: Any) -> None:
     m.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
     m.add_argument("--no-wait", action="store_true", help="do not wait for the migrations to finish")
     m.set_defaults(func=migrate)
+
+
+def _web_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of web apps (ASGI/WSGI), named as uvicorn and gunicorn name them."""
+    g = p.add_argument_group("web apps (ASGI, WSGI; pip install 'sockshare[asgi]' or '[wsgi]')")
+    g.add_argument("--interface", choices=("auto", "asgi", "wsgi", "handler"),
+                   help="what APP is: auto tells them apart (default: auto)")
+    g.add_argument("--threads", type=int, metavar="N", help="WSGI: threads per worker (default: 10)")
+    g.add_argument("--http", choices=("auto", "h11", "httptools"),
+                   help="HTTP/1.1 implementation (default: auto, httptools if installed)")
+    g.add_argument("--ws", choices=("auto", "none", "websockets", "websockets-sansio", "wsproto"),
+                   help="WebSocket implementation (default: auto)")
+    g.add_argument("--loop", choices=("auto", "asyncio", "uvloop"),
+                   help="the workers' event loop (default: auto, uvloop if installed)")
+    g.add_argument("--lifespan", choices=("auto", "on", "off"), help="ASGI lifespan (default: auto)")
+    g.add_argument("--ssl-certfile", metavar="FILE", help="TLS ends in the workers: certificate")
+    g.add_argument("--ssl-keyfile", metavar="FILE", help="TLS private key")
+    g.add_argument("--ssl-keyfile-password", metavar="PW", help="password of the private key")
+    g.add_argument("--ssl-ca-certs", metavar="FILE", help="CA certificates to verify clients")
+    g.add_argument("--ssl-cert-reqs", type=int, choices=(0, 1, 2),
+                   help="client certificates: 0 none, 1 optional, 2 required (default: 0)")
+    g.add_argument("--access-log", action="store_true", default=None,
+                   help="log each request (gunicorn's combined format)")
+    g.add_argument("--access-log-format", metavar="FMT",
+                   help="access log format, gunicorn's atoms: %%(h)s %%(r)s %%(s)s %%(b)s ...")
+    g.add_argument("--log-config", metavar="FILE",
+                   help="logging configuration for the workers: dictConfig JSON or INI")
+    g.add_argument("--max-requests", type=int, metavar="N",
+                   help="replace a worker after N requests, without dropping a connection (0: never)")
+    g.add_argument("--max-requests-jitter", type=int, metavar="N",
+                   help="add a random 0..N to --max-requests per worker")
+    g.add_argument("--limit-concurrency", type=int, metavar="N",
+                   help="per worker: past N connections and requests, answer 503")
+    g.add_argument("--graceful-timeout", type=float, metavar="S", help="another name for --grace")
+    g.add_argument("--root-path", metavar="PATH", help="ASGI root_path (app mounted below a prefix)")
+    g.add_argument("--proxy-headers", action="store_true", default=None,
+                   help="trust X-Forwarded-For/-Proto from --forwarded-allow-ips")
+    g.add_argument("--forwarded-allow-ips", metavar="IPS",
+                   help="comma-separated addresses trusted for proxy headers (default: 127.0.0.1)")
+    g.add_argument("--timeout-keep-alive", type=int, metavar="S",
+                   help="seconds an idle keep-alive connection is kept (default: 5)")
+    g.add_argument("--limit-header-size", type=int, metavar="BYTES",
+                   help="largest request head; past it 431 (default: 65536)")
+    g.add_argument("--ws-max-size", type=int, metavar="BYTES",
+                   help="largest WebSocket message (default: 16 MiB)")
 
 
 # --- serve ----------------------------------------------------------------------------

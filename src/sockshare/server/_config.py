@@ -39,6 +39,7 @@ Bind addresses: ``HOST:PORT`` (IPv4 or a name), ``[::1]:PORT`` (IPv6), ``unix:/p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import os
 import socket
@@ -48,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sockshare._errors import SockshareError
+from sockshare.server._web import WebAppError, WebSettings
 
 __all__ = [
     "DEFAULT_APP",
@@ -158,6 +160,8 @@ class PoolConfig:
     resume: str | None = None
     #: move connections from busy to idle workers; None: on unless a hash policy
     rebalance: bool | None = None
+    #: how a Python app is served: --interface, TLS, HTTP settings (ASGI/WSGI)
+    web: WebSettings = field(default_factory=WebSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +207,8 @@ class ServerConfig:
     metrics: str | None = None
     control: str | None = None
     log_level: str = "info"
+    #: a logging configuration file for the workers (dictConfig JSON, or fileConfig INI)
+    log_config: str | None = None
     sniff_timeout: float = 5.0
     #: connections being sniffed at once, at most; past it the sniffing listeners stop
     #: accepting (connections wait in the kernel's accept queue) until one is done
@@ -277,6 +283,13 @@ class ServerConfig:
                                   f"not {p.resume!r}")
             if p.resume is not None and p.worker_cmd is not None:
                 raise ConfigError(f"pool {p.name!r}: resume is for Python apps, not worker_cmd")
+            try:
+                p.web.check(f"pool {p.name!r}")
+            except WebAppError as exc:
+                raise ConfigError(str(exc)) from None
+            if p.worker_cmd is not None and p.web != WebSettings():
+                raise ConfigError(f"pool {p.name!r}: interface, TLS and HTTP settings are for "
+                                  "Python apps, not worker_cmd")
             if p.policy not in POLICIES and ":" not in p.policy:
                 raise ConfigError(f"pool {p.name!r}: policy {p.policy!r} is not one of "
                                   f"{', '.join(POLICIES)} or module:function")
@@ -326,7 +339,7 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
     if app is not None and args.worker_cmd:
         raise ConfigError("give an APP or --worker-cmd, not both")
     pool = PoolConfig(
-        name="default", app=app, worker_cmd=args.worker_cmd or None,
+        name="default", app=app, worker_cmd=args.worker_cmd or None, web=web_from_args(args),
         workers=args.workers if args.workers is not None else 2,
         policy=args.policy or "least-conn", hash_key=args.hash_key or "host",
         max_conns=args.max_conns, queue=args.queue if args.queue is not None else 64,
@@ -345,8 +358,26 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
     return cfg
 
 
+#: WebSettings fields that have a command-line flag of the same name
+WEB_FLAGS = ("interface", "threads", "http", "ws", "loop", "lifespan", "ssl_certfile",
+             "ssl_keyfile", "ssl_keyfile_password", "ssl_ca_certs", "ssl_cert_reqs",
+             "access_log", "access_log_format", "max_requests", "max_requests_jitter",
+             "limit_concurrency", "root_path", "proxy_headers", "forwarded_allow_ips",
+             "timeout_keep_alive", "limit_header_size", "ws_max_size")
+
+
+def web_from_args(args: argparse.Namespace, base: WebSettings | None = None) -> WebSettings:
+    """The web settings the flags give (over ``base``, a pool's own from the file)."""
+    given = {k: getattr(args, k) for k in WEB_FLAGS if getattr(args, k, None) is not None}
+    if given.get("access_log_format") is not None:
+        given.setdefault("access_log", True)
+    return dataclasses.replace(base or WebSettings(), **given)
+
+
 def _override(cfg: ServerConfig, args: argparse.Namespace) -> None:
-    for key in ("grace", "metrics", "control", "log_level", "max_retries", "queue_timeout",
+    if getattr(args, "graceful_timeout", None) is not None and getattr(args, "grace", None) is None:
+        args.grace = args.graceful_timeout
+    for key in ("grace", "metrics", "control", "log_level", "log_config", "max_retries", "queue_timeout",
                 "timeout", "upgrade_probation", "sniff_max", "fd_reserve", "sniff_timeout"):
         value = getattr(args, key, None)
         if value is not None:
@@ -355,17 +386,20 @@ def _override(cfg: ServerConfig, args: argparse.Namespace) -> None:
         cfg.direct_migration = False
     if getattr(args, "config", None) and args.bind:
         cfg.listeners = _listeners_from(args.bind)
+    if getattr(args, "config", None) and any(getattr(args, k, None) is not None for k in WEB_FLAGS):
+        cfg.pools = {name: dataclasses.replace(p, web=web_from_args(args, p.web))
+                     if p.app is not None else p for name, p in cfg.pools.items()}
 
 
 # --- TOML ---------------------------------------------------------------------------
 
 
-_TOP = {"queue", "grace", "metrics", "control", "log_level", "sniff_timeout", "max_retries",
+_TOP = {"queue", "grace", "metrics", "control", "log_level", "log_config", "sniff_timeout", "max_retries",
         "queue_timeout", "backoff_initial", "backoff_max", "stable_after", "connect_timeout", "timeout",
         "rebalance_interval", "rebalance_min", "rebalance_spread", "direct_migration",
         "upgrade_probation", "sniff_max", "fd_reserve", "default_pool", "listen", "pools", "routes"}
 _POOL = {"app", "worker_cmd", "workers", "policy", "hash_key", "max_conns", "queue", "resume",
-         "rebalance"}
+         "rebalance", *WEB_FLAGS}
 _LISTEN = {"bind", "name", "sniff", "pool", "backlog", "proxy"}
 _ROUTE = {"pool", "host", "sni", "proxy", "listener"}
 
@@ -406,6 +440,7 @@ def parse_document(doc: Mapping[str, Any]) -> ServerConfig:
             queue=_typed(p, "queue", int, default_queue, where),
             resume=_typed(p, "resume", str, None, where),
             rebalance=_typed(p, "rebalance", bool, None, where),
+            web=_web_table(p, where),
         )
     listeners: list[ListenerConfig] = []
     raw_listen = doc.get("listen", [])
@@ -443,6 +478,7 @@ def parse_document(doc: Mapping[str, Any]) -> ServerConfig:
     cfg = ServerConfig(listeners=listeners, pools=pools, routes=routes,
                        default_pool=_typed(doc, "default_pool", str, next(iter(pools)), "the top level"))
     for key, typ in (("grace", float), ("metrics", str), ("control", str), ("log_level", str),
+                     ("log_config", str),
                      ("sniff_timeout", float), ("max_retries", int), ("queue_timeout", float),
                      ("backoff_initial", float), ("backoff_max", float), ("stable_after", float),
                      ("connect_timeout", float), ("timeout", float), ("rebalance_interval", float),
@@ -452,6 +488,17 @@ def parse_document(doc: Mapping[str, Any]) -> ServerConfig:
         if key in doc:
             setattr(cfg, key, _typed(doc, key, typ, None, "the top level"))
     return cfg
+
+
+def _web_table(p: Mapping[str, Any], where: str) -> WebSettings:
+    """A pool's web settings from its table (the same names as the flags)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(WebSettings):
+        if f.name in p:
+            typ: type = {"int": int, "str": str, "bool": bool, "str | None": str,
+                         "int | None": int}[str(f.type)]
+            values[f.name] = _typed(p, f.name, typ, None, where)
+    return WebSettings(**values)
 
 
 def _only(table: Mapping[str, Any], allowed: set[str], where: str) -> None:

@@ -192,12 +192,14 @@ class Dispatcher:
              "lost", "migrations", "migrations_refused", "migrations_closed",
              "migration_requests", "rebalances", "reloads", "reload_failures", "upgrades",
              "upgrade_failures", "hung_kills", "migrations_direct", "fd_pauses",
-             "fd_rejects"), 0)
+             "fd_rejects", "recycled"), 0)
         self.pid = os.getpid()
         self.generation = 1
         self.stopping = False
         self._hurry = False
         self._failed = False  # a task died of a bug (see task_failed)
+        #: the exit status when it is not 0/1: 3 when the app failed to start
+        self.exit_status = 0
         self.stop_event: asyncio.Event | None = None
         #: the dispatcher's own background tasks (the supervisors are the Supervisor's)
         self.tasks = Tasks()
@@ -264,6 +266,8 @@ class Dispatcher:
         await self._shutdown()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
             loop.remove_signal_handler(sig)
+        if self.exit_status:
+            return self.exit_status
         return 0 if (self.ready or not self.takeover.predecessor) and not self._failed else 1
 
     def stop(self, why: str = "stop requested") -> None:

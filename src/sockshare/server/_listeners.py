@@ -443,8 +443,9 @@ class Listeners:
             # (one log line: the refusal's, rate-limited with the others)
             self.counters["sniff_failures"] += 1
             info = ConnInfo(meta["client"], ls.cfg.name, "", meta["handoff_id"], meta)
+            status = getattr(exc, "http_status", None)
             self.admission.refuse(Waiting(sock, info, meta, b"", time.monotonic()),
-                                  "sniff_failed", str(exc), count=True)
+                                  "sniff_failed", str(exc), count=True, http_status=status)
             return
         sniffed = dict(getattr(result, "meta", {}) or {})
         for key in ("handoff_id", "listener", "client"):

@@ -261,6 +261,9 @@ def render(status: dict[str, Any]) -> str:
     o.family("sockshare_reloads_total", "counter", "Reloads (new worker generations).")
     o.sample("sockshare_reloads_total", c.get("reloads", 0), result="ok")
     o.sample("sockshare_reloads_total", c.get("reload_failures", 0), result="failed")
+    o.family("sockshare_workers_recycled_total", "counter",
+             "Workers replaced at their own request (--max-requests).")
+    o.sample("sockshare_workers_recycled_total", c.get("recycled", 0))
     o.family("sockshare_upgrades_total", "counter", "Upgrades of the dispatcher started here.")
     o.sample("sockshare_upgrades_total", c.get("upgrades", 0), result="ok")
     o.sample("sockshare_upgrades_total", c.get("upgrade_failures", 0), result="failed")

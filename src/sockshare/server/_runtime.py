@@ -99,6 +99,7 @@ from sockshare.server._handler import (
     open_connection,
 )
 from sockshare.server._peers import Move, PeerMigration
+from sockshare.server._web import WebAppError, WebServer, WebSettings, detect_interface
 
 __all__ = [
     "EXIT_APP_ERROR",
@@ -166,8 +167,14 @@ class Worker:
     """The worker's event-loop side: one channel, many handler tasks."""
 
     def __init__(self, app: App | None, info: WorkerInfo, channel: str, *, grace: float = 10.0,
-                 app_error: str = "", resume: Resume | None = None) -> None:
+                 app_error: str = "", resume: Resume | None = None,
+                 web: WebServer | None = None) -> None:
         self.app = app
+        #: an ASGI/WSGI app's server (``--interface asgi|wsgi``); None: a handler app
+        self.web = web
+        if web is not None:
+            web.on_closed = self._closed_one
+            web.on_max_requests = self._max_requests
         self.resume = resume
         self.info = info
         self.address = channel
@@ -191,6 +198,7 @@ class Worker:
         self._fd_capacity = 1 << 30
         self._fd_timer: asyncio.TimerHandle | None = None
         self._fd_logged = -1e9
+        self._startup_failed = False
 
     # -- signals ---------------------------------------------------------------------
 
@@ -223,6 +231,12 @@ class Worker:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_later(REPORT_DELAY, self._flush_report, True)
+
+    def _max_requests(self) -> None:
+        assert self.web is not None
+        log.info("worker %d: served %d requests (--max-requests): asking to be replaced",
+                 self.info.id, self.web.requests)
+        self.control({"ev": "recycle", "reason": "max-requests"})
 
     def _refuse_no_fds(self, h: Handoff) -> None:
         """``h``'s descriptor is past the mark: refuse it (our copy is closed, the sender
@@ -537,6 +551,9 @@ class Worker:
         handoffs = ch.received()
         if not handoffs:
             return
+        if self.web is not None and not from_peer:
+            self._take_web(ch, handoffs, self.web)
+            return
         if self.stopping.is_set():
             for h in handoffs:
                 with contextlib.suppress(SockshareError):
@@ -581,12 +598,77 @@ class Worker:
         for h, conn, resuming in ready:
             self._task(self._run(conn, resuming, ch, h if from_peer else None))
 
+    def _take_web(self, ch: AsyncChannel, handoffs: list[Handoff], web: WebServer) -> None:
+        """:meth:`take` for a web app: ACCEPT, and only once the ACCEPTs left, give each
+        socket its transport (uvicorn's protocol then reads the request)."""
+        if self.stopping.is_set():
+            for h in handoffs:
+                with contextlib.suppress(SockshareError):
+                    h.reject("worker is shutting down")
+            return
+        accepted: list[socket.socket] = []
+        mark = self._fd_mark
+        try:
+            for h in handoffs:
+                if h.socket.fileno() >= mark:
+                    self._refuse_no_fds(h)
+                    continue
+                why = web.refusal(h.data)
+                if why is None and b'"resume"' in h.raw_meta:
+                    why = "a web app's worker takes no migrated handler connections"
+                if why is not None:
+                    h.reject(why)
+                    continue
+                meta = h.meta
+                web.register(h.socket, meta, h.data)
+                h.accept()
+                accepted.append(h.socket)
+            if not accepted:
+                return
+            if self._closed_unreported or self._reports:
+                self._flush_report(soon=True)   # rides along with the ACCEPTs
+            ch.flush()
+        except SockshareError as exc:  # the channel broke: the sender still has them
+            log.warning("worker %d: could not accept %d handoff(s): %s", self.info.id,
+                        len(handoffs), exc)
+            for sock in accepted:
+                fd = sock.fileno()
+                sock.close()
+                web.forget(fd)
+            return
+        if ch.buffered:   # the ACCEPTs first, then the first byte to the client
+            self._task(self._start_web_later(ch, web, accepted))
+            return
+        for sock in accepted:
+            web.start(sock)
+
+    async def _start_web_later(self, ch: AsyncChannel, web: WebServer,
+                               socks: list[socket.socket]) -> None:
+        with contextlib.suppress(SockshareError, OSError):
+            await ch.drain()
+        if ch.buffered or not ch.usable:
+            log.warning("worker %d: the channel closed before %d ACCEPT(s) left",
+                        self.info.id, len(socks))
+            for sock in socks:
+                fd = sock.fileno()
+                sock.close()
+                web.forget(fd)
+            return
+        for sock in socks:
+            web.start(sock)
+
     # -- life ------------------------------------------------------------------------
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        if self.web is not None:   # lifespan startup, before the dispatcher hears of us
+            failed = await self.web.startup()
+            if failed:
+                log.error("worker %d: %s", self.info.id, failed)
+                self.app_error = failed
+                self._startup_failed = True
         try:
             self.ch = await AsyncChannel.connect(self.address, name=f"worker:{self.info.id}")
         except (OSError, SockshareError) as exc:
@@ -594,9 +676,9 @@ class Worker:
                       self.address, exc)
             return 1
         ch = self.ch
-        if self.app is None:
+        if (self.app is None and self.web is None) or self._startup_failed:
             return await self._fail(ch)
-        if self.resume is not None:
+        if self.resume is not None and self.web is None:
             self.peers.listen(self.address)
         hello: dict[str, Any] = {"ev": "hello", "resume": self.resume is not None,
                                  "pid": self.info.pid, "peer": self.peers.path or None}
@@ -622,6 +704,9 @@ class Worker:
                 log.info("worker %d: asked %d connection(s) to migrate (%s)", self.info.id, n,
                          self._migrate_all)
         await self._drain()
+        if self.web is not None:
+            await self.web.drain(self.grace)
+            await self.web.shutdown()
         await self.peers.close()
         self._flush_report()
         for t in (receiver, stop):
@@ -644,8 +729,12 @@ class Worker:
                 await asyncio.wait(pending, timeout=1.0)
 
     async def _fail(self, ch: AsyncChannel) -> int:
-        reason = f"the app cannot be loaded: {self.app_error}"
-        self.control({"ev": "fatal", "reason": reason})
+        if self._startup_failed:
+            reason = self.app_error
+            self.control({"ev": "fatal", "reason": reason, "startup": True})
+        else:
+            reason = f"the app cannot be loaded: {self.app_error}"
+            self.control({"ev": "fatal", "reason": reason})
         # whatever the dispatcher sent before it read "fatal" goes back with the reason
         with contextlib.suppress(TimeoutError, ChannelError):
             async with asyncio.timeout(0.2):
@@ -727,27 +816,88 @@ def _parser() -> argparse.ArgumentParser:
                    default=int(os.environ.get("SOCKSHARE_GENERATION", "0")))
     p.add_argument("--grace", type=float, default=10.0)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--interface", default="auto", choices=("auto", "asgi", "wsgi", "handler"))
+    p.add_argument("--web", default=os.environ.get("SOCKSHARE_WEB", ""),
+                   help="the pool's web settings, JSON (WebSettings; default: $SOCKSHARE_WEB)")
+    p.add_argument("--log-config", default=None, help="a logging dictConfig file (JSON) or an "
+                   "INI file for logging.config.fileConfig")
     return p
+
+
+def _configure_logging(info: WorkerInfo, level: str, config: str | None) -> None:
+    logging.basicConfig(
+        level=getattr(logging, str(level).upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s worker:{info.id}[{info.pid}] %(name)s: %(message)s")
+    if config:
+        from logging import config as logging_config
+
+        if config.endswith(".json"):
+            with open(config, encoding="utf-8") as f:
+                logging_config.dictConfig(json.load(f))
+        else:
+            logging_config.fileConfig(config, disable_existing_loggers=False)
+
+
+def _load_web(spec: str, interface: str, settings: WebSettings
+              ) -> tuple[App | None, WebServer | None]:
+    """Import ``spec`` and tell its interface: a handler app, or a web app's server."""
+    from sockshare.server._policy import load_callable
+
+    obj = load_callable(spec)
+    kind = detect_interface(obj) if interface == "auto" else interface
+    if kind == "handler":
+        return load_app(spec), None
+    return None, WebServer(obj, kind, settings, on_closed=lambda: None)
+
+
+def _run_loop(main: Coroutine[Any, Any, int], loop: str) -> int:
+    """``asyncio.run`` on the loop ``--loop`` asks for (auto: uvloop if installed)."""
+    if loop in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                main.close()
+                log.error("--loop uvloop: uvloop is not installed (pip install uvloop)")
+                return 2
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(main)
+    return asyncio.run(main)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     info = WorkerInfo(args.id, os.getpid(), args.generation, args.pool)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s worker:{info.id}[{info.pid}] %(name)s: %(message)s")
+    try:
+        _configure_logging(info, args.log_level, args.log_config)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        logging.basicConfig()
+        log.error("--log-config %s: %s", args.log_config, exc)
+        return 2
     if not args.channel:
         log.error("no channel address: give --channel or set SOCKSHARE_CHANNEL")
         return 2
     app: App | None = None
     resume: Resume | None = None
+    web: WebServer | None = None
     error = ""
+    settings = WebSettings.from_json(args.web)
     try:
-        app = load_app(args.app)
-        resume = load_resume(args.app, args.resume)
+        if args.interface == "handler":
+            app = load_app(args.app)
+        else:
+            app, web = _load_web(args.app, args.interface, settings)
+        if web is None:
+            resume = load_resume(args.app, args.resume)
+    except WebAppError as exc:
+        app = web = None
+        error = f"{args.app}: {exc}"
+        log.error("worker %d: %s", info.id, error)
     except Exception as exc:
-        app = None
+        app = web = None
         error = f"{args.app}: {type(exc).__name__}: {exc}"
         log.error("worker %d: %s", info.id, error)
-    worker = Worker(app, info, args.channel, grace=args.grace, app_error=error, resume=resume)
-    return asyncio.run(worker.run())
+    worker = Worker(app, info, args.channel, grace=args.grace, app_error=error, resume=resume,
+                    web=web)
+    return _run_loop(worker.run(), settings.loop if web is not None else "asyncio")

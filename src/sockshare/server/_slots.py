@@ -169,6 +169,8 @@ class WorkerSlot:
         self.exits = 0
         #: replaced by a reload / handed over by an upgrade: never restarted
         self.retired = False
+        #: a replacement is starting for it (--max-requests)
+        self.recycling = False
         self.rebalance_after = 0.0
         #: killed for leaving a handoff unanswered past --timeout (until restarted)
         self.hung = False

@@ -163,6 +163,9 @@ class SniffError(SockshareError):
     def __init__(self, message: str, reason: Reason = "garbage") -> None:
         super().__init__(message)
         self.reason: Reason = reason
+        #: what an HTTP server answers this client before closing (400, 414, 431, 505),
+        #: when it sent an HTTP request the sniffer cannot accept; None: not HTTP
+        self.http_status: int | None = None
 
 
 def _show(data: bytes, n: int = 24) -> str:
@@ -1123,10 +1126,17 @@ async def sniff(sock: socket.socket, rules: SniffRules, timeout: float) -> Sniff
         meta.update(protocol="tls", sni=hello.sni, alpn=list(hello.alpn))
         pool = route(rules.snis, hello.sni)
     elif kind == "http":
-        head = await io.until(
-            lambda b: parse_http_head(b, max_size=rules.max_http_head, until=rules.http_until),
-            rules.max_http_head, "HTTP head", gate=_HttpGate(rules.http_until),
-            take=lambda _b: True)   # (NEED_DATA: every byte so far is part of the head)
+        try:
+            head = await io.until(
+                lambda b: parse_http_head(b, max_size=rules.max_http_head, until=rules.http_until),
+                rules.max_http_head, "HTTP head", gate=_HttpGate(rules.http_until),
+                take=lambda _b: True)   # (NEED_DATA: every byte so far is part of the head)
+        except SniffError as exc:
+            if exc.reason == "oversize":
+                exc.http_status = 414 if "request line" in str(exc) else 431
+            elif exc.reason == "garbage":
+                exc.http_status = 505 if "only HTTP/1.x" in str(exc) else 400
+            raise
         data = io.consume(head.length)
         meta.update(protocol="http", method=head.method, path=head.target,
                     version=head.version, host=head.host)

@@ -46,6 +46,7 @@ from sockshare.server._peers import PEER_SUFFIX
 from sockshare.server._runtime import REJECT_NO_FDS
 from sockshare.server._slots import PoolState, SlotState, WorkerSlot
 from sockshare.server._tasks import Tasks
+from sockshare.server._web import WebSettings
 
 if TYPE_CHECKING:
     from sockshare.server._dispatcher import Dispatcher
@@ -237,6 +238,14 @@ class Supervisor:
             self.changed()
             slot.stops_taking()
             log.error("worker %d (pid %s): %s", slot.id, slot.pid, msg.get("reason", "fatal error"))
+            if msg.get("startup") is True and not self.d.ready and not self.d.takeover.predecessor:
+                # the app's own startup failed before the server ever served: restarting
+                # it forever would only repeat the traceback (as gunicorn and uvicorn do)
+                log.error("the app failed to start; stopping (exit status 3)")
+                self.d.exit_status = 3
+                self.d.stop("app startup failed")
+        elif ev == "recycle":
+            self.d.spawn(self.recycle(slot, str(msg.get("reason", "recycle"))), critical=False)
         else:
             log.debug("worker %d: control message %r", slot.id, msg)
 
@@ -388,6 +397,12 @@ class Supervisor:
                 "--log-level", self.cfg.log_level]
         if p.resume is not None:
             argv += ["--resume", p.resume]
+        if p.web != WebSettings():
+            # in the environment, not argv: a key's password must not show in ps
+            argv += ["--interface", p.web.interface]
+            env["SOCKSHARE_WEB"] = p.web.to_json()
+        if self.cfg.log_config:
+            argv += ["--log-config", self.cfg.log_config]
         return argv, env
 
     async def _supervise(self, slot: WorkerSlot) -> None:
@@ -504,6 +519,30 @@ class Supervisor:
                 proc.terminate()   # a foreign worker drains on SIGTERM (docs/server.md)
         loop = asyncio.get_running_loop()
         loop.call_later(self.cfg.grace + 3.0, self.kill_if_running, slot, proc)
+
+    async def recycle(self, old: WorkerSlot, reason: str) -> None:
+        """Replace one worker (it asked: ``--max-requests``) as a reload replaces them
+        all: the new one starts and says hello, then the old one is retired (it stops
+        taking connections and drains; nothing is dropped)."""
+        pool = old.pool_state
+        if (old.recycling or old.retired or old not in pool.workers or self.d.stopping
+                or self.d.handover.handed_over or self.d.handover.reload_refusal()):
+            return
+        old.recycling = True
+        new = WorkerSlot(old.id, pool, old.stats)
+        self.slots.append(new)
+        self.start(new)
+        failed = await self.wait_ready([new], self.cfg.connect_timeout)
+        if failed or self.d.stopping or old not in pool.workers or self.d.handover.handed_over:
+            log.warning("worker %d: its replacement (%s) did not start; it goes on serving",
+                        old.id, reason)
+            self._abandon([(pool, old, new)])
+            old.recycling = False
+            return
+        pool.workers = [new if w is old else w for w in pool.workers]
+        self.retire(old, reason)
+        self.counters["recycled"] += 1
+        log.info("worker %d (pid %s) replaced (%s) by pid %s", old.id, old.pid, reason, new.pid)
 
     async def reload(self, why: str = "reload requested", *, wait: bool = False) -> dict[str, Any]:
         """Replace every worker by a fresh process (the app imported again), migrating the

@@ -1,0 +1,599 @@
+"""Web apps under ``sockshare serve``: ASGI 3 and WSGI, on uvicorn's protocol classes.
+
+A worker whose pool runs an ASGI or WSGI app (``--interface``, told apart by
+:func:`detect_interface` when ``auto``) serves each connection the dispatcher hands it
+with the HTTP/1.1 and WebSocket protocol classes of uvicorn (httptools or h11;
+websockets or wsproto), the same code that ``uvicorn`` itself runs per connection. What
+sockshare adds around them, in :class:`WebServer`:
+
+* **Connections it did not accept.** Each handoff's socket gets a transport with an
+  instance of a subclass of uvicorn's protocol class (:func:`_subclass`); its
+  ``connection_made`` feeds the bytes the dispatcher already read (to sniff a Host) to
+  the parser first, byte-exact, and sets ``scope["client"]`` to the PROXY header's
+  source when the dispatcher read one. Every scope gets
+  ``scope["extensions"]["sockshare"]``: the handoff's metadata (docs/server.md).
+* **The ACCEPT first.** The runtime answers the handoff before the transport exists, so
+  no byte reaches the client from a worker whose ACCEPT could still be lost.
+* **TLS in the worker** (``--ssl-certfile``...): after the ACCEPT, the handshake runs on
+  the socket (the dispatcher routed by SNI with ``MSG_PEEK``, so the ClientHello is still
+  in the kernel).
+* **Lifespan** (ASGI): startup before the worker says hello; a failure is returned, with
+  the app's traceback, for the runtime to report as fatal; shutdown after the drain.
+* **Limits**: a request head over :attr:`WebSettings.limit_header_size` gets 431 (from any
+  HTTP/1 implementation); ``--limit-concurrency`` gets uvicorn's 503.
+* **An access log** in gunicorn's format (:class:`AccessLog`), and request counting for
+  ``--max-requests`` (:attr:`WebServer.requests`; the runtime asks to be recycled).
+* **Drain**: idle keep-alive connections closed, requests in progress finished (uvicorn's
+  ``shutdown()`` per connection), WebSockets closed with 1012, within the grace period.
+
+WSGI apps run in a thread pool of ``--threads`` threads (a2wsgi's ``WSGIMiddleware``), so
+a slow request never blocks the worker's event loop.
+
+The web packages are optional: ``pip install 'sockshare[asgi]'`` (uvicorn with httptools,
+websockets, uvloop) and ``'sockshare[wsgi]'`` (also a2wsgi). Without them a web app fails
+to load with a message that says what to install.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import inspect
+import io
+import json
+import logging
+import os
+import random
+import ssl
+import time
+import traceback
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import Any
+
+from sockshare._errors import SockshareError
+
+__all__ = [
+    "INTERFACES",
+    "AccessLog",
+    "WebAppError",
+    "WebServer",
+    "WebSettings",
+    "detect_interface",
+]
+
+log = logging.getLogger("sockshare.web")
+access_log = logging.getLogger("sockshare.access")
+
+#: ``--interface`` values.
+INTERFACES = ("auto", "asgi", "wsgi", "handler")
+#: gunicorn's default access log format (the NCSA "combined" log format).
+DEFAULT_ACCESS_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s"'
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class WebAppError(SockshareError):
+    """A web app cannot be served: a missing package, an app of no known interface, a
+    TLS file that cannot be read, a lifespan startup that failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class WebSettings:
+    """How a pool's workers serve a web app: ``--interface``, TLS and the HTTP settings
+    (the names and defaults are uvicorn's and gunicorn's). Sent to the worker as JSON."""
+
+    interface: str = "auto"
+    #: WSGI: threads that run requests
+    threads: int = 10
+    #: uvicorn's HTTP implementation: auto (httptools if installed), h11, httptools
+    http: str = "auto"
+    #: WebSockets: auto, websockets, websockets-sansio, wsproto, none
+    ws: str = "auto"
+    #: the worker's event loop: auto (uvloop if installed), asyncio, uvloop
+    loop: str = "auto"
+    #: ASGI lifespan: auto, on, off
+    lifespan: str = "auto"
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_keyfile_password: str | None = None
+    ssl_ca_certs: str | None = None
+    #: 0 none, 1 optional, 2 required (ssl.CERT_*)
+    ssl_cert_reqs: int = 0
+    access_log: bool = False
+    access_log_format: str | None = None
+    #: replace the worker after this many requests (0: never), plus up to jitter more
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    #: per worker: connections + requests in progress past which new requests get 503
+    limit_concurrency: int | None = None
+    root_path: str = ""
+    #: trust X-Forwarded-For / -Proto from --forwarded-allow-ips
+    proxy_headers: bool = False
+    forwarded_allow_ips: str = "127.0.0.1"
+    #: seconds an idle keep-alive connection is kept
+    timeout_keep_alive: int = 5
+    #: bytes of a request head (request line and headers) before 431
+    limit_header_size: int = 64 * 1024
+    #: largest WebSocket message
+    ws_max_size: int = 16 * 1024 * 1024
+
+    @property
+    def tls(self) -> bool:
+        return self.ssl_certfile is not None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> WebSettings:
+        raw = json.loads(text) if text else {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+    def check(self, where: str) -> None:
+        """Raise :class:`WebAppError` naming ``where`` for a value out of range."""
+        if self.interface not in INTERFACES:
+            raise WebAppError(f"{where}: interface must be one of {', '.join(INTERFACES)}, "
+                              f"not {self.interface!r}")
+        if self.threads < 1:
+            raise WebAppError(f"{where}: threads must be at least 1")
+        if self.loop not in ("auto", "asyncio", "uvloop"):
+            raise WebAppError(f"{where}: loop must be auto, asyncio or uvloop")
+        if self.lifespan not in ("auto", "on", "off"):
+            raise WebAppError(f"{where}: lifespan must be auto, on or off")
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise WebAppError(f"{where}: ssl_keyfile needs ssl_certfile")
+        if self.ssl_cert_reqs not in (0, 1, 2):
+            raise WebAppError(f"{where}: ssl_cert_reqs must be 0, 1 or 2")
+        if self.max_requests < 0 or self.max_requests_jitter < 0:
+            raise WebAppError(f"{where}: max_requests and its jitter must not be negative")
+        if self.limit_concurrency is not None and self.limit_concurrency < 1:
+            raise WebAppError(f"{where}: limit_concurrency must be at least 1")
+        if self.limit_header_size < 1024:
+            raise WebAppError(f"{where}: limit_header_size must be at least 1024")
+
+
+def _positional(func: Callable[..., Any]) -> int | None:
+    """How many positional parameters ``func`` takes (None: *args, or unknown)."""
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+    n = 0
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            return None
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty:
+            n += 1
+    return n
+
+
+def detect_interface(app: Any) -> str:
+    """``handler``, ``asgi`` or ``wsgi``, the way uvicorn tells ASGI 3 from the rest: a
+    coroutine function (or an object whose ``__call__`` is one) of one argument is a
+    sockshare handler, of three an ASGI 3 app; a plain callable of two arguments
+    (``environ, start_response``) is a WSGI app."""
+    if not callable(app):
+        raise WebAppError(f"{app!r} is not callable")
+    if inspect.isclass(app):
+        raise WebAppError(f"{app.__name__} is a class: give an instance (ASGI 2 apps are not "
+                          "supported; wrap them or use ASGI 3)")
+    func = app if inspect.isroutine(app) else type(app).__call__
+    bound = not inspect.isroutine(app) or inspect.ismethod(app)
+    n = _positional(func)
+    if n is not None and bound and not inspect.ismethod(func):
+        n -= 1   # self
+    is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "__wrapped__", None))
+    if is_async and n == 3:
+        return "asgi"
+    if is_async and n == 1:
+        return "handler"
+    if not is_async and n == 2:
+        return "wsgi"
+    if not is_async and n == 1:
+        return "handler"   # a plain function that returns an awaitable
+    raise WebAppError(
+        f"cannot tell what kind of app {app!r} is ({'async, ' if is_async else ''}"
+        f"{'?' if n is None else n} positional argument(s)): give --interface asgi, wsgi or "
+        "handler")
+
+
+def _require(module: str, extra: str) -> Any:
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError as exc:
+        raise WebAppError(f"serving a web app needs {module.partition('.')[0]}: pip install "
+                          f"'sockshare[{extra}]' ({exc})") from None
+
+
+# -- the access log --------------------------------------------------------------------
+
+
+class AccessLog:
+    """ASGI middleware: one line per HTTP request on the ``sockshare.access`` logger, in a
+    gunicorn-style format (``%(h)s`` remote address, ``%(l)s`` '-', ``%(u)s`` user,
+    ``%(t)s`` time, ``%(r)s`` request line, ``%(m)s`` method, ``%(U)s`` path, ``%(q)s``
+    query, ``%(H)s`` protocol, ``%(s)s`` status, ``%(b)s`` body bytes, ``%(f)s`` referer,
+    ``%(a)s`` user agent, ``%(T)s`` seconds, ``%(M)s`` milliseconds, ``%(D)s``
+    microseconds, ``%(L)s`` decimal seconds, ``%(p)s`` worker pid)."""
+
+    def __init__(self, app: ASGIApp, fmt: str | None = None) -> None:
+        self.app = app
+        self.fmt = fmt or DEFAULT_ACCESS_FORMAT
+        self.pid = str(os.getpid())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        size = 0
+
+        async def logged_send(message: Message) -> None:
+            nonlocal status, size
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            elif message["type"] == "http.response.body":
+                size += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, logged_send)
+        finally:
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(self.fmt, self.atoms(scope, status, size,
+                                                     time.perf_counter() - started))
+
+    def atoms(self, scope: Scope, status: int, size: int, took: float) -> dict[str, str]:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", ())}
+        client = scope.get("client")
+        query = scope.get("query_string", b"").decode("latin-1")
+        path = scope.get("raw_path") or scope.get("path", "").encode()
+        target = path.decode("latin-1") + (f"?{query}" if query else "")
+        proto = f"HTTP/{scope.get('http_version', '1.1')}"
+        method = scope.get("method", "-")
+        return {
+            "h": client[0] if client else "-", "l": "-", "u": "-",
+            "t": time.strftime("[%d/%b/%Y:%H:%M:%S %z]"),
+            "r": f"{method} {target} {proto}", "m": method, "U": scope.get("path", ""),
+            "q": query, "H": proto, "s": str(status), "b": str(size) if size else "-",
+            "B": str(size), "f": headers.get("referer", "-"), "a": headers.get("user-agent", "-"),
+            "T": str(int(took)), "M": str(int(took * 1000)), "D": str(int(took * 1e6)),
+            "L": f"{took:.6f}", "p": self.pid,
+        }
+
+
+# -- per-connection state ----------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class _Conn:
+    """What the protocol instances of one connection need from the handoff."""
+
+    meta: dict[str, Any]
+    client: tuple[str, int] | None
+    app: ASGIApp
+    pre: bytes
+    done: bool = False
+
+
+def _fd_of(transport: asyncio.BaseTransport) -> int:
+    sock = transport.get_extra_info("socket")
+    try:
+        return int(sock.fileno()) if sock is not None else -1
+    except (OSError, ValueError):
+        return -1
+
+
+def _head_end(data: bytes, start: int) -> int:
+    """Offset just past the first blank line at or after ``start``, or -1."""
+    i = data.find(b"\r\n\r\n", start)
+    return -1 if i < 0 else i + 4
+
+
+def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[asyncio.Protocol]:
+    """uvicorn's protocol class ``base``, with the per-connection set-up of a handed-off
+    socket (:class:`_Conn`), the request-head limit (HTTP) and the closed report."""
+
+    class Handed(base):  # type: ignore[valid-type,misc]
+        _ss_conn: _Conn | None = None
+        _ss_head = 0          # bytes of the request head read so far (HTTP)
+        _ss_in_head = True
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            c = web._conns.get(_fd_of(transport))
+            super().connection_made(transport)
+            if c is None:
+                return
+            self._ss_conn = c
+            if c.client is not None:
+                self.client = c.client
+            self.app = c.app
+            if c.pre:
+                pre, c.pre = c.pre, b""
+                self.data_received(pre)
+
+        if http:
+            def data_received(self, data: bytes) -> None:
+                if self._ss_in_head:
+                    end = _head_end(data, 0)
+                    self._ss_head += len(data) if end < 0 else end
+                    if self._ss_head > web.settings.limit_header_size:
+                        web._too_large(self)
+                        return
+                    if end >= 0:
+                        self._ss_in_head = False
+                super().data_received(data)
+
+            def on_response_complete(self) -> None:
+                self._ss_in_head = True
+                self._ss_head = 0
+                super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            try:
+                super().connection_lost(exc)
+            finally:
+                c = self._ss_conn
+                if c is not None and not c.done:
+                    c.done = True
+                    web._lost(self, c)
+
+    Handed.__name__ = Handed.__qualname__ = f"Sockshare{base.__name__}"
+    return Handed
+
+
+# -- the server ------------------------------------------------------------------------
+
+
+class WebServer:
+    """Serves one worker's handed-off connections with one web app (see the module
+    docstring). ``on_closed`` is called once per connection that ends here."""
+
+    def __init__(self, app: Any, interface: str, settings: WebSettings,
+                 on_closed: Callable[[], None]) -> None:
+        if interface not in ("asgi", "wsgi"):
+            raise WebAppError(f"interface {interface!r} is not a web interface")
+        config_mod = _require("uvicorn.config", "asgi")
+        server_mod = _require("uvicorn.server", "asgi")
+        self.settings = settings
+        self.interface = interface
+        self.on_closed = on_closed
+        self.requests = 0
+        jitter = random.randint(0, settings.max_requests_jitter) if settings.max_requests_jitter else 0
+        self.max_requests = settings.max_requests + jitter if settings.max_requests else 0
+        #: called once when max_requests is reached
+        self.on_max_requests: Callable[[], None] | None = None
+        asgi: ASGIApp
+        if interface == "wsgi":
+            a2wsgi = _require("a2wsgi", "wsgi")
+            asgi = a2wsgi.WSGIMiddleware(app, workers=settings.threads)
+        else:
+            asgi = app
+        if settings.access_log:
+            asgi = AccessLog(asgi, settings.access_log_format)
+        self.app = asgi
+        ssl_kwargs: dict[str, Any] = {}
+        if settings.tls:
+            ssl_kwargs = {"ssl_certfile": settings.ssl_certfile, "ssl_keyfile": settings.ssl_keyfile,
+                          "ssl_keyfile_password": settings.ssl_keyfile_password,
+                          "ssl_ca_certs": settings.ssl_ca_certs,
+                          "ssl_cert_reqs": settings.ssl_cert_reqs}
+        lifespan = settings.lifespan if interface == "asgi" else "off"
+        self.config = config_mod.Config(
+            app=self._counting, interface="asgi3", http=settings.http, ws=settings.ws,
+            lifespan=lifespan, log_config=None, access_log=False,
+            proxy_headers=settings.proxy_headers, forwarded_allow_ips=settings.forwarded_allow_ips,
+            root_path=settings.root_path, limit_concurrency=settings.limit_concurrency,
+            timeout_keep_alive=settings.timeout_keep_alive, server_header=False,
+            headers=[("server", "sockshare")], ws_max_size=settings.ws_max_size,
+            h11_max_incomplete_event_size=settings.limit_header_size, **ssl_kwargs)
+        try:
+            self.config.load()
+        except (OSError, ssl.SSLError) as exc:
+            raise WebAppError(f"cannot load the TLS certificate or key: {exc}") from None
+        except SystemExit as exc:
+            raise WebAppError(f"uvicorn refused the configuration (exit {exc.code})") from None
+        self.ssl: ssl.SSLContext | None = self.config.ssl
+        self.http_class: Callable[..., asyncio.Protocol] = _subclass(
+            self.config.http_protocol_class, self, http=True)
+        ws_class = self.config.ws_protocol_class
+        if ws_class is not None:
+            self.config.ws_protocol_class = _subclass(ws_class, self, http=False)
+        self.state = server_mod.ServerState()
+        self.lifespan = self.config.lifespan_class(self.config)
+        self._conns: dict[int, _Conn] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- the app, as uvicorn calls it ----------------------------------------------------
+
+    async def _counting(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app uvicorn's Config wraps (proxy headers...); per connection, the
+        protocol's ``app`` is a closure around this (:meth:`_conn_app`)."""
+        if scope["type"] == "http":
+            self.requests += 1
+            if self.max_requests and self.requests == self.max_requests and self.on_max_requests:
+                self.on_max_requests()
+        await self.app(scope, receive, send)
+
+    def _conn_app(self, meta: dict[str, Any]) -> ASGIApp:
+        loaded: ASGIApp = self.config.loaded_app
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            ext = scope.get("extensions")
+            if ext is None:
+                scope["extensions"] = {"sockshare": meta}
+            else:
+                ext["sockshare"] = meta
+            await loaded(scope, receive, send)
+
+        return app
+
+    # -- life ----------------------------------------------------------------------------
+
+    async def startup(self) -> str | None:
+        """Run the lifespan startup; the error (with the app's traceback) if it failed."""
+        self._tick()
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+        errors = _Capture()
+        uv = logging.getLogger("uvicorn.error")
+        uv.addHandler(errors)
+        try:
+            await self.lifespan.startup()
+        finally:
+            uv.removeHandler(errors)
+        if self.lifespan.should_exit:
+            return "the app's lifespan startup failed" + (f":\n{errors.text}" if errors.text else "")
+        return None
+
+    async def shutdown(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        with contextlib.suppress(Exception):
+            await self.lifespan.shutdown()
+        if self.interface == "wsgi":
+            executor = getattr(getattr(self.app, "app", self.app), "executor", None)
+            if executor is not None:
+                executor.shutdown(wait=False)
+
+    def _tick(self) -> None:
+        date = formatdate(time.time(), usegmt=True).encode()
+        self.state.default_headers = [(b"date", date), *self.config.encoded_headers]
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self._tick()
+
+    # -- connections -----------------------------------------------------------------------
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._conns)
+
+    def refusal(self, data: bytes) -> str | None:
+        """Why a handoff with these pre-read bytes cannot be served here (None: it can)."""
+        if self.ssl is not None and data:
+            return (f"{len(data)} byte(s) were read before the TLS handshake: sniff TLS "
+                    "with MSG_PEEK (a TLS pool cannot take HTTP sniffing)")
+        return None
+
+    def register(self, sock: Any, meta: dict[str, Any], data: bytes) -> None:
+        """Note a handed-off connection before its transport exists."""
+        client = None
+        proxy = meta.get("proxy")
+        if isinstance(proxy, dict):
+            src = proxy.get("src")
+            if isinstance(src, list) and len(src) == 2:
+                client = (str(src[0]), int(src[1]))
+        self._conns[sock.fileno()] = _Conn(meta, client, self._conn_app(meta), data)
+        self._idle.clear()
+
+    def start(self, sock: Any) -> None:
+        """Give the (accepted) connection its transport; uvicorn's protocol takes over.
+        TLS connections complete their handshake in a task."""
+        loop = asyncio.get_running_loop()
+        make = getattr(loop, "_make_socket_transport", None)
+        if self.ssl is None and make is not None:
+            sock.setblocking(False)
+            make(sock, self._protocol())
+            return
+        task = loop.create_task(self._start_async(sock))
+        self.state.tasks.add(task)
+        task.add_done_callback(self.state.tasks.discard)
+
+    def _protocol(self) -> asyncio.Protocol:
+        proto: asyncio.Protocol = self.http_class(config=self.config, server_state=self.state,
+                                                  app_state=self.lifespan.state)
+        return proto
+
+    async def _start_async(self, sock: Any) -> None:
+        loop = asyncio.get_running_loop()
+        fd = sock.fileno()
+        try:
+            await loop.connect_accepted_socket(self._protocol, sock, ssl=self.ssl,
+                                               ssl_handshake_timeout=10.0 if self.ssl else None)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.info("connection %s: TLS handshake failed: %s",
+                     self._conns.get(fd, _Conn({}, None, self.app, b"")).meta.get("handoff_id"), exc)
+            sock.close()
+            self.forget(fd)
+
+    def forget(self, fd: int) -> None:
+        """A registered connection that never got (or lost) its protocol."""
+        c = self._conns.pop(fd, None)
+        if c is not None and not c.done:
+            c.done = True
+            self.on_closed()
+        if not self._conns:
+            self._idle.set()
+
+    def _lost(self, proto: asyncio.Protocol, c: _Conn) -> None:
+        for fd, known in list(self._conns.items()):
+            if known is c:
+                del self._conns[fd]
+                break
+        self.on_closed()
+        if not self._conns:
+            self._idle.set()
+
+    def _too_large(self, proto: Any) -> None:
+        """431 for a request head past the limit, then close."""
+        body = b"Request Header Fields Too Large"
+        proto.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; "
+            b"charset=utf-8\r\nconnection: close\r\ncontent-length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body)
+        proto.transport.close()
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking requests: idle keep-alive connections close, requests in progress
+        finish, WebSockets close (1012); after ``grace`` seconds what is left is cut."""
+        for proto in list(self.state.connections):
+            with contextlib.suppress(Exception):
+                proto.shutdown()
+        try:
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+                while self.state.tasks:
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            log.warning("%d connection(s) still open after %.1f s: closed", len(self._conns), grace)
+            for proto in list(self.state.connections):
+                transport = getattr(proto, "transport", None)
+                if transport is not None:
+                    transport.abort()
+            for task in list(self.state.tasks):
+                task.cancel()
+
+
+class _Capture(logging.Handler):
+    """Collects the error records (with tracebacks) uvicorn logs during startup."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        out = io.StringIO()
+        out.write(record.getMessage())
+        if record.exc_info:
+            out.write("\n")
+            out.write("".join(traceback.format_exception(*record.exc_info)))
+        self.lines.append(out.getvalue())
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
