@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import inspect
 import io
 import json
@@ -185,13 +186,12 @@ def detect_interface(app: Any) -> str:
     if inspect.isclass(app):
         raise WebAppError(f"{app.__name__} is a class: give an instance (ASGI 2 apps are not "
                           "supported; wrap them or use ASGI 3)")
-    func = app if inspect.isroutine(app) else type(app).__call__
-    bound = not inspect.isroutine(app) or inspect.ismethod(app)
-    n = _positional(func)
-    if n is not None and bound and not inspect.ismethod(func):
-        n -= 1   # self
-    is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
-        getattr(func, "__wrapped__", None))
+    n = _positional(app)   # (signature() drops a bound self, follows partials)
+    call = type(app).__call__ if callable(app) else None
+    is_async = (inspect.iscoroutinefunction(app)
+                or inspect.iscoroutinefunction(getattr(app, "__wrapped__", None))
+                or (not inspect.isroutine(app) and not isinstance(app, functools.partial)
+                    and inspect.iscoroutinefunction(call)))
     if is_async and n == 3:
         return "asgi"
     if is_async and n == 1:
