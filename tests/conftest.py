@@ -12,8 +12,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -41,12 +42,29 @@ class Procs:
     def __init__(self) -> None:
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def python(self, code: str, *args: str, **kw: object) -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-        env.update(kw.pop("env", {}) or {})  # type: ignore[call-overload]
-        kw.setdefault("stdout", subprocess.PIPE)
-        p = subprocess.Popen([sys.executable, "-c", code, *args], env=env, **kw)  # type: ignore[call-overload]
+    def python(
+        self,
+        code: str,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        pass_fds: Collection[int] = (),
+        stdin: int | IO[bytes] | None = None,
+        stdout: int | IO[bytes] | None = subprocess.PIPE,
+        stderr: int | IO[bytes] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """``python -c code args...`` with this tree's ``src`` first on PYTHONPATH and *env*
+        added to this process's environment; stdout is a pipe unless told otherwise."""
+        full_env = dict(os.environ)
+        full_env["PYTHONPATH"] = SRC + os.pathsep + full_env.get("PYTHONPATH", "")
+        full_env.update(env or {})
+        p = subprocess.Popen(
+            [sys.executable, "-c", code, *args],
+            env=full_env,
+            pass_fds=pass_fds,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+        )
         self.started.append(p)
         return p
 

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -64,7 +65,9 @@ ch.close()
 """
 
 
-def _start_pair(procs: Procs, sock_dir: Path, mode: str, meta: dict[str, object]):
+def _start_pair(
+    procs: Procs, sock_dir: Path, mode: str, meta: dict[str, object]
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], socket.socket]:
     path = str(sock_dir / "handoff.sock")
     rx = procs.python(RECEIVER, path, mode)
     assert rx.stdout is not None

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sockshare
-from sockshare._tokens import agent
+from sockshare.backends._agent import agent
 from sockshare.protocol import (
     MAX_FDS_PER_FRAME,
     FrameDecoder,

@@ -30,8 +30,8 @@ from typing import Any
 import pytest
 
 import sockshare
-from sockshare._tokens import agent
 from sockshare.backends import _pidfd
+from sockshare.backends._agent import agent
 from sockshare.protocol import FrameType, decode_token, encode_frame, encode_token
 from sockshare.protocol._messages import Claim, encode_claim, encode_done
 from sockshare.protocol._token import ADDR_ABSTRACT, KIND_WINDOWS, TokenInfo
@@ -641,7 +641,7 @@ def _agent_conn(token: str) -> socket.socket:
 
 
 def _drain(c: socket.socket) -> tuple[bytes, list[int]]:
-    data, fds = b"", []
+    data, fds = b"", list[int]()
     while True:
         chunk, anc, _flags, _ = c.recvmsg(4096, socket.CMSG_SPACE(16))
         for level, ctype, cdata in anc:

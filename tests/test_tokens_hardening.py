@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 import sockshare
-from sockshare.backends import _pidfd
+from sockshare.backends import _agent, _pidfd
 from sockshare.protocol import FrameType, decode_token, encode_frame, encode_token
 from sockshare.protocol._messages import ErrorCode, encode_error
 from sockshare.protocol._token import ADDR_ABSTRACT, KIND_POSIX, TokenInfo
@@ -536,7 +536,7 @@ def test_export_errors_are_sockshare_errors() -> None:
     with open(os.devnull, "rb") as f, pytest.raises(sockshare.ExportFailed) as err:
         sockshare.export_socket(f.fileno(), os.getpid())
     assert "not a socket" in str(err.value)
-    assert sockshare._tokens.agent().pending() == 0
+    assert _agent.agent().pending() == 0
 
 
 # --- 9: strict token text ------------------------------------------------------------------

@@ -370,7 +370,8 @@ def test_codec_refuses_invalid(v: dict[str, Any]) -> None:
 
 
 def _is_hello(v: dict[str, Any]) -> bool:
-    return v["hex"].startswith("53530101")
+    frame_hex: str = v["hex"]
+    return frame_hex.startswith("53530101")
 
 
 # HELLO is not a channel frame (the channel refuses it as unexpected), so the

@@ -21,12 +21,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.windows.winpeer import SCRIPT, PeerClient, PeerError, recv_exact
 from tests.wine_support import WinePython, parse_pytest_summary, windows_path, wine_python
+
+if TYPE_CHECKING:
+    # mypy's name for the file (tests/windows is on its mypy_path, as pytest puts it on
+    # sys.path under Windows for the tests there); one file can have only one name.
+    from winpeer import SCRIPT, PeerClient, PeerError, recv_exact
+else:
+    from tests.windows.winpeer import SCRIPT, PeerClient, PeerError, recv_exact
 
 pytestmark = pytest.mark.wine
 

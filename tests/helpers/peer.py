@@ -39,8 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import sockshare
-from sockshare._tokens import agent
 from sockshare.backends import _pidfd
+from sockshare.backends._agent import agent
 
 # Everything is imported up front: a forked child that dropped to another uid may not
 # be able to read the interpreter's files any more.

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from sockshare.server._control import request
 
@@ -147,7 +147,7 @@ class Server:
                     os.kill(pid, signal.SIGKILL)
         self._log.close()
 
-    def __enter__(self) -> Server:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from serve_helpers import ROOT, ask, env_with_apps
@@ -35,7 +36,7 @@ def _serve(tmp: Path, control: Path) -> subprocess.Popen[bytes]:
                             stdin=subprocess.DEVNULL, env=env, cwd=str(ROOT))
 
 
-def _wait_status(proc: subprocess.Popen[bytes], control: Path, timeout: float = 20.0) -> dict:
+def _wait_status(proc: subprocess.Popen[bytes], control: Path, timeout: float = 20.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[0].decode(errors="replace")

@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from live_helpers import LineClient, LiveServer, fd_count, wait_until
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.timeout(180)
 APP = "live_apps:handle"
 
 
-def _idle(st: dict) -> bool:
+def _idle(st: dict[str, Any]) -> bool:
     return all(w["inflight"] == 0 for w in st["workers"]) and all(
         w["state"] == "ready" for w in st["workers"])
 

@@ -11,6 +11,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from serve_helpers import ROOT, Server, ask, env_with_apps
@@ -20,7 +21,7 @@ from sockshare.server._metrics import render
 pytestmark = pytest.mark.timeout(60)
 
 
-def _lines(s: socket.socket) -> list[dict]:
+def _lines(s: socket.socket) -> list[dict[str, Any]]:
     buf = b""
     s.settimeout(5)
     while True:
@@ -54,7 +55,7 @@ def test_bad_bytes_to_the_control_socket(tmp_path: Path) -> None:
         base = _fd_count(srv.pid)
         ctl = srv.control
 
-        def session(payload: bytes) -> list[dict]:
+        def session(payload: bytes) -> list[dict[str, Any]]:
             with socket.socket(socket.AF_UNIX) as s:
                 s.connect(ctl)
                 try:

@@ -112,14 +112,14 @@ def _burst(addr: tuple[str, int], n: int, cmd: bytes, timeout: float = 60.0) -> 
     sel = selectors.DefaultSelector()
     out: Counter[str] = Counter()
     for _ in range(n):
-        s = socket.socket()
-        s.setblocking(False)
-        err = s.connect_ex(addr)
+        c = socket.socket()
+        c.setblocking(False)
+        err = c.connect_ex(addr)
         if err not in (0, errno.EINPROGRESS):
             out["refused" if err == errno.ECONNREFUSED else errno.errorcode[err]] += 1
-            s.close()
+            c.close()
             continue
-        sel.register(s, selectors.EVENT_WRITE, [b"", False])
+        sel.register(c, selectors.EVENT_WRITE, [b"", False])
 
     def done(s: socket.socket, what: str) -> None:
         out[what] += 1
@@ -154,7 +154,8 @@ def _burst(addr: tuple[str, int], n: int, cmd: bytes, timeout: float = 60.0) -> 
             else:
                 done(s, "served" if b'"hid"' in st[0] else "eof")
     for key in list(sel.get_map().values()):
-        done(key.fileobj, "timeout")  # type: ignore[arg-type]
+        assert isinstance(key.fileobj, socket.socket)
+        done(key.fileobj, "timeout")
     sel.close()
     return out
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from serve_helpers import ROOT, Server, ask, connect, env_with_apps, read_line
@@ -134,10 +135,11 @@ pool = "beta"
     with Server(tmp_path, "--config", str(cfg), app=None, workers=None, bind=[], ready=4) as srv:
         web, admin = srv.address("web"), srv.address("admin")
 
-        def http(host: str) -> dict:
+        def http(host: str) -> dict[str, Any]:
             with connect(web) as s:
                 s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-                return json.loads(read_line(s))
+                reply: dict[str, Any] = json.loads(read_line(s))
+                return reply
 
         assert {http("www.example")["pool"] for _ in range(4)} == {"main"}
         assert {http("www.example")["id"] for _ in range(4)} == {1, 2}

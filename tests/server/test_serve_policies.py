@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from serve_helpers import Server, ask, connect, hold, read_line
@@ -46,9 +47,9 @@ def test_least_conn_prefers_the_idle_worker(tmp_path: Path) -> None:
         busy = a3["id"]
         idle = a1["id"] if busy == a2["id"] else a2["id"]
 
-        def settled(st: dict) -> bool:
-            w = {x["id"]: x for x in st["workers"]}
-            return (w[busy]["connections"] == 2 and w[idle]["connections"] == 1
+        def settled(st: dict[str, Any]) -> bool:
+            w: dict[int, dict[str, Any]] = {x["id"]: x for x in st["workers"]}
+            return bool(w[busy]["connections"] == 2 and w[idle]["connections"] == 1
                     and w[busy]["inflight"] == 0 and w[idle]["inflight"] == 0)
 
         try:

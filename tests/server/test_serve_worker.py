@@ -7,6 +7,7 @@ import asyncio
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 from serve_helpers import Server, connect
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.timeout(60)
 INFO = WorkerInfo(id=7, pid=1234, generation=2, pool="p")
 
 
-async def _handoff(meta: dict, data: bytes) -> tuple[Connection, socket.socket, AsyncChannel,
+async def _handoff(meta: dict[str, Any], data: bytes) -> tuple[Connection, socket.socket, AsyncChannel,
                                                      AsyncChannel]:
     a, b = Channel.pair()
     sender, receiver = AsyncChannel.wrap(a), AsyncChannel.wrap(b)

@@ -186,7 +186,7 @@ class Peer:
         return sockshare.release(token)
 
     def op_pending(self) -> int:
-        from sockshare._tokens import agent
+        from sockshare.backends._agent import agent
 
         return agent().pending()
 
