@@ -99,7 +99,13 @@ from sockshare.server._handler import (
     open_connection,
 )
 from sockshare.server._peers import Move, PeerMigration
-from sockshare.server._web import WebAppError, WebServer, WebSettings, detect_interface
+from sockshare.server._web import (
+    KEEP_ALIVE_RESUME,
+    WebAppError,
+    WebServer,
+    WebSettings,
+    detect_interface,
+)
 
 __all__ = [
     "EXIT_APP_ERROR",
@@ -175,6 +181,7 @@ class Worker:
         if web is not None:
             web.on_closed = self._closed_one
             web.on_max_requests = self._max_requests
+            web.relay = self._relay_out
         self.resume = resume
         self.info = info
         self.address = channel
@@ -231,6 +238,27 @@ class Worker:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_later(REPORT_DELAY, self._flush_report, True)
+
+    async def _relay_out(self, dup: socket.socket, meta: bytes, data: bytes) -> str:
+        """Hand ``dup`` (a duplicate of a connection's socket) to the dispatcher, which
+        gives it to another worker: ``"accepted"``, ``"rejected"`` (it stays ours) or
+        ``"gone"`` (the channel broke before the answer: it may be served there)."""
+        ch = self.ch
+        if ch is None or ch.closed:
+            dup.close()
+            return "rejected"
+        if self._reports or self._closed_unreported:
+            self._flush_report(soon=True)   # counted in before counted out (see migrate_out)
+        try:
+            ticket = await ch.send(dup, meta=meta, data=data)
+        except (SockshareError, ValueError, OSError) as exc:
+            dup.close()
+            return f"rejected: {exc}"
+        if ticket.state == "accepted":
+            return "accepted"
+        if ticket.socket is not None:
+            ticket.socket.close()
+        return f"rejected: {ticket.reason or 'refused'}" if ticket.state == "rejected" else "gone"
 
     def _max_requests(self) -> None:
         assert self.web is not None
@@ -423,7 +451,10 @@ class Worker:
         if cmd == "migrate":
             n = msg.get("n")
             count = n if isinstance(n, int) and n >= 0 else None
-            picked = self._request_migrations(count, reason) if self.resume is not None else 0
+            if self.web is not None:
+                picked = self.web.request_handover(count, reason)
+            else:
+                picked = self._request_migrations(count, reason) if self.resume is not None else 0
             self.control({"ev": "migrate_ack", "n": picked, "req": msg.get("req")})
         elif cmd == "peers":
             self.peers.set_peers(msg.get("peers"))
@@ -432,6 +463,8 @@ class Worker:
         elif cmd == "drain":
             if msg.get("migrate") and self.resume is not None:
                 self._migrate_all = reason
+            if msg.get("migrate") and self.web is not None:
+                self.web.handover_reason = reason
             if not self.stopping.is_set():
                 log.info("worker %d: the dispatcher asked to drain (%s)", self.info.id, reason)
                 self.stopping.set()
@@ -614,12 +647,15 @@ class Worker:
                     self._refuse_no_fds(h)
                     continue
                 why = web.refusal(h.data)
+                meta = h.meta
                 if why is None and b'"resume"' in h.raw_meta:
-                    why = "a web app's worker takes no migrated handler connections"
+                    if meta.get("resume") == KEEP_ALIVE_RESUME:   # moved between requests
+                        meta = {k: v for k, v in meta.items() if k != "resume"}
+                    else:
+                        why = "a web app's worker takes no migrated handler connections"
                 if why is not None:
                     h.reject(why)
                     continue
-                meta = h.meta
                 web.register(h.socket, meta, h.data)
                 h.accept()
                 accepted.append(h.socket)
@@ -680,7 +716,8 @@ class Worker:
             return await self._fail(ch)
         if self.resume is not None and self.web is None:
             self.peers.listen(self.address)
-        hello: dict[str, Any] = {"ev": "hello", "resume": self.resume is not None,
+        hello: dict[str, Any] = {"ev": "hello",
+                                 "resume": self.resume is not None or self.web is not None,
                                  "pid": self.info.pid, "peer": self.peers.path or None}
         if self._fd_mark < 1 << 30:
             # connections it can hold before the mark, one descriptor each

@@ -46,6 +46,7 @@ import json
 import logging
 import os
 import random
+import socket
 import ssl
 import time
 import traceback
@@ -339,6 +340,10 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
                 self._ss_in_head = True
                 self._ss_head = 0
                 super().on_response_complete()
+                if web.handover_reason and self._ss_conn is not None:
+                    # between two requests now: the connection moves (after uvicorn is
+                    # done with this turn)
+                    asyncio.get_running_loop().call_soon(web._handover_if_idle, self)
 
         def connection_lost(self, exc: Exception | None) -> None:
             try:
@@ -351,6 +356,17 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
 
     Handed.__name__ = Handed.__qualname__ = f"Sockshare{base.__name__}"
     return Handed
+
+
+#: what a relayed handover came to: the target took it, it is still ours, or the
+#: channel broke before the answer (it may be served there: never here again)
+Outcome = str
+Relay = Callable[[socket.socket, bytes, bytes], Awaitable[Outcome]]
+#: the handoff meta ``"resume"`` of a keep-alive connection moved between requests
+KEEP_ALIVE_RESUME = {"http": "keep-alive"}
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+#: seconds a connection waits for the client to take the last response before it moves
+FLUSH_WAIT = 5.0
 
 
 # -- the server ------------------------------------------------------------------------
@@ -405,7 +421,7 @@ class WebServer:
         except SystemExit as exc:
             raise WebAppError(f"uvicorn refused the configuration (exit {exc.code})") from None
         self.ssl: ssl.SSLContext | None = self.config.ssl
-        self.http_class: Callable[..., asyncio.Protocol] = _subclass(
+        self.http_class: type[Any] = _subclass(
             self.config.http_protocol_class, self, http=True)
         ws_class = self.config.ws_protocol_class
         if ws_class is not None:
@@ -413,6 +429,16 @@ class WebServer:
         self.state = server_mod.ServerState()
         self.lifespan = self.config.lifespan_class(self.config)
         self._conns: dict[int, _Conn] = {}
+        #: set by the runtime: hands a connection (a duplicate of its socket) to the
+        #: dispatcher, which gives it to another worker (docs/web.md, "Keep-alive handover")
+        self.relay: Relay | None = None
+        #: while set (a reload, an upgrade, recycling), every keep-alive connection moves
+        #: to another worker as soon as it is between two requests
+        self.handover_reason = ""
+        self._moving: set[asyncio.Protocol] = set()
+        #: keep-alive connections handed over / refused by every target (closed as
+        #: uvicorn would) / WebSockets closed with 1012
+        self.counts = {"handed_over": 0, "handover_refused": 0, "ws_closed_1012": 0}
         self._ticker: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -558,25 +584,157 @@ class WebServer:
             + str(len(body)).encode() + b"\r\n\r\n" + body)
         proto.transport.close()
 
-    async def drain(self, grace: float) -> None:
-        """Stop taking requests: idle keep-alive connections close, requests in progress
-        finish, WebSockets close (1012); after ``grace`` seconds what is left is cut."""
+    # -- keep-alive handover ----------------------------------------------------------------
+
+    def _idle_http(self, proto: Any) -> bool:
+        """Between two requests, nothing of the next one read: the connection can move
+        with no byte of it in this process."""
+        transport = getattr(proto, "transport", None)
+        if (not isinstance(proto, self.http_class) or proto._ss_conn is None
+                or transport is None or transport.is_closing() or proto in self._moving):
+            return False
+        if not proto._ss_in_head or proto._ss_head:
+            return False
+        cycle = getattr(proto, "cycle", None)
+        if cycle is not None and not cycle.response_complete:
+            return False
+        return not getattr(proto, "pipeline", None)
+
+    def request_handover(self, n: int | None, reason: str) -> int:
+        """Move up to ``n`` idle keep-alive connections to other workers (None: all of
+        them, and from now on each one as its response completes). Returns how many
+        were asked to move now."""
+        if self.relay is None:
+            return 0
+        if n is None:
+            self.handover_reason = reason
+        picked = 0
         for proto in list(self.state.connections):
-            with contextlib.suppress(Exception):
-                proto.shutdown()
+            if n is not None and picked >= n:
+                break
+            if self._idle_http(proto):
+                self._handover_if_idle(proto)
+                picked += 1
+        return picked
+
+    def _handover_if_idle(self, proto: Any) -> None:
+        if self.relay is None or not self._idle_http(proto):
+            return
+        self._moving.add(proto)
+        task = asyncio.get_running_loop().create_task(self._handover(proto))
+        self.state.tasks.add(task)
+        task.add_done_callback(self.state.tasks.discard)
+
+    async def _handover(self, proto: Any) -> None:
+        """Hand one idle keep-alive connection over: stop reading, let the last response
+        leave, give a duplicate of the socket to the dispatcher, and close ours once a
+        target ACCEPTed it (no FIN, no RST: the client never notices). Refused: it
+        stays here (closed as uvicorn closes idle ones if we are draining)."""
+        assert self.relay is not None
+        c: _Conn = proto._ss_conn
+        transport = proto.transport
+        timer = getattr(proto, "timeout_keep_alive_task", None)
         try:
-            async with asyncio.timeout(grace):
+            transport.pause_reading()
+            if timer is not None:   # the keep-alive timeout must not close it meanwhile
+                timer.cancel()
+            deadline = time.monotonic() + FLUSH_WAIT
+            while transport.get_write_buffer_size() and time.monotonic() < deadline:
+                await asyncio.sleep(0.002)
+            if transport.is_closing() or transport.get_write_buffer_size() or not self._still_idle(proto):
+                self._handover_refused(proto, "the connection became busy or closed")
+                return
+            raw = transport.get_extra_info("socket")
+            dup = socket.socket(raw.family, raw.type, raw.proto, os.dup(raw.fileno()))
+            meta = {k: v for k, v in c.meta.items() if k not in ("resume", "migration", "attempt")}
+            previous = c.meta.get("migration")
+            count = previous.get("count", 0) if isinstance(previous, dict) else 0
+            meta["migration"] = {"count": (count if isinstance(count, int) else 0) + 1,
+                                 "reason": self.handover_reason or "rebalance",
+                                 "started": time.monotonic()}
+            meta["resume"] = KEEP_ALIVE_RESUME
+            outcome = await self.relay(dup, _COMPACT.encode(meta).encode(), b"")
+        finally:
+            self._moving.discard(proto)
+        if outcome == "accepted":
+            self.counts["handed_over"] += 1
+            self._detach(proto, c)
+        elif outcome == "gone":
+            self._detach(proto, c)
+        else:
+            self._handover_refused(proto, outcome)
+
+    def _still_idle(self, proto: Any) -> bool:
+        cycle = getattr(proto, "cycle", None)
+        return (proto._ss_in_head and not proto._ss_head
+                and (cycle is None or cycle.response_complete)
+                and not getattr(proto, "pipeline", None))
+
+    def _detach(self, proto: Any, c: _Conn) -> None:
+        """The connection lives on elsewhere: close this process's descriptor only."""
+        c.done = True   # (the dispatcher counted it out; no closed report)
+        for fd, known in list(self._conns.items()):
+            if known is c:
+                del self._conns[fd]
+                break
+        proto.transport.abort()
+        if not self._conns:
+            self._idle.set()
+
+    def _handover_refused(self, proto: Any, why: str) -> None:
+        self.counts["handover_refused"] += 1
+        log.info("keep-alive connection %s stays here: %s", proto._ss_conn.meta.get("handoff_id"), why)
+        transport = proto.transport
+        if transport.is_closing():
+            return
+        if self.handover_reason:
+            proto.shutdown()   # draining: closed between requests, as uvicorn does
+        else:
+            transport.resume_reading()
+
+    def _is_ws(self, proto: Any) -> bool:
+        return not isinstance(proto, self.http_class)
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking requests. Plain stop: idle keep-alive connections close, requests
+        in progress finish, WebSockets close with 1012 (uvicorn's shutdown). With a
+        handover (reload, upgrade, recycling: :attr:`handover_reason`): keep-alive
+        connections move to the new workers as they fall idle, and WebSockets stay
+        until they close or ``grace`` ends, then get 1012. After ``grace`` seconds what
+        is left is cut."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace
+        moving = bool(self.handover_reason) and self.relay is not None
+        if moving:
+            self.request_handover(None, self.handover_reason)
+        else:
+            for proto in list(self.state.connections):
+                self._shutdown(proto)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(end):
                 await self._idle.wait()
-                while self.state.tasks:
-                    await asyncio.sleep(0.05)
-        except TimeoutError:
-            log.warning("%d connection(s) still open after %.1f s: closed", len(self._conns), grace)
+        if self._conns:   # grace is over: WebSockets get 1012, requests their last chance
+            for proto in list(self.state.connections):
+                self._shutdown(proto)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._idle.wait()
+        if self._conns:
+            log.warning("%d connection(s) still open %.1f s after the drain began: cut",
+                        len(self._conns), grace + 1.0)
             for proto in list(self.state.connections):
                 transport = getattr(proto, "transport", None)
                 if transport is not None:
                     transport.abort()
-            for task in list(self.state.tasks):
+        for task in list(self.state.tasks):
+            if not task.done():
                 task.cancel()
+
+    def _shutdown(self, proto: Any) -> None:
+        if self._is_ws(proto) and getattr(proto, "handshake_complete", True):
+            self.counts["ws_closed_1012"] += 1
+        with contextlib.suppress(Exception):
+            proto.shutdown()
 
 
 class _Capture(logging.Handler):
