@@ -621,6 +621,7 @@ class WebServer:
         if self.relay is None or not self._idle_http(proto):
             return
         self._moving.add(proto)
+        proto.transport.pause_reading()   # now: no byte of a next request may come in
         task = asyncio.get_running_loop().create_task(self._handover(proto))
         self.state.tasks.add(task)
         task.add_done_callback(self.state.tasks.discard)
@@ -635,14 +636,17 @@ class WebServer:
         transport = proto.transport
         timer = getattr(proto, "timeout_keep_alive_task", None)
         try:
-            transport.pause_reading()
             if timer is not None:   # the keep-alive timeout must not close it meanwhile
                 timer.cancel()
             deadline = time.monotonic() + FLUSH_WAIT
             while transport.get_write_buffer_size() and time.monotonic() < deadline:
                 await asyncio.sleep(0.002)
-            if transport.is_closing() or transport.get_write_buffer_size() or not self._still_idle(proto):
-                self._handover_refused(proto, "the connection became busy or closed")
+            if transport.is_closing():
+                return
+            if transport.get_write_buffer_size() or not self._still_idle(proto):
+                # the client is slow to read, or a request came first: serve it here,
+                # and try again once its response is complete
+                transport.resume_reading()
                 return
             raw = transport.get_extra_info("socket")
             dup = socket.socket(raw.family, raw.type, raw.proto, os.dup(raw.fileno()))

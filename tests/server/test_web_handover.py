@@ -1,0 +1,162 @@
+"""Web apps keep their keep-alive clients through reloads, upgrades and recycling.
+
+Real ``sockshare serve`` processes with an ASGI app and a Flask (WSGI) app; real
+keep-alive clients (``http.client``, one connection each, never reconnecting: a closed
+connection is a failure) send requests all along while the server reloads, upgrades and
+replaces workers past ``--max-requests``. Each answer names the worker process, so the
+test sees every connection move to the new workers. WebSockets of an app that does not
+opt in to migration stay on their old worker and are closed with 1012 when the grace
+time ends. Descriptors of the dispatcher come back to their count after each phase.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.server.live_helpers import LiveServer, wait_until
+from tests.server.serve_helpers import IN_CI
+
+pytest.importorskip("uvicorn", reason="pip install 'sockshare[asgi]' (or the test extra)")
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _fds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+class KeepAliveClients:
+    """``n`` keep-alive connections, each asking ``GET /`` in turn from a thread until
+    :meth:`finish`; every failure and every worker pid seen is recorded."""
+
+    def __init__(self, addr: tuple[str, int], n: int = 8) -> None:
+        self.conns = [http.client.HTTPConnection(addr[0], addr[1], timeout=10) for _ in range(n)]
+        self.failures: list[str] = []
+        self.pids: set[int] = set()
+        self.ports: dict[int, int] = {}
+        self.requests = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for i, c in enumerate(self.conns):
+                try:
+                    c.request("GET", "/")
+                    r = c.getresponse()
+                    body = r.read().decode()
+                    assert r.status == 200, (r.status, body)
+                    pid, _port = body.split()
+                    self.pids.add(int(pid))
+                    assert c.sock is not None
+                    port = c.sock.getsockname()[1]
+                    if self.ports.setdefault(i, port) != port:
+                        self.failures.append(f"connection {i} reconnected")
+                    self.requests += 1
+                except Exception as exc:  # noqa: BLE001 - every failure is a finding
+                    self.failures.append(f"connection {i}: {exc!r}")
+                    c.close()
+            time.sleep(0.01)
+
+    def finish(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+        for c in self.conns:
+            c.close()
+
+
+def _answers_other_than(srv: LiveServer, pid: int) -> bool:
+    try:
+        return srv.current() != pid
+    except Exception:  # noqa: BLE001 - the socket changes hands
+        return False
+
+
+def _server(tmp: Path, app: str, *args: str) -> LiveServer:
+    return LiveServer(tmp, "--grace", "3", *args, app=app, workers=2)
+
+
+def _reload(srv: LiveServer) -> None:
+    resp = srv.command({"cmd": "reload", "wait": True})
+    assert resp["ok"], resp
+
+
+@pytest.mark.parametrize("app", ["web_apps:asgi", "web_apps:flask_app"])
+def test_keep_alive_clients_survive_reloads_and_upgrades(tmp_path: Path, app: str) -> None:
+    reloads = 20 if IN_CI or app.endswith("asgi") else 8
+    with _server(tmp_path, app) as srv:
+        fds = _fds(srv.pid)
+        clients = KeepAliveClients(srv.address())
+        try:
+            wait_until(lambda: clients.requests >= 20, timeout=20, what="the first requests")
+            for _ in range(reloads):
+                _reload(srv)
+                time.sleep(0.1)
+            served_before = len(clients.pids)
+            migrations = srv.status()["counters"]["migrations"]
+            for _ in range(2):
+                old = srv.current()
+                resp = srv.command({"cmd": "upgrade", "wait": True})
+                assert resp["ok"], resp
+                wait_until(lambda old=old: _answers_other_than(srv, old), timeout=30,
+                           what="the new dispatcher on the control socket")
+            n = clients.requests
+            wait_until(lambda: clients.requests >= n + 40, timeout=20, what="requests after the upgrades")
+        finally:
+            clients.finish()
+        assert clients.failures == [], clients.failures[:5]
+        # every generation served these same connections
+        assert served_before >= reloads + 1
+        assert migrations >= 8 * reloads   # (the counters start again with each dispatcher)
+        st = srv.status()
+        assert {w["pid"] for w in st["workers"]} & clients.pids
+        pid = st["pid"]
+        wait_until(lambda: _fds(pid) <= fds + 2, timeout=10,
+                   what=f"the dispatcher's descriptors back to {fds}")
+
+
+def test_max_requests_recycles_without_dropping_a_keep_alive_client(tmp_path: Path) -> None:
+    with LiveServer(tmp_path, "--max-requests", "150", "--max-requests-jitter", "20",
+                    app="web_apps:asgi", workers=1) as srv:
+        clients = KeepAliveClients(srv.address(), n=6)
+        try:
+            wait_until(lambda: len(clients.pids) >= 4, timeout=60,
+                       what="three workers replaced past --max-requests")
+        finally:
+            clients.finish()
+        assert clients.failures == [], clients.failures[:5]
+        assert srv.status()["counters"]["recycled"] >= 3
+
+
+def test_websockets_of_apps_that_do_not_opt_in_close_with_1012_after_grace(tmp_path: Path) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    with _server(tmp_path, "web_apps:asgi") as srv:
+        host, port = srv.address()
+        with connect(f"ws://{host}:{port}/ws", open_timeout=10) as ws:
+            ws.send("a")
+            old_pid = int(str(ws.recv(timeout=10)).split()[0])
+            started = time.monotonic()
+            _reload(srv)
+            # still served by the old worker after the reload
+            ws.send("b")
+            assert int(str(ws.recv(timeout=10)).split()[0]) == old_pid
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    ws.send("c")
+                    ws.recv(timeout=10)
+                    time.sleep(0.1)
+            took = time.monotonic() - started
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 1012
+            assert 2.5 <= took <= 9.0, took   # --grace 3
+
+
