@@ -499,7 +499,7 @@ def to_bytes(msg: Message) -> bytes:
     return encode_control(encode(msg))
 
 
-def decode(obj: Mapping[str, Any] | bytes) -> Message:
+def decode(obj: Mapping[str, Any] | bytes | bytearray | memoryview) -> Message:
     """The message in a received object (or a CONTROL payload); raises
     :class:`~sockshare.RemoteProtocolError` (:class:`UnknownMessage` for an unknown kind)."""
     if isinstance(obj, bytes | bytearray | memoryview):
