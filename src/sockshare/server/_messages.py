@@ -18,54 +18,57 @@ marked *optional* may be missing (its default applies) and, where the type says
 receivers ignore those, as the protocol asks). Integers are JSON integers
 (``true`` is not one).
 
-Reports, worker → dispatcher (``"ev"``):
+Reports, worker → dispatcher (``"ev"``); the class, then ``"ev"``, its fields in wire
+order and what it means:
 
-============  ==========================================  ==================================
-message       fields (wire order)                         meaning
-============  ==========================================  ==================================
-hello         resume: bool (optional, false),             the Python runtime is up: it
-:class:`Hello` pid: int|null (optional), peer: str|null    resumes migrated connections
-              (optional), capacity: int (optional,        (``resume``), its pid, its socket
-              omitted when unknown)                       for direct migration (``peer``),
-                                                          connections its fds allow
-fatal         reason: str (optional, "fatal error")       the app cannot be loaded; the
-:class:`Fatal`                                            worker exits with status 3
-closed        n: int >= 0 (optional, 1), active: int >= 0 ``n`` connections closed since the
-:class:`Closed` (optional, omitted by C/PHP workers)      last report; ``active``: still open
-fds           full: bool, capacity: int (optional,        out of descriptors (stop sending) /
-:class:`Fds`  omitted when full)                          below the mark again (``capacity``
-                                                          connections in all)
-draining      (none)                                      stopping: pick it no more
-:class:`Draining`
-migrate_ack   n: int >= 0, req: int|null (optional)       answers ``migrate`` number ``req``:
-:class:`MigrateAck`                                       ``n`` connections flagged to move
-moving        to: int, key: [pid, id]                     a direct move to worker ``to`` is
-:class:`Moving`                                           unanswered after the report delay
-moved_out     to: int, key: [pid, id]                     a direct move left (the target took
-:class:`MovedOut`                                         it, or may have)
-move_back     to: int, key: [pid, id]                     an announced direct move came back
-:class:`MoveBack`
-moved_in      from: int|null (optional), key: [pid|null,  a direct move arrived; ``latency``
-:class:`MovedIn` id], latency: number|null (optional)     seconds since it started
-orphan        pid: int, key: [pid, id]                    a direct move whose ACCEPT could not
-:class:`OrphanQuery`                                      reach source ``pid``: may I serve it?
-============  ==========================================  ==================================
+========================  =============  ========================================================
+class                     ``"ev"``       fields; meaning
+========================  =============  ========================================================
+:class:`Hello`            hello          ``resume`` bool (optional, false), ``pid`` int|null
+                                         (optional), ``peer`` str|null (optional), ``capacity`` int
+                                         (optional, left out when unknown); the Python runtime is
+                                         up: it resumes migrated connections, its socket for direct
+                                         migration, how many connections its descriptors allow
+:class:`Fatal`            fatal          ``reason`` str (optional, "fatal error"); the app cannot be
+                                         loaded, the worker exits with status 3
+:class:`Closed`           closed         ``n`` int >= 0 (optional, 1), ``active`` int >= 0 (optional,
+                                         left out by the C/PHP workers); ``n`` connections closed
+                                         since the last report, ``active`` still open
+:class:`Fds`              fds            ``full`` bool, ``capacity`` int (optional, left out when
+                                         full); out of descriptors: send nothing more / room again
+                                         for ``capacity`` connections in all
+:class:`Draining`         draining       (none); stopping: pick it no more
+:class:`MigrateAck`       migrate_ack    ``n`` int >= 0, ``req`` int|null (optional); the answer to
+                                         ``migrate`` number ``req``: ``n`` connections flagged
+:class:`Moving`           moving         ``to`` int, ``key`` [pid, id]; a direct move to worker
+                                         ``to`` is still unanswered after the report delay
+:class:`MovedOut`         moved_out      ``to`` int, ``key`` [pid, id]; a direct move left (the
+                                         target took it, or may have)
+:class:`MoveBack`         move_back      ``to`` int, ``key`` [pid, id]; an announced direct move
+                                         came back
+:class:`MovedIn`          moved_in       ``from`` int|null (optional), ``key`` [pid|null, id],
+                                         ``latency`` number|null (optional); a direct move arrived,
+                                         ``latency`` seconds after it started
+:class:`OrphanQuery`      orphan         ``pid`` int, ``key`` [pid, id]; a direct move whose ACCEPT
+                                         could not reach source ``pid``: may it be served here?
+========================  =============  ========================================================
 
 Commands, dispatcher → worker (``"cmd"``):
 
-============  ==========================================  ==================================
-message       fields (wire order)                         meaning
-============  ==========================================  ==================================
-migrate       n: int >= 0|null (optional: all),           flag up to ``n`` connections to
-:class:`Migrate` reason: str (optional, ""),              migrate; answer ``migrate_ack``
-              req: int|null (optional)                    with ``req``
-peers         peers: [[id, pid, path, connections], ...]  the pool's other workers that take
-:class:`Peers`                                            direct migrations
-orphan        key: [pid, id], dead: bool                  the answer to an ``orphan``: serve
-:class:`OrphanAnswer`                                     it only if the source is dead
-drain         migrate: bool (optional, false),            stop taking connections, migrate
-:class:`Drain` reason: str (optional, "")                 what can move (``migrate``), exit
-============  ==========================================  ==================================
+========================  =============  ========================================================
+class                     ``"cmd"``      fields; meaning
+========================  =============  ========================================================
+:class:`Migrate`          migrate        ``n`` int >= 0|null (optional; null: all), ``reason`` str
+                                         (optional, ""), ``req`` int|null (optional); flag up to
+                                         ``n`` connections to migrate, answer ``migrate_ack``
+:class:`Peers`            peers          ``peers`` [[id, pid, path, connections], ...]; the pool's
+                                         other workers that take direct migrations
+:class:`OrphanAnswer`     orphan         ``key`` [pid, id], ``dead`` bool; the answer to an
+                                         ``orphan`` report: serve it only if the source is dead
+:class:`Drain`            drain          ``migrate`` bool (optional, false), ``reason`` str
+                                         (optional, ""); stop taking connections, migrate what can
+                                         move (``migrate``), finish, exit
+========================  =============  ========================================================
 
 ``key`` is ``[source pid, handoff id]``: the id of the HANDOFF on the source's channel
 to the target, which both ends know. ``"orphan"`` is a report and a command: the
