@@ -81,7 +81,7 @@ import signal
 import socket
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, ClassVar
 
 from sockshare._aio import AsyncChannel
 from sockshare._channel import Handoff
@@ -423,7 +423,7 @@ class Worker:
 
     def _apply_control(self, obj: dict[str, Any]) -> None:
         """A command from the dispatcher (``_messages``): to its handler in
-        :data:`_COMMANDS`; unknown or malformed ones are logged and ignored."""
+        :attr:`_COMMANDS`; unknown or malformed ones are logged and ignored."""
         try:
             msg = decode(obj)
         except UnknownMessage:
@@ -432,7 +432,7 @@ class Worker:
         except RemoteProtocolError as exc:
             log.warning("worker %d: ignored a control message: %s", self.info.id, exc)
             return
-        if not _COMMANDS.dispatch(self, msg):
+        if not self._COMMANDS.dispatch(self, msg):
             log.debug("worker %d: control message %r", self.info.id, obj)
 
     def _on_migrate(self, msg: Migrate) -> None:
@@ -453,6 +453,13 @@ class Worker:
         if not self.stopping.is_set():
             log.info("worker %d: the dispatcher asked to drain (%s)", self.info.id, reason)
             self.stopping.set()
+
+    #: What a worker does with each of the dispatcher's commands.
+    _COMMANDS: ClassVar[HandlerTable[Worker]] = (HandlerTable()
+                                                 .on(Migrate, _on_migrate)
+                                                 .on(Peers, _on_peers)
+                                                 .on(OrphanAnswer, _on_orphan)
+                                                 .on(Drain, _on_drain))
 
     # -- handoffs --------------------------------------------------------------------
 
@@ -683,14 +690,6 @@ class Worker:
         with contextlib.suppress(TimeoutError, SockshareError, OSError):
             await ch.aclose()
         return EXIT_APP_ERROR
-
-
-#: What a worker does with each of the dispatcher's commands.
-_COMMANDS: HandlerTable[Worker] = (HandlerTable[Worker]()
-                                   .on(Migrate, Worker._on_migrate)
-                                   .on(Peers, Worker._on_peers)
-                                   .on(OrphanAnswer, Worker._on_orphan)
-                                   .on(Drain, Worker._on_drain))
 
 
 def load_app(spec: str) -> App:
