@@ -12,7 +12,9 @@ channel, with real TCP clients on 127.0.0.1 and channel sockets in a private tmp
   frame of tests/vectors/frames.json into a C/PHP worker makes it report the vector's
   reason, send an ERROR frame and exit without leaking; a C worker at its fd limit
   sees MSG_CTRUNC.
-* The C and PHP codecs pass the shared vectors (examples/*/vectors).
+* The C and PHP codecs pass the shared vectors (examples/*/vectors); the close report a
+  C/PHP worker sends under ``sockshare serve`` is, byte for byte, the ``closed-foreign``
+  CONTROL vector of tests/vectors/controls.json.
 
 Tests need ``cc``+``make`` (marker ``cc``) or ``php`` with ext/sockets (marker ``php``);
 without them they skip, except under ``CI=true`` where they fail.
@@ -54,6 +56,7 @@ from sockshare.protocol import (
     encode_handoff,
     encode_hello,
 )
+from sockshare.server import _messages
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -64,6 +67,7 @@ ROOT = Path(__file__).resolve().parent.parent
 C_DIR = ROOT / "examples" / "c"
 PHP_DIR = ROOT / "examples" / "php"
 VECTORS = ROOT / "tests" / "vectors" / "frames.json"
+CONTROL_VECTORS = ROOT / "tests" / "vectors" / "controls.json"
 IN_CI = os.environ.get("CI") == "true"
 TIMEOUT = 10.0
 
@@ -561,3 +565,53 @@ def test_peer_codec_passes_the_vectors(lang: str, program: Callable[[str, str], 
                           text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"{len(_DOC['vectors'])} vectors, 0 failures" in proc.stdout
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_worker_close_report_is_the_shared_vector(lang: str,
+                                                  program: Callable[[str, str], list[str]],
+                                                  spawn: Callable[[list[str]], Peer],
+                                                  sock_dir: Path) -> None:
+    """Under ``sockshare serve`` (SOCKSHARE_WORKER_ID set) a C/PHP worker reports the
+    connections of a HANDOFF frame it served in one CONTROL frame: exactly the bytes of
+    the ``closed-foreign`` vector (``{"ev":"closed","n":2}``), which the dispatcher's
+    codec decodes to ``Closed(2)``."""
+    vectors = json.loads(CONTROL_VECTORS.read_text(encoding="utf-8"))["vectors"]
+    vector = next(v for v in vectors if v["name"] == "closed-foreign")
+    argv = program(lang, "worker")
+    path = sock_dir / "raw"
+    with contextlib.ExitStack() as stack:
+        srv = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        srv.bind(str(path))
+        srv.listen()
+        worker = spawn(["env", "SOCKSHARE_WORKER_ID=1", *argv, str(path)])
+        srv.settimeout(TIMEOUT)
+        conn, _ = srv.accept()
+        stack.enter_context(conn)
+        assert _read_frame(conn)[0] == FrameType.HELLO
+        conn.sendall(encode_frame(FrameType.HELLO, encode_hello(
+            Hello(os.getpid(), os.getuid(), 1, 0x5, 1 << 20, "raw-dispatcher"))))
+        ready = parse_fields(worker.readline())
+        pairs = [socket.socketpair() for _ in range(2)]
+        for a, b in pairs:
+            stack.enter_context(a)
+            stack.enter_context(b)
+            a.sendall(b"hi\n")   # the line the worker echoes before it closes
+        kind = SocketKind(socket.AF_UNIX, socket.SOCK_STREAM, 0)
+        entries = [HandoffEntry(i + 1, kind, b'{"route":"/v"}', b"GET /v\n") for i in range(2)]
+        send_with_fds(conn, encode_frame(FrameType.HANDOFF, encode_handoff(entries),
+                                         flags=FLAG_ACK, nfds=2), [b.fileno() for _a, b in pairs])
+        for _a, b in pairs:
+            b.close()   # (the worker has its own copies)
+        frames = []
+        while not frames or frames[-1][0] != FrameType.CONTROL:
+            frames.append(_read_frame(conn))
+        assert {t for t, _p in frames[:-1]} == {FrameType.ACCEPT}
+        payload = frames[-1][1]
+        assert (encode_frame(FrameType.CONTROL, payload).hex(), payload.decode()) == (
+            vector["hex"], vector["payload"])
+        assert _messages.decode(payload) == _messages.Closed(2)
+        conn.sendall(encode_frame(FrameType.BYE))
+        status, lines = worker.finish()
+        assert status == 0, worker.stderr
+        assert lines[-1] == f"bye fds={ready['fds']}", "the worker leaked descriptors"

@@ -9,12 +9,16 @@
   vector with real descriptors;
 * every invalid vector fails with ``RemoteProtocolError`` for the documented reason, in
   the pure codec and in the channel, and the channel closes the descriptors that
-  arrived with it (counted in /proc/self/fd).
+  arrived with it (counted in /proc/self/fd);
+* ``tests/vectors/controls.json``: every CONTROL message of ``sockshare serve``
+  (``sockshare.server._messages``) decodes from its frame to its type and fields, encodes
+  back to the same bytes, and every invalid one fails for its reason.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -46,12 +50,14 @@ from sockshare.protocol import (
     decode_hello,
     decode_reject,
     encode_accept,
+    encode_control,
     encode_error,
     encode_frame,
     encode_handoff,
     encode_hello,
     encode_reject,
 )
+from sockshare.server import _messages as messages
 from tests.vectors import make_vectors
 
 pytestmark = [
@@ -393,3 +399,85 @@ def test_channel_refuses_invalid_and_closes_fds(v: dict[str, Any], chunk: int) -
         a.close()
         b.close()
     assert fd_count() == before, "descriptors of a refused frame were left open"
+
+
+# --- CONTROL messages: tests/vectors/controls.json ------------------------------------------
+
+CONTROLS_FILE = Path(__file__).parent / "vectors" / "controls.json"
+CONTROLS = json.loads(CONTROLS_FILE.read_text(encoding="utf-8"))
+CONTROL_VALID = [v for v in CONTROLS["vectors"] if v["valid"]]
+CONTROL_INVALID = [v for v in CONTROLS["vectors"] if not v["valid"]]
+
+#: What the Python error message says for each reason code of controls.json.
+CONTROL_PATTERNS = {
+    "not-json": r"CONTROL payload is not JSON",
+    "not-an-object": r"CONTROL payload is not a JSON object",
+    "no-tag": r'one of "ev" \(a report\) or "cmd" \(a command\), this one neither',
+    "both-tags": r'one of "ev" \(a report\) or "cmd" \(a command\), this one both',
+    "tag-not-string": r"'(ev|cmd)' must be a string",
+    "unknown-kind": r"unknown control message \{\"(ev|cmd)\": ",
+    "missing-field": r"field '\w+' must be .*, missing$",
+    "ill-typed-field": r"field '\w+' must be .*, got ",
+}
+
+
+def test_controls_file_is_what_the_generator_makes() -> None:
+    assert CONTROLS_FILE.read_text(encoding="utf-8") == make_vectors.build_controls(), (
+        "tests/vectors/controls.json is stale: run python tests/vectors/make_vectors.py")
+
+
+def test_controls_cover_every_message_and_reason() -> None:
+    kinds = {(v["tag"], v["kind"]) for v in CONTROL_VALID}
+    assert kinds == ({("ev", k) for k in messages.REPORTS}
+                     | {("cmd", k) for k in messages.COMMANDS})
+    assert {v["reason"] for v in CONTROL_INVALID} == set(CONTROL_PATTERNS) \
+        == set(CONTROLS["reasons"])
+    lines = [ln.strip().rstrip(",") for ln in CONTROLS_FILE.read_text(encoding="utf-8").splitlines()]
+    assert [json.loads(ln) for ln in lines if ln.startswith('{"name": ')] == CONTROLS["vectors"]
+
+
+def _control_frame_payload(v: dict[str, Any]) -> bytes:
+    """The vector's CONTROL frame through the frame decoder: its payload."""
+    dec = FrameDecoder()
+    dec.feed(bytes.fromhex(v["hex"]))
+    f = dec.next_frame()
+    assert f is not None
+    assert (f.type, f.flags, list(f.fds)) == (FrameType.CONTROL, 0, [])
+    assert dec.next_frame() is None
+    return f.payload
+
+
+@pytest.mark.parametrize("v", CONTROL_VALID, ids=_ids)
+def test_control_decode_valid(v: dict[str, Any]) -> None:
+    payload = _control_frame_payload(v)
+    assert payload.decode() == v["payload"]
+    for source in (payload, json.loads(payload)):   # the payload, or the channel's object
+        msg = messages.decode(source)
+        assert type(msg).__name__ == v["type"]
+        tag_kind = (msg.TAG, msg.KIND)
+        assert tag_kind == (v["tag"], v["kind"])
+        assert json.loads(json.dumps(dataclasses.asdict(msg))) == v["fields"]
+
+
+@pytest.mark.parametrize("v", CONTROL_VALID, ids=_ids)
+def test_control_encode_valid(v: dict[str, Any]) -> None:
+    """Encoding the decoded message gives the canonical bytes (the payload itself unless
+    the vector is decode-only), in the channel's CONTROL frame too."""
+    msg = messages.decode(_control_frame_payload(v))
+    canonical = v["canonical"].encode()
+    assert messages.to_bytes(msg) == canonical
+    assert list(messages.encode(msg).items()) == list(json.loads(canonical).items())
+    if canonical == v["payload"].encode():
+        assert messages.encode(msg) == v["object"]
+        # what Channel.send_control writes
+        assert encode_frame(FrameType.CONTROL, encode_control(messages.encode(msg))).hex() \
+            == v["hex"]
+
+
+@pytest.mark.parametrize("v", CONTROL_INVALID, ids=_ids)
+def test_control_refuses_invalid(v: dict[str, Any]) -> None:
+    payload = _control_frame_payload(v)
+    with pytest.raises(RemoteProtocolError, match=CONTROL_PATTERNS[v["reason"]]) as info:
+        messages.decode(payload)
+    assert type(info.value).__name__ == v["error"]
+    assert isinstance(info.value, messages.UnknownMessage) == (v["reason"] == "unknown-kind")

@@ -20,6 +20,7 @@ import pytest
 
 from sockshare.server._admission import Admission
 from sockshare.server._config import PoolConfig, ServerConfig
+from sockshare.server._messages import MovedIn, MovedOut, MoveKey, Moving
 from sockshare.server._migration import Migrations
 from sockshare.server._slots import PoolState, WorkerSlot
 from sockshare.server._supervision import Supervisor
@@ -192,10 +193,10 @@ def test_not_a_migration_is_rejected(relay: Relay) -> None:
 def test_direct_move_reports(relay: Relay) -> None:
     w1, w2, _w3 = relay.workers
     w1.active = 3
-    relay.mig._direct_event(w1, "moving", {"key": [1001, 7], "to": 2})
+    relay.mig.moving_out(w1, Moving(2, MoveKey(1001, 7)))
     assert relay.mig.moving[(1001, 7)][0] is w2
-    relay.mig._direct_event(w1, "moved_out", {"key": [1001, 7]})
-    relay.mig._direct_event(w2, "moved_in", {"key": [1001, 7], "latency": 0.002})
+    relay.mig.moved_out(w1, MovedOut(2, MoveKey(1001, 7)))
+    relay.mig.moved_in(w2, MovedIn(1, (1001, 7), 0.002))
     assert not relay.mig.moving
     assert (w1.active, w2.active) == (2, 1)
     assert (w1.stats.migrated_out, w2.stats.migrated_in) == (1, 1)

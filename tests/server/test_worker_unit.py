@@ -28,6 +28,7 @@ from sockshare.server import (
     WorkerInfo,
 )
 from sockshare.server._handler import MAX_STATE, encode_state
+from sockshare.server._messages import Message, PeerEntry, Report
 from sockshare.server._peers import PeerMigration
 from sockshare.server._runtime import EXIT_APP_ERROR, Worker, resume_spec
 
@@ -381,13 +382,13 @@ class _Host:
         self.info = WorkerInfo(id=wid, pid=os.getpid(), generation=1, pool="default")
         self.stopping = asyncio.Event()
         self.ch: AsyncChannel | None = None
-        self.sent: list[dict[str, Any]] = []
+        self.sent: list[Message] = []
 
-    def control(self, obj: dict[str, Any], *, soon: bool = False) -> None:
-        self.sent.append(obj)
+    def control(self, msg: Message, *, soon: bool = False) -> None:
+        self.sent.append(msg)
 
-    def queue_report(self, obj: dict[str, Any]) -> None:
-        self.sent.append(obj)
+    def queue_report(self, msg: Report) -> None:
+        self.sent.append(msg)
 
     def take(self, ch: AsyncChannel, from_peer: bool = False) -> None:
         for h in ch.received():
@@ -402,9 +403,9 @@ def test_peer_list_and_pick(tmp_path: Path) -> None:
         host = _Host(1)
         peers = PeerMigration(host, report_delay=0.002)
         nowhere = str(tmp_path / "nobody.peer")
-        peers.set_peers([[2, 20, nowhere, 3], [1, 10, nowhere, 0], ["junk"], [3, 30, nowhere, 1],
-                         [4, "x", nowhere, 0]])
-        assert sorted(peers.peers) == [2, 3]   # not itself, not malformed entries
+        peers.set_peers([PeerEntry(2, 20, nowhere, 3), PeerEntry(1, 10, nowhere, 0),
+                         PeerEntry(3, 30, nowhere, 1)])
+        assert sorted(peers.peers) == [2, 3]   # not itself (malformed lists: test_messages)
         assert peers.pick() is None            # none connected (the paths do not exist)
         pairs = []
         for wid in (2, 3):
@@ -418,7 +419,7 @@ def test_peer_list_and_pick(tmp_path: Path) -> None:
             picked.append(p.id)
         # fewest connections first (3 had 1, 2 had 3), each pick counts one more; ties rotate
         assert picked == [3, 3, 2, 3]
-        peers.set_peers([[3, 30, nowhere, 7]])   # 2 left the pool: its channel closes
+        peers.set_peers([PeerEntry(3, 30, nowhere, 7)])   # 2 left the pool: its channel closes
         assert list(peers.peers) == [3]
         assert peers.peers[3].load == 7
         await peers.close()

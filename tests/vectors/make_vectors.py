@@ -1,12 +1,22 @@
-"""Generate ``tests/vectors/frames.json``: channel-protocol test vectors for every
-implementation (Python, the C and PHP examples, anyone else's), made by the Python
-reference codec.
+"""Generate ``tests/vectors/frames.json`` (channel-protocol test vectors) and
+``tests/vectors/controls.json`` (the server's CONTROL messages) for every implementation
+(Python, the C and PHP examples, anyone else's), made by the Python reference codecs.
 
-    python tests/vectors/make_vectors.py            # rewrite frames.json
-    python tests/vectors/make_vectors.py --check    # exit 1 if frames.json is stale
+    python tests/vectors/make_vectors.py            # rewrite both files
+    python tests/vectors/make_vectors.py --check    # exit 1 if either is stale
 
 The output is deterministic (no pids, no clocks), so ``--check`` (and
 ``tests/test_vectors.py``) catch a codec change that was not written down.
+
+``controls.json`` (see :func:`build_controls`): one CONTROL message per line.
+``payload`` is the frame's JSON text, ``hex`` the whole CONTROL frame; a valid vector
+names the message (``type``, a class of ``sockshare.server._messages``, its ``tag`` and
+``kind``), its ``direction``, the JSON ``object`` and the decoded ``fields``;
+``canonical`` is what encoding the decoded message gives (the payload itself, except
+for the decode-only vectors: extra fields, omitted optional ones). An invalid vector
+has ``error`` (the Python class) and ``reason`` (a code of CONTROL_REASONS).
+
+``frames.json``:
 
 File format (version 1), meant to be easy to read without a JSON library:
 
@@ -47,6 +57,8 @@ from typing import Any
 SRC = Path(__file__).resolve().parents[2] / "src"
 if str(SRC) not in sys.path:  # runnable without an installed sockshare
     sys.path.insert(0, str(SRC))
+
+import dataclasses  # noqa: E402
 
 from sockshare import RemoteProtocolError  # noqa: E402
 from sockshare.protocol import (  # noqa: E402
@@ -358,6 +370,193 @@ def decode_vector(v: dict[str, Any]) -> str | None:
     return None
 
 
+# --- CONTROL messages (controls.json) ------------------------------------------------------
+
+CONTROLS_OUT = Path(__file__).with_name("controls.json")
+
+#: Reason codes of the invalid CONTROL vectors.
+CONTROL_REASONS = {
+    "not-json": "the payload is not JSON (or not UTF-8)",
+    "not-an-object": "the payload is JSON but not an object",
+    "no-tag": 'the object has neither "ev" nor "cmd"',
+    "both-tags": 'the object has both "ev" and "cmd"',
+    "tag-not-string": 'the "ev" or "cmd" value is not a string',
+    "unknown-kind": "no such report or command (receivers ignore these)",
+    "missing-field": "a required field is missing",
+    "ill-typed-field": "a field has the wrong type or an out-of-range value",
+}
+
+
+def _control_payload(obj: Any) -> bytes:
+    """Compact JSON, as the channel writes a CONTROL payload."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _fields(msg: Any) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(msg)))
+    return out
+
+
+def control_vector(name: str, description: str, msg: Any, *,
+                   received: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A valid vector: ``msg`` encoded, or (decode-only) the object ``received``, which
+    decodes to ``msg``."""
+    from sockshare.server._messages import Command, decode, to_bytes
+
+    canonical = to_bytes(msg)
+    payload = canonical if received is None else _control_payload(received)
+    if decode(payload) != msg:
+        raise AssertionError(f"control vector {name}: {payload!r} does not decode to {msg}")
+    return {"name": name, "valid": True, "description": description,
+            "direction": "dispatcher->worker" if isinstance(msg, Command) else "worker->dispatcher",
+            "type": type(msg).__name__, "tag": msg.TAG, "kind": msg.KIND,
+            "payload": payload.decode(), "hex": encode_frame(FrameType.CONTROL, payload).hex(),
+            "object": json.loads(payload), "fields": _fields(msg),
+            "canonical": canonical.decode()}
+
+
+def control_invalid(name: str, description: str, payload: bytes | Any,
+                    reason: str) -> dict[str, Any]:
+    from sockshare.server._messages import UnknownMessage, decode
+
+    assert reason in CONTROL_REASONS, reason
+    raw = payload if isinstance(payload, bytes) else _control_payload(payload)
+    try:
+        decode(raw)
+    except RemoteProtocolError as exc:
+        error = type(exc).__name__
+        if (reason == "unknown-kind") != isinstance(exc, UnknownMessage):
+            raise AssertionError(f"control vector {name}: {exc!r} for reason {reason}") from None
+    else:
+        raise AssertionError(f"control vector {name}: {raw!r} decodes")
+    return {"name": name, "valid": False, "description": description,
+            "payload": raw.decode("utf-8", "replace"),
+            "hex": encode_frame(FrameType.CONTROL, raw).hex(), "error": error, "reason": reason}
+
+
+def control_vectors() -> list[dict[str, Any]]:
+    from sockshare.server import _messages as m
+
+    key = m.MoveKey(4242, 17)
+    v, bad = control_vector, control_invalid
+    return [
+        # -- reports, worker -> dispatcher
+        v("hello", "the Python runtime's hello: resumes, listens for peers, fd capacity",
+          m.Hello(True, 4242, "/run/user/1000/sockshare/4242.peer", 1000)),
+        v("hello-no-peer", "a hello without resume, peer socket or known capacity",
+          m.Hello(False, 4243, None)),
+        v("fatal", "the app cannot be loaded",
+          m.Fatal("the app cannot be loaded: app:handle: ImportError: no module named app")),
+        v("fatal-startup", "a web app's lifespan startup failed: the server stops (exit 3)",
+          m.Fatal("the app's lifespan startup failed:\nRuntimeError: database is down",
+                  startup=True)),
+        v("recycle", "past --max-requests: replace this worker without dropping a connection",
+          m.Recycle("max-requests")),
+        v("closed", "the Python runtime's close report: 3 closed, 7 still open",
+          m.Closed(3, active=7)),
+        v("closed-foreign", "the C and PHP workers' close report (no active count): "
+          "2 closed", m.Closed(2)),
+        v("fds-full", "out of descriptors: send nothing more", m.Fds(full=True)),
+        v("fds-free", "below the mark again: room for 250 connections",
+          m.Fds(full=False, capacity=250)),
+        v("draining", "stopping: pick this worker no more", m.Draining()),
+        v("migrate_ack", "migrate request 9: 2 connections flagged", m.MigrateAck(2, 9)),
+        v("migrate_ack-no-req", "an answer to a migrate without a request number",
+          m.MigrateAck(0, None)),
+        v("moving", "a direct move to worker 2, still unanswered", m.Moving(2, key)),
+        v("moved_out", "a direct move to worker 2 left", m.MovedOut(2, key)),
+        v("move_back", "an announced direct move came back", m.MoveBack(2, key)),
+        v("moved_in", "a direct move from worker 1 arrived, 1.5 ms after it started",
+          m.MovedIn(1, (4242, 17), 0.0015)),
+        v("moved_in-unknown-source", "a direct move whose meta named no source",
+          m.MovedIn(None, (None, 17), None)),
+        v("orphan-query", "may I serve a direct move whose ACCEPT could not reach pid 4242?",
+          m.OrphanQuery(4242, key)),
+        # -- commands, dispatcher -> worker
+        v("migrate", "migrate up to 2 connections (rebalancing), request 9",
+          m.Migrate(2, "rebalance", 9)),
+        v("migrate-all", "migrate every connection that can move",
+          m.Migrate(None, "request", 3)),
+        v("peers", "the pool's other workers that take direct migrations",
+          m.Peers((m.PeerEntry(2, 4243, "/run/user/1000/sockshare/4243.peer", 5),
+                   m.PeerEntry(3, 4244, "/run/user/1000/sockshare/4244.peer", 0)))),
+        v("peers-empty", "nobody to migrate to directly: relay", m.Peers(())),
+        v("orphan-answer", "the source is dead: serve it", m.OrphanAnswer(key, True)),
+        v("drain", "reload: drain, migrating what can move",
+          m.Drain(migrate=True, reason="reload")),
+        # -- decode-only: what a receiver must accept
+        v("closed-extra-field", "unknown fields are ignored (a newer peer's)", m.Closed(2),
+          received={"ev": "closed", "n": 2, "since": 1.5}),
+        v("closed-no-n", '"n" may be left out: one connection', m.Closed(1),
+          received={"ev": "closed"}),
+        v("hello-foreign", "a foreign worker's minimal hello (docs/server.md)",
+          m.Hello(True), received={"ev": "hello", "resume": True}),
+        v("moved_in-int-latency", "a latency written as an integer", m.MovedIn(1, (4242, 17), 0.0),
+          received={"ev": "moved_in", "from": 1, "key": [4242, 17], "latency": 0}),
+        v("migrate-minimal", "a migrate with only a count", m.Migrate(4),
+          received={"cmd": "migrate", "n": 4}),
+        v("drain-minimal", "a drain without migration or reason", m.Drain(),
+          received={"cmd": "drain"}),
+        # -- invalid
+        bad("not-json", "a truncated object", b'{"ev":"closed",', "not-json"),
+        bad("not-utf8", "a payload that is not UTF-8 (payload shown with U+FFFD; hex is "
+            "authoritative)", b'{"ev":"\xff"}', "not-json"),
+        bad("not-an-object", "a JSON list", [1, 2], "not-an-object"),
+        bad("no-tag", "neither ev nor cmd", {"n": 1}, "no-tag"),
+        bad("both-tags", "both ev and cmd", {"ev": "closed", "cmd": "drain"}, "both-tags"),
+        bad("tag-not-string", "an ev that is a number", {"ev": 1}, "tag-not-string"),
+        bad("unknown-report", "no report is called ready", {"ev": "ready"}, "unknown-kind"),
+        bad("unknown-command", "status is a control-socket request, not a CONTROL command",
+            {"cmd": "status"}, "unknown-kind"),
+        bad("report-as-command", "closed is a report: as a command it is unknown",
+            {"cmd": "closed", "n": 1}, "unknown-kind"),
+        bad("fds-no-full", "fds without full", {"ev": "fds", "capacity": 3}, "missing-field"),
+        bad("migrate_ack-no-n", "migrate_ack without n", {"ev": "migrate_ack", "req": 1},
+            "missing-field"),
+        bad("moving-no-key", "moving without key", {"ev": "moving", "to": 2}, "missing-field"),
+        bad("orphan-answer-no-dead", "an orphan answer without dead",
+            {"cmd": "orphan", "key": [4242, 17]}, "missing-field"),
+        bad("closed-n-string", "n as a string", {"ev": "closed", "n": "2"}, "ill-typed-field"),
+        bad("closed-n-bool", "true is not an integer", {"ev": "closed", "n": True},
+            "ill-typed-field"),
+        bad("closed-n-negative", "a negative count", {"ev": "closed", "n": -1},
+            "ill-typed-field"),
+        bad("hello-resume-string", "resume as a string", {"ev": "hello", "resume": "yes"},
+            "ill-typed-field"),
+        bad("fds-capacity-float", "a capacity that is not an integer",
+            {"ev": "fds", "full": False, "capacity": 1.5}, "ill-typed-field"),
+        bad("moved_out-short-key", "a key of one number", {"ev": "moved_out", "to": 2,
+                                                           "key": [4242]}, "ill-typed-field"),
+        bad("moved_in-latency-string", "a latency that is not a number",
+            {"ev": "moved_in", "from": 1, "key": [4242, 17], "latency": "fast"},
+            "ill-typed-field"),
+        bad("migrate-n-negative", "a negative migrate count", {"cmd": "migrate", "n": -2},
+            "ill-typed-field"),
+        bad("peers-junk-entry", "a peer entry that is not [id, pid, path, connections]",
+            {"cmd": "peers", "peers": [[2, 4243, "/p", 0], ["junk"]]}, "ill-typed-field"),
+        bad("peers-not-a-list", "peers as an object", {"cmd": "peers", "peers": {}},
+            "ill-typed-field"),
+        bad("orphan-dead-int", "dead as a number", {"cmd": "orphan", "key": [4242, 17],
+                                                    "dead": 1}, "ill-typed-field"),
+    ]
+
+
+def build_controls() -> str:
+    vectors = control_vectors()
+    names = [v["name"] for v in vectors]
+    assert len(names) == len(set(names)), "duplicate control vector names"
+    head = {
+        "format": "sockshare-control-vectors",
+        "format_version": 1,
+        "generated_by": "tests/vectors/make_vectors.py (do not edit by hand)",
+        "frame_type": int(FrameType.CONTROL),
+        "reasons": CONTROL_REASONS,
+    }
+    body = json.dumps(head, indent=1, ensure_ascii=False)[:-2]  # drop the closing "\n}"
+    lines = [json.dumps(v, ensure_ascii=False, separators=(", ", ": ")) for v in vectors]
+    return body + ',\n "vectors": [\n  ' + ",\n  ".join(lines) + "\n ]\n}\n"
+
+
 def build() -> str:
     vectors = valid_vectors()
     for v in vectors:
@@ -385,17 +584,19 @@ def build() -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = build()
-    json.loads(text)  # well-formed
-    if "--check" in argv:
-        if not OUT.exists() or OUT.read_text(encoding="utf-8") != text:
-            print(f"{OUT} is stale: run python {Path(__file__).as_posix()}", file=sys.stderr)
-            return 1
-        print(f"{OUT.name} is up to date")
-        return 0
-    OUT.write_text(text, encoding="utf-8")
-    print(f"wrote {OUT} ({text.count(chr(10))} lines)")
-    return 0
+    stale = 0
+    for out, text in ((OUT, build()), (CONTROLS_OUT, build_controls())):
+        json.loads(text)  # well-formed
+        if "--check" in argv:
+            if not out.exists() or out.read_text(encoding="utf-8") != text:
+                print(f"{out} is stale: run python {Path(__file__).as_posix()}", file=sys.stderr)
+                stale = 1
+            else:
+                print(f"{out.name} is up to date")
+            continue
+        out.write_text(text, encoding="utf-8")
+        print(f"wrote {out} ({text.count(chr(10))} lines)")
+    return stale
 
 
 if __name__ == "__main__":

@@ -121,6 +121,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sockshare._aio import AsyncChannelListener
@@ -467,21 +468,32 @@ class Dispatcher:
                 self.migration.forget_exits(now)
 
     async def _on_control(self, req: dict[str, Any]) -> dict[str, Any]:
-        cmd = req["cmd"]
-        if cmd == "status":
-            return {"ok": True, "status": self.status()}
-        if cmd == "ping":
-            return {"ok": True, "pid": self.pid}
-        if cmd == "reload":
-            return await self.reload("reload requested (control socket)", wait=bool(req.get("wait")))
-        if cmd == "upgrade":
-            return await self.upgrade("upgrade requested (control socket)", wait=bool(req.get("wait")))
-        if cmd == "migrate":
-            return await self.migration.command(req)
-        if cmd == "takeover":
-            return await self.handover.takeover(req)
-        return {"ok": False, "error": f"unknown command {cmd!r} "
-                                      "(known: ping, status, reload, upgrade, migrate)"}
+        """A request on the control socket (docs/server.md; not the workers' CONTROL
+        frames, see ``_messages``), by its ``"cmd"``."""
+        handler = _REQUESTS.get(req["cmd"])
+        if handler is None:
+            return {"ok": False, "error": f"unknown command {req['cmd']!r} "
+                                          "(known: ping, status, reload, upgrade, migrate)"}
+        return await handler(self, req)
+
+    async def _req_status(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "status": self.status()}
+
+    async def _req_ping(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "pid": self.pid}
+
+    async def _req_reload(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await self.reload("reload requested (control socket)", wait=bool(req.get("wait")))
+
+    async def _req_upgrade(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await self.upgrade("upgrade requested (control socket)", wait=bool(req.get("wait")))
+
+    async def _req_migrate(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await self.migration.command(req)
+
+    async def _req_takeover(self, req: dict[str, Any]) -> dict[str, Any]:
+        """(From the new dispatcher of an upgrade: see ``_upgrade``.)"""
+        return await self.handover.takeover(req)
 
     # -- what the control socket asks --------------------------------------------------
 
@@ -499,3 +511,14 @@ class Dispatcher:
 
     def status_line(self) -> str:
         return _status.status_line(self)
+
+
+#: The control socket's commands, by ``"cmd"``.
+_REQUESTS: dict[str, Callable[[Dispatcher, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+    "status": Dispatcher._req_status,
+    "ping": Dispatcher._req_ping,
+    "reload": Dispatcher._req_reload,
+    "upgrade": Dispatcher._req_upgrade,
+    "migrate": Dispatcher._req_migrate,
+    "takeover": Dispatcher._req_takeover,
+}

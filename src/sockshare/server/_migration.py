@@ -38,6 +38,18 @@ from typing import TYPE_CHECKING, Any
 
 from sockshare._channel import Handoff
 from sockshare._errors import SockshareError
+from sockshare.server._messages import (
+    Migrate,
+    MigrateAck,
+    MoveBack,
+    MovedIn,
+    MovedOut,
+    Moving,
+    OrphanAnswer,
+    OrphanQuery,
+    PeerEntry,
+    Peers,
+)
 from sockshare.server._metrics import Histogram
 from sockshare.server._policy import ConnInfo, LeastConnections
 from sockshare.server._slots import PoolState, SlotState, Waiting, WorkerSlot
@@ -163,48 +175,47 @@ class Migrations:
         ready = [s for s in pool.workers if s.state is READY and s.channel is not None
                  and s.can_resume and s.peer_path and not s.retired and s.pid]
         for s in ready:
-            listed = [[o.id, o.pid, o.peer_path, o.connections] for o in ready
-                      if o is not s and o.has_room()]
-            if listed != s.peers_sent and s.control({"cmd": "peers", "peers": listed}):
+            listed = tuple(PeerEntry(o.id, o.pid or 0, o.peer_path, o.connections)  # (pid set)
+                           for o in ready if o is not s and o.has_room())
+            if listed != s.peers_sent and s.control(Peers(listed)):
                 s.peers_sent = listed
 
-    def _direct_event(self, slot: WorkerSlot, ev: str, msg: dict[str, Any]) -> None:
-        """Reports of direct migrations: the source's ``moving`` (still unanswered after
-        a few ms), ``moved_out`` or ``move_back``; the target's ``moved_in``."""
-        key_raw = msg.get("key")
-        key = (tuple(key_raw) if isinstance(key_raw, list) and len(key_raw) == 2
-               and all(isinstance(x, int) for x in key_raw) else None)
-        if ev == "moved_in":
-            slot.active += 1
-            slot.stats.migrated_in += 1
-            self.counters["migrations"] += 1
-            self.counters["migrations_direct"] += 1
-            latency = msg.get("latency")   # measured by the target as resume started
-            if isinstance(latency, float) and 0 <= latency < 60:
-                self.record_latency(latency)
-            return
-        if ev == "moved_out":
-            slot.active = max(0, slot.active - 1)
-            slot.stats.migrated_out += 1
-            self.admission.feed(slot.pool_state)
-        if key is None:
-            return
-        if ev == "moving":
-            target = next((s for s in slot.pool_state.workers if s.id == msg.get("to")
-                           and s.channel is not None), None)
-            if target is not None:
-                self.moving[key] = (target, time.monotonic())
-        else:
-            self.moving.pop(key, None)
+    def moved_in(self, slot: WorkerSlot, msg: MovedIn) -> None:
+        """The target's report of a direct migration: counted in."""
+        slot.active += 1
+        slot.stats.migrated_in += 1
+        self.counters["migrations"] += 1
+        self.counters["migrations_direct"] += 1
+        latency = msg.latency   # measured by the target as resume started
+        if latency is not None and 0 <= latency < 60:
+            self.record_latency(latency)
 
-    async def answer_orphan(self, slot: WorkerSlot, msg: dict[str, Any]) -> None:
+    def moving_out(self, slot: WorkerSlot, msg: Moving) -> None:
+        """The source's direct move still unanswered after a few ms: --timeout watches it."""
+        target = next((s for s in slot.pool_state.workers if s.id == msg.to
+                       and s.channel is not None), None)
+        if target is not None:
+            self.moving[msg.key] = (target, time.monotonic())
+
+    def moved_out(self, slot: WorkerSlot, msg: MovedOut) -> None:
+        """The source's direct move left: counted out."""
+        slot.active = max(0, slot.active - 1)
+        slot.stats.migrated_out += 1
+        self.admission.feed(slot.pool_state)
+        self.moving.pop(msg.key, None)
+
+    def move_back(self, slot: WorkerSlot, msg: MoveBack) -> None:
+        """An announced direct move came back to its source."""
+        self.moving.pop(msg.key, None)
+
+    async def answer_orphan(self, slot: WorkerSlot, msg: OrphanQuery) -> None:
         """A target could not deliver its ACCEPT of a direct migration: the source's end
         closed first. Dead (a worker of ours that exited in the last ORPHAN_MEMORY s):
         the target serves it. Alive, or not ours: it must not. A source still running
         gets ORPHAN_WAIT seconds to be reaped (a SIGKILL is seen within ms)."""
-        pid = msg.get("pid")
+        pid = msg.pid
         dead = False
-        if isinstance(pid, int) and pid > 0:
+        if pid > 0:
             deadline = time.monotonic() + ORPHAN_WAIT
             while True:
                 now = time.monotonic()
@@ -229,7 +240,7 @@ class Migrations:
         log.info("direct migration from pid %s whose ACCEPT was lost: the source is %s; "
                  "worker %d %s it", pid, "gone" if dead else "alive (or not ours)", slot.id,
                  "serves" if dead else "closes")
-        slot.control({"cmd": "orphan", "key": msg.get("key"), "dead": dead})
+        slot.control(OrphanAnswer(msg.key, dead))
 
     def done(self, w: Waiting, target: WorkerSlot | None) -> None:
         h = w.origin
@@ -263,7 +274,7 @@ class Migrations:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.acks[req] = fut
         self.counters["migration_requests"] += 1
-        if not slot.control({"cmd": "migrate", "n": n, "reason": reason, "req": req}):
+        if not slot.control(Migrate(n, reason, req)):
             self.acks.pop(req, None)
             return -1
         try:
@@ -321,12 +332,11 @@ class Migrations:
         moved = slot.stats.migrated_out - before
         return {"ok": True, "worker": wid, "asked": count, "flagged": flagged, "migrated": moved}
 
-    def acked(self, msg: dict[str, Any]) -> None:
+    def acked(self, slot: WorkerSlot, msg: MigrateAck) -> None:
         """A worker's ``migrate_ack``: how many connections it flagged."""
-        fut = self.acks.pop(msg.get("req") or 0, None)
-        n = msg.get("n")
+        fut = self.acks.pop(msg.req or 0, None)
         if fut is not None and not fut.done():
-            fut.set_result(n if isinstance(n, int) else 0)
+            fut.set_result(msg.n)
 
     def forget_exits(self, now: float) -> None:
         for pid in [p for p, (t, _s) in self.exited.items() if now - t > ORPHAN_MEMORY]:

@@ -41,13 +41,25 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol, cast
 
 from sockshare._aio import AsyncChannel, AsyncChannelListener
 from sockshare._channel import Handoff
 from sockshare._errors import ChannelError, SockshareError
 from sockshare.server._handler import Connection, WorkerInfo
+from sockshare.server._messages import (
+    Message,
+    MoveBack,
+    MovedIn,
+    MovedOut,
+    MoveKey,
+    Moving,
+    OrphanAnswer,
+    OrphanQuery,
+    PeerEntry,
+    Report,
+)
 
 __all__ = [
     "ORPHAN_TIMEOUT",
@@ -93,10 +105,10 @@ class PeerHost(Protocol):
     def ch(self) -> AsyncChannel | None:
         """The channel to the dispatcher (None before it is open)."""
 
-    def control(self, obj: dict[str, Any], *, soon: bool = False) -> None:
+    def control(self, msg: Message, *, soon: bool = False) -> None:
         """Send a control message to the dispatcher now."""
 
-    def queue_report(self, obj: dict[str, Any]) -> None:
+    def queue_report(self, msg: Report) -> None:
         """Send it with the next batch of reports."""
 
     def take(self, ch: AsyncChannel, from_peer: bool = False) -> None:
@@ -104,6 +116,11 @@ class PeerHost(Protocol):
 
     def serve_adopted(self, h: Handoff, conn: Connection) -> None:
         """Serve a held direct migration whose source died (its ACCEPT is sent)."""
+
+
+def _int_or_none(x: Any) -> int | None:
+    """``x`` if it is an integer (from a peer's migration meta), else None."""
+    return x if isinstance(x, int) and not isinstance(x, bool) else None
 
 
 class _Peer:
@@ -167,14 +184,14 @@ class PeerMigration:
             log.info("worker %d: direct migration to worker %d failed (%s); via the dispatcher",
                      self._host.info.id, peer.id, exc)
             return Move.BACK
-        key = [self._host.info.pid, ticket.id]
+        key = MoveKey(self._host.info.pid, ticket.id)
         announced = False
 
         def announce() -> None:
             nonlocal announced
             if ticket.state == "pending":
                 announced = True
-                self._host.control({"ev": "moving", "to": peer.id, "key": key})
+                self._host.control(Moving(peer.id, key))
 
         timer = asyncio.get_running_loop().call_later(self._report_delay, announce)
         try:
@@ -182,10 +199,10 @@ class PeerMigration:
         finally:
             timer.cancel()
         if ticket.state == "accepted":
-            self._host.queue_report({"ev": "moved_out", "to": peer.id, "key": key})
+            self._host.queue_report(MovedOut(peer.id, key))
             return Move.ACCEPTED
         if announced:
-            self._host.queue_report({"ev": "move_back", "to": peer.id, "key": key})
+            self._host.queue_report(MoveBack(peer.id, key))
         if ticket.state in ("rejected", "returned") and ticket.socket is not None:
             log.info("worker %d: worker %d %s the migration (%s); via the dispatcher",
                      self._host.info.id, peer.id, ticket.state, ticket.reason or "no reason")
@@ -193,20 +210,15 @@ class PeerMigration:
         # Abandoned (our channel to the target closed before it answered): the
         # connection left this worker all the same -- the target may serve it, and
         # reports moved_in if it does -- so the dispatcher must count it out of here.
-        self._host.queue_report({"ev": "moved_out", "to": peer.id, "key": key})
+        self._host.queue_report(MovedOut(peer.id, key))
         return Move.GONE
 
-    def set_peers(self, listed: Any) -> None:
+    def set_peers(self, listed: Sequence[PeerEntry]) -> None:
         """The dispatcher's list of the pool's other workers that take migrations
-        directly, ``[[id, pid, path, connections], ...]``: channels to new ones open in
-        the background, those no longer listed close."""
-        fresh: dict[int, tuple[int, str, int]] = {}
-        if isinstance(listed, list):
-            for item in listed:
-                if (isinstance(item, list) and len(item) == 4 and isinstance(item[0], int)
-                        and isinstance(item[1], int) and isinstance(item[2], str)
-                        and isinstance(item[3], int) and item[0] != self._host.info.id):
-                    fresh[item[0]] = (item[1], item[2], item[3])
+        directly (a ``peers`` command): channels to new ones open in the background,
+        those no longer listed close. This worker is skipped if listed."""
+        fresh: dict[int, tuple[int, str, int]] = {
+            p.id: (p.pid, p.path, p.connections) for p in listed if p.id != self._host.info.id}
         for wid, p in list(self.peers.items()):
             want = fresh.get(wid)
             if want is None or want[:2] != (p.pid, p.path):
@@ -298,19 +310,16 @@ class PeerMigration:
             key = (pid, h.id)
             self.orphans[key] = (h, conn)
             keys.append(key)
-            self._host.control({"ev": "orphan", "pid": pid, "key": list(key)})
+            self._host.control(OrphanQuery(pid, MoveKey(*key)))
         asyncio.get_running_loop().call_later(ORPHAN_TIMEOUT, self.drop_orphans, keys)
 
-    def adopt(self, msg: dict[str, Any]) -> None:
+    def adopt(self, msg: OrphanAnswer) -> None:
         """The dispatcher's answer about a held direct migration."""
-        key = msg.get("key")
-        if not (isinstance(key, list) and len(key) == 2 and all(isinstance(x, int) for x in key)):
-            return
-        entry = self.orphans.pop((key[0], key[1]), None)
+        entry = self.orphans.pop((msg.key.pid, msg.key.id), None)
         if entry is None:
             return
         h, conn = entry
-        if msg.get("dead") is True and not self._host.stopping.is_set() and self._host.ch is not None:
+        if msg.dead and not self._host.stopping.is_set() and self._host.ch is not None:
             log.info("worker %d: the source of %s died before our ACCEPT reached it; "
                      "served here", self._host.info.id, conn.handoff_id)
             cast(asyncio.Transport, conn.writer.transport).resume_reading()
@@ -332,8 +341,9 @@ class PeerMigration:
         mig = mig if isinstance(mig, dict) else {}
         started = mig.get("started")
         latency = time.monotonic() - started if isinstance(started, float) else None
-        self._host.queue_report({"ev": "moved_in", "from": mig.get("from"),
-                            "key": [mig.get("from_pid"), h.id], "latency": latency})
+        source, source_pid = mig.get("from"), mig.get("from_pid")
+        self._host.queue_report(MovedIn(_int_or_none(source), (_int_or_none(source_pid), h.id),
+                                        latency))
 
     def _bg(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)

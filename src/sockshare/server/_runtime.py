@@ -81,11 +81,11 @@ import signal
 import socket
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, ClassVar
 
 from sockshare._aio import AsyncChannel
 from sockshare._channel import Handoff
-from sockshare._errors import ChannelError, SockshareError
+from sockshare._errors import ChannelError, RemoteProtocolError, SockshareError
 from sockshare.protocol import MAX_DATA, MAX_META
 from sockshare.server._handler import (
     App,
@@ -97,6 +97,25 @@ from sockshare.server._handler import (
     WorkerInfo,
     connection_now,
     open_connection,
+)
+from sockshare.server._messages import (
+    Closed,
+    Drain,
+    Draining,
+    Fatal,
+    Fds,
+    HandlerTable,
+    Hello,
+    Message,
+    Migrate,
+    MigrateAck,
+    OrphanAnswer,
+    Peers,
+    Recycle,
+    Report,
+    UnknownMessage,
+    decode,
+    encode,
 )
 from sockshare.server._peers import Move, PeerMigration
 from sockshare.server._web import (
@@ -195,7 +214,7 @@ class Worker:
         self._signals = 0
         self._closed_unreported = 0
         self._flush_scheduled = False
-        self._reports: list[dict[str, Any]] = []
+        self._reports: list[Report] = []
         #: direct migration: our listener and channels for peer workers, held orphans
         self.peers = PeerMigration(self, report_delay=REPORT_DELAY)
         #: handoffs are refused from this descriptor number on; we said we are full
@@ -223,10 +242,10 @@ class Worker:
 
     # -- reporting -------------------------------------------------------------------
 
-    def control(self, obj: dict[str, Any], *, soon: bool = False) -> None:
+    def control(self, msg: Message, *, soon: bool = False) -> None:
         if self.ch is not None:
             with contextlib.suppress(SockshareError):
-                self.ch.send_control(obj, soon=soon)
+                self.ch.send_control(encode(msg), soon=soon)
 
     def _closed_one(self) -> None:
         # Reported in batches: with the next ACCEPTs (same write) or after REPORT_DELAY,
@@ -264,7 +283,7 @@ class Worker:
         assert self.web is not None
         log.info("worker %d: served %d requests (--max-requests): asking to be replaced",
                  self.info.id, self.web.requests)
-        self.control({"ev": "recycle", "reason": "max-requests"})
+        self.control(Recycle("max-requests"))
 
     def _refuse_no_fds(self, h: Handoff) -> None:
         """``h``'s descriptor is past the mark: refuse it (our copy is closed, the sender
@@ -280,7 +299,7 @@ class Worker:
                             "refusing handoffs until connections close (%d refused so far)",
                             self.info.id, fd, self._fd_mark, FD_HEADROOM, self._fd_refused)
                 self._fd_logged = now
-            self.control({"ev": "fds", "full": True}, soon=True)
+            self.control(Fds(full=True), soon=True)
             if self._fd_timer is None:
                 self._fd_timer = asyncio.get_running_loop().call_later(0.1, self._fd_tick)
 
@@ -296,7 +315,7 @@ class Worker:
         if free > 0 and free >= min(FD_HEADROOM // 4, max(1, capacity // 4)):
             self._fd_full = False
             self._fd_capacity = capacity
-            self.control({"ev": "fds", "full": False, "capacity": capacity}, soon=True)
+            self.control(Fds(full=False, capacity=capacity), soon=True)
             return
         if self._fd_timer is None:   # (no connection may close to call us again)
             self._fd_timer = asyncio.get_running_loop().call_later(0.1, self._fd_tick)
@@ -305,9 +324,9 @@ class Worker:
         self._fd_timer = None
         self._check_fds()
 
-    def queue_report(self, obj: dict[str, Any]) -> None:
+    def queue_report(self, msg: Report) -> None:
         """A report that may wait as long as a close report (direct migrations)."""
-        self._reports.append(obj)
+        self._reports.append(msg)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_later(REPORT_DELAY, self._flush_report, True)
@@ -316,10 +335,10 @@ class Worker:
         self._flush_scheduled = False
         n, self._closed_unreported = self._closed_unreported, 0
         reports, self._reports = self._reports, []
-        for obj in reports:   # first: a connection that moved in may be among the closed
-            self.control(obj, soon=soon)
+        for msg in reports:   # first: a connection that moved in may be among the closed
+            self.control(msg, soon=soon)
         if n:
-            self.control({"ev": "closed", "n": n, "active": len(self.tasks)}, soon=soon)
+            self.control(Closed(n, active=len(self.tasks)), soon=soon)
 
     # -- migration -------------------------------------------------------------------
 
@@ -445,31 +464,50 @@ class Worker:
                 picked += 1
         return picked
 
-    def _apply_control(self, msg: dict[str, Any]) -> None:
-        cmd = msg.get("cmd")
-        reason = str(msg.get("reason") or "request")
-        if cmd == "migrate":
-            n = msg.get("n")
-            count = n if isinstance(n, int) and n >= 0 else None
-            if self.web is not None:
-                picked = self.web.request_handover(count, reason)
-            else:
-                picked = self._request_migrations(count, reason) if self.resume is not None else 0
-            self.control({"ev": "migrate_ack", "n": picked, "req": msg.get("req")})
-        elif cmd == "peers":
-            self.peers.set_peers(msg.get("peers"))
-        elif cmd == "orphan":
-            self.peers.adopt(msg)
-        elif cmd == "drain":
-            if msg.get("migrate") and self.resume is not None:
-                self._migrate_all = reason
-            if msg.get("migrate") and self.web is not None:
-                self.web.handover_reason = reason
-            if not self.stopping.is_set():
-                log.info("worker %d: the dispatcher asked to drain (%s)", self.info.id, reason)
-                self.stopping.set()
+    def _apply_control(self, obj: dict[str, Any]) -> None:
+        """A command from the dispatcher (``_messages``): to its handler in
+        :attr:`_COMMANDS`; unknown or malformed ones are logged and ignored."""
+        try:
+            msg = decode(obj)
+        except UnknownMessage:
+            log.debug("worker %d: control message %r", self.info.id, obj)
+            return
+        except RemoteProtocolError as exc:
+            log.warning("worker %d: ignored a control message: %s", self.info.id, exc)
+            return
+        if not self._COMMANDS.dispatch(self, msg):
+            log.debug("worker %d: control message %r", self.info.id, obj)
+
+    def _on_migrate(self, msg: Migrate) -> None:
+        reason = msg.reason or "request"
+        if self.web is not None:   # idle keep-alive connections move
+            picked = self.web.request_handover(msg.n, reason)
         else:
-            log.debug("worker %d: control message %r", self.info.id, msg)
+            picked = self._request_migrations(msg.n, reason) if self.resume is not None else 0
+        self.control(MigrateAck(picked, msg.req))
+
+    def _on_peers(self, msg: Peers) -> None:
+        self.peers.set_peers(msg.peers)
+
+    def _on_orphan(self, msg: OrphanAnswer) -> None:
+        self.peers.adopt(msg)
+
+    def _on_drain(self, msg: Drain) -> None:
+        reason = msg.reason or "request"
+        if msg.migrate and self.resume is not None:
+            self._migrate_all = reason
+        if msg.migrate and self.web is not None:
+            self.web.handover_reason = reason
+        if not self.stopping.is_set():
+            log.info("worker %d: the dispatcher asked to drain (%s)", self.info.id, reason)
+            self.stopping.set()
+
+    #: What a worker does with each of the dispatcher's commands.
+    _COMMANDS: ClassVar[HandlerTable[Worker]] = (HandlerTable()
+                                                 .on(Migrate, _on_migrate)
+                                                 .on(Peers, _on_peers)
+                                                 .on(OrphanAnswer, _on_orphan)
+                                                 .on(Drain, _on_drain))
 
     # -- handoffs --------------------------------------------------------------------
 
@@ -716,14 +754,13 @@ class Worker:
             return await self._fail(ch)
         if self.resume is not None and self.web is None:
             self.peers.listen(self.address)
-        hello: dict[str, Any] = {"ev": "hello",
-                                 "resume": self.resume is not None or self.web is not None,
-                                 "pid": self.info.pid, "peer": self.peers.path or None}
+        capacity = None
         if self._fd_mark < 1 << 30:
             # connections it can hold before the mark, one descriptor each
-            self._fd_capacity = max(1, self._fd_mark - _open_fds())
-            hello["capacity"] = self._fd_capacity
-        self.control(hello)
+            self._fd_capacity = capacity = max(1, self._fd_mark - _open_fds())
+        # (a web app's worker takes keep-alive connections moved between requests)
+        self.control(Hello(self.resume is not None or self.web is not None, self.info.pid,
+                           self.peers.path or None, capacity))
         # handoffs start, and controls apply, in the read callback: no task hop, and no
         # task woken per read
         ch.on_activity = self._on_activity
@@ -735,7 +772,7 @@ class Worker:
                      self.info.id, len(self.tasks))
             self.stopping.set()
         else:
-            self.control({"ev": "draining"})
+            self.control(Draining())
             if self._migrate_all:
                 n = self._request_migrations(None, self._migrate_all)
                 log.info("worker %d: asked %d connection(s) to migrate (%s)", self.info.id, n,
@@ -768,10 +805,10 @@ class Worker:
     async def _fail(self, ch: AsyncChannel) -> int:
         if self._startup_failed:
             reason = self.app_error
-            self.control({"ev": "fatal", "reason": reason, "startup": True})
+            self.control(Fatal(reason, startup=True))
         else:
             reason = f"the app cannot be loaded: {self.app_error}"
-            self.control({"ev": "fatal", "reason": reason})
+            self.control(Fatal(reason))
         # whatever the dispatcher sent before it read "fatal" goes back with the reason
         with contextlib.suppress(TimeoutError, ChannelError):
             async with asyncio.timeout(0.2):

@@ -50,6 +50,7 @@ from sockshare._aio import AsyncChannel
 from sockshare._channel import Handoff, Ticket
 from sockshare._errors import SockshareError
 from sockshare.server._config import PoolConfig
+from sockshare.server._messages import Command, PeerEntry, encode
 from sockshare.server._policy import ConnInfo, Policy, make_policy
 
 __all__ = ["PoolState", "SlotState", "Waiting", "WorkerSlot", "WorkerStats"]
@@ -164,7 +165,7 @@ class WorkerSlot:
         self.hello = False
         #: where it listens for peer workers (direct migration), and what we told it last
         self.peer_path = ""
-        self.peers_sent: list[list[Any]] | None = None
+        self.peers_sent: tuple[PeerEntry, ...] | None = None
         self.fatal = False
         self.exits = 0
         #: replaced by a reload / handed over by an upgrade: never restarted
@@ -262,11 +263,12 @@ class WorkerSlot:
         if capacity is not None and not full:
             self.limit = min(self.limit, max(1, capacity))
 
-    def control(self, obj: dict[str, Any]) -> bool:
+    def control(self, msg: Command) -> bool:
+        """Send ``msg`` to the worker; False if it has no channel (or it broke)."""
         if self.channel is None:
             return False
         try:
-            self.channel.send_control(obj)
+            self.channel.send_control(encode(msg))
         except SockshareError:
             return False
         return True

@@ -40,8 +40,26 @@ from typing import TYPE_CHECKING, Any
 
 from sockshare._aio import AsyncChannel
 from sockshare._channel import _remove_stale_socket
-from sockshare._errors import ChannelError, SockshareError
+from sockshare._errors import ChannelError, RemoteProtocolError, SockshareError
 from sockshare.server._listeners import sd_notify
+from sockshare.server._messages import (
+    Closed,
+    Drain,
+    Draining,
+    Fatal,
+    Fds,
+    HandlerTable,
+    Hello,
+    MigrateAck,
+    MoveBack,
+    MovedIn,
+    MovedOut,
+    Moving,
+    OrphanQuery,
+    Recycle,
+    UnknownMessage,
+    decode,
+)
 from sockshare.server._peers import PEER_SUFFIX
 from sockshare.server._runtime import REJECT_NO_FDS
 from sockshare.server._slots import PoolState, SlotState, WorkerSlot
@@ -90,6 +108,22 @@ class Supervisor:
         self._reload_task: asyncio.Task[None] | None = None
         #: (request number, future of the outcome: None when it served, else the error)
         self._reload_waiters: list[tuple[int, asyncio.Future[str | None]]] = []
+        #: what a worker's reports do (``_messages``), each called with its slot
+        m = d.migration
+        self.reports: HandlerTable[WorkerSlot] = (
+            HandlerTable[WorkerSlot]()
+            .on(Closed, self._on_closed)
+            .on(Hello, self._on_hello)
+            .on(Fds, self._on_fds)
+            .on(Draining, self._on_draining)
+            .on(Fatal, self._on_fatal)
+            .on(Recycle, self._on_recycle)
+            .on(MigrateAck, m.acked)
+            .on(Moving, m.moving_out)
+            .on(MovedOut, m.moved_out)
+            .on(MoveBack, m.move_back)
+            .on(MovedIn, m.moved_in)
+            .on(OrphanQuery, self._on_orphan))
 
     def start(self, slot: WorkerSlot) -> None:
         """Start ``slot``'s supervisor: it runs (and restarts) the worker process."""
@@ -196,58 +230,66 @@ class Supervisor:
         self._settle(slot, ch)
         await self._detach(slot, ch)
 
-    def _apply_control(self, slot: WorkerSlot, ch: AsyncChannel, msg: dict[str, Any]) -> None:
+    def _apply_control(self, slot: WorkerSlot, ch: AsyncChannel, obj: dict[str, Any]) -> None:
+        """A worker's report (``_messages``): to its handler in :attr:`reports`, after the
+        ACCEPTs that preceded it; unknown or malformed ones are logged and ignored."""
         self._settle(slot, ch)   # count ACCEPTs that preceded this message first
-        ev = msg.get("ev")
-        if ev == "closed":
-            n = msg.get("n", 1)
-            if isinstance(n, int) and n > 0:
-                slot.active = max(0, slot.active - n)
-                self.admission.feed(slot.pool_state)
-        elif ev == "hello":
-            slot.hello = True
+        try:
+            msg = decode(obj)
+        except UnknownMessage:
+            log.debug("worker %d: control message %r", slot.id, obj)
+            return
+        except RemoteProtocolError as exc:
+            log.warning("worker %d: ignored a control message: %s", slot.id, exc)
+            return
+        if not self.reports.dispatch(slot, msg):
+            log.debug("worker %d: control message %r", slot.id, obj)
+
+    def _on_closed(self, slot: WorkerSlot, msg: Closed) -> None:
+        if msg.n > 0:
+            slot.active = max(0, slot.active - msg.n)
+            self.admission.feed(slot.pool_state)
+
+    def _on_hello(self, slot: WorkerSlot, msg: Hello) -> None:
+        slot.hello = True
+        self.changed()
+        slot.can_resume = msg.resume
+        slot.set_fd_full(False, msg.capacity)   # (connections its descriptors allow)
+        peer = msg.peer
+        slot.peer_path, slot.peers_sent = "", None   # a new process
+        if (peer is not None and peer.endswith(PEER_SUFFIX)
+                and os.path.dirname(peer) == os.path.dirname(self.d.chan_path)):
+            slot.peer_path = peer
+        self.d.migration.push_peers(slot.pool_state)
+
+    def _on_fds(self, slot: WorkerSlot, msg: Fds) -> None:
+        slot.set_fd_full(msg.full, msg.capacity)
+        if not msg.full:
+            self.admission.feed(slot.pool_state)
+
+    def _on_orphan(self, slot: WorkerSlot, msg: OrphanQuery) -> None:
+        self.d.spawn(self.d.migration.answer_orphan(slot, msg), critical=False)
+
+    def _on_draining(self, slot: WorkerSlot, msg: Draining) -> None:
+        if slot.stops_taking():
             self.changed()
-            slot.can_resume = bool(msg.get("resume"))
-            capacity = msg.get("capacity")   # (connections its descriptors allow)
-            slot.set_fd_full(False, capacity if isinstance(capacity, int) else None)
-            peer = msg.get("peer")
-            slot.peer_path, slot.peers_sent = "", None   # a new process
-            if (isinstance(peer, str) and peer.endswith(PEER_SUFFIX)
-                    and os.path.dirname(peer) == os.path.dirname(self.d.chan_path)):
-                slot.peer_path = peer
+            log.info("worker %d (pid %s) is draining", slot.id, slot.pid)
             self.d.migration.push_peers(slot.pool_state)
-        elif ev == "fds":
-            full = bool(msg.get("full"))
-            capacity = msg.get("capacity")
-            slot.set_fd_full(full, capacity if isinstance(capacity, int) else None)
-            if not full:
-                self.admission.feed(slot.pool_state)
-        elif ev in ("moved_in", "moved_out", "moving", "move_back"):
-            self.d.migration._direct_event(slot, ev, msg)
-        elif ev == "orphan":
-            self.d.spawn(self.d.migration.answer_orphan(slot, msg), critical=False)
-        elif ev == "migrate_ack":
-            self.d.migration.acked(msg)
-        elif ev == "draining":
-            if slot.stops_taking():
-                self.changed()
-                log.info("worker %d (pid %s) is draining", slot.id, slot.pid)
-                self.d.migration.push_peers(slot.pool_state)
-        elif ev == "fatal":
-            slot.fatal = True
-            self.changed()
-            slot.stops_taking()
-            log.error("worker %d (pid %s): %s", slot.id, slot.pid, msg.get("reason", "fatal error"))
-            if msg.get("startup") is True and not self.d.ready and not self.d.takeover.predecessor:
-                # the app's own startup failed before the server ever served: restarting
-                # it forever would only repeat the traceback (as gunicorn and uvicorn do)
-                log.error("the app failed to start; stopping (exit status 3)")
-                self.d.exit_status = 3
-                self.d.stop("app startup failed")
-        elif ev == "recycle":
-            self.d.spawn(self.recycle(slot, str(msg.get("reason", "recycle"))), critical=False)
-        else:
-            log.debug("worker %d: control message %r", slot.id, msg)
+
+    def _on_fatal(self, slot: WorkerSlot, msg: Fatal) -> None:
+        slot.fatal = True
+        self.changed()
+        slot.stops_taking()
+        log.error("worker %d (pid %s): %s", slot.id, slot.pid, msg.reason)
+        if msg.startup and not self.d.ready and not self.d.takeover.predecessor:
+            # the app's own startup failed before the server ever served: restarting it
+            # forever would only repeat the traceback (as gunicorn and uvicorn do)
+            log.error("the app failed to start; stopping (exit status 3)")
+            self.d.exit_status = 3
+            self.d.stop("app startup failed")
+
+    def _on_recycle(self, slot: WorkerSlot, msg: Recycle) -> None:
+        self.d.spawn(self.recycle(slot, msg.reason), critical=False)
 
     def _settle_safely(self, slot: WorkerSlot, ch: AsyncChannel) -> None:
         try:
@@ -514,7 +556,7 @@ class Supervisor:
         if proc is None or proc.returncode is not None:
             return
         if slot.channel is None or not (slot.python and slot.control(
-                {"cmd": "drain", "migrate": True, "reason": reason})):
+                Drain(migrate=True, reason=reason))):
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()   # a foreign worker drains on SIGTERM (docs/server.md)
         loop = asyncio.get_running_loop()
