@@ -603,7 +603,7 @@ def test_worker_close_report_is_the_shared_vector(lang: str,
                                          flags=FLAG_ACK, nfds=2), [b.fileno() for _a, b in pairs])
         for _a, b in pairs:
             b.close()   # (the worker has its own copies)
-        frames = []
+        frames: list[tuple[int, bytes]] = []
         while not frames or frames[-1][0] != FrameType.CONTROL:
             frames.append(_read_frame(conn))
         assert {t for t, _p in frames[:-1]} == {FrameType.ACCEPT}

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from tests.server.test_migration_unit import Relay, ReportingChannel
+from test_migration_unit import Relay, ReportingChannel
 
 from sockshare import RemoteProtocolError, SockshareError
 from sockshare.server import _messages as m
@@ -31,6 +31,8 @@ EXAMPLES: list[m.Message] = [
     m.Hello(True, 4242, "/run/4242.peer", 1000),
     m.Hello(),
     m.Fatal("no app"),
+    m.Fatal("lifespan startup failed", startup=True),
+    m.Recycle("max-requests"),
     m.Closed(3, 7),
     m.Closed(),
     m.Fds(True),
