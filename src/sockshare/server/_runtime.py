@@ -686,15 +686,19 @@ class Worker:
                     continue
                 why = web.refusal(h.data)
                 meta = h.meta
+                resume = None
                 if why is None and b'"resume"' in h.raw_meta:
-                    if meta.get("resume") == KEEP_ALIVE_RESUME:   # moved between requests
-                        meta = {k: v for k, v in meta.items() if k != "resume"}
-                    else:
-                        why = "a web app's worker takes no migrated handler connections"
+                    resume = meta.get("resume")
+                    meta = {k: v for k, v in meta.items() if k != "resume"}
+                    if resume == KEEP_ALIVE_RESUME:   # moved between requests
+                        resume = None
+                    elif not (isinstance(resume, dict) and isinstance(resume.get("ws"), dict)
+                              and web.ws_class is not None):
+                        why = "this worker takes no such migrated connection"
                 if why is not None:
                     h.reject(why)
                     continue
-                web.register(h.socket, meta, h.data)
+                web.register(h.socket, meta, h.data, resume)
                 h.accept()
                 accepted.append(h.socket)
             if not accepted:

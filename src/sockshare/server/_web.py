@@ -286,6 +286,8 @@ class _Conn:
     app: ASGIApp
     pre: bytes
     done: bool = False
+    #: a connection moved here from another worker: its handoff meta ``"resume"``
+    resume: dict[str, Any] | None = None
 
 
 def _fd_of(transport: asyncio.BaseTransport) -> int:
@@ -426,6 +428,15 @@ class WebServer:
         ws_class = self.config.ws_protocol_class
         if ws_class is not None:
             self.config.ws_protocol_class = _subclass(ws_class, self, http=False)
+        self.ws_class: type[Any] | None = None
+        if interface == "asgi" and settings.ws in ("auto", "websockets-sansio"):
+            # the WebSocket protocol that can move (_wsmove): uvicorn's sans-I/O one
+            sansio = _require("uvicorn.protocols.websockets.websockets_sansio_impl", "asgi")
+            from sockshare.server._wsmove import movable_class
+
+            self.ws_class = _subclass(movable_class(sansio.WebSocketsSansIOProtocol, self), self,
+                                      http=False)
+            self.config.ws_protocol_class = self.ws_class
         self.state = server_mod.ServerState()
         self.lifespan = self.config.lifespan_class(self.config)
         self._conns: dict[int, _Conn] = {}
@@ -438,7 +449,8 @@ class WebServer:
         self._moving: set[asyncio.Protocol] = set()
         #: keep-alive connections handed over / refused by every target (closed as
         #: uvicorn would) / WebSockets closed with 1012
-        self.counts = {"handed_over": 0, "handover_refused": 0, "ws_closed_1012": 0}
+        self.counts = {"handed_over": 0, "handover_refused": 0, "ws_closed_1012": 0,
+                       "ws_migrated_out": 0, "ws_migrated_in": 0, "ws_refused": 0, "ws_lost": 0}
         self._ticker: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -516,7 +528,12 @@ class WebServer:
                     "with MSG_PEEK (a TLS pool cannot take HTTP sniffing)")
         return None
 
-    def register(self, sock: Any, meta: dict[str, Any], data: bytes) -> None:
+    def conn_for(self, transport: asyncio.BaseTransport) -> _Conn | None:
+        """The handoff a protocol instance's transport came from."""
+        return self._conns.get(_fd_of(transport))
+
+    def register(self, sock: Any, meta: dict[str, Any], data: bytes,
+                 resume: dict[str, Any] | None = None) -> None:
         """Note a handed-off connection before its transport exists."""
         client = None
         proxy = meta.get("proxy")
@@ -524,7 +541,7 @@ class WebServer:
             src = proxy.get("src")
             if isinstance(src, list) and len(src) == 2:
                 client = (str(src[0]), int(src[1]))
-        self._conns[sock.fileno()] = _Conn(meta, client, self._conn_app(meta), data)
+        self._conns[sock.fileno()] = _Conn(meta, client, self._conn_app(meta), data, resume=resume)
         self._idle.clear()
 
     def start(self, sock: Any) -> None:
@@ -534,22 +551,30 @@ class WebServer:
         make = getattr(loop, "_make_socket_transport", None)
         if self.ssl is None and make is not None:
             sock.setblocking(False)
-            make(sock, self._protocol())
+            c = self._conns.get(sock.fileno())
+            make(sock, self._protocol(c.resume if c is not None else None))
             return
         task = loop.create_task(self._start_async(sock))
         self.state.tasks.add(task)
         task.add_done_callback(self.state.tasks.discard)
 
-    def _protocol(self) -> asyncio.Protocol:
-        proto: asyncio.Protocol = self.http_class(config=self.config, server_state=self.state,
-                                                  app_state=self.lifespan.state)
+    def _protocol(self, resume: dict[str, Any] | None = None) -> asyncio.Protocol:
+        """A protocol instance: HTTP, or the movable WebSocket for a WebSocket that
+        another worker handed over (``resume["ws"]``)."""
+        cls = self.http_class
+        if resume is not None and "ws" in resume and self.ws_class is not None:
+            cls = self.ws_class
+        proto: asyncio.Protocol = cls(config=self.config, server_state=self.state,
+                                      app_state=self.lifespan.state)
         return proto
 
     async def _start_async(self, sock: Any) -> None:
         loop = asyncio.get_running_loop()
         fd = sock.fileno()
+        c = self._conns.get(fd)
+        resume = c.resume if c is not None else None
         try:
-            await loop.connect_accepted_socket(self._protocol, sock, ssl=self.ssl,
+            await loop.connect_accepted_socket(lambda: self._protocol(resume), sock, ssl=self.ssl,
                                                ssl_handshake_timeout=10.0 if self.ssl else None)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             log.info("connection %s: TLS handshake failed: %s",
@@ -615,6 +640,8 @@ class WebServer:
             if self._idle_http(proto):
                 self._handover_if_idle(proto)
                 picked += 1
+            elif self._is_ws(proto) and hasattr(proto, "request_move") and proto.request_move(reason):
+                picked += 1   # (it moves if the app takes the offer: docs/web.md)
         return picked
 
     def _handover_if_idle(self, proto: Any) -> None:
@@ -673,6 +700,14 @@ class WebServer:
         return (proto._ss_in_head and not proto._ss_head
                 and (cycle is None or cycle.response_complete)
                 and not getattr(proto, "pipeline", None))
+
+    def detach(self, proto: Any) -> None:
+        """A connection another worker now serves: close our descriptor only."""
+        c = proto._ss_conn
+        if c is None:
+            proto.transport.abort()
+            return
+        self._detach(proto, c)
 
     def _detach(self, proto: Any, c: _Conn) -> None:
         """The connection lives on elsewhere: close this process's descriptor only."""
