@@ -162,3 +162,65 @@ def test_websockets_of_apps_that_do_not_opt_in_close_with_1012_after_grace(tmp_p
             assert 2.5 <= took <= 9.0, took   # --grace 3
 
 
+
+
+class CountingSocket:
+    """One WebSocket to ``web_apps:starlette_app`` that keeps ``depth`` messages in
+    flight (so that some are always on their way while the connection moves) and checks
+    every answer: numbered 1, 2, 3... in order, the text it sent."""
+
+    def __init__(self, url: str, depth: int = 4) -> None:
+        from websockets.sync.client import connect
+
+        self.ws = connect(url, open_timeout=10)
+        self.depth = depth
+        self.sent = 0
+        self.seen = 0
+        self.pids: set[int] = set()
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                while self.sent - self.seen < self.depth:
+                    self.sent += 1
+                    self.ws.send(f"m{self.sent}")
+                n, pid, text = str(self.ws.recv(timeout=10)).split()
+                self.seen += 1
+                if (int(n), text) != (self.seen, f"m{self.seen}"):
+                    self.errors.append(f"got {n} {text}, expected {self.seen} m{self.seen}")
+                self.pids.add(int(pid))
+                time.sleep(0.005)
+        except Exception as exc:
+            self.errors.append(repr(exc))
+
+    def finish(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+        self.ws.close()
+
+
+def test_opted_in_websockets_move_with_their_state_and_in_flight_messages(tmp_path: Path) -> None:
+    with _server(tmp_path, "web_apps:starlette_app") as srv:
+        host, port = srv.address()
+        sockets = [CountingSocket(f"ws://{host}:{port}/count") for _ in range(4)]
+        try:
+            wait_until(lambda: all(s.seen >= 10 for s in sockets), timeout=20, what="the first echoes")
+            for _ in range(5):
+                _reload(srv)
+                time.sleep(0.2)
+            old = srv.current()
+            assert srv.command({"cmd": "upgrade", "wait": True})["ok"]
+            wait_until(lambda: _answers_other_than(srv, old), timeout=30, what="the new dispatcher")
+            seen = [s.seen for s in sockets]
+            wait_until(lambda: all(s.seen >= n + 20 for s, n in zip(sockets, seen, strict=True)),
+                       timeout=20, what="echoes after the upgrade")
+        finally:
+            for s in sockets:
+                s.finish()
+        for s in sockets:
+            assert s.errors == [], s.errors[:3]
+            assert len(s.pids) >= 6   # it lived in every generation

@@ -42,3 +42,39 @@ def index() -> str:
     from flask import request
 
     return f"{os.getpid()} {request.environ.get('REMOTE_PORT')}"
+
+
+# -- a Starlette WebSocket that opts in to migration (docs/web.md) --------------------------
+
+import asyncio  # noqa: E402
+
+from starlette.applications import Starlette  # noqa: E402
+from starlette.routing import WebSocketRoute  # noqa: E402
+from starlette.websockets import WebSocket, WebSocketDisconnect  # noqa: E402
+
+
+async def counter(ws: WebSocket) -> None:
+    """Echoes ``"<n> <pid> <text>"``, n counting every message of the connection: the
+    count is the state that moves with it."""
+    ext = ws.scope["extensions"]
+    count = (ext.get("sockshare.resume") or {}).get("state", 0)
+    await ws.accept()
+    moving = (ext.get("sockshare.migration") or {}).get("requested") or asyncio.Event()
+    while True:
+        get = asyncio.ensure_future(ws.receive_text())
+        wait = asyncio.ensure_future(moving.wait())
+        done, _ = await asyncio.wait({get, wait}, return_when=asyncio.FIRST_COMPLETED)
+        wait.cancel()
+        if get not in done:
+            get.cancel()
+            await ext["sockshare.migration"]["migrate"](count)
+            return
+        try:
+            text = get.result()
+        except WebSocketDisconnect:
+            return
+        count += 1
+        await ws.send_text(f"{count} {os.getpid()} {text}")
+
+
+starlette_app = Starlette(routes=[WebSocketRoute("/count", counter)])
