@@ -13,8 +13,9 @@ What is checked: each SNI reaches its own pool and gets that pool's certificate;
 scheme is ``https``; wss works; several requests share one TLS connection; no SNI and an
 unknown SNI go to the default pool (docs/server.md: route, else the listener's pool, else
 ``default_pool``); plain HTTP sent to a TLS pool (a failed handshake in the worker, and
-on the sniffing listener a refusal before it) costs the worker no descriptor and does
-not kill it.
+on the sniffing listener a refusal before it), a client that does not trust the
+certificate and one that resets after its ClientHello cost the worker no descriptor and
+do not kill it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -250,54 +252,89 @@ def test_no_or_unknown_sni_goes_to_the_default_pool(server: Server, pki: Path,
     assert (got["app"], got["pool"], got["sni"], got["scheme"]) == ("b", "b", sni, "https")
 
 
-def told(server: Server, pid: int, listener: str) -> int:
-    """``raw``: the worker's log lines about a failed handshake; ``tls``: connections the
-    dispatcher refused after every worker rejected them (its log line is rate-limited)."""
-    if listener == "tls":
+def told(server: Server, pid: int, case: str) -> int:
+    """How many of the connections of ``case`` the server has given up on so far: for
+    ``plain-sniffed``, the connections the dispatcher refused after every worker rejected
+    them (its log line is rate-limited); otherwise the worker's log lines about a failed
+    handshake."""
+    if case == "plain-sniffed":
         n: int = server.status()["counters"]["refused_by_reason"].get("retries_exhausted", 0)
         return n
     return sum(f"[{pid}] sockshare.web" in line and "TLS handshake failed" in line
                for line in server.log().splitlines())
 
 
-def _plain_http(addr: tuple[str, int]) -> bytes:
-    """Plain HTTP to a TLS port: what comes back before the server closes."""
-    with socket.create_connection(addr, timeout=10) as s:
-        s.sendall(b"GET / HTTP/1.1\r\nhost: a.test\r\n\r\n")
-        out = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            out += chunk
+def _read_all(s: socket.socket) -> bytes:
+    out = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        out += chunk
     return out
 
 
-@pytest.mark.parametrize("listener", ["raw", "tls"])
-def test_plain_http_costs_the_worker_no_fd(server: Server, pki: Path, listener: str) -> None:
-    """``raw``: the bytes reach pool a's worker, whose handshake fails; ``tls`` (sniffing):
-    the sniffer reads the HTTP head, routes it to the default pool b, whose worker refuses
-    a handoff with bytes read before the handshake (the dispatcher retries, then refuses
-    the connection). Either way: closed, no fd left over, the same worker still serves."""
-    pool = "a" if listener == "raw" else "b"
+def _client_hello(sni: str) -> bytes:
+    """The first flight of a TLS client for ``sni`` (a complete ClientHello)."""
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def bad_client(case: str, addr: tuple[str, int]) -> None:
+    """One client that never completes a TLS session: ``plain-*`` send an HTTP request
+    (and must not get a 200); ``untrusted`` does not trust the server's certificate (it
+    aborts the handshake with an alert); ``hello-then-reset`` sends a ClientHello and
+    resets the connection."""
+    if case == "untrusted":
+        with pytest.raises(ssl.SSLCertVerificationError):
+            tls_connect(addr, ssl.create_default_context(), "a.test").close()
+        return
+    with socket.create_connection(addr, timeout=10) as s:
+        if case == "hello-then-reset":
+            s.sendall(_client_hello("a.test"))
+            time.sleep(0.01)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return
+        s.sendall(b"GET / HTTP/1.1\r\nhost: a.test\r\n\r\n")
+        out = _read_all(s)
+    assert not out.startswith(b"HTTP/1.1 200"), out
+
+
+#: case -> (listener, the pool that gets the connection)
+BAD = {"plain-raw": ("raw", "a"), "plain-sniffed": ("tls", "b"), "untrusted": ("tls", "a"),
+       "hello-then-reset": ("tls", "a")}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_failed_handshakes_cost_the_worker_no_fd(server: Server, pki: Path, case: str) -> None:
+    """``plain-raw``: plain HTTP reaches pool a's worker (no sniffing), whose handshake
+    fails; ``plain-sniffed``: the sniffer reads the HTTP head, routes it to the default
+    pool b, whose worker refuses a handoff with bytes read before the handshake (the
+    dispatcher retries, then refuses the connection); ``untrusted`` and
+    ``hello-then-reset``: pool a's worker starts the handshake, the client gives up. Each
+    time: closed, no fd left over, the same worker still serves."""
+    listener, pool = BAD[case]
     pid = pid_of(server, pki, pool)
     time.sleep(0.2)   # that connection's close is processed
     before = fd_table(pid)
     n = len(before)
     addr: tuple[str, int] = server.address(listener)
-    said_before = told(server, pid, listener)
+    said_before = told(server, pid, case)
     for _ in range(20):
-        out = _plain_http(addr)
-        assert not out.startswith(b"HTTP/1.1 200"), out
+        bad_client(case, addr)
+    deadline = time.monotonic() + 15
+    while told(server, pid, case) - said_before < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert told(server, pid, case) - said_before == 20, server.log()[-3000:]
     wait_fd_count(pid, n, before=before, what=f"pool {pool}'s worker")
     assert pid_of(server, pki, pool) == pid   # alive, and still the one serving
     wait_fd_count(pid, n, before=before, what=f"pool {pool}'s worker")
     st = server.status()
     assert all(w["state"] == "ready" for w in st["workers"]), st["workers"]
-    deadline = time.monotonic() + 10
-    while told(server, pid, listener) - said_before < 20 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert told(server, pid, listener) - said_before == 20, server.log()[-3000:]
