@@ -254,11 +254,11 @@ def test_no_or_unknown_sni_goes_to_the_default_pool(server: Server, pki: Path,
 
 def told(server: Server, pid: int, case: str) -> int:
     """How many of the connections of ``case`` the server has given up on so far: for
-    ``plain-sniffed``, the connections the dispatcher refused after every worker rejected
-    them (its log line is rate-limited); otherwise the worker's log lines about a failed
-    handshake."""
+    ``plain-sniffed``, the connections the dispatcher refused at once with 400, since the
+    pool they route to ends TLS (counted by reason; its log line is rate-limited);
+    otherwise the worker's log lines about a failed handshake."""
     if case == "plain-sniffed":
-        n: int = server.status()["counters"]["refused_by_reason"].get("retries_exhausted", 0)
+        n: int = server.status()["counters"]["refused_by_reason"].get("not_tls", 0)
         return n
     return sum(f"[{pid}] sockshare.web" in line and "TLS handshake failed" in line
                for line in server.log().splitlines())
@@ -305,6 +305,8 @@ def bad_client(case: str, addr: tuple[str, int]) -> None:
         s.sendall(b"GET / HTTP/1.1\r\nhost: a.test\r\n\r\n")
         out = _read_all(s)
     assert not out.startswith(b"HTTP/1.1 200"), out
+    if case == "plain-sniffed":
+        assert out.startswith(b"HTTP/1.1 400 "), out
 
 
 #: case -> (listener, the pool that gets the connection)
@@ -316,8 +318,8 @@ BAD = {"plain-raw": ("raw", "a"), "plain-sniffed": ("tls", "b"), "untrusted": ("
 def test_failed_handshakes_cost_the_worker_no_fd(server: Server, pki: Path, case: str) -> None:
     """``plain-raw``: plain HTTP reaches pool a's worker (no sniffing), whose handshake
     fails; ``plain-sniffed``: the sniffer reads the HTTP head, routes it to the default
-    pool b, whose worker refuses a handoff with bytes read before the handshake (the
-    dispatcher retries, then refuses the connection); ``untrusted`` and
+    pool b, which ends TLS: the dispatcher answers 400 at once, no worker is bothered;
+    ``untrusted`` and
     ``hello-then-reset``: pool a's worker starts the handshake, the client gives up. Each
     time: closed, no fd left over, the same worker still serves."""
     listener, pool = BAD[case]

@@ -462,4 +462,13 @@ class Listeners:
             meta["route"] = "sniffer"
         meta["pool"] = pool
         info = ConnInfo(meta["client"], ls.cfg.name, pool, meta["handoff_id"], meta)
-        self._place(Waiting(sock, info, meta, data, time.monotonic()))
+        w = Waiting(sock, info, meta, data, time.monotonic())
+        cfg = self.pools[pool].cfg if pool in self.pools else None
+        if data and cfg is not None and cfg.web.tls:
+            # bytes were read (plain HTTP, or anything not TLS) for a pool whose workers
+            # end TLS: no worker of it can take them; say so once, as a web server would
+            self.admission.refuse(w, "not_tls", f"pool {pool!r} ends TLS, and the client sent "
+                                  f"{'plain HTTP' if meta.get('protocol') == 'http' else 'no TLS'}",
+                                  http_status=400 if meta.get("protocol") == "http" else None)
+            return
+        self._place(w)
