@@ -33,6 +33,7 @@ EXAMPLES: list[m.Message] = [
     m.Fatal("no app"),
     m.Fatal("lifespan startup failed", startup=True),
     m.Recycle("max-requests"),
+    m.WebCounts(1, 2, 3, 4, 5),
     m.Closed(3, 7),
     m.Closed(),
     m.Fds(True),

@@ -99,6 +99,8 @@ def test_keep_alive_clients_survive_reloads_and_upgrades(tmp_path: Path, app: st
                 time.sleep(0.1)
             served_before = len(clients.pids)
             migrations = srv.status()["counters"]["migrations"]
+            wait_until(lambda: srv.status()["counters"]["web_keepalive_handed_over"] >= 8 * reloads,
+                       timeout=10, what="the handovers counted in the status")
             for _ in range(2):
                 old = srv.current()
                 resp = srv.command({"cmd": "upgrade", "wait": True})
@@ -160,6 +162,8 @@ def test_websockets_of_apps_that_do_not_opt_in_close_with_1012_after_grace(tmp_p
             assert closed.value.rcvd is not None
             assert closed.value.rcvd.code == 1012
             assert 2.5 <= took <= 9.0, took   # --grace 3
+        wait_until(lambda: srv.status()["counters"]["web_ws_closed_1012"] == 1, timeout=10,
+                   what="the 1012 close counted")
 
 
 
@@ -215,6 +219,9 @@ def test_opted_in_websockets_move_with_their_state_and_in_flight_messages(tmp_pa
             for _ in range(5):
                 _reload(srv)
                 time.sleep(0.2)
+            wait_until(lambda: srv.status()["counters"]["web_ws_migrated_out"] >= 4 * 5, timeout=10,
+                       what="the WebSocket moves counted in the status")
+            assert srv.status()["counters"]["web_moves_refused"] == 0
             old = srv.current()
             assert srv.command({"cmd": "upgrade", "wait": True})["ok"]
             wait_until(lambda: _answers_other_than(srv, old), timeout=30, what="the new dispatcher")

@@ -452,6 +452,8 @@ def control_vectors() -> list[dict[str, Any]]:
                   startup=True)),
         v("recycle", "past --max-requests: replace this worker without dropping a connection",
           m.Recycle("max-requests")),
+        v("web", "a web app's worker's move counters so far",
+          m.WebCounts(120, 4, 2, 1, 3)),
         v("closed", "the Python runtime's close report: 3 closed, 7 still open",
           m.Closed(3, active=7)),
         v("closed-foreign", "the C and PHP workers' close report (no active count): "

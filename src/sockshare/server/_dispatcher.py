@@ -193,7 +193,8 @@ class Dispatcher:
              "lost", "migrations", "migrations_refused", "migrations_closed",
              "migration_requests", "rebalances", "reloads", "reload_failures", "upgrades",
              "upgrade_failures", "hung_kills", "migrations_direct", "fd_pauses",
-             "fd_rejects", "recycled"), 0)
+             "fd_rejects", "recycled", "web_keepalive_handed_over", "web_ws_migrated_out",
+             "web_ws_migrated_in", "web_moves_refused", "web_ws_closed_1012"), 0)
         self.pid = os.getpid()
         self.generation = 1
         self.stopping = False

@@ -33,6 +33,11 @@ class                     ``"ev"``       fields; meaning
                                          (optional, false, left out when false); the app cannot be
                                          loaded (``startup``: its lifespan startup failed), the
                                          worker exits with status 3
+:class:`WebCounts`        web            ``handed_over``, ``ws_out``, ``ws_in``, ``refused``,
+                                         ``closed_1012``: ints >= 0 (optional, 0); a web app's
+                                         worker's totals so far: keep-alive connections handed
+                                         over, WebSockets moved out and in, moves refused,
+                                         WebSockets closed with 1012 (docs/web.md)
 :class:`Recycle`          recycle        ``reason`` str (optional, "recycle"); replace me (a web
                                          app's worker past ``--max-requests``): start a new
                                          worker, then drain this one as a reload does
@@ -120,6 +125,7 @@ __all__ = [
     "PeerEntry",
     "Peers",
     "Recycle",
+    "WebCounts",
     "Report",
     "UnknownMessage",
     "decode",
@@ -353,6 +359,27 @@ class Fds(Report):
 
 
 @dataclass(frozen=True)
+class WebCounts(Report):
+    KIND: ClassVar[str] = "web"
+    #: keep-alive connections handed over between requests / WebSockets moved out /
+    #: WebSockets moved in / moves refused (kept here) / WebSockets closed with 1012
+    handed_over: int = 0
+    ws_out: int = 0
+    ws_in: int = 0
+    refused: int = 0
+    closed_1012: int = 0
+
+    def fields(self) -> dict[str, Any]:
+        return {"handed_over": self.handed_over, "ws_out": self.ws_out, "ws_in": self.ws_in,
+                "refused": self.refused, "closed_1012": self.closed_1012}
+
+    @classmethod
+    def read(cls, f: _Fields) -> WebCounts:
+        return cls(*(f.integer(k, 0, minimum=0) for k in
+                     ("handed_over", "ws_out", "ws_in", "refused", "closed_1012")))
+
+
+@dataclass(frozen=True)
 class Draining(Report):
     KIND: ClassVar[str] = "draining"
 
@@ -506,7 +533,7 @@ class Drain(Command):
 
 #: every report and command, by kind
 REPORTS: dict[str, type[Report]] = {c.KIND: c for c in (
-    Hello, Fatal, Recycle, Closed, Fds, Draining, MigrateAck, Moving, MovedOut, MoveBack,
+    Hello, Fatal, Recycle, WebCounts, Closed, Fds, Draining, MigrateAck, Moving, MovedOut, MoveBack,
     MovedIn, OrphanQuery)}
 COMMANDS: dict[str, type[Command]] = {c.KIND: c for c in (Migrate, Peers, OrphanAnswer, Drain)}
 _BY_TAG: dict[str, Mapping[str, type[Message]]] = {"ev": REPORTS, "cmd": COMMANDS}

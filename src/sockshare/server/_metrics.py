@@ -264,6 +264,18 @@ def render(status: dict[str, Any]) -> str:
     o.family("sockshare_workers_recycled_total", "counter",
              "Workers replaced at their own request (--max-requests).")
     o.sample("sockshare_workers_recycled_total", c.get("recycled", 0))
+    o.family("sockshare_web_moves_total", "counter",
+             "Web connections moved to another worker: keep-alive HTTP between requests, "
+             "and WebSockets of apps that opt in (docs/web.md).")
+    o.sample("sockshare_web_moves_total", c.get("web_keepalive_handed_over", 0), kind="keep-alive")
+    o.sample("sockshare_web_moves_total", c.get("web_ws_migrated_out", 0), kind="websocket")
+    o.family("sockshare_web_moves_refused_total", "counter",
+             "Moves of web connections that no worker took, or that could not move "
+             "(TLS in the worker, compression state): they stayed (reasons in the log).")
+    o.sample("sockshare_web_moves_refused_total", c.get("web_moves_refused", 0))
+    o.family("sockshare_web_websockets_closed_1012_total", "counter",
+             "WebSockets closed with 1012 (service restart) at the end of a drain.")
+    o.sample("sockshare_web_websockets_closed_1012_total", c.get("web_ws_closed_1012", 0))
     o.family("sockshare_upgrades_total", "counter", "Upgrades of the dispatcher started here.")
     o.sample("sockshare_upgrades_total", c.get("upgrades", 0), result="ok")
     o.sample("sockshare_upgrades_total", c.get("upgrade_failures", 0), result="failed")

@@ -114,6 +114,7 @@ from sockshare.server._messages import (
     Recycle,
     Report,
     UnknownMessage,
+    WebCounts,
     decode,
     encode,
 )
@@ -278,6 +279,23 @@ class Worker:
         if ticket.socket is not None:
             ticket.socket.close()
         return f"rejected: {ticket.reason or 'refused'}" if ticket.state == "rejected" else "gone"
+
+    def _web_counts(self) -> WebCounts | None:
+        if self.web is None:
+            return None
+        c = self.web.counts
+        return WebCounts(c["handed_over"], c["ws_migrated_out"], c["ws_migrated_in"],
+                         c["handover_refused"] + c["ws_refused"], c["ws_closed_1012"])
+
+    async def _report_web_counts(self) -> None:
+        """The web counters (status, metrics), once a second when they changed."""
+        last = self._web_counts()
+        while True:
+            await asyncio.sleep(1.0)
+            now = self._web_counts()
+            if now != last and now is not None:
+                self.control(now)
+                last = now
 
     def _max_requests(self) -> None:
         assert self.web is not None
@@ -768,6 +786,7 @@ class Worker:
         # handoffs start, and controls apply, in the read callback: no task hop, and no
         # task woken per read
         ch.on_activity = self._on_activity
+        reporter = loop.create_task(self._report_web_counts()) if self.web is not None else None
         receiver = loop.create_task(ch.wait_closed())
         stop = loop.create_task(self.stopping.wait())
         await asyncio.wait({receiver, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -785,6 +804,11 @@ class Worker:
         if self.web is not None:
             await self.web.drain(self.grace)
             await self.web.shutdown()
+            if reporter is not None:
+                reporter.cancel()
+            counts = self._web_counts()
+            if counts is not None and counts != WebCounts():
+                self.control(counts)
         await self.peers.close()
         self._flush_report()
         for t in (receiver, stop):

@@ -172,6 +172,8 @@ class WorkerSlot:
         self.retired = False
         #: a replacement is starting for it (--max-requests)
         self.recycling = False
+        #: a web app's worker's last counter report (``_messages.WebCounts``)
+        self.web_counts: tuple[int, ...] = (0, 0, 0, 0, 0)
         self.rebalance_after = 0.0
         #: killed for leaving a handoff unanswered past --timeout (until restarted)
         self.hung = False

@@ -58,6 +58,7 @@ from sockshare.server._messages import (
     OrphanQuery,
     Recycle,
     UnknownMessage,
+    WebCounts,
     decode,
 )
 from sockshare.server._peers import PEER_SUFFIX
@@ -65,6 +66,10 @@ from sockshare.server._runtime import REJECT_NO_FDS
 from sockshare.server._slots import PoolState, SlotState, WorkerSlot
 from sockshare.server._tasks import Tasks
 from sockshare.server._web import WebSettings
+
+#: the dispatcher's counters of web apps' moves, in WebCounts' order
+WEB_COUNTERS = ("web_keepalive_handed_over", "web_ws_migrated_out", "web_ws_migrated_in",
+                "web_moves_refused", "web_ws_closed_1012")
 
 if TYPE_CHECKING:
     from sockshare.server._dispatcher import Dispatcher
@@ -118,6 +123,7 @@ class Supervisor:
             .on(Draining, self._on_draining)
             .on(Fatal, self._on_fatal)
             .on(Recycle, self._on_recycle)
+            .on(WebCounts, self._on_web_counts)
             .on(MigrateAck, m.acked)
             .on(Moving, m.moving_out)
             .on(MovedOut, m.moved_out)
@@ -287,6 +293,13 @@ class Supervisor:
             log.error("the app failed to start; stopping (exit status 3)")
             self.d.exit_status = 3
             self.d.stop("app startup failed")
+
+    def _on_web_counts(self, slot: WorkerSlot, msg: WebCounts) -> None:
+        """Add what changed since this worker's last report to the server's totals."""
+        now = (msg.handed_over, msg.ws_out, msg.ws_in, msg.refused, msg.closed_1012)
+        for key, new, old in zip(WEB_COUNTERS, now, slot.web_counts, strict=True):
+            self.counters[key] += max(0, new - old)
+        slot.web_counts = now
 
     def _on_recycle(self, slot: WorkerSlot, msg: Recycle) -> None:
         self.d.spawn(self.recycle(slot, msg.reason), critical=False)
