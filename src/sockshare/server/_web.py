@@ -20,7 +20,9 @@ sockshare adds around them, in :class:`WebServer`:
 * **Lifespan** (ASGI): startup before the worker says hello; a failure is returned, with
   the app's traceback, for the runtime to report as fatal; shutdown after the drain.
 * **Limits**: a request head over :attr:`WebSettings.limit_header_size` gets 431 (from any
-  HTTP/1 implementation); ``--limit-concurrency`` gets uvicorn's 503.
+  HTTP/1 implementation); ``--limit-concurrency N`` serves N connections at once and
+  answers a request on one more with uvicorn's 503 (uvicorn itself counts the connection
+  asking: its ``--limit-concurrency 1`` refuses every request).
 * **An access log** in gunicorn's format (:class:`AccessLog`), and request counting for
   ``--max-requests`` (:attr:`WebServer.requests`; the runtime asks to be recycled).
 * **Drain**: idle keep-alive connections closed, requests in progress finished (uvicorn's
@@ -61,6 +63,7 @@ __all__ = [
     "WebAppError",
     "WebServer",
     "WebSettings",
+    "check_interface",
     "detect_interface",
 ]
 
@@ -111,7 +114,8 @@ class WebSettings:
     #: replace the worker after this many requests (0: never), plus up to jitter more
     max_requests: int = 0
     max_requests_jitter: int = 0
-    #: per worker: connections + requests in progress past which new requests get 503
+    #: per worker: connections (or requests in progress) served at once; a request on one
+    #: more gets 503
     limit_concurrency: int | None = None
     root_path: str = ""
     #: trust X-Forwarded-For / -Proto from --forwarded-allow-ips
@@ -204,6 +208,37 @@ def detect_interface(app: Any) -> str:
         f"cannot tell what kind of app {app!r} is ({'async, ' if is_async else ''}"
         f"{'?' if n is None else n} positional argument(s)): give --interface asgi, wsgi or "
         "handler")
+
+
+#: how each explicit ``--interface`` calls the app
+_CALLS = {"asgi": ("app(scope, receive, send)", 3), "wsgi": ("app(environ, start_response)", 2),
+          "handler": ("app(conn)", 1)}
+
+
+def check_interface(app: Any, interface: str) -> None:
+    """An explicit ``--interface`` that cannot call ``app`` (its signature does not take
+    that many positional arguments): raise :class:`WebAppError` saying what the app looks
+    like, at load time, rather than a TypeError on every request. An app whose signature
+    cannot be read is taken at its word."""
+    if interface not in _CALLS:
+        return
+    call, n = _CALLS[interface]
+    try:
+        sig = inspect.signature(app)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(*range(n))
+    except TypeError as exc:
+        try:
+            looks: str | None = detect_interface(app)
+        except WebAppError:
+            looks = None
+        what = {"asgi": "an ASGI app", "wsgi": "a WSGI app", "handler": "a handler"}
+        hint = (f"it looks like {what[looks]}: give --interface {looks} or auto" if looks
+                else "give --interface auto to have it detected")
+        raise WebAppError(f"--interface {interface}: the app cannot be called as {call} "
+                          f"({exc}); {hint}") from None
 
 
 def _require(module: str, extra: str) -> Any:
@@ -309,6 +344,13 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
         _ss_conn: _Conn | None = None
         _ss_head = 0          # bytes of the request head read so far (HTTP)
         _ss_in_head = True
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if http and web.settings.limit_concurrency is not None:
+                # uvicorn counts the connection asking among the open ones (with 1, every
+                # request would get 503): N serves N connections at once, the next gets 503
+                self.limit_concurrency = web.settings.limit_concurrency + 1
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             c = web._conns.get(_fd_of(transport))

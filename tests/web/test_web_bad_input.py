@@ -1,0 +1,147 @@
+"""Bad input against ``sockshare serve`` running web apps: each gets its answer (400,
+431, 500, 503), the worker goes on serving, keeps its pid (no crash) and its descriptor
+count comes back down (no leak)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from serve_helpers import Server, reset_close
+from web_helpers import base_url, fds, raw_http, sockshare, status_of, wait_fds_at_most, wait_until
+from web_raw_apps import RAISED
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def starlette(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with sockshare(tmp_path_factory.mktemp("starlette"), "web_starlette_app:app",
+                   workers=1) as server:
+        yield server
+
+
+def only_worker(server: Server) -> int:
+    pids = [int(w["pid"]) for w in server.status()["workers"]]
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+@contextmanager
+def unharmed(server: Server, warm_up: str = "/items/1") -> Iterator[int]:
+    """Around the bad input: the one worker serves ``warm_up`` before and after, keeps
+    its pid and ends with no more descriptors than it had before."""
+    pid = only_worker(server)
+    url = base_url(server)
+    with httpx.Client(base_url=url, timeout=10.0) as c:
+        c.get(warm_up)
+    server.wait_for(lambda st: st["workers"][0]["connections"] == 0, 5, "the warm-up to close")
+    before = fds(pid)
+    yield pid
+    with httpx.Client(base_url=url, timeout=10.0) as c:
+        r = c.get(warm_up)
+    assert r.status_code < 500 or warm_up == "/", r
+    wait_fds_at_most(pid, before)
+    assert only_worker(server) == pid
+    assert [w["restarts"] for w in server.status()["workers"]] == [0]
+
+
+@pytest.mark.parametrize("head", [
+    b"GARBAGE\r\n\r\n",
+    b"GET / HTTP/1.1 extra\r\nHost: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n",
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(32) + b"\r\n\r\n",
+])
+def test_malformed_request_400(starlette: Server, head: bytes) -> None:
+    with unharmed(starlette):
+        out = raw_http(starlette.address(), head)
+        assert status_of(out) == 400, out
+
+
+def test_oversized_headers_431(starlette: Server) -> None:
+    head = (b"GET /items/1 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (70 * 1024)
+            + b"\r\n\r\n")
+    with unharmed(starlette):
+        out = raw_http(starlette.address(), head)
+        assert status_of(out) == 431, out[:300]
+        # spread over many small writes too
+        with socket.create_connection(starlette.address(), 10) as s:
+            s.sendall(b"GET /items/1 HTTP/1.1\r\nHost: x\r\n")
+            try:
+                for i in range(200):
+                    s.sendall(b"X-H%d: " % i + b"b" * 400 + b"\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            got = b""
+            try:
+                while chunk := s.recv(65536):
+                    got += chunk
+            except ConnectionResetError:
+                pass
+        assert got.startswith(b"HTTP/1.1 431 "), got[:300]
+
+
+@pytest.mark.parametrize("rst", [False, True])
+def test_client_disconnects_mid_upload(starlette: Server, rst: bool) -> None:
+    with unharmed(starlette):
+        s = socket.create_connection(starlette.address(), 10)
+        s.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5242880\r\n"
+                  b"Content-Type: application/octet-stream\r\n\r\n")
+        s.sendall(b"u" * (1024 * 1024))
+        if rst:
+            reset_close(s)
+        else:
+            s.close()
+    with httpx.Client(base_url=base_url(starlette), timeout=10.0) as c:
+        r = c.post("/upload", content=b"x" * 1000)
+    assert r.json()["length"] == 1000
+
+
+def test_app_raises_500_and_traceback_logged(tmp_path: Path) -> None:
+    with sockshare(tmp_path, "web_raw_apps:raising", workers=1) as server, \
+            unharmed(server, warm_up="/"):
+        with httpx.Client(base_url=base_url(server), timeout=10.0) as c:
+            r = c.get("/x")
+        assert r.status_code == 500
+        wait_until(lambda: RAISED in server.log(), 5, "the traceback in the log")
+        log = server.log()
+        assert "Traceback (most recent call last)" in log
+        assert f"RuntimeError: {RAISED}" in log
+
+
+def test_app_returns_without_response_500(tmp_path: Path) -> None:
+    with sockshare(tmp_path, "web_raw_apps:silent", workers=1) as server, \
+            unharmed(server, warm_up="/"):
+        with httpx.Client(base_url=base_url(server), timeout=10.0) as c:
+            statuses = [c.get(f"/{i}").status_code for i in range(3)]
+        assert statuses == [500, 500, 500]
+        wait_until(lambda: "returned without starting response" in server.log(), 5,
+                   "uvicorn's message in the log")
+
+
+def test_limit_concurrency_one_then_503(tmp_path: Path) -> None:
+    """``--limit-concurrency 1``: one slow request is served, a second one at the same
+    time gets 503 (uvicorn's own ``--limit-concurrency 1`` answers 503 to both: it counts
+    the connection asking)."""
+    with sockshare(tmp_path, "web_starlette_app:app", "--limit-concurrency", "1",
+                   workers=1) as server, unharmed(server, warm_up="/slow?s=0"):
+        url = base_url(server)
+        statuses: list[int] = []
+        started = threading.Barrier(2)
+
+        def slow() -> None:
+            with httpx.Client(base_url=url, timeout=10.0) as c:
+                started.wait(5)
+                statuses.append(c.get("/slow", params={"s": "1"}).status_code)
+
+        threads = [threading.Thread(target=slow) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(15)
+        assert sorted(statuses) == [200, 503]
