@@ -330,9 +330,15 @@ def _fd_of(transport: asyncio.BaseTransport) -> int:
         return -1
 
 
-def _head_end(data: bytes, start: int) -> int:
-    """Offset just past the first blank line at or after ``start``, or -1."""
-    i = data.find(b"\r\n\r\n", start)
+def _head_end(tail: bytes, data: bytes) -> int:
+    """Offset in ``data`` just past the first blank line, or -1; ``tail`` is the last
+    bytes (at most 3) of the head read before ``data``: the blank line may straddle two
+    reads."""
+    if tail:
+        i = (tail + data[:3]).find(b"\r\n\r\n")
+        if i >= 0:
+            return i + 4 - len(tail)
+    i = data.find(b"\r\n\r\n")
     return -1 if i < 0 else i + 4
 
 
@@ -344,6 +350,7 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
         _ss_conn: _Conn | None = None
         _ss_head = 0          # bytes of the request head read so far (HTTP)
         _ss_in_head = True
+        _ss_tail = b""        # its last 3 bytes
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -368,18 +375,22 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
         if http:
             def data_received(self, data: bytes) -> None:
                 if self._ss_in_head:
-                    end = _head_end(data, 0)
+                    end = _head_end(self._ss_tail, data)
                     self._ss_head += len(data) if end < 0 else end
                     if self._ss_head > web.settings.limit_header_size:
                         web._too_large(self)
                         return
                     if end >= 0:
                         self._ss_in_head = False
+                        self._ss_tail = b""
+                    else:
+                        self._ss_tail = (self._ss_tail + data[-3:])[-3:]
                 super().data_received(data)
 
             def on_response_complete(self) -> None:
                 self._ss_in_head = True
                 self._ss_head = 0
+                self._ss_tail = b""
                 super().on_response_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
