@@ -87,6 +87,15 @@ def test_oversized_headers_431(starlette: Server) -> None:
         assert got.startswith(b"HTTP/1.1 431 "), got[:300]
 
 
+def test_h11_big_head_431_and_garbage_400(tmp_path: Path) -> None:
+    """The same answers with ``--http h11``."""
+    with sockshare(tmp_path, "web_starlette_app:app", "--http", "h11", workers=1) as server, \
+            unharmed(server):
+        big = b"GET /items/1 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (70 * 1024) + b"\r\n\r\n"
+        assert status_of(raw_http(server.address(), big)) == 431
+        assert status_of(raw_http(server.address(), b"GARBAGE\r\n\r\n")) == 400
+
+
 @pytest.mark.parametrize("split", [1, 2, 3])
 def test_blank_line_split_across_reads_is_not_a_big_head(starlette: Server, split: int) -> None:
     """The blank line that ends a head arrives in two reads (TCP may cut anywhere): the
@@ -111,6 +120,56 @@ def test_blank_line_split_across_reads_is_not_a_big_head(starlette: Server, spli
             got += chunk
         assert status_of(got) == 200, got[:300]
         assert b'"length":102400' in got
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_next_request_before_the_response_ends(tmp_path: Path, http: str) -> None:
+    """The client has read a whole response (content-length) and sends its next request,
+    a 100 KB upload, before the app finished the response: the body is not counted as
+    a request head (it got 431)."""
+    body = b"z" * (100 * 1024)
+    with sockshare(tmp_path, "web_raw_apps:lagging", "--http", http, workers=1) as server, \
+            unharmed(server, warm_up="/"), socket.create_connection(server.address(), 10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = b""
+        while not got.endswith(b"\r\n\r\n0"):
+            chunk = s.recv(65536)
+            assert chunk, got
+            got += chunk
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+        time.sleep(0.1)   # the head alone first
+        s.sendall(body)
+        got = b""
+        while not got.endswith(b"102400") and b"\r\n\r\n" not in got.partition(b"\r\n\r\n")[2]:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+            if got.startswith(b"HTTP/1.1 431"):
+                break
+        assert status_of(got) == 200, got[:300]
+        assert got.endswith(b"\r\n\r\n102400")
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_pipelined_upload_after_a_request(tmp_path: Path, http: str) -> None:
+    """A GET and the head of a 200 KB upload in one write, the rest of the body later:
+    both are answered (the body is not counted as a head)."""
+    body = b"p" * (200 * 1024)
+    with sockshare(tmp_path, "web_raw_apps:lagging", "--http", http, workers=1) as server, \
+            unharmed(server, warm_up="/"), socket.create_connection(server.address(), 10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+                  + body[:10_000])
+        time.sleep(0.1)
+        s.sendall(body[10_000:])
+        got = b""
+        while not got.endswith(b"\r\n\r\n204800"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        assert got.count(b"HTTP/1.1 200 OK") == 2, got[:600]
 
 
 @pytest.mark.parametrize("rst", [False, True])

@@ -1,6 +1,7 @@
 """Plain ASGI and WSGI callables for the bad-input and interface tests.
 
-``raising`` raises before answering, ``silent`` returns without a response, ``wsgi_app``
+``raising`` raises before answering, ``silent`` returns without a response, ``lagging``
+answers the request body's length and ends the response 0.3 s after its last byte, ``wsgi_app``
 and ``asgi_app`` answer ``ok`` (the interface tests' plain callables), ``handler`` is a
 sockshare handler (one argument). Each ASGI app here ignores the lifespan protocol
 politely (startup and shutdown complete).
@@ -8,6 +9,7 @@ politely (startup and shutdown complete).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
@@ -39,6 +41,25 @@ async def raising(scope: Scope, receive: Receive, send: Send) -> None:
 async def silent(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
         await _lifespan(receive, send)
+
+
+async def lagging(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "lifespan":
+        await _lifespan(receive, send)
+        return
+    n = 0
+    more = True
+    while more:
+        msg = await receive()
+        n += len(msg.get("body", b""))
+        more = bool(msg.get("more_body", False))
+    text = str(n).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"),
+                            (b"content-length", str(len(text)).encode())]})
+    await send({"type": "http.response.body", "body": text, "more_body": True})
+    await asyncio.sleep(0.3)   # the client has the whole response; the server is not done
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def asgi_app(scope: Scope, receive: Receive, send: Send) -> None:

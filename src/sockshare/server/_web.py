@@ -346,6 +346,10 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
     """uvicorn's protocol class ``base``, with the per-connection set-up of a handed-off
     socket (:class:`_Conn`), the request-head limit (HTTP) and the closed report."""
 
+    h11: Any = None
+    if http and base.__module__.endswith("h11_impl"):
+        h11 = __import__("h11")
+
     class Handed(base):  # type: ignore[valid-type,misc]
         _ss_conn: _Conn | None = None
         _ss_head = 0          # bytes of the request head read so far (HTTP)
@@ -354,6 +358,8 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            if h11 is not None:
+                self._ss_watch()
             if http and web.settings.limit_concurrency is not None:
                 # uvicorn counts the connection asking among the open ones (with 1, every
                 # request would get 503): N serves N connections at once, the next gets 503
@@ -373,25 +379,57 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
                 self.data_received(pre)
 
         if http:
+            # The head's bytes are counted as they arrive, from the end of a request
+            # (its body read, as the parser says) to the blank line that ends the next
+            # head. Not from the end of the response: a client that has read all of it
+            # may already be sending the next request's body.
             def data_received(self, data: bytes) -> None:
-                if self._ss_in_head:
-                    end = _head_end(self._ss_tail, data)
-                    self._ss_head += len(data) if end < 0 else end
-                    if self._ss_head > web.settings.limit_header_size:
-                        web._too_large(self)
-                        return
-                    if end >= 0:
-                        self._ss_in_head = False
-                        self._ss_tail = b""
-                    else:
-                        self._ss_tail = (self._ss_tail + data[-3:])[-3:]
+                if self._ss_in_head and self._ss_count(data):
+                    web._too_large(self)
+                    return
                 super().data_received(data)
 
-            def on_response_complete(self) -> None:
+            def _ss_count(self, data: bytes) -> bool:
+                """Count the head bytes in ``data``; True: past the limit."""
+                end = _head_end(self._ss_tail, data)
+                self._ss_head += len(data) if end < 0 else end
+                if end >= 0:
+                    self._ss_in_head = False
+                    self._ss_tail = b""
+                else:
+                    self._ss_tail = (self._ss_tail + data[-3:])[-3:]
+                return self._ss_head > web.settings.limit_header_size
+
+            def _ss_request_read(self) -> None:
                 self._ss_in_head = True
                 self._ss_head = 0
                 self._ss_tail = b""
-                super().on_response_complete()
+
+            if h11 is None:   # httptools: its callbacks, in the order of the bytes
+                def on_headers_complete(self) -> None:
+                    self._ss_in_head = False
+                    super().on_headers_complete()
+
+                def on_message_complete(self) -> None:
+                    super().on_message_complete()
+                    self._ss_request_read()
+            else:   # h11: its events, watched on their way to uvicorn
+                def _ss_watch(self) -> None:
+                    conn = self.conn
+                    next_event = conn.next_event
+
+                    def watched() -> Any:
+                        event = next_event()
+                        if type(event) is h11.Request:
+                            self._ss_in_head = False
+                        elif type(event) is h11.EndOfMessage:
+                            self._ss_request_read()
+                            pending = conn.trailing_data[0]   # the next head, begun
+                            if pending:
+                                self._ss_count(bytes(pending))
+                        return event
+
+                    conn.next_event = watched
 
         def connection_lost(self, exc: Exception | None) -> None:
             try:
