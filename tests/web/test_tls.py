@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
+from serve_helpers import Server
 from tests._fdcount import fd_table, wait_fd_count
-from tests.server.serve_helpers import Server
 
 httpx = pytest.importorskip("httpx")
 ws_client = pytest.importorskip("websockets.sync.client")

@@ -161,7 +161,7 @@ def _web_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-requests-jitter", type=int, metavar="N",
                    help="add a random 0..N to --max-requests per worker")
     g.add_argument("--limit-concurrency", type=int, metavar="N",
-                   help="per worker: past N connections and requests, answer 503")
+                   help="per worker: serve N connections at once; a request on one more gets 503")
     g.add_argument("--graceful-timeout", type=float, metavar="S", help="another name for --grace")
     g.add_argument("--root-path", metavar="PATH", help="ASGI root_path (app mounted below a prefix)")
     g.add_argument("--proxy-headers", action="store_true", default=None,

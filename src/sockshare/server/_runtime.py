@@ -124,6 +124,7 @@ from sockshare.server._web import (
     WebAppError,
     WebServer,
     WebSettings,
+    check_interface,
     detect_interface,
 )
 
@@ -946,6 +947,8 @@ def _load_web(spec: str, interface: str, settings: WebSettings
     from sockshare.server._policy import load_callable
 
     obj = load_callable(spec)
+    if interface != "auto":
+        check_interface(obj, interface)
     kind = detect_interface(obj) if interface == "auto" else interface
     if kind == "handler":
         return load_app(spec), None
@@ -986,10 +989,7 @@ def main(argv: list[str] | None = None) -> int:
     error = ""
     settings = WebSettings.from_json(args.web)
     try:
-        if args.interface == "handler":
-            app = load_app(args.app)
-        else:
-            app, web = _load_web(args.app, args.interface, settings)
+        app, web = _load_web(args.app, args.interface, settings)
         if web is None:
             resume = load_resume(args.app, args.resume)
     except WebAppError as exc:

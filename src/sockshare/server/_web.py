@@ -20,7 +20,9 @@ sockshare adds around them, in :class:`WebServer`:
 * **Lifespan** (ASGI): startup before the worker says hello; a failure is returned, with
   the app's traceback, for the runtime to report as fatal; shutdown after the drain.
 * **Limits**: a request head over :attr:`WebSettings.limit_header_size` gets 431 (from any
-  HTTP/1 implementation); ``--limit-concurrency`` gets uvicorn's 503.
+  HTTP/1 implementation); ``--limit-concurrency N`` serves N connections at once and
+  answers a request on one more with uvicorn's 503 (uvicorn itself counts the connection
+  asking: its ``--limit-concurrency 1`` refuses every request).
 * **An access log** in gunicorn's format (:class:`AccessLog`), and request counting for
   ``--max-requests`` (:attr:`WebServer.requests`; the runtime asks to be recycled).
 * **Drain**: idle keep-alive connections closed, requests in progress finished (uvicorn's
@@ -63,6 +65,7 @@ __all__ = [
     "WebAppError",
     "WebServer",
     "WebSettings",
+    "check_interface",
     "detect_interface",
 ]
 
@@ -113,7 +116,8 @@ class WebSettings:
     #: replace the worker after this many requests (0: never), plus up to jitter more
     max_requests: int = 0
     max_requests_jitter: int = 0
-    #: per worker: connections + requests in progress past which new requests get 503
+    #: per worker: connections (or requests in progress) served at once; a request on one
+    #: more gets 503
     limit_concurrency: int | None = None
     root_path: str = ""
     #: trust X-Forwarded-For / -Proto from --forwarded-allow-ips
@@ -207,6 +211,37 @@ def detect_interface(app: Any) -> str:
         "handler")
 
 
+#: how each explicit ``--interface`` calls the app
+_CALLS = {"asgi": ("app(scope, receive, send)", 3), "wsgi": ("app(environ, start_response)", 2),
+          "handler": ("app(conn)", 1)}
+
+
+def check_interface(app: Any, interface: str) -> None:
+    """An explicit ``--interface`` that cannot call ``app`` (its signature does not take
+    that many positional arguments): raise :class:`WebAppError` saying what the app looks
+    like, at load time, rather than a TypeError on every request. An app whose signature
+    cannot be read is taken at its word."""
+    if interface not in _CALLS:
+        return
+    call, n = _CALLS[interface]
+    try:
+        sig = inspect.signature(app)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(*range(n))
+    except TypeError as exc:
+        try:
+            looks: str | None = detect_interface(app)
+        except WebAppError:
+            looks = None
+        what = {"asgi": "an ASGI app", "wsgi": "a WSGI app", "handler": "a handler"}
+        hint = (f"it looks like {what[looks]}: give --interface {looks} or auto" if looks
+                else "give --interface auto to have it detected")
+        raise WebAppError(f"--interface {interface}: the app cannot be called as {call} "
+                          f"({exc}); {hint}") from None
+
+
 def _require(module: str, extra: str) -> Any:
     try:
         return __import__(module, fromlist=["_"])
@@ -298,9 +333,15 @@ def _fd_of(transport: asyncio.BaseTransport) -> int:
         return -1
 
 
-def _head_end(data: bytes, start: int) -> int:
-    """Offset just past the first blank line at or after ``start``, or -1."""
-    i = data.find(b"\r\n\r\n", start)
+def _head_end(tail: bytes, data: bytes) -> int:
+    """Offset in ``data`` just past the first blank line, or -1; ``tail`` is the last
+    bytes (at most 3) of the head read before ``data``: the blank line may straddle two
+    reads."""
+    if tail:
+        i = (tail + data[:3]).find(b"\r\n\r\n")
+        if i >= 0:
+            return i + 4 - len(tail)
+    i = data.find(b"\r\n\r\n")
     return -1 if i < 0 else i + 4
 
 
@@ -308,10 +349,24 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
     """uvicorn's protocol class ``base``, with the per-connection set-up of a handed-off
     socket (:class:`_Conn`), the request-head limit (HTTP) and the closed report."""
 
+    h11: Any = None
+    if http and base.__module__.endswith("h11_impl"):
+        h11 = __import__("h11")
+
     class Handed(base):  # type: ignore[valid-type,misc]
         _ss_conn: _Conn | None = None
         _ss_head = 0          # bytes of the request head read so far (HTTP)
         _ss_in_head = True
+        _ss_tail = b""        # its last 3 bytes
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if h11 is not None:
+                self._ss_watch()
+            if http and web.settings.limit_concurrency is not None:
+                # uvicorn counts the connection asking among the open ones (with 1, every
+                # request would get 503): N serves N connections at once, the next gets 503
+                self.limit_concurrency = web.settings.limit_concurrency + 1
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             c = web._conns.get(_fd_of(transport))
@@ -327,25 +382,64 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
                 self.data_received(pre)
 
         if http:
+            # The head's bytes are counted as they arrive, from the end of a request
+            # (its body read, as the parser says) to the blank line that ends the next
+            # head. Not from the end of the response: a client that has read all of it
+            # may already be sending the next request's body.
             def data_received(self, data: bytes) -> None:
-                if self._ss_in_head:
-                    end = _head_end(data, 0)
-                    self._ss_head += len(data) if end < 0 else end
-                    if self._ss_head > web.settings.limit_header_size:
-                        web._too_large(self)
-                        return
-                    if end >= 0:
-                        self._ss_in_head = False
+                if self._ss_in_head and self._ss_count(data):
+                    web._too_large(self)
+                    return
                 super().data_received(data)
 
-            def on_response_complete(self) -> None:
+            def _ss_count(self, data: bytes) -> bool:
+                """Count the head bytes in ``data``; True: past the limit."""
+                end = _head_end(self._ss_tail, data)
+                self._ss_head += len(data) if end < 0 else end
+                if end >= 0:
+                    self._ss_in_head = False
+                    self._ss_tail = b""
+                else:
+                    self._ss_tail = (self._ss_tail + data[-3:])[-3:]
+                return self._ss_head > web.settings.limit_header_size
+
+            def _ss_request_read(self) -> None:
                 self._ss_in_head = True
                 self._ss_head = 0
+                self._ss_tail = b""
+
+            def on_response_complete(self) -> None:
                 super().on_response_complete()
                 if web.handover_reason and self._ss_conn is not None:
                     # between two requests now: the connection moves (after uvicorn is
                     # done with this turn)
                     asyncio.get_running_loop().call_soon(web._handover_if_idle, self)
+
+            if h11 is None:   # httptools: its callbacks, in the order of the bytes
+                def on_headers_complete(self) -> None:
+                    self._ss_in_head = False
+                    super().on_headers_complete()
+
+                def on_message_complete(self) -> None:
+                    super().on_message_complete()
+                    self._ss_request_read()
+            else:   # h11: its events, watched on their way to uvicorn
+                def _ss_watch(self) -> None:
+                    conn = self.conn
+                    next_event = conn.next_event
+
+                    def watched() -> Any:
+                        event = next_event()
+                        if type(event) is h11.Request:
+                            self._ss_in_head = False
+                        elif type(event) is h11.EndOfMessage:
+                            self._ss_request_read()
+                            pending = conn.trailing_data[0]   # the next head, begun
+                            if pending:
+                                self._ss_count(bytes(pending))
+                        return event
+
+                    conn.next_event = watched
 
         def connection_lost(self, exc: Exception | None) -> None:
             try:
