@@ -234,3 +234,24 @@ def test_opted_in_websockets_move_with_their_state_and_in_flight_messages(tmp_pa
         for s in sockets:
             assert s.errors == [], s.errors[:3]
             assert len(s.pids) >= 6   # it lived in every generation
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_keep_alive_answers_are_not_held_back_by_nagle(tmp_path: Path, loop: str) -> None:
+    """A response written in two parts (head, then body) on a handed-over socket leaves
+    at once: the worker sets TCP_NODELAY (asyncio does so only when the socket's proto
+    says TCP, and an accepted socket's says 0). Without it each request waits 40 ms for
+    the client's delayed ACK."""
+    with LiveServer(tmp_path, "--loop", loop, app="web_apps:asgi", workers=1) as srv:
+        host, port = srv.address()
+        c = http.client.HTTPConnection(host, port, timeout=10)
+        took = []
+        for _ in range(15):
+            started = time.perf_counter()
+            c.request("GET", "/")
+            r = c.getresponse()
+            r.read()
+            took.append(time.perf_counter() - started)
+        c.close()
+        took.sort()
+        assert took[len(took) // 2] < 0.02, took

@@ -58,6 +58,7 @@ from email.utils import formatdate
 from typing import Any
 
 from sockshare._errors import SockshareError
+from sockshare.server._handler import set_nodelay
 
 __all__ = [
     "INTERFACES",
@@ -643,6 +644,7 @@ class WebServer:
         TLS connections complete their handshake in a task."""
         loop = asyncio.get_running_loop()
         make = getattr(loop, "_make_socket_transport", None)
+        set_nodelay(sock)
         if self.ssl is None and make is not None:
             sock.setblocking(False)
             c = self._conns.get(sock.fileno())
