@@ -121,6 +121,20 @@ class DemoWorker(Protocol):
     def generation(self) -> object: ...
 
 
+class PageSource(Protocol):
+    """What the page (:func:`render_page`) reads of a connection; the ASGI demo
+    (``_demo_asgi``) fills it from the scope."""
+
+    @property
+    def meta(self) -> Mapping[str, Any]: ...
+
+    @property
+    def handoff_id(self) -> Any: ...
+
+    @property
+    def worker(self) -> DemoWorker: ...
+
+
 class DemoConnection(Protocol):
     """What the handler reads of the connection the worker runtime hands it."""
 
@@ -189,7 +203,7 @@ async def _migrate(conn: DemoConnection, state: dict[str, Any], unread: bytes,
 # --------------------------------------------------------------------------- HTTP
 
 
-def _served_by(conn: DemoConnection) -> dict[str, Any]:
+def _served_by(conn: PageSource) -> dict[str, Any]:
     return {
         "worker_pid": conn.worker.pid,
         "worker_id": _jsonable(conn.worker.id),
@@ -673,7 +687,7 @@ def _script_json(value: object) -> str:
     )
 
 
-def render_page(conn: DemoConnection) -> str:
+def render_page(conn: PageSource) -> str:
     """The HTML of ``GET /`` for this connection."""
     info = _served_by(conn)
     info["worker_generation"] = _jsonable(conn.worker.generation)
