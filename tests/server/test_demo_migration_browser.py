@@ -1,7 +1,8 @@
 """The demo page's "Move me" button in a real headless Chromium, against a real
 ``sockshare serve`` (the built-in demo app, two workers).
 
-A person opens the page, types messages, clicks "Move me" a few times, and sees: the pid
+Both demos: the built-in handler app, and the ASGI one (``_demo_asgi``, the same page
+on the ``sockshare.migration`` ASGI extension). A person opens the page, types messages, clicks "Move me" a few times, and sees: the pid
 serving the WebSocket changes, the message counter goes on, and every message they sent
 was answered exactly once, in order. The browser's WebSocket never reconnects (one
 connection accepted for it by the dispatcher). Then ``sockshare reload`` moves it once
@@ -31,9 +32,12 @@ def _say(page: object, text: str) -> None:
         "document.getElementById('ws-form').requestSubmit()")
 
 
-def test_move_me_button_migrates_the_websocket(tmp_path: Path) -> None:
+@pytest.mark.parametrize("app", [None, "sockshare.server._demo_asgi:app"], ids=["handler", "asgi"])
+def test_move_me_button_migrates_the_websocket(tmp_path: Path, app: str | None) -> None:
+    """The built-in demo (sockshare's handler API), and the same demo as an ASGI app
+    that opts in to the ``sockshare.migration`` extension (docs/web.md)."""
     chromium = require_chromium()
-    with LiveServer(tmp_path, "--no-rebalance", app=None, workers=2) as srv:
+    with LiveServer(tmp_path, "--no-rebalance", app=app, workers=2) as srv:
         host, port = srv.address()
         workers = {w["pid"] for w in srv.status()["workers"]}
         with Browser(chromium) as browser:
