@@ -35,6 +35,8 @@ import pytest
 from serve_helpers import Server
 from tests._fdcount import fd_table, wait_fd_count
 
+from sockshare.server._control import request
+
 httpx = pytest.importorskip("httpx")
 ws_client = pytest.importorskip("websockets.sync.client")
 
@@ -339,3 +341,21 @@ def test_failed_handshakes_cost_the_worker_no_fd(server: Server, pki: Path, case
     wait_fd_count(pid, n, before=before, what=f"pool {pool}'s worker")
     st = server.status()
     assert all(w["state"] == "ready" for w in st["workers"]), st["workers"]
+
+
+def test_reload_closes_tls_keep_alive_between_requests(server: Server, pki: Path) -> None:
+    """TLS that ended in a worker cannot move (its state is in that process): on a reload
+    its idle keep-alive connection is closed cleanly between requests (close_notify, then
+    EOF), never handed raw to a worker that would read TLS records as HTTP. A new
+    connection is served by the new generation. (Last in this module: it replaces the
+    workers the other tests share.)"""
+    with tls_connect(tls_addr(server), client_ctx(pki), "a.test") as tls:
+        old_pid = get(tls)["pid"]
+        resp = request(server.control, {"cmd": "reload", "wait": True}, timeout=60.0)
+        assert resp["ok"], resp
+        tls.settimeout(15)
+        assert tls.recv(100) == b""   # closed by the old worker, cleanly
+    assert pid_of(server, pki, "a") != old_pid
+    st = server.wait_for(lambda st: st["counters"]["web_moves_refused"] >= 1, timeout=15,
+                         what="the refusal (TLS cannot move) counted")
+    assert st["counters"]["web_keepalive_handed_over"] == 0

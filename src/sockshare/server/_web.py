@@ -711,9 +711,10 @@ class WebServer:
         """Between two requests, nothing of the next one read: the connection can move
         with no byte of it in this process."""
         transport = getattr(proto, "transport", None)
-        if (not isinstance(proto, self.http_class) or proto._ss_conn is None
-                or transport is None or transport.is_closing() or proto in self._moving):
-            return False
+        if (self.ssl is not None or not isinstance(proto, self.http_class)
+                or proto._ss_conn is None or transport is None or transport.is_closing()
+                or proto in self._moving):
+            return False   # (TLS ended here: its state is this process's, it cannot move)
         if not proto._ss_in_head or proto._ss_head:
             return False
         cycle = getattr(proto, "cycle", None)
@@ -840,7 +841,18 @@ class WebServer:
         loop = asyncio.get_running_loop()
         end = loop.time() + grace
         moving = bool(self.handover_reason) and self.relay is not None
-        if moving:
+        if moving and self.ssl is not None:
+            # TLS ended in this worker: its keys and sequence numbers are in this process
+            # (no kTLS here), so its keep-alive connections cannot move: closed between
+            # requests, as uvicorn does; WebSockets stay until grace ends
+            http = [p for p in self.state.connections if not self._is_ws(p)]
+            if http:
+                self.counts["handover_refused"] += len(http)
+                log.info("%d keep-alive TLS connection(s) cannot move (TLS ended in this "
+                         "worker): closed between requests", len(http))
+            for proto in http:
+                self._shutdown(proto)
+        elif moving:
             self.request_handover(None, self.handover_reason)
         else:
             for proto in list(self.state.connections):
