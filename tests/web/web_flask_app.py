@@ -43,3 +43,13 @@ def teapot_view() -> Response:
 def scope_view() -> Response:
     return jsonify({"client": [request.environ.get("REMOTE_ADDR"),
                                int(request.environ.get("REMOTE_PORT") or 0)]})
+
+
+@app.get("/slow")
+def slow_view() -> Response:
+    """Busy for 2 s in its thread: the worker's event loop goes on meanwhile."""
+    import os
+    import time
+
+    time.sleep(2.0)
+    return jsonify({"pid": os.getpid()})
