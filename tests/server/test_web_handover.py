@@ -255,3 +255,88 @@ def test_keep_alive_answers_are_not_held_back_by_nagle(tmp_path: Path, loop: str
         c.close()
         took.sort()
         assert took[len(took) // 2] < 0.02, took
+
+
+class PlainSocket:
+    """WebSockets to an endpoint that does not opt in: echo after echo; when the server
+    closes one, its close code and time are noted and a new one is opened."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.closes: list[tuple[int | None, float]] = []
+        self.errors: list[str] = []
+        self.echoes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from websockets.exceptions import ConnectionClosed
+        from websockets.sync.client import connect
+
+        while not self._stop.is_set():
+            try:
+                with connect(self.url, open_timeout=10) as ws:
+                    while not self._stop.is_set():
+                        ws.send("p")
+                        ws.recv(timeout=10)
+                        self.echoes += 1
+                        time.sleep(0.05)
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd is not None else None
+                self.closes.append((code, time.monotonic()))
+            except Exception as exc:
+                self.errors.append(repr(exc))
+                time.sleep(0.1)
+
+    def finish(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+
+def test_reloads_upgrades_and_recycling_under_mixed_load(tmp_path: Path) -> None:
+    """The whole promise at once (docs/web.md): 20 reloads, 2 upgrades and --max-requests
+    recycling while keep-alive clients that never reconnect, WebSockets that opt in and
+    WebSockets that do not are all busy. 0 failed requests, 0 resets; the opted-in
+    WebSockets keep an unbroken, ordered sequence; the others are closed with 1012 only,
+    once their worker's grace is over."""
+    grace = 1.5
+    with LiveServer(tmp_path, "--grace", str(grace), "--max-requests", "3000",
+                    app="web_apps:combined_app", workers=2) as srv:
+        host, port = srv.address()
+        fds = _fds(srv.pid)
+        http = KeepAliveClients((host, port), n=6)
+        counting = [CountingSocket(f"ws://{host}:{port}/count", depth=2) for _ in range(3)]
+        plain = [PlainSocket(f"ws://{host}:{port}/echo") for _ in range(2)]
+        try:
+            wait_until(lambda: http.requests >= 20 and all(c.seen >= 5 for c in counting),
+                       timeout=20, what="the first answers")
+            for i in range(20):
+                _reload(srv)
+                if i in (9, 19):   # an upgrade after the 10th and the 20th reload
+                    old = srv.current()
+                    resp = srv.command({"cmd": "upgrade", "wait": True})
+                    assert resp["ok"], resp
+                    wait_until(lambda old=old: _answers_other_than(srv, old), timeout=30,
+                               what="the new dispatcher")
+                time.sleep(0.2)
+            n = http.requests
+            wait_until(lambda: http.requests >= n + 30, timeout=20, what="requests after it all")
+            pid = srv.current()
+        finally:
+            http.finish()
+            for c in counting:
+                c.finish()
+            for p in plain:
+                p.finish()
+        assert http.failures == [], http.failures[:5]
+        for c in counting:
+            assert c.errors == [], c.errors[:3]
+            assert len(c.pids) >= 10   # it moved with (nearly) every generation
+        closes = [close for p in plain for close in p.closes]
+        assert [p.errors for p in plain] == [[], []]
+        assert closes, "no plain WebSocket was ever closed: were workers retired?"
+        # (when: test_websockets_of_apps_that_do_not_opt_in_close_with_1012_after_grace)
+        assert {code for code, _t in closes} == {1012}
+        wait_until(lambda: _fds(pid) <= fds + 4, timeout=15,
+                   what=f"the dispatcher's descriptors back near {fds}")

@@ -49,7 +49,9 @@ def index() -> str:
 import asyncio  # noqa: E402
 
 from starlette.applications import Starlette  # noqa: E402
-from starlette.routing import WebSocketRoute  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+from starlette.responses import PlainTextResponse  # noqa: E402
+from starlette.routing import Route, WebSocketRoute  # noqa: E402
 from starlette.websockets import WebSocket, WebSocketDisconnect  # noqa: E402
 
 
@@ -78,3 +80,23 @@ async def counter(ws: WebSocket) -> None:
 
 
 starlette_app = Starlette(routes=[WebSocketRoute("/count", counter)])
+
+
+async def pid_page(request: Request) -> PlainTextResponse:
+    client = request.client
+    return PlainTextResponse(f"{os.getpid()} {client.port if client else 0}")
+
+
+async def plain_echo(ws: WebSocket) -> None:
+    """A WebSocket that does not opt in: ``"<pid> <text>"`` for each message."""
+    await ws.accept()
+    try:
+        while True:
+            await ws.send_text(f"{os.getpid()} {await ws.receive_text()}")
+    except WebSocketDisconnect:
+        return
+
+
+#: keep-alive HTTP (``/``), an opted-in WebSocket (``/count``), a plain one (``/echo``)
+combined_app = Starlette(routes=[Route("/", pid_page), WebSocketRoute("/count", counter),
+                                 WebSocketRoute("/echo", plain_echo)])
