@@ -132,3 +132,25 @@ def test_access_log_atoms_follow_gunicorn() -> None:
     line = log.fmt % atoms
     assert line.startswith('10.1.2.3 - - [')
     assert '"GET /a%20b?x=1 HTTP/1.1" 404 12 "http://r/" "curl/8"' in line
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+@pytest.mark.parametrize("mask", [True, False])
+def test_frame_end_follows_rfc_6455_lengths(size: int, mask: bool) -> None:
+    """Frames made by websockets' own encoder: the end is found from the header alone,
+    for the 7-bit, 16-bit and 64-bit length forms, masked (client) or not."""
+    frames = pytest.importorskip("websockets.frames", reason="pip install websockets")
+    from sockshare.server._wsmove import frame_end
+
+    text = frames.Frame(frames.Opcode.TEXT, b"x" * size, fin=True).serialize(
+        mask=mask, extensions=[])
+    cont = frames.Frame(frames.Opcode.CONT, b"y", fin=False).serialize(mask=mask, extensions=[])
+    ping = frames.Frame(frames.Opcode.PING, b"p", fin=True).serialize(mask=mask, extensions=[])
+    buf = cont + ping + text
+    assert frame_end(buf, 0) == (len(cont), False, 0)
+    assert frame_end(buf, len(cont)) == (len(cont) + len(ping), True, 9)
+    assert frame_end(buf, len(cont) + len(ping)) == (len(buf), True, 1)
+    lengths = 2 + (0 if size < 126 else 2 if size < 65536 else 8)
+    for cut in range(lengths):   # the length fields incomplete: not known yet
+        assert frame_end(text[:cut], 0) is None
+    assert frame_end(text[:lengths], 0) == (len(text), True, 1)   # (the mask is counted)

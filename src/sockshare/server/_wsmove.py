@@ -64,9 +64,9 @@ MIGRATE = "sockshare.migrate"
 _COMPACT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
-def frame_end(buf: bytes | bytearray, start: int) -> tuple[int, bool] | None:
-    """Where the frame that starts at ``start`` ends, and whether it ends a message (a
-    data frame with FIN set), from its header alone; None until the header is complete."""
+def frame_end(buf: bytes | bytearray, start: int) -> tuple[int, bool, int] | None:
+    """Where the frame that starts at ``start`` ends, its FIN bit and its opcode, from its
+    header alone; None until the header is complete."""
     if len(buf) - start < 2:
         return None
     b0, b1 = buf[start], buf[start + 1]
@@ -84,8 +84,7 @@ def frame_end(buf: bytes | bytearray, start: int) -> tuple[int, bool] | None:
         pos += 8
     if b1 & 0x80:
         pos += 4
-    opcode = b0 & 0x0F
-    return pos + n, bool(b0 & 0x80) and opcode < 8
+    return pos + n, bool(b0 & 0x80), b0 & 0x0F
 
 
 def movable_class(base: type[Any], web: WebServer) -> type[Any]:
@@ -115,6 +114,7 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
             self._ss_raw = bytearray()      # bytes from the end of the last message taken
             self._ss_ends: deque[int] = deque()   # ends of the messages queued, in _ss_raw
             self._ss_scan = 0               # where the next frame header starts in _ss_raw
+            self._ss_in_message = False     # a fragmented data message has begun
             self._ss_framing = False        # past the HTTP request: bytes are frames
             self._ss_resumed = False        # started in another worker: no handshake here
             self._ss_accepted = False
@@ -186,9 +186,17 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
                     found = frame_end(raw, self._ss_scan)
                     if found is None or found[0] > len(raw):
                         break
-                    self._ss_scan, ends_message = found
-                    if ends_message:
-                        self._ss_ends.append(found[0])
+                    end, fin, opcode = found
+                    self._ss_scan = end
+                    if opcode < 8:   # a data frame (control frames never end a message)
+                        self._ss_in_message = not fin
+                        if fin:
+                            self._ss_ends.append(end)
+                if not self._ss_ends and not self._ss_in_message and self._ss_scan:
+                    # only control frames since the last message taken (pings...):
+                    # nothing to keep for a move, and nothing to grow without bound
+                    del raw[:self._ss_scan]
+                    self._ss_scan = 0
             super().data_received(data)
 
         async def receive(self) -> Any:
