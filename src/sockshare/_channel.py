@@ -26,7 +26,6 @@ with sockets moved as WSAPROTOCOL_INFO blobs for the receiver's pid learnt in HE
 
 from __future__ import annotations
 
-import _socket
 import array
 import contextlib
 import errno
@@ -42,7 +41,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
 
@@ -61,6 +60,7 @@ from sockshare._errors import (
     RemoteProtocolError,
     SockshareError,
 )
+from sockshare.backends._fds import checked_socket
 from sockshare.backends._scm import (
     CMSG_SPACE_MAX,
     MSG_DONTWAIT,
@@ -152,43 +152,6 @@ _BLOCKING_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 # recvmsg reports MSG_CMSG_CLOEXEC back in its flags: only truncation matters
 _TRUNCATED = int(getattr(socket, "MSG_CTRUNC", 0)) | int(getattr(socket, "MSG_TRUNC", 0))
 
-
-def _wrap_portable(family: int, type: int, proto: int, fd: int) -> socket.socket:
-    return socket.socket(family, type, proto, fd)
-
-
-_new_socket = socket.socket.__new__
-_init_socket = _socket.socket.__init__
-
-
-def _wrap_fast(family: int, type: int, proto: int, fd: int) -> socket.socket:
-    # What socket.socket(family, type, proto, fd) does, minus a Python-level __init__
-    # frame: 0.2 us of the 0.85 us it costs (a fifth of the receive hot path's overhead).
-    sock = _new_socket(socket.socket)
-    _init_socket(sock, family, type, proto, fd)
-    sock._io_refs = 0  # type: ignore[attr-defined]
-    sock._closed = False  # type: ignore[attr-defined]
-    return sock
-
-
-# Wrap a received descriptor in a socket object. The fast form is used only where
-# socket.socket has exactly the slots it sets (CPython 3.11-3.14); anything else gets
-# the public constructor.
-_wrap = (_wrap_fast if getattr(socket.socket, "__slots__", None) == ["__weakref__", "_io_refs", "_closed"]
-         else _wrap_portable)
-
-# the C getters (socket.socket's own properties build an enum on every access)
-_c_type: Callable[[socket.socket], int]
-_c_family: Callable[[socket.socket], int]
-if "type" in _socket.socket.__dict__ and "family" in _socket.socket.__dict__:
-    _c_type = _socket.socket.__dict__["type"].__get__
-    _c_family = _socket.socket.__dict__["family"].__get__
-else:  # pragma: no cover - not CPython
-    def _c_type(sock: socket.socket) -> int:
-        return int(sock.type)
-
-    def _c_family(sock: socket.socket) -> int:
-        return int(sock.family)
 
 TicketState = Literal["pending", "sent", "accepted", "rejected", "returned", "abandoned"]
 
@@ -559,24 +522,9 @@ class _ChannelState:
             return False
         try:
             kind = _UNPACKED.get(rawkind) or SocketKind.unpack(rawkind)
-            # _make_socket, inlined: this is the per-connection hot path. Family and
-            # type are left for the constructor to ask the kernel (getsockname, which
-            # it makes anyway, and SO_TYPE, in C), then compared with the claim.
-            sock = _wrap(-1, -1, kind.proto, fd)
-        except BaseException as exc:
+            sock = checked_socket(fd, kind, self.socket_blocking, "handoff ", hid)
+        except BaseException:
             close_fds([fd])
-            if isinstance(exc, OSError):  # e.g. ENOTSOCK: the peer sent a pipe or a file
-                raise RemoteProtocolError(f"descriptor of handoff {hid} is not a socket: {exc}") from None
-            raise
-        try:
-            if _c_type(sock) != kind.type or _c_family(sock) != kind.family:
-                raise RemoteProtocolError(f"handoff {hid} is not of the socket type it claims")
-            if self.socket_blocking is not None:
-                sock.setblocking(self.socket_blocking)
-        except BaseException as exc:
-            sock.close()
-            if isinstance(exc, OSError):
-                raise RemoteProtocolError(f"descriptor of handoff {hid} is unusable: {exc}") from None
             raise
         end = 34 + mlen
         h = Handoff(hid, sock, data[end:], data[34:end], acked, answer)
@@ -646,27 +594,9 @@ class _ChannelState:
                         missing.append(e.id)
                         continue
                     if wsa:
-                        sock = self._make_socket(e, -1)
-                    else:  # _make_socket, inlined for batches
-                        kind = e.kind
-                        try:   # family and type from the kernel, then compared
-                            sock = _wrap(-1, -1, kind.proto, fds[i])
-                        except OSError as exc:
-                            raise RemoteProtocolError(
-                                f"descriptor of handoff {e.id} is not a socket: {exc}") from None
-                        try:
-                            if _c_type(sock) != kind.type or _c_family(sock) != kind.family:
-                                raise RemoteProtocolError(
-                                    f"handoff {e.id} is not of the socket type it claims")
-                            if blocking is not None:
-                                sock.setblocking(blocking)
-                        except OSError as exc:
-                            sock.detach()
-                            raise RemoteProtocolError(
-                                f"descriptor of handoff {e.id} is unusable: {exc}") from None
-                        except BaseException:
-                            sock.detach()
-                            raise
+                        sock = self._import_blob(e)
+                    else:
+                        sock = checked_socket(fds[i], e.kind, blocking, "handoff ", e.id)
                         fds[i] = -1  # owned by sock now
                     made.append(Handoff(e.id, sock, e.data, e.meta, acked, answer))
             except BaseException:
@@ -692,33 +622,13 @@ class _ChannelState:
                           "kernel closed them; their sender had already closed its copies)",
                           len(missing))
 
-    def _make_socket(self, e: HandoffEntry, fd: int) -> socket.socket:
-        """Wrap a received descriptor (or import a WSA blob) in the documented mode.
-
-        On failure the descriptor is *not* closed here: the caller owns it and closes it
-        (closing twice could hit a number another thread reused in between)."""
-        if self.wsa:
-            if sys.platform != "win32":
-                raise RemoteProtocolError("WSAPROTOCOL_INFO blobs can only be imported on Windows")
-            sock = socket.fromshare(e.blob)
-            if self.socket_blocking is not None:
-                sock.setblocking(self.socket_blocking)
-            return sock
-        try:   # family and type from the kernel (getsockname, SO_TYPE), then compared
-            sock = _wrap(-1, -1, e.kind.proto, fd)
-        except OSError as exc:  # e.g. ENOTSOCK: the peer sent a pipe or a file
-            raise RemoteProtocolError(f"descriptor of handoff {e.id} is not a socket: {exc}") from None
-        try:
-            actual = (_c_family(sock), _c_type(sock))
-            if actual != (e.kind.family, e.kind.type):
-                raise RemoteProtocolError(
-                    f"handoff {e.id} says socket family/type {e.kind.family}/{e.kind.type}, "
-                    f"it is {actual[0]}/{actual[1]}")
-            if self.socket_blocking is not None:
-                sock.setblocking(self.socket_blocking)
-        except BaseException:
-            sock.detach()
-            raise
+    def _import_blob(self, e: HandoffEntry) -> socket.socket:
+        """Import a WSAPROTOCOL_INFO blob (Windows) in the documented blocking mode."""
+        if sys.platform != "win32":
+            raise RemoteProtocolError("WSAPROTOCOL_INFO blobs can only be imported on Windows")
+        sock = socket.fromshare(e.blob)
+        if self.socket_blocking is not None:
+            sock.setblocking(self.socket_blocking)
         return sock
 
     def fail(self, exc: BaseException) -> None:

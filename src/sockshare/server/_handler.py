@@ -47,8 +47,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from sockshare._channel import Handoff, _c_type
+from sockshare._channel import Handoff
 from sockshare._errors import SockshareError
+from sockshare.backends._fds import socket_type
 from sockshare.protocol import MAX_DATA
 
 __all__ = [
@@ -359,7 +360,7 @@ def connection_now(handoff: Handoff, worker: WorkerInfo, *,
     that is not a stream)."""
     loop = asyncio.get_running_loop()
     make = getattr(loop, "_make_socket_transport", None)
-    if make is None or _c_type(handoff.socket) & 0xF != _SOCK_STREAM:
+    if make is None or socket_type(handoff.socket) & 0xF != _SOCK_STREAM:
         return None
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     if handoff.data:
