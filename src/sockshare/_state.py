@@ -18,7 +18,9 @@ fields.
 Descriptors: a received descriptor becomes a socket object through the ``adopt`` hook
 (by default :func:`sockshare.backends._fds.checked_socket`, which checks the kind the
 peer claims), stray ones are closed through ``discard``, and a socket this side no
-longer owns (its handoff was accepted, or sent fire-and-forget) through ``release``.
+longer owns (its handoff was accepted, or sent fire-and-forget) through ``release``;
+on Windows, ``share`` and ``import_blob`` turn sockets into WSAPROTOCOL_INFO blobs and
+back. The state itself makes no system call.
 ``tests/test_channel_state.py`` drives the state with bytes and plain integers for
 descriptors, hooks in place of the OS.
 
@@ -34,7 +36,6 @@ import json
 import logging
 import socket
 import struct
-import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ from sockshare._errors import (
     PeerRefused,
     RemoteProtocolError,
 )
-from sockshare.backends._fds import checked_socket
+from sockshare.backends._fds import checked_socket, share_socket, shared_socket
 from sockshare.backends._scm import close_fds
 from sockshare.protocol import (
     FLAG_ACK,
@@ -301,6 +302,8 @@ class ChannelState:
         name: str = "", pid: int = 0, uid: int = 0, adopt: Adopt = checked_socket,
         discard: Callable[[list[int] | tuple[int, ...]], None] = close_fds,
         release: Callable[[socket.socket], None] = _release,
+        share: Callable[[socket.socket, int], bytes] = share_socket,
+        import_blob: Callable[[bytes, bool | None], socket.socket] = shared_socket,
     ) -> None:
         self.wsa = wsa
         self.decoder = FrameDecoder(max_payload=max_payload, allow_fds=not wsa)
@@ -328,6 +331,8 @@ class ChannelState:
         self._adopt = adopt
         self._discard = discard
         self._release = release
+        self._share = share
+        self._import_blob = import_blob
         self._hs: FrameDecoder | None = FrameDecoder(max_payload=HANDSHAKE_MAX, allow_fds=False)
         self._hs_got = 0
         self._hs_frame: Frame | None = None
@@ -629,8 +634,7 @@ class ChannelState:
             blob = b""
             if self.wsa:
                 assert self.peer is not None
-                if sys.platform == "win32":
-                    blob = sock.share(self.peer.pid)
+                blob = self._share(sock, self.peer.pid)
             entry = HandoffEntry(next(_ids), SocketKind.of(sock), raw, data, blob)
             esize = 20 + len(raw) + len(data) + (2 + len(blob) if self.wsa else 0)
             if entries and (len(entries) >= BATCH or size + esize > peer_max):
@@ -825,7 +829,7 @@ class ChannelState:
                         missing.append(e.id)
                         continue
                     if wsa:
-                        sock = self._import_blob(e)
+                        sock = self._import_blob(e.blob, self.socket_blocking)
                     else:
                         sock = adopt(fds[i], e.kind, blocking, "handoff ", e.id)
                         fds[i] = -1  # owned by sock now
@@ -852,15 +856,6 @@ class ChannelState:
                 log.error("out of file descriptors: %d fire-and-forget handoff(s) lost (the "
                           "kernel closed them; their sender had already closed its copies)",
                           len(missing))
-
-    def _import_blob(self, e: HandoffEntry) -> socket.socket:
-        """Import a WSAPROTOCOL_INFO blob (Windows) in the documented blocking mode."""
-        if sys.platform != "win32":
-            raise RemoteProtocolError("WSAPROTOCOL_INFO blobs can only be imported on Windows")
-        sock = socket.fromshare(e.blob)
-        if self.socket_blocking is not None:
-            sock.setblocking(self.socket_blocking)
-        return sock
 
     def fail(self, exc: BaseException) -> None:
         """The channel broke: give every pending ticket back, close stray descriptors.

@@ -8,18 +8,22 @@ blocking mode its new owner wants.
 
 On failure the descriptor is *not* closed: the caller owns it and closes it once
 (closing twice could hit a number another thread reused in between).
+
+Windows channels move WSAPROTOCOL_INFO blobs instead of descriptors: :func:`share_socket`
+and :func:`shared_socket` make and import them.
 """
 
 from __future__ import annotations
 
 import _socket
 import socket
+import sys
 from collections.abc import Callable
 
 from sockshare._errors import RemoteProtocolError
 from sockshare.protocol import SocketKind
 
-__all__ = ["checked_socket", "socket_family", "socket_type"]
+__all__ = ["checked_socket", "share_socket", "shared_socket", "socket_family", "socket_type"]
 
 
 def _wrap_portable(family: int, type: int, proto: int, fd: int) -> socket.socket:
@@ -86,4 +90,22 @@ def checked_socket(fd: int, kind: SocketKind, blocking: bool | None, what: str,
     except BaseException:
         sock.detach()
         raise
+    return sock
+
+
+def share_socket(sock: socket.socket, pid: int) -> bytes:
+    """The WSAPROTOCOL_INFO blob that lets process ``pid`` import ``sock`` (Windows;
+    elsewhere there is none: descriptors travel by SCM_RIGHTS)."""
+    if sys.platform == "win32":
+        return sock.share(pid)
+    return b""
+
+
+def shared_socket(blob: bytes, blocking: bool | None) -> socket.socket:
+    """A socket imported from a WSAPROTOCOL_INFO ``blob`` (Windows), in the mode given."""
+    if sys.platform != "win32":
+        raise RemoteProtocolError("WSAPROTOCOL_INFO blobs can only be imported on Windows")
+    sock = socket.fromshare(blob)
+    if blocking is not None:
+        sock.setblocking(blocking)
     return sock
