@@ -277,10 +277,6 @@ def error_frame(why: str) -> bytes:
     return encode_frame(FrameType.ERROR, encode_error(ErrorCode.REFUSED, why))
 
 
-def _release(sock: socket.socket) -> None:
-    sock.close()
-
-
 class ChannelState:
     """Everything a channel knows, and how frames change it. No I/O here.
 
@@ -301,7 +297,7 @@ class ChannelState:
         self, *, max_payload: int = MAX_PAYLOAD, wsa: bool = False, blocking: bool | None = True,
         name: str = "", pid: int = 0, uid: int = 0, adopt: Adopt = checked_socket,
         discard: Callable[[list[int] | tuple[int, ...]], None] = close_fds,
-        release: Callable[[socket.socket], None] = _release,
+        release: Callable[[socket.socket], None] = socket.socket.close,
         share: Callable[[socket.socket, int], bytes] = share_socket,
         import_blob: Callable[[bytes, bool | None], socket.socket] = shared_socket,
     ) -> None:
