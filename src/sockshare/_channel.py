@@ -655,7 +655,8 @@ class Channel:
     def receive_many(self, max_count: int = BATCH, timeout: float | None = None) -> list[Handoff]:
         """Wait for at least one handoff; return up to ``max_count`` that are ready."""
         out = [self.receive(timeout)]
-        out.extend(self._state.take_received(max_count - 1))
+        if self._state.incoming:
+            out.extend(self._state.take_received(max_count - 1))
         return out
 
     def flush(self) -> None:
@@ -696,11 +697,15 @@ class Channel:
         st = self._state
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._rlock:
-            while (h := st.take_handoff()) is None:
+            while not st.incoming:
+                if st.peer_said_bye or st.closed or st.broken is not None:
+                    st.take_handoff()  # raises: the peer ended, or the channel did
                 if st.pending_accepts:
                     self.flush()
                 if not self._pump(deadline):
                     raise ChannelTimeout(f"no handoff arrived within {timeout} s")
+            h = st.take_handoff()
+            assert h is not None
             return h
 
     def __iter__(self) -> Iterator[Handoff]:

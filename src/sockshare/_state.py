@@ -560,8 +560,8 @@ class ChannelState:
     def sent_one(self, ticket: Ticket) -> None:
         """The frame of ``ticket`` (from :meth:`single_frame`) was written."""
         self.counters["sent"] += 1
-        if ticket.state == "sent" and ticket.socket is not None:
-            self._release(ticket.socket)
+        if ticket.state == "sent":
+            self._release(ticket.socket)  # type: ignore[arg-type]  # (never None here)
             ticket.socket = None
 
     def sent(self, tickets: list[Ticket]) -> None:
