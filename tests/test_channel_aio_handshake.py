@@ -70,7 +70,7 @@ def test_a_silent_peer_leaves_the_loop_free(sock_dir: Path) -> None:
 
         ticker = asyncio.ensure_future(tick())
         t0 = time.monotonic()
-        with pytest.raises(sockshare.PeerRefused, match="no HELLO within 0.3 s"):
+        with pytest.raises(sockshare.PeerRefused, match=r"no HELLO within 0\.3 s"):
             await sockshare.AsyncChannel.connect(path, timeout=0.3)
         assert time.monotonic() - t0 < 3
         assert ticks >= 10  # the loop ran on while the handshake waited
