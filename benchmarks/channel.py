@@ -1,6 +1,10 @@
 """Benchmark: handoffs per second over a sockshare Channel, against raw baselines.
 
-Run:  python benchmarks/channel.py [--n 10000] [--runs 7]
+Run:  python benchmarks/channel.py [--n 10000] [--runs 7] [--src OTHER_TREE/src]
+
+``--src`` benchmarks the sockshare of another tree (A/B: run both, alternating, and
+compare the ratios; the machine's drift shows in ``raw_send_fds_1``, whose code is the
+same in both).
 
 Every mode moves N descriptors from a sender process to a receiver process over a UNIX
 socketpair; the receiver wraps each in a Python socket object (where the mode is
@@ -34,9 +38,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-import sockshare
+def _src_dir() -> str:
+    """The ``src`` directory to import sockshare from: ``--src`` or this tree's."""
+    for i, arg in enumerate(sys.argv):
+        if arg == "--src" and i + 1 < len(sys.argv):
+            return str(Path(sys.argv[i + 1]).resolve())
+        if arg.startswith("--src="):
+            return str(Path(arg[6:]).resolve())
+    return str(Path(__file__).resolve().parent.parent / "src")
+
+
+sys.path.insert(0, _src_dir())
+
+import sockshare  # noqa: E402  (after choosing which tree to import it from)
 
 META = {"route": "chat", "client": ["127.0.0.1", 54321], "id": "abcdefgh1"}
 DATA = b"G" * 100
@@ -187,7 +202,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=10000, help="handoffs per run")
     ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--src", help="the src directory of the sockshare to measure (default: this tree's)")
     args = ap.parse_args()
+    print(f"sockshare from {Path(sockshare.__file__).parent}", file=sys.stderr)
     n = args.n - args.n % 64
     binary = build_c()
     modes: dict[str, Callable[[], float]] = {

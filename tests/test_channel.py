@@ -486,7 +486,7 @@ def test_single_handoffs_take_the_one_read_fast_path(monkeypatch: pytest.MonkeyP
     (the fast path once went unused because recvmsg reports MSG_CMSG_CLOEXEC back in its
     flags); the sockets still arrive whole, with their bytes, metadata, blocking mode and
     a checked type."""
-    from sockshare._channel import _ChannelState
+    from sockshare._state import ChannelState as _ChannelState
 
     general = 0
     original = _ChannelState.receive_data

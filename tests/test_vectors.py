@@ -33,8 +33,9 @@ from typing import Any
 import pytest
 
 from sockshare import PeerRefused, RemoteProtocolError
-from sockshare import _channel as channel_mod
-from sockshare._channel import Ticket, _ChannelState, _encode_meta
+from sockshare import _state as channel_mod
+from sockshare._state import ChannelState as _ChannelState
+from sockshare._state import Ticket, _encode_meta
 from sockshare.protocol import (
     FLAG_ACK,
     ErrorCode,

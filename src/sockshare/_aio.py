@@ -1,9 +1,11 @@
 """The asyncio form of the handoff channel.
 
-Same protocol, same state (:class:`sockshare._channel._ChannelState`), different I/O:
-the channel socket is non-blocking and watched with ``loop.add_reader``; frames that
-cannot be written at once wait in a queue drained by ``loop.add_writer``. Descriptors go
-with the first ``sendmsg`` of their frame, as the frame rules require.
+Same protocol, same state (:class:`sockshare._state.ChannelState`, which makes every
+protocol decision), different I/O: the channel socket is non-blocking and watched with
+``loop.add_reader``; frames that cannot be written at once wait in a queue drained by
+``loop.add_writer``. Descriptors go with the first ``sendmsg`` of their frame, as the
+frame rules require. The handshake runs on the loop too (``loop.sock_recv``), for
+:meth:`AsyncChannel.connect` and for each peer of an :class:`AsyncChannelListener`.
 
 ::
 
@@ -27,7 +29,6 @@ import socket
 import sys
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sockshare._channel import (
@@ -36,9 +37,11 @@ from sockshare._channel import (
     RECV_BUF,
     Channel,
     ChannelListener,
-    Handoff,
-    PeerInfo,
-    Ticket,
+    _parse_address,
+    connect_error,
+    credentials_of,
+    new_state,
+    read_leftovers,
 )
 from sockshare._errors import (
     ChannelBroken,
@@ -47,10 +50,12 @@ from sockshare._errors import (
     ChannelError,
     ChannelTimeout,
     LocalProtocolError,
+    PeerRefused,
     SockshareError,
 )
-from sockshare.backends._scm import recv_with_fds_cut
-from sockshare.protocol import MAX_PAYLOAD, FrameType, encode_frame
+from sockshare._state import ChannelState, Handoff, PeerInfo, Policy, Ticket
+from sockshare.backends._scm import recv_with_fds_cut, send_with_fds
+from sockshare.protocol import MAX_PAYLOAD
 
 __all__ = ["AsyncChannel", "AsyncChannelListener"]
 
@@ -65,18 +70,64 @@ HARD_OUT_LIMIT = 16 * OUT_LIMIT
 _MERGE = 64 * 1024
 
 
+async def handshake(sock: socket.socket, st: ChannelState, timeout: float,
+                    policy: Policy | None) -> None:
+    """Exchange HELLOs on the loop over the non-blocking ``sock`` (the decisions are the
+    state's; see :meth:`sockshare.Channel._handshake` for the blocking twin). Raises
+    :class:`~sockshare.PeerRefused` for a peer that refuses us, is refused, or says
+    nothing within ``timeout``."""
+    loop = asyncio.get_running_loop()
+    if policy is None:
+        try:
+            await loop.sock_sendall(sock, st.hello())
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a listener that refused us before reading: its ERROR is still to read
+
+    async def read_hello() -> None:
+        while True:
+            try:
+                data = await loop.sock_recv(sock, st.handshake_want())
+            except ConnectionResetError:
+                data = b""
+            if st.handshake_data(data):
+                return
+
+    try:
+        await asyncio.wait_for(read_hello(), timeout)
+    except TimeoutError:
+        raise PeerRefused(f"the peer sent no HELLO within {timeout} s") from None
+    to_send, why = st.handshake_done(credentials_of(sock), policy)
+    if why:
+        with contextlib.suppress(OSError):
+            await asyncio.wait_for(loop.sock_sendall(sock, to_send), timeout)
+        raise PeerRefused(why)
+    if to_send:
+        await asyncio.wait_for(loop.sock_sendall(sock, to_send), timeout)
+
+
+class _Timeouts:
+    """The timeouts of an AsyncChannel made on the loop (a wrapped Channel keeps its own)."""
+
+    def __init__(self) -> None:
+        self.send_timeout: float | None = 30.0
+        self.close_timeout: float = 5.0
+
+
 class AsyncChannel:
     """One end of a handoff channel, for asyncio. Make one with :meth:`connect`,
     :meth:`AsyncChannelListener.accept` or :meth:`wrap`."""
 
-    def __init__(self, ch: Channel) -> None:
-        self._ch = ch
-        self._state = ch._state
-        self._sock = ch._sock
+    def __init__(self, sock: socket.socket, state: ChannelState,
+                 timeouts: Channel | _Timeouts | None = None) -> None:
+        self._state = state
+        self._sock = sock
+        self._wsa = state.wsa
+        self._timeouts = timeouts if timeouts is not None else _Timeouts()
         self._loop = _selector_loop()
         self._sock.setblocking(False)
         # received sockets come non-blocking, as asyncio wants them (one ioctl, not two)
-        self._state.socket_blocking = False
+        state.set_socket_blocking(False)
+        self._leftovers_read = False
         self._wq: deque[tuple[memoryview, list[int], list[Ticket]]] = deque()
         self._wq_bytes = 0
         self._last_write = self._loop.time()  # the peer last took bytes (or nothing waited)
@@ -94,23 +145,61 @@ class AsyncChannel:
     @classmethod
     async def connect(cls, address: str | os.PathLike[str], *,
                       timeout: float = HANDSHAKE_TIMEOUT, name: str = "") -> AsyncChannel:
-        """Connect to a listening channel (the handshake runs in a worker thread)."""
-        _selector_loop()
-        ch = await asyncio.to_thread(Channel.connect, address, timeout=timeout, name=name)
-        return cls(ch)
+        """Connect to a listening channel and complete the handshake, on the loop."""
+        loop = _selector_loop()
+        family, addr = _parse_address(address)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            st = new_state(sock, max_payload=MAX_PAYLOAD, name=name, blocking=False)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
+            except OSError as exc:
+                mapped = connect_error(exc, address)
+                if mapped is None:
+                    raise
+                raise mapped from exc
+            await handshake(sock, st, timeout, None)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, st)
 
     @classmethod
     def wrap(cls, ch: Channel) -> AsyncChannel:
-        """Take over a handshaken blocking channel (e.g. from :meth:`Channel.pair`)."""
-        return cls(ch)
+        """Take over a handshaken blocking channel (e.g. from :meth:`Channel.pair`): its
+        socket and protocol state move here, and ``ch`` is not to be used any more
+        (except for its ``send_timeout`` and ``close_timeout``, which stay in force)."""
+        sock, state = ch._detach()
+        return cls(sock, state, ch)
+
+    @property
+    def send_timeout(self) -> float | None:
+        """Seconds the peer may read nothing of a queue past ``HARD_OUT_LIMIT`` before
+        the channel is broken."""
+        return self._timeouts.send_timeout
+
+    @send_timeout.setter
+    def send_timeout(self, value: float | None) -> None:
+        self._timeouts.send_timeout = value
+
+    @property
+    def close_timeout(self) -> float:
+        """Seconds :meth:`aclose` waits for the peer's answers to pending handoffs."""
+        return self._timeouts.close_timeout
+
+    @close_timeout.setter
+    def close_timeout(self, value: float) -> None:
+        self._timeouts.close_timeout = value
 
     @property
     def peer(self) -> PeerInfo:
-        return self._ch.peer
+        assert self._state.peer is not None
+        return self._state.peer
 
     @property
     def counters(self) -> dict[str, int]:
-        return self._ch.counters
+        return self._state.all_counters()
 
     @property
     def closed(self) -> bool:
@@ -119,7 +208,7 @@ class AsyncChannel:
     @property
     def usable(self) -> bool:
         """False once this side closed the channel or it broke."""
-        return self._state.broken is None and not self._state.closed
+        return self._state.usable
 
     # -- reading -------------------------------------------------------------------
 
@@ -132,7 +221,7 @@ class AsyncChannel:
             return
         try:
             cut = False
-            if self._ch._wsa:
+            if self._wsa:
                 data, fds = self._sock.recv(RECV_BUF), list[int]()
             else:
                 data, fds, cut = recv_with_fds_cut(self._sock, RECV_BUF)
@@ -169,7 +258,18 @@ class AsyncChannel:
 
     def _break(self, exc: BaseException) -> None:
         self._unwatch()
-        self._ch._break(exc)  # reads what the peer sent before the break first
+        st = self._state
+        if st.broken is None:
+            if not isinstance(exc, ConnectionResetError):
+                log.warning("handoff channel to pid %s broke: %s",
+                            st.peer.pid if st.peer else "?", exc)
+            if not self._wsa and not self._leftovers_read:
+                self._leftovers_read = True
+                # what the peer sent before the break first (an ACCEPT must count)
+                read_leftovers(self._sock, st, self._answer)
+            st.fail(exc)
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
         self._wq.clear()
         self._wq_bytes = 0
         self._wake()
@@ -190,17 +290,12 @@ class AsyncChannel:
 
     def track_accepts(self) -> None:
         """From now on, record tickets the peer accepts, for :meth:`accepted`."""
-        if self._state.accepted_log is None:
-            self._state.accepted_log = []
+        self._state.track_accepts()
 
     def accepted(self) -> list[Ticket]:
         """Tickets accepted since the last call (after :meth:`track_accepts`): a
         supervisor settles what changed instead of scanning everything pending."""
-        log = self._state.accepted_log
-        if not log:
-            return []
-        self._state.accepted_log = []
-        return log
+        return self._state.take_accepted()
 
     async def wait_activity(self) -> bool:
         """Wait until the peer's next frames were processed (or the channel ended).
@@ -209,20 +304,17 @@ class AsyncChannel:
         it returns, look at ticket states, :meth:`returned` and the controls. True while
         the channel is usable; False (at once) once it is broken or closed.
         """
-        if self._state.broken is None and not self._state.closed:
+        if self._state.usable:
             await self._wait_event()
-        return self._state.broken is None and not self._state.closed
+        return self._state.usable
 
     async def receive(self) -> Handoff:
         """Wait for the next handoff; :class:`~sockshare.ChannelEnded` once the peer said
         goodbye and every handoff it sent was taken."""
         st = self._state
-        while not st.incoming:
-            if st.peer_said_bye and not st.closed:
-                raise ChannelEnded("the peer ended the channel (BYE)")
-            st.check_usable()
+        while (h := st.take_handoff()) is None:
             await self._wait_event()
-        return st.incoming.popleft()
+        return h
 
     def __aiter__(self) -> AsyncIterator[Handoff]:
         return self._iterate()
@@ -235,34 +327,25 @@ class AsyncChannel:
                 return
 
     async def receive_control(self) -> dict[str, Any]:
-        while not self._state.controls:
-            self._state.check_usable()
+        st = self._state
+        while (obj := st.take_control()) is None:
             await self._wait_event()
-        return self._state.controls.popleft()
+        return obj
 
     def returned(self) -> list[Ticket]:
         """Tickets given back since the last call (rejected, or returned by a break)."""
-        out = list(self._state.returned)
-        self._state.returned.clear()
-        return out
+        return self._state.take_returned()
 
     def received_controls(self) -> list[dict[str, Any]]:
         """Control messages that arrived and were not taken yet, without waiting (the
         companion of :meth:`received` for a supervisor using :attr:`on_activity`)."""
-        controls = self._state.controls
-        if not controls:
-            return []
-        out = list(controls)
-        controls.clear()
-        return out
+        return self._state.take_controls()
 
     def received(self) -> list[Handoff]:
         """Handoffs that arrived and were not taken yet, without waiting: for a supervisor
         that watches with :meth:`wait_activity` (the server dispatcher, which relays the
         connections its workers migrate)."""
-        out = list(self._state.incoming)
-        self._state.incoming.clear()
-        return out
+        return self._state.take_received()
 
     # -- writing -------------------------------------------------------------------
 
@@ -277,7 +360,7 @@ class AsyncChannel:
 
     def _flush_answers(self) -> None:
         self._flush_scheduled = False
-        if self._state.broken is not None or self._state.closed:
+        if not self._state.usable:
             return
         frame = self._state.take_accepts()
         if frame is not None:
@@ -292,8 +375,6 @@ class AsyncChannel:
         self._flush()
 
     def _flush(self) -> None:
-        from sockshare.backends._scm import send_with_fds
-
         wq = self._wq
         try:
             while wq:
@@ -319,7 +400,8 @@ class AsyncChannel:
                     wq[0] = (buf[sent:], [], tickets)
                     break
                 wq.popleft()
-                self._sent(tickets)
+                if tickets:
+                    self._state.sent(tickets)
         except (BlockingIOError, InterruptedError):
             pass
         except OSError as exc:
@@ -329,7 +411,7 @@ class AsyncChannel:
             self._last_write = self._loop.time()
         elif self._wq_bytes > HARD_OUT_LIMIT:
             stuck = self._loop.time() - self._last_write
-            limit = self._ch.send_timeout
+            limit = self._timeouts.send_timeout
             if limit is not None and stuck > limit:
                 self._break(ChannelBroken(
                     f"the peer has read none of the {self._wq_bytes} bytes queued for it "
@@ -347,23 +429,12 @@ class AsyncChannel:
             self._loop.remove_writer(self._sock.fileno())
             self._writing = False
 
-    def _sent(self, tickets: list[Ticket]) -> None:
-        self._state.counters["sent"] += len(tickets)
-        for t in tickets:
-            if t.state == "sent" and t.socket is not None:
-                t.socket.close()
-                t.socket = None
-
     def send_nowait(self, items: Iterable[tuple[socket.socket, Any, bytes]], *,
                     ack: bool = True) -> list[Ticket]:
         """Queue handoffs without waiting for answers; see :meth:`wait`."""
         self._state.check_usable()
         out: list[Ticket] = []
-        for frame, fds, tickets in self._state.handoff_frames(list(items), ack):
-            if ack:
-                for t in tickets:
-                    t._channel = self
-                    self._state.tickets[t.id] = t
+        for frame, fds, tickets in self._state.handoff_frames(list(items), ack, self):
             self._write_frame(frame, fds, tickets)
             out.extend(tickets)
         return out
@@ -390,7 +461,7 @@ class AsyncChannel:
         """Wait until every ticket is answered (or returned by a broken channel)."""
         for t in tickets:
             while t.state == "pending":
-                if self._state.broken is not None or self._state.closed:
+                if not self._state.usable:
                     break
                 await self._wait_event()
 
@@ -414,10 +485,7 @@ class AsyncChannel:
         """Send a small JSON control message. With ``soon`` it goes out at the end of
         this turn of the loop, in one write with the answers and other controls queued
         by then (or earlier, with the next frame written)."""
-        from sockshare.protocol import encode_control
-
-        self._state.check_usable()
-        frame = encode_frame(FrameType.CONTROL, encode_control(obj))
+        frame = self._state.control_frame(obj)
         if not soon:
             self._write_frame(frame)
             return
@@ -452,19 +520,20 @@ class AsyncChannel:
             return
         if st.broken is None:
             try:
-                for frame in st.closing_frames():
+                for frame in st.start_close():
                     self._write_frame(frame)
-                self._write_frame(encode_frame(FrameType.BYE))
-                deadline = self._loop.time() + self._ch.close_timeout
-                while (self._wq or st.tickets) and st.broken is None and self._loop.time() < deadline:
+                deadline = self._loop.time() + self.close_timeout
+                while ((self._wq or st.awaiting_answers) and st.broken is None
+                       and self._loop.time() < deadline):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wait_event(), max(0.0, deadline - self._loop.time()))
             except SockshareError:
                 pass
         self._unwatch()
-        st.abandon_pending()
-        st.broken = st.broken or ChannelClosed("closed by this side")
-        self._ch.close()
+        st.finish_close()
+        with contextlib.suppress(OSError):  # wakes a thread blocked reading it
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
         self._wake()
         self._wake_end()
 
@@ -478,8 +547,8 @@ class AsyncChannel:
 class AsyncChannelListener:
     """asyncio form of :class:`~sockshare.ChannelListener`.
 
-    Connections are accepted in the event loop and each handshake runs on its own (in a
-    small thread pool), so a peer that stays silent, hangs up or is refused costs only
+    Connections are accepted in the event loop and each handshake runs on the loop as a
+    task of its own, so a peer that stays silent, hangs up or is refused costs only
     itself: the others' handshakes go on beside it. A peer of a uid the policy refuses
     is closed before any byte is read; at most ``MAX_HANDSHAKES`` run at once (more wait
     in the kernel's backlog).
@@ -490,10 +559,9 @@ class AsyncChannelListener:
     def __init__(self, listener: ChannelListener) -> None:
         self._listener = listener
         self.address = listener.address
-        self._ready: deque[Channel] = deque()
+        self._ready: deque[tuple[socket.socket, ChannelState]] = deque()
         self._waiters: list[asyncio.Future[None]] = []
-        self._running: set[asyncio.Future[Channel]] = set()
-        self._pool: ThreadPoolExecutor | None = None
+        self._running: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watching = False
 
@@ -519,9 +587,9 @@ class AsyncChannelListener:
             finally:
                 if fut in self._waiters:
                     self._waiters.remove(fut)
-        ch = self._ready.popleft()
+        sock, state = self._ready.popleft()
         self._watch()
-        return AsyncChannel(ch)
+        return AsyncChannel(sock, state)
 
     def _watch(self) -> None:
         if (not self._watching and self._loop is not None and not self._listener._closed
@@ -550,23 +618,37 @@ class AsyncChannelListener:
                 break
             if not self._listener._precheck(conn):
                 continue
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.MAX_HANDSHAKES, thread_name_prefix="sockshare-hello")
-            fut = self._loop.run_in_executor(self._pool, self._listener._handshake_conn, conn)
-            self._running.add(fut)
-            fut.add_done_callback(self._handshake_done)
+            task = self._loop.create_task(self._handshake(conn))
+            self._running.add(task)
+            task.add_done_callback(self._handshake_done)
         if len(self._running) >= self.MAX_HANDSHAKES:
             self._unwatch()  # the backlog holds the rest until a handshake ends
 
-    def _handshake_done(self, fut: asyncio.Future[Channel]) -> None:
-        self._running.discard(fut)
-        if not fut.cancelled() and fut.exception() is None:
-            ch = fut.result()
-            if self._listener._closed:
-                ch.close()
-            else:
-                self._ready.append(ch)
-                self._wake()
+    async def _handshake(self, conn: socket.socket) -> None:
+        """One peer's handshake; on any failure the connection is closed and the
+        refusal logged (rate-limited)."""
+        lst = self._listener
+        try:
+            conn.setblocking(False)
+            state = new_state(conn, max_payload=lst._max_payload, name=lst._name, blocking=False)
+            await handshake(conn, state, HANDSHAKE_TIMEOUT, lst._policy)
+        except (SockshareError, OSError, ValueError, RecursionError) as exc:
+            lst._log("refused", "refused a channel peer on %s: %s", self.address, exc)
+            conn.close()
+            return
+        except BaseException:
+            conn.close()
+            raise
+        if lst._closed:
+            _close_unaccepted(conn, state)
+        else:
+            self._ready.append((conn, state))
+            self._wake()
+
+    def _handshake_done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("channel listener on %s: %s", self.address, task.exception())
         if not self._listener._closed and len(self._ready) < self.MAX_HANDSHAKES:
             self._watch()  # (peers nobody takes wait in the kernel's backlog, not here)
 
@@ -579,9 +661,9 @@ class AsyncChannelListener:
         self._unwatch()
         self._listener.close()
         while self._ready:
-            self._ready.popleft().close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
+            _close_unaccepted(*self._ready.popleft())
+        for task in list(self._running):
+            task.cancel()
         self._wake()
 
     async def __aenter__(self) -> AsyncChannelListener:
@@ -589,6 +671,16 @@ class AsyncChannelListener:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close_unaccepted(sock: socket.socket, state: ChannelState) -> None:
+    """Close a handshaken channel nobody accepted: BYE if the socket takes it now."""
+    with contextlib.suppress(OSError):
+        sock.send(b"".join(state.start_close()))
+    state.finish_close()
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
 
 
 def _selector_loop() -> asyncio.AbstractEventLoop:

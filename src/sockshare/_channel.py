@@ -15,9 +15,12 @@ The wire exchange (docs/protocol.md, "Channel")::
     receiver        ACCEPT (ids...) | REJECT (id, reason)       <--
     either side     BYE, then close
 
-The channel is symmetric: either end may send handoffs. This module holds the I/O-free
-state (:class:`_ChannelState`) and the blocking adapter; :mod:`sockshare._aio` is the
-asyncio adapter over the same state.
+The channel is symmetric: either end may send handoffs. The protocol itself -- the
+handshake, tickets, answers, BYE, the close sequence -- is the I/O-free
+:class:`sockshare._state.ChannelState`; this module is its blocking adapter
+(:class:`Channel`, which only moves bytes and descriptors), the listener
+(:class:`ChannelListener`) and address parsing. :mod:`sockshare._aio` is the asyncio
+adapter over the same state.
 
 Transports: a UNIX stream socket (a path, or ``@name`` in the Linux abstract
 namespace), descriptors by SCM_RIGHTS; on Windows, loopback TCP (``tcp://127.0.0.1:PORT``)
@@ -26,12 +29,9 @@ with sockets moved as WSAPROTOCOL_INFO blobs for the receiver's pid learnt in HE
 
 from __future__ import annotations
 
-import _socket
 import array
 import contextlib
 import errno
-import itertools
-import json
 import logging
 import os
 import select
@@ -42,9 +42,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Literal, NoReturn
+from collections.abc import Iterable, Iterator
+from typing import Any, NoReturn
 
 from sockshare._errors import (
     ChannelBroken,
@@ -53,68 +52,36 @@ from sockshare._errors import (
     ChannelError,
     ChannelPermission,
     ChannelTimeout,
-    HandoffRejected,
-    HandoffReturned,
-    LocalProtocolError,
-    MessageTooLarge,
     PeerRefused,
-    RemoteProtocolError,
     SockshareError,
+)
+from sockshare._state import (
+    BATCH,
+    NO_FDS,
+    SINGLE_MIN,
+    ChannelState,
+    Handoff,
+    PeerInfo,
+    Policy,
+    Ticket,
+    error_frame,
 )
 from sockshare.backends._scm import (
     CMSG_SPACE_MAX,
     MSG_DONTWAIT,
     RECV_FLAGS,
-    close_fds,
     fds_from_ancillary_cut,
     peer_credentials,
     recv_with_fds,
     wait_ready,
 )
-from sockshare.protocol import (
-    FLAG_ACK,
-    FLAG_WSA,
-    HEADER,
-    MAGIC,
-    MAX_DATA,
-    MAX_META,
-    MAX_PAYLOAD,
-    VERSION,
-    ErrorCode,
-    Frame,
-    FrameDecoder,
-    FrameType,
-    HandoffEntry,
-    Hello,
-    Reject,
-    SocketKind,
-    decode_accept,
-    decode_control,
-    decode_error,
-    decode_handoff,
-    decode_hello,
-    decode_reject,
-    encode_accept,
-    encode_control,
-    encode_error,
-    encode_frame,
-    encode_handoff,
-    encode_hello,
-    encode_reject,
-    error_to_exception,
-)
-from sockshare.protocol._messages import _UNPACKED
+from sockshare.protocol import MAX_PAYLOAD
 
-__all__ = ["Channel", "ChannelListener", "Handoff", "PeerInfo", "Ticket"]
+__all__ = ["NO_FDS", "Channel", "ChannelListener", "Handoff", "PeerInfo", "Ticket"]
 
 log = logging.getLogger("sockshare.channel")
 
 IS_WINDOWS = sys.platform == "win32"
-FEATURE_SCM = 0x1
-FEATURE_WSA = 0x2
-FEATURE_ACK = 0x4
-#: Sockets per HANDOFF frame in a batched send (well under SCM_MAX_FD = 253).
-BATCH = 64
 #: Bytes asked for per read. Kept under glibc's mmap threshold: a 256 KiB request costs
 #: an mmap/munmap pair per read (measured: 21 us instead of 2.4 us); at 64 KiB a plain
 #: recvmsg (CPython shrinks the bytes in place) is 0.1 us cheaper than recvmsg_into
@@ -128,22 +95,8 @@ HANDSHAKE_TIMEOUT = 5.0
 OUT_LIMIT = 1024 * 1024
 #: A sender that only sends takes in its peer's answers every this many acked sends.
 TAKE_IN_EVERY = 16
-#: The REJECT reason for a handoff whose descriptor the kernel could not give this
-#: process (it is at its fd limit): the sender still owns the connection.
-NO_FDS = "receiver out of file descriptors"
-
-_ids = itertools.count(1)
-_HANDOFF = int(FrameType.HANDOFF)
-# frame header + entry count + one entry header: the single-handoff hot path
-_SINGLE = struct.Struct(">2sBBBBHIHQ4sII")
-_SINGLE_TAIL = struct.Struct(">IHQ4sII")
-# the first 8 header bytes of a one-socket HANDOFF frame: magic, version, type, flags,
-# nfds = 1, reserved = 0
-_PREFIX_UNACKED = struct.pack(">2sBBBBH", MAGIC, VERSION, int(FrameType.HANDOFF), 0, 1, 0)
-_PREFIX_ACKED = struct.pack(">2sBBBBH", MAGIC, VERSION, int(FrameType.HANDOFF), FLAG_ACK, 1, 0)
+_AF_UNIX = getattr(socket, "AF_UNIX", -1)
 _FD = struct.Struct("i")
-_ENTRY = struct.Struct(">Q4sII")
-_U16 = struct.Struct(">H")
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(getattr(socket, "SCM_RIGHTS", 1))
 # received fds are close-on-exec by the kernel only where MSG_CMSG_CLOEXEC exists
@@ -153,670 +106,59 @@ _BLOCKING_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _TRUNCATED = int(getattr(socket, "MSG_CTRUNC", 0)) | int(getattr(socket, "MSG_TRUNC", 0))
 
 
-def _wrap_portable(family: int, type: int, proto: int, fd: int) -> socket.socket:
-    return socket.socket(family, type, proto, fd)
-
-
-_new_socket = socket.socket.__new__
-_init_socket = _socket.socket.__init__
-
-
-def _wrap_fast(family: int, type: int, proto: int, fd: int) -> socket.socket:
-    # What socket.socket(family, type, proto, fd) does, minus a Python-level __init__
-    # frame: 0.2 us of the 0.85 us it costs (a fifth of the receive hot path's overhead).
-    sock = _new_socket(socket.socket)
-    _init_socket(sock, family, type, proto, fd)
-    sock._io_refs = 0  # type: ignore[attr-defined]
-    sock._closed = False  # type: ignore[attr-defined]
-    return sock
-
-
-# Wrap a received descriptor in a socket object. The fast form is used only where
-# socket.socket has exactly the slots it sets (CPython 3.11-3.14); anything else gets
-# the public constructor.
-_wrap = (_wrap_fast if getattr(socket.socket, "__slots__", None) == ["__weakref__", "_io_refs", "_closed"]
-         else _wrap_portable)
-
-# the C getters (socket.socket's own properties build an enum on every access)
-_c_type: Callable[[socket.socket], int]
-_c_family: Callable[[socket.socket], int]
-if "type" in _socket.socket.__dict__ and "family" in _socket.socket.__dict__:
-    _c_type = _socket.socket.__dict__["type"].__get__
-    _c_family = _socket.socket.__dict__["family"].__get__
-else:  # pragma: no cover - not CPython
-    def _c_type(sock: socket.socket) -> int:
-        return int(sock.type)
-
-    def _c_family(sock: socket.socket) -> int:
-        return int(sock.family)
-
-TicketState = Literal["pending", "sent", "accepted", "rejected", "returned", "abandoned"]
-
-
-@dataclass(frozen=True, slots=True)
-class PeerInfo:
-    """Who is at the other end, from its HELLO (pid/uid checked against the kernel's)."""
-
-    pid: int
-    uid: int
-    name: str
-    features: int
-    max_payload: int
-
-
-@dataclass(eq=False, slots=True)
-class Ticket:
-    """The sender's view of one handoff.
-
-    ``state`` is ``"pending"`` until the receiver answers, ``"sent"`` for
-    fire-and-forget handoffs, then ``"accepted"``, ``"rejected"`` (the receiver said no:
-    ``reason``) or ``"returned"`` (the channel ended before an answer, so the receiver
-    never owned it). While pending, and after a reject or a return, ``socket`` is the
-    sender's own socket, intact; after an accept it is closed and ``None``.
-    ``"abandoned"``: this side closed the channel and the receiver, still alive, did not
-    answer within ``close_timeout``; the sender's copy was closed so that the connection
-    is never served twice (the receiver may still serve it).
-    """
-
-    id: int
-    socket: socket.socket | None
-    meta: Any = None
-    data: bytes = b""
-    state: TicketState = "pending"
-    reason: str = ""
-    #: the channel that sent it: a blocking Channel, or an AsyncChannel
-    _channel: Any = field(default=None, repr=False)
-
-    @property
-    def done(self) -> bool:
-        return self.state != "pending"
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the receiver answers; True if accepted (or sent, for a
-        fire-and-forget handoff). Reads the channel while it waits.
-
-        Raises :class:`~sockshare.ChannelTimeout` if no answer came within ``timeout``.
-        A ticket of an :class:`~sockshare.AsyncChannel` is waited for with
-        ``await channel.wait([ticket])`` in its event loop; from another thread,
-        ``wait()`` works too."""
-        if self.state == "pending" and self._channel is not None:
-            self._channel._wait_ticket(self, timeout)
-        return self.state in ("accepted", "sent")
-
-    def result(self, timeout: float | None = None) -> None:
-        """Wait like :meth:`wait`, then return if the receiver took the connection.
-
-        Raises :class:`~sockshare.HandoffRejected` (``reason``) if it said no, and
-        :class:`~sockshare.HandoffReturned` if the channel ended before it answered. The
-        socket is then in the exception's (and this ticket's) ``socket``, still the
-        sender's to serve or hand elsewhere -- except for a ticket this side *abandoned*
-        (it closed the channel and the live receiver did not answer in time): its copy
-        was closed, ``socket`` is None, and the receiver may be serving it."""
-        self.wait(timeout)
-        if self.state == "rejected":
-            raise HandoffRejected(f"handoff {self.id} was rejected: {self.reason or 'no reason given'}",
-                                  self.reason, self.socket)
-        if self.state in ("returned", "abandoned"):
-            raise HandoffReturned(f"handoff {self.id} came back: {self.reason}", self.reason, self.socket)
-
-
-@dataclass(eq=False, slots=True)
-class Handoff:
-    """The receiver's view of one handoff: a socket that is now yours.
-
-    ``data`` are the bytes the sender had already read from the connection: consume them
-    before reading from ``socket``. ``meta`` is the sender's JSON metadata (decoded on
-    first access). Answer with :meth:`accept` or :meth:`reject` when the sender asked for
-    an acknowledgement (``acked``); until then the sender keeps its own copy.
-    """
-
-    id: int
-    socket: socket.socket
-    data: bytes
-    raw_meta: bytes
-    acked: bool
-    _answer: Any = field(default=None, repr=False)  # (id, reason or None) -> None
-    answered: bool = False
-    _meta: Any = field(default=None, repr=False)
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        """The sender's metadata, decoded on first access.
-
-        Raises :class:`~sockshare.RemoteProtocolError` if the sender put something that
-        is not a JSON object there."""
-        if self._meta is None:
-            try:
-                meta = json.loads(self.raw_meta) if self.raw_meta else {}
-            except ValueError as exc:
-                raise RemoteProtocolError(
-                    f"handoff {self.id} carries metadata that is not JSON: {exc}") from None
-            except RecursionError:
-                raise RemoteProtocolError(
-                    f"handoff {self.id} carries metadata that nests too deeply") from None
-            if not isinstance(meta, dict):
-                raise RemoteProtocolError(f"handoff {self.id} carries metadata that is not a JSON object")
-            self._meta = meta
-        return self._meta  # type: ignore[no-any-return]
-
-    def accept(self) -> None:
-        """Tell the sender we own the connection now; it closes its copy.
-
-        Accept *before* using the socket. If this raises
-        :class:`~sockshare.ChannelBroken`, the channel ended before the answer could go
-        and the sender has the connection back: close your copy and do not serve it."""
-        if self.answered:
+def read_leftovers(sock: socket.socket, state: ChannelState, answer: Any) -> None:
+    """Process what the peer sent before the channel broke (a failed *write* breaks it
+    too): an ACCEPT already in our receive buffer must count, or the handoff it answers
+    would be "returned" -- and handed to someone else -- while the peer had taken it.
+    Bounded; stops at the end of the data or at any error. Never waits."""
+    for _ in range(64):
+        try:
+            data, fds = recv_with_fds(sock, RECV_BUF, MSG_DONTWAIT)
+        except (OSError, SockshareError):
             return
-        self.answered = True
-        if self.acked and self._answer is not None:
-            self._answer(self.id, None)
-
-    def reject(self, reason: str = "") -> None:
-        """Give the connection back: our copy is closed, the sender's stays open."""
-        if self.answered:
-            raise LocalProtocolError(f"handoff {self.id} was already answered")
-        self.answered = True
-        self.socket.close()
-        if self.acked and self._answer is not None:
-            self._answer(self.id, reason)
-
-
-class _ChannelState:
-    """Everything a channel knows, and how frames change it. No blocking I/O here.
-
-    Incoming bytes and descriptors go to :meth:`receive_data`; it returns nothing, and
-    updates ``incoming`` (handoffs for us), the tickets, and ``returned`` (tickets given
-    back). Building frames to send is :meth:`handoff_frames`.
-    """
-
-    def __init__(self, *, max_payload: int = MAX_PAYLOAD, wsa: bool = False) -> None:
-        self.wsa = wsa
-        self.decoder = FrameDecoder(max_payload=max_payload, allow_fds=not wsa)
-        self.max_payload = max_payload
-        self.peer: PeerInfo | None = None
-        self.incoming: deque[Handoff] = deque()
-        self.tickets: dict[int, Ticket] = {}
-        self.returned: deque[Ticket] = deque()
-        self.controls: deque[dict[str, Any]] = deque()
-        self.broken: BaseException | None = None
-        self.closed = False
-        self.peer_said_bye = False
-        self.socket_blocking: bool | None = True
-        self.counters = {"sent": 0, "accepted": 0, "rejected": 0, "returned": 0}
-        self.received = 0  # an attribute, not in the dict: the hot path counts it
-        self.pending_accepts: list[int] = []
-        #: acked handoffs received and not answered yet (queued or with the application)
-        self.outstanding: dict[int, Handoff] = {}
-        #: tickets accepted by the peer, when a supervisor asked to track them
-        self.accepted_log: list[Ticket] | None = None
-
-    # -- answers -------------------------------------------------------------------
-
-    def answer(self, hid: int, reason: str | None, *, coalesce: bool) -> bytes | None:
-        """Record an answer to handoff ``hid``; return frame bytes to send now, if any.
-
-        With ``coalesce`` (the asyncio adapter, which flushes at the end of the current
-        loop iteration) ACCEPTs collect into one frame of up to 64 ids; otherwise each
-        goes at once, so a blocking receiver busy with a connection never holds its
-        sender's ticket. REJECTs always go at once.
-        """
-        if self.closed:
-            raise ChannelClosed("this channel was closed by this side")
-        if self.broken is not None:
-            raise ChannelBroken(
-                f"the channel ended before handoff {hid} was answered; the sender has it "
-                f"back: close this copy ({self.broken})") from self.broken
-        self.outstanding.pop(hid, None)
-        if reason is not None:
-            out = self.take_accepts() or b""
-            return out + encode_frame(FrameType.REJECT, encode_reject(Reject(hid, reason)))
-        self.pending_accepts.append(hid)
-        if not coalesce or len(self.pending_accepts) >= BATCH:
-            return self.take_accepts()
-        return None
-
-    def take_accepts(self) -> bytes | None:
-        """The coalesced ACCEPT frame for every answer not sent yet, or None."""
-        if not self.pending_accepts:
-            return None
-        ids, self.pending_accepts = self.pending_accepts, []
-        return encode_frame(FrameType.ACCEPT, encode_accept(ids))
-
-    # -- outgoing ----------------------------------------------------------------
-
-    def single_frame(
-        self, sock: socket.socket, meta: Any, data: bytes, ack: bool,
-    ) -> tuple[bytes, int, Ticket]:
-        """The hot path: one socket, one frame, packed in a single struct call.
-
-        Produces exactly what :meth:`handoff_frames` would for one item (the test
-        vectors check both)."""
-        if type(meta) is dict and _c_encode is not None:  # _encode_meta, inlined
-            try:
-                raw = "".join(_c_encode(meta, 0)).encode()
-            except (TypeError, ValueError, RecursionError) as exc:
-                raise LocalProtocolError(f"handoff metadata must be JSON-compatible: {exc}") from None
-            if len(raw) > MAX_META:
-                raise MessageTooLarge(f"metadata of {len(raw)} bytes; the limit is {MAX_META}")
-        else:
-            raw = _encode_meta(meta)
-        if type(data) is not bytes:
-            data = bytes(data)
-        ldata = len(data)
-        if ldata > MAX_DATA:
-            raise MessageTooLarge(f"pre-read data of {ldata} bytes; the limit is {MAX_DATA}")
-        length = 22 + len(raw) + ldata
-        if self.peer is not None and length > self.peer.max_payload:
-            raise MessageTooLarge(
-                f"a handoff of {length} bytes is over the peer's limit of {self.peer.max_payload}")
-        hid = next(_ids)
-        head = _SINGLE.pack(MAGIC, VERSION, _HANDOFF, FLAG_ACK if ack else 0, 1, 0, length, 1, hid,
-                            SocketKind.code_of(sock), len(raw), ldata)
-        ticket = Ticket(hid, sock, meta, data, "pending" if ack else "sent")
-        return b"".join((head, raw, data)), sock.fileno(), ticket
-
-    def handoff_frames(
-        self, items: list[tuple[socket.socket, Any, bytes]], ack: bool,
-    ) -> list[tuple[bytes, list[int], list[Ticket]]]:
-        """Encode HANDOFF frames for ``items`` (sock, meta, data); register tickets."""
-        if len(items) == 1 and not self.wsa:
-            frame, fd, ticket = self.single_frame(*items[0], ack)
-            return [(frame, [fd], [ticket])]
-        if not self.wsa:
-            return self._fd_frames(items, ack)
-        out: list[tuple[bytes, list[int], list[Ticket]]] = []
-        flags = (FLAG_ACK if ack else 0) | (FLAG_WSA if self.wsa else 0)
-        peer_max = self.peer.max_payload if self.peer else MAX_PAYLOAD
-        entries: list[HandoffEntry] = []
-        tickets: list[Ticket] = []
-        size = 2
-        state: TicketState = "pending" if ack else "sent"
-        for sock, meta, pre in items:
-            raw = _encode_meta(meta)
-            data = pre if type(pre) is bytes else bytes(pre)
-            if len(data) > MAX_DATA:
-                raise MessageTooLarge(f"pre-read data of {len(data)} bytes; the limit is {MAX_DATA}")
-            blob = b""
-            if self.wsa:
-                assert self.peer is not None
-                if sys.platform == "win32":
-                    blob = sock.share(self.peer.pid)
-            entry = HandoffEntry(next(_ids), SocketKind.of(sock), raw, data, blob)
-            esize = 20 + len(raw) + len(data) + (2 + len(blob) if self.wsa else 0)
-            if entries and (len(entries) >= BATCH or size + esize > peer_max):
-                out.append(self._frame(entries, tickets, flags))
-                entries, tickets, size = [], [], 2
-            entries.append(entry)
-            tickets.append(Ticket(entry.id, sock, meta, data, state))
-            size += esize
-        if entries:
-            out.append(self._frame(entries, tickets, flags))
-        return out
-
-    def _fd_frames(
-        self, items: list[tuple[socket.socket, Any, bytes]], ack: bool,
-    ) -> list[tuple[bytes, list[int], list[Ticket]]]:
-        """The batched hot path: entries packed straight into the payload (the same
-        bytes as :func:`~sockshare.protocol.encode_handoff`; the test vectors check)."""
-        out: list[tuple[bytes, list[int], list[Ticket]]] = []
-        flags = FLAG_ACK if ack else 0
-        peer_max = self.peer.max_payload if self.peer else MAX_PAYLOAD
-        state: TicketState = "pending" if ack else "sent"
-        parts: list[bytes] = [b""]
-        fds: list[int] = []
-        tickets: list[Ticket] = []
-        size = 2
-        pack, code_of = _ENTRY.pack, SocketKind.code_of
-        for sock, meta, pre in items:
-            raw = meta if type(meta) is bytes and len(meta) <= MAX_META else _encode_meta(meta)
-            data = pre if type(pre) is bytes else bytes(pre)
-            ldata = len(data)
-            if ldata > MAX_DATA:
-                raise MessageTooLarge(f"pre-read data of {ldata} bytes; the limit is {MAX_DATA}")
-            esize = 20 + len(raw) + ldata
-            if esize + 2 > peer_max:
-                raise MessageTooLarge(
-                    f"a handoff of {esize + 2} bytes is over the peer's limit of {peer_max}")
-            if tickets and (len(tickets) >= BATCH or size + esize > peer_max):
-                out.append(self._close_frame(parts, fds, tickets, flags, size))
-                parts, fds, tickets, size = [b""], [], [], 2
-            hid = next(_ids)
-            parts.append(pack(hid, code_of(sock), len(raw), ldata))
-            parts.append(raw)
-            parts.append(data)
-            fds.append(sock.fileno())
-            tickets.append(Ticket(hid, sock, meta, data, state))
-            size += esize
-        if tickets:
-            out.append(self._close_frame(parts, fds, tickets, flags, size))
-        return out
-
-    @staticmethod
-    def _close_frame(parts: list[bytes], fds: list[int], tickets: list[Ticket], flags: int,
-                     size: int) -> tuple[bytes, list[int], list[Ticket]]:
-        parts[0] = HEADER.pack(MAGIC, VERSION, _HANDOFF, flags, len(fds), 0, size) + _U16.pack(len(fds))
-        return b"".join(parts), fds, tickets
-
-    def _frame(
-        self, entries: list[HandoffEntry], tickets: list[Ticket], flags: int,
-    ) -> tuple[bytes, list[int], list[Ticket]]:
-        payload = encode_handoff(entries, wsa=self.wsa)
-        fds = [] if self.wsa else [t.socket.fileno() for t in tickets if t.socket is not None]
-        frame = encode_frame(FrameType.HANDOFF, payload, flags=flags, nfds=len(fds),
-                             max_payload=self.peer.max_payload if self.peer else MAX_PAYLOAD)
-        return frame, fds, tickets
-
-    # -- incoming ----------------------------------------------------------------
-
-    def receive_data(self, data: bytes, fds: list[int], answer: Any, cut: bool = False) -> None:
-        """Feed what one receive returned; ``answer`` goes into each Handoff.
-
-        ``cut``: the kernel truncated this read's descriptors (this process is at its
-        fd limit): the handoffs whose descriptor never arrived are answered REJECT
-        (``NO_FDS``: the sender still has them) instead of breaking the channel."""
-        decoder = self.decoder
-        if cut:
-            decoder.feed(data, fds, cut=True)
-            while (frame := decoder.next_frame()) is not None:
-                self._on_frame(frame, answer)
-            return
-        if fds and not decoder.buffered and not decoder.holds_fds:
-            # Hot path: exactly one whole HANDOFF frame with its descriptors, the common
-            # case since the kernel ends a read after each message that carries fds.
-            if len(fds) == 1 and len(data) >= _SINGLE.size and self._single(data, fds[0], answer):
-                return
-            if len(data) >= 12:
-                magic, version, ftype, flags, nfds, reserved, length = HEADER.unpack_from(data)
-                if (ftype == _HANDOFF and magic == MAGIC and version == VERSION and not reserved
-                        and nfds == len(fds) and len(data) == 12 + length
-                        and length <= decoder.max_payload and decoder.allow_fds):
-                    self._on_handoff(Frame(FrameType.HANDOFF, data[12:], flags, tuple(fds)), answer)
-                    return
         if not data and not fds:
-            self.decoder.end_of_stream()
-            raise ConnectionResetError("the peer closed the channel")
-        self.decoder.feed(data, fds)
-        while (frame := self.decoder.next_frame()) is not None:
-            self._on_frame(frame, answer)
-
-    def _single(self, data: bytes, fd: int, answer: Any) -> bool:
-        """Decode a one-socket HANDOFF frame that fills ``data`` exactly; False (nothing
-        consumed) if it is not one. ``data`` has at least ``_SINGLE.size`` bytes.
-
-        The fixed first 8 header bytes are compared as one string; the rest is one
-        struct call. Anything unusual goes to the general decoder, which says why."""
-        head = data[:8]
-        if head == _PREFIX_UNACKED:
-            acked = False
-        elif head == _PREFIX_ACKED:
-            acked = True
-        else:
-            return False
-        length, count, hid, rawkind, mlen, dlen = _SINGLE_TAIL.unpack_from(data, 8)
-        if (count != 1 or len(data) != 12 + length or length != 22 + mlen + dlen
-                or mlen > MAX_META or dlen > MAX_DATA or length > self.max_payload
-                or self.wsa):  # (WSA frames carry blobs, not descriptors)
-            return False
+            return
         try:
-            kind = _UNPACKED.get(rawkind) or SocketKind.unpack(rawkind)
-            # _make_socket, inlined: this is the per-connection hot path. Family and
-            # type are left for the constructor to ask the kernel (getsockname, which
-            # it makes anyway, and SO_TYPE, in C), then compared with the claim.
-            sock = _wrap(-1, -1, kind.proto, fd)
-        except BaseException as exc:
-            close_fds([fd])
-            if isinstance(exc, OSError):  # e.g. ENOTSOCK: the peer sent a pipe or a file
-                raise RemoteProtocolError(f"descriptor of handoff {hid} is not a socket: {exc}") from None
-            raise
-        try:
-            if _c_type(sock) != kind.type or _c_family(sock) != kind.family:
-                raise RemoteProtocolError(f"handoff {hid} is not of the socket type it claims")
-            if self.socket_blocking is not None:
-                sock.setblocking(self.socket_blocking)
-        except BaseException as exc:
-            sock.close()
-            if isinstance(exc, OSError):
-                raise RemoteProtocolError(f"descriptor of handoff {hid} is unusable: {exc}") from None
-            raise
-        end = 34 + mlen
-        h = Handoff(hid, sock, data[end:], data[34:end], acked, answer)
-        self.incoming.append(h)
-        if acked:
-            self.outstanding[hid] = h
-        self.received += 1
-        return True
-
-    def _on_frame(self, frame: Frame, answer: Any) -> None:
-        t = frame.type
-        if t == FrameType.HANDOFF:
-            self._on_handoff(frame, answer)
-        elif frame.fds:
-            close_fds(frame.fds)
-            raise RemoteProtocolError(f"{t.name} frame carried {len(frame.fds)} descriptors")
-        elif t == FrameType.ACCEPT:
-            log = self.accepted_log
-            for hid in decode_accept(frame.payload):
-                ticket = self._ticket(hid)
-                ticket.state = "accepted"
-                self.counters["accepted"] += 1
-                if ticket.socket is not None:
-                    ticket.socket.close()
-                    ticket.socket = None
-                if log is not None:
-                    log.append(ticket)
-        elif t == FrameType.REJECT:
-            rej = decode_reject(frame.payload)
-            ticket = self._ticket(rej.id)
-            ticket.state, ticket.reason = "rejected", rej.reason
-            self.counters["rejected"] += 1
-            self.returned.append(ticket)
-        elif t == FrameType.CONTROL:
-            self.controls.append(decode_control(frame.payload))
-        elif t == FrameType.BYE:
-            # The peer sends nothing more but still reads our answers until it closes.
-            self.peer_said_bye = True
-        elif t == FrameType.ERROR:
-            raise error_to_exception(decode_error(frame.payload))
-        else:
-            raise RemoteProtocolError(f"unexpected {t.name} frame on a channel")
-
-    def _ticket(self, hid: int) -> Ticket:
-        ticket = self.tickets.pop(hid, None)
-        if ticket is None:
-            raise RemoteProtocolError(f"the peer answered handoff {hid}, which is not pending")
-        return ticket
-
-    def _on_handoff(self, frame: Frame, answer: Any) -> None:
-        fds = list(frame.fds)
-        try:
-            wsa = bool(frame.flags & FLAG_WSA)
-            if wsa != self.wsa:
-                raise RemoteProtocolError("HANDOFF frame of the wrong transport kind")
-            entries = decode_handoff(frame.payload, wsa=wsa)
-            if not wsa and len(entries) != len(fds):
-                raise RemoteProtocolError(
-                    f"HANDOFF frame lists {len(entries)} sockets but carries {len(fds)} fds")
-            acked = bool(frame.flags & FLAG_ACK)
-            made: list[Handoff] = []
-            missing: list[int] = []
-            blocking = self.socket_blocking
-            try:
-                for i, e in enumerate(entries):
-                    if not wsa and fds[i] < 0:  # the kernel cut it: we are out of fds
-                        missing.append(e.id)
-                        continue
-                    if wsa:
-                        sock = self._make_socket(e, -1)
-                    else:  # _make_socket, inlined for batches
-                        kind = e.kind
-                        try:   # family and type from the kernel, then compared
-                            sock = _wrap(-1, -1, kind.proto, fds[i])
-                        except OSError as exc:
-                            raise RemoteProtocolError(
-                                f"descriptor of handoff {e.id} is not a socket: {exc}") from None
-                        try:
-                            if _c_type(sock) != kind.type or _c_family(sock) != kind.family:
-                                raise RemoteProtocolError(
-                                    f"handoff {e.id} is not of the socket type it claims")
-                            if blocking is not None:
-                                sock.setblocking(blocking)
-                        except OSError as exc:
-                            sock.detach()
-                            raise RemoteProtocolError(
-                                f"descriptor of handoff {e.id} is unusable: {exc}") from None
-                        except BaseException:
-                            sock.detach()
-                            raise
-                        fds[i] = -1  # owned by sock now
-                    made.append(Handoff(e.id, sock, e.data, e.meta, acked, answer))
-            except BaseException:
-                for h in made:
-                    h.socket.close()
-                raise
-        except BaseException:
-            close_fds([fd for fd in fds if fd >= 0])
-            raise
-        self.received += len(made)
-        self.incoming.extend(made)
-        if acked:
-            for h in made:
-                self.outstanding[h.id] = h
-        if missing:
-            if acked:
-                log.warning("out of file descriptors: %d handoff(s) given back to the sender",
-                            len(missing))
-                for hid in missing:
-                    answer(hid, NO_FDS)
-            else:
-                log.error("out of file descriptors: %d fire-and-forget handoff(s) lost (the "
-                          "kernel closed them; their sender had already closed its copies)",
-                          len(missing))
-
-    def _make_socket(self, e: HandoffEntry, fd: int) -> socket.socket:
-        """Wrap a received descriptor (or import a WSA blob) in the documented mode.
-
-        On failure the descriptor is *not* closed here: the caller owns it and closes it
-        (closing twice could hit a number another thread reused in between)."""
-        if self.wsa:
-            if sys.platform != "win32":
-                raise RemoteProtocolError("WSAPROTOCOL_INFO blobs can only be imported on Windows")
-            sock = socket.fromshare(e.blob)
-            if self.socket_blocking is not None:
-                sock.setblocking(self.socket_blocking)
-            return sock
-        try:   # family and type from the kernel (getsockname, SO_TYPE), then compared
-            sock = _wrap(-1, -1, e.kind.proto, fd)
-        except OSError as exc:  # e.g. ENOTSOCK: the peer sent a pipe or a file
-            raise RemoteProtocolError(f"descriptor of handoff {e.id} is not a socket: {exc}") from None
-        try:
-            actual = (_c_family(sock), _c_type(sock))
-            if actual != (e.kind.family, e.kind.type):
-                raise RemoteProtocolError(
-                    f"handoff {e.id} says socket family/type {e.kind.family}/{e.kind.type}, "
-                    f"it is {actual[0]}/{actual[1]}")
-            if self.socket_blocking is not None:
-                sock.setblocking(self.socket_blocking)
-        except BaseException:
-            sock.detach()
-            raise
-        return sock
-
-    def fail(self, exc: BaseException) -> None:
-        """The channel broke: give every pending ticket back, close stray descriptors.
-
-        Acknowledged handoffs we received and did not answer are the sender's again:
-        queued ones are closed here, and answering one the application holds raises
-        ChannelBroken (it must not be served). Fire-and-forget handoffs stay ours."""
-        if self.broken is None:
-            self.broken = exc
-        close_fds(self.decoder.take_fds())
-        if self.outstanding:
-            keep = [h for h in self.incoming if not h.acked]  # fire-and-forget: ours
-            for h in self.incoming:
-                if h.acked:
-                    h.socket.close()
-            self.incoming.clear()
-            self.incoming.extend(keep)
-            self.outstanding.clear()
-        tickets, self.tickets = self.tickets, {}  # (a sender thread may be adding one)
-        for ticket in tickets.values():
-            ticket.state = "returned"
-            ticket.reason = f"the channel broke before the receiver answered: {exc}"
-            self.counters["returned"] += 1
-            self.returned.append(ticket)
-
-    def closing_frames(self) -> list[bytes]:
-        """Answers owed before BYE: REJECT what is still queued (closing our copies),
-        ACCEPT what the application holds unanswered."""
-        out: list[bytes] = []
-        while self.incoming:
-            h = self.incoming.popleft()
-            h.socket.close()
-            if h.acked and not h.answered:
-                h.answered = True
-                self.outstanding.pop(h.id, None)
-                out.append(encode_frame(FrameType.REJECT, encode_reject(
-                    Reject(h.id, "the receiver closed the channel before taking it"))))
-        for h in self.outstanding.values():
-            h.answered = True
-            self.pending_accepts.append(h.id)
-        self.outstanding.clear()
-        accepts = self.take_accepts()
-        if accepts is not None:
-            out.append(accepts)
-        return out
-
-    def abandon_pending(self) -> None:
-        """This side is closing and the live peer did not answer: close our copies."""
-        tickets, self.tickets = self.tickets, {}
-        for ticket in tickets.values():
-            ticket.state = "abandoned"
-            ticket.reason = "the receiver did not answer before this side closed the channel"
-            if ticket.socket is not None:
-                ticket.socket.close()
-                ticket.socket = None
-
-    def check_usable(self) -> None:
-        if self.closed:
-            raise ChannelClosed("this channel was closed by this side")
-        if self.broken is not None:
-            raise ChannelBroken(f"the channel is broken: {self.broken}") from self.broken
+            state.receive_data(data, fds, answer)
+        except (OSError, SockshareError, ValueError):
+            return
 
 
-def _not_json(obj: object) -> Any:
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+def _own_ids() -> tuple[int, int]:
+    """This process's pid and uid, as HELLO states them."""
+    return os.getpid(), (os.getuid() if hasattr(os, "getuid") else 0)
 
 
-# The C encoder built once (json.dumps builds one per call: half its cost on small dicts).
-# Without a markers dict it does not detect cycles: RecursionError is caught below.
-_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
-_c_encode: Any = None
-if _c_make_encoder is not None:
-    _c_encode = _c_make_encoder(None, _not_json, json.encoder.encode_basestring_ascii, None,
-                                ":", ",", False, False, True)
-
-    def _json_encode(obj: Any) -> str:
-        return "".join(_c_encode(obj, 0))
-else:  # pragma: no cover - PyPy and friends
-    _json_encode = json.JSONEncoder(separators=(",", ":")).encode  # type: ignore[assignment]
+def new_state(sock: socket.socket, *, max_payload: int, name: str,
+              blocking: bool | None) -> ChannelState:
+    """The protocol state for a channel over ``sock`` (its transport decides SCM_RIGHTS
+    or WSA blobs)."""
+    wsa = sock.family != _AF_UNIX
+    if wsa and not IS_WINDOWS:
+        raise ChannelError("descriptors cannot travel over TCP on POSIX: use a UNIX socket address")
+    pid, uid = _own_ids()
+    return ChannelState(max_payload=max_payload, wsa=wsa, blocking=blocking, name=name,
+                        pid=pid, uid=uid)
 
 
-def _encode_meta(meta: Any) -> bytes:
-    if meta is None:
-        return b""
-    if isinstance(meta, bytes | bytearray):
-        raw = bytes(meta)  # pre-encoded by the caller: a JSON object, unchecked
-    elif not isinstance(meta, dict):
-        raise LocalProtocolError(
-            f"handoff metadata must be a dict (a JSON object), not {type(meta).__name__}")
-    else:
-        try:
-            raw = _json_encode(meta).encode()
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise LocalProtocolError(f"handoff metadata must be JSON-compatible: {exc}") from None
-    if len(raw) > MAX_META:
-        raise MessageTooLarge(f"metadata of {len(raw)} bytes; the limit is {MAX_META}")
-    return raw
+def credentials_of(sock: socket.socket) -> tuple[int, int] | None:
+    """The kernel's pid and uid of the peer of a UNIX socket (None on TCP)."""
+    if sock.family != _AF_UNIX:
+        return None
+    pid, uid, _gid = peer_credentials(sock)
+    return pid, uid
+
+
+def connect_error(exc: OSError, address: str | os.PathLike[str]) -> SockshareError | None:
+    """What a failed connect to a channel address means to the user (None: as is)."""
+    if isinstance(exc, FileNotFoundError | ConnectionRefusedError):
+        return ChannelError(f"nobody listens for handoffs at {os.fspath(address)!r}")
+    if isinstance(exc, PermissionError):
+        return ChannelPermission(
+            f"this process (uid {os.getuid() if hasattr(os, 'getuid') else '?'}) may not "
+            f"connect to {os.fspath(address)!r}: {exc.strerror}; the listener's owner "
+            "decides who may (its file mode, allow_uids)")
+    return None
 
 
 # --- addresses ----------------------------------------------------------------------
@@ -838,13 +180,6 @@ def _parse_address(address: str | os.PathLike[str]) -> tuple[int, Any]:
     return socket.AF_UNIX, a
 
 
-def _hello_for(max_payload: int, name: str, wsa: bool) -> bytes:
-    features = FEATURE_ACK | (FEATURE_WSA if wsa else FEATURE_SCM)
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    hello = Hello(os.getpid(), uid, 3, features, max_payload, name)
-    return encode_frame(FrameType.HELLO, encode_hello(hello))
-
-
 # --- the blocking channel ----------------------------------------------------------------
 
 
@@ -861,11 +196,8 @@ class Channel:
         _peer_checked: bool = False,
     ) -> None:
         self._sock = sock
-        self._wsa = sock.family != getattr(socket, "AF_UNIX", -1)
-        if self._wsa and not IS_WINDOWS:
-            raise ChannelError(
-                "descriptors cannot travel over TCP on POSIX: use a UNIX socket address")
-        self._state = _ChannelState(max_payload=max_payload, wsa=self._wsa)
+        self._state = new_state(sock, max_payload=max_payload, name=name, blocking=True)
+        self._wsa = self._state.wsa
         self._rlock = threading.RLock()
         self._wlock = threading.Lock()
         #: frames written as the socket takes them (answers, controls, BYE, the tail of
@@ -878,6 +210,7 @@ class Channel:
             self._poller = select.poll()
             self._poller.register(sock.fileno(), select.POLLIN)
         self._batching = False
+        self._detached = False
         self._leftovers_read = False
         self._sends_unread = 0
         self.name = name
@@ -917,13 +250,11 @@ class Channel:
             sock.settimeout(timeout)
             try:
                 sock.connect(addr)
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
-                raise ChannelError(f"nobody listens for handoffs at {os.fspath(address)!r}") from exc
-            except PermissionError as exc:
-                raise ChannelPermission(
-                    f"this process (uid {os.getuid() if hasattr(os, 'getuid') else '?'}) may not "
-                    f"connect to {os.fspath(address)!r}: {exc.strerror}; the listener's owner "
-                    "decides who may (its file mode, allow_uids)") from exc
+            except OSError as exc:
+                mapped = connect_error(exc, address)
+                if mapped is None:
+                    raise
+                raise mapped from exc
             ch = cls(sock, max_payload=max_payload, name=name)
             ch._handshake(timeout, policy=None)
         except BaseException:
@@ -937,7 +268,7 @@ class Channel:
         a, b = socket.socketpair()
         ca, cb = cls(a, max_payload=max_payload), cls(b, max_payload=max_payload)
         for c in (ca, cb):
-            c._sock.sendall(_hello_for(max_payload, "", c._wsa))
+            c._sock.sendall(c._state.hello())
         for c in (ca, cb):
             c._handshake(HANDSHAKE_TIMEOUT, policy=None, send_hello=False)
         return ca, cb
@@ -950,76 +281,47 @@ class Channel:
         ch._handshake(HANDSHAKE_TIMEOUT, policy=None)
         return ch
 
-    def _handshake(self, timeout: float, policy: _Policy | None, send_hello: bool = True) -> None:
-        """Exchange HELLOs. With a ``policy`` (the listening side) the peer's HELLO is
-        checked first and answered with our HELLO or an ERROR; otherwise we speak first."""
-        sock = self._sock
+    def _handshake(self, timeout: float, policy: Policy | None, send_hello: bool = True) -> None:
+        """Exchange HELLOs (the decisions are the state's). With a ``policy`` (the
+        listening side) the peer's HELLO is checked first and answered with our HELLO or
+        an ERROR; otherwise we speak first."""
+        sock, st = self._sock, self._state
         sock.settimeout(timeout)
         if send_hello and policy is None:
             try:
-                sock.sendall(_hello_for(self._state.max_payload, self.name, self._wsa))
+                sock.sendall(st.hello())
             except (BrokenPipeError, ConnectionResetError):
                 # A listener that refuses us by our uid answers and hangs up before it
                 # reads a byte: its ERROR frame is still ours to read, so read it.
                 pass
         deadline = time.monotonic() + timeout
-        decoder = FrameDecoder(max_payload=4096, allow_fds=False)
-        frame: Frame | None = None
-        got = 0
-        try:
-            while frame is None:
-                sock.settimeout(max(0.001, deadline - time.monotonic()))
-                # Read no byte past the peer's first frame: the next one may carry fds,
-                # which the kernel discards on a plain recv() (docs/protocol.md).
-                want = HEADER.size - got if got < HEADER.size else (
-                    HEADER.size + int.from_bytes(decoder._buf[8:12], "big") - got)
-                try:
-                    data = sock.recv(want)
-                except TimeoutError:
-                    raise PeerRefused(f"the peer sent no HELLO within {timeout} s") from None
-                except ConnectionResetError:
-                    data = b""
-                if not data:
-                    raise PeerRefused("the peer closed the connection during the handshake")
-                got += len(data)
-                decoder.feed(data)
-                frame = decoder.next_frame()
-        except RemoteProtocolError as exc:
-            raise PeerRefused(f"the peer does not speak the sockshare channel protocol: {exc}") from exc
-        if frame.type == FrameType.ERROR:
-            raise PeerRefused(str(error_to_exception(decode_error(frame.payload))))
-        if frame.type != FrameType.HELLO:
-            raise PeerRefused(f"expected HELLO, the peer sent {frame.type.name}")
-        hello = decode_hello(frame.payload)
-        if hello.version != 1:
-            self._refuse(f"protocol version {hello.version} is not supported (this side speaks 1)")
-        if sock.family == getattr(socket, "AF_UNIX", -1):
-            kpid, kuid, _ = peer_credentials(sock)
-            # socketpair ends report their creator's pid: only a third pid is a lie
-            if kpid and kpid != os.getpid() and kpid != hello.pid:
-                self._refuse(f"HELLO says pid {hello.pid} but the kernel says pid {kpid}")
-            if kuid != hello.uid:
-                self._refuse(f"HELLO says uid {hello.uid} but the kernel says uid {kuid}")
-        if policy is not None:
-            why = policy.refusal(hello.pid, hello.uid)
-            if why:
-                self._refuse(why)
-        self._state.peer = PeerInfo(hello.pid, hello.uid, hello.name, hello.features,
-                                    min(hello.max_payload, MAX_PAYLOAD))
-        if policy is not None:
-            sock.sendall(_hello_for(self._state.max_payload, self.name, self._wsa))
-        # leftover bytes after HELLO (the peer may already be sending) go to the channel
-        rest = decoder.take_fds()
-        close_fds(rest)
-        if decoder.buffered:
-            leftover = bytes(decoder._buf)
-            self._state.decoder.feed(leftover)
+        done = False
+        while not done:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                data = sock.recv(st.handshake_want())
+            except TimeoutError:
+                raise PeerRefused(f"the peer sent no HELLO within {timeout} s") from None
+            except ConnectionResetError:
+                data = b""
+            done = st.handshake_data(data)
+        to_send, why = st.handshake_done(credentials_of(sock), policy)
+        if why:
+            with contextlib.suppress(OSError):
+                sock.sendall(to_send)
+            raise PeerRefused(why)
+        if to_send:
+            sock.sendall(to_send)
         sock.settimeout(None)
 
-    def _refuse(self, why: str) -> None:
-        with contextlib.suppress(OSError):
-            self._sock.sendall(encode_frame(FrameType.ERROR, encode_error(ErrorCode.REFUSED, why)))
-        raise PeerRefused(why)
+    def _detach(self) -> tuple[socket.socket, ChannelState]:
+        """Hand the socket and the protocol state over to another adapter
+        (:meth:`AsyncChannel.wrap`); this object is inert from now on."""
+        if self._poller is not None:
+            self._poller.unregister(self._sock.fileno())
+            self._poller = None
+        self._detached = True
+        return self._sock, self._state
 
     # -- properties ----------------------------------------------------------------
 
@@ -1032,8 +334,7 @@ class Channel:
     @property
     def counters(self) -> dict[str, int]:
         """Handoffs sent, received, accepted, rejected, returned on this channel."""
-        st = self._state
-        return {**st.counters, "received": st.received}
+        return self._state.all_counters()
 
     @property
     def closed(self) -> bool:
@@ -1168,25 +469,14 @@ class Channel:
         """A handoff send met a broken channel: its sockets are the caller's, and only
         through this exception (never also through :meth:`returned`)."""
         self._break(exc)
-        st = self._state
-        mine = {t.id for t in tickets}
-        for t in tickets:
-            st.tickets.pop(t.id, None)
-        if st.returned and any(t.id in mine for t in st.returned):
-            kept = [t for t in st.returned if t.id not in mine]
-            st.counters["returned"] -= len(st.returned) - len(kept)
-            st.returned.clear()
-            st.returned.extend(kept)
-        for t in tickets:
-            t.state, t.reason = "returned", f"not sent: the channel broke ({exc})"
+        self._state.unsend(tickets, exc)
         raise ChannelBroken(f"the peer is gone: {exc}") from exc
 
     def _send_timed_out(self, tickets: list[Ticket]) -> None:
         """Nothing of a handoff frame went: unregister its tickets. On Windows the frame
         already holds handles duplicated into the peer (``socket.share``), which a peer
         that goes on would keep: the channel is broken instead, so the peer closes them."""
-        for t in tickets:
-            self._state.tickets.pop(t.id, None)
+        self._state.withdraw(tickets)
         if self._wsa:
             self._break(ChannelTimeout(
                 f"the peer read nothing for {self.send_timeout} s with handles already "
@@ -1269,10 +559,7 @@ class Channel:
                 self._sends_unread = 0
                 if self._readable_now():
                     self._take_in()
-        frame, fd, ticket = st.single_frame(sock, meta, data, ack)
-        if ack:
-            ticket._channel = self
-            st.tickets[ticket.id] = ticket
+        frame, fd, ticket = st.single_frame(sock, meta, data, ack, self)
         sent = 0
         if self._wlock.acquire(blocking=False):  # the common case: one sendmsg
             failed: OSError | None = None
@@ -1302,10 +589,7 @@ class Channel:
                 raise ChannelTimeout(
                     f"the peer read no handoff for {self.send_timeout} s; nothing was sent "
                     "and the socket is still yours")
-        st.counters["sent"] += 1
-        if not ack:
-            sock.close()
-            ticket.socket = None
+        st.sent_one(ticket)
         return ticket
 
     def send_many(self, items: Iterable[tuple[socket.socket, Any, bytes]], *,
@@ -1319,29 +603,21 @@ class Channel:
         batch = list(items)
         if st.tickets or self._out:
             self._take_in()
-        frames = st.handoff_frames(batch, ack)
+        frames = st.handoff_frames(batch, ack, self)
         out: list[Ticket] = []
-        for frame, fds, tickets in frames:
-            if ack:
-                for t in tickets:
-                    t._channel = self
-                    st.tickets[t.id] = t
+        for i, (frame, fds, tickets) in enumerate(frames):
             try:
                 ok = self._send_handoff(frame, fds)
             except OSError as exc:
+                st.withdraw([t for _f, _fds, ts in frames[i + 1:] for t in ts])
                 self._send_failed(tickets, exc)
             if not ok:
-                self._send_timed_out(tickets)
+                self._send_timed_out([t for _f, _fds, ts in frames[i:] for t in ts])
                 raise ChannelTimeout(
                     f"the peer read no handoff for {self.send_timeout} s; {len(out)} of "
                     f"{len(batch)} handoffs went (see .sent), the other sockets are still yours",
                     out)
-            st.counters["sent"] += len(tickets)
-            if not ack:
-                for t in tickets:
-                    if t.socket is not None:
-                        t.socket.close()
-                        t.socket = None
+            st.sent(tickets)
             out.extend(tickets)
         return out
 
@@ -1379,9 +655,8 @@ class Channel:
     def receive_many(self, max_count: int = BATCH, timeout: float | None = None) -> list[Handoff]:
         """Wait for at least one handoff; return up to ``max_count`` that are ready."""
         out = [self.receive(timeout)]
-        incoming = self._state.incoming
-        while incoming and len(out) < max_count:
-            out.append(incoming.popleft())
+        if self._state.incoming:
+            out.extend(self._state.take_received(max_count - 1))
         return out
 
     def flush(self) -> None:
@@ -1398,8 +673,7 @@ class Channel:
         Never waits for the peer while this side holds less than ``OUT_LIMIT`` bytes it
         could not write yet; past that, waits for the peer to read, up to
         ``send_timeout`` (then :class:`~sockshare.ChannelTimeout`, nothing sent)."""
-        self._state.check_usable()
-        frame = encode_frame(FrameType.CONTROL, encode_control(obj))
+        frame = self._state.control_frame(obj)
         if self._out_bytes > OUT_LIMIT:
             deadline = None if self.send_timeout is None else time.monotonic() + self.send_timeout
             while self._out_bytes > OUT_LIMIT:
@@ -1421,19 +695,18 @@ class Channel:
         ``timeout``, :class:`~sockshare.ChannelBroken` if the peer went away without
         saying goodbye."""
         st = self._state
-        incoming = st.incoming
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._rlock:
-            while not incoming:
-                if st.peer_said_bye and not st.closed:
-                    raise ChannelEnded("the peer ended the channel (BYE)")
-                if st.closed or st.broken is not None:
-                    st.check_usable()
+            while not st.incoming:
+                if st.peer_said_bye or st.closed or st.broken is not None:
+                    st.take_handoff()  # raises: the peer ended, or the channel did
                 if st.pending_accepts:
                     self.flush()
                 if not self._pump(deadline):
                     raise ChannelTimeout(f"no handoff arrived within {timeout} s")
-            return incoming.popleft()
+            h = st.take_handoff()
+            assert h is not None
+            return h
 
     def __iter__(self) -> Iterator[Handoff]:
         """Yield handoffs until the peer ends the channel with BYE (a peer that goes
@@ -1458,18 +731,16 @@ class Channel:
         st = self._state
         if st.broken is None and not st.closed and (st.tickets or self._out):
             self._take_in()
-        out = list(st.returned)
-        st.returned.clear()
-        return out
+        return st.take_returned()
 
     def receive_control(self, timeout: float | None = None) -> dict[str, Any]:
         deadline = None if timeout is None else time.monotonic() + timeout
+        st = self._state
         with self._rlock:
-            while not self._state.controls:
-                self._state.check_usable()
+            while (obj := st.take_control()) is None:
                 if not self._pump(deadline):
                     raise ChannelTimeout(f"no control message within {timeout} s")
-            return self._state.controls.popleft()
+            return obj
 
     def _wait_ticket(self, ticket: Ticket, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -1523,13 +794,13 @@ class Channel:
                     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                     # readable now (True): the caller loops and reads; False: timed out
                     return wait_ready(self._sock, write=False, timeout=remaining)[0]
-                if len(anc) == 1 and not flags & _TRUNCATED and len(data) >= _SINGLE.size and _FAST_CLOEXEC:
+                if len(anc) == 1 and not flags & _TRUNCATED and len(data) >= SINGLE_MIN and _FAST_CLOEXEC:
                     # hot path: one descriptor with (usually) one whole single-socket frame
                     _level, ctype, cdata = anc[0]
-                    if ctype == _SCM_RIGHTS and len(cdata) == 4 and self._state.decoder.idle:
+                    if ctype == _SCM_RIGHTS and len(cdata) == 4:
                         fd = _FD.unpack(cdata)[0]
                         try:
-                            if self._state._single(data, fd, self._answer):
+                            if self._state.receive_single(data, fd, self._answer):
                                 return True
                         except (OSError, SockshareError, ValueError) as exc:
                             self._break(exc)
@@ -1598,17 +869,7 @@ class Channel:
         if self._wsa or self._leftovers_read:
             return
         self._leftovers_read = True
-        for _ in range(64):
-            try:
-                data, fds = recv_with_fds(self._sock, RECV_BUF, MSG_DONTWAIT)
-            except (OSError, SockshareError):
-                return
-            if not data and not fds:
-                return
-            try:
-                self._state.receive_data(data, fds, self._answer)
-            except (OSError, SockshareError, ValueError):
-                return
+        read_leftovers(self._sock, self._state, self._answer)
 
     # -- closing -------------------------------------------------------------------
 
@@ -1627,16 +888,15 @@ class Channel:
         let the sender hand the same connection elsewhere.
         """
         st = self._state
-        if st.closed:
+        if st.closed or self._detached:
             return
         if st.broken is None:
             # Another thread may be blocked in receive(): then it reads the answers, and
             # this one only writes and watches the tickets.
             reading = self._rlock.acquire(timeout=self.close_timeout)
             try:
-                for frame in st.closing_frames():
+                for frame in st.start_close():
                     self._queue(frame)
-                self._queue(encode_frame(FrameType.BYE))
                 if self._out:
                     self._room_for_queue()
                 now = time.monotonic()
@@ -1646,7 +906,7 @@ class Channel:
                     now = time.monotonic()
                     if self._out and (flush_by is None or now < flush_by):
                         until: float | None = flush_by
-                    elif st.tickets and now < answers_by:
+                    elif st.awaiting_answers and now < answers_by:
                         until = answers_by
                     else:
                         break
@@ -1664,11 +924,7 @@ class Channel:
             finally:
                 if reading:
                     self._rlock.release()
-        st.abandon_pending()
-        st.fail(ChannelClosed("closed by this side"))
-        st.closed = True
-        while st.incoming:  # fire-and-forget handoffs nobody took
-            st.incoming.popleft().socket.close()
+        st.finish_close()
         with contextlib.suppress(OSError):  # wakes a thread blocked reading it
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
@@ -1678,19 +934,6 @@ class Channel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@dataclass(frozen=True, slots=True)
-class _Policy:
-    uids: frozenset[int] | None
-    pids: frozenset[int] | None
-
-    def refusal(self, pid: int, uid: int) -> str:
-        if self.pids is not None and pid not in self.pids:
-            return f"pid {pid} is not in this listener's allow-list"
-        if self.uids is not None and uid not in self.uids:
-            return f"uid {uid} may not hand off to this listener (allowed: {sorted(self.uids)})"
-        return ""
 
 
 class ChannelListener:
@@ -1706,7 +949,7 @@ class ChannelListener:
         self._path = addr if family == getattr(socket, "AF_UNIX", -1) and isinstance(addr, str) else None
         own_uid = os.getuid() if hasattr(os, "getuid") else 0
         uids = frozenset(allow_uids) if allow_uids is not None else frozenset({own_uid})
-        self._policy = _Policy(uids, frozenset(allow_pids) if allow_pids is not None else None)
+        self._policy = Policy(uids, frozenset(allow_pids) if allow_pids is not None else None)
         self._max_payload = max_payload
         self._name = name
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -1783,18 +1026,17 @@ class ChannelListener:
     def _precheck(self, conn: socket.socket) -> bool:
         """Before reading a byte: refuse a peer whose uid the policy refuses (the
         kernel's word, not the peer's), so that others pay nothing for it."""
-        if conn.family != getattr(socket, "AF_UNIX", -1) or self._policy.uids is None:
+        if conn.family != _AF_UNIX or self._policy.uids is None:
             return True
         try:
             _pid, uid, _gid = peer_credentials(conn)
         except (OSError, SockshareError):
             return True  # the handshake checks again
-        if uid in self._policy.uids:
+        why = self._policy.uid_refusal(uid)
+        if not why:
             return True
-        why = f"uid {uid} may not hand off to this listener (allowed: {sorted(self._policy.uids)})"
         with contextlib.suppress(OSError):
-            conn.send(encode_frame(FrameType.ERROR, encode_error(ErrorCode.REFUSED, why)),
-                      MSG_DONTWAIT)
+            conn.send(error_frame(why), MSG_DONTWAIT)
         conn.close()
         self._log("refused", "refused a channel peer on %s: %s", self.address, why)
         return False

@@ -36,6 +36,7 @@ from sockshare._errors import (
     WrongProcess,
 )
 from sockshare.backends._agent import agent
+from sockshare.backends._fds import checked_socket
 from sockshare.backends._scm import close_fds, peer_credentials, recv_with_fds
 from sockshare.protocol import (
     Claim,
@@ -323,7 +324,7 @@ def _exchange(ch: socket.socket, info: TokenInfo, deadline: float,
                     raise RemoteProtocolError("the export agent granted another token")
                 if info.is_windows:
                     return None, None
-                return _wrap(frame.fds[0], grant.kind.family, grant.kind.type, grant.kind.proto), None
+                return checked_socket(frame.fds[0], grant.kind, None, "the granted socket"), None
             except BaseException:
                 close_fds(frame.fds)
                 raise
@@ -335,21 +336,6 @@ def _exchange(ch: socket.socket, info: TokenInfo, deadline: float,
         raise ExporterGone("the export agent hung up before answering") from exc
     finally:
         close_fds(decoder.take_fds())
-
-
-def _wrap(fd: int, family: int, stype: int, proto: int) -> socket.socket:
-    """A socket object for a received descriptor, its type checked. On failure the
-    descriptor is left to the caller (detached, not closed)."""
-    try:   # the kernel says what it is (getsockname, SO_TYPE); compared with the claim
-        sock = socket.socket(-1, -1, proto, fd)
-    except OSError as exc:
-        raise RemoteProtocolError(f"the descriptor received is not a socket: {exc}") from None
-    actual = (int(sock.family), int(sock.type))
-    if actual != (family, stype):
-        sock.detach()
-        raise RemoteProtocolError(f"the socket received is of family/type {actual[0]}/{actual[1]}, "
-                                  f"the agent said {family}/{stype}")
-    return sock
 
 
 # One pooled connection per export agent (at most a few, when imports run in parallel

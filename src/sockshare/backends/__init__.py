@@ -6,7 +6,9 @@
   an abstract or 0700-directory UNIX socket; Windows: WSADuplicateSocket blobs with a
   loopback claim service);
 * :mod:`._pidfd` -- Linux ``pidfd_open``/``pidfd_getfd``, measured as an alternative;
-* :mod:`._inherit` -- descriptors inherited across exec: systemd ``LISTEN_FDS``.
+* :mod:`._inherit` -- descriptors inherited across exec: systemd ``LISTEN_FDS``;
+* :mod:`._fds` -- :func:`~._fds.checked_socket`, the one place a received descriptor
+  becomes a socket object (its claimed kind checked with the kernel).
 
 ``sockshare doctor`` reports which of these work on this machine.
 """

@@ -1,8 +1,10 @@
 """The sans-I/O core: token format, frame codec, message payloads.
 
 Nothing in this package touches a socket, a file descriptor or the clock in a way that
-blocks: bytes and integers go in, dataclasses and bytes come out. The OS mechanisms in
-:mod:`sockshare.backends` and the channels in :mod:`sockshare._channel` move those bytes.
+blocks: bytes and integers go in, dataclasses and bytes come out. The channel's
+protocol state on top of it (:mod:`sockshare._state`) is I/O-free too; the OS
+mechanisms in :mod:`sockshare.backends` and the channel adapters
+(:mod:`sockshare._channel`, :mod:`sockshare._aio`) move the bytes.
 A C, Go or PHP program that follows ``docs/protocol.md`` interoperates with it.
 """
 

@@ -128,6 +128,11 @@ class FrameDecoder:
         """Bytes received but not yet returned as part of a frame."""
         return len(self._buf)
 
+    def peek(self, start: int, end: int) -> bytes:
+        """Buffered bytes ``[start:end]``, left in the buffer (the channel handshake
+        reads a frame's length before the frame is whole, and hands on what follows)."""
+        return bytes(self._buf[start:end])
+
     @property
     def idle(self) -> bool:
         """True when nothing is buffered and no descriptor waits: the next read starts

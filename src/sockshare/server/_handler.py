@@ -47,8 +47,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from sockshare._channel import Handoff, _c_family, _c_type
+from sockshare._channel import Handoff
 from sockshare._errors import SockshareError
+from sockshare.backends._fds import socket_family, socket_type
 from sockshare.protocol import MAX_DATA
 
 __all__ = [
@@ -358,7 +359,7 @@ def set_nodelay(sock: socket.socket) -> None:
     ``proto`` says TCP, and a socket accepted from a listener made with proto 0 (the
     dispatcher's, most servers') says 0: without it, a small write that follows another
     waits for the client's delayed ACK, 40 ms on Linux."""
-    if _c_family(sock) in _TCP_FAMILIES:
+    if socket_family(sock) in _TCP_FAMILIES:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -372,7 +373,7 @@ def connection_now(handoff: Handoff, worker: WorkerInfo, *,
     that is not a stream)."""
     loop = asyncio.get_running_loop()
     make = getattr(loop, "_make_socket_transport", None)
-    if make is None or _c_type(handoff.socket) & 0xF != _SOCK_STREAM:
+    if make is None or socket_type(handoff.socket) & 0xF != _SOCK_STREAM:
         return None
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     if handoff.data:
