@@ -12,6 +12,8 @@
 With neither ``APP`` nor ``--worker-cmd`` it serves the demo app
 (``sockshare.server._demo:handle``) on 127.0.0.1:8000. ``--config FILE`` reads pools,
 routes and listeners from TOML; flags given next to it override its top-level settings.
+Every flag may also come from the environment (:func:`apply_environment`):
+``SOCKSHARE_<FLAG>`` and ``SOCKSHARE_CMD_ARGS``; the command line wins over both.
 
 ``status`` asks a running dispatcher over its control socket and prints a table
 (``rich`` if installed, plain text otherwise), ``--json`` for scripts, ``--watch`` to

@@ -83,6 +83,9 @@ workers, and the old ones get ``{"cmd": "drain", "migrate": true}``: they reject
 handoffs (re-dispatched to the new ones), migrate what can move, finish the rest within
 ``grace`` and exit. If a new worker cannot start (an import error), the reload is
 abandoned and the old workers go on. The listeners never close: nothing is refused.
+With ``--config`` the file is read again first (``_reconfig``). SIGTTIN/SIGTTOU add or
+retire one worker of the default pool; SIGQUIT stops fast (workers killed after
+``QUICK_GRACE``).
 
 Upgrade (SIGUSR2, ``sockshare upgrade``): the dispatcher itself is replaced. It starts
 ``python -m sockshare.backends._inherit FD... -- <its own command line>`` with its
