@@ -12,6 +12,8 @@
 With neither ``APP`` nor ``--worker-cmd`` it serves the demo app
 (``sockshare.server._demo:handle``) on 127.0.0.1:8000. ``--config FILE`` reads pools,
 routes and listeners from TOML; flags given next to it override its top-level settings.
+Every flag may also come from the environment (:func:`apply_environment`):
+``SOCKSHARE_<FLAG>`` and ``SOCKSHARE_CMD_ARGS``; the command line wins over both.
 
 ``status`` asks a running dispatcher over its control socket and prints a table
 (``rich`` if installed, plain text otherwise), ``--json`` for scripts, ``--watch`` to
@@ -28,6 +30,8 @@ import importlib
 import io
 import json
 import logging
+import os
+import shlex
 import sys
 import time
 from typing import Any
@@ -48,7 +52,48 @@ def add_commands(subparsers: Any) -> None:
     """Register ``serve`` and ``status``."""
     p = subparsers.add_parser(
         "serve", help="run a dispatcher and its workers",
-        description="Accept connections and hand each one to a worker process.")
+        description="Accept connections and hand each one to a worker process. Every flag "
+                    "can also come from the environment: SOCKSHARE_<FLAG> (--max-conns: "
+                    "SOCKSHARE_MAX_CONNS; repeatable flags comma-separated), and "
+                    "SOCKSHARE_CMD_ARGS (flags as on a command line). Precedence: command "
+                    "line > SOCKSHARE_CMD_ARGS > SOCKSHARE_<FLAG> > --config file > defaults.")
+    _serve_flags(p)
+    p.set_defaults(func=serve)
+
+    s = subparsers.add_parser("status", help="show a running server's workers and counters")
+    s.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
+    s.add_argument("--json", action="store_true", help="print the raw JSON status")
+    s.add_argument("--watch", nargs="?", const=1.0, type=float, metavar="SECONDS",
+                   help="refresh every SECONDS (default 1) until interrupted")
+    s.set_defaults(func=status)
+
+    r = subparsers.add_parser("reload", help="start a new generation of workers (like SIGHUP)",
+                              description="Start new workers (the app is imported again; "
+                                          "with --config, the file is read again first), move "
+                                          "live connections to them, retire the old ones.")
+    r.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
+    r.add_argument("--no-wait", action="store_true", help="return at once instead of waiting")
+    r.set_defaults(func=reload)
+
+    u = subparsers.add_parser("upgrade", help="replace the dispatcher process (like SIGUSR2)",
+                              description="Start a new dispatcher with the listening sockets; it "
+                                          "takes over once its workers are ready.")
+    u.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
+    u.add_argument("--no-wait", action="store_true", help="return at once instead of waiting")
+    u.set_defaults(func=upgrade)
+
+    m = subparsers.add_parser("migrate", help="move live connections off a worker",
+                              description="Ask a worker to migrate its connections to the other "
+                                          "workers of its pool.")
+    m.add_argument("--from", dest="source", type=int, required=True, metavar="WORKER",
+                   help="worker id (sockshare status, ID column)")
+    m.add_argument("--count", type=int, metavar="N", help="how many (default: every one that can move)")
+    m.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
+    m.add_argument("--no-wait", action="store_true", help="do not wait for the migrations to finish")
+    m.set_defaults(func=migrate)
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of ``serve`` (also read from the environment: :func:`apply_environment`)."""
     p.add_argument("app", nargs="?", help=f"module:callable, async def handle(conn) (default: {DEFAULT_APP})")
     p.add_argument("-b", "--bind", action="append", metavar="ADDR",
                    help=f"HOST:PORT, [v6]:PORT or unix:/path; repeatable (default: {DEFAULT_BIND})")
@@ -74,6 +119,19 @@ def add_commands(subparsers: Any) -> None:
                         "pauses past RLIMIT_NOFILE - N (default: 16 + 8 per worker)")
     p.add_argument("--proxy-protocol", choices=("off", "optional", "required"),
                    help="expect a PROXY v1/v2 header (default: off)")
+    p.add_argument("--proxy-allow-from", metavar="CIDR,...",
+                   help="sources whose PROXY header is believed, '*' for any; from others "
+                        "'optional' passes it on as data, 'required' refuses (default: "
+                        "127.0.0.0/8,::1)")
+    p.add_argument("--backlog", type=int, metavar="N",
+                   help="listen backlog of every listener (default: 1024)")
+    p.add_argument("--pid-file", metavar="PATH",
+                   help="write the dispatcher's pid there once the listeners are bound; "
+                        "removed on exit")
+    p.add_argument("-u", "--user", metavar="USER",
+                   help="run the workers as USER (name or uid; the dispatcher must be root)")
+    p.add_argument("-g", "--group", metavar="GROUP",
+                   help="run the workers as GROUP (default: USER's group)")
     p.add_argument("-c", "--config", metavar="FILE", help="TOML configuration (pools, routes)")
     p.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics at HOST:PORT/metrics")
     p.add_argument("--control", metavar="PATH", help="control socket path (default: per-user runtime dir)")
@@ -97,38 +155,6 @@ def add_commands(subparsers: Any) -> None:
                    help="relay every migration through the dispatcher (default: a handler's "
                         "own migrate() goes straight to another worker)")
     _web_flags(p)
-    p.set_defaults(func=serve)
-
-    s = subparsers.add_parser("status", help="show a running server's workers and counters")
-    s.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
-    s.add_argument("--json", action="store_true", help="print the raw JSON status")
-    s.add_argument("--watch", nargs="?", const=1.0, type=float, metavar="SECONDS",
-                   help="refresh every SECONDS (default 1) until interrupted")
-    s.set_defaults(func=status)
-
-    r = subparsers.add_parser("reload", help="start a new generation of workers (like SIGHUP)",
-                              description="Start new workers (the app is imported again), move "
-                                          "live connections to them, retire the old ones.")
-    r.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
-    r.add_argument("--no-wait", action="store_true", help="return at once instead of waiting")
-    r.set_defaults(func=reload)
-
-    u = subparsers.add_parser("upgrade", help="replace the dispatcher process (like SIGUSR2)",
-                              description="Start a new dispatcher with the listening sockets; it "
-                                          "takes over once its workers are ready.")
-    u.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
-    u.add_argument("--no-wait", action="store_true", help="return at once instead of waiting")
-    u.set_defaults(func=upgrade)
-
-    m = subparsers.add_parser("migrate", help="move live connections off a worker",
-                              description="Ask a worker to migrate its connections to the other "
-                                          "workers of its pool.")
-    m.add_argument("--from", dest="source", type=int, required=True, metavar="WORKER",
-                   help="worker id (sockshare status, ID column)")
-    m.add_argument("--count", type=int, metavar="N", help="how many (default: every one that can move)")
-    m.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
-    m.add_argument("--no-wait", action="store_true", help="do not wait for the migrations to finish")
-    m.set_defaults(func=migrate)
 
 
 def _web_flags(p: argparse.ArgumentParser) -> None:
@@ -178,12 +204,82 @@ def _web_flags(p: argparse.ArgumentParser) -> None:
 
 # --- serve ----------------------------------------------------------------------------
 
+#: SOCKSHARE_<FLAG> variables that are not flags (the workers' environment, upgrades)
+_NOT_FLAGS = frozenset({"CHANNEL", "WORKER_ID", "POOL", "GENERATION", "WEB", "UPGRADE_FROM",
+                        "UPGRADE_CONTROL", "CMD_ARGS"})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+class _EnvParser(argparse.ArgumentParser):
+    """``serve``'s flags, for the environment: a mistake is a :class:`ConfigError`."""
+
+    def error(self, message: str) -> Any:   # (argparse would exit)
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _env_parser(prog: str) -> _EnvParser:
+    p = _EnvParser(prog=prog, add_help=False, argument_default=argparse.SUPPRESS)
+    _serve_flags(p)
+    return p
+
+
+def env_name(action: argparse.Action) -> str:
+    """``SOCKSHARE_<FLAG>`` of a ``serve`` option: ``--max-conns`` -> ``SOCKSHARE_MAX_CONNS``."""
+    if not action.option_strings:
+        return f"SOCKSHARE_{action.dest.upper()}"
+    longest = max(action.option_strings, key=len)
+    return "SOCKSHARE_" + longest.lstrip("-").upper().replace("-", "_")
+
+
+def environment_argv(environ: dict[str, str] | os._Environ[str]) -> list[str]:
+    """The ``SOCKSHARE_<FLAG>`` variables as command-line arguments (``SOCKSHARE_BIND=a,b``:
+    ``--bind=a --bind=b``; a switch: 1/true/yes/on or 0/false/no/off)."""
+    argv: list[str] = []
+    app: list[str] = []
+    for action in _env_parser("environment")._actions:
+        name = env_name(action)
+        if name not in environ or name.removeprefix("SOCKSHARE_") in _NOT_FLAGS:
+            continue
+        value = environ[name]
+        if not action.option_strings:
+            app = [value] if value else []
+            continue
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0:   # store_true
+            v = value.strip().lower()
+            if v not in _TRUE | _FALSE:
+                raise ConfigError(f"{name}={value!r}: say 1/true/yes/on or 0/false/no/off")
+            if v in _TRUE:
+                argv.append(flag)
+        elif isinstance(action, argparse._AppendAction):
+            argv += [f"{flag}={v.strip()}" for v in value.split(",") if v.strip()]
+        else:
+            argv.append(f"{flag}={value}")
+    return argv + app
+
+
+def apply_environment(args: argparse.Namespace,
+                      environ: dict[str, str] | os._Environ[str] | None = None) -> argparse.Namespace:
+    """Fill the flags not given on the command line from the environment:
+    ``SOCKSHARE_CMD_ARGS`` (parsed like a command line, as gunicorn's GUNICORN_CMD_ARGS),
+    then ``SOCKSHARE_<FLAG>``. A flag is "not given" when it is None (False for a switch)."""
+    env = os.environ if environ is None else environ
+    layers = [vars(_env_parser("SOCKSHARE_CMD_ARGS").parse_args(
+                  shlex.split(env.get("SOCKSHARE_CMD_ARGS", "")))),
+              vars(_env_parser("SOCKSHARE_<FLAG>").parse_args(environment_argv(env)))]
+    for layer in layers:
+        for key, value in layer.items():
+            if value is not None and getattr(args, key, None) in (None, False):
+                setattr(args, key, value)
+    return args
+
 
 def serve(args: argparse.Namespace) -> int:
     from sockshare.server._dispatcher import Dispatcher
 
     try:
-        cfg = from_args(args)
+        cfg = from_args(apply_environment(args))
     except ConfigError as exc:
         print(f"sockshare serve: {exc}", file=sys.stderr)
         return 2
@@ -191,7 +287,8 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s dispatcher[%(process)d] %(name)s: %(message)s")
     try:
-        return asyncio.run(Dispatcher(cfg).run())
+        reread = (lambda: from_args(args)) if args.config else None
+        return asyncio.run(Dispatcher(cfg, reconfigure=reread).run())
     except KeyboardInterrupt:
         return 130
 

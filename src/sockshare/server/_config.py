@@ -18,6 +18,7 @@ The file format (docs/server.md has the full reference)::
     name = "web"
     sniff = true                     # read Host (HTTP) / SNI (TLS) before routing
     proxy = "optional"               # PROXY v1/v2 header: off | optional | required
+    proxy_allow_from = ["127.0.0.0/8", "::1"]   # who may send one (the default)
 
     [pools.web]
     app = "sockshare.server._demo:handle"   # resume: sockshare.server._demo:resume
@@ -41,7 +42,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import grp
+import ipaddress
 import os
+import pwd
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -54,6 +58,7 @@ from sockshare.server._web import WebAppError, WebSettings
 __all__ = [
     "DEFAULT_APP",
     "DEFAULT_BIND",
+    "DEFAULT_PROXY_ALLOW",
     "POLICIES",
     "BindAddress",
     "ConfigError",
@@ -64,12 +69,19 @@ __all__ = [
     "from_args",
     "load_toml",
     "parse_bind",
+    "parse_proxy_allow",
+    "resolve_user",
 ]
 
 DEFAULT_APP = "sockshare.server._demo:handle"
 DEFAULT_BIND = "127.0.0.1:8000"
 #: Policy names accepted by ``--policy`` (or ``module:function`` for a user callable).
 POLICIES = ("least-conn", "round-robin", "hash-addr", "hash-key")
+#: Who may send a PROXY header (``--proxy-allow-from``): loopback, like uvicorn's
+#: ``--forwarded-allow-ips``.
+DEFAULT_PROXY_ALLOW = ("127.0.0.0/8", "::1")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(SockshareError, ValueError):
@@ -112,6 +124,54 @@ def parse_bind(text: str) -> BindAddress:
     return BindAddress(t, socket.AF_INET, (host or "0.0.0.0", _port(text, port)))
 
 
+def parse_proxy_allow(entries: tuple[str, ...] | list[str], where: str = "proxy_allow_from",
+                      ) -> tuple[Network, ...] | None:
+    """The networks of a ``--proxy-allow-from`` list; None for ``*`` (anyone)."""
+    nets: list[Network] = []
+    for e in entries:
+        t = e.strip()
+        if t == "*":
+            return None
+        try:
+            nets.append(ipaddress.ip_network(t, strict=False))
+        except ValueError:
+            raise ConfigError(f"{where}: {e!r} is not an address or CIDR network "
+                              "(e.g. 10.0.0.0/8, ::1, or * for anyone)") from None
+    return tuple(nets)
+
+
+def _split_list(value: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in value.split(",") if x.strip())
+
+
+def resolve_user(user: str | None, group: str | None) -> tuple[int, int, list[int]] | None:
+    """``(uid, gid, supplementary groups)`` the workers run as (``--user``/``--group``),
+    None when neither is given. A name or a number; the group defaults to the user's."""
+    if user is None and group is None:
+        return None
+    try:
+        if user is None:
+            uid, gid0, name = os.getuid(), os.getgid(), None
+        elif user.isdigit():
+            uid = int(user)
+            try:
+                pw = pwd.getpwuid(uid)
+                gid0, name = pw.pw_gid, pw.pw_name
+            except KeyError:
+                gid0, name = uid, None
+        else:
+            pw = pwd.getpwnam(user)
+            uid, gid0, name = pw.pw_uid, pw.pw_gid, pw.pw_name
+    except KeyError:
+        raise ConfigError(f"--user {user!r}: no such user") from None
+    try:
+        gid = gid0 if group is None else int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"--group {group!r}: no such group") from None
+    groups = list(os.getgrouplist(name, gid)) if name is not None else [gid]
+    return uid, gid, groups
+
+
 def _port(text: str, port: str) -> int:
     try:
         n = int(port)
@@ -134,6 +194,9 @@ class ListenerConfig:
     backlog: int = 1024
     #: PROXY protocol header: "off", "optional" or "required" (sniffed and consumed)
     proxy: str = "off"
+    #: source networks whose PROXY header is believed ("*": any); from anyone else,
+    #: "optional" passes the bytes on as the client's data, "required" refuses
+    proxy_allow: tuple[str, ...] = DEFAULT_PROXY_ALLOW
 
     @property
     def sniffs(self) -> bool:
@@ -242,6 +305,11 @@ class ServerConfig:
     #: a handler's own migrate() goes straight to a peer worker (one hop); False: every
     #: migration is relayed by the dispatcher (two hops)
     direct_migration: bool = True
+    #: the dispatcher's pid, written once the listeners are bound, removed on exit
+    pid_file: str | None = None
+    #: the workers run as this user / group (the dispatcher must be root)
+    user: str | None = None
+    group: str | None = None
 
     def validate(self) -> None:
         if not self.listeners:
@@ -262,6 +330,9 @@ class ServerConfig:
                 raise ConfigError(f"listener {lc.name!r}: proxy must be off, optional or required")
             if lc.pool is not None and lc.pool not in self.pools:
                 raise ConfigError(f"listener {lc.name!r}: unknown pool {lc.pool!r}")
+            parse_proxy_allow(lc.proxy_allow, f"listener {lc.name!r}: proxy_allow_from")
+            if lc.backlog < 1:
+                raise ConfigError(f"listener {lc.name!r}: backlog must be at least 1")
         for i, r in enumerate(self.routes):
             if r.pool not in self.pools:
                 raise ConfigError(f"routes[{i}]: unknown pool {r.pool!r}")
@@ -304,6 +375,10 @@ class ServerConfig:
                               "rebalance_spread not negative")
         if self.metrics is not None:
             parse_bind(self.metrics)
+        if resolve_user(self.user, self.group) is not None and os.geteuid() != 0:
+            raise ConfigError(f"--user/--group: only root can start workers as another user "
+                              f"(this process runs as uid {os.geteuid()}); start as root, or "
+                              "leave them out")
 
     def route(self, listener: ListenerConfig, meta: Mapping[str, Any]) -> tuple[str, str]:
         """``(pool, why)`` for a connection accepted on ``listener`` with sniffed ``meta``;
@@ -378,7 +453,8 @@ def _override(cfg: ServerConfig, args: argparse.Namespace) -> None:
     if getattr(args, "graceful_timeout", None) is not None and getattr(args, "grace", None) is None:
         args.grace = args.graceful_timeout
     for key in ("grace", "metrics", "control", "log_level", "log_config", "max_retries", "queue_timeout",
-                "timeout", "upgrade_probation", "sniff_max", "fd_reserve", "sniff_timeout"):
+                "timeout", "upgrade_probation", "sniff_max", "fd_reserve", "sniff_timeout",
+                "pid_file", "user", "group"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(cfg, key, value)
@@ -386,6 +462,13 @@ def _override(cfg: ServerConfig, args: argparse.Namespace) -> None:
         cfg.direct_migration = False
     if getattr(args, "config", None) and args.bind:
         cfg.listeners = _listeners_from(args.bind)
+    listen: dict[str, Any] = {}
+    if getattr(args, "backlog", None) is not None:
+        listen["backlog"] = args.backlog
+    if getattr(args, "proxy_allow_from", None) is not None:
+        listen["proxy_allow"] = _split_list(args.proxy_allow_from)
+    if listen:
+        cfg.listeners = [dataclasses.replace(lc, **listen) for lc in cfg.listeners]
     if getattr(args, "config", None) and any(getattr(args, k, None) is not None for k in WEB_FLAGS):
         cfg.pools = {name: dataclasses.replace(p, web=web_from_args(args, p.web))
                      if p.app is not None else p for name, p in cfg.pools.items()}
@@ -397,10 +480,11 @@ def _override(cfg: ServerConfig, args: argparse.Namespace) -> None:
 _TOP = {"queue", "grace", "metrics", "control", "log_level", "log_config", "sniff_timeout", "max_retries",
         "queue_timeout", "backoff_initial", "backoff_max", "stable_after", "connect_timeout", "timeout",
         "rebalance_interval", "rebalance_min", "rebalance_spread", "direct_migration",
-        "upgrade_probation", "sniff_max", "fd_reserve", "default_pool", "listen", "pools", "routes"}
+        "upgrade_probation", "sniff_max", "fd_reserve", "default_pool", "listen", "pools", "routes",
+        "pid_file", "user", "group"}
 _POOL = {"app", "worker_cmd", "workers", "policy", "hash_key", "max_conns", "queue", "resume",
          "rebalance", *WEB_FLAGS}
-_LISTEN = {"bind", "name", "sniff", "pool", "backlog", "proxy"}
+_LISTEN = {"bind", "name", "sniff", "pool", "backlog", "proxy", "proxy_allow_from"}
 _ROUTE = {"pool", "host", "sni", "proxy", "listener"}
 
 
@@ -458,7 +542,8 @@ def parse_document(doc: Mapping[str, Any]) -> ServerConfig:
             bind=parse_bind(bind), name=_typed(lt, "name", str, f"l{i}", where),
             sniff=_typed(lt, "sniff", bool, False, where), pool=_typed(lt, "pool", str, None, where),
             backlog=_typed(lt, "backlog", int, 1024, where),
-            proxy=_typed(lt, "proxy", str, "off", where)))
+            proxy=_typed(lt, "proxy", str, "off", where),
+            proxy_allow=_allow_list(lt, where)))
     routes: list[RouteConfig] = []
     raw_routes = doc.get("routes", [])
     if not isinstance(raw_routes, list):
@@ -484,10 +569,21 @@ def parse_document(doc: Mapping[str, Any]) -> ServerConfig:
                      ("connect_timeout", float), ("timeout", float), ("rebalance_interval", float),
                      ("rebalance_min", int), ("rebalance_spread", float),
                      ("direct_migration", bool), ("upgrade_probation", float),
-                     ("sniff_max", int), ("fd_reserve", int)):
+                     ("sniff_max", int), ("fd_reserve", int), ("pid_file", str), ("user", str),
+                     ("group", str)):
         if key in doc:
             setattr(cfg, key, _typed(doc, key, typ, None, "the top level"))
     return cfg
+
+
+def _allow_list(lt: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    """A listener's ``proxy_allow_from``: an array of strings, or one comma-separated."""
+    value = lt.get("proxy_allow_from", list(DEFAULT_PROXY_ALLOW))
+    if isinstance(value, str):
+        return _split_list(value)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: proxy_allow_from must be an array of strings")
+    return tuple(value)
 
 
 def _web_table(p: Mapping[str, Any], where: str) -> WebSettings:

@@ -83,6 +83,9 @@ workers, and the old ones get ``{"cmd": "drain", "migrate": true}``: they reject
 handoffs (re-dispatched to the new ones), migrate what can move, finish the rest within
 ``grace`` and exit. If a new worker cannot start (an import error), the reload is
 abandoned and the old workers go on. The listeners never close: nothing is refused.
+With ``--config`` the file is read again first (``_reconfig``). SIGTTIN/SIGTTOU add or
+retire one worker of the default pool; SIGQUIT stops fast (workers killed after
+``QUICK_GRACE``).
 
 Upgrade (SIGUSR2, ``sockshare upgrade``): the dispatcher itself is replaced. It starts
 ``python -m sockshare.backends._inherit FD... -- <its own command line>`` with its
@@ -117,9 +120,11 @@ import contextlib
 import itertools
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -128,9 +133,9 @@ from sockshare._aio import AsyncChannelListener
 from sockshare._channel import _remove_stale_socket
 from sockshare._errors import BackendUnavailable, SockshareError
 from sockshare.backends import _inherit
-from sockshare.server import _status
+from sockshare.server import _pidfile, _status
 from sockshare.server._admission import Admission
-from sockshare.server._config import ServerConfig, parse_bind
+from sockshare.server._config import ServerConfig, parse_bind, resolve_user
 from sockshare.server._control import ControlServer, default_path, runtime_dir
 from sockshare.server._listeners import Listeners, ListenerState, bind_listener, sd_notify
 from sockshare.server._metrics import MetricsServer
@@ -151,6 +156,12 @@ __all__ = ["Dispatcher", "ListenerState", "PoolState", "SlotState", "Waiting", "
            "WorkerStats", "bind_listener"]
 
 log = logging.getLogger("sockshare.server")
+
+#: SIGQUIT (fast stop): seconds workers get after SIGTERM before SIGKILL
+QUICK_GRACE = 1.0
+#: the signals the dispatcher handles (docs/server.md, "Signals")
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR2,
+            signal.SIGTTIN, signal.SIGTTOU)
 
 
 def _remove_dead_sockets(rundir: str) -> None:
@@ -175,17 +186,21 @@ def _remove_dead_sockets(rundir: str) -> None:
 class Dispatcher:
     """The server process. ``await Dispatcher(cfg).run()`` returns the exit status."""
 
-    def __init__(self, cfg: ServerConfig, *, argv: list[str] | None = None) -> None:
+    def __init__(self, cfg: ServerConfig, *, argv: list[str] | None = None,
+                 reconfigure: Callable[[], ServerConfig] | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
+        #: reads the configuration again (``--config``): a reload (SIGHUP) applies it
+        self.reconfigure = reconfigure
         #: the command line an upgrade executes again (new code, same arguments)
         self.argv = argv if argv is not None else [sys.executable, *sys.orig_argv[1:]]
         self.pools: dict[str, PoolState] = {name: PoolState(p) for name, p in cfg.pools.items()}
         self.slots: list[WorkerSlot] = []
-        wid = itertools.count(1)
+        #: worker ids (TTIN and reloads with more workers take new ones)
+        self.worker_ids = itertools.count(1)
         for pool in self.pools.values():
             for _ in range(pool.cfg.workers):
-                slot = WorkerSlot(next(wid), pool)
+                slot = WorkerSlot(next(self.worker_ids), pool)
                 pool.workers.append(slot)
                 self.slots.append(slot)
         self.counters: dict[str, int] = dict.fromkeys(
@@ -196,9 +211,15 @@ class Dispatcher:
              "fd_rejects", "recycled", "web_keepalive_handed_over", "web_ws_migrated_out",
              "web_ws_migrated_in", "web_moves_refused", "web_ws_closed_1012"), 0)
         self.pid = os.getpid()
+        #: --user/--group: (uid, gid, groups) of the workers; None: ours
+        self.run_as = resolve_user(cfg.user, cfg.group)
+        #: --user: the directory of the channel socket, open to the workers' uid
+        self.chan_dir = ""
         self.generation = 1
         self.stopping = False
         self._hurry = False
+        #: SIGQUIT: a fast stop (see stop)
+        self._quick = False
         self._failed = False  # a task died of a bug (see task_failed)
         #: the exit status when it is not 0/1: 3 when the app failed to start
         self.exit_status = 0
@@ -253,8 +274,11 @@ class Dispatcher:
             return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
+        loop.add_signal_handler(signal.SIGQUIT, self.stop, "SIGQUIT", True)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         loop.add_signal_handler(signal.SIGUSR2, self._on_sigusr2)
+        loop.add_signal_handler(signal.SIGTTIN, self.supervisor.scale, 1, "SIGTTIN")
+        loop.add_signal_handler(signal.SIGTTOU, self.supervisor.scale, -1, "SIGTTOU")
         for slot in self.slots:
             self.supervisor.start(slot)
         self.spawn(self.supervisor.accept_workers())
@@ -266,14 +290,16 @@ class Dispatcher:
         self.spawn(self._announce_ready(), critical=False)
         await self.stop_event.wait()
         await self._shutdown()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
+        for sig in _SIGNALS:
             loop.remove_signal_handler(sig)
         if self.exit_status:
             return self.exit_status
         return 0 if (self.ready or not self.takeover.predecessor) and not self._failed else 1
 
-    def stop(self, why: str = "stop requested") -> None:
-        """Begin a graceful stop (a second call: stop now, workers are killed)."""
+    def stop(self, why: str = "stop requested", quick: bool = False) -> None:
+        """Begin a graceful stop (a second call: stop now, workers are killed). ``quick``
+        (SIGQUIT): no wait for handoffs in flight; workers get SIGTERM and are killed
+        after :data:`QUICK_GRACE` seconds."""
         assert self.stop_event is not None
         if self.stop_event.is_set():
             if not self._hurry:
@@ -284,7 +310,11 @@ class Dispatcher:
                         with contextlib.suppress(ProcessLookupError):
                             slot.proc.kill()
             return
-        log.info("%s: stopping (grace %.1f s)", why, self.cfg.grace)
+        self._quick = quick
+        if quick:
+            log.info("%s: stopping fast (workers killed after %.1f s)", why, QUICK_GRACE)
+        else:
+            log.info("%s: stopping (grace %.1f s)", why, self.cfg.grace)
         if not self.handover.handed_over and (self.ready or not self.takeover.predecessor):
             sd_notify("STOPPING=1")
         self.stopping = True
@@ -304,10 +334,25 @@ class Dispatcher:
         self.takeover.predecessor_control = os.environ.pop(ENV_UPGRADE_CONTROL, "")
         rundir = runtime_dir()
         _remove_dead_sockets(rundir)
-        self.chan_path = os.path.join(rundir, f"{self.pid}.chan")
-        self.worker_channels = AsyncChannelListener.listen(self.chan_path, name="dispatcher")
+        if self.cfg.pid_file:
+            _pidfile.claim(self.cfg.pid_file, predecessor=self.takeover.predecessor)
+        if self.run_as is None:
+            self.chan_path = os.path.join(rundir, f"{self.pid}.chan")
+            self.worker_channels = AsyncChannelListener.listen(self.chan_path, name="dispatcher")
+        else:
+            # the runtime directory is ours alone (0700): workers of another uid connect
+            # in a directory of their own uid, which they may also put peer sockets in
+            uid, gid, _groups = self.run_as
+            self.chan_dir = tempfile.mkdtemp(prefix=f"sockshare-{self.pid}-")
+            os.chown(self.chan_dir, uid, gid)
+            self.chan_path = os.path.join(self.chan_dir, f"{self.pid}.chan")
+            self.worker_channels = AsyncChannelListener.listen(
+                self.chan_path, name="dispatcher", allow_uids={os.getuid(), uid})
+            os.chown(self.chan_path, uid, gid)
         inherited = self.listeners.inherited()
         self.listeners.open(inherited)
+        if self.cfg.pid_file and not self.takeover.predecessor:
+            _pidfile.write(self.cfg.pid_file)   # (an upgrade's: once it has taken over)
         metrics_inherited = inherited.pop(METRICS_FDNAME, [])
         for name, socks in inherited.items():
             for s in socks:
@@ -373,6 +418,9 @@ class Dispatcher:
                 self.stop("upgrade failed")
                 return
         self.ready = True
+        if self.cfg.pid_file and self.takeover.predecessor:
+            with contextlib.suppress(_pidfile.PidFileError):
+                _pidfile.write(self.cfg.pid_file)
         sd_notify(f"READY=1\nSTATUS={self.status_line()}")
 
     # -- stopping ----------------------------------------------------------------------
@@ -384,7 +432,7 @@ class Dispatcher:
         inflight = sum(len(s.pending) + s.reserved for s in self.slots)
         log.info("listeners closed; %d handoff(s) in flight, %d queued", inflight,
                  self.admission.queued())
-        deadline = loop.time() + 2.0
+        deadline = loop.time() + (0.0 if self._quick else 2.0)
         while loop.time() < deadline and (any(s.pending or s.reserved for s in self.slots)
                                           or self.handover.upstream_pending):
             await asyncio.sleep(0.01)
@@ -395,12 +443,15 @@ class Dispatcher:
                 with contextlib.suppress(ProcessLookupError):
                     slot.proc.send_signal(signal.SIGKILL if self._hurry else signal.SIGTERM)
         if self.supervisor.tasks:
-            _done, pending = await asyncio.wait(set(self.supervisor.tasks), timeout=self.cfg.grace + 2.0)
+            _done, pending = await asyncio.wait(
+                set(self.supervisor.tasks),
+                timeout=QUICK_GRACE if self._quick else self.cfg.grace + 2.0)
             if pending:
                 for slot in self.slots:
                     if slot.proc is not None and slot.proc.returncode is None:
-                        log.warning("worker %d (pid %d) did not stop in time: killed", slot.id,
-                                    slot.proc.pid)
+                        log.log(logging.INFO if self._quick else logging.WARNING,
+                                "worker %d (pid %d) did not stop in time: killed", slot.id,
+                                slot.proc.pid)
                         with contextlib.suppress(ProcessLookupError):
                             slot.proc.kill()
                 await asyncio.wait(pending, timeout=5.0)
@@ -436,6 +487,10 @@ class Dispatcher:
         if self.worker_channels is not None:
             self.worker_channels.close()
             self.worker_channels = None
+        if self.chan_dir:
+            shutil.rmtree(self.chan_dir, ignore_errors=True)
+        if self.cfg.pid_file:
+            _pidfile.remove(self.cfg.pid_file)
         if self.control is not None:
             await self.control.close()
         if self.metrics is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import json
 import logging
@@ -41,7 +42,7 @@ from sockshare._errors import BackendUnavailable, SockshareError
 from sockshare.backends import _inherit
 from sockshare.backends._scm import peer_credentials
 from sockshare.server._admission import close_reset
-from sockshare.server._config import ListenerConfig
+from sockshare.server._config import ListenerConfig, Network, parse_proxy_allow
 from sockshare.server._policy import ConnInfo
 from sockshare.server._slots import Waiting
 from sockshare.server._tasks import Tasks
@@ -148,6 +149,10 @@ class Listeners:
         self.sniffing = Tasks()
         self.sniff: Callable[..., Awaitable[Any]] | None = None
         self._sniff_rules: dict[str, Any] = {}
+        #: per listener with a PROXY setting: the rules for a source not in its
+        #: proxy_allow_from (no PROXY parsing), and the networks allowed (None: any)
+        self._untrusted_rules: dict[str, Any] = {}
+        self._proxy_allow: dict[str, tuple[Network, ...] | None] = {}
         #: RLIMIT_NOFILE, and the descriptor number past which accepting pauses
         self._fd_limit, reserve = self._fd_limits()
         self._fd_high = self._fd_limit - reserve if self._fd_limit else 1 << 30
@@ -246,6 +251,27 @@ class Listeners:
                 self._sniff_rules[lc.name] = SniffRules(
                     proxy=lc.proxy,  # type: ignore[arg-type]  # validated by ServerConfig
                     http=lc.sniff, tls=lc.sniff)
+                if lc.proxy != "off":
+                    self._untrusted_rules[lc.name] = SniffRules(proxy="off", http=lc.sniff,
+                                                                tls=lc.sniff)
+                    self._proxy_allow[lc.name] = parse_proxy_allow(lc.proxy_allow)
+
+    def proxy_trusted(self, lc: ListenerConfig, addr: Any) -> bool:
+        """Whether a PROXY header from ``addr`` (the accepted socket's peer) is believed:
+        its address is in the listener's ``proxy_allow_from`` (UNIX listeners: always,
+        the socket file's permissions say who may connect)."""
+        if lc.bind.is_unix:
+            return True
+        nets = self._proxy_allow.get(lc.name)
+        if nets is None:
+            return True
+        try:
+            ip = ipaddress.ip_address(str(addr[0]).partition("%")[0])
+        except (ValueError, IndexError, TypeError):
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in nets)
 
     def close(self, ls: ListenerState) -> None:
         if ls.sock.fileno() < 0:
@@ -419,8 +445,22 @@ class Listeners:
         else:
             meta["client"] = [addr[0], addr[1]]
         if ls.cfg.sniffs and self.sniff is not None:
+            rules = self._sniff_rules[ls.cfg.name]
+            if ls.cfg.proxy != "off" and not self.proxy_trusted(ls.cfg, addr):
+                if ls.cfg.proxy == "required":
+                    info = ConnInfo(meta["client"], ls.cfg.name, "", hid, meta)
+                    self.admission.refuse(
+                        Waiting(sock, info, meta, b"", time.monotonic()), "proxy_untrusted",
+                        f"a PROXY header is required on listener {ls.cfg.name!r} and "
+                        f"{meta['client'][0]} is not in its proxy_allow_from")
+                    return
+                # optional: a PROXY header from it would be a forgery; its bytes are data
+                rules = self._untrusted_rules[ls.cfg.name]
+                if not (rules.http or rules.tls):
+                    self._route(ls, sock, meta, b"")
+                    return
             sock.setblocking(False)
-            self.sniffing.spawn(self._sniff_then_route(ls, sock, meta), self._sniffed)
+            self.sniffing.spawn(self._sniff_then_route(ls, sock, meta, rules), self._sniffed)
             return
         self._route(ls, sock, meta, b"")
 
@@ -432,10 +472,10 @@ class Listeners:
                     self.release(ls, "sniff")
 
     async def _sniff_then_route(self, ls: ListenerState, sock: socket.socket,
-                                meta: dict[str, Any]) -> None:
+                                meta: dict[str, Any], rules: Any) -> None:
         assert self.sniff is not None
         try:
-            result = await self.sniff(sock, self._sniff_rules[ls.cfg.name], self.cfg.sniff_timeout)
+            result = await self.sniff(sock, rules, self.cfg.sniff_timeout)
         except asyncio.CancelledError:
             close_reset(sock)
             raise

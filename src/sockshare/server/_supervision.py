@@ -15,10 +15,15 @@ them (a worker sends the ``moved_in`` of a connection ahead of its relay). One t
 worker waits for the end of its channel (:meth:`_detach`): what it had accepted is lost
 with it unless the process lives on and exits 0.
 
-Reload (:meth:`reload`): a new slot per worker id starts a fresh process; once each is
-ready they become the pool's workers and the old ones are retired (:meth:`retire`:
-``{"cmd": "drain", "migrate": true}``, or SIGTERM for a foreign worker); if one cannot
-start, the reload is abandoned and the old ones go on.
+Reload (:meth:`reload`): with ``--config``, the file is read again first (``_reconfig``:
+a bad one stops the reload there); a new slot per worker id (as many as the pool's
+``workers``) starts a fresh process; once each is ready they become the pool's workers
+and the old ones are retired (:meth:`retire`: ``{"cmd": "drain", "migrate": true}``, or
+SIGTERM for a foreign worker); if one cannot start, the reload is abandoned and the old
+ones go on (with the previous configuration).
+
+SIGTTIN / SIGTTOU (:meth:`scale`): one worker more / less in the default pool; the one
+removed is retired like a reloaded one (its connections migrate or finish).
 
 ``--timeout`` (:meth:`kill_hung`): a worker that leaves a handoff (or a direct migration
 to it) unanswered that long is SIGKILLed; its handoffs come back and go elsewhere.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shlex
@@ -41,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from sockshare._aio import AsyncChannel
 from sockshare._channel import _remove_stale_socket
 from sockshare._errors import ChannelError, RemoteProtocolError, SockshareError
+from sockshare.server._config import ConfigError
 from sockshare.server._listeners import sd_notify
 from sockshare.server._messages import (
     Closed,
@@ -62,6 +69,7 @@ from sockshare.server._messages import (
     decode,
 )
 from sockshare.server._peers import PEER_SUFFIX
+from sockshare.server._reconfig import reconfigure
 from sockshare.server._runtime import REJECT_NO_FDS
 from sockshare.server._slots import PoolState, SlotState, WorkerSlot
 from sockshare.server._tasks import Tasks
@@ -460,6 +468,14 @@ class Supervisor:
             argv += ["--log-config", self.cfg.log_config]
         return argv, env
 
+    def _run_as(self) -> dict[str, Any]:
+        """--user/--group: the child sets its ids before it runs anything (before the
+        interpreter starts, so before the app is imported)."""
+        if self.d.run_as is None:
+            return {}
+        uid, gid, groups = self.d.run_as
+        return {"user": uid, "group": gid, "extra_groups": groups}
+
     async def _supervise(self, slot: WorkerSlot) -> None:
         assert self.d.stop_event is not None
         failures = 0
@@ -473,7 +489,8 @@ class Supervisor:
                 # own process group: a terminal's Ctrl-C reaches the dispatcher only,
                 # which then stops the workers once, gracefully
                 proc = await asyncio.create_subprocess_exec(*argv, env=env, process_group=0,
-                                                            stdin=asyncio.subprocess.DEVNULL)
+                                                            stdin=asyncio.subprocess.DEVNULL,
+                                                            **self._run_as())
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
                 # (ValueError: e.g. a NUL byte in --worker-cmd)
                 log.error("worker %d: cannot start %s: %s", slot.id, shlex.join(argv), exc)
@@ -599,6 +616,35 @@ class Supervisor:
         self.counters["recycled"] += 1
         log.info("worker %d (pid %s) replaced (%s) by pid %s", old.id, old.pid, reason, new.pid)
 
+    def scale(self, delta: int, why: str) -> None:
+        """SIGTTIN (+1) / SIGTTOU (-1): one worker more or less in the default pool (never
+        fewer than one). The new one gets connections once ready; the one removed (the
+        newest) is retired: it migrates what can move and finishes the rest."""
+        pool = self.pools[self.cfg.default_pool]
+        busy = ("the dispatcher is stopping" if self.d.stopping else
+                "the dispatcher handed over" if self.d.handover.handed_over else
+                self.d.handover.reload_refusal() or
+                ("a reload is under way" if self._reload_task is not None
+                 and not self._reload_task.done() else ""))
+        if busy:
+            log.warning("%s: ignored: %s", why, busy)
+            return
+        if delta > 0:
+            slot = WorkerSlot(next(self.d.worker_ids), pool)
+            pool.workers.append(slot)
+            self.slots.append(slot)
+            self.start(slot)
+        elif len(pool.workers) <= 1:
+            log.warning("%s: ignored: pool %r keeps its last worker", why, pool.cfg.name)
+            return
+        else:
+            slot = pool.workers.pop()
+            self.retire(slot, why)
+        pool.cfg = dataclasses.replace(pool.cfg, workers=len(pool.workers))
+        self.cfg.pools[pool.cfg.name] = pool.cfg
+        log.info("%s: pool %r has %d worker(s) now (worker %d %s)", why, pool.cfg.name,
+                 len(pool.workers), slot.id, "starting" if delta > 0 else "retiring")
+
     async def reload(self, why: str = "reload requested", *, wait: bool = False) -> dict[str, Any]:
         """Replace every worker by a fresh process (the app imported again), migrating the
         connections that can move. Concurrent requests are coalesced: one reload covers
@@ -636,7 +682,7 @@ class Supervisor:
                     if not fut.done():
                         fut.set_result(error)
 
-    def _abandon(self, fresh: list[tuple[PoolState, WorkerSlot, WorkerSlot]]) -> None:
+    def _abandon(self, fresh: list[tuple[PoolState, WorkerSlot | None, WorkerSlot]]) -> None:
         """Stop the new workers of a reload that will not serve."""
         for _p, _o, new in fresh:
             new.retired = True
@@ -650,12 +696,26 @@ class Supervisor:
         """One reload: None once the new generation serves, else what went wrong."""
         mono = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={mono}\nSTATUS=reloading")
-        fresh: list[tuple[PoolState, WorkerSlot, WorkerSlot]] = []
+        revert: Callable[[], None] = lambda: None  # noqa: E731
+        if self.d.reconfigure is not None:
+            try:
+                revert = reconfigure(self.d, self.d.reconfigure)
+            except ConfigError as exc:
+                self.counters["reload_failures"] += 1
+                log.error("reload: %s; the running configuration stays, nothing changed", exc)
+                sd_notify(f"READY=1\nSTATUS=reload failed; {self.d.status_line()}")
+                return f"configuration not applied: {exc}"
+        fresh: list[tuple[PoolState, WorkerSlot | None, WorkerSlot]] = []
+        olds: list[WorkerSlot] = []
         for pool in self.pools.values():
-            for old in list(pool.workers):
-                new = WorkerSlot(old.id, pool, old.stats)
+            current = list(pool.workers)
+            olds += current
+            for i in range(pool.cfg.workers):   # (the configuration may have changed it)
+                prev = current[i] if i < len(current) else None
+                new = (WorkerSlot(prev.id, pool, prev.stats) if prev is not None
+                       else WorkerSlot(next(self.d.worker_ids), pool))
                 self.slots.append(new)
-                fresh.append((pool, old, new))
+                fresh.append((pool, prev, new))
                 self.start(new)
         failed = await self.wait_ready([n for _p, _o, n in fresh], self.cfg.connect_timeout)
         if self.d.stopping:   # (the shutdown stops every worker, these ones too)
@@ -666,22 +726,24 @@ class Supervisor:
             self.counters["reload_failures"] += 1
             log.error("reload abandoned: %s", upgrading)
             self._abandon(fresh)
+            revert()
             return f"reload abandoned: {upgrading}"
         if failed:
             self.counters["reload_failures"] += 1
             log.error("reload failed: %s; the old workers go on serving",
                       ", ".join(f"worker {s.id} ({'app error' if s.fatal else s.state})" for s in failed))
             self._abandon(fresh)
+            revert()
             sd_notify(f"READY=1\nSTATUS=reload failed; {self.d.status_line()}")
             return "the new workers did not start; the old ones go on serving"
         for pool in self.pools.values():
             pool.workers = [new for p, _o, new in fresh if p is pool]
-        for _p, old, _n in fresh:
+        for old in olds:
             self.retire(old, "reload")
         self.d.generation += 1
         self.counters["reloads"] += 1
-        log.info("reload: generation %d serving; %d old worker(s) draining", self.d.generation,
-                 len(fresh))
+        log.info("reload: generation %d serving (%d worker(s)); %d old worker(s) draining",
+                 self.d.generation, len(fresh), len(olds))
         for pool in self.pools.values():
             self.admission.feed(pool)
         sd_notify(f"READY=1\nSTATUS={self.d.status_line()}")

@@ -1,0 +1,74 @@
+"""``--pid-file``: the dispatcher's pid in a file, for init scripts and monitors.
+
+:func:`claim` runs before the listeners are bound: a file naming a live process other
+than the dispatcher being upgraded refuses the start (:class:`PidFileError`); a stale
+one (its pid is dead, or it holds no pid) is replaced later. :func:`write` puts our pid
+there (atomically: a temporary file renamed), once the listeners are bound -- for the new
+dispatcher of an upgrade, once it has taken over. :func:`remove` deletes it on exit, only
+if it still names us (after an upgrade it names the successor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from sockshare._errors import SockshareError
+
+__all__ = ["PidFileError", "claim", "read", "remove", "write"]
+
+
+class PidFileError(SockshareError, OSError):
+    """``--pid-file`` names a running process, or cannot be written."""
+
+
+def read(path: str) -> int | None:
+    """The pid in ``path``; None if there is no file or no pid in it."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            text = f.read(64).strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise PidFileError(f"pid file {path!r}: {exc}") from exc
+    return int(text) if text.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(path: str, *, predecessor: int = 0) -> None:
+    """Refuse to start if ``path`` names a live process (other than ``predecessor``, the
+    dispatcher we take over from, and ourselves)."""
+    pid = read(path)
+    if pid is None or pid in (os.getpid(), predecessor) or pid <= 0 or not _alive(pid):
+        return
+    raise PidFileError(f"pid file {path!r}: process {pid} is running (another sockshare "
+                       "serve?); stop it, or remove the file if that pid is not a server")
+
+
+def write(path: str) -> None:
+    """Write our pid to ``path`` (replacing a stale file)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise PidFileError(f"cannot write the pid file {path!r}: {exc}") from exc
+
+
+def remove(path: str) -> None:
+    """Delete ``path`` if it names this process."""
+    with contextlib.suppress(OSError, SockshareError):
+        if read(path) == os.getpid():
+            os.unlink(path)
