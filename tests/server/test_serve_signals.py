@@ -290,12 +290,19 @@ def test_user_and_group_for_the_workers(tmp_path: Path) -> None:
     nobody = pwd.getpwnam("nobody")
     group = grp.getgrgid(nobody.pw_gid).gr_name
     python = _python_for_others()
+    src = ROOT / "src"
+    init = src / "sockshare" / "__init__.py"
+    if not (_open_to_others(str(init.parent)) and os.stat(init).st_mode & stat.S_IROTH):
+        pytest.skip(f"this checkout ({ROOT}) is not readable by other users: the workers, as "
+                    "nobody, could not import sockshare (clone it outside a private home)")
+    env = env_with_apps()
+    env["PYTHONPATH"] = os.pathsep.join((str(src), env["PYTHONPATH"]))   # (that interpreter's)
     ctl, log = tmp_path / "ctl" / "s.ctl", tmp_path / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([python, "-m", "sockshare.server._cli", "serve", "serve_apps:app",
                                  "--bind", "127.0.0.1:0", "--workers", "2", "--control", str(ctl),
                                  "--user", "nobody", "--group", group],
-                                env=env_with_apps(), cwd=str(ROOT), stdout=out,
+                                env=env, cwd=str(ROOT), stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         st = _status(ctl, 2, proc, log)
