@@ -332,7 +332,9 @@ def test_user_refused_when_not_root(tmp_path: Path) -> None:
                "os.setuid(65534); os.execv(sys.argv[1], sys.argv[1:])", python, *serve]
     else:
         cmd = [sys.executable, *serve]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env_with_apps(),
+    env = env_with_apps()
+    env["PYTHONPATH"] = os.pathsep.join((str(ROOT / "src"), env["PYTHONPATH"]))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env,
                          cwd="/", check=False)
     assert out.returncode == 2, out.stderr
     assert "only root can start workers as another user" in out.stderr
