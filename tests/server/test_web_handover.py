@@ -12,6 +12,7 @@ time ends. Descriptors of the dispatcher come back to their count after each pha
 from __future__ import annotations
 
 import http.client
+import os
 import threading
 import time
 from pathlib import Path
@@ -340,3 +341,28 @@ def test_reloads_upgrades_and_recycling_under_mixed_load(tmp_path: Path) -> None
         assert {code for code, _t in closes} == {1012}
         wait_until(lambda: _fds(pid) <= fds + 4, timeout=15,
                    what=f"the dispatcher's descriptors back near {fds}")
+
+
+def test_rebalancing_moves_idle_keep_alive_connections_to_a_new_worker(tmp_path: Path) -> None:
+    """20 keep-alive clients on one worker; TTIN adds a second one, and rebalancing moves
+    idle keep-alive connections to it between two requests: the clients never reconnect
+    and both workers end up serving them."""
+    import signal
+
+    with LiveServer(tmp_path, app="web_apps:asgi", workers=1) as srv:
+        clients = KeepAliveClients(srv.address(), n=20)
+        try:
+            wait_until(lambda: clients.requests >= 40, timeout=20, what="the first requests")
+            first = set(clients.pids)
+            os.kill(srv.pid, signal.SIGTTIN)
+            srv.wait_ready(2)
+            wait_until(lambda: len(clients.pids - first) >= 1, timeout=20,
+                       what="a client answered by the new worker")
+            st = srv.wait_for(lambda st: min(w["connections"] for w in st["workers"]) >= 5,
+                              timeout=20, what="the connections spread over both workers")
+        finally:
+            clients.finish()
+        assert clients.failures == [], clients.failures[:5]
+        assert st["counters"]["rebalances"] >= 1
+        srv.wait_for(lambda st: st["counters"]["web_keepalive_handed_over"] >= 5, timeout=10,
+                     what="the handovers counted (reported once a second)")
