@@ -1,12 +1,13 @@
 """The demo page's "Move me" button in a real headless Chromium, against a real
 ``sockshare serve`` (the built-in demo app, two workers).
 
-Both demos: the built-in handler app, and the ASGI one (``_demo_asgi``, the same page
-on the ``sockshare.migration`` ASGI extension). A person opens the page, types messages, clicks "Move me" a few times, and sees: the pid
-serving the WebSocket changes, the message counter goes on, and every message they sent
-was answered exactly once, in order. The browser's WebSocket never reconnects (one
-connection accepted for it by the dispatcher). Then ``sockshare reload`` moves it once
-more, without a click. A screenshot goes to the test's tmp dir (``demo-moved.png``).
+Both demos: the built-in handler app, and the ASGI one (``_demo_asgi``, the same page on
+the ``sockshare.migration`` ASGI extension). A person opens the page, types messages,
+clicks "Move me" a few times, and sees: the pid serving the WebSocket changes, the
+message counter goes on, and every message they sent was answered exactly once, in
+order. The browser's WebSocket never reconnects (one connection accepted for it by the
+dispatcher). Then ``sockshare reload`` moves it once more, without a click. A screenshot
+goes to the test's tmp dir (``demo-moved.png``).
 
 Needs ``apt-get install chromium``: skipped without it locally, failed without it in CI.
 """
