@@ -32,6 +32,8 @@ async def _serve(conn: Connection, state: dict[str, Any]) -> None:
     while True:
         try:
             line = await conn.interruptible(conn.reader.readline())
+        except ConnectionError:
+            return   # HAProxy closes its TCP checks with a reset
         except MigrationRequested:
             try:
                 await conn.migrate(state)

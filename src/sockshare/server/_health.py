@@ -43,7 +43,8 @@ answers ``drain`` by itself while it lasts).
 listeners (``LISTEN_FDNAMES`` name :data:`AGENT_FDNAME`), so the port never closes. Both
 dispatchers answer ``drain`` from the moment the upgrade starts until the old one has
 exited (its channel to the new one closes); the old one stops answering at the
-hand-over, as it stops accepting. If the upgrade fails, the old one answers as before.
+hand-over, as it stops accepting (or, should it be killed first, until its pid is gone).
+If the upgrade fails, the old one answers as before.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 from typing import TYPE_CHECKING, Final
 
@@ -72,6 +74,25 @@ WEIGHT_FLOOR: Final = 10
 MANUAL_STATES: Final = ("ready", "drain", "maint")
 #: Seconds a client of the agent may take to send (and close) whatever it sends.
 READ_TIMEOUT: Final = 2.0
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone)."""
+    if os.path.isdir("/proc/self"):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+        except FileNotFoundError:
+            return False
+        except (OSError, IndexError):
+            pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _pool_weight(d: Dispatcher, name: str) -> float | None:
@@ -97,7 +118,9 @@ def agent_state(d: Dispatcher) -> tuple[str, int]:
     if d.stopping or d.handover.handed_over or d.handover.successor is not None:
         return "drain", 0
     if d.takeover.predecessor and not health.predecessor_gone:
-        return "drain", 0
+        if _alive(d.takeover.predecessor):
+            return "drain", 0
+        health.predecessor_gone = True   # (killed before it could hand over)
     if health.manual == "drain":
         return "drain", 0
     if health.manual == "maint":
