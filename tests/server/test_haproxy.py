@@ -12,8 +12,9 @@ beside it. Then:
 * a rolling restart: ``sockshare health drain`` on a host, HAProxy marks it DRAIN and
   stops sending it connections, the host is stopped, started again, announces ``ready``,
   HAProxy sends it connections again; the same for the other host;
-* a rolling upgrade: ``sockshare upgrade`` on a, then b; the long-lived connections on
-  the host being upgraded stay open (they move to the new dispatcher's workers).
+* a rolling upgrade: ``sockshare upgrade`` on a, then b; HAProxy sees the host DRAIN
+  while its upgrade lasts and UP after; the long-lived connections (as many on each
+  host) stay open, their sessions go on (they move to the new dispatcher's workers).
 
 The client must see no failed connection at all. Without ``haproxy`` the test is skipped
 (``apt-get install haproxy``), except in CI (CI=true), where it fails. Only processes the
@@ -358,13 +359,29 @@ def test_haproxy_rolling_restart_and_upgrade(tmp_path: Path) -> None:
         for name in HOSTS:
             srv = hosts.servers[name]
             old = srv.current()
-            resp = srv.command({"cmd": "upgrade", "wait": True})
-            assert resp["ok"], resp
-            assert resp["pid"] != old
-            wait_until(lambda s=srv, o=old: s.current() != o, 20.0, "the new dispatcher answering")
-            # the agent says drain until the old dispatcher is gone, then ready
-            hosts.wait_ready(name, 30.0)
-            proxy.wait_state(name, _ready, f"{name} ready after its upgrade", timeout=30.0)
+            seen: set[str] = set()
+            watching = threading.Event()
+
+            def watch(who: str = name, out: set[str] = seen, until: threading.Event = watching) -> None:
+                while not until.is_set():
+                    with contextlib.suppress(OSError, KeyError):
+                        out.add(proxy.servers()[who]["status"] if proxy else "")
+                    time.sleep(0.05)
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            try:
+                resp = srv.command({"cmd": "upgrade", "wait": True})
+                assert resp["ok"], resp
+                assert resp["pid"] != old
+                wait_until(lambda s=srv, o=old: s.current() != o, 20.0, "the new dispatcher answering")
+                # the agent says drain until the old dispatcher is gone, then ready
+                hosts.wait_ready(name, 30.0)
+                proxy.wait_state(name, _ready, f"{name} ready after its upgrade", timeout=30.0)
+            finally:
+                watching.set()
+                watcher.join(10)
+            assert any(st.startswith("DRAIN") for st in seen), seen   # HAProxy saw the drain
             for c in longs:
                 answer = c.ask()
                 assert answer["host"] == c.first["host"]
