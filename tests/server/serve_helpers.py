@@ -47,7 +47,7 @@ class Server:
     def __init__(self, tmp: Path, *args: str, workers: int | None = 2,
                  app: str | None = "serve_apps:app", bind: list[str] | None = None,
                  ready: int | None = None, cwd: Path | None = None,
-                 nofile: int | None = None) -> None:
+                 nofile: int | None = None, env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         self.control = str(tmp / "ctl" / "server.ctl")
@@ -64,7 +64,7 @@ class Server:
         if nofile is not None:
             argv = [sys.executable, "-c", _LIMIT_FDS, str(nofile), *argv]
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env_with_apps(),
+                                     stdin=subprocess.DEVNULL, env={**env_with_apps(), **(env or {})},
                                      cwd=str(cwd or ROOT))
         self.pid = self.proc.pid
         self._worker_pids: set[int] = set()

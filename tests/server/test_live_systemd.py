@@ -1,7 +1,7 @@
 """``sockshare serve`` under a service manager that speaks systemd's protocols.
 
-There is no systemd here, so :class:`Manager` plays it, driven by ``docs/sockshare.socket``
-and ``docs/sockshare.service``: it binds the ``ListenStream=`` socket itself (on port 0),
+There is no systemd here, so :class:`Manager` plays it, driven by ``deploy/sockshare.socket``
+and ``deploy/sockshare.service``: it binds the ``ListenStream=`` socket itself (on port 0),
 starts ``ExecStart=`` through the exec wrapper with ``LISTEN_FDS``/``LISTEN_FDNAMES``
 (``FileDescriptorName=``), owns a ``NOTIFY_SOCKET`` datagram socket with SO_PASSCRED
 (so it knows which pid said what), follows ``MAINPID=``, keeps ``FDSTORE=1`` descriptors
@@ -34,13 +34,13 @@ from sockshare.server._control import request
 
 pytestmark = pytest.mark.timeout(180)
 
-DOCS = ROOT / "docs"
+DEPLOY = ROOT / "deploy"
 
 
 def _unit(name: str) -> configparser.ConfigParser:
     cp = configparser.ConfigParser(interpolation=None, strict=False)
     cp.optionxform = str  # type: ignore[assignment,method-assign]
-    cp.read(DOCS / name)
+    cp.read(DEPLOY / name)
     return cp
 
 

@@ -1,4 +1,4 @@
-"""``sockshare serve``, ``status``, ``reload``, ``upgrade`` and ``migrate``.
+"""``sockshare serve``, ``status``, ``reload``, ``upgrade``, ``migrate`` and ``health``.
 
 :func:`add_commands` registers the subcommands on an argparse ``subparsers`` object
 (each parser sets ``func=callable(args) -> int``); :mod:`sockshare.cli` calls it.
@@ -18,8 +18,9 @@ Every flag may also come from the environment (:func:`apply_environment`):
 ``status`` asks a running dispatcher over its control socket and prints a table
 (``rich`` if installed, plain text otherwise), ``--json`` for scripts, ``--watch`` to
 refresh until interrupted. ``reload`` (a new generation of workers, like SIGHUP),
-``upgrade`` (a new dispatcher process, like SIGUSR2) and ``migrate --from WORKER
-[--count N]`` (move live connections off a worker) talk to the same control socket.
+``upgrade`` (a new dispatcher process, like SIGUSR2), ``migrate --from WORKER
+[--count N]`` (move live connections off a worker) and ``health [ready|drain|maint]``
+(what the health agent answers; see ``_health``) talk to the same control socket.
 """
 
 from __future__ import annotations
@@ -133,7 +134,11 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-g", "--group", metavar="GROUP",
                    help="run the workers as GROUP (default: USER's group)")
     p.add_argument("-c", "--config", metavar="FILE", help="TOML configuration (pools, routes)")
-    p.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics at HOST:PORT/metrics")
+    p.add_argument("--metrics", metavar="ADDR",
+                   help="serve Prometheus metrics at HOST:PORT/metrics (and readiness at /healthz)")
+    p.add_argument("--agent", metavar="ADDR",
+                   help="answer HAProxy agent-check at HOST:PORT: 'ready N%%', 'drain' or 'maint' "
+                        "(docs/deploy.md)")
     p.add_argument("--control", metavar="PATH", help="control socket path (default: per-user runtime dir)")
     p.add_argument("--grace", type=float, metavar="S", help="seconds to finish on stop (default: 10)")
     p.add_argument("--max-retries", type=int, metavar="N",
@@ -155,6 +160,16 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="relay every migration through the dispatcher (default: a handler's "
                         "own migrate() goes straight to another worker)")
     _web_flags(p)
+
+    h = subparsers.add_parser("health", help="print or set what the health agent answers",
+                              description="Print the agent's line (ready N%%, drain, maint; exit "
+                                          "status 0 when ready), or set it by hand: drain and "
+                                          "maint hold until 'ready'. The server goes on serving "
+                                          "whatever it is sent.")
+    h.add_argument("state", nargs="?", choices=("ready", "drain", "maint"),
+                   help="drain or maint by hand; ready: back to the computed state")
+    h.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
+    h.set_defaults(func=health)
 
 
 def _web_flags(p: argparse.ArgumentParser) -> None:
@@ -458,6 +473,17 @@ def migrate(args: argparse.Namespace) -> int:
     print(f"worker {resp['worker']}: {resp['flagged']} connection(s) asked to move, "
           f"{resp['migrated']} migrated")
     return 0
+
+
+def health(args: argparse.Namespace) -> int:
+    req: dict[str, Any] = {"cmd": "health"}
+    if args.state:
+        req["set"] = args.state
+    resp = _command("health", args, req, 10.0)
+    if resp is None:
+        return 1
+    print(resp["line"])
+    return 0 if str(resp["line"]).startswith("ready") else 1
 
 
 def main(argv: list[str] | None = None) -> int:

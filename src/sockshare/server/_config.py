@@ -11,7 +11,8 @@ The file format (docs/server.md has the full reference)::
 
     queue = 64                       # waiting connections per pool when all are full
     grace = 10.0                     # seconds workers get to finish on stop
-    metrics = "127.0.0.1:9100"
+    metrics = "127.0.0.1:9100"         # also GET /healthz (readiness)
+    agent = "127.0.0.1:9200"           # HAProxy agent-check: ready N% | drain | maint
 
     [[listen]]
     bind = "127.0.0.1:8000"
@@ -268,6 +269,8 @@ class ServerConfig:
     default_pool: str = "default"
     grace: float = 10.0
     metrics: str | None = None
+    #: HAProxy agent-check listener, HOST:PORT (docs/deploy.md, ``_health``)
+    agent: str | None = None
     control: str | None = None
     log_level: str = "info"
     #: a logging configuration file for the workers (dictConfig JSON, or fileConfig INI)
@@ -373,8 +376,10 @@ class ServerConfig:
         if self.rebalance_interval <= 0 or self.rebalance_min < 1 or self.rebalance_spread < 0:
             raise ConfigError("rebalance_interval must be positive, rebalance_min at least 1 and "
                               "rebalance_spread not negative")
-        if self.metrics is not None:
-            parse_bind(self.metrics)
+        for key in ("metrics", "agent"):
+            value = getattr(self, key)
+            if value is not None and parse_bind(value).is_unix:
+                raise ConfigError(f"{key} takes HOST:PORT, not {value!r}")
         if resolve_user(self.user, self.group) is not None and os.geteuid() != 0:
             raise ConfigError(f"--user/--group: only root can start workers as another user "
                               f"(this process runs as uid {os.geteuid()}); start as root, or "
@@ -452,9 +457,9 @@ def web_from_args(args: argparse.Namespace, base: WebSettings | None = None) -> 
 def _override(cfg: ServerConfig, args: argparse.Namespace) -> None:
     if getattr(args, "graceful_timeout", None) is not None and getattr(args, "grace", None) is None:
         args.grace = args.graceful_timeout
-    for key in ("grace", "metrics", "control", "log_level", "log_config", "max_retries", "queue_timeout",
-                "timeout", "upgrade_probation", "sniff_max", "fd_reserve", "sniff_timeout",
-                "pid_file", "user", "group"):
+    for key in ("grace", "metrics", "agent", "control", "log_level", "log_config", "max_retries",
+                "queue_timeout", "timeout", "upgrade_probation", "sniff_max", "fd_reserve",
+                "sniff_timeout", "pid_file", "user", "group"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(cfg, key, value)
@@ -477,8 +482,9 @@ def _override(cfg: ServerConfig, args: argparse.Namespace) -> None:
 # --- TOML ---------------------------------------------------------------------------
 
 
-_TOP = {"queue", "grace", "metrics", "control", "log_level", "log_config", "sniff_timeout", "max_retries",
-        "queue_timeout", "backoff_initial", "backoff_max", "stable_after", "connect_timeout", "timeout",
+_TOP = {"queue", "grace", "metrics", "agent", "control", "log_level", "log_config", "sniff_timeout",
+        "max_retries", "queue_timeout", "backoff_initial", "backoff_max", "stable_after",
+        "connect_timeout", "timeout",
         "rebalance_interval", "rebalance_min", "rebalance_spread", "direct_migration",
         "upgrade_probation", "sniff_max", "fd_reserve", "default_pool", "listen", "pools", "routes",
         "pid_file", "user", "group"}
@@ -562,7 +568,7 @@ def parse_document(doc: Mapping[str, Any]) -> ServerConfig:
                                   listener=_typed(rt, "listener", str, None, where)))
     cfg = ServerConfig(listeners=listeners, pools=pools, routes=routes,
                        default_pool=_typed(doc, "default_pool", str, next(iter(pools)), "the top level"))
-    for key, typ in (("grace", float), ("metrics", str), ("control", str), ("log_level", str),
+    for key, typ in (("grace", float), ("metrics", str), ("agent", str), ("control", str), ("log_level", str),
                      ("log_config", str),
                      ("sniff_timeout", float), ("max_retries", int), ("queue_timeout", float),
                      ("backoff_initial", float), ("backoff_max", float), ("stable_after", float),

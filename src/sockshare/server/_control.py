@@ -15,7 +15,7 @@ The protocol is newline-delimited JSON, one request per line, one response per l
     -> {"cmd": "nope"}
     <- {"ok": false, "error": "unknown command 'nope' (known: ping, status, ...)"}
 
-Commands: ``status``, ``ping``, ``reload``, ``upgrade``, ``migrate`` (docs/server.md) and
+Commands: ``status``, ``ping``, ``reload``, ``upgrade``, ``migrate``, ``health`` (docs/server.md) and
 ``takeover``, which only the dispatcher that an ``upgrade`` started may send.
 
 Whatever a client sends cannot disturb the dispatcher: a line that is not JSON, not an

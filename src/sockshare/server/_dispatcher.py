@@ -10,6 +10,7 @@ the life of the process (set up, signals, housekeeping, stop). The parts:
 * :mod:`._migration` -- the relay, direct moves, orphans, peer lists, rebalancing;
 * :mod:`._upgrade` -- both sides of an upgrade;
 * :mod:`._status` -- the status snapshot (the control socket, the metrics);
+* :mod:`._health` -- the HAProxy agent (``--agent``) and ``GET /healthz``;
 * :mod:`._slots` -- worker slots and their states, pools, waiting connections;
 * :mod:`._tasks` -- the one helper that keeps background tasks.
 
@@ -137,6 +138,7 @@ from sockshare.server import _pidfile, _status
 from sockshare.server._admission import Admission
 from sockshare.server._config import ServerConfig, parse_bind, resolve_user
 from sockshare.server._control import ControlServer, default_path, runtime_dir
+from sockshare.server._health import AGENT_FDNAME, HealthServer, agent_line, http_answer
 from sockshare.server._listeners import Listeners, ListenerState, bind_listener, sd_notify
 from sockshare.server._metrics import MetricsServer
 from sockshare.server._migration import Migrations
@@ -247,6 +249,7 @@ class Dispatcher:
         self.supervisor = Supervisor(self)
         self.handover = Handover(self)
         self.takeover = Takeover(self)
+        self.health = HealthServer(self)
 
     # -- life ------------------------------------------------------------------------
 
@@ -354,6 +357,7 @@ class Dispatcher:
         if self.cfg.pid_file and not self.takeover.predecessor:
             _pidfile.write(self.cfg.pid_file)   # (an upgrade's: once it has taken over)
         metrics_inherited = inherited.pop(METRICS_FDNAME, [])
+        agent_inherited = inherited.pop(AGENT_FDNAME, [])
         for name, socks in inherited.items():
             for s in socks:
                 log.warning("inherited descriptor %d (%s) matches no configured listener: closed",
@@ -374,13 +378,21 @@ class Dispatcher:
             msock = metrics_inherited.pop(0) if metrics_inherited else None
             for s in metrics_inherited:
                 s.close()
-            self.metrics = MetricsServer(b.address[0], b.address[1], self.status, sock=msock)
+            self.metrics = MetricsServer(b.address[0], b.address[1], self.status, sock=msock,
+                                         health=lambda: http_answer(self))
             await self.metrics.start()
             self.metrics_sock = self.metrics.socket
             log.info("metrics on http://%s:%d/metrics", self.metrics.host, self.metrics.port)
         else:
             for s in metrics_inherited:
                 s.close()
+        if self.cfg.agent:
+            b = parse_bind(self.cfg.agent)
+            await self.health.start(b.address[0], b.address[1],
+                                    sock=agent_inherited.pop(0) if agent_inherited else None)
+            log.info("health agent on %s:%d", self.health.host, self.health.port)
+        for s in agent_inherited:
+            s.close()
         for ls in self.listeners.all:   # listeners survive a crash of this process
             with contextlib.suppress(ValueError, OSError, BackendUnavailable):
                 _inherit.store_fds([ls.sock], ls.cfg.name)
@@ -495,6 +507,7 @@ class Dispatcher:
             await self.control.close()
         if self.metrics is not None:
             await self.metrics.close()
+        await self.health.close()
         successor = self.handover.successor
         if successor is not None and successor.returncode is None and not self.handover.handed_over:
             with contextlib.suppress(ProcessLookupError):
@@ -529,7 +542,8 @@ class Dispatcher:
         handler = _REQUESTS.get(req["cmd"])
         if handler is None:
             return {"ok": False, "error": f"unknown command {req['cmd']!r} "
-                                          "(known: ping, status, reload, upgrade, migrate)"}
+                                          "(known: ping, status, reload, upgrade, migrate, "
+                                          "health)"}
         return await handler(self, req)
 
     async def _req_status(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -546,6 +560,17 @@ class Dispatcher:
 
     async def _req_migrate(self, req: dict[str, Any]) -> dict[str, Any]:
         return await self.migration.command(req)
+
+    async def _req_health(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``{"cmd": "health"}``: the agent's line; ``"set": "drain"|"maint"|"ready"``
+        changes it by hand first (``_health``)."""
+        state = req.get("set")
+        if state is not None:
+            try:
+                return {"ok": True, "line": self.health.set_manual(str(state))}
+            except ValueError as exc:
+                return {"ok": False, "error": str(exc)}
+        return {"ok": True, "line": agent_line(self), "manual": self.health.manual or None}
 
     async def _req_takeover(self, req: dict[str, Any]) -> dict[str, Any]:
         """(From the new dispatcher of an upgrade: see ``_upgrade``.)"""
@@ -576,5 +601,6 @@ _REQUESTS: dict[str, Callable[[Dispatcher, dict[str, Any]], Awaitable[dict[str, 
     "reload": Dispatcher._req_reload,
     "upgrade": Dispatcher._req_upgrade,
     "migrate": Dispatcher._req_migrate,
+    "health": Dispatcher._req_health,
     "takeover": Dispatcher._req_takeover,
 }

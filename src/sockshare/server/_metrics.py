@@ -1,5 +1,7 @@
 """Prometheus metrics: ``--metrics 127.0.0.1:9100`` serves ``GET /metrics``.
 
+The same listener answers ``GET /healthz`` (readiness: 200 or 503, see ``_health``).
+
 The text exposition format (version 0.0.4) is written by hand here rather than with
 ``prometheus_client``: it is a few dozen lines, every value already lives in the
 dispatcher's status snapshot (the same dict ``sockshare status`` prints), and the server
@@ -293,10 +295,13 @@ class MetricsServer:
     """``GET /metrics`` on a TCP address, rendered from ``snapshot()`` at each request."""
 
     def __init__(self, host: str, port: int, snapshot: Callable[[], dict[str, Any]], *,
-                 sock: socket.socket | None = None) -> None:
+                 sock: socket.socket | None = None,
+                 health: Callable[[], tuple[str, str]] | None = None) -> None:
         self.host = host
         self.port = port
         self._snapshot = snapshot
+        #: ``GET /healthz``: () -> (HTTP status, body); None: 404 (see ``_health``)
+        self._health = health
         self._server: asyncio.Server | None = None
         #: the listening socket (kept to pass it to a new dispatcher on upgrade)
         self.socket: socket.socket | None = sock
@@ -327,6 +332,9 @@ class MetricsServer:
                 status, body, ctype = "400 Bad Request", "bad request\n", "text/plain"
             elif parts[0] not in (b"GET", b"HEAD"):
                 status, body, ctype = "405 Method Not Allowed", "GET only\n", "text/plain"
+            elif parts[1].split(b"?")[0] == b"/healthz" and self._health is not None:
+                status, body = self._health()
+                ctype = "text/plain; charset=utf-8"
             elif parts[1].split(b"?")[0] != b"/metrics":
                 status, body, ctype = "404 Not Found", "see /metrics\n", "text/plain"
             else:

@@ -64,6 +64,7 @@ def snapshot(d: Dispatcher) -> dict[str, Any]:
         "channel": d.chan_path,
         "control": d.control.path if d.control else None,
         "metrics": (f"{d.metrics.host}:{d.metrics.port}" if d.metrics else None),
+        "agent": (f"{d.health.host}:{d.health.port}" if d.health.serving else None),
         "listeners": [{"name": ls.cfg.name, "bind": ls.cfg.bind.text, "address": ls.address,
                        "sniff": ls.cfg.sniffs and d.listeners.sniff is not None,
                        "accepted": ls.accepted} for ls in d.listeners.all],

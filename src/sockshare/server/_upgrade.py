@@ -2,7 +2,7 @@
 
 Old side (:class:`Handover`; SIGUSR2, ``sockshare upgrade``): :meth:`Handover.upgrade`
 starts ``python -m sockshare.backends._inherit FD... -- <its own command line>`` with
-its listening sockets (and the metrics socket) passed as ``LISTEN_FDS`` /
+its listening sockets (and the metrics and agent sockets) passed as ``LISTEN_FDS`` /
 ``LISTEN_FDNAMES`` -- the systemd protocol, so socket activation and upgrades share one
 code path and no listener is ever closed or re-bound. When the new dispatcher asks to
 take over (:meth:`Handover.takeover`, on the control socket), both serve side by side
@@ -39,6 +39,7 @@ from sockshare._channel import Ticket
 from sockshare._errors import SockshareError
 from sockshare.backends import _inherit
 from sockshare.server._control import request
+from sockshare.server._health import AGENT_FDNAME
 from sockshare.server._listeners import sd_notify
 from sockshare.server._policy import ConnInfo
 from sockshare.server._slots import Waiting
@@ -89,6 +90,9 @@ class Handover:
         socks = [(ls.cfg.name, ls.sock) for ls in self.d.listeners.all if ls.sock.fileno() >= 0]
         if self.d.metrics_sock is not None and self.d.metrics_sock.fileno() >= 0:
             socks.append((METRICS_FDNAME, self.d.metrics_sock))
+        agent = self.d.health.socket
+        if agent is not None and agent.fileno() >= 0:
+            socks.append((AGENT_FDNAME, agent))
         env_add, fds = _inherit.pass_listen_fds(socks)
         env = dict(os.environ, **env_add)
         env[ENV_UPGRADE_FROM] = str(self.d.pid)
@@ -235,6 +239,7 @@ class Handover:
         if self.d.metrics is not None:
             await self.d.metrics.close()
             self.d.metrics = None
+        await self.d.health.close()   # the new one answers (drain until we have exited)
         self.d.spawn(self._watch_upstream(up))
         for slot in list(self.slots):
             self.d.supervisor.retire(slot, "upgrade")
@@ -353,6 +358,7 @@ class Takeover:
                 self.admission.place(Waiting(h.socket, info, meta, h.data, time.monotonic()), front=True)
             ch.returned()
             if not alive:
+                self.d.health.predecessor_gone = True   # the upgrade is over: ready again
                 with contextlib.suppress(Exception):
                     await ch.aclose()
                 return
