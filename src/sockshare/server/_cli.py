@@ -93,6 +93,17 @@ def add_commands(subparsers: Any) -> None:
     m.add_argument("--no-wait", action="store_true", help="do not wait for the migrations to finish")
     m.set_defaults(func=migrate)
 
+    h = subparsers.add_parser("health", help="print or set what the health agent answers",
+                              description="Print the agent's line (ready N%%, drain, maint; exit "
+                                          "status 0 when ready), or set it by hand: drain and "
+                                          "maint hold until 'ready'. The server goes on serving "
+                                          "whatever it is sent.")
+    h.add_argument("state", nargs="?", choices=("ready", "drain", "maint"),
+                   help="drain or maint by hand; ready: back to the computed state")
+    h.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
+    h.set_defaults(func=health)
+
+
 def _serve_flags(p: argparse.ArgumentParser) -> None:
     """The flags of ``serve`` (also read from the environment: :func:`apply_environment`)."""
     p.add_argument("app", nargs="?", help=f"module:callable, async def handle(conn) (default: {DEFAULT_APP})")
@@ -160,16 +171,6 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="relay every migration through the dispatcher (default: a handler's "
                         "own migrate() goes straight to another worker)")
     _web_flags(p)
-
-    h = subparsers.add_parser("health", help="print or set what the health agent answers",
-                              description="Print the agent's line (ready N%%, drain, maint; exit "
-                                          "status 0 when ready), or set it by hand: drain and "
-                                          "maint hold until 'ready'. The server goes on serving "
-                                          "whatever it is sent.")
-    h.add_argument("state", nargs="?", choices=("ready", "drain", "maint"),
-                   help="drain or maint by hand; ready: back to the computed state")
-    h.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
-    h.set_defaults(func=health)
 
 
 def _web_flags(p: argparse.ArgumentParser) -> None:
