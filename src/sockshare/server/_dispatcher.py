@@ -133,6 +133,7 @@ from sockshare.server._admission import Admission
 from sockshare.server._config import ServerConfig, parse_bind
 from sockshare.server._control import ControlServer, default_path, runtime_dir
 from sockshare.server._listeners import Listeners, ListenerState, bind_listener, sd_notify
+from sockshare.server._master import ENV_MASTER, ENV_MASTER_FD, NOTIFY_SUFFIX
 from sockshare.server._metrics import MetricsServer
 from sockshare.server._migration import Migrations
 from sockshare.server._peers import PEER_SUFFIX
@@ -159,7 +160,7 @@ def _remove_dead_sockets(rundir: str) -> None:
     with contextlib.suppress(OSError):
         for name in os.listdir(rundir):
             stem, ext = os.path.splitext(name)
-            if ext not in (".chan", ".ctl", PEER_SUFFIX) or not stem.isdigit():
+            if ext not in (".chan", ".ctl", PEER_SUFFIX, NOTIFY_SUFFIX) or not stem.isdigit():
                 continue
             try:
                 os.kill(int(stem), 0)
@@ -196,6 +197,10 @@ class Dispatcher:
              "fd_rejects", "recycled", "web_keepalive_handed_over", "web_ws_migrated_out",
              "web_ws_migrated_in", "web_moves_refused", "web_ws_closed_1012"), 0)
         self.pid = os.getpid()
+        #: the master process (``sockshare serve`` as started; 0: none) and the read end
+        #: of its pipe, EOF when it is gone (see _master)
+        self.master = 0
+        self.master_fd = -1
         self.generation = 1
         self.stopping = False
         self._hurry = False
@@ -255,12 +260,15 @@ class Dispatcher:
             loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         loop.add_signal_handler(signal.SIGUSR2, self._on_sigusr2)
+        if self.master_fd >= 0:
+            loop.add_reader(self.master_fd, self._master_gone)
         for slot in self.slots:
             self.supervisor.start(slot)
         self.spawn(self.supervisor.accept_workers())
         self.spawn(self._housekeeping())
         self.listeners.start()
-        log.info("dispatcher pid %d: %s; %d worker(s) in %d pool(s); control %s", self.pid,
+        log.info("dispatcher pid %d%s: %s; %d worker(s) in %d pool(s); control %s", self.pid,
+                 f" (master pid {self.master})" if self.master else "",
                  ", ".join(ls.address for ls in self.listeners.all), len(self.slots), len(self.pools),
                  self.control.path if self.control else "-")
         self.spawn(self._announce_ready(), critical=False)
@@ -291,6 +299,23 @@ class Dispatcher:
         self.stop_event.set()
         self.supervisor.changed()
 
+    def _master_gone(self) -> None:
+        """The master's pipe is readable: EOF, the master died (SIGKILL, a crash). This
+        dispatcher is nobody's to watch or signal any more: it stops gracefully (its
+        workers get ``grace`` to finish), as a supervisor restarting the server needs."""
+        try:
+            data = os.read(self.master_fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            return
+        asyncio.get_running_loop().remove_reader(self.master_fd)
+        log.critical("the master process (pid %d) is gone: nothing supervises this dispatcher "
+                     "any more; stopping", self.master)
+        self.stop("master gone")
+
     def _on_sighup(self) -> None:
         self.spawn(self.reload("SIGHUP"), critical=False)
 
@@ -302,6 +327,10 @@ class Dispatcher:
     async def _setup(self) -> None:
         self.takeover.predecessor = int(os.environ.pop(ENV_UPGRADE_FROM, "0") or 0)
         self.takeover.predecessor_control = os.environ.pop(ENV_UPGRADE_CONTROL, "")
+        master, master_fd = os.environ.pop(ENV_MASTER, ""), os.environ.pop(ENV_MASTER_FD, "")
+        if master.isdigit() and master_fd.isdigit():
+            self.master, self.master_fd = int(master), int(master_fd)
+            os.set_inheritable(self.master_fd, False)
         rundir = runtime_dir()
         _remove_dead_sockets(rundir)
         self.chan_path = os.path.join(rundir, f"{self.pid}.chan")
@@ -315,8 +344,9 @@ class Dispatcher:
                             s.fileno(), name)
                 s.close()
         self.listeners.prepare()
-        control = self.cfg.control or default_path(self.pid)
-        if self.takeover.predecessor and self.cfg.control:
+        # under a master the default path is the master's: the same through upgrades
+        control = self.cfg.control or default_path(self.master or self.pid)
+        if self.takeover.predecessor and (self.cfg.control or self.master):
             # the predecessor still serves at that path: ours moves there on takeover
             self.control_final = control
             control = f"{control}.{self.pid}"
@@ -440,6 +470,12 @@ class Dispatcher:
             await self.control.close()
         if self.metrics is not None:
             await self.metrics.close()
+        if self.master_fd >= 0:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self.master_fd)
+            with contextlib.suppress(OSError):
+                os.close(self.master_fd)
+            self.master_fd = -1
         successor = self.handover.successor
         if successor is not None and successor.returncode is None and not self.handover.handed_over:
             with contextlib.suppress(ProcessLookupError):
@@ -481,7 +517,7 @@ class Dispatcher:
         return {"ok": True, "status": self.status()}
 
     async def _req_ping(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": True, "pid": self.pid}
+        return {"ok": True, "pid": self.master or self.pid, "dispatcher": self.pid}
 
     async def _req_reload(self, req: dict[str, Any]) -> dict[str, Any]:
         return await self.reload("reload requested (control socket)", wait=bool(req.get("wait")))

@@ -40,6 +40,7 @@ from sockshare._errors import SockshareError
 from sockshare.backends import _inherit
 from sockshare.server._control import request
 from sockshare.server._listeners import sd_notify
+from sockshare.server._master import ENV_MASTER, ENV_MASTER_FD, SUCCESSOR_FIELD, pass_master_fd
 from sockshare.server._policy import ConnInfo
 from sockshare.server._slots import Waiting
 from sockshare.server._supervision import describe_exit
@@ -95,13 +96,26 @@ class Handover:
         env[ENV_UPGRADE_CONTROL] = self.d.control.path if self.d.control else ""
         argv = [sys.executable, "-m", "sockshare.backends._inherit", *map(str, fds), "--", *self.d.argv]
         log.info("%s: starting a new dispatcher: %s", why, shlex.join(self.d.argv))
+        master_fd = -1
         try:
-            proc = await asyncio.create_subprocess_exec(*argv, env=env, pass_fds=fds,
-                                                        stdin=asyncio.subprocess.DEVNULL)
+            if self.d.master_fd >= 0:
+                # the master's pipe goes on to the new generation (numbered above the
+                # descriptors the exec wrapper renumbers)
+                master_fd = pass_master_fd(self.d.master_fd, _inherit.SD_LISTEN_FDS_START + len(fds))
+                env[ENV_MASTER] = str(self.d.master)
+                env[ENV_MASTER_FD] = str(master_fd)
+            proc = await asyncio.create_subprocess_exec(
+                *argv, env=env, pass_fds=[*fds, master_fd] if master_fd >= 0 else fds,
+                stdin=asyncio.subprocess.DEVNULL)
         except OSError as exc:
             self.counters["upgrade_failures"] += 1
             log.error("upgrade: cannot start the new dispatcher: %s", exc)
             return {"ok": False, "error": str(exc)}
+        finally:
+            if master_fd >= 0:
+                os.close(master_fd)
+        if self.d.master:
+            sd_notify(f"{SUCCESSOR_FIELD}={proc.pid}")   # (the master stops it too on stop)
         self.successor = proc
         self._successor_ready = loop.create_future()
         watcher = self.d.spawn(self._watch_successor(proc), critical=False)
@@ -205,7 +219,7 @@ class Handover:
         except (OSError, SockshareError, ValueError) as exc:
             return f"its control socket did not answer: {exc}"
         st = resp.get("status")
-        if not resp.get("ok") or not isinstance(st, dict) or st.get("pid") != pid:
+        if not resp.get("ok") or not isinstance(st, dict) or st.get("dispatcher", st.get("pid")) != pid:
             return f"its control socket answered {resp!r:.200}"
         ready = {w.get("pool") for w in st.get("workers", ()) if isinstance(w, dict)
                  and w.get("state") == "ready"}
