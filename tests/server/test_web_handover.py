@@ -90,7 +90,7 @@ def _reload(srv: LiveServer) -> None:
 def test_keep_alive_clients_survive_reloads_and_upgrades(tmp_path: Path, app: str) -> None:
     reloads = 20 if IN_CI or app.endswith("asgi") else 8
     with _server(tmp_path, app) as srv:
-        fds = _fds(srv.pid)
+        fds = _fds(srv.dispatcher)
         clients = KeepAliveClients(srv.address())
         try:
             wait_until(lambda: clients.requests >= 20, timeout=20, what="the first requests")
