@@ -9,6 +9,8 @@ the life of the process (set up, signals, housekeeping, stop). The parts:
 * :mod:`._supervision` -- worker processes and their channels, reload, hung workers;
 * :mod:`._migration` -- the relay, direct moves, orphans, peer lists, rebalancing;
 * :mod:`._upgrade` -- both sides of an upgrade;
+* :mod:`._master` -- not a part: the process ``sockshare serve`` started, which runs the
+  dispatcher generations (``self.master``; its pipe, EOF when it dies: :meth:`_master_gone`);
 * :mod:`._status` -- the status snapshot (the control socket, the metrics);
 * :mod:`._slots` -- worker slots and their states, pools, waiting connections;
 * :mod:`._tasks` -- the one helper that keeps background tasks.
@@ -93,7 +95,8 @@ ever closed or re-bound. The new dispatcher starts its workers and, once they ar
 ready, asks the old one to hand over (``{"cmd": "takeover"}`` on the old control
 socket). Both then serve side by side for a probation (``upgrade_probation`` seconds,
 and until the new one answers a status with ready workers); only then does the old one
-tell systemd ``MAINPID=<new pid>``, stop accepting (the kernel's accept queue is shared,
+say ``MAINPID=<new pid>`` (to the master, :mod:`._master`, which follows the new
+generation and stays the process a supervisor watches), stop accepting (the kernel's accept queue is shared,
 so nothing is lost), connect a channel to the new dispatcher, forward its queue over
 it, and drain its workers with migration: their connections travel worker → old
 dispatcher → new dispatcher → new worker. It exits when its last worker has. If the new
@@ -119,6 +122,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -156,7 +160,8 @@ log = logging.getLogger("sockshare.server")
 
 def _remove_dead_sockets(rundir: str) -> None:
     """Channel and control sockets left by dispatchers that were killed (SIGKILL, a crash):
-    ``<pid>.chan``/``<pid>.ctl`` whose pid is gone and on which nobody listens."""
+    ``<pid>.chan``/``<pid>.ctl`` whose pid is gone and on which nobody listens; and a
+    killed master's ``<pid>.notify`` (a datagram socket: nobody can listen on it)."""
     with contextlib.suppress(OSError):
         for name in os.listdir(rundir):
             stem, ext = os.path.splitext(name)
@@ -169,8 +174,14 @@ def _remove_dead_sockets(rundir: str) -> None:
                 pass
             except PermissionError:
                 continue
+            path = os.path.join(rundir, name)
+            if ext == NOTIFY_SUFFIX:
+                with contextlib.suppress(OSError):
+                    if stat.S_ISSOCK(os.lstat(path).st_mode):
+                        os.unlink(path)
+                continue
             with contextlib.suppress(OSError, SockshareError):
-                _remove_stale_socket(os.path.join(rundir, name))
+                _remove_stale_socket(path)
 
 
 class Dispatcher:

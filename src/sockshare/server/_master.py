@@ -54,7 +54,6 @@ import time
 from sockshare._errors import BackendUnavailable, SockshareError
 from sockshare.backends import _inherit
 from sockshare.server._control import ControlError, runtime_dir
-from sockshare.server._supervision import describe_exit
 
 __all__ = ["ENV_MASTER", "ENV_MASTER_FD", "FORWARDED", "NOTIFY_SUFFIX", "SUCCESSOR_FIELD",
            "Master", "pass_master_fd"]
@@ -92,6 +91,18 @@ def pass_master_fd(fd: int, floor: int) -> int:
     descriptors 3.. that ``python -m sockshare.backends._inherit`` renumbers), for
     ``pass_fds``; the caller closes it once the child is started."""
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, max(floor, 3))
+
+
+def describe_exit(rc: int | None) -> str:
+    """``status n``, ``signal SIGKILL`` (as the supervisor says it of a worker)."""
+    if rc is None:
+        return "an unknown status"
+    if rc < 0:
+        try:
+            return f"signal {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"signal {-rc}"
+    return f"status {rc}"
 
 
 def _exit_status(rc: int) -> int:
@@ -336,7 +347,8 @@ class Master:
         if pid != self.current:
             log.info("master: dispatcher pid %d exited with %s", pid, what)
             return
-        if not self.stopping:
+        asked = bool(self.stopping)
+        if not asked:
             successor = self._live()
             if rc == 0 and successor:
                 # it handed over without our hearing MAINPID= (cannot happen unless a
@@ -350,7 +362,8 @@ class Master:
                 self._kill(other, signal.SIGTERM)
         else:
             log.info("master: dispatcher pid %d exited with %s", pid, what)
-        self.status = _exit_status(rc) if rc is not None else 1
+        # (not our child: its parent reaped it; without a subreaper, after an upgrade)
+        self.status = _exit_status(rc) if rc is not None else (0 if asked else 1)
 
     def _follow(self, pid: int, why: str) -> None:
         old, self.current = self.current, pid

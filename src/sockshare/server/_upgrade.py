@@ -8,7 +8,8 @@ code path and no listener is ever closed or re-bound. When the new dispatcher as
 take over (:meth:`Handover.takeover`, on the control socket), both serve side by side
 for a probation (``upgrade_probation`` seconds, and until the new one answers a status
 with a ready worker in each pool: :meth:`_prove_successor`). Only then does the old one
-hand over (:meth:`_hand_over`): ``MAINPID=`` to systemd, stop accepting (the kernel's
+hand over (:meth:`_hand_over`): ``MAINPID=`` to the master (:mod:`._master`, which
+follows the new one; to systemd when there is no master), stop accepting (the kernel's
 accept queue is shared), connect a channel to the new dispatcher (the *upstream*),
 forward its queue over it (admission's ``upstream`` hook), and retire its workers with
 migration: their connections travel worker → old dispatcher → new dispatcher → new
