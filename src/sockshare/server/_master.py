@@ -137,6 +137,10 @@ class Master:
         self.current = 0
         self.dispatchers: set[int] = set()
         self.generation = 0
+        #: dispatchers that said READY=1 (their signal handlers are installed), and the
+        #: signals held for the current one until it has
+        self.ready: set[int] = set()
+        self._held: list[int] = []
         self.stopping: int = 0          # the signal that stops us (0: not stopping)
         self.status: int | None = None  # the current generation's exit status
         self.upstream = _inherit._notify_address()
@@ -287,6 +291,11 @@ class Master:
         if self.stopping:
             log.info("%s ignored: stopping", name)
             return
+        if self.current not in self.ready:
+            # its default action would end it (SIGHUP, SIGUSR2) or stop it (SIGTTIN)
+            log.info("%s: held until dispatcher pid %d is ready", name, self.current)
+            self._held.append(sig)
+            return
         log.info("%s: passed on to dispatcher pid %d", name, self.current)
         self._kill(self.current, sig)
 
@@ -348,6 +357,10 @@ class Master:
             log.info("master: dispatcher pid %d exited with %s", pid, what)
             return
         asked = bool(self.stopping)
+        if asked and rc == -self.stopping and pid not in self.ready:
+            # the stop came before it had installed its signal handlers: a stop all the same
+            log.info("master: dispatcher pid %d stopped while starting", pid)
+            rc = 0
         if not asked:
             successor = self._live()
             if rc == 0 and successor:
@@ -406,7 +419,16 @@ class Master:
         keep: list[str] = []
         for line in text.split("\n"):
             key, _, value = line.partition("=")
-            if key == SUCCESSOR_FIELD and value.isdigit():
+            if line == "READY=1":
+                self.ready.add(sender)
+                if sender == self.current and self._held and not self.stopping:
+                    held, self._held = self._held, []
+                    for sig in held:
+                        log.info("%s: passed on to dispatcher pid %d", signal.Signals(sig).name,
+                                 sender)
+                        self._kill(sender, sig)
+                keep.append(line)
+            elif key == SUCCESSOR_FIELD and value.isdigit():
                 self.dispatchers.add(int(value))
             elif key == "MAINPID":
                 if sender == self.current and value.isdigit() and int(value) != sender:
