@@ -111,7 +111,9 @@ class LiveServer(Server):
         return st
 
     def current(self) -> int:
-        pid: int = self.status()["pid"]
+        """The current dispatcher's pid (``status()["pid"]`` is the master's, stable)."""
+        st = self.status()
+        pid: int = st.get("dispatcher") or st["pid"]
         return pid
 
     def command(self, req: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:

@@ -270,3 +270,27 @@ def test_sigkill_of_the_dispatcher_ends_the_master(tmp_path: Path) -> None:
         assert srv.runtime_files() <= {f"{st['dispatcher']}.chan", f"{srv.pid}.ctl"}
     finally:
         srv.close()
+
+
+def test_sigterm_during_an_upgrade_stops_both_generations(tmp_path: Path) -> None:
+    """SIGTERM while a new dispatcher is starting beside the old one: both stop, with
+    everything they run; exit status 0."""
+    env = env_with_apps()
+    slow = tmp_path / "slow"
+    env["LIVE_APPS_SLOW_IMPORT"] = str(slow)
+    srv = Started(tmp_path, env=env)
+    try:
+        slow.write_text("x")
+        os.kill(srv.pid, signal.SIGUSR2)
+        successor = srv.wait(lambda st: st["successor"], "the new dispatcher")["successor"]
+        wait_until(lambda: len(_children(successor)) == 2, timeout=20,
+                   what="the new dispatcher's workers")
+        tree = srv.watch()
+        assert successor in tree
+        os.kill(srv.pid, signal.SIGTERM)
+        assert srv.proc.wait(GRACE + 20) == 0, srv.log()
+        left = [p for p in tree if pid_alive(p)]
+        assert left == [], left
+        assert srv.runtime_files() == set()
+    finally:
+        srv.close()

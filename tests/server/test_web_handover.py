@@ -117,7 +117,7 @@ def test_keep_alive_clients_survive_reloads_and_upgrades(tmp_path: Path, app: st
         assert migrations >= 8 * reloads   # (the counters start again with each dispatcher)
         st = srv.status()
         assert {w["pid"] for w in st["workers"]} & clients.pids
-        pid = st["pid"]
+        pid = st["dispatcher"]
         wait_until(lambda: _fds(pid) <= fds + 2, timeout=10,
                    what=f"the dispatcher's descriptors back to {fds}")
 
