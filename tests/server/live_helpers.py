@@ -105,12 +105,15 @@ class LiveServer(Server):
     def status(self) -> dict[str, Any]:
         st = super().status()
         self.dispatchers.add(st["pid"])
+        self.dispatchers.add(st.get("dispatcher") or st["pid"])
         if st.get("successor"):
             self.dispatchers.add(st["successor"])
         return st
 
     def current(self) -> int:
-        pid: int = self.status()["pid"]
+        """The current dispatcher's pid (``status()["pid"]`` is the master's, stable)."""
+        st = self.status()
+        pid: int = st.get("dispatcher") or st["pid"]
         return pid
 
     def command(self, req: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
@@ -134,6 +137,7 @@ class LiveServer(Server):
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.status()
+        super().close()   # SIGTERM to the master: it stops every generation
         for pid in sorted(self.dispatchers):
             if pid != self.pid and pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
@@ -142,7 +146,6 @@ class LiveServer(Server):
             if pid != self.pid and not wait_gone(pid, 15.0):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        super().close()
 
 
 def wait_until(pred: Any, timeout: float = 10.0, what: str = "") -> Any:

@@ -416,7 +416,7 @@ class Scenario:
         elapsed = time.monotonic() - t0
         after, st1 = self.load.snapshot(), self.status()
         d = after.minus(before)
-        same = st0["pid"] == st1["pid"]
+        same = st0.get("dispatcher", st0["pid"]) == st1.get("dispatcher", st1["pid"])
         out: dict[str, Any] = {"count": count, "seconds": round(elapsed, 2), **{
             k: v for k, v in asdict(d).items() if k != "latencies_ms"}}
         out["failures"] = d.failures()

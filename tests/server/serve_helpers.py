@@ -66,7 +66,10 @@ class Server:
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env={**env_with_apps(), **(env or {})},
                                      cwd=str(cwd or ROOT))
+        #: the pid ``sockshare serve`` started: the master, the same through upgrades
         self.pid = self.proc.pid
+        #: the (first) dispatcher, the master's child: what accepts and hands over
+        self.dispatcher = 0
         self._worker_pids: set[int] = set()
         try:
             self.wait_ready(ready if ready is not None else (workers or 1))
@@ -84,6 +87,8 @@ class Server:
         assert resp["ok"], resp
         st: dict[str, Any] = resp["status"]
         self._worker_pids.update(w["pid"] for w in st["workers"] if w["pid"])
+        if not self.dispatcher:
+            self.dispatcher = int(st.get("dispatcher") or st["pid"])
         return st
 
     def wait_ready(self, n: int, timeout: float = 20.0) -> dict[str, Any]:

@@ -34,12 +34,12 @@ def _idle(st: dict[str, Any]) -> bool:
 def _baseline(srv: LiveServer) -> int:
     srv.wait_for(_idle, what="idle")
     time.sleep(0.2)
-    return fd_count(srv.pid)
+    return fd_count(srv.dispatcher)
 
 
 def _wait_fds(srv: LiveServer, expected: int) -> None:
-    wait_until(lambda: fd_count(srv.pid) <= expected, timeout=10,
-               what=f"dispatcher fds back to {expected} (now {fd_count(srv.pid)})")
+    wait_until(lambda: fd_count(srv.dispatcher) <= expected, timeout=10,
+               what=f"dispatcher fds back to {expected} (now {fd_count(srv.dispatcher)})")
 
 
 #: how a handler's own migration travels: relayed by the dispatcher, or straight to the

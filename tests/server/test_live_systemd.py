@@ -7,7 +7,8 @@ starts ``ExecStart=`` through the exec wrapper with ``LISTEN_FDS``/``LISTEN_FDNA
 (so it knows which pid said what), follows ``MAINPID=``, keeps ``FDSTORE=1`` descriptors
 (deduplicated by inode, as systemd does), sends ``ExecReload=``'s SIGHUP, and after a
 SIGKILL of the main process restarts it with the stored descriptors, like
-``Restart=on-failure``.
+``Restart=on-failure``. The main process is the master (``sockshare serve`` as started):
+an upgrade does not change it, and only it notifies (``NotifyAccess=main``).
 """
 
 from __future__ import annotations
@@ -204,30 +205,36 @@ def test_socket_activation_notify_fd_store_and_crash_restart(tmp_path: Path) -> 
         assert moved["moved"]
         assert moved["reason"] == "reload"
 
-        # -- upgrade: SIGUSR2 to the main process; MAINPID follows the new dispatcher
+        # -- upgrade: SIGUSR2 to the main process; the main pid stays (the master), the
+        # dispatcher behind it changes; READY=1 again from the main pid
         mark = m.mark()
+        old_dispatcher = st["dispatcher"]
+        assert st["pid"] == st["master"] == first != old_dispatcher
         os.kill(m.main_pid, signal.SIGUSR2)
-        wait_until(lambda: m.main_pid != first, timeout=30, what="MAINPID=")
-        second = m.main_pid
-        assert m.said(f"MAINPID={second}", pid=first, after=mark)
-        m.wait_said("READY=1", pid=second, after=mark)
-        assert wait_gone(first, 30)
-        assert not m.said("STOPPING=1", pid=first), "the old dispatcher did not say it stops the service"
         moved = long.read()
         assert moved["moved"]
         assert moved["reason"] == "upgrade"
+        assert wait_gone(old_dispatcher, 30)
+        m.wait_said("READY=1", pid=first, after=mark)
         assert long.ask("echo 2")["n"] == 2
         st = m.status()
-        assert st["pid"] == second
+        second = st["dispatcher"]
+        assert second != old_dispatcher
+        assert st["pid"] == m.main_pid == first
+        assert not m.said("MAINPID=")
+        assert not m.said("STOPPING=1"), "nothing said the service stops"
+        with m.lock:
+            assert {pid for pid, _text in m.messages} == {first}   # NotifyAccess=main
 
-        # -- crash: only the fd store still holds the listener (besides the dispatcher)
+        # -- crash of the main process: the dispatcher notices and stops gracefully (its
+        # workers too); only the fd store still holds the listener
         lsock.close()
         workers = [w["pid"] for w in st["workers"] if w["pid"]]
-        os.kill(second, signal.SIGKILL)
-        assert wait_gone(second, 10)
-        for pid in workers:   # what systemd does to the rest of the cgroup
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        os.kill(first, signal.SIGKILL)
+        assert wait_gone(first, 10)
+        for pid in [second, *workers]:
+            assert wait_gone(pid, 15), pid
+        assert m.started[0].wait(5) == -signal.SIGKILL
         long.close()
         waiting = LineClient(addr)   # queued in the kernel: the listener never closed
         waiting.send("echo 1\n")

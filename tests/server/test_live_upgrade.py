@@ -5,7 +5,8 @@
   refuses and resets nothing.
 * ``sockshare upgrade`` / SIGUSR2: a new dispatcher process inherits the listeners
   (LISTEN_FDS through the exec wrapper), takes over, and the old dispatcher's workers
-  migrate their connections to the new dispatcher's workers; the old one exits 0.
+  migrate their connections to the new dispatcher's workers; the old one exits 0. The
+  process that was started (the master) stays, with the same pid and control socket.
 * A new dispatcher that dies before taking over leaves the old one serving; so does one
   killed right after its takeover (the old one hands over only once it has shown that
   it serves).
@@ -167,7 +168,7 @@ def test_upgrade_replaces_the_dispatcher(tmp_path: Path) -> None:
     sock_path = tmp_path / "s.sock"
     with LiveServer(tmp_path, app=APP, workers=2,
                     bind=["127.0.0.1:0", f"unix:{sock_path}"]) as srv:
-        old_pid = srv.pid
+        old_pid = srv.dispatcher
         tcp = srv.address("l0")
         clients = [LineClient(tcp) for _ in range(4)] + [LineClient(str(sock_path)) for _ in range(2)]
         for c in clients:
@@ -180,7 +181,8 @@ def test_upgrade_replaces_the_dispatcher(tmp_path: Path) -> None:
             assert out.returncode == 0, out.stderr + srv.log()
             new_pid = int(out.stdout.split()[3].rstrip(":"))
             assert "handed over" in out.stdout
-            assert srv.proc.wait(30) == 0   # the old dispatcher drained and exited
+            assert wait_gone(old_pid, 30)   # the old dispatcher drained and exited
+            assert srv.proc.poll() is None   # ... and the process started stays
             for c in clients:
                 answer = _follow(c, 2)
                 assert answer["n"] == 2
@@ -188,7 +190,8 @@ def test_upgrade_replaces_the_dispatcher(tmp_path: Path) -> None:
             load.finish()
         assert load.failures == []
         st = srv.status()
-        assert st["pid"] == new_pid != old_pid
+        assert st["dispatcher"] == new_pid != old_pid
+        assert st["pid"] == st["master"] == srv.pid   # the stable pid
         assert st["predecessor"] == old_pid
         assert sock_path.exists()
         fresh = LineClient(str(sock_path))
@@ -205,6 +208,7 @@ def test_upgrade_replaces_the_dispatcher(tmp_path: Path) -> None:
         # and once more, from the new one (a chain of upgrades)
         assert srv.command({"cmd": "upgrade", "wait": True})["ok"]
         wait_until(lambda: not pid_alive(new_pid), timeout=30, what="the second dispatcher to exit")
+        assert srv.status()["pid"] == srv.pid
         for c in clients:
             assert _follow(c, 3)["n"] == 3
             c.close()
@@ -239,7 +243,8 @@ def test_new_dispatcher_dying_during_upgrade(tmp_path: Path) -> None:
             fresh.close()
             flag.unlink()
             assert srv.command({"cmd": "upgrade", "wait": True})["ok"]
-            assert srv.proc.wait(30) == 0
+            assert wait_gone(srv.dispatcher, 30)
+            assert srv.proc.poll() is None
             assert _follow(c, 3)["n"] == 3
             c.close()
             for pid in children:
@@ -278,8 +283,8 @@ def test_reload_during_an_upgrade_is_refused(tmp_path: Path) -> None:
             assert st["counters"]["reloads"] == 0
             assert len(st["workers"]) == 2   # no reload generation was started
             flag.unlink()
-            assert srv.proc.wait(40) == 0   # handed over, drained, exited
-            assert srv.status()["pid"] == successor
+            assert wait_gone(srv.dispatcher, 40)   # handed over, drained, exited
+            assert srv.status()["dispatcher"] == successor
             out = subprocess.run(reload_cmd, check=False, capture_output=True, text=True,
                                  timeout=60, env=env_with_apps(), cwd=str(ROOT))
             assert out.returncode == 0, out.stderr

@@ -52,7 +52,7 @@ def test_bad_bytes_to_the_control_socket(tmp_path: Path) -> None:
     with Server(tmp_path, workers=1) as srv:
         addr = srv.address()
         ask(addr)
-        base = _fd_count(srv.pid)
+        base = _fd_count(srv.dispatcher)
         ctl = srv.control
 
         def session(payload: bytes) -> list[dict[str, Any]]:
@@ -90,7 +90,7 @@ def test_bad_bytes_to_the_control_socket(tmp_path: Path) -> None:
         # the dispatcher is undisturbed
         assert ask(addr)["id"] == 1
         assert srv.status()["workers"][0]["state"] == "ready"
-        srv.wait_for(lambda st: _fd_count(srv.pid) == base, what=f"fd count back to {base}")
+        srv.wait_for(lambda st: _fd_count(srv.dispatcher) == base, what=f"fd count back to {base}")
         assert srv.proc.poll() is None
 
 

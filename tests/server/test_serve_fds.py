@@ -49,7 +49,7 @@ def test_no_fd_growth_after_20000_connections(tmp_path: Path) -> None:
             ask(addr)
         srv.wait_for(lambda st: all(w["connections"] == 0 and w["inflight"] == 0
                                     for w in st["workers"]), what="idle")
-        before = _fds(srv.pid)
+        before = _fds(srv.dispatcher)
         errors: list[BaseException] = []
         ok = [0] * THREADS
 
@@ -87,10 +87,10 @@ def test_no_fd_growth_after_20000_connections(tmp_path: Path) -> None:
         assert st["counters"]["handoffs"] >= TOTAL + 50
         assert st["counters"]["refused"] == 0
         deadline = time.monotonic() + 5
-        after = _fds(srv.pid)
+        after = _fds(srv.dispatcher)
         while len(after) != len(before) and time.monotonic() < deadline:
             time.sleep(0.05)
-            after = _fds(srv.pid)
+            after = _fds(srv.dispatcher)
         grown = {fd: t for fd, t in after.items() if fd not in before}
         assert len(after) <= len(before), f"new descriptors: {grown}"
         print(f"{TOTAL} connections in {elapsed:.1f} s ({TOTAL / elapsed:.0f}/s); "
@@ -202,7 +202,7 @@ def test_fd_exhaustion_keeps_the_pool(tmp_path: Path) -> None:
         st = srv.wait_for(lambda st: all(w["connections"] == 0 and w["inflight"] == 0
                                          for w in st["workers"]), what="idle")
         pids = {w["id"]: w["pid"] for w in st["workers"]}
-        before = _fds(srv.pid)
+        before = _fds(srv.dispatcher)
         watch = _Watch(srv)
         watch.start()
         totals: Counter[str] = Counter()
@@ -242,9 +242,9 @@ def test_fd_exhaustion_keeps_the_pool(tmp_path: Path) -> None:
         assert c["refused"] == 0
         assert c["fd_rejects"] > 0   # (the second burst: the workers refused, not died)
         deadline = time.monotonic() + 5
-        after = _fds(srv.pid)
+        after = _fds(srv.dispatcher)
         while len(after) > len(before) and time.monotonic() < deadline:
             time.sleep(0.05)
-            after = _fds(srv.pid)
+            after = _fds(srv.dispatcher)
         assert len(after) <= len(before), {fd: t for fd, t in after.items() if fd not in before}
         assert ask(addr)["pid"] in pids.values()

@@ -97,4 +97,4 @@ def test_default_app_is_the_demo(tmp_path: Path) -> None:
         assert head.startswith(b"HTTP/1.1 200")
         who = json.loads(body)
         assert who["worker_pid"] in pids
-        assert who["handoff_id"].startswith(f"{srv.pid}.")
+        assert who["handoff_id"].startswith(f"{srv.dispatcher}.")

@@ -70,7 +70,7 @@ def test_slow_clients_cost_the_dispatcher_little(tmp_path: Path) -> None:
                 time.sleep(0.02)
 
         t = threading.Thread(target=normal_clients)
-        cpu0 = _cpu(srv.pid)
+        cpu0 = _cpu(srv.dispatcher)
         t.start()
         sent = 0
         try:
@@ -85,7 +85,7 @@ def test_slow_clients_cost_the_dispatcher_little(tmp_path: Path) -> None:
         finally:
             stop.set()
             t.join(30)
-        cpu = _cpu(srv.pid) - cpu0
+        cpu = _cpu(srv.dispatcher) - cpu0
         for s in slow:   # the rest of each head at once: all of them are served
             s.sendall(HEAD[PREFIX + sent // n:])
         answers = [json.loads(read_line(s)) for s in slow]

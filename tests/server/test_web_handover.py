@@ -91,7 +91,7 @@ def _reload(srv: LiveServer) -> None:
 def test_keep_alive_clients_survive_reloads_and_upgrades(tmp_path: Path, app: str) -> None:
     reloads = 20 if IN_CI or app.endswith("asgi") else 8
     with _server(tmp_path, app) as srv:
-        fds = _fds(srv.pid)
+        fds = _fds(srv.dispatcher)
         clients = KeepAliveClients(srv.address())
         try:
             wait_until(lambda: clients.requests >= 20, timeout=20, what="the first requests")
@@ -118,7 +118,7 @@ def test_keep_alive_clients_survive_reloads_and_upgrades(tmp_path: Path, app: st
         assert migrations >= 8 * reloads   # (the counters start again with each dispatcher)
         st = srv.status()
         assert {w["pid"] for w in st["workers"]} & clients.pids
-        pid = st["pid"]
+        pid = st["dispatcher"]
         wait_until(lambda: _fds(pid) <= fds + 2, timeout=10,
                    what=f"the dispatcher's descriptors back to {fds}")
 

@@ -292,16 +292,23 @@ def apply_environment(args: argparse.Namespace,
 
 
 def serve(args: argparse.Namespace) -> int:
-    from sockshare.server._dispatcher import Dispatcher
+    from sockshare.server._master import ENV_MASTER, Master
 
     try:
         cfg = from_args(apply_environment(args))
     except ConfigError as exc:
         print(f"sockshare serve: {exc}", file=sys.stderr)
         return 2
+    # the process started is the master (docs/server.md, "The stable process"); it runs
+    # the dispatcher generations: the same command line, with SOCKSHARE_MASTER set
+    role = "dispatcher" if os.environ.get(ENV_MASTER) else "master"
     level = getattr(logging, cfg.log_level.upper(), logging.INFO)
     logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s dispatcher[%(process)d] %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s {role}[%(process)d] %(name)s: %(message)s")
+    if role == "master":
+        return Master([sys.executable, *sys.orig_argv[1:]], grace=cfg.grace).run()
+    from sockshare.server._dispatcher import Dispatcher
+
     try:
         reread = (lambda: from_args(args)) if args.config else None
         return asyncio.run(Dispatcher(cfg, reconfigure=reread).run())
@@ -359,8 +366,9 @@ def _summary(st: dict[str, Any]) -> list[str]:
     refused = c["refused"]
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(c["refused_by_reason"].items()))
     lat = st.get("migration_latency") or {}
+    master = f" (master; dispatcher pid {st['dispatcher']})" if st.get("master") else ""
     return [
-        f"sockshare pid {st['pid']}  up {_fmt_age(st['uptime'])}"
+        f"sockshare pid {st['pid']}{master}  up {_fmt_age(st['uptime'])}"
         f"{'  STOPPING' if st.get('stopping') else ''}  listening: {listeners}",
         f"accepted {c['accepted']}  handoffs {c['handoffs']} ({rate:.1f}/s)  rejects {c['rejects']}"
         f"  re-dispatched {c['redispatches']}  refused {refused}{f' ({reasons})' if reasons else ''}"

@@ -9,6 +9,8 @@ the life of the process (set up, signals, housekeeping, stop). The parts:
 * :mod:`._supervision` -- worker processes and their channels, reload, hung workers;
 * :mod:`._migration` -- the relay, direct moves, orphans, peer lists, rebalancing;
 * :mod:`._upgrade` -- both sides of an upgrade;
+* :mod:`._master` -- not a part: the process ``sockshare serve`` started, which runs the
+  dispatcher generations (``self.master``; its pipe, EOF when it dies: :meth:`_master_gone`);
 * :mod:`._status` -- the status snapshot (the control socket, the metrics);
 * :mod:`._health` -- the HAProxy agent (``--agent``) and ``GET /healthz``;
 * :mod:`._slots` -- worker slots and their states, pools, waiting connections;
@@ -97,7 +99,8 @@ ever closed or re-bound. The new dispatcher starts its workers and, once they ar
 ready, asks the old one to hand over (``{"cmd": "takeover"}`` on the old control
 socket). Both then serve side by side for a probation (``upgrade_probation`` seconds,
 and until the new one answers a status with ready workers); only then does the old one
-tell systemd ``MAINPID=<new pid>``, stop accepting (the kernel's accept queue is shared,
+say ``MAINPID=<new pid>`` (to the master, :mod:`._master`, which follows the new
+generation and stays the process a supervisor watches), stop accepting (the kernel's accept queue is shared,
 so nothing is lost), connect a channel to the new dispatcher, forward its queue over
 it, and drain its workers with migration: their connections travel worker → old
 dispatcher → new dispatcher → new worker. It exits when its last worker has. If the new
@@ -124,6 +127,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -140,6 +144,7 @@ from sockshare.server._config import ServerConfig, parse_bind, resolve_user
 from sockshare.server._control import ControlServer, default_path, runtime_dir
 from sockshare.server._health import AGENT_FDNAME, HealthServer, agent_line, http_answer
 from sockshare.server._listeners import Listeners, ListenerState, bind_listener, sd_notify
+from sockshare.server._master import ENV_MASTER, ENV_MASTER_FD, NOTIFY_SUFFIX
 from sockshare.server._metrics import MetricsServer
 from sockshare.server._migration import Migrations
 from sockshare.server._peers import PEER_SUFFIX
@@ -168,11 +173,12 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal
 
 def _remove_dead_sockets(rundir: str) -> None:
     """Channel and control sockets left by dispatchers that were killed (SIGKILL, a crash):
-    ``<pid>.chan``/``<pid>.ctl`` whose pid is gone and on which nobody listens."""
+    ``<pid>.chan``/``<pid>.ctl`` whose pid is gone and on which nobody listens; and a
+    killed master's ``<pid>.notify`` (a datagram socket: nobody can listen on it)."""
     with contextlib.suppress(OSError):
         for name in os.listdir(rundir):
             stem, ext = os.path.splitext(name)
-            if ext not in (".chan", ".ctl", PEER_SUFFIX) or not stem.isdigit():
+            if ext not in (".chan", ".ctl", PEER_SUFFIX, NOTIFY_SUFFIX) or not stem.isdigit():
                 continue
             try:
                 os.kill(int(stem), 0)
@@ -181,8 +187,14 @@ def _remove_dead_sockets(rundir: str) -> None:
                 pass
             except PermissionError:
                 continue
+            path = os.path.join(rundir, name)
+            if ext == NOTIFY_SUFFIX:
+                with contextlib.suppress(OSError):
+                    if stat.S_ISSOCK(os.lstat(path).st_mode):
+                        os.unlink(path)
+                continue
             with contextlib.suppress(OSError, SockshareError):
-                _remove_stale_socket(os.path.join(rundir, name))
+                _remove_stale_socket(path)
 
 
 class Dispatcher:
@@ -217,6 +229,10 @@ class Dispatcher:
         self.run_as = resolve_user(cfg.user, cfg.group)
         #: --user: the directory of the channel socket, open to the workers' uid
         self.chan_dir = ""
+        #: the master process (``sockshare serve`` as started; 0: none) and the read end
+        #: of its pipe, EOF when it is gone (see _master)
+        self.master = 0
+        self.master_fd = -1
         self.generation = 1
         self.stopping = False
         self._hurry = False
@@ -282,12 +298,15 @@ class Dispatcher:
         loop.add_signal_handler(signal.SIGUSR2, self._on_sigusr2)
         loop.add_signal_handler(signal.SIGTTIN, self.supervisor.scale, 1, "SIGTTIN")
         loop.add_signal_handler(signal.SIGTTOU, self.supervisor.scale, -1, "SIGTTOU")
+        if self.master_fd >= 0:
+            loop.add_reader(self.master_fd, self._master_gone)
         for slot in self.slots:
             self.supervisor.start(slot)
         self.spawn(self.supervisor.accept_workers())
         self.spawn(self._housekeeping())
         self.listeners.start()
-        log.info("dispatcher pid %d: %s; %d worker(s) in %d pool(s); control %s", self.pid,
+        log.info("dispatcher pid %d%s: %s; %d worker(s) in %d pool(s); control %s", self.pid,
+                 f" (master pid {self.master})" if self.master else "",
                  ", ".join(ls.address for ls in self.listeners.all), len(self.slots), len(self.pools),
                  self.control.path if self.control else "-")
         self.spawn(self._announce_ready(), critical=False)
@@ -324,6 +343,23 @@ class Dispatcher:
         self.stop_event.set()
         self.supervisor.changed()
 
+    def _master_gone(self) -> None:
+        """The master's pipe is readable: EOF, the master died (SIGKILL, a crash). This
+        dispatcher is nobody's to watch or signal any more: it stops gracefully (its
+        workers get ``grace`` to finish), as a supervisor restarting the server needs."""
+        try:
+            data = os.read(self.master_fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            return
+        asyncio.get_running_loop().remove_reader(self.master_fd)
+        log.critical("the master process (pid %d) is gone: nothing supervises this dispatcher "
+                     "any more; stopping", self.master)
+        self.stop("master gone")
+
     def _on_sighup(self) -> None:
         self.spawn(self.reload("SIGHUP"), critical=False)
 
@@ -335,6 +371,10 @@ class Dispatcher:
     async def _setup(self) -> None:
         self.takeover.predecessor = int(os.environ.pop(ENV_UPGRADE_FROM, "0") or 0)
         self.takeover.predecessor_control = os.environ.pop(ENV_UPGRADE_CONTROL, "")
+        master, master_fd = os.environ.pop(ENV_MASTER, ""), os.environ.pop(ENV_MASTER_FD, "")
+        if master.isdigit() and master_fd.isdigit():
+            self.master, self.master_fd = int(master), int(master_fd)
+            os.set_inheritable(self.master_fd, False)
         rundir = runtime_dir()
         _remove_dead_sockets(rundir)
         if self.cfg.pid_file:
@@ -364,8 +404,9 @@ class Dispatcher:
                             s.fileno(), name)
                 s.close()
         self.listeners.prepare()
-        control = self.cfg.control or default_path(self.pid)
-        if self.takeover.predecessor and self.cfg.control:
+        # under a master the default path is the master's: the same through upgrades
+        control = self.cfg.control or default_path(self.master or self.pid)
+        if self.takeover.predecessor and (self.cfg.control or self.master):
             # the predecessor still serves at that path: ours moves there on takeover
             self.control_final = control
             control = f"{control}.{self.pid}"
@@ -508,6 +549,12 @@ class Dispatcher:
         if self.metrics is not None:
             await self.metrics.close()
         await self.health.close()
+        if self.master_fd >= 0:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self.master_fd)
+            with contextlib.suppress(OSError):
+                os.close(self.master_fd)
+            self.master_fd = -1
         successor = self.handover.successor
         if successor is not None and successor.returncode is None and not self.handover.handed_over:
             with contextlib.suppress(ProcessLookupError):
@@ -550,7 +597,7 @@ class Dispatcher:
         return {"ok": True, "status": self.status()}
 
     async def _req_ping(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": True, "pid": self.pid}
+        return {"ok": True, "pid": self.master or self.pid, "dispatcher": self.pid}
 
     async def _req_reload(self, req: dict[str, Any]) -> dict[str, Any]:
         return await self.reload("reload requested (control socket)", wait=bool(req.get("wait")))

@@ -51,7 +51,10 @@ def snapshot(d: Dispatcher) -> dict[str, Any]:
     counters["refused_by_reason"] = dict(d.admission.refused)
     lat = list(d.migration.latencies)
     return {
-        "pid": d.pid,
+        # the pid to watch and signal: the master's (the same through upgrades), else ours
+        "pid": d.master or d.pid,
+        "dispatcher": d.pid,
+        "master": d.master or None,
         "argv": d.argv,
         "ready": d.ready,
         "started": d.started_wall,

@@ -8,7 +8,8 @@ code path and no listener is ever closed or re-bound. When the new dispatcher as
 take over (:meth:`Handover.takeover`, on the control socket), both serve side by side
 for a probation (``upgrade_probation`` seconds, and until the new one answers a status
 with a ready worker in each pool: :meth:`_prove_successor`). Only then does the old one
-hand over (:meth:`_hand_over`): ``MAINPID=`` to systemd, stop accepting (the kernel's
+hand over (:meth:`_hand_over`): ``MAINPID=`` to the master (:mod:`._master`, which
+follows the new one; to systemd when there is no master), stop accepting (the kernel's
 accept queue is shared), connect a channel to the new dispatcher (the *upstream*),
 forward its queue over it (admission's ``upstream`` hook), and retire its workers with
 migration: their connections travel worker → old dispatcher → new dispatcher → new
@@ -41,6 +42,7 @@ from sockshare.backends import _inherit
 from sockshare.server._control import request
 from sockshare.server._health import AGENT_FDNAME
 from sockshare.server._listeners import sd_notify
+from sockshare.server._master import ENV_MASTER, ENV_MASTER_FD, SUCCESSOR_FIELD, pass_master_fd
 from sockshare.server._policy import ConnInfo
 from sockshare.server._slots import Waiting
 from sockshare.server._supervision import describe_exit
@@ -99,13 +101,26 @@ class Handover:
         env[ENV_UPGRADE_CONTROL] = self.d.control.path if self.d.control else ""
         argv = [sys.executable, "-m", "sockshare.backends._inherit", *map(str, fds), "--", *self.d.argv]
         log.info("%s: starting a new dispatcher: %s", why, shlex.join(self.d.argv))
+        master_fd = -1
         try:
-            proc = await asyncio.create_subprocess_exec(*argv, env=env, pass_fds=fds,
-                                                        stdin=asyncio.subprocess.DEVNULL)
+            if self.d.master_fd >= 0:
+                # the master's pipe goes on to the new generation (numbered above the
+                # descriptors the exec wrapper renumbers)
+                master_fd = pass_master_fd(self.d.master_fd, _inherit.SD_LISTEN_FDS_START + len(fds))
+                env[ENV_MASTER] = str(self.d.master)
+                env[ENV_MASTER_FD] = str(master_fd)
+            proc = await asyncio.create_subprocess_exec(
+                *argv, env=env, pass_fds=[*fds, master_fd] if master_fd >= 0 else fds,
+                stdin=asyncio.subprocess.DEVNULL)
         except OSError as exc:
             self.counters["upgrade_failures"] += 1
             log.error("upgrade: cannot start the new dispatcher: %s", exc)
             return {"ok": False, "error": str(exc)}
+        finally:
+            if master_fd >= 0:
+                os.close(master_fd)
+        if self.d.master:
+            sd_notify(f"{SUCCESSOR_FIELD}={proc.pid}")   # (the master stops it too on stop)
         self.successor = proc
         self._successor_ready = loop.create_future()
         watcher = self.d.spawn(self._watch_successor(proc), critical=False)
@@ -209,7 +224,7 @@ class Handover:
         except (OSError, SockshareError, ValueError) as exc:
             return f"its control socket did not answer: {exc}"
         st = resp.get("status")
-        if not resp.get("ok") or not isinstance(st, dict) or st.get("pid") != pid:
+        if not resp.get("ok") or not isinstance(st, dict) or st.get("dispatcher", st.get("pid")) != pid:
             return f"its control socket answered {resp!r:.200}"
         ready = {w.get("pool") for w in st.get("workers", ()) if isinstance(w, dict)
                  and w.get("state") == "ready"}
