@@ -6,7 +6,9 @@ Run:  python benchmarks/aio_send.py [--k 1000,4000,12000] [--runs 5] [--src OTHE
 
 Each run forks a receiver process whose AsyncChannel accepts every handoff (and closes
 its copy); the sender, in this process, hands over K sockets over a UNIX socketpair.
-Time runs from the first send to the last answer, in microseconds per handoff:
+Time runs from the first send to the last answer, in microseconds per handoff, as
+wall-clock time and as the sender's CPU time (steadier on a busy machine: the wake-ups
+measured here are the sender's work):
 
 * send_K   -- K tasks, each ``await ch.send(sock, meta=..., data=...)`` (acked): the
               shape of a worker whose handlers all migrate at once (reload, upgrade);
@@ -92,8 +94,9 @@ async def _send_nowait(ch: sockshare.AsyncChannel, socks: list[socket.socket]) -
 Sender = Callable[[sockshare.AsyncChannel, list[socket.socket]], Awaitable[list[sockshare.Ticket]]]
 
 
-def run_one(send: Sender, k: int) -> float:
-    """One run: fork a receiver, hand it ``k`` sockets; microseconds per handoff."""
+def run_one(send: Sender, k: int) -> tuple[float, float]:
+    """One run: fork a receiver, hand it ``k`` sockets; microseconds per handoff, of
+    wall-clock time and of this process's CPU time."""
     a, b = socket.socketpair()
     pid = os.fork()
     if pid == 0:
@@ -101,25 +104,25 @@ def run_one(send: Sender, k: int) -> float:
         _receiver(b)
     b.close()
 
-    async def main() -> float:
+    async def main() -> tuple[float, float]:
         ch = sockshare.AsyncChannel.wrap(sockshare.Channel.from_socket(a))
         socks = _make_socks(k)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         tickets = await send(ch, socks)
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         bad = [t for t in tickets if t.state != "accepted"]
         if bad:
             raise RuntimeError(f"{len(bad)} handoff(s) not accepted, e.g. {bad[0].id}: {bad[0].state}")
         await ch.aclose()
-        return elapsed
+        return elapsed, cpu
 
     try:
-        elapsed = asyncio.run(main())
+        elapsed, cpu = asyncio.run(main())
     finally:
         _, status = os.waitpid(pid, 0)
     if status != 0:
         raise RuntimeError("receiver failed")
-    return elapsed / k * 1e6
+    return elapsed / k * 1e6, cpu / k * 1e6
 
 
 def main() -> int:
@@ -136,22 +139,27 @@ def main() -> int:
     print(f"sockshare from {Path(sockshare.__file__).parent}", file=sys.stderr)
     # a side that closes second may find the other gone (EPIPE): not what is measured
     logging.getLogger("sockshare.channel").setLevel(logging.ERROR)
-    modes: dict[str, Callable[[], float]] = {}
+    modes: dict[str, Callable[[], tuple[float, float]]] = {}
     for k in ks:
         modes[f"send_{k}"] = lambda k=k: run_one(_send_each, k)  # type: ignore[misc]
         modes[f"nowait_{k}"] = lambda k=k: run_one(_send_nowait, k)  # type: ignore[misc]
-    results: dict[str, list[float]] = {m: [] for m in modes}
+    wall: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
     for run in range(args.runs):
         for name, fn in modes.items():
-            results[name].append(fn())
+            w, c = fn()
+            wall[name].append(w)
+            cpu[name].append(c)
         print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
-    print(f"\nmedian of {args.runs} runs (Python {sys.version.split()[0]}, {os.cpu_count()} cores)\n")
-    print(f"{'mode':<14} {'us/handoff':>11} {'min':>8} {'max':>8}")
+    print(f"\nus per handoff, median of {args.runs} runs (Python {sys.version.split()[0]}, "
+          f"{os.cpu_count()} cores)\n")
+    print(f"{'mode':<14} {'wall':>8} {'min':>8} {'sender CPU':>11} {'min':>8}")
     summary = {}
-    for name, vals in results.items():
-        med = statistics.median(vals)
-        summary[name] = {"us_per_handoff": med, "runs": vals}
-        print(f"{name:<14} {med:>11.2f} {min(vals):>8.2f} {max(vals):>8.2f}")
+    for name in modes:
+        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        summary[name] = {"us_per_handoff": w, "cpu_us_per_handoff": c, "runs": wall[name],
+                         "cpu_runs": cpu[name]}
+        print(f"{name:<14} {w:>8.2f} {min(wall[name]):>8.2f} {c:>11.2f} {min(cpu[name]):>8.2f}")
     out = HERE / "results" / "aio_send.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"src": _src_dir(), "runs": args.runs, "modes": summary}, indent=2))

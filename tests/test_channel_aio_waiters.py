@@ -19,6 +19,8 @@ from contextvars import Context
 from pathlib import Path
 from typing import TypeVarTuple
 
+import pytest
+
 import sockshare
 from tests.conftest import fd_count
 
@@ -169,6 +171,37 @@ def test_a_peer_wakes_one_accept_and_a_cancelled_one_passes_it_on(sock_dir: Path
                 pass
             else:
                 raise AssertionError("accept() on a closed listener returned")
+
+    asyncio.run(main())
+    assert fd_count() == before
+
+
+def test_a_waiter_that_times_out_leaves_the_others_waiting() -> None:
+    before = fd_count()
+
+    async def main() -> None:
+        a, b = _pair()
+        left, right = socket.socketpair()
+        ticket = a.send_nowait([(left, None, b"")])[0]
+        patient = asyncio.ensure_future(a.wait([ticket]))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(a.wait([ticket]), 0.05)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(a.send(right), 0.05)  # its own ticket, given up on
+        assert len(a._ticket_waiters) == 1  # the patient one only
+        assert not patient.done()
+        h = await asyncio.wait_for(b.receive(), 5)
+        h.accept()
+        h.socket.close()
+        await asyncio.wait_for(patient, 5)
+        assert ticket.state == "accepted"
+        assert not a._ticket_waiters
+        h2 = await asyncio.wait_for(b.receive(), 5)
+        h2.reject("later")
+        await asyncio.wait_for(a.wait(a.returned()), 5)
+        await a.aclose()
+        await b.aclose()
+        right.close()
 
     asyncio.run(main())
     assert fd_count() == before

@@ -272,8 +272,11 @@ class AsyncChannel:
         self._waiters.append(fut)
         await fut
 
-    async def _wait_answer(self, ticket: Ticket) -> None:
-        """Wait until ``ticket`` is answered, or the channel ends (the caller looks)."""
+    def _answer_future(self, ticket: Ticket) -> asyncio.Future[None]:
+        """A future resolved when ``ticket`` is answered or the channel ends (the caller
+        looks at the ticket then). Awaited right in :meth:`send` and :meth:`wait`: no
+        coroutine of its own (with thousands of senders waiting, every object each one
+        keeps alive is work for the garbage collector)."""
         fut: asyncio.Future[None] = self._loop.create_future()
         tw = self._ticket_waiters
         futs = tw.get(ticket.id)
@@ -281,17 +284,18 @@ class AsyncChannel:
             tw[ticket.id] = [fut]
         else:
             futs.append(fut)  # another task waits for the same ticket
-        try:
-            await fut
-        except BaseException:
-            # cancelled (a timeout): forget this future, not the ticket's other waiters
-            futs = tw.get(ticket.id)
-            if futs is not None:
-                with contextlib.suppress(ValueError):
-                    futs.remove(fut)
-                if not futs:
-                    del tw[ticket.id]
-            raise
+        return fut
+
+    def _forget_waiter(self, ticket: Ticket, fut: asyncio.Future[None]) -> None:
+        """A waiter left without its answer (cancelled: a timeout): forget its future,
+        not the ticket's other waiters."""
+        tw = self._ticket_waiters
+        futs = tw.get(ticket.id)
+        if futs is not None:
+            with contextlib.suppress(ValueError):
+                futs.remove(fut)
+            if not futs:
+                del tw[ticket.id]
 
     def _unwatch(self) -> None:
         """Stop watching the channel socket (it breaks, or this side closes it)."""
@@ -512,18 +516,37 @@ class AsyncChannel:
         st = self._state
         for t in tickets:
             while t.state == "pending" and st.usable:
-                if t._channel is self:
-                    await self._wait_answer(t)
-                else:  # another channel's ticket: look again after every read of this one
+                if t._channel is not self:  # another channel's: look after every read
                     await self._wait_event()
+                    continue
+                fut = self._answer_future(t)
+                try:
+                    await fut
+                except BaseException:
+                    self._forget_waiter(t, fut)
+                    raise
 
     async def send(self, sock: socket.socket, *, meta: Any = None, data: bytes = b"",
                    ack: bool = True) -> Ticket:
         """Hand ``sock`` over; with ``ack`` wait for the answer. Never raises for a reject:
         look at ``ticket.state`` (the socket is in ``ticket.socket`` unless accepted)."""
-        [ticket] = self.send_nowait([(sock, meta, data)], ack=ack)
-        if ack:
-            await self.wait([ticket])
+        st = self._state
+        st.check_usable()
+        if self._wsa:
+            [(frame, fds, tickets)] = st.handoff_frames([(sock, meta, data)], ack, self)
+            ticket = tickets[0]
+        else:
+            frame, fd, ticket = st.single_frame(sock, meta, data, ack, self)
+            fds, tickets = [fd], [ticket]
+        self._write_frame(frame, fds, tickets)
+        # (the wait of wait(), inlined: one coroutine a sender, not three)
+        while ticket.state == "pending" and st.usable:
+            fut = self._answer_future(ticket)
+            try:
+                await fut
+            except BaseException:
+                self._forget_waiter(ticket, fut)
+                raise
         return ticket
 
     async def send_many(self, items: Iterable[tuple[socket.socket, Any, bytes]], *,
