@@ -127,12 +127,18 @@ class AsyncChannel:
         self._sock.setblocking(False)
         # received sockets come non-blocking, as asyncio wants them (one ioctl, not two)
         state.set_socket_blocking(False)
+        state.track_answers()
         self._leftovers_read = False
         self._wq: deque[tuple[memoryview, list[int], list[Ticket]]] = deque()
         self._wq_bytes = 0
         self._last_write = self._loop.time()  # the peer last took bytes (or nothing waited)
         self._writing = False
+        #: woken by every read: receive(), receive_control(), wait_activity(), aclose()
         self._waiters: list[asyncio.Future[None]] = []
+        #: ticket id -> the futures of the tasks waiting for that ticket's answer, woken
+        #: when that answer arrives (the state lists answered tickets) or the channel ends:
+        #: a read wakes the waiters of the tickets it answered, not every sender
+        self._ticket_waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._end_waiters: list[asyncio.Future[None]] = []
         self._reading = True
         self._flush_scheduled = False
@@ -236,16 +242,60 @@ class AsyncChannel:
             self._break(exc)
         if self.on_activity is not None:
             self.on_activity()
+        self._wake_answered()
         self._wake()
 
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
         _resolve_all(waiters)
 
+    def _wake_answered(self) -> None:
+        """Wake the waiters of the tickets the peer answered since the last read: one
+        dict lookup per answer, whatever the number of handoffs pending."""
+        answered = self._state.take_answered()
+        tw = self._ticket_waiters
+        if answered and tw:
+            for t in answered:
+                futs = tw.pop(t.id, None)
+                if futs is not None:
+                    _resolve_all(futs)
+
+    def _wake_all_tickets(self) -> None:
+        """The channel ended: every ticket waiter, once."""
+        self._state.take_answered()
+        tw, self._ticket_waiters = self._ticket_waiters, {}
+        for futs in tw.values():
+            _resolve_all(futs)
+
     async def _wait_event(self) -> None:
         fut: asyncio.Future[None] = self._loop.create_future()
         self._waiters.append(fut)
         await fut
+
+    def _answer_future(self, ticket: Ticket) -> asyncio.Future[None]:
+        """A future resolved when ``ticket`` is answered or the channel ends (the caller
+        looks at the ticket then). Awaited right in :meth:`send` and :meth:`wait`: no
+        coroutine of its own (with thousands of senders waiting, every object each one
+        keeps alive is work for the garbage collector)."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        tw = self._ticket_waiters
+        futs = tw.get(ticket.id)
+        if futs is None:
+            tw[ticket.id] = [fut]
+        else:
+            futs.append(fut)  # another task waits for the same ticket
+        return fut
+
+    def _forget_waiter(self, ticket: Ticket, fut: asyncio.Future[None]) -> None:
+        """A waiter left without its answer (cancelled: a timeout): forget its future,
+        not the ticket's other waiters."""
+        tw = self._ticket_waiters
+        futs = tw.get(ticket.id)
+        if futs is not None:
+            with contextlib.suppress(ValueError):
+                futs.remove(fut)
+            if not futs:
+                del tw[ticket.id]
 
     def _unwatch(self) -> None:
         """Stop watching the channel socket (it breaks, or this side closes it)."""
@@ -272,6 +322,7 @@ class AsyncChannel:
                 self._sock.shutdown(socket.SHUT_RDWR)
         self._wq.clear()
         self._wq_bytes = 0
+        self._wake_all_tickets()
         self._wake()
         self._wake_end()
 
@@ -458,20 +509,44 @@ class AsyncChannel:
             raise ChannelTimeout(f"handoff {ticket.id} not answered within {timeout} s") from None
 
     async def wait(self, tickets: Iterable[Ticket]) -> None:
-        """Wait until every ticket is answered (or returned by a broken channel)."""
+        """Wait until every ticket is answered (or returned by a broken channel).
+
+        Each ticket of this channel is woken by its own answer (or the channel's end),
+        so K tasks waiting on K tickets cost O(1) a answer, not O(K) a read."""
+        st = self._state
         for t in tickets:
-            while t.state == "pending":
-                if not self._state.usable:
-                    break
-                await self._wait_event()
+            while t.state == "pending" and st.usable:
+                if t._channel is not self:  # another channel's: look after every read
+                    await self._wait_event()
+                    continue
+                fut = self._answer_future(t)
+                try:
+                    await fut
+                except BaseException:
+                    self._forget_waiter(t, fut)
+                    raise
 
     async def send(self, sock: socket.socket, *, meta: Any = None, data: bytes = b"",
                    ack: bool = True) -> Ticket:
         """Hand ``sock`` over; with ``ack`` wait for the answer. Never raises for a reject:
         look at ``ticket.state`` (the socket is in ``ticket.socket`` unless accepted)."""
-        [ticket] = self.send_nowait([(sock, meta, data)], ack=ack)
-        if ack:
-            await self.wait([ticket])
+        st = self._state
+        st.check_usable()
+        if self._wsa:
+            [(frame, fds, tickets)] = st.handoff_frames([(sock, meta, data)], ack, self)
+            ticket = tickets[0]
+        else:
+            frame, fd, ticket = st.single_frame(sock, meta, data, ack, self)
+            fds, tickets = [fd], [ticket]
+        self._write_frame(frame, fds, tickets)
+        # (the wait of wait(), inlined: one coroutine a sender, not three)
+        while ticket.state == "pending" and st.usable:
+            fut = self._answer_future(ticket)
+            try:
+                await fut
+            except BaseException:
+                self._forget_waiter(ticket, fut)
+                raise
         return ticket
 
     async def send_many(self, items: Iterable[tuple[socket.socket, Any, bytes]], *,
@@ -534,6 +609,7 @@ class AsyncChannel:
         with contextlib.suppress(OSError):  # wakes a thread blocked reading it
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
+        self._wake_all_tickets()
         self._wake()
         self._wake_end()
 
@@ -560,7 +636,8 @@ class AsyncChannelListener:
         self._listener = listener
         self.address = listener.address
         self._ready: deque[tuple[socket.socket, ChannelState]] = deque()
-        self._waiters: list[asyncio.Future[None]] = []
+        #: accept() calls waiting, oldest first: each peer ready wakes one of them
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._running: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watching = False
@@ -584,9 +661,13 @@ class AsyncChannelListener:
             self._waiters.append(fut)
             try:
                 await fut
-            finally:
-                if fut in self._waiters:
+            except BaseException:
+                fut.cancel()  # (if it was not woken yet)
+                with contextlib.suppress(ValueError):
                     self._waiters.remove(fut)
+                if self._ready and not fut.cancelled():
+                    self._wake_one()  # woken for a peer it will not take: pass it on
+                raise
         sock, state = self._ready.popleft()
         self._watch()
         return AsyncChannel(sock, state)
@@ -643,7 +724,7 @@ class AsyncChannelListener:
             _close_unaccepted(conn, state)
         else:
             self._ready.append((conn, state))
-            self._wake()
+            self._wake_one()
 
     def _handshake_done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
@@ -652,10 +733,20 @@ class AsyncChannelListener:
         if not self._listener._closed and len(self._ready) < self.MAX_HANDSHAKES:
             self._watch()  # (peers nobody takes wait in the kernel's backlog, not here)
 
-    def _wake(self) -> None:
-        for w in self._waiters:
+    def _wake_one(self) -> None:
+        """A peer is ready: wake the oldest accept() still waiting (one, not all)."""
+        waiters = self._waiters
+        while waiters:
+            w = waiters.popleft()
             if not w.done():
                 w.set_result(None)
+                return
+
+    def _wake(self) -> None:
+        """The listener closed: wake every accept()."""
+        waiters, self._waiters = self._waiters, deque()
+        for w in waiters:
+            _resolve(w)
 
     def close(self) -> None:
         self._unwatch()

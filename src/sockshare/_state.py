@@ -324,6 +324,9 @@ class ChannelState:
         self.outstanding: dict[int, Handoff] = {}
         #: tickets accepted by the peer, when a supervisor asked to track them
         self.accepted_log: list[Ticket] | None = None
+        #: tickets the peer answered (ACCEPT or REJECT), when an adapter asked to be told
+        #: (:meth:`track_answers`): it wakes the waiters of those tickets and no others
+        self.answered_log: list[Ticket] | None = None
         self._adopt = adopt
         self._discard = discard
         self._release = release
@@ -478,6 +481,22 @@ class ChannelState:
         if not log:
             return []
         self.accepted_log = []
+        return log
+
+    def track_answers(self) -> None:
+        """From now on, record every ticket the peer answers (accepted or rejected), for
+        :meth:`take_answered`: an adapter wakes the waiters of exactly those tickets."""
+        if self.answered_log is None:
+            self.answered_log = []
+
+    def take_answered(self) -> list[Ticket]:
+        """Tickets the peer answered since the last call (after :meth:`track_answers`).
+        Tickets given back by a break or abandoned by a close are not listed: the channel
+        ended, and every waiter is woken for that."""
+        log = self.answered_log
+        if not log:
+            return []
+        self.answered_log = []
         return log
 
     # -- answers -------------------------------------------------------------------
@@ -773,7 +792,7 @@ class ChannelState:
             self._discard(frame.fds)
             raise RemoteProtocolError(f"{t.name} frame carried {len(frame.fds)} descriptors")
         elif t == FrameType.ACCEPT:
-            log = self.accepted_log
+            log, answered = self.accepted_log, self.answered_log
             for hid in decode_accept(frame.payload):
                 ticket = self._ticket(hid)
                 ticket.state = "accepted"
@@ -783,12 +802,16 @@ class ChannelState:
                     ticket.socket = None
                 if log is not None:
                     log.append(ticket)
+                if answered is not None:
+                    answered.append(ticket)
         elif t == FrameType.REJECT:
             rej = decode_reject(frame.payload)
             ticket = self._ticket(rej.id)
             ticket.state, ticket.reason = "rejected", rej.reason
             self.counters["rejected"] += 1
             self.returned.append(ticket)
+            if self.answered_log is not None:
+                self.answered_log.append(ticket)
         elif t == FrameType.CONTROL:
             self.controls.append(decode_control(frame.payload))
         elif t == FrameType.BYE:
