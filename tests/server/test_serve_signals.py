@@ -243,8 +243,22 @@ def test_pid_file_lifecycle(tmp_path: Path) -> None:
         assert second.wait(20) == 1
         assert f"process {srv.pid} is running" in (tmp_path / "serve.log").read_text()
         assert pid_file.read_text() == f"{srv.pid}\n"
+        # through an upgrade it names the same process: the one that was started
+        old = srv.status()["dispatcher"]
+        assert request(srv.control, {"cmd": "upgrade", "wait": True}, timeout=60)["ok"]
+        srv.wait_for(lambda st: st["dispatcher"] != old and not _alive(old), timeout=30,
+                     what="the old dispatcher gone")
+        assert pid_file.read_text() == f"{srv.pid}\n"
         assert srv.stop() == 0
     assert not pid_file.exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _open_to_others(path: str) -> bool:

@@ -378,7 +378,8 @@ class Dispatcher:
         rundir = runtime_dir()
         _remove_dead_sockets(rundir)
         if self.cfg.pid_file:
-            _pidfile.claim(self.cfg.pid_file, predecessor=self.takeover.predecessor)
+            _pidfile.claim(self.cfg.pid_file, predecessor=self.takeover.predecessor,
+                           owner=self.master)
         if self.run_as is None:
             self.chan_path = os.path.join(rundir, f"{self.pid}.chan")
             self.worker_channels = AsyncChannelListener.listen(self.chan_path, name="dispatcher")
@@ -395,7 +396,7 @@ class Dispatcher:
         inherited = self.listeners.inherited()
         self.listeners.open(inherited)
         if self.cfg.pid_file and not self.takeover.predecessor:
-            _pidfile.write(self.cfg.pid_file)   # (an upgrade's: once it has taken over)
+            _pidfile.write(self.cfg.pid_file, self.master)   # (an upgrade's: once it has taken over)
         metrics_inherited = inherited.pop(METRICS_FDNAME, [])
         agent_inherited = inherited.pop(AGENT_FDNAME, [])
         for name, socks in inherited.items():
@@ -473,7 +474,7 @@ class Dispatcher:
         self.ready = True
         if self.cfg.pid_file and self.takeover.predecessor:
             with contextlib.suppress(_pidfile.PidFileError):
-                _pidfile.write(self.cfg.pid_file)
+                _pidfile.write(self.cfg.pid_file, self.master)
         sd_notify(f"READY=1\nSTATUS={self.status_line()}")
 
     # -- stopping ----------------------------------------------------------------------
@@ -542,8 +543,8 @@ class Dispatcher:
             self.worker_channels = None
         if self.chan_dir:
             shutil.rmtree(self.chan_dir, ignore_errors=True)
-        if self.cfg.pid_file:
-            _pidfile.remove(self.cfg.pid_file)
+        if self.cfg.pid_file and not self.handover.handed_over:   # (the next one's, else)
+            _pidfile.remove(self.cfg.pid_file, self.master)
         if self.control is not None:
             await self.control.close()
         if self.metrics is not None:

@@ -44,22 +44,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def claim(path: str, *, predecessor: int = 0) -> None:
+def claim(path: str, *, predecessor: int = 0, owner: int = 0) -> None:
     """Refuse to start if ``path`` names a live process (other than ``predecessor``, the
-    dispatcher we take over from, and ourselves)."""
+    dispatcher we take over from, ``owner``, the master we run under, and ourselves)."""
     pid = read(path)
-    if pid is None or pid in (os.getpid(), predecessor) or pid <= 0 or not _alive(pid):
+    if (pid is None or pid in (os.getpid(), predecessor, owner) or pid <= 0
+            or not _alive(pid)):
         return
     raise PidFileError(f"pid file {path!r}: process {pid} is running (another sockshare "
                        "serve?); stop it, or remove the file if that pid is not a server")
 
 
-def write(path: str) -> None:
-    """Write our pid to ``path`` (replacing a stale file)."""
+def write(path: str, pid: int = 0) -> None:
+    """Write ``pid`` (default: ours) to ``path`` (replacing a stale file). Under a master
+    (``sockshare serve`` as started), the master's pid: the one to signal."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "w", encoding="ascii") as f:
-            f.write(f"{os.getpid()}\n")
+            f.write(f"{pid or os.getpid()}\n")
         os.replace(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -67,8 +69,8 @@ def write(path: str) -> None:
         raise PidFileError(f"cannot write the pid file {path!r}: {exc}") from exc
 
 
-def remove(path: str) -> None:
-    """Delete ``path`` if it names this process."""
+def remove(path: str, pid: int = 0) -> None:
+    """Delete ``path`` if it names ``pid`` (default: this process)."""
     with contextlib.suppress(OSError, SockshareError):
-        if read(path) == os.getpid():
+        if read(path) == (pid or os.getpid()):
             os.unlink(path)
