@@ -305,7 +305,7 @@ def test_reloads_upgrades_and_recycling_under_mixed_load(tmp_path: Path) -> None
     with LiveServer(tmp_path, "--grace", str(grace), "--max-requests", "3000",
                     app="web_apps:combined_app", workers=2) as srv:
         host, port = srv.address()
-        fds = _fds(srv.pid)
+        fds = _fds(srv.dispatcher)
         http = KeepAliveClients((host, port), n=6)
         counting = [CountingSocket(f"ws://{host}:{port}/count", depth=2) for _ in range(3)]
         plain = [PlainSocket(f"ws://{host}:{port}/echo") for _ in range(2)]
