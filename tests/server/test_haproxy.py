@@ -351,6 +351,9 @@ def test_haproxy_rolling_restart_and_upgrade(tmp_path: Path) -> None:
             proxy.wait_state(name, _ready, f"{name} ready again after its restart")
             _serving(load, name, hosts, proxy)
         assert not load.failures, load.failures[:10]
+        restart_conns = sum(load.since(0).values())
+        print(f"\nrolling restart: {restart_conns} connections through HAProxy, "
+              f"{len(load.failures)} failed")
 
         # rolling upgrade: a then b; the long-lived connections on each stay open
         for c in longs:
@@ -392,6 +395,9 @@ def test_haproxy_rolling_restart_and_upgrade(tmp_path: Path) -> None:
         load.finish()
         assert not load.failures, load.failures[:10]
         assert sum(load.since(0).values()) > 100
+        print(f"rolling upgrade: {sum(load.since(0).values()) - restart_conns} connections "
+              f"through HAProxy, {len(load.failures)} failed; {len(longs)} long-lived "
+              "connections open throughout")
     finally:
         if load is not None:
             load.finish()
