@@ -38,8 +38,11 @@ Life of a worker (:meth:`Worker.run`):
    tells the dispatcher when to stop and start again.
 4. SIGTERM or SIGINT (or the dispatcher going away, or its ``{"cmd": "drain"}``):
    ``{"ev": "draining"}``, every new handoff is rejected ("worker is shutting down"),
-   running handlers get ``--grace`` seconds to finish, what is left is cancelled, the
-   channel closed, exit status 0. A second signal cancels the handlers at once.
+   running handlers finish or move for as long as that makes progress, ``--grace``
+   seconds without progress at most (:meth:`Worker._drain`); what is left is cancelled
+   and counted (``{"ev": "unmoved"}``), the channel closed, exit status 0. A second
+   signal cancels the handlers at once. At start the soft RLIMIT_NOFILE is raised to
+   the hard limit (``_rlimit``).
 
 Migrating out (:meth:`Worker.migrate_out`, behind ``conn.migrate(state)``; docs/server.md,
 "Moving live connections"). Detaching a connection from asyncio takes these steps, in

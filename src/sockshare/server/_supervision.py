@@ -19,7 +19,8 @@ Reload (:meth:`reload`): with ``--config``, the file is read again first (``_rec
 a bad one stops the reload there); a new slot per worker id (as many as the pool's
 ``workers``) starts a fresh process; once each is ready they become the pool's workers
 and the old ones are retired (:meth:`retire`: ``{"cmd": "drain", "migrate": true}``, or
-SIGTERM for a foreign worker); if one cannot start, the reload is abandoned and the old
+SIGTERM for a foreign worker; killed only after ``--grace`` + 3 s without progress,
+:meth:`_watch_drain`); if one cannot start, the reload is abandoned and the old
 ones go on (with the previous configuration).
 
 SIGTTIN / SIGTTOU (:meth:`scale`): one worker more / less in the default pool; the one
