@@ -51,7 +51,7 @@ class DrainProgress:
     in place on a terminal, plain lines (at most one per ``every`` seconds) elsewhere."""
 
     def __init__(self, out: TextIO, total: int, label: str = "reload", *,
-                 tty: bool | None = None, every: float = 1.0) -> None:
+                 tty: bool | None = None, every: float = 1.0, use_rich: bool = True) -> None:
         self.out = out
         self.total = max(0, total)
         self.label = label
@@ -63,7 +63,7 @@ class DrainProgress:
         self._width = 0
         self._rich: Any = None
         self._task: Any = None
-        if self.tty and self.total:
+        if self.tty and self.total and use_rich:
             try:
                 progress_mod: Any = importlib.import_module("rich.progress")
                 console_mod: Any = importlib.import_module("rich.console")
