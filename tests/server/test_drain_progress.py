@@ -10,15 +10,19 @@ rebalancing (issue #19).
 * ``sockshare reload`` returns only once the old workers are gone, printing progress
   lines (stdout is a pipe here: plain lines).
 * 600 connections piled on one worker even out within a few seconds.
+* A web app's drain goes by progress too: requests in progress that finish one by one
+  over 4 s with ``--grace 1`` all complete, and their keep-alive connections move.
 
 Real dispatcher, real workers, real sockets on 127.0.0.1 (``live_apps``).
 """
 
 from __future__ import annotations
 
+import http.client
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -167,4 +171,49 @@ def test_rebalancing_evens_out_600_connections_in_seconds(tmp_path: Path) -> Non
                   f"{[w['connections'] for w in st['workers']]}")
         finally:
             for c in clients:
+                c.close()
+
+
+def test_web_drain_goes_on_while_requests_finish_one_by_one(tmp_path: Path) -> None:
+    pytest.importorskip("uvicorn", reason="pip install 'sockshare[asgi]' (or the test extra)")
+    with LiveServer(tmp_path, "--grace", "1", app="web_apps:asgi", workers=2) as srv:
+        host, port = srv.address()
+        conns = [http.client.HTTPConnection(host, port, timeout=30) for _ in range(8)]
+        results: dict[int, tuple[int, int]] = {}
+        failures: list[str] = []
+
+        def run(i: int, c: http.client.HTTPConnection) -> None:
+            try:
+                c.request("GET", f"/sleep?s={0.5 * (i + 1)}")
+                r = c.getresponse()
+                first = int(r.read().decode().split()[0])
+                c.request("GET", "/")   # the same connection, moved meanwhile
+                r = c.getresponse()
+                results[i] = (first, int(r.read().decode().split()[0]))
+            except Exception as exc:
+                failures.append(f"connection {i}: {exc!r}")
+
+        try:
+            for c in conns:   # connected (and served once) before the reload
+                c.request("GET", "/")
+                c.getresponse().read()
+            old = _old_pids(srv.status())
+            threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(conns)]
+            for t in threads:
+                t.start()
+            time.sleep(0.2)
+            assert srv.command({"cmd": "reload", "wait": True})["ok"]
+            for t in threads:
+                t.join(30)
+            assert failures == []
+            assert len(results) == len(conns)
+            assert all(first in old for first, _then in results.values()), results
+            # (the first ones may finish before the new workers are ready; the later ones
+            # finish while their worker drains, and move)
+            assert sum(then not in old for _first, then in results.values()) >= 4, results
+            wait_until(lambda: not any(pid_alive(p) for p in old), timeout=30,
+                       what="the old workers to exit")
+            assert srv.status()["counters"]["drain_kills"] == 0
+        finally:
+            for c in conns:
                 c.close()
