@@ -9,7 +9,8 @@ rebalancing (issue #19).
   ``MigrationRefused``, counted by the dispatcher; the connection goes on where it was.
 * ``sockshare reload`` returns only once the old workers are gone, printing progress
   lines (stdout is a pipe here: plain lines).
-* 600 connections piled on one worker even out within a few seconds.
+* 600 connections piled on one worker even out within a few seconds, and a connection
+  that stays keeps being answered meanwhile (20-60 ms at worst here).
 * A web app's drain goes by progress too: requests in progress that finish one by one
   over 4 s with ``--grace 1`` all complete, and their keep-alive connections move.
 
@@ -152,26 +153,48 @@ def test_rebalancing_evens_out_600_connections_in_seconds(tmp_path: Path) -> Non
     _room_for(n)
     with LiveServer(tmp_path, "--policy", "serve_apps:pick_last", app=APP, workers=2) as srv:
         addr = srv.address()
+        probe = LineClient(addr)   # stays where it is: its answers must not lag
+        assert probe.ask("nomove")["migratable"] is False
         clients = [LineClient(addr, timeout=30) for _ in range(n)]
+        lags: list[float] = []
+        stop = threading.Event()
+
+        def ping() -> None:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                probe.ask("who")
+                lags.append(time.monotonic() - t0)
+                time.sleep(0.005)
+
+        pinger = threading.Thread(target=ping)
         try:
             for c in clients:
                 c.send("echo 1\n")
             for c in clients:
                 assert c.read()["n"] == 1
             opened = time.monotonic()
+            pinger.start()
             st = srv.wait_for(lambda st: all(w["connections"] >= n // 2 - 20
                                              for w in st["workers"]),
                               timeout=8, what="the load to even out")
             took = time.monotonic() - opened
-            srv.wait_for(lambda st: sum(w["connections"] for w in st["workers"]) == n,
+            time.sleep(0.2)
+            stop.set()
+            pinger.join(10)
+            assert lags
+            assert max(lags) < 1.0, max(lags)   # (2 shared cores: generous)
+            srv.wait_for(lambda st: sum(w["connections"] for w in st["workers"]) == n + 1,
                          what="every move settled")
             for c in clients:
                 assert _follow(c, "echo 2")["n"] == 2
             print(f"{n} connections evened out {took:.1f} s after they were open: "
-                  f"{[w['connections'] for w in st['workers']]}")
+                  f"{[w['connections'] for w in st['workers']]}; a connection that stayed "
+                  f"answered in {max(lags) * 1000:.1f} ms at worst ({len(lags)} pings)")
         finally:
+            stop.set()
             for c in clients:
                 c.close()
+            probe.close()
 
 
 def test_web_drain_goes_on_while_requests_finish_one_by_one(tmp_path: Path) -> None:
