@@ -17,7 +17,10 @@ it was served by. Every answer is one JSON line:
 ``nomove``     marks the connection not migratable (answers ``{"migratable": false}``);
 ``stall S``    answers after S seconds without reading (a busy handler);
 ``block S``    blocks the worker's whole event loop for S seconds (a hung worker);
-``who``        ``{"pid": ..., "id": ..., "n": k}`` without counting.
+``who``        ``{"pid": ..., "id": ..., "n": k}`` without counting;
+``tightmove``  migrates with the worker's soft RLIMIT_NOFILE lowered to its lowest free
+               descriptor (``os.dup`` fails with EMFILE), then puts the limit back:
+               ``{"refused": reason, "pid": ...}`` and the connection goes on here.
 
 When the file named by ``$LIVE_APPS_SLOW_IMPORT`` exists, importing this module takes 5
 seconds (the upgrade tests use it to catch a new dispatcher before it is ready).
@@ -32,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import time
 from typing import Any
 
@@ -78,6 +82,19 @@ async def _serve(conn: Connection, state: dict[str, Any]) -> None:
                 return
             except MigrationRefused as exc:
                 await _say(conn, {"refused": str(exc), "pid": os.getpid()})
+        elif cmd == "tightmove":
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            lowest = os.dup(0)
+            os.close(lowest)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+            try:
+                await conn.migrate(state)
+                return
+            except MigrationRefused as exc:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                await _say(conn, {"refused": str(exc), "pid": os.getpid()})
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         elif cmd == "big":
             await conn.migrate({**state, "blob": "x" * 20_000})
         elif cmd == "badstate":

@@ -3,6 +3,7 @@ served it, so a client sees its connection move while it never reconnects."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -10,7 +11,8 @@ from flask import Flask
 
 
 async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """``GET /`` -> ``"<worker pid> <client port>"``; ``/ws``: an echo WebSocket."""
+    """``GET /`` -> ``"<worker pid> <client port>"`` (``/sleep?s=S``: after S seconds);
+    ``/ws``: an echo WebSocket."""
     if scope["type"] == "lifespan":
         while True:
             message = await receive()
@@ -27,6 +29,8 @@ async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
             if message["type"] == "websocket.disconnect":
                 return
             await send({"type": "websocket.send", "text": f"{os.getpid()} {message.get('text')}"})
+    if scope["path"] == "/sleep":   # ``/sleep?s=S``: a request in progress for S seconds
+        await asyncio.sleep(float(scope["query_string"].decode().partition("=")[2] or "1"))
     body = f"{os.getpid()} {scope['client'][1]}".encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain"),
@@ -45,8 +49,6 @@ def index() -> str:
 
 
 # -- a Starlette WebSocket that opts in to migration (docs/web.md) --------------------------
-
-import asyncio  # noqa: E402
 
 from starlette.applications import Starlette  # noqa: E402
 from starlette.requests import Request  # noqa: E402

@@ -462,6 +462,8 @@ def control_vectors() -> list[dict[str, Any]]:
         v("fds-free", "below the mark again: room for 250 connections",
           m.Fds(full=False, capacity=250)),
         v("draining", "stopping: pick this worker no more", m.Draining()),
+        v("unmoved", "1 migration refused in the worker (out of descriptors), 4 connections "
+          "a drain could not move: closed", m.Unmoved(1, 4)),
         v("migrate_ack", "migrate request 9: 2 connections flagged", m.MigrateAck(2, 9)),
         v("migrate_ack-no-req", "an answer to a migrate without a request number",
           m.MigrateAck(0, None)),

@@ -45,6 +45,7 @@ from sockshare.server._control import (
     request,
     runtime_dir,
 )
+from sockshare.server._drainwait import wait_retired
 
 __all__ = ["add_commands", "main", "render_status"]
 
@@ -73,14 +74,16 @@ def add_commands(subparsers: Any) -> None:
                                           "with --config, the file is read again first), move "
                                           "live connections to them, retire the old ones.")
     r.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
-    r.add_argument("--no-wait", action="store_true", help="return at once instead of waiting")
+    r.add_argument("--no-wait", action="store_true",
+                   help="return at once instead of waiting for the old workers to be gone")
     r.set_defaults(func=reload)
 
     u = subparsers.add_parser("upgrade", help="replace the dispatcher process (like SIGUSR2)",
                               description="Start a new dispatcher with the listening sockets; it "
                                           "takes over once its workers are ready.")
     u.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
-    u.add_argument("--no-wait", action="store_true", help="return at once instead of waiting")
+    u.add_argument("--no-wait", action="store_true",
+                   help="return at once instead of waiting for the old dispatcher to be gone")
     u.set_defaults(func=upgrade)
 
     m = subparsers.add_parser("migrate", help="move live connections off a worker",
@@ -457,26 +460,94 @@ def _command(name: str, args: argparse.Namespace, req: dict[str, Any],
     return resp
 
 
+def _status_of(path: str) -> dict[str, Any]:
+    resp = request(path, {"cmd": "status"}, timeout=10.0)
+    if not resp.get("ok"):
+        raise ControlError(str(resp.get("error")))
+    st: dict[str, Any] = resp["status"]
+    return st
+
+
 def reload(args: argparse.Namespace) -> int:
-    resp = _command("reload", args, {"cmd": "reload", "wait": not args.no_wait}, 60.0)
+    """Done (by default) once the new generation serves *and* the old workers exited:
+    their connections moved or closed (``_drainwait``)."""
+    if args.no_wait:
+        resp = _command("reload", args, {"cmd": "reload", "wait": False}, 60.0)
+        if resp is None:
+            return 1
+        print(f"reload requested (#{resp['queued']})")
+        return 0
+    try:
+        path = _pick_control(args.control)
+        before = _status_of(path)
+    except (ControlError, OSError, ValueError) as exc:
+        print(f"sockshare reload: {exc}", file=sys.stderr)
+        return 1
+    resp = _command("reload", args, {"cmd": "reload", "wait": True}, 60.0)
     if resp is None:
         return 1
-    print(f"reload requested (#{resp['queued']})" if "queued" in resp
-          else f"reloaded: generation {resp.get('generation')} serving")
+    print(f"reloaded: generation {resp.get('generation')} serving; waiting for the old "
+          f"workers to finish", flush=True)
+    try:
+        outcome = wait_retired(lambda: _status_of(path), before, _status_of(path))
+    except (ControlError, OSError, ValueError) as exc:
+        print(f"sockshare reload: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sockshare reload: interrupted; the old workers go on draining", file=sys.stderr)
+        return 130
+    print(f"old workers gone: {outcome}")
     return 0
 
 
+def _pid_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def upgrade(args: argparse.Namespace) -> int:
+    """Done (by default) once the new dispatcher took over *and* the old one exited:
+    its workers' connections moved to the new dispatcher's workers or closed."""
+    old_pid = 0
+    if not args.no_wait:
+        try:
+            old_pid = int(_status_of(_pick_control(args.control)).get("pid") or 0)
+        except (ControlError, OSError, ValueError) as exc:
+            print(f"sockshare upgrade: {exc}", file=sys.stderr)
+            return 1
     resp = _command("upgrade", args, {"cmd": "upgrade", "wait": not args.no_wait}, 60.0)
     if resp is None:
         return 1
-    print(f"new dispatcher pid {resp['pid']}: {resp.get('state')}")
+    print(f"new dispatcher pid {resp['pid']}: {resp.get('state')}", flush=True)
+    if args.no_wait or not old_pid or old_pid == resp.get("pid") or resp.get("state") != "handed over":
+        return 0
+    started = time.monotonic()
+    try:
+        while _pid_running(old_pid):
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        print(f"sockshare upgrade: interrupted; the old dispatcher (pid {old_pid}) goes on "
+              f"draining", file=sys.stderr)
+        return 130
+    print(f"old dispatcher (pid {old_pid}) gone after {time.monotonic() - started:.1f} s")
     return 0
 
 
 def migrate(args: argparse.Namespace) -> int:
+    """Done (by default) once every connection the worker flagged moved, or none moved
+    for 10 s (one that is refused stays where it was)."""
     req = {"cmd": "migrate", "from": args.source, "count": args.count, "wait": not args.no_wait}
-    resp = _command("migrate", args, req, 20.0)
+    resp = _command("migrate", args, req, 600.0)
     if resp is None:
         return 1
     print(f"worker {resp['worker']}: {resp['flagged']} connection(s) asked to move, "

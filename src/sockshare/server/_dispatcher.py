@@ -148,6 +148,7 @@ from sockshare.server._master import ENV_MASTER, ENV_MASTER_FD, NOTIFY_SUFFIX
 from sockshare.server._metrics import MetricsServer
 from sockshare.server._migration import Migrations
 from sockshare.server._peers import PEER_SUFFIX
+from sockshare.server._rlimit import log_nofile
 from sockshare.server._slots import PoolState, SlotState, Waiting, WorkerSlot, WorkerStats
 from sockshare.server._supervision import Supervisor
 from sockshare.server._tasks import Tasks, log_task_failure
@@ -223,7 +224,8 @@ class Dispatcher:
              "migration_requests", "rebalances", "reloads", "reload_failures", "upgrades",
              "upgrade_failures", "hung_kills", "migrations_direct", "fd_pauses",
              "fd_rejects", "recycled", "web_keepalive_handed_over", "web_ws_migrated_out",
-             "web_ws_migrated_in", "web_moves_refused", "web_ws_closed_1012"), 0)
+             "web_ws_migrated_in", "web_moves_refused", "web_ws_closed_1012", "drain_closed",
+             "drain_kills"), 0)
         self.pid = os.getpid()
         #: --user/--group: (uid, gid, groups) of the workers; None: ours
         self.run_as = resolve_user(cfg.user, cfg.group)
@@ -285,6 +287,7 @@ class Dispatcher:
     async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         self.stop_event = asyncio.Event()
+        log_nofile(log, f"dispatcher pid {self.pid}")   # (its workers raise their own)
         try:
             await self._setup()
         except (OSError, SockshareError) as exc:

@@ -48,6 +48,11 @@ class                     ``"ev"``       fields; meaning
                                          full); out of descriptors: send nothing more / room again
                                          for ``capacity`` connections in all
 :class:`Draining`         draining       (none); stopping: pick it no more
+:class:`Unmoved`          unmoved        ``refused``, ``closed``: ints >= 0 (optional, 0); since
+                                         the last report, ``refused`` migrations the worker itself
+                                         refused (``MigrationRefused`` before anything left: out
+                                         of descriptors), ``closed`` connections a drain could not
+                                         move and closed (no resume handler, not migratable)
 :class:`MigrateAck`       migrate_ack    ``n`` int >= 0, ``req`` int|null (optional); the answer to
                                          ``migrate`` number ``req``: ``n`` connections flagged
 :class:`Moving`           moving         ``to`` int, ``key`` [pid, id]; a direct move to worker
@@ -128,6 +133,7 @@ __all__ = [
     "WebCounts",
     "Report",
     "UnknownMessage",
+    "Unmoved",
     "decode",
     "encode",
     "to_bytes",
@@ -389,6 +395,21 @@ class Draining(Report):
 
 
 @dataclass(frozen=True)
+class Unmoved(Report):
+    KIND: ClassVar[str] = "unmoved"
+    #: migrations refused in the worker / connections a drain could not move: closed
+    refused: int = 0
+    closed: int = 0
+
+    def fields(self) -> dict[str, Any]:
+        return {"refused": self.refused, "closed": self.closed}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Unmoved:
+        return cls(f.integer("refused", 0, minimum=0), f.integer("closed", 0, minimum=0))
+
+
+@dataclass(frozen=True)
 class MigrateAck(Report):
     KIND: ClassVar[str] = "migrate_ack"
     n: int
@@ -533,8 +554,8 @@ class Drain(Command):
 
 #: every report and command, by kind
 REPORTS: dict[str, type[Report]] = {c.KIND: c for c in (
-    Hello, Fatal, Recycle, WebCounts, Closed, Fds, Draining, MigrateAck, Moving, MovedOut, MoveBack,
-    MovedIn, OrphanQuery)}
+    Hello, Fatal, Recycle, WebCounts, Closed, Fds, Draining, Unmoved, MigrateAck, Moving, MovedOut,
+    MoveBack, MovedIn, OrphanQuery)}
 COMMANDS: dict[str, type[Command]] = {c.KIND: c for c in (Migrate, Peers, OrphanAnswer, Drain)}
 _BY_TAG: dict[str, Mapping[str, type[Message]]] = {"ev": REPORTS, "cmd": COMMANDS}
 

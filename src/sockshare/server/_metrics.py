@@ -245,6 +245,11 @@ def render(status: dict[str, Any]) -> str:
     o.sample("sockshare_migration_requests_total", c.get("migration_requests", 0))
     o.family("sockshare_rebalances_total", "counter", "Rebalancing rounds that asked for moves.")
     o.sample("sockshare_rebalances_total", c.get("rebalances", 0))
+    o.family("sockshare_drain_unmoved_total", "counter",
+             "Retiring workers' drains: connections that could not move and were closed "
+             "(closed), workers killed after --grace without progress (killed).")
+    o.sample("sockshare_drain_unmoved_total", c.get("drain_closed", 0), result="closed")
+    o.sample("sockshare_drain_unmoved_total", c.get("drain_kills", 0), result="killed")
     lat = status.get("migration_latency") or {}
     hist = lat.get("histogram") or Histogram().snapshot()
     name = "sockshare_migration_duration_seconds"

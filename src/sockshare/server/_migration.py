@@ -57,13 +57,21 @@ from sockshare.server._slots import PoolState, SlotState, Waiting, WorkerSlot
 if TYPE_CHECKING:
     from sockshare.server._dispatcher import Dispatcher
 
-__all__ = ["LATENCY_SAMPLES", "ORPHAN_MEMORY", "ORPHAN_WAIT", "REBALANCE_BATCH", "Migrations"]
+__all__ = ["LATENCY_SAMPLES", "ORPHAN_MEMORY", "ORPHAN_WAIT", "REBALANCE_BATCH", "REBALANCE_RATE",
+           "Migrations"]
 
 log = logging.getLogger("sockshare.server")
 
 READY = SlotState.READY
-#: Migrations asked of one worker per rebalancing round, at most.
-REBALANCE_BATCH = 64
+#: Migrations asked of one worker per rebalancing round, at most: the batch is half
+#: the spread (or the excess over ``max_conns``), so a large imbalance evens out in one
+#: or two rounds; but the busy worker moves them all at once, so this many at most (its
+#: other connections wait for its event loop meanwhile: a few ms)
+REBALANCE_BATCH = 512
+#: Connections a worker is asked to move per second, at most: the next round for the
+#: same worker waits until its last batch had time to leave at this rate (and at least
+#: ``rebalance_interval``)
+REBALANCE_RATE = 1000.0
 #: Migration latencies kept for the percentiles in ``status``.
 LATENCY_SAMPLES = 2048
 #: seconds to wait for a worker to be reaped before saying it lives (the worker waits 5)
@@ -301,7 +309,7 @@ class Migrations:
             n = min(REBALANCE_BATCH, max(excess, spread // 2))
             if n <= 0:
                 continue
-            busiest.rebalance_after = now + max(2.0, 2 * self.cfg.rebalance_interval)
+            busiest.rebalance_after = now + max(self.cfg.rebalance_interval, n / REBALANCE_RATE)
             self.counters["rebalances"] += 1
             log.info("rebalance: worker %d has %d connection(s), worker %d %d: asking %d to move",
                      busiest.id, busiest.active, idlest.id, idlest.connections, n)
@@ -324,10 +332,18 @@ class Migrations:
         flagged = await self.ask_migrate(slot, count, "request")
         if flagged < 0:
             return {"ok": False, "error": f"worker {wid} did not answer"}
-        moved = 0
         if req.get("wait") and flagged:
-            deadline = time.monotonic() + float(req.get("timeout") or 10.0)
-            while slot.stats.migrated_out - before < flagged and time.monotonic() < deadline:
+            # until every flagged one moved, or none did for ``timeout`` seconds (one
+            # that is refused stays on its worker; one in the middle of a request moves
+            # when its handler lets it)
+            quiet = float(req.get("timeout") or 10.0)
+            last, since = before, time.monotonic()
+            while slot.stats.migrated_out - before < flagged:
+                now = time.monotonic()
+                if slot.stats.migrated_out != last:
+                    last, since = slot.stats.migrated_out, now
+                elif now - since >= quiet or slot.proc is None or slot.proc.returncode is not None:
+                    break
                 await asyncio.sleep(0.01)
         moved = slot.stats.migrated_out - before
         return {"ok": True, "worker": wid, "asked": count, "flagged": flagged, "migrated": moved}

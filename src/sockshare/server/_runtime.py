@@ -38,8 +38,11 @@ Life of a worker (:meth:`Worker.run`):
    tells the dispatcher when to stop and start again.
 4. SIGTERM or SIGINT (or the dispatcher going away, or its ``{"cmd": "drain"}``):
    ``{"ev": "draining"}``, every new handoff is rejected ("worker is shutting down"),
-   running handlers get ``--grace`` seconds to finish, what is left is cancelled, the
-   channel closed, exit status 0. A second signal cancels the handlers at once.
+   running handlers finish or move for as long as that makes progress, ``--grace``
+   seconds without progress at most (:meth:`Worker._drain`); what is left is cancelled
+   and counted (``{"ev": "unmoved"}``), the channel closed, exit status 0. A second
+   signal cancels the handlers at once. At start the soft RLIMIT_NOFILE is raised to
+   the hard limit (``_rlimit``).
 
 Migrating out (:meth:`Worker.migrate_out`, behind ``conn.migrate(state)``; docs/server.md,
 "Moving live connections"). Detaching a connection from asyncio takes these steps, in
@@ -114,11 +117,13 @@ from sockshare.server._messages import (
     Recycle,
     Report,
     UnknownMessage,
+    Unmoved,
     WebCounts,
     decode,
     encode,
 )
 from sockshare.server._peers import Move, PeerMigration
+from sockshare.server._rlimit import log_nofile
 from sockshare.server._web import (
     KEEP_ALIVE_RESUME,
     WebAppError,
@@ -156,10 +161,16 @@ FD_HEADROOM = 80
 REJECT_NO_FDS = "worker out of file descriptors"
 #: Seconds ``migrate`` waits for the client to take what the handler wrote.
 FLUSH_TIMEOUT = 10.0
+#: Seconds between two looks at a drain's progress.
+DRAIN_TICK = 0.25
 #: Meta keys a migrated connection always keeps (the rest may be trimmed to make room).
 _ESSENTIAL_META = ("handoff_id", "client", "peer", "listener", "pool", "route")
 #: compact JSON (ASCII) of migration metadata
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+class _RefusedThere(MigrationRefused):
+    """Refused by the dispatcher (no target could take it), which counts it."""
 
 
 def _open_fds() -> int:
@@ -227,6 +238,14 @@ class Worker:
         self._fd_timer: asyncio.TimerHandle | None = None
         self._fd_logged = -1e9
         self._startup_failed = False
+        #: migrations under way (``migrate_out``) and done (the connection left): a
+        #: drain's progress
+        self._in_flight = 0
+        self._moves = 0
+        #: not yet reported (``Unmoved``): migrations refused here, connections a drain
+        #: could not move and closed
+        self._refused_here = 0
+        self._unmoved_closed = 0
 
     # -- signals ---------------------------------------------------------------------
 
@@ -354,6 +373,9 @@ class Worker:
         self._flush_scheduled = False
         n, self._closed_unreported = self._closed_unreported, 0
         reports, self._reports = self._reports, []
+        if self._refused_here or self._unmoved_closed:
+            reports.append(Unmoved(self._refused_here, self._unmoved_closed))
+            self._refused_here = self._unmoved_closed = 0
         for msg in reports:   # first: a connection that moved in may be among the closed
             self.control(msg, soon=soon)
         if n:
@@ -384,6 +406,32 @@ class Worker:
         return raw
 
     async def migrate_out(self, conn: Connection, meta: bytes, unread: bytes) -> None:
+        """Move ``conn`` to another worker (see the module docstring); counted as in
+        flight meanwhile (a drain waits for it), and as refused here when it is refused
+        before anything left this process."""
+        self._in_flight += 1
+        try:
+            await self._migrate_out(conn, meta, unread)
+        except _RefusedThere:
+            raise   # (the dispatcher counted it: migrations_refused)
+        except MigrationRefused:
+            self._refused_here += 1
+            self._schedule_report()
+            raise
+        except MigrationAborted:
+            self._moves += 1   # (gone from here: progress too)
+            raise
+        else:
+            self._moves += 1
+        finally:
+            self._in_flight -= 1
+
+    def _schedule_report(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(REPORT_DELAY, self._flush_report, True)
+
+    async def _migrate_out(self, conn: Connection, meta: bytes, unread: bytes) -> None:
         ch = self.ch
         if ch is None or ch.closed:
             raise MigrationRefused("the worker has no channel to the dispatcher")
@@ -415,8 +463,16 @@ class Worker:
                                        f"limit of a handoff")
             # 3. a duplicate of the descriptor goes to the dispatcher; the transport keeps
             # the original until the answer
-            dup = socket.socket(raw_sock.family, raw_sock.type, raw_sock.proto,
-                                os.dup(raw_sock.fileno()))
+            try:
+                fd = os.dup(raw_sock.fileno())
+            except OSError as exc:   # EMFILE / ENFILE: out of descriptors
+                raise MigrationRefused(f"cannot duplicate the connection's descriptor: "
+                                       f"{exc.strerror or exc}") from exc
+            try:
+                dup = socket.socket(raw_sock.family, raw_sock.type, raw_sock.proto, fd)
+            except OSError as exc:
+                os.close(fd)
+                raise MigrationRefused(f"cannot wrap the duplicated descriptor: {exc}") from exc
         except BaseException:
             transport.set_write_buffer_limits()
             transport.resume_reading()
@@ -464,7 +520,7 @@ class Worker:
             os.set_blocking(raw_sock.fileno(), False)   # the receiver may have changed it
             transport.set_write_buffer_limits()
             transport.resume_reading()
-            raise MigrationRefused(f"no worker took the connection: {ticket.reason or 'refused'}")
+            raise _RefusedThere(f"no worker took the connection: {ticket.reason or 'refused'}")
         conn._detached()
         transport.abort()
         raise MigrationAborted(f"the channel to the dispatcher broke mid-migration ({ticket.reason}); "
@@ -822,14 +878,35 @@ class Worker:
         return 0
 
     async def _drain(self) -> None:
-        if self.tasks:
-            _done, pending = await asyncio.wait(set(self.tasks), timeout=self.grace)
-            if pending:
-                log.warning("worker %d: %d handler(s) still running after %.1f s: cancelled",
-                            self.info.id, len(pending), self.grace)
-                for t in pending:
-                    t.cancel()
-                await asyncio.wait(pending, timeout=1.0)
+        """Wait for the handlers to finish or move, as long as they make progress:
+        fewer of them, a migration in flight, or one that left since the last look.
+        ``--grace`` bounds the time *without* progress: then what is left (handlers that
+        cannot move: no resume handler, not migratable, or refused) is cancelled, closed
+        and counted (``Unmoved``). A second signal cancels at once."""
+        if not self.tasks:
+            return
+        loop = asyncio.get_running_loop()
+        lowest = len(self.tasks)
+        moves = self._moves
+        quiet_since = loop.time()
+        while self.tasks:
+            left = quiet_since + self.grace - loop.time()
+            if left <= 0:
+                break
+            await asyncio.wait(set(self.tasks), timeout=min(DRAIN_TICK, left))
+            n = len(self.tasks)
+            if n < lowest or self._in_flight or self._moves != moves:
+                lowest, moves = min(lowest, n), self._moves
+                quiet_since = loop.time()
+        pending = set(self.tasks)
+        if not pending:
+            return
+        log.warning("worker %d: %d handler(s) still running after %.1f s without progress "
+                    "(none finished or moved): cancelled", self.info.id, len(pending), self.grace)
+        self._unmoved_closed += sum(1 for c in self.conns if not c.closed)
+        for t in pending:
+            t.cancel()
+        await asyncio.wait(pending, timeout=1.0)
 
     async def _fail(self, ch: AsyncChannel) -> int:
         if self._startup_failed:
@@ -983,6 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.channel:
         log.error("no channel address: give --channel or set SOCKSHARE_CHANNEL")
         return 2
+    log_nofile(log, f"worker {info.id}")   # (before fd_mark reads the limit)
     app: App | None = None
     resume: Resume | None = None
     web: WebServer | None = None

@@ -19,7 +19,8 @@ Reload (:meth:`reload`): with ``--config``, the file is read again first (``_rec
 a bad one stops the reload there); a new slot per worker id (as many as the pool's
 ``workers``) starts a fresh process; once each is ready they become the pool's workers
 and the old ones are retired (:meth:`retire`: ``{"cmd": "drain", "migrate": true}``, or
-SIGTERM for a foreign worker); if one cannot start, the reload is abandoned and the old
+SIGTERM for a foreign worker; killed only after ``--grace`` + 3 s without progress,
+:meth:`_watch_drain`); if one cannot start, the reload is abandoned and the old
 ones go on (with the previous configuration).
 
 SIGTTIN / SIGTTOU (:meth:`scale`): one worker more / less in the default pool; the one
@@ -65,6 +66,7 @@ from sockshare.server._messages import (
     OrphanQuery,
     Recycle,
     UnknownMessage,
+    Unmoved,
     WebCounts,
     decode,
 )
@@ -129,6 +131,7 @@ class Supervisor:
             .on(Hello, self._on_hello)
             .on(Fds, self._on_fds)
             .on(Draining, self._on_draining)
+            .on(Unmoved, self._on_unmoved)
             .on(Fatal, self._on_fatal)
             .on(Recycle, self._on_recycle)
             .on(WebCounts, self._on_web_counts)
@@ -289,6 +292,15 @@ class Supervisor:
             self.changed()
             log.info("worker %d (pid %s) is draining", slot.id, slot.pid)
             self.d.migration.push_peers(slot.pool_state)
+
+    def _on_unmoved(self, slot: WorkerSlot, msg: Unmoved) -> None:
+        """Migrations the worker refused itself, connections its drain could not move."""
+        self.counters["migrations_refused"] += msg.refused
+        self.counters["drain_closed"] += msg.closed
+        if msg.closed:
+            log.warning("worker %d (pid %s): %d connection(s) could not move (no resume "
+                        "handler, not migratable, or refused) and were closed at the end of "
+                        "its drain", slot.id, slot.pid, msg.closed)
 
     def _on_fatal(self, slot: WorkerSlot, msg: Fatal) -> None:
         slot.fatal = True
@@ -589,8 +601,37 @@ class Supervisor:
                 Drain(migrate=True, reason=reason))):
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()   # a foreign worker drains on SIGTERM (docs/server.md)
+        self._watch_drain(slot, proc)
+
+    def _watch_drain(self, slot: WorkerSlot, proc: asyncio.subprocess.Process) -> None:
+        """Kill a retiring worker only once its drain stopped making progress: ``--grace``
+        + 3 s in which its open count never went below its lowest so far, none of its
+        connections moved out (``migrated_out``), and none of its direct moves was in
+        flight. While its connections keep moving, nothing queued for a move is lost
+        to a clock (the worker's own drain works the same way: ``Worker._drain``)."""
         loop = asyncio.get_running_loop()
-        loop.call_later(self.cfg.grace + 3.0, self.kill_if_running, slot, proc)
+        limit = self.cfg.grace + 3.0
+        tick = min(1.0, max(0.05, limit / 4))
+        lowest, out, quiet_since = slot.active, slot.stats.migrated_out, loop.time()
+
+        def look() -> None:
+            nonlocal lowest, out, quiet_since
+            if slot.proc is not proc or proc.returncode is not None or self.d.stopping:
+                return   # (gone; or the shutdown's own deadline applies)
+            now = loop.time()
+            moving = any(k[0] == proc.pid for k in self.d.migration.moving)
+            if slot.active < lowest or slot.stats.migrated_out != out or moving:
+                lowest, out, quiet_since = min(lowest, slot.active), slot.stats.migrated_out, now
+            if now - quiet_since < limit:
+                loop.call_later(tick, look)
+                return
+            self.counters["drain_kills"] += 1
+            log.warning("worker %d (pid %d): retiring, %d connection(s) left and no progress "
+                        "for %.1f s (--grace %g + 3): killed", slot.id, proc.pid, slot.active,
+                        now - quiet_since, self.cfg.grace)
+            self.kill_if_running(slot, proc)
+
+        loop.call_later(tick, look)
 
     async def recycle(self, old: WorkerSlot, reason: str) -> None:
         """Replace one worker (it asked: ``--max-requests``) as a reload replaces them

@@ -464,6 +464,8 @@ KEEP_ALIVE_RESUME = {"http": "keep-alive"}
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
 #: seconds a connection waits for the client to take the last response before it moves
 FLUSH_WAIT = 5.0
+#: Seconds between two looks at a drain's progress.
+DRAIN_TICK = 0.25
 
 
 # -- the server ------------------------------------------------------------------------
@@ -836,10 +838,10 @@ class WebServer:
         in progress finish, WebSockets close with 1012 (uvicorn's shutdown). With a
         handover (reload, upgrade, recycling: :attr:`handover_reason`): keep-alive
         connections move to the new workers as they fall idle, and WebSockets stay
-        until they close or ``grace`` ends, then get 1012. After ``grace`` seconds what
-        is left is cut."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + grace
+        until they close or ``grace`` ends, then get 1012. ``grace`` bounds the time
+        *without progress* (:meth:`_wait_idle`): while connections keep closing or moving
+        the drain goes on; after ``grace`` seconds in which none did, what is left gets
+        1012 / its last chance, and one second later is cut."""
         moving = bool(self.handover_reason) and self.relay is not None
         if moving and self.ssl is not None:
             # TLS ended in this worker: its keys and sequence numbers are in this process
@@ -857,9 +859,7 @@ class WebServer:
         else:
             for proto in list(self.state.connections):
                 self._shutdown(proto)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout_at(end):
-                await self._idle.wait()
+        await self._wait_idle(grace)
         if self._conns:   # grace is over: WebSockets get 1012, requests their last chance
             for proto in list(self.state.connections):
                 self._shutdown(proto)
@@ -867,7 +867,7 @@ class WebServer:
                 async with asyncio.timeout(1.0):
                     await self._idle.wait()
         if self._conns:
-            log.warning("%d connection(s) still open %.1f s after the drain began: cut",
+            log.warning("%d connection(s) still open after %.1f s without progress: cut",
                         len(self._conns), grace + 1.0)
             for proto in list(self.state.connections):
                 transport = getattr(proto, "transport", None)
@@ -876,6 +876,28 @@ class WebServer:
         for task in list(self.state.tasks):
             if not task.done():
                 task.cancel()
+
+    def _open_count(self) -> int:
+        """Connections and tasks still open (a drain's progress: this going down)."""
+        return len(self._conns) + len(self.state.tasks)
+
+    async def _wait_idle(self, grace: float) -> None:
+        """Wait until every connection is gone, as long as their number keeps going
+        down (or a handover is in flight); at most ``grace`` seconds without that."""
+        loop = asyncio.get_running_loop()
+        lowest = self._open_count()
+        quiet_since = loop.time()
+        while not self._idle.is_set():
+            left = quiet_since + grace - loop.time()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(DRAIN_TICK, left)):
+                    await self._idle.wait()
+            n = self._open_count()
+            if n < lowest or self._moving:
+                lowest = min(lowest, n)
+                quiet_since = loop.time()
 
     def _shutdown(self, proto: Any) -> None:
         if self._is_ws(proto) and getattr(proto, "handshake_complete", True):
