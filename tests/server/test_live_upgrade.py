@@ -181,7 +181,9 @@ def test_upgrade_replaces_the_dispatcher(tmp_path: Path) -> None:
             assert out.returncode == 0, out.stderr + srv.log()
             new_pid = int(out.stdout.split()[3].rstrip(":"))
             assert "handed over" in out.stdout
-            assert wait_gone(old_pid, 30)   # the old dispatcher drained and exited
+            # it waited until the old dispatcher (not the master) had drained and exited
+            assert f"old dispatcher (pid {old_pid}) gone" in out.stdout, out.stdout
+            assert wait_gone(old_pid, 30)
             assert srv.proc.poll() is None   # ... and the process started stays
             for c in clients:
                 answer = _follow(c, 2)

@@ -521,7 +521,9 @@ def upgrade(args: argparse.Namespace) -> int:
     old_pid = 0
     if not args.no_wait:
         try:
-            old_pid = int(_status_of(_pick_control(args.control)).get("pid") or 0)
+            st = _status_of(_pick_control(args.control))
+            # the dispatcher that hands over (under a master, "pid" is the master's)
+            old_pid = int(st.get("dispatcher") or st.get("pid") or 0)
         except (ControlError, OSError, ValueError) as exc:
             print(f"sockshare upgrade: {exc}", file=sys.stderr)
             return 1
