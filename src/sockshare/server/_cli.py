@@ -46,6 +46,7 @@ from sockshare.server._control import (
     runtime_dir,
 )
 from sockshare.server._drainwait import wait_retired
+from sockshare.server._pidfile import pid_alive
 
 __all__ = ["add_commands", "main", "render_status"]
 
@@ -500,20 +501,6 @@ def reload(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pid_running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def upgrade(args: argparse.Namespace) -> int:
     """Done (by default) once the new dispatcher took over *and* the old one exited:
@@ -535,7 +522,7 @@ def upgrade(args: argparse.Namespace) -> int:
         return 0
     started = time.monotonic()
     try:
-        while _pid_running(old_pid):
+        while pid_alive(old_pid):
             time.sleep(0.1)
     except KeyboardInterrupt:
         print(f"sockshare upgrade: interrupted; the old dispatcher (pid {old_pid}) goes on "

@@ -52,10 +52,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 from typing import TYPE_CHECKING, Final
 
+from sockshare.server._pidfile import pid_alive
 from sockshare.server._slots import SlotState
 
 if TYPE_CHECKING:
@@ -75,24 +75,6 @@ MANUAL_STATES: Final = ("ready", "drain", "maint")
 #: Seconds a client of the agent may take to send (and close) whatever it sends.
 READ_TIMEOUT: Final = 2.0
 
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie counts as gone)."""
-    if os.path.isdir("/proc/self"):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-        except FileNotFoundError:
-            return False
-        except (OSError, IndexError):
-            pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _pool_weight(d: Dispatcher, name: str) -> float | None:
@@ -118,7 +100,7 @@ def agent_state(d: Dispatcher) -> tuple[str, int]:
     if d.stopping or d.handover.handed_over or d.handover.successor is not None:
         return "drain", 0
     if d.takeover.predecessor and not health.predecessor_gone:
-        if _alive(d.takeover.predecessor):
+        if pid_alive(d.takeover.predecessor):
             return "drain", 0
         health.predecessor_gone = True   # (killed before it could hand over)
     if health.manual == "drain":

@@ -54,6 +54,7 @@ import time
 from sockshare._errors import BackendUnavailable, SockshareError
 from sockshare.backends import _inherit
 from sockshare.server._control import ControlError, runtime_dir
+from sockshare.server._pidfile import pid_alive
 
 __all__ = ["ENV_MASTER", "ENV_MASTER_FD", "FORWARDED", "NOTIFY_SUFFIX", "SUCCESSOR_FIELD",
            "Master", "pass_master_fd"]
@@ -109,20 +110,6 @@ def _exit_status(rc: int) -> int:
     """A return code (``-n`` for a signal ``n``) as a shell shows it: 128 + n."""
     return 128 - rc if rc < 0 else rc
 
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs (an unreaped zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
 
 
 class Master:
@@ -236,7 +223,7 @@ class Master:
         return proc.pid
 
     def _done(self) -> bool:
-        if self.status is None or any(_alive(p) for p in self.dispatchers):
+        if self.status is None or any(pid_alive(p) for p in self.dispatchers):
             return False
         if not self._subreaper:
             return True
@@ -300,7 +287,7 @@ class Master:
         self._kill(self.current, sig)
 
     def _live(self) -> list[int]:
-        return sorted(p for p in self.dispatchers if _alive(p))
+        return sorted(p for p in self.dispatchers if pid_alive(p))
 
     def _kill(self, pid: int, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -335,7 +322,7 @@ class Master:
     def _check_current(self) -> None:
         """A dispatcher that is not (yet) our child, whose parent reaped it: gone too."""
         for pid in list(self.dispatchers):
-            if not _alive(pid) and not self._is_child(pid):
+            if not pid_alive(pid) and not self._is_child(pid):
                 self._exited(pid, None)
 
     def _is_child(self, pid: int) -> bool:

@@ -34,7 +34,17 @@ def read(path: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped) counts as gone. Read
+    from ``/proc`` where there is one, else asked with signal 0."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return False
+    except (OSError, IndexError):
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -44,12 +54,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+
+
+
 def claim(path: str, *, predecessor: int = 0, owner: int = 0) -> None:
     """Refuse to start if ``path`` names a live process (other than ``predecessor``, the
     dispatcher we take over from, ``owner``, the master we run under, and ourselves)."""
     pid = read(path)
     if (pid is None or pid in (os.getpid(), predecessor, owner) or pid <= 0
-            or not _alive(pid)):
+            or not pid_alive(pid)):
         return
     raise PidFileError(f"pid file {path!r}: process {pid} is running (another sockshare "
                        "serve?); stop it, or remove the file if that pid is not a server")
