@@ -15,7 +15,7 @@ import os
 
 from sockshare._errors import SockshareError
 
-__all__ = ["PidFileError", "claim", "read", "remove", "write"]
+__all__ = ["PidFileError", "claim", "pid_alive", "read", "remove", "write"]
 
 
 class PidFileError(SockshareError, OSError):
