@@ -653,9 +653,17 @@ class WebServer:
         make = getattr(loop, "_make_socket_transport", None)
         set_nodelay(sock)
         if self.ssl is None and make is not None:
-            sock.setblocking(False)
-            c = self._conns.get(sock.fileno())
-            make(sock, self._protocol(c.resume if c is not None else None))
+            fd = sock.fileno()
+            c = self._conns.get(fd)
+            try:
+                sock.setblocking(False)
+                make(sock, self._protocol(c.resume if c is not None else None))
+            except (OSError, ValueError, RuntimeError) as exc:
+                # (a socket the client reset meanwhile, say): this one only
+                log.info("connection %s: cannot start: %s",
+                         c.meta.get("handoff_id") if c is not None else "?", exc)
+                sock.close()
+                self.forget(fd)
             return
         task = loop.create_task(self._start_async(sock))
         self.state.tasks.add(task)
