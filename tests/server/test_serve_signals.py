@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -304,19 +305,33 @@ def test_user_and_group_for_the_workers(tmp_path: Path) -> None:
     nobody = pwd.getpwnam("nobody")
     group = grp.getgrgid(nobody.pw_gid).gr_name
     python = _python_for_others()
-    src = ROOT / "src"
-    init = src / "sockshare" / "__init__.py"
-    if not (_open_to_others(str(init.parent)) and os.stat(init).st_mode & stat.S_IROTH):
-        pytest.skip(f"this checkout ({ROOT}) is not readable by other users: the workers, as "
-                    "nobody, could not import sockshare (clone it outside a private home)")
+    # The workers, as nobody, import sockshare and the test app from a copy every user
+    # may read (this checkout may sit in a private home, as CI's clone may).
+    shared = Path(tempfile.mkdtemp(prefix="sockshare-user-test-"))
+    try:
+        shutil.copytree(ROOT / "src" / "sockshare", shared / "sockshare",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(ROOT / "tests" / "server" / "serve_apps.py", shared / "serve_apps.py")
+        for d in (shared, *[p for p in shared.rglob("*") if p.is_dir()]):
+            d.chmod(0o755)
+        for f in shared.rglob("*"):
+            if f.is_file():
+                f.chmod(0o644)
+        _user_test(tmp_path, python, shared, nobody.pw_uid, nobody.pw_gid, group)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _user_test(tmp_path: Path, python: str, shared: Path, uid: int, gid: int,
+               group: str) -> None:
     env = env_with_apps()
-    env["PYTHONPATH"] = os.pathsep.join((str(src), env["PYTHONPATH"]))   # (that interpreter's)
+    env["PYTHONPATH"] = str(shared)   # (that interpreter's, and readable by nobody)
     ctl, log = tmp_path / "ctl" / "s.ctl", tmp_path / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([python, "-m", "sockshare.server._cli", "serve", "serve_apps:app",
                                  "--bind", "127.0.0.1:0", "--workers", "2", "--control", str(ctl),
                                  "--user", "nobody", "--group", group],
-                                env=env, cwd=str(ROOT), stdout=out,
+                                env=env, cwd=str(shared), stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         st = _status(ctl, 2, proc, log)
@@ -326,8 +341,8 @@ def test_user_and_group_for_the_workers(tmp_path: Path) -> None:
             uids = next(ln for ln in lines if ln.startswith("Uid:")).split()[1:]
             gids = next(ln for ln in lines if ln.startswith("Gid:")).split()[1:]
             groups = next(ln for ln in lines if ln.startswith("Groups:")).split()[1:]
-            assert uids == [str(nobody.pw_uid)] * 4
-            assert gids == [str(nobody.pw_gid)] * 4
+            assert uids == [str(uid)] * 4
+            assert gids == [str(gid)] * 4
             assert "0" not in groups
         host, _, port = st["listeners"][0]["address"].rpartition(":")
         assert ask((host, int(port)))["pid"] in pids
