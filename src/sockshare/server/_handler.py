@@ -321,6 +321,7 @@ class Connection:
         encode_state(state)
         meta = rt.migration_meta(self, state, started, reason)
         if len(unread) + len(self._buffer()) > MAX_DATA:
+            self._requested.clear()   # (answered: not interrupted again at once)
             raise MigrationRefused(f"{len(unread) + len(self._buffer())} unread bytes are over "
                                    f"the {MAX_DATA}-byte limit of a handoff")
         self._migrating = True
