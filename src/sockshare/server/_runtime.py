@@ -91,6 +91,7 @@ from sockshare._channel import Handoff
 from sockshare._errors import ChannelError, RemoteProtocolError, SockshareError
 from sockshare.protocol import MAX_DATA, MAX_META
 from sockshare.server._handler import (
+    MIGRATION_WINDOW,
     App,
     Connection,
     MigrationAborted,
@@ -252,6 +253,7 @@ class Worker:
         #: connections refused for want of descriptors while others were in flight: one
         #: is asked again each time a migration ends (conn -> why it was asked)
         self._fd_retry: dict[Connection, str] = {}
+        self._migration_slots = asyncio.Semaphore(MIGRATION_WINDOW)
         self._unmoved_closed = 0
 
     # -- signals ---------------------------------------------------------------------
@@ -420,7 +422,8 @@ class Worker:
         requested = conn.migration_requested.is_set()
         held_fd = True   # (a duplicate of the descriptor: freed now)
         try:
-            await self._migrate_out(conn, meta, unread)
+            async with self._migration_slots:   # (MIGRATION_WINDOW at once)
+                await self._migrate_out(conn, meta, unread)
         except _RefusedThere:
             raise   # (the dispatcher counted it: migrations_refused)
         except MigrationRefused as exc:
