@@ -533,14 +533,15 @@ def upgrade(args: argparse.Namespace) -> int:
 
 
 def migrate(args: argparse.Namespace) -> int:
-    """Done (by default) once every connection the worker flagged moved, or none moved
-    for 10 s (one that is refused stays where it was)."""
+    """Done (by default) once every connection the worker flagged moved or was refused
+    (it stays where it was: no worker had room), or none moved for 10 s."""
     req = {"cmd": "migrate", "from": args.source, "count": args.count, "wait": not args.no_wait}
     resp = _command("migrate", args, req, 600.0)
     if resp is None:
         return 1
     print(f"worker {resp['worker']}: {resp['flagged']} connection(s) asked to move, "
-          f"{resp['migrated']} migrated")
+          f"{resp['migrated']} migrated"
+          + (f", {resp['refused']} refused (they stay)" if resp.get("refused") else ""))
     return 0
 
 

@@ -54,6 +54,7 @@ from sockshare.protocol import MAX_DATA
 
 __all__ = [
     "MAX_STATE",
+    "MIGRATION_WINDOW",
     "READ_LIMIT",
     "App",
     "Connection",
@@ -80,6 +81,12 @@ _SOCK_STREAM = int(socket.SOCK_STREAM)
 #: Largest migration state: compact JSON, UTF-8. The handoff metadata limit is 16 KiB
 #: (docs/protocol.md); the other 4 KiB carry the connection's own meta (client, pool...).
 MAX_STATE = 12 * 1024
+#: Migrations a worker relays through the dispatcher at once; the others wait their
+#: turn. Without a bound, a drain of 10,000 WebSockets handed the dispatcher 10,000
+#: handoffs to forward at once: its queue to each new worker went past the channel's
+#: OUT_LIMIT, so it stopped reading that worker's ACCEPTs, and the moves stalled for
+#: longer than --grace (the old workers then closed what was left).
+MIGRATION_WINDOW = 128
 #: compact JSON of states, which must also be finite
 _COMPACT_STRICT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
@@ -321,6 +328,7 @@ class Connection:
         encode_state(state)
         meta = rt.migration_meta(self, state, started, reason)
         if len(unread) + len(self._buffer()) > MAX_DATA:
+            self._requested.clear()   # (answered: not interrupted again at once)
             raise MigrationRefused(f"{len(unread) + len(self._buffer())} unread bytes are over "
                                    f"the {MAX_DATA}-byte limit of a handoff")
         self._migrating = True

@@ -329,24 +329,30 @@ class Migrations:
         if not others:
             return {"ok": False, "error": f"no other worker of pool {slot.pool!r} can take connections"}
         before = slot.stats.migrated_out
+        refused_before = self.counters["migrations_refused"]
         flagged = await self.ask_migrate(slot, count, "request")
         if flagged < 0:
             return {"ok": False, "error": f"worker {wid} did not answer"}
+
+        def done() -> int:   # moved, or refused (it stays on its worker)
+            return (slot.stats.migrated_out - before
+                    + self.counters["migrations_refused"] - refused_before)
+
         if req.get("wait") and flagged:
-            # until every flagged one moved, or none did for ``timeout`` seconds (one
-            # that is refused stays on its worker; one in the middle of a request moves
-            # when its handler lets it)
+            # until every flagged one moved or was refused, or none did for ``timeout``
+            # seconds (one in the middle of a request moves when its handler lets it)
             quiet = float(req.get("timeout") or 10.0)
-            last, since = before, time.monotonic()
-            while slot.stats.migrated_out - before < flagged:
+            last, since = done(), time.monotonic()
+            while done() < flagged:
                 now = time.monotonic()
-                if slot.stats.migrated_out != last:
-                    last, since = slot.stats.migrated_out, now
+                if done() != last:
+                    last, since = done(), now
                 elif now - since >= quiet or slot.proc is None or slot.proc.returncode is not None:
                     break
                 await asyncio.sleep(0.01)
         moved = slot.stats.migrated_out - before
-        return {"ok": True, "worker": wid, "asked": count, "flagged": flagged, "migrated": moved}
+        return {"ok": True, "worker": wid, "asked": count, "flagged": flagged, "migrated": moved,
+                "refused": self.counters["migrations_refused"] - refused_before}
 
     def acked(self, slot: WorkerSlot, msg: MigrateAck) -> None:
         """A worker's ``migrate_ack``: how many connections it flagged."""

@@ -91,6 +91,7 @@ from sockshare._channel import Handoff
 from sockshare._errors import ChannelError, RemoteProtocolError, SockshareError
 from sockshare.protocol import MAX_DATA, MAX_META
 from sockshare.server._handler import (
+    MIGRATION_WINDOW,
     App,
     Connection,
     MigrationAborted,
@@ -173,6 +174,10 @@ class _RefusedThere(MigrationRefused):
     """Refused by the dispatcher (no target could take it), which counts it."""
 
 
+class _NoFds(MigrationRefused):
+    """Refused here: no descriptor to duplicate the connection's (EMFILE, ENFILE)."""
+
+
 def _open_fds() -> int:
     """How many descriptors this process has open: the /proc list where there is one,
     else the lowest free descriptor (which does not see holes)."""
@@ -245,6 +250,10 @@ class Worker:
         #: not yet reported (``Unmoved``): migrations refused here, connections a drain
         #: could not move and closed
         self._refused_here = 0
+        #: connections refused for want of descriptors while others were in flight: one
+        #: is asked again each time a migration ends (conn -> why it was asked)
+        self._fd_retry: dict[Connection, str] = {}
+        self._migration_slots = asyncio.Semaphore(MIGRATION_WINDOW)
         self._unmoved_closed = 0
 
     # -- signals ---------------------------------------------------------------------
@@ -410,13 +419,28 @@ class Worker:
         flight meanwhile (a drain waits for it), and as refused here when it is refused
         before anything left this process."""
         self._in_flight += 1
+        requested = conn.migration_requested.is_set()
+        held_fd = True   # (a duplicate of the descriptor: freed now)
         try:
-            await self._migrate_out(conn, meta, unread)
+            async with self._migration_slots:   # (MIGRATION_WINDOW at once)
+                await self._migrate_out(conn, meta, unread)
         except _RefusedThere:
             raise   # (the dispatcher counted it: migrations_refused)
-        except MigrationRefused:
-            self._refused_here += 1
-            self._schedule_report()
+        except MigrationRefused as exc:
+            # the request is answered: a handler that goes on (``except
+            # MigrationRefused: continue``) must wait for its next line, not be
+            # interrupted again at once -- which, with nothing awaited in between, spins
+            # and starves the event loop (every migration in flight with it)
+            conn._requested.clear()
+            if isinstance(exc, _NoFds):
+                held_fd = False
+                if requested and self._in_flight > 1:
+                    # out of descriptors because so many migrations are in flight: each
+                    # one that ends frees one, and gives this one another try
+                    self._fd_retry[conn] = conn.migration_reason or "request"
+            if conn not in self._fd_retry:   # (one that tries again is not refused yet)
+                self._refused_here += 1
+                self._schedule_report()
             raise
         except MigrationAborted:
             self._moves += 1   # (gone from here: progress too)
@@ -425,6 +449,19 @@ class Worker:
             self._moves += 1
         finally:
             self._in_flight -= 1
+            if held_fd and self._fd_retry:
+                self._retry_one(conn)
+
+    def _retry_one(self, done: Connection) -> None:
+        """A migration ended (a descriptor is free): ask one connection refused for want
+        of descriptors to move again."""
+        for conn, reason in list(self._fd_retry.items()):
+            if conn is done or conn._migrating:
+                continue   # (still unwinding its refusal: the next one)
+            del self._fd_retry[conn]
+            if not conn.closed and conn.migratable:
+                conn.request_migration(reason)
+                return
 
     def _schedule_report(self) -> None:
         if not self._flush_scheduled:
@@ -466,7 +503,7 @@ class Worker:
             try:
                 fd = os.dup(raw_sock.fileno())
             except OSError as exc:   # EMFILE / ENFILE: out of descriptors
-                raise MigrationRefused(f"cannot duplicate the connection's descriptor: "
+                raise _NoFds(f"cannot duplicate the connection's descriptor: "
                                        f"{exc.strerror or exc}") from exc
             try:
                 dup = socket.socket(raw_sock.family, raw_sock.type, raw_sock.proto, fd)
@@ -665,6 +702,7 @@ class Worker:
                           "resume handler" if resuming else "handler", conn.handoff_id)
         finally:
             self.conns.pop(conn, None)
+            self._fd_retry.pop(conn, None)
             if not conn.closed:
                 await conn.close()
             if not conn.migrated:   # the dispatcher counted a migrated one out already

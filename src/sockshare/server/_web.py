@@ -58,7 +58,7 @@ from email.utils import formatdate
 from typing import Any
 
 from sockshare._errors import SockshareError
-from sockshare.server._handler import set_nodelay
+from sockshare.server._handler import MIGRATION_WINDOW, set_nodelay
 
 __all__ = [
     "INTERFACES",
@@ -324,6 +324,8 @@ class _Conn:
     done: bool = False
     #: a connection moved here from another worker: its handoff meta ``"resume"``
     resume: dict[str, Any] | None = None
+    #: its descriptor number: its key in ``WebServer._conns``
+    fd: int = -1
 
 
 def _fd_of(transport: asyncio.BaseTransport) -> int:
@@ -544,6 +546,10 @@ class WebServer:
         #: to another worker as soon as it is between two requests
         self.handover_reason = ""
         self._moving: set[asyncio.Protocol] = set()
+        #: WebSockets on their way to another worker (progress for a drain), and the
+        #: bound on how many go at once
+        self.ws_moving = 0
+        self.ws_slots = asyncio.Semaphore(MIGRATION_WINDOW)
         #: keep-alive connections handed over / refused by every target (closed as
         #: uvicorn would) / WebSockets closed with 1012
         self.counts = {"handed_over": 0, "handover_refused": 0, "ws_closed_1012": 0,
@@ -643,7 +649,8 @@ class WebServer:
             src = proxy.get("src")
             if isinstance(src, list) and len(src) == 2:
                 client = (str(src[0]), int(src[1]))
-        self._conns[sock.fileno()] = _Conn(meta, client, self._conn_app(meta), data, resume=resume)
+        fd = sock.fileno()
+        self._conns[fd] = _Conn(meta, client, self._conn_app(meta), data, resume=resume, fd=fd)
         self._idle.clear()
 
     def start(self, sock: Any) -> None:
@@ -702,11 +709,20 @@ class WebServer:
         if not self._conns:
             self._idle.set()
 
-    def _lost(self, proto: asyncio.Protocol, c: _Conn) -> None:
-        for fd, known in list(self._conns.items()):
+    def _unregister(self, c: _Conn) -> None:
+        """``c`` is no longer ours: by its key (a scan of every connection for each one
+        that leaves made a reload of 10,000 WebSockets quadratic: seconds of CPU in the
+        old worker, which then looked stuck)."""
+        if self._conns.get(c.fd) is c:
+            del self._conns[c.fd]
+            return
+        for fd, known in list(self._conns.items()):   # (not registered by its fd)
             if known is c:
                 del self._conns[fd]
                 break
+
+    def _lost(self, proto: asyncio.Protocol, c: _Conn) -> None:
+        self._unregister(c)
         self.on_closed()
         if not self._conns:
             self._idle.set()
@@ -824,10 +840,7 @@ class WebServer:
     def _detach(self, proto: Any, c: _Conn) -> None:
         """The connection lives on elsewhere: close this process's descriptor only."""
         c.done = True   # (the dispatcher counted it out; no closed report)
-        for fd, known in list(self._conns.items()):
-            if known is c:
-                del self._conns[fd]
-                break
+        self._unregister(c)
         proto.transport.abort()
         if not self._conns:
             self._idle.set()
@@ -908,11 +921,13 @@ class WebServer:
                 async with asyncio.timeout(min(DRAIN_TICK, left)):
                     await self._idle.wait()
             n = self._open_count()
-            if n < lowest or self._moving:
+            if n < lowest or self._moving or self.ws_moving:
                 lowest = min(lowest, n)
                 quiet_since = loop.time()
 
     def _shutdown(self, proto: Any) -> None:
+        if getattr(proto, "_ss_moving", False):
+            return   # on its way to another worker, which may serve it already: not ours
         if self._is_ws(proto) and getattr(proto, "handshake_complete", True):
             self.counts["ws_closed_1012"] += 1
         with contextlib.suppress(Exception):

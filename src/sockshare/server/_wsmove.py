@@ -260,6 +260,7 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
             meta = self._ss_meta(encoded_state)
             transport = self.transport
             self._ss_moving = True
+            web.ws_moving += 1
             transport.pause_reading()
             self.stop_keepalive()
             try:
@@ -268,14 +269,17 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
                     await asyncio.sleep(0.002)
                 if transport.get_write_buffer_size() or transport.is_closing():
                     raise MigrationRefused("the client did not take what was written")
-                raw = transport.get_extra_info("socket")
-                dup = socket.socket(raw.family, raw.type, raw.proto, os.dup(raw.fileno()))
-                assert web.relay is not None
-                outcome = await web.relay(dup, meta, bytes(self._ss_raw))
+                async with web.ws_slots:   # (MIGRATION_WINDOW at once)
+                    raw = transport.get_extra_info("socket")
+                    dup = socket.socket(raw.family, raw.type, raw.proto, os.dup(raw.fileno()))
+                    assert web.relay is not None
+                    outcome = await web.relay(dup, meta, bytes(self._ss_raw))
             except BaseException:
+                web.ws_moving -= 1
                 self._ss_moving = False
                 self._ss_resume_here()
                 raise
+            web.ws_moving -= 1
             if outcome in ("accepted", "gone"):
                 web.counts["ws_migrated_out" if outcome == "accepted" else "ws_lost"] += 1
                 web.detach(self)

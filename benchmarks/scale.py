@@ -1,0 +1,725 @@
+"""Benchmark: thousands of idle WebSockets through a reload, an upgrade and a migration.
+
+Run:  python benchmarks/scale.py [--sizes 1000,5000] [--rate 500] [--plot FILE.png]
+                                 [--src DIR] [--only sockshare|uvicorn]
+
+For each N of ``--sizes``, one server after the other, on 127.0.0.1, with the same app,
+the ASGI demo ``sockshare.server._demo_asgi:app`` (its WebSocket echoes each text message
+with a counter ``n`` that goes on across migrations, and opts in to migration):
+
+* ``sockshare`` -- ``sockshare serve sockshare.server._demo_asgi:app --workers 2
+  --no-rebalance`` (rebalancing off, so that the migration below is not undone);
+* ``uvicorn``   -- ``uvicorn sockshare.server._demo_asgi:app --workers 2``.
+
+N WebSockets are opened (``/ws``) from client processes (one per 5,000 connections, at
+most 4; each a single asyncio loop of wsproto protocols, no task per connection), each
+sending message 1 and waiting for its echo: the **open rate** is N over the time that
+takes. The **RSS per connection** is the growth of the server's whole process tree
+(``VmRSS`` of the main process and every descendant) from before the clients connected
+to after, over N.
+
+Then, for sockshare, under light traffic (``--rate`` messages a second in all, each
+connection in turn, every echo checked), one after the other, each waited for:
+
+* ``reload``  -- ``{"cmd": "reload", "wait": true}``: new workers; every connection
+  moves to them (timed until the old workers exited);
+* ``upgrade`` -- ``{"cmd": "upgrade", "wait": true}``: a new dispatcher and workers;
+  every connection moves to them (timed until the old dispatcher and workers exited);
+* ``migrate`` -- ``{"cmd": "migrate", "from": W, "count": N/2, "wait": true}``: half of
+  them (all of one worker's) to the other worker.
+
+After each, every connection sends a message and must be answered by a worker of the
+current generation. Reported per operation: its time, the moves the clients saw and the
+migration latency (p50 / p99, from ``migrate()`` on the old worker to the app resuming on
+the new one, as the new worker reports it in its ``moved`` notice: in a move of
+thousands, mostly the wait for its turn, as a worker relays 128 at once), the slowest
+echo during the operation, and the failures: connections **dropped** (closed by the server),
+messages **lost** (no echo), **duplicated**, **disordered** (an echo that is not the
+oldest one awaited, or a counter ``n`` that does not follow), connections not answered
+afterwards or answered by an old worker (**stale**). The target: all zero.
+
+Prints a Markdown table and the command line, writes benchmarks/results/scale.json and,
+with ``--plot``, a PNG of the time of each operation against N. A benchmark, not a test
+(the CI tests are tests/server/test_scale.py). The client processes and the servers
+raise their soft RLIMIT_NOFILE to the hard limit: N/2 + a few hundred at least (each
+worker holds half); below N + a few hundred, the migration's moves that do not fit in
+its target are refused (counted in the JSON, ``refused``; they stay where they are).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import resource
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.asgi import _env, _git_describe, descendants, free_port  # noqa: E402
+
+APP = "sockshare.server._demo_asgi:app"
+WORKERS = 2
+PER_CLIENT = 5000
+OPEN_CONCURRENCY = 200
+READY_TIMEOUT = 60.0
+SERVERS = ("sockshare", "uvicorn")
+OPS = ("reload", "upgrade", "migrate")
+COLORS = {"reload": "#2b6cb0", "upgrade": "#38a169", "migrate": "#d69e2e"}
+
+
+def _raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# --- the client processes ---------------------------------------------------------------
+
+
+@dataclass
+class _Counts:
+    dropped: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    disordered: int = 0
+    moves: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    rtts_ms: list[float] = field(default_factory=list)
+
+
+class _Ws(asyncio.Protocol):
+    """One WebSocket client: numbered messages ``s1, s2, ...``, each echo checked."""
+
+    def __init__(self, client: _Client, host: str, port: int) -> None:
+        from wsproto import WSConnection
+        from wsproto.connection import ConnectionType
+
+        self.client = client
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.host, self.port = host, port
+        self.transport: asyncio.Transport | None = None
+        self.opened: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.seq = 0
+        self.waiting: deque[tuple[int, float]] = deque()   # (seq, sent at)
+        self.last_echoed = 0
+        self.last_n = 0
+        self.pid = 0
+        self.closing = False
+        self.closed = False
+        self.answered: asyncio.Event | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        from wsproto.events import Request
+
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(self.ws.send(Request(host=f"{self.host}:{self.port}", target="/ws")))
+
+    def send_next(self) -> None:
+        from wsproto.events import TextMessage
+
+        if self.transport is None or self.closed:
+            return
+        self.seq += 1
+        self.waiting.append((self.seq, time.monotonic()))
+        self.transport.write(self.ws.send(TextMessage(data=f"s{self.seq}")))
+
+    def data_received(self, data: bytes) -> None:
+        from wsproto.events import (
+            AcceptConnection,
+            CloseConnection,
+            Ping,
+            RejectConnection,
+            TextMessage,
+        )
+
+        self.ws.receive_data(data)
+        for ev in self.ws.events():
+            if isinstance(ev, TextMessage):
+                self._message(json.loads(ev.data))
+            elif isinstance(ev, AcceptConnection):
+                if not self.opened.done():
+                    self.opened.set_result(True)
+            elif isinstance(ev, RejectConnection):
+                if not self.opened.done():
+                    self.opened.set_result(False)
+            elif isinstance(ev, Ping) and self.transport is not None:
+                self.transport.write(self.ws.send(ev.response()))
+            elif isinstance(ev, CloseConnection) and self.transport is not None:
+                self.transport.close()
+
+    def _message(self, msg: dict[str, Any]) -> None:
+        c = self.client.counts
+        if msg.get("event") == "moved":
+            c.moves += 1
+            self.pid = int(msg.get("worker_pid") or 0)
+            if msg.get("latency_ms") is not None:
+                c.latencies_ms.append(float(msg["latency_ms"]))
+            if msg.get("n") != self.last_n:
+                c.disordered += 1
+            return
+        if "echo" not in msg:
+            return
+        seq = int(str(msg["echo"])[1:])
+        self.pid = int(msg.get("worker_pid") or 0)
+        if seq <= self.last_echoed:
+            c.duplicated += 1
+            return
+        if not self.waiting or self.waiting[0][0] != seq:
+            c.disordered += 1
+            while self.waiting and self.waiting[0][0] <= seq:
+                self.waiting.popleft()
+        else:
+            c.rtts_ms.append((time.monotonic() - self.waiting.popleft()[1]) * 1000)
+        self.last_echoed = seq
+        if msg.get("n") != self.last_n + 1:
+            c.disordered += 1
+        self.last_n = int(msg.get("n") or 0)
+        if not self.waiting and self.answered is not None:
+            self.answered.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.opened.done():
+            self.opened.set_result(False)
+        if not self.closing:
+            self.client.counts.dropped += 1
+            self.client.counts.lost += len(self.waiting)
+            self.waiting.clear()
+        if self.answered is not None:
+            self.answered.set()
+
+
+class _Client:
+    """A client process: commands on stdin, one JSON answer a line on stdout."""
+
+    def __init__(self) -> None:
+        self.conns: list[_Ws] = []
+        self.counts = _Counts()
+        self.traffic: asyncio.Task[None] | None = None
+
+    async def open(self, host: str, port: int, n: int) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        sem = asyncio.Semaphore(OPEN_CONCURRENCY)
+        failed = 0
+
+        async def one() -> None:
+            nonlocal failed
+            async with sem:
+                try:
+                    async with asyncio.timeout(30):
+                        _t, proto = await loop.create_connection(lambda: _Ws(self, host, port),
+                                                                 host, port)
+                        if not await proto.opened:
+                            failed += 1
+                            return
+                        proto.answered = asyncio.Event()
+                        proto.send_next()
+                        await proto.answered.wait()
+                        proto.answered = None
+                        if proto.closed:
+                            failed += 1
+                            return
+                except (OSError, TimeoutError):
+                    failed += 1
+                    return
+                self.conns.append(proto)
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(one() for _ in range(n)))
+        return {"opened": len(self.conns), "failed": failed, "secs": time.monotonic() - t0}
+
+    async def _traffic(self, rate: float) -> None:
+        """``rate`` messages a second, to each open connection in turn."""
+        i = 0
+        tick = 0.01
+        while True:
+            live = [c for c in self.conns if not c.closed]
+            if not live:
+                return
+            for _ in range(max(1, round(rate * tick))):
+                c = live[i % len(live)]
+                i += 1
+                if not c.waiting:   # one at a time per connection
+                    c.send_next()
+            await asyncio.sleep(tick)
+
+    def start_traffic(self, rate: float) -> dict[str, Any]:
+        self.counts.rtts_ms.clear()
+        self.counts.latencies_ms.clear()
+        if rate > 0:
+            self.traffic = asyncio.get_running_loop().create_task(self._traffic(rate))
+        return {"ok": True}
+
+    async def settle(self, timeout: float) -> dict[str, Any]:
+        """Stop the traffic, wait for every echo awaited (those missing are lost)."""
+        if self.traffic is not None:
+            self.traffic.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.traffic
+            self.traffic = None
+        deadline = time.monotonic() + timeout
+        while any(c.waiting for c in self.conns if not c.closed) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for c in self.conns:
+            if not c.closed and c.waiting:
+                self.counts.lost += len(c.waiting)
+                c.waiting.clear()
+        return self.report()
+
+    async def round(self, timeout: float) -> dict[str, Any]:
+        """Every open connection sends one message; which pids answered, how many not."""
+        live = [c for c in self.conns if not c.closed]
+        for c in live:
+            c.answered = asyncio.Event()
+            c.send_next()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                for c in live:
+                    assert c.answered is not None
+                    await c.answered.wait()
+        pids: dict[int, int] = {}
+        unanswered = 0
+        for c in live:
+            c.answered = None
+            if c.waiting or c.closed:
+                unanswered += 1
+                self.counts.lost += len(c.waiting)
+                c.waiting.clear()
+            else:
+                pids[c.pid] = pids.get(c.pid, 0) + 1
+        return {"answered_by": pids, "unanswered": unanswered,
+                "closed": sum(c.closed for c in self.conns)}
+
+    def report(self) -> dict[str, Any]:
+        c = self.counts
+        out = {"dropped": c.dropped, "lost": c.lost, "duplicated": c.duplicated,
+               "disordered": c.disordered, "moves": c.moves, "latencies_ms": c.latencies_ms,
+               "rtts_ms": c.rtts_ms}
+        self.counts = _Counts()
+        return out
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.closing = True
+            if c.transport is not None:
+                with contextlib.suppress(OSError):   # RST: no TIME_WAIT left behind
+                    sock = c.transport.get_extra_info("socket")
+                    if sock is not None:
+                        sock.setsockopt(__import__("socket").SOL_SOCKET,
+                                        __import__("socket").SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                c.transport.close()
+
+
+async def _client_main() -> None:
+    _raise_nofile()
+    client = _Client()
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        req = json.loads(line)
+        op = req["op"]
+        if op == "open":
+            out = await client.open(req["host"], req["port"], req["n"])
+        elif op == "traffic":
+            out = client.start_traffic(req["rate"])
+        elif op == "settle":
+            out = await client.settle(req["timeout"])
+        elif op == "round":
+            out = await client.round(req["timeout"])
+        else:
+            client.close()
+            await asyncio.sleep(0.2)
+            out = {"ok": True}
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
+        if op == "close":
+            break
+
+
+class Clients:
+    """The client processes, driven together."""
+
+    def __init__(self, n: int) -> None:
+        k = max(1, min(4, -(-n // PER_CLIENT)))
+        self.shares = [n // k + (i < n % k) for i in range(k)]
+        self.procs = [subprocess.Popen([sys.executable, __file__, "--client"],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       env=_env(ROOT / "src"), text=True)
+                      for _ in self.shares]
+
+    def ask(self, reqs: list[dict[str, Any]], timeout: float = 300.0) -> list[dict[str, Any]]:
+        for p, req in zip(self.procs, reqs, strict=True):
+            stdin: IO[str] | None = p.stdin
+            assert stdin is not None
+            stdin.write(json.dumps(req) + "\n")
+            stdin.flush()
+        out = []
+        for p in self.procs:
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            if not line:
+                raise RuntimeError("a client process died")
+            out.append(json.loads(line))
+        return out
+
+    def all(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.ask([req] * len(self.procs))
+
+    def open(self, port: int) -> tuple[int, int, float]:
+        t0 = time.monotonic()
+        outs = self.ask([{"op": "open", "host": "127.0.0.1", "port": port, "n": k}
+                         for k in self.shares])
+        return (sum(o["opened"] for o in outs), sum(o["failed"] for o in outs),
+                time.monotonic() - t0)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.all({"op": "close"})
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
+# --- the servers ----------------------------------------------------------------------
+
+
+def rss_kib(pid: int) -> int:
+    total = 0
+    for p in [pid, *descendants(pid)]:
+        with contextlib.suppress(OSError), open(f"/proc/{p}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+    control: str = ""
+
+    def status(self) -> dict[str, Any]:
+        from sockshare.server._control import request
+
+        resp = request(self.control, {"cmd": "status"}, timeout=10.0)
+        st: dict[str, Any] = resp["status"]
+        return st
+
+    def command(self, req: dict[str, Any]) -> dict[str, Any]:
+        from sockshare.server._control import request
+
+        out: dict[str, Any] = request(self.control, req, timeout=600.0)
+        return out
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            if len(descendants(self.proc.pid)) >= WORKERS and _answers(self.port):
+                if not self.control:
+                    return
+                with contextlib.suppress(Exception):
+                    if sum(w["state"] == "ready" for w in self.status()["workers"]) >= WORKERS:
+                        return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not start:\n"
+                           + self.log.read_text(errors="replace")[-3000:])
+
+    def stop(self) -> None:
+        pids = [self.proc.pid, *descendants(self.proc.pid)]
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        for pid in pids[1:]:   # (its own descendants, if any outlived it)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _answers(port: int) -> bool:
+    import http.client
+
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        c.request("GET", "/whoami")
+        ok = c.getresponse().status == 200
+        c.close()
+        return ok
+    except OSError:
+        return False
+
+
+def start(name: str, src: Path, tmp: Path) -> Server:
+    port = free_port()
+    log = tmp / f"{name}.log"
+    if name == "sockshare":
+        control = str(tmp / "ctl" / "scale.ctl")
+        argv = [sys.executable, "-m", "sockshare.server._cli", "serve", APP,
+                "--workers", str(WORKERS), "--bind", f"127.0.0.1:{port}", "--control", control,
+                "--no-rebalance", "--log-level", "warning", "--grace", "5"]
+    else:
+        control = ""
+        argv = [sys.executable, "-m", "uvicorn", APP, "--workers", str(WORKERS),
+                "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+                "--log-level", "warning", "--backlog", "4096"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                env=_env(src), cwd=str(tmp), start_new_session=True)
+    srv = Server(name, port, proc, log, control)
+    srv.wait_ready()
+    return srv
+
+
+# --- one size -------------------------------------------------------------------------
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3)
+
+
+def _sum(outs: list[dict[str, Any]], key: str) -> int:
+    return sum(int(o[key]) for o in outs)
+
+
+def _worker_pids(srv: Server) -> set[int]:
+    return {int(w["pid"]) for w in srv.status()["workers"] if w["pid"] and w["state"] == "ready"}
+
+
+def run_op(op: str, srv: Server, clients: Clients, n: int, rate: float) -> dict[str, Any]:
+    clients.all({"op": "traffic", "rate": rate / len(clients.procs)})
+    time.sleep(0.3)
+    before = srv.status()
+    if op == "reload":
+        req: dict[str, Any] = {"cmd": "reload", "wait": True}
+    elif op == "upgrade":
+        req = {"cmd": "upgrade", "wait": True}
+    else:
+        source = max(before["workers"], key=lambda w: w["connections"])
+        req = {"cmd": "migrate", "from": source["id"], "count": n // 2, "wait": True}
+    # done: for a reload or an upgrade, once the old workers (and dispatcher) are gone
+    old = {int(w["pid"]) for w in before["workers"] if w["pid"]} if op != "migrate" else set()
+    if op == "upgrade":
+        old.add(int(before.get("dispatcher") or before["pid"]))
+    t0 = time.monotonic()
+    resp = srv.command(req)
+    deadline = time.monotonic() + 120
+    while any(_alive(p) for p in old) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    took = time.monotonic() - t0
+    time.sleep(0.3)
+    outs = clients.all({"op": "settle", "timeout": 30.0})
+    current = _worker_pids(srv)
+    rounds = clients.all({"op": "round", "timeout": 60.0})
+    stale = sum(k for r in rounds for pid, k in r["answered_by"].items() if int(pid) not in current)
+    lat = [x for o in outs for x in o["latencies_ms"]]
+    rtts = [x for o in outs for x in o["rtts_ms"]]
+    after = srv.status()
+    row = {"op": op, "ok": bool(resp.get("ok")), "secs": round(took, 2),
+           "moves": _sum(outs, "moves"),
+           "latency_p50_ms": _pct(lat, 0.5), "latency_p99_ms": _pct(lat, 0.99),
+           "echo_max_ms": round(max(rtts), 1) if rtts else None, "echoes": len(rtts),
+           "dropped": _sum(outs, "dropped"), "lost": _sum(outs, "lost"),
+           "duplicated": _sum(outs, "duplicated"), "disordered": _sum(outs, "disordered"),
+           "unanswered": sum(r["unanswered"] for r in rounds), "stale": stale,
+           "server_lost": after["counters"]["lost"] - before["counters"]["lost"],
+           "connections": {w["id"]: w["connections"] for w in after["workers"]
+                           if w["state"] == "ready"}}
+    if op == "migrate":
+        row["migrated"] = resp.get("migrated")
+        row["refused"] = resp.get("refused")
+    return row
+
+
+def run_size(name: str, n: int, src: Path, tmp: Path, rate: float) -> dict[str, Any]:
+    srv = start(name, src, tmp)
+    clients = Clients(n)
+    try:
+        time.sleep(0.5)
+        base = rss_kib(srv.proc.pid)
+        opened, failed, secs = clients.open(srv.port)
+        time.sleep(1.0)
+        rss = rss_kib(srv.proc.pid)
+        row: dict[str, Any] = {
+            "server": name, "n": n, "opened": opened, "open_failed": failed,
+            "open_secs": round(secs, 2), "open_rate": round(opened / secs) if secs else None,
+            "rss_base_mib": round(base / 1024, 1), "rss_mib": round(rss / 1024, 1),
+            "rss_per_conn_kib": round((rss - base) / max(1, opened), 2), "ops": []}
+        print(f"{name} N={n}: opened {opened} ({failed} failed) in {secs:.1f} s, "
+              f"{row['rss_per_conn_kib']} KiB/connection", file=sys.stderr)
+        if name == "sockshare":
+            for op in OPS:
+                r = run_op(op, srv, clients, n, rate)
+                print(f"  {op}: {json.dumps(r)}", file=sys.stderr)
+                row["ops"].append(r)
+        return row
+    finally:
+        clients.close()
+        srv.stop()
+
+
+# --- output ---------------------------------------------------------------------------
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    out = ["| server | N | open/s | RSS/conn KiB | RSS MiB (idle -> N) |",
+           "|---|---:|---:|---:|---|"]
+    for r in rows:
+        out.append(f"| {r['server']} | {r['n']:,} | {r['open_rate'] or 0:,} | "
+                   f"{r['rss_per_conn_kib']} | {r['rss_base_mib']} -> {r['rss_mib']} |")
+    out += ["", "| N | operation | time s | moves | migration p50 / p99 ms | slowest echo ms "
+            "| dropped | lost | dup | disord. | unanswered | stale |",
+            "|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        for o in r["ops"]:
+            out.append(f"| {r['n']:,} | {o['op']} | {o['secs']} | {o['moves']:,} | "
+                       f"{o['latency_p50_ms']} / {o['latency_p99_ms']} | {o['echo_max_ms']} | "
+                       f"{o['dropped']} | {o['lost']} | {o['duplicated']} | {o['disordered']} | "
+                       f"{o['unanswered']} | {o['stale']} |")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, label: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ours = [r for r in rows if r["server"] == "sockshare"]
+    for op in OPS:
+        pts = [(r["n"], o["secs"]) for r in ours for o in r["ops"] if o["op"] == op]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=op, color=COLORS[op])
+    ax.set_xlabel("idle WebSockets (N)")
+    ax.set_ylabel("seconds (waited for)")
+    ax.set_title("sockshare: time to move every connection")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    for name, color in (("sockshare", "#2b6cb0"), ("uvicorn", "#718096")):
+        pts = [(r["n"], r["rss_per_conn_kib"]) for r in rows if r["server"] == name]
+        if pts:
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name, color=color)
+    ax2.set_xlabel("idle WebSockets (N)")
+    ax2.set_ylabel("KiB of RSS per connection")
+    ax2.set_title("server memory per connection (2 workers)")
+    ax2.legend()
+    ax2.grid(alpha=0.3)
+    fig.suptitle(f"{APP}, 2 workers, 127.0.0.1 ({label})", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    if "--client" in sys.argv[1:]:
+        asyncio.run(_client_main())
+        return 0
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--sizes", default="1000,5000",
+                    help="comma-separated numbers of WebSockets (default 1000,5000)")
+    ap.add_argument("--rate", type=float, default=500.0,
+                    help="messages a second in all during each operation (default 500)")
+    ap.add_argument("--only", choices=SERVERS, action="append",
+                    help="run only this server (repeatable)")
+    ap.add_argument("--src", default=str(ROOT / "src"),
+                    help="the sockshare source tree the servers run (an A/B: another commit)")
+    ap.add_argument("--plot", default=None, metavar="FILE.png")
+    ap.add_argument("--out", default=str(HERE / "results" / "scale.json"))
+    args = ap.parse_args()
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        ap.error("--sizes: comma-separated integers")
+    if not sizes or any(not 2 <= s <= 100_000 for s in sizes):
+        ap.error("--sizes: 2..100000 each")
+    src = Path(args.src).resolve()
+    if not (src / "sockshare" / "server" / "_demo_asgi.py").exists():
+        ap.error(f"--src {src}: not a sockshare source tree with the ASGI demo")
+    limit = _raise_nofile()
+    if limit < max(sizes) // WORKERS + 512:
+        ap.error(f"RLIMIT_NOFILE hard limit {limit}: too low for {max(sizes)} connections "
+                 f"(raise it: ulimit -Hn)")
+    if limit < max(sizes) + 512:
+        print(f"RLIMIT_NOFILE {limit}: a worker cannot hold all {max(sizes)} connections; "
+              f"the migration's moves that do not fit are refused (they stay where they are)",
+              file=sys.stderr)
+    sys.path.insert(0, str(src))
+    command = shlex.join(["python", *sys.argv])
+    tmp = Path(tempfile.mkdtemp(prefix="ss-scale-"))
+    rows: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+    for n in sizes:
+        for name in args.only or SERVERS:
+            (tmp / name / str(n)).mkdir(parents=True)
+            rows.append(run_size(name, n, src, tmp / name / str(n), args.rate))
+    label = _git_describe(src) or str(src)
+    out = {"command": command, "src": label,
+           "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                       "platform": platform.platform()},
+           "duration_s": round(time.monotonic() - t0, 1), "rate": args.rate, "rows": rows}
+    failures = sum(o[k] for r in rows for o in r["ops"]
+                   for k in ("dropped", "lost", "duplicated", "disordered", "unanswered", "stale"))
+    failures += sum(r["n"] - r["opened"] for r in rows)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(markdown(rows))
+    print()
+    lat = [o["latency_p99_ms"] for r in rows for o in r["ops"] if o["latency_p99_ms"] is not None]
+    if lat:
+        print(f"migration latency p99, median over operations: {statistics.median(lat):.3f} ms")
+    print(f"failures (not opened, dropped, lost, duplicated, disordered, unanswered, stale): "
+          f"{failures}")
+    print(f"command: {command}  (src {label}; logs in {tmp})")
+    print(f"wrote {os.path.relpath(args.out)}")
+    if args.plot:
+        plot(rows, Path(args.plot), label)
+        print(f"wrote {args.plot}")
+    return 0 if failures == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
