@@ -551,18 +551,24 @@ def main() -> int:
         "src": str(src), "code": args.code, "kernel": platform.release(),
         "loadavg_end": os.getloadavg(), "targets": TARGETS, "servers": summary,
     }
-    out = HERE / "results" / "asgi.json"
+    write_result("asgi", result, args.plot, lambda path: plot(summary, path, args))
+    return 0
+
+
+def write_result(name: str, result: dict[str, Any], plot_to: str | None,
+                 draw: Callable[[Path], None]) -> None:
+    """``benchmarks/results/NAME.json``, and the plot if one was asked for (matplotlib)."""
+    out = HERE / "results" / f"{name}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out.relative_to(ROOT)}", file=sys.stderr)
-    if args.plot:
+    if plot_to:
         try:
-            plot(summary, Path(args.plot), args)
+            draw(Path(plot_to))
         except ImportError:
             print("matplotlib is not installed (pip install matplotlib): no plot", file=sys.stderr)
         else:
-            print(f"wrote {args.plot}", file=sys.stderr)
-    return 0
+            print(f"wrote {plot_to}", file=sys.stderr)
 
 
 if __name__ == "__main__":

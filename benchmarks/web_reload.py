@@ -81,6 +81,7 @@ from benchmarks.asgi import (  # noqa: E402
     _versions,
     descendants,
     free_port,
+    write_result,
 )
 
 WORKERS = 2
@@ -560,17 +561,7 @@ def main() -> int:
         "src": str(src), "code": args.code, "kernel": platform.release(),
         "loadavg_end": os.getloadavg(), "servers": rows,
     }
-    out = HERE / "results" / "web_reload.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out.relative_to(ROOT)}", file=sys.stderr)
-    if args.plot:
-        try:
-            plot(rows, Path(args.plot), args)
-        except ImportError:
-            print("matplotlib is not installed (pip install matplotlib): no plot", file=sys.stderr)
-        else:
-            print(f"wrote {args.plot}", file=sys.stderr)
+    write_result("web_reload", result, args.plot, lambda path: plot(rows, path, args))
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import time
@@ -148,6 +149,19 @@ class LiveServer(Server):
                     os.kill(pid, signal.SIGKILL)
 
 
+def room_for(n: int) -> None:
+    """This test process needs ``n`` descriptors more than it has: raise its soft
+    RLIMIT_NOFILE (skip if the hard limit is too low)."""
+    import pytest
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        if hard != resource.RLIM_INFINITY and hard < want:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {want}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def wait_until(pred: Any, timeout: float = 10.0, what: str = "") -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -173,5 +187,5 @@ def tcp_rst_close(s: socket.socket) -> None:
     s.close()
 
 
-__all__ = ["LineClient", "LiveServer", "fd_count", "is_clean_eof", "pid_alive", "read_line",
+__all__ = ["LineClient", "LiveServer", "fd_count", "is_clean_eof", "pid_alive", "read_line", "room_for",
            "tcp_rst_close", "wait_gone", "wait_until"]

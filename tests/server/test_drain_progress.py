@@ -20,7 +20,6 @@ Real dispatcher, real workers, real sockets on 127.0.0.1 (``live_apps``).
 from __future__ import annotations
 
 import http.client
-import resource
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from live_helpers import LineClient, LiveServer, pid_alive, wait_until
+from live_helpers import LineClient, LiveServer, pid_alive, room_for, wait_until
 from serve_helpers import ROOT, env_with_apps
 
 pytestmark = pytest.mark.timeout(240)
@@ -37,14 +36,6 @@ pytestmark = pytest.mark.timeout(240)
 APP = "live_apps:handle"
 
 
-def _room_for(n: int) -> None:
-    """This test process needs ``n`` descriptors more than it has."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = n + 256
-    if soft != resource.RLIM_INFINITY and soft < want:
-        if hard != resource.RLIM_INFINITY and hard < want:
-            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {want}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def _follow(c: LineClient, cmd: str) -> dict[str, Any]:
@@ -61,7 +52,7 @@ def _old_pids(st: dict[str, Any]) -> set[int]:
 
 def test_reload_with_short_grace_loses_none_of_1500_moving_connections(tmp_path: Path) -> None:
     n = 1500
-    _room_for(n)
+    room_for(n)
     with LiveServer(tmp_path, "--grace", "1", "--no-rebalance", app=APP, workers=2) as srv:
         addr = srv.address()
         clients = [LineClient(addr, timeout=30) for _ in range(n)]
@@ -150,7 +141,7 @@ def test_cli_reload_returns_once_the_old_workers_are_gone(tmp_path: Path) -> Non
 
 def test_rebalancing_evens_out_600_connections_in_seconds(tmp_path: Path) -> None:
     n = 600
-    _room_for(n)
+    room_for(n)
     with LiveServer(tmp_path, "--policy", "serve_apps:pick_last", app=APP, workers=2) as srv:
         addr = srv.address()
         probe = LineClient(addr)   # stays where it is: its answers must not lag

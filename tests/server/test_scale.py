@@ -23,13 +23,12 @@ Real dispatcher, real workers, real sockets on 127.0.0.1.
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from live_helpers import LineClient, LiveServer, pid_alive, wait_until
+from live_helpers import LineClient, LiveServer, pid_alive, room_for, wait_until
 from loadgen import Load
 
 pytestmark = pytest.mark.timeout(180)
@@ -37,14 +36,6 @@ pytestmark = pytest.mark.timeout(180)
 APP = "live_apps:handle"
 
 
-def _room_for(n: int) -> None:
-    """This test process needs ``n`` descriptors more than it has."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = n + 256
-    if soft != resource.RLIM_INFINITY and soft < want:
-        if hard != resource.RLIM_INFINITY and hard < want:
-            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {want}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def _follow(c: LineClient) -> dict[str, Any]:
@@ -80,7 +71,7 @@ def _open(addr: Any, n: int) -> list[LineClient]:
 
 def test_1800_connections_under_1024_descriptors_reload_and_migrate(tmp_path: Path) -> None:
     n = 1800   # 900 a worker: each has room for ~940 under 1,024 descriptors
-    _room_for(n)
+    room_for(n)
     with LiveServer(tmp_path, "--no-rebalance", app=APP, workers=2, nofile=1024) as srv:
         clients = _open(srv.address(), n)
         try:
@@ -145,7 +136,7 @@ def test_1800_connections_under_1024_descriptors_reload_and_migrate(tmp_path: Pa
 
 def test_5000_connections_reload_with_grace_shorter_than_the_move(tmp_path: Path) -> None:
     n = 5000
-    _room_for(n)
+    room_for(n)
     with LiveServer(tmp_path, "--no-rebalance", "--grace", "0.5", app=APP, workers=2) as srv:
         clients = _open(srv.address(), n)
         try:
@@ -180,7 +171,7 @@ def test_8000_websockets_reload_with_short_grace(tmp_path: Path) -> None:
     pytest.importorskip("uvicorn", reason="pip install 'sockshare[asgi]' (or the test extra)")
     pytest.importorskip("wsproto")
     n = 8000
-    _room_for(n)
+    room_for(n)
     with LiveServer(tmp_path, "--no-rebalance", "--grace", "0.5", "--log-level", "warning",
                     app="sockshare.server._demo_asgi:app", workers=2) as srv:
         load = Load(srv.address(), short_clients=0, ws_clients=n, ws_period=5.0, timeout=30.0)
