@@ -175,6 +175,9 @@ def start_sockshare(tmp: Path, opts: Options) -> Running:
                 ready = [w["pid"] for w in st["workers"] if w["state"] == "ready" and w["pid"]]
                 if len(ready) == WORKERS:
                     run.workers = ready
+                    # under the stable master (issue 15) the dispatcher is its child: the
+                    # CPU per connection is the dispatcher's (older trees report none)
+                    run.dispatcher = int(st.get("dispatcher") or proc.pid)
                     run.port = int(st["listeners"][0]["address"].rsplit(":", 1)[1])
                     return run
             if time.monotonic() > deadline:

@@ -155,7 +155,7 @@ def slow_clients(port: int, n: int, interval: float, seconds: float, out: Any) -
 # --- the server ----------------------------------------------------------------------
 
 
-def start_server(tmp: Path, src: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], str, int]:
+def start_server(tmp: Path, src: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], str, int, int]:
     control = str(tmp / "ctl" / "serve.ctl")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), str(src), env.get("PYTHONPATH", "")) if p)
@@ -175,7 +175,9 @@ def start_server(tmp: Path, src: Path, extra: list[str]) -> tuple[subprocess.Pop
             st = _request(control, {"cmd": "status"})["status"]
             if sum(w["state"] == "ready" for w in st["workers"]) == 2:
                 port = int(st["listeners"][0]["address"].rpartition(":")[2])
-                return proc, control, port
+                # under the stable master (issue 15) the dispatcher is a child: its pid
+                # is what the CPU figure must follow (older trees report none)
+                return proc, control, port, int(st.get("dispatcher") or proc.pid)
         time.sleep(0.1)
 
 
@@ -246,10 +248,10 @@ def main() -> int:
     out: dict[str, Any] = {"src": str(args.src.resolve()), "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory(prefix="sniff-slow-") as d:
-        proc, control, port = start_server(Path(d), args.src, args.server_arg)
+        proc, control, port, dispatcher = start_server(Path(d), args.src, args.server_arg)
         try:
-            out["phases"] = [phase("baseline", port, proc.pid, control, args, 0),
-                             phase("slow", port, proc.pid, control, args, args.slow)]
+            out["phases"] = [phase("baseline", port, dispatcher, control, args, 0),
+                             phase("slow", port, dispatcher, control, args, args.slow)]
         finally:
             stop(proc)
     print(f"source: {out['src']}")
