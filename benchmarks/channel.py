@@ -9,7 +9,10 @@ same in both).
 Every mode moves N descriptors from a sender process to a receiver process over a UNIX
 socketpair; the receiver wraps each in a Python socket object (where the mode is
 Python) and closes it. Elapsed time runs from the sender's first send to the
-receiver's last close. Modes, all in one run, interleaved run by run:
+receiver's last close. CPU time (sender + receiver, user + system) is reported next to
+it: on a shared machine whose other tenants take the cores, the wall time of a run
+swings by 2x or more, the CPU it took much less, so A/B comparisons go by CPU. Modes,
+all in one run, interleaved run by run:
 
 * raw_send_fds_1   -- socket.send_fds / recv_fds, one fd + 164 payload bytes a message,
                       socket(fileno=...) on receipt: the baseline ratios refer to;
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -63,9 +67,10 @@ def _fork_pair(
     sender: Callable[[socket.socket, int], Callable[[], None]],
     receiver: Callable[[socket.socket, int], None],
     n: int,
-) -> float:
+) -> tuple[float, float]:
     """Fork a receiver; ``sender(sock, n)`` prepares (handshake, sockets) and returns
-    the timed part. Time runs from calling it to the receiver's last close."""
+    the timed part. Time runs from calling it to the receiver's last close; CPU is the
+    sender's timed part plus the receiver's whole run. Returns (wall s, CPU s)."""
     a, b = socket.socketpair()
     r, w = os.pipe()
     pid = os.fork()
@@ -74,8 +79,9 @@ def _fork_pair(
         try:
             a.close()
             os.close(r)
+            c0 = time.process_time()
             receiver(b, n)
-            os.write(w, repr(time.perf_counter()).encode())
+            os.write(w, f"{time.perf_counter()!r} {time.process_time() - c0!r}".encode())
         except BaseException as exc:
             sys.stderr.write(f"receiver failed: {exc!r}\n")
             code = 1
@@ -83,15 +89,17 @@ def _fork_pair(
     b.close()
     os.close(w)
     go = sender(a, n)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     go()
-    end = os.read(r, 64)
+    cpu = time.process_time() - c0
+    end = os.read(r, 128)
     os.close(r)
     a.close()
     _, status = os.waitpid(pid, 0)
     if status != 0 or not end:
         raise RuntimeError("receiver failed")
-    return float(end) - t0
+    t_end, rx_cpu = (float(x) for x in end.split())
+    return t_end - t0, cpu + rx_cpu
 
 
 # --- raw baselines ----------------------------------------------------------------------
@@ -190,9 +198,16 @@ def build_c() -> str | None:
     return out
 
 
-def run_c(binary: str, n: int, k: int) -> float:
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_c(binary: str, n: int, k: int) -> tuple[float, float]:
+    """The C loop's own elapsed time, and the CPU of its two processes (it forks)."""
+    c0 = _children_cpu()
     out = subprocess.run([binary, str(n), str(k)], check=True, capture_output=True, text=True)
-    return float(out.stdout)
+    return float(out.stdout), _children_cpu() - c0
 
 
 # --- driver -------------------------------------------------------------------------
@@ -207,7 +222,7 @@ def main() -> int:
     print(f"sockshare from {Path(sockshare.__file__).parent}", file=sys.stderr)
     n = args.n - args.n % 64
     binary = build_c()
-    modes: dict[str, Callable[[], float]] = {
+    modes: dict[str, Callable[[], tuple[float, float]]] = {
         "raw_send_fds_1": lambda: _fork_pair(raw_sender(1), raw_receiver(1), n),
         "raw_send_fds_64": lambda: _fork_pair(raw_sender(64), raw_receiver(64), n),
         "chan_unacked": lambda: _fork_pair(chan_sender(False, 1), chan_receiver, n),
@@ -219,20 +234,28 @@ def main() -> int:
         modes["c_sendmsg_1"] = lambda: run_c(binary, n, 1)
         modes["c_sendmsg_64"] = lambda: run_c(binary, n, 64)
     results: dict[str, list[float]] = {m: [] for m in modes}
+    cpus: dict[str, list[float]] = {m: [] for m in modes}
     for run in range(args.runs):
         for name, fn in modes.items():
-            results[name].append(fn() / n * 1e6)  # us per handoff
+            wall, cpu = fn()
+            results[name].append(wall / n * 1e6)  # us per handoff
+            cpus[name].append(cpu / n * 1e6)
         print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
     base = statistics.median(results["raw_send_fds_1"])
+    cbase = statistics.median(cpus["raw_send_fds_1"])
     print(f"\n{n} handoffs per run, {args.runs} runs, median of runs "
           f"(Python {sys.version.split()[0]}, {os.cpu_count()} cores)\n")
-    print(f"{'mode':<18} {'us/handoff':>11} {'handoffs/s':>12} {'vs raw_send_fds_1':>18}")
+    print(f"{'mode':<18} {'us/handoff':>11} {'handoffs/s':>12} {'vs raw_send_fds_1':>18} "
+          f"{'CPU us':>8} {'CPU vs raw':>11}")
     summary = {}
     for name, vals in results.items():
         med = statistics.median(vals)
+        cmed = statistics.median(cpus[name])
         summary[name] = {"us_per_handoff": med, "per_s": 1e6 / med, "ratio": med / base,
-                         "runs": vals}
-        print(f"{name:<18} {med:>11.2f} {1e6 / med:>12,.0f} {med / base:>17.2f}x")
+                         "runs": vals, "cpu_us_per_handoff": cmed, "cpu_ratio": cmed / cbase,
+                         "cpu_runs": cpus[name]}
+        print(f"{name:<18} {med:>11.2f} {1e6 / med:>12,.0f} {med / base:>17.2f}x "
+              f"{cmed:>8.2f} {cmed / cbase:>10.2f}x")
     out = HERE / "results" / "channel.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"n": n, "runs": args.runs, "modes": summary}, indent=2))
