@@ -313,10 +313,15 @@ class ServerConfig:
     #: the workers run as this user / group (the dispatcher must be root)
     user: str | None = None
     group: str | None = None
+    #: accepting processes on the same listeners: the dispatcher and dispatchers - 1
+    #: *feeders* (``_feeders``), each handing connections to every worker of the pool
+    dispatchers: int = 1
 
     def validate(self) -> None:
         if not self.listeners:
             raise ConfigError("no listener: give --bind or [[listen]]")
+        if not 1 <= self.dispatchers <= 64:
+            raise ConfigError(f"dispatchers must be 1 to 64, got {self.dispatchers}")
         if not self.pools:
             raise ConfigError("no pool defined")
         if self.default_pool not in self.pools:
@@ -459,7 +464,7 @@ def _override(cfg: ServerConfig, args: argparse.Namespace) -> None:
         args.grace = args.graceful_timeout
     for key in ("grace", "metrics", "agent", "control", "log_level", "log_config", "max_retries",
                 "queue_timeout", "timeout", "upgrade_probation", "sniff_max", "fd_reserve",
-                "sniff_timeout", "pid_file", "user", "group"):
+                "sniff_timeout", "pid_file", "user", "group", "dispatchers"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(cfg, key, value)
@@ -487,7 +492,7 @@ _TOP = {"queue", "grace", "metrics", "agent", "control", "log_level", "log_confi
         "connect_timeout", "timeout",
         "rebalance_interval", "rebalance_min", "rebalance_spread", "direct_migration",
         "upgrade_probation", "sniff_max", "fd_reserve", "default_pool", "listen", "pools", "routes",
-        "pid_file", "user", "group"}
+        "pid_file", "user", "group", "dispatchers"}
 _POOL = {"app", "worker_cmd", "workers", "policy", "hash_key", "max_conns", "queue", "resume",
          "rebalance", *WEB_FLAGS}
 _LISTEN = {"bind", "name", "sniff", "pool", "backlog", "proxy", "proxy_allow_from"}
@@ -576,7 +581,7 @@ def parse_document(doc: Mapping[str, Any]) -> ServerConfig:
                      ("rebalance_min", int), ("rebalance_spread", float),
                      ("direct_migration", bool), ("upgrade_probation", float),
                      ("sniff_max", int), ("fd_reserve", int), ("pid_file", str), ("user", str),
-                     ("group", str)):
+                     ("group", str), ("dispatchers", int)):
         if key in doc:
             setattr(cfg, key, _typed(doc, key, typ, None, "the top level"))
     return cfg

@@ -142,6 +142,8 @@ from sockshare.server import _pidfile, _status
 from sockshare.server._admission import Admission
 from sockshare.server._config import ServerConfig, parse_bind, resolve_user
 from sockshare.server._control import ControlServer, default_path, runtime_dir
+from sockshare.server._feeders import Feeders
+from sockshare.server._feedin import FEED_SUFFIX
 from sockshare.server._health import AGENT_FDNAME, HealthServer, agent_line, http_answer
 from sockshare.server._listeners import Listeners, ListenerState, bind_listener, sd_notify
 from sockshare.server._master import ENV_MASTER, ENV_MASTER_FD, NOTIFY_SUFFIX
@@ -179,7 +181,8 @@ def _remove_dead_sockets(rundir: str) -> None:
     with contextlib.suppress(OSError):
         for name in os.listdir(rundir):
             stem, ext = os.path.splitext(name)
-            if ext not in (".chan", ".ctl", PEER_SUFFIX, NOTIFY_SUFFIX) or not stem.isdigit():
+            if (ext not in (".chan", ".ctl", PEER_SUFFIX, FEED_SUFFIX, NOTIFY_SUFFIX)
+                    or not stem.isdigit()):
                 continue
             try:
                 os.kill(int(stem), 0)
@@ -268,6 +271,8 @@ class Dispatcher:
         self.handover = Handover(self)
         self.takeover = Takeover(self)
         self.health = HealthServer(self)
+        #: --dispatchers N > 1: the feeder processes (None: this process alone accepts)
+        self.feeders = Feeders(self) if cfg.dispatchers > 1 else None
 
     # -- life ------------------------------------------------------------------------
 
@@ -280,6 +285,8 @@ class Dispatcher:
                 if slot.proc is not None and slot.proc.returncode is None:
                     with contextlib.suppress(ProcessLookupError):
                         slot.proc.kill()
+            if self.feeders is not None:
+                self.feeders.kill()
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._teardown())
             raise
@@ -308,6 +315,8 @@ class Dispatcher:
         self.spawn(self.supervisor.accept_workers())
         self.spawn(self._housekeeping())
         self.listeners.start()
+        if self.feeders is not None:
+            self.feeders.start()
         log.info("dispatcher pid %d%s: %s; %d worker(s) in %d pool(s); control %s", self.pid,
                  f" (master pid {self.master})" if self.master else "",
                  ", ".join(ls.address for ls in self.listeners.all), len(self.slots), len(self.pools),
@@ -485,6 +494,8 @@ class Dispatcher:
     async def _shutdown(self) -> None:
         loop = asyncio.get_running_loop()
         self.listeners.close_all()
+        if self.feeders is not None:
+            self.feeders.stop_accepting("the dispatcher is stopping")
         self.listeners.sniffing.cancel()
         inflight = sum(len(s.pending) + s.reserved for s in self.slots)
         log.info("listeners closed; %d handoff(s) in flight, %d queued", inflight,
@@ -541,6 +552,8 @@ class Dispatcher:
                 t.socket.close()
             self.admission.drop(w)
         self.handover.upstream_pending.clear()
+        if self.feeders is not None:
+            await self.feeders.close()
         if self.worker_channels is not None:
             self.worker_channels.close()
             self.worker_channels = None
@@ -639,7 +652,10 @@ class Dispatcher:
 
     def status(self) -> dict[str, Any]:
         """A JSON-compatible snapshot (the control socket's ``status``, the metrics)."""
-        return _status.snapshot(self)
+        snap = _status.snapshot(self)
+        if self.feeders is not None:
+            snap["dispatchers"] = self.feeders.status()
+        return snap
 
     def status_line(self) -> str:
         return _status.status_line(self)

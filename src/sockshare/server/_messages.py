@@ -44,6 +44,9 @@ class                     ``"ev"``       fields; meaning
 :class:`Closed`           closed         ``n`` int >= 0 (optional, 1), ``active`` int >= 0 (optional,
                                          left out by the C/PHP workers); ``n`` connections closed
                                          since the last report, ``active`` still open
+:class:`Fed`              fed            ``n`` int >= 0; ``n`` handoffs from feeders (``--dispatchers``)
+                                         accepted since the last report: counted in here, before
+                                         any close of them (``_feeders``)
 :class:`Fds`              fds            ``full`` bool, ``capacity`` int (optional, left out when
                                          full); out of descriptors: send nothing more / room again
                                          for ``capacity`` connections in all
@@ -114,6 +117,7 @@ __all__ = [
     "Draining",
     "Drain",
     "Fatal",
+    "Fed",
     "Fds",
     "HandlerTable",
     "Hello",
@@ -348,6 +352,19 @@ class Closed(Report):
 
 
 @dataclass(frozen=True)
+class Fed(Report):
+    KIND: ClassVar[str] = "fed"
+    n: int
+
+    def fields(self) -> dict[str, Any]:
+        return {"n": self.n}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Fed:
+        return cls(f.integer("n", minimum=0))
+
+
+@dataclass(frozen=True)
 class Fds(Report):
     KIND: ClassVar[str] = "fds"
     full: bool
@@ -554,7 +571,7 @@ class Drain(Command):
 
 #: every report and command, by kind
 REPORTS: dict[str, type[Report]] = {c.KIND: c for c in (
-    Hello, Fatal, Recycle, WebCounts, Closed, Fds, Draining, Unmoved, MigrateAck, Moving, MovedOut,
+    Hello, Fatal, Recycle, WebCounts, Closed, Fed, Fds, Draining, Unmoved, MigrateAck, Moving, MovedOut,
     MoveBack, MovedIn, OrphanQuery)}
 COMMANDS: dict[str, type[Command]] = {c.KIND: c for c in (Migrate, Peers, OrphanAnswer, Drain)}
 _BY_TAG: dict[str, Mapping[str, type[Message]]] = {"ev": REPORTS, "cmd": COMMANDS}

@@ -90,6 +90,7 @@ from sockshare._aio import AsyncChannel
 from sockshare._channel import Handoff
 from sockshare._errors import ChannelError, RemoteProtocolError, SockshareError
 from sockshare.protocol import MAX_DATA, MAX_META
+from sockshare.server._feedin import ENV_FEEDERS, FeedIn
 from sockshare.server._handler import (
     MIGRATION_WINDOW,
     App,
@@ -108,6 +109,7 @@ from sockshare.server._messages import (
     Draining,
     Fatal,
     Fds,
+    Fed,
     HandlerTable,
     Hello,
     Message,
@@ -235,6 +237,8 @@ class Worker:
         self._reports: list[Report] = []
         #: direct migration: our listener and channels for peer workers, held orphans
         self.peers = PeerMigration(self, report_delay=REPORT_DELAY)
+        #: --dispatchers N: channels from the feeders (``_feedin``)
+        self.feed = FeedIn(info.id, self.take) if os.environ.get(ENV_FEEDERS) == "1" else None
         #: handoffs are refused from this descriptor number on; we said we are full
         self._fd_mark = fd_mark()
         self._fd_full = False
@@ -656,6 +660,9 @@ class Worker:
             return
         try:
             h.accept()
+            if ch is not self.ch and not from_peer:   # a feeder's: counted in first
+                self.queue_report(Fed(1))
+                self._flush_report(soon=True)
             ch.flush()
         except SockshareError as exc:  # the channel broke under us: the sender still has it
             log.warning("worker %d: could not accept handoff %d: %s", self.info.id, h.id, exc)
@@ -679,6 +686,8 @@ class Worker:
             log.warning("worker %d: the channel closed before the ACCEPT of %s left",
                         self.info.id, conn.handoff_id)
             conn.writer.transport.abort()
+            if ch is not self.ch:   # a feeder's: counted in by our "fed", out here
+                self._closed_one()
             return
         if from_peer is not None:
             self.peers.moved_in(from_peer, conn)
@@ -767,6 +776,8 @@ class Worker:
                 return
             for h, _conn, _resuming in ready:
                 h.accept()
+            if ch is not self.ch and not from_peer:   # a feeder's: counted in first
+                self.queue_report(Fed(len(ready)))
             if not from_peer and (self._closed_unreported or self._reports):
                 self._flush_report(soon=True)   # rides along with the ACCEPTs
             ch.flush()
@@ -816,6 +827,8 @@ class Worker:
                 accepted.append(h.socket)
             if not accepted:
                 return
+            if ch is not self.ch:   # a feeder's: counted in first
+                self.queue_report(Fed(len(accepted)))
             if self._closed_unreported or self._reports:
                 self._flush_report(soon=True)   # rides along with the ACCEPTs
             ch.flush()
@@ -844,6 +857,8 @@ class Worker:
                 fd = sock.fileno()
                 sock.close()
                 web.forget(fd)
+                if ch is not self.ch:   # a feeder's: counted in by our "fed", out here
+                    self._closed_one()
             return
         for sock in socks:
             web.start(sock)
@@ -871,6 +886,8 @@ class Worker:
             return await self._fail(ch)
         if self.resume is not None and self.web is None:
             self.peers.listen(self.address)
+        if self.feed is not None:
+            self.feed.listen(self.address, ch)
         capacity = None
         if self._fd_mark < 1 << 30:
             # connections it can hold before the mark, one descriptor each
@@ -885,6 +902,8 @@ class Worker:
         receiver = loop.create_task(ch.wait_closed())
         stop = loop.create_task(self.stopping.wait())
         await asyncio.wait({receiver, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if self.feed is not None:
+            self.feed.stop_listening()
         if not self.stopping.is_set():
             log.info("worker %d: the dispatcher closed the channel; finishing %d connection(s)",
                      self.info.id, len(self.tasks))
@@ -905,6 +924,8 @@ class Worker:
             if counts is not None and counts != WebCounts():
                 self.control(counts)
         await self.peers.close()
+        if self.feed is not None:
+            await self.feed.close()
         self._flush_report()
         for t in (receiver, stop):
             t.cancel()

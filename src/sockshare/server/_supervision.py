@@ -49,6 +49,7 @@ from sockshare._aio import AsyncChannel
 from sockshare._channel import _remove_stale_socket
 from sockshare._errors import ChannelError, RemoteProtocolError, SockshareError
 from sockshare.server._config import ConfigError
+from sockshare.server._feedin import ENV_FEEDERS
 from sockshare.server._listeners import sd_notify
 from sockshare.server._messages import (
     Closed,
@@ -56,6 +57,7 @@ from sockshare.server._messages import (
     Draining,
     Fatal,
     Fds,
+    Fed,
     HandlerTable,
     Hello,
     MigrateAck,
@@ -128,6 +130,7 @@ class Supervisor:
         self.reports: HandlerTable[WorkerSlot] = (
             HandlerTable[WorkerSlot]()
             .on(Closed, self._on_closed)
+            .on(Fed, self._on_fed)
             .on(Hello, self._on_hello)
             .on(Fds, self._on_fds)
             .on(Draining, self._on_draining)
@@ -200,6 +203,8 @@ class Supervisor:
             except ChannelError:
                 return
             slot = self._match(ch)
+            if slot is None and self.d.feeders is not None and self.d.feeders.claim(ch):
+                continue
             if slot is None:
                 if (self.d.takeover.predecessor and ch.peer.pid == self.d.takeover.predecessor
                         and ch.peer.name == f"dispatcher:{self.d.takeover.predecessor}"):
@@ -266,6 +271,14 @@ class Supervisor:
         if msg.n > 0:
             slot.active = max(0, slot.active - msg.n)
             self.admission.feed(slot.pool_state)
+
+    def _on_fed(self, slot: WorkerSlot, msg: Fed) -> None:
+        """It accepted ``n`` handoffs from feeders (``--dispatchers``; ``_feeders``)."""
+        slot.active += msg.n
+        slot.stats.handoffs += msg.n
+        self.counters["handoffs"] += msg.n
+        if self.d.feeders is not None:
+            self.d.feeders.fed += msg.n
 
     def _on_hello(self, slot: WorkerSlot, msg: Hello) -> None:
         slot.hello = True
@@ -452,6 +465,8 @@ class Supervisor:
         env = dict(os.environ)
         env.update(SOCKSHARE_CHANNEL=self.d.chan_path, SOCKSHARE_WORKER_ID=str(slot.id),
                    SOCKSHARE_POOL=p.name, SOCKSHARE_GENERATION=str(slot.generation))
+        if self.cfg.dispatchers > 1:
+            env[ENV_FEEDERS] = "1"   # (listen for the feeders: _feedin)
         if p.worker_cmd is not None:
             parts = shlex.split(p.worker_cmd)
             subst = {"{channel}": self.d.chan_path, "{id}": str(slot.id)}

@@ -251,6 +251,8 @@ class Handover:
         self.admission.upstream = self.forward
         sd_notify(f"MAINPID={pid}")
         self.d.listeners.stop_accepting()
+        if self.d.feeders is not None:
+            self.d.feeders.stop_accepting(f"handed over to pid {pid}")
         if self.d.metrics is not None:
             await self.d.metrics.close()
             self.d.metrics = None
