@@ -65,6 +65,9 @@ ENV_ID = "SOCKSHARE_FEEDER_ID"
 REPORT_INTERVAL = 0.5
 #: seconds a feeder waits for its handoffs in flight when it stops
 SETTLE_TIMEOUT = 3.0
+#: seconds a new feeder waits for its channels to the workers before it accepts anyway
+#: (what it cannot place meanwhile goes to the lead)
+START_TIMEOUT = 2.0
 
 
 class _NoHandover:
@@ -95,10 +98,13 @@ class Feeder:
         #: the ready workers the lead told us of, by id; and (pid, path) of each slot
         self.by_id: dict[int, WorkerSlot] = {}
         self.where: dict[WorkerSlot, tuple[int, str]] = {}
+        #: handoffs each worker process (by pid) accepted from us
+        self.accepted_by: dict[int, int] = {}
         #: connections handed to the lead, unanswered
         self.lead_pending: dict[int, tuple[Ticket, Waiting]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.done = asyncio.Event()
+        self._accepting = False
 
     # -- life ------------------------------------------------------------------------
 
@@ -114,6 +120,7 @@ class Feeder:
         self.lead = lead
         lead.track_accepts()
         lead.on_activity = self._on_lead
+        self._on_lead()   # (what came with the handshake's last read: the first list)
         if len(self.fds) != len(self.cfg.listeners):
             log.error("%s: %d descriptor(s) for %d listener(s)", self.name, len(self.fds),
                       len(self.cfg.listeners))
@@ -123,10 +130,10 @@ class Feeder:
             sock.setblocking(False)
             self.listeners.all.append(ListenerState(lc, sock, owned=False))
         self.listeners.prepare()
-        self.listeners.start()
+        # it accepts once it can hand over: its channels to the workers the lead lists
+        # are open (or after START_TIMEOUT)
+        loop.call_later(START_TIMEOUT, self._start_accepting)
         loop.add_signal_handler(signal.SIGTERM, self.done.set)
-        log.info("%s (pid %d) accepting on %s", self.name, self.pid,
-                 ", ".join(ls.address for ls in self.listeners.all))
         self._spawn(self._housekeeping())
         ended = loop.create_task(lead.wait_closed())
         stop = loop.create_task(self.done.wait())
@@ -135,6 +142,18 @@ class Feeder:
         stop.cancel()
         await self._stop()
         return 0
+
+    def _start_accepting(self) -> None:
+        if self._accepting or self.stopping:
+            return
+        self._accepting = True
+        self.listeners.start()
+        log.info("%s (pid %d) accepting on %s; channels to %d worker(s)", self.name, self.pid,
+                 ", ".join(ls.address for ls in self.listeners.all), self._open())
+        self._report()
+
+    def _open(self) -> int:
+        return sum(1 for s in self.where if s.channel is not None and s.state is SlotState.READY)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -190,6 +209,7 @@ class Feeder:
                                "rejects": c["rejects"], "returned": c["returned"],
                                "to_lead": c["to_lead"],
                                "refused": sum(self.admission.refused.values()),
+                               "workers": self._open(), "accepting": self._accepting,
                                "cpu": round(t.user + t.system, 4)})
 
     # -- the lead ----------------------------------------------------------------------
@@ -252,7 +272,7 @@ class Feeder:
         if self.stopping:
             return
         seen: set[int] = set()
-        for wid, pool, pid, path, conns, limit in table:
+        for wid, pool, pid, path, conns, limit, counted in table:
             slot = self.by_id.get(wid)
             if slot is not None and self.where[slot][0] != pid:
                 self._retire(slot)   # a new process for that id (a reload, a restart)
@@ -264,7 +284,8 @@ class Feeder:
                 self.by_id[wid] = slot
                 self.where[slot] = (pid, path)
                 self._spawn(self._connect(slot, path))
-            slot.active = conns   # the lead's count: every dispatcher's, exact
+            # the lead's count (every dispatcher's, exact) and ours it does not hold yet
+            slot.active = conns + max(0, self.accepted_by.get(pid, 0) - counted)
             slot.limit = limit
             seen.add(wid)
         for wid in [w for w in self.by_id if w not in seen]:
@@ -303,6 +324,7 @@ class Feeder:
             await ch.aclose()
             self.where.pop(slot, None)
             return
+        log.debug("%s: channel to worker %d (pid %d) open", self.name, slot.id, ch.peer.pid)
         ch.track_accepts()
         ch.on_activity = lambda: self._settle_safely(slot, ch)
         slot.channel = ch
@@ -311,6 +333,10 @@ class Feeder:
         pool.workers.append(slot)
         pool.workers.sort(key=lambda s: s.id)
         self.admission.feed(pool)
+        if not self._accepting and not any(s.state is SlotState.STARTING for s in self.by_id.values()):
+            self._start_accepting()   # (which reports)
+        else:
+            self._report()
         await ch.wait_closed()
         self._settle(slot, ch)
         if slot.channel is ch:
@@ -320,7 +346,7 @@ class Feeder:
         slot.state = SlotState.GONE
         if self.by_id.get(slot.id) is slot:
             del self.by_id[slot.id]
-        self.where.pop(slot, None)
+        self.accepted_by.pop(self.where.pop(slot, (0, ""))[0], None)
         with contextlib.suppress(Exception):
             await ch.aclose()
 
@@ -340,6 +366,8 @@ class Feeder:
                 accepted += 1
         if accepted:
             slot.active += accepted   # (until the lead's next list says it exactly)
+            pid = self.where[slot][0] if slot in self.where else 0
+            self.accepted_by[pid] = self.accepted_by.get(pid, 0) + accepted
             slot.stats.handoffs += accepted
             self.counters["handoffs"] += accepted
         back = ch.returned()

@@ -48,8 +48,9 @@ from sockshare._channel import Handoff
 from sockshare._errors import SockshareError
 from sockshare.server._feeder import ENV_CONFIG, ENV_FDS, ENV_ID
 from sockshare.server._feedin import FEED_SUFFIX
+from sockshare.server._messages import Fed
 from sockshare.server._policy import ConnInfo
-from sockshare.server._slots import SlotState, Waiting
+from sockshare.server._slots import SlotState, Waiting, WorkerSlot
 
 if TYPE_CHECKING:
     from sockshare.server._dispatcher import Dispatcher
@@ -58,8 +59,10 @@ __all__ = ["PUBLISH_INTERVAL", "Feeders"]
 
 log = logging.getLogger("sockshare.server")
 
-#: seconds between two looks at the workers' loads for the feeders
-PUBLISH_INTERVAL = 0.02
+#: seconds between two looks at the workers' loads for the feeders while they change
+PUBLISH_INTERVAL = 0.005
+#: ... and once they have not changed for a second (an idle server sleeps)
+IDLE_PUBLISH_INTERVAL = 0.1
 _NO_LIMIT = 1 << 62
 
 
@@ -80,8 +83,11 @@ class Feeders:
         self.fed = 0
         #: connections feeders handed to us (no worker could take them there)
         self.overflow = 0
+        #: (worker pid, feeder) -> handoffs of that feeder the worker counted in
+        self.fed_by: dict[tuple[int, int], int] = {}
         self._sent: dict[int, list[list[Any]]] = {}
         self._stopped = False
+        self._resend = 0.0
         self._config = base64.b64encode(pickle.dumps(d.cfg)).decode()
 
     # -- the processes -------------------------------------------------------------------
@@ -172,6 +178,7 @@ class Feeders:
         self.channels[k] = ch
         ch.track_accepts()
         ch.on_activity = lambda: self._on_activity(k, ch)
+        self._on_activity(k, ch)   # (what came with the handshake's last read)
         self.d.spawn(self._watch(k, ch), critical=False)
         log.info("feeder %d (pid %d) connected", k, ch.peer.pid)
         if self._stopped:
@@ -228,6 +235,14 @@ class Feeders:
 
     # -- the workers' table ---------------------------------------------------------------
 
+    def counted(self, slot: WorkerSlot, msg: Fed) -> None:
+        """A worker counted in handoffs from a feeder (``fed``)."""
+        self.fed += msg.n
+        pid = slot.pid
+        if msg.by is not None and pid is not None:
+            key = (pid, msg.by)
+            self.fed_by[key] = self.fed_by.get(key, 0) + msg.n
+
     def table(self) -> list[list[Any]]:
         """The ready workers a feeder may hand to, with their loads."""
         base = os.path.dirname(self.d.chan_path)
@@ -241,24 +256,41 @@ class Feeders:
                         slot.connections, min(slot.limit, _NO_LIMIT)])
         return out
 
-    def publish(self) -> None:
-        """Send each feeder the table if it changed since its last one."""
+    def publish(self) -> bool:
+        """Send each feeder the table if it changed since its last one (True if it had)."""
         if not self.channels or self._stopped:
-            return
-        table = self.table()
+            return False
+        changed = False
+        base = self.table()
+        now = time.monotonic()
         for k, ch in list(self.channels.items()):
+            # each feeder also hears how many of *its* handoffs each worker counted in:
+            # what it handed since, the lead's count does not hold yet
+            table = [[*row, self.fed_by.get((row[2], k), 0)] for row in base]
             if self._sent.get(k) == table:
-                continue
+                if now < self._resend:
+                    continue
+            else:
+                changed = True
             try:
                 ch.send_control({"cmd": "workers", "w": table})
             except SockshareError:
                 continue
             self._sent[k] = table
+        if now >= self._resend:   # (once a second even if nothing changed)
+            self._resend = now + 1.0
+        if len(self.fed_by) > 4 * len(base) * max(1, self.n) + 64:   # workers gone
+            pids = {row[2] for row in base}
+            self.fed_by = {key: v for key, v in self.fed_by.items() if key[0] in pids}
+        return changed
 
     async def _publisher(self) -> None:
+        busy_until = 0.0
         while not self._stopped:
-            await asyncio.sleep(PUBLISH_INTERVAL)
-            self.publish()
+            now = time.monotonic()
+            await asyncio.sleep(PUBLISH_INTERVAL if now < busy_until else IDLE_PUBLISH_INTERVAL)
+            if self.publish():
+                busy_until = time.monotonic() + 1.0
 
     # -- status ----------------------------------------------------------------------------
 
@@ -276,7 +308,8 @@ class Feeders:
                         "up": k in self.channels,
                         **{key: r.get(key, 0) for key in ("accepted", "handoffs", "redispatches",
                                                           "rejects", "returned", "to_lead",
-                                                          "refused", "cpu")}})
+                                                          "refused", "cpu", "workers")},
+                        "accepting": bool(r.get("accepting"))})
         return out
 
 

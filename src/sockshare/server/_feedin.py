@@ -60,8 +60,10 @@ class FeedIn:
         self.path = ""
         self._listener: AsyncChannelListener | None = None
         self._accepting: asyncio.Task[None] | None = None
-        self.channels: set[AsyncChannel] = set()
+        #: the open channels, each with its feeder's number
+        self.channels: dict[AsyncChannel, int] = {}
         self._dispatcher = 0
+        self._watching: set[asyncio.Task[None]] = set()
 
     def listen(self, address: str, dispatcher: AsyncChannel) -> None:
         """Listen beside the dispatcher's channel ``address`` (a path only)."""
@@ -99,8 +101,11 @@ class FeedIn:
                     await ch.aclose()
                 continue
             ch.on_activity = lambda ch=ch: self._on_activity(ch)
-            self.channels.add(ch)
-            asyncio.get_running_loop().create_task(self._watch(ch))
+            self.channels[ch] = int(ch.peer.name[7:]) if ch.peer.name[7:].isdigit() else 0
+            self._on_activity(ch)   # (what came with the handshake's last read)
+            task = asyncio.get_running_loop().create_task(self._watch(ch))
+            self._watching.add(task)
+            task.add_done_callback(self._watching.discard)
 
     def _on_activity(self, ch: AsyncChannel) -> None:
         try:
@@ -111,7 +116,7 @@ class FeedIn:
 
     async def _watch(self, ch: AsyncChannel) -> None:
         await ch.wait_closed()
-        self.channels.discard(ch)
+        self.channels.pop(ch, None)
         with contextlib.suppress(Exception):
             await ch.aclose()
 

@@ -44,9 +44,10 @@ class                     ``"ev"``       fields; meaning
 :class:`Closed`           closed         ``n`` int >= 0 (optional, 1), ``active`` int >= 0 (optional,
                                          left out by the C/PHP workers); ``n`` connections closed
                                          since the last report, ``active`` still open
-:class:`Fed`              fed            ``n`` int >= 0; ``n`` handoffs from feeders (``--dispatchers``)
-                                         accepted since the last report: counted in here, before
-                                         any close of them (``_feeders``)
+:class:`Fed`              fed            ``n`` int >= 0, ``by`` int (optional); ``n`` handoffs from
+                                         feeder ``by`` (``--dispatchers``) accepted since the last
+                                         report: counted in here, before any close of them
+                                         (``_feeders``)
 :class:`Fds`              fds            ``full`` bool, ``capacity`` int (optional, left out when
                                          full); out of descriptors: send nothing more / room again
                                          for ``capacity`` connections in all
@@ -355,13 +356,18 @@ class Closed(Report):
 class Fed(Report):
     KIND: ClassVar[str] = "fed"
     n: int
+    #: the feeder's number (its ``feeder:<n>`` name), when known
+    by: int | None = None
 
     def fields(self) -> dict[str, Any]:
-        return {"n": self.n}
+        out: dict[str, Any] = {"n": self.n}
+        if self.by is not None:
+            out["by"] = self.by
+        return out
 
     @classmethod
     def read(cls, f: _Fields) -> Fed:
-        return cls(f.integer("n", minimum=0))
+        return cls(f.integer("n", minimum=0), f.integer("by", None, null=True, minimum=0))
 
 
 @dataclass(frozen=True)

@@ -661,7 +661,7 @@ class Worker:
         try:
             h.accept()
             if ch is not self.ch and not from_peer:   # a feeder's: counted in first
-                self.queue_report(Fed(1))
+                self.queue_report(self._fed(ch, 1))
                 self._flush_report(soon=True)
             ch.flush()
         except SockshareError as exc:  # the channel broke under us: the sender still has it
@@ -716,6 +716,10 @@ class Worker:
                 await conn.close()
             if not conn.migrated:   # the dispatcher counted a migrated one out already
                 self._closed_one()
+
+    def _fed(self, ch: AsyncChannel, n: int) -> Fed:
+        """The report that counts in ``n`` handoffs a feeder sent on ``ch`` (``_feedin``)."""
+        return Fed(n, self.feed.channels.get(ch) if self.feed is not None else None)
 
     def _task(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -777,7 +781,7 @@ class Worker:
             for h, _conn, _resuming in ready:
                 h.accept()
             if ch is not self.ch and not from_peer:   # a feeder's: counted in first
-                self.queue_report(Fed(len(ready)))
+                self.queue_report(self._fed(ch, len(ready)))
             if not from_peer and (self._closed_unreported or self._reports):
                 self._flush_report(soon=True)   # rides along with the ACCEPTs
             ch.flush()
@@ -828,7 +832,7 @@ class Worker:
             if not accepted:
                 return
             if ch is not self.ch:   # a feeder's: counted in first
-                self.queue_report(Fed(len(accepted)))
+                self.queue_report(self._fed(ch, len(accepted)))
             if self._closed_unreported or self._reports:
                 self._flush_report(soon=True)   # rides along with the ACCEPTs
             ch.flush()

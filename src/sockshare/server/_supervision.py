@@ -278,7 +278,7 @@ class Supervisor:
         slot.stats.handoffs += msg.n
         self.counters["handoffs"] += msg.n
         if self.d.feeders is not None:
-            self.d.feeders.fed += msg.n
+            self.d.feeders.counted(slot, msg)
 
     def _on_hello(self, slot: WorkerSlot, msg: Hello) -> None:
         slot.hello = True
