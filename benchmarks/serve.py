@@ -3,7 +3,10 @@
 Run:  python benchmarks/serve.py [--conns 20000] [--runs 7] [--concurrency 32]
                                  [--plot docs/serve-benchmark.png]
       (also: --policy P for the sockshare pool, --node-server http, --src DIR to
-      benchmark another sockshare source tree, e.g. an exported commit, --only ...)
+      benchmark another sockshare source tree, e.g. an exported commit, --only ...,
+      --dispatchers N: one configuration more, ``sockshare-Nd``, the same server with
+      ``--dispatchers N``: the lead and N-1 feeders, each one's CPU per connection shown;
+      its JSON and PNG are then serve-dispatchers.json / docs/serve-dispatchers.png)
 
 What it measures: short connections (connect, one small HTTP request, the response, the
 server closes) to 127.0.0.1, through four configurations with 2 workers each, all
@@ -69,6 +72,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 CONFIGS = ("sockshare", "shared", "reuseport", "node")
 LABELS = {
     "sockshare": "sockshare\nserve",
+    "sockshare-2d": "sockshare serve\n--dispatchers 2",
     "shared": "pre-fork\nshared accept",
     "reuseport": "SO_REUSEPORT\n(reference)",
     "node": "Node cluster\nSCHED_RR",
@@ -136,6 +140,8 @@ class Running:
     workers: list[int]
     dispatcher: int | None          # the process that accepts and hands over, if any
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    #: --dispatchers N: the feeder processes (they accept and hand over too)
+    feeders: list[int] = field(default_factory=list)
 
     def close(self) -> None:
         for p in self.procs:
@@ -151,7 +157,10 @@ class Options:
     node_server: str = "net"
 
 
-def start_sockshare(tmp: Path, opts: Options) -> Running:
+def start_sockshare(tmp: Path, opts: Options, dispatchers: int = 1) -> Running:
+    name = "sockshare" if dispatchers == 1 else f"sockshare-{dispatchers}d"
+    tmp = tmp / name
+    tmp.mkdir(parents=True, exist_ok=True)
     control = tmp / "ctl" / "serve.ctl"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), str(opts.src),
@@ -161,10 +170,11 @@ def start_sockshare(tmp: Path, opts: Options) -> Running:
     proc = subprocess.Popen(
         [sys.executable, "-m", "sockshare.server._cli", "serve", "serve_app:handle",
          "--bind", "127.0.0.1:0", "--workers", str(WORKERS), "--control", str(control),
-         "--policy", opts.policy, "--log-level", "warning", "--grace", "2"],
+         "--policy", opts.policy, "--log-level", "warning", "--grace", "2",
+         *(["--dispatchers", str(dispatchers)] if dispatchers > 1 else [])],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
     log.close()
-    run = Running("sockshare", 0, [], proc.pid, [proc])
+    run = Running(name, 0, [], proc.pid, [proc])
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -173,7 +183,10 @@ def start_sockshare(tmp: Path, opts: Options) -> Running:
             with contextlib.suppress(OSError, ValueError, KeyError, ControlError):
                 st = request(str(control), {"cmd": "status"}, timeout=2.0)["status"]
                 ready = [w["pid"] for w in st["workers"] if w["state"] == "ready" and w["pid"]]
-                if len(ready) == WORKERS:
+                feeders = [d["pid"] for d in st.get("dispatchers", [])
+                           if d["role"] == "feeder" and d["accepting"] and d["workers"] == WORKERS]
+                if len(ready) == WORKERS and len(feeders) == dispatchers - 1:
+                    run.feeders = feeders
                     run.workers = ready
                     # under the stable master (issue 15) the dispatcher is its child: the
                     # CPU per connection is the dispatcher's (older trees report none)
@@ -267,7 +280,7 @@ def build_loadgen(tmp: Path) -> str:
 def load(loadgen: str, run: Running, n: int, concurrency: int) -> dict[str, Any]:
     """One load-generator pass against ``run``, with the CPU the servers spent on it."""
     timeout = min(600.0, max(30.0, n / 500))
-    pids = run.workers + ([run.dispatcher] if run.dispatcher else [])
+    pids = run.workers + ([run.dispatcher] if run.dispatcher else []) + run.feeders
     before = {pid: cpu_seconds(pid) for pid in pids}
     out = subprocess.run([loadgen, str(run.port), str(n), str(concurrency), str(timeout)],
                          check=True, capture_output=True, text=True, timeout=timeout + 30)
@@ -288,6 +301,9 @@ class Sample:
     dispatcher_us: float | None
     workers_us: float
     loadgen_us: float
+    #: --dispatchers N: the lead's and each feeder's CPU per connection (dispatcher_us is
+    #: their sum)
+    per_dispatcher_us: list[float] = field(default_factory=list)
 
 
 def sample(run: Running, res: dict[str, Any]) -> Sample:
@@ -298,14 +314,16 @@ def sample(run: Running, res: dict[str, Any]) -> Sample:
     lo, hi = min(per_worker), max(per_worker)
     cpu = res["cpu_delta"]
     done = max(1, ok + errors)
+    disp = [cpu[p] / done * 1e6 for p in ([run.dispatcher] if run.dispatcher else []) + run.feeders]
     return Sample(
         cps=ok / res["elapsed"],
         errors=errors + stray,
         balance=hi / lo if lo else float("inf"),
         per_worker=per_worker,
-        dispatcher_us=cpu[run.dispatcher] / done * 1e6 if run.dispatcher else None,
+        dispatcher_us=sum(disp) if disp else None,
         workers_us=sum(cpu[p] for p in run.workers) / done * 1e6,
         loadgen_us=float(res["cpu"]) / done * 1e6,
+        per_dispatcher_us=disp if run.feeders else [],
     )
 
 
@@ -336,6 +354,10 @@ def summarize(samples: dict[str, list[Sample]]) -> dict[str, dict[str, Any]]:
             "dispatcher_cpu_us_per_conn": med(disp) if disp else None,
             "workers_cpu_us_per_conn": med([s.workers_us for s in runs]),
             "loadgen_cpu_us_per_conn": med([s.loadgen_us for s in runs]),
+            "per_dispatcher_cpu_us_per_conn": (
+                [med([s.per_dispatcher_us[i] for s in runs])
+                 for i in range(len(runs[0].per_dispatcher_us))] if runs[0].per_dispatcher_us
+                else None),
             "errors_median": med([float(s.errors) for s in runs]),
             "errors_total": sum(s.errors for s in runs),
         }
@@ -364,6 +386,12 @@ def print_table(summary: dict[str, dict[str, Any]], args: argparse.Namespace) ->
               f"{s['workers_cpu_us_per_conn']:>11.1f} {s['balance_median']:>8.3f} "
               f"{ref_bal:>11.3f} {s['errors_total']:>7}")
     print("\n(node's dispatcher CPU is its cluster primary, which accepts and passes handles)")
+    for name, s in summary.items():
+        per = s.get("per_dispatcher_cpu_us_per_conn")
+        if per:
+            print(f"{name}: dispatcher CPU us/conn per process: lead {per[0]:.1f}, "
+                  + ", ".join(f"feeder {i} {v:.1f}" for i, v in enumerate(per[1:], 1))
+                  + f" (sum {sum(per):.1f}; busiest {max(per):.1f})")
     if "sockshare" not in summary:
         return
     ss = summary["sockshare"]
@@ -390,6 +418,7 @@ def plot(summary: dict[str, dict[str, Any]], samples: dict[str, list[Sample]],
     names = list(summary)
     colors = {"sockshare": "#2b6cb0", "shared": "#9f7aea", "reuseport": "#718096",
               "node": "#dd6b20"}
+    colors.update({n: "#3182ce" for n in names if n not in colors})
     x = range(len(names))
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5.6),
                                         gridspec_kw={"width_ratios": [1.35, 1, 1]})
@@ -426,7 +455,7 @@ def plot(summary: dict[str, dict[str, Any]], samples: dict[str, list[Sample]],
     ax1.set_title("connections/s; label: ratio to SO_REUSEPORT (median of per-round\n"
                   "ratios); whiskers: min-max over runs", fontsize=10)
     ax1.set_ylabel("connections per second")
-    ax1.set_xticks(list(x), [LABELS[n] for n in names], fontsize=8)
+    ax1.set_xticks(list(x), [LABELS.get(n, n) for n in names], fontsize=8)
 
     # balance
     bal = [min(summary[n]["balance_median"], 10.0) for n in names]
@@ -440,7 +469,7 @@ def plot(summary: dict[str, dict[str, Any]], samples: dict[str, list[Sample]],
     ax2.set_ylim(1.0, max(max(bal) * 1.12, TARGET_BALANCE * 1.1))
     ax2.set_title("worker balance: max/min connections\nper worker (1.0 = even; lower is better)",
                   fontsize=10)
-    ax2.set_xticks(list(x), [LABELS[n] for n in names], fontsize=8)
+    ax2.set_xticks(list(x), [LABELS.get(n, n) for n in names], fontsize=8)
 
     # CPU per connection: dispatcher (or node primary) + workers
     disp = [summary[n]["dispatcher_cpu_us_per_conn"] or 0.0 for n in names]
@@ -453,7 +482,7 @@ def plot(summary: dict[str, dict[str, Any]], samples: dict[str, list[Sample]],
         ax3.text(i, total, text, ha="center", va="bottom", fontsize=8)
     ax3.set_ylim(0, max(w + d for w, d in zip(work, disp, strict=True)) * 1.25)
     ax3.set_title("server CPU per connection (us, utime+stime)", fontsize=10)
-    ax3.set_xticks(list(x), [LABELS[n] for n in names], fontsize=8)
+    ax3.set_xticks(list(x), [LABELS.get(n, n) for n in names], fontsize=8)
     ax3.legend(fontsize=8, loc="upper right")
 
     fig.text(0.995, 0.005, f"sockshare code: {getattr(args, 'code', '?')}; sockshare policy "
@@ -504,6 +533,8 @@ def main() -> int:
                     help="the Node workers' server: net (same work as the Python one) or http")
     ap.add_argument("--src", default=str(ROOT / "src"),
                     help="the sockshare source tree to run (default: this checkout's src)")
+    ap.add_argument("--dispatchers", type=int, default=1, metavar="N",
+                    help="also run sockshare with --dispatchers N (configuration sockshare-Nd)")
     ap.add_argument("--src-label", default=None,
                     help="what --src is, for the JSON and the plot (default: git HEAD of --src)")
     args = ap.parse_args()
@@ -512,13 +543,22 @@ def main() -> int:
     if not 1 <= args.conns <= 1_000_000 or not 1 <= args.concurrency <= 1024 or args.runs < 1:
         ap.error("--conns 1..1000000, --concurrency 1..1024, --runs >= 1")
     names = [n for n in CONFIGS if n in args.only or n == "reuseport"]
+    if not 1 <= args.dispatchers <= 16:
+        ap.error("--dispatchers 1..16")
+    starters = dict(STARTERS)
+    if args.dispatchers > 1:
+        multi = f"sockshare-{args.dispatchers}d"
+        names.insert(1 if names[0] == "sockshare" else 0, multi)
+        starters[multi] = lambda tmp, o: start_sockshare(tmp, o, args.dispatchers)
+        if args.plot == str(ROOT / "docs" / "serve-benchmark.png"):
+            args.plot = str(ROOT / "docs" / "serve-dispatchers.png")
     tmp = Path(tempfile.mkdtemp(prefix="ss-serve-bench-"))
     running: dict[str, Running] = {}
     samples: dict[str, list[Sample]] = {n: [] for n in names}
     try:
         loadgen = build_loadgen(tmp)
         for n in names:
-            running[n] = STARTERS[n](tmp, opts)
+            running[n] = starters[n](tmp, opts)
             load(loadgen, running[n], args.warmup, args.concurrency)   # warm up, discarded
         print("started: " + ", ".join(f"{n} on :{r.port} (workers {r.workers}"
                                        + (f", dispatcher {r.dispatcher})" if r.dispatcher else ")")
@@ -541,13 +581,13 @@ def main() -> int:
         "conns": args.conns, "runs": args.runs, "concurrency": args.concurrency,
         "workers": WORKERS, "cores": os.cpu_count(), "python": platform.python_version(),
         "node": _node_version(), "src": str(opts.src), "code": args.code,
-        "policy": opts.policy, "node_server": opts.node_server,
+        "policy": opts.policy, "node_server": opts.node_server, "dispatchers": args.dispatchers,
         "kernel": platform.release(), "loadavg_end": os.getloadavg(),
         "targets": {"vs_reuseport": TARGET_VS_REUSEPORT, "vs_node": TARGET_VS_NODE,
                     "balance": TARGET_BALANCE},
         "configs": summary,
     }
-    out = HERE / "results" / "serve.json"
+    out = HERE / "results" / ("serve.json" if args.dispatchers == 1 else "serve-dispatchers.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     try:

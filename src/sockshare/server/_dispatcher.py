@@ -142,6 +142,7 @@ from sockshare.server import _pidfile, _status
 from sockshare.server._admission import Admission
 from sockshare.server._config import ServerConfig, parse_bind, resolve_user
 from sockshare.server._control import ControlServer, default_path, runtime_dir
+from sockshare.server._exclusive import ExclusiveListeners
 from sockshare.server._feeders import Feeders
 from sockshare.server._feedin import FEED_SUFFIX
 from sockshare.server._health import AGENT_FDNAME, HealthServer, agent_line, http_answer
@@ -266,7 +267,8 @@ class Dispatcher:
         self.migration = Migrations(self)
         self.admission.place_migration = self.migration.place
         self.admission.migration_failed = self.migration.failed
-        self.listeners = Listeners(self)
+        # (several dispatchers: one accept wake-up per connection, see _exclusive)
+        self.listeners = Listeners(self) if cfg.dispatchers == 1 else ExclusiveListeners(self)
         self.supervisor = Supervisor(self)
         self.handover = Handover(self)
         self.takeover = Takeover(self)

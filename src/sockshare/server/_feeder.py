@@ -50,7 +50,8 @@ from sockshare._channel import Ticket
 from sockshare._errors import SockshareError
 from sockshare.server._admission import Admission, close_reset
 from sockshare.server._config import ServerConfig
-from sockshare.server._listeners import Listeners, ListenerState
+from sockshare.server._exclusive import ExclusiveListeners
+from sockshare.server._listeners import ListenerState
 from sockshare.server._runtime import REJECT_NO_FDS
 from sockshare.server._slots import PoolState, SlotState, Waiting, WorkerSlot
 
@@ -93,7 +94,8 @@ class Feeder:
         self.handover = _NoHandover()
         self.admission = Admission(cfg, self.pools, self.counters)
         self.admission.upstream = self._to_lead
-        self.listeners = Listeners(self)  # type: ignore[arg-type]  # (the part of a Dispatcher it uses)
+        # (the part of a Dispatcher it uses; one accept wake-up per connection: _exclusive)
+        self.listeners = ExclusiveListeners(self)  # type: ignore[arg-type]
         self.lead: AsyncChannel | None = None
         #: the ready workers the lead told us of, by id; and (pid, path) of each slot
         self.by_id: dict[int, WorkerSlot] = {}

@@ -662,7 +662,6 @@ class Worker:
             h.accept()
             if ch is not self.ch and not from_peer:   # a feeder's: counted in first
                 self.queue_report(self._fed(ch, 1))
-                self._flush_report(soon=True)
             ch.flush()
         except SockshareError as exc:  # the channel broke under us: the sender still has it
             log.warning("worker %d: could not accept handoff %d: %s", self.info.id, h.id, exc)
@@ -780,9 +779,11 @@ class Worker:
                 return
             for h, _conn, _resuming in ready:
                 h.accept()
-            if ch is not self.ch and not from_peer:   # a feeder's: counted in first
+            if ch is not self.ch and not from_peer:
+                # a feeder's: counted in with the next batch of reports (REPORT_DELAY: no
+                # write to the dispatcher, no wake-up of it, per handoff), ahead of its close
                 self.queue_report(self._fed(ch, len(ready)))
-            if not from_peer and (self._closed_unreported or self._reports):
+            elif not from_peer and (self._closed_unreported or self._reports):
                 self._flush_report(soon=True)   # rides along with the ACCEPTs
             ch.flush()
         except SockshareError as exc:  # the channel broke under us: the sender has them
@@ -831,9 +832,9 @@ class Worker:
                 accepted.append(h.socket)
             if not accepted:
                 return
-            if ch is not self.ch:   # a feeder's: counted in first
+            if ch is not self.ch:   # a feeder's: counted in with the next reports
                 self.queue_report(self._fed(ch, len(accepted)))
-            if self._closed_unreported or self._reports:
+            elif self._closed_unreported or self._reports:
                 self._flush_report(soon=True)   # rides along with the ACCEPTs
             ch.flush()
         except SockshareError as exc:  # the channel broke: the sender still has them
