@@ -193,6 +193,8 @@ class Feeders:
         self._on_activity(k, ch)
         if self.channels.get(k) is ch:
             del self.channels[k]
+        self.reports.pop(k, None)
+        self._lead_accepts()   # (the last one gone: we accept again, at once)
         self._sent.pop(k, None)
         with contextlib.suppress(Exception):
             await ch.aclose()
@@ -202,6 +204,7 @@ class Feeders:
             for msg in ch.received_controls():
                 if msg.get("ev") == "feeder":
                     self.reports[k] = msg
+                    self._lead_accepts()
             ch.accepted()
             ch.returned()
             for h in ch.received():
@@ -232,6 +235,20 @@ class Feeders:
         w = Waiting(sock, info, meta, h.data, time.monotonic(),
                     attempts=attempts if isinstance(attempts, int) else 0)
         self.d.admission.place(w)
+
+    def _lead_accepts(self) -> None:
+        """The lead accepts only while no feeder does: a connection a feeder hands over
+        costs the lead its books (``fed``, ``closed``: a third of handing it over,
+        measured), so the lead's core is kept for that, and the ceiling is the feeders'
+        combined. When none accepts (none up yet, all crashed, restarting), the lead
+        accepts again at once; connections wait in the kernel's queue meanwhile."""
+        feeding = any(r.get("accepting") and r.get("workers") and k in self.channels
+                      for k, r in self.reports.items())
+        for ls in self.d.listeners.all:
+            if feeding and "feeders" not in ls.holds:
+                self.d.listeners.hold(ls, "feeders")
+            elif not feeding and "feeders" in ls.holds:
+                self.d.listeners.release(ls, "feeders")
 
     # -- the workers' table ---------------------------------------------------------------
 
@@ -300,6 +317,7 @@ class Feeders:
         c = self.d.counters
         out: list[dict[str, Any]] = [{
             "id": 0, "role": "lead", "pid": self.d.pid, "accepted": c["accepted"],
+            "accepting": not any("feeders" in ls.holds for ls in self.d.listeners.all),
             "handoffs": c["handoffs"] - self.fed, "from_feeders": self.overflow,
             "cpu": round(t.user + t.system, 4)}]
         for k, proc in self.procs.items():
