@@ -4,9 +4,10 @@ Run:  python benchmarks/serve.py [--conns 20000] [--runs 7] [--concurrency 32]
                                  [--plot docs/serve-benchmark.png]
       (also: --policy P for the sockshare pool, --node-server http, --src DIR to
       benchmark another sockshare source tree, e.g. an exported commit, --only ...,
-      --dispatchers N: one configuration more, ``sockshare-Nd``, the same server with
-      ``--dispatchers N``: the lead and N-1 feeders, each one's CPU per connection shown;
-      its JSON and PNG are then serve-dispatchers.json / docs/serve-dispatchers.png)
+      --dispatchers N [N ...]: one configuration more per N, ``sockshare-Nd``, the same
+      server with ``--dispatchers N``: the lead and N-1 feeders, each one's CPU per
+      connection shown; the JSON and PNG are then serve-dispatchers.json and
+      docs/serve-dispatchers.png)
 
 What it measures: short connections (connect, one small HTTP request, the response, the
 server closes) to 127.0.0.1, through four configurations with 2 workers each, all
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -72,7 +74,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 CONFIGS = ("sockshare", "shared", "reuseport", "node")
 LABELS = {
     "sockshare": "sockshare\nserve",
-    "sockshare-2d": "sockshare serve\n--dispatchers 2",
+    "sockshare-2d": "sockshare\n2 disp.",
+    "sockshare-3d": "sockshare\n3 disp.",
     "shared": "pre-fork\nshared accept",
     "reuseport": "SO_REUSEPORT\n(reference)",
     "node": "Node cluster\nSCHED_RR",
@@ -533,7 +536,7 @@ def main() -> int:
                     help="the Node workers' server: net (same work as the Python one) or http")
     ap.add_argument("--src", default=str(ROOT / "src"),
                     help="the sockshare source tree to run (default: this checkout's src)")
-    ap.add_argument("--dispatchers", type=int, default=1, metavar="N",
+    ap.add_argument("--dispatchers", type=int, nargs="+", default=[1], metavar="N",
                     help="also run sockshare with --dispatchers N (configuration sockshare-Nd)")
     ap.add_argument("--src-label", default=None,
                     help="what --src is, for the JSON and the plot (default: git HEAD of --src)")
@@ -543,15 +546,16 @@ def main() -> int:
     if not 1 <= args.conns <= 1_000_000 or not 1 <= args.concurrency <= 1024 or args.runs < 1:
         ap.error("--conns 1..1000000, --concurrency 1..1024, --runs >= 1")
     names = [n for n in CONFIGS if n in args.only or n == "reuseport"]
-    if not 1 <= args.dispatchers <= 16:
+    if not all(1 <= n <= 16 for n in args.dispatchers):
         ap.error("--dispatchers 1..16")
     starters = dict(STARTERS)
-    if args.dispatchers > 1:
-        multi = f"sockshare-{args.dispatchers}d"
-        names.insert(1 if names[0] == "sockshare" else 0, multi)
-        starters[multi] = lambda tmp, o: start_sockshare(tmp, o, args.dispatchers)
-        if args.plot == str(ROOT / "docs" / "serve-benchmark.png"):
-            args.plot = str(ROOT / "docs" / "serve-dispatchers.png")
+    multi = sorted({n for n in args.dispatchers if n > 1})
+    for i, nd in enumerate(multi):
+        name = f"sockshare-{nd}d"
+        names.insert(i + (1 if names[0] == "sockshare" else 0), name)
+        starters[name] = functools.partial(start_sockshare, dispatchers=nd)
+    if multi and args.plot == str(ROOT / "docs" / "serve-benchmark.png"):
+        args.plot = str(ROOT / "docs" / "serve-dispatchers.png")
     tmp = Path(tempfile.mkdtemp(prefix="ss-serve-bench-"))
     running: dict[str, Running] = {}
     samples: dict[str, list[Sample]] = {n: [] for n in names}
@@ -587,7 +591,7 @@ def main() -> int:
                     "balance": TARGET_BALANCE},
         "configs": summary,
     }
-    out = HERE / "results" / ("serve.json" if args.dispatchers == 1 else "serve-dispatchers.json")
+    out = HERE / "results" / ("serve-dispatchers.json" if multi else "serve.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     try:

@@ -388,7 +388,23 @@ def _summary(st: dict[str, Any]) -> list[str]:
         f" closed {c.get('migrations_closed', 0)})"
         f"  latency p50 {lat.get('p50_ms', 0):.3f} ms p99 {lat.get('p99_ms', 0):.3f} ms"
         f"  rebalances {c.get('rebalances', 0)}",
+        *_dispatchers_line(st),
     ]
+
+
+def _dispatchers_line(st: dict[str, Any]) -> list[str]:
+    """``--dispatchers N``: one line, each dispatcher process's share."""
+    ds = st.get("dispatchers")
+    if not ds:
+        return []
+    parts = []
+    for d in ds:
+        name = "lead" if d["role"] == "lead" else f"feeder {d['id']}"
+        state = "accepting" if d.get("accepting") else ("books" if d["role"] == "lead" else "down"
+                                                         if not d.get("up") else "idle")
+        parts.append(f"{name} pid {d.get('pid') or '-'} ({state}) handoffs {d.get('handoffs', 0)}"
+                     f" cpu {d.get('cpu', 0):.1f}s")
+    return ["dispatchers: " + "; ".join(parts)]
 
 
 def render_status(st: dict[str, Any]) -> str:

@@ -248,7 +248,9 @@ class Feeder:
             # back from the workers goes to the lead, which forwards it
             log.info("%s: stop accepting (%s)", self.name, msg.get("why", "asked"))
             self.stopping = True
+            self._accepting = False
             self.listeners.stop_accepting()
+            self._report()
             for slot in list(self.by_id.values()):
                 self._retire(slot)
         else:
