@@ -18,10 +18,13 @@ listening sockets and hand connections straight to every worker (``_feeders``,
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -293,3 +296,71 @@ def test_upgrade_under_load(tmp_path: Path) -> None:
         ds = _dispatchers(srv)
         assert ds[1]["handoffs"] > 0, ds
         assert not pid_alive(old_feeder["pid"])
+
+
+_CONFIG = """
+dispatchers = 2
+[[listen]]
+bind = "127.0.0.1:0"
+name = "web"
+sniff = true
+
+[pools.main]
+app = "serve_apps:app"
+workers = 2
+
+[pools.beta]
+app = "serve_apps:app"
+workers = 1
+
+[[routes]]
+host = "*.ROUTE.test"
+pool = "beta"
+"""
+
+
+def _http(addr: Any, host: str) -> dict[str, Any]:
+    with connect(addr) as s:
+        s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        reply: dict[str, Any] = json.loads(read_line(s))
+        return reply
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_feeders_sniff_route_and_follow_a_reload_of_the_file(tmp_path: Path) -> None:
+    """A feeder sniffs (HTTP Host) and routes like the lead; a reload with --config that
+    changes the routes starts the feeders again with the new file; the metrics have a
+    series per dispatcher."""
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(_CONFIG.replace("ROUTE", "beta"))
+    port = _free_port()
+    with LiveServer(tmp_path / "srv", "--config", str(cfg), "--metrics", f"127.0.0.1:{port}",
+                    app=None, workers=None, bind=[], ready=3) as srv:
+        addr = srv.address("web")
+        (feeder,) = _feeders_up(srv, 1)
+        answers = [_http(addr, "x.beta.test") for _ in range(20)]
+        assert {a["pool"] for a in answers} == {"beta"}
+        assert {a["meta"]["route"] for a in answers} == {"routes[0]"}
+        assert any(a["hid"].startswith(f"{feeder['pid']}.") for a in answers), answers
+        assert {_http(addr, "www.example")["pool"] for _ in range(6)} == {"main"}
+        time.sleep(0.6)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        assert 'sockshare_dispatcher_handoffs_total{dispatcher="feeder1"}' in metrics
+        assert 'sockshare_dispatcher_accepting{dispatcher="lead"} 0' in metrics
+        # the same file, another route: the feeders start again with it
+        cfg.write_text(_CONFIG.replace("ROUTE", "gamma"))
+        assert srv.command({"cmd": "reload", "wait": True})["ok"]
+        (fresh,) = wait_until(lambda: [f for f in _feeders_up(srv, 1) if f["pid"] != feeder["pid"]],
+                              timeout=20, what="the feeder started again")
+        answers = [_http(addr, "x.gamma.test") for _ in range(20)]
+        assert {a["pool"] for a in answers} == {"beta"}, answers
+        assert any(a["hid"].startswith(f"{fresh['pid']}.") for a in answers), answers
+        assert "exited for the new configuration" in srv.log()
+        assert srv.status()["counters"]["refused"] == 0

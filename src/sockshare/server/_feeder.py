@@ -243,6 +243,9 @@ class Feeder:
         cmd = msg.get("cmd")
         if cmd == "workers":
             self._workers(msg.get("w") or [])
+        elif cmd == "exit":   # (a new configuration: the lead starts us again)
+            log.info("%s: exiting (%s)", self.name, msg.get("why", "asked"))
+            self.done.set()
         elif cmd == "stop":
             # an upgrade's hand-over: the new dispatcher accepts from now on; what comes
             # back from the workers goes to the lead, which forwards it

@@ -88,7 +88,10 @@ class Feeders:
         self._sent: dict[int, list[list[Any]]] = {}
         self._stopped = False
         self._resend = 0.0
-        self._config = base64.b64encode(pickle.dumps(d.cfg)).decode()
+        self._config_raw = pickle.dumps(d.cfg)
+        self._config = base64.b64encode(self._config_raw).decode()
+        #: feeders asked to exit for a new configuration (restarted at once)
+        self._renewing: set[int] = set()
 
     # -- the processes -------------------------------------------------------------------
 
@@ -119,6 +122,11 @@ class Feeders:
                 self.procs[k] = None
                 if self._stopped or self.d.stopping:
                     return
+                if rc == 0 and k in self._renewing:
+                    self._renewing.discard(k)
+                    log.info("feeder %d (pid %d) exited for the new configuration", k, proc.pid)
+                    failures = 0
+                    continue
                 log.warning("feeder %d (pid %d) exited (%s); restarting it", k, proc.pid,
                             f"signal {-rc}" if rc < 0 else f"status {rc}")
                 self.restarts += 1
@@ -303,11 +311,30 @@ class Feeders:
 
     async def _publisher(self) -> None:
         busy_until = 0.0
+        next_look = 0.0
         while not self._stopped:
             now = time.monotonic()
             await asyncio.sleep(PUBLISH_INTERVAL if now < busy_until else IDLE_PUBLISH_INTERVAL)
             if self.publish():
                 busy_until = time.monotonic() + 1.0
+            if now >= next_look:   # a reload with --config changed what the feeders run?
+                next_look = now + 1.0
+                self._renew_if_changed()
+
+    def _renew_if_changed(self) -> None:
+        """The configuration changed (a reload with ``--config``: pools' policies, routes,
+        limits): the feeders exit once what they have in flight is answered, and start
+        again with it (the lead accepts meanwhile)."""
+        raw = pickle.dumps(self.d.cfg)
+        if raw == self._config_raw or self._stopped:
+            return
+        self._config_raw = raw
+        self._config = base64.b64encode(raw).decode()
+        log.info("the configuration changed: the feeders start again with it")
+        for k, ch in list(self.channels.items()):
+            self._renewing.add(k)
+            with contextlib.suppress(SockshareError):
+                ch.send_control({"cmd": "exit", "why": "new configuration"})
 
     # -- status ----------------------------------------------------------------------------
 

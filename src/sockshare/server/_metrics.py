@@ -40,6 +40,10 @@ durations are in seconds)::
     sockshare_hung_workers_killed_total
     sockshare_generation                            worker generation (reloads + 1)
     sockshare_workers_retiring                      old workers still draining
+    sockshare_dispatcher_handoffs_total{dispatcher} --dispatchers N: handed over by the lead
+                                                    (``lead``) / each feeder (``feeder1``...)
+    sockshare_dispatcher_cpu_seconds_total{dispatcher}  their CPU time (user + system)
+    sockshare_dispatcher_accepting{dispatcher}      1 while it accepts
 
 The names of 0.1.0 are still written, with the same values, for one release: their HELP
 text starts with ``DEPRECATED`` and names the replacement (:data:`DEPRECATED`).
@@ -293,6 +297,23 @@ def render(status: dict[str, Any]) -> str:
     o.sample("sockshare_generation", status.get("generation", 1))
     o.family("sockshare_workers_retiring", "gauge", "Old workers still draining.")
     o.sample("sockshare_workers_retiring", sum(bool(w.get("retiring")) for w in status["workers"]))
+    ds = status.get("dispatchers")
+    if ds:   # --dispatchers N (_feeders)
+        names = [("lead" if d["role"] == "lead" else f"feeder{d['id']}", d) for d in ds]
+        o.family("sockshare_dispatcher_handoffs_total", "counter",
+                 "Handoffs accepted by workers, by the dispatcher process that sent them "
+                 "(a restarted feeder counts from 0).")
+        for name, d in names:
+            o.sample("sockshare_dispatcher_handoffs_total", d.get("handoffs", 0), dispatcher=name)
+        o.family("sockshare_dispatcher_cpu_seconds_total", "counter",
+                 "CPU time (user + system) of each dispatcher process.")
+        for name, d in names:
+            o.sample("sockshare_dispatcher_cpu_seconds_total", d.get("cpu", 0), dispatcher=name)
+        o.family("sockshare_dispatcher_accepting", "gauge",
+                 "1 while the dispatcher process accepts connections.")
+        for name, d in names:
+            o.sample("sockshare_dispatcher_accepting", int(bool(d.get("accepting"))),
+                     dispatcher=name)
     return o.text()
 
 
