@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 from live_helpers import LineClient, LiveServer, fd_count, pid_alive, wait_gone, wait_until
-from serve_helpers import connect, read_line
+from serve_helpers import ask, connect, read_line
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -364,3 +364,30 @@ def test_feeders_sniff_route_and_follow_a_reload_of_the_file(tmp_path: Path) -> 
         assert any(a["hid"].startswith(f"{fresh['pid']}.") for a in answers), answers
         assert "exited for the new configuration" in srv.log()
         assert srv.status()["counters"]["refused"] == 0
+
+
+def test_a_hung_worker_is_killed_for_a_feeders_handoffs(tmp_path: Path) -> None:
+    """--timeout: the lead hands nothing over while the feeder accepts, so it is the
+    feeder that sees a worker leave its handoffs unanswered; the lead kills that worker
+    and the feeder gives them to the other one."""
+    with LiveServer(tmp_path, "--dispatchers", "2", "--policy", "round-robin", "--timeout", "1",
+                    workers=2) as srv:
+        addr = srv.address()
+        _feeders_up(srv, 1)
+        blocked = connect(addr)
+        blocked.sendall(b"block 30\n")
+        # (the worker blocks before its "fed" report leaves: the feeder's count says it)
+        wait_until(lambda: _dispatchers(srv)[1]["handoffs"] == 1, what="the block accepted")
+        t0 = time.monotonic()
+        answers = [ask(addr) for _ in range(2)]   # round-robin: one waits for the hung one
+        took = time.monotonic() - t0
+        assert len({a["id"] for a in answers}) == 1, answers
+        hung = 3 - answers[0]["id"]
+        assert 0.9 < took < 10, took
+        st = srv.wait_for(lambda st: st["workers"][hung - 1]["generation"] == 2
+                          and st["workers"][hung - 1]["state"] == "ready",
+                          what="the hung worker replaced")
+        assert st["counters"]["hung_kills"] == 1
+        assert st["counters"]["refused"] == 0
+        assert "of feeder 1 unanswered" in srv.log()
+        blocked.close()

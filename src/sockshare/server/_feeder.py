@@ -195,9 +195,26 @@ class Feeder:
             await asyncio.sleep(0.25)
             now = time.monotonic()
             self.admission.expire(now)
+            if self.cfg.timeout > 0:
+                self._hung(now)
             if now >= next_report:
                 next_report = now + REPORT_INTERVAL
                 self._report()
+
+    def _hung(self, now: float) -> None:
+        """``--timeout``: a worker that leaves one of our handoffs unanswered that long is
+        hung; the lead, which runs it, kills it (its channel breaks, our tickets come back
+        and go to other workers)."""
+        lead = self.lead
+        for slot, (pid, _path) in list(self.where.items()):
+            if not slot.pending or slot.hung or lead is None or not lead.usable:
+                continue
+            oldest = min(w.sent for _t, w in slot.pending.values())
+            if now - oldest > self.cfg.timeout:
+                slot.hung = True
+                with contextlib.suppress(SockshareError):
+                    lead.send_control({"ev": "hung", "pid": pid, "n": len(slot.pending),
+                                       "age": round(now - oldest, 3)})
 
     def _report(self) -> None:
         lead = self.lead

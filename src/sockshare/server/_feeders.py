@@ -213,12 +213,29 @@ class Feeders:
                 if msg.get("ev") == "feeder":
                     self.reports[k] = msg
                     self._lead_accepts()
+                elif msg.get("ev") == "hung":
+                    self._hung(k, msg)
             ch.accepted()
             ch.returned()
             for h in ch.received():
                 self._admit(h)
         except Exception:   # in the channel's read callback: never let it escape
             log.exception("feeder %d: handling its frames failed", k)
+
+    def _hung(self, k: int, msg: dict[str, Any]) -> None:
+        """Feeder ``k`` says a worker left one of its handoffs unanswered past --timeout:
+        killed as if it were one of ours (``Supervisor.kill_hung``)."""
+        slot = next((s for s in self.d.slots if s.pid is not None and s.pid == msg.get("pid")),
+                    None)
+        if slot is None or slot.hung or slot.proc is None:
+            return
+        slot.hung = True
+        self.d.counters["hung_kills"] += 1
+        log.error("worker %d (pid %d) left %s handoff(s) of feeder %d unanswered for %s s "
+                  "(--timeout %g): killing it; they go to other workers", slot.id,
+                  slot.proc.pid, msg.get("n"), k, msg.get("age"), self.cfg.timeout)
+        with contextlib.suppress(ProcessLookupError):
+            slot.proc.kill()
 
     def _admit(self, h: Handoff) -> None:
         """A connection a feeder could not place: ours now, as if we had accepted it."""
