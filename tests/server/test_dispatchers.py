@@ -32,6 +32,8 @@ import pytest
 from live_helpers import LineClient, LiveServer, fd_count, pid_alive, wait_gone, wait_until
 from serve_helpers import ask, connect, read_line
 
+from sockshare.server._cli import render_status
+
 pytestmark = pytest.mark.timeout(180)
 
 APP = "live_apps:handle"
@@ -122,6 +124,9 @@ def test_three_dispatchers_share_the_work_and_balance_holds(tmp_path: Path) -> N
         ds = _dispatchers(srv)
         assert all(d["handoffs"] > 300 for d in ds[1:]), ds
         assert not ds[0]["accepting"], ds
+        shown = render_status(srv.status())
+        assert "dispatchers: lead pid" in shown
+        assert f"feeder 2 pid {ds[2]['pid']} (accepting) handoffs" in shown
         handoffs = [w["handoffs"] for w in st["workers"]]
         assert sum(handoffs) >= 3000
         # short connections: least-conn evens the *load*, so a worker slowed by the
@@ -391,3 +396,12 @@ def test_a_hung_worker_is_killed_for_a_feeders_handoffs(tmp_path: Path) -> None:
         assert st["counters"]["refused"] == 0
         assert "of feeder 1 unanswered" in srv.log()
         blocked.close()
+
+
+def test_the_feeders_die_with_the_lead(tmp_path: Path) -> None:
+    """SIGKILL the dispatcher: its feeders see EOF on their channel to it and exit."""
+    with LiveServer(tmp_path, "--dispatchers", "3", app=APP, workers=1) as srv:
+        feeders = [f["pid"] for f in _feeders_up(srv, 2)]
+        os.kill(srv.current(), signal.SIGKILL)
+        for pid in feeders:
+            assert wait_gone(pid, 15), f"feeder {pid} outlived the dispatcher"
