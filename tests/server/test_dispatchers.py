@@ -403,3 +403,20 @@ def test_the_feeders_die_with_the_lead(tmp_path: Path) -> None:
         os.kill(srv.current(), signal.SIGKILL)
         for pid in feeders:
             assert wait_gone(pid, 15), f"feeder {pid} outlived the dispatcher"
+
+
+def test_an_asgi_app_through_a_feeder(tmp_path: Path) -> None:
+    """A web app's worker (``_take_web``) counts a feeder's handoffs in and out too."""
+    pytest.importorskip("uvicorn")
+    with LiveServer(tmp_path, "--dispatchers", "2", "--interface", "asgi", app="web_apps:asgi",
+                    workers=2) as srv:
+        _feeders_up(srv, 1)
+        host, port = srv.address()
+        for _ in range(100):
+            with urllib.request.urlopen(f"http://{host}:{port}/", timeout=10) as r:
+                assert r.status == 200
+        st = _idle(srv)
+        assert sum(w["handoffs"] for w in st["workers"]) == 100
+        assert st["counters"]["refused"] == 0
+        time.sleep(0.6)
+        assert _dispatchers(srv)[1]["handoffs"] == 100
