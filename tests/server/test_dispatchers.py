@@ -420,3 +420,31 @@ def test_an_asgi_app_through_a_feeder(tmp_path: Path) -> None:
         assert st["counters"]["refused"] == 0
         time.sleep(0.6)
         assert _dispatchers(srv)[1]["handoffs"] == 100
+
+
+def test_a_full_pool_queues_at_the_lead(tmp_path: Path) -> None:
+    """--max-conns over the whole pool: what a feeder cannot place goes to the lead,
+    which queues it until a worker has room."""
+    with LiveServer(tmp_path, "--dispatchers", "2", "--max-conns", "2", app=APP,
+                    workers=2) as srv:
+        addr = srv.address()
+        _feeders_up(srv, 1)
+        held = []
+        for _ in range(4):
+            held.append(LineClient(addr))
+            held[-1].ask("who")
+        st = srv.wait_for(lambda st: [w["connections"] for w in st["workers"]] == [2, 2],
+                          what="both workers full")
+        waiting = LineClient(addr)
+        waiting.send("who\n")
+        srv.wait_for(lambda st: st["pools"][0]["queue"] == 1, what="one queued at the lead")
+        held.pop(0).close()
+        assert waiting.read()["pid"] in {w["pid"] for w in st["workers"]}
+        time.sleep(0.6)
+        ds = _dispatchers(srv)
+        assert ds[0]["from_feeders"] == 1, ds
+        assert ds[1]["to_lead"] == 1, ds
+        assert srv.status()["counters"]["refused"] == 0
+        for c in [*held, waiting]:
+            c.close()
+        _idle(srv)
