@@ -206,10 +206,12 @@ def test_a_worker_killed_under_load(tmp_path: Path) -> None:
             load.finish()
         st = srv.wait_for(lambda st: sum(w["state"] == "ready" for w in st["workers"]) == 3,
                           timeout=20, what="the worker restarted")
+        _idle(srv)
+        time.sleep(0.5)   # (the feeder's "gone" report settles what the worker never said)
+        st = srv.status()
         lost = st["counters"]["lost"]
         assert len(load.failures) <= lost, (load.failures, lost)
         assert st["counters"]["refused"] == 0
-        _idle(srv)
         print(f"worker killed: {len(load.failures)} failure(s), {lost} lost with it, "
               f"{st['counters']['redispatches']} re-dispatched by the lead; dispatchers "
               f"{_dispatchers(srv)}")

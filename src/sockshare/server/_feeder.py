@@ -370,7 +370,15 @@ class Feeder:
         slot.state = SlotState.GONE
         if self.by_id.get(slot.id) is slot:
             del self.by_id[slot.id]
-        self.accepted_by.pop(self.where.pop(slot, (0, ""))[0], None)
+        pid = self.where.pop(slot, (0, ""))[0]
+        accepted = self.accepted_by.pop(pid, 0)
+        lead = self.lead
+        if accepted and lead is not None and lead.usable:
+            # what it accepted from us: the lead counts as lost what it never heard of
+            # (a worker killed before its "fed" report left)
+            with contextlib.suppress(SockshareError):
+                lead.send_control({"ev": "gone", "pid": pid, "id": slot.id,
+                                   "accepted": accepted})
         with contextlib.suppress(Exception):
             await ch.aclose()
 

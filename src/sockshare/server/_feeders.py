@@ -215,6 +215,8 @@ class Feeders:
                     self._lead_accepts()
                 elif msg.get("ev") == "hung":
                     self._hung(k, msg)
+                elif msg.get("ev") == "gone":
+                    self._gone(k, msg)
             ch.accepted()
             ch.returned()
             for h in ch.received():
@@ -236,6 +238,31 @@ class Feeders:
                   slot.proc.pid, msg.get("n"), k, msg.get("age"), self.cfg.timeout)
         with contextlib.suppress(ProcessLookupError):
             slot.proc.kill()
+
+    def _gone(self, k: int, msg: dict[str, Any]) -> None:
+        """Feeder ``k``'s channel to a worker process ended; it had accepted
+        ``accepted`` of the feeder's handoffs. Those the worker never counted in (killed
+        before its ``fed`` report left) were open in it: lost with it."""
+        pid, accepted = msg.get("pid"), msg.get("accepted")
+        if isinstance(pid, int) and isinstance(accepted, int):
+            self.d.spawn(self._count_lost(k, pid, msg.get("id"), accepted), critical=False)
+
+    async def _count_lost(self, k: int, pid: int, wid: Any, accepted: int) -> None:
+        slot = next((s for s in self.d.slots if s.id == wid and s.proc is not None
+                     and s.proc.pid == pid), None)
+        # after the lead has read the worker's last reports and seen it exit
+        if slot is not None and not await self.d.supervisor.until(
+                lambda: slot.proc is None or slot.proc.pid != pid
+                or (slot.proc.returncode is not None and slot.channel is None), 5.0):
+            return   # (alive: a feeder's channel closed, not the worker)
+        counted = self.fed_by.pop((pid, k), 0)
+        if accepted <= counted:
+            return
+        self.d.counters["lost"] += accepted - counted
+        if slot is not None:
+            slot.stats.lost += accepted - counted
+        log.warning("worker pid %d went away with %d connection(s) from feeder %d it had not "
+                    "reported: lost with it", pid, accepted - counted, k)
 
     def _admit(self, h: Handoff) -> None:
         """A connection a feeder could not place: ours now, as if we had accepted it."""
