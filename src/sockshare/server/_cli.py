@@ -172,9 +172,10 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-rebalance", action="store_true",
                    help="never move connections between workers to even out the load")
     p.add_argument("--dispatchers", type=int, metavar="N",
-                   help="processes accepting on the listeners: the dispatcher and N-1 feeders, "
-                        "each handing connections to every worker, least-conn over the whole "
-                        "pool (default: 1; docs/server.md, 'Several dispatchers')")
+                   help="processes sharing the dispatcher's work: the dispatcher (supervision, "
+                        "the books; it accepts only while no feeder does) and N-1 feeders that "
+                        "accept and hand connections to every worker, least-conn over the "
+                        "whole pool (default: 1; docs/server.md, 'Several dispatchers')")
     p.add_argument("--no-direct-migration", action="store_true",
                    help="relay every migration through the dispatcher (default: a handler's "
                         "own migrate() goes straight to another worker)")

@@ -313,8 +313,9 @@ class ServerConfig:
     #: the workers run as this user / group (the dispatcher must be root)
     user: str | None = None
     group: str | None = None
-    #: accepting processes on the same listeners: the dispatcher and dispatchers - 1
-    #: *feeders* (``_feeders``), each handing connections to every worker of the pool
+    #: processes sharing the dispatcher's work: the dispatcher (the lead) and
+    #: dispatchers - 1 *feeders* that accept on the same listeners and hand connections
+    #: to every worker of the pool (``_feeders``)
     dispatchers: int = 1
 
     def validate(self) -> None:
