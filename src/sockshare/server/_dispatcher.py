@@ -14,7 +14,9 @@ the life of the process (set up, signals, housekeeping, stop). The parts:
 * :mod:`._status` -- the status snapshot (the control socket, the metrics);
 * :mod:`._health` -- the HAProxy agent (``--agent``) and ``GET /healthz``;
 * :mod:`._slots` -- worker slots and their states, pools, waiting connections;
-* :mod:`._tasks` -- the one helper that keeps background tasks.
+* :mod:`._tasks` -- the one helper that keeps background tasks;
+* :mod:`._feeders` -- ``--dispatchers N``: the feeder processes that accept and hand
+  over beside this one (which then keeps the books), with :mod:`._exclusive`.
 
 What the whole does, end to end:
 
