@@ -7,7 +7,7 @@ Run it as ``python3 scripts/wine_python.py COMMAND``:
     (``$SOCKSHARE_WINE_HOME``, default ``~/.cache/sockshare-wine``):
 
     * ``prefix/``: a private WINEPREFIX, created once with ``wineboot --init``;
-    * ``site/<key>/``: pytest, colorama and pytest-timeout for Windows, installed with
+    * ``site/<key>/``: pytest, colorama, pytest-timeout, h11 and wsproto for Windows, installed with
       ``pip install --target --platform win_amd64`` and byte-compiled by the Windows
       interpreter itself;
     * ``interp/<repo>-<hash>/``: the official embeddable CPython (from the PyPI package
@@ -685,9 +685,11 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 def _site_specs() -> list[str]:
     """pytest (the host's version when installed, for identical behaviour), colorama
     (pytest imports it on win32, but pip evaluates the marker for Linux and leaves it out)
-    and pytest-timeout (pyproject.toml sets its timeout_func_only)."""
+    and pytest-timeout (pyproject.toml sets its timeout_func_only); h11 and wsproto for
+    ``sockshare serve``'s demo app (the ``server`` extra), pure Python."""
     specs = []
-    for name, fallback in (("pytest", "pytest>=8"), ("pytest-timeout", "pytest-timeout>=2.3")):
+    for name, fallback in (("pytest", "pytest>=8"), ("pytest-timeout", "pytest-timeout>=2.3"),
+                           ("h11", "h11>=0.14"), ("wsproto", "wsproto>=1.2")):
         try:
             specs.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:

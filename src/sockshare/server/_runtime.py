@@ -124,6 +124,7 @@ from sockshare.server._messages import (
     encode,
 )
 from sockshare.server._peers import Move, PeerMigration
+from sockshare.server._platform import WINDOWS, run
 from sockshare.server._rlimit import log_nofile
 from sockshare.server._web import (
     KEEP_ALIVE_RESUME,
@@ -852,8 +853,9 @@ class Worker:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
+        if not WINDOWS:   # (Windows: the dispatcher says drain on the channel)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal, sig)
         if self.web is not None:   # lifespan startup, before the dispatcher hears of us
             failed = await self.web.startup()
             if failed:
@@ -1083,7 +1085,7 @@ def _run_loop(main: Coroutine[Any, Any, int], loop: str) -> int:
         else:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 return runner.run(main)
-    return asyncio.run(main)
+    return run(main)
 
 
 def main(argv: list[str] | None = None) -> int:
