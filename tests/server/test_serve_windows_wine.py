@@ -283,3 +283,56 @@ def test_killed_worker_restarts_and_no_request_fails(wine: WinePython, tmp_path:
     server.cli("stop")
     assert server.finish() == 0
 
+
+
+def test_reloads_and_websocket_migrations_under_load(wine: WinePython, tmp_path: Path,
+                                                     serve: list[WinServer]) -> None:
+    """10 reloads under load: 0 failures; the demo WebSocket moved between running
+    workers (its "move me" button) keeps its message counter."""
+    server = WinServer(wine, tmp_path)
+    serve.append(server)
+    server.wait_ready()
+    fds0 = fd_count()
+    base = server.handles(server.pid)[server.pid]
+    load = Load(("127.0.0.1", server.port), short_clients=4, short_rate=40.0, ws_clients=6,
+                ws_period=0.1, timeout=30.0)
+    load.start()
+    try:
+        time.sleep(2.0)
+        # migrations: one at a time, to measure the latency of one
+        before = load.snapshot()
+        moved = load.move(30, timeout=120.0)
+        time.sleep(1.0)
+        mig = load.snapshot().minus(before)
+        lat = sorted(mig.latencies_ms)
+        print(f"migrations: {moved} moved, {mig.move_failed} failed, latency p50 "
+              f"{lat[len(lat) // 2]:.1f} ms, max {lat[-1]:.1f} ms; {mig.failures()} failures")
+        assert moved == 30, mig
+        assert mig.n_errors == 0, mig   # the counter went on from where it was
+        assert mig.failures() == 0, mig
+        # reloads: every WebSocket moves to the new generation each time
+        before = load.snapshot()
+        t0 = time.monotonic()
+        for i in range(10):
+            resp = server.request({"cmd": "reload", "wait": True})
+            assert resp["ok"], resp
+            assert resp["generation"] == i + 2
+        took = time.monotonic() - t0
+        time.sleep(2.0)
+        rel = load.snapshot().minus(before)
+    finally:
+        report = load.stop()
+    moves = sorted(rel.latencies_ms) or [0.0]
+    print(f"10 reloads in {took:.1f} s: {rel.short_ok} requests ok, {rel.ws_messages} WebSocket "
+          f"echoes, {rel.moves} WebSocket moves (p50 {moves[len(moves) // 2]:.1f} ms, max "
+          f"{moves[-1]:.1f} ms), {rel.failures()} failures")
+    assert rel.failures() == 0, rel
+    assert report.failures() == 0, report
+    assert rel.short_ok > 20, rel
+    st = server.status()
+    assert st["counters"]["reloads"] == 10
+    assert st["counters"]["lost"] == 0
+    assert fd_count() == fds0
+    assert _settled_handles(server, server.pid, base) <= base + HANDLE_SLACK
+    server.cli("stop")
+    assert server.finish() == 0

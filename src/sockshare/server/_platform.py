@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
-__all__ = ["WINDOWS", "ThreadedProcess", "on_stop_signals", "pid_alive", "run", "start_process"]
+__all__ = ["WINDOWS", "ThreadedProcess", "close_fd", "dup_fd", "on_stop_signals", "pid_alive", "run",
+           "start_process"]
 
 WINDOWS = sys.platform == "win32"
 
@@ -43,6 +46,20 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
             return runner.run(main)
     return asyncio.run(main)
+
+
+def dup_fd(fd: int) -> int:
+    """A duplicate of a connection's descriptor (Windows: a socket handle, duplicated
+    with ``WSADuplicateSocket`` into this process; ``os.dup`` knows only CRT fds there)."""
+    return socket.dup(fd) if WINDOWS else os.dup(fd)
+
+
+def close_fd(fd: int) -> None:
+    """Close what :func:`dup_fd` returned, unwrapped."""
+    if WINDOWS:
+        socket.close(fd)
+    else:
+        os.close(fd)
 
 
 def pid_alive(pid: int) -> bool:

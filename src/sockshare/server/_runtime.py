@@ -124,7 +124,7 @@ from sockshare.server._messages import (
     encode,
 )
 from sockshare.server._peers import Move, PeerMigration
-from sockshare.server._platform import WINDOWS, run
+from sockshare.server._platform import WINDOWS, close_fd, dup_fd, run
 from sockshare.server._rlimit import log_nofile
 from sockshare.server._web import (
     KEEP_ALIVE_RESUME,
@@ -502,14 +502,14 @@ class Worker:
             # 3. a duplicate of the descriptor goes to the dispatcher; the transport keeps
             # the original until the answer
             try:
-                fd = os.dup(raw_sock.fileno())
+                fd = dup_fd(raw_sock.fileno())
             except OSError as exc:   # EMFILE / ENFILE: out of descriptors
                 raise _NoFds(f"cannot duplicate the connection's descriptor: "
                                        f"{exc.strerror or exc}") from exc
             try:
                 dup = socket.socket(raw_sock.family, raw_sock.type, raw_sock.proto, fd)
             except OSError as exc:
-                os.close(fd)
+                close_fd(fd)
                 raise MigrationRefused(f"cannot wrap the duplicated descriptor: {exc}") from exc
         except BaseException:
             transport.set_write_buffer_limits()
