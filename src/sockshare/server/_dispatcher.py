@@ -417,7 +417,10 @@ class Dispatcher:
             self.worker_channels = AsyncChannelListener.listen(
                 self.chan_path, name="dispatcher", allow_uids={os.getuid(), uid})
             os.chown(self.chan_path, uid, gid)
-        inherited = self.listeners.inherited()
+        if WINDOWS and self.takeover.predecessor:
+            inherited = await self.takeover.fetch_listeners()
+        else:
+            inherited = self.listeners.inherited()
         self.listeners.open(inherited)
         if self.cfg.pid_file and not self.takeover.predecessor:
             _pidfile.write(self.cfg.pid_file, self.master)   # (an upgrade's: once it has taken over)
@@ -636,6 +639,9 @@ class Dispatcher:
         self.stop("stop requested (control socket)", bool(req.get("quick")))
         return {"ok": True, "pid": self.master or self.pid, "dispatcher": self.pid}
 
+    async def _req_listeners(self, req: dict[str, Any]) -> dict[str, Any]:
+        return self.handover.share_listeners(req)
+
     async def _req_reload(self, req: dict[str, Any]) -> dict[str, Any]:
         return await self.reload("reload requested (control socket)", wait=bool(req.get("wait")))
 
@@ -688,4 +694,5 @@ _REQUESTS: dict[str, Callable[[Dispatcher, dict[str, Any]], Awaitable[dict[str, 
     "migrate": Dispatcher._req_migrate,
     "health": Dispatcher._req_health,
     "takeover": Dispatcher._req_takeover,
+    "listeners": Dispatcher._req_listeners,
 }
