@@ -853,7 +853,12 @@ class Worker:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        if not WINDOWS:   # (Windows: the dispatcher says drain on the channel)
+        if WINDOWS:
+            # the dispatcher says drain on the channel; a console's Ctrl+C / Ctrl+Break
+            # (which reach every process on the console) are the dispatcher's to handle
+            for sig in (signal.SIGINT, getattr(signal, "SIGBREAK", signal.SIGINT)):
+                signal.signal(sig, signal.SIG_IGN)
+        else:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
         if self.web is not None:   # lifespan startup, before the dispatcher hears of us
