@@ -7,7 +7,11 @@ clients (HTTP, WebSocket, the control client) run here on Linux.
   ``reload`` and ``stop`` (run in Windows CPython) work; a client without the secret,
   or with a wrong one, is refused and can neither read the status nor stop the server;
   Ctrl+C (what Wine makes of a SIGINT) stops it gracefully;
-* a worker killed (``TerminateProcess``) under load restarts, 0 requests fail;
+* a worker killed (``TerminateProcess``) under load restarts, 0 requests fail; a hung
+  worker's unanswered handoffs go to the other worker once it is killed;
+* 10 reloads under load and 30 moves of the demo WebSocket between running workers
+  (its counter kept): 0 failures; 3 upgrades under load, the new dispatcher taking the
+  listening socket with ``share``/``fromshare``: 0 failures, nothing refused;
 
 and after each phase the dispatcher's handle count (the system's handle table, see
 ``tests/windows/handles.py``) and this process's descriptors are back to their baseline.
@@ -22,6 +26,7 @@ import contextlib
 import json
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,8 +136,10 @@ class WinServer:
             time.sleep(0.2)
         raise AssertionError(f"not ready within {timeout} s: {last!r}; {self.out.stderr()[-3000:]}")
 
-    def handles(self, *pids: int, kill: int = 0) -> dict[int, int]:
-        args = [windows_path(HANDLES), *(["--kill", str(kill)] if kill else []), *map(str, pids)]
+    def handles(self, *pids: int, kill: int = 0, suspend: int = 0) -> dict[int, int]:
+        """Handle counts of ``pids`` (after killing or suspending one, if asked)."""
+        first = ["--kill", str(kill)] if kill else ["--suspend", str(suspend)] if suspend else []
+        args = [windows_path(HANDLES), *first, *map(str, pids)]
         res = self.wine.run(args, timeout=60.0)
         assert res.returncode == 0, res.stderr
         return {int(k): v for k, v in json.loads(res.stdout.strip().splitlines()[-1]).items()}
@@ -300,6 +307,58 @@ def test_killed_worker_restarts_and_no_request_fails(wine: WinePython, tmp_path:
     server.cli("stop")
     assert server.finish() == 0
 
+
+
+def test_unanswered_handoffs_of_a_killed_worker_go_to_another(wine: WinePython, tmp_path: Path,
+                                                               serve: list[WinServer]) -> None:
+    """A hung worker (all its threads suspended) is handed connections it never
+    answers; once it is killed, the channel's tickets come back and the connections go
+    to the other worker: every client gets its answer, from worker 2."""
+    server = WinServer(wine, tmp_path)
+    serve.append(server)
+    st = server.wait_ready()
+    pids = {w["id"]: int(w["pid"]) for w in st["workers"]}
+    fds0 = fd_count()
+    base = server.handles(server.pid)[server.pid]
+    server.handles(suspend=pids[1])
+    answers: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            answers.append(_whoami(server.port, timeout=START))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    deadline = time.monotonic() + START
+    while time.monotonic() < deadline:
+        w1 = next(w for w in server.status()["workers"] if w["id"] == 1)
+        if w1["inflight"] and len(answers) + w1["inflight"] == len(threads):
+            break   # the rest was answered by worker 2; these wait for the hung one
+        time.sleep(0.2)
+    unanswered = int(w1["inflight"])
+    assert unanswered >= 1, w1   # least-conn gave the hung worker some
+    server.handles(kill=pids[1])
+    for t in threads:
+        t.join(START)
+    assert not errors, errors
+    assert len(answers) == len(threads)
+    assert {a["worker_id"] for a in answers} == {2}, answers
+    st = server.wait_ready()
+    c = st["counters"]
+    print(f"{unanswered} handoff(s) unanswered by the hung worker went to worker 2 "
+          f"(returned {c['returned']}, re-dispatched {c['redispatches']}, lost {c['lost']})")
+    assert c["returned"] >= unanswered
+    assert c["redispatches"] >= unanswered
+    assert c["lost"] == 0
+    assert fd_count() == fds0
+    assert _settled_handles(server, server.pid, base) <= base + HANDLE_SLACK
+    server.cli("stop")
+    assert server.finish() == 0
 
 
 def test_reloads_and_websocket_migrations_under_load(wine: WinePython, tmp_path: Path,

@@ -7,7 +7,8 @@ table (``NtQuerySystemInformation(SystemHandleInformation)``; under Wine 8
 open in a worker is one handle more there). A pid that has no handle (gone) counts 0.
 
 ``--kill PID`` first ends that process with ``TerminateProcess`` (``os.kill`` with a
-signal that is not a console event), as a crash or the Task Manager would.
+signal that is not a console event), as a crash or the Task Manager would;
+``--suspend PID`` first stops all its threads (``NtSuspendProcess``): a hung process.
 """
 
 from __future__ import annotations
@@ -51,9 +52,29 @@ def handle_counts() -> collections.Counter[int]:
     return collections.Counter(int(e.pid) for e in entries)
 
 
+def suspend(pid: int) -> None:
+    """Stop every thread of ``pid`` (as SIGSTOP would on Linux)."""
+    if sys.platform != "win32":
+        raise SystemExit("handles.py runs inside Windows CPython")
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    kernel32.OpenProcess.restype = ctypes.c_void_p
+    handle = kernel32.OpenProcess(0x0800, False, pid)   # PROCESS_SUSPEND_RESUME
+    if not handle:
+        raise SystemExit(f"OpenProcess({pid}): error {ctypes.get_last_error()}")
+    try:
+        status = ctypes.WinDLL("ntdll").NtSuspendProcess(ctypes.c_void_p(handle)) & 0xFFFFFFFF
+        if status:
+            raise SystemExit(f"NtSuspendProcess({pid}): status {status:#x}")
+    finally:
+        kernel32.CloseHandle(ctypes.c_void_p(handle))
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--kill"]:
         os.kill(int(argv[1]), 9)   # TerminateProcess(handle, 9)
+        argv = argv[2:]
+    elif argv[:1] == ["--suspend"]:
+        suspend(int(argv[1]))
         argv = argv[2:]
     counts = handle_counts()
     print(json.dumps({str(pid): counts.get(int(pid), 0) for pid in argv}), flush=True)
