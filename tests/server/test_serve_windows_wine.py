@@ -12,6 +12,7 @@ clients (HTTP, WebSocket, the control client) run here on Linux.
 * 10 reloads under load and 30 moves of the demo WebSocket between running workers
   (its counter kept): 0 failures; 3 upgrades under load, the new dispatcher taking the
   listening socket with ``share``/``fromshare``: 0 failures, nothing refused;
+* an ASGI, a WSGI and a handler app answer, before and after a reload;
 
 and after each phase the dispatcher's handle count (the system's handle table, see
 ``tests/windows/handles.py``) and this process's descriptors are back to their baseline.
@@ -469,3 +470,36 @@ def test_upgrade_under_load_takes_the_listeners_with_share(wine: WinePython, tmp
         time.sleep(0.5)
     assert server.handles(new)[new] == 0
     assert not server.ctl.exists()
+
+
+@pytest.mark.parametrize(("app", "body"), [("web.web_raw_apps:asgi_app", b"ok asgi"),
+                                           ("web.web_raw_apps:wsgi_app", b"ok wsgi"),
+                                           ("web.web_raw_apps:handler", b"ok handler")])
+def test_every_app_interface(wine: WinePython, tmp_path: Path, serve: list[WinServer],
+                             app: str, body: bytes) -> None:
+    """An ASGI app (uvicorn's protocol in the workers), a WSGI app (a2wsgi) and a
+    handler app answer, before and after a reload."""
+    server = WinServer(wine, tmp_path, app)
+    serve.append(server)
+    server.wait_ready()
+    fds0 = fd_count()
+
+    def get() -> bytes:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20.0) as s:
+            s.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return data
+
+    for _ in range(4):
+        data = get()
+        assert data.startswith(b"HTTP/1.1 200"), data
+        assert body in data, data
+    assert server.request({"cmd": "reload", "wait": True})["ok"]
+    for _ in range(4):
+        assert body in get()
+    assert server.status()["counters"]["lost"] == 0
+    assert fd_count() == fds0
+    server.cli("stop")
+    assert server.finish() == 0
