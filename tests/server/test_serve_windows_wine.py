@@ -29,7 +29,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -158,11 +158,30 @@ class WinServer:
         stop(self.proc)
 
 
+Start = Callable[..., tuple[WinServer, dict[str, Any]]]
+
+
 @pytest.fixture
-def serve(wine: WinePython, tmp_path: Path) -> Iterator[list[WinServer]]:
+def serve(wine: WinePython, tmp_path: Path) -> Iterator[Start]:
+    """``serve(*args)``: a server started and ready (its status); every one is ended
+    afterwards. A port taken between free_port() and the server's bind (another
+    process's ephemeral port) is retried with another one."""
     started: list[WinServer] = []
+
+    def start(*args: str) -> tuple[WinServer, dict[str, Any]]:
+        for attempt in range(3):
+            server = WinServer(wine, tmp_path, *args)
+            started.append(server)
+            try:
+                return server, server.wait_ready()
+            except AssertionError:
+                if attempt == 2 or "cannot listen on" not in server.out.stderr():
+                    raise
+                server.kill()
+        raise AssertionError("unreachable")
+
     try:
-        yield started
+        yield start
     finally:
         for s in started:
             s.kill()
@@ -191,10 +210,8 @@ def _settled_handles(server: WinServer, pid: int, baseline: int, timeout: float 
 
 
 def test_whoami_from_both_workers(wine: WinePython, tmp_path: Path,
-                                  serve: list[WinServer]) -> None:
-    server = WinServer(wine, tmp_path)
-    serve.append(server)
-    st = server.wait_ready()
+                                  serve: Start) -> None:
+    server, st = serve()
     pids = {int(w["pid"]) for w in st["workers"]}
     fds0 = fd_count()
     base = server.handles(server.pid, *pids)
@@ -224,10 +241,8 @@ def test_whoami_from_both_workers(wine: WinePython, tmp_path: Path,
 
 
 def test_control_refuses_a_client_without_the_secret(wine: WinePython, tmp_path: Path,
-                                                    serve: list[WinServer]) -> None:
-    server = WinServer(wine, tmp_path)
-    serve.append(server)
-    server.wait_ready()
+                                                    serve: Start) -> None:
+    server, _ = serve()
     fds0 = fd_count()
     base = server.handles(server.pid)[server.pid]
     refused = {"ok": False, "error": "not authenticated: a request must carry the secret of "
@@ -266,10 +281,8 @@ def test_control_refuses_a_client_without_the_secret(wine: WinePython, tmp_path:
 
 
 def test_killed_worker_restarts_and_no_request_fails(wine: WinePython, tmp_path: Path,
-                                                     serve: list[WinServer]) -> None:
-    server = WinServer(wine, tmp_path)
-    serve.append(server)
-    st = server.wait_ready()
+                                                     serve: Start) -> None:
+    server, st = serve()
     fds0 = fd_count()
     base = server.handles(server.pid)[server.pid]
     load = Load(("127.0.0.1", server.port), short_clients=4, short_rate=40.0, ws_clients=4,
@@ -311,13 +324,11 @@ def test_killed_worker_restarts_and_no_request_fails(wine: WinePython, tmp_path:
 
 
 def test_unanswered_handoffs_of_a_killed_worker_go_to_another(wine: WinePython, tmp_path: Path,
-                                                               serve: list[WinServer]) -> None:
+                                                               serve: Start) -> None:
     """A hung worker (all its threads suspended) is handed connections it never
     answers; once it is killed, the channel's tickets come back and the connections go
     to the other worker: every client gets its answer, from worker 2."""
-    server = WinServer(wine, tmp_path)
-    serve.append(server)
-    st = server.wait_ready()
+    server, st = serve()
     pids = {w["id"]: int(w["pid"]) for w in st["workers"]}
     fds0 = fd_count()
     base = server.handles(server.pid)[server.pid]
@@ -363,12 +374,10 @@ def test_unanswered_handoffs_of_a_killed_worker_go_to_another(wine: WinePython, 
 
 
 def test_reloads_and_websocket_migrations_under_load(wine: WinePython, tmp_path: Path,
-                                                     serve: list[WinServer]) -> None:
+                                                     serve: Start) -> None:
     """10 reloads under load: 0 failures; the demo WebSocket moved between running
     workers (its "move me" button) keeps its message counter."""
-    server = WinServer(wine, tmp_path)
-    serve.append(server)
-    server.wait_ready()
+    server, _ = serve()
     fds0 = fd_count()
     base = server.handles(server.pid)[server.pid]
     load = Load(("127.0.0.1", server.port), short_clients=4, short_rate=40.0, ws_clients=6,
@@ -416,13 +425,11 @@ def test_reloads_and_websocket_migrations_under_load(wine: WinePython, tmp_path:
 
 
 def test_upgrade_under_load_takes_the_listeners_with_share(wine: WinePython, tmp_path: Path,
-                                                           serve: list[WinServer]) -> None:
+                                                           serve: Start) -> None:
     """``sockshare upgrade``: a new dispatcher takes the listening socket with
     share/fromshare (asked on the control channel), the old one hands over and exits;
     under load nothing is refused, reset or lost, 3 times in a row."""
-    server = WinServer(wine, tmp_path)
-    serve.append(server)
-    st = server.wait_ready()
+    server, st = serve()
     fds0 = fd_count()
     load = Load(("127.0.0.1", server.port), short_clients=4, short_rate=40.0, ws_clients=4,
                 ws_period=0.1, timeout=30.0)
@@ -475,13 +482,11 @@ def test_upgrade_under_load_takes_the_listeners_with_share(wine: WinePython, tmp
 @pytest.mark.parametrize(("app", "body"), [("web.web_raw_apps:asgi_app", b"ok asgi"),
                                            ("web.web_raw_apps:wsgi_app", b"ok wsgi"),
                                            ("web.web_raw_apps:handler", b"ok handler")])
-def test_every_app_interface(wine: WinePython, tmp_path: Path, serve: list[WinServer],
+def test_every_app_interface(wine: WinePython, tmp_path: Path, serve: Start,
                              app: str, body: bytes) -> None:
     """An ASGI app (uvicorn's protocol in the workers), a WSGI app (a2wsgi) and a
     handler app answer, before and after a reload."""
-    server = WinServer(wine, tmp_path, app)
-    serve.append(server)
-    server.wait_ready()
+    server, _ = serve(app)
     fds0 = fd_count()
 
     def get() -> bytes:
