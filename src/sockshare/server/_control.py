@@ -31,19 +31,31 @@ only ever removes the socket file it created itself (checked by inode), so the o
 dispatcher's exit does not remove the new one's socket.
 
 :func:`request` is the (blocking) client side used by ``sockshare status``.
+
+On Windows (no UNIX sockets to speak of, no file modes) the server listens on loopback
+TCP instead, on a port the system picks, and ``<pid>.ctl`` is a *file* holding
+``{"pid": ..., "port": ..., "secret": ...}``: 32 random bytes, written once, in
+``%LOCALAPPDATA%\\sockshare``, whose ACL (inherited from the user's profile) lets only
+that user, SYSTEM and the Administrators read it. Every request carries the secret
+(``"auth"``); one without it, or with a wrong one, is answered ``not authenticated``
+and the connection is closed, before the command is even looked at
+(docs/windows.md, "serve on Windows").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import inspect
 import json
 import logging
 import os
+import secrets
 import shlex
 import socket
 import stat
+import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -70,6 +82,12 @@ MAX_CLIENTS = 32
 
 Handler = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 
+#: control over loopback TCP with a secret in the ``.ctl`` file (see the module's docstring)
+TCP_CONTROL = sys.platform == "win32"
+#: the answer to a request without the right secret (the connection is then closed)
+REFUSED: dict[str, Any] = {"ok": False, "error": "not authenticated: a request must carry the "
+                                                 "secret of the server's control file"}
+
 
 class ControlError(SockshareError):
     """The control socket cannot be created, found or used."""
@@ -84,6 +102,11 @@ def runtime_dir() -> str:
     is sockshare's own, named after it, never one the user chose.
     """
     xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if TCP_CONTROL:
+        base = os.environ.get("LOCALAPPDATA") or tempfile.gettempdir()
+        path = os.path.join(base, "sockshare")
+        os.makedirs(path, exist_ok=True)   # (the profile's ACL: see the module's docstring)
+        return path
     if xdg and os.path.isdir(xdg):
         path = os.path.join(xdg, "sockshare")
     else:
@@ -146,18 +169,47 @@ def default_path(pid: int | None = None) -> str:
     return os.path.join(runtime_dir(), f"{pid or os.getpid()}.ctl")
 
 
+def read_control_file(path: str) -> tuple[int, int, str]:
+    """(Windows) ``(pid, port, secret)`` from a control file, or :class:`ControlError`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+        pid, port, secret = obj["pid"], obj["port"], obj["secret"]
+    except FileNotFoundError as exc:
+        raise ControlError(f"no sockshare server answers at {path!r}: {exc}") from exc
+    except PermissionError as exc:
+        raise ControlError(f"not allowed to read {path!r} (another user's server?)") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ControlError(f"{path!r} is not a sockshare control file: {exc}") from exc
+    if not (isinstance(pid, int) and isinstance(port, int) and isinstance(secret, str)):
+        raise ControlError(f"{path!r} is not a sockshare control file")
+    return pid, port, secret
+
+
+def _connect(path: str, timeout: float) -> tuple[socket.socket, str]:
+    """A connected control socket and the secret to send (``""``: a UNIX socket)."""
+    if TCP_CONTROL:
+        _pid, port, secret = read_control_file(path)
+        return socket.create_connection(("127.0.0.1", port), timeout=timeout), secret
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.connect(path)
+    except BaseException:
+        s.close()
+        raise
+    return s, ""
+
+
 def _probe(path: str) -> str:
     """``"listening"``, ``"refused"`` (a socket file nobody listens on) or ``"unknown"``."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.settimeout(1.0)
-        probe.connect(path)
+        probe, _secret = _connect(path, 1.0)
     except ConnectionRefusedError:
         return "refused"
-    except OSError:
+    except (OSError, ControlError):
         return "unknown"   # gone already, not a socket, not ours, too slow
-    finally:
-        probe.close()
+    probe.close()
     return "listening"
 
 
@@ -181,6 +233,16 @@ def find_servers(directory: str | None = None) -> list[str]:
         if ext != ".ctl" or not stem.isdigit():
             continue
         path = os.path.join(d, name)
+        if TCP_CONTROL:
+            from sockshare.server._platform import pid_alive
+
+            if pid_alive(int(stem)):
+                out.append(path)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                    log.info("removed %s: the server that made it is gone", path)
+            continue
         try:
             os.kill(int(stem), 0)
             alive = True
@@ -239,7 +301,8 @@ def describe_server(path: str, *, timeout: float = 2.0) -> str:
 
 
 class ControlServer:
-    """Serves ``handler(request) -> response`` on a private UNIX socket."""
+    """Serves ``handler(request) -> response`` on a private UNIX socket (Windows:
+    loopback TCP, with the secret in the file at ``path``)."""
 
     def __init__(self, path: str, handler: Handler) -> None:
         self.path = path
@@ -247,8 +310,14 @@ class ControlServer:
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
         self._inode = 0
+        #: (Windows) what every request must carry as "auth"
+        self._secret = ""
+        self.port = 0
 
     async def start(self) -> None:
+        if TCP_CONTROL:
+            await self._start_tcp()
+            return
         check_socket_dir(os.path.dirname(os.path.abspath(self.path)))
         from sockshare._channel import _remove_stale_socket
 
@@ -264,9 +333,30 @@ class ControlServer:
         os.chmod(self.path, 0o600)
         self._inode = os.stat(self.path).st_ino
 
+    async def _start_tcp(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", 0, limit=MAX_LINE)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._secret = secrets.token_hex(32)
+        text = json.dumps({"pid": os.getpid(), "port": self.port, "secret": self._secret})
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        # O_EXCL: a file someone put there first is not ours to write our secret into
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, self.path)
+        self._inode = os.stat(self.path).st_ino
+
+    def _authorized(self, req: dict[str, Any]) -> bool:
+        if not self._secret:
+            return True   # a UNIX socket: its mode (0600) is the check
+        given = req.pop("auth", None)
+        return isinstance(given, str) and hmac.compare_digest(given.encode(), self._secret.encode())
+
     def move(self, path: str) -> None:
         """Rename the socket file to ``path`` (atomically replacing what is there)."""
-        os.rename(self.path, path)
+        os.replace(self.path, path)
         self.path = path
 
     async def close(self) -> None:
@@ -318,6 +408,10 @@ class ControlServer:
             if not raw.strip():
                 continue
             response = await self._answer(raw)
+            if response is REFUSED:
+                writer.write(_line(response))
+                await writer.drain()
+                return
             if not response.get("ok"):
                 bad += 1
             writer.write(_line(response))
@@ -329,6 +423,8 @@ class ControlServer:
             req = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             return {"ok": False, "error": f"not a JSON line: {exc}"}
+        if self._secret and not (isinstance(req, dict) and self._authorized(req)):
+            return REFUSED
         if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
             return {"ok": False, "error": 'a request is a JSON object with a "cmd" string'}
         try:
@@ -347,15 +443,17 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 def request(path: str, req: dict[str, Any], *, timeout: float = 5.0) -> dict[str, Any]:
     """Send one request to a control socket and return the decoded response."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        s.settimeout(timeout)
-        try:
-            s.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise ControlError(f"no sockshare server answers at {path!r}: {exc}") from exc
-        except PermissionError as exc:
-            raise ControlError(f"not allowed to open {path!r} (another user's server?)") from exc
+        s, secret = _connect(path, timeout)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise ControlError(f"no sockshare server answers at {path!r}: {exc}") from exc
+    except PermissionError as exc:
+        raise ControlError(f"not allowed to open {path!r} (another user's server?)") from exc
+    except TimeoutError as exc:
+        raise ControlError(f"the server at {path!r} did not answer within {timeout} s") from exc
+    if secret:
+        req = {**req, "auth": secret}
+    try:
         s.sendall(_line(req))
         buf = b""
         while not buf.endswith(b"\n"):

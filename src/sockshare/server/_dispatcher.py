@@ -150,9 +150,11 @@ from sockshare.server._feedin import FEED_SUFFIX
 from sockshare.server._health import AGENT_FDNAME, HealthServer, agent_line, http_answer
 from sockshare.server._listeners import Listeners, ListenerState, bind_listener, sd_notify
 from sockshare.server._master import ENV_MASTER, ENV_MASTER_FD, NOTIFY_SUFFIX
+from sockshare.server._messages import Drain
 from sockshare.server._metrics import MetricsServer
 from sockshare.server._migration import Migrations
 from sockshare.server._peers import PEER_SUFFIX
+from sockshare.server._platform import WINDOWS, on_stop_signals
 from sockshare.server._rlimit import log_nofile
 from sockshare.server._slots import PoolState, SlotState, Waiting, WorkerSlot, WorkerStats
 from sockshare.server._supervision import Supervisor
@@ -173,14 +175,17 @@ log = logging.getLogger("sockshare.server")
 #: SIGQUIT (fast stop): seconds workers get after SIGTERM before SIGKILL
 QUICK_GRACE = 1.0
 #: the signals the dispatcher handles (docs/server.md, "Signals")
-_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR2,
-            signal.SIGTTIN, signal.SIGTTOU)
+_SIGNALS = () if WINDOWS else (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+                               signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 
 
 def _remove_dead_sockets(rundir: str) -> None:
     """Channel and control sockets left by dispatchers that were killed (SIGKILL, a crash):
     ``<pid>.chan``/``<pid>.ctl`` whose pid is gone and on which nobody listens; and a
-    killed master's ``<pid>.notify`` (a datagram socket: nobody can listen on it)."""
+    killed master's ``<pid>.notify`` (a datagram socket: nobody can listen on it).
+    (Not on Windows: no socket files there, and ``os.kill(pid, 0)`` would end the process.)"""
+    if WINDOWS:
+        return
     with contextlib.suppress(OSError):
         for name in os.listdir(rundir):
             stem, ext = os.path.splitext(name)
@@ -305,13 +310,7 @@ class Dispatcher:
             log.error("cannot start: %s", exc)
             await self._teardown()
             return 1
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
-        loop.add_signal_handler(signal.SIGQUIT, self.stop, "SIGQUIT", True)
-        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
-        loop.add_signal_handler(signal.SIGUSR2, self._on_sigusr2)
-        loop.add_signal_handler(signal.SIGTTIN, self.supervisor.scale, 1, "SIGTTIN")
-        loop.add_signal_handler(signal.SIGTTOU, self.supervisor.scale, -1, "SIGTTOU")
+        undo_signals = self._handle_signals(loop)
         if self.master_fd >= 0:
             loop.add_reader(self.master_fd, self._master_gone)
         for slot in self.slots:
@@ -328,11 +327,29 @@ class Dispatcher:
         self.spawn(self._announce_ready(), critical=False)
         await self.stop_event.wait()
         await self._shutdown()
-        for sig in _SIGNALS:
-            loop.remove_signal_handler(sig)
+        undo_signals()
         if self.exit_status:
             return self.exit_status
         return 0 if (self.ready or not self.takeover.predecessor) and not self._failed else 1
+
+    def _handle_signals(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+        """The signals of docs/server.md ("Signals"); on Windows only Ctrl+C and
+        Ctrl+Break (a graceful stop): the rest goes through the control channel."""
+        if WINDOWS:
+            return on_stop_signals(loop, self.stop)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
+        loop.add_signal_handler(signal.SIGQUIT, self.stop, "SIGQUIT", True)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        loop.add_signal_handler(signal.SIGUSR2, self._on_sigusr2)
+        loop.add_signal_handler(signal.SIGTTIN, self.supervisor.scale, 1, "SIGTTIN")
+        loop.add_signal_handler(signal.SIGTTOU, self.supervisor.scale, -1, "SIGTTOU")
+
+        def undo() -> None:
+            for sig in _SIGNALS:
+                loop.remove_signal_handler(sig)
+
+        return undo
 
     def stop(self, why: str = "stop requested", quick: bool = False) -> None:
         """Begin a graceful stop (a second call: stop now, workers are killed). ``quick``
@@ -396,7 +413,11 @@ class Dispatcher:
         if self.cfg.pid_file:
             _pidfile.claim(self.cfg.pid_file, predecessor=self.takeover.predecessor,
                            owner=self.master)
-        if self.run_as is None:
+        if WINDOWS:
+            # loopback TCP: each handoff carries a WSADuplicateSocket blob (docs/windows.md)
+            self.worker_channels = AsyncChannelListener.listen("tcp://127.0.0.1:0", name="dispatcher")
+            self.chan_path = self.worker_channels.address
+        elif self.run_as is None:
             self.chan_path = os.path.join(rundir, f"{self.pid}.chan")
             self.worker_channels = AsyncChannelListener.listen(self.chan_path, name="dispatcher")
         else:
@@ -409,7 +430,10 @@ class Dispatcher:
             self.worker_channels = AsyncChannelListener.listen(
                 self.chan_path, name="dispatcher", allow_uids={os.getuid(), uid})
             os.chown(self.chan_path, uid, gid)
-        inherited = self.listeners.inherited()
+        if WINDOWS and self.takeover.predecessor:
+            inherited = await self.takeover.fetch_listeners()
+        else:
+            inherited = self.listeners.inherited()
         self.listeners.open(inherited)
         if self.cfg.pid_file and not self.takeover.predecessor:
             _pidfile.write(self.cfg.pid_file, self.master)   # (an upgrade's: once it has taken over)
@@ -512,8 +536,14 @@ class Dispatcher:
         for slot in self.slots:
             slot.retired = True
             if slot.proc is not None and slot.proc.returncode is None:
+                if WINDOWS and not self._hurry and slot.python and slot.channel is not None \
+                        and slot.control(Drain(reason="stop")):
+                    continue   # (no SIGTERM on Windows: terminate() is TerminateProcess)
                 with contextlib.suppress(ProcessLookupError):
-                    slot.proc.send_signal(signal.SIGKILL if self._hurry else signal.SIGTERM)
+                    if self._hurry:
+                        slot.proc.kill()
+                    else:
+                        slot.proc.terminate()
         if self.supervisor.tasks:
             _done, pending = await asyncio.wait(
                 set(self.supervisor.tasks),
@@ -611,7 +641,7 @@ class Dispatcher:
         if handler is None:
             return {"ok": False, "error": f"unknown command {req['cmd']!r} "
                                           "(known: ping, status, reload, upgrade, migrate, "
-                                          "health)"}
+                                          "health, stop)"}
         return await handler(self, req)
 
     async def _req_status(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -619,6 +649,15 @@ class Dispatcher:
 
     async def _req_ping(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "pid": self.master or self.pid, "dispatcher": self.pid}
+
+    async def _req_stop(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``{"cmd": "stop"}``: a graceful stop, as SIGTERM (``"quick": true``: SIGQUIT);
+        the way to stop a server on Windows, which has no SIGTERM."""
+        self.stop("stop requested (control socket)", bool(req.get("quick")))
+        return {"ok": True, "pid": self.master or self.pid, "dispatcher": self.pid}
+
+    async def _req_listeners(self, req: dict[str, Any]) -> dict[str, Any]:
+        return self.handover.share_listeners(req)
 
     async def _req_reload(self, req: dict[str, Any]) -> dict[str, Any]:
         return await self.reload("reload requested (control socket)", wait=bool(req.get("wait")))
@@ -669,9 +708,11 @@ class Dispatcher:
 _REQUESTS: dict[str, Callable[[Dispatcher, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
     "status": Dispatcher._req_status,
     "ping": Dispatcher._req_ping,
+    "stop": Dispatcher._req_stop,
     "reload": Dispatcher._req_reload,
     "upgrade": Dispatcher._req_upgrade,
     "migrate": Dispatcher._req_migrate,
     "health": Dispatcher._req_health,
     "takeover": Dispatcher._req_takeover,
+    "listeners": Dispatcher._req_listeners,
 }

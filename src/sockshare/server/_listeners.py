@@ -104,6 +104,12 @@ def bind_listener(cfg: ListenerConfig) -> socket.socket:
     try:
         if b.is_unix:
             _remove_stale_socket(b.address)
+        elif sys.platform == "win32":
+            # on Windows SO_REUSEADDR would let another socket bind the same port and
+            # take its connections: claim it (as the channel does, docs/windows.md)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)   # type: ignore[attr-defined,unused-ignore]
+            if b.family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         else:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if b.family == socket.AF_INET6:

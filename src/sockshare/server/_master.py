@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import logging
 import os
 import selectors
@@ -69,7 +68,9 @@ NOTIFY_SUFFIX = ".notify"
 #: sd_notify field a dispatcher sends its master when it starts a successor.
 SUCCESSOR_FIELD = "SOCKSHARE_SUCCESSOR"
 #: Signals the master passes to the current generation (TERM and INT: to every one).
-FORWARDED = (signal.SIGHUP, signal.SIGUSR2, signal.SIGQUIT, signal.SIGTTIN, signal.SIGTTOU)
+#: (none on Windows, which has no master: see _platform)
+FORWARDED: tuple[signal.Signals, ...] = () if sys.platform == "win32" else (
+    signal.SIGHUP, signal.SIGUSR2, signal.SIGQUIT, signal.SIGTTIN, signal.SIGTTOU)
 STOPS = (signal.SIGTERM, signal.SIGINT)
 _PR_SET_CHILD_SUBREAPER = 36
 _UCRED = struct.Struct("3i")
@@ -91,6 +92,8 @@ def pass_master_fd(fd: int, floor: int) -> int:
     """A copy of the master pipe's read end numbered at least ``floor`` (above the
     descriptors 3.. that ``python -m sockshare.backends._inherit`` renumbers), for
     ``pass_fds``; the caller closes it once the child is started."""
+    import fcntl  # (POSIX only: there is no master on Windows)
+
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, max(floor, 3))
 
 

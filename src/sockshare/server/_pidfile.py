@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 from sockshare._errors import SockshareError
 
@@ -36,7 +37,12 @@ def read(path: str) -> int | None:
 
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` runs; a zombie (exited, not yet reaped) counts as gone. Read
-    from ``/proc`` where there is one, else asked with signal 0."""
+    from ``/proc`` where there is one, else asked with signal 0 (Windows: OpenProcess;
+    ``os.kill(pid, 0)`` would terminate it there)."""
+    if sys.platform == "win32":
+        from sockshare._tokens import _pid_alive
+
+        return _pid_alive(pid)
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")

@@ -126,6 +126,7 @@ from sockshare.server._messages import (
     encode,
 )
 from sockshare.server._peers import Move, PeerMigration
+from sockshare.server._platform import WINDOWS, close_fd, dup_fd, run
 from sockshare.server._rlimit import log_nofile
 from sockshare.server._web import (
     KEEP_ALIVE_RESUME,
@@ -505,14 +506,14 @@ class Worker:
             # 3. a duplicate of the descriptor goes to the dispatcher; the transport keeps
             # the original until the answer
             try:
-                fd = os.dup(raw_sock.fileno())
+                fd = dup_fd(raw_sock.fileno())
             except OSError as exc:   # EMFILE / ENFILE: out of descriptors
                 raise _NoFds(f"cannot duplicate the connection's descriptor: "
                                        f"{exc.strerror or exc}") from exc
             try:
                 dup = socket.socket(raw_sock.family, raw_sock.type, raw_sock.proto, fd)
             except OSError as exc:
-                os.close(fd)
+                close_fd(fd)
                 raise MigrationRefused(f"cannot wrap the duplicated descriptor: {exc}") from exc
         except BaseException:
             transport.set_write_buffer_limits()
@@ -872,8 +873,14 @@ class Worker:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
+        if WINDOWS:
+            # the dispatcher says drain on the channel; a console's Ctrl+C / Ctrl+Break
+            # (which reach every process on the console) are the dispatcher's to handle
+            for sig in (signal.SIGINT, getattr(signal, "SIGBREAK", signal.SIGINT)):
+                signal.signal(sig, signal.SIG_IGN)
+        else:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal, sig)
         if self.web is not None:   # lifespan startup, before the dispatcher hears of us
             failed = await self.web.startup()
             if failed:
@@ -1109,7 +1116,7 @@ def _run_loop(main: Coroutine[Any, Any, int], loop: str) -> int:
         else:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 return runner.run(main)
-    return asyncio.run(main)
+    return run(main)
 
 
 def main(argv: list[str] | None = None) -> int:

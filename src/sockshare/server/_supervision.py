@@ -73,6 +73,7 @@ from sockshare.server._messages import (
     decode,
 )
 from sockshare.server._peers import PEER_SUFFIX
+from sockshare.server._platform import start_process
 from sockshare.server._reconfig import reconfigure
 from sockshare.server._runtime import REJECT_NO_FDS
 from sockshare.server._slots import PoolState, SlotState, WorkerSlot
@@ -515,9 +516,7 @@ class Supervisor:
             try:
                 # own process group: a terminal's Ctrl-C reaches the dispatcher only,
                 # which then stops the workers once, gracefully
-                proc = await asyncio.create_subprocess_exec(*argv, env=env, process_group=0,
-                                                            stdin=asyncio.subprocess.DEVNULL,
-                                                            **self._run_as())
+                proc = await start_process(argv, env, **self._run_as())
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
                 # (ValueError: e.g. a NUL byte in --worker-cmd)
                 log.error("worker %d: cannot start %s: %s", slot.id, shlex.join(argv), exc)
@@ -750,7 +749,7 @@ class Supervisor:
 
     async def _reload_once(self) -> str | None:
         """One reload: None once the new generation serves, else what went wrong."""
-        mono = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        mono = time.monotonic_ns() // 1000   # (CLOCK_MONOTONIC on Linux; any OS has it)
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={mono}\nSTATUS=reloading")
         revert: Callable[[], None] = lambda: None  # noqa: E731
         if self.d.reconfigure is not None:

@@ -16,6 +16,14 @@ migration: their connections travel worker → old dispatcher → new dispatcher
 worker. It stops when its last worker has exited. A new dispatcher that dies first
 leaves the old one serving, as if nothing had started.
 
+On Windows there is no descriptor inheritance to speak of (and no ``exec``): the old
+dispatcher starts the new one with the same command line and nothing else; the new one
+asks the old one for the listeners on the control channel (``{"cmd": "listeners",
+"pid": ...}``, :meth:`Handover.share_listeners`), which answers with
+``socket.share(new pid)`` blobs (``WSADuplicateSocket``: the duplicates are in the new
+process before the answer leaves), and takes them with ``socket.fromshare``
+(:meth:`Takeover.fetch_listeners`). Only the process the old one started may ask, once.
+
 New side (:class:`Takeover`): started with ``SOCKSHARE_UPGRADE_FROM`` /
 ``SOCKSHARE_UPGRADE_CONTROL``, it takes the inherited listeners, starts its workers and,
 once they are ready, asks for the hand-over (:meth:`Takeover.take_over`). When the old
@@ -27,10 +35,12 @@ migrations (into the relay) and queued connections (into admission).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
 import shlex
+import socket
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -43,6 +53,7 @@ from sockshare.server._control import request
 from sockshare.server._health import AGENT_FDNAME
 from sockshare.server._listeners import sd_notify
 from sockshare.server._master import ENV_MASTER, ENV_MASTER_FD, SUCCESSOR_FIELD, pass_master_fd
+from sockshare.server._platform import WINDOWS, start_process
 from sockshare.server._policy import ConnInfo
 from sockshare.server._slots import Waiting
 from sockshare.server._supervision import describe_exit
@@ -80,6 +91,34 @@ class Handover:
         #: our channel to the successor, once handed over, and what is in flight on it
         self.upstream: AsyncChannel | None = None
         self.upstream_pending: dict[int, tuple[Ticket, Waiting]] = {}
+        #: (Windows) the successor took its listeners (share_listeners answers once)
+        self._shared = False
+
+    def _passed_sockets(self) -> list[tuple[str, socket.socket]]:
+        """What a new dispatcher takes over: the listeners, the metrics and agent sockets."""
+        socks = [(ls.cfg.name, ls.sock) for ls in self.d.listeners.all if ls.sock.fileno() >= 0]
+        if self.d.metrics_sock is not None and self.d.metrics_sock.fileno() >= 0:
+            socks.append((METRICS_FDNAME, self.d.metrics_sock))
+        agent = self.d.health.socket
+        if agent is not None and agent.fileno() >= 0:
+            socks.append((AGENT_FDNAME, agent))
+        return socks
+
+    def share_listeners(self, req: dict[str, Any]) -> dict[str, Any]:
+        """(Windows) ``{"cmd": "listeners", "pid": P}`` from the successor this one
+        started: each socket ``share(P)``'d, base64 (the handles are in P already)."""
+        proc = self.successor
+        if not WINDOWS:
+            return {"ok": False, "error": "listeners: Windows only (elsewhere they are inherited)"}
+        if proc is None or req.get("pid") != proc.pid or self.handed_over:
+            return {"ok": False, "error": "listeners refused: not the dispatcher this one started"}
+        if self._shared:
+            return {"ok": False, "error": "listeners refused: already taken"}
+        self._shared = True
+        out = [[name, base64.b64encode(sock.share(proc.pid)).decode("ascii")]   # type: ignore[attr-defined,unused-ignore]
+               for name, sock in self._passed_sockets()]
+        log.info("upgrade: %d listening socket(s) shared with pid %d", len(out), proc.pid)
+        return {"ok": True, "sockets": out}
 
     async def upgrade(self, why: str = "upgrade requested", *, wait: bool = False) -> dict[str, Any]:
         """Start a new dispatcher (the same command line: new code) with our listeners;
@@ -89,13 +128,9 @@ class Handover:
         if self.successor is not None:
             return {"ok": False, "error": f"an upgrade is under way (pid {self.successor.pid})"}
         loop = asyncio.get_running_loop()
-        socks = [(ls.cfg.name, ls.sock) for ls in self.d.listeners.all if ls.sock.fileno() >= 0]
-        if self.d.metrics_sock is not None and self.d.metrics_sock.fileno() >= 0:
-            socks.append((METRICS_FDNAME, self.d.metrics_sock))
-        agent = self.d.health.socket
-        if agent is not None and agent.fileno() >= 0:
-            socks.append((AGENT_FDNAME, agent))
-        env_add, fds = _inherit.pass_listen_fds(socks)
+        if WINDOWS:
+            return await self._upgrade_windows(why, wait)
+        env_add, fds = _inherit.pass_listen_fds(self._passed_sockets())
         env = dict(os.environ, **env_add)
         env[ENV_UPGRADE_FROM] = str(self.d.pid)
         env[ENV_UPGRADE_CONTROL] = self.d.control.path if self.d.control else ""
@@ -121,6 +156,25 @@ class Handover:
                 os.close(master_fd)
         if self.d.master:
             sd_notify(f"{SUCCESSOR_FIELD}={proc.pid}")   # (the master stops it too on stop)
+        return await self._started(proc, loop, wait)
+
+    async def _upgrade_windows(self, why: str, wait: bool) -> dict[str, Any]:
+        """The same command line; the listeners go by share/fromshare once it asks."""
+        env = dict(os.environ)
+        env[ENV_UPGRADE_FROM] = str(self.d.pid)
+        env[ENV_UPGRADE_CONTROL] = self.d.control.path if self.d.control else ""
+        log.info("%s: starting a new dispatcher: %s", why, shlex.join(self.d.argv))
+        self._shared = False
+        try:
+            proc = await start_process(self.d.argv, env)
+        except OSError as exc:
+            self.counters["upgrade_failures"] += 1
+            log.error("upgrade: cannot start the new dispatcher: %s", exc)
+            return {"ok": False, "error": str(exc)}
+        return await self._started(proc, asyncio.get_running_loop(), wait)
+
+    async def _started(self, proc: asyncio.subprocess.Process, loop: asyncio.AbstractEventLoop,
+                       wait: bool) -> dict[str, Any]:
         self.successor = proc
         self._successor_ready = loop.create_future()
         watcher = self.d.spawn(self._watch_successor(proc), critical=False)
@@ -319,6 +373,23 @@ class Takeover:
         #: the old dispatcher's pid (0: not started by an upgrade) and control socket
         self.predecessor = 0
         self.predecessor_control = ""
+
+    async def fetch_listeners(self) -> dict[str, list[socket.socket]]:
+        """(Windows) The predecessor's listening sockets, by name, with ``fromshare``."""
+        if not self.predecessor_control:
+            raise SockshareError("upgrade: no control file of the old dispatcher to ask")
+        resp = await asyncio.to_thread(request, self.predecessor_control,
+                                       {"cmd": "listeners", "pid": self.d.pid}, timeout=30.0)
+        if not resp.get("ok"):
+            raise SockshareError(f"upgrade: the old dispatcher did not share its listeners: "
+                                 f"{resp.get('error')}")
+        out: dict[str, list[socket.socket]] = {}
+        for name, blob in resp.get("sockets") or []:
+            sock = socket.fromshare(base64.b64decode(blob))   # type: ignore[attr-defined,unused-ignore]
+            out.setdefault(str(name), []).append(sock)
+        log.info("upgrade: took %d listening socket(s) from pid %d",
+                 sum(map(len, out.values())), self.predecessor)
+        return out
 
     async def take_over(self) -> bool:
         log.info("upgrade: workers ready; asking pid %d to hand over", self.predecessor)

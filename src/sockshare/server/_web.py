@@ -59,6 +59,7 @@ from typing import Any
 
 from sockshare._errors import SockshareError
 from sockshare.server._handler import MIGRATION_WINDOW, set_nodelay
+from sockshare.server._platform import dup_fd
 
 __all__ = [
     "INTERFACES",
@@ -804,7 +805,7 @@ class WebServer:
                 transport.resume_reading()
                 return
             raw = transport.get_extra_info("socket")
-            dup = socket.socket(raw.family, raw.type, raw.proto, os.dup(raw.fileno()))
+            dup = socket.socket(raw.family, raw.type, raw.proto, dup_fd(raw.fileno()))
             meta = {k: v for k, v in c.meta.items() if k not in ("resume", "migration", "attempt")}
             previous = c.meta.get("migration")
             count = previous.get("count", 0) if isinstance(previous, dict) else 0

@@ -51,6 +51,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from sockshare.protocol import MAX_DATA, MAX_META
+from sockshare.server._platform import dup_fd
 
 if TYPE_CHECKING:
     from sockshare.server._web import WebServer
@@ -271,7 +272,7 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
                     raise MigrationRefused("the client did not take what was written")
                 async with web.ws_slots:   # (MIGRATION_WINDOW at once)
                     raw = transport.get_extra_info("socket")
-                    dup = socket.socket(raw.family, raw.type, raw.proto, os.dup(raw.fileno()))
+                    dup = socket.socket(raw.family, raw.type, raw.proto, dup_fd(raw.fileno()))
                     assert web.relay is not None
                     outcome = await web.relay(dup, meta, bytes(self._ss_raw))
             except BaseException:
