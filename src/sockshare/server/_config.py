@@ -327,6 +327,10 @@ class ServerConfig:
             raise ConfigError("no listener: give --bind or [[listen]]")
         if not 1 <= self.dispatchers <= 64:
             raise ConfigError(f"dispatchers must be 1 to 64, got {self.dispatchers}")
+        if self.dispatchers > 1 and sys.platform == "win32":
+            # feeders reach the workers over UNIX sockets and share the accept queue with
+            # EPOLLEXCLUSIVE: neither exists there (docs/windows.md)
+            raise ConfigError("--dispatchers: one dispatcher only on Windows")
         if not self.pools:
             raise ConfigError("no pool defined")
         if self.default_pool not in self.pools:
