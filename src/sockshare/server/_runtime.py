@@ -90,6 +90,7 @@ from sockshare._aio import AsyncChannel
 from sockshare._channel import Handoff
 from sockshare._errors import ChannelError, RemoteProtocolError, SockshareError
 from sockshare.protocol import MAX_DATA, MAX_META
+from sockshare.server._gc import MoveBurst, freeze_startup
 from sockshare.server._handler import (
     MIGRATION_WINDOW,
     App,
@@ -255,6 +256,8 @@ class Worker:
         self._fd_retry: dict[Connection, str] = {}
         self._migration_slots = asyncio.Semaphore(MIGRATION_WINDOW)
         self._unmoved_closed = 0
+        #: full garbage collections wait while connections move (``_gc``)
+        self.gc_hold = MoveBurst()
 
     # -- signals ---------------------------------------------------------------------
 
@@ -296,6 +299,7 @@ class Worker:
         if ch is None or ch.closed:
             dup.close()
             return "rejected"
+        self.gc_hold.moved()
         if self._reports or self._closed_unreported:
             self._flush_report(soon=True)   # counted in before counted out (see migrate_out)
         try:
@@ -419,6 +423,7 @@ class Worker:
         flight meanwhile (a drain waits for it), and as refused here when it is refused
         before anything left this process."""
         self._in_flight += 1
+        self.gc_hold.moved()
         requested = conn.migration_requested.is_set()
         held_fd = True   # (a duplicate of the descriptor: freed now)
         try:
@@ -592,6 +597,7 @@ class Worker:
 
     def _on_migrate(self, msg: Migrate) -> None:
         reason = msg.reason or "request"
+        self.gc_hold.moved()   # (before the first one leaves: the set-up allocates too)
         if self.web is not None:   # idle keep-alive connections move
             picked = self.web.request_handover(msg.n, reason)
         else:
@@ -610,6 +616,8 @@ class Worker:
             self._migrate_all = reason
         if msg.migrate and self.web is not None:
             self.web.handover_reason = reason
+        if msg.migrate:
+            self.gc_hold.moved()
         if not self.stopping.is_set():
             log.info("worker %d: the dispatcher asked to drain (%s)", self.info.id, reason)
             self.stopping.set()
@@ -744,6 +752,7 @@ class Worker:
                     h.reject("worker is shutting down")
             return
         ready: list[tuple[Handoff, Connection, bool]] = []
+        moved_in = False
         mark = self._fd_mark
         try:   # (a reject or accept raises once the channel is broken)
             for h in handoffs:
@@ -763,6 +772,9 @@ class Worker:
                     self._task(self._serve(h, ch, from_peer))
                     continue
                 ready.append((h, conn, resuming))
+                moved_in = moved_in or resuming
+            if moved_in:
+                self.gc_hold.moved()
             if not ready:
                 return
             for h, _conn, _resuming in ready:
@@ -791,6 +803,7 @@ class Worker:
                     h.reject("worker is shutting down")
             return
         accepted: list[socket.socket] = []
+        moved_in = False
         mark = self._fd_mark
         try:
             for h in handoffs:
@@ -808,12 +821,16 @@ class Worker:
                     elif not (isinstance(resume, dict) and isinstance(resume.get("ws"), dict)
                               and web.ws_class is not None):
                         why = "this worker takes no such migrated connection"
+                    else:
+                        moved_in = True
                 if why is not None:
                     h.reject(why)
                     continue
                 web.register(h.socket, meta, h.data, resume)
                 h.accept()
                 accepted.append(h.socket)
+            if moved_in:
+                self.gc_hold.moved()
             if not accepted:
                 return
             if self._closed_unreported or self._reports:
@@ -860,6 +877,7 @@ class Worker:
                 log.error("worker %d: %s", self.info.id, failed)
                 self.app_error = failed
                 self._startup_failed = True
+        freeze_startup()   # (the app and its imports: never walked by a collection again)
         try:
             self.ch = await AsyncChannel.connect(self.address, name=f"worker:{self.info.id}")
         except (OSError, SockshareError) as exc:
