@@ -360,7 +360,7 @@ class Takeover:
                     h.reject("undecodable metadata")
                     continue
                 if isinstance(meta, dict) and "resume" in meta:
-                    self.d.migration.take(None, h)
+                    self.d.migration.take(None, h, flush=False)   # (flushed below)
                     continue
                 h.accept()
                 meta = meta if isinstance(meta, dict) else {}
@@ -371,6 +371,7 @@ class Takeover:
                 info = ConnInfo(meta.get("client"), str(meta.get("listener", "")), pool,
                                 str(meta.get("handoff_id", "")), meta)
                 self.admission.place(Waiting(h.socket, info, meta, h.data, time.monotonic()), front=True)
+            self.admission.flush()   # this read's migrations, one batch per target
             ch.returned()
             if not alive:
                 self.d.health.predecessor_gone = True   # the upgrade is over: ready again
