@@ -12,7 +12,7 @@ with a counter ``n`` that goes on across migrations, and opts in to migration):
 * ``uvicorn``   -- ``uvicorn sockshare.server._demo_asgi:app --workers 2``.
 
 N WebSockets are opened (``/ws``) from client processes (one per 5,000 connections, at
-most 4; each a single asyncio loop of wsproto protocols, no task per connection), each
+most 4; each a single asyncio loop of minimal WebSocket protocols, no task per connection), each
 sending message 1 and waiting for its echo: the **open rate** is N over the time that
 takes. The **RSS per connection** is the growth of the server's whole process tree
 (``VmRSS`` of the main process and every descendant) from before the clients connected
@@ -104,18 +104,40 @@ class _Counts:
     rtts_ms: list[float] = field(default_factory=list)
 
 
+#: the client's handshake key (any 16 bytes, base64), and the masking key of every frame
+#: it sends: RFC 6455 wants a mask, any value of it; zero leaves the payload as it is
+_WS_KEY = "c29ja3NoYXJlLWJlbmNoIQ=="
+_MASK = b"\0\0\0\0"
+
+
+def _client_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked, unfragmented frame from the client (RFC 6455 section 5.2)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 1 << 16:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+    return head + _MASK + payload
+
+
 class _Ws(asyncio.Protocol):
-    """One WebSocket client: numbered messages ``s1, s2, ...``, each echo checked."""
+    """One WebSocket client: numbered messages ``s1, s2, ...``, each echo checked.
+
+    A minimal RFC 6455 client (handshake, unmasked frames from the server, pings
+    answered, a close closes): a general-purpose one (wsproto) cost the client processes
+    as much CPU as a worker during a move of thousands, on the same two cores as the
+    server -- the benchmark measured its own client."""
 
     def __init__(self, client: _Client, host: str, port: int) -> None:
-        from wsproto import WSConnection
-        from wsproto.connection import ConnectionType
-
         self.client = client
-        self.ws = WSConnection(ConnectionType.CLIENT)
         self.host, self.port = host, port
         self.transport: asyncio.Transport | None = None
         self.opened: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.buf = bytearray()
+        self.is_open = False
+        self.fragments: list[bytes] = []
         self.seq = 0
         self.waiting: deque[tuple[int, float]] = deque()   # (seq, sent at)
         self.last_echoed = 0
@@ -126,44 +148,65 @@ class _Ws(asyncio.Protocol):
         self.answered: asyncio.Event | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        from wsproto.events import Request
-
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        transport.write(self.ws.send(Request(host=f"{self.host}:{self.port}", target="/ws")))
+        transport.write((f"GET /ws HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                         f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                         f"Sec-WebSocket-Key: {_WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                         ).encode())
 
     def send_next(self) -> None:
-        from wsproto.events import TextMessage
-
         if self.transport is None or self.closed:
             return
         self.seq += 1
         self.waiting.append((self.seq, time.monotonic()))
-        self.transport.write(self.ws.send(TextMessage(data=f"s{self.seq}")))
+        self.transport.write(_client_frame(0x1, f"s{self.seq}".encode()))
 
     def data_received(self, data: bytes) -> None:
-        from wsproto.events import (
-            AcceptConnection,
-            CloseConnection,
-            Ping,
-            RejectConnection,
-            TextMessage,
-        )
+        buf = self.buf
+        buf += data
+        if not self.is_open:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            ok = buf.startswith(b"HTTP/1.1 101")
+            del buf[:end + 4]
+            if not self.opened.done():
+                self.opened.set_result(ok)
+            if not ok:
+                return
+            self.is_open = True
+        pos, size = 0, len(buf)
+        while size - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            n, at = b1 & 0x7F, pos + 2
+            if n == 126:
+                if size < at + 2:
+                    break
+                n, at = int.from_bytes(buf[at:at + 2], "big"), at + 2
+            elif n == 127:
+                if size < at + 8:
+                    break
+                n, at = int.from_bytes(buf[at:at + 8], "big"), at + 8
+            if b1 & 0x80:   # (a server never masks)
+                at += 4
+            if size < at + n:
+                break
+            payload = bytes(buf[at:at + n])
+            pos = at + n
+            self._frame(b0 & 0x80, b0 & 0x0F, payload)
+        del buf[:pos]
 
-        self.ws.receive_data(data)
-        for ev in self.ws.events():
-            if isinstance(ev, TextMessage):
-                self._message(json.loads(ev.data))
-            elif isinstance(ev, AcceptConnection):
-                if not self.opened.done():
-                    self.opened.set_result(True)
-            elif isinstance(ev, RejectConnection):
-                if not self.opened.done():
-                    self.opened.set_result(False)
-            elif isinstance(ev, Ping) and self.transport is not None:
-                self.transport.write(self.ws.send(ev.response()))
-            elif isinstance(ev, CloseConnection) and self.transport is not None:
-                self.transport.close()
+    def _frame(self, fin: int, opcode: int, payload: bytes) -> None:
+        if opcode in (0x0, 0x1, 0x2):
+            self.fragments.append(payload)
+            if fin:
+                text, self.fragments = b"".join(self.fragments), []
+                self._message(json.loads(text))
+        elif opcode == 0x9 and self.transport is not None:   # ping: pong
+            self.transport.write(_client_frame(0xA, payload))
+        elif opcode == 0x8 and self.transport is not None:   # close: closed
+            self.transport.close()
 
     def _message(self, msg: dict[str, Any]) -> None:
         c = self.client.counts
@@ -250,8 +293,10 @@ class _Client:
         """``rate`` messages a second, to each open connection in turn."""
         i = 0
         tick = 0.01
+        live: list[_Ws] = []
         while True:
-            live = [c for c in self.conns if not c.closed]
+            if not live or live[i % len(live)].closed:   # (not a list of 5,000 every tick)
+                live = [c for c in self.conns if not c.closed]
             if not live:
                 return
             for _ in range(max(1, round(rate * tick))):
