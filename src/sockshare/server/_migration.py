@@ -80,6 +80,12 @@ ORPHAN_WAIT = 3.0
 ORPHAN_MEMORY = 60.0
 
 
+#: seconds ``sockshare migrate`` waits for the worker to say how many it flagged (2 s
+#: was too short for a worker with 10,000 WebSockets on a busy 2-core machine: the command
+#: failed, "did not answer", while the connections moved)
+COMMAND_ACK_TIMEOUT = 10.0
+
+
 class Migrations:
     """The relay and the bookkeeping of direct moves."""
 
@@ -336,7 +342,9 @@ class Migrations:
             return {"ok": False, "error": f"no other worker of pool {slot.pool!r} can take connections"}
         before = slot.stats.migrated_out
         refused_before = self.counters["migrations_refused"]
-        flagged = await self.ask_migrate(slot, count, "request")
+        # (a worker busy with thousands of connections, on a loaded machine, may take
+        # seconds to answer; meanwhile the ones it flagged are moving already)
+        flagged = await self.ask_migrate(slot, count, "request", timeout=COMMAND_ACK_TIMEOUT)
         if flagged < 0:
             return {"ok": False, "error": f"worker {wid} did not answer"}
 
