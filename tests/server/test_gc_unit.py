@@ -21,18 +21,21 @@ def _thresholds() -> Iterator[None]:
 
 
 def test_full_collections_wait_while_moves_go_on_then_resume(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_gc, "QUIET", 0.05)
+    monkeypatch.setattr(_gc, "QUIET", 0.5)
     gc.set_threshold(700, 10, 10)
 
     async def main() -> list[tuple[int, int, int]]:
         hold = MoveBurst()
         seen = []
-        for _ in range(4):   # moves 30 ms apart: held all along
+        for _ in range(4):   # moves 10 ms apart: held all along
             hold.moved()
             seen.append(gc.get_threshold())
-            await asyncio.sleep(0.03)
+            await asyncio.sleep(0.01)
         assert hold.holding
-        await asyncio.sleep(0.15)   # quiet: released
+        for _ in range(100):   # quiet: released after QUIET (within 5 s on a busy machine)
+            await asyncio.sleep(0.05)
+            if not hold.holding:
+                break
         assert not hold.holding
         seen.append(gc.get_threshold())
         return seen

@@ -82,10 +82,14 @@ class MoveBurst:
         t0, t1, t2 = gc.get_threshold()
         if t0 == 0:   # (the collector is off: nothing to hold)
             return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:   # (no loop to end the hold: no hold)
+            return
         self._saved = t2
         self._since = now
         gc.set_threshold(t0, t1, _NEVER)
-        self._timer = asyncio.get_running_loop().call_later(QUIET, self._check)
+        self._timer = loop.call_later(QUIET, self._check)
 
     def _check(self) -> None:
         self._timer = None
