@@ -345,7 +345,12 @@ class Worker:
             self._flush_report(soon=True)
         try:
             tickets = ch.send_nowait([(sock, meta, data) for sock, meta, data, _fut in live])
-        except (SockshareError, ValueError, OSError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, (SockshareError, ValueError, OSError)):
+                # (a bug: still, no move waits forever for an answer)
+                for _sock, _meta, _data, fut in live:
+                    fut.set_exception(MigrationRefused(f"cannot hand over: {exc!r}"))
+                raise
             if len(live) == 1 or not ch.usable:
                 for _sock, _meta, _data, fut in live:
                     fut.set_exception(exc)
