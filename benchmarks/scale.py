@@ -12,7 +12,7 @@ with a counter ``n`` that goes on across migrations, and opts in to migration):
 * ``uvicorn``   -- ``uvicorn sockshare.server._demo_asgi:app --workers 2``.
 
 N WebSockets are opened (``/ws``) from client processes (one per 5,000 connections, at
-most 4; each a single asyncio loop of wsproto protocols, no task per connection), each
+most 4; each a single asyncio loop of minimal WebSocket protocols, no task per connection), each
 sending message 1 and waiting for its echo: the **open rate** is N over the time that
 takes. The **RSS per connection** is the growth of the server's whole process tree
 (``VmRSS`` of the main process and every descendant) from before the clients connected
@@ -32,9 +32,13 @@ After each, every connection sends a message and must be answered by a worker of
 current generation. Reported per operation: its time, the moves the clients saw and the
 migration latency (p50 / p99, from ``migrate()`` on the old worker to the app resuming on
 the new one, as the new worker reports it in its ``moved`` notice: in a move of
-thousands, mostly the wait for its turn, as a worker relays 128 at once), the slowest
-echo during the operation, and the failures: connections **dropped** (closed by the server),
-messages **lost** (no echo), **duplicated**, **disordered** (an echo that is not the
+thousands, mostly the wait for its turn, as a worker relays 128 at once), the CPU time
+per moved connection of the server's processes and of the clients (each process's user +
+system time, looked at every 20 ms), the CPU time of the whole machine and its load
+average (it is shared: the wall time varies with other people's load, the CPU time per
+move much less; it includes the new processes' start), the slowest echo during the
+operation, and the failures: connections **dropped** (closed by the server), messages
+**lost** (no echo), **duplicated**, **disordered** (an echo that is not the
 oldest one awaited, or a counter ``n`` that does not follow), connections not answered
 afterwards or answered by an old worker (**stale**). The target: all zero.
 
@@ -61,6 +65,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -104,18 +109,40 @@ class _Counts:
     rtts_ms: list[float] = field(default_factory=list)
 
 
+#: the client's handshake key (any 16 bytes, base64), and the masking key of every frame
+#: it sends: RFC 6455 wants a mask, any value of it; zero leaves the payload as it is
+_WS_KEY = "c29ja3NoYXJlLWJlbmNoIQ=="
+_MASK = b"\0\0\0\0"
+
+
+def _client_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked, unfragmented frame from the client (RFC 6455 section 5.2)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 1 << 16:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+    return head + _MASK + payload
+
+
 class _Ws(asyncio.Protocol):
-    """One WebSocket client: numbered messages ``s1, s2, ...``, each echo checked."""
+    """One WebSocket client: numbered messages ``s1, s2, ...``, each echo checked.
+
+    A minimal RFC 6455 client (handshake, unmasked frames from the server, pings
+    answered, a close closes): a general-purpose one (wsproto) cost the client processes
+    as much CPU as a worker during a move of thousands, on the same two cores as the
+    server -- the benchmark measured its own client."""
 
     def __init__(self, client: _Client, host: str, port: int) -> None:
-        from wsproto import WSConnection
-        from wsproto.connection import ConnectionType
-
         self.client = client
-        self.ws = WSConnection(ConnectionType.CLIENT)
         self.host, self.port = host, port
         self.transport: asyncio.Transport | None = None
         self.opened: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.buf = bytearray()
+        self.is_open = False
+        self.fragments: list[bytes] = []
         self.seq = 0
         self.waiting: deque[tuple[int, float]] = deque()   # (seq, sent at)
         self.last_echoed = 0
@@ -126,44 +153,65 @@ class _Ws(asyncio.Protocol):
         self.answered: asyncio.Event | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        from wsproto.events import Request
-
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        transport.write(self.ws.send(Request(host=f"{self.host}:{self.port}", target="/ws")))
+        transport.write((f"GET /ws HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                         f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                         f"Sec-WebSocket-Key: {_WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                         ).encode())
 
     def send_next(self) -> None:
-        from wsproto.events import TextMessage
-
         if self.transport is None or self.closed:
             return
         self.seq += 1
         self.waiting.append((self.seq, time.monotonic()))
-        self.transport.write(self.ws.send(TextMessage(data=f"s{self.seq}")))
+        self.transport.write(_client_frame(0x1, f"s{self.seq}".encode()))
 
     def data_received(self, data: bytes) -> None:
-        from wsproto.events import (
-            AcceptConnection,
-            CloseConnection,
-            Ping,
-            RejectConnection,
-            TextMessage,
-        )
+        buf = self.buf
+        buf += data
+        if not self.is_open:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            ok = buf.startswith(b"HTTP/1.1 101")
+            del buf[:end + 4]
+            if not self.opened.done():
+                self.opened.set_result(ok)
+            if not ok:
+                return
+            self.is_open = True
+        pos, size = 0, len(buf)
+        while size - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            n, at = b1 & 0x7F, pos + 2
+            if n == 126:
+                if size < at + 2:
+                    break
+                n, at = int.from_bytes(buf[at:at + 2], "big"), at + 2
+            elif n == 127:
+                if size < at + 8:
+                    break
+                n, at = int.from_bytes(buf[at:at + 8], "big"), at + 8
+            if b1 & 0x80:   # (a server never masks)
+                at += 4
+            if size < at + n:
+                break
+            payload = bytes(buf[at:at + n])
+            pos = at + n
+            self._frame(b0 & 0x80, b0 & 0x0F, payload)
+        del buf[:pos]
 
-        self.ws.receive_data(data)
-        for ev in self.ws.events():
-            if isinstance(ev, TextMessage):
-                self._message(json.loads(ev.data))
-            elif isinstance(ev, AcceptConnection):
-                if not self.opened.done():
-                    self.opened.set_result(True)
-            elif isinstance(ev, RejectConnection):
-                if not self.opened.done():
-                    self.opened.set_result(False)
-            elif isinstance(ev, Ping) and self.transport is not None:
-                self.transport.write(self.ws.send(ev.response()))
-            elif isinstance(ev, CloseConnection) and self.transport is not None:
-                self.transport.close()
+    def _frame(self, fin: int, opcode: int, payload: bytes) -> None:
+        if opcode in (0x0, 0x1, 0x2):
+            self.fragments.append(payload)
+            if fin:
+                text, self.fragments = b"".join(self.fragments), []
+                self._message(json.loads(text))
+        elif opcode == 0x9 and self.transport is not None:   # ping: pong
+            self.transport.write(_client_frame(0xA, payload))
+        elif opcode == 0x8 and self.transport is not None:   # close: closed
+            self.transport.close()
 
     def _message(self, msg: dict[str, Any]) -> None:
         c = self.client.counts
@@ -250,8 +298,10 @@ class _Client:
         """``rate`` messages a second, to each open connection in turn."""
         i = 0
         tick = 0.01
+        live: list[_Ws] = []
         while True:
-            live = [c for c in self.conns if not c.closed]
+            if not live or live[i % len(live)].closed:   # (not a list of 5,000 every tick)
+                live = [c for c in self.conns if not c.closed]
             if not live:
                 return
             for _ in range(max(1, round(rate * tick))):
@@ -529,6 +579,61 @@ def _worker_pids(srv: Server) -> set[int]:
     return {int(w["pid"]) for w in srv.status()["workers"] if w["pid"] and w["state"] == "ready"}
 
 
+def _cpu_ticks(pid: int) -> int:
+    """User + system time of ``pid`` so far, in clock ticks (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _machine_busy_ticks() -> int:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return sum(fields) - fields[3] - fields[4]   # (all but idle and iowait)
+
+
+class CpuMeter(threading.Thread):
+    """The CPU time the server's processes (old, new and exiting ones alike) and the
+    client processes use during an operation: each process is looked at every 20 ms, and
+    counts from its first look to its last. The machine is shared (other people's tests
+    run on the same two cores): the wall time of an operation varies with their load,
+    its CPU time much less; ``machine_s`` is the CPU time of everything on the machine."""
+
+    def __init__(self, server_pid: int, client_pids: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.server_pid, self.client_pids = server_pid, client_pids
+        self.first: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+        self.done = threading.Event()
+        self.machine0 = self.machine1 = 0
+
+    def run(self) -> None:
+        self.machine0 = _machine_busy_ticks()
+        while True:
+            for pid in [self.server_pid, *descendants(self.server_pid), *self.client_pids]:
+                t = _cpu_ticks(pid)
+                if t:
+                    self.first.setdefault(pid, t)
+                    self.last[pid] = t
+            if self.done.wait(0.02):
+                break
+        self.machine1 = _machine_busy_ticks()
+
+    def stop(self) -> dict[str, float]:
+        self.done.set()
+        self.join()
+        hz = os.sysconf("SC_CLK_TCK")
+        used = {pid: (self.last[pid] - self.first[pid]) / hz for pid in self.last}
+        clients = sum(used.get(p, 0.0) for p in self.client_pids)
+        return {"server_cpu_s": round(sum(used.values()) - clients, 2),
+                "client_cpu_s": round(clients, 2),
+                "machine_cpu_s": round((self.machine1 - self.machine0) / hz, 2),
+                "loadavg": round(os.getloadavg()[0], 2)}
+
+
 def run_op(op: str, srv: Server, clients: Clients, n: int, rate: float) -> dict[str, Any]:
     clients.all({"op": "traffic", "rate": rate / len(clients.procs)})
     time.sleep(0.3)
@@ -544,12 +649,15 @@ def run_op(op: str, srv: Server, clients: Clients, n: int, rate: float) -> dict[
     old = {int(w["pid"]) for w in before["workers"] if w["pid"]} if op != "migrate" else set()
     if op == "upgrade":
         old.add(int(before.get("dispatcher") or before["pid"]))
+    meter = CpuMeter(srv.proc.pid, [p.pid for p in clients.procs])
+    meter.start()
     t0 = time.monotonic()
     resp = srv.command(req)
     deadline = time.monotonic() + 120
     while any(_alive(p) for p in old) and time.monotonic() < deadline:
         time.sleep(0.01)
     took = time.monotonic() - t0
+    cpu = meter.stop()
     time.sleep(0.3)
     outs = clients.all({"op": "settle", "timeout": 30.0})
     current = _worker_pids(srv)
@@ -567,7 +675,11 @@ def run_op(op: str, srv: Server, clients: Clients, n: int, rate: float) -> dict[
            "unanswered": sum(r["unanswered"] for r in rounds), "stale": stale,
            "server_lost": after["counters"]["lost"] - before["counters"]["lost"],
            "connections": {w["id"]: w["connections"] for w in after["workers"]
-                           if w["state"] == "ready"}}
+                           if w["state"] == "ready"},
+           **cpu}
+    moved = row["moves"] or 1
+    row["server_cpu_us_per_move"] = round(cpu["server_cpu_s"] / moved * 1e6)
+    row["client_cpu_us_per_move"] = round(cpu["client_cpu_s"] / moved * 1e6)
     if op == "migrate":
         row["migrated"] = resp.get("migrated")
         row["refused"] = resp.get("refused")
@@ -610,12 +722,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         out.append(f"| {r['server']} | {r['n']:,} | {r['open_rate'] or 0:,} | "
                    f"{r['rss_per_conn_kib']} | {r['rss_base_mib']} -> {r['rss_mib']} |")
-    out += ["", "| N | operation | time s | moves | migration p50 / p99 ms | slowest echo ms "
+    out += ["", "| N | operation | time s | moves | CPU µs/move server (clients) | machine CPU s "
+            "(load) | migration p50 / p99 ms | slowest echo ms "
             "| dropped | lost | dup | disord. | unanswered | stale |",
-            "|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "|---:|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         for o in r["ops"]:
             out.append(f"| {r['n']:,} | {o['op']} | {o['secs']} | {o['moves']:,} | "
+                       f"{o.get('server_cpu_us_per_move')} ({o.get('client_cpu_us_per_move')}) | "
+                       f"{o.get('machine_cpu_s')} ({o.get('loadavg')}) | "
                        f"{o['latency_p50_ms']} / {o['latency_p99_ms']} | {o['echo_max_ms']} | "
                        f"{o['dropped']} | {o['lost']} | {o['duplicated']} | {o['disordered']} | "
                        f"{o['unanswered']} | {o['stale']} |")
@@ -628,17 +743,27 @@ def plot(rows: list[dict[str, Any]], path: Path, label: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax, ax3, ax2) = plt.subplots(1, 3, figsize=(15, 4.2))
     ours = [r for r in rows if r["server"] == "sockshare"]
     for op in OPS:
         pts = [(r["n"], o["secs"]) for r in ours for o in r["ops"] if o["op"] == op]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=op, color=COLORS[op])
+        cpu = [(r["n"], o["server_cpu_us_per_move"]) for r in ours for o in r["ops"]
+               if o["op"] == op and o.get("server_cpu_us_per_move")]
+        if cpu:
+            ax3.plot([p[0] for p in cpu], [p[1] for p in cpu], "o-", label=op, color=COLORS[op])
     ax.set_xlabel("idle WebSockets (N)")
     ax.set_ylabel("seconds (waited for)")
     ax.set_title("sockshare: time to move every connection")
     ax.legend()
     ax.grid(alpha=0.3)
+    ax3.set_xlabel("idle WebSockets (N)")
+    ax3.set_ylabel("µs of CPU per moved connection")
+    ax3.set_title("server CPU per move (all its processes)")
+    ax3.set_ylim(bottom=0)
+    ax3.legend()
+    ax3.grid(alpha=0.3)
     for name, color in (("sockshare", "#2b6cb0"), ("uvicorn", "#718096")):
         pts = [(r["n"], r["rss_per_conn_kib"]) for r in rows if r["server"] == name]
         if pts:

@@ -10,6 +10,7 @@ migrated connections are real TCP connections on 127.0.0.1. The end-to-end tests
 from __future__ import annotations
 
 import itertools
+import json
 import socket
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -56,6 +57,11 @@ class StandInHandoff:
     data: bytes = b""
     answered: bool = False
     answer: str = ""
+
+    @property
+    def raw_meta(self) -> bytes:
+        """The metadata as it came (the relay forwards it so when it did not change it)."""
+        return json.dumps(self.meta, separators=(",", ":")).encode()
 
     def accept(self) -> None:
         self.answered, self.answer = True, "accept"

@@ -50,9 +50,18 @@ class _Page:
     handoff_id: Any = field(default=None)
 
 
+_this_worker: _Worker | None = None
+
+
 def _worker() -> _Worker:
-    return _Worker(int(os.environ.get("SOCKSHARE_WORKER_ID", "0") or 0), os.getpid(),
-                   int(os.environ.get("SOCKSHARE_GENERATION", "0") or 0))
+    """This process (read once a process: a WebSocket that moves in asks again)."""
+    global _this_worker
+    w = _this_worker
+    if w is None or w.pid != os.getpid():
+        w = _this_worker = _Worker(int(os.environ.get("SOCKSHARE_WORKER_ID", "0") or 0),
+                                   os.getpid(),
+                                   int(os.environ.get("SOCKSHARE_GENERATION", "0") or 0))
+    return w
 
 
 def _meta(scope: Scope) -> dict[str, Any]:
@@ -136,26 +145,34 @@ async def _websocket(scope: Scope, receive: Receive, send: Send) -> None:
             return False
         return True
 
-    while True:
-        get = asyncio.ensure_future(receive())
-        wait = asyncio.ensure_future(requested.wait())
-        done, _ = await asyncio.wait({get, wait}, return_when=asyncio.FIRST_COMPLETED)
-        wait.cancel()
-        if get not in done:
-            get.cancel()
-            if await move(str((offer or {}).get("reason") or "server")):
-                return
-            continue
-        message = get.result()
-        if message["type"] == "websocket.disconnect":
-            return
-        text = message.get("text")
-        if text is None:
-            continue
-        with contextlib.suppress(ValueError):
-            if json.loads(text) == {"cmd": "move"}:
-                if await move("button"):
+    wait: asyncio.Future[Any] | None = None   # (one for many messages: not one a message)
+    try:
+        while True:
+            get = asyncio.ensure_future(receive())
+            if wait is None:
+                wait = asyncio.ensure_future(requested.wait())
+            done, _ = await asyncio.wait({get, wait}, return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                wait = None
+                if await move(str((offer or {}).get("reason") or "server")):
                     return
                 continue
-        n += 1
-        await say({"echo": text, "worker_pid": w.pid, "worker_id": w.id, "n": n})
+            message = get.result()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                continue
+            with contextlib.suppress(ValueError):
+                if json.loads(text) == {"cmd": "move"}:
+                    wait.cancel()
+                    wait = None
+                    if await move("button"):
+                        return
+                    continue
+            n += 1
+            await say({"echo": text, "worker_pid": w.pid, "worker_id": w.id, "n": n})
+    finally:
+        if wait is not None:
+            wait.cancel()

@@ -80,6 +80,12 @@ ORPHAN_WAIT = 3.0
 ORPHAN_MEMORY = 60.0
 
 
+#: seconds ``sockshare migrate`` waits for the worker to say how many it flagged (2 s
+#: was too short for a worker with 10,000 WebSockets on a busy 2-core machine: the command
+#: failed, "did not answer", while the connections moved)
+COMMAND_ACK_TIMEOUT = 10.0
+
+
 class Migrations:
     """The relay and the bookkeeping of direct moves."""
 
@@ -107,8 +113,10 @@ class Migrations:
 
     # -- the relay -----------------------------------------------------------------------
 
-    def take(self, source: WorkerSlot | None, h: Handoff) -> None:
-        """A connection handed to us by a worker (or the old dispatcher) to move on."""
+    def take(self, source: WorkerSlot | None, h: Handoff, *, flush: bool = True) -> None:
+        """A connection handed to us by a worker (or the old dispatcher) to move on.
+        ``flush=False``: one of several read at once; the caller sends them all with one
+        :meth:`Admission.flush` (a batch, one write per target) once it took the last."""
         try:
             meta = h.meta
         except ValueError:
@@ -122,9 +130,11 @@ class Migrations:
         with contextlib.suppress(OSError):
             h.socket.setblocking(False)
         pool = meta.get("pool")
+        raw: bytes | None = h.raw_meta   # (forwarded as it came, unless changed here)
         if pool not in self.pools:
             pool = self.cfg.default_pool
             meta["pool"] = pool
+            raw = None
         info = ConnInfo(meta.get("client"), str(meta.get("listener", "")), pool,
                         str(meta.get("handoff_id", "")), meta)
         if source is not None:
@@ -133,9 +143,10 @@ class Migrations:
             source.active = max(0, source.active - 1)
         self.place(Waiting(h.socket, info, meta, h.data, time.monotonic(), origin=h,
                            origin_slot=source,
-                           origin_channel=source.channel if source is not None else None))
+                           origin_channel=source.channel if source is not None else None,
+                           raw=raw), flush=flush)
 
-    def place(self, w: Waiting) -> None:
+    def place(self, w: Waiting, *, flush: bool = True) -> None:
         pool = self.pools.get(w.info.pool) or self.pools[self.cfg.default_pool]
         candidates = [s for s in pool.workers if s.has_room() and s.can_resume
                       and s is not w.origin_slot and s not in w.tried]
@@ -143,7 +154,8 @@ class Migrations:
             pick = self._policy(candidates, w.info)
             assert isinstance(pick, WorkerSlot)
             self.admission.reserve(pick, w)
-            self.admission.flush()   # a migration is latency-bound: forward it now
+            if flush:   # a migration is latency-bound: forward it now (or with its batch)
+                self.admission.flush()
             return
         if self.d.handover.handed_over and self.d.handover.forward(w):
             return
@@ -330,7 +342,9 @@ class Migrations:
             return {"ok": False, "error": f"no other worker of pool {slot.pool!r} can take connections"}
         before = slot.stats.migrated_out
         refused_before = self.counters["migrations_refused"]
-        flagged = await self.ask_migrate(slot, count, "request")
+        # (a worker busy with thousands of connections, on a loaded machine, may take
+        # seconds to answer; meanwhile the ones it flagged are moving already)
+        flagged = await self.ask_migrate(slot, count, "request", timeout=COMMAND_ACK_TIMEOUT)
         if flagged < 0:
             return {"ok": False, "error": f"worker {wid} did not answer"}
 

@@ -401,8 +401,12 @@ class Supervisor:
         moved in directly is counted in by its ``moved_in``, which the worker sends ahead
         of the handoff; taken first, its -1 would hit a count without that +1 (clamped
         at 0, it was lost, and the count stayed one too high once the report came)."""
-        for h in ch.received():
-            self.d.migration.take(slot, h)
+        handoffs = ch.received()
+        if not handoffs:
+            return
+        for h in handoffs:   # (one batch: one write per target, after the last)
+            self.d.migration.take(slot, h, flush=False)
+        self.admission.flush()
 
     async def _detach(self, slot: WorkerSlot, ch: AsyncChannel) -> None:
         if slot.channel is not ch:

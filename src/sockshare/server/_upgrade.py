@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from sockshare._aio import AsyncChannel
 from sockshare._channel import Ticket
-from sockshare._errors import SockshareError
+from sockshare._errors import ChannelError, SockshareError
 from sockshare.backends import _inherit
 from sockshare.server._control import request
 from sockshare.server._health import AGENT_FDNAME
@@ -93,6 +93,8 @@ class Handover:
         self.upstream_pending: dict[int, tuple[Ticket, Waiting]] = {}
         #: (Windows) the successor took its listeners (share_listeners answers once)
         self._shared = False
+        #: forwarded in this turn of the loop: they leave together (``_flush_forward``)
+        self._forwarding: list[Waiting] = []
 
     def _passed_sockets(self) -> list[tuple[str, socket.socket]]:
         """What a new dispatcher takes over: the listeners, the metrics and agent sockets."""
@@ -301,6 +303,7 @@ class Handover:
                 await up.aclose()
             return
         self.handed_over = True
+        up.track_accepts()   # (the answers settled one by one, not by a scan of all pending)
         self.upstream = up
         self.admission.upstream = self.forward
         sd_notify(f"MAINPID={pid}")
@@ -324,25 +327,45 @@ class Handover:
         self.d.spawn(self._exit_when_workers_gone())
 
     def forward(self, w: Waiting) -> bool:
+        """Send ``w`` to the new dispatcher (False: there is none to send it to). The ones
+        forwarded in one turn of the loop leave together, in one batch (a reload's or an
+        upgrade's thousands of moves: a write per 64, not one each)."""
         up = self.upstream
         if up is None or up.closed:
             return False
-        try:
-            [t] = up.send_nowait([(w.sock, w.encoded_meta(), w.data)], ack=True)
-        except (SockshareError, ValueError, OSError) as exc:
-            log.warning("upgrade: cannot forward %s to the new dispatcher: %s", w.info.handoff_id, exc)
-            return False
-        self.upstream_pending[t.id] = (t, w)
+        self._forwarding.append(w)
+        if len(self._forwarding) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_forward)
         return True
+
+    def _flush_forward(self) -> None:
+        batch, self._forwarding = self._forwarding, []
+        up = self.upstream
+        if not batch:
+            return
+        try:
+            if up is None or up.closed:
+                raise ChannelError("the channel to the new dispatcher is closed")
+            tickets = up.send_nowait([(w.sock, w.encoded_meta(), w.data) for w in batch], ack=True)
+        except (SockshareError, ValueError, OSError) as exc:
+            for w in batch:
+                self._forward_failed(w, exc)
+            return
+        for t, w in zip(tickets, batch, strict=True):
+            self.upstream_pending[t.id] = (t, w)
+
+    def _forward_failed(self, w: Waiting, exc: BaseException) -> None:
+        log.warning("upgrade: cannot forward %s to the new dispatcher: %s", w.info.handoff_id, exc)
+        # (a migration goes back to its source, which keeps serving it)
+        self.admission.refuse(w, "upgrade", f"cannot forward it to the new dispatcher: {exc}")
 
     async def _watch_upstream(self, up: AsyncChannel) -> None:
         while True:
             alive = await up.wait_activity()
-            for tid, (t, w) in list(self.upstream_pending.items()):
-                if t.state == "accepted":
-                    del self.upstream_pending[tid]
-                    if w.origin is not None:
-                        self.d.migration.done(w, None)
+            for t in up.accepted():
+                entry = self.upstream_pending.pop(t.id, None)
+                if entry is not None and entry[1].origin is not None:
+                    self.d.migration.done(entry[1], None)
             for t in up.returned():
                 entry = self.upstream_pending.pop(t.id, None)
                 if entry is None:
@@ -433,7 +456,7 @@ class Takeover:
                     h.reject("undecodable metadata")
                     continue
                 if isinstance(meta, dict) and "resume" in meta:
-                    self.d.migration.take(None, h)
+                    self.d.migration.take(None, h, flush=False)   # (flushed below)
                     continue
                 h.accept()
                 meta = meta if isinstance(meta, dict) else {}
@@ -444,6 +467,7 @@ class Takeover:
                 info = ConnInfo(meta.get("client"), str(meta.get("listener", "")), pool,
                                 str(meta.get("handoff_id", "")), meta)
                 self.admission.place(Waiting(h.socket, info, meta, h.data, time.monotonic()), front=True)
+            self.admission.flush()   # this read's migrations, one batch per target
             ch.returned()
             if not alive:
                 self.d.health.predecessor_gone = True   # the upgrade is over: ready again

@@ -551,6 +551,9 @@ class WebServer:
         #: bound on how many go at once
         self.ws_moving = 0
         self.ws_slots = asyncio.Semaphore(MIGRATION_WINDOW)
+        #: True while :meth:`_protocol` builds the WebSocket protocol of a connection
+        #: that resumes here (``_wsmove``: it needs no handshake set-up)
+        self.making_resumed = False
         #: keep-alive connections handed over / refused by every target (closed as
         #: uvicorn would) / WebSockets closed with 1012
         self.counts = {"handed_over": 0, "handover_refused": 0, "ws_closed_1012": 0,
@@ -680,11 +683,16 @@ class WebServer:
     def _protocol(self, resume: dict[str, Any] | None = None) -> asyncio.Protocol:
         """A protocol instance: HTTP, or the movable WebSocket for a WebSocket that
         another worker handed over (``resume["ws"]``)."""
-        cls = self.http_class
         if resume is not None and "ws" in resume and self.ws_class is not None:
-            cls = self.ws_class
-        proto: asyncio.Protocol = cls(config=self.config, server_state=self.state,
-                                      app_state=self.lifespan.state)
+            self.making_resumed = True
+            try:
+                ws: asyncio.Protocol = self.ws_class(config=self.config, server_state=self.state,
+                                                     app_state=self.lifespan.state)
+            finally:
+                self.making_resumed = False
+            return ws
+        proto: asyncio.Protocol = self.http_class(config=self.config, server_state=self.state,
+                                                  app_state=self.lifespan.state)
         return proto
 
     async def _start_async(self, sock: Any) -> None:

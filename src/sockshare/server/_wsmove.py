@@ -108,7 +108,8 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
     class Movable(base):  # type: ignore[misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            if self.config.ws_per_message_deflate:
+            if self.config.ws_per_message_deflate and not web.making_resumed:
+                # (one that resumes keeps uvicorn's: _ss_resume sets it up, no handshake)
                 logger: Any = getattr(self.__dict__.get("conn"), "logger", None)
                 self.conn = ServerProtocol(extensions=[deflate_factory()],
                                            max_size=self.config.ws_max_size, logger=logger)
@@ -150,9 +151,14 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
             if isinstance(deflate, list) and len(deflate) == 2:
                 extensions.append(PerMessageDeflate(True, True, int(deflate[0]), int(deflate[1]),
                                                     {"memLevel": 5}))
-            self.conn = ServerProtocol(state=State.OPEN, max_size=self.config.ws_max_size,
-                                       logger=self.conn.logger)
-            self.conn.extensions = extensions
+            # uvicorn's ServerProtocol, made OPEN: its parser (waiting for the request
+            # line) is replaced by one that reads frames (websockets' ``parse`` skips the
+            # handshake once the state is OPEN) -- no second protocol object a move
+            conn = self.conn
+            conn.state = State.OPEN
+            conn.extensions = extensions
+            conn.parser = conn.parse()
+            next(conn.parser)
             sc = ws.get("scope") or {}
             self.scope = {
                 "type": "websocket", "asgi": {"version": self.asgi_version, "spec_version": "2.4"},

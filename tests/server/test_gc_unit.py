@@ -1,0 +1,78 @@
+"""The worker's garbage-collection policy (``_gc``): full collections wait while
+connections move, and come back once they stop, or after ``HOLD_MAX`` held in a row."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from sockshare.server import _gc
+from sockshare.server._gc import MoveBurst
+
+
+@pytest.fixture(autouse=True)
+def _thresholds() -> Iterator[None]:
+    saved = gc.get_threshold()
+    yield
+    gc.set_threshold(*saved)
+
+
+def test_full_collections_wait_while_moves_go_on_then_resume(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_gc, "QUIET", 0.5)
+    gc.set_threshold(700, 10, 10)
+
+    async def main() -> list[tuple[int, int, int]]:
+        hold = MoveBurst()
+        seen = []
+        for _ in range(4):   # moves 10 ms apart: held all along
+            hold.moved()
+            seen.append(gc.get_threshold())
+            await asyncio.sleep(0.01)
+        assert hold.holding
+        for _ in range(100):   # quiet: released after QUIET (within 5 s on a busy machine)
+            await asyncio.sleep(0.05)
+            if not hold.holding:
+                break
+        assert not hold.holding
+        seen.append(gc.get_threshold())
+        return seen
+
+    seen = asyncio.run(main())
+    assert all(t[:2] == (700, 10) and t[2] > 1_000_000 for t in seen[:4])
+    assert seen[-1] == (700, 10, 10)
+
+
+def test_a_hold_ends_after_hold_max_even_if_moves_go_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_gc, "QUIET", 0.05)
+    monkeypatch.setattr(_gc, "HOLD_MAX", 0.1)
+    gc.set_threshold(700, 10, 10)
+
+    async def main() -> list[bool]:
+        hold = MoveBurst()
+        held = []
+        for _ in range(10):
+            hold.moved()
+            held.append(hold.holding)
+            await asyncio.sleep(0.02)
+        hold.release()
+        return held
+
+    held = asyncio.run(main())
+    assert held[0]
+    assert not all(held)   # (released once, for QUIET at least, then held again)
+    assert gc.get_threshold() == (700, 10, 10)
+
+
+def test_no_hold_when_the_collector_is_off() -> None:
+    gc.set_threshold(0, 10, 10)
+
+    async def main() -> bool:
+        hold = MoveBurst()
+        hold.moved()
+        return hold.holding
+
+    assert not asyncio.run(main())
+    assert gc.get_threshold() == (0, 10, 10)
