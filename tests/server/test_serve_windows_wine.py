@@ -27,16 +27,22 @@ import contextlib
 import json
 import signal
 import socket
+import ssl
+import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from loadgen import Load, free_port
+from serve_helpers import connect, read_line
 from tests.conftest import fd_count
 from tests.wine_support import ChildLines, WinePython, stop, windows_path, wine_python
+
+from sockshare.server._policy import _weight
 
 pytestmark = pytest.mark.wine
 
@@ -55,12 +61,17 @@ def wine() -> WinePython:
 class WinServer:
     """``python.exe -m sockshare serve`` under Wine, its control file in ``tmp``."""
 
-    def __init__(self, wine: WinePython, tmp: Path, *args: str, workers: int = 2) -> None:
+    def __init__(self, wine: WinePython, tmp: Path, *args: str, workers: int = 2,
+                 config: Path | None = None, port: int = 0) -> None:
         self.wine = wine
-        self.port = free_port()
+        self.port = port or free_port()
         self.ctl = tmp / "serve.ctl"
-        argv = ["-m", "sockshare", "serve", "--workers", str(workers), "--bind",
-                f"127.0.0.1:{self.port}", "--control", windows_path(self.ctl), *args]
+        if config is not None:   # its listeners and pools (``workers``: all pools' together)
+            argv = ["-m", "sockshare", "serve", "--config", windows_path(config),
+                    "--control", windows_path(self.ctl), *args]
+        else:
+            argv = ["-m", "sockshare", "serve", "--workers", str(workers), "--bind",
+                    f"127.0.0.1:{self.port}", "--control", windows_path(self.ctl), *args]
         self.proc = wine.popen(argv)
         self.out = ChildLines(self.proc, "sockshare serve")
         #: the dispatcher that serves now (Windows pid), and the one started first
@@ -506,5 +517,322 @@ def test_every_app_interface(wine: WinePython, tmp_path: Path, serve: Start,
         assert body in get()
     assert server.status()["counters"]["lost"] == 0
     assert fd_count() == fds0
+    server.cli("stop")
+    assert server.finish() == 0
+
+
+# -- one server with a configuration file: pools, routes, policies, the queue, metrics ----
+
+FOREIGN = REPO / "tests" / "server" / "win_foreign_worker.py"
+
+
+def _client_hello(sni: str) -> bytes:
+    """The first flight of a real TLS client naming ``sni`` (Python's ssl, memory BIOs)."""
+    ctx = ssl.create_default_context()
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(inc, out, server_hostname=sni)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return out.read()
+
+
+def _ask(port: int, payload: bytes, *, src: str | None = None) -> dict[str, Any]:
+    """One connection: send ``payload``, the worker's JSON line."""
+    with connect(("127.0.0.1", port), src=src, timeout=30.0) as s:
+        s.sendall(payload)
+        line = read_line(s)
+    assert line, payload[:60]
+    out: dict[str, Any] = json.loads(line)
+    return out
+
+
+def _http(host: str) -> bytes:
+    return f"GET /x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+
+
+def _refused(port: int) -> bool:
+    """A new connection is closed by the server without a byte of answer."""
+    try:
+        s = connect(("127.0.0.1", port), timeout=30.0)
+    except ConnectionResetError:
+        return True
+    with s:
+        try:
+            s.sendall(b"who\n")
+            s.settimeout(10.0)
+            data = s.recv(100)
+        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
+            return True
+        except TimeoutError:
+            return False
+        return data == b""
+
+
+def _silent(s: socket.socket, for_: float = 1.0) -> bool:
+    s.settimeout(for_)
+    try:
+        s.recv(100)
+    except TimeoutError:
+        return True
+    return False
+
+
+def test_config_pools_routes_policies_queue_metrics_and_a_foreign_worker(
+        wine: WinePython, tmp_path: Path) -> None:
+    """One server from a TOML file, under Wine: routing by HTTP Host and by TLS SNI to
+    four pools; round-robin in exact order; hash-addr stable per client address; a
+    ``--worker-cmd`` worker (a Python script on ``sockshare.Channel``, its command
+    with Windows paths) that a reload replaces; ``max_conns`` with a queue that waits,
+    then serves, and refuses past its limit; the Prometheus page read here with
+    prometheus_client's parser, its counters what was sent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port, mport = free_port(), free_port()
+    foreign_cmd = subprocess.list2cmdline([windows_path(wine.python_exe), windows_path(FOREIGN)])
+    assert "\\" in foreign_cmd   # what POSIX shlex rules would have stripped
+    app = 'app = "server.serve_apps:app"'
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text(f"""
+metrics = "127.0.0.1:{mport}"
+default_pool = "tight"
+[[listen]]
+bind = "127.0.0.1:{port}"
+sniff = true
+[pools.rr]
+{app}
+workers = 2
+policy = "round-robin"
+[pools.hash]
+{app}
+workers = 2
+policy = "hash-addr"
+[pools.foreign]
+worker_cmd = '''{foreign_cmd}'''
+workers = 1
+policy = "round-robin"
+[pools.tight]
+{app}
+workers = 1
+max_conns = 1
+queue = 1
+[[routes]]
+host = "rr.test"
+pool = "rr"
+[[routes]]
+host = "hash.test"
+pool = "hash"
+[[routes]]
+host = "foreign.test"
+pool = "foreign"
+[[routes]]
+sni = "tls.test"
+pool = "foreign"
+""", encoding="utf-8")
+    server = WinServer(wine, tmp_path, config=cfg, port=port, workers=6)
+    try:
+        st = server.wait_ready(2 * START)
+        by_pool: dict[str, list[dict[str, Any]]] = {}
+        for w in st["workers"]:
+            by_pool.setdefault(w["pool"], []).append(w)
+        assert {p: len(ws) for p, ws in by_pool.items()} == {"rr": 2, "hash": 2, "foreign": 1,
+                                                             "tight": 1}
+        fds0 = fd_count()
+        base = server.handles(server.pid)[server.pid]
+
+        # routing by Host, and round-robin in exact order
+        rr = [_ask(port, _http("rr.test")) for _ in range(8)]
+        assert {a["pool"] for a in rr} == {"rr"}
+        assert all(a["meta"]["host"] == "rr.test" for a in rr)
+        ids = [a["id"] for a in rr]
+        assert len(set(ids)) == 2, ids
+        assert ids == ids[:2] * 4, ids
+        # hash-addr: each client address always to the same worker
+        seen: dict[str, set[int]] = {}
+        for i in range(2, 10):
+            ip = f"127.0.0.{i}"
+            for _ in range(3):
+                a = _ask(port, _http("hash.test"), src=ip)
+                assert a["pool"] == "hash"
+                seen.setdefault(ip, set()).add(a["id"])
+        assert all(len(v) == 1 for v in seen.values()), seen
+        hash_ids = sorted(int(w["id"]) for w in by_pool["hash"])
+        for ip, got in seen.items():   # rendezvous hashing, as on Linux
+            assert got == {max(hash_ids, key=lambda wid: _weight(ip, wid))}, (ip, got)
+        assert len(set().union(*seen.values())) == 2, seen
+        # the foreign worker, by Host and by SNI (it answers the ClientHello in plain bytes)
+        fw = _ask(port, _http("foreign.test"))
+        assert fw["foreign"], fw
+        assert fw["pool"] == "foreign", fw
+        assert fw["pid"] == by_pool["foreign"][0]["pid"]
+        hello = _client_hello("tls.test")
+        tls = _ask(port, hello)
+        assert tls["foreign"], tls
+        assert tls["meta"]["sni"] == "tls.test", tls
+        assert tls["meta"]["protocol"] == "tls", tls
+        assert tls["got"] == len(hello), tls   # the ClientHello was peeked, not taken
+        n_sent = 8 + 24 + 2
+        print(f"routing: 8 round-robin {ids}, 24 hash-addr from 8 addresses "
+              f"{ {k: min(v) for k, v in seen.items()} }, 2 to the foreign worker (Host, SNI)")
+
+        # max_conns 1 + queue 1 (the default pool: no Host, no SNI): waits, then refused
+        a_sock = connect(("127.0.0.1", port), timeout=30.0)
+        a_sock.sendall(b"hold\n")
+        assert b"tight" in read_line(a_sock)
+        b_sock = connect(("127.0.0.1", port), timeout=30.0)
+        b_sock.sendall(b"hold\n")
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            tight = next(p for p in server.status()["pools"] if p["name"] == "tight")
+            if tight["queue"] == 1:
+                break
+            time.sleep(0.2)
+        assert tight["queue"] == 1, tight
+        try:
+            assert _refused(port), "past the queue a connection must be refused"
+            assert _silent(b_sock), "a queued connection waits, unanswered"
+            a_sock.close()                      # a slot frees: the queued one is served
+            b_sock.settimeout(30.0)
+            assert b"tight" in read_line(b_sock)
+        finally:
+            a_sock.close()
+            b_sock.close()
+        n_sent += 3
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            st = server.status()
+            if all(w["connections"] == 0 for w in st["workers"]):
+                break
+            time.sleep(0.2)
+        c = st["counters"]
+        assert c["refused_by_reason"] == {"queue_full": 1}, c
+        assert c["accepted"] == n_sent, c
+        assert c["lost"] == 0
+        print(f"queue: 1 held, 1 queued then served, 1 refused (queue_full); "
+              f"{c['accepted']} accepted, {c['handoffs']} handoffs")
+
+        # the metrics page, fetched from Linux and parsed
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=30) as r:
+            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            text = r.read().decode()
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        assert len(fams) >= 25
+        total = {name: sum(s.value for s in fams[name].samples if s.name.endswith("_total"))
+                 for name in ("sockshare_connections_accepted", "sockshare_handoffs_accepted",
+                              "sockshare_connections_refused")}
+        assert total["sockshare_connections_accepted"] == n_sent, total
+        assert total["sockshare_handoffs_accepted"] == c["handoffs"] == n_sent - 1, total
+        assert total["sockshare_connections_refused"] == 1, total
+        per_worker = {s.labels["worker"]: s.value for s in fams["sockshare_handoffs_accepted"].samples
+                      if s.name.endswith("_total")}
+        assert len(per_worker) == 6, per_worker
+        assert [s.value for s in fams["sockshare_connections_lost"].samples] == [0]
+        print(f"metrics: {len(fams)} families; accepted {total['sockshare_connections_accepted']:.0f}, "
+              f"handoffs per worker {per_worker}, refused 1")
+
+        # a reload replaces the foreign worker (terminated at once); new connections served
+        old = int(by_pool["foreign"][0]["pid"])
+        assert server.request({"cmd": "reload", "wait": True})["ok"]
+        deadline = time.monotonic() + START
+        while server.handles(old)[old] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert server.handles(old)[old] == 0
+        st = server.wait_ready(START)
+        new = next(int(w["pid"]) for w in st["workers"] if w["pool"] == "foreign")
+        assert new != old
+        for _ in range(4):
+            a = _ask(port, _http("foreign.test"))
+            assert a["foreign"], a
+            assert a["pid"] == new, a
+        assert _ask(port, _client_hello("tls.test"))["pid"] == new
+        assert {_ask(port, _http("rr.test"))["pool"] for _ in range(2)} == {"rr"}
+        c = server.status()["counters"]
+        assert c["lost"] == 0, c
+        assert c["refused_by_reason"] == {"queue_full": 1}, c
+        print(f"reload: foreign worker {old} terminated, {new} served 5 connections; 0 lost")
+        assert fd_count() == fds0
+        assert _settled_handles(server, server.pid, base) <= base + HANDLE_SLACK
+        server.cli("stop")
+        assert server.finish() == 0
+    finally:
+        server.kill()
+
+
+# -- the demo page's "Move me" button, in headless Chromium on Linux ------------------
+
+REPLIES = "[...document.querySelectorAll('#ws-log li[data-reply]')].map((li) => li.dataset.reply)"
+MOVES = "[...document.querySelectorAll('#ws-log li[data-moved]')].map((li) => li.dataset.moved)"
+
+
+def test_demo_page_move_me_button(wine: WinePython, tmp_path: Path, serve: Start) -> None:
+    """The demo page in a real browser against the Windows server: the WebSocket moves
+    between the workers at each click of "Move me" (through the dispatcher), then once
+    more on a reload; its counter goes on, every message is answered once, in order, and
+    the browser never reconnects."""
+    from _browser import Browser, Page, require_chromium
+
+    chromium = require_chromium()
+    server, st = serve()
+    workers = {int(w["pid"]) for w in st["workers"]}
+    fds0 = fd_count()
+    base = server.handles(server.pid)[server.pid]
+    timeout = 60.0
+
+    def say(page: Page, text: str) -> None:
+        page.evaluate(f"document.getElementById('ws-input').value = {json.dumps(text)};"
+                      "document.getElementById('ws-form').requestSubmit()")
+
+    with Browser(chromium) as browser:
+        page = browser.new_page(width=1280, height=900)
+        page.navigate(f"http://127.0.0.1:{server.port}/", timeout=timeout)
+        page.wait_for(f"({REPLIES}).length >= 1", timeout=timeout)
+        first = int(page.evaluate("document.getElementById('ws-worker-pid').textContent"))
+        assert first in workers
+        sent = ["hello from the page"]
+        for i in range(3):
+            say(page, f"before {i}")
+            sent.append(f"before {i}")
+        page.wait_for(f"({REPLIES}).length >= {len(sent)}", timeout=timeout)
+        pids = [first]
+        for move in range(1, 4):
+            page.wait_for("!document.getElementById('move-me').disabled", timeout=timeout)
+            page.evaluate("document.getElementById('move-me').click()")
+            page.wait_for(f"({MOVES}).length >= {move}", timeout=timeout)
+            moved = json.loads(page.evaluate(f"({MOVES})[{move - 1}]"))
+            assert moved["from_pid"] == pids[-1], moved
+            assert moved["worker_pid"] in workers - {pids[-1]}, moved
+            assert moved["moves"] == move
+            assert moved["reason"] == "button"
+            assert moved["n"] == len(sent)   # the counter goes on from where it was
+            pids.append(moved["worker_pid"])
+            for i in range(2):   # typed right after the move: nothing may be lost
+                say(page, f"after move {move}.{i}")
+                sent.append(f"after move {move}.{i}")
+        page.wait_for(f"({REPLIES}).length >= {len(sent)}", timeout=timeout)
+        # a reload moves it once more, without a click
+        assert server.request({"cmd": "reload", "wait": True})["ok"]
+        page.wait_for(f"({MOVES}).length >= 4", timeout=timeout)
+        moved = json.loads(page.evaluate(f"({MOVES})[3]"))
+        assert moved["reason"] == "reload"
+        assert moved["worker_pid"] not in workers
+        say(page, "after the reload")
+        sent.append("after the reload")
+        page.wait_for(f"({REPLIES}).length >= {len(sent)}", timeout=timeout)
+        replies = [json.loads(r) for r in page.evaluate(REPLIES)]
+        assert [r["echo"] for r in replies] == sent          # none lost, none twice
+        assert [r["n"] for r in replies] == list(range(1, len(sent) + 1))
+        assert page.evaluate("document.getElementById('ws-status').dataset.state") == "open"
+        shot = page.screenshot(tmp_path / "demo-moved-windows.png")
+        assert shot.read_bytes().startswith(b"\x89PNG")
+        page.close()
+    st = server.status()
+    print(f"Move me: 3 clicks, pids {pids} then {moved['worker_pid']} on reload; "
+          f"{len(sent)} messages answered in order; {st['counters']['migrations']} migrations")
+    assert st["counters"]["migrations"] >= 4
+    assert st["counters"]["migrations_refused"] == 0
+    assert st["counters"]["refused"] == 0
+    assert st["counters"]["lost"] == 0
+    assert st["listeners"][0]["accepted"] <= 3   # the browser never reconnected
+    assert fd_count() == fds0
+    assert _settled_handles(server, server.pid, base) <= base + HANDLE_SLACK
     server.cli("stop")
     assert server.finish() == 0

@@ -16,7 +16,11 @@ so the POSIX path is unchanged. On Windows (docs/windows.md, "serve on Windows")
   ``CTRL_BREAK_EVENT``) to a graceful stop; there is no SIGHUP/SIGUSR2: ``sockshare
   reload``/``upgrade``/``stop`` go through the control channel;
 * :func:`pid_alive` asks ``OpenProcess`` (``os.kill(pid, 0)`` would *terminate* the
-  process on Windows).
+  process on Windows);
+* :func:`split_command` splits a ``worker_cmd`` the way the shell of the platform
+  would: ``shlex`` (POSIX rules) on Linux and macOS, the rules of the Microsoft C
+  runtime (``CommandLineToArgvW``) on Windows, where ``shlex`` would eat the
+  backslashes of ``C:\\path\\to\\worker.exe``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -33,7 +38,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 __all__ = ["WINDOWS", "ThreadedProcess", "close_fd", "dup_fd", "on_stop_signals", "pid_alive", "run",
-           "start_process"]
+           "split_command", "split_windows", "start_process"]
 
 WINDOWS = sys.platform == "win32"
 
@@ -46,6 +51,59 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
             return runner.run(main)
     return asyncio.run(main)
+
+
+def split_command(cmd: str) -> list[str]:
+    """``cmd`` split into argv as this platform's shell would (see the module's docstring)."""
+    return split_windows(cmd) if WINDOWS else shlex.split(cmd)
+
+
+def split_windows(cmd: str) -> list[str]:
+    """Split a command line by the rules of the Microsoft C runtime (what
+    :func:`subprocess.list2cmdline` writes): blanks separate arguments outside double
+    quotes; a backslash is literal unless a run of them ends at a ``"``: then 2n
+    backslashes give n and the quote opens or closes, 2n+1 give n and a literal quote.
+    Inside quotes, ``""`` is a literal quote (as the CRT since 2008 reads it)."""
+    args: list[str] = []
+    cur: list[str] = []
+    has_arg = False
+    quoted = False
+    i, n = 0, len(cmd)
+    while i < n:
+        c = cmd[i]
+        if c == "\\":
+            j = i
+            while j < n and cmd[j] == "\\":
+                j += 1
+            run_len = j - i
+            if j < n and cmd[j] == '"':
+                cur.append("\\" * (run_len // 2))
+                if run_len % 2:
+                    cur.append('"')
+                    j += 1
+            else:
+                cur.append("\\" * run_len)
+            has_arg = True
+            i = j
+            continue
+        if c == '"':
+            has_arg = True
+            if quoted and i + 1 < n and cmd[i + 1] == '"':
+                cur.append('"')
+                i += 2
+                continue
+            quoted = not quoted
+        elif c in " \t" and not quoted:
+            if has_arg:
+                args.append("".join(cur))
+                cur, has_arg = [], False
+        else:
+            cur.append(c)
+            has_arg = True
+        i += 1
+    if has_arg:
+        args.append("".join(cur))
+    return args
 
 
 def dup_fd(fd: int) -> int:

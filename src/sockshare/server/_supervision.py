@@ -73,7 +73,7 @@ from sockshare.server._messages import (
     decode,
 )
 from sockshare.server._peers import PEER_SUFFIX
-from sockshare.server._platform import start_process
+from sockshare.server._platform import split_command, start_process
 from sockshare.server._reconfig import reconfigure
 from sockshare.server._runtime import REJECT_NO_FDS
 from sockshare.server._slots import PoolState, SlotState, WorkerSlot
@@ -473,7 +473,7 @@ class Supervisor:
         if self.cfg.dispatchers > 1:
             env[ENV_FEEDERS] = "1"   # (listen for the feeders: _feedin)
         if p.worker_cmd is not None:
-            parts = shlex.split(p.worker_cmd)
+            parts = split_command(p.worker_cmd)
             subst = {"{channel}": self.d.chan_path, "{id}": str(slot.id)}
             has_channel = any("{channel}" in part for part in parts)
             out = []
