@@ -753,6 +753,7 @@ pool = "foreign"
         assert _settled_handles(server, server.pid, base) <= base + HANDLE_SLACK
         server.cli("stop")
         assert server.finish() == 0
+        assert server.handles(new)[new] == 0   # the stopped foreign worker is gone too
     finally:
         server.kill()
 
