@@ -13,6 +13,12 @@ clients (HTTP, WebSocket, the control client) run here on Linux.
   (its counter kept): 0 failures; 3 upgrades under load, the new dispatcher taking the
   listening socket with ``share``/``fromshare``: 0 failures, nothing refused;
 * an ASGI, a WSGI and a handler app answer, before and after a reload;
+* one server from a TOML file with four pools: routing by HTTP Host and TLS SNI,
+  round-robin in exact order, hash-addr stable per client address, a ``--worker-cmd``
+  program (``win_foreign_worker.py`` in Windows CPython, its command with Windows
+  paths) that a reload replaces, ``max_conns`` with the queue, the ``--metrics`` page
+  parsed with prometheus_client;
+* the demo page's "Move me" button in headless Chromium (skipped without chromium);
 
 and after each phase the dispatcher's handle count (the system's handle table, see
 ``tests/windows/handles.py``) and this process's descriptors are back to their baseline.
