@@ -320,7 +320,8 @@ def test_killed_worker_restarts_and_no_request_fails(wine: WinePython, tmp_path:
             time.sleep(0.2)
         else:
             raise AssertionError(f"worker 1 did not come back: {st['workers']}")
-        assert w1["restarts"] == 1
+        assert w1["restarts"] == 1, (f"victim pid {victim['pid']}; workers {st['workers']}; "
+                                     f"log:\n{server.out.stderr()[-4000:]}")
         time.sleep(3.0)   # load on both workers again
     finally:
         report = load.stop()
