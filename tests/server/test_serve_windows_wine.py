@@ -587,7 +587,8 @@ def _silent(s: socket.socket, for_: float = 1.0) -> bool:
 def test_config_pools_routes_policies_queue_metrics_and_a_foreign_worker(
         wine: WinePython, tmp_path: Path) -> None:
     """One server from a TOML file, under Wine: routing by HTTP Host and by TLS SNI to
-    four pools; round-robin in exact order; hash-addr stable per client address; a
+    six pools; round-robin in exact order; hash-addr stable per client address,
+    hash-key per Host, a ``module:function`` policy; a
     ``--worker-cmd`` worker (a Python script on ``sockshare.Channel``, its command
     with Windows paths) that a reload replaces; ``max_conns`` with a queue that waits,
     then serves, and refuses past its limit; the Prometheus page read here with
@@ -613,6 +614,15 @@ policy = "round-robin"
 {app}
 workers = 2
 policy = "hash-addr"
+[pools.key]
+{app}
+workers = 2
+policy = "hash-key"
+hash_key = "host"
+[pools.fn]
+{app}
+workers = 2
+policy = "server.serve_apps:pick_last"
 [pools.foreign]
 worker_cmd = '''{foreign_cmd}'''
 workers = 1
@@ -629,20 +639,35 @@ pool = "rr"
 host = "hash.test"
 pool = "hash"
 [[routes]]
+host = "k1.test"
+pool = "key"
+[[routes]]
+host = "k2.test"
+pool = "key"
+[[routes]]
+host = "k3.test"
+pool = "key"
+[[routes]]
+host = "k4.test"
+pool = "key"
+[[routes]]
+host = "fn.test"
+pool = "fn"
+[[routes]]
 host = "foreign.test"
 pool = "foreign"
 [[routes]]
 sni = "tls.test"
 pool = "foreign"
 """, encoding="utf-8")
-    server = WinServer(wine, tmp_path, config=cfg, port=port, workers=6)
+    server = WinServer(wine, tmp_path, config=cfg, port=port, workers=10)
     try:
         st = server.wait_ready(2 * START)
         by_pool: dict[str, list[dict[str, Any]]] = {}
         for w in st["workers"]:
             by_pool.setdefault(w["pool"], []).append(w)
-        assert {p: len(ws) for p, ws in by_pool.items()} == {"rr": 2, "hash": 2, "foreign": 1,
-                                                             "tight": 1}
+        assert {p: len(ws) for p, ws in by_pool.items()} == {"rr": 2, "hash": 2, "key": 2,
+                                                             "fn": 2, "foreign": 1, "tight": 1}
         fds0 = fd_count()
         base = server.handles(server.pid)[server.pid]
 
@@ -666,6 +691,19 @@ pool = "foreign"
         for ip, got in seen.items():   # rendezvous hashing, as on Linux
             assert got == {max(hash_ids, key=lambda wid: _weight(ip, wid))}, (ip, got)
         assert len(set().union(*seen.values())) == 2, seen
+        # hash-key on the Host: each host always to its rendezvous worker
+        key_ids = sorted(int(w["id"]) for w in by_pool["key"])
+        keyed: dict[str, set[int]] = {}
+        for host in ("k1.test", "k2.test", "k3.test", "k4.test"):
+            for _ in range(2):
+                a = _ask(port, _http(host))
+                assert a["pool"] == "key", a
+                keyed.setdefault(host, set()).add(a["id"])
+        for host, got in keyed.items():
+            assert got == {max(key_ids, key=lambda wid: _weight(host, wid))}, (host, got)
+        # a module:function policy (serve_apps.pick_last: the highest id, always)
+        fn_ids = {_ask(port, _http("fn.test"))["id"] for _ in range(4)}
+        assert fn_ids == {max(int(w["id"]) for w in by_pool["fn"])}, fn_ids
         # the foreign worker, by Host and by SNI (it answers the ClientHello in plain bytes)
         fw = _ask(port, _http("foreign.test"))
         assert fw["foreign"], fw
@@ -677,9 +715,10 @@ pool = "foreign"
         assert tls["meta"]["sni"] == "tls.test", tls
         assert tls["meta"]["protocol"] == "tls", tls
         assert tls["got"] == len(hello), tls   # the ClientHello was peeked, not taken
-        n_sent = 8 + 24 + 2
+        n_sent = 8 + 24 + 8 + 4 + 2
         print(f"routing: 8 round-robin {ids}, 24 hash-addr from 8 addresses "
-              f"{ {k: min(v) for k, v in seen.items()} }, 2 to the foreign worker (Host, SNI)")
+              f"{ {k: min(v) for k, v in seen.items()} }, 8 hash-key {keyed}, 4 to pick_last {fn_ids}, "
+              f"2 to the foreign worker (Host, SNI)")
 
         # max_conns 1 + queue 1 (the default pool: no Host, no SNI): waits, then refused
         a_sock = connect(("127.0.0.1", port), timeout=30.0)
@@ -731,7 +770,7 @@ pool = "foreign"
         assert total["sockshare_connections_refused"] == 1, total
         per_worker = {s.labels["worker"]: s.value for s in fams["sockshare_handoffs_accepted"].samples
                       if s.name.endswith("_total")}
-        assert len(per_worker) == 6, per_worker
+        assert len(per_worker) == 10, per_worker
         assert [s.value for s in fams["sockshare_connections_lost"].samples] == [0]
         print(f"metrics: {len(fams)} families; accepted {total['sockshare_connections_accepted']:.0f}, "
               f"handoffs per worker {per_worker}, refused 1")
