@@ -66,9 +66,10 @@ from sockshare.server._control import ControlError, request  # noqa: E402
 
 WORKERS = 2
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-CONFIGS = ("sockshare", "shared", "reuseport", "node")
+CONFIGS = ("sockshare", "base", "shared", "reuseport", "node")
 LABELS = {
     "sockshare": "sockshare\nserve",
+    "base": "sockshare serve\n(--base-src)",
     "shared": "pre-fork\nshared accept",
     "reuseport": "SO_REUSEPORT\n(reference)",
     "node": "Node cluster\nSCHED_RR",
@@ -149,32 +150,42 @@ class Options:
     src: Path = ROOT / "src"
     policy: str = "least-conn"
     node_server: str = "net"
+    #: --sniff: the sockshare listeners read the HTTP Host before routing
+    sniff: bool = False
+    #: --base-src: another tree run as the "base" configuration, same options
+    base_src: Path | None = None
 
 
-def start_sockshare(tmp: Path, opts: Options) -> Running:
-    control = tmp / "ctl" / "serve.ctl"
+def start_sockshare(tmp: Path, opts: Options, *, name: str = "sockshare",
+                    src: Path | None = None) -> Running:
+    control = tmp / f"ctl-{name}" / "serve.ctl"
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), str(opts.src),
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), str(src or opts.src),
                                                     env.get("PYTHONPATH", "")) if p)
     env.pop("SOCKSHARE_CHANNEL", None)
-    log = open(tmp / "serve.log", "wb")   # noqa: SIM115 - lives as long as the server
+    logpath = tmp / f"serve-{name}.log"
+    log = open(logpath, "wb")   # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
         [sys.executable, "-m", "sockshare.server._cli", "serve", "serve_app:handle",
          "--bind", "127.0.0.1:0", "--workers", str(WORKERS), "--control", str(control),
-         "--policy", opts.policy, "--log-level", "warning", "--grace", "2"],
+         "--policy", opts.policy, "--log-level", "warning", "--grace", "2",
+         *(["--sniff"] if opts.sniff else [])],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
     log.close()
-    run = Running("sockshare", 0, [], proc.pid, [proc])
+    run = Running(name, 0, [], proc.pid, [proc])
     try:
         deadline = time.monotonic() + 30
         while True:
             if proc.poll() is not None:
-                raise RuntimeError("sockshare serve exited: " + (tmp / "serve.log").read_text())
+                raise RuntimeError("sockshare serve exited: " + logpath.read_text())
             with contextlib.suppress(OSError, ValueError, KeyError, ControlError):
                 st = request(str(control), {"cmd": "status"}, timeout=2.0)["status"]
                 ready = [w["pid"] for w in st["workers"] if w["state"] == "ready" and w["pid"]]
                 if len(ready) == WORKERS:
                     run.workers = ready
+                    # the process that accepts and hands over: under a master (``serve``
+                    # as started), the dispatcher is its child, not proc
+                    run.dispatcher = int(st.get("dispatcher") or proc.pid)
                     run.port = int(st["listeners"][0]["address"].rsplit(":", 1)[1])
                     return run
             if time.monotonic() > deadline:
@@ -243,8 +254,14 @@ def start_node(_tmp: Path, opts: Options) -> Running:
     return run
 
 
+def start_base(tmp: Path, opts: Options) -> Running:
+    if opts.base_src is None:
+        raise RuntimeError("the base configuration needs --base-src")
+    return start_sockshare(tmp, opts, name="base", src=opts.base_src)
+
+
 STARTERS: dict[str, Callable[[Path, Options], Running]] = {
-    "sockshare": start_sockshare, "shared": start_shared, "reuseport": start_reuseport,
+    "sockshare": start_sockshare, "base": start_base, "shared": start_shared, "reuseport": start_reuseport,
     "node": start_node,
 }
 
@@ -385,7 +402,7 @@ def plot(summary: dict[str, dict[str, Any]], samples: dict[str, list[Sample]],
     import matplotlib.pyplot as plt
 
     names = list(summary)
-    colors = {"sockshare": "#2b6cb0", "shared": "#9f7aea", "reuseport": "#718096",
+    colors = {"sockshare": "#2b6cb0", "base": "#63b3ed", "shared": "#9f7aea", "reuseport": "#718096",
               "node": "#dd6b20"}
     x = range(len(names))
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5.6),
@@ -494,21 +511,29 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2000, help="connections before the first run")
     ap.add_argument("--plot", default=str(ROOT / "docs" / "serve-benchmark.png"),
                     help="PNG to write (default docs/serve-benchmark.png)")
-    ap.add_argument("--only", nargs="+", choices=CONFIGS, default=list(CONFIGS),
+    ap.add_argument("--only", nargs="+", choices=CONFIGS,
+                    default=[c for c in CONFIGS if c != "base"],
                     help="a subset of configurations (reuseport is always included)")
     ap.add_argument("--policy", default="least-conn", help="the sockshare pool's policy")
     ap.add_argument("--node-server", choices=("net", "http"), default="net",
                     help="the Node workers' server: net (same work as the Python one) or http")
     ap.add_argument("--src", default=str(ROOT / "src"),
                     help="the sockshare source tree to run (default: this checkout's src)")
+    ap.add_argument("--base-src", default=None,
+                    help="another sockshare source tree (e.g. a worktree of an older commit), "
+                         "run as configuration 'base' in the same rounds")
+    ap.add_argument("--sniff", action="store_true",
+                    help="the sockshare configurations sniff (HTTP Host) before routing")
     ap.add_argument("--src-label", default=None,
                     help="what --src is, for the JSON and the plot (default: git HEAD of --src)")
     args = ap.parse_args()
-    opts = Options(Path(args.src).resolve(), args.policy, args.node_server)
+    opts = Options(Path(args.src).resolve(), args.policy, args.node_server, args.sniff,
+                   Path(args.base_src).resolve() if args.base_src else None)
     args.code = args.src_label or _git_describe(opts.src) or str(opts.src)
     if not 1 <= args.conns <= 1_000_000 or not 1 <= args.concurrency <= 1024 or args.runs < 1:
         ap.error("--conns 1..1000000, --concurrency 1..1024, --runs >= 1")
-    names = [n for n in CONFIGS if n in args.only or n == "reuseport"]
+    names = [n for n in CONFIGS if n in args.only or n == "reuseport"
+             or (n == "base" and opts.base_src is not None)]
     tmp = Path(tempfile.mkdtemp(prefix="ss-serve-bench-"))
     running: dict[str, Running] = {}
     samples: dict[str, list[Sample]] = {n: [] for n in names}
@@ -526,8 +551,10 @@ def main() -> int:
                 time.sleep(0.3)   # let the previous configuration's last closes settle
                 s = sample(running[n], load(loadgen, running[n], args.conns, args.concurrency))
                 samples[n].append(s)
+                disp = f"{s.dispatcher_us:5.1f}" if s.dispatcher_us is not None else "    -"
                 print(f"run {i + 1}/{args.runs} {n:<10} {s.cps:>8,.0f} conn/s  balance "
-                      f"{s.balance:.3f}  errors {s.errors}", file=sys.stderr)
+                      f"{s.balance:.3f}  errors {s.errors}  dispatcher {disp} us/conn  "
+                      f"workers {s.workers_us:5.1f} us/conn", file=sys.stderr)
     finally:
         for r in running.values():
             r.close()
@@ -538,7 +565,8 @@ def main() -> int:
         "conns": args.conns, "runs": args.runs, "concurrency": args.concurrency,
         "workers": WORKERS, "cores": os.cpu_count(), "python": platform.python_version(),
         "node": _node_version(), "src": str(opts.src), "code": args.code,
-        "policy": opts.policy, "node_server": opts.node_server,
+        "policy": opts.policy, "node_server": opts.node_server, "sniff": opts.sniff,
+        "base_src": str(opts.base_src) if opts.base_src else None,
         "kernel": platform.release(), "loadavg_end": os.getloadavg(),
         "targets": {"vs_reuseport": TARGET_VS_REUSEPORT, "vs_node": TARGET_VS_NODE,
                     "balance": TARGET_BALANCE},

@@ -54,7 +54,7 @@ from sockshare._errors import (
     SockshareError,
 )
 from sockshare._state import ChannelState, Handoff, PeerInfo, Policy, Ticket
-from sockshare.backends._scm import recv_with_fds_cut, send_with_fds
+from sockshare.backends._scm import recv_with_fds_cut, send_nowait_with_fds
 from sockshare.protocol import MAX_PAYLOAD
 
 __all__ = ["AsyncChannel", "AsyncChannelListener"]
@@ -443,7 +443,7 @@ class AsyncChannel:
                         total += len(part)
                     wq.appendleft((memoryview(b"".join(parts)), [], merged))
                     continue
-                sent = send_with_fds(self._sock, bytes(buf), fds) if fds else self._sock.send(buf)
+                sent = send_nowait_with_fds(self._sock, buf, fds) if fds else self._sock.send(buf)
                 self._wq_bytes -= sent
                 if sent:
                     self._last_write = self._loop.time()
