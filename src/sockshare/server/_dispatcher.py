@@ -134,6 +134,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from sockshare import _fast
 from sockshare._aio import AsyncChannelListener
 from sockshare._channel import _remove_stale_socket
 from sockshare._errors import BackendUnavailable, SockshareError
@@ -372,6 +373,7 @@ class Dispatcher:
     # -- setting up ------------------------------------------------------------------
 
     async def _setup(self) -> None:
+        _fast.report()   # one line if the compiled hot paths should be here and are not
         self.takeover.predecessor = int(os.environ.pop(ENV_UPGRADE_FROM, "0") or 0)
         self.takeover.predecessor_control = os.environ.pop(ENV_UPGRADE_CONTROL, "")
         master, master_fd = os.environ.pop(ENV_MASTER, ""), os.environ.pop(ENV_MASTER_FD, "")
