@@ -3,7 +3,10 @@
 Run:  python benchmarks/serve.py [--conns 20000] [--runs 7] [--concurrency 32]
                                  [--plot docs/serve-benchmark.png]
       (also: --policy P for the sockshare pool, --node-server http, --src DIR to
-      benchmark another sockshare source tree, e.g. an exported commit, --only ...)
+      benchmark another sockshare source tree, e.g. an exported commit, --only ...;
+      --sniff: the sockshare listeners sniff the HTTP Host; --base-src DIR adds
+      configuration "base", another tree in the same rounds (before/after); --only pure
+      adds this tree with SOCKSHARE_PURE_PYTHON=1, its pure-Python hot paths)
 
 What it measures: short connections (connect, one small HTTP request, the response, the
 server closes) to 127.0.0.1, through four configurations with 2 workers each, all
@@ -66,9 +69,10 @@ from sockshare.server._control import ControlError, request  # noqa: E402
 
 WORKERS = 2
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-CONFIGS = ("sockshare", "base", "shared", "reuseport", "node")
+CONFIGS = ("sockshare", "pure", "base", "shared", "reuseport", "node")
 LABELS = {
     "sockshare": "sockshare\nserve",
+    "pure": "sockshare serve\n(pure Python)",
     "base": "sockshare serve\n(--base-src)",
     "shared": "pre-fork\nshared accept",
     "reuseport": "SO_REUSEPORT\n(reference)",
@@ -157,12 +161,14 @@ class Options:
 
 
 def start_sockshare(tmp: Path, opts: Options, *, name: str = "sockshare",
-                    src: Path | None = None) -> Running:
+                    src: Path | None = None, extra_env: dict[str, str] | None = None) -> Running:
     control = tmp / f"ctl-{name}" / "serve.ctl"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), str(src or opts.src),
                                                     env.get("PYTHONPATH", "")) if p)
     env.pop("SOCKSHARE_CHANNEL", None)
+    env.pop("SOCKSHARE_PURE_PYTHON", None)
+    env.update(extra_env or {})
     logpath = tmp / f"serve-{name}.log"
     log = open(logpath, "wb")   # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
@@ -254,6 +260,11 @@ def start_node(_tmp: Path, opts: Options) -> Running:
     return run
 
 
+def start_pure(tmp: Path, opts: Options) -> Running:
+    """The same tree on its pure-Python hot paths (SOCKSHARE_PURE_PYTHON=1)."""
+    return start_sockshare(tmp, opts, name="pure", extra_env={"SOCKSHARE_PURE_PYTHON": "1"})
+
+
 def start_base(tmp: Path, opts: Options) -> Running:
     if opts.base_src is None:
         raise RuntimeError("the base configuration needs --base-src")
@@ -261,7 +272,8 @@ def start_base(tmp: Path, opts: Options) -> Running:
 
 
 STARTERS: dict[str, Callable[[Path, Options], Running]] = {
-    "sockshare": start_sockshare, "base": start_base, "shared": start_shared, "reuseport": start_reuseport,
+    "sockshare": start_sockshare, "pure": start_pure, "base": start_base,
+    "shared": start_shared, "reuseport": start_reuseport,
     "node": start_node,
 }
 
@@ -402,7 +414,8 @@ def plot(summary: dict[str, dict[str, Any]], samples: dict[str, list[Sample]],
     import matplotlib.pyplot as plt
 
     names = list(summary)
-    colors = {"sockshare": "#2b6cb0", "base": "#63b3ed", "shared": "#9f7aea", "reuseport": "#718096",
+    colors = {"sockshare": "#2b6cb0", "pure": "#4299e1", "base": "#63b3ed", "shared": "#9f7aea",
+              "reuseport": "#718096",
               "node": "#dd6b20"}
     x = range(len(names))
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5.6),
@@ -512,7 +525,7 @@ def main() -> int:
     ap.add_argument("--plot", default=str(ROOT / "docs" / "serve-benchmark.png"),
                     help="PNG to write (default docs/serve-benchmark.png)")
     ap.add_argument("--only", nargs="+", choices=CONFIGS,
-                    default=[c for c in CONFIGS if c != "base"],
+                    default=[c for c in CONFIGS if c not in ("base", "pure")],
                     help="a subset of configurations (reuseport is always included)")
     ap.add_argument("--policy", default="least-conn", help="the sockshare pool's policy")
     ap.add_argument("--node-server", choices=("net", "http"), default="net",

@@ -14,11 +14,13 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -316,3 +318,105 @@ def test_this_process_runs_the_path_its_environment_asks_for() -> None:
         assert _fast.active_path().startswith("pure Python (SOCKSHARE_PURE_PYTHON=")
     elif os.environ.get("CI") == "true" and _fast.expected() and shutil.which("cc") is not None:
         assert _fast.speedups is not None, _fast.why_not
+
+
+@needs_c
+def test_dispatch_burst_accepts_places_registers_and_frames() -> None:
+    """The dispatcher's compiled burst, on a real listener: the metadata is the JSON the
+    Python path writes, placement is LeastConnections', each connection is registered in
+    its worker's dict and travels in that worker's one HANDOFF frame; settle_accepts then
+    closes the accepted ones. Descriptors counted before and after."""
+    assert sp is not None
+    from sockshare.protocol import FrameDecoder, FrameType, decode_handoff
+    from sockshare.server._policy import ConnInfo, LeastConnections, WorkerView
+
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    lsock.setblocking(False)
+    clients = [socket.create_connection(lsock.getsockname()) for _ in range(5)]
+    raws: list[dict[int, tuple[int, bytes, float]]] = [{}, {}]
+    try:
+        before = fd_count()
+        prefix, mid, end = b'{"handoff_id":"77.', b'","listener":"web","client":["', \
+            b'],"route":"default","pool":"default"}'
+        # worker 1 has 2 connections already, worker 2 none and room for 2 only
+        workers = [(1, 2, 64, raws[0]), (2, 0, 2, raws[1])]
+        frames, n, status, last_fd, last, seq, hid = sp.dispatch_burst(
+            lsock.fileno(), 4, 1 << 30, 10, 1 << 62, -1, prefix, mid, end,
+            b"\x01\x01\x00\x00", 1, 123.5, workers)
+        assert (n, status, last_fd, seq, hid) == (4, 0, -1, 14, (1 << 62) + 4)
+        assert fd_count() == before + 4
+        # the same choices as the Python policy, connection by connection
+        @dataclass
+        class View:
+            id: int
+            connections: int
+            pid: int | None = None
+            pool: str = "default"
+            max_conns: int | None = None
+
+        views, room, policy, picks = [View(1, 2), View(2, 0)], {1: 64, 2: 2}, LeastConnections(), []
+        for _ in range(4):
+            offered: list[WorkerView] = [v for v in views if room[v.id] > 0]
+            choice = policy(offered, ConnInfo([], "web", "default", ""))
+            assert choice is not None
+            pick = views[[v.id for v in views].index(choice.id)]
+            pick.connections += 1
+            room[pick.id] -= 1
+            picks.append(pick.id)
+        assert last == policy._last
+        assert [len(r) for r in raws] == [picks.count(1), picks.count(2)]
+        ports = {c.getsockname()[1] for c in clients}
+        seen = []
+        for k, frame, fds, count in frames:
+            dec = FrameDecoder(max_payload=1 << 20)
+            dec.feed(frame, fds)
+            f = dec.next_frame()
+            assert f is not None
+            assert f.type == FrameType.HANDOFF
+            assert f.flags == 1
+            entries = decode_handoff(f.payload)
+            assert len(entries) == count == len(fds) == len(raws[k])
+            for e, fd in zip(entries, fds, strict=True):
+                assert raws[k][e.id][0] == fd
+                assert raws[k][e.id][1] == e.meta
+                assert raws[k][e.id][2] == 123.5
+                meta = json.loads(e.meta)
+                assert meta["listener"] == "web"
+                assert meta["pool"] == "default"
+                assert meta["client"][0] == "127.0.0.1"
+                assert meta["client"][1] in ports
+                peer = socket.socket(fileno=os.dup(fd))
+                try:
+                    assert peer.getpeername()[1] == meta["client"][1]
+                finally:
+                    peer.close()
+                seen.append(meta["handoff_id"])
+        assert sorted(seen) == [f"77.{i}" for i in range(10, 14)]
+        # an ACCEPT for some of worker 1's and an id that is not compiled
+        ids = list(raws[0])
+        done, rest = sp.settle_accepts(encode_accept([*ids, 5]), raws[0])
+        assert (done, rest, raws[0]) == (len(ids), [5], {})
+        with pytest.raises(ValueError, match="ACCEPT payload has"):
+            sp.settle_accepts(b"\x00\x01", raws[1])
+        sp.close_fds([fd for fd, _m, _t in raws[1].values()])
+        raws[1].clear()
+        # the fifth connection is still queued: a burst with no room takes none...
+        frames, n, *_rest = sp.dispatch_burst(lsock.fileno(), 0, 1 << 30, 14, 1, -1, prefix, mid,
+                                              end, b"\x01\x01\x00\x00", 1, 0.0, workers)
+        assert (frames, n) == ([], 0)
+        # ...and one that reaches the descriptor mark stops there (status -1)
+        frames, n, status, last_fd, *_rest = sp.dispatch_burst(
+            lsock.fileno(), 4, 0, 14, 1, -1, prefix, mid, end, b"\x01\x01\x00\x00", 1, 0.0, workers)
+        assert (n, status) == (1, -1)
+        assert last_fd == frames[0][2][0]
+        sp.close_fds([fd for r in raws for fd, _m, _t in r.values()])
+        assert fd_count() == before
+        with pytest.raises(TypeError):
+            sp.dispatch_burst(lsock.fileno(), 1, 1 << 30, 1, 1, -1, prefix, mid, end,
+                              b"\x01\x01\x00\x00", 1, 0.0, [(1, 0, 1)])  # type: ignore[list-item]
+    finally:
+        for c in clients:
+            c.close()
+        lsock.close()

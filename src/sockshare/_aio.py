@@ -480,6 +480,22 @@ class AsyncChannel:
             self._loop.remove_writer(self._sock.fileno())
             self._writing = False
 
+    @property
+    def raw_pending(self) -> dict[int, tuple[int, bytes, float]]:
+        """The compiled dispatcher path's handoffs in flight on this channel (see
+        :attr:`ChannelState.raw`); sockshare._speedups.dispatch_burst fills it."""
+        return self._state.raw
+
+    def send_compiled(self, frame: bytes, fds: list[int], n: int) -> None:
+        """Queue a HANDOFF frame of ``n`` handoffs that the compiled path encoded and put
+        in :attr:`raw_pending` (the channel answers them like any other)."""
+        self._state.register_compiled(n)
+        self._write_frame(frame, fds)
+
+    def take_raw_accepted(self) -> int:
+        """How many compiled handoffs the peer accepted since the last call."""
+        return self._state.take_raw_accepted()
+
     def send_nowait(self, items: Iterable[tuple[socket.socket, Any, bytes]], *,
                     ack: bool = True) -> list[Ticket]:
         """Queue handoffs without waiting for answers; see :meth:`wait`."""

@@ -414,7 +414,330 @@ close_fds(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+
+/* -- the dispatcher's whole accept-and-hand-over burst ------------------------------- */
+
+typedef struct {
+    long id;
+    long load;
+    long room;
+    PyObject *raw;      /* the channel's dict of compiled handoffs in flight (borrowed) */
+    Py_ssize_t count;   /* connections given to it in this burst */
+    Py_ssize_t size;    /* their frame payload bytes, count field included */
+} worker_t;
+
+typedef struct {
+    int fd;
+    int worker;
+    unsigned long long hid;
+    PyObject *meta;     /* bytes, owned */
+} conn_t;
+
+/* LeastConnections of sockshare.server._policy, the same choice: the least loaded; among
+ * equals the first (in list order) whose id is after the last pick, else the first */
+static int
+least_conn(worker_t *w, int n, long *last)
+{
+    int best = -1, after = -1;
+    for (int i = 0; i < n; i++) {
+        if (w[i].room <= 0)
+            continue;
+        if (best < 0 || w[i].load < w[best].load) {
+            best = i;
+            after = w[i].id > *last ? i : -1;
+        } else if (w[i].load == w[best].load && after < 0 && w[i].id > *last) {
+            after = i;
+        }
+    }
+    int pick = after >= 0 ? after : best;
+    if (pick >= 0)
+        *last = w[pick].id;
+    return pick;
+}
+
+static PyObject *
+dispatch_burst(PyObject *self, PyObject *args)
+{
+    int lfd, budget, fd_high, flags;
+    unsigned long long seq, hid;
+    long last;
+    Py_buffer prefix, mid, end, kind;
+    double now;
+    PyObject *wlist;
+    if (!PyArg_ParseTuple(args, "iiiKKly*y*y*y*idO!:dispatch_burst", &lfd, &budget, &fd_high,
+                          &seq, &hid, &last, &prefix, &mid, &end, &kind, &flags, &now,
+                          &PyList_Type, &wlist))
+        return NULL;
+    PyObject *result = NULL;
+    conn_t *conns = NULL;
+    worker_t *w = NULL;
+    Py_ssize_t nconn = 0, nw = PyList_GET_SIZE(wlist);
+    int status = 0, registered = 0;
+    long last_fd = -1;
+    if (kind.len != 4 || budget < 0 || budget > MAX_FDS || nw < 1 || nw > 1024) {
+        PyErr_SetString(PyExc_ValueError, "dispatch_burst: bad arguments");
+        goto out;
+    }
+    w = PyMem_Calloc((size_t)nw, sizeof *w);
+    conns = PyMem_Calloc((size_t)(budget > 0 ? budget : 1), sizeof *conns);
+    if (w == NULL || conns == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    for (Py_ssize_t i = 0; i < nw; i++) {
+        PyObject *it = PyList_GET_ITEM(wlist, i);
+        if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 4 || !PyDict_Check(PyTuple_GET_ITEM(it, 3))) {
+            PyErr_SetString(PyExc_TypeError, "workers are (id, load, room, raw dict)");
+            goto out;
+        }
+        w[i].id = PyLong_AsLong(PyTuple_GET_ITEM(it, 0));
+        w[i].load = PyLong_AsLong(PyTuple_GET_ITEM(it, 1));
+        w[i].room = PyLong_AsLong(PyTuple_GET_ITEM(it, 2));
+        w[i].raw = PyTuple_GET_ITEM(it, 3);
+        w[i].size = 2;
+        if (PyErr_Occurred())
+            goto out;
+    }
+    /* accept and place */
+    while (nconn < budget) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        int fd;
+        Py_BEGIN_ALLOW_THREADS
+        fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_CLOEXEC);
+        Py_END_ALLOW_THREADS
+        if (fd < 0) {
+            int e = errno;
+            if (e == EINTR) {
+                if (PyErr_CheckSignals() < 0)
+                    goto out;
+                continue;
+            }
+            if (e == ECONNABORTED)
+                continue;
+            if (e != EAGAIN && e != EWOULDBLOCK)
+                status = e;
+            break;
+        }
+        conn_t *c = &conns[nconn++];
+        c->fd = fd;
+        char host[INET6_ADDRSTRLEN + 64];
+        int port;
+        if (ss.ss_family == AF_INET) {
+            struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+            inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+            port = ntohs(a->sin_port);
+        } else if (ss.ss_family == AF_INET6) {
+            struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+            if (getnameinfo((struct sockaddr *)&ss, len, host, sizeof host, NULL, 0, NI_NUMERICHOST) != 0)
+                inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+            port = ntohs(a->sin6_port);
+        } else {
+            PyErr_SetString(PyExc_ValueError, "dispatch_burst takes TCP listeners only");
+            goto out;
+        }
+        char num[32];
+        int numlen = snprintf(num, sizeof num, "%llu", seq);
+        char portbuf[16];
+        int portlen = snprintf(portbuf, sizeof portbuf, "%d", port);
+        size_t hostlen = strlen(host);
+        Py_ssize_t mlen = prefix.len + numlen + mid.len + (Py_ssize_t)hostlen + 2 + portlen + end.len;
+        c->meta = PyBytes_FromStringAndSize(NULL, mlen);
+        if (c->meta == NULL)
+            goto out;
+        char *m = PyBytes_AS_STRING(c->meta);
+        memcpy(m, prefix.buf, prefix.len); m += prefix.len;
+        memcpy(m, num, numlen); m += numlen;
+        memcpy(m, mid.buf, mid.len); m += mid.len;
+        memcpy(m, host, hostlen); m += hostlen;
+        *m++ = '"'; *m++ = ',';
+        memcpy(m, portbuf, portlen); m += portlen;
+        memcpy(m, end.buf, end.len);
+        c->hid = hid++;
+        seq++;
+        int pick = least_conn(w, (int)nw, &last);
+        if (pick < 0) {   /* (the caller keeps budget <= the room of all workers) */
+            PyErr_SetString(PyExc_RuntimeError, "dispatch_burst: no worker has room");
+            goto out;
+        }
+        c->worker = pick;
+        w[pick].load++;
+        w[pick].room--;
+        w[pick].count++;
+        w[pick].size += 20 + mlen;
+        if (fd >= fd_high) {
+            status = -1;
+            last_fd = fd;
+            break;
+        }
+        int anyroom = 0;
+        for (Py_ssize_t i = 0; i < nw; i++)
+            anyroom |= w[i].room > 0;
+        if (!anyroom)
+            break;
+    }
+    /* register each connection in its worker's channel (hid -> (fd, meta, sent)), then
+     * one frame per worker */
+    PyObject *when = PyFloat_FromDouble(now);
+    if (when == NULL)
+        goto out;
+    for (Py_ssize_t i = 0; i < nconn; i++) {
+        conn_t *c = &conns[i];
+        PyObject *key = PyLong_FromUnsignedLongLong(c->hid);
+        PyObject *val = key == NULL ? NULL : Py_BuildValue("(iOO)", c->fd, c->meta, when);
+        if (val == NULL || PyDict_SetItem(w[c->worker].raw, key, val) < 0) {
+            Py_XDECREF(key);
+            Py_XDECREF(val);
+            Py_DECREF(when);
+            goto out;
+        }
+        Py_DECREF(key);
+        Py_DECREF(val);
+        registered = (int)i + 1;
+    }
+    Py_DECREF(when);
+    PyObject *frames = PyList_New(0);
+    if (frames == NULL)
+        goto out;
+    for (Py_ssize_t k = 0; k < nw; k++) {
+        if (w[k].count == 0)
+            continue;
+        PyObject *frame = PyBytes_FromStringAndSize(NULL, 12 + w[k].size);
+        PyObject *fds = PyList_New(w[k].count);
+        if (frame == NULL || fds == NULL) {
+            Py_XDECREF(frame);
+            Py_XDECREF(fds);
+            Py_DECREF(frames);
+            goto out;
+        }
+        unsigned char *p = (unsigned char *)PyBytes_AS_STRING(frame);
+        p[0] = 'S'; p[1] = 'S'; p[2] = 1; p[3] = 0x20; p[4] = (unsigned char)flags;
+        p[5] = (unsigned char)w[k].count; p[6] = 0; p[7] = 0;
+        put32(p + 8, (unsigned long)w[k].size);
+        put16(p + 12, (unsigned int)w[k].count);
+        p += 14;
+        Py_ssize_t j = 0;
+        for (Py_ssize_t i = 0; i < nconn; i++) {
+            conn_t *c = &conns[i];
+            if (c->worker != k)
+                continue;
+            Py_ssize_t lm = PyBytes_GET_SIZE(c->meta);
+            put64(p, c->hid);
+            memcpy(p + 8, kind.buf, 4);
+            put32(p + 12, (unsigned long)lm);
+            put32(p + 16, 0);
+            memcpy(p + 20, PyBytes_AS_STRING(c->meta), lm);
+            p += 20 + lm;
+            PyList_SET_ITEM(fds, j++, PyLong_FromLong(c->fd));
+        }
+        PyObject *item = Py_BuildValue("(nNNn)", k, frame, fds, w[k].count);
+        if (item == NULL || PyList_Append(frames, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(frames);
+            goto out;
+        }
+        Py_DECREF(item);
+    }
+    result = Py_BuildValue("(NniliKK)", frames, nconn, status, last_fd, last, seq, hid);
+out:
+    if (result == NULL) {
+        /* never leave a descriptor behind nor a registration: undo this burst */
+        for (Py_ssize_t i = 0; i < nconn; i++) {
+            if (i < registered) {
+                PyObject *key = PyLong_FromUnsignedLongLong(conns[i].hid);
+                if (key != NULL) {
+                    PyObject *et, *ev, *tb;
+                    PyErr_Fetch(&et, &ev, &tb);
+                    if (PyDict_DelItem(w[conns[i].worker].raw, key) < 0)
+                        PyErr_Clear();
+                    PyErr_Restore(et, ev, tb);
+                    Py_DECREF(key);
+                }
+            }
+            close(conns[i].fd);
+        }
+    }
+    if (conns != NULL)
+        for (Py_ssize_t i = 0; i < nconn; i++)
+            Py_XDECREF(conns[i].meta);
+    PyMem_Free(conns);
+    PyMem_Free(w);
+    PyBuffer_Release(&prefix);
+    PyBuffer_Release(&mid);
+    PyBuffer_Release(&end);
+    PyBuffer_Release(&kind);
+    return result;
+}
+
+/* ACCEPT of compiled handoffs: pop each id from `raw` (hid -> (fd, meta, sent)), close
+ * its descriptor; returns (how many, the ids that were not there: ordinary tickets) */
+static PyObject *
+settle_accepts(PyObject *self, PyObject *args)
+{
+    Py_buffer b;
+    PyObject *raw;
+    if (!PyArg_ParseTuple(args, "y*O!:settle_accepts", &b, &PyDict_Type, &raw))
+        return NULL;
+    const unsigned char *p = (const unsigned char *)b.buf;
+    if (b.len < 2) {
+        PyBuffer_Release(&b);
+        return PyErr_Format(PyExc_ValueError, "ACCEPT payload has %zd bytes, expected 2", b.len);
+    }
+    Py_ssize_t count = ((Py_ssize_t)p[0] << 8) | p[1];
+    if (b.len != 2 + 8 * count) {
+        PyBuffer_Release(&b);
+        return PyErr_Format(PyExc_ValueError, "ACCEPT payload has %zd bytes, expected %zd",
+                            b.len, 2 + 8 * count);
+    }
+    PyObject *rest = PyList_New(0);
+    if (rest == NULL) {
+        PyBuffer_Release(&b);
+        return NULL;
+    }
+    Py_ssize_t closed = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const unsigned char *q = p + 2 + 8 * i;
+        unsigned long long v = 0;
+        for (int k = 0; k < 8; k++)
+            v = (v << 8) | q[k];
+        PyObject *key = PyLong_FromUnsignedLongLong(v);
+        if (key == NULL)
+            goto fail;
+        PyObject *val = PyDict_GetItemWithError(raw, key);   /* borrowed */
+        if (val == NULL) {
+            if (PyErr_Occurred() || PyList_Append(rest, key) < 0) {
+                Py_DECREF(key);
+                goto fail;
+            }
+            Py_DECREF(key);
+            continue;
+        }
+        long fd = PyTuple_Check(val) && PyTuple_GET_SIZE(val) >= 1
+                  ? PyLong_AsLong(PyTuple_GET_ITEM(val, 0)) : -1;
+        if (PyDict_DelItem(raw, key) < 0) {
+            Py_DECREF(key);
+            goto fail;
+        }
+        Py_DECREF(key);
+        if (fd >= 0)
+            close((int)fd);
+        PyErr_Clear();
+        closed++;
+    }
+    PyBuffer_Release(&b);
+    return Py_BuildValue("(nN)", closed, rest);
+fail:
+    PyBuffer_Release(&b);
+    Py_DECREF(rest);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
+    {"dispatch_burst", dispatch_burst, METH_VARARGS,
+     "dispatch_burst(lfd, budget, fd_high, seq, hid, last, prefix, mid, end, kind, flags, now, "
+     "workers) -> (frames, accepted, status, last_fd, last, seq, hid)"},
+    {"settle_accepts", settle_accepts, METH_VARARGS,
+     "settle_accepts(payload, raw) -> (closed, other ids)"},
     {"accept_many", accept_many, METH_VARARGS,
      "accept_many(lfd, budget, fd_high) -> (list of (fd, address), status)"},
     {"handoff_frame", handoff_frame, METH_VARARGS,

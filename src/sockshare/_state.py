@@ -158,6 +158,9 @@ class Ticket:
     reason: str = ""
     #: the channel that sent it: a blocking Channel, or an AsyncChannel
     _channel: Any = field(default=None, repr=False)
+    #: sent by the compiled dispatcher path (:meth:`ChannelState.register_compiled`):
+    #: ``meta`` is the encoded JSON; made into a Ticket only when it comes back
+    compiled: bool = False
 
     @property
     def done(self) -> bool:
@@ -321,6 +324,13 @@ class ChannelState:
         self.counters = {"sent": 0, "accepted": 0, "rejected": 0, "returned": 0}
         self.received = 0  # an attribute, not in the dict: the hot path counts it
         self.pending_accepts: list[int] = []
+        #: acknowledged handoffs sent by the compiled dispatcher path and not answered:
+        #: id -> (descriptor, meta JSON, time.monotonic() when sent). No Ticket and no
+        #: socket object for them: an ACCEPT closes the descriptor (in C), a REJECT or the
+        #: end of the channel makes a Ticket of it (:meth:`_compiled_ticket`)
+        self.raw: dict[int, tuple[int, bytes, float]] = {}
+        #: how many of those the peer accepted since the adapter last asked
+        self.raw_accepted = 0
         #: acked handoffs received and not answered yet (queued or with the application)
         self.outstanding: dict[int, Handoff] = {}
         #: tickets accepted by the peer, when a supervisor asked to track them
@@ -832,7 +842,16 @@ class ChannelState:
             raise RemoteProtocolError(f"{t.name} frame carried {len(frame.fds)} descriptors")
         elif t == FrameType.ACCEPT:
             log, answered = self.accepted_log, self.answered_log
-            for hid in _accept_ids(frame.payload):
+            if self.raw and _fast.speedups is not None:
+                try:
+                    n, ids = _fast.speedups.settle_accepts(frame.payload, self.raw)
+                except ValueError as exc:
+                    raise RemoteProtocolError(str(exc)) from None
+                self.raw_accepted += n
+                self.counters["accepted"] += n
+            else:
+                ids = _accept_ids(frame.payload)
+            for hid in ids:
                 ticket = self._ticket(hid)
                 ticket.state = "accepted"
                 self.counters["accepted"] += 1
@@ -864,8 +883,32 @@ class ChannelState:
     def _ticket(self, hid: int) -> Ticket:
         ticket = self.tickets.pop(hid, None)
         if ticket is None:
+            if hid in self.raw:
+                return self._compiled_ticket(hid)
             raise RemoteProtocolError(f"the peer answered handoff {hid}, which is not pending")
         return ticket
+
+    def register_compiled(self, n: int) -> None:
+        """``n`` handoffs were put in :attr:`raw` by the compiled dispatcher path
+        (sockshare._speedups.dispatch_burst) and their frame queued: count them sent."""
+        self.check_usable()
+        self.counters["sent"] += n
+
+    def take_raw_accepted(self) -> int:
+        """How many compiled handoffs the peer accepted since the last call."""
+        n, self.raw_accepted = self.raw_accepted, 0
+        return n
+
+    def _compiled_ticket(self, hid: int) -> Ticket:
+        """A compiled handoff comes back (REJECT, or the channel ended): from now on an
+        ordinary Ticket, with a socket object of its descriptor."""
+        fd, meta, _sent = self.raw.pop(hid)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            close_fds([fd])
+            sock = None
+        return Ticket(hid, sock, meta, b"", "pending", "", None, True)
 
     def _on_handoff(self, frame: Frame, answer: Any) -> None:
         fds = list(frame.fds)
@@ -933,6 +976,9 @@ class ChannelState:
             self.incoming.extend(keep)
             self.outstanding.clear()
         tickets, self.tickets = self.tickets, {}  # (a sender thread may be adding one)
+        if self.raw:
+            for hid in list(self.raw):
+                tickets[hid] = self._compiled_ticket(hid)
         for ticket in tickets.values():
             ticket.state = "returned"
             ticket.reason = f"the channel broke before the receiver answered: {exc}"
@@ -963,6 +1009,8 @@ class ChannelState:
     def abandon_pending(self) -> None:
         """This side is closing and the live peer did not answer: close our copies."""
         tickets, self.tickets = self.tickets, {}
+        raw, self.raw = self.raw, {}
+        close_fds([fd for fd, _meta, _sent in raw.values()])
         for ticket in tickets.values():
             ticket.state = "abandoned"
             ticket.reason = "the receiver did not answer before this side closed the channel"
@@ -979,7 +1027,7 @@ class ChannelState:
     @property
     def awaiting_answers(self) -> bool:
         """True while handoffs of this side wait for the peer's answer."""
-        return bool(self.tickets)
+        return bool(self.tickets) or bool(self.raw)
 
     def finish_close(self) -> None:
         """The end: tickets still pending are abandoned (our copies closed: never two

@@ -488,11 +488,11 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         self.listeners.close_all()
         self.listeners.sniffing.cancel()
-        inflight = sum(len(s.pending) + s.reserved for s in self.slots)
+        inflight = sum(len(s.pending) + len(s.raw) + s.reserved for s in self.slots)
         log.info("listeners closed; %d handoff(s) in flight, %d queued", inflight,
                  self.admission.queued())
         deadline = loop.time() + (0.0 if self._quick else 2.0)
-        while loop.time() < deadline and (any(s.pending or s.reserved for s in self.slots)
+        while loop.time() < deadline and (any(s.pending or s.raw or s.reserved for s in self.slots)
                                           or self.handover.upstream_pending):
             await asyncio.sleep(0.01)
         self.admission.refuse_queued("shutdown", "the server is stopping")

@@ -337,7 +337,7 @@ class Supervisor:
         """Apply the answers that arrived: accepts, rejects, returned tickets. (The
         connections the worker migrates out are taken after its controls, by
         :meth:`_take_migrations`.)"""
-        accepted = 0
+        accepted = ch.take_raw_accepted()   # (the compiled path's: no tickets)
         for t in ch.accepted():
             entry = slot.pending.pop(t.id, None)
             if entry is None:
@@ -352,6 +352,8 @@ class Supervisor:
         back = ch.returned()
         for t in back:
             entry = slot.pending.pop(t.id, None)
+            if entry is None and t.compiled and t.socket is not None:
+                entry = (t, self.d.listeners.waiting_of(t))   # sent by the compiled path
             if entry is None:
                 if t.socket is not None:
                     t.socket.close()
@@ -799,16 +801,18 @@ class Supervisor:
         new one. Connections it had accepted die with it, as with any crash."""
         for slot in self.slots:
             proc = slot.proc
-            if not slot.pending or proc is None or proc.returncode is not None or slot.hung:
+            if (not slot.pending and not slot.raw) or proc is None or proc.returncode is not None \
+                    or slot.hung:
                 continue
-            oldest = min(w.sent for _t, w in slot.pending.values())
+            oldest = min([w.sent for _t, w in slot.pending.values()]
+                         + [sent for _fd, _meta, sent in slot.raw.values()])
             if now - oldest <= self.cfg.timeout:
                 continue
             slot.hung = True
             self.counters["hung_kills"] += 1
             log.error("worker %d (pid %d) left %d handoff(s) unanswered for %.1f s (--timeout "
                       "%g): killing it; they go to other workers", slot.id, proc.pid,
-                      len(slot.pending), now - oldest, self.cfg.timeout)
+                      len(slot.pending) + len(slot.raw), now - oldest, self.cfg.timeout)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
         for (source, _hid), (slot, since) in list(self.d.migration.moving.items()):
