@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
+from sockshare import _fast
 from sockshare._channel import (
     HANDSHAKE_TIMEOUT,
     OUT_LIMIT,
@@ -490,6 +491,24 @@ class AsyncChannel:
         """Queue a HANDOFF frame of ``n`` handoffs that the compiled path encoded and put
         in :attr:`raw_pending` (the channel answers them like any other)."""
         self._state.register_compiled(n)
+        sp = _fast.speedups
+        if not self._wq and sp is not None:
+            # nothing queued before it: one sendmsg now, the queue only for what is left
+            try:
+                sent = sp.send_fds(self._sock.fileno(), frame, fds)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._break(exc)
+                return
+            self._last_write = self._loop.time()
+            if sent == len(frame):
+                return
+            if sent:
+                self._wq.append((memoryview(frame)[sent:], [], []))
+                self._wq_bytes += len(frame) - sent
+                self._flush()
+                return
         self._write_frame(frame, fds)
 
     def take_raw_accepted(self) -> int:

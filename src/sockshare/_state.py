@@ -87,6 +87,7 @@ from sockshare.protocol import (
     encode_reject,
     error_to_exception,
 )
+from sockshare.protocol._frames import _TYPE_BY_VALUE
 from sockshare.protocol._messages import _UNPACKED
 
 __all__ = ["ChannelState", "Handoff", "PeerInfo", "Policy", "Ticket"]
@@ -790,6 +791,24 @@ class ChannelState:
                         and length <= decoder.max_payload and decoder.allow_fds):
                     self._on_handoff(Frame(FrameType.HANDOFF, data[12:], flags, tuple(fds)), answer)
                     return
+        if not fds and len(data) >= 12 and decoder.idle:
+            # Answers and controls (no descriptors), whole frames back to back, nothing
+            # buffered: each is taken from ``data`` in place. The first frame that is not
+            # plain (bad header, a partial frame, descriptors announced) and everything
+            # after it go to the decoder, which buffers it or says what is wrong.
+            pos, size, limit = 0, len(data), decoder.max_payload
+            while size - pos >= 12:
+                magic, version, ftype, flags, nfds, reserved, length = HEADER.unpack_from(data, pos)
+                end = pos + 12 + length
+                kind = _TYPE_BY_VALUE.get(ftype)
+                if (end > size or kind is None or magic != MAGIC or version != VERSION
+                        or reserved or nfds or length > limit):
+                    break
+                self._on_frame(Frame(kind, data[pos + 12:end], flags, ()), answer)
+                pos = end
+            if pos == size:
+                return
+            data = data[pos:]
         if not data and not fds:
             self.decoder.end_of_stream()
             raise ConnectionResetError("the peer closed the channel")

@@ -37,6 +37,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from sockshare import _fast
+from sockshare._aio import AsyncChannel
 from sockshare._channel import _remove_stale_socket
 from sockshare._errors import BackendUnavailable, SockshareError
 from sockshare._state import Ticket
@@ -388,7 +389,7 @@ class Listeners:
         peer_max = MAX_PAYLOAD
         for slot in pool.workers:
             ch = slot.channel
-            if slot.state is not _READY or ch is None or not ch.usable:
+            if slot.state is not _READY or type(ch) is not AsyncChannel or not ch.usable:
                 continue
             n = slot.connections
             if n >= slot.limit:

@@ -247,10 +247,13 @@ class Supervisor:
         self._settle(slot, ch)
         await self._detach(slot, ch)
 
-    def _apply_control(self, slot: WorkerSlot, ch: AsyncChannel, obj: dict[str, Any]) -> None:
+    def _apply_control(self, slot: WorkerSlot, ch: AsyncChannel, obj: dict[str, Any], *,
+                       settled: bool = False) -> None:
         """A worker's report (``_messages``): to its handler in :attr:`reports`, after the
-        ACCEPTs that preceded it; unknown or malformed ones are logged and ignored."""
-        self._settle(slot, ch)   # count ACCEPTs that preceded this message first
+        ACCEPTs that preceded it (``settled``: the caller applied them since the last
+        read); unknown or malformed ones are logged and ignored."""
+        if not settled:
+            self._settle(slot, ch)   # count ACCEPTs that preceded this message first
         try:
             msg = decode(obj)
         except UnknownMessage:
@@ -327,8 +330,8 @@ class Supervisor:
     def _settle_safely(self, slot: WorkerSlot, ch: AsyncChannel) -> None:
         try:
             self._settle(slot, ch)
-            for msg in ch.received_controls():
-                self._apply_control(slot, ch, msg)
+            for msg in ch.received_controls():   # (no read in between: settled above)
+                self._apply_control(slot, ch, msg, settled=True)
             self._take_migrations(slot, ch)
         except Exception:   # in the channel's read callback: never let it escape
             log.exception("worker %d: settling its channel failed", slot.id)
