@@ -164,6 +164,8 @@ class Listeners:
         #: connections being sniffed (one task each)
         self.sniffing = Tasks()
         self.sniff: Callable[..., Awaitable[Any]] | None = None
+        #: the sniffer's no-wait attempt (a whole head already queued), or None
+        self.sniff_now: Callable[..., Any] | None = None
         self._sniff_rules: dict[str, Any] = {}
         #: per listener with a PROXY setting: the rules for a source not in its
         #: proxy_allow_from (no PROXY parsing), and the networks allowed (None: any)
@@ -264,9 +266,10 @@ class Listeners:
         return pick
 
     def _load_sniffer(self) -> None:
-        from sockshare.server._sniff import SniffRules, sniff
+        from sockshare.server._sniff import SniffRules, sniff, sniff_now
 
         self.sniff = sniff
+        self.sniff_now = sniff_now
         for lc in self.cfg.listeners:
             if lc.sniffs:
                 # routing stays here (cfg.route: globs, listener, proxy presence); the
@@ -585,6 +588,16 @@ class Listeners:
                     self._route(ls, sock, meta, b"")
                     return
             sock.setblocking(False)
+            if self.sniff_now is not None:
+                # the common case, without a task: the head is already queued
+                try:
+                    result = self.sniff_now(sock, rules)
+                except Exception as exc:   # (the connection failed mid-way)
+                    self._sniff_failed(ls, sock, meta, exc)
+                    return
+                if result is not None:
+                    self._sniff_done(ls, sock, meta, result)
+                    return
             self.sniffing.spawn(self._sniff_then_route(ls, sock, meta, rules), self._sniffed)
             return
         self._route(ls, sock, meta, b"")
@@ -605,13 +618,21 @@ class Listeners:
             close_reset(sock)
             raise
         except Exception as exc:
-            # (one log line: the refusal's, rate-limited with the others)
-            self.counters["sniff_failures"] += 1
-            info = ConnInfo(meta["client"], ls.cfg.name, "", meta["handoff_id"], meta)
-            status = getattr(exc, "http_status", None)
-            self.admission.refuse(Waiting(sock, info, meta, b"", time.monotonic()),
-                                  "sniff_failed", str(exc), count=True, http_status=status)
+            self._sniff_failed(ls, sock, meta, exc)
             return
+        self._sniff_done(ls, sock, meta, result)
+
+    def _sniff_failed(self, ls: ListenerState, sock: socket.socket, meta: dict[str, Any],
+                      exc: Exception) -> None:
+        # (one log line: the refusal's, rate-limited with the others)
+        self.counters["sniff_failures"] += 1
+        info = ConnInfo(meta["client"], ls.cfg.name, "", meta["handoff_id"], meta)
+        status = getattr(exc, "http_status", None)
+        self.admission.refuse(Waiting(sock, info, meta, b"", time.monotonic()),
+                              "sniff_failed", str(exc), count=True, http_status=status)
+
+    def _sniff_done(self, ls: ListenerState, sock: socket.socket, meta: dict[str, Any],
+                    result: Any) -> None:
         sniffed = dict(getattr(result, "meta", {}) or {})
         for key in ("handoff_id", "listener", "client"):
             sniffed.pop(key, None)
