@@ -1028,8 +1028,9 @@ class ChannelState:
     def abandon_pending(self) -> None:
         """This side is closing and the live peer did not answer: close our copies."""
         tickets, self.tickets = self.tickets, {}
-        raw, self.raw = self.raw, {}
-        close_fds([fd for fd, _meta, _sent in raw.values()])
+        if self.raw:   # (emptied in place: the dispatcher's slot counts this dict)
+            close_fds([fd for fd, _meta, _sent in self.raw.values()])
+            self.raw.clear()
         for ticket in tickets.values():
             ticket.state = "abandoned"
             ticket.reason = "the receiver did not answer before this side closed the channel"
