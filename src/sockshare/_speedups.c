@@ -21,6 +21,17 @@
  *       the ids of an ACCEPT payload (count, then u64 ids), strictly sized.
  *   close_fds(fds) -> None
  *       close every descriptor of a list, ignoring errors.
+ *   dispatch_burst(lfd, budget, fd_high, seq, hid, last, prefix, mid, end, kind, flags,
+ *                  now, workers) -> (frames, accepted, status, last_fd, last, seq, hid)
+ *       the dispatcher's whole burst (sockshare.server._listeners): accept as
+ *       accept_many does, write each connection's metadata (prefix, the "<pid>.<seq>"
+ *       number, mid, host, port, end: the JSON of the Python path), choose its worker
+ *       as LeastConnections does from workers [(id, load, room, raw dict)], register
+ *       it in that worker's dict (hid -> (fd, meta, now)) and pack one HANDOFF frame per
+ *       worker: frames are [(worker index, frame, fds, count)].
+ *   settle_accepts(payload, raw) -> (closed, other ids)
+ *       an ACCEPT payload: the ids found in `raw` are removed and their descriptors
+ *       closed; the others come back for the ordinary tickets.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
