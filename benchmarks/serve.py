@@ -3,7 +3,10 @@
 Run:  python benchmarks/serve.py [--conns 20000] [--runs 7] [--concurrency 32]
                                  [--plot docs/serve-benchmark.png]
       (also: --policy P for the sockshare pool, --node-server http, --src DIR to
-      benchmark another sockshare source tree, e.g. an exported commit, --only ...,
+      benchmark another sockshare source tree, e.g. an exported commit, --only ...;
+      --sniff: the sockshare listeners sniff the HTTP Host; --base-src DIR adds
+      configuration "base", another tree in the same rounds (before/after); --only pure
+      adds this tree with SOCKSHARE_PURE_PYTHON=1, its pure-Python hot paths;
       --dispatchers N [N ...]: one configuration more per N, ``sockshare-Nd``, the same
       server with ``--dispatchers N``: the lead and N-1 feeders, each one's CPU per
       connection shown; the JSON and PNG are then serve-dispatchers.json and
@@ -71,9 +74,11 @@ from sockshare.server._control import ControlError, request  # noqa: E402
 
 WORKERS = 2
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-CONFIGS = ("sockshare", "shared", "reuseport", "node")
+CONFIGS = ("sockshare", "pure", "base", "shared", "reuseport", "node")
 LABELS = {
     "sockshare": "sockshare\nserve",
+    "pure": "sockshare serve\n(pure Python)",
+    "base": "sockshare serve\n(--base-src)",
     "sockshare-2d": "sockshare\n2 disp.",
     "sockshare-3d": "sockshare\n3 disp.",
     "shared": "pre-fork\nshared accept",
@@ -158,22 +163,31 @@ class Options:
     src: Path = ROOT / "src"
     policy: str = "least-conn"
     node_server: str = "net"
+    #: --sniff: the sockshare listeners read the HTTP Host before routing
+    sniff: bool = False
+    #: --base-src: another tree run as the "base" configuration, same options
+    base_src: Path | None = None
 
 
-def start_sockshare(tmp: Path, opts: Options, dispatchers: int = 1) -> Running:
-    name = "sockshare" if dispatchers == 1 else f"sockshare-{dispatchers}d"
-    tmp = tmp / name
-    tmp.mkdir(parents=True, exist_ok=True)
-    control = tmp / "ctl" / "serve.ctl"
+def start_sockshare(tmp: Path, opts: Options, *, name: str = "sockshare",
+                    src: Path | None = None, extra_env: dict[str, str] | None = None,
+                    dispatchers: int = 1) -> Running:
+    if dispatchers > 1:
+        name = f"{name}-{dispatchers}d"
+    control = tmp / f"ctl-{name}" / "serve.ctl"
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), str(opts.src),
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), str(src or opts.src),
                                                     env.get("PYTHONPATH", "")) if p)
     env.pop("SOCKSHARE_CHANNEL", None)
-    log = open(tmp / "serve.log", "wb")   # noqa: SIM115 - lives as long as the server
+    env.pop("SOCKSHARE_PURE_PYTHON", None)
+    env.update(extra_env or {})
+    logpath = tmp / f"serve-{name}.log"
+    log = open(logpath, "wb")   # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
         [sys.executable, "-m", "sockshare.server._cli", "serve", "serve_app:handle",
          "--bind", "127.0.0.1:0", "--workers", str(WORKERS), "--control", str(control),
          "--policy", opts.policy, "--log-level", "warning", "--grace", "2",
+         *(["--sniff"] if opts.sniff else []),
          *(["--dispatchers", str(dispatchers)] if dispatchers > 1 else [])],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
     log.close()
@@ -182,7 +196,7 @@ def start_sockshare(tmp: Path, opts: Options, dispatchers: int = 1) -> Running:
         deadline = time.monotonic() + 30
         while True:
             if proc.poll() is not None:
-                raise RuntimeError("sockshare serve exited: " + (tmp / "serve.log").read_text())
+                raise RuntimeError("sockshare serve exited: " + logpath.read_text())
             with contextlib.suppress(OSError, ValueError, KeyError, ControlError):
                 st = request(str(control), {"cmd": "status"}, timeout=2.0)["status"]
                 ready = [w["pid"] for w in st["workers"] if w["state"] == "ready" and w["pid"]]
@@ -191,8 +205,8 @@ def start_sockshare(tmp: Path, opts: Options, dispatchers: int = 1) -> Running:
                 if len(ready) == WORKERS and len(feeders) == dispatchers - 1:
                     run.feeders = feeders
                     run.workers = ready
-                    # under the stable master (issue 15) the dispatcher is its child: the
-                    # CPU per connection is the dispatcher's (older trees report none)
+                    # the process that accepts and hands over: under a master (``serve``
+                    # as started), the dispatcher is its child, not proc
                     run.dispatcher = int(st.get("dispatcher") or proc.pid)
                     run.port = int(st["listeners"][0]["address"].rsplit(":", 1)[1])
                     return run
@@ -262,8 +276,20 @@ def start_node(_tmp: Path, opts: Options) -> Running:
     return run
 
 
+def start_pure(tmp: Path, opts: Options) -> Running:
+    """The same tree on its pure-Python hot paths (SOCKSHARE_PURE_PYTHON=1)."""
+    return start_sockshare(tmp, opts, name="pure", extra_env={"SOCKSHARE_PURE_PYTHON": "1"})
+
+
+def start_base(tmp: Path, opts: Options) -> Running:
+    if opts.base_src is None:
+        raise RuntimeError("the base configuration needs --base-src")
+    return start_sockshare(tmp, opts, name="base", src=opts.base_src)
+
+
 STARTERS: dict[str, Callable[[Path, Options], Running]] = {
-    "sockshare": start_sockshare, "shared": start_shared, "reuseport": start_reuseport,
+    "sockshare": start_sockshare, "pure": start_pure, "base": start_base,
+    "shared": start_shared, "reuseport": start_reuseport,
     "node": start_node,
 }
 
@@ -419,7 +445,8 @@ def plot(summary: dict[str, dict[str, Any]], samples: dict[str, list[Sample]],
     import matplotlib.pyplot as plt
 
     names = list(summary)
-    colors = {"sockshare": "#2b6cb0", "shared": "#9f7aea", "reuseport": "#718096",
+    colors = {"sockshare": "#2b6cb0", "pure": "#4299e1", "base": "#63b3ed", "shared": "#9f7aea",
+              "reuseport": "#718096",
               "node": "#dd6b20"}
     colors.update({n: "#3182ce" for n in names if n not in colors})
     x = range(len(names))
@@ -529,23 +556,31 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2000, help="connections before the first run")
     ap.add_argument("--plot", default=str(ROOT / "docs" / "serve-benchmark.png"),
                     help="PNG to write (default docs/serve-benchmark.png)")
-    ap.add_argument("--only", nargs="+", choices=CONFIGS, default=list(CONFIGS),
+    ap.add_argument("--only", nargs="+", choices=CONFIGS,
+                    default=[c for c in CONFIGS if c not in ("base", "pure")],
                     help="a subset of configurations (reuseport is always included)")
     ap.add_argument("--policy", default="least-conn", help="the sockshare pool's policy")
     ap.add_argument("--node-server", choices=("net", "http"), default="net",
                     help="the Node workers' server: net (same work as the Python one) or http")
     ap.add_argument("--src", default=str(ROOT / "src"),
                     help="the sockshare source tree to run (default: this checkout's src)")
+    ap.add_argument("--base-src", default=None,
+                    help="another sockshare source tree (e.g. a worktree of an older commit), "
+                         "run as configuration 'base' in the same rounds")
+    ap.add_argument("--sniff", action="store_true",
+                    help="the sockshare configurations sniff (HTTP Host) before routing")
     ap.add_argument("--dispatchers", type=int, nargs="+", default=[1], metavar="N",
                     help="also run sockshare with --dispatchers N (configuration sockshare-Nd)")
     ap.add_argument("--src-label", default=None,
                     help="what --src is, for the JSON and the plot (default: git HEAD of --src)")
     args = ap.parse_args()
-    opts = Options(Path(args.src).resolve(), args.policy, args.node_server)
+    opts = Options(Path(args.src).resolve(), args.policy, args.node_server, args.sniff,
+                   Path(args.base_src).resolve() if args.base_src else None)
     args.code = args.src_label or _git_describe(opts.src) or str(opts.src)
     if not 1 <= args.conns <= 1_000_000 or not 1 <= args.concurrency <= 1024 or args.runs < 1:
         ap.error("--conns 1..1000000, --concurrency 1..1024, --runs >= 1")
-    names = [n for n in CONFIGS if n in args.only or n == "reuseport"]
+    names = [n for n in CONFIGS if n in args.only or n == "reuseport"
+             or (n == "base" and opts.base_src is not None)]
     if not all(1 <= n <= 16 for n in args.dispatchers):
         ap.error("--dispatchers 1..16")
     starters = dict(STARTERS)
@@ -573,8 +608,10 @@ def main() -> int:
                 time.sleep(0.3)   # let the previous configuration's last closes settle
                 s = sample(running[n], load(loadgen, running[n], args.conns, args.concurrency))
                 samples[n].append(s)
+                disp = f"{s.dispatcher_us:5.1f}" if s.dispatcher_us is not None else "    -"
                 print(f"run {i + 1}/{args.runs} {n:<10} {s.cps:>8,.0f} conn/s  balance "
-                      f"{s.balance:.3f}  errors {s.errors}", file=sys.stderr)
+                      f"{s.balance:.3f}  errors {s.errors}  dispatcher {disp} us/conn  "
+                      f"workers {s.workers_us:5.1f} us/conn", file=sys.stderr)
     finally:
         for r in running.values():
             r.close()
@@ -585,7 +622,9 @@ def main() -> int:
         "conns": args.conns, "runs": args.runs, "concurrency": args.concurrency,
         "workers": WORKERS, "cores": os.cpu_count(), "python": platform.python_version(),
         "node": _node_version(), "src": str(opts.src), "code": args.code,
-        "policy": opts.policy, "node_server": opts.node_server, "dispatchers": args.dispatchers,
+        "policy": opts.policy, "node_server": opts.node_server, "sniff": opts.sniff,
+        "base_src": str(opts.base_src) if opts.base_src else None,
+        "dispatchers": args.dispatchers,
         "kernel": platform.release(), "loadavg_end": os.getloadavg(),
         "targets": {"vs_reuseport": TARGET_VS_REUSEPORT, "vs_node": TARGET_VS_NODE,
                     "balance": TARGET_BALANCE},

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from sockshare import _fast
+
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.packaging
@@ -55,10 +57,10 @@ def _copy_project(dest: Path) -> Path:
     """What an sdist is made from, copied so that the build leaves nothing in the checkout."""
     project = dest / "project"
     project.mkdir()
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, project / name)
     shutil.copytree(ROOT / "src", project / "src",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc"))
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc", "*.so"))
     return project
 
 
@@ -80,21 +82,30 @@ def test_sdist_and_wheel_install_and_run_in_a_fresh_venv(tmp_path: Path) -> None
     _no_deprecations("python -m build", out)
     version = _source_version()
     sdists = list(dist.glob("sockshare-*.tar.gz"))
-    wheels = list(dist.glob("sockshare-*-py3-none-any.whl"))
+    wheels = list(dist.glob("sockshare-*.whl"))
     assert [p.name for p in sdists] == [f"sockshare-{version}.tar.gz"]
-    assert [p.name for p in wheels] == [f"sockshare-{version}-py3-none-any.whl"]
+    # with the C module (sockshare._speedups: Linux, CPython, a compiler) the wheel is
+    # this platform's; without it, pure Python
+    compiled = _fast.expected() and shutil.which("cc") is not None
+    tag = re.escape(f"sockshare-{version}-") + (r"cp3\d+-cp3\d+-linux_\w+\.whl" if compiled
+                                                 else r"py3-none-any\.whl")
+    assert len(wheels) == 1, [p.name for p in wheels]
+    assert re.fullmatch(tag, wheels[0].name), wheels[0].name
 
     with tarfile.open(sdists[0]) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    assert {"LICENSE", "README.md", "pyproject.toml", "src/sockshare/_version.py",
-            "src/sockshare/py.typed"} <= names
+    assert {"LICENSE", "README.md", "pyproject.toml", "setup.py", "src/sockshare/_version.py",
+            "src/sockshare/py.typed", "src/sockshare/_speedups.c",
+            "src/sockshare/_speedups.pyi"} <= names
 
     with zipfile.ZipFile(wheels[0]) as whl:
         wnames = set(whl.namelist())
         meta = email.parser.Parser().parsestr(
             whl.read(f"sockshare-{version}.dist-info/METADATA").decode())
     assert f"sockshare-{version}.dist-info/licenses/LICENSE" in wnames
-    assert {"sockshare/__main__.py", "sockshare/py.typed", "sockshare/server/demo_page.html"} <= wnames
+    assert {"sockshare/__main__.py", "sockshare/py.typed", "sockshare/server/demo_page.html",
+            "sockshare/_speedups.pyi"} <= wnames
+    assert any(n.startswith("sockshare/_speedups.") and n.endswith(".so") for n in wnames) == compiled
     assert meta["Version"] == version
     assert meta["License-Expression"] == "MIT"
     assert meta["License"] is None   # the deprecated free-text field
@@ -138,6 +149,8 @@ def test_sdist_and_wheel_install_and_run_in_a_fresh_venv(tmp_path: Path) -> None
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert doctor.stdout.startswith(f"sockshare {version} on ")
     assert "ok  tokens" in doctor.stdout
+    if compiled:   # the wheel's own C module, not a fallback
+        assert "ok  speedups                 hot paths: compiled" in doctor.stdout, doctor.stdout
 
     for argv in ([str(script), "--version"], [str(python), "-m", "sockshare", "--version"]):
         shown = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=elsewhere,
@@ -163,3 +176,7 @@ def test_editable_install_has_no_deprecation_warnings(tmp_path: Path) -> None:
     shown = subprocess.run([str(python), "-m", "sockshare", "--version"], capture_output=True,
                            text=True, timeout=60, cwd=tmp_path, env=_clean_env(), check=True)
     assert shown.stdout.strip() == f"sockshare {_source_version()}"
+    if _fast.expected() and shutil.which("cc") is not None:   # the C module, built for -e too
+        doctor = subprocess.run([str(python), "-m", "sockshare", "doctor"], capture_output=True,
+                                text=True, timeout=60, cwd=tmp_path, env=_clean_env(), check=False)
+        assert "hot paths: compiled" in doctor.stdout, doctor.stdout + doctor.stderr

@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
+from sockshare import _fast
 from sockshare._channel import (
     HANDSHAKE_TIMEOUT,
     OUT_LIMIT,
@@ -54,7 +55,7 @@ from sockshare._errors import (
     SockshareError,
 )
 from sockshare._state import ChannelState, Handoff, PeerInfo, Policy, Ticket
-from sockshare.backends._scm import recv_with_fds_cut, send_with_fds
+from sockshare.backends._scm import recv_with_fds_cut, send_nowait_with_fds
 from sockshare.protocol import MAX_PAYLOAD
 
 __all__ = ["AsyncChannel", "AsyncChannelListener"]
@@ -443,7 +444,7 @@ class AsyncChannel:
                         total += len(part)
                     wq.appendleft((memoryview(b"".join(parts)), [], merged))
                     continue
-                sent = send_with_fds(self._sock, bytes(buf), fds) if fds else self._sock.send(buf)
+                sent = send_nowait_with_fds(self._sock, buf, fds) if fds else self._sock.send(buf)
                 self._wq_bytes -= sent
                 if sent:
                     self._last_write = self._loop.time()
@@ -479,6 +480,40 @@ class AsyncChannel:
         elif not want and self._writing:
             self._loop.remove_writer(self._sock.fileno())
             self._writing = False
+
+    @property
+    def raw_pending(self) -> dict[int, tuple[int, bytes, float]]:
+        """The compiled dispatcher path's handoffs in flight on this channel (see
+        :attr:`ChannelState.raw`); sockshare._speedups.dispatch_burst fills it."""
+        return self._state.raw
+
+    def send_compiled(self, frame: bytes, fds: list[int], n: int) -> None:
+        """Queue a HANDOFF frame of ``n`` handoffs that the compiled path encoded and put
+        in :attr:`raw_pending` (the channel answers them like any other)."""
+        self._state.register_compiled(n)
+        sp = _fast.speedups
+        if not self._wq and sp is not None:
+            # nothing queued before it: one sendmsg now, the queue only for what is left
+            try:
+                sent = sp.send_fds(self._sock.fileno(), frame, fds)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._break(exc)
+                return
+            self._last_write = self._loop.time()
+            if sent == len(frame):
+                return
+            if sent:
+                self._wq.append((memoryview(frame)[sent:], [], []))
+                self._wq_bytes += len(frame) - sent
+                self._flush()
+                return
+        self._write_frame(frame, fds)
+
+    def take_raw_accepted(self) -> int:
+        """How many compiled handoffs the peer accepted since the last call."""
+        return self._state.take_raw_accepted()
 
     def send_nowait(self, items: Iterable[tuple[socket.socket, Any, bytes]], *,
                     ack: bool = True) -> list[Ticket]:

@@ -45,6 +45,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any, NoReturn
 
+from sockshare import _fast
 from sockshare._errors import (
     ChannelBroken,
     ChannelClosed,
@@ -53,6 +54,7 @@ from sockshare._errors import (
     ChannelPermission,
     ChannelTimeout,
     PeerRefused,
+    RemoteProtocolError,
     SockshareError,
 )
 from sockshare._state import (
@@ -70,6 +72,7 @@ from sockshare.backends._scm import (
     CMSG_SPACE_MAX,
     MSG_DONTWAIT,
     RECV_FLAGS,
+    close_fds,
     fds_from_ancillary_cut,
     peer_credentials,
     recv_with_fds,
@@ -104,6 +107,8 @@ _FAST_CLOEXEC = bool(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _BLOCKING_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 # recvmsg reports MSG_CMSG_CLOEXEC back in its flags: only truncation matters
 _TRUNCATED = int(getattr(socket, "MSG_CTRUNC", 0)) | int(getattr(socket, "MSG_TRUNC", 0))
+_CTRUNC_FLAG = int(getattr(socket, "MSG_CTRUNC", 0))
+_TRUNC_DATA = int(getattr(socket, "MSG_TRUNC", 0))
 
 
 def read_leftovers(sock: socket.socket, state: ChannelState, answer: Any) -> None:
@@ -565,8 +570,12 @@ class Channel:
             failed: OSError | None = None
             try:
                 if not self._out:  # (never into the middle of a queued frame)
-                    sent = self._sock.sendmsg([frame], [(_SOL_SOCKET, _SCM_RIGHTS, _FD.pack(fd))],
-                                              MSG_DONTWAIT)
+                    sp = _fast.speedups
+                    if sp is not None:
+                        sent = sp.send_fds(self._sock.fileno(), frame, (fd,))
+                    else:
+                        sent = self._sock.sendmsg([frame], [(_SOL_SOCKET, _SCM_RIGHTS, _FD.pack(fd))],
+                                                  MSG_DONTWAIT)
                     if 0 < sent < len(frame):  # never leave a handoff half-written
                         self._finish_locked(memoryview(frame)[sent:])
             except (BlockingIOError, InterruptedError):
@@ -776,6 +785,41 @@ class Channel:
                 return writable
         return self._read_once(deadline)
 
+    def _read_once_compiled(self, sp: _fast.Speedups, deadline: float | None) -> bool:
+        """:meth:`_read_once` with the recvmsg of sockshare._speedups (descriptors come as
+        a list of ints: no ancillary tuples to unpack)."""
+        cut = False
+        try:
+            try:  # (as in _read_once: try first with a deadline, else a blocking read)
+                data, fds, flags = sp.recv_fds(
+                    self._sock.fileno(), RECV_BUF, MSG_DONTWAIT if deadline is not None else 0)
+            except BlockingIOError:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                return wait_ready(self._sock, write=False, timeout=remaining)[0]
+            if flags & _TRUNCATED:
+                if flags & _TRUNC_DATA and self._sock.type != socket.SOCK_STREAM:
+                    close_fds(fds)
+                    raise RemoteProtocolError("a message was larger than the receive buffer")
+                cut = bool(flags & _CTRUNC_FLAG)
+            elif len(fds) == 1 and len(data) >= SINGLE_MIN:
+                # hot path: one descriptor with (usually) one whole single-socket frame
+                try:
+                    if self._state.receive_single(data, fds[0], self._answer):
+                        return True
+                except (OSError, SockshareError, ValueError) as exc:
+                    self._break(exc)
+                    return True
+        except InterruptedError:
+            return True
+        except (OSError, SockshareError) as exc:
+            self._break(exc)
+            return True
+        try:
+            self._state.receive_data(data, fds, self._answer, cut)
+        except (OSError, SockshareError, ValueError) as exc:
+            self._break(exc)
+        return True
+
     def _read_once(self, deadline: float | None) -> bool:
         """Read once (until ``deadline``) and process. False on timeout."""
         cut = False
@@ -785,6 +829,8 @@ class Channel:
                 if not wait_ready(self._sock, write=False, timeout=remaining)[0]:
                     return False
                 data, fds = self._sock.recv(RECV_BUF), list[int]()
+            elif _fast.speedups is not None:
+                return self._read_once_compiled(_fast.speedups, deadline)
             else:
                 try:  # with a deadline, try first and poll only if nothing is there yet;
                     # without one, a plain blocking read (one syscall, the kernel waits)

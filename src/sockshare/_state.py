@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from sockshare import _fast
 from sockshare._errors import (
     ChannelBroken,
     ChannelClosed,
@@ -86,6 +87,7 @@ from sockshare.protocol import (
     encode_reject,
     error_to_exception,
 )
+from sockshare.protocol._frames import _TYPE_BY_VALUE
 from sockshare.protocol._messages import _UNPACKED
 
 __all__ = ["ChannelState", "Handoff", "PeerInfo", "Policy", "Ticket"]
@@ -157,6 +159,9 @@ class Ticket:
     reason: str = ""
     #: the channel that sent it: a blocking Channel, or an AsyncChannel
     _channel: Any = field(default=None, repr=False)
+    #: sent by the compiled dispatcher path (:meth:`ChannelState.register_compiled`):
+    #: ``meta`` is the encoded JSON; made into a Ticket only when it comes back
+    compiled: bool = False
 
     @property
     def done(self) -> bool:
@@ -320,6 +325,13 @@ class ChannelState:
         self.counters = {"sent": 0, "accepted": 0, "rejected": 0, "returned": 0}
         self.received = 0  # an attribute, not in the dict: the hot path counts it
         self.pending_accepts: list[int] = []
+        #: acknowledged handoffs sent by the compiled dispatcher path and not answered:
+        #: id -> (descriptor, meta JSON, time.monotonic() when sent). No Ticket and no
+        #: socket object for them: an ACCEPT closes the descriptor (in C), a REJECT or the
+        #: end of the channel makes a Ticket of it (:meth:`_compiled_ticket`)
+        self.raw: dict[int, tuple[int, bytes, float]] = {}
+        #: how many of those the peer accepted since the adapter last asked
+        self.raw_accepted = 0
         #: acked handoffs received and not answered yet (queued or with the application)
         self.outstanding: dict[int, Handoff] = {}
         #: tickets accepted by the peer, when a supervisor asked to track them
@@ -671,6 +683,9 @@ class ChannelState:
         flags = FLAG_ACK if ack else 0
         peer_max = self.peer.max_payload if self.peer else MAX_PAYLOAD
         state: TicketState = "pending" if ack else "sent"
+        sp = _fast.speedups
+        if sp is not None:
+            return self._fd_frames_compiled(items, sp, flags, state, peer_max)
         parts: list[bytes] = [b""]
         fds: list[int] = []
         tickets: list[Ticket] = []
@@ -698,6 +713,41 @@ class ChannelState:
             size += esize
         if tickets:
             out.append(self._close_frame(parts, fds, tickets, flags, size))
+        return out
+
+    @staticmethod
+    def _fd_frames_compiled(
+        items: list[tuple[socket.socket, Any, bytes]], sp: _fast.Speedups, flags: int,
+        state: TicketState, peer_max: int,
+    ) -> list[tuple[bytes, list[int], list[Ticket]]]:
+        """:meth:`_fd_frames` with each frame packed by sockshare._speedups (the same
+        bytes: the test vectors run both)."""
+        out: list[tuple[bytes, list[int], list[Ticket]]] = []
+        entries: list[tuple[int, bytes, bytes, bytes]] = []
+        fds: list[int] = []
+        tickets: list[Ticket] = []
+        size = 2
+        code_of, frame = SocketKind.code_of, sp.handoff_frame
+        for sock, meta, pre in items:
+            raw = meta if type(meta) is bytes and len(meta) <= MAX_META else _encode_meta(meta)
+            data = pre if type(pre) is bytes else bytes(pre)
+            ldata = len(data)
+            if ldata > MAX_DATA:
+                raise MessageTooLarge(f"pre-read data of {ldata} bytes; the limit is {MAX_DATA}")
+            esize = 20 + len(raw) + ldata
+            if esize + 2 > peer_max:
+                raise MessageTooLarge(
+                    f"a handoff of {esize + 2} bytes is over the peer's limit of {peer_max}")
+            if tickets and (len(tickets) >= BATCH or size + esize > peer_max):
+                out.append((frame(flags, entries), fds, tickets))
+                entries, fds, tickets, size = [], [], [], 2
+            hid = next(_ids)
+            entries.append((hid, code_of(sock), raw, data))
+            fds.append(sock.fileno())
+            tickets.append(Ticket(hid, sock, meta, data, state))
+            size += esize
+        if tickets:
+            out.append((frame(flags, entries), fds, tickets))
         return out
 
     @staticmethod
@@ -741,6 +791,24 @@ class ChannelState:
                         and length <= decoder.max_payload and decoder.allow_fds):
                     self._on_handoff(Frame(FrameType.HANDOFF, data[12:], flags, tuple(fds)), answer)
                     return
+        if not fds and len(data) >= 12 and decoder.idle:
+            # Answers and controls (no descriptors), whole frames back to back, nothing
+            # buffered: each is taken from ``data`` in place. The first frame that is not
+            # plain (bad header, a partial frame, descriptors announced) and everything
+            # after it go to the decoder, which buffers it or says what is wrong.
+            pos, size, limit = 0, len(data), decoder.max_payload
+            while size - pos >= 12:
+                magic, version, ftype, flags, nfds, reserved, length = HEADER.unpack_from(data, pos)
+                end = pos + 12 + length
+                kind = _TYPE_BY_VALUE.get(ftype)
+                if (end > size or kind is None or magic != MAGIC or version != VERSION
+                        or reserved or nfds or length > limit):
+                    break
+                self._on_frame(Frame(kind, data[pos + 12:end], flags, ()), answer)
+                pos = end
+            if pos == size:
+                return
+            data = data[pos:]
         if not data and not fds:
             self.decoder.end_of_stream()
             raise ConnectionResetError("the peer closed the channel")
@@ -793,7 +861,16 @@ class ChannelState:
             raise RemoteProtocolError(f"{t.name} frame carried {len(frame.fds)} descriptors")
         elif t == FrameType.ACCEPT:
             log, answered = self.accepted_log, self.answered_log
-            for hid in decode_accept(frame.payload):
+            if self.raw and _fast.speedups is not None:
+                try:
+                    n, ids = _fast.speedups.settle_accepts(frame.payload, self.raw)
+                except ValueError as exc:
+                    raise RemoteProtocolError(str(exc)) from None
+                self.raw_accepted += n
+                self.counters["accepted"] += n
+            else:
+                ids = _accept_ids(frame.payload)
+            for hid in ids:
                 ticket = self._ticket(hid)
                 ticket.state = "accepted"
                 self.counters["accepted"] += 1
@@ -825,8 +902,32 @@ class ChannelState:
     def _ticket(self, hid: int) -> Ticket:
         ticket = self.tickets.pop(hid, None)
         if ticket is None:
+            if hid in self.raw:
+                return self._compiled_ticket(hid)
             raise RemoteProtocolError(f"the peer answered handoff {hid}, which is not pending")
         return ticket
+
+    def register_compiled(self, n: int) -> None:
+        """``n`` handoffs were put in :attr:`raw` by the compiled dispatcher path
+        (sockshare._speedups.dispatch_burst) and their frame queued: count them sent."""
+        self.check_usable()
+        self.counters["sent"] += n
+
+    def take_raw_accepted(self) -> int:
+        """How many compiled handoffs the peer accepted since the last call."""
+        n, self.raw_accepted = self.raw_accepted, 0
+        return n
+
+    def _compiled_ticket(self, hid: int) -> Ticket:
+        """A compiled handoff comes back (REJECT, or the channel ended): from now on an
+        ordinary Ticket, with a socket object of its descriptor."""
+        fd, meta, _sent = self.raw.pop(hid)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            close_fds([fd])
+            sock = None
+        return Ticket(hid, sock, meta, b"", "pending", "", None, True)
 
     def _on_handoff(self, frame: Frame, answer: Any) -> None:
         fds = list(frame.fds)
@@ -894,6 +995,9 @@ class ChannelState:
             self.incoming.extend(keep)
             self.outstanding.clear()
         tickets, self.tickets = self.tickets, {}  # (a sender thread may be adding one)
+        if self.raw:
+            for hid in list(self.raw):
+                tickets[hid] = self._compiled_ticket(hid)
         for ticket in tickets.values():
             ticket.state = "returned"
             ticket.reason = f"the channel broke before the receiver answered: {exc}"
@@ -924,6 +1028,9 @@ class ChannelState:
     def abandon_pending(self) -> None:
         """This side is closing and the live peer did not answer: close our copies."""
         tickets, self.tickets = self.tickets, {}
+        if self.raw:   # (emptied in place: the dispatcher's slot counts this dict)
+            close_fds([fd for fd, _meta, _sent in self.raw.values()])
+            self.raw.clear()
         for ticket in tickets.values():
             ticket.state = "abandoned"
             ticket.reason = "the receiver did not answer before this side closed the channel"
@@ -940,7 +1047,7 @@ class ChannelState:
     @property
     def awaiting_answers(self) -> bool:
         """True while handoffs of this side wait for the peer's answer."""
-        return bool(self.tickets)
+        return bool(self.tickets) or bool(self.raw)
 
     def finish_close(self) -> None:
         """The end: tickets still pending are abandoned (our copies closed: never two
@@ -950,6 +1057,17 @@ class ChannelState:
         self.closed = True
         while self.incoming:
             self._release(self.incoming.popleft().socket)
+
+
+def _accept_ids(payload: bytes) -> list[int]:
+    """The ids of an ACCEPT payload (compiled where sockshare._speedups is built)."""
+    sp = _fast.speedups
+    if sp is None:
+        return decode_accept(payload)
+    try:
+        return sp.accept_ids(payload)
+    except ValueError as exc:
+        raise RemoteProtocolError(str(exc)) from None
 
 
 def _not_json(obj: object) -> Any:

@@ -101,8 +101,16 @@ def _probe_systemd() -> tuple[bool, str]:
     return False, "not started by systemd socket activation (no LISTEN_FDS)"
 
 
+def _probe_speedups() -> tuple[bool, str]:
+    """Which hot paths run: compiled (sockshare._speedups) or pure Python, and why."""
+    from sockshare import _fast
+
+    return _fast.speedups is not None, f"hot paths: {_fast.active_path()}"
+
+
 def _doctor(args: argparse.Namespace) -> int:
     checks: dict[str, tuple[bool, str]] = {
+        "speedups": _probe_speedups(),
         "scm_rights": _probe_scm(),
         "tokens": _probe_tokens(),
         "pidfd_getfd": _probe_pidfd(),

@@ -246,6 +246,9 @@ class ReportingChannel(StandInChannel):
     def accepted(self) -> list[_Ticket]:
         return []
 
+    def take_raw_accepted(self) -> int:
+        return 0   # (handoffs of the compiled dispatcher path: none here)
+
     def returned(self) -> list[_Ticket]:
         return []
 

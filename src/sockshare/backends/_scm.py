@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from sockshare import _fast
 from sockshare._errors import BackendUnavailable, RemoteProtocolError
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "peer_credentials",
     "recv_with_fds",
     "recv_with_fds_cut",
+    "send_nowait_with_fds",
     "send_with_fds",
 ]
 
@@ -85,6 +87,21 @@ def send_with_fds(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, 
         sock.sendall(memoryview(data)[sent:])
         sent = len(data)
     return sent
+
+
+def send_nowait_with_fds(sock: socket.socket, data: bytes | memoryview,
+                         fds: list[int] | tuple[int, ...]) -> int:
+    """One non-blocking ``sendmsg`` of ``data`` with ``fds`` (for a non-blocking socket:
+    the asyncio channel). Returns the bytes sent; BlockingIOError when full. Compiled
+    (sockshare._speedups) where it is built."""
+    sp = _fast.speedups
+    if sp is not None:
+        return sp.send_fds(sock.fileno(), data, fds)
+    if not data:
+        raise ValueError("descriptors must travel with at least one data byte")
+    if fds:
+        return sock.sendmsg([data], [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())])
+    return sock.send(data)
 
 
 def wait_ready(sock: socket.socket, *, write: bool, timeout: float | None,
@@ -236,7 +253,16 @@ def recv_with_fds_cut(
     sock: socket.socket, bufsize: int = 65536, flags: int = 0
 ) -> tuple[bytes, list[int], bool]:
     """:func:`recv_with_fds` that reports a cut instead of raising (see
-    :func:`fds_from_ancillary_cut`)."""
+    :func:`fds_from_ancillary_cut`). Compiled (sockshare._speedups) where it is built."""
+    sp = _fast.speedups
+    if sp is not None:
+        data, fds, rflags = sp.recv_fds(sock.fileno(), bufsize, flags)
+        if not rflags & (_CTRUNC | _TRUNC):
+            return data, fds, False
+        if rflags & _TRUNC and sock.type != socket.SOCK_STREAM:
+            close_fds(fds)
+            raise RemoteProtocolError("a message was larger than the receive buffer")
+        return data, fds, bool(rflags & _CTRUNC)
     data, ancdata, rflags, _addr = sock.recvmsg(bufsize, CMSG_SPACE_MAX, _CLOEXEC_FLAG | flags)
     fds, cut = fds_from_ancillary_cut(sock, ancdata, rflags)
     return data, fds, cut

@@ -136,6 +136,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from sockshare import _fast
 from sockshare._aio import AsyncChannelListener
 from sockshare._channel import _remove_stale_socket
 from sockshare._errors import BackendUnavailable, SockshareError
@@ -402,6 +403,7 @@ class Dispatcher:
     # -- setting up ------------------------------------------------------------------
 
     async def _setup(self) -> None:
+        _fast.report()   # one line if the compiled hot paths should be here and are not
         self.takeover.predecessor = int(os.environ.pop(ENV_UPGRADE_FROM, "0") or 0)
         self.takeover.predecessor_control = os.environ.pop(ENV_UPGRADE_CONTROL, "")
         master, master_fd = os.environ.pop(ENV_MASTER, ""), os.environ.pop(ENV_MASTER_FD, "")
@@ -525,11 +527,11 @@ class Dispatcher:
         if self.feeders is not None:
             self.feeders.stop_accepting("the dispatcher is stopping")
         self.listeners.sniffing.cancel()
-        inflight = sum(len(s.pending) + s.reserved for s in self.slots)
+        inflight = sum(len(s.pending) + len(s.raw) + s.reserved for s in self.slots)
         log.info("listeners closed; %d handoff(s) in flight, %d queued", inflight,
                  self.admission.queued())
         deadline = loop.time() + (0.0 if self._quick else 2.0)
-        while loop.time() < deadline and (any(s.pending or s.reserved for s in self.slots)
+        while loop.time() < deadline and (any(s.pending or s.raw or s.reserved for s in self.slots)
                                           or self.handover.upstream_pending):
             await asyncio.sleep(0.01)
         self.admission.refuse_queued("shutdown", "the server is stopping")

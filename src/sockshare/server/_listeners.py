@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import itertools
 import json
 import logging
 import os
@@ -37,14 +36,18 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from sockshare import _fast
+from sockshare._aio import AsyncChannel
 from sockshare._channel import _remove_stale_socket
 from sockshare._errors import BackendUnavailable, SockshareError
+from sockshare._state import Ticket
 from sockshare.backends import _inherit
 from sockshare.backends._scm import peer_credentials
+from sockshare.protocol import FLAG_ACK, MAX_PAYLOAD, SocketKind
 from sockshare.server._admission import close_reset
 from sockshare.server._config import ListenerConfig, Network, parse_proxy_allow
-from sockshare.server._policy import ConnInfo
-from sockshare.server._slots import Waiting
+from sockshare.server._policy import ConnInfo, LeastConnections
+from sockshare.server._slots import SlotState, Waiting, WorkerSlot
 from sockshare.server._tasks import Tasks
 
 if TYPE_CHECKING:
@@ -55,6 +58,13 @@ __all__ = ["ACCEPT_BATCH", "ListenerState", "Listeners", "bind_listener", "sd_no
 log = logging.getLogger("sockshare.server")
 
 ACCEPT_BATCH = 64
+#: the compiled path's channel handoff ids: a range of their own (the channel's own
+#: counter, shared by every channel of the process, starts at 1)
+COMPILED_IDS = 1 << 62
+#: an upper bound of one compiled HANDOFF entry's bytes besides the listener's constant
+#: metadata: entry header, handoff id digits, IPv6 host with a scope, port, quotes
+_ENTRY_SLACK = 20 + 24 + 110 + 8
+_READY = SlotState.READY
 #: seconds between two looks at the free descriptors while accepting is held for them
 FD_PROBE_INTERVAL = 0.02
 _TCP_INFO = int(getattr(socket, "TCP_INFO", 0))
@@ -89,6 +99,9 @@ class ListenerState:
         self.static_route: tuple[str, str, str, str] | None = None
         #: connections go through the sniffer (set with static_route)
         self.sniffs = False
+        #: the compiled path's constants (Listeners.prepare): metadata around the handoff
+        #: id and the client address, the kind code, an entry's largest size
+        self.compiled: tuple[bytes, bytes, bytes, bytes, int] | None = None
         if cfg.bind.is_unix:
             self.address = f"unix:{cfg.bind.address}"
         else:
@@ -150,10 +163,15 @@ class Listeners:
         self._place = d.admission.place
         self._pid = d.pid
         self.all: list[ListenerState] = []
-        self._ids = itertools.count(1)
+        #: the number in the next handoff id ("<pid>.<n>")
+        self._seq = 1
+        #: the next channel handoff id of the compiled path
+        self._hid = COMPILED_IDS
         #: connections being sniffed (one task each)
         self.sniffing = Tasks()
         self.sniff: Callable[..., Awaitable[Any]] | None = None
+        #: the sniffer's no-wait attempt (a whole head already queued), or None
+        self.sniff_now: Callable[..., Any] | None = None
         self._sniff_rules: dict[str, Any] = {}
         #: per listener with a PROXY setting: the rules for a source not in its
         #: proxy_allow_from (no PROXY parsing), and the networks allowed (None: any)
@@ -191,6 +209,13 @@ class Listeners:
         for ls in self.all:
             ls.static_route = self._static_route(ls)
             ls.sniffs = ls.cfg.sniffs and self.sniff is not None
+            if ls.static_route is not None and ls.tcp_info and not ls.sniffs:
+                _pool, _why, head, tail = ls.static_route
+                prefix = f'{{"handoff_id":"{self._pid}.'.encode()
+                mid = f'",{head}"client":["'.encode()
+                end = f'],{tail}}}'.encode()
+                ls.compiled = (prefix, mid, end, SocketKind.code_of(ls.sock),
+                               _ENTRY_SLACK + len(prefix) + len(mid) + len(end))
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -247,9 +272,10 @@ class Listeners:
         return pick
 
     def _load_sniffer(self) -> None:
-        from sockshare.server._sniff import SniffRules, sniff
+        from sockshare.server._sniff import SniffRules, sniff, sniff_now
 
         self.sniff = sniff
+        self.sniff_now = sniff_now
         for lc in self.cfg.listeners:
             if lc.sniffs:
                 # routing stays here (cfg.route: globs, listener, proxy presence); the
@@ -312,6 +338,12 @@ class Listeners:
                 self.hold(ls, "sniff")
                 return
             budget = min(budget, room)
+        sp = _fast.speedups
+        if sp is not None and ls.tcp_info:
+            if ls.compiled is not None and self._dispatch_compiled(ls, sp, budget):
+                return
+            self._accept_compiled(ls, sp, budget)
+            return
         if ls.tcp_info:
             # Linux tells a TCP listener's accept queue length (TCP_INFO, tcpi_unacked):
             # accept that many instead of until EAGAIN -- the BlockingIOError that ends
@@ -343,6 +375,100 @@ class Listeners:
             if fd >= self._fd_high:   # (descriptors are allocated lowest first)
                 self._fds_low(fd)
                 break
+
+    def _dispatch_compiled(self, ls: ListenerState, sp: _fast.Speedups, budget: int) -> bool:
+        """The whole burst in C (sockshare._speedups.dispatch_burst) when nothing in it
+        needs Python: a TCP listener with a static route (no sniffing, no routes), a
+        ``least-conn`` pool with no queue, workers with room, no hand-over under way.
+        Each connection is accepted, given its metadata (the same JSON as :meth:`_admit`
+        writes), placed as LeastConnections would place it, registered in its worker's
+        channel (``raw_pending``) and packed into one HANDOFF frame per worker, with no
+        Python object per connection; an ACCEPT closes our copy in C. A REJECT, or a
+        channel that ends, makes a Ticket and a :class:`Waiting` of it
+        (:meth:`waiting_of`): re-dispatched like any other. False: take the Python path."""
+        assert ls.static_route is not None
+        assert ls.compiled is not None
+        pool = self.pools.get(ls.static_route[0])
+        if (pool is None or pool.queue or type(pool.policy) is not LeastConnections
+                or self.admission.upstream is not None):
+            return False
+        workers: list[tuple[int, int, int, dict[int, tuple[int, bytes, float]]]] = []
+        slots: list[WorkerSlot] = []
+        room = 0
+        peer_max = MAX_PAYLOAD
+        for slot in pool.workers:
+            ch = slot.channel
+            if slot.state is not _READY or type(ch) is not AsyncChannel or not ch.usable:
+                continue
+            n = slot.connections
+            if n >= slot.limit:
+                continue
+            r = min(slot.limit - n, ACCEPT_BATCH)
+            workers.append((slot.id, n, r, ch.raw_pending))
+            slots.append(slot)
+            room += r
+            peer_max = min(peer_max, ch.peer.max_payload)
+        if not workers:
+            return False
+        prefix, mid, end, kind, entry_max = ls.compiled
+        budget = min(budget, room, max(1, (peer_max - 2) // entry_max))
+        policy = pool.policy
+        frames, n, status, last_fd, policy._last, self._seq, self._hid = sp.dispatch_burst(
+            ls.sock.fileno(), budget, self._fd_high, self._seq, self._hid, policy._last,
+            prefix, mid, end, kind, FLAG_ACK, time.monotonic(), workers)
+        if n:
+            ls.accepted += n
+            self.counters["accepted"] += n
+            for k, frame, fds, count in frames:
+                ch = slots[k].channel
+                assert ch is not None
+                ch.send_compiled(frame, fds, count)
+        if status == -1:
+            self._fds_low(last_fd)
+        elif status > 0:   # EMFILE/ENFILE/ENOBUFS: back off instead of spinning
+            log.error("accept on %s failed: %s; pausing it for 0.5 s", ls.address,
+                      os.strerror(status))
+            self._pause(ls, 0.5)
+        return True
+
+    def waiting_of(self, t: Ticket) -> Waiting:
+        """A handoff of the compiled path that came back (rejected, or its channel
+        ended), as the :class:`Waiting` that :meth:`_admit` would have made."""
+        assert t.socket is not None
+        assert isinstance(t.meta, bytes)
+        meta: dict[str, Any] = json.loads(t.meta)
+        info = ConnInfo(meta["client"], meta["listener"], meta["pool"], meta["handoff_id"], meta)
+        now = time.monotonic()
+        return Waiting(t.socket, info, meta, b"", now, raw=t.meta, sent=now)
+
+    def _accept_compiled(self, ls: ListenerState, sp: _fast.Speedups, budget: int) -> None:
+        """:meth:`_accept_burst` with the accept loop in C (sockshare._speedups): one
+        call accepts until EAGAIN (no TCP_INFO question, no exception per burst)."""
+        family, type_, proto = ls.kind
+        items, status = sp.accept_many(ls.sock.fileno(), budget, self._fd_high)
+        make, admit, counters = socket.socket, self._admit, self.counters
+        owned = 0   # items[:owned] are no longer this loop's to close
+        try:
+            for fd, addr in items:
+                try:
+                    sock = make(family, type_, proto, fd)
+                except OSError:  # (the client already gone, say) never leave the fd behind
+                    owned += 1
+                    os.close(fd)
+                    continue
+                owned += 1
+                ls.accepted += 1
+                counters["accepted"] += 1
+                admit(ls, sock, addr)
+        except BaseException:
+            sp.close_fds([f for f, _a in items[owned:]])
+            raise
+        if status == -1:
+            self._fds_low(items[-1][0])
+        elif status > 0:   # EMFILE/ENFILE/ENOBUFS: back off instead of spinning
+            log.error("accept on %s failed: %s; pausing it for 0.5 s", ls.address,
+                      os.strerror(status))
+            self._pause(ls, 0.5)
 
     def _pause(self, ls: ListenerState, delay: float) -> None:
         self.hold(ls, "emfile")
@@ -427,7 +553,9 @@ class Listeners:
         return pool, why, head, tail
 
     def _admit(self, ls: ListenerState, sock: socket.socket, addr: Any) -> None:
-        hid = f"{self._pid}.{next(self._ids)}"
+        n = self._seq
+        self._seq = n + 1
+        hid = f"{self._pid}.{n}"
         static = ls.static_route
         if static is not None:
             # The common case, in one step: metadata built and encoded here (what
@@ -466,6 +594,16 @@ class Listeners:
                     self._route(ls, sock, meta, b"")
                     return
             sock.setblocking(False)
+            if self.sniff_now is not None:
+                # the common case, without a task: the head is already queued
+                try:
+                    result = self.sniff_now(sock, rules)
+                except Exception as exc:   # (the connection failed mid-way)
+                    self._sniff_failed(ls, sock, meta, exc)
+                    return
+                if result is not None:
+                    self._sniff_done(ls, sock, meta, result)
+                    return
             self.sniffing.spawn(self._sniff_then_route(ls, sock, meta, rules), self._sniffed)
             return
         self._route(ls, sock, meta, b"")
@@ -486,13 +624,21 @@ class Listeners:
             close_reset(sock)
             raise
         except Exception as exc:
-            # (one log line: the refusal's, rate-limited with the others)
-            self.counters["sniff_failures"] += 1
-            info = ConnInfo(meta["client"], ls.cfg.name, "", meta["handoff_id"], meta)
-            status = getattr(exc, "http_status", None)
-            self.admission.refuse(Waiting(sock, info, meta, b"", time.monotonic()),
-                                  "sniff_failed", str(exc), count=True, http_status=status)
+            self._sniff_failed(ls, sock, meta, exc)
             return
+        self._sniff_done(ls, sock, meta, result)
+
+    def _sniff_failed(self, ls: ListenerState, sock: socket.socket, meta: dict[str, Any],
+                      exc: Exception) -> None:
+        # (one log line: the refusal's, rate-limited with the others)
+        self.counters["sniff_failures"] += 1
+        info = ConnInfo(meta["client"], ls.cfg.name, "", meta["handoff_id"], meta)
+        status = getattr(exc, "http_status", None)
+        self.admission.refuse(Waiting(sock, info, meta, b"", time.monotonic()),
+                              "sniff_failed", str(exc), count=True, http_status=status)
+
+    def _sniff_done(self, ls: ListenerState, sock: socket.socket, meta: dict[str, Any],
+                    result: Any) -> None:
         sniffed = dict(getattr(result, "meta", {}) or {})
         for key in ("handoff_id", "listener", "client"):
             sniffed.pop(key, None)

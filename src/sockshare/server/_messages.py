@@ -174,11 +174,18 @@ _MISSING: Any = object()
 class _Fields:
     """The fields of one received object, read with precise errors."""
 
-    __slots__ = ("obj", "what")
+    __slots__ = ("kind", "obj", "tag")
 
-    def __init__(self, obj: Mapping[str, Any], what: str) -> None:
+    def __init__(self, obj: Mapping[str, Any], tag: str, kind: str) -> None:
         self.obj = obj
-        self.what = what
+        self.tag = tag
+        self.kind = kind
+
+    @property
+    def what(self) -> str:
+        """The message's name in errors, ``{"ev": "closed"}`` (made only for an error:
+        every control message the dispatcher receives is read here)."""
+        return json.dumps({self.tag: self.kind})
 
     def _fail(self, key: str, expected: str, value: Any) -> RemoteProtocolError:
         shown = "missing" if value is _MISSING else f"got {_show(value)}"
@@ -615,7 +622,7 @@ def decode(obj: Mapping[str, Any] | bytes | bytearray | memoryview) -> Message:
     cls = _BY_TAG[tag].get(kind)
     if cls is None:
         raise UnknownMessage(f"unknown control message {json.dumps({tag: kind})}")
-    return cls.read(_Fields(obj, json.dumps({tag: kind})))
+    return cls.read(_Fields(obj, tag, kind))
 
 
 # --- dispatch --------------------------------------------------------------------------------

@@ -157,6 +157,9 @@ class WorkerSlot:
         self.active = 0
         self.reserved = 0
         self.pending: dict[int, tuple[Ticket, Waiting]] = {}
+        #: handoffs in flight sent by the compiled path (its channel's ``raw_pending``:
+        #: id -> (descriptor, meta JSON, sent)); counted like ``pending``
+        self.raw: dict[int, tuple[int, bytes, float]] = {}
         self.started = 0.0
         self.rate = 0.0
         self.marks: deque[tuple[float, int]] = deque(maxlen=6)
@@ -196,6 +199,8 @@ class WorkerSlot:
     def connected(self, ch: AsyncChannel, *, stopping: bool) -> None:
         """Its process connected its channel."""
         self.channel = ch
+        raw = getattr(ch, "raw_pending", None)   # (the unit tests' stand-in channels: none)
+        self.raw = raw if isinstance(raw, dict) else {}
         if self.retired or stopping:
             self.state = SlotState.RETIRING if self.retired else SlotState.DRAINING
         else:
@@ -240,7 +245,7 @@ class WorkerSlot:
 
     @property
     def connections(self) -> int:
-        return self.active + len(self.pending) + self.reserved
+        return self.active + len(self.pending) + len(self.raw) + self.reserved
 
     @property
     def max_conns(self) -> int | None:

@@ -1069,6 +1069,68 @@ def _proxy_step(required: bool, buf: bytes) -> ProxyHeader | NeedData | None:
     return parse_proxy_header(buf)
 
 
+def sniff_now(sock: socket.socket, rules: SniffRules) -> SniffResult | None:
+    """:func:`sniff` without waiting, for the common case: no PROXY header expected, and
+    the whole HTTP head (or TLS ClientHello) already queued when the connection is
+    accepted -- a client sends it right after connecting. One peek, the same parsers and
+    the same result as :func:`sniff` (the HTTP head consumed, nothing else).
+
+    ``None`` when anything is missing or unusual (an incomplete or bad message, not HTTP
+    or TLS, metadata near its limit): nothing was consumed, and :func:`sniff` does the
+    whole job as before (and says what is wrong). Raises :class:`SniffError` only if the
+    connection fails between the peek and the read of the head it peeked."""
+    if rules.proxy != "off" or not (rules.http or rules.tls):
+        return None
+    limit = max(rules.max_http_head, rules.max_client_hello) if rules.tls else rules.max_http_head
+    try:
+        buf = sock.recv(limit, socket.MSG_PEEK)
+    except OSError:
+        return None
+    if not buf:
+        return None
+    data = b""
+    try:
+        kind = classify(buf[:rules.max_http_head], http=rules.http, tls=rules.tls)
+        if kind == "http":
+            head = parse_http_head(buf[:rules.max_http_head], max_size=rules.max_http_head,
+                                   until=rules.http_until)
+            if head is NEED_DATA:
+                return None
+            meta: dict[str, Any] = {"protocol": "http", "method": head.method,
+                                    "path": head.target, "version": head.version,
+                                    "host": head.host}
+            pool = route(rules.hosts, head.host)
+            size = head.length
+        elif kind == "tls":
+            hello = parse_client_hello(buf[:rules.max_client_hello],
+                                       max_size=rules.max_client_hello)
+            if hello is NEED_DATA:
+                return None
+            meta = {"protocol": "tls", "sni": hello.sni, "alpn": list(hello.alpn)}
+            pool = route(rules.snis, hello.sni)
+            size = 0
+        else:
+            return None
+    except SniffError:
+        return None
+    # every value comes from the peeked bytes: JSON makes a byte at most 6 (\uXXXX)
+    if 6 * len(buf) + 256 > MAX_SNIFF_META and \
+            len(json.dumps(meta, separators=(",", ":"))) > MAX_SNIFF_META:
+        return None
+    if size:
+        try:
+            data = sock.recv(size)
+            while len(data) < size:   # (peeked, so queued: one recv takes it all)
+                more = sock.recv(size - len(data))
+                if not more:
+                    raise SniffError("the client closed the connection while its HTTP head "
+                                     "was read", "closed")
+                data += more
+        except OSError as exc:
+            raise SniffError(f"connection failed while sniffing: {exc}", "closed") from exc
+    return SniffResult(rules.default if pool is None else pool, meta, data)
+
+
 async def sniff(sock: socket.socket, rules: SniffRules, timeout: float) -> SniffResult:
     """Sniff a freshly accepted, non-blocking ``sock`` and choose its pool.
 

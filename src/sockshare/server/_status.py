@@ -39,7 +39,7 @@ def snapshot(d: Dispatcher) -> dict[str, Any]:
         workers.append({
             "id": s.id, "pool": s.pool, "pid": s.pid, "generation": s.generation,
             "state": s.state.value, "connections": s.active,
-            "inflight": len(s.pending) + s.reserved + moving_in.get(s, 0),
+            "inflight": len(s.pending) + len(s.raw) + s.reserved + moving_in.get(s, 0),
             "handoffs": st.handoffs, "rate": round(s.rate, 1), "rejects": st.rejects,
             "returned": st.returned, "restarts": st.restarts, "lost": st.lost,
             "migrated_in": st.migrated_in, "migrated_out": st.migrated_out,

@@ -253,10 +253,13 @@ class Supervisor:
         self._settle(slot, ch)
         await self._detach(slot, ch)
 
-    def _apply_control(self, slot: WorkerSlot, ch: AsyncChannel, obj: dict[str, Any]) -> None:
+    def _apply_control(self, slot: WorkerSlot, ch: AsyncChannel, obj: dict[str, Any], *,
+                       settled: bool = False) -> None:
         """A worker's report (``_messages``): to its handler in :attr:`reports`, after the
-        ACCEPTs that preceded it; unknown or malformed ones are logged and ignored."""
-        self._settle(slot, ch)   # count ACCEPTs that preceded this message first
+        ACCEPTs that preceded it (``settled``: the caller applied them since the last
+        read); unknown or malformed ones are logged and ignored."""
+        if not settled:
+            self._settle(slot, ch)   # count ACCEPTs that preceded this message first
         try:
             msg = decode(obj)
         except UnknownMessage:
@@ -341,8 +344,8 @@ class Supervisor:
     def _settle_safely(self, slot: WorkerSlot, ch: AsyncChannel) -> None:
         try:
             self._settle(slot, ch)
-            for msg in ch.received_controls():
-                self._apply_control(slot, ch, msg)
+            for msg in ch.received_controls():   # (no read in between: settled above)
+                self._apply_control(slot, ch, msg, settled=True)
             self._take_migrations(slot, ch)
         except Exception:   # in the channel's read callback: never let it escape
             log.exception("worker %d: settling its channel failed", slot.id)
@@ -351,7 +354,7 @@ class Supervisor:
         """Apply the answers that arrived: accepts, rejects, returned tickets. (The
         connections the worker migrates out are taken after its controls, by
         :meth:`_take_migrations`.)"""
-        accepted = 0
+        accepted = ch.take_raw_accepted()   # (the compiled path's: no tickets)
         for t in ch.accepted():
             entry = slot.pending.pop(t.id, None)
             if entry is None:
@@ -366,6 +369,8 @@ class Supervisor:
         back = ch.returned()
         for t in back:
             entry = slot.pending.pop(t.id, None)
+            if entry is None and t.compiled and t.socket is not None:
+                entry = (t, self.d.listeners.waiting_of(t))   # sent by the compiled path
             if entry is None:
                 if t.socket is not None:
                     t.socket.close()
@@ -817,16 +822,18 @@ class Supervisor:
         new one. Connections it had accepted die with it, as with any crash."""
         for slot in self.slots:
             proc = slot.proc
-            if not slot.pending or proc is None or proc.returncode is not None or slot.hung:
+            if (not slot.pending and not slot.raw) or proc is None or proc.returncode is not None \
+                    or slot.hung:
                 continue
-            oldest = min(w.sent for _t, w in slot.pending.values())
+            oldest = min([w.sent for _t, w in slot.pending.values()]
+                         + [sent for _fd, _meta, sent in slot.raw.values()])
             if now - oldest <= self.cfg.timeout:
                 continue
             slot.hung = True
             self.counters["hung_kills"] += 1
             log.error("worker %d (pid %d) left %d handoff(s) unanswered for %.1f s (--timeout "
                       "%g): killing it; they go to other workers", slot.id, proc.pid,
-                      len(slot.pending), now - oldest, self.cfg.timeout)
+                      len(slot.pending) + len(slot.raw), now - oldest, self.cfg.timeout)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
         for (source, _hid), (slot, since) in list(self.d.migration.moving.items()):

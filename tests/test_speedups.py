@@ -1,0 +1,422 @@
+"""The optional C module ``sockshare._speedups`` and the choice of path (``sockshare._fast``).
+
+* which path is active, in a fresh process: compiled by default where the module is
+  built, pure Python with ``SOCKSHARE_PURE_PYTHON=1``; in CI (``CI=true``) on Linux with a
+  C compiler the module must be there (a missing build fails here instead of silently
+  running the Python paths);
+* each C function through real sockets: accept_many on a TCP listener (addresses,
+  close-on-exec, the budget, the descriptor mark, EAGAIN), handoff_frame against the test
+  vectors and the Python encoder, send_fds/recv_fds with descriptors counted before and
+  after, accept_ids on good and bad payloads, close_fds; and a fallback process logs
+  its one line.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from sockshare import _fast
+from sockshare.protocol import encode_accept
+from tests.conftest import fd_count
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
+
+sp = _fast.speedups
+needs_c = pytest.mark.skipif(sp is None, reason=f"no compiled module: {_fast.why_not}")
+
+
+def _path_in_fresh_process(**env: str) -> str:
+    e = {k: v for k, v in os.environ.items() if k != _fast.ENV_PURE}
+    e.update(env)
+    out = subprocess.run([sys.executable, "-c", "from sockshare import _fast; print(_fast.active_path())"],
+                         capture_output=True, text=True, timeout=60, env=e, check=True)
+    return out.stdout.strip()
+
+
+def test_the_environment_variable_forces_pure_python() -> None:
+    assert _path_in_fresh_process(SOCKSHARE_PURE_PYTHON="1") == \
+        "pure Python (SOCKSHARE_PURE_PYTHON=1)"
+    if _fast.speedups is not None or os.environ.get(_fast.ENV_PURE, "") not in ("", "0"):
+        assert _path_in_fresh_process(SOCKSHARE_PURE_PYTHON="0").startswith("compiled") == (
+            _path_in_fresh_process().startswith("compiled"))
+
+
+def test_compiled_path_is_active_where_it_is_built() -> None:
+    """In CI on Linux/CPython with a compiler, the install builds the module: it must be
+    the active path (never a silent fallback)."""
+    can_build = _fast.expected() and shutil.which("cc") is not None
+    if os.environ.get("CI") == "true" and can_build:
+        assert _path_in_fresh_process() == "compiled (sockshare._speedups)"
+    elif not can_build:
+        assert _path_in_fresh_process().startswith("pure Python")
+    elif sp is None:
+        pytest.skip(f"the module is not built in this checkout: {_fast.why_not}")
+    else:
+        assert _path_in_fresh_process() == "compiled (sockshare._speedups)"
+
+
+def test_a_missing_module_is_reported_once(tmp_path: Path) -> None:
+    """Where the module should be and is not: one WARNING line, however often asked."""
+    if not _fast.expected():
+        pytest.skip("no compiled module on this platform: nothing to report")
+    code = ("import logging, sys; sys.modules['sockshare._speedups'] = None\n"
+            "logging.basicConfig(level=logging.INFO, format='%(name)s %(levelname)s %(message)s')\n"
+            "from sockshare import _fast\n"
+            "_fast.report(); _fast.report()\n"
+            "print(_fast.active_path())\n")
+    e = {k: v for k, v in os.environ.items() if k != _fast.ENV_PURE}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env=e, check=True)
+    lines = [ln for ln in out.stderr.splitlines() if "pure-Python hot paths" in ln]
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("sockshare WARNING")
+    assert out.stdout.startswith("pure Python (sockshare._speedups did not import")
+    forced = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, env={**e, _fast.ENV_PURE: "1"}, check=True)
+    assert "pure-Python hot paths" not in forced.stderr
+
+
+# -- the C functions, through real sockets --------------------------------------------
+
+
+@needs_c
+def test_accept_many_accepts_until_eagain_with_addresses_and_cloexec() -> None:
+    assert sp is not None
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    lsock.setblocking(False)
+    clients = [socket.create_connection(lsock.getsockname()) for _ in range(5)]
+    try:
+        before = fd_count()
+        items, status = sp.accept_many(lsock.fileno(), 3, 1 << 30)   # the budget
+        assert status == 0
+        assert len(items) == 3
+        more, status = sp.accept_many(lsock.fileno(), 64, 1 << 30)   # then EAGAIN
+        assert status == 0
+        assert len(more) == 2
+        assert fd_count() == before + 5
+        ports = sorted(c.getsockname()[1] for c in clients)
+        assert sorted(addr[1] for _fd, addr in items + more) == ports
+        for fd, addr in items + more:
+            assert addr[0] == "127.0.0.1"
+            assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 6, fd)
+            assert s.getpeername() == addr
+            s.close()
+        assert fd_count() == before
+        none, status = sp.accept_many(lsock.fileno(), 64, 1 << 30)
+        assert (none, status) == ([], 0)
+    finally:
+        for c in clients:
+            c.close()
+        lsock.close()
+
+
+@needs_c
+def test_accept_many_stops_at_the_descriptor_mark_and_reports_errors() -> None:
+    assert sp is not None
+    lsock = socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET)
+    host = "::1" if lsock.family == socket.AF_INET6 else "127.0.0.1"
+    try:
+        lsock.bind((host, 0))
+    except OSError:
+        lsock.close()
+        pytest.skip("no IPv6 loopback")
+    lsock.listen(16)
+    lsock.setblocking(False)
+    clients = [socket.create_connection(lsock.getsockname()[:2]) for _ in range(3)]
+    try:
+        items, status = sp.accept_many(lsock.fileno(), 64, 0)   # every fd is >= 0: stop at one
+        assert status == -1
+        assert len(items) == 1
+        fd, addr = items[0]
+        if lsock.family == socket.AF_INET6:
+            assert addr[0] == "::1"
+            assert len(addr) == 4
+        sp.close_fds([fd])
+        with pytest.raises(OSError):
+            os.fstat(fd)
+        # not a listening socket: the errno comes back as the status, nothing accepted
+        other = socket.socket()
+        try:
+            items, status = sp.accept_many(other.fileno(), 4, 1 << 30)
+            assert items == []
+            assert status > 0
+        finally:
+            other.close()
+        sp.close_fds([f for f, _a in sp.accept_many(lsock.fileno(), 64, 1 << 30)[0]])
+    finally:
+        for c in clients:
+            c.close()
+        lsock.close()
+
+
+@needs_c
+def test_handoff_frame_matches_the_vectors_and_the_python_encoder() -> None:
+    assert sp is not None
+    # (tests/test_vectors.py runs the vectors through the channel, on this path)
+    # the protocol document's example, whatever the vector file's layout
+    example = sp.handoff_frame(1, [(1, b"\x01\x01\x00\x06", b'{"route":"chat"}', b"GET / HTTP/1.1\r\n")])
+    assert example.hex() == ("535301200101000000000036" "0001" "0000000000000001" "01010006"
+                             "0000001000000010") + b'{"route":"chat"}GET / HTTP/1.1\r\n'.hex()
+    from sockshare.protocol import FrameType, HandoffEntry, SocketKind, encode_frame, encode_handoff
+    entries = [HandoffEntry(i + 7, SocketKind(socket.AF_INET, socket.SOCK_STREAM, 6), b"{}" * i,
+                            bytes(range(i)), b"") for i in range(1, 40)]
+    want = encode_frame(FrameType.HANDOFF, encode_handoff(entries, wsa=False), flags=1, nfds=len(entries))
+    got = sp.handoff_frame(1, [(e.id, e.kind.pack(), e.meta, e.data) for e in entries])
+    assert got == want
+    with pytest.raises(ValueError):
+        sp.handoff_frame(0, [])
+    with pytest.raises(ValueError):
+        sp.handoff_frame(0, [(1, b"\x01\x01\x00\x06", b"", b"")] * 254)
+    with pytest.raises(TypeError):
+        sp.handoff_frame(0, [(1, b"\x01\x01", b"", b"")])
+    with pytest.raises(OverflowError):
+        sp.handoff_frame(0, [(-1, b"\x01\x01\x00\x06", b"", b"")])
+
+
+@needs_c
+def test_send_fds_and_recv_fds_move_descriptors_close_on_exec() -> None:
+    assert sp is not None
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        before = fd_count()
+        r, w = os.pipe()
+        assert sp.send_fds(a.fileno(), b"x" * 5, [r, w]) == 5
+        os.close(r)
+        os.close(w)
+        data, fds, flags = sp.recv_fds(b.fileno(), 100, 0)
+        assert data == b"xxxxx"
+        assert len(fds) == 2
+        assert not flags & socket.MSG_CTRUNC
+        for fd in fds:
+            assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        os.write(fds[1], b"through")
+        assert os.read(fds[0], 20) == b"through"
+        sp.close_fds(fds)
+        assert fd_count() == before
+        # no descriptors: plain bytes; an empty read at EOF
+        assert sp.send_fds(a.fileno(), memoryview(b"abc"), []) == 3
+        assert sp.recv_fds(b.fileno(), 10, 0)[:2] == (b"abc", [])
+        with pytest.raises(BlockingIOError):
+            sp.recv_fds(b.fileno(), 10, socket.MSG_DONTWAIT)
+        with pytest.raises(ValueError):
+            sp.send_fds(a.fileno(), b"", [0])   # descriptors need a data byte
+        with pytest.raises(ValueError):
+            sp.send_fds(a.fileno(), b"x", list(range(254)))
+        with pytest.raises(OSError):
+            sp.send_fds(a.fileno(), b"x", [1 << 20])   # EBADF: not an open descriptor
+        full = False
+        for _ in range(10_000):   # a full socket: EAGAIN, not a block
+            try:
+                sp.send_fds(a.fileno(), b"y" * 65536, [])
+            except BlockingIOError:
+                full = True
+                break
+        assert full
+        assert fd_count() == before
+    finally:
+        a.close()
+        b.close()
+
+
+@needs_c
+def test_recv_fds_at_the_descriptor_limit_reports_a_cut() -> None:
+    """At RLIMIT_NOFILE the kernel drops what does not fit and says MSG_CTRUNC: recv_fds
+    returns the flag and the descriptors that did arrive (the caller's to close)."""
+    assert sp is not None
+    import resource
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        r, w = os.pipe()
+        socket.send_fds(a, [b"z"], [r, w, r])
+        os.close(r)
+        os.close(w)
+        before = fd_count()
+        lowest = os.dup(0)   # descriptors are allocated lowest first: only this one is free
+        os.close(lowest)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest + 1, hard))
+        try:
+            data, fds, flags = sp.recv_fds(b.fileno(), 10, 0)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert data == b"z"
+        assert flags & socket.MSG_CTRUNC
+        assert fds == [lowest]   # the first one arrived; the kernel closed the others
+        sp.close_fds(fds)
+        assert fd_count() == before
+    finally:
+        a.close()
+        b.close()
+
+
+@needs_c
+def test_accept_ids_decodes_and_refuses_bad_payloads() -> None:
+    assert sp is not None
+    ids = [1, 2 ** 64 - 1, 0, 42]
+    assert sp.accept_ids(encode_accept(ids)) == ids
+    assert sp.accept_ids(memoryview(encode_accept([]))) == []
+    for bad in (b"", b"\x00", encode_accept([1])[:-1], encode_accept([1]) + b"\x00"):
+        with pytest.raises(ValueError, match="ACCEPT payload has"):
+            sp.accept_ids(bad)
+    from sockshare._errors import RemoteProtocolError
+    from sockshare._state import _accept_ids
+    with pytest.raises(RemoteProtocolError, match="ACCEPT payload has 3 bytes, expected 2"):
+        _accept_ids(b"\x00\x00\x00")
+
+
+@needs_c
+def test_close_fds_ignores_closed_ones_and_checks_types() -> None:
+    assert sp is not None
+    before = fd_count()
+    r, w = os.pipe()
+    sp.close_fds([r, w, r, -1])
+    assert fd_count() == before
+    with pytest.raises(TypeError):
+        sp.close_fds(["3"])   # type: ignore[list-item]
+
+
+def test_both_paths_give_the_same_frames_on_a_channel() -> None:
+    """A channel round trip in a fresh process per path: same bytes, same handoffs."""
+    code = ("import socket, os\n"
+            "from sockshare._state import ChannelState\n"
+            "st = ChannelState()\n"
+            "a, b = socket.socketpair()\n"
+            "frames = st.handoff_frames([(a, {'k': 1}, b'pre'), (b, b'{}', b'')], True)\n"
+            "print(frames[0][0].hex()[24:], len(frames[0][1]))\n")
+    outs = []
+    for pure in ("0", "1"):
+        e = {**os.environ, _fast.ENV_PURE: pure}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=60, env=e, check=True)
+        outs.append(out.stdout.split())
+    # ids come from one counter per process: equal in both fresh processes
+    assert outs[0] == outs[1]
+
+
+
+def test_this_process_runs_the_path_its_environment_asks_for() -> None:
+    """The test run itself: CI runs the channel and server tests twice, compiled and with
+    SOCKSHARE_PURE_PYTHON=1 (.ci/run); each run must be on the path it claims."""
+    if os.environ.get(_fast.ENV_PURE, "") not in ("", "0"):
+        assert _fast.speedups is None
+        assert _fast.active_path().startswith("pure Python (SOCKSHARE_PURE_PYTHON=")
+    elif os.environ.get("CI") == "true" and _fast.expected() and shutil.which("cc") is not None:
+        assert _fast.speedups is not None, _fast.why_not
+
+
+@needs_c
+def test_dispatch_burst_accepts_places_registers_and_frames() -> None:
+    """The dispatcher's compiled burst, on a real listener: the metadata is the JSON the
+    Python path writes, placement is LeastConnections', each connection is registered in
+    its worker's dict and travels in that worker's one HANDOFF frame; settle_accepts then
+    closes the accepted ones. Descriptors counted before and after."""
+    assert sp is not None
+    from sockshare.protocol import FrameDecoder, FrameType, decode_handoff
+    from sockshare.server._policy import ConnInfo, LeastConnections, WorkerView
+
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    lsock.setblocking(False)
+    clients = [socket.create_connection(lsock.getsockname()) for _ in range(5)]
+    raws: list[dict[int, tuple[int, bytes, float]]] = [{}, {}]
+    try:
+        before = fd_count()
+        prefix, mid, end = b'{"handoff_id":"77.', b'","listener":"web","client":["', \
+            b'],"route":"default","pool":"default"}'
+        # worker 1 has 2 connections already, worker 2 none and room for 2 only
+        workers = [(1, 2, 64, raws[0]), (2, 0, 2, raws[1])]
+        frames, n, status, last_fd, last, seq, hid = sp.dispatch_burst(
+            lsock.fileno(), 4, 1 << 30, 10, 1 << 62, -1, prefix, mid, end,
+            b"\x01\x01\x00\x00", 1, 123.5, workers)
+        assert (n, status, last_fd, seq, hid) == (4, 0, -1, 14, (1 << 62) + 4)
+        assert fd_count() == before + 4
+        # the same choices as the Python policy, connection by connection
+        @dataclass
+        class View:
+            id: int
+            connections: int
+            pid: int | None = None
+            pool: str = "default"
+            max_conns: int | None = None
+
+        views, room, policy, picks = [View(1, 2), View(2, 0)], {1: 64, 2: 2}, LeastConnections(), []
+        for _ in range(4):
+            offered: list[WorkerView] = [v for v in views if room[v.id] > 0]
+            choice = policy(offered, ConnInfo([], "web", "default", ""))
+            assert choice is not None
+            pick = views[[v.id for v in views].index(choice.id)]
+            pick.connections += 1
+            room[pick.id] -= 1
+            picks.append(pick.id)
+        assert last == policy._last
+        assert [len(r) for r in raws] == [picks.count(1), picks.count(2)]
+        ports = {c.getsockname()[1] for c in clients}
+        seen = []
+        for k, frame, fds, count in frames:
+            dec = FrameDecoder(max_payload=1 << 20)
+            dec.feed(frame, fds)
+            f = dec.next_frame()
+            assert f is not None
+            assert f.type == FrameType.HANDOFF
+            assert f.flags == 1
+            entries = decode_handoff(f.payload)
+            assert len(entries) == count == len(fds) == len(raws[k])
+            for e, fd in zip(entries, fds, strict=True):
+                assert raws[k][e.id][0] == fd
+                assert raws[k][e.id][1] == e.meta
+                assert raws[k][e.id][2] == 123.5
+                meta = json.loads(e.meta)
+                assert meta["listener"] == "web"
+                assert meta["pool"] == "default"
+                assert meta["client"][0] == "127.0.0.1"
+                assert meta["client"][1] in ports
+                peer = socket.socket(fileno=os.dup(fd))
+                try:
+                    assert peer.getpeername()[1] == meta["client"][1]
+                finally:
+                    peer.close()
+                seen.append(meta["handoff_id"])
+        assert sorted(seen) == [f"77.{i}" for i in range(10, 14)]
+        # an ACCEPT for some of worker 1's and an id that is not compiled
+        ids = list(raws[0])
+        done, rest = sp.settle_accepts(encode_accept([*ids, 5]), raws[0])
+        assert (done, rest, raws[0]) == (len(ids), [5], {})
+        with pytest.raises(ValueError, match="ACCEPT payload has"):
+            sp.settle_accepts(b"\x00\x01", raws[1])
+        sp.close_fds([fd for fd, _m, _t in raws[1].values()])
+        raws[1].clear()
+        # the fifth connection is still queued: a burst with no room takes none...
+        frames, n, *_rest = sp.dispatch_burst(lsock.fileno(), 0, 1 << 30, 14, 1, -1, prefix, mid,
+                                              end, b"\x01\x01\x00\x00", 1, 0.0, workers)
+        assert (frames, n) == ([], 0)
+        # ...and one that reaches the descriptor mark stops there (status -1)
+        frames, n, status, last_fd, *_rest = sp.dispatch_burst(
+            lsock.fileno(), 4, 0, 14, 1, -1, prefix, mid, end, b"\x01\x01\x00\x00", 1, 0.0, workers)
+        assert (n, status) == (1, -1)
+        assert last_fd == frames[0][2][0]
+        sp.close_fds([fd for r in raws for fd, _m, _t in r.values()])
+        assert fd_count() == before
+        with pytest.raises(TypeError):
+            sp.dispatch_burst(lsock.fileno(), 1, 1 << 30, 1, 1, -1, prefix, mid, end,
+                              b"\x01\x01\x00\x00", 1, 0.0, [(1, 0, 1)])  # type: ignore[list-item]
+    finally:
+        for c in clients:
+            c.close()
+        lsock.close()
