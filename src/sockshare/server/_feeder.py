@@ -132,6 +132,11 @@ class Feeder:
             sock.setblocking(False)
             self.listeners.all.append(ListenerState(lc, sock, owned=False))
         self.listeners.prepare()
+        for ls in self.listeners.all:
+            # no compiled burst here: its handoffs are answered through the lead's
+            # supervisor (raw_pending, waiting_of), and a feeder settles tickets only --
+            # a compiled handoff that a retiring worker rejected was closed unanswered
+            ls.compiled = None
         # it accepts once it can hand over: its channels to the workers the lead lists
         # are open (or after START_TIMEOUT)
         loop.call_later(START_TIMEOUT, self._start_accepting)
