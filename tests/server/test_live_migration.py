@@ -58,28 +58,31 @@ def test_migration_carries_state_and_unread_bytes(tmp_path: Path) -> None:
 def test_two_hundred_migrations_keep_every_message_in_order(tmp_path: Path) -> None:
     with LiveServer(tmp_path, "--no-rebalance", app=APP, workers=3) as srv:
         c = LineClient(srv.address())
-        pids = [c.ask("echo 0")["pid"]]
-        latencies = []
-        for i in range(1, 201):
-            c.send(f"move\necho {i}\n")
-            moved = c.read()
-            assert moved["moved"], moved
-            assert moved["from"] == pids[-1], moved
-            echo = c.read()
-            assert (echo["echo"], echo["n"], echo["pid"]) == (str(i), i + 1, moved["pid"])
-            pids.append(moved["pid"])
-            latencies.append(moved["latency_us"])
-        assert len(set(pids)) == 3
-        # (direct migrations reach the dispatcher's counts in the workers' next reports)
-        st = srv.wait_for(lambda st: st["counters"]["migrations"] == 200
-                          and st["migration_latency"]["samples"] == 200, what="200 counted")
-        assert st["counters"]["migrations_refused"] == 0
-        assert st["migration_latency"]["samples"] == 200
-        assert sum(w["connections"] for w in st["workers"]) == 1
-        latencies.sort()
-        print(f"migration latency (migrate() -> resume): p50 {latencies[100]:.0f} us, "
-              f"p99 {latencies[197]:.0f} us")
-        c.close()
+        try:
+            pids = [c.ask("echo 0")["pid"]]
+            latencies = []
+            for i in range(1, 201):
+                c.send(f"move\necho {i}\n")
+                moved = c.read()
+                assert moved["moved"], moved
+                assert moved["from"] == pids[-1], moved
+                echo = c.read()
+                assert (echo["echo"], echo["n"], echo["pid"]) == (str(i), i + 1, moved["pid"])
+                pids.append(moved["pid"])
+                latencies.append(moved["latency_us"])
+            assert len(set(pids)) == 3
+            # (direct migrations reach the dispatcher's counts in the workers' next
+            # reports: the source's moved_out and the target's moved_in come apart)
+            st = srv.wait_for(lambda st: st["counters"]["migrations"] == 200
+                              and st["migration_latency"]["samples"] == 200
+                              and sum(w["connections"] for w in st["workers"]) == 1,
+                              what="200 counted, one connection open")
+            assert st["counters"]["migrations_refused"] == 0
+            latencies.sort()
+            print(f"migration latency (migrate() -> resume): p50 {latencies[100]:.0f} us, "
+                  f"p99 {latencies[197]:.0f} us")
+        finally:
+            c.close()
 
 
 @pytest.mark.parametrize(("cmd", "error"), [
