@@ -7,6 +7,8 @@ Run:  python benchmarks/serve.py [--conns 20000] [--runs 7] [--concurrency 32]
       --sniff: the sockshare listeners sniff the HTTP Host; --base-src DIR adds
       configuration "base", another tree in the same rounds (before/after); --only pure
       adds this tree with SOCKSHARE_PURE_PYTHON=1, its pure-Python hot paths;
+      --only c-dispatcher adds the floor: benchmarks/c/dispatcher.c, the dispatcher's job
+      in plain C for the same Python workers;
       --dispatchers N [N ...]: one configuration more per N, ``sockshare-Nd``, the same
       server with ``--dispatchers N``: the lead and N-1 feeders, each one's CPU per
       connection shown; the JSON and PNG are then serve-dispatchers.json and
@@ -22,6 +24,12 @@ round, so no configuration always goes first on a noisy machine):
   accepts and hands each connection to a Python worker over its channel (SCM_RIGHTS,
   acked); the app (benchmarks/serve_app.py) reads the request head, writes a fixed
   response with ``X-Worker: <pid>``, closes;
+* ``c-dispatcher`` (only with ``--only``) -- the floor of the dispatcher's job:
+  benchmarks/c/dispatcher.c (built with ``cc -O2`` with the project's C peer,
+  examples/c/sockshare_peer.c) accepts in bursts, picks least-conn from its own counts and
+  hands each burst over, acknowledged, one HANDOFF frame per worker, to the same Python
+  workers ``sockshare serve`` runs (``python -m sockshare.server.worker``); no
+  re-dispatch, no restarts (docs/perf-dispatcher.md, "The floor: the same job in C");
 * ``shared``     -- the same Python worker code, pre-fork shared accept: both processes
   run ``asyncio.start_server`` on one inherited listening socket;
 * ``reuseport``  -- the same code, each process binding the port with SO_REUSEPORT (the
@@ -74,11 +82,12 @@ from sockshare.server._control import ControlError, request  # noqa: E402
 
 WORKERS = 2
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-CONFIGS = ("sockshare", "pure", "base", "shared", "reuseport", "node")
+CONFIGS = ("sockshare", "pure", "base", "c-dispatcher", "shared", "reuseport", "node")
 LABELS = {
     "sockshare": "sockshare\nserve",
     "pure": "sockshare serve\n(pure Python)",
     "base": "sockshare serve\n(--base-src)",
+    "c-dispatcher": "C dispatcher\n+ Python workers",
     "sockshare-2d": "sockshare\n2 disp.",
     "sockshare-3d": "sockshare\n3 disp.",
     "shared": "pre-fork\nshared accept",
@@ -287,8 +296,71 @@ def start_base(tmp: Path, opts: Options) -> Running:
     return start_sockshare(tmp, opts, name="base", src=opts.base_src)
 
 
+def build_c_dispatcher(tmp: Path) -> str:
+    """benchmarks/c/dispatcher.c with the project's C peer (its codec), ``cc -O2``."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("a C compiler (cc) is needed for the C dispatcher")
+    out = tmp / "c-dispatcher"
+    peer = ROOT / "examples" / "c"
+    subprocess.run([cc, "-O2", "-std=gnu11", "-Wall", "-Wextra", "-I", str(peer), "-o", str(out),
+                    str(HERE / "c" / "dispatcher.c"), str(peer / "sockshare_peer.c")], check=True)
+    return str(out)
+
+
+def start_c_dispatcher(tmp: Path, opts: Options) -> Running:
+    """The floor: benchmarks/c/dispatcher.c (plain C, no interpreter) doing the
+    dispatcher's job on this path -- accept bursts, least-conn from its own counts, one
+    acknowledged HANDOFF frame per worker per burst, ACCEPTs close its copies -- for the
+    same Python workers (``python -m sockshare.server.worker``, as the supervisor starts
+    them), which connect to its channel listener."""
+    if opts.sniff:
+        raise RuntimeError("the C dispatcher does not sniff")
+    exe = build_c_dispatcher(tmp)
+    path = tmp / "c-dispatcher.chan"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), str(opts.src),
+                                                    env.get("PYTHONPATH", "")) if p)
+    for k in ("SOCKSHARE_CHANNEL", "SOCKSHARE_PURE_PYTHON", "SOCKSHARE_FEEDERS"):
+        env.pop(k, None)
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    csock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    run = Running("c-dispatcher", 0, [], None)
+    try:
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1024)   # sockshare's default backlog
+        csock.bind(str(path))   # (the dispatcher listens: the workers check its pid)
+        os.chmod(path, 0o600)
+        fds = (lsock.fileno(), csock.fileno())
+        disp = subprocess.Popen([exe, str(fds[0]), str(fds[1]), str(WORKERS)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                pass_fds=fds)
+        run.procs.append(disp)
+        run.dispatcher = disp.pid
+        if read_ready(disp) != ["channel"]:
+            raise RuntimeError("the C dispatcher did not listen on its channel")
+        for wid in range(1, WORKERS + 1):
+            w = subprocess.Popen(
+                [sys.executable, "-m", "sockshare.server.worker", "--app", "serve_app:handle",
+                 "--channel", str(path), "--id", str(wid), "--pool", "default",
+                 "--generation", "1", "--grace", "2", "--log-level", "warning"],
+                stdin=subprocess.DEVNULL, env=env, cwd=str(ROOT))
+            run.procs.append(w)
+            run.workers.append(w.pid)
+        run.port = int(read_ready(disp, timeout=30.0)[0])
+    except BaseException:
+        run.close()
+        raise
+    finally:
+        lsock.close()   # the dispatcher holds them now
+        csock.close()
+    return run
+
+
 STARTERS: dict[str, Callable[[Path, Options], Running]] = {
     "sockshare": start_sockshare, "pure": start_pure, "base": start_base,
+    "c-dispatcher": start_c_dispatcher,
     "shared": start_shared, "reuseport": start_reuseport,
     "node": start_node,
 }
