@@ -8,7 +8,8 @@ Run:  python benchmarks/serve.py [--conns 20000] [--runs 7] [--concurrency 32]
       configuration "base", another tree in the same rounds (before/after); --only pure
       adds this tree with SOCKSHARE_PURE_PYTHON=1, its pure-Python hot paths;
       --only c-dispatcher adds the floor: benchmarks/c/dispatcher.c, the dispatcher's job
-      in plain C for the same Python workers;
+      in plain C for the same Python workers; --only c-linger the same program waiting
+      --c-linger microseconds (default 300) before each accept burst;
       --dispatchers N [N ...]: one configuration more per N, ``sockshare-Nd``, the same
       server with ``--dispatchers N``: the lead and N-1 feeders, each one's CPU per
       connection shown; the JSON and PNG are then serve-dispatchers.json and
@@ -30,6 +31,9 @@ round, so no configuration always goes first on a noisy machine):
   hands each burst over, acknowledged, one HANDOFF frame per worker, to the same Python
   workers ``sockshare serve`` runs (``python -m sockshare.server.worker``); no
   re-dispatch, no restarts (docs/perf-dispatcher.md, "The floor: the same job in C");
+* ``c-linger`` (only with ``--only``) -- the same C dispatcher, sleeping ``--c-linger``
+  microseconds at the start of each burst (``CDISP_LINGER_US``), so that more connections
+  go in each frame: an experiment on batching, not something sockshare does;
 * ``shared``     -- the same Python worker code, pre-fork shared accept: both processes
   run ``asyncio.start_server`` on one inherited listening socket;
 * ``reuseport``  -- the same code, each process binding the port with SO_REUSEPORT (the
@@ -82,12 +86,14 @@ from sockshare.server._control import ControlError, request  # noqa: E402
 
 WORKERS = 2
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-CONFIGS = ("sockshare", "pure", "base", "c-dispatcher", "shared", "reuseport", "node")
+CONFIGS = ("sockshare", "pure", "base", "c-dispatcher", "c-linger", "shared", "reuseport",
+           "node")
 LABELS = {
     "sockshare": "sockshare\nserve",
     "pure": "sockshare serve\n(pure Python)",
     "base": "sockshare serve\n(--base-src)",
     "c-dispatcher": "C dispatcher\n+ Python workers",
+    "c-linger": "C dispatcher,\nlingering",
     "sockshare-2d": "sockshare\n2 disp.",
     "sockshare-3d": "sockshare\n3 disp.",
     "shared": "pre-fork\nshared accept",
@@ -176,6 +182,8 @@ class Options:
     sniff: bool = False
     #: --base-src: another tree run as the "base" configuration, same options
     base_src: Path | None = None
+    #: --c-linger: microseconds the c-linger configuration waits before each burst
+    c_linger_us: int = 300
 
 
 def start_sockshare(tmp: Path, opts: Options, *, name: str = "sockshare",
@@ -308,7 +316,8 @@ def build_c_dispatcher(tmp: Path) -> str:
     return str(out)
 
 
-def start_c_dispatcher(tmp: Path, opts: Options) -> Running:
+def start_c_dispatcher(tmp: Path, opts: Options, *, name: str = "c-dispatcher",
+                       linger_us: int = 0) -> Running:
     """The floor: benchmarks/c/dispatcher.c (plain C, no interpreter) doing the
     dispatcher's job on this path -- accept bursts, least-conn from its own counts, one
     acknowledged HANDOFF frame per worker per burst, ACCEPTs close its copies -- for the
@@ -317,7 +326,7 @@ def start_c_dispatcher(tmp: Path, opts: Options) -> Running:
     if opts.sniff:
         raise RuntimeError("the C dispatcher does not sniff")
     exe = build_c_dispatcher(tmp)
-    path = tmp / "c-dispatcher.chan"
+    path = tmp / f"c-dispatcher-{time.monotonic_ns()}.chan"   # (one per start)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), str(opts.src),
                                                     env.get("PYTHONPATH", "")) if p)
@@ -325,7 +334,7 @@ def start_c_dispatcher(tmp: Path, opts: Options) -> Running:
         env.pop(k, None)
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     csock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    run = Running("c-dispatcher", 0, [], None)
+    run = Running(name, 0, [], None)
     try:
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         lsock.bind(("127.0.0.1", 0))
@@ -333,9 +342,10 @@ def start_c_dispatcher(tmp: Path, opts: Options) -> Running:
         csock.bind(str(path))   # (the dispatcher listens: the workers check its pid)
         os.chmod(path, 0o600)
         fds = (lsock.fileno(), csock.fileno())
+        denv = dict(os.environ, CDISP_LINGER_US=str(linger_us))
         disp = subprocess.Popen([exe, str(fds[0]), str(fds[1]), str(WORKERS)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                pass_fds=fds)
+                                pass_fds=fds, env=denv)
         run.procs.append(disp)
         run.dispatcher = disp.pid
         if read_ready(disp) != ["channel"]:
@@ -358,9 +368,14 @@ def start_c_dispatcher(tmp: Path, opts: Options) -> Running:
     return run
 
 
+def start_c_linger(tmp: Path, opts: Options) -> Running:
+    """The C dispatcher waiting ``opts.c_linger_us`` before each burst (bigger frames)."""
+    return start_c_dispatcher(tmp, opts, name="c-linger", linger_us=opts.c_linger_us)
+
+
 STARTERS: dict[str, Callable[[Path, Options], Running]] = {
     "sockshare": start_sockshare, "pure": start_pure, "base": start_base,
-    "c-dispatcher": start_c_dispatcher,
+    "c-dispatcher": start_c_dispatcher, "c-linger": start_c_linger,
     "shared": start_shared, "reuseport": start_reuseport,
     "node": start_node,
 }
@@ -473,15 +488,15 @@ def print_table(summary: dict[str, dict[str, Any]], args: argparse.Namespace) ->
     print(f"\n{args.conns} connections x {args.runs} runs, {args.concurrency} concurrent, "
           f"{WORKERS} workers each; medians over runs ({os.cpu_count()} cores, "
           f"Python {platform.python_version()}, load avg at end {os.getloadavg()[0]:.2f})\n")
-    head = (f"{'configuration':<11} {'conns/s':>8} {'vs REUSEPORT':>12} {'vs node':>8} "
+    head = (f"{'configuration':<13} {'conns/s':>8} {'vs REUSEPORT':>12} {'vs node':>8} "
             f"{'disp. CPU':>10} {'workers CPU':>11} {'balance':>8} {'(REUSEPORT)':>11} "
             f"{'errors':>7}")
     print(head)
-    print(f"{'':<11} {'':>8} {'':>12} {'':>8} {'us/conn':>10} {'us/conn':>11} {'max/min':>8}")
+    print(f"{'':<13} {'':>8} {'':>12} {'':>8} {'us/conn':>10} {'us/conn':>11} {'max/min':>8}")
     print("-" * len(head))
     for name, s in summary.items():
         disp = s["dispatcher_cpu_us_per_conn"]
-        print(f"{name:<11} {s['cps_median']:>8,.0f} {s['ratio_to_reuseport']:>11.2f}x "
+        print(f"{name:<13} {s['cps_median']:>8,.0f} {s['ratio_to_reuseport']:>11.2f}x "
               f"{s.get('ratio_to_node', float('nan')):>7.2f}x "
               f"{(f'{disp:.1f}' if disp is not None else '-'):>10} "
               f"{s['workers_cpu_us_per_conn']:>11.1f} {s['balance_median']:>8.3f} "
@@ -643,14 +658,19 @@ def main() -> int:
                     help="the sockshare configurations sniff (HTTP Host) before routing")
     ap.add_argument("--dispatchers", type=int, nargs="+", default=[1], metavar="N",
                     help="also run sockshare with --dispatchers N (configuration sockshare-Nd)")
+    ap.add_argument("--c-linger", type=int, default=300, metavar="US",
+                    help="microseconds configuration c-linger waits before each burst "
+                         "(default 300)")
     ap.add_argument("--src-label", default=None,
                     help="what --src is, for the JSON and the plot (default: git HEAD of --src)")
     args = ap.parse_args()
     opts = Options(Path(args.src).resolve(), args.policy, args.node_server, args.sniff,
-                   Path(args.base_src).resolve() if args.base_src else None)
+                   Path(args.base_src).resolve() if args.base_src else None, args.c_linger)
     args.code = args.src_label or _git_describe(opts.src) or str(opts.src)
     if not 1 <= args.conns <= 1_000_000 or not 1 <= args.concurrency <= 1024 or args.runs < 1:
         ap.error("--conns 1..1000000, --concurrency 1..1024, --runs >= 1")
+    if not 0 <= args.c_linger < 1_000_000:
+        ap.error("--c-linger 0..999999 (microseconds)")
     names = [n for n in CONFIGS if n in args.only or n == "reuseport"
              or (n == "base" and opts.base_src is not None)]
     if not all(1 <= n <= 16 for n in args.dispatchers):

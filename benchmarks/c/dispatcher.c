@@ -32,6 +32,9 @@
  * connections a burst, TABLE unanswered handoffs (a connection that finds its slot
  * still taken is closed and counted as dropped), INBUF bytes of a worker's frames.
  *
+ * CDISP_LINGER_US=N (an experiment, default 0): sleep N microseconds at the start of
+ * each burst, so that more connections arrive and go in one frame per worker.
+ *
  * Frames and HELLO come from the project's C peer (examples/c/sockshare_peer.c, its
  * codec only: the I/O here is non-blocking and one recvmsg per readable event).
  */
@@ -49,6 +52,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MAXW 16
@@ -96,6 +100,7 @@ static long last_pick = -1;
 static uint64_t next_hid = 1;
 static char pidstr[16];
 static volatile sig_atomic_t stopping;
+static struct timespec linger;   /* CDISP_LINGER_US: wait before each burst (experiment) */
 static struct {
     unsigned long long accepted, acked, rejected, dropped, closed_reports, wakeups, bursts,
         frames, queued_frames, accept_calls, unknown_acks;
@@ -227,6 +232,7 @@ static void on_listener(void)
 {
     int used[MAXW], nused = 0;
     st.bursts++;
+    if (linger.tv_nsec) nanosleep(&linger, NULL);   /* let more connections arrive */
     for (int count = 0; count < BURST; count++) {
         struct sockaddr_storage ss;
         socklen_t slen = sizeof ss;
@@ -487,6 +493,9 @@ int main(int argc, char **argv)
     nworkers_expected = atoi(argv[3]);
     if (nworkers_expected < 1 || nworkers_expected > MAXW) return 2;
     snprintf(pidstr, sizeof pidstr, "%d", (int)getpid());
+    const char *lg = getenv("CDISP_LINGER_US");
+    long linger_us = lg ? atol(lg) : 0;
+    if (linger_us > 0 && linger_us < 1000000) linger.tv_nsec = linger_us * 1000;
     struct sockaddr_storage ss;
     socklen_t slen = sizeof ss;
     if (getsockname(lfd, (struct sockaddr *)&ss, &slen) < 0) { perror("listener"); return 1; }
@@ -546,6 +555,10 @@ int main(int argc, char **argv)
     }
     long open = 0;
     for (size_t s = 0; s < TABLE; s++) open += table[s].hid != 0;
+    for (int i = 0; i < MAXW; i++)
+        if (W[i].state != W_FREE)
+            fprintf(stderr, "c-dispatcher: worker %d (pid %u): count %ld at exit\n", W[i].id,
+                    W[i].pid, W[i].load);
     fprintf(stderr, "c-dispatcher: accepted %llu acked %llu rejected %llu dropped %llu "
             "unknown-answers %llu unanswered %ld; wake-ups %llu bursts %llu accept4 %llu "
             "frames %llu (queued %llu) closed-reports %llu\n",
