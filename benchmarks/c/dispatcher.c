@@ -103,7 +103,7 @@ static volatile sig_atomic_t stopping;
 static struct timespec linger;   /* CDISP_LINGER_US: wait before each burst (experiment) */
 static struct {
     unsigned long long accepted, acked, rejected, dropped, closed_reports, wakeups, bursts,
-        frames, queued_frames, accept_calls, unknown_acks;
+        frames, queued_frames, accept_calls, unknown_acks, reads, sleeps;
 } st;
 
 static void on_signal(int sig) { (void)sig; stopping = 1; }
@@ -232,7 +232,10 @@ static void on_listener(void)
 {
     int used[MAXW], nused = 0;
     st.bursts++;
-    if (linger.tv_nsec) nanosleep(&linger, NULL);   /* let more connections arrive */
+    if (linger.tv_nsec) {   /* let more connections arrive */
+        nanosleep(&linger, NULL);
+        st.sleeps++;
+    }
     for (int count = 0; count < BURST; count++) {
         struct sockaddr_storage ss;
         socklen_t slen = sizeof ss;
@@ -418,6 +421,7 @@ static void on_readable(int i)
     struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
                          .msg_controllen = sizeof control.buf};
     ssize_t n;
+    st.reads++;
     do n = recvmsg(w->fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
     while (n < 0 && errno == EINTR);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
@@ -561,8 +565,9 @@ int main(int argc, char **argv)
                     W[i].pid, W[i].load);
     fprintf(stderr, "c-dispatcher: accepted %llu acked %llu rejected %llu dropped %llu "
             "unknown-answers %llu unanswered %ld; wake-ups %llu bursts %llu accept4 %llu "
-            "frames %llu (queued %llu) closed-reports %llu\n",
+            "frames %llu (queued %llu) recvmsg %llu nanosleep %llu closed-reports %llu\n",
             st.accepted, st.acked, st.rejected, st.dropped, st.unknown_acks, open, st.wakeups,
-            st.bursts, st.accept_calls, st.frames, st.queued_frames, st.closed_reports);
+            st.bursts, st.accept_calls, st.frames, st.queued_frames, st.reads, st.sleeps,
+            st.closed_reports);
     return 0;
 }
