@@ -376,8 +376,10 @@ static int on_hello(int i, const uint8_t *p, size_t n)
 {
     struct worker *w = &W[i];
     struct ss_hello h;
-    if (ss_hello_decode(p, n, &h) != SS_OK || h.version != 1 || !(h.features & SS_FEATURE_SCM)) {
-        fprintf(stderr, "c-dispatcher: a bad HELLO\n");
+    if (ss_hello_decode(p, n, &h) != SS_OK || h.version != 1 ||
+        (h.features & (SS_FEATURE_SCM | SS_FEATURE_ACK)) != (SS_FEATURE_SCM | SS_FEATURE_ACK) ||
+        h.max_payload < FRAME_MAX) {   /* (descriptors, answers, room for our frames) */
+        fprintf(stderr, "c-dispatcher: a HELLO this program cannot serve\n");
         return -1;
     }
     struct ucred cred;
