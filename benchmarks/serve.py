@@ -310,6 +310,8 @@ def build_c_dispatcher(tmp: Path) -> str:
     if cc is None:
         raise RuntimeError("a C compiler (cc) is needed for the C dispatcher")
     out = tmp / "c-dispatcher"
+    if out.exists():   # (built once for c-dispatcher and c-linger)
+        return str(out)
     peer = ROOT / "examples" / "c"
     subprocess.run([cc, "-O2", "-std=gnu11", "-Wall", "-Wextra", "-I", str(peer), "-o", str(out),
                     str(HERE / "c" / "dispatcher.c"), str(peer / "sockshare_peer.c")], check=True)
