@@ -119,6 +119,7 @@ _PREFIX_ACKED = struct.pack(">2sBBBBH", MAGIC, VERSION, int(FrameType.HANDOFF), 
 _ENTRY = struct.Struct(">Q4sII")
 _U16 = struct.Struct(">H")
 _BYE = encode_frame(FrameType.BYE)
+_NO_LIMIT = 1 << 62
 
 #: ``adopt(fd, kind, blocking, what, ident)``: a received descriptor as a socket object
 Adopt = Callable[[int, SocketKind, "bool | None", str, object], socket.socket]
@@ -340,6 +341,9 @@ class ChannelState:
         #: (:meth:`track_answers`): it wakes the waiters of those tickets and no others
         self.answered_log: list[Ticket] | None = None
         self._adopt = adopt
+        #: received descriptors become sockets the default way (checked_socket): the
+        #: compiled receive may do it in C
+        self.adopts_checked = adopt is checked_socket
         self._discard = discard
         self._release = release
         self._share = share
@@ -581,12 +585,40 @@ class ChannelState:
         hid = next(_ids)
         head = _SINGLE.pack(MAGIC, VERSION, _HANDOFF, FLAG_ACK if ack else 0, 1, 0, length, 1, hid,
                             SocketKind.code_of(sock), len(raw), ldata)
+        ticket = self.single_ticket(hid, sock, meta, data, ack, owner=owner)
+        return b"".join((head, raw, data)), sock.fileno(), ticket
+
+    def single_ticket(
+        self, hid: int, sock: socket.socket, meta: Any, data: bytes, ack: bool, *, owner: Any = None,
+    ) -> Ticket:
+        """The ticket of a one-socket handoff (registered if acked); ``hid``: a
+        :meth:`next_id`. The compiled send packs and checks the frame itself
+        (``sockshare._speedups.send_single``); if it cannot, :meth:`withdraw` this
+        ticket and take :meth:`single_frame`."""
         if ack:
             ticket = Ticket(hid, sock, meta, data, "pending", "", owner)
             self.tickets[hid] = ticket
-        else:
-            ticket = Ticket(hid, sock, meta, data, "sent")
-        return b"".join((head, raw, data)), sock.fileno(), ticket
+            return ticket
+        return Ticket(hid, sock, meta, data, "sent")
+
+    @staticmethod
+    def next_id() -> int:
+        """A new handoff id."""
+        return next(_ids)
+
+    @property
+    def peer_limit(self) -> int:
+        """The largest payload the peer takes (no limit before its HELLO)."""
+        return self.peer.max_payload if self.peer is not None else _NO_LIMIT
+
+    @staticmethod
+    def frame_of(ticket: Ticket, ack: bool) -> tuple[bytes, int]:
+        """The frame and descriptor of a one-socket handoff whose ticket
+        :meth:`single_ticket` made (the bytes the compiled send wrote)."""
+        sock = ticket.socket
+        assert sock is not None
+        frame = single_bytes(ticket.id, ack, SocketKind.code_of(sock), _encode_meta(ticket.meta), ticket.data)
+        return frame, sock.fileno()
 
     def sent_one(self, ticket: Ticket) -> None:
         """The frame of ``ticket`` (from :meth:`single_frame`) was written."""
@@ -852,6 +884,18 @@ class ChannelState:
         self.received += 1
         return True
 
+    def received_singles(self, handoffs: list[Handoff], acked: int) -> None:
+        """Handoffs the compiled receive made of whole one-socket HANDOFF frames
+        (``sockshare._speedups.recv_batch``: :meth:`receive_single` in C), ``acked`` of
+        them acknowledged ones."""
+        self.incoming.extend(handoffs)
+        self.received += len(handoffs)
+        if acked:
+            out = self.outstanding
+            for h in handoffs:
+                if h.acked:
+                    out[h.id] = h
+
     def _on_frame(self, frame: Frame, answer: Any) -> None:
         t = frame.type
         if t == FrameType.HANDOFF:
@@ -1057,6 +1101,13 @@ class ChannelState:
         self.closed = True
         while self.incoming:
             self._release(self.incoming.popleft().socket)
+
+
+def single_bytes(hid: int, ack: bool, code: bytes, raw: bytes, data: bytes) -> bytes:
+    """A one-socket HANDOFF frame (what :meth:`ChannelState.single_frame` packs)."""
+    head = _SINGLE.pack(MAGIC, VERSION, _HANDOFF, FLAG_ACK if ack else 0, 1, 0, 22 + len(raw) + len(data),
+                        1, hid, code, len(raw), len(data))
+    return b"".join((head, raw, data))
 
 
 def _accept_ids(payload: bytes) -> list[int]:
