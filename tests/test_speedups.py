@@ -7,12 +7,15 @@
 * each C function through real sockets: accept_many on a TCP listener (addresses,
   close-on-exec, the budget, the descriptor mark, EAGAIN), handoff_frame against the test
   vectors and the Python encoder, send_fds/recv_fds with descriptors counted before and
-  after, accept_ids on good and bad payloads, close_fds; and a fallback process logs
-  its one line.
+  after, accept_ids on good and bad payloads, close_fds; the channel's one-socket hot
+  paths (send_single writes single_frame's bytes, or leaves the handoff to Python;
+  recv_batch makes checked Handoffs and passes everything else on, descriptors open and
+  in order); and a fallback process logs its one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -22,6 +25,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -420,3 +424,198 @@ def test_dispatch_burst_accepts_places_registers_and_frames() -> None:
         for c in clients:
             c.close()
         lsock.close()
+
+
+# --- the channel's one-socket hot paths: send_single and recv_batch ---------------------
+
+_JSON_CASES: list[object] = [
+    None, {}, {"a": 1}, {"route": "chat", "client": ["127.0.0.1", 54321], "id": "abcdefgh1"},
+    {"esc": "q\"b\\s/\b\f\n\r\t\x00\x1f\x7f", "uni": "é€\U0001f600", "n": [True, False, None, -5, 2**63 - 1]},
+    {"nested": {"a": [{"b": ()}, [1, [2, [3]]]]}, "": ""},
+    b'{"pre":"encoded"}',
+]
+# what the C encoder leaves to Python (which encodes it, or says why it cannot)
+_JSON_DECLINED: list[object] = [
+    {"f": 1.5}, {1: "int key"}, {"big": 2**70}, {"t": {1, 2}},
+    {"deep": json.loads("[" * 40 + "]" * 40)}, bytearray(b"{}"), ["not a dict"],
+]
+
+
+def _recv_one(b: socket.socket) -> tuple[bytes, list[int]]:
+    msg, fds, _flags, _addr = socket.recv_fds(b, 1 << 17, 4)
+    return msg, fds
+
+
+@needs_c
+@pytest.mark.parametrize("meta", _JSON_CASES)
+def test_send_single_writes_the_python_frame(meta: object) -> None:
+    """The frame send_single writes is byte for byte the one single_frame packs (the
+    metadata encoded as json.dumps with compact separators)."""
+    from sockshare._state import ChannelState
+    assert sp is not None
+    a, b = socket.socketpair()
+    moved = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        st = ChannelState()
+        frame, _fd, ticket = st.single_frame(moved, meta, b"pre-read", True)
+        assert sp.send_single(a.fileno(), moved, 1, ticket.id, meta, b"pre-read", 1 << 20) == 1
+        got, fds = _recv_one(b)
+        assert got == frame
+        assert len(fds) == 1
+        os.close(fds[0])
+    finally:
+        for s in (a, b, moved):
+            s.close()
+
+
+@needs_c
+@pytest.mark.parametrize("meta", _JSON_DECLINED)
+def test_send_single_leaves_what_it_does_not_encode_to_python(meta: object) -> None:
+    assert sp is not None
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    try:
+        assert sp.send_single(a.fileno(), a, 0, 1, meta, b"", 1 << 20) == -1
+        with pytest.raises(BlockingIOError):
+            b.recv(1)  # nothing was sent
+        # too large for the peer, or for the limits: also Python's to say
+        assert sp.send_single(a.fileno(), a, 0, 1, {"a": "x" * 100}, b"", 100) == -1
+        assert sp.send_single(a.fileno(), a, 0, 1, None, b"x" * (64 * 1024 + 1), 1 << 20) == -1
+        assert sp.send_single(a.fileno(), a, 0, 1, {"m": "x" * (16 * 1024)}, b"", 1 << 20) == -1
+    finally:
+        a.close()
+        b.close()
+
+
+@needs_c
+def test_send_single_reports_a_full_socket_and_the_rest_of_a_started_frame() -> None:
+    assert sp is not None
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    try:
+        before = fd_count()
+        results = []
+        for hid in range(10_000):
+            r = sp.send_single(a.fileno(), b, 0, hid, None, b"d" * 30_000, 1 << 20)
+            results.append(r)
+            if not isinstance(r, int) or r == 0:
+                break
+        last = results[-1]
+        assert isinstance(last, bytes) or last == 0  # a started frame's rest, or nothing
+        if isinstance(last, bytes):
+            assert 0 < len(last) < 34 + 30_000
+        # the receiver's copies: drain and close them all
+        b.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                _m, fds, _f, _a = socket.recv_fds(b, 1 << 16, 8)
+                for fd in fds:
+                    os.close(fd)
+        assert fd_count() == before
+    finally:
+        a.close()
+        b.close()
+
+
+def _batch(b: socket.socket, *, single: bool = True, blocking: int = 1,
+           max_msgs: int = 32) -> tuple[list[Any], int, list[tuple[bytes, list[int], int]]]:
+    from sockshare._state import Handoff
+    assert sp is not None
+    answers: list[object] = []
+    return sp.recv_batch(b.fileno(), 64 * 1024, socket.MSG_DONTWAIT, max_msgs, single, socket.socket,
+                         blocking, 1 << 20, Handoff, answers.append)
+
+
+@needs_c
+def test_recv_batch_makes_checked_handoffs_and_passes_the_rest_on_in_order() -> None:
+    from sockshare._state import ChannelState, Handoff
+    assert sp is not None
+    a, b = socket.socketpair()
+    st = ChannelState()
+    moved = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(3)]
+    try:
+        before = fd_count()
+        frames = [st.single_frame(s, {"i": i}, b"d%d" % i, i == 1)[0] for i, s in enumerate(moved)]
+        for frame, s in zip(frames, moved, strict=True):
+            socket.send_fds(a, [frame], [s.fileno()])
+        a.send(b"SS-not-a-frame")  # then bytes the Python decoder must see, in order
+        socket.send_fds(a, [frames[0]], [moved[0].fileno()])  # (the kernel joins them)
+        socket.send_fds(a, [frames[2]], [moved[2].fileno()])  # (after them: passed on too)
+        handoffs, acked, rest = _batch(b, blocking=0)
+        assert [type(h) for h in handoffs] == [Handoff] * 3
+        assert [h.raw_meta for h in handoffs] == [b'{"i":0}', b'{"i":1}', b'{"i":2}']
+        assert [h.data for h in handoffs] == [b"d0", b"d1", b"d2"]
+        assert [h.acked for h in handoffs] == [False, True, False]
+        assert acked == 1
+        for h in handoffs:
+            assert (h.socket.family, h.socket.type) == (socket.AF_INET, socket.SOCK_STREAM)
+            assert h.socket.gettimeout() == 0.0  # blocking=0: non-blocking, as asked
+            assert not os.get_inheritable(h.socket.fileno())
+        assert [m[0] for m in rest] == [b"SS-not-a-frame" + frames[0], frames[2]]
+        assert [len(m[1]) for m in rest] == [1, 1]
+        for h in handoffs:
+            h.socket.close()
+        for m in rest:
+            os.close(m[1][0])
+        assert fd_count() == before
+        with pytest.raises(BlockingIOError):
+            _batch(b)
+    finally:
+        for s in (a, b, *moved):
+            s.close()
+
+
+@needs_c
+def test_recv_batch_leaves_a_lying_descriptor_to_the_python_path() -> None:
+    """A descriptor that is not what its frame claims (here a pipe, and a UDP socket
+    claimed as TCP) is passed on open, with its frame, for checked_socket to refuse."""
+    from sockshare._state import ChannelState
+    assert sp is not None
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        before = fd_count()
+        frame = ChannelState().single_frame(tcp, None, b"", False)[0]
+        socket.send_fds(a, [frame], [r])
+        socket.send_fds(a, [frame], [udp.fileno()])
+        handoffs, _acked, rest = _batch(b)
+        assert handoffs == []
+        assert [m[0] for m in rest] == [frame, frame]
+        got = [m[1][0] for m in rest]
+        assert stat_kind(got[0]) == "fifo"
+        with socket.socket(fileno=os.dup(got[1])) as check:
+            assert check.type == socket.SOCK_DGRAM
+        for fd in got:
+            os.close(fd)
+        assert fd_count() == before
+        # not idle (single=False): nothing is decoded in C
+        socket.send_fds(a, [frame], [tcp.fileno()])
+        handoffs, _acked, rest = _batch(b, single=False)
+        assert handoffs == []
+        assert rest[0][0] == frame
+        os.close(rest[0][1][0])
+    finally:
+        for s in (a, b, udp, tcp):
+            s.close()
+        os.close(r)
+        os.close(w)
+
+
+def stat_kind(fd: int) -> str:
+    import stat
+    mode = os.fstat(fd).st_mode
+    return "fifo" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "other"
+
+
+@needs_c
+def test_recv_batch_reads_the_end_of_the_stream_once() -> None:
+    a, b = socket.socketpair()
+    try:
+        a.close()
+        handoffs, _acked, rest = _batch(b)
+        assert handoffs == []
+        assert [(m[0], m[1]) for m in rest] == [(b"", [])]
+    finally:
+        b.close()

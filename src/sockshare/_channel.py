@@ -65,6 +65,7 @@ from sockshare._state import (
     Handoff,
     PeerInfo,
     Policy,
+    StateView,
     Ticket,
     error_frame,
 )
@@ -197,7 +198,7 @@ def _parse_address(address: str | os.PathLike[str]) -> tuple[int, Any]:
 # --- the blocking channel ----------------------------------------------------------------
 
 
-class Channel:
+class Channel(StateView):
     """One end of a handoff channel (blocking form). Thread-safe for one sender thread
     and one receiver thread at a time.
 
@@ -338,22 +339,7 @@ class Channel:
         self._detached = True
         return self._sock, self._state
 
-    # -- properties ----------------------------------------------------------------
-
-    @property
-    def peer(self) -> PeerInfo:
-        """The peer's pid, uid, name and features, from the handshake."""
-        assert self._state.peer is not None
-        return self._state.peer
-
-    @property
-    def counters(self) -> dict[str, int]:
-        """Handoffs sent, received, accepted, rejected, returned on this channel."""
-        return self._state.all_counters()
-
-    @property
-    def closed(self) -> bool:
-        return self._state.closed
+    # -- properties (peer, counters, closed: StateView) -------------------------------
 
     def fileno(self) -> int:
         return self._sock.fileno()

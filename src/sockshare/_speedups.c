@@ -74,6 +74,35 @@ make_address(const struct sockaddr_storage *ss, socklen_t len)
     return PyUnicode_FromString("");
 }
 
+/* accept4(SOCK_CLOEXEC) the next connection of `lfd`: its descriptor; -1 when there is
+ * none to take now (*status stays 0 for EAGAIN, else the errno that stopped it: EMFILE,
+ * ENFILE, ENOBUFS, ...), -2 when a signal handler raised. Connections aborted before
+ * accept (ECONNABORTED) are skipped, EINTR retried. */
+static int
+accept_next(int lfd, struct sockaddr_storage *ss, socklen_t *len, int *status)
+{
+    for (;;) {
+        int fd;
+        *len = sizeof *ss;
+        Py_BEGIN_ALLOW_THREADS
+        fd = accept4(lfd, (struct sockaddr *)ss, len, SOCK_CLOEXEC);
+        Py_END_ALLOW_THREADS
+        if (fd >= 0)
+            return fd;
+        int e = errno;
+        if (e == EINTR) {
+            if (PyErr_CheckSignals() < 0)
+                return -2;
+            continue;
+        }
+        if (e == ECONNABORTED)
+            continue;
+        if (e != EAGAIN && e != EWOULDBLOCK)
+            *status = e;
+        return -1;
+    }
+}
+
 static PyObject *
 accept_many(PyObject *self, PyObject *args)
 {
@@ -86,24 +115,12 @@ accept_many(PyObject *self, PyObject *args)
     int status = 0;
     while (budget > 0) {
         struct sockaddr_storage ss;
-        socklen_t len = sizeof ss;
-        int fd;
-        Py_BEGIN_ALLOW_THREADS
-        fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_CLOEXEC);
-        Py_END_ALLOW_THREADS
-        if (fd < 0) {
-            int e = errno;
-            if (e == EINTR) {
-                if (PyErr_CheckSignals() < 0)
-                    goto fail;
-                continue;
-            }
-            if (e == ECONNABORTED)
-                continue;
-            if (e != EAGAIN && e != EWOULDBLOCK)
-                status = e;
+        socklen_t len;
+        int fd = accept_next(lfd, &ss, &len, &status);
+        if (fd == -2)
+            goto fail;
+        if (fd < 0)
             break;
-        }
         PyObject *addr = make_address(&ss, len);
         PyObject *item = addr == NULL ? NULL : Py_BuildValue("(iN)", fd, addr);
         if (item == NULL || PyList_Append(out, item) < 0) {
@@ -968,33 +985,51 @@ out:
     return result;
 }
 
+/* the number of ids of an ACCEPT payload (count, then that many u64), strictly sized;
+ * -1 with ValueError (and `b` released) if it is not one */
+static Py_ssize_t
+accept_count(Py_buffer *b)
+{
+    const unsigned char *p = (const unsigned char *)b->buf;
+    if (b->len < 2) {
+        PyErr_Format(PyExc_ValueError, "ACCEPT payload has %zd bytes, expected 2", b->len);
+        PyBuffer_Release(b);
+        return -1;
+    }
+    Py_ssize_t count = ((Py_ssize_t)p[0] << 8) | p[1];
+    if (b->len != 2 + 8 * count) {
+        PyErr_Format(PyExc_ValueError, "ACCEPT payload has %zd bytes, expected %zd", b->len,
+                     2 + 8 * count);
+        PyBuffer_Release(b);
+        return -1;
+    }
+    return count;
+}
+
+/* the i-th id of an ACCEPT payload that accept_count checked */
+static unsigned long long
+accept_id(const Py_buffer *b, Py_ssize_t i)
+{
+    const unsigned char *q = (const unsigned char *)b->buf + 2 + 8 * i;
+    return ((unsigned long long)get32(q) << 32) | get32(q + 4);
+}
+
 static PyObject *
 accept_ids(PyObject *self, PyObject *arg)
 {
     Py_buffer b;
     if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
         return NULL;
-    const unsigned char *p = (const unsigned char *)b.buf;
-    if (b.len < 2) {
-        PyBuffer_Release(&b);
-        return PyErr_Format(PyExc_ValueError, "ACCEPT payload has %zd bytes, expected 2", b.len);
-    }
-    Py_ssize_t count = ((Py_ssize_t)p[0] << 8) | p[1];
-    if (b.len != 2 + 8 * count) {
-        PyBuffer_Release(&b);
-        return PyErr_Format(PyExc_ValueError, "ACCEPT payload has %zd bytes, expected %zd",
-                            b.len, 2 + 8 * count);
-    }
+    Py_ssize_t count = accept_count(&b);
+    if (count < 0)
+        return NULL;
     PyObject *out = PyList_New(count);
     if (out == NULL) {
         PyBuffer_Release(&b);
         return NULL;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
-        const unsigned char *q = p + 2 + 8 * i;
-        unsigned long long v = 0;
-        for (int k = 0; k < 8; k++)
-            v = (v << 8) | q[k];
+        unsigned long long v = accept_id(&b, i);
         PyObject *o = PyLong_FromUnsignedLongLong(v);
         if (o == NULL) {
             Py_DECREF(out);
@@ -1114,24 +1149,12 @@ dispatch_burst(PyObject *self, PyObject *args)
     /* accept and place */
     while (nconn < budget) {
         struct sockaddr_storage ss;
-        socklen_t len = sizeof ss;
-        int fd;
-        Py_BEGIN_ALLOW_THREADS
-        fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_CLOEXEC);
-        Py_END_ALLOW_THREADS
-        if (fd < 0) {
-            int e = errno;
-            if (e == EINTR) {
-                if (PyErr_CheckSignals() < 0)
-                    goto out;
-                continue;
-            }
-            if (e == ECONNABORTED)
-                continue;
-            if (e != EAGAIN && e != EWOULDBLOCK)
-                status = e;
+        socklen_t len;
+        int fd = accept_next(lfd, &ss, &len, &status);
+        if (fd == -2)
+            goto out;
+        if (fd < 0)
             break;
-        }
         conn_t *c = &conns[nconn++];
         c->fd = fd;
         char host[INET6_ADDRSTRLEN + 64];
@@ -1291,17 +1314,9 @@ settle_accepts(PyObject *self, PyObject *args)
     PyObject *raw;
     if (!PyArg_ParseTuple(args, "y*O!:settle_accepts", &b, &PyDict_Type, &raw))
         return NULL;
-    const unsigned char *p = (const unsigned char *)b.buf;
-    if (b.len < 2) {
-        PyBuffer_Release(&b);
-        return PyErr_Format(PyExc_ValueError, "ACCEPT payload has %zd bytes, expected 2", b.len);
-    }
-    Py_ssize_t count = ((Py_ssize_t)p[0] << 8) | p[1];
-    if (b.len != 2 + 8 * count) {
-        PyBuffer_Release(&b);
-        return PyErr_Format(PyExc_ValueError, "ACCEPT payload has %zd bytes, expected %zd",
-                            b.len, 2 + 8 * count);
-    }
+    Py_ssize_t count = accept_count(&b);
+    if (count < 0)
+        return NULL;
     PyObject *rest = PyList_New(0);
     if (rest == NULL) {
         PyBuffer_Release(&b);
@@ -1309,10 +1324,7 @@ settle_accepts(PyObject *self, PyObject *args)
     }
     Py_ssize_t closed = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
-        const unsigned char *q = p + 2 + 8 * i;
-        unsigned long long v = 0;
-        for (int k = 0; k < 8; k++)
-            v = (v << 8) | q[k];
+        unsigned long long v = accept_id(&b, i);
         PyObject *key = PyLong_FromUnsignedLongLong(v);
         if (key == NULL)
             goto fail;

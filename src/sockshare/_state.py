@@ -90,7 +90,7 @@ from sockshare.protocol import (
 from sockshare.protocol._frames import _TYPE_BY_VALUE
 from sockshare.protocol._messages import _UNPACKED
 
-__all__ = ["ChannelState", "Handoff", "PeerInfo", "Policy", "Ticket"]
+__all__ = ["ChannelState", "Handoff", "PeerInfo", "Policy", "StateView", "Ticket"]
 
 log = logging.getLogger("sockshare.channel")
 
@@ -256,6 +256,28 @@ class Handoff:
         self.socket.close()
         if self.acked and self._answer is not None:
             self._answer(self.id, reason)
+
+
+class StateView:
+    """What both adapters (:class:`sockshare.Channel`, :class:`sockshare.AsyncChannel`)
+    tell of their :class:`ChannelState`, read-only."""
+
+    _state: ChannelState
+
+    @property
+    def peer(self) -> PeerInfo:
+        """The peer's pid, uid, name and features, from the handshake."""
+        assert self._state.peer is not None
+        return self._state.peer
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Handoffs sent, received, accepted, rejected, returned on this channel."""
+        return self._state.all_counters()
+
+    @property
+    def closed(self) -> bool:
+        return self._state.closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -710,56 +732,20 @@ class ChannelState:
         self, items: list[tuple[socket.socket, Any, bytes]], ack: bool,
     ) -> list[tuple[bytes, list[int], list[Ticket]]]:
         """The batched hot path: entries packed straight into the payload (the same
-        bytes as :func:`~sockshare.protocol.encode_handoff`; the test vectors check)."""
+        bytes as :func:`~sockshare.protocol.encode_handoff`; the test vectors check),
+        by sockshare._speedups where it is built (``handoff_frame``), else by
+        :func:`_pack_handoff`."""
         out: list[tuple[bytes, list[int], list[Ticket]]] = []
         flags = FLAG_ACK if ack else 0
         peer_max = self.peer.max_payload if self.peer else MAX_PAYLOAD
         state: TicketState = "pending" if ack else "sent"
         sp = _fast.speedups
-        if sp is not None:
-            return self._fd_frames_compiled(items, sp, flags, state, peer_max)
-        parts: list[bytes] = [b""]
-        fds: list[int] = []
-        tickets: list[Ticket] = []
-        size = 2
-        pack, code_of = _ENTRY.pack, SocketKind.code_of
-        for sock, meta, pre in items:
-            raw = meta if type(meta) is bytes and len(meta) <= MAX_META else _encode_meta(meta)
-            data = pre if type(pre) is bytes else bytes(pre)
-            ldata = len(data)
-            if ldata > MAX_DATA:
-                raise MessageTooLarge(f"pre-read data of {ldata} bytes; the limit is {MAX_DATA}")
-            esize = 20 + len(raw) + ldata
-            if esize + 2 > peer_max:
-                raise MessageTooLarge(
-                    f"a handoff of {esize + 2} bytes is over the peer's limit of {peer_max}")
-            if tickets and (len(tickets) >= BATCH or size + esize > peer_max):
-                out.append(self._close_frame(parts, fds, tickets, flags, size))
-                parts, fds, tickets, size = [b""], [], [], 2
-            hid = next(_ids)
-            parts.append(pack(hid, code_of(sock), len(raw), ldata))
-            parts.append(raw)
-            parts.append(data)
-            fds.append(sock.fileno())
-            tickets.append(Ticket(hid, sock, meta, data, state))
-            size += esize
-        if tickets:
-            out.append(self._close_frame(parts, fds, tickets, flags, size))
-        return out
-
-    @staticmethod
-    def _fd_frames_compiled(
-        items: list[tuple[socket.socket, Any, bytes]], sp: _fast.Speedups, flags: int,
-        state: TicketState, peer_max: int,
-    ) -> list[tuple[bytes, list[int], list[Ticket]]]:
-        """:meth:`_fd_frames` with each frame packed by sockshare._speedups (the same
-        bytes: the test vectors run both)."""
-        out: list[tuple[bytes, list[int], list[Ticket]]] = []
+        frame = _pack_handoff if sp is None else sp.handoff_frame
         entries: list[tuple[int, bytes, bytes, bytes]] = []
         fds: list[int] = []
         tickets: list[Ticket] = []
         size = 2
-        code_of, frame = SocketKind.code_of, sp.handoff_frame
+        code_of = SocketKind.code_of
         for sock, meta, pre in items:
             raw = meta if type(meta) is bytes and len(meta) <= MAX_META else _encode_meta(meta)
             data = pre if type(pre) is bytes else bytes(pre)
@@ -781,12 +767,6 @@ class ChannelState:
         if tickets:
             out.append((frame(flags, entries), fds, tickets))
         return out
-
-    @staticmethod
-    def _close_frame(parts: list[bytes], fds: list[int], tickets: list[Ticket], flags: int,
-                     size: int) -> tuple[bytes, list[int], list[Ticket]]:
-        parts[0] = HEADER.pack(MAGIC, VERSION, _HANDOFF, flags, len(fds), 0, size) + _U16.pack(len(fds))
-        return b"".join(parts), fds, tickets
 
     def _frame(
         self, entries: list[HandoffEntry], tickets: list[Ticket], flags: int,
@@ -1101,6 +1081,19 @@ class ChannelState:
         self.closed = True
         while self.incoming:
             self._release(self.incoming.popleft().socket)
+
+
+def _pack_handoff(flags: int, entries: list[tuple[int, bytes, bytes, bytes]]) -> bytes:
+    """A HANDOFF frame of entries (id, kind code, meta, data): the pure-Python twin of
+    ``sockshare._speedups.handoff_frame``."""
+    pack = _ENTRY.pack
+    parts = [b""]
+    size = 2
+    for hid, code, raw, data in entries:
+        parts += (pack(hid, code, len(raw), len(data)), raw, data)
+        size += 20 + len(raw) + len(data)
+    parts[0] = HEADER.pack(MAGIC, VERSION, _HANDOFF, flags, len(entries), 0, size) + _U16.pack(len(entries))
+    return b"".join(parts)
 
 
 def single_bytes(hid: int, ack: bool, code: bytes, raw: bytes, data: bytes) -> bytes:
