@@ -458,7 +458,7 @@ def test_send_single_writes_the_python_frame(meta: object) -> None:
     try:
         st = ChannelState()
         frame, _fd, ticket = st.single_frame(moved, meta, b"pre-read", True)
-        assert sp.send_single(a.fileno(), moved, 1, ticket.id, meta, b"pre-read", 1 << 20) == 1
+        assert sp.send_single(a.fileno(), moved, 1, ticket.id, meta, b"pre-read", 1 << 20, False) == 1
         got, fds = _recv_one(b)
         assert got == frame
         assert len(fds) == 1
@@ -475,13 +475,13 @@ def test_send_single_leaves_what_it_does_not_encode_to_python(meta: object) -> N
     a, b = socket.socketpair()
     b.setblocking(False)
     try:
-        assert sp.send_single(a.fileno(), a, 0, 1, meta, b"", 1 << 20) == -1
+        assert sp.send_single(a.fileno(), a, 0, 1, meta, b"", 1 << 20, False) == -1
         with pytest.raises(BlockingIOError):
             b.recv(1)  # nothing was sent
         # too large for the peer, or for the limits: also Python's to say
-        assert sp.send_single(a.fileno(), a, 0, 1, {"a": "x" * 100}, b"", 100) == -1
-        assert sp.send_single(a.fileno(), a, 0, 1, None, b"x" * (64 * 1024 + 1), 1 << 20) == -1
-        assert sp.send_single(a.fileno(), a, 0, 1, {"m": "x" * (16 * 1024)}, b"", 1 << 20) == -1
+        assert sp.send_single(a.fileno(), a, 0, 1, {"a": "x" * 100}, b"", 100, False) == -1
+        assert sp.send_single(a.fileno(), a, 0, 1, None, b"x" * (64 * 1024 + 1), 1 << 20, False) == -1
+        assert sp.send_single(a.fileno(), a, 0, 1, {"m": "x" * (16 * 1024)}, b"", 1 << 20, False) == -1
     finally:
         a.close()
         b.close()
@@ -496,7 +496,7 @@ def test_send_single_reports_a_full_socket_and_the_rest_of_a_started_frame() -> 
         before = fd_count()
         results = []
         for hid in range(10_000):
-            r = sp.send_single(a.fileno(), b, 0, hid, None, b"d" * 30_000, 1 << 20)
+            r = sp.send_single(a.fileno(), b, 0, hid, None, b"d" * 30_000, 1 << 20, False)
             results.append(r)
             if not isinstance(r, int) or r == 0:
                 break
@@ -618,4 +618,32 @@ def test_recv_batch_reads_the_end_of_the_stream_once() -> None:
         assert handoffs == []
         assert [(m[0], m[1]) for m in rest] == [(b"", [])]
     finally:
+        b.close()
+
+
+@needs_c
+def test_send_single_closes_a_fire_and_forget_socket_once_it_went() -> None:
+    assert sp is not None
+    a, b = socket.socketpair()
+    try:
+        before = fd_count()
+        moved = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        assert sp.send_single(a.fileno(), moved, 0, 7, None, b"", 1 << 20, True) == 1
+        assert moved.fileno() == -1  # closed as socket.close() closes it
+        assert moved._closed  # type: ignore[attr-defined]
+        _msg, fds = _recv_one(b)
+        assert fd_count() == before + 1  # only the receiver's copy is left
+        os.close(fds[0])
+        # a socket that makefile() still uses keeps its descriptor, as with close()
+        kept = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        f = kept.makefile("rb")
+        assert sp.send_single(a.fileno(), kept, 0, 8, None, b"", 1 << 20, True) == 1
+        assert kept.fileno() >= 0
+        f.close()
+        assert kept.fileno() == -1
+        _msg, fds = _recv_one(b)
+        os.close(fds[0])
+        assert fd_count() == before
+    finally:
+        a.close()
         b.close()

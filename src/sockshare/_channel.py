@@ -564,7 +564,7 @@ class Channel(StateView):
         if sp is not None:  # the frame is encoded, packed and written in C
             if type(data) is not bytes:
                 data = bytes(data)
-            ticket = st.single_ticket(st.next_id(), sock, meta, data, ack, owner=self)
+            ticket = st.single_ticket(sock, meta, data, ack, self)
             sent = self._send_single_now(ticket, sp, ack, b"", -1)
             if sent < 0:  # not in C: the Python path encodes it, or says what is wrong
                 st.withdraw([ticket])
@@ -601,9 +601,14 @@ class Channel(StateView):
         try:
             if not self._out:
                 if sp is not None:
+                    st = self._state
+                    # (a fire-and-forget socket that went is closed in C, as socket.close does)
+                    close = not ack and st.releases_default and _SOCKET_CLASS is not None
                     sent = sp.send_single(self._sock.fileno(), ticket.socket, FLAG_ACK if ack else 0,
-                                          ticket.id, ticket.meta, ticket.data, self._state.peer_limit)
-                    if type(sent) is bytes:  # never leave a handoff half-written
+                                          ticket.id, ticket.meta, ticket.data, st.peer_limit, close)
+                    if sent == 1 and close:
+                        ticket.socket = None
+                    elif type(sent) is bytes:  # never leave a handoff half-written
                         self._finish_locked(memoryview(sent))
                         sent = 1
                 else:

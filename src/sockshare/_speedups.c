@@ -445,7 +445,7 @@ recv_fds(PyObject *self, PyObject *args)
 
 /* what sockshare.backends._fds.checked_socket needs, looked up once */
 static PyObject *sock_family_get, *sock_type_get;   /* _socket.socket's C getters */
-static PyObject *sock_proto_get;
+static PyObject *sock_proto_get, *sock_close;   /* (and _socket.socket.close) */
 static PyObject *str_io_refs, *str_closed, *str_setblocking, *str_detach, *str_fileno;
 static PyObject *long_zero;
 
@@ -482,6 +482,12 @@ socket_api(void)
     Py_INCREF(typ);
     Py_INCREF(pro);
     sock_proto_get = pro;
+    sock_close = PyDict_GetItemString(dict, "close");
+    if (sock_close == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_socket.socket has no close");
+        return -1;
+    }
+    Py_INCREF(sock_close);
     sock_family_get = fam;
     sock_type_get = typ;
     return 0;
@@ -893,7 +899,28 @@ json_value(buf_t *b, PyObject *o, int depth)
     return 0;
 }
 
-/* send_single(fd, sock, flags, hid, meta, data, max_payload) -> int
+/* socket.socket.close of socket.py for an object of its fast form: _closed, and the
+ * descriptor closed unless makefile() objects still use it */
+static int
+sock_release(PyObject *sock)
+{
+    if (PyObject_SetAttr(sock, str_closed, Py_True) < 0)
+        return -1;
+    PyObject *refs = PyObject_GetAttr(sock, str_io_refs);
+    if (refs == NULL)
+        return -1;
+    long n = PyLong_AsLong(refs);
+    Py_DECREF(refs);
+    if (n == -1 && PyErr_Occurred())
+        return -1;
+    if (n > 0)
+        return 0;
+    PyObject *r = PyObject_CallOneArg(sock_close, sock);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* send_single(fd, sock, flags, hid, meta, data, max_payload, close) -> int
  * ChannelState.single_frame's frame for `sock` (its kind from the kernel's family, type
  * and protocol, as SocketKind.code_of), written with its descriptor in one non-blocking
  * sendmsg: 1 (it went), 0 (the socket is full, nothing went) or the bytes of the frame
@@ -901,16 +928,20 @@ json_value(buf_t *b, PyObject *o, int depth)
  * JSON (bytes), or a dict encoded here as the Python path would (plain types only).
  * Nothing is sent and -1 comes back when the Python path must do it (and say what is
  * wrong): a kind the wire has no code for, metadata this encoder does not take, sizes
- * over the limits (MAX_META, MAX_DATA, `max_payload`). */
+ * over the limits (MAX_META, MAX_DATA, `max_payload`). With `close`, a socket whose
+ * frame went whole is closed as socket.close() does (a fire-and-forget handoff). */
 static PyObject *
 send_single(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 7 || !PyLong_Check(args[0]) || !PyLong_Check(args[2]) || !PyLong_Check(args[3])
+    if (nargs != 8 || !PyLong_Check(args[0]) || !PyLong_Check(args[2]) || !PyLong_Check(args[3])
         || !PyBytes_Check(args[5]) || !PyLong_Check(args[6])) {
         PyErr_SetString(PyExc_TypeError, "send_single(fd: int, sock, flags: int, hid: int, meta, "
-                                         "data: bytes, max_payload: int)");
+                                         "data: bytes, max_payload: int, close: bool)");
         return NULL;
     }
+    int close_after = PyObject_IsTrue(args[7]);
+    if (close_after < 0)
+        return NULL;
     if (socket_api() < 0)
         return NULL;
     int sfd = (int)PyLong_AsLong(args[0]);
@@ -970,8 +1001,11 @@ send_single(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     put32(p + 30, (unsigned long)ld);
     int one = (int)fd;
     Py_ssize_t sent = sendmsg_fds(sfd, p, b.len, &one, 1);
-    if (sent == (Py_ssize_t)b.len)
+    if (sent == (Py_ssize_t)b.len) {
+        if (close_after && sock_release(sock) < 0)
+            goto out;
         result = PyLong_FromLong(1);
+    }
     else if (sent == 0)
         result = PyLong_FromLong(0);
     else if (sent > 0)   /* the rest of a frame that has started: the caller finishes it */
@@ -1375,7 +1409,7 @@ static PyMethodDef methods[] = {
      "recv_batch(fd, bufsize, flags, max_msgs, single, sockcls, blocking, max_payload, handoff_cls, "
      "answer) -> (handoffs, acked, [(data, fds, msg_flags)]): one recvmmsg"},
     {"send_single", (PyCFunction)(void (*)(void))send_single, METH_FASTCALL,
-     "send_single(fd, sock, flags, hid, meta, data, max_payload) -> 1, 0, -1 or bytes: one "
+     "send_single(fd, sock, flags, hid, meta, data, max_payload, close) -> 1, 0, -1 or bytes: one "
      "one-socket HANDOFF frame"},
     {"accept_ids", accept_ids, METH_O, "accept_ids(payload) -> list[int]"},
     {"close_fds", close_fds, METH_O, "close_fds(fds) -> None"},

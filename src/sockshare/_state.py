@@ -336,6 +336,8 @@ class ChannelState:
         self.pid = pid
         self.uid = uid
         self.peer: PeerInfo | None = None
+        #: the largest payload the peer takes (no limit before its HELLO)
+        self.peer_limit = _NO_LIMIT
         self.incoming: deque[Handoff] = deque()
         self.tickets: dict[int, Ticket] = {}
         self.returned: deque[Ticket] = deque()
@@ -363,6 +365,9 @@ class ChannelState:
         #: (:meth:`track_answers`): it wakes the waiters of those tickets and no others
         self.answered_log: list[Ticket] | None = None
         self._adopt = adopt
+        #: a socket this side no longer owns is closed the default way (socket.close):
+        #: the compiled send may close a fire-and-forget one in C
+        self.releases_default = release is socket.socket.close
         #: received descriptors become sockets the default way (checked_socket): the
         #: compiled receive may do it in C
         self.adopts_checked = adopt is checked_socket
@@ -445,6 +450,7 @@ class ChannelState:
             return error_frame(why), why
         self.peer = PeerInfo(hello.pid, hello.uid, hello.name, hello.features,
                              min(hello.max_payload, MAX_PAYLOAD))
+        self.peer_limit = self.peer.max_payload
         # leftover bytes after HELLO (the peer may already be sending) go to the channel
         self._discard(hs.take_fds())
         if hs.buffered:
@@ -607,31 +613,23 @@ class ChannelState:
         hid = next(_ids)
         head = _SINGLE.pack(MAGIC, VERSION, _HANDOFF, FLAG_ACK if ack else 0, 1, 0, length, 1, hid,
                             SocketKind.code_of(sock), len(raw), ldata)
-        ticket = self.single_ticket(hid, sock, meta, data, ack, owner=owner)
+        ticket = self.single_ticket(sock, meta, data, ack, owner, hid)
         return b"".join((head, raw, data)), sock.fileno(), ticket
 
-    def single_ticket(
-        self, hid: int, sock: socket.socket, meta: Any, data: bytes, ack: bool, *, owner: Any = None,
+    def single_ticket(  # noqa: PLR0917 - the hot path: positional
+        self, sock: socket.socket, meta: Any, data: bytes, ack: bool, owner: Any = None, hid: int = 0,
     ) -> Ticket:
-        """The ticket of a one-socket handoff (registered if acked); ``hid``: a
-        :meth:`next_id`. The compiled send packs and checks the frame itself
+        """The ticket of a one-socket handoff (registered if acked), with a new id
+        unless ``hid`` is given. The compiled send packs and checks the frame itself
         (``sockshare._speedups.send_single``); if it cannot, :meth:`withdraw` this
         ticket and take :meth:`single_frame`."""
+        if not hid:
+            hid = next(_ids)
         if ack:
             ticket = Ticket(hid, sock, meta, data, "pending", "", owner)
             self.tickets[hid] = ticket
             return ticket
         return Ticket(hid, sock, meta, data, "sent")
-
-    @staticmethod
-    def next_id() -> int:
-        """A new handoff id."""
-        return next(_ids)
-
-    @property
-    def peer_limit(self) -> int:
-        """The largest payload the peer takes (no limit before its HELLO)."""
-        return self.peer.max_payload if self.peer is not None else _NO_LIMIT
 
     @staticmethod
     def frame_of(ticket: Ticket, ack: bool) -> tuple[bytes, int]:
@@ -645,8 +643,8 @@ class ChannelState:
     def sent_one(self, ticket: Ticket) -> None:
         """The frame of ``ticket`` (from :meth:`single_frame`) was written."""
         self.counters["sent"] += 1
-        if ticket.state == "sent":
-            self._release(ticket.socket)  # type: ignore[arg-type]  # (never None here)
+        if ticket.state == "sent" and ticket.socket is not None:  # (None: the compiled send closed it)
+            self._release(ticket.socket)
             ticket.socket = None
 
     def sent(self, tickets: list[Ticket]) -> None:
