@@ -229,6 +229,7 @@ class Channel(StateView):
         self._leftovers_read = False
         self._sends_unread = 0
         self._stream: bool | None = None  # (a SOCK_STREAM channel: known on first read)
+        self._batch_msgs = 1  # messages the next compiled read takes in (_read_once_compiled)
         self.name = name
         #: Seconds a handoff send (or a control past ``OUT_LIMIT``) may wait for a peer
         #: that reads nothing: then :class:`~sockshare.ChannelTimeout`, never a silent
@@ -814,7 +815,8 @@ class Channel(StateView):
 
     def _read_once_compiled(self, sp: _fast.Speedups, deadline: float | None) -> bool:
         """:meth:`_read_once` with sockshare._speedups: one recvmmsg takes in up to
-        ``_BATCH_MSGS`` messages (a stream channel), and the whole one-socket HANDOFF
+        ``_BATCH_MSGS`` messages (a stream channel that is receiving single handoffs;
+        otherwise one, with all of ``RECV_BUF``), and the whole one-socket HANDOFF
         frames among them become Handoffs in C (:meth:`ChannelState.receive_single`,
         ``checked_socket`` included); the other messages go the Python way, in order."""
         st = self._state
@@ -824,7 +826,7 @@ class Channel(StateView):
         try:  # (as in _read_once: try first with a deadline, else a blocking read)
             handoffs, acked, messages = sp.recv_batch(
                 self._sock.fileno(), RECV_BUF, MSG_DONTWAIT if deadline is not None else 0,
-                _BATCH_MSGS if stream else 1, st.decoder.idle and not st.wsa,
+                self._batch_msgs, st.decoder.idle and not st.wsa,
                 _SOCKET_CLASS if st.adopts_checked else None, _BLOCKING_CODE[st.socket_blocking],
                 st.max_payload, Handoff, self._answer)
         except BlockingIOError:
@@ -837,6 +839,9 @@ class Channel(StateView):
             return True
         if handoffs:
             st.received_singles(handoffs, acked)
+        # several messages a read while they are one-socket frames; one (all of RECV_BUF)
+        # while they are not: a batch frame would be cut into the small buffers
+        self._batch_msgs = _BATCH_MSGS if handoffs and stream else 1
         for data, fds, flags in messages:
             if st.broken is not None:  # (a message before broke the channel)
                 close_fds(fds)
