@@ -625,3 +625,25 @@ def test_recv_batch_reads_the_end_of_the_stream_once(pair: tuple[socket.socket, 
     handoffs, _acked, rest = _batch(b)
     assert handoffs == []
     assert [(m[0], m[1]) for m in rest] == [(b"", [])]
+
+
+@needs_c
+def test_new_slots_makes_what_the_dataclass_init_makes() -> None:
+    """Tickets and Handoffs made in C (new_slots) have every field the dataclass
+    __init__ sets, in its order; anything else is refused."""
+    import dataclasses
+
+    from sockshare._state import Handoff, Ticket
+    assert sp is not None
+    values: list[object] = [7, None, {"m": 1}, b"d", "sent", "", None, False]
+    made = sp.new_slots(Ticket, *values)
+    assert type(made) is Ticket
+    ref = Ticket(7, None, {"m": 1}, b"d", "sent")
+    assert [getattr(made, f.name) for f in dataclasses.fields(Ticket)] == \
+        [getattr(ref, f.name) for f in dataclasses.fields(Ticket)] == values
+    h = sp.new_slots(Handoff, 3, None, b"x", b"{}", True, print, False, None)
+    assert (h.id, h.acked, h.answered, h.meta) == (3, True, False, {})
+    with pytest.raises(TypeError):
+        sp.new_slots(Ticket, 1, 2)  # not one value per slot
+    with pytest.raises((TypeError, AttributeError)):
+        sp.new_slots(dict, 1)  # not a slots class

@@ -35,6 +35,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
 #include <string.h>
@@ -434,6 +435,91 @@ recv_fds(PyObject *self, PyObject *args)
     return Py_BuildValue("(NNi)", data, fds, msg.msg_flags);
 }
 
+/* -- objects of slots classes (the dataclasses Handoff and Ticket) ------------------- */
+
+/* where each of a slots class's __slots__ lives in its objects, found once per class */
+#define SLOTS_MAX 16
+typedef struct {
+    PyTypeObject *cls;   /* (a strong reference) */
+    Py_ssize_t n;
+    Py_ssize_t offset[SLOTS_MAX];
+} slots_t;
+static slots_t slot_layouts[4];
+
+static slots_t *
+slots_of(PyObject *cls)
+{
+    for (int i = 0; i < 4; i++)
+        if (slot_layouts[i].cls == (PyTypeObject *)cls)
+            return &slot_layouts[i];
+    if (!PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "a class with __slots__");
+        return NULL;
+    }
+    int free_ = -1;
+    for (int i = 0; i < 4 && free_ < 0; i++)
+        if (slot_layouts[i].cls == NULL)
+            free_ = i;
+    PyObject *names = PyObject_GetAttrString(cls, "__slots__");
+    if (names == NULL)
+        return NULL;
+    slots_t lay = {NULL, 0, {0}};
+    if (free_ < 0 || !PyTuple_Check(names) || PyTuple_GET_SIZE(names) > SLOTS_MAX
+        || ((PyTypeObject *)cls)->tp_base != &PyBaseObject_Type) {
+        Py_DECREF(names);
+        PyErr_SetString(PyExc_TypeError, "new_slots: a class of its own __slots__ (a tuple) only");
+        return NULL;
+    }
+    lay.n = PyTuple_GET_SIZE(names);
+    for (Py_ssize_t i = 0; i < lay.n; i++) {
+        PyObject *d = PyDict_GetItemWithError(((PyTypeObject *)cls)->tp_dict, PyTuple_GET_ITEM(names, i));
+        if (d == NULL || Py_TYPE(d) != &PyMemberDescr_Type
+            || ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
+            Py_DECREF(names);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "new_slots: a slot that is not an object member");
+            return NULL;
+        }
+        lay.offset[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+    }
+    Py_DECREF(names);
+    Py_INCREF(cls);
+    lay.cls = (PyTypeObject *)cls;
+    slot_layouts[free_] = lay;
+    return &slot_layouts[free_];
+}
+
+/* a new object of the slots class `cls`, its slots set in order to `values` (as many as
+ * it has): what its dataclass __init__ does, without running it */
+static PyObject *
+slots_new(PyObject *cls, PyObject *const *values, Py_ssize_t n)
+{
+    slots_t *lay = slots_of(cls);
+    if (lay == NULL)
+        return NULL;
+    if (n != lay->n)
+        return PyErr_Format(PyExc_TypeError, "new_slots: %zd values for %zd slots", n, lay->n);
+    PyObject *o = lay->cls->tp_alloc(lay->cls, 0);
+    if (o == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_INCREF(values[i]);
+        *(PyObject **)((char *)o + lay->offset[i]) = values[i];
+    }
+    return o;
+}
+
+/* new_slots(cls, *values) -> object */
+static PyObject *
+new_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1) {
+        PyErr_SetString(PyExc_TypeError, "new_slots(cls, *values)");
+        return NULL;
+    }
+    return slots_new(args[0], args + 1, nargs - 1);
+}
+
 /* -- the channel's receive hot path ------------------------------------------------ */
 
 #define MAX_META (16 * 1024)
@@ -589,16 +675,19 @@ single_handoff(const unsigned char *p, Py_ssize_t got, int fd, Py_ssize_t max_pa
     PyObject *sock = adopt_socket(sockcls, fd, family, type, ((int)p[24] << 8) | p[25], blocking);
     if (sock == NULL)
         return NULL;
-    PyObject *argv[6];
+    /* Handoff(id, socket, data, raw_meta, acked, _answer), answered False, _meta None */
+    PyObject *argv[8];
     argv[0] = PyLong_FromUnsignedLongLong(hid);
     argv[1] = sock;
     argv[2] = PyBytes_FromStringAndSize((const char *)p + SINGLE_MIN + mlen, (Py_ssize_t)dlen);
     argv[3] = PyBytes_FromStringAndSize((const char *)p + SINGLE_MIN, (Py_ssize_t)mlen);
     argv[4] = p[4] ? Py_True : Py_False;
     argv[5] = answer;
+    argv[6] = Py_False;
+    argv[7] = Py_None;
     PyObject *h = NULL;
     if (argv[0] != NULL && argv[2] != NULL && argv[3] != NULL)
-        h = PyObject_Vectorcall(handoff_cls, argv, 6, NULL);
+        h = slots_new(handoff_cls, argv, 8);
     Py_XDECREF(argv[0]);
     Py_XDECREF(argv[2]);
     Py_XDECREF(argv[3]);
@@ -1411,6 +1500,8 @@ static PyMethodDef methods[] = {
     {"send_single", (PyCFunction)(void (*)(void))send_single, METH_FASTCALL,
      "send_single(fd, sock, flags, hid, meta, data, max_payload, close) -> 1, 0, -1 or bytes: one "
      "one-socket HANDOFF frame"},
+    {"new_slots", (PyCFunction)(void (*)(void))new_slots, METH_FASTCALL,
+     "new_slots(cls, *values) -> an object of the slots class cls, its slots set in order"},
     {"accept_ids", accept_ids, METH_O, "accept_ids(payload) -> list[int]"},
     {"close_fds", close_fds, METH_O, "close_fds(fds) -> None"},
     {NULL, NULL, 0, NULL},
