@@ -1040,6 +1040,8 @@ send_single(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t max_payload = PyLong_AsSsize_t(args[6]);
     if (PyErr_Occurred())
         return NULL;
+    if (!PyObject_TypeCheck(sock, (PyTypeObject *)PyDescr_TYPE(sock_family_get)))
+        return PyLong_FromLong(-1);   /* not a socket: the Python path says so */
     long family = sock_get_long(sock_family_get, sock), type = sock_get_long(sock_type_get, sock),
          proto = sock_get_long(sock_proto_get, sock);
     if (PyErr_Occurred())
