@@ -647,3 +647,16 @@ def test_new_slots_makes_what_the_dataclass_init_makes() -> None:
         sp.new_slots(Ticket, 1, 2)  # not one value per slot
     with pytest.raises((TypeError, AttributeError)):
         sp.new_slots(dict, 1)  # not a slots class
+
+
+def test_sending_what_is_not_a_socket_leaves_no_ticket_on_either_path() -> None:
+    """The compiled send leaves a non-socket to the Python path, which refuses it as it
+    always did: nothing sent, no ticket left pending."""
+    from sockshare import Channel
+    a, b = Channel.pair()
+    with a, b:
+        for bad in (object(), 5):
+            with pytest.raises(TypeError):
+                a.send(bad, ack=True)  # type: ignore[arg-type]
+        assert a._state.tickets == {}
+        assert a.counters["sent"] == 0
