@@ -32,6 +32,21 @@
  *   settle_accepts(payload, raw) -> (closed, other ids)
  *       an ACCEPT payload: the ids found in `raw` are removed and their descriptors
  *       closed; the others come back for the ordinary tickets.
+ *   send_single(fd, sock, flags, hid, meta, data, max_payload, close) -> 1 | 0 | -1 | bytes
+ *       the channel's one-socket send (ChannelState.single_frame + one sendmsg): the
+ *       metadata dict encoded as json.dumps would (plain types), the frame packed and
+ *       written with sock's descriptor; 1 it went (and, with close, sock closed as
+ *       socket.close() does), 0 the socket is full, the rest of a frame that started,
+ *       or -1: the Python path must do this one (and say what is wrong).
+ *   recv_batch(fd, bufsize, flags, max_msgs, single, sockcls, blocking, max_payload,
+ *              handoff_cls, answer) -> (handoffs, acked, [(data, fds, msg_flags)])
+ *       the channel's receive: one recvmmsg; while `single`, each message that is one
+ *       whole one-socket HANDOFF frame becomes a Handoff with a checked socket (as
+ *       sockshare.backends._fds.checked_socket); from the first that is not, the
+ *       messages come back as they are, in order, descriptors open.
+ *   new_slots(cls, *values) -> object
+ *       an object of a slots dataclass (Ticket, Handoff) with its slots set in order,
+ *       without running the generated __init__.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
