@@ -1,6 +1,6 @@
 """Benchmark: handoffs per second over a sockshare Channel, against raw baselines.
 
-Run:  python benchmarks/channel.py [--n 10000] [--runs 7] [--src OTHER_TREE/src]
+Run:  python benchmarks/channel.py [--n 10000] [--runs 7] [--src OTHER_TREE/src] [--modes A,B]
 
 ``--src`` benchmarks the sockshare of another tree (A/B: run both, alternating, and
 compare the ratios; the machine's drift shows in ``raw_send_fds_1``, whose code is the
@@ -218,6 +218,8 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=10000, help="handoffs per run")
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--src", help="the src directory of the sockshare to measure (default: this tree's)")
+    ap.add_argument("--modes", help="comma-separated modes to run (default: all; "
+                    "raw_send_fds_1 always runs: the ratios refer to it)")
     args = ap.parse_args()
     print(f"sockshare from {Path(sockshare.__file__).parent}", file=sys.stderr)
     n = args.n - args.n % 64
@@ -233,6 +235,12 @@ def main() -> int:
     if binary:
         modes["c_sendmsg_1"] = lambda: run_c(binary, n, 1)
         modes["c_sendmsg_64"] = lambda: run_c(binary, n, 64)
+    if args.modes:
+        keep = {"raw_send_fds_1", *args.modes.split(",")}
+        unknown = keep - modes.keys()
+        if unknown:
+            ap.error(f"unknown modes: {', '.join(sorted(unknown))}")
+        modes = {m: fn for m, fn in modes.items() if m in keep}
     results: dict[str, list[float]] = {m: [] for m in modes}
     cpus: dict[str, list[float]] = {m: [] for m in modes}
     for run in range(args.runs):
@@ -248,14 +256,24 @@ def main() -> int:
     print(f"{'mode':<18} {'us/handoff':>11} {'handoffs/s':>12} {'vs raw_send_fds_1':>18} "
           f"{'CPU us':>8} {'CPU vs raw':>11}")
     summary = {}
+    per_run: dict[str, tuple[list[float], list[float]]] = {}
     for name, vals in results.items():
         med = statistics.median(vals)
         cmed = statistics.median(cpus[name])
+        # each run against the raw_send_fds_1 run next to it (interleaved)
+        per_run[name] = ([v / r for v, r in zip(vals, results["raw_send_fds_1"], strict=True)],
+                         [v / r for v, r in zip(cpus[name], cpus["raw_send_fds_1"], strict=True)])
         summary[name] = {"us_per_handoff": med, "per_s": 1e6 / med, "ratio": med / base,
                          "runs": vals, "cpu_us_per_handoff": cmed, "cpu_ratio": cmed / cbase,
-                         "cpu_runs": cpus[name]}
+                         "cpu_runs": cpus[name], "run_ratios": per_run[name][0],
+                         "cpu_run_ratios": per_run[name][1]}
         print(f"{name:<18} {med:>11.2f} {1e6 / med:>12,.0f} {med / base:>17.2f}x "
               f"{cmed:>8.2f} {cmed / cbase:>10.2f}x")
+    print("\nper-run ratios to raw_send_fds_1 (wall / CPU):")
+    for name in summary:
+        if name != "raw_send_fds_1":
+            walls, cpus_ = per_run[name]
+            print(f"{name:<18} " + " ".join(f"{w:.2f}/{c:.2f}" for w, c in zip(walls, cpus_, strict=True)))
     out = HERE / "results" / "channel.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"n": n, "runs": args.runs, "modes": summary}, indent=2))

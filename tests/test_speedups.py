@@ -7,21 +7,27 @@
 * each C function through real sockets: accept_many on a TCP listener (addresses,
   close-on-exec, the budget, the descriptor mark, EAGAIN), handoff_frame against the test
   vectors and the Python encoder, send_fds/recv_fds with descriptors counted before and
-  after, accept_ids on good and bad payloads, close_fds; and a fallback process logs
-  its one line.
+  after, accept_ids on good and bad payloads, close_fds; the channel's one-socket hot
+  paths (send_single writes single_frame's bytes, or leaves the handoff to Python;
+  recv_batch makes checked Handoffs and passes everything else on, descriptors open and
+  in order); and a fallback process logs its one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -420,3 +426,237 @@ def test_dispatch_burst_accepts_places_registers_and_frames() -> None:
         for c in clients:
             c.close()
         lsock.close()
+
+
+# --- the channel's one-socket hot paths: send_single and recv_batch ---------------------
+
+_JSON_CASES: list[object] = [
+    None, {}, {"a": 1}, {"route": "chat", "client": ["127.0.0.1", 54321], "id": "abcdefgh1"},
+    {"esc": "q\"b\\s/\b\f\n\r\t\x00\x1f\x7f", "uni": "é€\U0001f600", "n": [True, False, None, -5, 2**63 - 1]},
+    {"nested": {"a": [{"b": ()}, [1, [2, [3]]]]}, "": ""},
+    b'{"pre":"encoded"}',
+]
+# what the C encoder leaves to Python (which encodes it, or says why it cannot)
+_JSON_DECLINED: list[object] = [
+    {"f": 1.5}, {1: "int key"}, {"big": 2**70}, {"t": {1, 2}},
+    {"deep": json.loads("[" * 40 + "]" * 40)}, bytearray(b"{}"), ["not a dict"],
+]
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected UNIX socket pair, closed after the test; the descriptors the test
+    process holds must be as many at the end as at the start."""
+    a, b = socket.socketpair()
+    with a, b:
+        yield a, b
+
+
+def _recv_one(b: socket.socket) -> tuple[bytes, list[int]]:
+    msg, fds, _flags, _addr = socket.recv_fds(b, 1 << 17, 4)
+    return msg, fds
+
+
+@needs_c
+@pytest.mark.parametrize("meta", _JSON_CASES)
+def test_send_single_writes_the_python_frame(meta: object, pair: tuple[socket.socket, socket.socket]) -> None:
+    """The frame send_single writes is byte for byte the one single_frame packs (the
+    metadata encoded as json.dumps with compact separators)."""
+    from sockshare._state import ChannelState
+    assert sp is not None
+    a, b = pair
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as moved:
+        frame, _fd, ticket = ChannelState().single_frame(moved, meta, b"pre-read", True)
+        assert sp.send_single(a.fileno(), moved, 1, ticket.id, meta, b"pre-read", 1 << 20, False) == 1
+        got, fds = _recv_one(b)
+        assert got == frame
+        assert len(fds) == 1
+        os.close(fds[0])
+
+
+@needs_c
+@pytest.mark.parametrize("meta", _JSON_DECLINED)
+def test_send_single_leaves_what_it_does_not_encode_to_python(
+        meta: object, pair: tuple[socket.socket, socket.socket]) -> None:
+    assert sp is not None
+    a, b = pair
+    b.setblocking(False)
+    assert sp.send_single(a.fileno(), a, 0, 1, meta, b"", 1 << 20, False) == -1
+    # too large for the peer, or for the limits: also Python's to say
+    assert sp.send_single(a.fileno(), a, 0, 1, {"a": "x" * 100}, b"", 100, False) == -1
+    assert sp.send_single(a.fileno(), a, 0, 1, None, b"x" * (64 * 1024 + 1), 1 << 20, False) == -1
+    assert sp.send_single(a.fileno(), a, 0, 1, {"m": "x" * (16 * 1024)}, b"", 1 << 20, False) == -1
+    with pytest.raises(BlockingIOError):
+        b.recv(1)  # nothing was sent
+
+
+@needs_c
+def test_send_single_reports_a_full_socket_and_the_rest_of_a_started_frame(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    assert sp is not None
+    a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    before = fd_count()
+    last: int | bytes = 1
+    for hid in range(10_000):
+        last = sp.send_single(a.fileno(), b, 0, hid, None, b"d" * 30_000, 1 << 20, False)
+        if last != 1:
+            break
+    if isinstance(last, bytes):  # a started frame's rest
+        assert 0 < len(last) < 34 + 30_000
+    else:
+        assert last == 0  # nothing of it went
+    b.setblocking(False)  # the receiver's copies: read and closed
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            _m, fds, _f, _a = socket.recv_fds(b, 1 << 16, 8)
+            sp.close_fds(fds)
+    assert fd_count() == before
+
+
+@needs_c
+def test_send_single_closes_a_fire_and_forget_socket_once_it_went(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    assert sp is not None
+    a, b = pair
+    before = fd_count()
+    moved = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    assert sp.send_single(a.fileno(), moved, 0, 7, None, b"", 1 << 20, True) == 1
+    assert moved.fileno() == -1  # closed as socket.close() closes it
+    assert moved._closed  # type: ignore[attr-defined]
+    _msg, fds = _recv_one(b)
+    assert fd_count() == before + 1  # only the receiver's copy is left
+    os.close(fds[0])
+    # a socket that makefile() still uses keeps its descriptor, as with close()
+    kept = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    f = kept.makefile("rb")
+    assert sp.send_single(a.fileno(), kept, 0, 8, None, b"", 1 << 20, True) == 1
+    assert kept.fileno() >= 0
+    f.close()
+    assert kept.fileno() == -1
+    _msg, fds = _recv_one(b)
+    os.close(fds[0])
+    assert fd_count() == before
+
+
+def _batch(b: socket.socket, *, single: bool = True, blocking: int = 1,
+           max_msgs: int = 32) -> tuple[list[Any], int, list[tuple[bytes, list[int], int]]]:
+    from sockshare._state import Handoff
+    assert sp is not None
+    answers: list[object] = []
+    return sp.recv_batch(b.fileno(), 64 * 1024, socket.MSG_DONTWAIT, max_msgs, single, socket.socket,
+                         blocking, 1 << 20, Handoff, answers.append)
+
+
+@needs_c
+def test_recv_batch_makes_checked_handoffs_and_passes_the_rest_on_in_order(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    from sockshare._state import ChannelState, Handoff
+    a, b = pair
+    st = ChannelState()
+    before = fd_count()
+    moved = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(3)]
+    frames = [st.single_frame(s, {"i": i}, b"d%d" % i, i == 1)[0] for i, s in enumerate(moved)]
+    for frame, s in zip(frames, moved, strict=True):
+        socket.send_fds(a, [frame], [s.fileno()])
+    a.send(b"SS-not-a-frame")  # then bytes the Python decoder must see, in order
+    socket.send_fds(a, [frames[0]], [moved[0].fileno()])  # (the kernel joins them)
+    socket.send_fds(a, [frames[2]], [moved[2].fileno()])  # (after them: passed on too)
+    for s in moved:
+        s.close()
+    handoffs, acked, rest = _batch(b, blocking=0)
+    assert [type(h) for h in handoffs] == [Handoff] * 3
+    assert [h.raw_meta for h in handoffs] == [b'{"i":0}', b'{"i":1}', b'{"i":2}']
+    assert [h.data for h in handoffs] == [b"d0", b"d1", b"d2"]
+    assert [h.acked for h in handoffs] == [False, True, False]
+    assert acked == 1
+    for h in handoffs:
+        assert (h.socket.family, h.socket.type) == (socket.AF_INET, socket.SOCK_STREAM)
+        assert h.socket.gettimeout() == 0.0  # blocking=0: non-blocking, as asked
+        assert not os.get_inheritable(h.socket.fileno())
+        h.socket.close()
+    assert [m[0] for m in rest] == [b"SS-not-a-frame" + frames[0], frames[2]]
+    assert [len(m[1]) for m in rest] == [1, 1]
+    for m in rest:
+        os.close(m[1][0])
+    assert fd_count() == before
+    with pytest.raises(BlockingIOError):
+        _batch(b)
+
+
+@needs_c
+def test_recv_batch_leaves_a_lying_descriptor_to_the_python_path(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """A descriptor that is not what its frame claims (here a pipe, and a UDP socket
+    claimed as TCP) is passed on open, with its frame, for checked_socket to refuse."""
+    from sockshare._state import ChannelState
+    a, b = pair
+    r, w = os.pipe()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with udp, tcp:
+        before = fd_count()
+        frame = ChannelState().single_frame(tcp, None, b"", False)[0]
+        socket.send_fds(a, [frame], [r])
+        socket.send_fds(a, [frame], [udp.fileno()])
+        handoffs, _acked, rest = _batch(b)
+        assert handoffs == []
+        assert [m[0] for m in rest] == [frame, frame]
+        got = [m[1][0] for m in rest]
+        assert stat.S_ISFIFO(os.fstat(got[0]).st_mode)
+        with socket.socket(fileno=os.dup(got[1])) as check:
+            assert check.type == socket.SOCK_DGRAM
+        sp.close_fds(got)  # type: ignore[union-attr]
+        assert fd_count() == before
+        # not idle (single=False): nothing is decoded in C
+        socket.send_fds(a, [frame], [tcp.fileno()])
+        handoffs, _acked, rest = _batch(b, single=False)
+        assert handoffs == []
+        assert rest[0][0] == frame
+        os.close(rest[0][1][0])
+    os.close(r)
+    os.close(w)
+
+
+@needs_c
+def test_recv_batch_reads_the_end_of_the_stream_once(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    a.shutdown(socket.SHUT_WR)
+    handoffs, _acked, rest = _batch(b)
+    assert handoffs == []
+    assert [(m[0], m[1]) for m in rest] == [(b"", [])]
+
+
+@needs_c
+def test_new_slots_makes_what_the_dataclass_init_makes() -> None:
+    """Tickets and Handoffs made in C (new_slots) have every field the dataclass
+    __init__ sets, in its order; anything else is refused."""
+    import dataclasses
+
+    from sockshare._state import Handoff, Ticket
+    assert sp is not None
+    values: list[object] = [7, None, {"m": 1}, b"d", "sent", "", None, False]
+    made = sp.new_slots(Ticket, *values)
+    assert type(made) is Ticket
+    ref = Ticket(7, None, {"m": 1}, b"d", "sent")
+    assert [getattr(made, f.name) for f in dataclasses.fields(Ticket)] == \
+        [getattr(ref, f.name) for f in dataclasses.fields(Ticket)] == values
+    h = sp.new_slots(Handoff, 3, None, b"x", b"{}", True, print, False, None)
+    assert (h.id, h.acked, h.answered, h.meta) == (3, True, False, {})
+    with pytest.raises(TypeError):
+        sp.new_slots(Ticket, 1, 2)  # not one value per slot
+    with pytest.raises((TypeError, AttributeError)):
+        sp.new_slots(dict, 1)  # not a slots class
+
+
+def test_sending_what_is_not_a_socket_leaves_no_ticket_on_either_path() -> None:
+    """The compiled send leaves a non-socket to the Python path, which refuses it as it
+    always did: nothing sent, no ticket left pending."""
+    from sockshare import Channel
+    a, b = Channel.pair()
+    with a, b:
+        for bad in (object(), 5):
+            with pytest.raises(TypeError):
+                a.send(bad, ack=True)  # type: ignore[arg-type]
+        assert a._state.tickets == {}
+        assert a.counters["sent"] == 0

@@ -54,7 +54,7 @@ from sockshare._errors import (
     PeerRefused,
     SockshareError,
 )
-from sockshare._state import ChannelState, Handoff, PeerInfo, Policy, Ticket
+from sockshare._state import ChannelState, Handoff, Policy, StateView, Ticket
 from sockshare.backends._scm import recv_with_fds_cut, send_nowait_with_fds
 from sockshare.protocol import MAX_PAYLOAD
 
@@ -114,7 +114,7 @@ class _Timeouts:
         self.close_timeout: float = 5.0
 
 
-class AsyncChannel:
+class AsyncChannel(StateView):
     """One end of a handoff channel, for asyncio. Make one with :meth:`connect`,
     :meth:`AsyncChannelListener.accept` or :meth:`wrap`."""
 
@@ -198,19 +198,6 @@ class AsyncChannel:
     @close_timeout.setter
     def close_timeout(self, value: float) -> None:
         self._timeouts.close_timeout = value
-
-    @property
-    def peer(self) -> PeerInfo:
-        assert self._state.peer is not None
-        return self._state.peer
-
-    @property
-    def counters(self) -> dict[str, int]:
-        return self._state.all_counters()
-
-    @property
-    def closed(self) -> bool:
-        return self._state.closed
 
     @property
     def usable(self) -> bool:

@@ -65,9 +65,11 @@ from sockshare._state import (
     Handoff,
     PeerInfo,
     Policy,
+    StateView,
     Ticket,
     error_frame,
 )
+from sockshare.backends._fds import FAST_WRAP, socket_type
 from sockshare.backends._scm import (
     CMSG_SPACE_MAX,
     MSG_DONTWAIT,
@@ -78,7 +80,7 @@ from sockshare.backends._scm import (
     recv_with_fds,
     wait_ready,
 )
-from sockshare.protocol import MAX_PAYLOAD
+from sockshare.protocol import FLAG_ACK, MAX_PAYLOAD
 
 __all__ = ["NO_FDS", "Channel", "ChannelListener", "Handoff", "PeerInfo", "Ticket"]
 
@@ -109,6 +111,14 @@ _BLOCKING_FLAGS = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _TRUNCATED = int(getattr(socket, "MSG_CTRUNC", 0)) | int(getattr(socket, "MSG_TRUNC", 0))
 _CTRUNC_FLAG = int(getattr(socket, "MSG_CTRUNC", 0))
 _TRUNC_DATA = int(getattr(socket, "MSG_TRUNC", 0))
+#: messages one compiled read takes in (sockshare._speedups.recv_batch: at most 32)
+_BATCH_MSGS = 32
+#: the received sockets' mode, as recv_batch takes it
+_BLOCKING_CODE = {None: -1, False: 0, True: 1}
+#: the class the compiled receive makes sockets of, when checked_socket would do it in
+#: its fast form (else None: the Python path makes them)
+_SOCKET_CLASS = socket.socket if FAST_WRAP else None
+_sock_type = socket_type
 
 
 def read_leftovers(sock: socket.socket, state: ChannelState, answer: Any) -> None:
@@ -188,7 +198,7 @@ def _parse_address(address: str | os.PathLike[str]) -> tuple[int, Any]:
 # --- the blocking channel ----------------------------------------------------------------
 
 
-class Channel:
+class Channel(StateView):
     """One end of a handoff channel (blocking form). Thread-safe for one sender thread
     and one receiver thread at a time.
 
@@ -218,6 +228,8 @@ class Channel:
         self._detached = False
         self._leftovers_read = False
         self._sends_unread = 0
+        self._stream: bool | None = None  # (a SOCK_STREAM channel: known on first read)
+        self._batch_msgs = 1  # messages the next compiled read takes in (_read_once_compiled)
         self.name = name
         #: Seconds a handoff send (or a control past ``OUT_LIMIT``) may wait for a peer
         #: that reads nothing: then :class:`~sockshare.ChannelTimeout`, never a silent
@@ -328,22 +340,7 @@ class Channel:
         self._detached = True
         return self._sock, self._state
 
-    # -- properties ----------------------------------------------------------------
-
-    @property
-    def peer(self) -> PeerInfo:
-        """The peer's pid, uid, name and features, from the handshake."""
-        assert self._state.peer is not None
-        return self._state.peer
-
-    @property
-    def counters(self) -> dict[str, int]:
-        """Handoffs sent, received, accepted, rejected, returned on this channel."""
-        return self._state.all_counters()
-
-    @property
-    def closed(self) -> bool:
-        return self._state.closed
+    # -- properties (peer, counters, closed: StateView) -------------------------------
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -564,31 +561,22 @@ class Channel:
                 self._sends_unread = 0
                 if self._readable_now():
                     self._take_in()
-        frame, fd, ticket = st.single_frame(sock, meta, data, ack, self)
-        sent = 0
-        if self._wlock.acquire(blocking=False):  # the common case: one sendmsg
-            failed: OSError | None = None
-            try:
-                if not self._out:  # (never into the middle of a queued frame)
-                    sp = _fast.speedups
-                    if sp is not None:
-                        sent = sp.send_fds(self._sock.fileno(), frame, (fd,))
-                    else:
-                        sent = self._sock.sendmsg([frame], [(_SOL_SOCKET, _SCM_RIGHTS, _FD.pack(fd))],
-                                                  MSG_DONTWAIT)
-                    if 0 < sent < len(frame):  # never leave a handoff half-written
-                        self._finish_locked(memoryview(frame)[sent:])
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError as exc:
-                failed = exc
-            finally:
-                self._wlock.release()
-            if failed is not None:
-                self._send_failed([ticket], failed)
-            if self._out:
-                self._flush()
+        sp = _fast.speedups
+        if sp is not None:  # the frame is encoded, packed and written in C
+            if type(data) is not bytes:
+                data = bytes(data)
+            ticket = st.single_ticket(sock, meta, data, ack, self)
+            sent = self._send_single_now(ticket, sp, ack, b"", -1)
+            if sent < 0:  # not in C: the Python path encodes it, or says what is wrong
+                st.withdraw([ticket])
+                sp = None
+            frame, fd = b"", -1
+        if sp is None:
+            frame, fd, ticket = st.single_frame(sock, meta, data, ack, self)
+            sent = self._send_single_now(ticket, None, ack, frame, fd)
         if not sent:
+            if not frame:
+                frame, fd = st.frame_of(ticket, ack)
             try:
                 ok = self._send_handoff(frame, [fd])
             except OSError as exc:
@@ -600,6 +588,46 @@ class Channel:
                     "and the socket is still yours")
         st.sent_one(ticket)
         return ticket
+
+    def _send_single_now(self, ticket: Ticket, sp: _fast.Speedups | None, ack: bool, frame: bytes,
+                         fd: int) -> int:
+        """The common case of :meth:`send`: one non-blocking write of the whole frame,
+        when no other thread writes and nothing is queued (never into the middle of a
+        queued frame); a frame that started is finished. 1 if it went, 0 if not
+        (nothing sent), -1 if the compiled path ``sp`` does not take this handoff."""
+        if not self._wlock.acquire(blocking=False):
+            return 0
+        sent: int | bytes = 0
+        failed: OSError | None = None
+        try:
+            if not self._out:
+                if sp is not None:
+                    st = self._state
+                    # (a fire-and-forget socket that went is closed in C, as socket.close does)
+                    close = not ack and st.releases_default and _SOCKET_CLASS is not None
+                    sent = sp.send_single(self._sock.fileno(), ticket.socket, FLAG_ACK if ack else 0,
+                                          ticket.id, ticket.meta, ticket.data, st.peer_limit, close)
+                    if sent == 1 and close:
+                        ticket.socket = None
+                    elif type(sent) is bytes:  # never leave a handoff half-written
+                        self._finish_locked(memoryview(sent))
+                        sent = 1
+                else:
+                    sent = self._sock.sendmsg([frame], [(_SOL_SOCKET, _SCM_RIGHTS, _FD.pack(fd))],
+                                              MSG_DONTWAIT)
+                    if 0 < sent < len(frame):  # never leave a handoff half-written
+                        self._finish_locked(memoryview(frame)[sent:])
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            failed = exc
+        finally:
+            self._wlock.release()
+        if failed is not None:
+            self._send_failed([ticket], failed)
+        if self._out:
+            self._flush()
+        return sent  # type: ignore[return-value]  # (bytes became 1 above)
 
     def send_many(self, items: Iterable[tuple[socket.socket, Any, bytes]], *,
                   ack: bool = True) -> list[Ticket]:
@@ -786,39 +814,54 @@ class Channel:
         return self._read_once(deadline)
 
     def _read_once_compiled(self, sp: _fast.Speedups, deadline: float | None) -> bool:
-        """:meth:`_read_once` with the recvmsg of sockshare._speedups (descriptors come as
-        a list of ints: no ancillary tuples to unpack)."""
-        cut = False
-        try:
-            try:  # (as in _read_once: try first with a deadline, else a blocking read)
-                data, fds, flags = sp.recv_fds(
-                    self._sock.fileno(), RECV_BUF, MSG_DONTWAIT if deadline is not None else 0)
-            except BlockingIOError:
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                return wait_ready(self._sock, write=False, timeout=remaining)[0]
-            if flags & _TRUNCATED:
-                if flags & _TRUNC_DATA and self._sock.type != socket.SOCK_STREAM:
-                    close_fds(fds)
-                    raise RemoteProtocolError("a message was larger than the receive buffer")
-                cut = bool(flags & _CTRUNC_FLAG)
-            elif len(fds) == 1 and len(data) >= SINGLE_MIN:
-                # hot path: one descriptor with (usually) one whole single-socket frame
-                try:
-                    if self._state.receive_single(data, fds[0], self._answer):
-                        return True
-                except (OSError, SockshareError, ValueError) as exc:
-                    self._break(exc)
-                    return True
+        """:meth:`_read_once` with sockshare._speedups: one recvmmsg takes in up to
+        ``_BATCH_MSGS`` messages (a stream channel that is receiving single handoffs;
+        otherwise one, with all of ``RECV_BUF``), and the whole one-socket HANDOFF
+        frames among them become Handoffs in C (:meth:`ChannelState.receive_single`,
+        ``checked_socket`` included); the other messages go the Python way, in order."""
+        st = self._state
+        stream = self._stream
+        if stream is None:
+            stream = self._stream = _sock_type(self._sock) == socket.SOCK_STREAM
+        try:  # (as in _read_once: try first with a deadline, else a blocking read)
+            handoffs, acked, messages = sp.recv_batch(
+                self._sock.fileno(), RECV_BUF, MSG_DONTWAIT if deadline is not None else 0,
+                self._batch_msgs, st.decoder.idle and not st.wsa,
+                _SOCKET_CLASS if st.adopts_checked else None, _BLOCKING_CODE[st.socket_blocking],
+                st.max_payload, Handoff, self._answer)
+        except BlockingIOError:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return wait_ready(self._sock, write=False, timeout=remaining)[0]
         except InterruptedError:
             return True
-        except (OSError, SockshareError) as exc:
+        except OSError as exc:
             self._break(exc)
             return True
+        if handoffs:
+            st.received_singles(handoffs, acked)
+        # several messages a read while they are one-socket frames; one (all of RECV_BUF)
+        # while they are not: a batch frame would be cut into the small buffers
+        self._batch_msgs = _BATCH_MSGS if handoffs and stream else 1
+        for data, fds, flags in messages:
+            if st.broken is not None:  # (a message before broke the channel)
+                close_fds(fds)
+                continue
+            cut = False
+            if flags & _TRUNCATED:
+                if flags & _TRUNC_DATA and not stream:
+                    close_fds(fds)
+                    self._break(RemoteProtocolError("a message was larger than the receive buffer"))
+                    continue
+                cut = bool(flags & _CTRUNC_FLAG)
+            self._take_message(data, fds, cut)
+        return True
+
+    def _take_message(self, data: bytes, fds: list[int], cut: bool) -> None:
+        """Process what one read returned (a peer's error breaks the channel)."""
         try:
             self._state.receive_data(data, fds, self._answer, cut)
         except (OSError, SockshareError, ValueError) as exc:
             self._break(exc)
-        return True
 
     def _read_once(self, deadline: float | None) -> bool:
         """Read once (until ``deadline``) and process. False on timeout."""
@@ -861,10 +904,7 @@ class Channel:
         except (OSError, SockshareError) as exc:
             self._break(exc)
             return True
-        try:
-            self._state.receive_data(data, fds, self._answer, cut)
-        except (OSError, SockshareError, ValueError) as exc:
-            self._break(exc)
+        self._take_message(data, fds, cut)
         return True
 
     def _break(self, exc: BaseException) -> None:

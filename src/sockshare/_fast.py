@@ -3,7 +3,9 @@ pure-Python ones.
 
 The C module (src/sockshare/_speedups.c, built by setup.py where a compiler is found,
 Linux/CPython only) does the dispatcher's accept loop, HANDOFF frame encoding, the
-``sendmsg``/``recvmsg`` with SCM_RIGHTS and ACCEPT decoding; every one of them has its
+``sendmsg``/``recvmsg`` with SCM_RIGHTS, ACCEPT decoding, and the channel's one-socket
+hot paths (the frame packed and sent in one call; a ``recvmmsg`` whose whole one-socket
+frames become checked socket objects and Handoffs in C); every one of them has its
 Python twin, which stays the reference and what Windows, macOS and a build without a
 compiler run. The wire is the same either way (tests/vectors).
 
@@ -37,6 +39,15 @@ class Speedups(Protocol):
     def handoff_frame(self, flags: int, items: list[tuple[int, bytes, bytes, bytes]], /) -> bytes: ...
     def send_fds(self, fd: int, data: bytes | bytearray | memoryview, fds: Sequence[int], /) -> int: ...
     def recv_fds(self, fd: int, bufsize: int, flags: int, /) -> tuple[bytes, list[int], int]: ...
+    def recv_batch(  # noqa: PLR0917 - the C signature
+        self, fd: int, bufsize: int, flags: int, max_msgs: int, single: bool, sockcls: type | None,
+        blocking: int, max_payload: int, handoff_cls: type, answer: Any, /,
+    ) -> tuple[list[Any], int, list[tuple[bytes, list[int], int]]]: ...
+    def send_single(  # noqa: PLR0917 - the C signature
+        self, fd: int, sock: Any, flags: int, hid: int, meta: Any, data: bytes, max_payload: int,
+        close: bool, /,
+    ) -> int | bytes: ...
+    def new_slots(self, cls: type, /, *values: Any) -> Any: ...
     def accept_ids(self, payload: bytes | bytearray | memoryview, /) -> list[int]: ...
     def close_fds(self, fds: Sequence[int], /) -> None: ...
     def dispatch_burst(  # noqa: PLR0917 - the C signature

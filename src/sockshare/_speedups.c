@@ -32,9 +32,25 @@
  *   settle_accepts(payload, raw) -> (closed, other ids)
  *       an ACCEPT payload: the ids found in `raw` are removed and their descriptors
  *       closed; the others come back for the ordinary tickets.
+ *   send_single(fd, sock, flags, hid, meta, data, max_payload, close) -> 1 | 0 | -1 | bytes
+ *       the channel's one-socket send (ChannelState.single_frame + one sendmsg): the
+ *       metadata dict encoded as json.dumps would (plain types), the frame packed and
+ *       written with sock's descriptor; 1 it went (and, with close, sock closed as
+ *       socket.close() does), 0 the socket is full, the rest of a frame that started,
+ *       or -1: the Python path must do this one (and say what is wrong).
+ *   recv_batch(fd, bufsize, flags, max_msgs, single, sockcls, blocking, max_payload,
+ *              handoff_cls, answer) -> (handoffs, acked, [(data, fds, msg_flags)])
+ *       the channel's receive: one recvmmsg; while `single`, each message that is one
+ *       whole one-socket HANDOFF frame becomes a Handoff with a checked socket (as
+ *       sockshare.backends._fds.checked_socket); from the first that is not, the
+ *       messages come back as they are, in order, descriptors open.
+ *   new_slots(cls, *values) -> object
+ *       an object of a slots dataclass (Ticket, Handoff) with its slots set in order,
+ *       without running the generated __init__.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
 #include <string.h>
@@ -74,6 +90,35 @@ make_address(const struct sockaddr_storage *ss, socklen_t len)
     return PyUnicode_FromString("");
 }
 
+/* accept4(SOCK_CLOEXEC) the next connection of `lfd`: its descriptor; -1 when there is
+ * none to take now (*status stays 0 for EAGAIN, else the errno that stopped it: EMFILE,
+ * ENFILE, ENOBUFS, ...), -2 when a signal handler raised. Connections aborted before
+ * accept (ECONNABORTED) are skipped, EINTR retried. */
+static int
+accept_next(int lfd, struct sockaddr_storage *ss, socklen_t *len, int *status)
+{
+    for (;;) {
+        int fd;
+        *len = sizeof *ss;
+        Py_BEGIN_ALLOW_THREADS
+        fd = accept4(lfd, (struct sockaddr *)ss, len, SOCK_CLOEXEC);
+        Py_END_ALLOW_THREADS
+        if (fd >= 0)
+            return fd;
+        int e = errno;
+        if (e == EINTR) {
+            if (PyErr_CheckSignals() < 0)
+                return -2;
+            continue;
+        }
+        if (e == ECONNABORTED)
+            continue;
+        if (e != EAGAIN && e != EWOULDBLOCK)
+            *status = e;
+        return -1;
+    }
+}
+
 static PyObject *
 accept_many(PyObject *self, PyObject *args)
 {
@@ -86,24 +131,12 @@ accept_many(PyObject *self, PyObject *args)
     int status = 0;
     while (budget > 0) {
         struct sockaddr_storage ss;
-        socklen_t len = sizeof ss;
-        int fd;
-        Py_BEGIN_ALLOW_THREADS
-        fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_CLOEXEC);
-        Py_END_ALLOW_THREADS
-        if (fd < 0) {
-            int e = errno;
-            if (e == EINTR) {
-                if (PyErr_CheckSignals() < 0)
-                    goto fail;
-                continue;
-            }
-            if (e == ECONNABORTED)
-                continue;
-            if (e != EAGAIN && e != EWOULDBLOCK)
-                status = e;
+        socklen_t len;
+        int fd = accept_next(lfd, &ss, &len, &status);
+        if (fd == -2)
+            goto fail;
+        if (fd < 0)
             break;
-        }
         PyObject *addr = make_address(&ss, len);
         PyObject *item = addr == NULL ? NULL : Py_BuildValue("(iN)", fd, addr);
         if (item == NULL || PyList_Append(out, item) < 0) {
@@ -227,6 +260,49 @@ fds_from_list(PyObject *list, int *fds, Py_ssize_t *nfds)
     return 0;
 }
 
+/* one sendmsg(MSG_DONTWAIT | MSG_NOSIGNAL) of `len` bytes with the descriptors `fds`
+ * as SCM_RIGHTS, again on EINTR: bytes sent, 0 if the socket is full (EAGAIN), -1 with
+ * an exception set */
+static Py_ssize_t
+sendmsg_fds(int sfd, const void *data, size_t len, const int *fds, Py_ssize_t nfds)
+{
+    union {
+        char space[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+        struct cmsghdr align;
+    } ctl;
+    struct iovec iov = {(void *)data, len};
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    if (nfds > 0) {
+        memset(&ctl, 0, CMSG_SPACE(sizeof(int) * nfds));
+        msg.msg_control = ctl.space;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
+    }
+    for (;;) {
+        ssize_t sent;
+        Py_BEGIN_ALLOW_THREADS
+        sent = sendmsg(sfd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        Py_END_ALLOW_THREADS
+        if (sent >= 0)
+            return sent;
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return 0;
+        if (errno != EINTR) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        if (PyErr_CheckSignals() < 0)
+            return -1;
+    }
+}
+
 static PyObject *
 send_fds(PyObject *self, PyObject *args)
 {
@@ -236,54 +312,88 @@ send_fds(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iy*O:send_fds", &sfd, &buf, &fdlist))
         return NULL;
     int fds[MAX_FDS];
-    Py_ssize_t nfds = 0;
+    Py_ssize_t nfds = 0, sent = -1;
     PyObject *seq = PySequence_Fast(fdlist, "fds must be a sequence of ints");
-    if (seq == NULL || fds_from_list(seq, fds, &nfds) < 0) {
-        Py_XDECREF(seq);
-        PyBuffer_Release(&buf);
-        return NULL;
-    }
-    Py_DECREF(seq);
-    if (nfds > 0 && buf.len == 0) {
-        PyBuffer_Release(&buf);
-        PyErr_SetString(PyExc_ValueError, "descriptors must travel with at least one data byte");
-        return NULL;
-    }
-    union {
-        char space[CMSG_SPACE(sizeof(int) * MAX_FDS)];
-        struct cmsghdr align;
-    } ctl;
-    struct iovec iov = {buf.buf, (size_t)buf.len};
-    struct msghdr msg;
-    memset(&msg, 0, sizeof msg);
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    if (nfds > 0) {
-        memset(&ctl, 0, sizeof ctl);
-        msg.msg_control = ctl.space;
-        msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
-        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
-        memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
-    }
-    ssize_t sent;
-    for (;;) {
-        Py_BEGIN_ALLOW_THREADS
-        sent = sendmsg(sfd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-        Py_END_ALLOW_THREADS
-        if (sent >= 0 || errno != EINTR)
-            break;
-        if (PyErr_CheckSignals() < 0) {
-            PyBuffer_Release(&buf);
-            return NULL;
+    if (seq != NULL && fds_from_list(seq, fds, &nfds) == 0) {
+        if (nfds > 0 && buf.len == 0)
+            PyErr_SetString(PyExc_ValueError, "descriptors must travel with at least one data byte");
+        else if ((sent = sendmsg_fds(sfd, buf.buf, (size_t)buf.len, fds, nfds)) == 0 && buf.len > 0) {
+            errno = EAGAIN;
+            PyErr_SetFromErrno(PyExc_OSError);   /* (BlockingIOError) */
+            sent = -1;
         }
     }
+    Py_XDECREF(seq);
     PyBuffer_Release(&buf);
-    if (sent < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    return PyLong_FromSsize_t(sent);
+    return sent < 0 ? NULL : PyLong_FromSsize_t(sent);
+}
+
+/* close every descriptor of a list of ints (the error paths: never leave one behind) */
+static void
+close_fd_list(PyObject *list)
+{
+    if (list == NULL)
+        return;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); i++)
+        close((int)PyLong_AsLong(PyList_GET_ITEM(list, i)));
+    PyErr_Clear();
+}
+
+/* close the SCM_RIGHTS descriptors of a received message, from control message `from` on
+ * (NULL: all of them), skipping the first `skip` of that one */
+static void
+close_message_fds_from(struct msghdr *msg, struct cmsghdr *from, size_t skip)
+{
+    for (struct cmsghdr *c = from != NULL ? from : CMSG_FIRSTHDR(msg); c != NULL;
+         c = CMSG_NXTHDR(msg, c), skip = 0) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t j = skip; j < n; j++) {
+            int fd;
+            memcpy(&fd, (int *)CMSG_DATA(c) + j, sizeof fd);
+            close(fd);
+        }
+    }
+}
+
+static void
+close_message_fds(struct msghdr *msg)
+{
+    close_message_fds_from(msg, NULL, 0);
+}
+
+/* the SCM_RIGHTS descriptors of a received message, as a new list of ints; on failure
+ * every one of them is closed and NULL returned */
+static PyObject *
+fds_of_message(struct msghdr *msg)
+{
+    PyObject *fds = PyList_New(0);
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c != NULL; c = CMSG_NXTHDR(msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        int *p = (int *)CMSG_DATA(c);
+        for (size_t i = 0; i < n; i++) {
+            int fd;
+            memcpy(&fd, p + i, sizeof fd);
+            PyObject *o = fds == NULL ? NULL : PyLong_FromLong(fd);
+            if (o == NULL || PyList_Append(fds, o) < 0) {
+                Py_XDECREF(o);
+                close_message_fds_from(msg, c, i);   /* this one and the rest */
+                if (fds != NULL) {
+                    PyObject *et, *ev, *tb;
+                    PyErr_Fetch(&et, &ev, &tb);
+                    close_fd_list(fds);
+                    PyErr_Restore(et, ev, tb);
+                    Py_DECREF(fds);
+                }
+                return NULL;
+            }
+            Py_DECREF(o);
+        }
+    }
+    return fds;
 }
 
 static PyObject *
@@ -327,43 +437,721 @@ recv_fds(PyObject *self, PyObject *args)
         Py_DECREF(data);
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    PyObject *fds = PyList_New(0);
-    if (fds == NULL)
-        goto fail_close;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
-        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-            continue;
-        size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        int *p = (int *)CMSG_DATA(c);
-        for (size_t i = 0; i < n; i++) {
-            int fd;
-            memcpy(&fd, p + i, sizeof fd);
-            PyObject *o = PyLong_FromLong(fd);
-            if (o == NULL || PyList_Append(fds, o) < 0) {
-                Py_XDECREF(o);
-                /* close this one and the rest of the message's; the list's below */
-                for (size_t j = i; j < n; j++) {
-                    memcpy(&fd, p + j, sizeof fd);
-                    close(fd);
-                }
-                goto fail_close;
-            }
-            Py_DECREF(o);
-        }
+    PyObject *fds = fds_of_message(&msg);
+    if (fds == NULL) {
+        Py_DECREF(data);
+        return NULL;
     }
     if (got != bufsize && _PyBytes_Resize(&data, got) < 0) {
-        data = NULL;
-        goto fail_close;
+        close_fd_list(fds);
+        Py_DECREF(fds);
+        return NULL;
     }
     return Py_BuildValue("(NNi)", data, fds, msg.msg_flags);
-fail_close:
-    if (fds != NULL) {
-        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(fds); i++)
-            close((int)PyLong_AsLong(PyList_GET_ITEM(fds, i)));
-        Py_DECREF(fds);
+}
+
+/* -- objects of slots classes (the dataclasses Handoff and Ticket) ------------------- */
+
+/* where each of a slots class's __slots__ lives in its objects, found once per class */
+#define SLOTS_MAX 16
+typedef struct {
+    PyTypeObject *cls;   /* (a strong reference) */
+    Py_ssize_t n;
+    Py_ssize_t offset[SLOTS_MAX];
+} slots_t;
+static slots_t slot_layouts[4];
+
+static slots_t *
+slots_of(PyObject *cls)
+{
+    for (int i = 0; i < 4; i++)
+        if (slot_layouts[i].cls == (PyTypeObject *)cls)
+            return &slot_layouts[i];
+    if (!PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "a class with __slots__");
+        return NULL;
     }
-    Py_XDECREF(data);
+    int free_ = -1;
+    for (int i = 0; i < 4 && free_ < 0; i++)
+        if (slot_layouts[i].cls == NULL)
+            free_ = i;
+    PyObject *names = PyObject_GetAttrString(cls, "__slots__");
+    if (names == NULL)
+        return NULL;
+    slots_t lay = {NULL, 0, {0}};
+    if (free_ < 0 || !PyTuple_Check(names) || PyTuple_GET_SIZE(names) > SLOTS_MAX
+        || ((PyTypeObject *)cls)->tp_base != &PyBaseObject_Type) {
+        Py_DECREF(names);
+        PyErr_SetString(PyExc_TypeError, "new_slots: a class of its own __slots__ (a tuple) only");
+        return NULL;
+    }
+    lay.n = PyTuple_GET_SIZE(names);
+    for (Py_ssize_t i = 0; i < lay.n; i++) {
+        PyObject *d = PyDict_GetItemWithError(((PyTypeObject *)cls)->tp_dict, PyTuple_GET_ITEM(names, i));
+        if (d == NULL || Py_TYPE(d) != &PyMemberDescr_Type
+            || ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
+            Py_DECREF(names);
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "new_slots: a slot that is not an object member");
+            return NULL;
+        }
+        lay.offset[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+    }
+    Py_DECREF(names);
+    Py_INCREF(cls);
+    lay.cls = (PyTypeObject *)cls;
+    slot_layouts[free_] = lay;
+    return &slot_layouts[free_];
+}
+
+/* a new object of the slots class `cls`, its slots set in order to `values` (as many as
+ * it has): what its dataclass __init__ does, without running it */
+static PyObject *
+slots_new(PyObject *cls, PyObject *const *values, Py_ssize_t n)
+{
+    slots_t *lay = slots_of(cls);
+    if (lay == NULL)
+        return NULL;
+    if (n != lay->n)
+        return PyErr_Format(PyExc_TypeError, "new_slots: %zd values for %zd slots", n, lay->n);
+    PyObject *o = lay->cls->tp_alloc(lay->cls, 0);
+    if (o == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_INCREF(values[i]);
+        *(PyObject **)((char *)o + lay->offset[i]) = values[i];
+    }
+    return o;
+}
+
+/* new_slots(cls, *values) -> object */
+static PyObject *
+new_slots(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1) {
+        PyErr_SetString(PyExc_TypeError, "new_slots(cls, *values)");
+        return NULL;
+    }
+    return slots_new(args[0], args + 1, nargs - 1);
+}
+
+/* -- the channel's receive hot path ------------------------------------------------ */
+
+#define MAX_META (16 * 1024)
+#define MAX_DATA (64 * 1024)
+#define SINGLE_MIN 34          /* frame header + count + one entry header */
+#define BATCH_MAX 32           /* messages one recv_batch call reads */
+#define BATCH_SLOT 2048        /* bytes each message after the first has room for (the
+                                * buffers stay under glibc's mmap threshold) */
+
+/* what sockshare.backends._fds.checked_socket needs, looked up once */
+static PyObject *sock_family_get, *sock_type_get;   /* _socket.socket's C getters */
+static PyObject *sock_proto_get, *sock_close;   /* (and _socket.socket.close) */
+static PyObject *str_io_refs, *str_closed, *str_setblocking, *str_detach, *str_fileno;
+static PyObject *long_zero;
+
+static int
+socket_api(void)
+{
+    if (sock_type_get != NULL)
+        return 0;
+    PyObject *mod = PyImport_ImportModule("_socket");
+    if (mod == NULL)
+        return -1;
+    PyObject *cls = PyObject_GetAttrString(mod, "socket");
+    Py_DECREF(mod);
+    if (cls == NULL)
+        return -1;
+    PyObject *dict = ((PyTypeObject *)cls)->tp_dict;
+    PyObject *fam = PyDict_GetItemString(dict, "family"), *typ = PyDict_GetItemString(dict, "type"),
+             *pro = PyDict_GetItemString(dict, "proto");
+    Py_DECREF(cls);
+    if (fam == NULL || typ == NULL || pro == NULL || Py_TYPE(fam)->tp_descr_get == NULL
+        || Py_TYPE(typ)->tp_descr_get == NULL || Py_TYPE(pro)->tp_descr_get == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_socket.socket has no family/type getters");
+        return -1;
+    }
+    str_io_refs = PyUnicode_InternFromString("_io_refs");
+    str_closed = PyUnicode_InternFromString("_closed");
+    str_setblocking = PyUnicode_InternFromString("setblocking");
+    str_detach = PyUnicode_InternFromString("detach");
+    str_fileno = PyUnicode_InternFromString("fileno");
+    long_zero = PyLong_FromLong(0);
+    if (!str_io_refs || !str_closed || !str_setblocking || !str_detach || !str_fileno || !long_zero)
+        return -1;
+    Py_INCREF(fam);
+    Py_INCREF(typ);
+    Py_INCREF(pro);
+    sock_proto_get = pro;
+    sock_close = PyDict_GetItemString(dict, "close");
+    if (sock_close == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_socket.socket has no close");
+        return -1;
+    }
+    Py_INCREF(sock_close);
+    sock_family_get = fam;
+    sock_type_get = typ;
+    return 0;
+}
+
+static long
+sock_get_long(PyObject *getter, PyObject *sock)
+{
+    PyObject *v = Py_TYPE(getter)->tp_descr_get(getter, sock, (PyObject *)Py_TYPE(sock));
+    if (v == NULL)
+        return -1;
+    long r = PyLong_AsLong(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* the portable family/type codes of the wire (sockshare.protocol._messages) */
+static int family_of_code(int c) { return c == 1 ? AF_INET : c == 2 ? AF_INET6 : c == 3 ? AF_UNIX : -1; }
+static int type_of_code(int c) { return c == 1 ? SOCK_STREAM : c == 2 ? SOCK_DGRAM : c == 3 ? SOCK_SEQPACKET : -1; }
+static int code_of_family(long f) { return f == AF_INET ? 1 : f == AF_INET6 ? 2 : f == AF_UNIX ? 3 : -1; }
+static int code_of_type(long t)
+{
+    t &= 0xf;   /* (SOCK_NONBLOCK/SOCK_CLOEXEC may be or-ed in) */
+    return t == SOCK_STREAM ? 1 : t == SOCK_DGRAM ? 2 : t == SOCK_SEQPACKET ? 3 : -1;
+}
+
+/* checked_socket in C, for the fast form of sockshare.backends._fds._wrap: a `cls`
+ * (socket.socket) object for the received `fd` whose family/type the kernel gives
+ * (getsockname, SO_TYPE: what the constructor asks anyway) and which must be the
+ * claimed ones, put in `blocking` mode (-1: left as it is). NULL with no exception set
+ * when anything is not as claimed or fails: `fd` is then left open for the Python path,
+ * which does it again and says what is wrong. */
+static PyObject *
+adopt_socket(PyTypeObject *cls, int fd, int family, int type, int proto, int blocking)
+{
+    PyObject *sock = NULL, *args = Py_BuildValue("(iiii)", -1, -1, proto, fd);
+    if (args == NULL)
+        goto fallback;
+    sock = cls->tp_new(cls, args, NULL);
+    if (sock == NULL)
+        goto fallback;
+    if (cls->tp_base->tp_init(sock, args, NULL) < 0) {
+        Py_CLEAR(args);
+        goto detach;   /* (its descriptor is -1 unless a late step failed: detach anyway) */
+    }
+    Py_CLEAR(args);
+    if (sock_get_long(sock_family_get, sock) != family || sock_get_long(sock_type_get, sock) != type
+        || PyObject_SetAttr(sock, str_io_refs, long_zero) < 0
+        || PyObject_SetAttr(sock, str_closed, Py_False) < 0)
+        goto detach;
+    if (blocking >= 0) {
+        PyObject *r = PyObject_CallMethodOneArg(sock, str_setblocking, blocking ? Py_True : Py_False);
+        if (r == NULL)
+            goto detach;
+        Py_DECREF(r);
+    }
+    return sock;
+detach:
+    PyErr_Clear();
+    {
+        PyObject *r = PyObject_CallMethodNoArgs(sock, str_detach);
+        if (r == NULL) {   /* cannot happen; never let the object close the caller's fd */
+            PyErr_Clear();
+            Py_DECREF(sock);   /* (leaks nothing: the Python path closes fd once) */
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
+fallback:
+    Py_XDECREF(sock);
+    PyErr_Clear();
     return NULL;
+}
+
+static inline unsigned long get32(const unsigned char *p)
+{
+    return ((unsigned long)p[0] << 24) | ((unsigned long)p[1] << 16) | ((unsigned long)p[2] << 8) | p[3];
+}
+
+/* One received message as a Handoff, when it is exactly one whole one-socket HANDOFF
+ * frame with its one descriptor (ChannelState.receive_single's test) and the socket is
+ * what it claims. NULL with no exception: not one (the message goes the Python way). */
+static PyObject *
+single_handoff(const unsigned char *p, Py_ssize_t got, int fd, Py_ssize_t max_payload,
+               PyTypeObject *sockcls, int blocking, PyObject *handoff_cls, PyObject *answer)
+{
+    if (got < SINGLE_MIN || p[0] != 'S' || p[1] != 'S' || p[2] != 1 || p[3] != 0x20 || p[4] > 1
+        || p[5] != 1 || p[6] != 0 || p[7] != 0)
+        return NULL;
+    unsigned long length = get32(p + 8), mlen = get32(p + 26), dlen = get32(p + 30);
+    unsigned int count = ((unsigned int)p[12] << 8) | p[13];
+    if (count != 1 || (unsigned long)got != 12 + length || length != 22 + mlen + dlen
+        || mlen > MAX_META || dlen > MAX_DATA || (Py_ssize_t)length > max_payload)
+        return NULL;
+    int family = family_of_code(p[22]), type = type_of_code(p[23]);
+    if (family < 0 || type < 0)
+        return NULL;
+    unsigned long long hid = ((unsigned long long)get32(p + 14) << 32) | get32(p + 18);
+    PyObject *sock = adopt_socket(sockcls, fd, family, type, ((int)p[24] << 8) | p[25], blocking);
+    if (sock == NULL)
+        return NULL;
+    /* Handoff(id, socket, data, raw_meta, acked, _answer), answered False, _meta None */
+    PyObject *argv[8];
+    argv[0] = PyLong_FromUnsignedLongLong(hid);
+    argv[1] = sock;
+    argv[2] = PyBytes_FromStringAndSize((const char *)p + SINGLE_MIN + mlen, (Py_ssize_t)dlen);
+    argv[3] = PyBytes_FromStringAndSize((const char *)p + SINGLE_MIN, (Py_ssize_t)mlen);
+    argv[4] = p[4] ? Py_True : Py_False;
+    argv[5] = answer;
+    argv[6] = Py_False;
+    argv[7] = Py_None;
+    PyObject *h = NULL;
+    if (argv[0] != NULL && argv[2] != NULL && argv[3] != NULL)
+        h = slots_new(handoff_cls, argv, 8);
+    Py_XDECREF(argv[0]);
+    Py_XDECREF(argv[2]);
+    Py_XDECREF(argv[3]);
+    if (h == NULL) {   /* (memory): give the descriptor back to the Python path */
+        PyObject *r = PyObject_CallMethodNoArgs(sock, str_detach);
+        Py_XDECREF(r);
+        PyErr_Clear();
+    }
+    Py_DECREF(sock);
+    return h;
+}
+
+/* recv_batch(fd, bufsize, flags, max_msgs, single, sockcls, blocking, max_payload,
+ *            handoff_cls, answer) -> (handoffs, acked, messages)
+ * One recvmmsg(MSG_CMSG_CLOEXEC | flags; MSG_WAITFORONE unless flags has MSG_DONTWAIT)
+ * of up to max_msgs messages from a SOCK_STREAM channel: the first with room for
+ * bufsize bytes, the others BATCH_SLOT. While `single` (the decoder is idle), each
+ * message that is one whole one-socket HANDOFF frame becomes a Handoff (handoffs, of
+ * which `acked` are acknowledged ones); from the first that is not, the messages come
+ * back as (data, fds, msg_flags), in order, for the Python decoder. */
+static PyObject *
+recv_batch(PyObject *self, PyObject *args)
+{
+    int sfd, flags, nmax, single, blocking;
+    Py_ssize_t bufsize, max_payload;
+    PyObject *sockcls, *handoff_cls, *answer;
+    if (!PyArg_ParseTuple(args, "iniipOinOO:recv_batch", &sfd, &bufsize, &flags, &nmax, &single,
+                          &sockcls, &blocking, &max_payload, &handoff_cls, &answer))
+        return NULL;
+    if (bufsize <= 0 || nmax < 1 || nmax > BATCH_MAX) {
+        PyErr_SetString(PyExc_ValueError, "recv_batch: bad bufsize or max_msgs");
+        return NULL;
+    }
+    if (sockcls == Py_None)
+        single = 0;
+    else if (!PyType_Check(sockcls) || ((PyTypeObject *)sockcls)->tp_base == NULL)
+        return PyErr_Format(PyExc_TypeError, "recv_batch: sockcls is a socket class or None");
+    if (single && socket_api() < 0)
+        return NULL;
+    typedef union {
+        char space[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+        struct cmsghdr align;
+    } ctl_t;
+    size_t total = (size_t)bufsize + (size_t)(nmax - 1) * BATCH_SLOT;
+    char *buf = PyMem_Malloc(total);
+    ctl_t *ctl = PyMem_Malloc(sizeof(ctl_t) * (size_t)nmax);
+    struct mmsghdr *mm = PyMem_Calloc((size_t)nmax, sizeof *mm);
+    struct iovec *iov = PyMem_Malloc(sizeof *iov * (size_t)nmax);
+    PyObject *result = NULL, *hs = NULL, *raw = NULL;
+    int got = 0, acked = 0, i = 0;
+    if (buf == NULL || ctl == NULL || mm == NULL || iov == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    int rflags = MSG_CMSG_CLOEXEC | flags | (flags & MSG_DONTWAIT ? 0 : MSG_WAITFORONE);
+    for (;;) {
+        char *b = buf;
+        for (int i = 0; i < nmax; i++) {
+            iov[i].iov_base = b;
+            iov[i].iov_len = i == 0 ? (size_t)bufsize : BATCH_SLOT;
+            b += iov[i].iov_len;
+            memset(&mm[i], 0, sizeof mm[i]);
+            mm[i].msg_hdr.msg_iov = &iov[i];
+            mm[i].msg_hdr.msg_iovlen = 1;
+            mm[i].msg_hdr.msg_control = ctl[i].space;
+            mm[i].msg_hdr.msg_controllen = sizeof ctl[i].space;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        got = recvmmsg(sfd, mm, (unsigned int)nmax, rflags, NULL);
+        Py_END_ALLOW_THREADS
+        if (got >= 0 || errno != EINTR)
+            break;
+        if (PyErr_CheckSignals() < 0) {
+            got = 0;
+            goto out;
+        }
+    }
+    if (got < 0) {
+        got = 0;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto out;
+    }
+    /* the end of the stream reads as empty messages: one is enough */
+    for (int i = 0; i < got; i++)
+        if (mm[i].msg_len == 0) {
+            for (int j = i + 1; j < got; j++)   /* (never carries descriptors; to be sure) */
+                close_message_fds(&mm[j].msg_hdr);
+            got = i + 1;
+            break;
+        }
+    hs = PyList_New(0);
+    raw = PyList_New(0);
+    if (hs == NULL || raw == NULL)
+        goto fail;
+    for (; i < got && single; i++) {
+        struct msghdr *m = &mm[i].msg_hdr;
+        struct cmsghdr *c = CMSG_FIRSTHDR(m);
+        if (m->msg_flags & (MSG_CTRUNC | MSG_TRUNC) || c == NULL || c->cmsg_level != SOL_SOCKET
+            || c->cmsg_type != SCM_RIGHTS || c->cmsg_len != CMSG_LEN(sizeof(int))
+            || CMSG_NXTHDR(m, c) != NULL)
+            break;
+        int fd;
+        memcpy(&fd, CMSG_DATA(c), sizeof fd);
+        PyObject *h = single_handoff((const unsigned char *)iov[i].iov_base, (Py_ssize_t)mm[i].msg_len,
+                                     fd, max_payload, (PyTypeObject *)sockcls, blocking, handoff_cls,
+                                     answer);
+        if (h == NULL)
+            break;
+        if (PyList_Append(hs, h) < 0) {
+            Py_DECREF(h);   /* (its socket closes its descriptor) */
+            i++;
+            goto fail;
+        }
+        acked += ((const unsigned char *)iov[i].iov_base)[4] != 0;
+        Py_DECREF(h);
+    }
+    for (; i < got; i++) {
+        struct msghdr *m = &mm[i].msg_hdr;
+        PyObject *fds = fds_of_message(m);
+        PyObject *data = fds == NULL ? NULL
+                         : PyBytes_FromStringAndSize(iov[i].iov_base, (Py_ssize_t)mm[i].msg_len);
+        PyObject *item = data == NULL ? NULL : Py_BuildValue("(OOi)", data, fds, m->msg_flags);
+        if (item == NULL || PyList_Append(raw, item) < 0) {
+            if (fds != NULL) {
+                close_fd_list(fds);
+                Py_DECREF(fds);
+            }
+            Py_XDECREF(data);
+            Py_XDECREF(item);
+            i++;
+            goto fail;
+        }
+        Py_DECREF(fds);
+        Py_DECREF(data);
+        Py_DECREF(item);
+    }
+    result = Py_BuildValue("(OiO)", hs, acked, raw);
+    goto out;
+fail:
+    /* never leave a descriptor behind: the messages not taken, and those listed */
+    for (; i < got; i++)
+        close_message_fds(&mm[i].msg_hdr);
+    if (raw != NULL) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        for (Py_ssize_t k = 0; k < PyList_GET_SIZE(raw); k++)
+            close_fd_list(PyTuple_GET_ITEM(PyList_GET_ITEM(raw, k), 1));
+        PyErr_Restore(et, ev, tb);
+    }
+out:
+    Py_XDECREF(hs);
+    Py_XDECREF(raw);
+    PyMem_Free(buf);
+    PyMem_Free(ctl);
+    PyMem_Free(mm);
+    PyMem_Free(iov);
+    return result;
+}
+
+/* -- the channel's send hot path --------------------------------------------------- */
+
+/* a growable byte buffer that starts on the stack */
+typedef struct {
+    unsigned char *p;
+    size_t len, cap;
+    unsigned char *stack;
+} buf_t;
+
+static int
+buf_room(buf_t *b, size_t more)
+{
+    if (b->len + more <= b->cap)
+        return 0;
+    size_t cap = b->cap * 2 > b->len + more ? b->cap * 2 : b->len + more;
+    unsigned char *n = b->p == b->stack ? PyMem_Malloc(cap) : PyMem_Realloc(b->p, cap);
+    if (n == NULL)
+        return -1;
+    if (b->p == b->stack)
+        memcpy(n, b->p, b->len);
+    b->p = n;
+    b->cap = cap;
+    return 0;
+}
+
+static int
+buf_put(buf_t *b, const void *s, size_t n)
+{
+    if (buf_room(b, n) < 0)
+        return -1;
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+    return 0;
+}
+
+static int
+json_str(buf_t *b, PyObject *s)
+{
+    static const char hex[] = "0123456789abcdef";
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    if (buf_room(b, (size_t)n * 12 + 2) < 0)   /* the worst case: a surrogate pair each */
+        return -1;
+    unsigned char *o = b->p + b->len;
+    *o++ = '"';
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, i);
+        if (c >= ' ' && c <= '~' && c != '\\' && c != '"') {
+            *o++ = (unsigned char)c;
+            continue;
+        }
+        *o++ = '\\';
+        switch (c) {
+        case '\\': *o++ = '\\'; continue;
+        case '"': *o++ = '"'; continue;
+        case '\b': *o++ = 'b'; continue;
+        case '\f': *o++ = 'f'; continue;
+        case '\n': *o++ = 'n'; continue;
+        case '\r': *o++ = 'r'; continue;
+        case '\t': *o++ = 't'; continue;
+        }
+        if (c >= 0x10000) {   /* a surrogate pair, as json.encoder.encode_basestring_ascii */
+            Py_UCS4 v = c - 0x10000, hi = 0xd800 | ((v >> 10) & 0x3ff);
+            *o++ = 'u';
+            *o++ = hex[(hi >> 12) & 0xf]; *o++ = hex[(hi >> 8) & 0xf];
+            *o++ = hex[(hi >> 4) & 0xf]; *o++ = hex[hi & 0xf];
+            *o++ = '\\';
+            c = 0xdc00 | (v & 0x3ff);
+        }
+        *o++ = 'u';
+        *o++ = hex[(c >> 12) & 0xf]; *o++ = hex[(c >> 8) & 0xf];
+        *o++ = hex[(c >> 4) & 0xf]; *o++ = hex[c & 0xf];
+    }
+    *o++ = '"';
+    b->len = (size_t)(o - b->p);
+    return 0;
+}
+
+/* JSON of `o` as json.dumps(o, separators=(",", ":")) writes it, for the plain types
+ * only (exact dict with str keys, list, tuple, str, int, True/False/None): 1 if
+ * written, 0 if `o` holds anything else (the caller's Python path encodes, or says why
+ * it cannot), -1 on an error (memory) */
+static int
+json_value(buf_t *b, PyObject *o, int depth)
+{
+    if (depth > 32)
+        return 0;
+    if (PyUnicode_CheckExact(o))
+        return json_str(b, o) < 0 ? -1 : 1;
+    if (o == Py_None)
+        return buf_put(b, "null", 4) < 0 ? -1 : 1;
+    if (o == Py_True)
+        return buf_put(b, "true", 4) < 0 ? -1 : 1;
+    if (o == Py_False)
+        return buf_put(b, "false", 5) < 0 ? -1 : 1;
+    if (PyLong_CheckExact(o)) {
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+        if (overflow)
+            return 0;
+        char num[32];
+        int n = snprintf(num, sizeof num, "%lld", v);
+        return buf_put(b, num, (size_t)n) < 0 ? -1 : 1;
+    }
+    if (PyList_CheckExact(o) || PyTuple_CheckExact(o)) {
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+        if (buf_put(b, "[", 1) < 0)
+            return -1;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (i > 0 && buf_put(b, ",", 1) < 0)
+                return -1;
+            int r = json_value(b, PySequence_Fast_GET_ITEM(o, i), depth + 1);
+            if (r <= 0)
+                return r;
+            if (n != PySequence_Fast_GET_SIZE(o))
+                return 0;   /* (changed under us: let Python say) */
+        }
+        return buf_put(b, "]", 1) < 0 ? -1 : 1;
+    }
+    if (PyDict_CheckExact(o)) {
+        Py_ssize_t pos = 0, i = 0;
+        PyObject *k, *v;
+        if (buf_put(b, "{", 1) < 0)
+            return -1;
+        while (PyDict_Next(o, &pos, &k, &v)) {
+            if (!PyUnicode_CheckExact(k))
+                return 0;
+            if ((i++ > 0 && buf_put(b, ",", 1) < 0) || json_str(b, k) < 0 || buf_put(b, ":", 1) < 0)
+                return -1;
+            Py_INCREF(v);
+            int r = json_value(b, v, depth + 1);
+            Py_DECREF(v);
+            if (r <= 0)
+                return r;
+        }
+        return buf_put(b, "}", 1) < 0 ? -1 : 1;
+    }
+    return 0;
+}
+
+/* socket.socket.close of socket.py for an object of its fast form: _closed, and the
+ * descriptor closed unless makefile() objects still use it */
+static int
+sock_release(PyObject *sock)
+{
+    if (PyObject_SetAttr(sock, str_closed, Py_True) < 0)
+        return -1;
+    PyObject *refs = PyObject_GetAttr(sock, str_io_refs);
+    if (refs == NULL)
+        return -1;
+    long n = PyLong_AsLong(refs);
+    Py_DECREF(refs);
+    if (n == -1 && PyErr_Occurred())
+        return -1;
+    if (n > 0)
+        return 0;
+    PyObject *r = PyObject_CallOneArg(sock_close, sock);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* send_single(fd, sock, flags, hid, meta, data, max_payload, close) -> int
+ * ChannelState.single_frame's frame for `sock` (its kind from the kernel's family, type
+ * and protocol, as SocketKind.code_of), written with its descriptor in one non-blocking
+ * sendmsg: 1 (it went), 0 (the socket is full, nothing went) or the bytes of the frame
+ * that did not go yet (it has started: the caller finishes it). `meta` is None, encoded
+ * JSON (bytes), or a dict encoded here as the Python path would (plain types only).
+ * Nothing is sent and -1 comes back when the Python path must do it (and say what is
+ * wrong): a kind the wire has no code for, metadata this encoder does not take, sizes
+ * over the limits (MAX_META, MAX_DATA, `max_payload`). With `close`, a socket whose
+ * frame went whole is closed as socket.close() does (a fire-and-forget handoff). */
+static PyObject *
+send_single(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8 || !PyLong_Check(args[0]) || !PyLong_Check(args[2]) || !PyLong_Check(args[3])
+        || !PyBytes_Check(args[5]) || !PyLong_Check(args[6])) {
+        PyErr_SetString(PyExc_TypeError, "send_single(fd: int, sock, flags: int, hid: int, meta, "
+                                         "data: bytes, max_payload: int, close: bool)");
+        return NULL;
+    }
+    int close_after = PyObject_IsTrue(args[7]);
+    if (close_after < 0)
+        return NULL;
+    if (socket_api() < 0)
+        return NULL;
+    int sfd = (int)PyLong_AsLong(args[0]);
+    PyObject *sock = args[1], *meta = args[4], *data = args[5];
+    long flags = PyLong_AsLong(args[2]);
+    unsigned long long hid = PyLong_AsUnsignedLongLong(args[3]);
+    Py_ssize_t max_payload = PyLong_AsSsize_t(args[6]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!PyObject_TypeCheck(sock, (PyTypeObject *)PyDescr_TYPE(sock_family_get)))
+        return PyLong_FromLong(-1);   /* not a socket: the Python path says so */
+    long family = sock_get_long(sock_family_get, sock), type = sock_get_long(sock_type_get, sock),
+         proto = sock_get_long(sock_proto_get, sock);
+    if (PyErr_Occurred())
+        return NULL;
+    int fc = code_of_family(family), tc = code_of_type(type);
+    Py_ssize_t ld = PyBytes_GET_SIZE(data);
+    if (fc < 0 || tc < 0 || proto < 0 || proto > 0xffff || ld > MAX_DATA)
+        return PyLong_FromLong(-1);
+    unsigned char stack[1024];
+    buf_t b = {stack, SINGLE_MIN, sizeof stack, stack};
+    PyObject *result = NULL;
+    if (PyBytes_CheckExact(meta)) {
+        if (buf_put(&b, PyBytes_AS_STRING(meta), (size_t)PyBytes_GET_SIZE(meta)) < 0)
+            goto nomem;
+    } else if (PyDict_CheckExact(meta)) {
+        int r = json_value(&b, meta, 0);
+        if (r < 0)
+            goto nomem;
+        if (r == 0) {
+            result = PyLong_FromLong(-1);
+            goto out;
+        }
+    } else if (meta != Py_None) {
+        result = PyLong_FromLong(-1);
+        goto out;
+    }
+    size_t lm = b.len - SINGLE_MIN;
+    if (lm > MAX_META || (Py_ssize_t)(22 + lm + (size_t)ld) > max_payload) {
+        result = PyLong_FromLong(-1);
+        goto out;
+    }
+    if (buf_put(&b, PyBytes_AS_STRING(data), (size_t)ld) < 0)
+        goto nomem;
+    PyObject *fdobj = PyObject_CallMethodNoArgs(sock, str_fileno);
+    long fd = fdobj == NULL ? -1 : PyLong_AsLong(fdobj);
+    Py_XDECREF(fdobj);
+    if (PyErr_Occurred())
+        goto out;
+    unsigned char *p = b.p;
+    p[0] = 'S'; p[1] = 'S'; p[2] = 1; p[3] = 0x20; p[4] = (unsigned char)flags;
+    p[5] = 1; p[6] = 0; p[7] = 0;
+    put32(p + 8, (unsigned long)(b.len - 12));
+    put16(p + 12, 1);
+    put64(p + 14, hid);
+    p[22] = (unsigned char)fc; p[23] = (unsigned char)tc;
+    put16(p + 24, (unsigned int)proto);
+    put32(p + 26, (unsigned long)lm);
+    put32(p + 30, (unsigned long)ld);
+    int one = (int)fd;
+    Py_ssize_t sent = sendmsg_fds(sfd, p, b.len, &one, 1);
+    if (sent == (Py_ssize_t)b.len) {
+        if (close_after && sock_release(sock) < 0)
+            goto out;
+        result = PyLong_FromLong(1);
+    }
+    else if (sent == 0)
+        result = PyLong_FromLong(0);
+    else if (sent > 0)   /* the rest of a frame that has started: the caller finishes it */
+        result = PyBytes_FromStringAndSize((const char *)p + sent, (Py_ssize_t)b.len - sent);
+    goto out;
+nomem:
+    PyErr_NoMemory();
+out:
+    if (b.p != b.stack)
+        PyMem_Free(b.p);
+    return result;
+}
+
+/* the number of ids of an ACCEPT payload (count, then that many u64), strictly sized;
+ * -1 with ValueError (and `b` released) if it is not one */
+static Py_ssize_t
+accept_count(Py_buffer *b)
+{
+    const unsigned char *p = (const unsigned char *)b->buf;
+    if (b->len < 2) {
+        PyErr_Format(PyExc_ValueError, "ACCEPT payload has %zd bytes, expected 2", b->len);
+        PyBuffer_Release(b);
+        return -1;
+    }
+    Py_ssize_t count = ((Py_ssize_t)p[0] << 8) | p[1];
+    if (b->len != 2 + 8 * count) {
+        PyErr_Format(PyExc_ValueError, "ACCEPT payload has %zd bytes, expected %zd", b->len,
+                     2 + 8 * count);
+        PyBuffer_Release(b);
+        return -1;
+    }
+    return count;
+}
+
+/* the i-th id of an ACCEPT payload that accept_count checked */
+static unsigned long long
+accept_id(const Py_buffer *b, Py_ssize_t i)
+{
+    const unsigned char *q = (const unsigned char *)b->buf + 2 + 8 * i;
+    return ((unsigned long long)get32(q) << 32) | get32(q + 4);
 }
 
 static PyObject *
@@ -372,27 +1160,16 @@ accept_ids(PyObject *self, PyObject *arg)
     Py_buffer b;
     if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
         return NULL;
-    const unsigned char *p = (const unsigned char *)b.buf;
-    if (b.len < 2) {
-        PyBuffer_Release(&b);
-        return PyErr_Format(PyExc_ValueError, "ACCEPT payload has %zd bytes, expected 2", b.len);
-    }
-    Py_ssize_t count = ((Py_ssize_t)p[0] << 8) | p[1];
-    if (b.len != 2 + 8 * count) {
-        PyBuffer_Release(&b);
-        return PyErr_Format(PyExc_ValueError, "ACCEPT payload has %zd bytes, expected %zd",
-                            b.len, 2 + 8 * count);
-    }
+    Py_ssize_t count = accept_count(&b);
+    if (count < 0)
+        return NULL;
     PyObject *out = PyList_New(count);
     if (out == NULL) {
         PyBuffer_Release(&b);
         return NULL;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
-        const unsigned char *q = p + 2 + 8 * i;
-        unsigned long long v = 0;
-        for (int k = 0; k < 8; k++)
-            v = (v << 8) | q[k];
+        unsigned long long v = accept_id(&b, i);
         PyObject *o = PyLong_FromUnsignedLongLong(v);
         if (o == NULL) {
             Py_DECREF(out);
@@ -512,24 +1289,12 @@ dispatch_burst(PyObject *self, PyObject *args)
     /* accept and place */
     while (nconn < budget) {
         struct sockaddr_storage ss;
-        socklen_t len = sizeof ss;
-        int fd;
-        Py_BEGIN_ALLOW_THREADS
-        fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_CLOEXEC);
-        Py_END_ALLOW_THREADS
-        if (fd < 0) {
-            int e = errno;
-            if (e == EINTR) {
-                if (PyErr_CheckSignals() < 0)
-                    goto out;
-                continue;
-            }
-            if (e == ECONNABORTED)
-                continue;
-            if (e != EAGAIN && e != EWOULDBLOCK)
-                status = e;
+        socklen_t len;
+        int fd = accept_next(lfd, &ss, &len, &status);
+        if (fd == -2)
+            goto out;
+        if (fd < 0)
             break;
-        }
         conn_t *c = &conns[nconn++];
         c->fd = fd;
         char host[INET6_ADDRSTRLEN + 64];
@@ -689,17 +1454,9 @@ settle_accepts(PyObject *self, PyObject *args)
     PyObject *raw;
     if (!PyArg_ParseTuple(args, "y*O!:settle_accepts", &b, &PyDict_Type, &raw))
         return NULL;
-    const unsigned char *p = (const unsigned char *)b.buf;
-    if (b.len < 2) {
-        PyBuffer_Release(&b);
-        return PyErr_Format(PyExc_ValueError, "ACCEPT payload has %zd bytes, expected 2", b.len);
-    }
-    Py_ssize_t count = ((Py_ssize_t)p[0] << 8) | p[1];
-    if (b.len != 2 + 8 * count) {
-        PyBuffer_Release(&b);
-        return PyErr_Format(PyExc_ValueError, "ACCEPT payload has %zd bytes, expected %zd",
-                            b.len, 2 + 8 * count);
-    }
+    Py_ssize_t count = accept_count(&b);
+    if (count < 0)
+        return NULL;
     PyObject *rest = PyList_New(0);
     if (rest == NULL) {
         PyBuffer_Release(&b);
@@ -707,10 +1464,7 @@ settle_accepts(PyObject *self, PyObject *args)
     }
     Py_ssize_t closed = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
-        const unsigned char *q = p + 2 + 8 * i;
-        unsigned long long v = 0;
-        for (int k = 0; k < 8; k++)
-            v = (v << 8) | q[k];
+        unsigned long long v = accept_id(&b, i);
         PyObject *key = PyLong_FromUnsignedLongLong(v);
         if (key == NULL)
             goto fail;
@@ -757,6 +1511,14 @@ static PyMethodDef methods[] = {
      "send_fds(fd, data, fds) -> int: one non-blocking sendmsg with SCM_RIGHTS"},
     {"recv_fds", recv_fds, METH_VARARGS,
      "recv_fds(fd, bufsize, flags) -> (data, fds, msg_flags): one close-on-exec recvmsg"},
+    {"recv_batch", recv_batch, METH_VARARGS,
+     "recv_batch(fd, bufsize, flags, max_msgs, single, sockcls, blocking, max_payload, handoff_cls, "
+     "answer) -> (handoffs, acked, [(data, fds, msg_flags)]): one recvmmsg"},
+    {"send_single", (PyCFunction)(void (*)(void))send_single, METH_FASTCALL,
+     "send_single(fd, sock, flags, hid, meta, data, max_payload, close) -> 1, 0, -1 or bytes: one "
+     "one-socket HANDOFF frame"},
+    {"new_slots", (PyCFunction)(void (*)(void))new_slots, METH_FASTCALL,
+     "new_slots(cls, *values) -> an object of the slots class cls, its slots set in order"},
     {"accept_ids", accept_ids, METH_O, "accept_ids(payload) -> list[int]"},
     {"close_fds", close_fds, METH_O, "close_fds(fds) -> None"},
     {NULL, NULL, 0, NULL},

@@ -90,7 +90,7 @@ from sockshare.protocol import (
 from sockshare.protocol._frames import _TYPE_BY_VALUE
 from sockshare.protocol._messages import _UNPACKED
 
-__all__ = ["ChannelState", "Handoff", "PeerInfo", "Policy", "Ticket"]
+__all__ = ["ChannelState", "Handoff", "PeerInfo", "Policy", "StateView", "Ticket"]
 
 log = logging.getLogger("sockshare.channel")
 
@@ -119,6 +119,7 @@ _PREFIX_ACKED = struct.pack(">2sBBBBH", MAGIC, VERSION, int(FrameType.HANDOFF), 
 _ENTRY = struct.Struct(">Q4sII")
 _U16 = struct.Struct(">H")
 _BYE = encode_frame(FrameType.BYE)
+_NO_LIMIT = 1 << 62
 
 #: ``adopt(fd, kind, blocking, what, ident)``: a received descriptor as a socket object
 Adopt = Callable[[int, SocketKind, "bool | None", str, object], socket.socket]
@@ -257,6 +258,28 @@ class Handoff:
             self._answer(self.id, reason)
 
 
+class StateView:
+    """What both adapters (:class:`sockshare.Channel`, :class:`sockshare.AsyncChannel`)
+    tell of their :class:`ChannelState`, read-only."""
+
+    _state: ChannelState
+
+    @property
+    def peer(self) -> PeerInfo:
+        """The peer's pid, uid, name and features, from the handshake."""
+        assert self._state.peer is not None
+        return self._state.peer
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Handoffs sent, received, accepted, rejected, returned on this channel."""
+        return self._state.all_counters()
+
+    @property
+    def closed(self) -> bool:
+        return self._state.closed
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """Who may connect to a listener: pids and uids (None: anyone)."""
@@ -313,6 +336,8 @@ class ChannelState:
         self.pid = pid
         self.uid = uid
         self.peer: PeerInfo | None = None
+        #: the largest payload the peer takes (no limit before its HELLO)
+        self.peer_limit = _NO_LIMIT
         self.incoming: deque[Handoff] = deque()
         self.tickets: dict[int, Ticket] = {}
         self.returned: deque[Ticket] = deque()
@@ -340,6 +365,12 @@ class ChannelState:
         #: (:meth:`track_answers`): it wakes the waiters of those tickets and no others
         self.answered_log: list[Ticket] | None = None
         self._adopt = adopt
+        #: a socket this side no longer owns is closed the default way (socket.close):
+        #: the compiled send may close a fire-and-forget one in C
+        self.releases_default = release is socket.socket.close
+        #: received descriptors become sockets the default way (checked_socket): the
+        #: compiled receive may do it in C
+        self.adopts_checked = adopt is checked_socket
         self._discard = discard
         self._release = release
         self._share = share
@@ -419,6 +450,7 @@ class ChannelState:
             return error_frame(why), why
         self.peer = PeerInfo(hello.pid, hello.uid, hello.name, hello.features,
                              min(hello.max_payload, MAX_PAYLOAD))
+        self.peer_limit = self.peer.max_payload
         # leftover bytes after HELLO (the peer may already be sending) go to the channel
         self._discard(hs.take_fds())
         if hs.buffered:
@@ -581,18 +613,43 @@ class ChannelState:
         hid = next(_ids)
         head = _SINGLE.pack(MAGIC, VERSION, _HANDOFF, FLAG_ACK if ack else 0, 1, 0, length, 1, hid,
                             SocketKind.code_of(sock), len(raw), ldata)
-        if ack:
-            ticket = Ticket(hid, sock, meta, data, "pending", "", owner)
-            self.tickets[hid] = ticket
-        else:
-            ticket = Ticket(hid, sock, meta, data, "sent")
+        ticket = self.single_ticket(sock, meta, data, ack, owner, hid)
         return b"".join((head, raw, data)), sock.fileno(), ticket
+
+    def single_ticket(  # noqa: PLR0917 - the hot path: positional
+        self, sock: socket.socket, meta: Any, data: bytes, ack: bool, owner: Any = None, hid: int = 0,
+    ) -> Ticket:
+        """The ticket of a one-socket handoff (registered if acked), with a new id
+        unless ``hid`` is given. The compiled send packs and checks the frame itself
+        (``sockshare._speedups.send_single``); if it cannot, :meth:`withdraw` this
+        ticket and take :meth:`single_frame`."""
+        if not hid:
+            hid = next(_ids)
+        state: TicketState = "pending" if ack else "sent"
+        channel = owner if ack else None
+        sp = _fast.speedups
+        if sp is not None:  # what the dataclass __init__ does, without its Python frame
+            ticket: Ticket = sp.new_slots(Ticket, hid, sock, meta, data, state, "", channel, False)
+        else:
+            ticket = Ticket(hid, sock, meta, data, state, "", channel)
+        if ack:
+            self.tickets[hid] = ticket
+        return ticket
+
+    @staticmethod
+    def frame_of(ticket: Ticket, ack: bool) -> tuple[bytes, int]:
+        """The frame and descriptor of a one-socket handoff whose ticket
+        :meth:`single_ticket` made (the bytes the compiled send wrote)."""
+        sock = ticket.socket
+        assert sock is not None
+        frame = single_bytes(ticket.id, ack, SocketKind.code_of(sock), _encode_meta(ticket.meta), ticket.data)
+        return frame, sock.fileno()
 
     def sent_one(self, ticket: Ticket) -> None:
         """The frame of ``ticket`` (from :meth:`single_frame`) was written."""
         self.counters["sent"] += 1
-        if ticket.state == "sent":
-            self._release(ticket.socket)  # type: ignore[arg-type]  # (never None here)
+        if ticket.state == "sent" and ticket.socket is not None:  # (None: the compiled send closed it)
+            self._release(ticket.socket)
             ticket.socket = None
 
     def sent(self, tickets: list[Ticket]) -> None:
@@ -678,56 +735,20 @@ class ChannelState:
         self, items: list[tuple[socket.socket, Any, bytes]], ack: bool,
     ) -> list[tuple[bytes, list[int], list[Ticket]]]:
         """The batched hot path: entries packed straight into the payload (the same
-        bytes as :func:`~sockshare.protocol.encode_handoff`; the test vectors check)."""
+        bytes as :func:`~sockshare.protocol.encode_handoff`; the test vectors check),
+        by sockshare._speedups where it is built (``handoff_frame``), else by
+        :func:`_pack_handoff`."""
         out: list[tuple[bytes, list[int], list[Ticket]]] = []
         flags = FLAG_ACK if ack else 0
         peer_max = self.peer.max_payload if self.peer else MAX_PAYLOAD
         state: TicketState = "pending" if ack else "sent"
         sp = _fast.speedups
-        if sp is not None:
-            return self._fd_frames_compiled(items, sp, flags, state, peer_max)
-        parts: list[bytes] = [b""]
-        fds: list[int] = []
-        tickets: list[Ticket] = []
-        size = 2
-        pack, code_of = _ENTRY.pack, SocketKind.code_of
-        for sock, meta, pre in items:
-            raw = meta if type(meta) is bytes and len(meta) <= MAX_META else _encode_meta(meta)
-            data = pre if type(pre) is bytes else bytes(pre)
-            ldata = len(data)
-            if ldata > MAX_DATA:
-                raise MessageTooLarge(f"pre-read data of {ldata} bytes; the limit is {MAX_DATA}")
-            esize = 20 + len(raw) + ldata
-            if esize + 2 > peer_max:
-                raise MessageTooLarge(
-                    f"a handoff of {esize + 2} bytes is over the peer's limit of {peer_max}")
-            if tickets and (len(tickets) >= BATCH or size + esize > peer_max):
-                out.append(self._close_frame(parts, fds, tickets, flags, size))
-                parts, fds, tickets, size = [b""], [], [], 2
-            hid = next(_ids)
-            parts.append(pack(hid, code_of(sock), len(raw), ldata))
-            parts.append(raw)
-            parts.append(data)
-            fds.append(sock.fileno())
-            tickets.append(Ticket(hid, sock, meta, data, state))
-            size += esize
-        if tickets:
-            out.append(self._close_frame(parts, fds, tickets, flags, size))
-        return out
-
-    @staticmethod
-    def _fd_frames_compiled(
-        items: list[tuple[socket.socket, Any, bytes]], sp: _fast.Speedups, flags: int,
-        state: TicketState, peer_max: int,
-    ) -> list[tuple[bytes, list[int], list[Ticket]]]:
-        """:meth:`_fd_frames` with each frame packed by sockshare._speedups (the same
-        bytes: the test vectors run both)."""
-        out: list[tuple[bytes, list[int], list[Ticket]]] = []
+        frame = _pack_handoff if sp is None else sp.handoff_frame
         entries: list[tuple[int, bytes, bytes, bytes]] = []
         fds: list[int] = []
         tickets: list[Ticket] = []
         size = 2
-        code_of, frame = SocketKind.code_of, sp.handoff_frame
+        code_of = SocketKind.code_of
         for sock, meta, pre in items:
             raw = meta if type(meta) is bytes and len(meta) <= MAX_META else _encode_meta(meta)
             data = pre if type(pre) is bytes else bytes(pre)
@@ -749,12 +770,6 @@ class ChannelState:
         if tickets:
             out.append((frame(flags, entries), fds, tickets))
         return out
-
-    @staticmethod
-    def _close_frame(parts: list[bytes], fds: list[int], tickets: list[Ticket], flags: int,
-                     size: int) -> tuple[bytes, list[int], list[Ticket]]:
-        parts[0] = HEADER.pack(MAGIC, VERSION, _HANDOFF, flags, len(fds), 0, size) + _U16.pack(len(fds))
-        return b"".join(parts), fds, tickets
 
     def _frame(
         self, entries: list[HandoffEntry], tickets: list[Ticket], flags: int,
@@ -851,6 +866,18 @@ class ChannelState:
             self.outstanding[hid] = h
         self.received += 1
         return True
+
+    def received_singles(self, handoffs: list[Handoff], acked: int) -> None:
+        """Handoffs the compiled receive made of whole one-socket HANDOFF frames
+        (``sockshare._speedups.recv_batch``: :meth:`receive_single` in C), ``acked`` of
+        them acknowledged ones."""
+        self.incoming.extend(handoffs)
+        self.received += len(handoffs)
+        if acked:
+            out = self.outstanding
+            for h in handoffs:
+                if h.acked:
+                    out[h.id] = h
 
     def _on_frame(self, frame: Frame, answer: Any) -> None:
         t = frame.type
@@ -1057,6 +1084,26 @@ class ChannelState:
         self.closed = True
         while self.incoming:
             self._release(self.incoming.popleft().socket)
+
+
+def _pack_handoff(flags: int, entries: list[tuple[int, bytes, bytes, bytes]]) -> bytes:
+    """A HANDOFF frame of entries (id, kind code, meta, data): the pure-Python twin of
+    ``sockshare._speedups.handoff_frame``."""
+    pack = _ENTRY.pack
+    parts = [b""]
+    size = 2
+    for hid, code, raw, data in entries:
+        parts += (pack(hid, code, len(raw), len(data)), raw, data)
+        size += 20 + len(raw) + len(data)
+    parts[0] = HEADER.pack(MAGIC, VERSION, _HANDOFF, flags, len(entries), 0, size) + _U16.pack(len(entries))
+    return b"".join(parts)
+
+
+def single_bytes(hid: int, ack: bool, code: bytes, raw: bytes, data: bytes) -> bytes:
+    """A one-socket HANDOFF frame (what :meth:`ChannelState.single_frame` packs)."""
+    head = _SINGLE.pack(MAGIC, VERSION, _HANDOFF, FLAG_ACK if ack else 0, 1, 0, 22 + len(raw) + len(data),
+                        1, hid, code, len(raw), len(data))
+    return b"".join((head, raw, data))
 
 
 def _accept_ids(payload: bytes) -> list[int]:

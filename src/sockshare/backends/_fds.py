@@ -48,6 +48,8 @@ def _wrap_fast(family: int, type: int, proto: int, fd: int) -> socket.socket:
 # (CPython 3.11-3.14); anything else gets the public constructor.
 _wrap = (_wrap_fast if getattr(socket.socket, "__slots__", None) == ["__weakref__", "_io_refs", "_closed"]
          else _wrap_portable)
+#: socket objects are made the fast way: sockshare._speedups.recv_batch may make them in C
+FAST_WRAP = _wrap is _wrap_fast
 
 # the C getters (socket.socket's own properties build an enum on every access)
 socket_type: Callable[[socket.socket], int]
