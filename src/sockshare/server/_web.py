@@ -12,6 +12,11 @@ sockshare adds around them, in :class:`WebServer`:
   the parser first, byte-exact, and sets ``scope["client"]`` to the PROXY header's
   source when the dispatcher read one. Every scope gets
   ``scope["extensions"]["sockshare"]``: the handoff's metadata (docs/server.md).
+* **Connections it accepts itself** (``accept = "worker"``, :meth:`WebServer.listen`): on
+  duplicates of the pool's listening sockets, inherited from the dispatcher; each one
+  registered as a handoff would be (minimal meta), counted in (``on_opened``), and the
+  listeners closed while the worker is at its limit or its descriptor mark, and for
+  good when it drains (docs/server.md, "Accept modes").
 * **The ACCEPT first.** The runtime answers the handoff before the transport exists, so
   no byte reaches the client from a worker whose ACCEPT could still be lost.
 * **TLS in the worker** (``--ssl-certfile``...): after the ACCEPT, the handshake runs on
@@ -359,6 +364,8 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
 
     class Handed(base):  # type: ignore[valid-type,misc]
         _ss_conn: _Conn | None = None
+        #: accepted by this worker through ``create_server`` (uvloop): its listener
+        _ss_listener: Listening | None = None
         _ss_head = 0          # bytes of the request head read so far (HTTP)
         _ss_in_head = True
         _ss_tail = b""        # its last 3 bytes
@@ -374,6 +381,8 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             c = web._conns.get(_fd_of(transport))
+            if c is None and self._ss_listener is not None:
+                c = web._made(transport, self._ss_listener)
             super().connection_made(transport)
             if c is None:
                 return
@@ -456,6 +465,27 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
 
     Handed.__name__ = Handed.__qualname__ = f"Sockshare{base.__name__}"
     return Handed
+
+
+@dataclass(slots=True, eq=False)
+class Listening:
+    """A listening socket this worker accepts on (``accept = "worker"``): the descriptor
+    it inherited from the dispatcher (kept, never read) and, while it accepts, a
+    duplicate of it that the loop reads (closed to stop: the kernel's accept queue is
+    shared, so what waits there goes to the other workers)."""
+
+    fd: int
+    name: str
+    address: str
+    backlog: int
+    #: the duplicate being read (None: not accepting)
+    sock: socket.socket | None = None
+    #: uvloop: the server that accepts on ``sock`` (it closes ``sock``)
+    server: asyncio.AbstractServer | None = None
+
+
+#: connections accepted per listener per wake-up at most (the other workers take the rest)
+ACCEPT_BURST = 32
 
 
 #: what a relayed handover came to: the target took it, it is still ours, or the
@@ -561,6 +591,21 @@ class WebServer:
         self._ticker: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        #: accept = "worker": the listeners this worker accepts on (:meth:`listen`), why
+        #: it does not now ("start", "limit", "fds", "emfile", "stopped"), how many
+        #: connections it takes at most (max_conns, its descriptors), connections
+        #: accepted by uvloop whose protocol is not made yet
+        self.listening: list[Listening] = []
+        self.pool = ""
+        self.accept_limit = 1 << 30
+        self.fd_mark = 1 << 30
+        self._accept_holds: set[str] = {"start"}
+        self._made_pending = 0
+        self._fds_resume_at = 0
+        self._accepted_seq = 0
+        self._pid = os.getpid()
+        #: called once per connection this worker accepted itself (counted in)
+        self.on_opened: Callable[[], None] = lambda: None
 
     # -- the app, as uvicorn calls it ----------------------------------------------------
 
@@ -717,6 +762,8 @@ class WebServer:
             self.on_closed()
         if not self._conns:
             self._idle.set()
+        if self._accept_holds:
+            self._room_again()
 
     def _unregister(self, c: _Conn) -> None:
         """``c`` is no longer ours: by its key (a scan of every connection for each one
@@ -724,11 +771,13 @@ class WebServer:
         old worker, which then looked stuck)."""
         if self._conns.get(c.fd) is c:
             del self._conns[c.fd]
-            return
-        for fd, known in list(self._conns.items()):   # (not registered by its fd)
-            if known is c:
-                del self._conns[fd]
-                break
+        else:
+            for fd, known in list(self._conns.items()):   # (not registered by its fd)
+                if known is c:
+                    del self._conns[fd]
+                    break
+        if self._accept_holds:
+            self._room_again()
 
     def _lost(self, proto: asyncio.Protocol, c: _Conn) -> None:
         self._unregister(c)
@@ -744,6 +793,177 @@ class WebServer:
             b"charset=utf-8\r\nconnection: close\r\ncontent-length: "
             + str(len(body)).encode() + b"\r\n\r\n" + body)
         proto.transport.close()
+
+    # -- accept = "worker": this worker accepts ---------------------------------------------
+
+    def listen(self, listening: list[Listening], pool: str, limit: int | None,
+               fd_mark: int) -> None:
+        """Accept on ``listening`` once :meth:`start_accepting` is called, at most
+        ``limit`` connections at once (None: no limit but the descriptors: a connection
+        whose descriptor reaches ``fd_mark`` stops accepting until some close)."""
+        self.listening = listening
+        self.pool = pool
+        self.accept_limit = limit if limit is not None else 1 << 30
+        self.fd_mark = fd_mark
+
+    def start_accepting(self) -> None:
+        if self.listening:
+            self._release("start")
+
+    def stop_accepting(self) -> None:
+        """For good (a drain): close our duplicates and the inherited descriptors; what
+        waits in the kernel's accept queue is the other workers' (the new generation's)."""
+        if not self.listening or "stopped" in self._accept_holds:
+            return
+        self._hold("stopped")
+        for lst in self.listening:
+            with contextlib.suppress(OSError):
+                os.close(lst.fd)
+        log.info("stopped accepting on %s", ", ".join(lst.name for lst in self.listening))
+
+    def _hold(self, why: str) -> None:
+        if not self._accept_holds:
+            self._close_listeners()
+        self._accept_holds.add(why)
+
+    def _release(self, why: str) -> None:
+        if why not in self._accept_holds:
+            return
+        self._accept_holds.discard(why)
+        if not self._accept_holds:
+            self._open_listeners()
+
+    def _room(self) -> int:
+        return self.accept_limit - len(self._conns) - self._made_pending
+
+    def _room_again(self) -> None:
+        """A connection left: accept again below the marks (with some slack, so that a
+        worker at its limit does not stop and start at every close)."""
+        holds = self._accept_holds
+        if "limit" in holds and self._room() >= max(1, self.accept_limit // 20):
+            self._release("limit")
+        if "fds" in holds and len(self._conns) <= self._fds_resume_at:
+            self._release("fds")
+
+    def _open_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
+        direct = getattr(loop, "_make_socket_transport", None) is not None
+        for lst in self.listening:
+            if lst.sock is not None:
+                continue
+            try:
+                sock = socket.socket(fileno=dup_fd(lst.fd))
+            except OSError as exc:   # (EMFILE: try again in a while)
+                log.warning("listener %s: cannot accept: %s", lst.name, exc)
+                self._close_listeners()
+                self._accept_holds.add("emfile")
+                loop.call_later(0.5, self._release, "emfile")
+                return
+            sock.setblocking(False)
+            lst.sock = sock
+            if direct:   # asyncio: accepted here, a burst at a time, each started as a handoff
+                loop.add_reader(sock.fileno(), self._on_acceptable, lst)
+            else:   # uvloop: its server accepts and makes the transport (in C)
+                task = loop.create_task(self._serve(lst, sock))
+                self.state.tasks.add(task)
+                task.add_done_callback(self.state.tasks.discard)
+
+    async def _serve(self, lst: Listening, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(
+                lambda: self._accepted_protocol(lst), sock=sock, backlog=lst.backlog,
+                ssl=self.ssl, ssl_handshake_timeout=10.0 if self.ssl is not None else None)
+        except OSError as exc:
+            log.warning("listener %s: cannot accept: %s", lst.name, exc)
+            sock.close()
+            if lst.sock is sock:
+                lst.sock = None
+            return
+        if lst.sock is not sock:   # stopped meanwhile
+            server.close()
+            return
+        lst.server = server
+
+    def _close_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
+        for lst in self.listening:
+            sock, lst.sock = lst.sock, None
+            server, lst.server = lst.server, None
+            if server is not None:
+                server.close()   # (closes sock)
+            elif sock is not None and getattr(loop, "_make_socket_transport", None) is not None:
+                with contextlib.suppress(ValueError, RuntimeError, OSError):
+                    loop.remove_reader(sock.fileno())
+                sock.close()
+            # (uvloop's server not made yet: _serve closes it once it is)
+
+    def _on_acceptable(self, lst: Listening) -> None:
+        """asyncio: accept a burst on ``lst``, each connection registered and started
+        exactly as a handed-off one."""
+        sock = lst.sock
+        if sock is None:
+            return
+        for _ in range(ACCEPT_BURST):
+            if self._room() <= 0:
+                self._hold("limit")
+                return
+            try:
+                conn, addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:   # EMFILE, ENFILE, ENOBUFS: the queue keeps them
+                log.warning("listener %s: accept failed: %s; again in 0.5 s", lst.name, exc)
+                self._hold("emfile")
+                asyncio.get_running_loop().call_later(0.5, self._release, "emfile")
+                return
+            self._accepted(conn.fileno(), lst, addr)
+            self.start(conn)
+            if self._accept_holds:
+                return
+
+    def _accepted_protocol(self, lst: Listening) -> asyncio.Protocol:
+        """uvloop's server: the protocol of a connection it just accepted."""
+        if self.ssl is None:   # (a TLS one is counted once its handshake is done)
+            self._made_pending += 1
+        if self._room() <= 0 and "limit" not in self._accept_holds:
+            # not from inside uvloop's accept callback: closing its server there aborts
+            # the connection being accepted. (So under uvloop a worker may take the rest
+            # of one accept burst past its limit: the connections that arrived together.)
+            asyncio.get_running_loop().call_soon(self._full)
+        proto = self._protocol()
+        proto._ss_listener = lst  # type: ignore[attr-defined]
+        return proto
+
+    def _full(self) -> None:
+        if self._room() <= 0:
+            self._hold("limit")
+
+    def _made(self, transport: asyncio.BaseTransport, lst: Listening) -> _Conn:
+        if self.ssl is None and self._made_pending > 0:
+            self._made_pending -= 1
+        return self._accepted(_fd_of(transport), lst, transport.get_extra_info("peername"))
+
+    def _accepted(self, fd: int, lst: Listening, addr: Any) -> _Conn:
+        """Register a connection this worker accepted, with the meta a handoff would
+        have had (minimal: no sniffing here), and count it in."""
+        self._accepted_seq += 1
+        meta: dict[str, Any] = {"handoff_id": f"{self._pid}.w{self._accepted_seq}",
+                                "pool": self.pool, "listener": lst.name, "accepted": "worker"}
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            meta["client"] = [addr[0], addr[1]]
+        c = _Conn(meta, None, self._conn_app(meta), b"", fd=fd)
+        self._conns[fd] = c
+        self._idle.clear()
+        self.on_opened()
+        if fd >= self.fd_mark and "fds" not in self._accept_holds:
+            log.warning("descriptor %d reached the mark %d: not accepting until connections "
+                        "close", fd, self.fd_mark)
+            self._fds_resume_at = max(0, len(self._conns) - max(1, len(self._conns) // 10))
+            self._hold("fds")
+        return c
 
     # -- keep-alive handover ----------------------------------------------------------------
 
