@@ -12,8 +12,12 @@ combinations that cannot work are refused with a ConfigError.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -226,3 +230,64 @@ def test_a_listener_of_its_own_is_accepted() -> None:
     cfg.validate()
     assert cfg.pools["default"].accept == "worker"
     assert [lc.name for lc in cfg.worker_listeners("default")] == ["web"]
+
+
+def test_an_upgrade_keeps_every_client_and_new_connections(tmp_path: Path) -> None:
+    with LiveServer(tmp_path, "--accept", "worker", "--grace", "3", app=APP, workers=2) as srv:
+        addr = srv.address()
+        clients = KeepAliveClients(addr, n=4)
+        load = NewConnections(addr, n=2)
+        try:
+            wait_until(lambda: clients.requests >= 20 and load.done >= 20, timeout=20,
+                       what="the first answers")
+            old = srv.current()
+            assert srv.command({"cmd": "upgrade", "wait": True})["ok"]
+            wait_until(lambda: srv.current() != old, timeout=30, what="the new dispatcher")
+            done, n = load.done, clients.requests
+            wait_until(lambda: load.done >= done + 20 and clients.requests >= n + 20,
+                       timeout=20, what="answers after the upgrade")
+        finally:
+            load.finish()
+            clients.finish()
+        assert load.failures == [], load.failures[:5]
+        assert clients.failures == [], clients.failures[:5]
+        st = srv.wait_for(lambda s: _conns(s) == 0, timeout=15, what="every connection counted out")
+        assert st["counters"]["worker_accepted"] > 0   # (the new dispatcher's workers')
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls_ends_in_the_worker_that_accepted(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost"],
+                   check=True, capture_output=True)
+    with LiveServer(tmp_path / "srv", "--accept", "worker", "--ssl-certfile", str(cert),
+                    "--ssl-keyfile", str(key), app=APP, workers=2) as srv:
+        host, port = srv.address()
+        ctx = ssl.create_default_context(cafile=str(cert))
+        ctx.check_hostname = False
+        for _ in range(10):
+            c = http.client.HTTPSConnection(host, port, timeout=10, context=ctx)
+            c.request("GET", "/")
+            r = c.getresponse()
+            assert r.status == 200
+            r.read()
+            c.close()
+        # a client that speaks plain HTTP to it is closed; the worker goes on
+        with socket.create_connection((host, port), timeout=10) as plain:
+            plain.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            with contextlib.suppress(OSError):
+                plain.recv(100)
+        assert _get_tls(host, port, ctx) == 200
+        srv.wait_for(lambda s: _conns(s) == 0, timeout=10, what="0 connections counted")
+
+
+def _get_tls(host: str, port: int, ctx: ssl.SSLContext) -> int:
+    c = http.client.HTTPSConnection(host, port, timeout=10, context=ctx)
+    try:
+        c.request("GET", "/")
+        r = c.getresponse()
+        r.read()
+        return r.status
+    finally:
+        c.close()
