@@ -165,6 +165,12 @@ log = logging.getLogger("sockshare.server.worker")
 #: Seconds a close report may wait to ride along with the next ACCEPTs (least-conn
 #: counts are that much behind at most).
 REPORT_DELAY = 0.002
+#: The same for a worker that accepts itself (``accept = "worker"``): its opened and
+#: closed reports are the only writes to the dispatcher per connection, and at 2 ms they
+#: cost both processes more than the connection's own work (a write and a wake-up each;
+#: measured: 15% of the worker's CPU). Its own limits are enforced here, so the
+#: dispatcher's counts may be that much behind (a handover flushes them first).
+ACCEPT_REPORT_DELAY = 0.05
 EXIT_APP_ERROR = 3
 #: Descriptors a worker keeps free: one channel read may carry 64 (the dispatcher's
 #: batch), and the kernel drops descriptors that do not fit (MSG_CTRUNC), which ends the
@@ -249,6 +255,7 @@ class Worker:
         self._closed_unreported = 0
         #: accept = "worker": connections accepted here, not yet reported (``Opened``)
         self._opened_unreported = 0
+        self._report_delay = ACCEPT_REPORT_DELAY if web is not None and web.listening else REPORT_DELAY
         self._flush_scheduled = False
         self._reports: list[Report] = []
         #: direct migration: our listener and channels for peer workers, held orphans
@@ -313,7 +320,7 @@ class Worker:
         self._opened_unreported += 1
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_later(REPORT_DELAY, self._flush_report, True)
+            asyncio.get_running_loop().call_later(self._report_delay, self._flush_report, True)
 
     def _closed_one(self) -> None:
         # Reported in batches: with the next ACCEPTs (same write) or after REPORT_DELAY,
@@ -324,7 +331,7 @@ class Worker:
             self._fd_timer = asyncio.get_running_loop().call_later(0.01, self._fd_tick)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_later(REPORT_DELAY, self._flush_report, True)
+            asyncio.get_running_loop().call_later(self._report_delay, self._flush_report, True)
 
     async def _relay_out(self, dup: socket.socket, meta: bytes, data: bytes) -> str:
         """Hand ``dup`` (a duplicate of a connection's socket) to the dispatcher, which

@@ -380,9 +380,13 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
                 self.limit_concurrency = web.settings.limit_concurrency + 1
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            lst = self._ss_listener
+            if lst is not None:   # accepted by uvloop's server: registered now
+                super().connection_made(transport)
+                made = self._ss_conn = web._made(transport, getattr(self, "client", None), lst)
+                self.app = made.app
+                return
             c = web._conns.get(_fd_of(transport))
-            if c is None and self._ss_listener is not None:
-                c = web._made(transport, self._ss_listener)
             super().connection_made(transport)
             if c is None:
                 return
@@ -941,10 +945,12 @@ class WebServer:
         if self._room() <= 0:
             self._hold("limit")
 
-    def _made(self, transport: asyncio.BaseTransport, lst: Listening) -> _Conn:
+    def _made(self, transport: asyncio.BaseTransport, client: Any, lst: Listening) -> _Conn:
+        """uvloop's server made a connection's protocol: register it (by its descriptor,
+        as a handoff: the WebSocket protocol that an upgrade makes finds it so)."""
         if self.ssl is None and self._made_pending > 0:
             self._made_pending -= 1
-        return self._accepted(_fd_of(transport), lst, transport.get_extra_info("peername"))
+        return self._accepted(_fd_of(transport), lst, client)
 
     def _accepted(self, fd: int, lst: Listening, addr: Any) -> _Conn:
         """Register a connection this worker accepted, with the meta a handoff would
