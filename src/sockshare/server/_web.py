@@ -386,7 +386,7 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
                 made = self._ss_conn = web._made(transport, getattr(self, "client", None), lst)
                 self.app = made.app
                 return
-            c = web._conns.get(_fd_of(transport))
+            c = web._conns.get(id(transport)) or web._conns.get(_fd_of(transport))
             super().connection_made(transport)
             if c is None:
                 return
@@ -486,6 +486,11 @@ class Listening:
     sock: socket.socket | None = None
     #: uvloop: the server that accepts on ``sock`` (it closes ``sock``)
     server: asyncio.AbstractServer | None = None
+    #: what every connection accepted on it shares (made once: a connection costs no
+    #: dict and no closure): its ``scope["extensions"]["sockshare"]``, and the app
+    #: that puts it there
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    app: Any = None
 
 
 #: connections accepted per listener per wake-up at most (the other workers take the rest)
@@ -571,6 +576,12 @@ class WebServer:
             self.ws_class = _subclass(movable_class(sansio.WebSocketsSansIOProtocol, self), self,
                                       http=False)
             self.config.ws_protocol_class = self.ws_class
+        uv = logging.getLogger("uvicorn.error")
+        if uv.level == logging.NOTSET:
+            # uvicorn's protocols log a TRACE line per connection made and lost when the
+            # level *set on this logger* is at most TRACE (5), which NOTSET (0) is: the
+            # level it gets from its parents, set, makes that a comparison again
+            uv.setLevel(uv.getEffectiveLevel())
         self.state = server_mod.ServerState()
         self.lifespan = self.config.lifespan_class(self.config)
         self._conns: dict[int, _Conn] = {}
@@ -606,8 +617,6 @@ class WebServer:
         self._accept_holds: set[str] = {"start"}
         self._made_pending = 0
         self._fds_resume_at = 0
-        self._accepted_seq = 0
-        self._pid = os.getpid()
         #: called once per connection this worker accepted itself (counted in)
         self.on_opened: Callable[[], None] = lambda: None
 
@@ -690,8 +699,9 @@ class WebServer:
         return None
 
     def conn_for(self, transport: asyncio.BaseTransport) -> _Conn | None:
-        """The handoff a protocol instance's transport came from."""
-        return self._conns.get(_fd_of(transport))
+        """The handoff a protocol instance's transport came from (or the connection
+        uvloop's server accepted on it)."""
+        return self._conns.get(id(transport)) or self._conns.get(_fd_of(transport))
 
     def register(self, sock: Any, meta: dict[str, Any], data: bytes,
                  resume: dict[str, Any] | None = None) -> None:
@@ -946,25 +956,27 @@ class WebServer:
             self._hold("limit")
 
     def _made(self, transport: asyncio.BaseTransport, client: Any, lst: Listening) -> _Conn:
-        """uvloop's server made a connection's protocol: register it (by its descriptor,
-        as a handoff: the WebSocket protocol that an upgrade makes finds it so)."""
+        """uvloop's server made a connection's protocol: register it, by its transport
+        (its descriptor would take a socket object to learn; the WebSocket protocol that
+        an upgrade makes finds it by its transport too)."""
         if self.ssl is None and self._made_pending > 0:
             self._made_pending -= 1
-        return self._accepted(_fd_of(transport), lst, client)
+        return self._accepted(id(transport), lst, client)
 
     def _accepted(self, fd: int, lst: Listening, addr: Any) -> _Conn:
-        """Register a connection this worker accepted, with the meta a handoff would
-        have had (minimal: no sniffing here), and count it in."""
-        self._accepted_seq += 1
-        meta: dict[str, Any] = {"handoff_id": f"{self._pid}.w{self._accepted_seq}",
-                                "pool": self.pool, "listener": lst.name, "accepted": "worker"}
-        if isinstance(addr, tuple) and len(addr) >= 2:
-            meta["client"] = [addr[0], addr[1]]
-        c = _Conn(meta, None, self._conn_app(meta), b"", fd=fd)
+        """Register a connection this worker accepted (``fd``: its key, the descriptor
+        or, under uvloop, its transport's id), with its listener's meta (minimal: no
+        sniffing here, the client is ``scope["client"]``), and count it in."""
+        app = lst.app
+        if app is None:
+            lst.meta = {"pool": self.pool, "listener": lst.name, "accepted": "worker"}
+            app = lst.app = self._conn_app(lst.meta)
+        c = _Conn(lst.meta, None, app, b"", fd=fd)
         self._conns[fd] = c
-        self._idle.clear()
+        if self._idle.is_set():
+            self._idle.clear()
         self.on_opened()
-        if fd >= self.fd_mark and "fds" not in self._accept_holds:
+        if 0 <= fd < 1 << 30 and fd >= self.fd_mark and "fds" not in self._accept_holds:
             log.warning("descriptor %d reached the mark %d: not accepting until connections "
                         "close", fd, self.fd_mark)
             self._fds_resume_at = max(0, len(self._conns) - max(1, len(self._conns) // 10))
