@@ -18,12 +18,14 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from live_helpers import LiveServer, wait_until
+from serve_helpers import env_with_apps
 from test_web_handover import CountingSocket, KeepAliveClients
 
 from sockshare import SockshareError
@@ -291,3 +293,14 @@ def _get_tls(host: str, port: int, ctx: ssl.SSLContext) -> int:
         return r.status
     finally:
         c.close()
+
+
+def test_a_handler_app_with_accept_worker_stops_the_server_with_the_reason(tmp_path: Path) -> None:
+    # ``auto`` cannot tell before the app is imported: the worker says so, the server stops
+    proc = subprocess.run(
+        [sys.executable, "-m", "sockshare.server._cli", "serve", "serve_apps:app", "--accept",
+         "worker", "--workers", "1", "--bind", "127.0.0.1:0", "--control",
+         str(tmp_path / "ctl" / "s.ctl")],
+        env=env_with_apps(), capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert 'accept = "worker" needs an ASGI or WSGI app' in proc.stdout + proc.stderr

@@ -1277,9 +1277,11 @@ def main(argv: list[str] | None = None) -> int:
     error = ""
     settings = WebSettings.from_json(args.web)
     listening, max_conns = _inherited_listeners(os.environ.get(ENV_LISTEN, ""))
+    not_web = False
     try:
         app, web = _load_web(args.app, args.interface, settings)
         if web is None and listening:
+            not_web = True
             raise WebAppError("accept = \"worker\" needs an ASGI or WSGI app; this one is a "
                               "handler (use accept = \"dispatcher\")")
         if web is not None:
@@ -1296,6 +1298,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("worker %d: %s", info.id, error)
     worker = Worker(app, info, args.channel, grace=args.grace, app_error=error, resume=resume,
                     web=web, max_conns=max_conns)
+    if not_web:   # (a configuration error, not a crash: the server says so and stops)
+        worker._startup_failed = True
     status = _run_loop(worker.run(), settings.loop if web is not None else "asyncio")
     freeze_for_exit()   # (exit now, not after a last walk of every object)
     return status
