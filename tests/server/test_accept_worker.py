@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import shutil
 import socket
 import ssl
@@ -116,6 +117,12 @@ def test_workers_accept_count_and_keep_every_client_through_reloads(tmp_path: Pa
         finally:
             load.finish()
         assert load.failures == [], load.failures[:5]
+        # the app sees the minimal metadata of a connection its worker accepted
+        c = http.client.HTTPConnection(addr[0], addr[1], timeout=10)
+        c.request("GET", "/ext")
+        assert json.loads(c.getresponse().read()) == {"pool": "default", "listener": "main",
+                                                      "accepted": "worker"}
+        c.close()
         # descriptors: each worker back to its count after a few hundred connections
         before = {pid: _fds(pid) for pid in workers}
         for _ in range(200):

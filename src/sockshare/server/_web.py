@@ -361,6 +361,9 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
     h11: Any = None
     if http and base.__module__.endswith("h11_impl"):
         h11 = __import__("h11")
+    #: httptools: the scope gets its extension in on_headers_complete and the app is
+    #: called directly (no wrapper coroutine per request, ``_conn_app``)
+    direct = http and h11 is None
 
     class Handed(base):  # type: ignore[valid-type,misc]
         _ss_conn: _Conn | None = None
@@ -384,7 +387,7 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
             if lst is not None:   # accepted by uvloop's server: registered now
                 super().connection_made(transport)
                 made = self._ss_conn = web._made(transport, getattr(self, "client", None), lst)
-                self.app = made.app
+                self.app = web.direct_app if direct else made.app
                 return
             c = web._conns.get(id(transport)) or web._conns.get(_fd_of(transport))
             super().connection_made(transport)
@@ -393,7 +396,7 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
             self._ss_conn = c
             if c.client is not None:
                 self.client = c.client
-            self.app = c.app
+            self.app = web.direct_app if direct else c.app
             if c.pre:
                 pre, c.pre = c.pre, b""
                 self.data_received(pre)
@@ -435,6 +438,9 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
             if h11 is None:   # httptools: its callbacks, in the order of the bytes
                 def on_headers_complete(self) -> None:
                     self._ss_in_head = False
+                    c = self._ss_conn
+                    if c is not None:   # (the scope is new: on_message_begin made it)
+                        self.scope["extensions"] = {"sockshare": c.meta}
                     super().on_headers_complete()
 
                 def on_message_complete(self) -> None:
@@ -631,13 +637,20 @@ class WebServer:
                 self.on_max_requests()
         await self.app(scope, receive, send)
 
-    def _conn_app(self, meta: dict[str, Any]) -> ASGIApp:
-        # uvicorn's loaded app is _counting, wrapped by its middleware when configured;
-        # when neither counting nor a middleware is wanted, the app is called directly
-        # (one coroutine less per request)
+    @functools.cached_property
+    def direct_app(self) -> ASGIApp:
+        """What a connection's protocol calls: uvicorn's loaded app is _counting, wrapped
+        by its middleware when configured; when neither counting nor a middleware is
+        wanted, the app itself (one coroutine less per request)."""
         loaded: ASGIApp = self.config.loaded_app
         if loaded == self._counting and not self.max_requests:
             loaded = self.app
+        return loaded
+
+    def _conn_app(self, meta: dict[str, Any]) -> ASGIApp:
+        # (a WebSocket's, or an h11 connection's: the scope is made where we cannot add
+        # to it, so a wrapper puts the extension in)
+        loaded = self.direct_app
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             ext = scope.get("extensions")
