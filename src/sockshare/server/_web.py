@@ -373,14 +373,17 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
         _ss_in_head = True
         _ss_tail = b""        # its last 3 bytes
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            if h11 is not None:
-                self._ss_watch()
-            if http and web.settings.limit_concurrency is not None:
-                # uvicorn counts the connection asking among the open ones (with 1, every
-                # request would get 503): N serves N connections at once, the next gets 503
-                self.limit_concurrency = web.settings.limit_concurrency + 1
+        if h11 is not None or (http and web.settings.limit_concurrency is not None):
+            # (only then: one Python call less per connection otherwise)
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                if h11 is not None:
+                    self._ss_watch()
+                if http and web.settings.limit_concurrency is not None:
+                    # uvicorn counts the connection asking among the open ones (with 1,
+                    # every request would get 503): N serves N connections at once, the
+                    # next gets 503
+                    self.limit_concurrency = web.settings.limit_concurrency + 1
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             lst = self._ss_listener
@@ -899,7 +902,7 @@ class WebServer:
         loop = asyncio.get_running_loop()
         try:
             server = await loop.create_server(
-                lambda: self._accepted_protocol(lst), sock=sock, backlog=lst.backlog,
+                functools.partial(self._accepted_protocol, lst), sock=sock, backlog=lst.backlog,
                 ssl=self.ssl, ssl_handshake_timeout=10.0 if self.ssl is not None else None)
         except OSError as exc:
             log.warning("listener %s: cannot accept: %s", lst.name, exc)
@@ -960,7 +963,8 @@ class WebServer:
             # the connection being accepted. (So under uvloop a worker may take the rest
             # of one accept burst past its limit: the connections that arrived together.)
             asyncio.get_running_loop().call_soon(self._full)
-        proto = self._protocol()
+        proto: asyncio.Protocol = self.http_class(config=self.config, server_state=self.state,
+                                                  app_state=self.lifespan.state)
         proto._ss_listener = lst  # type: ignore[attr-defined]
         return proto
 
