@@ -448,7 +448,9 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
 
                 def on_message_complete(self) -> None:
                     super().on_message_complete()
-                    self._ss_request_read()
+                    self._ss_in_head = True   # (_ss_request_read, inline: per request)
+                    self._ss_head = 0
+                    self._ss_tail = b""
             else:   # h11: its events, watched on their way to uvicorn
                 def _ss_watch(self) -> None:
                     conn = self.conn
