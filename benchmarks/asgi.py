@@ -11,6 +11,8 @@ What it measures: requests/s of the same small ASGI app (benchmarks/asgi_app.py:
 * ``sockshare`` -- ``sockshare serve asgi_app:app --interface asgi --workers 2``: the
   dispatcher accepts each connection and hands it to a worker, which serves it with
   uvicorn's protocol classes;
+* ``sockshare-worker`` -- the same with ``--accept worker``: the workers accept on the
+  listening socket themselves (docs/server.md, "Accept modes"), as uvicorn's do;
 * ``uvicorn``   -- ``uvicorn asgi_app:app --workers 2`` (the reference of the ratios);
 * ``gunicorn``  -- ``gunicorn -k asgi_gunicorn.Worker -w 2``: uvicorn_worker's
   ``UvicornWorker`` with the HTTP implementation and loop pinned (benchmarks/asgi_gunicorn.py);
@@ -71,12 +73,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 WORKERS = 2
-SERVERS = ("sockshare", "uvicorn", "gunicorn", "granian")
+SERVERS = ("sockshare", "sockshare-worker", "uvicorn", "gunicorn", "granian")
 MODES = ("keep-alive", "close")
 MODE_LABELS = {"keep-alive": "keep-alive", "close": "new connection per request"}
 REFERENCE = "uvicorn"
 TARGETS = {"keep-alive": 1.0, "close": 0.9}
-COLORS = {"sockshare": "#2b6cb0", "uvicorn": "#718096", "gunicorn": "#38a169",
+COLORS = {"sockshare": "#2b6cb0", "sockshare-worker": "#63b3ed", "uvicorn": "#718096", "gunicorn": "#38a169",
           "granian": "#dd6b20"}
 READY_TIMEOUT = 30.0
 
@@ -228,14 +230,21 @@ def _spawn(name: str, port: int, argv: list[str], env: dict[str, str], opts: Opt
     return Running(name, port, proc, log)
 
 
-def start_sockshare(opts: Options) -> Running:
+def start_sockshare(opts: Options, accept: str = "dispatcher") -> Running:
     port = free_port()
+    name = "sockshare" if accept == "dispatcher" else f"sockshare-{accept}"
     argv = [sys.executable, "-m", "sockshare.server._cli", "serve", "asgi_app:app",
             "--interface", "asgi", "--workers", str(WORKERS),
-            "--bind", f"127.0.0.1:{port}", "--control", str(opts.tmp / "ctl" / "serve.ctl"),
+            "--bind", f"127.0.0.1:{port}", "--control", str(opts.tmp / name / "serve.ctl"),
             "--http", "httptools", "--loop", opts.loop, "--log-level", "warning",
             "--grace", "2"]
-    return _spawn("sockshare", port, argv, _env(HERE, opts.src), opts)
+    if accept != "dispatcher":
+        argv += ["--accept", accept]
+    return _spawn(name, port, argv, _env(HERE, opts.src), opts)
+
+
+def start_sockshare_worker(opts: Options) -> Running:
+    return start_sockshare(opts, "worker")
 
 
 def start_uvicorn(opts: Options) -> Running:
@@ -264,11 +273,13 @@ def start_granian(opts: Options) -> Running:
 
 
 STARTERS: dict[str, Callable[[Options], Running]] = {
-    "sockshare": start_sockshare, "uvicorn": start_uvicorn, "gunicorn": start_gunicorn,
+    "sockshare": start_sockshare, "sockshare-worker": start_sockshare_worker,
+    "uvicorn": start_uvicorn, "gunicorn": start_gunicorn,
     "granian": start_granian,
 }
 #: the module each server needs
-NEEDS = {"sockshare": "uvicorn", "uvicorn": "uvicorn", "gunicorn": "uvicorn_worker",
+NEEDS = {"sockshare": "uvicorn", "sockshare-worker": "uvicorn", "uvicorn": "uvicorn",
+         "gunicorn": "uvicorn_worker",
          "granian": "granian"}
 
 
@@ -368,14 +379,17 @@ def markdown(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
 
 
 def targets(summary: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
-    if "sockshare" not in summary or REFERENCE not in summary:
+    if REFERENCE not in summary:
         return []
     out = []
-    for m in MODES:
-        ratio = summary["sockshare"][m]["ratio"]
-        met = ratio >= TARGETS[m]
-        out.append(f"sockshare {MODE_LABELS[m]}: {ratio:.2f}x {REFERENCE} (target "
-                   f">= {TARGETS[m]:.1f}x): {'met' if met else 'MISSED'}")
+    for name in ("sockshare", "sockshare-worker"):
+        if name not in summary:
+            continue
+        for m in MODES:
+            ratio = summary[name][m]["ratio"]
+            met = ratio >= TARGETS[m]
+            out.append(f"{name} {MODE_LABELS[m]}: {ratio:.2f}x {REFERENCE} (target "
+                       f">= {TARGETS[m]:.1f}x): {'met' if met else 'MISSED'}")
     return out
 
 

@@ -36,6 +36,7 @@ EXAMPLES: list[m.Message] = [
     m.WebCounts(1, 2, 3, 4, 5),
     m.Closed(3, 7),
     m.Closed(),
+    m.Opened(5),
     m.Fed(3, 1),
     m.Fed(2),
     m.Fds(True),
@@ -205,7 +206,8 @@ def test_ill_typed_fields(msg: m.Message, field: str, value: Any, expected: str)
         m.decode(obj)
 
 
-_REQUIRED = [("fed", "n"), ("fds", "full"), ("migrate_ack", "n"), ("moving", "to"), ("moving", "key"),
+_REQUIRED = [("opened", "n"), ("fed", "n"), ("fds", "full"), ("migrate_ack", "n"), ("moving", "to"),
+             ("moving", "key"),
              ("moved_out", "to"), ("moved_out", "key"), ("move_back", "to"),
              ("move_back", "key"), ("moved_in", "key"), ("orphan", "pid"), ("orphan", "key")]
 _REQUIRED_CMD = [("peers", "peers"), ("orphan", "key"), ("orphan", "dead")]
@@ -247,6 +249,7 @@ _MESSAGES = st.one_of(
     st.builds(m.Hello, st.booleans(), st.none() | _ints, st.none() | _text, st.none() | _ints),
     st.builds(m.Fatal, _text),
     st.builds(m.Closed, _counts, st.none() | _counts),
+    st.builds(m.Opened, _counts),
     st.builds(m.Fed, _counts, st.none() | _counts),
     st.builds(m.Fds, st.booleans(), st.none() | _ints),
     st.just(m.Draining()),

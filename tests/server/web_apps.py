@@ -99,6 +99,14 @@ async def plain_echo(ws: WebSocket) -> None:
         return
 
 
-#: keep-alive HTTP (``/``), an opted-in WebSocket (``/count``), a plain one (``/echo``)
+async def extension(request: Request) -> PlainTextResponse:
+    """``scope["extensions"]["sockshare"]``, as JSON."""
+    import json
+
+    return PlainTextResponse(json.dumps(request.scope.get("extensions", {}).get("sockshare")))
+
+
+#: keep-alive HTTP (``/``), an opted-in WebSocket (``/count``), a plain one (``/echo``),
+#: the handoff's metadata (``/ext``)
 combined_app = Starlette(routes=[Route("/", pid_page), WebSocketRoute("/count", counter),
-                                 WebSocketRoute("/echo", plain_echo)])
+                                 WebSocketRoute("/echo", plain_echo), Route("/ext", extension)])

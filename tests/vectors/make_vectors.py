@@ -458,6 +458,8 @@ def control_vectors() -> list[dict[str, Any]]:
           m.Closed(3, active=7)),
         v("closed-foreign", "the C and PHP workers' close report (no active count): "
           "2 closed", m.Closed(2)),
+        v("opened", "accept = worker: 5 connections the worker accepted itself, counted in "
+          "before their closes", m.Opened(5)),
         v("fed", "--dispatchers: 4 handoffs from feeder 1 accepted, counted in before "
           "their closes", m.Fed(4, by=1)),
         v("fds-full", "out of descriptors: send nothing more", m.Fds(full=True)),

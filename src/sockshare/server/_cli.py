@@ -184,6 +184,11 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                         "the books; it accepts only while no feeder does) and N-1 feeders that "
                         "accept and hand connections to every worker, least-conn over the "
                         "whole pool (default: 1; docs/server.md, 'Several dispatchers')")
+    p.add_argument("--accept", choices=("dispatcher", "worker"), default=None,
+                   help="who accepts new connections: the dispatcher, which hands each one to "
+                        "a worker (default), or the workers themselves, on the listening "
+                        "sockets they inherit (faster per new connection; no Host/SNI routing, "
+                        "no PROXY parsing; docs/server.md, 'Accept modes')")
     p.add_argument("--no-direct-migration", action="store_true",
                    help="relay every migration through the dispatcher (default: a handler's "
                         "own migrate() goes straight to another worker)")

@@ -56,6 +56,7 @@ from sockshare._errors import SockshareError
 from sockshare.server._web import WebAppError, WebSettings
 
 __all__ = [
+    "ACCEPT_MODES",
     "DEFAULT_APP",
     "DEFAULT_BIND",
     "DEFAULT_PROXY_ALLOW",
@@ -75,6 +76,8 @@ __all__ = [
 
 DEFAULT_APP = "sockshare.server._demo:handle"
 DEFAULT_BIND = "127.0.0.1:8000"
+#: ``--accept`` values: who accepts a pool's new connections
+ACCEPT_MODES = ("dispatcher", "worker")
 #: Policy names accepted by ``--policy`` (or ``module:function`` for a user callable).
 POLICIES = ("least-conn", "round-robin", "hash-addr", "hash-key")
 #: Who may send a PROXY header (``--proxy-allow-from``): loopback, like uvicorn's
@@ -230,6 +233,10 @@ class PoolConfig:
     rebalance: bool | None = None
     #: how a Python app is served: --interface, TLS, HTTP settings (ASGI/WSGI)
     web: WebSettings = field(default_factory=WebSettings)
+    #: who accepts the pool's new connections: "dispatcher" (it hands each one over) or
+    #: "worker" (each worker accepts on the pool's listeners itself; docs/server.md,
+    #: "Accept modes")
+    accept: str = "dispatcher"
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +388,7 @@ class ServerConfig:
             if p.policy not in POLICIES and ":" not in p.policy:
                 raise ConfigError(f"pool {p.name!r}: policy {p.policy!r} is not one of "
                                   f"{', '.join(POLICIES)} or module:function")
+        self._check_worker_accept()
         if self.sniff_max < 1 or not self.sniff_timeout > 0:
             raise ConfigError("sniff_max must be at least 1 and sniff_timeout positive")
         if self.fd_reserve is not None and self.fd_reserve < 0:
@@ -398,6 +406,79 @@ class ServerConfig:
             raise ConfigError(f"--user/--group: only root can start workers as another user "
                               f"(this process runs as uid {os.geteuid()}); start as root, or "
                               "leave them out")
+
+    def worker_listeners(self, pool: str) -> list[ListenerConfig]:
+        """The listeners whose connections all go to ``pool`` (no route could send one
+        elsewhere): those its workers accept on with ``accept = "worker"``."""
+        return [lc for lc in self.listeners if self.route(lc, {})[0] == pool
+                and not self._routed_on(lc)]
+
+    def _routed_on(self, lc: ListenerConfig) -> list[int]:
+        """The routes that look at a connection of ``lc`` (more than its listener)."""
+        return [i for i, r in enumerate(self.routes)
+                if r.listener in (None, lc.name)
+                and (r.host is not None or r.sni is not None or r.proxy is not None)]
+
+    def _check_worker_accept(self) -> None:
+        """``accept = "worker"``: refuse what needs the dispatcher to accept (and read)
+        each connection, with a message that says which and why."""
+        worker = [p for p in self.pools.values() if p.accept == "worker"]
+        for p in self.pools.values():
+            if p.accept not in ACCEPT_MODES:
+                raise ConfigError(f"pool {p.name!r}: accept must be one of "
+                                  f"{', '.join(ACCEPT_MODES)}, not {p.accept!r}")
+        if not worker:
+            return
+        names = ", ".join(repr(p.name) for p in worker)
+        if sys.platform == "win32":
+            raise ConfigError(f"pool {names}: accept = \"worker\" is not supported on Windows "
+                              "(the workers cannot share the listening sockets there); use "
+                              "accept = \"dispatcher\"")
+        if self.dispatchers > 1:
+            raise ConfigError(f"pool {names}: accept = \"worker\" and --dispatchers "
+                              f"{self.dispatchers}: the workers accept themselves, there is nothing "
+                              "for feeder dispatchers to do; give one or the other")
+        for p in worker:
+            where = f"pool {p.name!r}: accept = \"worker\""
+            if p.worker_cmd is not None:
+                raise ConfigError(f"{where} needs a Python ASGI or WSGI app (the worker serves "
+                                  "what it accepts with uvicorn's protocols), not worker_cmd")
+            if p.web.interface == "handler":
+                raise ConfigError(f"{where} needs an ASGI or WSGI app, not --interface handler "
+                                  "(a handler's connections come through the dispatcher)")
+            mine = [lc for lc in self.listeners if self.route(lc, {})[0] == p.name]
+            if not mine:
+                raise ConfigError(f"{where}: no listener sends its connections to this pool "
+                                  "(give the listener pool = \"" + p.name + "\" or make it the "
+                                  "default pool)")
+            for lc in mine:
+                lw = f"{where} on listener {lc.name!r}"
+                routed = self._routed_on(lc)
+                if routed:
+                    r = self.routes[routed[0]]
+                    by = "Host" if r.host is not None else "SNI" if r.sni is not None else "PROXY"
+                    raise ConfigError(
+                        f"{lw}: routes[{routed[0]}] routes by {by} on that listener, which needs "
+                        "the dispatcher to read each connection first (a listener shared by "
+                        "several pools); use accept = \"dispatcher\" for it, or a listener of "
+                        "its own")
+                if lc.sniff:
+                    raise ConfigError(f"{lw}: sniff = true needs the dispatcher to read each "
+                                      "connection (Host/SNI); use accept = \"dispatcher\"")
+                if lc.proxy != "off":
+                    raise ConfigError(f"{lw}: PROXY protocol parsing (proxy = {lc.proxy!r}) is "
+                                      "done by the dispatcher; use accept = \"dispatcher\", or "
+                                      "--proxy-headers in the worker")
+            for other in self.pools.values():
+                if other.name == p.name:
+                    continue
+                shared = [r for r in self.routes
+                          if r.pool == other.name and any(r.listener in (None, lc.name)
+                                                          for lc in mine)]
+                if shared:
+                    raise ConfigError(f"{where}: pool {other.name!r} is routed to from the "
+                                      "same listener; a listener whose workers accept serves "
+                                      "one pool only")
 
     def route(self, listener: ListenerConfig, meta: Mapping[str, Any]) -> tuple[str, str]:
         """``(pool, why)`` for a connection accepted on ``listener`` with sniffed ``meta``;
@@ -439,6 +520,7 @@ def from_args(args: argparse.Namespace) -> ServerConfig:
         max_conns=args.max_conns, queue=args.queue if args.queue is not None else 64,
         resume=getattr(args, "resume", None),
         rebalance=False if getattr(args, "no_rebalance", False) else None,
+        accept=getattr(args, "accept", None) or "dispatcher",
     )
     binds = args.bind or [DEFAULT_BIND]
     listeners = [
@@ -488,6 +570,9 @@ def _override(cfg: ServerConfig, args: argparse.Namespace) -> None:
         listen["proxy_allow"] = _split_list(args.proxy_allow_from)
     if listen:
         cfg.listeners = [dataclasses.replace(lc, **listen) for lc in cfg.listeners]
+    if getattr(args, "config", None) and getattr(args, "accept", None) is not None:
+        cfg.pools = {name: dataclasses.replace(p, accept=args.accept)
+                     for name, p in cfg.pools.items()}
     if getattr(args, "config", None) and any(getattr(args, k, None) is not None for k in WEB_FLAGS):
         cfg.pools = {name: dataclasses.replace(p, web=web_from_args(args, p.web))
                      if p.app is not None else p for name, p in cfg.pools.items()}
@@ -503,7 +588,7 @@ _TOP = {"queue", "grace", "metrics", "agent", "control", "log_level", "log_confi
         "upgrade_probation", "sniff_max", "fd_reserve", "default_pool", "listen", "pools", "routes",
         "pid_file", "user", "group", "dispatchers"}
 _POOL = {"app", "worker_cmd", "workers", "policy", "hash_key", "max_conns", "queue", "resume",
-         "rebalance", *WEB_FLAGS}
+         "rebalance", "accept", *WEB_FLAGS}
 _LISTEN = {"bind", "name", "sniff", "pool", "backlog", "proxy", "proxy_allow_from"}
 _ROUTE = {"pool", "host", "sni", "proxy", "listener"}
 
@@ -544,6 +629,7 @@ def parse_document(doc: Mapping[str, Any]) -> ServerConfig:
             queue=_typed(p, "queue", int, default_queue, where),
             resume=_typed(p, "resume", str, None, where),
             rebalance=_typed(p, "rebalance", bool, None, where),
+            accept=_typed(p, "accept", str, "dispatcher", where),
             web=_web_table(p, where),
         )
     listeners: list[ListenerConfig] = []

@@ -237,7 +237,7 @@ class Dispatcher:
              "upgrade_failures", "hung_kills", "migrations_direct", "fd_pauses",
              "fd_rejects", "recycled", "web_keepalive_handed_over", "web_ws_migrated_out",
              "web_ws_migrated_in", "web_moves_refused", "web_ws_closed_1012", "drain_closed",
-             "drain_kills"), 0)
+             "drain_kills", "worker_accepted"), 0)
         self.pid = os.getpid()
         #: --user/--group: (uid, gid, groups) of the workers; None: ours
         self.run_as = resolve_user(cfg.user, cfg.group)

@@ -18,6 +18,9 @@ accepted descriptor reached ``RLIMIT_NOFILE - fd_reserve``: every lower one is t
 released when the lowest free descriptor is back under the mark) or ``sniff``
 (``sniff_max`` connections are being sniffed).
 
+``accept = "worker"`` (docs/server.md, "Accept modes"): a listener whose pool's workers
+accept holds ``worker`` for good; the workers inherit a duplicate of it at spawn.
+
 Also here: :func:`sd_notify`, the dispatcher's word to systemd.
 """
 
@@ -95,6 +98,8 @@ class ListenerState:
         self.kind = (int(sock.family), int(sock.type) & 0xF, int(sock.proto))
         self.tcp_info = (sys.platform.startswith("linux") and _TCP_INFO > 0
                          and self.kind[0] in (int(socket.AF_INET), int(socket.AF_INET6)))
+        #: accept = "worker": the pool whose workers accept on it (the dispatcher never does)
+        self.worker_pool: str | None = None
         #: set by the dispatcher once the sniffer is known (see Listeners.prepare)
         self.static_route: tuple[str, str, str, str] | None = None
         #: connections go through the sniffer (set with static_route)
@@ -206,7 +211,15 @@ class Listeners:
         """Load the sniffer if a listener sniffs; settle each listener's route."""
         if any(lc.sniffs for lc in self.cfg.listeners):
             self._load_sniffer()
+        worker = {lc.name: p.name for p in self.cfg.pools.values() if p.accept == "worker"
+                  for lc in self.cfg.worker_listeners(p.name)}
         for ls in self.all:
+            if ls.cfg.name in worker:
+                # accept = "worker": the pool's workers accept on it (a duplicate each,
+                # inherited at spawn: Supervisor.listen_fds); the dispatcher only holds it
+                # open (upgrades, the fd store), so it never accepts there
+                ls.worker_pool = worker[ls.cfg.name]
+                ls.holds.add("worker")
             ls.static_route = self._static_route(ls)
             ls.sniffs = ls.cfg.sniffs and self.sniff is not None
             if ls.static_route is not None and ls.tcp_info and not ls.sniffs:
@@ -220,7 +233,12 @@ class Listeners:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         for ls in self.all:
-            loop.add_reader(ls.sock.fileno(), self.on_acceptable, ls)
+            if not ls.holds:
+                loop.add_reader(ls.sock.fileno(), self.on_acceptable, ls)
+
+    def for_pool(self, pool: str) -> list[ListenerState]:
+        """The listeners whose workers accept (``accept = "worker"``) for ``pool``."""
+        return [ls for ls in self.all if ls.worker_pool == pool]
 
     def stop_accepting(self) -> None:
         """Hand-over of an upgrade: the new dispatcher accepts from now on (the kernel's

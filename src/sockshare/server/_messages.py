@@ -44,6 +44,10 @@ class                     ``"ev"``       fields; meaning
 :class:`Closed`           closed         ``n`` int >= 0 (optional, 1), ``active`` int >= 0 (optional,
                                          left out by the C/PHP workers); ``n`` connections closed
                                          since the last report, ``active`` still open
+:class:`Opened`           opened         ``n`` int >= 0; ``n`` connections the worker accepted itself
+                                         since the last report (``accept = "worker"``: it accepts
+                                         on the pool's listeners), counted in before any close of
+                                         them (sent ahead of ``closed`` in the same write)
 :class:`Fed`              fed            ``n`` int >= 0, ``by`` int (optional); ``n`` handoffs from
                                          feeder ``by`` (``--dispatchers``) accepted since the last
                                          report: counted in here, before any close of them
@@ -114,6 +118,7 @@ __all__ = [
     "COMMANDS",
     "REPORTS",
     "Closed",
+    "Opened",
     "Command",
     "Draining",
     "Drain",
@@ -360,6 +365,19 @@ class Closed(Report):
 
 
 @dataclass(frozen=True)
+class Opened(Report):
+    KIND: ClassVar[str] = "opened"
+    n: int
+
+    def fields(self) -> dict[str, Any]:
+        return {"n": self.n}
+
+    @classmethod
+    def read(cls, f: _Fields) -> Opened:
+        return cls(f.integer("n", minimum=0))
+
+
+@dataclass(frozen=True)
 class Fed(Report):
     KIND: ClassVar[str] = "fed"
     n: int
@@ -584,7 +602,8 @@ class Drain(Command):
 
 #: every report and command, by kind
 REPORTS: dict[str, type[Report]] = {c.KIND: c for c in (
-    Hello, Fatal, Recycle, WebCounts, Closed, Fed, Fds, Draining, Unmoved, MigrateAck, Moving, MovedOut,
+    Hello, Fatal, Recycle, WebCounts, Closed, Opened, Fed, Fds, Draining, Unmoved, MigrateAck, Moving,
+    MovedOut,
     MoveBack, MovedIn, OrphanQuery)}
 COMMANDS: dict[str, type[Command]] = {c.KIND: c for c in (Migrate, Peers, OrphanAnswer, Drain)}
 _BY_TAG: dict[str, Mapping[str, type[Message]]] = {"ev": REPORTS, "cmd": COMMANDS}

@@ -24,6 +24,7 @@ durations are in seconds)::
     sockshare_worker_connections{pool,worker}       open connections (as reported)
     sockshare_worker_inflight{pool,worker}          handoffs not yet answered
     sockshare_worker_restarts_total{pool,worker}
+    sockshare_worker_accepted_total{pool,worker}    accept = "worker": accepted by the worker
     sockshare_worker_up{pool,worker}                1 when its channel is connected
     sockshare_migrations_total{result}              ok | refused (the source kept it) |
                                                     closed (the source was gone, no target)
@@ -210,10 +211,12 @@ def render(status: dict[str, Any]) -> str:
         ("sockshare_handoffs_returned_total", "returned",
          "Handoffs given back by a broken channel."),
         ("sockshare_worker_restarts_total", "restarts", "Worker restarts."),
+        ("sockshare_worker_accepted_total", "accepted_here",
+         "Connections a worker accepted itself (accept = worker)."),
     ):
         o.family(name, "counter", help_)
         for w in workers:
-            o.sample(name, w[key], pool=w["pool"], worker=w["id"])
+            o.sample(name, w.get(key, 0), pool=w["pool"], worker=w["id"])
     o.family("sockshare_handoffs_redispatched_total", "counter",
              "Returned or rejected handoffs sent again.")
     o.sample("sockshare_handoffs_redispatched_total", c["redispatches"])
@@ -226,7 +229,7 @@ def render(status: dict[str, Any]) -> str:
     ):
         o.family(name, "gauge", help_)
         for w in workers:
-            o.sample(name, w[key], pool=w["pool"], worker=w["id"])
+            o.sample(name, w.get(key, 0), pool=w["pool"], worker=w["id"])
     o.family("sockshare_worker_up", "gauge", "1 when the worker's channel is connected.")
     for w in workers:
         o.sample("sockshare_worker_up", 1 if w["state"] in ("ready", "draining") else 0,

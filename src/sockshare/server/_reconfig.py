@@ -12,7 +12,8 @@ settings. What applies live:
 
 What needs an upgrade (SIGUSR2, ``sockshare upgrade``: the new dispatcher reads the file
 anew) -- the running values stay and one warning names each: the listeners (binds,
-names, sniff, proxy, backlog, proxy_allow_from), pools added or removed, and the
+names, sniff, proxy, backlog, proxy_allow_from), pools added or removed, a pool's
+``accept`` mode, and the
 settings in :data:`UPGRADE_ONLY` (metrics, agent, control, fd_reserve, pid_file, user, group).
 
 A file that cannot be read or is invalid (:class:`ConfigError`) changes nothing: the
@@ -68,6 +69,10 @@ def reconfigure(d: Dispatcher, load: Callable[[], ServerConfig]) -> Callable[[],
     if removed:
         not_live.append(f"removed pool(s) {', '.join(removed)} (they go on serving)")
     pools = {name: new.pools.get(name, p) for name, p in cur.pools.items()}
+    for name, p in list(pools.items()):
+        if p.accept != cur.pools[name].accept:   # (the listeners' holds are set at start)
+            not_live.append(f"pools.{name}.accept ({cur.pools[name].accept} -> {p.accept})")
+            pools[name] = dataclasses.replace(p, accept=cur.pools[name].accept)
     effective = dataclasses.replace(cur, pools=pools, **{k: getattr(new, k) for k in LIVE})
     try:
         effective.validate()

@@ -44,6 +44,12 @@ Life of a worker (:meth:`Worker.run`):
    signal cancels the handlers at once. At start the soft RLIMIT_NOFILE is raised to
    the hard limit (``_rlimit``).
 
+``accept = "worker"`` (a web app's pool): the worker also accepts on the listening
+descriptors it inherited (``$SOCKSHARE_LISTEN``, :func:`_inherited_listeners`) once its
+hello is out, counts those connections in with ``{"ev": "opened", "n": k}`` in the same
+batched reports as the closes (ahead of them), and stops accepting before anything else
+when it drains (``WebServer.listen``; docs/server.md, "Accept modes").
+
 Migrating out (:meth:`Worker.migrate_out`, behind ``conn.migrate(state)``; docs/server.md,
 "Moving live connections"). Detaching a connection from asyncio takes these steps, in
 this order, each one undoable until the target answers:
@@ -117,6 +123,7 @@ from sockshare.server._messages import (
     Message,
     Migrate,
     MigrateAck,
+    Opened,
     OrphanAnswer,
     Peers,
     Recycle,
@@ -132,6 +139,7 @@ from sockshare.server._platform import WINDOWS, close_fd, dup_fd, run
 from sockshare.server._rlimit import log_nofile
 from sockshare.server._web import (
     KEEP_ALIVE_RESUME,
+    Listening,
     WebAppError,
     WebServer,
     WebSettings,
@@ -157,6 +165,12 @@ log = logging.getLogger("sockshare.server.worker")
 #: Seconds a close report may wait to ride along with the next ACCEPTs (least-conn
 #: counts are that much behind at most).
 REPORT_DELAY = 0.002
+#: The same for a worker that accepts itself (``accept = "worker"``): its opened and
+#: closed reports are the only writes to the dispatcher per connection, and at 2 ms they
+#: cost both processes more than the connection's own work (a write and a wake-up each;
+#: measured: 15% of the worker's CPU). Its own limits are enforced here, so the
+#: dispatcher's counts may be that much behind (a handover flushes them first).
+ACCEPT_REPORT_DELAY = 0.05
 EXIT_APP_ERROR = 3
 #: Descriptors a worker keeps free: one channel read may carry 64 (the dispatcher's
 #: batch), and the kernel drops descriptors that do not fit (MSG_CTRUNC), which ends the
@@ -216,12 +230,15 @@ class Worker:
 
     def __init__(self, app: App | None, info: WorkerInfo, channel: str, *, grace: float = 10.0,
                  app_error: str = "", resume: Resume | None = None,
-                 web: WebServer | None = None) -> None:
+                 web: WebServer | None = None, max_conns: int | None = None) -> None:
         self.app = app
+        #: accept = "worker": the pool's max_conns (the web server's accept limit)
+        self._max_conns = max_conns
         #: an ASGI/WSGI app's server (``--interface asgi|wsgi``); None: a handler app
         self.web = web
         if web is not None:
             web.on_closed = self._closed_one
+            web.on_opened = self._opened_one
             web.on_max_requests = self._max_requests
             web.relay = self._relay_out
         self.resume = resume
@@ -236,6 +253,9 @@ class Worker:
         self._migrate_all = ""
         self._signals = 0
         self._closed_unreported = 0
+        #: accept = "worker": connections accepted here, not yet reported (``Opened``)
+        self._opened_unreported = 0
+        self._report_delay = ACCEPT_REPORT_DELAY if web is not None and web.listening else REPORT_DELAY
         self._flush_scheduled = False
         self._reports: list[Report] = []
         #: direct migration: our listener and channels for peer workers, held orphans
@@ -271,6 +291,7 @@ class Worker:
 
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
+        self._stop_accepting()
         if self._signals == 1:
             log.info("worker %d: %s, draining (%d connection(s) running, grace %.1f s)",
                      self.info.id, signal.Signals(signum).name, len(self.tasks), self.grace)
@@ -288,6 +309,19 @@ class Worker:
             with contextlib.suppress(SockshareError):
                 self.ch.send_control(encode(msg), soon=soon)
 
+    def _stop_accepting(self) -> None:
+        """accept = "worker": a drain stops accepting first, before anything moves."""
+        if self.web is not None:
+            self.web.stop_accepting()
+
+    def _opened_one(self) -> None:
+        """A connection this worker accepted itself: counted in with the next reports
+        (ahead of its close), as a close is reported."""
+        self._opened_unreported += 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(self._report_delay, self._flush_report, True)
+
     def _closed_one(self) -> None:
         # Reported in batches: with the next ACCEPTs (same write) or after REPORT_DELAY,
         # whichever comes first -- not one write, and one dispatcher wake-up, per close.
@@ -297,7 +331,7 @@ class Worker:
             self._fd_timer = asyncio.get_running_loop().call_later(0.01, self._fd_tick)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_later(REPORT_DELAY, self._flush_report, True)
+            asyncio.get_running_loop().call_later(self._report_delay, self._flush_report, True)
 
     async def _relay_out(self, dup: socket.socket, meta: bytes, data: bytes) -> str:
         """Hand ``dup`` (a duplicate of a connection's socket) to the dispatcher, which
@@ -344,7 +378,7 @@ class Worker:
                 sock.close()
         if not live:
             return
-        if self._reports or self._closed_unreported:
+        if self._reports or self._closed_unreported or self._opened_unreported:
             # counted in before counted out (see migrate_out): the reports first, in the
             # same write
             self._flush_report(soon=True)
@@ -444,6 +478,9 @@ class Worker:
         self._flush_scheduled = False
         n, self._closed_unreported = self._closed_unreported, 0
         reports, self._reports = self._reports, []
+        if self._opened_unreported:   # (first: counted in before counted out)
+            reports.insert(0, Opened(self._opened_unreported))
+            self._opened_unreported = 0
         if self._refused_here or self._unmoved_closed:
             reports.append(Unmoved(self._refused_here, self._unmoved_closed))
             self._refused_here = self._unmoved_closed = 0
@@ -668,6 +705,7 @@ class Worker:
 
     def _on_drain(self, msg: Drain) -> None:
         reason = msg.reason or "request"
+        self._stop_accepting()
         if msg.migrate and self.resume is not None:
             self._migrate_all = reason
         if msg.migrate and self.web is not None:
@@ -903,7 +941,7 @@ class Worker:
                 return
             if ch is not self.ch:   # a feeder's: counted in with the next reports
                 self.queue_report(self._fed(ch, len(accepted)))
-            elif self._closed_unreported or self._reports:
+            elif self._closed_unreported or self._reports or self._opened_unreported:
                 self._flush_report(soon=True)   # rides along with the ACCEPTs
             ch.flush()
         except SockshareError as exc:  # the channel broke: the sender still has them
@@ -980,9 +1018,18 @@ class Worker:
         # task woken per read
         ch.on_activity = self._on_activity
         reporter = loop.create_task(self._report_web_counts()) if self.web is not None else None
+        if self.web is not None and self.web.listening:
+            # accept = "worker": from now on (the dispatcher knows us), up to max_conns
+            # and the connections our descriptors allow
+            limit = self._max_conns
+            if capacity is not None:
+                limit = capacity if limit is None else min(limit, capacity)
+            self.web.listen(self.web.listening, self.info.pool, limit, self._fd_mark)
+            self.web.start_accepting()
         receiver = loop.create_task(ch.wait_closed())
         stop = loop.create_task(self.stopping.wait())
         await asyncio.wait({receiver, stop}, return_when=asyncio.FIRST_COMPLETED)
+        self._stop_accepting()
         if self.feed is not None:
             self.feed.stop_listening()
         if not self.stopping.is_set():
@@ -1172,6 +1219,29 @@ def _load_web(spec: str, interface: str, settings: WebSettings
     return None, WebServer(obj, kind, settings, on_closed=lambda: None)
 
 
+#: accept = "worker": the listening descriptors this worker inherited, JSON (written by
+#: the dispatcher's ``Supervisor.listen_fds``)
+ENV_LISTEN = "SOCKSHARE_LISTEN"
+
+
+def _inherited_listeners(text: str) -> tuple[list[Listening], int | None]:
+    """The listeners of ``$SOCKSHARE_LISTEN`` (each descriptor made non-inheritable: the
+    app's own child processes do not get them), and the pool's max_conns."""
+    if not text:
+        return [], None
+    try:
+        desc = json.loads(text)
+        out = []
+        for fd, name, address, backlog in desc["listeners"]:
+            os.set_inheritable(int(fd), False)
+            out.append(Listening(int(fd), str(name), str(address), int(backlog)))
+        max_conns = desc.get("max_conns")
+        return out, int(max_conns) if max_conns is not None else None
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        log.error("%s: cannot use the inherited listeners: %s", ENV_LISTEN, exc)
+        return [], None
+
+
 def _run_loop(main: Coroutine[Any, Any, int], loop: str) -> int:
     """``asyncio.run`` on the loop ``--loop`` asks for (auto: uvloop if installed)."""
     if loop in ("auto", "uvloop"):
@@ -1206,8 +1276,16 @@ def main(argv: list[str] | None = None) -> int:
     web: WebServer | None = None
     error = ""
     settings = WebSettings.from_json(args.web)
+    listening, max_conns = _inherited_listeners(os.environ.get(ENV_LISTEN, ""))
+    not_web = False
     try:
         app, web = _load_web(args.app, args.interface, settings)
+        if web is None and listening:
+            not_web = True
+            raise WebAppError("accept = \"worker\" needs an ASGI or WSGI app; this one is a "
+                              "handler (use accept = \"dispatcher\")")
+        if web is not None:
+            web.listening = listening
         if web is None:
             resume = load_resume(args.app, args.resume)
     except WebAppError as exc:
@@ -1219,7 +1297,9 @@ def main(argv: list[str] | None = None) -> int:
         error = f"{args.app}: {type(exc).__name__}: {exc}"
         log.error("worker %d: %s", info.id, error)
     worker = Worker(app, info, args.channel, grace=args.grace, app_error=error, resume=resume,
-                    web=web)
+                    web=web, max_conns=max_conns)
+    if not_web:   # (a configuration error, not a crash: the server says so and stops)
+        worker._startup_failed = True
     status = _run_loop(worker.run(), settings.loop if web is not None else "asyncio")
     freeze_for_exit()   # (exit now, not after a last walk of every object)
     return status

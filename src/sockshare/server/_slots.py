@@ -138,6 +138,8 @@ class WorkerStats:
     lost: int = 0
     migrated_in: int = 0
     migrated_out: int = 0
+    #: accept = "worker": connections it accepted itself (its ``opened`` reports)
+    accepted_here: int = 0
 
 
 class WorkerSlot:

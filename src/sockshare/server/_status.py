@@ -43,6 +43,7 @@ def snapshot(d: Dispatcher) -> dict[str, Any]:
             "handoffs": st.handoffs, "rate": round(s.rate, 1), "rejects": st.rejects,
             "returned": st.returned, "restarts": st.restarts, "lost": st.lost,
             "migrated_in": st.migrated_in, "migrated_out": st.migrated_out,
+            "accepted_here": st.accepted_here,
             "resume": s.can_resume, "retiring": s.retired, "fd_full": s.fd_full,
             "uptime": round(now - s.started, 1) if s.pid else 0.0,
         })

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shlex
@@ -65,6 +66,7 @@ from sockshare.server._messages import (
     MovedIn,
     MovedOut,
     Moving,
+    Opened,
     OrphanQuery,
     Recycle,
     UnknownMessage,
@@ -131,6 +133,7 @@ class Supervisor:
         self.reports: HandlerTable[WorkerSlot] = (
             HandlerTable[WorkerSlot]()
             .on(Closed, self._on_closed)
+            .on(Opened, self._on_opened)
             .on(Fed, self._on_fed)
             .on(Hello, self._on_hello)
             .on(Fds, self._on_fds)
@@ -275,6 +278,13 @@ class Supervisor:
         if msg.n > 0:
             slot.active = max(0, slot.active - msg.n)
             self.admission.feed(slot.pool_state)
+
+    def _on_opened(self, slot: WorkerSlot, msg: Opened) -> None:
+        """``accept = "worker"``: connections it accepted itself since its last report
+        (ahead of their closes): its load, as if handed over."""
+        slot.active += msg.n
+        slot.stats.accepted_here += msg.n
+        self.counters["worker_accepted"] += msg.n
 
     def _on_fed(self, slot: WorkerSlot, msg: Fed) -> None:
         """It accepted ``n`` handoffs from feeders (``--dispatchers``; ``_feeders``)."""
@@ -505,6 +515,27 @@ class Supervisor:
             argv += ["--log-config", self.cfg.log_config]
         return argv, env
 
+    def listen_fds(self, slot: WorkerSlot) -> tuple[list[int], str]:
+        """``accept = "worker"``: the listening descriptors worker ``slot`` inherits, and
+        their description for it (``SOCKSHARE_LISTEN``, JSON: ``{"listeners": [[fd, name,
+        address, backlog]], "max_conns": n|null}``).
+
+        Inherited at spawn rather than handed over the channel: every worker process is
+        started here (a restart, a reload, a worker past --max-requests, the workers of a
+        new dispatcher after an upgrade, which inherited the listeners in turn), so each
+        one gets them before its first line runs, with no message, no answer to wait for
+        and nothing the dispatcher must count or take back; and a handoff is a connection
+        to the dispatcher's books (counted in, refused, re-dispatched), which a listener
+        is not. ``worker_cmd`` pools cannot accept (refused by the configuration)."""
+        p = slot.pool_state.cfg
+        if p.accept != "worker":
+            return [], ""
+        mine = self.d.listeners.for_pool(p.name)
+        desc = {"listeners": [[ls.sock.fileno(), ls.cfg.name, ls.address, ls.cfg.backlog]
+                              for ls in mine],
+                "max_conns": p.max_conns}
+        return [ls.sock.fileno() for ls in mine], json.dumps(desc, separators=(",", ":"))
+
     def _run_as(self) -> dict[str, Any]:
         """--user/--group: the child sets its ids before it runs anything (before the
         interpreter starts, so before the app is imported)."""
@@ -520,12 +551,17 @@ class Supervisor:
             slot.stats.generation += 1
             slot.generation = slot.stats.generation
             argv, env = self.command(slot)
+            spawn = self._run_as()
+            fds, listen = self.listen_fds(slot)
+            if fds:
+                env["SOCKSHARE_LISTEN"] = listen
+                spawn["pass_fds"] = fds
             ran = 0.0
             slot.hello = slot.can_resume = slot.fatal = False
             try:
                 # own process group: a terminal's Ctrl-C reaches the dispatcher only,
                 # which then stops the workers once, gracefully
-                proc = await start_process(argv, env, **self._run_as())
+                proc = await start_process(argv, env, **spawn)
             except (OSError, ValueError, subprocess.SubprocessError) as exc:
                 # (ValueError: e.g. a NUL byte in --worker-cmd)
                 log.error("worker %d: cannot start %s: %s", slot.id, shlex.join(argv), exc)

@@ -12,6 +12,11 @@ sockshare adds around them, in :class:`WebServer`:
   the parser first, byte-exact, and sets ``scope["client"]`` to the PROXY header's
   source when the dispatcher read one. Every scope gets
   ``scope["extensions"]["sockshare"]``: the handoff's metadata (docs/server.md).
+* **Connections it accepts itself** (``accept = "worker"``, :meth:`WebServer.listen`): on
+  duplicates of the pool's listening sockets, inherited from the dispatcher; each one
+  registered as a handoff would be (minimal meta), counted in (``on_opened``), and the
+  listeners closed while the worker is at its limit or its descriptor mark, and for
+  good when it drains (docs/server.md, "Accept modes").
 * **The ACCEPT first.** The runtime answers the handoff before the transport exists, so
   no byte reaches the client from a worker whose ACCEPT could still be lost.
 * **TLS in the worker** (``--ssl-certfile``...): after the ACCEPT, the handshake runs on
@@ -356,31 +361,45 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
     h11: Any = None
     if http and base.__module__.endswith("h11_impl"):
         h11 = __import__("h11")
+    #: httptools: the scope gets its extension in on_headers_complete and the app is
+    #: called directly (no wrapper coroutine per request, ``_conn_app``)
+    direct = http and h11 is None
 
     class Handed(base):  # type: ignore[valid-type,misc]
         _ss_conn: _Conn | None = None
+        #: accepted by this worker through ``create_server`` (uvloop): its listener
+        _ss_listener: Listening | None = None
         _ss_head = 0          # bytes of the request head read so far (HTTP)
         _ss_in_head = True
         _ss_tail = b""        # its last 3 bytes
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            if h11 is not None:
-                self._ss_watch()
-            if http and web.settings.limit_concurrency is not None:
-                # uvicorn counts the connection asking among the open ones (with 1, every
-                # request would get 503): N serves N connections at once, the next gets 503
-                self.limit_concurrency = web.settings.limit_concurrency + 1
+        if h11 is not None or (http and web.settings.limit_concurrency is not None):
+            # (only then: one Python call less per connection otherwise)
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                if h11 is not None:
+                    self._ss_watch()
+                if http and web.settings.limit_concurrency is not None:
+                    # uvicorn counts the connection asking among the open ones (with 1,
+                    # every request would get 503): N serves N connections at once, the
+                    # next gets 503
+                    self.limit_concurrency = web.settings.limit_concurrency + 1
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            c = web._conns.get(_fd_of(transport))
+            lst = self._ss_listener
+            if lst is not None:   # accepted by uvloop's server: registered now
+                super().connection_made(transport)
+                made = self._ss_conn = web._made(transport, getattr(self, "client", None), lst)
+                self.app = web.direct_app if direct else made.app
+                return
+            c = web._conns.get(id(transport)) or web._conns.get(_fd_of(transport))
             super().connection_made(transport)
             if c is None:
                 return
             self._ss_conn = c
             if c.client is not None:
                 self.client = c.client
-            self.app = c.app
+            self.app = web.direct_app if direct else c.app
             if c.pre:
                 pre, c.pre = c.pre, b""
                 self.data_received(pre)
@@ -422,11 +441,16 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
             if h11 is None:   # httptools: its callbacks, in the order of the bytes
                 def on_headers_complete(self) -> None:
                     self._ss_in_head = False
+                    c = self._ss_conn
+                    if c is not None:   # (the scope is new: on_message_begin made it)
+                        self.scope["extensions"] = {"sockshare": c.meta}
                     super().on_headers_complete()
 
                 def on_message_complete(self) -> None:
                     super().on_message_complete()
-                    self._ss_request_read()
+                    self._ss_in_head = True   # (_ss_request_read, inline: per request)
+                    self._ss_head = 0
+                    self._ss_tail = b""
             else:   # h11: its events, watched on their way to uvicorn
                 def _ss_watch(self) -> None:
                     conn = self.conn
@@ -456,6 +480,32 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
 
     Handed.__name__ = Handed.__qualname__ = f"Sockshare{base.__name__}"
     return Handed
+
+
+@dataclass(slots=True, eq=False)
+class Listening:
+    """A listening socket this worker accepts on (``accept = "worker"``): the descriptor
+    it inherited from the dispatcher (kept, never read) and, while it accepts, a
+    duplicate of it that the loop reads (closed to stop: the kernel's accept queue is
+    shared, so what waits there goes to the other workers)."""
+
+    fd: int
+    name: str
+    address: str
+    backlog: int
+    #: the duplicate being read (None: not accepting)
+    sock: socket.socket | None = None
+    #: uvloop: the server that accepts on ``sock`` (it closes ``sock``)
+    server: asyncio.AbstractServer | None = None
+    #: what every connection accepted on it shares (made once: a connection costs no
+    #: dict and no closure): its ``scope["extensions"]["sockshare"]``, and the app
+    #: that puts it there
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    app: Any = None
+
+
+#: connections accepted per listener per wake-up at most (the other workers take the rest)
+ACCEPT_BURST = 32
 
 
 #: what a relayed handover came to: the target took it, it is still ours, or the
@@ -537,6 +587,12 @@ class WebServer:
             self.ws_class = _subclass(movable_class(sansio.WebSocketsSansIOProtocol, self), self,
                                       http=False)
             self.config.ws_protocol_class = self.ws_class
+        uv = logging.getLogger("uvicorn.error")
+        if uv.level == logging.NOTSET:
+            # uvicorn's protocols log a TRACE line per connection made and lost when the
+            # level *set on this logger* is at most TRACE (5), which NOTSET (0) is: the
+            # level it gets from its parents, set, makes that a comparison again
+            uv.setLevel(uv.getEffectiveLevel())
         self.state = server_mod.ServerState()
         self.lifespan = self.config.lifespan_class(self.config)
         self._conns: dict[int, _Conn] = {}
@@ -561,6 +617,19 @@ class WebServer:
         self._ticker: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        #: accept = "worker": the listeners this worker accepts on (:meth:`listen`), why
+        #: it does not now ("start", "limit", "fds", "emfile", "stopped"), how many
+        #: connections it takes at most (max_conns, its descriptors), connections
+        #: accepted by uvloop whose protocol is not made yet
+        self.listening: list[Listening] = []
+        self.pool = ""
+        self.accept_limit = 1 << 30
+        self.fd_mark = 1 << 30
+        self._accept_holds: set[str] = {"start"}
+        self._made_pending = 0
+        self._fds_resume_at = 0
+        #: called once per connection this worker accepted itself (counted in)
+        self.on_opened: Callable[[], None] = lambda: None
 
     # -- the app, as uvicorn calls it ----------------------------------------------------
 
@@ -573,13 +642,20 @@ class WebServer:
                 self.on_max_requests()
         await self.app(scope, receive, send)
 
-    def _conn_app(self, meta: dict[str, Any]) -> ASGIApp:
-        # uvicorn's loaded app is _counting, wrapped by its middleware when configured;
-        # when neither counting nor a middleware is wanted, the app is called directly
-        # (one coroutine less per request)
+    @functools.cached_property
+    def direct_app(self) -> ASGIApp:
+        """What a connection's protocol calls: uvicorn's loaded app is _counting, wrapped
+        by its middleware when configured; when neither counting nor a middleware is
+        wanted, the app itself (one coroutine less per request)."""
         loaded: ASGIApp = self.config.loaded_app
         if loaded == self._counting and not self.max_requests:
             loaded = self.app
+        return loaded
+
+    def _conn_app(self, meta: dict[str, Any]) -> ASGIApp:
+        # (a WebSocket's, or an h11 connection's: the scope is made where we cannot add
+        # to it, so a wrapper puts the extension in)
+        loaded = self.direct_app
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             ext = scope.get("extensions")
@@ -641,8 +717,9 @@ class WebServer:
         return None
 
     def conn_for(self, transport: asyncio.BaseTransport) -> _Conn | None:
-        """The handoff a protocol instance's transport came from."""
-        return self._conns.get(_fd_of(transport))
+        """The handoff a protocol instance's transport came from (or the connection
+        uvloop's server accepted on it)."""
+        return self._conns.get(id(transport)) or self._conns.get(_fd_of(transport))
 
     def register(self, sock: Any, meta: dict[str, Any], data: bytes,
                  resume: dict[str, Any] | None = None) -> None:
@@ -717,6 +794,8 @@ class WebServer:
             self.on_closed()
         if not self._conns:
             self._idle.set()
+        if self._accept_holds:
+            self._room_again()
 
     def _unregister(self, c: _Conn) -> None:
         """``c`` is no longer ours: by its key (a scan of every connection for each one
@@ -724,11 +803,13 @@ class WebServer:
         old worker, which then looked stuck)."""
         if self._conns.get(c.fd) is c:
             del self._conns[c.fd]
-            return
-        for fd, known in list(self._conns.items()):   # (not registered by its fd)
-            if known is c:
-                del self._conns[fd]
-                break
+        else:
+            for fd, known in list(self._conns.items()):   # (not registered by its fd)
+                if known is c:
+                    del self._conns[fd]
+                    break
+        if self._accept_holds:
+            self._room_again()
 
     def _lost(self, proto: asyncio.Protocol, c: _Conn) -> None:
         self._unregister(c)
@@ -744,6 +825,182 @@ class WebServer:
             b"charset=utf-8\r\nconnection: close\r\ncontent-length: "
             + str(len(body)).encode() + b"\r\n\r\n" + body)
         proto.transport.close()
+
+    # -- accept = "worker": this worker accepts ---------------------------------------------
+
+    def listen(self, listening: list[Listening], pool: str, limit: int | None,
+               fd_mark: int) -> None:
+        """Accept on ``listening`` once :meth:`start_accepting` is called, at most
+        ``limit`` connections at once (None: no limit but the descriptors: a connection
+        whose descriptor reaches ``fd_mark`` stops accepting until some close)."""
+        self.listening = listening
+        self.pool = pool
+        self.accept_limit = limit if limit is not None else 1 << 30
+        self.fd_mark = fd_mark
+
+    def start_accepting(self) -> None:
+        if self.listening:
+            self._release("start")
+
+    def stop_accepting(self) -> None:
+        """For good (a drain): close our duplicates and the inherited descriptors; what
+        waits in the kernel's accept queue is the other workers' (the new generation's)."""
+        if not self.listening or "stopped" in self._accept_holds:
+            return
+        self._hold("stopped")
+        for lst in self.listening:
+            with contextlib.suppress(OSError):
+                os.close(lst.fd)
+        log.info("stopped accepting on %s", ", ".join(lst.name for lst in self.listening))
+
+    def _hold(self, why: str) -> None:
+        if not self._accept_holds:
+            self._close_listeners()
+        self._accept_holds.add(why)
+
+    def _release(self, why: str) -> None:
+        if why not in self._accept_holds:
+            return
+        self._accept_holds.discard(why)
+        if not self._accept_holds:
+            self._open_listeners()
+
+    def _room(self) -> int:
+        return self.accept_limit - len(self._conns) - self._made_pending
+
+    def _room_again(self) -> None:
+        """A connection left: accept again below the marks (with some slack, so that a
+        worker at its limit does not stop and start at every close)."""
+        holds = self._accept_holds
+        if "limit" in holds and self._room() >= max(1, self.accept_limit // 20):
+            self._release("limit")
+        if "fds" in holds and len(self._conns) <= self._fds_resume_at:
+            self._release("fds")
+
+    def _open_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
+        direct = getattr(loop, "_make_socket_transport", None) is not None
+        for lst in self.listening:
+            if lst.sock is not None:
+                continue
+            try:
+                sock = socket.socket(fileno=dup_fd(lst.fd))
+            except OSError as exc:   # (EMFILE: try again in a while)
+                log.warning("listener %s: cannot accept: %s", lst.name, exc)
+                self._close_listeners()
+                self._accept_holds.add("emfile")
+                loop.call_later(0.5, self._release, "emfile")
+                return
+            sock.setblocking(False)
+            lst.sock = sock
+            if direct:   # asyncio: accepted here, a burst at a time, each started as a handoff
+                loop.add_reader(sock.fileno(), self._on_acceptable, lst)
+            else:   # uvloop: its server accepts and makes the transport (in C)
+                task = loop.create_task(self._serve(lst, sock))
+                self.state.tasks.add(task)
+                task.add_done_callback(self.state.tasks.discard)
+
+    async def _serve(self, lst: Listening, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(
+                functools.partial(self._accepted_protocol, lst), sock=sock, backlog=lst.backlog,
+                ssl=self.ssl, ssl_handshake_timeout=10.0 if self.ssl is not None else None)
+        except OSError as exc:
+            log.warning("listener %s: cannot accept: %s", lst.name, exc)
+            sock.close()
+            if lst.sock is sock:
+                lst.sock = None
+            return
+        if lst.sock is not sock:   # stopped meanwhile
+            server.close()
+            return
+        lst.server = server
+
+    def _close_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
+        for lst in self.listening:
+            sock, lst.sock = lst.sock, None
+            server, lst.server = lst.server, None
+            if server is not None:
+                server.close()   # (closes sock)
+            elif sock is not None and getattr(loop, "_make_socket_transport", None) is not None:
+                with contextlib.suppress(ValueError, RuntimeError, OSError):
+                    loop.remove_reader(sock.fileno())
+                sock.close()
+            # (uvloop's server not made yet: _serve closes it once it is)
+
+    def _on_acceptable(self, lst: Listening) -> None:
+        """asyncio: accept a burst on ``lst``, each connection registered and started
+        exactly as a handed-off one."""
+        sock = lst.sock
+        if sock is None:
+            return
+        for _ in range(ACCEPT_BURST):
+            if self._room() <= 0:
+                self._hold("limit")
+                return
+            try:
+                conn, addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:   # EMFILE, ENFILE, ENOBUFS: the queue keeps them
+                log.warning("listener %s: accept failed: %s; again in 0.5 s", lst.name, exc)
+                self._hold("emfile")
+                asyncio.get_running_loop().call_later(0.5, self._release, "emfile")
+                return
+            self._accepted(conn.fileno(), lst, addr)
+            self.start(conn)
+            if self._accept_holds:
+                return
+
+    def _accepted_protocol(self, lst: Listening) -> asyncio.Protocol:
+        """uvloop's server: the protocol of a connection it just accepted."""
+        if self.ssl is None:   # (a TLS one is counted once its handshake is done)
+            self._made_pending += 1
+        if self._room() <= 0 and "limit" not in self._accept_holds:
+            # not from inside uvloop's accept callback: closing its server there aborts
+            # the connection being accepted. (So under uvloop a worker may take the rest
+            # of one accept burst past its limit: the connections that arrived together.)
+            asyncio.get_running_loop().call_soon(self._full)
+        proto: asyncio.Protocol = self.http_class(config=self.config, server_state=self.state,
+                                                  app_state=self.lifespan.state)
+        proto._ss_listener = lst  # type: ignore[attr-defined]
+        return proto
+
+    def _full(self) -> None:
+        if self._room() <= 0:
+            self._hold("limit")
+
+    def _made(self, transport: asyncio.BaseTransport, client: Any, lst: Listening) -> _Conn:
+        """uvloop's server made a connection's protocol: register it, by its transport
+        (its descriptor would take a socket object to learn; the WebSocket protocol that
+        an upgrade makes finds it by its transport too)."""
+        if self.ssl is None and self._made_pending > 0:
+            self._made_pending -= 1
+        return self._accepted(id(transport), lst, client)
+
+    def _accepted(self, fd: int, lst: Listening, addr: Any) -> _Conn:
+        """Register a connection this worker accepted (``fd``: its key, the descriptor
+        or, under uvloop, its transport's id), with its listener's meta (minimal: no
+        sniffing here, the client is ``scope["client"]``), and count it in."""
+        app = lst.app
+        if app is None:
+            lst.meta = {"pool": self.pool, "listener": lst.name, "accepted": "worker"}
+            app = lst.app = self._conn_app(lst.meta)
+        c = _Conn(lst.meta, None, app, b"", fd=fd)
+        self._conns[fd] = c
+        if self._idle.is_set():
+            self._idle.clear()
+        self.on_opened()
+        if 0 <= fd < 1 << 30 and fd >= self.fd_mark and "fds" not in self._accept_holds:
+            log.warning("descriptor %d reached the mark %d: not accepting until connections "
+                        "close", fd, self.fd_mark)
+            self._fds_resume_at = max(0, len(self._conns) - max(1, len(self._conns) // 10))
+            self._hold("fds")
+        return c
 
     # -- keep-alive handover ----------------------------------------------------------------
 
