@@ -432,7 +432,8 @@ class ServerConfig:
         names = ", ".join(repr(p.name) for p in worker)
         if sys.platform == "win32":
             raise ConfigError(f"pool {names}: accept = \"worker\" is not supported on Windows "
-                              "(the workers cannot share the listening sockets there); use "
+                              "yet (the workers would need the listeners through WSADuplicateSocket, not "
+                              "inheritance; not built); use "
                               "accept = \"dispatcher\"")
         if self.dispatchers > 1:
             raise ConfigError(f"pool {names}: accept = \"worker\" and --dispatchers "
