@@ -4,7 +4,8 @@ Real processes: ``sockshare serve`` with two workers (``serve_apps:app``), clien
 this process. What is shown, on the compiled hot paths and on the pure-Python ones
 (``SOCKSHARE_PURE_PYTHON=1``):
 
-* under load -- waves of connections opened at once -- the window is used (the
+* under load -- waves of connections opened at once, also through the sniffer
+  (``--sniff``) -- the window is used (the
   ``accept_windows`` counter moves), every connection is answered (none refused, reset
   or lost), held connections are spread within 1.1, every worker's count comes back to 0
   and the dispatcher's descriptors to their baseline;
@@ -38,6 +39,11 @@ pytestmark = pytest.mark.timeout(90)
 
 PATHS = [pytest.param({}, id="compiled"),
          pytest.param({"SOCKSHARE_PURE_PYTHON": "1"}, id="pure")]
+#: the hot paths, and the sniffing path (HTTP Host read before routing)
+LOADS = [pytest.param({}, (), id="compiled"),
+         pytest.param({"SOCKSHARE_PURE_PYTHON": "1"}, (), id="pure"),
+         pytest.param({}, ("--sniff",), id="sniff")]
+HTTP = b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n"
 
 
 async def _one(addr: Any, cmd: bytes, held: list[asyncio.StreamWriter] | None) -> int:
@@ -76,10 +82,12 @@ def _idle(srv: Server) -> dict[str, Any]:
                         timeout=15, what="every worker's count back to 0")
 
 
-@pytest.mark.parametrize("env", PATHS)
-def test_under_load_the_window_is_used_and_nothing_is_lost(tmp_path: Path,
-                                                           env: dict[str, str]) -> None:
-    with Server(tmp_path, "--accept-window", "auto", env=env) as srv:
+@pytest.mark.parametrize(("env", "args"), LOADS)
+def test_under_load_the_window_is_used_and_nothing_is_lost(
+        tmp_path: Path, env: dict[str, str], args: tuple[str, ...]) -> None:
+    # (serve_apps.app takes an HTTP request line as "who"; the sniffer reads its Host)
+    who, hold = HTTP, b"hold\n"
+    with Server(tmp_path, "--accept-window", "auto", *args, env=env) as srv:
         addr = srv.address()
         srv.status()
         time.sleep(0.3)
@@ -88,14 +96,14 @@ def test_under_load_the_window_is_used_and_nothing_is_lost(tmp_path: Path,
         async def scenario() -> tuple[dict[int, int], list[str], int, list[str]]:
             held: list[asyncio.StreamWriter] = []
             try:
-                seen, failures = await _wave(addr, 300, b"hold\n", held)
+                seen, failures = await _wave(addr, 300, hold, held)
             finally:
                 for w in held:
                     w.close()
             short_ok = 0
             short_failures: list[str] = []
             for _ in range(4):
-                got, bad = await _wave(addr, 250, b"who\n")
+                got, bad = await _wave(addr, 250, who)
                 short_ok += sum(got.values())
                 short_failures += bad
             return seen, failures, short_ok, short_failures
@@ -117,7 +125,8 @@ def test_under_load_the_window_is_used_and_nothing_is_lost(tmp_path: Path,
         assert sum(w["handoffs"] for w in st["workers"]) >= 1300
         time.sleep(0.3)   # (the workers' last ACCEPTs, our copies closed)
         assert fd_count(srv.dispatcher) <= baseline + 2, (baseline, fd_count(srv.dispatcher))
-        print(f"accept window, {'pure' if env else 'compiled'}: {c['accepted']} connections "
+        what = ("pure" if env else "compiled") + (" --sniff" if args else "")
+        print(f"accept window, {what}: {c['accepted']} connections "
               f"in {c['accept_bursts']} bursts, {c['accept_windows']} waited the window; "
               f"held per worker {seen}")
 
