@@ -94,11 +94,13 @@ ACCEPT_WINDOW_MAX = 2000
 
 
 def accept_window_us(value: str | int) -> int:
-    """The accept window in microseconds (0: off) of ``auto``, ``off`` or a number of
-    microseconds; :class:`ConfigError` for anything else."""
+    """The accept window in microseconds (0: off) of ``auto`` (:data:`ACCEPT_WINDOW_AUTO`
+    on Linux, off elsewhere), ``off`` or a number of microseconds; :class:`ConfigError`
+    for anything else."""
     text = str(value).strip().lower()
     if text == "auto":
-        return ACCEPT_WINDOW_AUTO
+        # measured on Linux only; elsewhere a sleep this short may last a timer tick
+        return ACCEPT_WINDOW_AUTO if sys.platform.startswith("linux") else 0
     if text in ("off", "0"):
         return 0
     try:

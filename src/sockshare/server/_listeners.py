@@ -12,6 +12,11 @@ sniffed first (a task per connection, at most ``sniff_max`` at once), routed to 
 and given to :meth:`~sockshare.server._admission.Admission.place`. The batches of the
 burst are flushed when it ends.
 
+The accept window (``accept_window``, :meth:`Listeners.on_acceptable`): under load, a
+burst waits a few hundred microseconds before it is accepted, so that more connections
+share one wake-up and one HANDOFF frame per worker; a connection after a quiet gap, or
+one client at a time, is accepted at once.
+
 Holds. A listener stops accepting (connections wait in the kernel's accept queue; none
 is refused) while it has a *hold*: ``emfile`` (accept failed: 0.5 s), ``fds`` (an
 accepted descriptor reached ``RLIMIT_NOFILE - fd_reserve``: every lower one is taken;
