@@ -10,6 +10,9 @@ Run:  python benchmarks/serve.py [--conns 20000] [--runs 7] [--concurrency 32]
       --only c-dispatcher adds the floor: benchmarks/c/dispatcher.c, the dispatcher's job
       in plain C for the same Python workers; --only c-linger the same program waiting
       --c-linger microseconds (default 300) before each accept burst;
+      --only sockshare-window adds this tree with its accept window on (--accept-window
+      auto|USEC, default auto; ``sockshare`` and ``pure`` run with it off), pure-window
+      the same on the pure-Python hot paths;
       --dispatchers N [N ...]: one configuration more per N, ``sockshare-Nd``, the same
       server with ``--dispatchers N``: the lead and N-1 feeders, each one's CPU per
       connection shown; the JSON and PNG are then serve-dispatchers.json and
@@ -25,6 +28,10 @@ round, so no configuration always goes first on a noisy machine):
   accepts and hands each connection to a Python worker over its channel (SCM_RIGHTS,
   acked); the app (benchmarks/serve_app.py) reads the request head, writes a fixed
   response with ``X-Worker: <pid>``, closes;
+* ``sockshare-window`` (only with ``--only``) -- the same with ``--accept-window``
+  (default ``auto``): under load each accept burst waits the window before it is
+  accepted; ``sockshare`` itself runs with ``--accept-window off`` (as before the window
+  existed), so that one run compares the two; ``pure-window``: the same, pure Python;
 * ``c-dispatcher`` (only with ``--only``) -- the floor of the dispatcher's job:
   benchmarks/c/dispatcher.c (built with ``cc -O2`` with the project's C peer,
   examples/c/sockshare_peer.c) accepts in bursts, picks least-conn from its own counts and
@@ -86,11 +93,13 @@ from sockshare.server._control import ControlError, request  # noqa: E402
 
 WORKERS = 2
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-CONFIGS = ("sockshare", "pure", "base", "c-dispatcher", "c-linger", "shared", "reuseport",
-           "node")
+CONFIGS = ("sockshare", "sockshare-window", "pure", "pure-window", "base", "c-dispatcher",
+           "c-linger", "shared", "reuseport", "node")
 LABELS = {
     "sockshare": "sockshare\nserve",
+    "sockshare-window": "sockshare serve\n(accept window)",
     "pure": "sockshare serve\n(pure Python)",
+    "pure-window": "pure Python\n(accept window)",
     "base": "sockshare serve\n(--base-src)",
     "c-dispatcher": "C dispatcher\n+ Python workers",
     "c-linger": "C dispatcher,\nlingering",
@@ -184,11 +193,13 @@ class Options:
     base_src: Path | None = None
     #: --c-linger: microseconds the c-linger configuration waits before each burst
     c_linger_us: int = 300
+    #: --accept-window: the sockshare-window configurations' setting
+    accept_window: str = "auto"
 
 
 def start_sockshare(tmp: Path, opts: Options, *, name: str = "sockshare",
                     src: Path | None = None, extra_env: dict[str, str] | None = None,
-                    dispatchers: int = 1) -> Running:
+                    dispatchers: int = 1, accept_window: str | None = "off") -> Running:
     if dispatchers > 1:
         name = f"{name}-{dispatchers}d"
     control = tmp / f"ctl-{name}" / "serve.ctl"
@@ -205,6 +216,7 @@ def start_sockshare(tmp: Path, opts: Options, *, name: str = "sockshare",
          "--bind", "127.0.0.1:0", "--workers", str(WORKERS), "--control", str(control),
          "--policy", opts.policy, "--log-level", "warning", "--grace", "2",
          *(["--sniff"] if opts.sniff else []),
+         *(["--accept-window", accept_window] if accept_window is not None else []),
          *(["--dispatchers", str(dispatchers)] if dispatchers > 1 else [])],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
     log.close()
@@ -301,7 +313,19 @@ def start_pure(tmp: Path, opts: Options) -> Running:
 def start_base(tmp: Path, opts: Options) -> Running:
     if opts.base_src is None:
         raise RuntimeError("the base configuration needs --base-src")
-    return start_sockshare(tmp, opts, name="base", src=opts.base_src)
+    # (an older tree may not know --accept-window: its default)
+    return start_sockshare(tmp, opts, name="base", src=opts.base_src, accept_window=None)
+
+
+def start_window(tmp: Path, opts: Options) -> Running:
+    """This tree with its accept window on (``--accept-window``, default auto)."""
+    return start_sockshare(tmp, opts, name="sockshare-window", accept_window=opts.accept_window)
+
+
+def start_pure_window(tmp: Path, opts: Options) -> Running:
+    """The pure-Python hot paths with the accept window on."""
+    return start_sockshare(tmp, opts, name="pure-window", accept_window=opts.accept_window,
+                           extra_env={"SOCKSHARE_PURE_PYTHON": "1"})
 
 
 def build_c_dispatcher(tmp: Path) -> str:
@@ -376,7 +400,8 @@ def start_c_linger(tmp: Path, opts: Options) -> Running:
 
 
 STARTERS: dict[str, Callable[[Path, Options], Running]] = {
-    "sockshare": start_sockshare, "pure": start_pure, "base": start_base,
+    "sockshare": start_sockshare, "sockshare-window": start_window, "pure": start_pure,
+    "pure-window": start_pure_window, "base": start_base,
     "c-dispatcher": start_c_dispatcher, "c-linger": start_c_linger,
     "shared": start_shared, "reuseport": start_reuseport,
     "node": start_node,
@@ -646,7 +671,8 @@ def main() -> int:
     ap.add_argument("--plot", default=str(ROOT / "docs" / "serve-benchmark.png"),
                     help="PNG to write (default docs/serve-benchmark.png)")
     ap.add_argument("--only", nargs="+", choices=CONFIGS,
-                    default=[c for c in CONFIGS if c not in ("base", "pure")],
+                    default=[c for c in CONFIGS if c not in ("base", "pure", "sockshare-window",
+                                                              "pure-window")],
                     help="a subset of configurations (reuseport is always included)")
     ap.add_argument("--policy", default="least-conn", help="the sockshare pool's policy")
     ap.add_argument("--node-server", choices=("net", "http"), default="net",
@@ -663,11 +689,14 @@ def main() -> int:
     ap.add_argument("--c-linger", type=int, default=300, metavar="US",
                     help="microseconds configuration c-linger waits before each burst "
                          "(default 300)")
+    ap.add_argument("--accept-window", default="auto", metavar="auto|USEC",
+                    help="the sockshare-window configurations' --accept-window (default auto)")
     ap.add_argument("--src-label", default=None,
                     help="what --src is, for the JSON and the plot (default: git HEAD of --src)")
     args = ap.parse_args()
     opts = Options(Path(args.src).resolve(), args.policy, args.node_server, args.sniff,
-                   Path(args.base_src).resolve() if args.base_src else None, args.c_linger)
+                   Path(args.base_src).resolve() if args.base_src else None, args.c_linger,
+                   args.accept_window)
     args.code = args.src_label or _git_describe(opts.src) or str(opts.src)
     if not 1 <= args.conns <= 1_000_000 or not 1 <= args.concurrency <= 1024 or args.runs < 1:
         ap.error("--conns 1..1000000, --concurrency 1..1024, --runs >= 1")
@@ -718,7 +747,7 @@ def main() -> int:
         "node": _node_version(), "src": str(opts.src), "code": args.code,
         "policy": opts.policy, "node_server": opts.node_server, "sniff": opts.sniff,
         "base_src": str(opts.base_src) if opts.base_src else None,
-        "dispatchers": args.dispatchers,
+        "dispatchers": args.dispatchers, "accept_window": opts.accept_window,
         "kernel": platform.release(), "loadavg_end": os.getloadavg(),
         "targets": {"vs_reuseport": TARGET_VS_REUSEPORT, "vs_node": TARGET_VS_NODE,
                     "balance": TARGET_BALANCE},

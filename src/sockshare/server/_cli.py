@@ -138,6 +138,10 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sniff-max", type=int, metavar="N",
                    help="connections sniffed at once; past it new ones wait in the kernel's "
                         "accept queue (default: 512)")
+    p.add_argument("--accept-window", metavar="auto|off|USEC",
+                   help="under load, let an accept burst grow this many microseconds before "
+                        "accepting it (fewer wake-ups per connection); a lone connection is "
+                        "accepted at once (default: auto, 300)")
     p.add_argument("--fd-reserve", type=int, metavar="N",
                    help="descriptors kept free for workers and the control socket: accepting "
                         "pauses past RLIMIT_NOFILE - N (default: 16 + 8 per worker)")

@@ -58,11 +58,14 @@ from sockshare.server._web import WebAppError, WebSettings
 __all__ = [
     "ACCEPT_MODES",
     "DEFAULT_APP",
+    "ACCEPT_WINDOW_AUTO",
+    "ACCEPT_WINDOW_MAX",
     "DEFAULT_BIND",
     "DEFAULT_PROXY_ALLOW",
     "POLICIES",
     "BindAddress",
     "ConfigError",
+    "accept_window_us",
     "ListenerConfig",
     "PoolConfig",
     "RouteConfig",
@@ -85,6 +88,32 @@ POLICIES = ("least-conn", "round-robin", "hash-addr", "hash-key")
 DEFAULT_PROXY_ALLOW = ("127.0.0.0/8", "::1")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+#: the window ``accept_window = "auto"`` means, in microseconds (docs/perf-dispatcher.md)
+ACCEPT_WINDOW_AUTO = 300
+#: the longest window allowed: the dispatcher's loop does nothing else meanwhile
+ACCEPT_WINDOW_MAX = 2000
+
+
+def accept_window_us(value: str | int) -> int:
+    """The accept window in microseconds (0: off) of ``auto`` (:data:`ACCEPT_WINDOW_AUTO`
+    on Linux, off elsewhere), ``off`` or a number of microseconds; :class:`ConfigError`
+    for anything else."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        # measured on Linux only; elsewhere a sleep this short may last a timer tick
+        return ACCEPT_WINDOW_AUTO if sys.platform.startswith("linux") else 0
+    if text in ("off", "0"):
+        return 0
+    try:
+        us = int(text)
+    except ValueError:
+        us = -1
+    if not 0 <= us <= ACCEPT_WINDOW_MAX:
+        raise ConfigError(f"accept_window must be auto, off or 0..{ACCEPT_WINDOW_MAX} "
+                          f"(microseconds), not {value!r}")
+    return us
 
 
 class ConfigError(SockshareError, ValueError):
@@ -328,6 +357,10 @@ class ServerConfig:
     #: dispatchers - 1 *feeders* that accept on the same listeners and hand connections
     #: to every worker of the pool (``_feeders``)
     dispatchers: int = 1
+    #: the accept batching window: ``"auto"`` (ACCEPT_WINDOW_AUTO µs), ``"off"``, or
+    #: microseconds; under load a burst waits that long before it is accepted, so that
+    #: more connections share its costs (``_listeners``); a lone connection never waits
+    accept_window: str = "auto"
 
     def validate(self) -> None:
         if not self.listeners:
@@ -338,6 +371,7 @@ class ServerConfig:
             # feeders reach the workers over UNIX sockets and share the accept queue with
             # EPOLLEXCLUSIVE: neither exists there (docs/windows.md)
             raise ConfigError("--dispatchers: one dispatcher only on Windows")
+        accept_window_us(self.accept_window)
         if not self.pools:
             raise ConfigError("no pool defined")
         if self.default_pool not in self.pools:
@@ -556,7 +590,7 @@ def _override(cfg: ServerConfig, args: argparse.Namespace) -> None:
         args.grace = args.graceful_timeout
     for key in ("grace", "metrics", "agent", "control", "log_level", "log_config", "max_retries",
                 "queue_timeout", "timeout", "upgrade_probation", "sniff_max", "fd_reserve",
-                "sniff_timeout", "pid_file", "user", "group", "dispatchers"):
+                "sniff_timeout", "pid_file", "user", "group", "dispatchers", "accept_window"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(cfg, key, value)
@@ -587,7 +621,7 @@ _TOP = {"queue", "grace", "metrics", "agent", "control", "log_level", "log_confi
         "connect_timeout", "timeout",
         "rebalance_interval", "rebalance_min", "rebalance_spread", "direct_migration",
         "upgrade_probation", "sniff_max", "fd_reserve", "default_pool", "listen", "pools", "routes",
-        "pid_file", "user", "group", "dispatchers"}
+        "pid_file", "user", "group", "dispatchers", "accept_window"}
 _POOL = {"app", "worker_cmd", "workers", "policy", "hash_key", "max_conns", "queue", "resume",
          "rebalance", "accept", *WEB_FLAGS}
 _LISTEN = {"bind", "name", "sniff", "pool", "backlog", "proxy", "proxy_allow_from"}
@@ -680,6 +714,11 @@ def parse_document(doc: Mapping[str, Any]) -> ServerConfig:
                      ("group", str), ("dispatchers", int)):
         if key in doc:
             setattr(cfg, key, _typed(doc, key, typ, None, "the top level"))
+    if "accept_window" in doc:
+        value = doc["accept_window"]
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ConfigError('accept_window must be "auto", "off" or microseconds (an integer)')
+        cfg.accept_window = str(value)
     return cfg
 
 

@@ -12,6 +12,11 @@ sniffed first (a task per connection, at most ``sniff_max`` at once), routed to 
 and given to :meth:`~sockshare.server._admission.Admission.place`. The batches of the
 burst are flushed when it ends.
 
+The accept window (``accept_window``, :meth:`Listeners.on_acceptable`): under load, a
+burst waits a few hundred microseconds before it is accepted, so that more connections
+share one wake-up and one HANDOFF frame per worker; a connection after a quiet gap, or
+one client at a time, is accepted at once.
+
 Holds. A listener stops accepting (connections wait in the kernel's accept queue; none
 is refused) while it has a *hold*: ``emfile`` (accept failed: 0.5 s), ``fds`` (an
 accepted descriptor reached ``RLIMIT_NOFILE - fd_reserve``: every lower one is taken;
@@ -31,6 +36,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import socket
 import struct
@@ -48,7 +54,7 @@ from sockshare.backends import _inherit
 from sockshare.backends._scm import peer_credentials
 from sockshare.protocol import FLAG_ACK, MAX_PAYLOAD, SocketKind
 from sockshare.server._admission import close_reset
-from sockshare.server._config import ListenerConfig, Network, parse_proxy_allow
+from sockshare.server._config import ListenerConfig, Network, accept_window_us, parse_proxy_allow
 from sockshare.server._policy import ConnInfo, LeastConnections
 from sockshare.server._slots import SlotState, Waiting, WorkerSlot
 from sockshare.server._tasks import Tasks
@@ -73,6 +79,11 @@ FD_PROBE_INTERVAL = 0.02
 _TCP_INFO = int(getattr(socket, "TCP_INFO", 0))
 _IPPROTO_TCP = int(socket.IPPROTO_TCP)
 _U32 = struct.Struct("=I")
+_monotonic = time.monotonic
+_exp = math.exp
+#: seconds: the time constant of a listener's smoothed arrival rate (the accept window)
+WINDOW_TAU = 0.001
+_sleep = time.sleep
 
 
 def sd_notify(state: str, fds: list[int] | None = None) -> None:
@@ -104,6 +115,13 @@ class ListenerState:
         self.static_route: tuple[str, str, str, str] | None = None
         #: connections go through the sniffer (set with static_route)
         self.sniffs = False
+        #: the accept window's view of the load (Listeners.on_acceptable): when the last
+        #: burst began, how many connections it and the one before took, and the arrival
+        #: rate (connections per second, smoothed over WINDOW_TAU)
+        self.burst_t = 0.0
+        self.burst_n = 0
+        self.burst_n2 = 0
+        self.rate = 0.0
         #: the compiled path's constants (Listeners.prepare): metadata around the handoff
         #: id and the client address, the kind code, an entry's largest size
         self.compiled: tuple[bytes, bytes, bytes, bytes, int] | None = None
@@ -186,6 +204,13 @@ class Listeners:
         self._fd_limit, reserve = self._fd_limits()
         self._fd_high = self._fd_limit - reserve if self._fd_limit else 1 << 30
         self._fd_logged = -1e9
+        #: the accept window in seconds (0.0: off), and the setting it was read from
+        #: (a reload may change it: cfg.accept_window is compared by identity per burst)
+        self._window_text = self.cfg.accept_window
+        self._window = accept_window_us(self._window_text) / 1e6
+        #: accept bursts (wake-ups of a listener), and those that waited the window
+        self.bursts = 0
+        self.windows = 0
 
     def open(self, inherited: dict[str, list[socket.socket]]) -> None:
         """Every configured listener: taken from ``inherited`` (removed from it) or bound."""
@@ -334,13 +359,46 @@ class Listeners:
                 os.unlink(ls.cfg.bind.address)
 
     def on_acceptable(self, ls: ListenerState) -> None:
-        """The loop's reader callback of a listening socket: one accept burst."""
+        """The loop's reader callback of a listening socket: one accept burst.
+
+        The accept window: when connections come fast -- the listener's smoothed arrival
+        rate says about one more arrives within the window, and its last two bursts were
+        not single connections -- the burst waits ``accept_window`` (a sleep of the whole
+        loop, 300 µs by default) before it is accepted, so that one wake-up, one HANDOFF
+        frame per worker and the workers' ACCEPTs are shared by more connections
+        (docs/perf-dispatcher.md). A connection after a quiet gap of a few milliseconds,
+        or from one client at a time, is accepted at once."""
+        window = self._window
+        if self.cfg.accept_window is not self._window_text:   # (a reload changed it)
+            self._window_text = self.cfg.accept_window
+            window = self._window = accept_window_us(self._window_text) / 1e6
+        if window:
+            now = _monotonic()
+            n = ls.burst_n
+            # the arrival rate: each connection counts 1/WINDOW_TAU, decaying with that
+            # time constant from when its burst began (a quiet gap of a few ms forgets the
+            # load that came before)
+            rate = (ls.rate + n / WINDOW_TAU) * _exp((ls.burst_t - now) / WINDOW_TAU)
+            ls.rate = rate
+            ls.burst_t = now
+            # wait when about one more connection should come within the window (the
+            # estimate is low by up to half when bursts are WINDOW_TAU apart), and the last
+            # two bursts were not single connections: one client at a time, however fast,
+            # never waits
+            if rate * window >= 0.5 and n + ls.burst_n2 >= 3:
+                _sleep(window)
+                self.windows += 1
+            ls.burst_n2 = n
+        before = ls.accepted
+        self.bursts += 1
         admission = self.admission
         admission.accepting = True
         try:
             self._accept_burst(ls)
         finally:
             admission.accepting = False
+            if window:
+                ls.burst_n = ls.accepted - before
         if admission.batches:
             # hand this burst over now, not one turn of the loop later (a turn costs
             # more than the handoff itself at a few connections a burst)

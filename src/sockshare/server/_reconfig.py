@@ -41,7 +41,8 @@ log = logging.getLogger("sockshare.server")
 LIVE = ("routes", "default_pool", "grace", "log_level", "log_config", "sniff_timeout",
         "sniff_max", "max_retries", "queue_timeout", "backoff_initial", "backoff_max",
         "stable_after", "connect_timeout", "timeout", "upgrade_probation",
-        "rebalance_interval", "rebalance_min", "rebalance_spread", "direct_migration")
+        "rebalance_interval", "rebalance_min", "rebalance_spread", "direct_migration",
+        "accept_window")
 #: top-level settings only an upgrade (a new dispatcher) applies
 UPGRADE_ONLY = ("metrics", "agent", "control", "fd_reserve", "pid_file", "user", "group")
 

@@ -50,6 +50,9 @@ def snapshot(d: Dispatcher) -> dict[str, Any]:
     counters: dict[str, Any] = dict(d.counters)
     counters["refused"] = sum(d.admission.refused.values())
     counters["refused_by_reason"] = dict(d.admission.refused)
+    # accept bursts, and those that waited the accept window (docs/perf-dispatcher.md)
+    counters["accept_bursts"] = getattr(d.listeners, "bursts", 0)
+    counters["accept_windows"] = getattr(d.listeners, "windows", 0)
     lat = list(d.migration.latencies)
     return {
         # the pid to watch and signal: the master's (the same through upgrades), else ours
