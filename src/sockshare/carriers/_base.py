@@ -49,6 +49,7 @@ __all__ = [
     "full_or_timeout",
     "os_error",
     "query_int",
+    "remove_if_ours",
     "wait_fd",
 ]
 
@@ -120,6 +121,20 @@ def os_error(
     if err in (errno.EPIPE, errno.ECONNRESET, errno.EIDRM, errno.ENOTCONN, errno.ECONNABORTED):
         return CarrierClosed(text)
     return CarrierError(text)
+
+
+def remove_if_ours(path: str, ident: tuple[int, int] | None) -> None:
+    """Remove ``path`` if it is still the file this process made there (``ident``: its
+    ``(st_dev, st_ino)``); a file of the same name made since by another, or none, is
+    left alone."""
+    if ident is None:
+        return
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == ident:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def wait_fd(fd: int, *, write: bool, timeout: float | None) -> bool:

@@ -48,6 +48,7 @@ from sockshare.carriers._base import (
     Deadline,
     full_or_timeout,
     os_error,
+    remove_if_ours,
     wait_fd,
 )
 
@@ -447,12 +448,7 @@ else:
                 os.close(self._wfd)
                 self._wfd = -1
             if self._removes() and self._ident is not None:
-                try:
-                    st = os.lstat(self._path)
-                    if (st.st_dev, st.st_ino) == self._ident:
-                        os.unlink(self._path)
-                except FileNotFoundError:
-                    pass
+                remove_if_ours(self._path, self._ident)
                 self._ident = None
 
         @classmethod

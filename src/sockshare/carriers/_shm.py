@@ -73,7 +73,7 @@ import urllib.parse
 
 from sockshare._errors import CarrierClosed, CarrierError, CarrierFull, CarrierTimeout
 from sockshare.carriers import _libc
-from sockshare.carriers._base import Carrier, Deadline, os_error, query_int
+from sockshare.carriers._base import Carrier, Deadline, os_error, query_int, remove_if_ours
 from sockshare.carriers._proc import IDENT, ProcIdent, alive, self_ident
 
 __all__ = ["SHM_DIR", "ShmCarrier", "shm_name"]
@@ -277,12 +277,7 @@ class ShmCarrier(Carrier):
             if self._closed_state() == _OPEN and not self._owner_gone():
                 return  # someone else replaced it under our feet? It is a live ring now.
             self._set_closed(_REPLACED)
-            try:
-                st = os.lstat(self._path)
-                if (st.st_dev, st.st_ino) == ident:
-                    os.unlink(self._path)
-            except FileNotFoundError:
-                pass
+            remove_if_ours(self._path, ident)
         finally:
             self._unlock()
         self._wake(self._data_ev)
@@ -645,12 +640,7 @@ class ShmCarrier(Carrier):
             self._wake(self._data_ev)
             self._wake(self._space_ev)
             if self._ident is not None:
-                try:
-                    st = os.lstat(self._path)
-                    if (st.st_dev, st.st_ino) == self._ident:
-                        os.unlink(self._path)
-                except FileNotFoundError:
-                    pass
+                remove_if_ours(self._path, self._ident)
                 self._ident = None
         self._unmap()
 
