@@ -152,7 +152,12 @@ class LiveServer(Server):
 
 class ShortLoad:
     """Short connections (``who``) in a loop from a few threads until :meth:`finish`
-    (or ``limit`` answers): every failure kept, and which worker answered each."""
+    (or ``limit`` answers): every failure kept, and which worker answered each.
+
+    A subclass changes what one connection does (:meth:`_once`) and the ``pause``
+    after each."""
+
+    pause = 0.0
 
     def __init__(self, addr: Any, threads: int = 4, limit: int | None = None) -> None:
         self.addr = addr
@@ -166,23 +171,28 @@ class ShortLoad:
         for t in self.threads:
             t.start()
 
+    def _once(self) -> None:
+        with connect(self.addr, timeout=10) as s:
+            s.sendall(b"who\n")
+            line = read_line(s)
+        if b'"pid"' not in line:
+            raise ConnectionError(f"bad answer {line!r}")
+        wid = int(line.split(b'"id": ', 1)[1].split(b",", 1)[0])
+        with self.lock:
+            self.ok += 1
+            self.by_worker[wid] = self.by_worker.get(wid, 0) + 1
+            if self.limit is not None and self.ok >= self.limit:
+                self.stop.set()
+
     def _run(self) -> None:
         while not self.stop.is_set():
             try:
-                with connect(self.addr, timeout=10) as s:
-                    s.sendall(b"who\n")
-                    line = read_line(s)
-                if b'"pid"' not in line:
-                    raise ConnectionError(f"bad answer {line!r}")
-                wid = int(line.split(b'"id": ', 1)[1].split(b",", 1)[0])
-                with self.lock:
-                    self.ok += 1
-                    self.by_worker[wid] = self.by_worker.get(wid, 0) + 1
-                    if self.limit is not None and self.ok >= self.limit:
-                        self.stop.set()
+                self._once()
             except (OSError, ValueError, IndexError) as exc:
                 with self.lock:
                     self.failures.append(f"{type(exc).__name__}: {exc}")
+            if self.pause:
+                time.sleep(self.pause)
 
     def finish(self) -> None:
         self.stop.set()
