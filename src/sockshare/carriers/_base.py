@@ -44,6 +44,7 @@ from sockshare._errors import (
 __all__ = [
     "Carrier",
     "Deadline",
+    "FileCarrier",
     "Mode",
     "Backoff",
     "full_or_timeout",
@@ -391,3 +392,17 @@ class Carrier(abc.ABC):
         if self.mode != mode:
             verb = "send on" if mode == "w" else "receive from"
             raise io.UnsupportedOperation(f"cannot {verb} {self.url}: it was opened with mode={self.mode!r}")
+
+
+class FileCarrier(Carrier):
+    """A carrier whose reader makes a file at ``_path`` (a socket, a FIFO, a ring):
+    ``_ident`` is its ``(st_dev, st_ino)``, and :meth:`_remove_file` removes it when
+    the process that made it closes, if it is still that file."""
+
+    _path = ""
+    _ident: tuple[int, int] | None = None
+
+    def _remove_file(self) -> None:
+        if self._removes():
+            remove_if_ours(self._path, self._ident)
+            self._ident = None

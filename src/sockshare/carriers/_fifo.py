@@ -46,9 +46,9 @@ from sockshare.carriers._base import (
     Backoff,
     Carrier,
     Deadline,
+    FileCarrier,
     full_or_timeout,
     os_error,
-    remove_if_ours,
     wait_fd,
 )
 
@@ -294,7 +294,7 @@ if sys.platform == "win32":
 
 else:
 
-    class FifoCarrier(Carrier):
+    class FifoCarrier(FileCarrier):
         """``fifo:///path``: a POSIX named pipe (FIFO) carrying checksummed frames."""
 
         scheme = "fifo"
@@ -306,8 +306,6 @@ else:
 
         _rfd = -1
         _wfd = -1
-        _path = ""
-        _ident: tuple[int, int] | None = None
         _buf: bytearray | None = None
 
         def _setup(self, parts: urllib.parse.SplitResult, create: bool | None, deadline: Deadline) -> None:
@@ -447,9 +445,7 @@ else:
             if self._wfd >= 0:
                 os.close(self._wfd)
                 self._wfd = -1
-            if self._removes() and self._ident is not None:
-                remove_if_ours(self._path, self._ident)
-                self._ident = None
+            self._remove_file()
 
         @classmethod
         def unavailable_reason(cls) -> str | None:

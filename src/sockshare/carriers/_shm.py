@@ -73,7 +73,7 @@ import urllib.parse
 
 from sockshare._errors import CarrierClosed, CarrierError, CarrierFull, CarrierTimeout
 from sockshare.carriers import _libc
-from sockshare.carriers._base import Carrier, Deadline, os_error, query_int, remove_if_ours
+from sockshare.carriers._base import Deadline, FileCarrier, os_error, query_int, remove_if_ours
 from sockshare.carriers._proc import IDENT, ProcIdent, alive, self_ident
 
 __all__ = ["SHM_DIR", "ShmCarrier", "shm_name"]
@@ -150,7 +150,7 @@ def _size(slots: int, max_message: int) -> int:
     return _data_base(slots) + slots * _stride(max_message)
 
 
-class ShmCarrier(Carrier):
+class ShmCarrier(FileCarrier):
     """``shm://name``: a ring buffer in shared memory; see the module documentation."""
 
     scheme = "shm"
@@ -165,8 +165,6 @@ class ShmCarrier(Carrier):
     _mutex = 0
     _data_ev = 0
     _space_ev = 0
-    _path = ""
-    _ident: tuple[int, int] | None = None
     _slots = 0
     _stride = 0
     _data = 0
@@ -639,9 +637,7 @@ class ShmCarrier(Carrier):
                     self._unlock()
             self._wake(self._data_ev)
             self._wake(self._space_ev)
-            if self._ident is not None:
-                remove_if_ours(self._path, self._ident)
-                self._ident = None
+            self._remove_file()
         self._unmap()
 
     @classmethod

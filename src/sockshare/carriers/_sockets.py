@@ -45,7 +45,7 @@ from sockshare._errors import (
     CarrierPermission,
     CarrierTimeout,
 )
-from sockshare.carriers._base import Carrier, Deadline, full_or_timeout, os_error, remove_if_ours, wait_fd
+from sockshare.carriers._base import Carrier, Deadline, FileCarrier, full_or_timeout, os_error, wait_fd
 
 __all__ = ["TcpCarrier", "UdpCarrier", "UnixCarrier", "UnixgramCarrier"]
 
@@ -322,18 +322,8 @@ class _StreamCarrier(Carrier):
             self._sock = None
 
 
-class _UnixFile(Carrier):
-    """What the UNIX-path carriers share: the socket file at ``_path`` that the reader
-    binds (``_ident``: its identity), removed on release if it is still theirs, and
-    their availability."""
-
-    _path = ""
-    _ident: tuple[int, int] | None = None
-
-    def _remove_file(self) -> None:
-        if self._removes():
-            remove_if_ours(self._path, self._ident)
-            self._ident = None
+class _UnixFile(FileCarrier):
+    """A carrier on a UNIX socket file that the reader binds."""
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
