@@ -35,32 +35,15 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def _src_dir() -> str:
-    """The ``src`` directory to import sockshare from: ``--src`` or this tree's."""
-    for i, arg in enumerate(sys.argv):
-        if arg == "--src" and i + 1 < len(sys.argv):
-            return str(Path(sys.argv[i + 1]).resolve())
-        if arg.startswith("--src="):
-            return str(Path(arg[6:]).resolve())
-    return str(Path(__file__).resolve().parent.parent / "src")
+from benchmarks._handoffs import DATA, META, make_socks, src_dir
 
+sys.path.insert(0, src_dir())
 
-sys.path.insert(0, _src_dir())
+import sockshare  # (after choosing which tree to import it from)
 
-import sockshare  # noqa: E402  (after choosing which tree to import it from)
-
-META = {"route": "chat", "client": ["127.0.0.1", 54321], "id": "abcdefgh1"}
-DATA = b"G" * 100
 HERE = Path(__file__).resolve().parent
-
-
-def _make_socks(n: int) -> list[socket.socket]:
-    base = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    out = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, os.dup(base.fileno()))
-           for _ in range(n)]
-    base.close()
-    return out
 
 
 async def _receive(sock: socket.socket) -> None:
@@ -106,7 +89,7 @@ def run_one(send: Sender, k: int) -> tuple[float, float]:
 
     async def main() -> tuple[float, float]:
         ch = sockshare.AsyncChannel.wrap(sockshare.Channel.from_socket(a))
-        socks = _make_socks(k)
+        socks = make_socks(k)
         t0, c0 = time.perf_counter(), time.process_time()
         tickets = await send(ch, socks)
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -162,7 +145,7 @@ def main() -> int:
         print(f"{name:<14} {w:>8.2f} {min(wall[name]):>8.2f} {c:>11.2f} {min(cpu[name]):>8.2f}")
     out = HERE / "results" / "aio_send.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"src": _src_dir(), "runs": args.runs, "modes": summary}, indent=2))
+    out.write_text(json.dumps({"src": src_dir(), "runs": args.runs, "modes": summary}, indent=2))
     return 0
 
 

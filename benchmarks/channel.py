@@ -42,23 +42,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def _src_dir() -> str:
-    """The ``src`` directory to import sockshare from: ``--src`` or this tree's."""
-    for i, arg in enumerate(sys.argv):
-        if arg == "--src" and i + 1 < len(sys.argv):
-            return str(Path(sys.argv[i + 1]).resolve())
-        if arg.startswith("--src="):
-            return str(Path(arg[6:]).resolve())
-    return str(Path(__file__).resolve().parent.parent / "src")
+from benchmarks._handoffs import DATA, META, make_socks, src_dir
 
+sys.path.insert(0, src_dir())
 
-sys.path.insert(0, _src_dir())
+import sockshare  # (after choosing which tree to import it from)
 
-import sockshare  # noqa: E402  (after choosing which tree to import it from)
-
-META = {"route": "chat", "client": ["127.0.0.1", 54321], "id": "abcdefgh1"}
-DATA = b"G" * 100
 PAYLOAD = json.dumps(META).encode() + DATA
 HERE = Path(__file__).resolve().parent
 
@@ -137,18 +128,10 @@ def raw_receiver(k: int) -> Callable[[socket.socket, int], None]:
 # --- sockshare channel ------------------------------------------------------------------
 
 
-def _make_socks(n: int) -> list[socket.socket]:
-    base = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    out = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, os.dup(base.fileno()))
-           for _ in range(n)]
-    base.close()
-    return out
-
-
 def chan_sender(ack: bool, batch: int) -> Callable[[socket.socket, int], Callable[[], None]]:
     def prepare(sock: socket.socket, n: int) -> Callable[[], None]:
         ch = sockshare.Channel.from_socket(sock)
-        socks = _make_socks(n)
+        socks = make_socks(n)
         return lambda: send(ch, socks, n)
 
     def send(ch: sockshare.Channel, socks: list[socket.socket], n: int) -> None:

@@ -9,19 +9,24 @@
   its state, so the count goes on in the new worker. Under servers that do not offer the
   extension it is a plain counting echo;
 * ``/echo``: a plain WebSocket echo (``"<pid> <text>"``) that ignores the extension.
+
+The two WebSocket endpoints are the web tests' (tests/server/ws_endpoints.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-from typing import Any
+import sys
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "server"))
+
+from ws_endpoints import count, echo
 
 
 async def hello(_: Request) -> PlainTextResponse:
@@ -30,41 +35,6 @@ async def hello(_: Request) -> PlainTextResponse:
 
 async def pid(_: Request) -> PlainTextResponse:
     return PlainTextResponse(str(os.getpid()))
-
-
-async def count(ws: WebSocket) -> None:
-    """The opted-in endpoint: its count is the state that moves with the connection."""
-    ext: dict[str, Any] = ws.scope.get("extensions") or {}
-    n: int = (ext.get("sockshare.resume") or {}).get("state", 0)
-    await ws.accept()
-    moving: asyncio.Event = (ext.get("sockshare.migration") or {}).get("requested") \
-        or asyncio.Event()
-    while True:
-        get = asyncio.ensure_future(ws.receive_text())
-        wait = asyncio.ensure_future(moving.wait())
-        done, _ = await asyncio.wait({get, wait}, return_when=asyncio.FIRST_COMPLETED)
-        wait.cancel()
-        if get not in done:
-            get.cancel()
-            await ext["sockshare.migration"]["migrate"](n)
-            return
-        try:
-            text = get.result()
-        except WebSocketDisconnect:
-            return
-        n += 1
-        await ws.send_text(f"{n} {os.getpid()} {text}")
-
-
-async def echo(ws: WebSocket) -> None:
-    """The plain endpoint: knows nothing of migration."""
-    await ws.accept()
-    try:
-        while True:
-            text = await ws.receive_text()
-            await ws.send_text(f"{os.getpid()} {text}")
-    except WebSocketDisconnect:
-        return
 
 
 app = Starlette(routes=[Route("/", hello), Route("/pid", pid),

@@ -468,6 +468,26 @@ def test_python_receiver_takes_a_handoff_sent_right_after_hello(sock_dir: Path) 
 
 # --- bad input into a C / PHP worker ---------------------------------------------------------
 
+
+def _raw_dispatcher(stack: contextlib.ExitStack, path: Path, spawn: Callable[[list[str]], Peer],
+                    argv: list[str], name: str) -> tuple[Peer, socket.socket, dict[str, str]]:
+    """A worker (``argv`` + the socket path) connected to a raw listener at ``path``
+    that answers its HELLO (as ``name``): the worker, the connection, and the fields of
+    the worker's "ready" line."""
+    srv = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+    srv.bind(str(path))
+    srv.listen()
+    worker = spawn([*argv, str(path)])
+    srv.settimeout(TIMEOUT)
+    conn, _ = srv.accept()
+    stack.enter_context(conn)
+    ftype, payload = _read_frame(conn)
+    assert ftype == FrameType.HELLO
+    assert decode_hello(payload).pid == worker.pid
+    conn.sendall(encode_frame(FrameType.HELLO, encode_hello(
+        Hello(os.getpid(), os.getuid(), 1, 0x5, 1 << 20, name))))
+    return worker, conn, parse_fields(worker.readline())
+
 _DOC = json.loads(VECTORS.read_text(encoding="utf-8"))
 # every invalid vector a worker can meet after the handshake (HELLO vectors are about
 # the handshake; a receiver's limit is the default one)
@@ -489,21 +509,8 @@ def test_worker_refuses_bad_input(lang: str, v: dict[str, Any],
                                   program: Callable[[str, str], list[str]],
                                   spawn: Callable[[list[str]], Peer], sock_dir: Path) -> None:
     argv = program(lang, "worker")
-    path = sock_dir / "raw"
     with contextlib.ExitStack() as stack:
-        srv = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-        srv.bind(str(path))
-        srv.listen()
-        worker = spawn([*argv, str(path)])
-        srv.settimeout(TIMEOUT)
-        conn, _ = srv.accept()
-        stack.enter_context(conn)
-        ftype, payload = _read_frame(conn)
-        assert ftype == FrameType.HELLO
-        assert decode_hello(payload).pid == worker.pid
-        conn.sendall(encode_frame(FrameType.HELLO, encode_hello(
-            Hello(os.getpid(), os.getuid(), 1, 0x5, 1 << 20, "raw-listener"))))
-        ready = parse_fields(worker.readline())
+        worker, conn, ready = _raw_dispatcher(stack, sock_dir / "raw", spawn, argv, "raw-listener")
         fds = [stack.enter_context(socket.socket()).fileno() for _ in range(v["fds"])]
         send_with_fds(conn, bytes.fromhex(v["hex"]), fds)
         if v["eof"]:
@@ -579,19 +586,9 @@ def test_worker_close_report_is_the_shared_vector(lang: str,
     vectors = json.loads(CONTROL_VECTORS.read_text(encoding="utf-8"))["vectors"]
     vector = next(v for v in vectors if v["name"] == "closed-foreign")
     argv = program(lang, "worker")
-    path = sock_dir / "raw"
     with contextlib.ExitStack() as stack:
-        srv = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-        srv.bind(str(path))
-        srv.listen()
-        worker = spawn(["env", "SOCKSHARE_WORKER_ID=1", *argv, str(path)])
-        srv.settimeout(TIMEOUT)
-        conn, _ = srv.accept()
-        stack.enter_context(conn)
-        assert _read_frame(conn)[0] == FrameType.HELLO
-        conn.sendall(encode_frame(FrameType.HELLO, encode_hello(
-            Hello(os.getpid(), os.getuid(), 1, 0x5, 1 << 20, "raw-dispatcher"))))
-        ready = parse_fields(worker.readline())
+        worker, conn, ready = _raw_dispatcher(stack, sock_dir / "raw", spawn,
+                                              ["env", "SOCKSHARE_WORKER_ID=1", *argv], "raw-dispatcher")
         pairs = [socket.socketpair() for _ in range(2)]
         for a, b in pairs:
             stack.enter_context(a)

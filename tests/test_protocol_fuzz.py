@@ -22,6 +22,7 @@ import functools
 import os
 import socket
 from collections import Counter
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -88,29 +89,23 @@ def _mutate(token: str, edits: list[tuple[object, ...]]) -> str:
     return t
 
 
-_POSIX_INFO = st.builds(
-    TokenInfo,
-    kind=st.just(KIND_POSIX),
-    exporter_pid=u32,
-    target_pid=u32,
-    token_id=u64,
-    secret=st.binary(min_size=16, max_size=16),
-    expires_ms=u64,
-    exporter_uid=u32,
-    address=st.binary(max_size=200),
-    address_kind=st.sampled_from([ADDR_ABSTRACT, ADDR_PATH]),
-)
-_WIN_INFO = st.builds(
-    TokenInfo,
-    kind=st.just(KIND_WINDOWS),
-    exporter_pid=u32,
-    target_pid=u32,
-    token_id=u64,
-    secret=st.binary(min_size=16, max_size=16),
-    expires_ms=u64,
-    agent_port=u16,
-    blob=st.binary(max_size=700),
-)
+def _token_info(kind: int, **fields: st.SearchStrategy[Any]) -> st.SearchStrategy[TokenInfo]:
+    """TokenInfo of ``kind``: the fields every kind has, and that kind's own ``fields``."""
+    return st.builds(
+        TokenInfo,
+        kind=st.just(kind),
+        exporter_pid=u32,
+        target_pid=u32,
+        token_id=u64,
+        secret=st.binary(min_size=16, max_size=16),
+        expires_ms=u64,
+        **fields,
+    )
+
+
+_POSIX_INFO = _token_info(KIND_POSIX, exporter_uid=u32, address=st.binary(max_size=200),
+                          address_kind=st.sampled_from([ADDR_ABSTRACT, ADDR_PATH]))
+_WIN_INFO = _token_info(KIND_WINDOWS, agent_port=u16, blob=st.binary(max_size=700))
 
 
 # --- decode_token ---------------------------------------------------------------------

@@ -96,15 +96,36 @@ def test_a_missing_module_is_reported_once(tmp_path: Path) -> None:
 # -- the C functions, through real sockets --------------------------------------------
 
 
+@contextlib.contextmanager
+def _pending(n: int, family: socket.AddressFamily = socket.AF_INET,
+             ) -> Iterator[tuple[socket.socket, list[socket.socket]]]:
+    """A non-blocking listener on the loopback of ``family`` with ``n`` connections in its
+    queue, not accepted; the listener and the clients closed afterwards. Skips where
+    there is no IPv6 loopback."""
+    lsock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        lsock.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+    except OSError:
+        lsock.close()
+        if family != socket.AF_INET6:
+            raise
+        pytest.skip("no IPv6 loopback")
+    lsock.listen(16)
+    lsock.setblocking(False)
+    clients: list[socket.socket] = []
+    try:
+        clients += [socket.create_connection(lsock.getsockname()[:2]) for _ in range(n)]
+        yield lsock, clients
+    finally:
+        for c in clients:
+            c.close()
+        lsock.close()
+
+
 @needs_c
 def test_accept_many_accepts_until_eagain_with_addresses_and_cloexec() -> None:
     assert sp is not None
-    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(16)
-    lsock.setblocking(False)
-    clients = [socket.create_connection(lsock.getsockname()) for _ in range(5)]
-    try:
+    with _pending(5) as (lsock, clients):
         before = fd_count()
         items, status = sp.accept_many(lsock.fileno(), 3, 1 << 30)   # the budget
         assert status == 0
@@ -124,26 +145,12 @@ def test_accept_many_accepts_until_eagain_with_addresses_and_cloexec() -> None:
         assert fd_count() == before
         none, status = sp.accept_many(lsock.fileno(), 64, 1 << 30)
         assert (none, status) == ([], 0)
-    finally:
-        for c in clients:
-            c.close()
-        lsock.close()
 
 
 @needs_c
 def test_accept_many_stops_at_the_descriptor_mark_and_reports_errors() -> None:
     assert sp is not None
-    lsock = socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET)
-    host = "::1" if lsock.family == socket.AF_INET6 else "127.0.0.1"
-    try:
-        lsock.bind((host, 0))
-    except OSError:
-        lsock.close()
-        pytest.skip("no IPv6 loopback")
-    lsock.listen(16)
-    lsock.setblocking(False)
-    clients = [socket.create_connection(lsock.getsockname()[:2]) for _ in range(3)]
-    try:
+    with _pending(3, socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as (lsock, _):
         items, status = sp.accept_many(lsock.fileno(), 64, 0)   # every fd is >= 0: stop at one
         assert status == -1
         assert len(items) == 1
@@ -163,10 +170,6 @@ def test_accept_many_stops_at_the_descriptor_mark_and_reports_errors() -> None:
         finally:
             other.close()
         sp.close_fds([f for f, _a in sp.accept_many(lsock.fileno(), 64, 1 << 30)[0]])
-    finally:
-        for c in clients:
-            c.close()
-        lsock.close()
 
 
 @needs_c
@@ -336,13 +339,8 @@ def test_dispatch_burst_accepts_places_registers_and_frames() -> None:
     from sockshare.protocol import FrameDecoder, FrameType, decode_handoff
     from sockshare.server._policy import ConnInfo, LeastConnections, WorkerView
 
-    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(16)
-    lsock.setblocking(False)
-    clients = [socket.create_connection(lsock.getsockname()) for _ in range(5)]
     raws: list[dict[int, tuple[int, bytes, float]]] = [{}, {}]
-    try:
+    with _pending(5) as (lsock, clients):
         before = fd_count()
         prefix, mid, end = b'{"handoff_id":"77.', b'","listener":"web","client":["', \
             b'],"route":"default","pool":"default"}'
@@ -422,10 +420,6 @@ def test_dispatch_burst_accepts_places_registers_and_frames() -> None:
         with pytest.raises(TypeError):
             sp.dispatch_burst(lsock.fileno(), 1, 1 << 30, 1, 1, -1, prefix, mid, end,
                               b"\x01\x01\x00\x00", 1, 0.0, [(1, 0, 1)])  # type: ignore[list-item]
-    finally:
-        for c in clients:
-            c.close()
-        lsock.close()
 
 
 # --- the channel's one-socket hot paths: send_single and recv_batch ---------------------

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,8 +37,9 @@ from sockshare.backends import _agent, _pidfd
 from sockshare.protocol import FrameType, decode_token, encode_frame, encode_token
 from sockshare.protocol._messages import ErrorCode, encode_error
 from sockshare.protocol._token import ADDR_ABSTRACT, KIND_POSIX, TokenInfo
+from tests import test_tokens
 from tests._fdcount import PeerProcess, fd_count, settle, settled_fd_count, wait_fd_count
-from tests.test_tokens import AGENT_FDS
+from tests.test_tokens import _start_agent
 
 IO = 10.0
 B64URL = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
@@ -134,25 +134,8 @@ class Attacker:
             self.proc.stdout.close()
 
 
-def _start_agent(peer: PeerProcess) -> None:
-    """One export and release, so the agent's own fds are part of the baseline."""
-    peer.call("pid")
-    n0 = fd_count(peer.pid)
-    h = peer.call("socket", family="unix", type="dgram")["h"]
-    assert peer.call("release", token=peer.call("export", h=h, pid=1)) is True
-    peer.call("close", h=h)
-    wait_fd_count(peer.pid, n0 + AGENT_FDS, what="a new export agent")
-
-
-@pytest.fixture
-def importer() -> Iterator[PeerProcess]:
-    p = PeerProcess()
-    try:
-        p.call("pid")
-        p.baseline = fd_count(p.pid)
-        yield p
-    finally:
-        p.close()
+#: a fresh peer process, its descriptor baseline taken (test_tokens' fixture)
+importer = test_tokens.importer
 
 
 def _exporter(nofile: int | None = None, log: Path | None = None) -> PeerProcess:

@@ -30,9 +30,9 @@ from tests.wine_support import WinePython, parse_pytest_summary, windows_path, w
 if TYPE_CHECKING:
     # mypy's name for the file (tests/windows is on its mypy_path, as pytest puts it on
     # sys.path under Windows for the tests there); one file can have only one name.
-    from winpeer import SCRIPT, PeerClient, PeerError, recv_exact
+    from winpeer import SCRIPT, PeerClient, PeerError, Peers, recv_exact
 else:
-    from tests.windows.winpeer import SCRIPT, PeerClient, PeerError, recv_exact
+    from tests.windows.winpeer import SCRIPT, PeerClient, PeerError, Peers, recv_exact
 
 pytestmark = pytest.mark.wine
 
@@ -52,19 +52,16 @@ Spawn = Callable[..., PeerClient]
 @pytest.fixture
 def spawn(wine: WinePython) -> Iterator[Spawn]:
     """Start winpeer.py under Wine; every peer is ended (by its own handle) afterwards."""
-    started: list[PeerClient] = []
+    peers = Peers()
 
     def start(name: str, *args: str, env: dict[str, str] | None = None) -> PeerClient:
         proc = wine.popen([windows_path(SCRIPT), "--lifetime", "90", *args], stdin=-1, env=env)
-        peer = PeerClient(proc, name)
-        started.append(peer)
-        return peer
+        return peers.add(PeerClient(proc, name))
 
     try:
         yield start
     finally:
-        for peer in started:
-            peer.finish()
+        peers.finish()
 
 
 

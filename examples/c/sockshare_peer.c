@@ -311,48 +311,58 @@ int ss_accept_decode(const uint8_t *p, size_t n, uint64_t *ids, size_t cap, size
     return SS_OK;
 }
 
+/* REJECT and ERROR: a fixed field at the start, then UTF-8 text (cut at a character
+ * boundary to max bytes when encoding) to the end of the payload. */
+static int text_encode(size_t at, const char *text, size_t text_len, size_t max, uint8_t *out,
+                       size_t cap, size_t *len)
+{
+    text_len = utf8_cut(text, text_len, max);
+    if (cap < at + text_len) return SS_E_SPACE;
+    if (text_len) memcpy(out + at, text, text_len);
+    *len = at + text_len;
+    return SS_OK;
+}
+
+static int text_decode(const uint8_t *p, size_t n, size_t at, const uint8_t **text,
+                       size_t *text_len)
+{
+    if (n < at) return SS_E_BAD_LENGTH;
+    if (!ss_utf8_valid(p + at, n - at)) return SS_E_BAD_UTF8;
+    *text = p + at;
+    *text_len = n - at;
+    return SS_OK;
+}
+
 int ss_reject_encode(uint64_t id, const char *reason, size_t reason_len, uint8_t *out,
                      size_t cap, size_t *len)
 {
-    reason_len = utf8_cut(reason, reason_len, SS_MAX_REASON);
-    if (cap < 8 + reason_len) return SS_E_SPACE;
-    put64(out, id);
-    if (reason_len) memcpy(out + 8, reason, reason_len);
-    *len = 8 + reason_len;
-    return SS_OK;
+    int r = text_encode(8, reason, reason_len, SS_MAX_REASON, out, cap, len);
+    if (r == SS_OK) put64(out, id);
+    return r;
 }
 
 int ss_reject_decode(const uint8_t *p, size_t n, uint64_t *id, const uint8_t **reason,
                      size_t *reason_len)
 {
-    if (n < 8) return SS_E_BAD_LENGTH;
-    if (!ss_utf8_valid(p + 8, n - 8)) return SS_E_BAD_UTF8;
-    *id = get64(p);
-    *reason = p + 8;
-    *reason_len = n - 8;
-    return SS_OK;
+    int r = text_decode(p, n, 8, reason, reason_len);
+    if (r == SS_OK) *id = get64(p);
+    return r;
 }
 
 int ss_error_encode(uint16_t code, const char *text, size_t text_len, uint8_t *out,
                     size_t cap, size_t *len)
 {
-    text_len = utf8_cut(text, text_len, SS_MAX_ERROR_TEXT);
-    if (cap < 2 + text_len) return SS_E_SPACE;
-    put16(out, code);
-    if (text_len) memcpy(out + 2, text, text_len);
-    *len = 2 + text_len;
-    return SS_OK;
+    int r = text_encode(2, text, text_len, SS_MAX_ERROR_TEXT, out, cap, len);
+    if (r == SS_OK) put16(out, code);
+    return r;
 }
 
 int ss_error_decode(const uint8_t *p, size_t n, uint16_t *code, const uint8_t **text,
                     size_t *text_len)
 {
-    if (n < 2) return SS_E_BAD_LENGTH;
-    if (!ss_utf8_valid(p + 2, n - 2)) return SS_E_BAD_UTF8;
-    *code = get16(p);
-    *text = p + 2;
-    *text_len = n - 2;
-    return SS_OK;
+    int r = text_decode(p, n, 2, text, text_len);
+    if (r == SS_OK) *code = get16(p);
+    return r;
 }
 
 /* --- a very small JSON reader (enough for metadata and the vector file) -------------- */
@@ -689,16 +699,7 @@ int ss_send_frame(struct ss_conn *c, uint8_t type, uint8_t flags, const uint8_t 
     struct iovec iov[2] = {{.iov_base = head, .iov_len = sizeof head},
                            {.iov_base = (void *)payload, .iov_len = len}};
     struct msghdr msg = {.msg_iov = iov, .msg_iovlen = len ? 2 : 1};
-    if (nfds) {
-        memset(&control, 0, sizeof control);
-        msg.msg_control = control.buf;
-        msg.msg_controllen = CMSG_SPACE(nfds * sizeof(int));
-        struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
-        cm->cmsg_level = SOL_SOCKET;
-        cm->cmsg_type = SCM_RIGHTS;
-        cm->cmsg_len = CMSG_LEN(nfds * sizeof(int));
-        memcpy(CMSG_DATA(cm), fds, nfds * sizeof(int));
-    }
+    if (nfds) ss_attach_fds(&msg, control.buf, sizeof control.buf, fds, nfds);
     size_t total = sizeof head + len, sent = 0;
     while (sent < total) {
         ssize_t n = sendmsg(c->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -820,6 +821,19 @@ void ss_close(struct ss_conn *c)
     free(c->buf);
     c->buf = NULL;
     c->len = c->cap = 0;
+}
+
+void ss_attach_fds(struct msghdr *msg, void *control, size_t control_size, const int *fds,
+                   int nfds)
+{
+    memset(control, 0, control_size);
+    msg->msg_control = control;
+    msg->msg_controllen = CMSG_SPACE(nfds * sizeof(int));
+    struct cmsghdr *cm = CMSG_FIRSTHDR(msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(nfds * sizeof(int));
+    memcpy(CMSG_DATA(cm), fds, nfds * sizeof(int));
 }
 
 int ss_count_fds(void)

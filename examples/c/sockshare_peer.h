@@ -234,6 +234,12 @@ void ss_send_error(struct ss_conn *c, uint16_t code, const char *text);
 /* Close the socket and every descriptor the connection still holds. */
 void ss_close(struct ss_conn *c);
 
+/* Attach nfds descriptors to msg as one SCM_RIGHTS message, in the caller's control
+ * buffer (control_size >= CMSG_SPACE(nfds * sizeof(int)), aligned for a cmsghdr). */
+struct msghdr;
+void ss_attach_fds(struct msghdr *msg, void *control, size_t control_size, const int *fds,
+                   int nfds);
+
 /* Descriptors this process holds (entries of /proc/self/fd), -1 if unknown. */
 int ss_count_fds(void);
 

@@ -306,16 +306,7 @@ static void io_run(const uint8_t *raw, size_t n, int nfds, uint32_t max, int eof
     } control;
     struct iovec iov = {.iov_base = (void *)raw, .iov_len = n};
     struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
-    if (nfds) {
-        memset(&control, 0, sizeof control);
-        msg.msg_control = control.buf;
-        msg.msg_controllen = CMSG_SPACE(nfds * sizeof(int));
-        struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
-        cm->cmsg_level = SOL_SOCKET;
-        cm->cmsg_type = SCM_RIGHTS;
-        cm->cmsg_len = CMSG_LEN(nfds * sizeof(int));
-        memcpy(CMSG_DATA(cm), fds, nfds * sizeof(int));
-    }
+    if (nfds) ss_attach_fds(&msg, control.buf, sizeof control.buf, fds, nfds);
     if (sendmsg(sv[0], &msg, MSG_NOSIGNAL) != (ssize_t)n) failf("sendmsg: %s", strerror(errno));
     for (int i = 0; i < nfds; i++) close(fds[i]); /* the copies in flight are the receiver's */
     if (eof) shutdown(sv[0], SHUT_WR);

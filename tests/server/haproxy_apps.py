@@ -10,8 +10,8 @@ A line protocol; every answer is one JSON line::
 ``who`` answers and closes; any other line answers and waits for the next one (a
 long-lived connection). ``resume`` sits beside ``handle``, so a connection moves to
 another worker (or to a new dispatcher's workers on upgrade) between two lines, with its
-count; a connection that HAProxy's TCP check opens (a PROXY header, then nothing) just
-ends.
+count (the wait for a line is ``live_apps.next_line``); a connection that HAProxy's TCP
+check opens (a PROXY header, then nothing) just ends.
 """
 
 from __future__ import annotations
@@ -20,28 +20,17 @@ import json
 import os
 from typing import Any
 
-from sockshare.server._handler import (
-    Connection,
-    MigrationAborted,
-    MigrationRefused,
-    MigrationRequested,
-)
+from live_apps import next_line
+
+from sockshare.server._handler import Connection
 
 
 async def _serve(conn: Connection, state: dict[str, Any]) -> None:
     while True:
         try:
-            line = await conn.interruptible(conn.reader.readline())
+            line = await next_line(conn, state)
         except ConnectionError:
             return   # HAProxy closes its TCP checks with a reset
-        except MigrationRequested:
-            try:
-                await conn.migrate(state)
-                return
-            except MigrationRefused:
-                continue
-            except MigrationAborted:
-                return
         if not line:
             return
         state["n"] += 1

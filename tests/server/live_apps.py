@@ -56,18 +56,28 @@ async def _say(conn: Connection, obj: dict[str, Any]) -> None:
     await conn.writer.drain()
 
 
-async def _serve(conn: Connection, state: dict[str, Any]) -> None:
+async def next_line(conn: Connection, state: dict[str, Any]) -> bytes:
+    """The client's next line; ``b""`` once the connection is over here: EOF, or a
+    migration the dispatcher asked for moved it (with ``state``) or was aborted. While
+    waiting, a refused migration is let go (the connection stays). Also used by
+    ``haproxy_apps``."""
     while True:
         try:
-            line = await conn.interruptible(conn.reader.readline())
+            line: bytes = await conn.interruptible(conn.reader.readline())
+            return line
         except MigrationRequested:
             try:
                 await conn.migrate(state)
-                return
+                return b""
             except MigrationRefused:
                 continue
             except MigrationAborted:
-                return
+                return b""
+
+
+async def _serve(conn: Connection, state: dict[str, Any]) -> None:
+    while True:
+        line = await next_line(conn, state)
         if not line:
             return
         cmd, _, arg = line.decode().strip().partition(" ")

@@ -16,6 +16,7 @@ import os
 import resource
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,56 @@ class LiveServer(Server):
                     os.kill(pid, signal.SIGKILL)
 
 
+class ShortLoad:
+    """Short connections (``who``) in a loop from a few threads until :meth:`finish`
+    (or ``limit`` answers): every failure kept, and which worker answered each.
+
+    A subclass changes what one connection does (:meth:`_once`) and the ``pause``
+    after each."""
+
+    pause = 0.0
+
+    def __init__(self, addr: Any, threads: int = 4, limit: int | None = None) -> None:
+        self.addr = addr
+        self.limit = limit
+        self.stop = threading.Event()
+        self.ok = 0
+        self.by_worker: dict[int, int] = {}
+        self.failures: list[str] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _once(self) -> None:
+        with connect(self.addr, timeout=10) as s:
+            s.sendall(b"who\n")
+            line = read_line(s)
+        if b'"pid"' not in line:
+            raise ConnectionError(f"bad answer {line!r}")
+        wid = int(line.split(b'"id": ', 1)[1].split(b",", 1)[0])
+        with self.lock:
+            self.ok += 1
+            self.by_worker[wid] = self.by_worker.get(wid, 0) + 1
+            if self.limit is not None and self.ok >= self.limit:
+                self.stop.set()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self._once()
+            except (OSError, ValueError, IndexError) as exc:
+                with self.lock:
+                    self.failures.append(f"{type(exc).__name__}: {exc}")
+            if self.pause:
+                time.sleep(self.pause)
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+
 def room_for(n: int) -> None:
     """This test process needs ``n`` descriptors more than it has: raise its soft
     RLIMIT_NOFILE (skip if the hard limit is too low)."""
@@ -187,5 +238,5 @@ def tcp_rst_close(s: socket.socket) -> None:
     s.close()
 
 
-__all__ = ["LineClient", "LiveServer", "fd_count", "is_clean_eof", "pid_alive", "read_line", "room_for",
-           "tcp_rst_close", "wait_gone", "wait_until"]
+__all__ = ["LineClient", "LiveServer", "ShortLoad", "fd_count", "is_clean_eof", "pid_alive", "read_line",
+           "room_for", "tcp_rst_close", "wait_gone", "wait_until"]

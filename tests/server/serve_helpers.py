@@ -193,6 +193,45 @@ def read_line(s: socket.socket) -> bytes:
     return buf
 
 
+def read_to_close(s: socket.socket, *, until_timeout: bool = False) -> bytes:
+    """What ``s`` receives until the peer closes (EOF) or resets the connection; with
+    ``until_timeout``, also until the socket's timeout passes without data."""
+    ends: tuple[type[OSError], ...] = (ConnectionResetError, TimeoutError) if until_timeout \
+        else (ConnectionResetError,)
+    out = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ends:
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def exit_output(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> str:
+    """The whole output of ``proc``, which exits by itself within ``timeout`` seconds
+    (else it is killed and :class:`subprocess.TimeoutExpired` raised)."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+    return out.decode(errors="replace")
+
+
+def silent(s: socket.socket, for_: float = 0.3) -> bool:
+    """True if nothing (no answer, no close) arrives on ``s`` for ``for_`` seconds."""
+    s.settimeout(for_)
+    try:
+        s.recv(100)
+    except TimeoutError:
+        return True
+    return False
+
+
 def ask(addr: Any, cmd: str = "who", *, src: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
     """One connection: send ``cmd``, return the worker's JSON answer."""
     with connect(addr, src=src, timeout=timeout) as s:

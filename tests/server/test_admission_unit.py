@@ -14,34 +14,16 @@ import itertools
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from stand_ins import StandInChannel
 from tests._fdcount import fd_count, wait_fd_count
 
 from sockshare.server._admission import Admission
 from sockshare.server._config import PoolConfig, ServerConfig
 from sockshare.server._policy import ConnInfo
 from sockshare.server._slots import TRANSITIONS, PoolState, SlotState, Waiting, WorkerSlot
-
-
-@dataclass
-class _Ticket:
-    id: int
-
-
-@dataclass
-class StandInChannel:
-    """What admission uses of a worker's AsyncChannel: ``send_nowait`` of a batch."""
-
-    batches: list[list[tuple[Any, Any, bytes]]] = field(default_factory=list)
-    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
-
-    def send_nowait(self, items: list[tuple[Any, Any, bytes]], *, ack: bool) -> list[_Ticket]:
-        assert ack
-        self.batches.append(list(items))
-        return [_Ticket(next(self._ids)) for _ in items]
 
 
 class Clients:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_helpers import ROOT, ask, env_with_apps
+from serve_helpers import ROOT, ask, env_with_apps, exit_output
 
 from sockshare.server._control import request
 
@@ -97,15 +97,10 @@ def test_missing_control_directory_is_created_private(tmp_path: Path) -> None:
 
 def _refused(tmp_path: Path, control: Path) -> str:
     proc = _serve(tmp_path, control)
-    try:
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=5)
+    out = exit_output(proc)
     assert proc.returncode == 1, out
     assert not control.exists()
-    return out.decode(errors="replace")
+    return out
 
 
 def test_world_writable_directory_without_sticky_bit_is_refused(tmp_path: Path) -> None:

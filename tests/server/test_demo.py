@@ -526,30 +526,26 @@ def test_websocket_after_the_dispatcher_read_the_whole_head() -> None:
     assert srv.pre_reads[0].endswith(b"\r\n\r\n")
 
 
-def test_websocket_binary_message_closes_with_1003(server: DemoServer) -> None:
+def _closes_with(server: DemoServer, message: BytesMessage | TextMessage, code: int) -> None:
+    """``message`` makes the server close with ``code``; our close answer, then EOF."""
     ws = WsClient(server.port)
     try:
-        ws.send(BytesMessage(data=b"\x00\x01"))
+        ws.send(message)
         event = ws.next_event()
         assert isinstance(event, CloseConnection)
-        assert event.code == 1003
+        assert event.code == code
         ws.send(event.response())
         assert ws.read_to_eof() == b""
     finally:
         ws.close()
+
+
+def test_websocket_binary_message_closes_with_1003(server: DemoServer) -> None:
+    _closes_with(server, BytesMessage(data=b"\x00\x01"), 1003)
 
 
 def test_websocket_message_too_big_closes_with_1009(server: DemoServer) -> None:
-    ws = WsClient(server.port)
-    try:
-        ws.send(TextMessage(data="y" * (MAX_WS_MESSAGE_BYTES + 1)))
-        event = ws.next_event()
-        assert isinstance(event, CloseConnection)
-        assert event.code == 1009
-        ws.send(event.response())
-        assert ws.read_to_eof() == b""
-    finally:
-        ws.close()
+    _closes_with(server, TextMessage(data="y" * (MAX_WS_MESSAGE_BYTES + 1)), 1009)
 
 
 def test_websocket_unmasked_frame_is_a_protocol_error(server: DemoServer) -> None:

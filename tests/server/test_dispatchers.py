@@ -22,14 +22,13 @@ import json
 import os
 import signal
 import socket
-import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from live_helpers import LineClient, LiveServer, fd_count, pid_alive, wait_gone, wait_until
+from live_helpers import LineClient, LiveServer, ShortLoad, fd_count, pid_alive, wait_gone, wait_until
 from serve_helpers import ask, connect, read_line
 
 from sockshare.server._cli import render_status
@@ -37,46 +36,6 @@ from sockshare.server._cli import render_status
 pytestmark = pytest.mark.timeout(180)
 
 APP = "live_apps:handle"
-
-
-class ShortLoad:
-    """Short connections (``who``) in a loop from a few threads; every failure kept,
-    and which worker answered each."""
-
-    def __init__(self, addr: Any, threads: int = 4, limit: int | None = None) -> None:
-        self.addr = addr
-        self.limit = limit
-        self.stop = threading.Event()
-        self.ok = 0
-        self.by_worker: dict[int, int] = {}
-        self.failures: list[str] = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                with connect(self.addr, timeout=10) as s:
-                    s.sendall(b"who\n")
-                    line = read_line(s)
-                if b'"pid"' not in line:
-                    raise ConnectionError(f"bad answer {line!r}")
-                wid = int(line.split(b'"id": ', 1)[1].split(b",", 1)[0])
-                with self.lock:
-                    self.ok += 1
-                    self.by_worker[wid] = self.by_worker.get(wid, 0) + 1
-                    if self.limit is not None and self.ok >= self.limit:
-                        self.stop.set()
-            except (OSError, ValueError, IndexError) as exc:
-                with self.lock:
-                    self.failures.append(f"{type(exc).__name__}: {exc}")
-
-    def finish(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
 
 
 def _dispatchers(srv: LiveServer) -> list[dict[str, Any]]:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from live_helpers import LiveServer, wait_until
+from live_helpers import LiveServer, ShortLoad, wait_until
 from serve_helpers import IN_CI, ROOT, connect, read_line
 
 from sockshare.server._control import request
@@ -169,39 +169,29 @@ def _ready(row: dict[str, str]) -> bool:
     return row["status"] == "UP" and int(row["weight"] or 0) > 0
 
 
-class Load:
+class Load(ShortLoad):
     """Short connections through HAProxy in a loop (two threads); every failure kept,
     and which host answered, in order."""
 
-    def __init__(self, addr: tuple[str, int], threads: int = 2) -> None:
-        self.addr = addr
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.answers: list[str] = []
-        self.failures: list[str] = []
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-        for t in self.threads:
-            t.start()
+    pause = 0.005
 
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                with connect(self.addr, src=CLIENT_IP, timeout=10.0) as s:
-                    me = list(s.getsockname()[:2])
-                    s.sendall(b"who\n")
-                    line = read_line(s)
-                if not line:
-                    raise ConnectionError("closed without an answer")
-                answer = json.loads(line)
-                src = (answer.get("proxy") or {}).get("src")
-                if src != me:
-                    raise ConnectionError(f"the worker saw {src}, the client is {me}")
-                with self.lock:
-                    self.answers.append(str(answer["host"]))
-            except (OSError, ValueError) as exc:
-                with self.lock:
-                    self.failures.append(f"{type(exc).__name__}: {exc}")
-            time.sleep(0.005)
+    def __init__(self, addr: tuple[str, int], threads: int = 2) -> None:
+        self.answers: list[str] = []
+        super().__init__(addr, threads)
+
+    def _once(self) -> None:
+        with connect(self.addr, src=CLIENT_IP, timeout=10.0) as s:
+            me = list(s.getsockname()[:2])
+            s.sendall(b"who\n")
+            line = read_line(s)
+        if not line:
+            raise ConnectionError("closed without an answer")
+        answer = json.loads(line)
+        src = (answer.get("proxy") or {}).get("src")
+        if src != me:
+            raise ConnectionError(f"the worker saw {src}, the client is {me}")
+        with self.lock:
+            self.answers.append(str(answer["host"]))
 
     def mark(self) -> int:
         with self.lock:
@@ -210,11 +200,6 @@ class Load:
     def since(self, mark: int) -> Counter[str]:
         with self.lock:
             return Counter(self.answers[mark:])
-
-    def finish(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
 
 
 class Long:

@@ -11,34 +11,17 @@ until descriptors are free again, then accepts the rest.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
 import socket
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+
+from stand_ins import StandInChannel
 
 from sockshare.server._admission import Admission
 from sockshare.server._config import ListenerConfig, PoolConfig, ServerConfig, parse_bind
 from sockshare.server._listeners import Listeners, ListenerState, bind_listener
 from sockshare.server._slots import PoolState, WorkerSlot
-
-
-@dataclass
-class _Ticket:
-    id: int
-
-
-@dataclass
-class StandInChannel:
-    batches: list[list[tuple[Any, Any, bytes]]] = field(default_factory=list)
-    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
-
-    def send_nowait(self, items: list[tuple[Any, Any, bytes]], *, ack: bool) -> list[_Ticket]:
-        self.batches.append(list(items))
-        return [_Ticket(next(self._ids)) for _ in items]
 
 
 class Front:

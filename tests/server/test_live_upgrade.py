@@ -14,55 +14,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from live_helpers import LineClient, LiveServer, pid_alive, wait_gone, wait_until
-from serve_helpers import ROOT, connect, env_with_apps, read_line
+from live_helpers import LineClient, LiveServer, ShortLoad, pid_alive, wait_gone, wait_until
+from serve_helpers import ROOT, env_with_apps
 
 pytestmark = pytest.mark.timeout(240)
 
 APP = "live_apps:handle"
-
-
-class ShortLoad:
-    """Short connections (``who``) in a loop from a few threads; every failure kept."""
-
-    def __init__(self, addr: Any, threads: int = 4) -> None:
-        self.addr = addr
-        self.stop = threading.Event()
-        self.ok = 0
-        self.failures: list[str] = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                with connect(self.addr, timeout=10) as s:
-                    s.sendall(b"who\n")
-                    line = read_line(s)
-                if b'"pid"' not in line:
-                    raise ConnectionError(f"bad answer {line!r}")
-                with self.lock:
-                    self.ok += 1
-            except OSError as exc:
-                with self.lock:
-                    self.failures.append(f"{type(exc).__name__}: {exc}")
-
-    def finish(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
 
 
 def _follow(c: LineClient, n: int) -> dict[str, Any]:
@@ -216,85 +184,82 @@ def test_upgrade_replaces_the_dispatcher(tmp_path: Path) -> None:
             c.close()
 
 
-def test_new_dispatcher_dying_during_upgrade(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _slow_upgrade(tmp_path: Path) -> Iterator[tuple[LiveServer, LineClient, int, Path]]:
+    """A server, a client that has echoed once, and an upgrade started whose new
+    dispatcher's workers take 5 s to import the app while ``flag`` exists: yields the
+    server, the client, the new dispatcher's pid and ``flag``."""
     flag = tmp_path / "slow"
     os.environ["LIVE_APPS_SLOW_IMPORT"] = str(flag)
     try:
         with LiveServer(tmp_path, app=APP, workers=2) as srv:
             c = LineClient(srv.address())
             c.ask("echo 1")
-            flag.write_text("x")   # the new dispatcher's workers take 5 s to import the app
+            flag.write_text("x")
             resp = srv.command({"cmd": "upgrade", "wait": False})
             assert resp["ok"]
-            successor = resp["pid"]
-            wait_until(lambda: "worker 2 started" in srv.log().split(f"dispatcher[{successor}]", 1)[-1],
-                       timeout=20, what="the new dispatcher's workers")
-            children = _children(successor)
-            os.kill(successor, signal.SIGKILL)
-            for pid in children:
-                with __import__("contextlib").suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            st = srv.wait_for(lambda st: st["counters"]["upgrade_failures"] == 1, timeout=20,
-                              what="the failed upgrade noticed")
-            assert st["pid"] == srv.pid
-            assert not st["handed_over"]
-            assert "goes on serving" in srv.log()
-            assert c.ask("echo 2")["n"] == 2
-            fresh = LineClient(srv.address())
-            assert fresh.ask("echo 1")["n"] == 1
-            fresh.close()
-            flag.unlink()
-            assert srv.command({"cmd": "upgrade", "wait": True})["ok"]
-            assert wait_gone(srv.dispatcher, 30)
-            assert srv.proc.poll() is None
-            assert _follow(c, 3)["n"] == 3
-            c.close()
-            for pid in children:
-                assert wait_gone(pid, 10)
+            yield srv, c, resp["pid"], flag
     finally:
         del os.environ["LIVE_APPS_SLOW_IMPORT"]
+
+
+def test_new_dispatcher_dying_during_upgrade(tmp_path: Path) -> None:
+    with _slow_upgrade(tmp_path) as (srv, c, successor, flag):
+        wait_until(lambda: "worker 2 started" in srv.log().split(f"dispatcher[{successor}]", 1)[-1],
+                   timeout=20, what="the new dispatcher's workers")
+        children = _children(successor)
+        os.kill(successor, signal.SIGKILL)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        st = srv.wait_for(lambda st: st["counters"]["upgrade_failures"] == 1, timeout=20,
+                          what="the failed upgrade noticed")
+        assert st["pid"] == srv.pid
+        assert not st["handed_over"]
+        assert "goes on serving" in srv.log()
+        assert c.ask("echo 2")["n"] == 2
+        fresh = LineClient(srv.address())
+        assert fresh.ask("echo 1")["n"] == 1
+        fresh.close()
+        flag.unlink()
+        assert srv.command({"cmd": "upgrade", "wait": True})["ok"]
+        assert wait_gone(srv.dispatcher, 30)
+        assert srv.proc.poll() is None
+        assert _follow(c, 3)["n"] == 3
+        c.close()
+        for pid in children:
+            assert wait_gone(pid, 10)
 
 
 def test_reload_during_an_upgrade_is_refused(tmp_path: Path) -> None:
     """``sockshare reload`` (and SIGHUP) while a new dispatcher is starting: refused with
     "an upgrade is under way", not reported as done and then lost when the new one takes
     over; once the upgrade is over, a reload works on the new dispatcher."""
-    flag = tmp_path / "slow"
-    os.environ["LIVE_APPS_SLOW_IMPORT"] = str(flag)
-    try:
-        with LiveServer(tmp_path, app=APP, workers=2) as srv:
-            c = LineClient(srv.address())
-            c.ask("echo 1")
-            flag.write_text("x")   # the new dispatcher's workers take 5 s to import the app
-            resp = srv.command({"cmd": "upgrade", "wait": False})
-            assert resp["ok"]
-            successor = resp["pid"]
-            reload_cmd = [sys.executable, "-m", "sockshare.cli", "reload", "--control", srv.control]
-            out = subprocess.run(reload_cmd, check=False, capture_output=True, text=True,
-                                 timeout=60, env=env_with_apps(), cwd=str(ROOT))
-            assert out.returncode == 1, out.stdout + out.stderr
-            assert "an upgrade is under way" in out.stderr
-            assert f"pid {successor}" in out.stderr
-            assert "generation" not in out.stdout
-            os.kill(srv.pid, signal.SIGHUP)
-            wait_until(lambda: "SIGHUP: reload refused: an upgrade is under way" in srv.log(),
-                       timeout=10, what="the SIGHUP refused in the log")
-            st = srv.status()
-            assert st["pid"] == srv.pid
-            assert st["generation"] == 1
-            assert st["counters"]["reloads"] == 0
-            assert len(st["workers"]) == 2   # no reload generation was started
-            flag.unlink()
-            assert wait_gone(srv.dispatcher, 40)   # handed over, drained, exited
-            assert srv.status()["dispatcher"] == successor
-            out = subprocess.run(reload_cmd, check=False, capture_output=True, text=True,
-                                 timeout=60, env=env_with_apps(), cwd=str(ROOT))
-            assert out.returncode == 0, out.stderr
-            assert "generation 2 serving" in out.stdout
-            assert _follow(c, 2)["n"] == 2
-            c.close()
-    finally:
-        del os.environ["LIVE_APPS_SLOW_IMPORT"]
+    with _slow_upgrade(tmp_path) as (srv, c, successor, flag):
+        reload_cmd = [sys.executable, "-m", "sockshare.cli", "reload", "--control", srv.control]
+        out = subprocess.run(reload_cmd, check=False, capture_output=True, text=True,
+                             timeout=60, env=env_with_apps(), cwd=str(ROOT))
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "an upgrade is under way" in out.stderr
+        assert f"pid {successor}" in out.stderr
+        assert "generation" not in out.stdout
+        os.kill(srv.pid, signal.SIGHUP)
+        wait_until(lambda: "SIGHUP: reload refused: an upgrade is under way" in srv.log(),
+                   timeout=10, what="the SIGHUP refused in the log")
+        st = srv.status()
+        assert st["pid"] == srv.pid
+        assert st["generation"] == 1
+        assert st["counters"]["reloads"] == 0
+        assert len(st["workers"]) == 2   # no reload generation was started
+        flag.unlink()
+        assert wait_gone(srv.dispatcher, 40)   # handed over, drained, exited
+        assert srv.status()["dispatcher"] == successor
+        out = subprocess.run(reload_cmd, check=False, capture_output=True, text=True,
+                             timeout=60, env=env_with_apps(), cwd=str(ROOT))
+        assert out.returncode == 0, out.stderr
+        assert "generation 2 serving" in out.stdout
+        assert _follow(c, 2)["n"] == 2
+        c.close()
 
 
 def test_new_dispatcher_killed_right_after_takeover(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ migrated connections are real TCP connections on 127.0.0.1. The end-to-end tests
 
 from __future__ import annotations
 
-import itertools
 import json
 import socket
 from collections.abc import Coroutine, Iterator
@@ -18,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from stand_ins import StandInChannel, Ticket
 
 from sockshare.server._admission import Admission
 from sockshare.server._config import PoolConfig, ServerConfig
@@ -25,27 +25,6 @@ from sockshare.server._messages import MovedIn, MovedOut, MoveKey, Moving
 from sockshare.server._migration import Migrations
 from sockshare.server._slots import PoolState, WorkerSlot
 from sockshare.server._supervision import Supervisor
-
-
-@dataclass
-class _Ticket:
-    id: int
-
-
-@dataclass
-class StandInChannel:
-    """What the relay uses of a worker's AsyncChannel."""
-
-    batches: list[list[tuple[Any, Any, bytes]]] = field(default_factory=list)
-    controls: list[dict[str, Any]] = field(default_factory=list)
-    _ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
-
-    def send_nowait(self, items: list[tuple[Any, Any, bytes]], *, ack: bool) -> list[_Ticket]:
-        self.batches.append(list(items))
-        return [_Ticket(next(self._ids)) for _ in items]
-
-    def send_control(self, obj: dict[str, Any]) -> None:
-        self.controls.append(obj)
 
 
 @dataclass
@@ -243,13 +222,13 @@ class ReportingChannel(StandInChannel):
     handoffs: list[StandInHandoff] = field(default_factory=list)
     reports: list[dict[str, Any]] = field(default_factory=list)
 
-    def accepted(self) -> list[_Ticket]:
+    def accepted(self) -> list[Ticket]:
         return []
 
     def take_raw_accepted(self) -> int:
         return 0   # (handoffs of the compiled dispatcher path: none here)
 
-    def returned(self) -> list[_Ticket]:
+    def returned(self) -> list[Ticket]:
         return []
 
     def received(self) -> list[StandInHandoff]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_helpers import ROOT, Server, ask, env_with_apps
+from serve_helpers import ROOT, Server, ask, env_with_apps, read_to_close
 
 from sockshare.server._metrics import render
 
@@ -22,16 +22,8 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def _lines(s: socket.socket) -> list[dict[str, Any]]:
-    buf = b""
     s.settimeout(5)
-    while True:
-        try:
-            chunk = s.recv(65536)
-        except (ConnectionResetError, TimeoutError):
-            break
-        if not chunk:
-            break
-        buf += chunk
+    buf = read_to_close(s, until_timeout=True)
     return [json.loads(line) for line in buf.splitlines() if line.strip()]
 
 

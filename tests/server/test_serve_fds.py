@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from serve_helpers import Server, ask
+from serve_helpers import Server, ask, read_line
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -60,13 +60,7 @@ def test_no_fd_growth_after_20000_connections(tmp_path: Path) -> None:
                     s.settimeout(10)
                     s.connect(addr)
                     s.sendall(b"who\n")
-                    buf = b""
-                    while not buf.endswith(b"\n"):
-                        chunk = s.recv(4096)
-                        if not chunk:
-                            break
-                        buf += chunk
-                    if b"hid" in buf:
+                    if b"hid" in read_line(s):
                         ok[k] += 1
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
                     s.close()

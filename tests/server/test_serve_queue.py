@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from serve_helpers import Server, connect, hold, read_line
+from serve_helpers import Server, connect, hold, read_line, silent
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,16 +41,6 @@ def refused_new(addr: object, payload: bytes = b"who\n") -> bool:
         except (ConnectionResetError, BrokenPipeError):
             return True
         return refused(s)
-
-
-def silent(s: socket.socket, for_: float = 0.3) -> bool:
-    """True if nothing (no answer, no close) arrives on ``s`` for ``for_`` seconds."""
-    s.settimeout(for_)
-    try:
-        s.recv(100)
-    except TimeoutError:
-        return True
-    return False
 
 
 def test_queue_waits_then_refuses(tmp_path: Path) -> None:

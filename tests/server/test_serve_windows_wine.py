@@ -44,7 +44,7 @@ from typing import Any
 
 import pytest
 from loadgen import Load, free_port
-from serve_helpers import connect, read_line
+from serve_helpers import connect, read_line, silent
 from tests.conftest import fd_count
 from tests.wine_support import ChildLines, WinePython, stop, windows_path, wine_python
 
@@ -226,6 +226,27 @@ def _settled_handles(server: WinServer, pid: int, baseline: int, timeout: float 
     return n
 
 
+def _baseline(server: WinServer) -> tuple[int, int]:
+    """Before a test's traffic: this process's descriptor count and the dispatcher's
+    handle count."""
+    return fd_count(), server.handles(server.pid)[server.pid]
+
+
+def _back_to_baseline(server: WinServer, fds0: int, base: int) -> None:
+    """Nothing leaked: this process's descriptors and (once settled) the dispatcher's
+    handles are back to :func:`_baseline`'s."""
+    assert fd_count() == fds0
+    assert _settled_handles(server, server.pid, base) <= base + HANDLE_SLACK
+
+
+def _start_load(server: WinServer, ws_clients: int) -> Load:
+    """Short requests (4 clients, 40/s) and ``ws_clients`` WebSockets echoing every 0.1 s."""
+    load = Load(("127.0.0.1", server.port), short_clients=4, short_rate=40.0, ws_clients=ws_clients,
+                ws_period=0.1, timeout=30.0)
+    load.start()
+    return load
+
+
 def test_whoami_from_both_workers(wine: WinePython, tmp_path: Path,
                                   serve: Start) -> None:
     server, st = serve()
@@ -260,8 +281,7 @@ def test_whoami_from_both_workers(wine: WinePython, tmp_path: Path,
 def test_control_refuses_a_client_without_the_secret(wine: WinePython, tmp_path: Path,
                                                     serve: Start) -> None:
     server, _ = serve()
-    fds0 = fd_count()
-    base = server.handles(server.pid)[server.pid]
+    fds0, base = _baseline(server)
     refused = {"ok": False, "error": "not authenticated: a request must carry the secret of "
                                      "the server's control file"}
     # no secret, a wrong one, a secret of the wrong type, not even JSON: refused, and
@@ -287,8 +307,7 @@ def test_control_refuses_a_client_without_the_secret(wine: WinePython, tmp_path:
     out = server.cli("reload")
     assert "reloaded: generation 2 serving" in out
     assert server.status()["generation"] == 2
-    assert fd_count() == fds0
-    assert _settled_handles(server, server.pid, base) <= base + HANDLE_SLACK
+    _back_to_baseline(server, fds0, base)
     # Ctrl+C: Wine turns a SIGINT into CTRL_C_EVENT; the server stops gracefully
     server.proc.send_signal(signal.SIGINT)
     assert server.finish() == 0
@@ -300,11 +319,8 @@ def test_control_refuses_a_client_without_the_secret(wine: WinePython, tmp_path:
 def test_killed_worker_restarts_and_no_request_fails(wine: WinePython, tmp_path: Path,
                                                      serve: Start) -> None:
     server, st = serve()
-    fds0 = fd_count()
-    base = server.handles(server.pid)[server.pid]
-    load = Load(("127.0.0.1", server.port), short_clients=4, short_rate=40.0, ws_clients=4,
-                ws_period=0.1, timeout=30.0)
-    load.start()
+    fds0, base = _baseline(server)
+    load = _start_load(server, ws_clients=4)
     try:
         time.sleep(3.0)
         before = load.snapshot()
@@ -334,8 +350,7 @@ def test_killed_worker_restarts_and_no_request_fails(wine: WinePython, tmp_path:
     assert report.failures() == 0, report
     st = server.status()
     assert st["counters"]["lost"] == st["workers"][0]["lost"] + st["workers"][1]["lost"]
-    assert fd_count() == fds0
-    assert _settled_handles(server, server.pid, base) <= base + HANDLE_SLACK
+    _back_to_baseline(server, fds0, base)
     server.cli("stop")
     assert server.finish() == 0
 
@@ -348,8 +363,7 @@ def test_unanswered_handoffs_of_a_killed_worker_go_to_another(wine: WinePython, 
     to the other worker: every client gets its answer, from worker 2."""
     server, st = serve()
     pids = {w["id"]: int(w["pid"]) for w in st["workers"]}
-    fds0 = fd_count()
-    base = server.handles(server.pid)[server.pid]
+    fds0, base = _baseline(server)
     server.handles(suspend=pids[1])
     answers: list[dict[str, Any]] = []
     errors: list[BaseException] = []
@@ -385,8 +399,7 @@ def test_unanswered_handoffs_of_a_killed_worker_go_to_another(wine: WinePython, 
     assert c["returned"] >= unanswered
     assert c["redispatches"] >= unanswered
     assert c["lost"] == 0
-    assert fd_count() == fds0
-    assert _settled_handles(server, server.pid, base) <= base + HANDLE_SLACK
+    _back_to_baseline(server, fds0, base)
     server.cli("stop")
     assert server.finish() == 0
 
@@ -396,11 +409,8 @@ def test_reloads_and_websocket_migrations_under_load(wine: WinePython, tmp_path:
     """10 reloads under load: 0 failures; the demo WebSocket moved between running
     workers (its "move me" button) keeps its message counter."""
     server, _ = serve()
-    fds0 = fd_count()
-    base = server.handles(server.pid)[server.pid]
-    load = Load(("127.0.0.1", server.port), short_clients=4, short_rate=40.0, ws_clients=6,
-                ws_period=0.1, timeout=30.0)
-    load.start()
+    fds0, base = _baseline(server)
+    load = _start_load(server, ws_clients=6)
     try:
         time.sleep(2.0)
         # migrations: one at a time, to measure the latency of one
@@ -436,8 +446,7 @@ def test_reloads_and_websocket_migrations_under_load(wine: WinePython, tmp_path:
     st = server.status()
     assert st["counters"]["reloads"] == 10
     assert st["counters"]["lost"] == 0
-    assert fd_count() == fds0
-    assert _settled_handles(server, server.pid, base) <= base + HANDLE_SLACK
+    _back_to_baseline(server, fds0, base)
     server.cli("stop")
     assert server.finish() == 0
 
@@ -449,9 +458,7 @@ def test_upgrade_under_load_takes_the_listeners_with_share(wine: WinePython, tmp
     under load nothing is refused, reset or lost, 3 times in a row."""
     server, st = serve()
     fds0 = fd_count()
-    load = Load(("127.0.0.1", server.port), short_clients=4, short_rate=40.0, ws_clients=4,
-                ws_period=0.1, timeout=30.0)
-    load.start()
+    load = _start_load(server, ws_clients=4)
     gone: list[int] = []
     try:
         time.sleep(2.0)
@@ -575,15 +582,6 @@ def _refused(port: int) -> bool:
         return data == b""
 
 
-def _silent(s: socket.socket, for_: float = 1.0) -> bool:
-    s.settimeout(for_)
-    try:
-        s.recv(100)
-    except TimeoutError:
-        return True
-    return False
-
-
 def test_config_pools_routes_policies_queue_metrics_and_a_foreign_worker(
         wine: WinePython, tmp_path: Path) -> None:
     """One server from a TOML file, under Wine: routing by HTTP Host and by TLS SNI to
@@ -668,8 +666,7 @@ pool = "foreign"
             by_pool.setdefault(w["pool"], []).append(w)
         assert {p: len(ws) for p, ws in by_pool.items()} == {"rr": 2, "hash": 2, "key": 2,
                                                              "fn": 2, "foreign": 1, "tight": 1}
-        fds0 = fd_count()
-        base = server.handles(server.pid)[server.pid]
+        fds0, base = _baseline(server)
 
         # routing by Host, and round-robin in exact order
         rr = [_ask(port, _http("rr.test")) for _ in range(8)]
@@ -735,7 +732,7 @@ pool = "foreign"
         assert tight["queue"] == 1, tight
         try:
             assert _refused(port), "past the queue a connection must be refused"
-            assert _silent(b_sock), "a queued connection waits, unanswered"
+            assert silent(b_sock, 1.0), "a queued connection waits, unanswered"
             a_sock.close()                      # a slot frees: the queued one is served
             b_sock.settimeout(30.0)
             assert b"tight" in read_line(b_sock)
@@ -795,8 +792,7 @@ pool = "foreign"
         assert c["lost"] == 0, c
         assert c["refused_by_reason"] == {"queue_full": 1}, c
         print(f"reload: foreign worker {old} terminated, {new} served 5 connections; 0 lost")
-        assert fd_count() == fds0
-        assert _settled_handles(server, server.pid, base) <= base + HANDLE_SLACK
+        _back_to_baseline(server, fds0, base)
         server.cli("stop")
         assert server.finish() == 0
         assert server.handles(new)[new] == 0   # the stopped foreign worker is gone too
@@ -820,8 +816,7 @@ def test_demo_page_move_me_button(wine: WinePython, tmp_path: Path, serve: Start
     chromium = require_chromium()
     server, st = serve()
     workers = {int(w["pid"]) for w in st["workers"]}
-    fds0 = fd_count()
-    base = server.handles(server.pid)[server.pid]
+    fds0, base = _baseline(server)
     timeout = 60.0
 
     def say(page: Page, text: str) -> None:
@@ -879,7 +874,6 @@ def test_demo_page_move_me_button(wine: WinePython, tmp_path: Path, serve: Start
     assert st["counters"]["refused"] == 0
     assert st["counters"]["lost"] == 0
     assert st["listeners"][0]["accepted"] <= 3   # the browser never reconnected
-    assert fd_count() == fds0
-    assert _settled_handles(server, server.pid, base) <= base + HANDLE_SLACK
+    _back_to_baseline(server, fds0, base)
     server.cli("stop")
     assert server.finish() == 0

@@ -21,14 +21,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from live_helpers import LineClient, pid_alive, wait_gone, wait_until
-from serve_helpers import ROOT, connect, env_with_apps, read_line
+from live_helpers import LineClient, ShortLoad, pid_alive, wait_gone, wait_until
+from serve_helpers import ROOT, env_with_apps
 
 from sockshare._errors import SockshareError
 from sockshare.server._control import request
@@ -128,34 +127,6 @@ class Started:
             return set()
 
 
-class Load:
-    """Short connections (``who``), one after another, from a client thread."""
-
-    def __init__(self, addr: Any) -> None:
-        self.addr = addr
-        self.ok = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                with connect(self.addr, timeout=10) as s:
-                    s.sendall(b"who\n")
-                    line = read_line(s)
-                if b'"pid"' not in line:
-                    raise ConnectionError(f"bad answer {line!r}")
-                self.ok += 1
-            except OSError as exc:
-                self.failures.append(f"{type(exc).__name__}: {exc}")
-
-    def finish(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-
 def _address(st: dict[str, Any]) -> tuple[str, int]:
     host, _, port = st["listeners"][0]["address"].rpartition(":")
     return host, int(port)
@@ -171,7 +142,7 @@ def test_upgrades_and_reloads_under_load_then_sigterm_to_the_started_pid(tmp_pat
         addr = _address(st)
         long = LineClient(addr)
         assert long.ask("echo 1")["n"] == 1
-        load = Load(addr)
+        load = ShortLoad(addr, threads=1)
         dispatchers = [st["dispatcher"]]
         reloads = 0
         try:

@@ -54,32 +54,8 @@ from starlette.applications import Starlette  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import PlainTextResponse  # noqa: E402
 from starlette.routing import Route, WebSocketRoute  # noqa: E402
-from starlette.websockets import WebSocket, WebSocketDisconnect  # noqa: E402
-
-
-async def counter(ws: WebSocket) -> None:
-    """Echoes ``"<n> <pid> <text>"``, n counting every message of the connection: the
-    count is the state that moves with it."""
-    ext = ws.scope["extensions"]
-    count = (ext.get("sockshare.resume") or {}).get("state", 0)
-    await ws.accept()
-    moving = (ext.get("sockshare.migration") or {}).get("requested") or asyncio.Event()
-    while True:
-        get = asyncio.ensure_future(ws.receive_text())
-        wait = asyncio.ensure_future(moving.wait())
-        done, _ = await asyncio.wait({get, wait}, return_when=asyncio.FIRST_COMPLETED)
-        wait.cancel()
-        if get not in done:
-            get.cancel()
-            await ext["sockshare.migration"]["migrate"](count)
-            return
-        try:
-            text = get.result()
-        except WebSocketDisconnect:
-            return
-        count += 1
-        await ws.send_text(f"{count} {os.getpid()} {text}")
-
+from ws_endpoints import count as counter  # noqa: E402
+from ws_endpoints import echo as plain_echo  # noqa: E402
 
 starlette_app = Starlette(routes=[WebSocketRoute("/count", counter)])
 
@@ -87,16 +63,6 @@ starlette_app = Starlette(routes=[WebSocketRoute("/count", counter)])
 async def pid_page(request: Request) -> PlainTextResponse:
     client = request.client
     return PlainTextResponse(f"{os.getpid()} {client.port if client else 0}")
-
-
-async def plain_echo(ws: WebSocket) -> None:
-    """A WebSocket that does not opt in: ``"<pid> <text>"`` for each message."""
-    await ws.accept()
-    try:
-        while True:
-            await ws.send_text(f"{os.getpid()} {await ws.receive_text()}")
-    except WebSocketDisconnect:
-        return
 
 
 async def extension(request: Request) -> PlainTextResponse:

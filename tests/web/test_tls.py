@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_helpers import Server
+from serve_helpers import Server, read_to_close
 from tests._fdcount import fd_table, wait_fd_count
 
 from sockshare.server._control import request
@@ -265,19 +265,6 @@ def told(server: Server, pid: int, case: str) -> int:
                for line in server.log().splitlines())
 
 
-def _read_all(s: socket.socket) -> bytes:
-    out = b""
-    while True:
-        try:
-            chunk = s.recv(65536)
-        except (ConnectionResetError, TimeoutError):
-            break
-        if not chunk:
-            break
-        out += chunk
-    return out
-
-
 def _client_hello(sni: str) -> bytes:
     """The first flight of a TLS client for ``sni`` (a complete ClientHello)."""
     ctx = ssl.create_default_context()
@@ -304,7 +291,7 @@ def bad_client(case: str, addr: tuple[str, int]) -> None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return
         s.sendall(b"GET / HTTP/1.1\r\nhost: a.test\r\n\r\n")
-        out = _read_all(s)
+        out = read_to_close(s, until_timeout=True)
     assert not out.startswith(b"HTTP/1.1 200"), out
     if case == "plain-sniffed":
         assert out.startswith(b"HTTP/1.1 400 "), out

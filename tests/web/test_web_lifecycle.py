@@ -21,7 +21,7 @@ import web_fastapi_app
 import web_flask_app
 import web_raw_apps
 import web_starlette_app
-from serve_helpers import Server, env_with_apps
+from serve_helpers import Server, env_with_apps, exit_output
 from web_helpers import WEB_DIR, base_url, sockshare, wait_until, worker_pids
 
 from sockshare.server._web import WebAppError, check_interface, detect_interface
@@ -51,13 +51,7 @@ def test_failed_lifespan_startup_exits_3(tmp_path: Path) -> None:
     started = time.monotonic()
     proc = subprocess.Popen(argv, cwd=str(WEB_DIR), env=env_with_apps(), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=5)
-    text = out.decode(errors="replace")
+    text = exit_output(proc)
     assert proc.returncode == 3, text
     assert time.monotonic() - started < 30
     assert f"RuntimeError: {web_starlette_app.STARTUP_ERROR}" in text

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from serve_helpers import Server
+from serve_helpers import Server, read_to_close
 
 WEB_DIR = Path(__file__).resolve().parent
 #: the response headers the comparisons look at
@@ -129,16 +129,7 @@ def raw_http(addr: tuple[str, int], data: bytes, timeout: float = 10.0) -> bytes
         s.sendall(data)
         with contextlib.suppress(OSError):
             s.shutdown(socket.SHUT_WR)
-        out = b""
-        while True:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            out += chunk
-    return out
+        return read_to_close(s)
 
 
 def status_of(response: bytes) -> int:

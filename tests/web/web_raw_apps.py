@@ -21,7 +21,8 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 RAISED = "raising app: the test asked for this error"
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def lifespan(receive: Receive, send: Send) -> None:
+    """The lifespan protocol, politely: startup and shutdown complete (also tls_apps')."""
     while True:
         msg = await receive()
         if msg["type"] == "lifespan.startup":
@@ -33,19 +34,19 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 
 async def raising(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        await _lifespan(receive, send)
+        await lifespan(receive, send)
         return
     raise RuntimeError(RAISED)
 
 
 async def silent(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        await _lifespan(receive, send)
+        await lifespan(receive, send)
 
 
 async def lagging(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        await _lifespan(receive, send)
+        await lifespan(receive, send)
         return
     n = 0
     more = True
@@ -64,7 +65,7 @@ async def lagging(scope: Scope, receive: Receive, send: Send) -> None:
 
 async def asgi_app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        await _lifespan(receive, send)
+        await lifespan(receive, send)
         return
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain")]})

@@ -30,26 +30,6 @@ pytestmark = pytest.mark.timeout(30)
 Spawn = Callable[..., PeerClient]
 
 
-@pytest.fixture
-def spawn() -> Iterator[Spawn]:
-    started: list[PeerClient] = []
-
-    def start(name: str, *args: str) -> PeerClient:
-        peer = PeerClient.spawn(name, *args, "--lifetime", "60")
-        started.append(peer)
-        return peer
-
-    try:
-        yield start
-    finally:
-        for peer in started:
-            peer.finish()
-
-
-
-
-
-
 @dataclasses.dataclass
 class Pair:
     """A channel from ``sender`` (handle ``sch``) to ``receiver`` (handle ``rch``), and

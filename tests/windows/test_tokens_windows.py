@@ -38,26 +38,6 @@ pytestmark = pytest.mark.timeout(30)
 Spawn = Callable[..., PeerClient]
 
 
-@pytest.fixture
-def spawn() -> Iterator[Spawn]:
-    started: list[PeerClient] = []
-
-    def start(name: str, *args: str, env: dict[str, str] | None = None) -> PeerClient:
-        peer = PeerClient.spawn(name, *args, "--lifetime", "60", env=env)
-        started.append(peer)
-        return peer
-
-    try:
-        yield start
-    finally:
-        for peer in started:
-            peer.finish()
-
-
-
-
-
-
 @dataclasses.dataclass
 class Connected:
     """A live connection: ``client`` here, its other end as handle ``h`` in ``exporter``."""

@@ -447,5 +447,21 @@ class PeerClient:
         return self.proc.returncode
 
 
+class Peers:
+    """The peers a test started (``add`` returns its argument); :meth:`finish` ends
+    every one of them."""
+
+    def __init__(self) -> None:
+        self.started: list[PeerClient] = []
+
+    def add(self, peer: PeerClient) -> PeerClient:
+        self.started.append(peer)
+        return peer
+
+    def finish(self) -> None:
+        for peer in self.started:
+            peer.finish()
+
+
 if __name__ == "__main__":
     sys.exit(main())

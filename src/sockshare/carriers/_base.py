@@ -44,11 +44,13 @@ from sockshare._errors import (
 __all__ = [
     "Carrier",
     "Deadline",
+    "FileCarrier",
     "Mode",
     "Backoff",
     "full_or_timeout",
     "os_error",
     "query_int",
+    "remove_if_ours",
     "wait_fd",
 ]
 
@@ -120,6 +122,20 @@ def os_error(
     if err in (errno.EPIPE, errno.ECONNRESET, errno.EIDRM, errno.ENOTCONN, errno.ECONNABORTED):
         return CarrierClosed(text)
     return CarrierError(text)
+
+
+def remove_if_ours(path: str, ident: tuple[int, int] | None) -> None:
+    """Remove ``path`` if it is still the file this process made there (``ident``: its
+    ``(st_dev, st_ino)``); a file of the same name made since by another, or none, is
+    left alone."""
+    if ident is None:
+        return
+    try:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == ident:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def wait_fd(fd: int, *, write: bool, timeout: float | None) -> bool:
@@ -376,3 +392,17 @@ class Carrier(abc.ABC):
         if self.mode != mode:
             verb = "send on" if mode == "w" else "receive from"
             raise io.UnsupportedOperation(f"cannot {verb} {self.url}: it was opened with mode={self.mode!r}")
+
+
+class FileCarrier(Carrier):
+    """A carrier whose reader makes a file at ``_path`` (a socket, a FIFO, a ring):
+    ``_ident`` is its ``(st_dev, st_ino)``, and :meth:`_remove_file` removes it when
+    the process that made it closes, if it is still that file."""
+
+    _path = ""
+    _ident: tuple[int, int] | None = None
+
+    def _remove_file(self) -> None:
+        if self._removes():
+            remove_if_ours(self._path, self._ident)
+            self._ident = None

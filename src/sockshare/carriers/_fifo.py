@@ -46,6 +46,7 @@ from sockshare.carriers._base import (
     Backoff,
     Carrier,
     Deadline,
+    FileCarrier,
     full_or_timeout,
     os_error,
     wait_fd,
@@ -293,7 +294,7 @@ if sys.platform == "win32":
 
 else:
 
-    class FifoCarrier(Carrier):
+    class FifoCarrier(FileCarrier):
         """``fifo:///path``: a POSIX named pipe (FIFO) carrying checksummed frames."""
 
         scheme = "fifo"
@@ -305,8 +306,6 @@ else:
 
         _rfd = -1
         _wfd = -1
-        _path = ""
-        _ident: tuple[int, int] | None = None
         _buf: bytearray | None = None
 
         def _setup(self, parts: urllib.parse.SplitResult, create: bool | None, deadline: Deadline) -> None:
@@ -446,14 +445,7 @@ else:
             if self._wfd >= 0:
                 os.close(self._wfd)
                 self._wfd = -1
-            if self._removes() and self._ident is not None:
-                try:
-                    st = os.lstat(self._path)
-                    if (st.st_dev, st.st_ino) == self._ident:
-                        os.unlink(self._path)
-                except FileNotFoundError:
-                    pass
-                self._ident = None
+            self._remove_file()
 
         @classmethod
         def unavailable_reason(cls) -> str | None:

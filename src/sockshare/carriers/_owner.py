@@ -34,6 +34,7 @@ import stat
 import struct
 from collections.abc import Callable
 
+from sockshare.carriers._base import remove_if_ours
 from sockshare.carriers._proc import IDENT, ProcIdent, alive, self_ident
 
 __all__ = ["OwnerRecord"]
@@ -142,8 +143,5 @@ class OwnerRecord:
         """Remove the record this process published (and only that one)."""
         if self._ident is None:
             return
-        with contextlib.suppress(FileNotFoundError):
-            st = os.lstat(self.path)
-            if (st.st_dev, st.st_ino) == self._ident:
-                os.unlink(self.path)
+        remove_if_ours(self.path, self._ident)
         self._ident = None

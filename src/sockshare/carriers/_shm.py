@@ -73,7 +73,7 @@ import urllib.parse
 
 from sockshare._errors import CarrierClosed, CarrierError, CarrierFull, CarrierTimeout
 from sockshare.carriers import _libc
-from sockshare.carriers._base import Carrier, Deadline, os_error, query_int
+from sockshare.carriers._base import Deadline, FileCarrier, os_error, query_int, remove_if_ours
 from sockshare.carriers._proc import IDENT, ProcIdent, alive, self_ident
 
 __all__ = ["SHM_DIR", "ShmCarrier", "shm_name"]
@@ -150,7 +150,7 @@ def _size(slots: int, max_message: int) -> int:
     return _data_base(slots) + slots * _stride(max_message)
 
 
-class ShmCarrier(Carrier):
+class ShmCarrier(FileCarrier):
     """``shm://name``: a ring buffer in shared memory; see the module documentation."""
 
     scheme = "shm"
@@ -165,8 +165,6 @@ class ShmCarrier(Carrier):
     _mutex = 0
     _data_ev = 0
     _space_ev = 0
-    _path = ""
-    _ident: tuple[int, int] | None = None
     _slots = 0
     _stride = 0
     _data = 0
@@ -277,12 +275,7 @@ class ShmCarrier(Carrier):
             if self._closed_state() == _OPEN and not self._owner_gone():
                 return  # someone else replaced it under our feet? It is a live ring now.
             self._set_closed(_REPLACED)
-            try:
-                st = os.lstat(self._path)
-                if (st.st_dev, st.st_ino) == ident:
-                    os.unlink(self._path)
-            except FileNotFoundError:
-                pass
+            remove_if_ours(self._path, ident)
         finally:
             self._unlock()
         self._wake(self._data_ev)
@@ -436,12 +429,17 @@ class ShmCarrier(Carrier):
 
     # -- waiting ------------------------------------------------------------------------
 
-    def _wait_locked(self, ev_offset: int, waiters_offset: int, seconds: float) -> None:
+    def _wait_locked(self, ev_offset: int, waiters_offset: int, deadline: Deadline,
+                     recheck: float | None) -> None:
         """Called with the lock held: release it, sleep until the event word changes
-        (or ``seconds``), take it again. No wake-up is lost: the word is read under
-        the lock and every change is made under it."""
+        (or for the next slice of ``deadline``; at most ``recheck`` seconds, when a
+        writer's slot is due to be checked again), take it again. No wake-up is lost:
+        the word is read under the lock and every change is made under it."""
         assert self._mm is not None
         mm = self._mm
+        seconds = deadline.slice()
+        if recheck is not None:
+            seconds = min(seconds, recheck)
         expected = _U32.unpack_from(mm, ev_offset)[0]
         _U32.pack_into(mm, waiters_offset, _U32.unpack_from(mm, waiters_offset)[0] + 1)
         self._unlock()
@@ -536,10 +534,7 @@ class ShmCarrier(Carrier):
                     if deadline.timeout == 0:
                         raise CarrierFull(f"send to {self.url}: full, and timeout=0 does not wait")
                     raise CarrierTimeout(f"send to {self.url}: still full after {deadline.timeout:g} s")
-                wait = deadline.slice()
-                if recheck is not None:
-                    wait = min(wait, recheck)
-                self._wait_locked(_OFF_SPACE_EV, _OFF_SPACE_WAITERS, wait)
+                self._wait_locked(_OFF_SPACE_EV, _OFF_SPACE_WAITERS, deadline, recheck)
                 waited = True
         finally:
             self._unlock()
@@ -552,41 +547,38 @@ class ShmCarrier(Carrier):
         if self._closed_state() != _OPEN:
             raise _Gone(self._gone_reason() or _CLOSED_BY_OWNER)
         index, seq = self._claim(len(data), deadline)
-        published = False
         try:
             offset = self._data + index * self._stride
             mm[offset : offset + len(data)] = data
-            self._lock(Deadline(max(5.0, deadline.remaining() or 0.0)))
-            try:
-                state, _, now_seq = self._slot(index)
-                if state == _WRITING and now_seq == seq:
-                    self._set_state(index, _READY)
-                    published = True
-                wake = self._wake_after(_OFF_DATA_EV, _OFF_DATA_WAITERS)
-            finally:
-                self._unlock()
-            if wake:
-                self._wake(self._data_ev)
+            published = self._settle(index, seq, _READY, Deadline(max(5.0, deadline.remaining() or 0.0)))
         except BaseException:
-            if not published:
-                self._abandon(index, seq)
+            self._abandon(index, seq)   # (a slot already READY is left as it is)
             raise
         if not published:
             raise _Gone(self._gone_reason() or "the ring was repaired and this message dropped")
 
+    def _settle(self, index: int, seq: int, state: int, lock_deadline: Deadline, *,
+                check_gone: bool = True) -> bool:
+        """The end of a send: slot ``index``, if it is still the one the sender claimed
+        (WRITING, sequence ``seq``), becomes ``state`` (READY, or SKIP), and receivers
+        are woken. True if it did (False: the ring was repaired meanwhile)."""
+        self._lock(lock_deadline, check_gone=check_gone)
+        try:
+            now_state, _, now_seq = self._slot(index)
+            settled = now_state == _WRITING and now_seq == seq
+            if settled:
+                self._set_state(index, state)
+            wake = self._wake_after(_OFF_DATA_EV, _OFF_DATA_WAITERS)
+        finally:
+            self._unlock()
+        if wake:
+            self._wake(self._data_ev)
+        return settled
+
     def _abandon(self, index: int, seq: int) -> None:
         """A send failed after claiming its slot: mark the slot SKIP so nobody waits."""
         with contextlib.suppress(CarrierError, _Gone):
-            self._lock(Deadline(1.0), check_gone=False)
-            try:
-                state, _, now_seq = self._slot(index)
-                if state == _WRITING and now_seq == seq:
-                    self._set_state(index, _SKIP)
-                wake = self._wake_after(_OFF_DATA_EV, _OFF_DATA_WAITERS)
-            finally:
-                self._unlock()
-            if wake:
-                self._wake(self._data_ev)
+            self._settle(index, seq, _SKIP, Deadline(1.0), check_gone=False)
 
     def _take(self, deadline: Deadline) -> bytes:
         assert self._mm is not None
@@ -614,10 +606,7 @@ class ShmCarrier(Carrier):
                     raise _Gone(reason)
                 if deadline.expired():
                     raise CarrierTimeout(f"{self.url}: nothing received in {deadline.timeout:g} s")
-                wait = deadline.slice()
-                if recheck is not None:
-                    wait = min(wait, recheck)
-                self._wait_locked(_OFF_DATA_EV, _OFF_DATA_WAITERS, wait)
+                self._wait_locked(_OFF_DATA_EV, _OFF_DATA_WAITERS, deadline, recheck)
                 waited = True
         finally:
             self._unlock()
@@ -648,14 +637,7 @@ class ShmCarrier(Carrier):
                     self._unlock()
             self._wake(self._data_ev)
             self._wake(self._space_ev)
-            if self._ident is not None:
-                try:
-                    st = os.lstat(self._path)
-                    if (st.st_dev, st.st_ino) == self._ident:
-                        os.unlink(self._path)
-                except FileNotFoundError:
-                    pass
-                self._ident = None
+            self._remove_file()
         self._unmap()
 
     @classmethod

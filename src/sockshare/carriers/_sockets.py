@@ -45,7 +45,7 @@ from sockshare._errors import (
     CarrierPermission,
     CarrierTimeout,
 )
-from sockshare.carriers._base import Carrier, Deadline, full_or_timeout, os_error, wait_fd
+from sockshare.carriers._base import Carrier, Deadline, FileCarrier, full_or_timeout, os_error, wait_fd
 
 __all__ = ["TcpCarrier", "UdpCarrier", "UnixCarrier", "UnixgramCarrier"]
 
@@ -163,17 +163,6 @@ def _bind_unix_owner_only(sock: socket.socket, path: str, listen: bool) -> tuple
             os.unlink(tmp)
     st = os.stat(path)
     return st.st_dev, st.st_ino
-
-
-def _remove_if_ours(path: str, ident: tuple[int, int] | None) -> None:
-    if ident is None:
-        return
-    try:
-        st = os.lstat(path)
-        if (st.st_dev, st.st_ino) == ident:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 # --- streams ---------------------------------------------------------------------------
@@ -333,7 +322,17 @@ class _StreamCarrier(Carrier):
             self._sock = None
 
 
-class UnixCarrier(_StreamCarrier):
+class _UnixFile(FileCarrier):
+    """A carrier on a UNIX socket file that the reader binds."""
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if not hasattr(socket, "AF_UNIX"):
+            return "this Python has no AF_UNIX sockets"
+        return None
+
+
+class UnixCarrier(_UnixFile, _StreamCarrier):
     """``unix:///path/to.sock``: a UNIX stream socket with length-prefixed messages.
 
     The reader creates the socket file (mode 0600: only this user can connect) and
@@ -341,8 +340,6 @@ class UnixCarrier(_StreamCarrier):
     """
 
     scheme = "unix"
-    _path = ""
-    _ident: tuple[int, int] | None = None
 
     def _setup(self, parts: urllib.parse.SplitResult, create: bool | None, deadline: Deadline) -> None:
         _no_create_choice(self, create)
@@ -365,15 +362,7 @@ class UnixCarrier(_StreamCarrier):
 
     def _release(self) -> None:
         super()._release()
-        if self._removes():
-            _remove_if_ours(self._path, self._ident)
-            self._ident = None
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        if not hasattr(socket, "AF_UNIX"):
-            return "this Python has no AF_UNIX sockets"
-        return None
+        self._remove_file()
 
 
 class TcpCarrier(_StreamCarrier):
@@ -431,7 +420,7 @@ def _loopback_reason(kind: socket.SocketKind) -> str | None:
 # --- datagrams -------------------------------------------------------------------------
 
 
-class UnixgramCarrier(Carrier):
+class UnixgramCarrier(_UnixFile):
     """``unixgram:///path/to.sock``: one message per UNIX datagram.
 
     Reliable and ordered; when the reader's queue is full (``net.unix.max_dgram_qlen``
@@ -443,8 +432,6 @@ class UnixgramCarrier(Carrier):
     max_message = 1 << 16
 
     _sock: socket.socket | None = None
-    _path = ""
-    _ident: tuple[int, int] | None = None
 
     def _setup(self, parts: urllib.parse.SplitResult, create: bool | None, deadline: Deadline) -> None:
         _no_create_choice(self, create)
@@ -500,15 +487,7 @@ class UnixgramCarrier(Carrier):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        if self._removes():
-            _remove_if_ours(self._path, self._ident)
-            self._ident = None
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        if not hasattr(socket, "AF_UNIX"):
-            return "this Python has no AF_UNIX sockets"
-        return None
+        self._remove_file()
 
 
 _UDP = struct.Struct("!BQQQ")  # kind, writer session id, sequence number, window base
