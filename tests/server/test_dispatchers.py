@@ -89,8 +89,12 @@ def test_three_dispatchers_share_the_work_and_balance_holds(tmp_path: Path) -> N
         handoffs = [w["handoffs"] for w in st["workers"]]
         assert sum(handoffs) >= 3000
         # short connections: least-conn evens the *load*, so a worker slowed by the
-        # neighbours (2 shared cores) gets fewer; one dispatcher measured 1.03-1.39 here
-        assert max(handoffs) / min(handoffs) <= 1.25, handoffs
+        # neighbours (2 shared cores) gets fewer; one dispatcher measured 1.03-1.39 here,
+        # three 1.36-1.48 in 3 of 16 runs at load average 10+ (with and without the accept
+        # window). Placement itself is held to 1.1 with held connections in
+        # test_least_conn_over_the_whole_pool; this bound catches a feeder that ignores
+        # the others' counts (it would give one worker several times the others' share)
+        assert max(handoffs) / min(handoffs) <= 1.6, handoffs
         assert st["counters"]["refused"] == 0
         assert fd_count(lead) <= baseline + 2, (baseline, fd_count(lead))
         print(f"--dispatchers 3: {load.ok} connections, per worker {handoffs}, "
