@@ -99,6 +99,7 @@ from sockshare.server._handler import (
     Connection,
     MigrationAborted,
     MigrationRefused,
+    MoveWindow,
     Resume,
     StateError,
     WorkerInfo,
@@ -260,7 +261,7 @@ class Worker:
         #: connections refused for want of descriptors while others were in flight: one
         #: is asked again each time a migration ends (conn -> why it was asked)
         self._fd_retry: dict[Connection, str] = {}
-        self._migration_slots = asyncio.Semaphore(MIGRATION_WINDOW)
+        self._migration_slots = MoveWindow(MIGRATION_WINDOW)
         self._unmoved_closed = 0
         #: handoffs to the dispatcher queued in this turn of the loop (``_hand_over``)
         self._out_batch: list[tuple[socket.socket, bytes, bytes, asyncio.Future[Ticket]]] = []
