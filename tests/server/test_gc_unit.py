@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -102,3 +103,34 @@ def test_a_collector_the_app_turned_off_stays_off() -> None:
 
     assert not asyncio.run(main())
     assert not gc.isenabled()
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.me = self   # a cycle: only the collector frees it
+
+
+def test_a_hold_collects_the_youngest_generation_past_young_max(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_gc, "YOUNG_MAX", 5_000)
+    gc.set_threshold(700, 10, 10)
+    gc.enable()
+
+    async def main() -> tuple[bool, int, bool]:
+        hold = MoveBurst()
+        hold.moved()
+        probe = _Node()
+        ref = weakref.ref(probe)
+        del probe
+        for _ in range(10_000):   # cyclic garbage, the collector off
+            _Node()
+        assert ref() is not None   # (held: nothing collected yet)
+        hold.moved()   # past YOUNG_MAX: the youngest generation collected, still held
+        held, young, freed = hold.holding, gc.get_count()[0], ref() is None
+        hold.release()
+        return held, young, freed
+
+    held, young, freed = asyncio.run(main())
+    assert held
+    assert freed
+    assert young < 5_000

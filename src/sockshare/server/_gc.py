@@ -28,7 +28,8 @@ So, in a worker:
   and again by a middle one while thousands more arrive; with the collector off
   during the burst the server's CPU a move went down by about 15 % (interleaved runs,
   docs/server.md, "Where the time goes"). Memory: only cyclic garbage waits (what
-  reference counting cannot free), for seconds at most.
+  reference counting cannot free), for seconds at most, and the youngest generation is
+  collected once (only it) whenever it gained :data:`YOUNG_MAX` objects meanwhile.
 """
 
 from __future__ import annotations
@@ -37,12 +38,16 @@ import asyncio
 import gc
 import time
 
-__all__ = ["HOLD_MAX", "QUIET", "MoveBurst", "freeze_for_exit", "freeze_startup"]
+__all__ = ["HOLD_MAX", "QUIET", "YOUNG_MAX", "MoveBurst", "freeze_for_exit", "freeze_startup"]
 
 #: seconds without a move before collections resume
 QUIET = 0.5
 #: the longest collections are held in a row (then they resume for QUIET seconds)
 HOLD_MAX = 15.0
+#: objects the youngest generation may gain while held before it is collected once
+#: (only it: what survives is not walked again until the hold ends) -- the cyclic
+#: garbage a busy worker makes meanwhile is bounded by this, not only by HOLD_MAX
+YOUNG_MAX = 1_000_000
 
 
 def freeze_startup() -> None:
@@ -80,6 +85,8 @@ class MoveBurst:
         if self._held:
             if now - self._since >= HOLD_MAX:
                 self._rest(now)
+            elif gc.get_count()[0] > YOUNG_MAX:
+                gc.collect(0)
             return
         if now < self._resting_until:
             return
