@@ -27,7 +27,7 @@ from sockshare.server import (
     StateError,
     WorkerInfo,
 )
-from sockshare.server._handler import MAX_STATE, encode_state
+from sockshare.server._handler import MAX_STATE, MIGRATION_WINDOW, encode_state
 from sockshare.server._messages import Message, PeerEntry, Report
 from sockshare.server._peers import PeerMigration
 from sockshare.server._runtime import EXIT_APP_ERROR, Worker, resume_spec
@@ -474,10 +474,11 @@ def test_direct_migration_between_two_workers(tmp_path: Path) -> None:
 
 
 
-def test_moves_queued_in_one_turn_leave_a_frame_at_a_time_not_at_its_end(tmp_path: Path) -> None:
-    """A drain wakes thousands of connections in one loop turn: each full frame of
-    handoffs leaves as soon as it is queued (the dispatcher sees the first moves at
-    once), not only once every connection of the turn has set up its move."""
+def test_a_window_of_moves_queued_in_one_turn_leaves_before_the_turn_ends(tmp_path: Path) -> None:
+    """A drain wakes thousands of connections in one loop turn: a window's worth of
+    handoffs (MIGRATION_WINDOW) leaves as soon as it is queued (the dispatcher sees the
+    first moves at once), not only once every connection of the turn has set up its
+    move; fewer wait for the end of the turn (one write for all of them)."""
     async def main() -> list[int]:
         path = str(tmp_path / "d.sock")
         listener = AsyncChannelListener.listen(path, name="dispatcher")
@@ -521,6 +522,7 @@ def test_moves_queued_in_one_turn_leave_a_frame_at_a_time_not_at_its_end(tmp_pat
         return sent_before
 
     sent_before = asyncio.run(main())
-    # the 65th and 129th moves of the turn found one and two frames gone already
-    assert sent_before[64] == 1
-    assert sent_before[128] == 2
+    # the first window left when its last move was queued, the rest at the turn's end
+    assert sent_before[MIGRATION_WINDOW - 1] == 0
+    assert sent_before[MIGRATION_WINDOW] == 1
+    assert sent_before[-1] == 1

@@ -89,7 +89,7 @@ from typing import Any, ClassVar
 from sockshare._aio import AsyncChannel
 from sockshare._channel import Handoff
 from sockshare._errors import ChannelError, RemoteProtocolError, SockshareError
-from sockshare._state import BATCH, Ticket
+from sockshare._state import Ticket
 from sockshare.protocol import MAX_DATA, MAX_META
 from sockshare.server._feedin import ENV_FEEDERS, FeedIn
 from sockshare.server._gc import MoveBurst, freeze_for_exit, freeze_startup
@@ -333,12 +333,13 @@ class Worker:
         batch.append((sock, meta, data, fut))
         if len(batch) == 1:
             asyncio.get_running_loop().call_soon(self._send_out_batch, ch)
-        elif len(batch) >= BATCH:
-            # a full frame leaves now, not after every other task woken in this turn: a
-            # drain that wakes 10,000 WebSockets at once used to send nothing until all
-            # of them had set up their move (seconds on a saturated machine, which the
-            # dispatcher took for a drain without progress); now the first frames go
-            # while the others are being set up
+        elif len(batch) == MIGRATION_WINDOW:
+            # a window's worth (no more moves can join it before answers come) leaves
+            # now, not after every other task woken in this turn: a drain that wakes
+            # 10,000 WebSockets at once used to send nothing until all of them had set
+            # up their move (seconds on a saturated machine, which the dispatcher took
+            # for a drain without progress); now the first moves go while the others
+            # are being set up
             try:
                 self._send_out_batch(ch)
             except Exception:   # (a bug: our future has it too, and raises it below)
