@@ -2,6 +2,7 @@
 
 Run:  python benchmarks/scale.py [--sizes 1000,5000] [--rate 500] [--plot FILE.png]
                                  [--src DIR] [--only sockshare|uvicorn]
+                                 [--ops reload,upgrade,migrate] [--rounds K]
 
 For each N of ``--sizes``, one server after the other, on 127.0.0.1, with the same app,
 the ASGI demo ``sockshare.server._demo_asgi:app`` (its WebSocket echoes each text message
@@ -12,11 +13,11 @@ with a counter ``n`` that goes on across migrations, and opts in to migration):
 * ``uvicorn``   -- ``uvicorn sockshare.server._demo_asgi:app --workers 2``.
 
 N WebSockets are opened (``/ws``) from client processes (one per 5,000 connections, at
-most 4; each a single asyncio loop of minimal WebSocket protocols, no task per connection), each
-sending message 1 and waiting for its echo: the **open rate** is N over the time that
-takes. The **RSS per connection** is the growth of the server's whole process tree
-(``VmRSS`` of the main process and every descendant) from before the clients connected
-to after, over N.
+most 4; each a single asyncio loop, uvloop when installed, of minimal WebSocket
+protocols, no task per connection), each sending message 1 and waiting for its echo:
+the **open rate** is N over the time that takes. The **RSS per connection** is the
+growth of the server's whole process tree (``VmRSS`` of the main process and every
+descendant) from before the clients connected to after, over N.
 
 Then, for sockshare, under light traffic (``--rate`` messages a second in all, each
 connection in turn, every echo checked), one after the other, each waited for:
@@ -34,9 +35,12 @@ migration latency (p50 / p99, from ``migrate()`` on the old worker to the app re
 the new one, as the new worker reports it in its ``moved`` notice: in a move of
 thousands, mostly the wait for its turn, as a worker relays 128 at once), the CPU time
 per moved connection of the server's processes and of the clients (each process's user +
-system time, looked at every 20 ms), the CPU time of the whole machine and its load
-average (it is shared: the wall time varies with other people's load, the CPU time per
-move much less; it includes the new processes' start), the slowest echo during the
+system time, looked at every 20 ms; in the JSON also per kind of process,
+``cpu_us_per_move_by_process``: the master, the old and new dispatcher, the old and new
+workers -- ``workers (both)`` in a migration -- and the clients), the CPU time of the
+whole machine and its load average (it is shared: the wall time varies with other
+people's load, the CPU time per move much less; it includes the new processes' start),
+the slowest echo during the
 operation, and the failures: connections **dropped** (closed by the server), messages
 **lost** (no echo), **duplicated**, **disordered** (an echo that is not the
 oldest one awaited, or a counter ``n`` that does not follow), connections not answered
@@ -70,7 +74,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -153,12 +157,12 @@ class _Ws(asyncio.Protocol):
         self.answered: asyncio.Event | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write((f"GET /ws HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                         f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                         f"Sec-WebSocket-Key: {_WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                         ).encode())
+        # (uvloop's transports do not derive from asyncio.Transport: no isinstance)
+        self.transport = tr = cast(asyncio.Transport, transport)
+        tr.write((f"GET /ws HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                  f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {_WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                  ).encode())
 
     def send_next(self) -> None:
         if self.transport is None or self.closed:
@@ -609,6 +613,7 @@ class CpuMeter(threading.Thread):
         self.last: dict[int, int] = {}
         self.done = threading.Event()
         self.machine0 = self.machine1 = 0
+        self.used: dict[int, float] = {}   # (CPU seconds of each pid, once stopped)
 
     def run(self) -> None:
         self.machine0 = _machine_busy_ticks()
@@ -626,12 +631,32 @@ class CpuMeter(threading.Thread):
         self.done.set()
         self.join()
         hz = os.sysconf("SC_CLK_TCK")
-        used = {pid: (self.last[pid] - self.first[pid]) / hz for pid in self.last}
-        clients = sum(used.get(p, 0.0) for p in self.client_pids)
-        return {"server_cpu_s": round(sum(used.values()) - clients, 2),
+        self.used = {pid: (self.last[pid] - self.first[pid]) / hz for pid in self.last}
+        clients = sum(self.used.get(p, 0.0) for p in self.client_pids)
+        return {"server_cpu_s": round(sum(self.used.values()) - clients, 2),
                 "client_cpu_s": round(clients, 2),
                 "machine_cpu_s": round((self.machine1 - self.machine0) / hz, 2),
                 "loadavg": round(os.getloadavg()[0], 2)}
+
+    def by_role(self, before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+        """The CPU seconds of each kind of process: the master, the old and the new
+        dispatcher, the old and the new workers, the clients (from the status before and
+        after the operation; ``other``: what neither names)."""
+        roles: dict[int, str] = dict.fromkeys(self.client_pids, "clients")
+        old = {int(w["pid"]) for w in before["workers"] if w["pid"]}
+        new = {int(w["pid"]) for w in after["workers"] if w["pid"]}
+        for pid in old | new:
+            roles[pid] = ("workers (old)" if pid not in new else "workers (new)"
+                          if pid not in old else "workers (both)")
+        for st, tag in ((before, "old"), (after, "new")):
+            if st.get("dispatcher"):
+                roles.setdefault(int(st["dispatcher"]), f"dispatcher ({tag})")
+        roles.setdefault(self.server_pid, "master")
+        out: dict[str, float] = {}
+        for pid, secs in self.used.items():
+            role = roles.get(pid, "other")
+            out[role] = round(out.get(role, 0.0) + secs, 3)
+        return out
 
 
 def run_op(op: str, srv: Server, clients: Clients, n: int, rate: float) -> dict[str, Any]:
@@ -666,6 +691,7 @@ def run_op(op: str, srv: Server, clients: Clients, n: int, rate: float) -> dict[
     lat = [x for o in outs for x in o["latencies_ms"]]
     rtts = [x for o in outs for x in o["rtts_ms"]]
     after = srv.status()
+    roles = meter.by_role(before, after)
     row = {"op": op, "ok": bool(resp.get("ok")), "secs": round(took, 2),
            "moves": _sum(outs, "moves"),
            "latency_p50_ms": _pct(lat, 0.5), "latency_p99_ms": _pct(lat, 0.99),
@@ -678,6 +704,7 @@ def run_op(op: str, srv: Server, clients: Clients, n: int, rate: float) -> dict[
                            if w["state"] == "ready"},
            **cpu}
     moved = row["moves"] or 1
+    row["cpu_us_per_move_by_process"] = {k: round(v / moved * 1e6) for k, v in sorted(roles.items())}
     row["server_cpu_us_per_move"] = round(cpu["server_cpu_s"] / moved * 1e6)
     row["client_cpu_us_per_move"] = round(cpu["client_cpu_s"] / moved * 1e6)
     if op == "migrate":
@@ -686,7 +713,8 @@ def run_op(op: str, srv: Server, clients: Clients, n: int, rate: float) -> dict[
     return row
 
 
-def run_size(name: str, n: int, src: Path, tmp: Path, rate: float) -> dict[str, Any]:
+def run_size(name: str, n: int, src: Path, tmp: Path, rate: float,
+             ops: tuple[str, ...] = OPS, rounds: int = 1) -> dict[str, Any]:
     srv = start(name, src, tmp)
     clients = Clients(n)
     try:
@@ -703,10 +731,11 @@ def run_size(name: str, n: int, src: Path, tmp: Path, rate: float) -> dict[str, 
         print(f"{name} N={n}: opened {opened} ({failed} failed) in {secs:.1f} s, "
               f"{row['rss_per_conn_kib']} KiB/connection", file=sys.stderr)
         if name == "sockshare":
-            for op in OPS:
-                r = run_op(op, srv, clients, n, rate)
-                print(f"  {op}: {json.dumps(r)}", file=sys.stderr)
-                row["ops"].append(r)
+            for _ in range(rounds):
+                for op in ops:
+                    r = run_op(op, srv, clients, n, rate)
+                    print(f"  {op}: {json.dumps(r)}", file=sys.stderr)
+                    row["ops"].append(r)
         return row
     finally:
         clients.close()
@@ -781,7 +810,15 @@ def plot(rows: list[dict[str, Any]], path: Path, label: str) -> None:
 
 def main() -> int:
     if "--client" in sys.argv[1:]:
-        asyncio.run(_client_main())
+        # uvloop where installed (as the workers): the client processes share the two
+        # cores with the server, and asyncio's own loop cost them twice its CPU a move
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(_client_main())
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(_client_main())
         return 0
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--sizes", default="1000,5000",
@@ -792,6 +829,10 @@ def main() -> int:
                     help="run only this server (repeatable)")
     ap.add_argument("--src", default=str(ROOT / "src"),
                     help="the sockshare source tree the servers run (an A/B: another commit)")
+    ap.add_argument("--ops", default=",".join(OPS),
+                    help=f"comma-separated operations, in order (default {','.join(OPS)})")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="the operations this many times on the same connections (default 1)")
     ap.add_argument("--plot", default=None, metavar="FILE.png")
     ap.add_argument("--out", default=str(HERE / "results" / "scale.json"))
     args = ap.parse_args()
@@ -801,6 +842,11 @@ def main() -> int:
         ap.error("--sizes: comma-separated integers")
     if not sizes or any(not 2 <= s <= 100_000 for s in sizes):
         ap.error("--sizes: 2..100000 each")
+    ops = tuple(o.strip() for o in args.ops.split(",") if o.strip())
+    if not ops or any(o not in OPS for o in ops):
+        ap.error(f"--ops: some of {','.join(OPS)}")
+    if args.rounds < 1:
+        ap.error("--rounds: at least 1")
     src = Path(args.src).resolve()
     if not (src / "sockshare" / "server" / "_demo_asgi.py").exists():
         ap.error(f"--src {src}: not a sockshare source tree with the ASGI demo")
@@ -820,7 +866,7 @@ def main() -> int:
     for n in sizes:
         for name in args.only or SERVERS:
             (tmp / name / str(n)).mkdir(parents=True)
-            rows.append(run_size(name, n, src, tmp / name / str(n), args.rate))
+            rows.append(run_size(name, n, src, tmp / name / str(n), args.rate, ops, args.rounds))
     label = _git_describe(src) or str(src)
     out = {"command": command, "src": label,
            "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),

@@ -1,10 +1,12 @@
-"""The worker's garbage-collection policy (``_gc``): full collections wait while
-connections move, and come back once they stop, or after ``HOLD_MAX`` held in a row."""
+"""The worker's garbage-collection policy (``_gc``): collections (every generation)
+wait while connections move, and come back once they stop, or after ``HOLD_MAX`` held
+in a row."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -16,20 +18,27 @@ from sockshare.server._gc import MoveBurst
 @pytest.fixture(autouse=True)
 def _thresholds() -> Iterator[None]:
     saved = gc.get_threshold()
+    enabled = gc.isenabled()
     yield
     gc.set_threshold(*saved)
+    if enabled:
+        gc.enable()
+    else:
+        gc.disable()
 
 
 def test_full_collections_wait_while_moves_go_on_then_resume(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_gc, "QUIET", 0.5)
     gc.set_threshold(700, 10, 10)
 
-    async def main() -> list[tuple[int, int, int]]:
+    gc.enable()
+
+    async def main() -> list[bool]:
         hold = MoveBurst()
         seen = []
         for _ in range(4):   # moves 10 ms apart: held all along
             hold.moved()
-            seen.append(gc.get_threshold())
+            seen.append(gc.isenabled())
             await asyncio.sleep(0.01)
         assert hold.holding
         for _ in range(100):   # quiet: released after QUIET (within 5 s on a busy machine)
@@ -37,18 +46,20 @@ def test_full_collections_wait_while_moves_go_on_then_resume(monkeypatch: pytest
             if not hold.holding:
                 break
         assert not hold.holding
-        seen.append(gc.get_threshold())
+        seen.append(gc.isenabled())
         return seen
 
     seen = asyncio.run(main())
-    assert all(t[:2] == (700, 10) and t[2] > 1_000_000 for t in seen[:4])
-    assert seen[-1] == (700, 10, 10)
+    assert seen[:4] == [False] * 4   # no collection at all meanwhile, young ones included
+    assert seen[-1] is True
+    assert gc.get_threshold() == (700, 10, 10)   # (the thresholds are left alone)
 
 
 def test_a_hold_ends_after_hold_max_even_if_moves_go_on(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_gc, "QUIET", 0.05)
     monkeypatch.setattr(_gc, "HOLD_MAX", 0.1)
     gc.set_threshold(700, 10, 10)
+    gc.enable()
 
     async def main() -> list[bool]:
         hold = MoveBurst()
@@ -63,6 +74,7 @@ def test_a_hold_ends_after_hold_max_even_if_moves_go_on(monkeypatch: pytest.Monk
     held = asyncio.run(main())
     assert held[0]
     assert not all(held)   # (released once, for QUIET at least, then held again)
+    assert gc.isenabled()
     assert gc.get_threshold() == (700, 10, 10)
 
 
@@ -76,3 +88,49 @@ def test_no_hold_when_the_collector_is_off() -> None:
 
     assert not asyncio.run(main())
     assert gc.get_threshold() == (0, 10, 10)
+
+
+def test_a_collector_the_app_turned_off_stays_off() -> None:
+    gc.set_threshold(700, 10, 10)
+    gc.disable()
+
+    async def main() -> bool:
+        hold = MoveBurst()
+        hold.moved()
+        held = hold.holding
+        hold.release()
+        return held
+
+    assert not asyncio.run(main())
+    assert not gc.isenabled()
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.me = self   # a cycle: only the collector frees it
+
+
+def test_a_hold_collects_the_youngest_generation_past_young_max(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_gc, "YOUNG_MAX", 5_000)
+    gc.set_threshold(700, 10, 10)
+    gc.enable()
+
+    async def main() -> tuple[bool, int, bool]:
+        hold = MoveBurst()
+        hold.moved()
+        probe = _Node()
+        ref = weakref.ref(probe)
+        del probe
+        for _ in range(10_000):   # cyclic garbage, the collector off
+            _Node()
+        assert ref() is not None   # (held: nothing collected yet)
+        hold.moved()   # past YOUNG_MAX: the youngest generation collected, still held
+        held, young, freed = hold.holding, gc.get_count()[0], ref() is None
+        hold.release()
+        return held, young, freed
+
+    held, young, freed = asyncio.run(main())
+    assert held
+    assert freed
+    assert young < 5_000

@@ -27,7 +27,7 @@ from sockshare.server import (
     StateError,
     WorkerInfo,
 )
-from sockshare.server._handler import MAX_STATE, encode_state
+from sockshare.server._handler import MAX_STATE, MIGRATION_WINDOW, encode_state
 from sockshare.server._messages import Message, PeerEntry, Report
 from sockshare.server._peers import PeerMigration
 from sockshare.server._runtime import EXIT_APP_ERROR, Worker, resume_spec
@@ -472,3 +472,57 @@ def test_direct_migration_between_two_workers(tmp_path: Path) -> None:
 
     asyncio.run(main())
 
+
+
+def test_a_window_of_moves_queued_in_one_turn_leaves_before_the_turn_ends(tmp_path: Path) -> None:
+    """A drain wakes thousands of connections in one loop turn: a window's worth of
+    handoffs (MIGRATION_WINDOW) leaves as soon as it is queued (the dispatcher sees the
+    first moves at once), not only once every connection of the turn has set up its
+    move; fewer wait for the end of the turn (one write for all of them)."""
+    async def main() -> list[int]:
+        path = str(tmp_path / "d.sock")
+        listener = AsyncChannelListener.listen(path, name="dispatcher")
+        worker = Worker(None, INFO, path, app_error="unused")
+        ch, dispatcher = await asyncio.wait_for(
+            asyncio.gather(AsyncChannel.connect(path, name="worker"), listener.accept()), STEP)
+        worker.ch = ch
+        sent_before: list[int] = []
+        writes = 0
+        send_nowait = ch.send_nowait
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal writes
+            writes += 1
+            return send_nowait(*args, **kwargs)
+
+        ch.send_nowait = counting   # type: ignore[method-assign]
+        pairs = [socket.socketpair() for _ in range(150)]
+
+        async def move(i: int) -> None:
+            sent_before.append(writes)
+            ticket = await worker._hand_over(ch, pairs[i][1], b'{"resume":{}}', b"")
+            assert ticket.state == "accepted"
+
+        tasks = [asyncio.create_task(move(i)) for i in range(len(pairs))]
+        got = 0
+        while got < len(pairs):   # the dispatcher's side: accept them all
+            await asyncio.wait_for(dispatcher.wait_activity(), STEP)
+            for h in dispatcher.received():
+                h.accept()
+                h.socket.close()
+                got += 1
+            dispatcher.flush()
+        await asyncio.wait_for(asyncio.gather(*tasks), STEP)
+        for a, b in pairs:
+            a.close()
+            b.close()
+        await ch.aclose()
+        await dispatcher.aclose()
+        listener.close()
+        return sent_before
+
+    sent_before = asyncio.run(main())
+    # the first window left when its last move was queued, the rest at the turn's end
+    assert sent_before[MIGRATION_WINDOW - 1] == 0
+    assert sent_before[MIGRATION_WINDOW] == 1
+    assert sent_before[-1] == 1

@@ -1,4 +1,4 @@
-"""The worker's garbage-collection policy: full collections wait while connections move.
+"""The worker's garbage-collection policy: collections wait while connections move.
 
 CPython's cyclic collector runs a *full* collection (every tracked object in the
 process) whenever the objects that survived into the oldest generation grew by 25 %
@@ -17,12 +17,19 @@ So, in a worker:
 * :func:`freeze_for_exit` -- when the worker is done: the interpreter's finalization
   collects everything once more, which took an old worker of 2,500 WebSockets 0.5 s
   before it could exit (the end of a reload); frozen, nothing is walked;
-* :class:`MoveBurst` -- while connections move in or out, full collections are held
-  (the young generations are still collected as usual: most garbage is young), and
-  resume :data:`QUIET` seconds after the last move, or after :data:`HOLD_MAX` seconds
-  held in a row, whichever comes first. The collection that was put off then runs
-  once, instead of several times along the way. Memory: only cyclic garbage that
-  reached the oldest generation waits, for seconds at most.
+* :class:`MoveBurst` -- while connections move in or out, collections are held (the
+  collector is off: ``gc.disable()``), and resume :data:`QUIET` seconds after the last
+  move, or after :data:`HOLD_MAX` seconds held in a row, whichever comes first. The
+  collections that were put off then run once, instead of many times along the way.
+  Holding only the full collections (the oldest generation's threshold out of reach,
+  the young ones collected as usual) still left 10-15 % of a target worker's CPU in a
+  reload of 5,000 WebSockets in young collections: every object a moved connection
+  keeps (its protocol, parser, queue, task, scope...) is walked by a young collection
+  and again by a middle one while thousands more arrive; with the collector off
+  during the burst the server's CPU a move went down by about 15 % (interleaved runs,
+  docs/server.md, "Where the time goes"). Memory: only cyclic garbage waits (what
+  reference counting cannot free), for seconds at most, and the youngest generation is
+  collected once (only it) whenever it gained :data:`YOUNG_MAX` objects meanwhile.
 """
 
 from __future__ import annotations
@@ -31,14 +38,16 @@ import asyncio
 import gc
 import time
 
-__all__ = ["HOLD_MAX", "QUIET", "MoveBurst", "freeze_for_exit", "freeze_startup"]
+__all__ = ["HOLD_MAX", "QUIET", "YOUNG_MAX", "MoveBurst", "freeze_for_exit", "freeze_startup"]
 
-#: seconds without a move before full collections resume
+#: seconds without a move before collections resume
 QUIET = 0.5
-#: the longest full collections are held in a row (then they resume for QUIET seconds)
+#: the longest collections are held in a row (then they resume for QUIET seconds)
 HOLD_MAX = 15.0
-#: a threshold for the oldest generation that is never reached meanwhile
-_NEVER = 1 << 30
+#: objects the youngest generation may gain while held before it is collected once
+#: (only it: what survives is not walked again until the hold ends) -- the cyclic
+#: garbage a busy worker makes meanwhile is bounded by this, not only by HOLD_MAX
+YOUNG_MAX = 1_000_000
 
 
 def freeze_startup() -> None:
@@ -56,10 +65,10 @@ def freeze_for_exit() -> None:
 
 
 class MoveBurst:
-    """Holds full collections while connections move (module docstring)."""
+    """Holds collections while connections move (module docstring)."""
 
     def __init__(self) -> None:
-        self._saved: int | None = None   # the oldest generation's threshold, when held
+        self._held = False   # the collector is off, by us
         self._since = 0.0
         self._last = 0.0
         self._resting_until = 0.0
@@ -67,33 +76,34 @@ class MoveBurst:
 
     @property
     def holding(self) -> bool:
-        return self._saved is not None
+        return self._held
 
     def moved(self) -> None:
         """A connection moved in or out (or a batch of them): hold, or go on holding."""
         now = time.monotonic()
         self._last = now
-        if self._saved is not None:
+        if self._held:
             if now - self._since >= HOLD_MAX:
                 self._rest(now)
+            elif gc.get_count()[0] > YOUNG_MAX:
+                gc.collect(0)
             return
         if now < self._resting_until:
             return
-        t0, t1, t2 = gc.get_threshold()
-        if t0 == 0:   # (the collector is off: nothing to hold)
-            return
+        if not gc.isenabled() or gc.get_threshold()[0] == 0:
+            return   # (the collector is off: nothing to hold)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:   # (no loop to end the hold: no hold)
             return
-        self._saved = t2
+        self._held = True
         self._since = now
-        gc.set_threshold(t0, t1, _NEVER)
+        gc.disable()
         self._timer = loop.call_later(QUIET, self._check)
 
     def _check(self) -> None:
         self._timer = None
-        if self._saved is None:
+        if not self._held:
             return
         now = time.monotonic()
         if now - self._since >= HOLD_MAX:
@@ -106,18 +116,16 @@ class MoveBurst:
         self._timer = asyncio.get_running_loop().call_later(due - now, self._check)
 
     def _rest(self, now: float) -> None:
-        """Held for HOLD_MAX: full collections run again for QUIET seconds at least."""
+        """Held for HOLD_MAX: collections run again for QUIET seconds at least."""
         self.release()
         self._resting_until = now + QUIET
 
     def release(self) -> None:
-        """Full collections run again (the one that was put off runs at the next
-        young collection)."""
+        """Collections run again (those put off run at the next allocations)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._saved is None:
+        if not self._held:
             return
-        t0, t1, _t2 = gc.get_threshold()
-        gc.set_threshold(t0, t1, self._saved)
-        self._saved = None
+        gc.enable()
+        self._held = False

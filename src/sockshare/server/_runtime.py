@@ -105,6 +105,7 @@ from sockshare.server._handler import (
     Connection,
     MigrationAborted,
     MigrationRefused,
+    MoveWindow,
     Resume,
     StateError,
     WorkerInfo,
@@ -280,7 +281,7 @@ class Worker:
         #: connections refused for want of descriptors while others were in flight: one
         #: is asked again each time a migration ends (conn -> why it was asked)
         self._fd_retry: dict[Connection, str] = {}
-        self._migration_slots = asyncio.Semaphore(MIGRATION_WINDOW)
+        self._migration_slots = MoveWindow(MIGRATION_WINDOW)
         self._unmoved_closed = 0
         #: handoffs to the dispatcher queued in this turn of the loop (``_hand_over``)
         self._out_batch: list[tuple[socket.socket, bytes, bytes, asyncio.Future[Ticket]]] = []
@@ -366,6 +367,17 @@ class Worker:
         batch.append((sock, meta, data, fut))
         if len(batch) == 1:
             asyncio.get_running_loop().call_soon(self._send_out_batch, ch)
+        elif len(batch) == MIGRATION_WINDOW:
+            # a window's worth (no more moves can join it before answers come) leaves
+            # now, not after every other task woken in this turn: a drain that wakes
+            # 10,000 WebSockets at once used to send nothing until all of them had set
+            # up their move (seconds on a saturated machine, which the dispatcher took
+            # for a drain without progress); now the first moves go while the others
+            # are being set up
+            try:
+                self._send_out_batch(ch)
+            except Exception:   # (a bug: our future has it too, and raises it below)
+                log.exception("worker %d: sending a batch of handoffs failed", self.info.id)
         ticket = await fut
         await ch.wait([ticket])
         return ticket

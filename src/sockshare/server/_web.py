@@ -63,7 +63,7 @@ from email.utils import formatdate
 from typing import Any
 
 from sockshare._errors import SockshareError
-from sockshare.server._handler import MIGRATION_WINDOW, set_nodelay
+from sockshare.server._handler import MIGRATION_WINDOW, MoveWindow, set_nodelay
 from sockshare.server._platform import dup_fd
 
 __all__ = [
@@ -606,7 +606,7 @@ class WebServer:
         #: WebSockets on their way to another worker (progress for a drain), and the
         #: bound on how many go at once
         self.ws_moving = 0
-        self.ws_slots = asyncio.Semaphore(MIGRATION_WINDOW)
+        self.ws_slots = MoveWindow(MIGRATION_WINDOW)
         #: True while :meth:`_protocol` builds the WebSocket protocol of a connection
         #: that resumes here (``_wsmove``: it needs no handshake set-up)
         self.making_resumed = False

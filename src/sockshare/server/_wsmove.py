@@ -105,6 +105,8 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
             server_max_window_bits=12, client_max_window_bits=12,
             compress_settings={"memLevel": 5})
 
+    pid = os.getpid()   # (this worker's: the class is made in it)
+
     class Movable(base):  # type: ignore[misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -261,7 +263,7 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
                 log.info("WebSocket %s cannot move: %s", self._ss_id(), why)
                 raise MigrationRefused(why)
             try:
-                encoded_state = json.loads(_COMPACT.encode(state))
+                encoded_state = _COMPACT.encode(state)
             except (TypeError, ValueError) as exc:
                 raise StateError(f"the migration state is not JSON: {exc}") from None
             meta = self._ss_meta(encoded_state)
@@ -312,7 +314,10 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
             c = getattr(self, "_ss_conn", None)
             return c.meta.get("handoff_id") if c is not None else "?"
 
-        def _ss_meta(self, state: Any) -> bytes:
+        def _ss_meta(self, state: str) -> bytes:
+            """The handoff meta (compact JSON): the connection's, its migration, and
+            ``resume.ws`` -- ``state`` is the app's state, encoded already: it goes in
+            as it is, last (not decoded and encoded again)."""
             c = getattr(self, "_ss_conn", None)
             base = dict(c.meta) if c is not None else {}
             for key in ("resume", "migration", "attempt"):
@@ -328,15 +333,17 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
             count = previous.get("count", 0) if isinstance(previous, dict) else 0
             base["migration"] = {"count": (count if isinstance(count, int) else 0) + 1,
                                  "reason": (self._ss_offer or {}).get("reason") or "app",
-                                 "started": time.monotonic(), "from_pid": os.getpid()}
+                                 "started": time.monotonic(), "from_pid": pid}
             base["resume"] = {"ws": {
-                "state": state, "from": os.getpid(), "deflate": deflate,
+                "from": pid, "deflate": deflate,
                 "scope": {"path": sc["path"], "raw_path": sc["raw_path"].decode("latin-1"),
                           "query_string": sc["query_string"].decode("latin-1"),
                           "headers": [[k.decode("latin-1"), v.decode("latin-1")]
                                       for k, v in sc["headers"]],
                           "subprotocols": list(sc.get("subprotocols", []))}}}
-            raw = _COMPACT.encode(base).encode()
+            # '...,"resume":{"ws":{...}}}' -> '...,"resume":{"ws":{...,"state":STATE}}}'
+            text = _COMPACT.encode(base)
+            raw = f'{text[:-3]},"state":{state}}}}}}}'.encode()
             if len(raw) > MAX_META:
                 raise StateError(f"the migration state and the request's headers are over the "
                                  f"{MAX_META}-byte metadata limit of a handoff")
