@@ -365,6 +365,8 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
     #: called directly (no wrapper coroutine per request, ``_conn_app``)
     direct = http and h11 is None
 
+    limit = web.settings.limit_header_size
+
     class Handed(base):  # type: ignore[valid-type,misc]
         _ss_conn: _Conn | None = None
         #: accepted by this worker through ``create_server`` (uvloop): its listener
@@ -410,9 +412,15 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
             # head. Not from the end of the response: a client that has read all of it
             # may already be sending the next request's body.
             def data_received(self, data: bytes) -> None:
-                if self._ss_in_head and self._ss_count(data):
-                    web._too_large(self)
-                    return
+                if self._ss_in_head:
+                    # the common case inline (a whole head in one read, none begun
+                    # before): one find, no call
+                    end = -1 if self._ss_tail else data.find(b"\r\n\r\n")
+                    if 0 <= end <= limit - 4:
+                        self._ss_in_head = False
+                    elif self._ss_count(data):
+                        web._too_large(self)
+                        return
                 super().data_received(data)
 
             def _ss_count(self, data: bytes) -> bool:
@@ -431,7 +439,9 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
                 self._ss_head = 0
                 self._ss_tail = b""
 
-            def on_response_complete(self) -> None:
+            def _ss_response_complete(self) -> None:
+                # (uvicorn's on_response_complete while keep-alive connections move:
+                # installed on the class by WebServer.handover_reason, no cost before)
                 super().on_response_complete()
                 if web.handover_reason and self._ss_conn is not None:
                     # between two requests now: the connection moves (after uvicorn is
@@ -599,9 +609,7 @@ class WebServer:
         #: set by the runtime: hands a connection (a duplicate of its socket) to the
         #: dispatcher, which gives it to another worker (docs/web.md, "Keep-alive handover")
         self.relay: Relay | None = None
-        #: while set (a reload, an upgrade, recycling), every keep-alive connection moves
-        #: to another worker as soon as it is between two requests
-        self.handover_reason = ""
+        self._handover_reason = ""
         self._moving: set[asyncio.Protocol] = set()
         #: WebSockets on their way to another worker (progress for a drain), and the
         #: bound on how many go at once
@@ -1018,6 +1026,23 @@ class WebServer:
         if cycle is not None and not cycle.response_complete:
             return False
         return not getattr(proto, "pipeline", None)
+
+    @property
+    def handover_reason(self) -> str:
+        """While set (a reload, an upgrade, recycling), every keep-alive connection moves
+        to another worker as soon as it is between two requests: the HTTP protocol class
+        then runs ``_ss_response_complete`` after each response (and only then: a
+        request costs no extra call the rest of the time)."""
+        return self._handover_reason
+
+    @handover_reason.setter
+    def handover_reason(self, reason: str) -> None:
+        self._handover_reason = reason
+        cls = self.http_class
+        if reason:
+            cls.on_response_complete = cls._ss_response_complete
+        elif "on_response_complete" in cls.__dict__:
+            del cls.on_response_complete
 
     def request_handover(self, n: int | None, reason: str) -> int:
         """Move up to ``n`` idle keep-alive connections to other workers (None: all of
