@@ -439,9 +439,9 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
                 self._ss_head = 0
                 self._ss_tail = b""
 
-            def _ss_response_complete(self) -> None:
-                # (uvicorn's on_response_complete while keep-alive connections move:
-                # installed on the class by WebServer.handover_reason, no cost before)
+            def on_response_complete(self) -> None:
+                # (always: uvicorn binds it into each request's cycle when the head is
+                # read, so a hook installed later would miss the requests in progress)
                 super().on_response_complete()
                 if web.handover_reason and self._ss_conn is not None:
                     # between two requests now: the connection moves (after uvicorn is
@@ -609,7 +609,9 @@ class WebServer:
         #: set by the runtime: hands a connection (a duplicate of its socket) to the
         #: dispatcher, which gives it to another worker (docs/web.md, "Keep-alive handover")
         self.relay: Relay | None = None
-        self._handover_reason = ""
+        #: while set (a reload, an upgrade, recycling), every keep-alive connection moves
+        #: to another worker as soon as it is between two requests
+        self.handover_reason = ""
         self._moving: set[asyncio.Protocol] = set()
         #: WebSockets on their way to another worker (progress for a drain), and the
         #: bound on how many go at once
@@ -1026,23 +1028,6 @@ class WebServer:
         if cycle is not None and not cycle.response_complete:
             return False
         return not getattr(proto, "pipeline", None)
-
-    @property
-    def handover_reason(self) -> str:
-        """While set (a reload, an upgrade, recycling), every keep-alive connection moves
-        to another worker as soon as it is between two requests: the HTTP protocol class
-        then runs ``_ss_response_complete`` after each response (and only then: a
-        request costs no extra call the rest of the time)."""
-        return self._handover_reason
-
-    @handover_reason.setter
-    def handover_reason(self, reason: str) -> None:
-        self._handover_reason = reason
-        cls = self.http_class
-        if reason:
-            cls.on_response_complete = cls._ss_response_complete
-        elif "on_response_complete" in cls.__dict__:
-            del cls.on_response_complete
 
     def request_handover(self, n: int | None, reason: str) -> int:
         """Move up to ``n`` idle keep-alive connections to other workers (None: all of
