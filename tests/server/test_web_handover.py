@@ -366,3 +366,55 @@ def test_rebalancing_moves_idle_keep_alive_connections_to_a_new_worker(tmp_path:
         assert st["counters"]["rebalances"] >= 1
         srv.wait_for(lambda st: st["counters"]["web_keepalive_handed_over"] >= 5, timeout=10,
                      what="the handovers counted (reported once a second)")
+
+
+@pytest.mark.parametrize("accept", ["dispatcher", "worker"])
+def test_a_request_in_progress_at_the_reload_moves_after_its_response(tmp_path: Path,
+                                                                      accept: str) -> None:
+    """The handover hook is on only while connections move: a request already in
+    progress when the reload begins (its response not yet sent) still gets it, and its
+    connection moves as soon as that response is complete."""
+    with _server(tmp_path, "web_apps:asgi", "--accept", accept) as srv:
+        addr = srv.address()
+        c = http.client.HTTPConnection(addr[0], addr[1], timeout=20)
+        try:
+            c.request("GET", "/")
+            r = c.getresponse()
+            first = int(r.read().decode().split()[0])
+            assert c.sock is not None
+            port = c.sock.getsockname()[1]
+            # a request in progress on its worker while the reload begins: its response
+            # is due `busy` seconds later, at least 0.5 s after the reload returned (the
+            # new workers are serving, the old ones were told to drain); on a machine
+            # so loaded that the reload took longer, again with a longer request
+            busy = 2.0
+            for _attempt in range(4):
+                sent = time.monotonic()
+                c.request("GET", f"/sleep?s={busy}")
+                time.sleep(0.3)
+                resp = srv.command({"cmd": "reload", "wait": True})
+                assert resp["ok"], resp
+                in_time = time.monotonic() - sent < busy - 0.5
+                r = c.getresponse()
+                assert r.status == 200
+                assert int(r.read().decode().split()[0]) == first   # served where it began
+                if in_time:
+                    break
+                busy *= 2
+                c.request("GET", "/")   # (which worker serves it now: the next round's)
+                r = c.getresponse()
+                first = int(r.read().decode().split()[0])
+            else:
+                pytest.fail("every reload took longer than the request in progress")
+            c.request("GET", "/")
+            r = c.getresponse()
+            assert r.status == 200
+            after = int(r.read().decode().split()[0])
+            assert c.sock is not None
+            assert c.sock.getsockname()[1] == port   # the same connection
+        finally:
+            c.close()
+        assert after != first, srv.log()[-4000:]
+        assert after in {w["pid"] for w in srv.status()["workers"]}
+        wait_until(lambda: srv.status()["counters"]["web_keepalive_handed_over"] >= 1,
+                   timeout=10, what="the handover counted in the status")

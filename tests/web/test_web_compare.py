@@ -202,3 +202,46 @@ def test_django_same_as_reference(tmp_path: Path, attr: str, ref_kind: str) -> N
                                           "sha256": hashlib.sha256(BIG[:1024 * 1024]).hexdigest()}
         assert json.loads(mine[2][2])["file"] == {"name": "up.bin", "length": len(FILE),
                                                   "sha256": hashlib.sha256(FILE).hexdigest()}
+
+
+def _answers(sock: Any, n: int) -> list[str]:
+    """Read until ``n`` answers of ``web_raw_apps:ext_echo`` came (each body one line)."""
+    import re
+
+    data = b""
+    found: list[str] = []
+    while len(found) < n:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {found}"
+        data += chunk
+        found = re.findall(r"\r\n\r\n(/\S* \d+ \w+ \S+)\n", data.decode())
+    return found
+
+
+@pytest.mark.parametrize("accept", ["dispatcher", "worker"])
+def test_every_request_gets_the_sockshare_extension_whatever_its_reads(tmp_path: Path,
+                                                                     accept: str) -> None:
+    """``scope["extensions"]["sockshare"]`` reaches the app for a request whose head comes
+    whole in one read (the fast path), with its body in the same read, pipelined behind
+    others in one write, or split over several writes, on one keep-alive connection."""
+    import socket
+    import time
+
+    with sockshare(tmp_path, "web_raw_apps:ext_echo", "--interface", "asgi", "--accept", accept,
+                   workers=1) as server:
+        how = "worker" if accept == "worker" else "handoff"
+        with socket.create_connection(server.address(), timeout=10) as s:
+            s.sendall(b"GET /one HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert _answers(s, 1) == [f"/one 0 ext {how}"]
+            s.sendall(b"POST /body HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n0123456789")
+            assert _answers(s, 1) == [f"/body 10 ext {how}"]
+            s.sendall(b"".join(f"GET /p{i} HTTP/1.1\r\nhost: x\r\n\r\n".encode() for i in range(3)))
+            assert _answers(s, 3) == [f"/p{i} 0 ext {how}" for i in range(3)]
+            s.sendall(b"GET /split HTTP/1.1\r\nho")
+            time.sleep(0.2)
+            s.sendall(b"st: x\r\n\r\n")
+            assert _answers(s, 1) == [f"/split 0 ext {how}"]
+            s.sendall(b"POST /later HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\n")
+            time.sleep(0.2)
+            s.sendall(b"abcde")
+            assert _answers(s, 1) == [f"/later 5 ext {how}"]

@@ -32,6 +32,25 @@ async def lifespan(receive: Receive, send: Send) -> None:
             return
 
 
+async def ext_echo(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "lifespan":
+        await lifespan(receive, send)
+        return
+    size = 0
+    while True:
+        msg = await receive()
+        size += len(msg.get("body", b""))
+        if not msg.get("more_body"):
+            break
+    meta = (scope.get("extensions") or {}).get("sockshare")
+    body = (f"{scope['path']} {size} {'ext' if isinstance(meta, dict) else 'none'} "
+            f"{meta.get('accepted', 'handoff') if isinstance(meta, dict) else '-'}\n").encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def raising(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
         await lifespan(receive, send)

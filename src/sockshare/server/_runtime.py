@@ -141,6 +141,7 @@ from sockshare.server._rlimit import log_nofile
 from sockshare.server._web import (
     KEEP_ALIVE_RESUME,
     Listening,
+    Tally,
     WebAppError,
     WebServer,
     WebSettings,
@@ -237,9 +238,11 @@ class Worker:
         self._max_conns = max_conns
         #: an ASGI/WSGI app's server (``--interface asgi|wsgi``); None: a handler app
         self.web = web
+        #: connections opened and closed, not yet reported (shared with the web server,
+        #: which counts its own), and whether a report is due
+        self._tally = web.tally if web is not None else Tally()
         if web is not None:
-            web.on_closed = self._closed_one
-            web.on_opened = self._opened_one
+            web.on_tally = self._tallied
             web.on_max_requests = self._max_requests
             web.relay = self._relay_out
         self.resume = resume
@@ -253,11 +256,7 @@ class Worker:
         self.stopping = asyncio.Event()
         self._migrate_all = ""
         self._signals = 0
-        self._closed_unreported = 0
-        #: accept = "worker": connections accepted here, not yet reported (``Opened``)
-        self._opened_unreported = 0
         self._report_delay = ACCEPT_REPORT_DELAY if web is not None and web.listening else REPORT_DELAY
-        self._flush_scheduled = False
         self._reports: list[Report] = []
         #: direct migration: our listener and channels for peer workers, held orphans
         self.peers = PeerMigration(self, report_delay=REPORT_DELAY)
@@ -315,23 +314,21 @@ class Worker:
         if self.web is not None:
             self.web.stop_accepting()
 
-    def _opened_one(self) -> None:
-        """A connection this worker accepted itself: counted in with the next reports
-        (ahead of its close), as a close is reported."""
-        self._opened_unreported += 1
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_later(self._report_delay, self._flush_report, True)
-
     def _closed_one(self) -> None:
-        # Reported in batches: with the next ACCEPTs (same write) or after REPORT_DELAY,
-        # whichever comes first -- not one write, and one dispatcher wake-up, per close.
-        self._closed_unreported += 1
-        if self._fd_full and self._fd_timer is None:
+        self._tally.closed += 1
+        self._tallied()
+
+    def _tallied(self) -> None:
+        """Connections were counted in or out (:class:`Tally`: the web server counts its
+        own and calls this only when no report is due yet, or descriptors are watched).
+        Reported in batches: with the next ACCEPTs (same write) or after the report
+        delay, whichever comes first -- not one write, and one dispatcher wake-up, per
+        connection; a connection accepted here is counted in ahead of its close."""
+        if self._fd_full and self._fd_timer is None and self._tally.closed:
             # look again soon, not on every close: each look lists /proc/self/fd
             self._fd_timer = asyncio.get_running_loop().call_later(0.01, self._fd_tick)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
+        if not self._tally.due:
+            self._tally.due = True
             asyncio.get_running_loop().call_later(self._report_delay, self._flush_report, True)
 
     async def _relay_out(self, dup: socket.socket, meta: bytes, data: bytes) -> str:
@@ -390,7 +387,7 @@ class Worker:
                 sock.close()
         if not live:
             return
-        if self._reports or self._closed_unreported or self._opened_unreported:
+        if self._reports or self._tally.closed or self._tally.opened:
             # counted in before counted out (see migrate_out): the reports first, in the
             # same write
             self._flush_report(soon=True)
@@ -447,7 +444,7 @@ class Worker:
         h.reject(REJECT_NO_FDS)
         self._fd_refused += 1
         if not self._fd_full:
-            self._fd_full = True
+            self._fd_full = self._tally.watch = True
             now = time.monotonic()
             if now - self._fd_logged >= 10.0:
                 log.warning("worker %d: descriptor %d reached the mark %d (RLIMIT_NOFILE - %d): "
@@ -468,7 +465,7 @@ class Worker:
         # most what it could at the start: connections closing still count in conns)
         capacity = min(self._fd_capacity, len(self.conns) + free)
         if free > 0 and free >= min(FD_HEADROOM // 4, max(1, capacity // 4)):
-            self._fd_full = False
+            self._fd_full = self._tally.watch = False
             self._fd_capacity = capacity
             self.control(Fds(full=False, capacity=capacity), soon=True)
             return
@@ -482,17 +479,18 @@ class Worker:
     def queue_report(self, msg: Report) -> None:
         """A report that may wait as long as a close report (direct migrations)."""
         self._reports.append(msg)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
+        if not self._tally.due:
+            self._tally.due = True
             asyncio.get_running_loop().call_later(REPORT_DELAY, self._flush_report, True)
 
     def _flush_report(self, soon: bool = False) -> None:
-        self._flush_scheduled = False
-        n, self._closed_unreported = self._closed_unreported, 0
+        tally = self._tally
+        tally.due = False
+        n, tally.closed = tally.closed, 0
         reports, self._reports = self._reports, []
-        if self._opened_unreported:   # (first: counted in before counted out)
-            reports.insert(0, Opened(self._opened_unreported))
-            self._opened_unreported = 0
+        if tally.opened:   # (first: counted in before counted out)
+            reports.insert(0, Opened(tally.opened))
+            tally.opened = 0
         if self._refused_here or self._unmoved_closed:
             reports.append(Unmoved(self._refused_here, self._unmoved_closed))
             self._refused_here = self._unmoved_closed = 0
@@ -576,8 +574,8 @@ class Worker:
                 return
 
     def _schedule_report(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
+        if not self._tally.due:
+            self._tally.due = True
             asyncio.get_running_loop().call_later(REPORT_DELAY, self._flush_report, True)
 
     async def _migrate_out(self, conn: Connection, meta: bytes, unread: bytes) -> None:
@@ -897,7 +895,7 @@ class Worker:
                 # a feeder's: counted in with the next batch of reports (REPORT_DELAY: no
                 # write to the dispatcher, no wake-up of it, per handoff), ahead of its close
                 self.queue_report(self._fed(ch, len(ready)))
-            elif not from_peer and (self._closed_unreported or self._reports):
+            elif not from_peer and (self._tally.closed or self._reports):
                 self._flush_report(soon=True)   # rides along with the ACCEPTs
             ch.flush()
         except SockshareError as exc:  # the channel broke under us: the sender has them
@@ -953,7 +951,7 @@ class Worker:
                 return
             if ch is not self.ch:   # a feeder's: counted in with the next reports
                 self.queue_report(self._fed(ch, len(accepted)))
-            elif self._closed_unreported or self._reports or self._opened_unreported:
+            elif self._tally.closed or self._reports or self._tally.opened:
                 self._flush_report(soon=True)   # rides along with the ACCEPTs
             ch.flush()
         except SockshareError as exc:  # the channel broke: the sender still has them
@@ -1228,7 +1226,7 @@ def _load_web(spec: str, interface: str, settings: WebSettings
     kind = detect_interface(obj) if interface == "auto" else interface
     if kind == "handler":
         return load_app(spec), None
-    return None, WebServer(obj, kind, settings, on_closed=lambda: None)
+    return None, WebServer(obj, kind, settings, on_tally=lambda: None)
 
 
 #: accept = "worker": the listening descriptors this worker inherited, JSON (written by

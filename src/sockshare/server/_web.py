@@ -14,7 +14,7 @@ sockshare adds around them, in :class:`WebServer`:
   ``scope["extensions"]["sockshare"]``: the handoff's metadata (docs/server.md).
 * **Connections it accepts itself** (``accept = "worker"``, :meth:`WebServer.listen`): on
   duplicates of the pool's listening sockets, inherited from the dispatcher; each one
-  registered as a handoff would be (minimal meta), counted in (``on_opened``), and the
+  registered as a handoff would be (minimal meta), counted in (:class:`Tally`), and the
   listeners closed while the worker is at its limit or its descriptor mark, and for
   good when it drains (docs/server.md, "Accept modes").
 * **The ACCEPT first.** The runtime answers the handoff before the transport exists, so
@@ -366,6 +366,8 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
     direct = http and h11 is None
 
     limit = web.settings.limit_header_size
+    #: uvicorn's own, what runs when no handover hook is installed
+    plain: Callable[[Any], None] = getattr(base, "on_response_complete", lambda _self: None)
 
     class Handed(base):  # type: ignore[valid-type,misc]
         _ss_conn: _Conn | None = None
@@ -389,9 +391,29 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             lst = self._ss_listener
-            if lst is not None:   # accepted by uvloop's server: registered now
+            if lst is not None:
+                # accepted by uvloop's server (the class of its listener, the factory
+                # uvloop calls: :meth:`WebServer._serve`): registered now, by its
+                # transport (its descriptor would take a socket object to learn; the
+                # WebSocket protocol that an upgrade makes finds it by its transport
+                # too). What :meth:`WebServer._accepted` does, inline: per connection.
                 super().connection_made(transport)
-                made = self._ss_conn = web._made(transport, getattr(self, "client", None), lst)
+                key = id(transport)
+                conns = web._conns
+                made = self._ss_conn = conns[key] = _Conn(lst.meta, None, lst.app, b"", False,
+                                                          None, key)
+                if len(conns) == 1:
+                    web._idle.clear()
+                elif len(conns) >= web.accept_limit and "limit" not in web._accept_holds:
+                    # not from inside uvloop's accept callback: closing its server there
+                    # aborts the connection being accepted. (So a worker may take the rest
+                    # of one accept burst past its limit: the connections that came
+                    # together.)
+                    asyncio.get_running_loop().call_soon(web._full)
+                tally = web.tally
+                tally.opened += 1
+                if not tally.due:
+                    web.on_tally()
                 self.app = web.direct_app if direct else made.app
                 return
             c = web._conns.get(id(transport)) or web._conns.get(_fd_of(transport))
@@ -412,16 +434,49 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
             # head. Not from the end of the response: a client that has read all of it
             # may already be sending the next request's body.
             def data_received(self, data: bytes) -> None:
+                c = self._ss_conn
                 if self._ss_in_head:
                     # the common case inline (a whole head in one read, none begun
                     # before): one find, no call
                     end = -1 if self._ss_tail else data.find(b"\r\n\r\n")
                     if 0 <= end <= limit - 4:
                         self._ss_in_head = False
+                        if direct and c is not None and end + 4 == len(data):
+                            # httptools, one head and nothing after it: this read makes
+                            # one request's scope, which gets its extension here, before
+                            # its task first runs (the next turn of the loop: uvicorn
+                            # creates it in on_headers_complete, and this worker's loop
+                            # runs no task eagerly) -- no call per request
+                            super().data_received(data)
+                            scope = self.scope
+                            if scope is not None and "extensions" not in scope:
+                                scope["extensions"] = {"sockshare": c.meta}
+                            return
                     elif self._ss_count(data):
                         web._too_large(self)
                         return
-                super().data_received(data)
+                if not direct:
+                    super().data_received(data)
+                    return
+                # anything else (a body, pipelined requests, a head over several reads):
+                # requests begun here call the app through the wrapper that puts the
+                # extension in their scope
+                before = self.cycle
+                if c is not None:
+                    self.app = c.app
+                try:
+                    super().data_received(data)
+                finally:
+                    if c is not None:
+                        self.app = web.direct_app
+                cycle = self.cycle
+                if (cycle is not before and cycle is not None and cycle.more_body
+                        and cycle.scope is self.scope):
+                    # this read ended a head (after a pipelined request, say) whose body
+                    # is still to come: the bytes that follow are its body, not a head.
+                    # (A cycle made in this read has no response yet, so uvicorn's
+                    # on_message_complete did set more_body if the message ended.)
+                    self._ss_in_head = False
 
             def _ss_count(self, data: bytes) -> bool:
                 """Count the head bytes in ``data``; True: past the limit."""
@@ -439,23 +494,22 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
                 self._ss_head = 0
                 self._ss_tail = b""
 
-            def on_response_complete(self) -> None:
-                # (always: uvicorn binds it into each request's cycle when the head is
-                # read, so a hook installed later would miss the requests in progress)
-                super().on_response_complete()
+            def _ss_on_response_handover(self) -> None:
+                """``on_response_complete`` while a handover is under way (installed on
+                the class, and on the requests in progress, by
+                :attr:`WebServer.handover_reason`: no call per response otherwise)."""
+                plain(self)
                 if web.handover_reason and self._ss_conn is not None:
-                    # between two requests now: the connection moves (after uvicorn is
-                    # done with this turn)
-                    asyncio.get_running_loop().call_soon(web._handover_if_idle, self)
+                    # between two requests now: the connection moves. Its reading paused
+                    # here and now, not at the next turn of the loop: that turn's poll
+                    # could read a quick client's next request here, which would then be
+                    # served here (the move put off to its response) instead of moving
+                    # with the connection
+                    web._handover_if_idle(self)
 
             if h11 is None:   # httptools: its callbacks, in the order of the bytes
-                def on_headers_complete(self) -> None:
-                    self._ss_in_head = False
-                    c = self._ss_conn
-                    if c is not None:   # (the scope is new: on_message_begin made it)
-                        self.scope["extensions"] = {"sockshare": c.meta}
-                    super().on_headers_complete()
-
+                # (the end of a head: data_received saw its blank line; its scope's
+                # extension: data_received too, after the parser)
                 def on_message_complete(self) -> None:
                     super().on_message_complete()
                     self._ss_in_head = True   # (_ss_request_read, inline: per request)
@@ -486,7 +540,7 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
                 c = self._ss_conn
                 if c is not None and not c.done:
                     c.done = True
-                    web._lost(self, c)
+                    web._lost(c)
 
     Handed.__name__ = Handed.__qualname__ = f"Sockshare{base.__name__}"
     return Handed
@@ -534,19 +588,38 @@ DRAIN_TICK = 0.25
 # -- the server ------------------------------------------------------------------------
 
 
+class Tally:
+    """The connections a worker opened (accepted itself) and closed since its last
+    report to the dispatcher, shared by the worker, which reports them in batches, and
+    its :class:`WebServer`, which counts them: a connection costs no call into the
+    worker, only when a report is not yet due (``due``) or descriptors are watched
+    (``watch``: the worker is at its descriptor mark and looks again as they close)."""
+
+    __slots__ = ("closed", "due", "opened", "watch")
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.closed = 0
+        self.due = False
+        self.watch = False
+
+
 class WebServer:
     """Serves one worker's handed-off connections with one web app (see the module
-    docstring). ``on_closed`` is called once per connection that ends here."""
+    docstring). Connections opened and closed are counted in :attr:`tally`;
+    ``on_tally`` is called when it needs the worker: a report not yet due, or
+    descriptors watched."""
 
     def __init__(self, app: Any, interface: str, settings: WebSettings,
-                 on_closed: Callable[[], None]) -> None:
+                 on_tally: Callable[[], None]) -> None:
         if interface not in ("asgi", "wsgi"):
             raise WebAppError(f"interface {interface!r} is not a web interface")
         config_mod = _require("uvicorn.config", "asgi")
         server_mod = _require("uvicorn.server", "asgi")
         self.settings = settings
         self.interface = interface
-        self.on_closed = on_closed
+        self.on_tally = on_tally
+        self.tally = Tally()
         self.requests = 0
         jitter = random.randint(0, settings.max_requests_jitter) if settings.max_requests_jitter else 0
         self.max_requests = settings.max_requests + jitter if settings.max_requests else 0
@@ -609,9 +682,8 @@ class WebServer:
         #: set by the runtime: hands a connection (a duplicate of its socket) to the
         #: dispatcher, which gives it to another worker (docs/web.md, "Keep-alive handover")
         self.relay: Relay | None = None
-        #: while set (a reload, an upgrade, recycling), every keep-alive connection moves
-        #: to another worker as soon as it is between two requests
-        self.handover_reason = ""
+        #: :attr:`handover_reason`'s value
+        self._handover_reason = ""
         self._moving: set[asyncio.Protocol] = set()
         #: WebSockets on their way to another worker (progress for a drain), and the
         #: bound on how many go at once
@@ -629,17 +701,49 @@ class WebServer:
         self._idle.set()
         #: accept = "worker": the listeners this worker accepts on (:meth:`listen`), why
         #: it does not now ("start", "limit", "fds", "emfile", "stopped"), how many
-        #: connections it takes at most (max_conns, its descriptors), connections
-        #: accepted by uvloop whose protocol is not made yet
+        #: connections it takes at most (max_conns, its descriptors)
         self.listening: list[Listening] = []
         self.pool = ""
         self.accept_limit = 1 << 30
         self.fd_mark = 1 << 30
         self._accept_holds: set[str] = {"start"}
-        self._made_pending = 0
         self._fds_resume_at = 0
-        #: called once per connection this worker accepted itself (counted in)
-        self.on_opened: Callable[[], None] = lambda: None
+
+    @property
+    def handover_reason(self) -> str:
+        """While set (a reload, an upgrade, recycling), every keep-alive connection moves
+        to another worker as soon as it is between two requests."""
+        return self._handover_reason
+
+    @handover_reason.setter
+    def handover_reason(self, reason: str) -> None:
+        self._handover_reason = reason
+        cls = self.http_class
+        hook = getattr(cls, "_ss_on_response_handover", None)
+        if hook is None:
+            return
+        if not reason:
+            if "on_response_complete" in cls.__dict__:
+                del cls.on_response_complete
+            return
+        if "on_response_complete" in cls.__dict__:
+            return
+        # The hook on the class: each request's cycle binds ``on_response_complete``
+        # when its head is read (uvicorn), so the requests read from now on call it;
+        # the ones in progress (or queued behind a pipelined one) have the plain method
+        # bound already: re-bound here. (Off the rest of the time: no call per response.)
+        cls.on_response_complete = hook
+        protos: list[Any] = [p for p in self.state.connections if isinstance(p, cls)]
+        for proto in protos:
+            cycles: list[Any] = [cycle for cycle, _app in getattr(proto, "pipeline", ())]
+            current = getattr(proto, "cycle", None)
+            if current is not None:
+                cycles.append(current)
+            hooked = proto.on_response_complete
+            for pending in cycles:
+                bound = getattr(pending, "on_response", None)
+                if getattr(bound, "__self__", None) is proto and not pending.response_complete:
+                    pending.on_response = hooked
 
     # -- the app, as uvicorn calls it ----------------------------------------------------
 
@@ -801,7 +905,7 @@ class WebServer:
         c = self._conns.pop(fd, None)
         if c is not None and not c.done:
             c.done = True
-            self.on_closed()
+            self._count_closed()
         if not self._conns:
             self._idle.set()
         if self._accept_holds:
@@ -821,11 +925,26 @@ class WebServer:
         if self._accept_holds:
             self._room_again()
 
-    def _lost(self, proto: asyncio.Protocol, c: _Conn) -> None:
-        self._unregister(c)
-        self.on_closed()
-        if not self._conns:
+    def _lost(self, c: _Conn) -> None:
+        conns = self._conns
+        if conns.get(c.fd) is c:   # (_unregister's common case, inline: per connection)
+            del conns[c.fd]
+            if self._accept_holds:
+                self._room_again()
+        else:
+            self._unregister(c)
+        tally = self.tally
+        tally.closed += 1
+        if not tally.due or tally.watch:
+            self.on_tally()
+        if not conns:
             self._idle.set()
+
+    def _count_closed(self) -> None:
+        tally = self.tally
+        tally.closed += 1
+        if not tally.due or tally.watch:
+            self.on_tally()
 
     def _too_large(self, proto: Any) -> None:
         """431 for a request head past the limit, then close."""
@@ -876,7 +995,7 @@ class WebServer:
             self._open_listeners()
 
     def _room(self) -> int:
-        return self.accept_limit - len(self._conns) - self._made_pending
+        return self.accept_limit - len(self._conns)
 
     def _room_again(self) -> None:
         """A connection left: accept again below the marks (with some slack, so that a
@@ -912,9 +1031,17 @@ class WebServer:
 
     async def _serve(self, lst: Listening, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        if lst.app is None:
+            self._listener_app(lst)
+        # uvloop calls the protocol class itself (no Python factory per connection): a
+        # subclass per listener says where its connections came from
+        cls: Callable[..., asyncio.Protocol] = type(
+            self.http_class.__name__, (self.http_class,), {"_ss_listener": lst})
+        make = functools.partial(cls, config=self.config, server_state=self.state,
+                                 app_state=self.lifespan.state)
         try:
             server = await loop.create_server(
-                functools.partial(self._accepted_protocol, lst), sock=sock, backlog=lst.backlog,
+                make, sock=sock, backlog=lst.backlog,
                 ssl=self.ssl, ssl_handshake_timeout=10.0 if self.ssl is not None else None)
         except OSError as exc:
             log.warning("listener %s: cannot accept: %s", lst.name, exc)
@@ -966,31 +1093,15 @@ class WebServer:
             if self._accept_holds:
                 return
 
-    def _accepted_protocol(self, lst: Listening) -> asyncio.Protocol:
-        """uvloop's server: the protocol of a connection it just accepted."""
-        if self.ssl is None:   # (a TLS one is counted once its handshake is done)
-            self._made_pending += 1
-        if self._room() <= 0 and "limit" not in self._accept_holds:
-            # not from inside uvloop's accept callback: closing its server there aborts
-            # the connection being accepted. (So under uvloop a worker may take the rest
-            # of one accept burst past its limit: the connections that arrived together.)
-            asyncio.get_running_loop().call_soon(self._full)
-        proto: asyncio.Protocol = self.http_class(config=self.config, server_state=self.state,
-                                                  app_state=self.lifespan.state)
-        proto._ss_listener = lst  # type: ignore[attr-defined]
-        return proto
-
     def _full(self) -> None:
         if self._room() <= 0:
             self._hold("limit")
 
-    def _made(self, transport: asyncio.BaseTransport, client: Any, lst: Listening) -> _Conn:
-        """uvloop's server made a connection's protocol: register it, by its transport
-        (its descriptor would take a socket object to learn; the WebSocket protocol that
-        an upgrade makes finds it by its transport too)."""
-        if self.ssl is None and self._made_pending > 0:
-            self._made_pending -= 1
-        return self._accepted(id(transport), lst, client)
+    def _listener_app(self, lst: Listening) -> ASGIApp:
+        """The meta and app of the connections accepted on ``lst``, made once."""
+        lst.meta = {"pool": self.pool, "listener": lst.name, "accepted": "worker"}
+        app = lst.app = self._conn_app(lst.meta)
+        return app
 
     def _accepted(self, fd: int, lst: Listening, addr: Any) -> _Conn:
         """Register a connection this worker accepted (``fd``: its key, the descriptor
@@ -998,13 +1109,14 @@ class WebServer:
         sniffing here, the client is ``scope["client"]``), and count it in."""
         app = lst.app
         if app is None:
-            lst.meta = {"pool": self.pool, "listener": lst.name, "accepted": "worker"}
-            app = lst.app = self._conn_app(lst.meta)
+            app = self._listener_app(lst)
         c = _Conn(lst.meta, None, app, b"", fd=fd)
         self._conns[fd] = c
         if self._idle.is_set():
             self._idle.clear()
-        self.on_opened()
+        self.tally.opened += 1
+        if not self.tally.due:
+            self.on_tally()
         if 0 <= fd < 1 << 30 and fd >= self.fd_mark and "fds" not in self._accept_holds:
             log.warning("descriptor %d reached the mark %d: not accepting until connections "
                         "close", fd, self.fd_mark)
