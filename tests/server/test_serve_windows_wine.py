@@ -331,7 +331,9 @@ def test_killed_worker_restarts_and_no_request_fails(wine: WinePython, tmp_path:
         while time.monotonic() < deadline:
             st = server.status()
             w1 = next(w for w in st["workers"] if w["id"] == 1)
-            if w1["state"] == "ready" and w1["pid"] != victim["pid"]:
+            # (the slot keeps its state for a moment after its process exited, its pid
+            # then None: not the new worker yet)
+            if w1["state"] == "ready" and w1["pid"] not in (None, victim["pid"]):
                 break
             time.sleep(0.2)
         else:
@@ -346,7 +348,7 @@ def test_killed_worker_restarts_and_no_request_fails(wine: WinePython, tmp_path:
           f"{d.failures()} failures ({d})")
     assert d.short_ok > 20, d
     assert d.ws_messages > 20, d
-    assert d.failures() == 0, d
+    assert d.failures() == 0, f"{d}; log:\n{server.out.stderr()[-6000:]}"
     assert report.failures() == 0, report
     st = server.status()
     assert st["counters"]["lost"] == st["workers"][0]["lost"] + st["workers"][1]["lost"]

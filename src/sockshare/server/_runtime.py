@@ -19,8 +19,9 @@ Life of a worker (:meth:`Worker.run`):
 2. for each handoff (:meth:`Worker.take`, called from the channel's read callback: no
    task hop): build a :class:`~sockshare.server.Connection` (a StreamReader that already
    holds the pre-read bytes, then the transport on the socket); only then ACCEPT the
-   handoff, and the ACCEPT is written out before the app runs (a worker killed right
-   after its app wrote to the client must not have the connection re-dispatched). A
+   handoff, and the ACCEPT is written out before the app runs or the transport reads a
+   byte (a worker killed right after its app wrote to the client, or after it read the
+   request, must not have the connection re-dispatched: docs/protocol.md, 5.3). A
    handoff whose connection cannot be set up is REJECTed with a reason, and the
    dispatcher gives it to another worker. A handoff whose meta carries ``"resume"`` is a
    connection *migrated* from another worker: ``resume(conn, state)`` runs instead of
@@ -90,7 +91,7 @@ import signal
 import socket
 import time
 from collections.abc import Coroutine
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from sockshare._aio import AsyncChannel
 from sockshare._channel import Handoff
@@ -752,19 +753,14 @@ class Worker:
         return resuming
 
     async def _serve(self, h: Handoff, ch: AsyncChannel, from_peer: bool = False) -> None:
-        """One handoff on its own (the path for loops without a synchronous transport)."""
+        """One handoff on its own (the path for loops without a synchronous transport).
+        Their transport reads as soon as it is made, so it is made only once the ACCEPT
+        was written: a setup that fails then closes the connection (no REJECT)."""
         if self.stopping.is_set():
             h.reject("worker is shutting down")
             return
         resuming = self._resuming(h, from_peer)
         if resuming is None:
-            return
-        try:
-            conn = await open_connection(h, self.info)
-        except (OSError, RuntimeError, ValueError) as exc:
-            log.warning("worker %d: cannot set up handoff %d: %s", self.info.id, h.id, exc)
-            if not h.answered:
-                h.reject(f"cannot set up the connection: {exc}")
             return
         try:
             h.accept()
@@ -773,17 +769,37 @@ class Worker:
             ch.flush()
         except SockshareError as exc:  # the channel broke under us: the sender still has it
             log.warning("worker %d: could not accept handoff %d: %s", self.info.id, h.id, exc)
-            conn.writer.transport.abort()
+            h.socket.close()
+            return
+        if ch.buffered:
+            await ch.drain()
+        if not ch.usable:   # (a peer's migration too: its source may have taken it back)
+            log.warning("worker %d: the channel closed before the ACCEPT of handoff %d left",
+                        self.info.id, h.id)
+            h.socket.close()
+            if ch is not self.ch and not from_peer:   # counted in by our "fed", out here
+                self._closed_one()
+            return
+        try:
+            conn = await open_connection(h, self.info)
+        except (OSError, RuntimeError, ValueError) as exc:
+            log.warning("worker %d: cannot set up handoff %d: %s", self.info.id, h.id, exc)
+            h.socket.close()
+            if not from_peer:   # counted in by the ACCEPT (or "fed"): out again
+                self._closed_one()
             return
         await self._run(conn, resuming, ch, h if from_peer else None)
 
     async def _run(self, conn: Connection, resuming: bool, ch: AsyncChannel,
-                   from_peer: Handoff | None = None) -> None:
+                   from_peer: Handoff | None = None, held: bool = False) -> None:
         """Serve an accepted connection once its ACCEPT has left (``from_peer``: the
-        handoff, when a peer worker migrated it here directly)."""
-        # The ACCEPT leaves before the app may write a byte: were this process killed
-        # between the two, the dispatcher would take the connection back and give it
-        # to another worker, and the client would hear from both.
+        handoff, when a peer worker migrated it here directly; ``held``: its transport
+        was paused by :meth:`take` until then)."""
+        # The ACCEPT leaves before the app may write a byte, or the transport read one:
+        # were this process killed between the two, the dispatcher would take the
+        # connection back and give it to another worker, and the client would hear from
+        # both, or (its request read here) the other worker would wait for a request
+        # that never comes.
         if ch.buffered:
             await ch.drain()
         if not ch.usable:
@@ -796,6 +812,8 @@ class Worker:
             if ch is not self.ch:   # a feeder's: counted in by our "fed", out here
                 self._closed_one()
             return
+        if held:   # the ACCEPT is out: the connection may be read now
+            cast(asyncio.Transport, conn.writer.transport).resume_reading()
         if from_peer is not None:
             self.peers.moved_in(from_peer, conn)
         state = conn.meta.pop("resume", None) if resuming else None
@@ -851,7 +869,13 @@ class Worker:
     def take(self, ch: AsyncChannel, from_peer: bool = False) -> None:
         """Set up every handoff that arrived in this read (on the dispatcher's channel,
         or a peer worker's), accept them all, send the ACCEPTs (and pending reports, to
-        the dispatcher) in one write, then start the handlers."""
+        the dispatcher) in one write, then start the handlers.
+
+        A transport made here reads from the next turn of the loop on. Should the
+        ACCEPTs stay queued (the channel's socket full: rare), the transports are
+        paused until they are written (:meth:`_run`): a process killed meanwhile lost
+        its ACCEPTs with it, the sender takes the connections back, and none of their
+        bytes may have been read here."""
         handoffs = ch.received()
         if not handoffs:
             return
@@ -907,8 +931,12 @@ class Worker:
             for _h, conn, _resuming in ready:   # before they read a byte (next loop turn)
                 conn.writer.transport.abort()
             return
+        held = ch.buffered
+        if held:   # (before the next turn of the loop, when the transports would read)
+            for _h, conn, _resuming in ready:
+                cast(asyncio.Transport, conn.writer.transport).pause_reading()
         for h, conn, resuming in ready:
-            self._task(self._run(conn, resuming, ch, h if from_peer else None))
+            self._task(self._run(conn, resuming, ch, h if from_peer else None, held))
 
     def _take_web(self, ch: AsyncChannel, handoffs: list[Handoff], web: WebServer) -> None:
         """:meth:`take` for a web app: ACCEPT, and only once the ACCEPTs left, give each
