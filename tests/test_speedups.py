@@ -10,7 +10,11 @@
   after, accept_ids on good and bad payloads, close_fds; the channel's one-socket hot
   paths (send_single writes single_frame's bytes, or leaves the handoff to Python;
   recv_batch makes checked Handoffs and passes everything else on, descriptors open and
-  in order); and a fallback process logs its one line.
+  in order); the dispatcher's read of its workers' answers (recv_answers settles the
+  leading ACCEPTs of compiled handoffs and takes the close reports after them, and leaves
+  everything else whole to Python; through AsyncChannel, both write orders settle alike
+  on both paths, and a read of only ACCEPTs and close reports goes to on_settled); and a
+  fallback process -- the module missing, or an older build of it -- logs its one line.
 """
 
 from __future__ import annotations
@@ -91,6 +95,29 @@ def test_a_missing_module_is_reported_once(tmp_path: Path) -> None:
     forced = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, env={**e, _fast.ENV_PURE: "1"}, check=True)
     assert "pure-Python hot paths" not in forced.stderr
+
+
+def test_an_older_build_of_the_module_is_refused_and_reported() -> None:
+    """A module built from an older source (a function of the interface missing) is not
+    used: pure Python, with one WARNING line that names what is missing."""
+    if not _fast.expected():
+        pytest.skip("no compiled module on this platform: nothing to report")
+    code = ("import logging, sys, types\n"
+            "old = types.ModuleType('sockshare._speedups')\n"
+            "old.send_fds = lambda *a: 0\n"
+            "sys.modules['sockshare._speedups'] = old\n"
+            "logging.basicConfig(level=logging.INFO, format='%(name)s %(levelname)s %(message)s')\n"
+            "from sockshare import _fast\n"
+            "_fast.report(); _fast.report()\n"
+            "print(_fast.active_path())\n")
+    e = {k: v for k, v in os.environ.items() if k != _fast.ENV_PURE}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env=e, check=True)
+    lines = [ln for ln in out.stderr.splitlines() if "pure-Python hot paths" in ln]
+    assert len(lines) == 1, out.stderr
+    assert "older build" in lines[0]
+    assert "recv_answers" in lines[0]
+    assert out.stdout.startswith("pure Python (sockshare._speedups is an older build")
 
 
 # -- the C functions, through real sockets --------------------------------------------
@@ -619,6 +646,217 @@ def test_recv_batch_reads_the_end_of_the_stream_once(pair: tuple[socket.socket, 
     handoffs, _acked, rest = _batch(b)
     assert handoffs == []
     assert [(m[0], m[1]) for m in rest] == [(b"", [])]
+
+
+# --- the dispatcher's read of its workers' answers: recv_answers ------------------------
+
+
+def _frame(ftype: int, payload: bytes) -> bytes:
+    from sockshare.protocol import FrameType, encode_frame
+
+    return encode_frame(FrameType(ftype), payload)
+
+
+_ACCEPT, _CONTROL, _BYE = 0x21, 0x30, 0x03
+
+
+def _raw_of(n: int, first: int = 100) -> dict[int, tuple[int, bytes, float]]:
+    """``n`` compiled handoffs in flight: ids from ``first``, each a real descriptor."""
+    return {first + i: (os.open(os.devnull, os.O_RDONLY), b"{}", 0.0) for i in range(n)}
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+@needs_c
+def test_recv_answers_settles_leading_accepts_and_takes_the_reports_after_them(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """The leading ACCEPTs of compiled handoffs are settled (removed, descriptors closed),
+    the CONTROL frames after them come back -- a report of closed connections already
+    read as json.loads reads it, anything else as its payload -- and what does not fit
+    (a control before an ACCEPT, an id not compiled, one twice, another frame type, a
+    partial frame) is left whole to the Python decoder, from the first frame not taken.
+    Descriptors counted before and after."""
+    assert sp is not None
+    a, b = pair
+    b.setblocking(False)
+    before = fd_count()
+    raw = _raw_of(6)
+    fds = {hid: v[0] for hid, v in raw.items()}
+    closed = b'{"ev":"closed","n":7,"active":2}'
+    other = b'{"ev":"hello","peer":null,"x":[1]}'
+    a.send(_frame(_ACCEPT, encode_accept([100, 101])) + _frame(_ACCEPT, encode_accept([102]))
+           + _frame(_CONTROL, closed) + _frame(_CONTROL, b'{"ev":"closed","n":0}')
+           + _frame(_CONTROL, other))
+    n, closed_sum, controls, rest, got_fds, _flags = sp.recv_answers(b.fileno(), 1 << 16, raw,
+                                                                     1 << 20)
+    assert (n, closed_sum, rest, got_fds) == (3, -1, b"", [])
+    assert controls == [json.loads(closed), {"ev": "closed", "n": 0}, other]
+    assert sorted(raw) == [103, 104, 105]
+    assert [_is_open(fds[h]) for h in sorted(fds)] == [False] * 3 + [True] * 3
+    # what the Python decoder must see, whole, from the first frame not taken
+    cases = [
+        _frame(_CONTROL, closed) + _frame(_ACCEPT, encode_accept([103])),   # report first
+        _frame(_ACCEPT, encode_accept([103, 999])),                          # 999 not compiled
+        _frame(_ACCEPT, encode_accept([103, 103])),                          # twice
+        _frame(_ACCEPT, b"\x00\x02\x00"),                                   # malformed
+        _frame(_BYE, b""),
+    ]
+    for data in cases:
+        a.send(data)
+        assert sp.recv_answers(b.fileno(), 1 << 16, raw, 1 << 20) == (0, -1, [], data, [], _flags)
+        assert sorted(raw) == [103, 104, 105]
+    # an ACCEPT taken, then reports followed by something else: the reports go with it
+    tail = _frame(_CONTROL, closed) + _frame(_BYE, b"")
+    a.send(_frame(_ACCEPT, encode_accept([103])) + tail)
+    assert sp.recv_answers(b.fileno(), 1 << 16, raw, 1 << 20) == (1, -1, [], tail, [], _flags)
+    # only reports of closed connections after the ACCEPTs: their sum too
+    a.send(_frame(_ACCEPT, encode_accept([104])) + _frame(_CONTROL, closed)
+           + _frame(_CONTROL, b'{"ev":"closed","n":5}'))
+    assert sp.recv_answers(b.fileno(), 1 << 16, raw, 1 << 20) == (
+        1, 12, [json.loads(closed), {"ev": "closed", "n": 5}], b"", [], _flags)
+    # reports written otherwise than the workers' encoder writes them: as payloads
+    odd = [b'{"ev":"closed","n":01}', b'{"ev": "closed","n":1}', b'{"ev":"closed","n":-1}',
+           b'{"ev":"closed","n":1,"active":2,"x":3}', b'{"ev":"closed","n":1234567890123456}']
+    a.send(_frame(_ACCEPT, encode_accept([105])) + b"".join(_frame(_CONTROL, p) for p in odd))
+    assert sp.recv_answers(b.fileno(), 1 << 16, raw, 1 << 20) == (1, -1, odd, b"", [], _flags)
+    raw.update(_raw_of(1, first=106))
+    # a partial frame: all of it to Python (its decoder keeps it for the next read)
+    part = _frame(_ACCEPT, encode_accept([106]))
+    a.send(part[:-3])
+    assert sp.recv_answers(b.fileno(), 1 << 16, raw, 1 << 20)[:4] == (0, -1, [], part[:-3])
+    a.send(part[-3:])
+    b.recv(1 << 16)
+    # nothing there; then the end of the stream
+    with pytest.raises(BlockingIOError):
+        sp.recv_answers(b.fileno(), 1 << 16, raw, 1 << 20)
+    a.shutdown(socket.SHUT_WR)
+    assert sp.recv_answers(b.fileno(), 1 << 16, raw, 1 << 20)[:5] == (0, -1, [], b"", [])
+    with pytest.raises(TypeError):
+        sp.recv_answers(b.fileno(), 1 << 16, [], 1 << 20)  # type: ignore[arg-type]
+    sp.close_fds([fd for fd, _m, _t in raw.values()])
+    assert fd_count() == before
+
+
+@needs_c
+def test_recv_answers_leaves_descriptors_to_the_python_path(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """A message that brings descriptors (a worker migrating a connection out) is not
+    read in C: it comes back whole, with its descriptors open, nothing settled."""
+    assert sp is not None
+    a, b = pair
+    b.setblocking(False)
+    before = fd_count()
+    raw = _raw_of(1)
+    data = _frame(_ACCEPT, encode_accept([100]))
+    socket.send_fds(a, [data], [a.fileno()])
+    n, closed, controls, rest, fds, _flags = sp.recv_answers(b.fileno(), 1 << 16, raw, 1 << 20)
+    assert (n, closed, controls, rest, len(fds)) == (0, -1, [], data, 1)
+    assert list(raw) == [100]
+    sp.close_fds([*fds, raw[100][0]])
+    assert fd_count() == before
+
+
+def test_a_worker_channel_settles_answers_and_reports_alike_on_both_paths() -> None:
+    """Through AsyncChannel, on the path this process runs: compiled handoffs in flight
+    (as the dispatcher's burst leaves them), the peer's ACCEPTs and reports in one write,
+    in the workers' order (ACCEPTs first) and the other (reports first); each way the
+    handoffs are settled, their descriptors closed and the reports taken in order."""
+    import asyncio
+
+    from sockshare import AsyncChannel, Channel
+    from sockshare.protocol import encode_control
+
+    async def main() -> None:
+        ca, cb = Channel.pair()
+        a = AsyncChannel.wrap(ca)
+        a.track_accepts()
+        before = fd_count()
+        try:
+            for order in ("accepts first", "reports first"):
+                raw = a.raw_pending
+                raw.update(_raw_of(3, first=(1 << 62) + (10 if order == "reports first" else 0)))
+                a._state.register_compiled(3)
+                ids = list(raw)
+                fds = [v[0] for v in raw.values()]
+                answers = _frame(_ACCEPT, encode_accept(ids))
+                reports = (_frame(_CONTROL, encode_control({"ev": "closed", "n": 2, "active": 1}))
+                           + _frame(_CONTROL, encode_control({"ev": "fds", "full": False})))
+                cb._sock.sendall(answers + reports if order == "accepts first"
+                                 else reports + answers)
+                for _ in range(200):
+                    if not raw and len(a._state.controls) == 2:
+                        break
+                    await asyncio.sleep(0.01)
+                assert raw == {}, order
+                assert not any(_is_open(fd) for fd in fds), order
+                # the compiled path counts them; the Python path makes tickets of them
+                assert a.take_raw_accepted() + len(a.accepted()) == 3, order
+                assert a.received_controls() == [{"ev": "closed", "n": 2, "active": 1},
+                                                 {"ev": "fds", "full": False}], order
+            assert a.usable
+            assert fd_count() == before
+        finally:
+            await a.aclose()
+            cb.close()
+
+    asyncio.run(main())
+
+
+@needs_c
+def test_a_read_of_only_accepts_and_close_reports_goes_to_on_settled() -> None:
+    """The dispatcher's shortcut: a read that brought only ACCEPTs of compiled handoffs
+    and reports of closed connections calls ``on_settled(accepted, closed)`` and not
+    ``on_activity``; any other report in the read goes the general way, in order."""
+    import asyncio
+
+    from sockshare import AsyncChannel, Channel
+    from sockshare.protocol import encode_control
+
+    async def main() -> None:
+        ca, cb = Channel.pair()
+        a = AsyncChannel.wrap(ca)
+        settled: list[tuple[int, int]] = []
+        activity: list[int] = []
+        a.on_settled = lambda n, closed: settled.append((n, closed))
+        a.on_activity = lambda: activity.append(1)
+        before = fd_count()
+        try:
+            for reports, want in (
+                    ([{"ev": "closed", "n": 2, "active": 1}, {"ev": "closed", "n": 3}], (3, 5)),
+                    ([{"ev": "closed", "n": 1}, {"ev": "hello", "resume": False}], None)):
+                raw = a.raw_pending
+                raw.update(_raw_of(3, first=1 << 62))
+                fds = [v[0] for v in raw.values()]
+                cb._sock.sendall(_frame(_ACCEPT, encode_accept(list(raw))) + b"".join(
+                    _frame(_CONTROL, encode_control(r)) for r in reports))
+                for _ in range(200):
+                    if settled or activity:
+                        break
+                    await asyncio.sleep(0.01)
+                assert raw == {}
+                assert not any(_is_open(fd) for fd in fds)
+                if want is not None:
+                    assert (settled, activity) == ([want], [])
+                    assert a.received_controls() == []
+                else:
+                    assert (settled, activity) == ([], [1])
+                    assert a.take_raw_accepted() == 3
+                    assert a.received_controls() == reports
+                settled.clear()
+                activity.clear()
+            assert a.usable
+            assert fd_count() == before
+        finally:
+            await a.aclose()
+            cb.close()
+
+    asyncio.run(main())
 
 
 @needs_c

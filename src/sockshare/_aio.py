@@ -55,7 +55,7 @@ from sockshare._errors import (
     SockshareError,
 )
 from sockshare._state import ChannelState, Handoff, Policy, StateView, Ticket
-from sockshare.backends._scm import recv_with_fds_cut, send_nowait_with_fds
+from sockshare.backends._scm import cut_of, recv_with_fds_cut, send_nowait_with_fds
 from sockshare.protocol import MAX_PAYLOAD
 
 __all__ = ["AsyncChannel", "AsyncChannelListener"]
@@ -67,6 +67,8 @@ log = logging.getLogger("sockshare.channel")
 #: stays bounded. (Past ``OUT_LIMIT`` this side already stops reading, so it takes no
 #: new work; a burst of this side's own handoffs that the peer is reading is no reason.)
 HARD_OUT_LIMIT = 16 * OUT_LIMIT
+#: recvmsg flags that say the kernel cut a message (its descriptors, or its bytes)
+_CUT_FLAGS = int(getattr(socket, "MSG_CTRUNC", 0)) | int(getattr(socket, "MSG_TRUNC", 0))
 #: Frames without descriptors queued together are written in one call, this much at most.
 _MERGE = 64 * 1024
 
@@ -147,6 +149,11 @@ class AsyncChannel(StateView):
         #: supervisor (the server dispatcher) settles answers and relays handoffs without
         #: waiting for its task's next turn of the loop
         self.on_activity: Callable[[], None] | None = None
+        #: the compiled read's shortcut (sockshare._speedups.recv_answers): when a read
+        #: brought only ACCEPTs of compiled handoffs (:attr:`raw_pending`) and reports of
+        #: closed connections, called with how many handoffs were accepted and the sum
+        #: of the reports' counts, instead of :attr:`on_activity` (nothing else changed)
+        self.on_settled: Callable[[int, int], None] | None = None
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
     @classmethod
@@ -213,10 +220,33 @@ class AsyncChannel(StateView):
             self._loop.remove_reader(self._sock.fileno())
             self._reading = False
             return
+        st = self._state
+        sp = _fast.speedups
+        data: bytes | None
         try:
             cut = False
             if self._wsa:
                 data, fds = self._sock.recv(RECV_BUF), list[int]()
+            elif st.raw and sp is not None and st.decoder.idle:
+                # the dispatcher's compiled path: its workers' ACCEPTs settled in C (their
+                # descriptors closed, no object per answer), the reports after them cut out
+                settled, closed, controls, data, fds, rflags = sp.recv_answers(
+                    self._sock.fileno(), RECV_BUF, st.raw, st.decoder.max_payload)
+                if rflags & _CUT_FLAGS:
+                    cut = cut_of(self._sock, fds, rflags)
+                on_settled = self.on_settled
+                if closed >= 0 and on_settled is not None and (settled or controls):
+                    # all of it was ACCEPTs of compiled handoffs and reports of closed
+                    # connections: the supervisor is told the two numbers, nothing else
+                    st.counters["accepted"] += settled
+                    on_settled(settled, closed)
+                    if self._waiters:
+                        self._wake()
+                    return
+                if settled or controls:
+                    st.settled_answers(settled, controls)
+                    if not data:
+                        data = None   # (all of it taken: not the peer's end)
             else:
                 data, fds, cut = recv_with_fds_cut(self._sock, RECV_BUF)
         except (BlockingIOError, InterruptedError):
@@ -224,14 +254,17 @@ class AsyncChannel(StateView):
         except (OSError, SockshareError) as exc:
             self._break(exc)
             return
-        try:
-            self._state.receive_data(data, fds, self._answer, cut)
-        except (OSError, SockshareError, ValueError) as exc:
-            self._break(exc)
+        if data is not None:
+            try:
+                st.receive_data(data, fds, self._answer, cut)
+            except (OSError, SockshareError, ValueError) as exc:
+                self._break(exc)
         if self.on_activity is not None:
             self.on_activity()
-        self._wake_answered()
-        self._wake()
+        if st.answered_log:   # (None when not tracked, [] when nothing was answered)
+            self._wake_answered()
+        if self._waiters:
+            self._wake()
 
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -591,6 +624,16 @@ class AsyncChannel(StateView):
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush_answers)
+
+    def queue_answers(self) -> None:
+        """Queue the coalesced answers (ACCEPTs) now, unwritten, so that what is queued
+        after them (controls sent with ``soon``) follows them in the same write."""
+        st = self._state
+        if st.usable:
+            frame = st.take_accepts()
+            if frame is not None:
+                self._wq.append((memoryview(frame), [], []))
+                self._wq_bytes += len(frame)
 
     def flush(self) -> None:
         """Send coalesced answers (ACCEPTs), and controls sent with ``soon``, now rather

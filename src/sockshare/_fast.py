@@ -55,6 +55,8 @@ class Speedups(Protocol):
         mid: bytes, end: bytes, kind: bytes, flags: int, now: float,
         workers: list[tuple[int, int, int, dict[int, tuple[int, bytes, float]]]], /,
     ) -> tuple[list[tuple[int, bytes, list[int], int]], int, int, int, int, int, int]: ...
+    def recv_answers(self, fd: int, bufsize: int, raw: dict[int, tuple[int, bytes, float]],
+                     max_payload: int, /) -> tuple[int, int, list[Any], bytes, list[int], int]: ...
     def settle_accepts(self, payload: bytes | bytearray | memoryview,
                        raw: dict[int, tuple[int, bytes, float]], /) -> tuple[int, list[int]]: ...
 
@@ -83,6 +85,10 @@ def _load() -> None:
         from sockshare import _speedups
     except ImportError as exc:
         why_not = f"sockshare._speedups did not import ({exc})"
+        return
+    missing = [n for n in vars(Speedups) if not n.startswith("_") and not hasattr(_speedups, n)]
+    if missing:   # (a build of an older source tree)
+        why_not = f"sockshare._speedups is an older build (no {', '.join(missing)}): rebuild it"
         return
     speedups = _speedups
 

@@ -29,6 +29,20 @@
  *       as LeastConnections does from workers [(id, load, room, raw dict)], register
  *       it in that worker's dict (hid -> (fd, meta, now)) and pack one HANDOFF frame per
  *       worker: frames are [(worker index, frame, fds, count)].
+ *   recv_answers(fd, bufsize, raw, max_payload) -> (settled, closed, controls, rest, fds,
+ *                                                  flags)
+ *       the dispatcher's read of a worker channel on the compiled path: one recvmsg
+ *       (MSG_DONTWAIT) as recv_fds; when it brought no descriptors and no cut, the
+ *       leading whole ACCEPT frames whose ids are all in `raw` (none twice) are settled
+ *       as settle_accepts does (`settled`: how many handoffs), and the whole CONTROL
+ *       frames after them come back in `controls` if nothing else follows: each the
+ *       dict json.loads would make of a worker's report of closed connections written
+ *       as its encoder writes it ({"ev":"closed","n":N[,"active":A]}), else the payload;
+ *       `rest` is what is left for the Python decoder (from the first frame not taken,
+ *       or all of it), with the message's `fds` and `flags` as recv_fds returns them;
+ *       `closed` is the sum of the reports' counts when `controls` are all reports of
+ *       closed connections and `rest` is empty, else -1.
+ *       An empty read (the peer closed) comes back as rest b"" with nothing settled.
  *   settle_accepts(payload, raw) -> (closed, other ids)
  *       an ACCEPT payload: the ids found in `raw` are removed and their descriptors
  *       closed; the others come back for the ordinary tickets.
@@ -1497,10 +1511,201 @@ fail:
     return NULL;
 }
 
+/* one ACCEPT payload of compiled handoffs only: every id in `raw` (hid -> (fd, meta,
+ * sent)), none twice; then each is removed and its descriptor closed. 1 settled (*n
+ * their number), 0 not such a payload (nothing changed: the Python path decides), -1 an
+ * error raised. */
+static int
+settle_if_all_raw(const unsigned char *p, Py_ssize_t len, PyObject *raw, Py_ssize_t *n)
+{
+    if (len < 2)
+        return 0;
+    Py_ssize_t count = ((Py_ssize_t)p[0] << 8) | p[1];
+    if (len != 2 + 8 * count || count > 256)
+        return 0;
+    unsigned long long ids[256];
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const unsigned char *q = p + 2 + 8 * i;
+        ids[i] = ((unsigned long long)get32(q) << 32) | get32(q + 4);
+        for (Py_ssize_t j = 0; j < i; j++)
+            if (ids[j] == ids[i])
+                return 0;
+        PyObject *key = PyLong_FromUnsignedLongLong(ids[i]);
+        if (key == NULL)
+            return -1;
+        int has = PyDict_Contains(raw, key);
+        Py_DECREF(key);
+        if (has <= 0)
+            return has;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *key = PyLong_FromUnsignedLongLong(ids[i]);
+        if (key == NULL)
+            return -1;
+        PyObject *val = PyDict_GetItemWithError(raw, key);   /* borrowed */
+        long fd = val != NULL && PyTuple_Check(val) && PyTuple_GET_SIZE(val) >= 1
+                  ? PyLong_AsLong(PyTuple_GET_ITEM(val, 0)) : -1;
+        if (fd == -1)
+            PyErr_Clear();
+        Py_XINCREF(val);   /* (alive until its descriptor is closed) */
+        int rc = val != NULL ? PyDict_DelItem(raw, key) : 0;
+        Py_DECREF(key);
+        Py_XDECREF(val);
+        if (rc < 0)
+            return -1;
+        if (fd >= 0)
+            close((int)fd);
+        (*n)++;
+    }
+    return 1;
+}
+
+/* a JSON integer as the workers' encoder writes it (no sign, no leading zero, at most
+ * 15 digits) at p[*i..len): its value, *i past it; -1 if there is none */
+static long long
+json_count(const unsigned char *p, Py_ssize_t len, Py_ssize_t *i)
+{
+    Py_ssize_t j = *i;
+    long long v = 0;
+    while (j < len && p[j] >= '0' && p[j] <= '9' && j - *i < 15)
+        v = v * 10 + (p[j++] - '0');
+    if (j == *i || (p[*i] == '0' && j - *i > 1) || (j < len && p[j] >= '0' && p[j] <= '9'))
+        return -1;
+    *i = j;
+    return v;
+}
+
+/* the workers' report of closed connections, in the exact form their encoder writes:
+ * {"ev":"closed","n":N} or {"ev":"closed","n":N,"active":A}: the dict json.loads would
+ * make of it; NULL without an error for any other payload (json.loads reads it) */
+static PyObject *
+closed_report(const unsigned char *p, Py_ssize_t len)
+{
+    static const char head[] = "{\"ev\":\"closed\",\"n\":";
+    static const char mid[] = ",\"active\":";
+    const Py_ssize_t hl = sizeof head - 1, ml = sizeof mid - 1;
+    if (len < hl + 2 || memcmp(p, head, hl) != 0 || p[len - 1] != '}')
+        return NULL;
+    Py_ssize_t i = hl;
+    long long n = json_count(p, len - 1, &i), a = -1;
+    if (n < 0)
+        return NULL;
+    if (i != len - 1) {
+        if (len - 1 - i < ml + 1 || memcmp(p + i, mid, ml) != 0)
+            return NULL;
+        i += ml;
+        a = json_count(p, len - 1, &i);
+        if (a < 0 || i != len - 1)
+            return NULL;
+    }
+    if (a < 0)
+        return Py_BuildValue("{s:s,s:L}", "ev", "closed", "n", n);
+    return Py_BuildValue("{s:s,s:L,s:L}", "ev", "closed", "n", n, "active", a);
+}
+
+/* the channel's read of the dispatcher's compiled path: one recvmsg; the leading
+ * ACCEPT frames of compiled handoffs settled in C, the CONTROL frames after them cut
+ * out, the rest given back (see the module's docstring, recv_answers) */
+static PyObject *
+recv_answers(PyObject *self, PyObject *args)
+{
+    int sfd;
+    Py_ssize_t bufsize, max_payload;
+    PyObject *raw;
+    if (!PyArg_ParseTuple(args, "inO!n:recv_answers", &sfd, &bufsize, &PyDict_Type, &raw,
+                          &max_payload))
+        return NULL;
+    PyObject *rargs = Py_BuildValue("(ini)", sfd, bufsize, (int)MSG_DONTWAIT);
+    if (rargs == NULL)
+        return NULL;
+    PyObject *got = recv_fds(self, rargs);
+    Py_DECREF(rargs);
+    if (got == NULL)
+        return NULL;
+    PyObject *data = PyTuple_GET_ITEM(got, 0), *fds = PyTuple_GET_ITEM(got, 1);
+    int mflags = (int)PyLong_AsLong(PyTuple_GET_ITEM(got, 2));
+    Py_ssize_t size = PyBytes_GET_SIZE(data), pos = 0, settled = 0;
+    PyObject *controls = PyList_New(0), *result = NULL;
+    if (controls == NULL)
+        goto done;
+    if (PyList_GET_SIZE(fds) > 0 || (mflags & (MSG_CTRUNC | MSG_TRUNC)) || size == 0)
+        goto rest;   /* descriptors, a cut, the end: all of it to the Python path */
+    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(data);
+    /* a whole frame at `at` with a plain header (no descriptors) of type `type`: its
+     * payload length, else -1 */
+#define PLAIN(at, type) \
+    (size - (at) >= 12 && d[(at)] == 'S' && d[(at) + 1] == 'S' && d[(at) + 2] == 1 \
+     && d[(at) + 3] == (type) && d[(at) + 5] == 0 && d[(at) + 6] == 0 && d[(at) + 7] == 0 \
+     && (Py_ssize_t)get32(d + (at) + 8) <= max_payload \
+     && (Py_ssize_t)get32(d + (at) + 8) <= size - (at) - 12 \
+     ? (Py_ssize_t)get32(d + (at) + 8) : (Py_ssize_t)-1)
+    for (;;) {   /* the ACCEPTs first, as the workers write them */
+        Py_ssize_t len = PLAIN(pos, 0x21);
+        if (len < 0)
+            break;
+        int rc = settle_if_all_raw(d + pos + 12, len, raw, &settled);
+        if (rc < 0)
+            goto done;
+        if (rc == 0)
+            break;
+        pos += 12 + len;
+    }
+    Py_ssize_t controls_at = pos;
+    long long closed = 0;   /* the sum of the reports of closed connections, -1: others */
+    for (;;) {   /* then the reports: taken out only if nothing else follows them */
+        Py_ssize_t len = PLAIN(pos, 0x30);
+        if (len < 0)
+            break;
+        PyObject *payload = closed_report(d + pos + 12, len);
+        if (payload != NULL && closed >= 0)
+            closed += PyLong_AsLongLong(PyDict_GetItemString(payload, "n"));
+        if (payload == NULL && !PyErr_Occurred()) {
+            closed = -1;
+            payload = PyBytes_FromStringAndSize((const char *)d + pos + 12, len);
+        }
+        if (payload == NULL || PyList_Append(controls, payload) < 0) {
+            Py_XDECREF(payload);
+            goto done;
+        }
+        Py_DECREF(payload);
+        pos += 12 + len;
+    }
+    if (pos == size) {
+        result = Py_BuildValue("(nLOy#Oi)", settled, closed, controls, "", (Py_ssize_t)0, fds,
+                               mflags);
+        goto done;
+    }
+    if (PyList_SetSlice(controls, 0, PyList_GET_SIZE(controls), NULL) < 0)
+        goto done;
+    if (controls_at > 0) {
+        PyObject *tail = PyBytes_FromStringAndSize((const char *)d + controls_at,
+                                                   size - controls_at);
+        if (tail == NULL)
+            goto done;
+        result = Py_BuildValue("(nLONOi)", settled, (long long)-1, controls, tail, fds, mflags);
+        goto done;
+    }
+#undef PLAIN
+rest:
+    result = Py_BuildValue("(nLOOOi)", settled, (long long)-1, controls, data, fds, mflags);
+done:
+    if (result == NULL && PyList_GET_SIZE(fds) > 0) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        close_fd_list(fds);
+        PyErr_Restore(et, ev, tb);
+    }
+    Py_XDECREF(controls);
+    Py_DECREF(got);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"dispatch_burst", dispatch_burst, METH_VARARGS,
      "dispatch_burst(lfd, budget, fd_high, seq, hid, last, prefix, mid, end, kind, flags, now, "
      "workers) -> (frames, accepted, status, last_fd, last, seq, hid)"},
+    {"recv_answers", recv_answers, METH_VARARGS,
+     "recv_answers(fd, bufsize, raw, max_payload) -> (settled, closed, controls, rest, fds, flags)"},
     {"settle_accepts", settle_accepts, METH_VARARGS,
      "settle_accepts(payload, raw) -> (closed, other ids)"},
     {"accept_many", accept_many, METH_VARARGS,

@@ -495,6 +495,8 @@ class ChannelState:
 
     def take_returned(self) -> list[Ticket]:
         """Tickets given back since the last call (rejected, or returned by a break)."""
+        if not self.returned:
+            return []
         out = list(self.returned)
         self.returned.clear()
         return out
@@ -502,6 +504,8 @@ class ChannelState:
     def take_received(self, limit: int | None = None) -> list[Handoff]:
         """Handoffs received and not taken yet (up to ``limit``), without waiting."""
         incoming = self.incoming
+        if not incoming:
+            return []
         if limit is None or limit >= len(incoming):
             out = list(incoming)
             incoming.clear()
@@ -878,6 +882,18 @@ class ChannelState:
             for h in handoffs:
                 if h.acked:
                     out[h.id] = h
+
+    def settled_answers(self, n: int, controls: list[Any]) -> None:
+        """What a compiled read settled (``sockshare._speedups.recv_answers``): ``n``
+        compiled handoffs accepted (removed from :attr:`raw`, descriptors closed), as
+        ACCEPT frames do in :meth:`_on_frame`, and the CONTROL frames that followed them,
+        in order: each a payload, or the object C already read (a report of closed
+        connections, exactly as json.loads reads it)."""
+        if n:
+            self.raw_accepted += n
+            self.counters["accepted"] += n
+        for payload in controls:
+            self.controls.append(payload if type(payload) is dict else decode_control(payload))
 
     def _on_frame(self, frame: Frame, answer: Any) -> None:
         t = frame.type

@@ -41,6 +41,7 @@ __all__ = [
     "wait_ready",
     "peer_credentials",
     "recv_with_fds",
+    "cut_of",
     "recv_with_fds_cut",
     "send_nowait_with_fds",
     "send_with_fds",
@@ -249,6 +250,18 @@ def fds_from_ancillary_cut(
     return fds_from_ancillary(sock, ancdata, flags), False
 
 
+def cut_of(sock: socket.socket, fds: list[int], rflags: int) -> bool:
+    """For a compiled receive (``recv_fds``, ``recv_answers``) of ``sock``: whether the
+    kernel cut the message's descriptors (``MSG_CTRUNC``); a message larger than the
+    buffer on a socket that is not a stream closes ``fds`` and raises."""
+    if not rflags & (_CTRUNC | _TRUNC):
+        return False
+    if rflags & _TRUNC and sock.type != socket.SOCK_STREAM:
+        close_fds(fds)
+        raise RemoteProtocolError("a message was larger than the receive buffer")
+    return bool(rflags & _CTRUNC)
+
+
 def recv_with_fds_cut(
     sock: socket.socket, bufsize: int = 65536, flags: int = 0
 ) -> tuple[bytes, list[int], bool]:
@@ -257,12 +270,7 @@ def recv_with_fds_cut(
     sp = _fast.speedups
     if sp is not None:
         data, fds, rflags = sp.recv_fds(sock.fileno(), bufsize, flags)
-        if not rflags & (_CTRUNC | _TRUNC):
-            return data, fds, False
-        if rflags & _TRUNC and sock.type != socket.SOCK_STREAM:
-            close_fds(fds)
-            raise RemoteProtocolError("a message was larger than the receive buffer")
-        return data, fds, bool(rflags & _CTRUNC)
+        return data, fds, cut_of(sock, fds, rflags)
     data, ancdata, rflags, _addr = sock.recvmsg(bufsize, CMSG_SPACE_MAX, _CLOEXEC_FLAG | flags)
     fds, cut = fds_from_ancillary_cut(sock, ancdata, rflags)
     return data, fds, cut

@@ -920,7 +920,10 @@ class Worker:
                 # write to the dispatcher, no wake-up of it, per handoff), ahead of its close
                 self.queue_report(self._fed(ch, len(ready)))
             elif not from_peer and (self._tally.closed or self._reports):
-                self._flush_report(soon=True)   # rides along with the ACCEPTs
+                # rides along with the ACCEPTs, after them (the dispatcher's compiled read
+                # settles leading ACCEPTs and takes the reports that follow: one read)
+                ch.queue_answers()
+                self._flush_report(soon=True)
             ch.flush()
         except SockshareError as exc:  # the channel broke under us: the sender has them
             log.warning("worker %d: could not accept %d handoff(s): %s", self.info.id,
@@ -980,6 +983,7 @@ class Worker:
             if ch is not self.ch:   # a feeder's: counted in with the next reports
                 self.queue_report(self._fed(ch, len(accepted)))
             elif self._tally.closed or self._reports or self._tally.opened:
+                ch.queue_answers()   # (the ACCEPTs first, as in take)
                 self._flush_report(soon=True)   # rides along with the ACCEPTs
             ch.flush()
         except SockshareError as exc:  # the channel broke: the sender still has them

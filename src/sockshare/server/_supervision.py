@@ -228,6 +228,7 @@ class Supervisor:
             # task waits for the end (no task woken per read: 2 fewer per connection).
             ch.track_accepts()
             ch.on_activity = lambda slot=slot, ch=ch: self._settle_safely(slot, ch)
+            ch.on_settled = lambda n, closed, slot=slot: self._settled(slot, n, closed)
             self.d.spawn(self._watch_worker(slot, ch))
             if slot.retired:
                 self.retire(slot, "reload")
@@ -263,6 +264,14 @@ class Supervisor:
         read); unknown or malformed ones are logged and ignored."""
         if not settled:
             self._settle(slot, ch)   # count ACCEPTs that preceded this message first
+        if obj.get("ev") == "closed" and "cmd" not in obj:
+            # the report of every burst: read here as Closed.read would read it (a field
+            # it would refuse goes the general way, which says what is wrong)
+            n, active = obj.get("n", 1), obj.get("active")
+            if (type(n) is int and n >= 0
+                    and (active is None or (type(active) is int and active >= 0))):
+                self._closed(slot, n)   # (what _on_closed does with it: no object made)
+                return
         try:
             msg = decode(obj)
         except UnknownMessage:
@@ -275,8 +284,11 @@ class Supervisor:
             log.debug("worker %d: control message %r", slot.id, obj)
 
     def _on_closed(self, slot: WorkerSlot, msg: Closed) -> None:
-        if msg.n > 0:
-            slot.active = max(0, slot.active - msg.n)
+        self._closed(slot, msg.n)
+
+    def _closed(self, slot: WorkerSlot, n: int) -> None:
+        if n > 0:
+            slot.active = max(0, slot.active - n)
             self.admission.feed(slot.pool_state)
 
     def _on_opened(self, slot: WorkerSlot, msg: Opened) -> None:
@@ -357,6 +369,20 @@ class Supervisor:
             for msg in ch.received_controls():   # (no read in between: settled above)
                 self._apply_control(slot, ch, msg, settled=True)
             self._take_migrations(slot, ch)
+        except Exception:   # in the channel's read callback: never let it escape
+            log.exception("worker %d: settling its channel failed", slot.id)
+
+    def _settled(self, slot: WorkerSlot, accepted: int, closed: int) -> None:
+        """A read of the worker's channel that brought only ACCEPTs of compiled handoffs
+        and reports of closed connections (AsyncChannel.on_settled): what :meth:`_settle`
+        and :meth:`_on_closed` do with them, in that order (the sum of the reports'
+        counts clamps at 0 as the reports one by one would)."""
+        try:
+            if accepted:
+                slot.active += accepted
+                slot.stats.handoffs += accepted
+                self.counters["handoffs"] += accepted
+            self._closed(slot, closed)
         except Exception:   # in the channel's read callback: never let it escape
             log.exception("worker %d: settling its channel failed", slot.id)
 
