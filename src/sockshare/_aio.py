@@ -334,7 +334,7 @@ class AsyncChannel(StateView):
             if not isinstance(exc, ConnectionResetError):
                 log.warning("handoff channel to pid %s broke: %s",
                             st.peer.pid if st.peer else "?", exc)
-            if not self._wsa and not self._leftovers_read:
+            if not self._leftovers_read:
                 self._leftovers_read = True
                 # what the peer sent before the break first (an ACCEPT must count)
                 read_leftovers(self._sock, st, self._answer)

@@ -125,10 +125,18 @@ def read_leftovers(sock: socket.socket, state: ChannelState, answer: Any) -> Non
     """Process what the peer sent before the channel broke (a failed *write* breaks it
     too): an ACCEPT already in our receive buffer must count, or the handoff it answers
     would be "returned" -- and handed to someone else -- while the peer had taken it.
-    Bounded; stops at the end of the data or at any error. Never waits."""
+    Bounded; stops at the end of the data or at any error. Never waits. On a WSA (TCP)
+    channel too: a worker killed right after its ACCEPT left resets the connection, and
+    the dispatcher's next HANDOFF to it fails before its read callback ran."""
+    if state.wsa:   # no recvmsg on Windows, no descriptors on TCP; no MSG_DONTWAIT either
+        with contextlib.suppress(OSError):
+            sock.setblocking(False)
     for _ in range(64):
         try:
-            data, fds = recv_with_fds(sock, RECV_BUF, MSG_DONTWAIT)
+            if state.wsa:
+                data, fds = sock.recv(RECV_BUF), list[int]()
+            else:
+                data, fds = recv_with_fds(sock, RECV_BUF, MSG_DONTWAIT)
         except (OSError, SockshareError):
             return
         if not data and not fds:
@@ -952,7 +960,7 @@ class Channel(StateView):
         too): an ACCEPT already in our receive buffer must count, or the handoff it
         answers would be "returned" -- and handed to someone else -- while the peer had
         taken it. Bounded; stops at the end of the data or at any error."""
-        if self._wsa or self._leftovers_read:
+        if self._leftovers_read:
             return
         self._leftovers_read = True
         read_leftovers(self._sock, self._state, self._answer)

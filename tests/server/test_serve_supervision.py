@@ -207,6 +207,53 @@ def test_worker_command_that_cannot_start(tmp_path: Path, cmd: str) -> None:
         assert "internal error" not in log
 
 
+# A worker whose channel outlives it: a child it forked holds the channel (and never
+# reads it); the worker answers nothing and exits once a handoff is in flight.
+FORKING_WORKER = """
+import os, select, sys, time
+from sockshare import Channel
+ch = Channel.connect(sys.argv[-1], name="forking")
+if os.fork() == 0:
+    time.sleep(15)
+    os._exit(0)
+select.select([ch._sock], [], [], 30)
+os._exit(1)
+"""
+
+
+def test_handoff_abandoned_with_an_exited_workers_channel_is_not_left_pending(
+        tmp_path: Path) -> None:
+    """The worker exits with a handoff unanswered while its forked child keeps the
+    channel open: one second later the dispatcher closes the channel, which abandons the
+    handoff after close_timeout (its copy closed: the child could still receive the
+    descriptor). The handoff is dropped from the slot and counted lost; left pending, it
+    made --timeout kill every later process of that slot. (The Python path, as on
+    Windows: its handoffs have tickets; the compiled path's are dropped from the slot
+    when the channel closes them.)"""
+    script = tmp_path / "forking_worker.py"
+    script.write_text(FORKING_WORKER)
+    with Server(tmp_path, "--timeout", "2", "--worker-cmd", f"{sys.executable} {script}",
+                app=None, workers=1, env={"SOCKSHARE_PURE_PYTHON": "1"}) as srv:
+        addr = srv.address()
+        with connect(addr) as client:
+            client.sendall(b"hello\n")
+            st = srv.wait_for(lambda st: st["workers"][0]["generation"] == 2
+                              and st["workers"][0]["state"] == "ready", timeout=30,
+                              what="worker 1 restarted")
+            assert st["counters"]["lost"] == 1, (st["counters"], srv.log())
+            assert st["workers"][0]["inflight"] == 0, st
+            client.settimeout(10)
+            try:   # closed by the dispatcher with the abandoned handoff
+                assert client.recv(100) == b""
+            except ConnectionResetError:
+                pass
+        time.sleep(4.0)   # twice --timeout: the new worker is not killed for it
+        st = srv.status()
+        assert st["counters"]["hung_kills"] == 0, st
+        assert st["workers"][0]["generation"] == 2, st
+        assert "never answered were closed with its channel" in srv.log()
+
+
 def test_hung_worker_is_killed_and_its_handoffs_go_elsewhere(tmp_path: Path) -> None:
     """--timeout: a worker whose event loop is blocked leaves the next handoff
     unanswered; after the timeout it is killed and restarted, that connection is served

@@ -227,6 +227,43 @@ def test_async_channel_in_this_process() -> None:
     asyncio.run(main(), loop_factory=asyncio.SelectorEventLoop)
 
 
+def test_an_accept_before_a_failed_write_counts(spawn: Spawn) -> None:
+    """The dispatcher's case: its worker ACCEPTs a handoff and is killed; the
+    dispatcher's next write to it fails (the connection was reset) before its read
+    callback ran. The ACCEPT, already in its receive buffer, still counts when the
+    channel breaks: the ticket is accepted, not returned (which would hand the
+    connection, perhaps with its request already read, to another worker)."""
+    import time
+
+    receiver = spawn("receiver")
+    lst = receiver.call("ch_listen")
+
+    async def main() -> None:
+        receiver.send_line(f'{{"op": "ch_accept", "h": {lst["h"]}}}')
+        a = await sockshare.AsyncChannel.connect(lst["address"])
+        rch = receiver.answer()
+        with socket.create_server(("127.0.0.1", 0)) as srv:
+            client = socket.create_connection(srv.getsockname(), timeout=IO_TIMEOUT)
+            conn, _ = srv.accept()
+            with client:
+                # from here on no await: the loop does not run, so `a` reads nothing
+                # until its write fails
+                [ticket] = a.send_nowait([(conn, None, b"")])
+                got = receiver.call("ch_receive", ch=rch["h"])
+                receiver.call("ho_accept", hid=got["hid"])   # the ACCEPT is written
+                receiver.kill()
+                deadline = time.monotonic() + IO_TIMEOUT
+                while a.usable and time.monotonic() < deadline:
+                    a.send_control({"cmd": "ping"})   # fails once the reset came back
+                    time.sleep(0.05)
+                assert not a.usable
+                assert ticket.state == "accepted", (ticket.state, ticket.reason)
+                assert ticket.socket is None   # our copy closed: the worker's it was
+        await a.aclose()
+
+    asyncio.run(main(), loop_factory=asyncio.SelectorEventLoop)
+
+
 def test_async_channel_on_a_proactor_loop_says_what_to_do() -> None:
     async def main() -> None:
         ch_lst = sockshare.Channel.listen("tcp://127.0.0.1:0")

@@ -255,7 +255,24 @@ class Supervisor:
         # (when cancelled at teardown, _teardown closes the channel and the sockets)
         await ch.wait_closed()
         self._settle(slot, ch)
+        self._drop_abandoned(slot)
         await self._detach(slot, ch)
+
+    def _drop_abandoned(self, slot: WorkerSlot) -> None:
+        """Handoffs that closing the channel abandoned (:meth:`_after_exit`: the process
+        is gone and its channel did not end; a child of it may hold the channel): the
+        channel closed our copies, so they are neither pending nor ever listed as
+        accepted or returned. Left in ``slot.pending`` they would count against the slot
+        forever, and --timeout would kill each of its next processes."""
+        gone = [hid for hid, (t, _w) in slot.pending.items() if t.state == "abandoned"]
+        if not gone:
+            return
+        for hid in gone:
+            del slot.pending[hid]
+        slot.stats.lost += len(gone)
+        self.counters["lost"] += len(gone)
+        log.warning("worker %d: %d handoff(s) it never answered were closed with its channel "
+                    "(lost)", slot.id, len(gone))
 
     def _apply_control(self, slot: WorkerSlot, ch: AsyncChannel, obj: dict[str, Any], *,
                        settled: bool = False) -> None:
@@ -670,7 +687,10 @@ class Supervisor:
         if await self.until(lambda: slot.channel is not ch, 1.0):
             return
         with contextlib.suppress(Exception):
-            await ch.aclose()   # returns its pending tickets; _settle re-dispatches them
+            # abandons what is not answered in time (our copies closed: a child of the
+            # worker may hold the channel, or, under Wine, an ACCEPT it wrote may still
+            # arrive); _watch_worker drops them from the slot
+            await ch.aclose()
 
     # -- retiring, reloading ---------------------------------------------------------
 
