@@ -228,15 +228,74 @@ def test_reload_under_load(tmp_path: Path) -> None:
                 time.sleep(0.2)
         finally:
             load.finish()
-        assert load.failures == []
+        # (a failure shows the dispatchers' refusal lines: who reset the connection, why)
+        assert load.failures == [], (load.failures, [ln for ln in srv.log().splitlines()
+                                                      if "refused" in ln][:10])
         assert load.ok > 100
         st = srv.wait_for(lambda st: len(st["workers"]) == 2, timeout=30, what="old workers gone")
         assert st["counters"]["refused"] == 0
         assert st["counters"]["reloads"] == 5
+        # (the old workers drained and exited: nothing was lost with them)
+        assert st["counters"]["lost"] == 0, [ln for ln in srv.log().splitlines() if "lost" in ln][:10]
         _idle(srv)
         time.sleep(0.6)
         ds = _dispatchers(srv)
         assert ds[1]["handoffs"] > 0, ds
+        assert ds[1]["refused"] == 0, ds
+
+
+def test_a_feeder_stops_handing_to_a_worker_that_drains(tmp_path: Path) -> None:
+    """A worker that drains rejects new handoffs ("worker is shutting down"); the
+    feeder hears of it from the lead only with the lead's next list (in a reload, a few
+    milliseconds later). Meanwhile it must not bounce connections between the draining
+    workers until ``--max-retries`` runs out (a reset: what CI saw as 4
+    ConnectionResetError in test_reload_under_load): their first such REJECT takes
+    them out of its rotation, without an attempt counted, and what no worker takes
+    goes to the lead. Made deterministic here: the lead is stopped (SIGSTOP: no new
+    list) while both workers drain (SIGTERM, each held open by a connection)."""
+    with LiveServer(tmp_path, "--dispatchers", "2", app=APP, workers=2) as srv:
+        addr = srv.address()
+        _feeders_up(srv, 1)
+        lead = srv.current()
+        workers = [w["pid"] for w in srv.workers().values()]
+        held: list[socket.socket] = []
+        clients: list[socket.socket] = []
+        try:
+            seen: set[int] = set()
+            while seen != set(workers) and len(held) < 20:
+                held.append(connect(addr))
+                held[-1].sendall(b"who\n")
+                seen.add(json.loads(read_line(held[-1]))["pid"])
+            assert seen == set(workers), (seen, workers)
+            os.kill(lead, signal.SIGSTOP)
+            try:
+                for pid in workers:
+                    os.kill(pid, signal.SIGTERM)
+                wait_until(lambda: srv.log().count("SIGTERM, draining") >= 2, timeout=10,
+                           what="both workers draining")
+                for _ in range(4):
+                    clients.append(connect(addr))
+                    clients[-1].sendall(b"who\n")
+                time.sleep(1.0)   # (the bounces took milliseconds)
+                for c in clients:   # none reset, none answered: they wait in the lead
+                    c.setblocking(False)
+                    with pytest.raises(BlockingIOError):
+                        c.recv(1)
+            finally:
+                os.kill(lead, signal.SIGCONT)
+            for s in held:
+                s.close()
+            for c in clients:   # served by the restarted workers
+                c.settimeout(30)
+                assert b'"pid"' in read_line(c)
+        finally:
+            for s in held + clients:
+                s.close()
+        feeder = srv.status()["dispatchers"][1]
+        assert feeder["refused"] == 0, feeder
+        assert feeder["to_lead"] >= 4, feeder
+        assert srv.status()["counters"]["refused"] == 0
+        assert "retries_exhausted" not in srv.log()
 
 
 def test_upgrade_under_load(tmp_path: Path) -> None:

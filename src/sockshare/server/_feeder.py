@@ -52,7 +52,7 @@ from sockshare.server._admission import Admission, close_reset
 from sockshare.server._config import ServerConfig
 from sockshare.server._exclusive import ExclusiveListeners
 from sockshare.server._listeners import ListenerState
-from sockshare.server._runtime import REJECT_NO_FDS
+from sockshare.server._runtime import REJECT_NO_FDS, REJECT_STOPPING
 from sockshare.server._slots import PoolState, SlotState, Waiting, WorkerSlot
 
 __all__ = ["ENV_CONFIG", "ENV_FDS", "ENV_ID", "Feeder", "main"]
@@ -333,6 +333,19 @@ class Feeder:
             pool.workers.remove(slot)
         self._close_if_idle(slot)
 
+    def _draining(self, slot: WorkerSlot) -> None:
+        """It rejected a handoff because it drains: out of the rotation now. It stays
+        listed (``by_id``: the lead's next lists do not bring it back); its channel stays
+        for the answers in flight and closes once the lead's list drops it."""
+        if slot.state is not SlotState.READY:
+            return
+        slot.state = SlotState.DRAINING
+        pool = slot.pool_state
+        if slot in pool.workers:
+            pool.workers.remove(slot)
+        log.info("%s: worker %d drains: nothing more goes to it", self.name, slot.id)
+        self._report()
+
     def _close_if_idle(self, slot: WorkerSlot) -> None:
         if slot.state is SlotState.RETIRING and not slot.pending and not slot.reserved:
             ch, slot.channel = slot.channel, None
@@ -421,6 +434,15 @@ class Feeder:
             if t.state == "rejected" and t.reason == REJECT_NO_FDS:
                 slot.set_fd_full(True)
                 self.admission.redispatch(w, slot, REJECT_NO_FDS, counts=False)
+                continue
+            if t.state == "rejected" and t.reason == REJECT_STOPPING:
+                # it drains (a reload retired it, a signal): it takes nothing more, and
+                # the lead's list says so only later; until then nothing more goes to it
+                # (bounced between draining workers, a connection ran out of attempts
+                # and was reset). Not the connection's fault: no attempt counted.
+                self.counters["rejects"] += 1
+                self._draining(slot)
+                self.admission.redispatch(w, slot, REJECT_STOPPING, counts=False)
                 continue
             if t.state == "rejected":
                 self.counters["rejects"] += 1

@@ -313,16 +313,22 @@ class Feeders:
             self.fed_by[key] = self.fed_by.get(key, 0) + msg.n
 
     def table(self) -> list[list[Any]]:
-        """The ready workers a feeder may hand to, with their loads."""
+        """The ready workers a feeder may hand to, with their loads: those of the pools'
+        rotation, as the lead's own admission. (Not every ready slot: while a reload
+        waits for its new workers, a new one is ready beside the old one of the same id,
+        and a list with both made each feeder swap its channel between the two at every
+        list -- each closed channel reported ``gone``, and the lead counted what the
+        worker had accepted through it as lost.)"""
         base = os.path.dirname(self.d.chan_path)
         out: list[list[Any]] = []
-        for slot in self.d.slots:
-            pid = slot.pid
-            if (slot.state is not SlotState.READY or not slot.hello or not slot.python
-                    or pid is None or slot.channel is None):
-                continue
-            out.append([slot.id, slot.pool, pid, os.path.join(base, f"{pid}{FEED_SUFFIX}"),
-                        slot.connections, min(slot.limit, _NO_LIMIT)])
+        for pool in self.d.pools.values():
+            for slot in pool.workers:
+                pid = slot.pid
+                if (slot.state is not SlotState.READY or not slot.hello or not slot.python
+                        or pid is None or slot.channel is None):
+                    continue
+                out.append([slot.id, slot.pool, pid, os.path.join(base, f"{pid}{FEED_SUFFIX}"),
+                            slot.connections, min(slot.limit, _NO_LIMIT)])
         return out
 
     def publish(self) -> bool:

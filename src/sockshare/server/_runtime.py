@@ -38,7 +38,7 @@ Life of a worker (:meth:`Worker.run`):
    (MSG_CTRUNC ends the channel), and ``{"ev": "fds", "full": true|false, "capacity": n}``
    tells the dispatcher when to stop and start again.
 4. SIGTERM or SIGINT (or the dispatcher going away, or its ``{"cmd": "drain"}``):
-   ``{"ev": "draining"}``, every new handoff is rejected ("worker is shutting down"),
+   ``{"ev": "draining"}``, every new handoff is rejected (:data:`REJECT_STOPPING`),
    running handlers finish or move for as long as that makes progress, ``--grace``
    seconds without progress at most (:meth:`Worker._drain`); what is left is cancelled
    and counted (``{"ev": "unmoved"}``), the channel closed, exit status 0. A second
@@ -154,6 +154,7 @@ __all__ = [
     "EXIT_APP_ERROR",
     "FD_HEADROOM",
     "REJECT_NO_FDS",
+    "REJECT_STOPPING",
     "REPORT_DELAY",
     "Worker",
     "fd_mark",
@@ -182,6 +183,10 @@ EXIT_APP_ERROR = 3
 #: more until it says ``{"ev": "fds", "full": false}``).
 FD_HEADROOM = 80
 REJECT_NO_FDS = "worker out of file descriptors"
+#: The REJECT of every handoff once a worker drains: it takes nothing more (the
+#: dispatcher and the feeders send it nothing more from the first one on, and give the
+#: connection to another worker without counting an attempt: not the connection's fault).
+REJECT_STOPPING = "worker is shutting down"
 #: Seconds ``migrate`` waits for the client to take what the handler wrote.
 FLUSH_TIMEOUT = 10.0
 #: Seconds between two looks at a drain's progress.
@@ -757,7 +762,7 @@ class Worker:
         Their transport reads as soon as it is made, so it is made only once the ACCEPT
         was written: a setup that fails then closes the connection (no REJECT)."""
         if self.stopping.is_set():
-            h.reject("worker is shutting down")
+            h.reject(REJECT_STOPPING)
             return
         resuming = self._resuming(h, from_peer)
         if resuming is None:
@@ -885,7 +890,7 @@ class Worker:
         if self.stopping.is_set():
             for h in handoffs:
                 with contextlib.suppress(SockshareError):
-                    h.reject("worker is shutting down")
+                    h.reject(REJECT_STOPPING)
             return
         ready: list[tuple[Handoff, Connection, bool]] = []
         moved_in = False
@@ -947,7 +952,7 @@ class Worker:
         if self.stopping.is_set():
             for h in handoffs:
                 with contextlib.suppress(SockshareError):
-                    h.reject("worker is shutting down")
+                    h.reject(REJECT_STOPPING)
             return
         accepted: list[socket.socket] = []
         moved_in = False

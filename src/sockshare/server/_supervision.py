@@ -77,7 +77,7 @@ from sockshare.server._messages import (
 from sockshare.server._peers import PEER_SUFFIX
 from sockshare.server._platform import split_command, start_process
 from sockshare.server._reconfig import reconfigure
-from sockshare.server._runtime import REJECT_NO_FDS
+from sockshare.server._runtime import REJECT_NO_FDS, REJECT_STOPPING
 from sockshare.server._slots import PoolState, SlotState, WorkerSlot
 from sockshare.server._tasks import Tasks
 from sockshare.server._web import WebSettings
@@ -437,6 +437,16 @@ class Supervisor:
                 if t.socket is not None:
                     w.sock = t.socket
                     self.admission.redispatch(w, slot, REJECT_NO_FDS, counts=False)
+                continue
+            if t.state == "rejected" and t.reason == REJECT_STOPPING:
+                # it drains (its "draining" may still be on the way): nothing more goes
+                # to it, and the connection goes elsewhere without an attempt counted
+                slot.stats.rejects += 1
+                self.counters["rejects"] += 1
+                self._on_draining(slot, Draining())
+                if t.socket is not None:
+                    w.sock = t.socket
+                    self.admission.redispatch(w, slot, REJECT_STOPPING, counts=False)
                 continue
             if t.state == "rejected":
                 slot.stats.rejects += 1
