@@ -134,3 +134,56 @@ def test_a_hold_collects_the_youngest_generation_past_young_max(
     assert held
     assert freed
     assert young < 5_000
+
+
+def test_a_retiring_worker_never_walks_its_oldest_generation_again() -> None:
+    """The drain of a worker with 10,000 WebSockets stalled for seconds in a full
+    collection (and was killed for making no progress): once retired, collections of
+    the young generations go on -- cyclic garbage is still freed -- but generation 2
+    is never collected again, however much survives."""
+    gc.set_threshold(700, 10, 10)
+    gc.enable()
+    seen: list[int] = []
+
+    def record(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            seen.append(info["generation"])
+
+    def churn() -> tuple[list[object], bool]:
+        keep: list[object] = []
+        probe = _Node()
+        ref = weakref.ref(probe)
+        del probe
+        for i in range(60_000):   # survivors (as connections) and cyclic garbage
+            keep.append([i])
+            _Node()
+        return keep, ref() is None
+
+    gc.callbacks.append(record)
+    try:
+        before, _ = churn()   # the same churn, not retired: full collections happen
+        full_before = seen.count(2)
+        seen.clear()
+
+        async def main() -> None:
+            hold = MoveBurst()
+            hold.retire()
+            hold.retire()   # (idempotent)
+            hold.moved()
+            hold.release()   # collections back on, between two moves
+        asyncio.run(main())
+        after, freed = churn()
+    finally:
+        gc.callbacks.remove(record)
+    assert full_before >= 1
+    assert 2 not in seen
+    assert 0 in seen   # young collections still run...
+    assert freed   # ...and free cycles
+    assert gc.get_threshold() == (700, 10, _gc.NEVER)
+    del before, after
+
+
+def test_retiring_leaves_a_collector_the_app_turned_off_alone() -> None:
+    gc.set_threshold(0, 10, 10)
+    MoveBurst().retire()
+    assert gc.get_threshold() == (0, 10, 10)
