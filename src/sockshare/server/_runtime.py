@@ -293,6 +293,11 @@ class Worker:
         #: full garbage collections wait while connections move (``_gc``)
         self.gc_hold = MoveBurst()
 
+    def _stop(self) -> None:
+        """Begin to leave: no full garbage collection from now on (MoveBurst.retire)."""
+        self.gc_hold.retire()
+        self.stopping.set()
+
     # -- signals ---------------------------------------------------------------------
 
     def _on_signal(self, signum: int) -> None:
@@ -301,7 +306,7 @@ class Worker:
         if self._signals == 1:
             log.info("worker %d: %s, draining (%d connection(s) running, grace %.1f s)",
                      self.info.id, signal.Signals(signum).name, len(self.tasks), self.grace)
-            self.stopping.set()
+            self._stop()
         else:
             log.warning("worker %d: second signal, cancelling %d handler(s)", self.info.id,
                         len(self.tasks))
@@ -730,7 +735,7 @@ class Worker:
             self.gc_hold.moved()
         if not self.stopping.is_set():
             log.info("worker %d: the dispatcher asked to drain (%s)", self.info.id, reason)
-            self.stopping.set()
+            self._stop()
 
     #: What a worker does with each of the dispatcher's commands.
     _COMMANDS: ClassVar[HandlerTable[Worker]] = (HandlerTable()
@@ -1082,7 +1087,7 @@ class Worker:
         if not self.stopping.is_set():
             log.info("worker %d: the dispatcher closed the channel; finishing %d connection(s)",
                      self.info.id, len(self.tasks))
-            self.stopping.set()
+            self._stop()
         else:
             self.control(Draining())
             if self._migrate_all:
