@@ -3,6 +3,7 @@
 Run:  python benchmarks/dispatcher_stages.py [--conns 20000] [--rounds 2]
                                              [--only sockshare-window ...]
                                              [--base-src DIR] [--clock cpu|wall]
+                                             [--sniff]
 
 Starts ``sockshare serve`` as benchmarks/serve.py does (2 workers, ``serve_app:handle``;
 configuration ``sockshare-window``: the accept window ``auto``, the compiled hot paths;
@@ -116,13 +117,16 @@ def main() -> int:
     ap.add_argument("--src", default=str(HERE.parent / "src"))
     ap.add_argument("--base-src", default=None)
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    ap.add_argument("--sniff", action="store_true", help="the servers sniff the HTTP Host")
     args = ap.parse_args()
     if not 1 <= args.conns <= 1_000_000 or not 1 <= args.rounds <= 20:
         ap.error("--conns 1..1000000, --rounds 1..20")
     names = list(args.only)
     if args.base_src and "base" not in names and "base-pure" not in names:
         names.append("base")
-    opts = serve.Options(src=Path(args.src).resolve(),
+    if args.sniff and "c-linger" in names:
+        ap.error("c-linger does not sniff")
+    opts = serve.Options(src=Path(args.src).resolve(), sniff=args.sniff,
                          base_src=Path(args.base_src).resolve() if args.base_src else None)
     loadgen = serve.build_loadgen(Path(tempfile.mkdtemp(prefix="ss-stages-lg-")))
     print(f"load average {os.getloadavg()[0]:.2f}")

@@ -12,7 +12,9 @@ Run:  python benchmarks/serve.py [--conns 20000] [--runs 7] [--concurrency 32]
       --c-linger microseconds (default 300) before each accept burst;
       --only sockshare-window adds this tree with its accept window on (--accept-window
       auto|USEC, default auto; ``sockshare`` and ``pure`` run with it off), pure-window
-      the same on the pure-Python hot paths;
+      the same on the pure-Python hot paths; sockshare-defer and pure-defer: those two
+      with --defer-accept S on the listener too (TCP_DEFER_ACCEPT: accept once the
+      request came; --defer-accept S, default 1), meant for --sniff;
       --dispatchers N [N ...]: one configuration more per N, ``sockshare-Nd``, the same
       server with ``--dispatchers N``: the lead and N-1 feeders, each one's CPU per
       connection shown; the JSON and PNG are then serve-dispatchers.json and
@@ -93,13 +95,16 @@ from sockshare.server._control import ControlError, request  # noqa: E402
 
 WORKERS = 2
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-CONFIGS = ("sockshare", "sockshare-window", "pure", "pure-window", "base", "c-dispatcher",
+CONFIGS = ("sockshare", "sockshare-window", "sockshare-defer", "pure", "pure-window",
+           "pure-defer", "base", "c-dispatcher",
            "c-linger", "shared", "reuseport", "node")
 LABELS = {
     "sockshare": "sockshare\nserve",
     "sockshare-window": "sockshare serve\n(accept window)",
     "pure": "sockshare serve\n(pure Python)",
     "pure-window": "pure Python\n(accept window)",
+    "sockshare-defer": "sockshare serve\n(window, deferred accept)",
+    "pure-defer": "pure Python\n(window, deferred accept)",
     "base": "sockshare serve\n(--base-src)",
     "c-dispatcher": "C dispatcher\n+ Python workers",
     "c-linger": "C dispatcher,\nlingering",
@@ -195,11 +200,14 @@ class Options:
     c_linger_us: int = 300
     #: --accept-window: the sockshare-window configurations' setting
     accept_window: str = "auto"
+    #: --defer-accept: the *-defer configurations' setting (seconds)
+    defer_accept: int = 1
 
 
 def start_sockshare(tmp: Path, opts: Options, *, name: str = "sockshare",
                     src: Path | None = None, extra_env: dict[str, str] | None = None,
-                    dispatchers: int = 1, accept_window: str | None = "off") -> Running:
+                    dispatchers: int = 1, accept_window: str | None = "off",
+                    defer_accept: int | None = None) -> Running:
     if dispatchers > 1:
         name = f"{name}-{dispatchers}d"
     control = tmp / f"ctl-{name}" / "serve.ctl"
@@ -217,6 +225,7 @@ def start_sockshare(tmp: Path, opts: Options, *, name: str = "sockshare",
          "--policy", opts.policy, "--log-level", "warning", "--grace", "2",
          *(["--sniff"] if opts.sniff else []),
          *(["--accept-window", accept_window] if accept_window is not None else []),
+         *(["--defer-accept", str(defer_accept)] if defer_accept is not None else []),
          *(["--dispatchers", str(dispatchers)] if dispatchers > 1 else [])],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
     log.close()
@@ -322,6 +331,19 @@ def start_window(tmp: Path, opts: Options) -> Running:
     return start_sockshare(tmp, opts, name="sockshare-window", accept_window=opts.accept_window)
 
 
+def start_defer(tmp: Path, opts: Options) -> Running:
+    """sockshare-window with ``--defer-accept`` (TCP_DEFER_ACCEPT on the listener)."""
+    return start_sockshare(tmp, opts, name="sockshare-defer", accept_window=opts.accept_window,
+                           defer_accept=opts.defer_accept)
+
+
+def start_pure_defer(tmp: Path, opts: Options) -> Running:
+    """pure-window with ``--defer-accept``."""
+    return start_sockshare(tmp, opts, name="pure-defer", accept_window=opts.accept_window,
+                           defer_accept=opts.defer_accept,
+                           extra_env={"SOCKSHARE_PURE_PYTHON": "1"})
+
+
 def start_pure_window(tmp: Path, opts: Options) -> Running:
     """The pure-Python hot paths with the accept window on."""
     return start_sockshare(tmp, opts, name="pure-window", accept_window=opts.accept_window,
@@ -402,6 +424,7 @@ def start_c_linger(tmp: Path, opts: Options) -> Running:
 STARTERS: dict[str, Callable[[Path, Options], Running]] = {
     "sockshare": start_sockshare, "sockshare-window": start_window, "pure": start_pure,
     "pure-window": start_pure_window, "base": start_base,
+    "sockshare-defer": start_defer, "pure-defer": start_pure_defer,
     "c-dispatcher": start_c_dispatcher, "c-linger": start_c_linger,
     "shared": start_shared, "reuseport": start_reuseport,
     "node": start_node,
@@ -691,12 +714,14 @@ def main() -> int:
                          "(default 300)")
     ap.add_argument("--accept-window", default="auto", metavar="auto|USEC",
                     help="the sockshare-window configurations' --accept-window (default auto)")
+    ap.add_argument("--defer-accept", type=int, default=1, metavar="S",
+                    help="the *-defer configurations' --defer-accept (default 1)")
     ap.add_argument("--src-label", default=None,
                     help="what --src is, for the JSON and the plot (default: git HEAD of --src)")
     args = ap.parse_args()
     opts = Options(Path(args.src).resolve(), args.policy, args.node_server, args.sniff,
                    Path(args.base_src).resolve() if args.base_src else None, args.c_linger,
-                   args.accept_window)
+                   args.accept_window, args.defer_accept)
     args.code = args.src_label or _git_describe(opts.src) or str(opts.src)
     if not 1 <= args.conns <= 1_000_000 or not 1 <= args.concurrency <= 1024 or args.runs < 1:
         ap.error("--conns 1..1000000, --concurrency 1..1024, --runs >= 1")

@@ -366,7 +366,7 @@ def test_dispatch_burst_accepts_places_registers_and_frames() -> None:
     from sockshare.protocol import FrameDecoder, FrameType, decode_handoff
     from sockshare.server._policy import ConnInfo, LeastConnections, WorkerView
 
-    raws: list[dict[int, tuple[int, bytes, float]]] = [{}, {}]
+    raws: list[dict[int, tuple[int, bytes, float, bytes]]] = [{}, {}]
     with _pending(5) as (lsock, clients):
         before = fd_count()
         prefix, mid, end = b'{"handoff_id":"77.', b'","listener":"web","client":["', \
@@ -431,7 +431,7 @@ def test_dispatch_burst_accepts_places_registers_and_frames() -> None:
         assert (done, rest, raws[0]) == (len(ids), [5], {})
         with pytest.raises(ValueError, match="ACCEPT payload has"):
             sp.settle_accepts(b"\x00\x01", raws[1])
-        sp.close_fds([fd for fd, _m, _t in raws[1].values()])
+        sp.close_fds([fd for fd, _m, _t, _d in raws[1].values()])
         raws[1].clear()
         # the fifth connection is still queued: a burst with no room takes none...
         frames, n, *_rest = sp.dispatch_burst(lsock.fileno(), 0, 1 << 30, 14, 1, -1, prefix, mid,
@@ -442,7 +442,7 @@ def test_dispatch_burst_accepts_places_registers_and_frames() -> None:
             lsock.fileno(), 4, 0, 14, 1, -1, prefix, mid, end, b"\x01\x01\x00\x00", 1, 0.0, workers)
         assert (n, status) == (1, -1)
         assert last_fd == frames[0][2][0]
-        sp.close_fds([fd for r in raws for fd, _m, _t in r.values()])
+        sp.close_fds([fd for r in raws for fd, _m, _t, _d in r.values()])
         assert fd_count() == before
         with pytest.raises(TypeError):
             sp.dispatch_burst(lsock.fileno(), 1, 1 << 30, 1, 1, -1, prefix, mid, end,
@@ -660,9 +660,9 @@ def _frame(ftype: int, payload: bytes) -> bytes:
 _ACCEPT, _CONTROL, _BYE = 0x21, 0x30, 0x03
 
 
-def _raw_of(n: int, first: int = 100) -> dict[int, tuple[int, bytes, float]]:
+def _raw_of(n: int, first: int = 100) -> dict[int, tuple[int, bytes, float, bytes]]:
     """``n`` compiled handoffs in flight: ids from ``first``, each a real descriptor."""
-    return {first + i: (os.open(os.devnull, os.O_RDONLY), b"{}", 0.0) for i in range(n)}
+    return {first + i: (os.open(os.devnull, os.O_RDONLY), b"{}", 0.0, b"") for i in range(n)}
 
 
 def _is_open(fd: int) -> bool:
@@ -739,7 +739,7 @@ def test_recv_answers_settles_leading_accepts_and_takes_the_reports_after_them(
     assert sp.recv_answers(b.fileno(), 1 << 16, raw, 1 << 20)[:5] == (0, -1, [], b"", [])
     with pytest.raises(TypeError):
         sp.recv_answers(b.fileno(), 1 << 16, [], 1 << 20)  # type: ignore[arg-type]
-    sp.close_fds([fd for fd, _m, _t in raw.values()])
+    sp.close_fds([fd for fd, _m, _t, _d in raw.values()])
     assert fd_count() == before
 
 

@@ -55,6 +55,8 @@ def _install(stats: dict[str, list[int]], clock: Callable[[], int]) -> None:
     wrap(_listeners.Listeners, "on_acceptable", "listener callback")
     wrap(_listeners, "_sleep", "  the window's sleep")
     wrap(_listeners.Listeners, "_dispatch_compiled", "  _dispatch_compiled")
+    wrap(_listeners.Listeners, "_dispatch_sniffed", "  _dispatch_sniffed")
+    wrap(_listeners.Listeners, "_admit", "  _admit (Python path)")
     wrap(_aio.AsyncChannel, "send_compiled", "    send_compiled")
     wrap(_aio.AsyncChannel, "_on_readable", "channel read callback")
     wrap(_aio, "recv_with_fds_cut", "  recv (Python path)")
@@ -72,7 +74,8 @@ def _install(stats: dict[str, list[int]], clock: Callable[[], int]) -> None:
                 return getattr(sp, name)
 
         proxy = Timed()
-        for name in ("dispatch_burst", "send_fds", "recv_answers", "settle_accepts"):
+        for name in ("dispatch_burst", "dispatch_sniffed", "send_fds", "recv_answers",
+                     "settle_accepts"):
             if hasattr(sp, name):
                 setattr(proxy, name, getattr(sp, name))
                 wrap(proxy, name, f"C {name}")

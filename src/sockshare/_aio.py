@@ -502,7 +502,7 @@ class AsyncChannel(StateView):
             self._writing = False
 
     @property
-    def raw_pending(self) -> dict[int, tuple[int, bytes, float]]:
+    def raw_pending(self) -> dict[int, tuple[int, bytes, float, bytes]]:
         """The compiled dispatcher path's handoffs in flight on this channel (see
         :attr:`ChannelState.raw`); sockshare._speedups.dispatch_burst fills it."""
         return self._state.raw

@@ -53,12 +53,21 @@ class Speedups(Protocol):
     def dispatch_burst(  # noqa: PLR0917 - the C signature
         self, lfd: int, budget: int, fd_high: int, seq: int, hid: int, last: int, prefix: bytes,
         mid: bytes, end: bytes, kind: bytes, flags: int, now: float,
-        workers: list[tuple[int, int, int, dict[int, tuple[int, bytes, float]]]], /,
+        workers: list[tuple[int, int, int, dict[int, tuple[int, bytes, float, bytes]]]], /,
     ) -> tuple[list[tuple[int, bytes, list[int], int]], int, int, int, int, int, int]: ...
-    def recv_answers(self, fd: int, bufsize: int, raw: dict[int, tuple[int, bytes, float]],
+    def dispatch_sniffed(  # noqa: PLR0917 - the C signature
+        self, lfd: int, budget: int, fd_high: int, seq: int, hid: int, last: int, prefix: bytes,
+        mid: bytes, end: bytes, kind: bytes, flags: int, now: float,
+        workers: list[tuple[int, int, int, dict[int, tuple[int, bytes, float, bytes]]]],
+        max_head: int, max_meta: int, max_payload: int, pending: list[tuple[int, Any]], /,
+    ) -> tuple[list[tuple[int, bytes, list[int], int]], int, int, int, int, int, int,
+               list[tuple[int, Any, int]]]: ...
+    def http_head(self, buf: bytes | bytearray | memoryview, max_size: int, /,
+                  ) -> tuple[str, str, str, str | None, int] | None: ...
+    def recv_answers(self, fd: int, bufsize: int, raw: dict[int, tuple[int, bytes, float, bytes]],
                      max_payload: int, /) -> tuple[int, int, list[Any], bytes, list[int], int]: ...
     def settle_accepts(self, payload: bytes | bytearray | memoryview,
-                       raw: dict[int, tuple[int, bytes, float]], /) -> tuple[int, list[int]]: ...
+                       raw: dict[int, tuple[int, bytes, float, bytes]], /) -> tuple[int, list[int]]: ...
 
 
 #: the C module, or None (pure Python)

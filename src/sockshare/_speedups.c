@@ -27,8 +27,27 @@
  *       accept_many does, write each connection's metadata (prefix, the "<pid>.<seq>"
  *       number, mid, host, port, end: the JSON of the Python path), choose its worker
  *       as LeastConnections does from workers [(id, load, room, raw dict)], register
- *       it in that worker's dict (hid -> (fd, meta, now)) and pack one HANDOFF frame per
- *       worker: frames are [(worker index, frame, fds, count)].
+ *       it in that worker's dict (hid -> (fd, meta, now, b"")) and pack one HANDOFF frame
+ *       per worker: frames are [(worker index, frame, fds, count)].
+ *   dispatch_sniffed(... the same ..., workers, max_head, max_meta, max_payload, pending)
+ *                    -> (frames, placed, status, last_fd, last, seq, hid, left)
+ *       dispatch_burst for a listener that sniffs the HTTP Host: each connection's first
+ *       max_head bytes peeked (MSG_PEEK), parsed by http_head; a whole, plain HTTP/1.x
+ *       head is read (exactly its bytes) and travels as the handoff's pre-read data
+ *       (registered as hid -> (fd, meta, now, head)), the request's protocol, method,
+ *       path, version and host written into the metadata after the client address as
+ *       the Python sniffer's result would be (end: the rest, ',"route":...}'). The
+ *       others (nothing queued yet, TLS, anything http_head leaves to Python, metadata
+ *       over max_meta) are not touched and come back in left as (fd, address, 0), for
+ *       the Python sniffer, or (fd, address, -1) when nothing was queued yet (the caller
+ *       may give it again in `pending`); one whose head failed while it was read as (fd,
+ *       address, errno). `pending`: [(fd, address)] of earlier bursts' -1s, tried first
+ *       (they count in the budget; the call owns their descriptors: each comes back in a
+ *       frame or in left, or is closed if the call raises). No frame grows past
+ *       max_payload (the caller's budget sees to it).
+ *   http_head(buf, max_size) -> (method, target, version, host, length) | None
+ *       the C HTTP head parser alone (a subset of _sniff.parse_http_head, which stays
+ *       the reference): None where it leaves the bytes to the Python parser.
  *   recv_answers(fd, bufsize, raw, max_payload) -> (settled, closed, controls, rest, fds,
  *                                                  flags)
  *       the dispatcher's read of a worker channel on the compiled path: one recvmsg
@@ -76,6 +95,9 @@
 #include <sys/un.h>
 
 #define MAX_FDS 253
+
+/* b"": the pre-read data of a compiled handoff that has none */
+static PyObject *empty_bytes;
 
 static PyObject *
 make_address(const struct sockaddr_storage *ss, socklen_t len)
@@ -1217,6 +1239,221 @@ close_fds(PyObject *self, PyObject *arg)
 }
 
 
+/* -- the HTTP Host sniffer of the compiled path ----------------------------------------
+ *
+ * A subset of sockshare.server._sniff.parse_http_head (until="headers"), which stays the
+ * reference: what this accepts, the Python parser accepts with the same result (tested
+ * against it on the parser tests' inputs and fuzzed); everything else -- an incomplete
+ * head, anything malformed, an absolute-form target, an IPv6 literal Host, several Host
+ * lines, HTTP/0.x or 2.x, TLS -- it leaves to the Python sniffer, which then does the
+ * whole job and says what is wrong. */
+
+typedef struct {
+    Py_ssize_t method_len;      /* the method: buf[0:method_len] */
+    Py_ssize_t target_off, target_len;
+    int minor;                  /* HTTP/1.<minor> */
+    Py_ssize_t host_off, host_len;   /* the host as it will be written (before lowercasing);
+                                        host_len -1: none (JSON null) */
+    Py_ssize_t length;          /* the whole head, blank line included */
+} http_head_t;
+
+/* RFC 9110 tchar */
+static const unsigned char tchar_set[256] = {
+    ['!'] = 1, ['#'] = 1, ['$'] = 1, ['%'] = 1, ['&'] = 1, ['\''] = 1, ['*'] = 1, ['+'] = 1,
+    ['-'] = 1, ['.'] = 1, ['^'] = 1, ['_'] = 1, ['`'] = 1, ['|'] = 1, ['~'] = 1,
+    ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1,
+    ['8'] = 1, ['9'] = 1,
+    ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['G'] = 1, ['H'] = 1,
+    ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1, ['O'] = 1, ['P'] = 1,
+    ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1, ['W'] = 1, ['X'] = 1,
+    ['Y'] = 1, ['Z'] = 1,
+    ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1, ['f'] = 1, ['g'] = 1, ['h'] = 1,
+    ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1, ['m'] = 1, ['n'] = 1, ['o'] = 1, ['p'] = 1,
+    ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1, ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1,
+    ['y'] = 1, ['z'] = 1,
+};
+
+/* _sniff._NAME: RFC 3986 reg-name characters */
+static int
+name_char(unsigned char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')
+           || (c != 0 && strchr("-._~%!$&'()*+,;=", c) != NULL);
+}
+
+static int
+lower_eq(const unsigned char *p, const char *s, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = p[i];
+        if (c >= 'A' && c <= 'Z')
+            c += 32;
+        if (c != (unsigned char)s[i])
+            return 0;
+    }
+    return 1;
+}
+
+/* 1: a complete head as parse_http_head returns it; 0: leave it to Python */
+static int
+http_head(const unsigned char *b, Py_ssize_t n, http_head_t *h)
+{
+    Py_ssize_t i = 0;
+    while (i < n && tchar_set[b[i]])
+        i++;
+    if (i == 0 || i >= n || b[i] != ' ')
+        return 0;
+    h->method_len = i++;
+    h->target_off = i;
+    while (i < n && b[i] >= 0x21 && b[i] <= 0x7e)
+        i++;
+    h->target_len = i - h->target_off;
+    if (h->target_len == 0 || i + 9 > n || memcmp(b + i, " HTTP/1.", 8) != 0
+        || b[i + 8] < '0' || b[i + 8] > '9')
+        return 0;
+    h->minor = b[i + 8] - '0';
+    i += 9;
+    if (i < n && b[i] == '\r')
+        i++;
+    if (i >= n || b[i] != '\n')
+        return 0;
+    i++;
+    /* an absolute-form target ([Hh][Tt][Tt][Pp][Ss]?://): its authority is the host */
+    const unsigned char *t = b + h->target_off;
+    Py_ssize_t tl = h->target_len;
+    if ((tl >= 7 && lower_eq(t, "http://", 7)) || (tl >= 8 && lower_eq(t, "https://", 8)))
+        return 0;
+    Py_ssize_t hv = -1, hvend = -1;
+    for (;;) {
+        if (i < n && b[i] == '\n') {
+            i++;
+            break;
+        }
+        if (i + 1 < n && b[i] == '\r' && b[i + 1] == '\n') {
+            i += 2;
+            break;
+        }
+        Py_ssize_t start = i;
+        while (i < n && tchar_set[b[i]])
+            i++;
+        if (i == start || i >= n || b[i] != ':')
+            return 0;
+        int is_host = i - start == 4 && lower_eq(b + start, "host", 4);
+        i++;
+        Py_ssize_t vstart = i;
+        while (i < n && (b[i] == '\t' || (b[i] >= 0x20 && b[i] != 0x7f)))
+            i++;
+        Py_ssize_t vend = i;
+        if (i < n && b[i] == '\r')
+            i++;
+        if (i >= n || b[i] != '\n')
+            return 0;
+        i++;
+        if (is_host) {
+            if (hv >= 0)
+                return 0;   /* several Host lines: Python says so */
+            hv = vstart;
+            hvend = vend;
+        }
+    }
+    h->length = i;
+    h->host_len = -1;
+    if (hv >= 0) {
+        while (hv < hvend && (b[hv] == ' ' || b[hv] == '\t'))
+            hv++;
+        while (hvend > hv && (b[hvend - 1] == ' ' || b[hvend - 1] == '\t'))
+            hvend--;
+        if (hvend > hv) {
+            Py_ssize_t j = hv;
+            while (j < hvend && name_char(b[j]))
+                j++;
+            Py_ssize_t name_end = j;
+            if (j < hvend) {
+                if (b[j] != ':')
+                    return 0;   /* an IPv6 literal, or invalid: Python */
+                for (j++; j < hvend; j++)
+                    if (b[j] < '0' || b[j] > '9')
+                        return 0;
+            }
+            Py_ssize_t len = name_end - hv;
+            if (len > 1 && b[name_end - 1] == '.')
+                len--;
+            if (len < 1 || len > 255)
+                return 0;
+            h->host_off = hv;
+            h->host_len = len;
+        }
+    }
+    return 1;
+}
+
+/* the JSON of a target (VCHAR only): '"' and '\\' escaped as json.dumps escapes them */
+static Py_ssize_t
+json_target_len(const unsigned char *p, Py_ssize_t n)
+{
+    Py_ssize_t len = n;
+    for (Py_ssize_t i = 0; i < n; i++)
+        len += p[i] == '"' || p[i] == '\\';
+    return len;
+}
+
+static char *
+put_json_target(char *m, const unsigned char *p, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (p[i] == '"' || p[i] == '\\')
+            *m++ = '\\';
+        *m++ = (char)p[i];
+    }
+    return m;
+}
+
+static const char SNIFF_A[] = "],\"protocol\":\"http\",\"method\":\"";
+static const char SNIFF_B[] = "\",\"path\":\"";
+static const char SNIFF_C[] = "\",\"version\":\"HTTP/1.";
+static const char SNIFF_D[] = "\",\"host\":";
+
+/* the length of json.dumps(sniffed meta, separators=(",", ":")): {"protocol":"http",...} */
+static Py_ssize_t
+sniff_meta_len(const unsigned char *b, const http_head_t *h)
+{
+    return (Py_ssize_t)(sizeof SNIFF_A - 1 - 1) + h->method_len + (Py_ssize_t)(sizeof SNIFF_B - 1)
+           + json_target_len(b + h->target_off, h->target_len) + (Py_ssize_t)(sizeof SNIFF_C - 1)
+           + 1 + (Py_ssize_t)(sizeof SNIFF_D - 1) + (h->host_len < 0 ? 4 : h->host_len + 2) + 1;
+}
+
+/* http_head(buf, max_size) -> (method, target, version, host, length) | None: the C
+ * parser on its own, for the tests that hold it to parse_http_head */
+static PyObject *
+http_head_py(PyObject *self, PyObject *args)
+{
+    Py_buffer b;
+    Py_ssize_t max_size;
+    if (!PyArg_ParseTuple(args, "y*n:http_head", &b, &max_size))
+        return NULL;
+    http_head_t h;
+    Py_ssize_t n = b.len < max_size ? b.len : max_size;
+    const unsigned char *p = b.buf;
+    PyObject *out;
+    if (n < 0 || !http_head(p, n, &h)) {
+        out = Py_NewRef(Py_None);
+    } else {
+        char host[256];
+        for (Py_ssize_t i = 0; i < h.host_len; i++) {
+            unsigned char c = p[h.host_off + i];
+            host[i] = (char)(c >= 'A' && c <= 'Z' ? c + 32 : c);
+        }
+        PyObject *hs = h.host_len < 0 ? Py_NewRef(Py_None)
+                       : PyUnicode_DecodeASCII(host, h.host_len, "strict");
+        out = hs == NULL ? NULL : Py_BuildValue(
+            "(s#s#NNn)", p, h.method_len, p + h.target_off, h.target_len,
+            PyUnicode_FromFormat("HTTP/1.%d", h.minor), hs, h.length);
+    }
+    PyBuffer_Release(&b);
+    return out;
+}
+
+
 /* -- the dispatcher's whole accept-and-hand-over burst ------------------------------- */
 
 typedef struct {
@@ -1230,9 +1467,12 @@ typedef struct {
 
 typedef struct {
     int fd;
-    int worker;
+    int worker;         /* its worker's index; -1: left to Python (see dispatch_sniffed) */
     unsigned long long hid;
     PyObject *meta;     /* bytes, owned */
+    PyObject *data;     /* bytes read from it (the HTTP head), owned; NULL: none */
+    PyObject *addr;     /* a connection left to Python: its address, owned */
+    int err;            /* ... and the errno that failed reading its head (0: not read) */
 } conn_t;
 
 /* LeastConnections of sockshare.server._policy, the same choice: the least loaded; among
@@ -1257,8 +1497,12 @@ least_conn(worker_t *w, int n, long *last)
     return pick;
 }
 
+/* dispatch_burst, and with max_head > 0 dispatch_sniffed: each accepted connection's
+ * HTTP head peeked, parsed (http_head), read and sent along as pre-read data, its
+ * request in the metadata; the connections it cannot sniff at once are returned to the
+ * caller with their addresses (left: [(fd, address, errno)]) */
 static PyObject *
-dispatch_burst(PyObject *self, PyObject *args)
+dispatch_core(PyObject *args, const char *fmt, int sniffing)
 {
     int lfd, budget, fd_high, flags;
     unsigned long long seq, hid;
@@ -1266,22 +1510,38 @@ dispatch_burst(PyObject *self, PyObject *args)
     Py_buffer prefix, mid, end, kind;
     double now;
     PyObject *wlist;
-    if (!PyArg_ParseTuple(args, "iiiKKly*y*y*y*idO!:dispatch_burst", &lfd, &budget, &fd_high,
-                          &seq, &hid, &last, &prefix, &mid, &end, &kind, &flags, &now,
-                          &PyList_Type, &wlist))
+    Py_ssize_t max_head = 0, max_meta = 0, max_payload = 0;
+    PyObject *pending = NULL;
+    Py_ssize_t npend = 0, ip = 0;   /* the pending connections, and how many are taken */
+    if (sniffing) {
+        if (!PyArg_ParseTuple(args, fmt, &lfd, &budget, &fd_high, &seq, &hid, &last, &prefix,
+                              &mid, &end, &kind, &flags, &now, &PyList_Type, &wlist,
+                              &max_head, &max_meta, &max_payload, &PyList_Type, &pending))
+            return NULL;
+        npend = PyList_GET_SIZE(pending);
+    } else if (!PyArg_ParseTuple(args, fmt, &lfd, &budget, &fd_high, &seq, &hid, &last, &prefix,
+                                 &mid, &end, &kind, &flags, &now, &PyList_Type, &wlist)) {
         return NULL;
+    }
+    unsigned char *peek = NULL;
     PyObject *result = NULL;
     conn_t *conns = NULL;
     worker_t *w = NULL;
     Py_ssize_t nconn = 0, nw = PyList_GET_SIZE(wlist);
     int status = 0, registered = 0;
     long last_fd = -1;
-    if (kind.len != 4 || budget < 0 || budget > MAX_FDS || nw < 1 || nw > 1024) {
+    if (kind.len != 4 || budget < 0 || budget > MAX_FDS || nw < 1 || nw > 1024
+        || (sniffing && (max_head < 16 || max_head > (1 << 20) || max_meta < 64
+                         || max_payload < 64))) {
         PyErr_SetString(PyExc_ValueError, "dispatch_burst: bad arguments");
         goto out;
     }
+    if (sniffing && (peek = PyMem_Malloc((size_t)max_head)) == NULL) {
+        PyErr_NoMemory();
+        goto out;
+    }
     w = PyMem_Calloc((size_t)nw, sizeof *w);
-    conns = PyMem_Calloc((size_t)(budget > 0 ? budget : 1), sizeof *conns);
+    conns = PyMem_Calloc((size_t)(budget + npend > 0 ? budget + npend : 1), sizeof *conns);
     if (w == NULL || conns == NULL) {
         PyErr_NoMemory();
         goto out;
@@ -1300,20 +1560,83 @@ dispatch_burst(PyObject *self, PyObject *args)
         if (PyErr_Occurred())
             goto out;
     }
-    /* accept and place */
+    /* accept and place (first the pending connections of earlier bursts, if any) */
     while (nconn < budget) {
         struct sockaddr_storage ss;
-        socklen_t len;
-        int fd = accept_next(lfd, &ss, &len, &status);
-        if (fd == -2)
-            goto out;
-        if (fd < 0)
-            break;
+        socklen_t len = 0;
+        PyObject *paddr = NULL;   /* a pending connection's address (borrowed) */
+        int fd;
+        if (ip < npend) {
+            PyObject *it = PyList_GET_ITEM(pending, ip);
+            if (!PyTuple_Check(it) || PyTuple_GET_SIZE(it) != 2
+                || !PyTuple_Check(PyTuple_GET_ITEM(it, 1))
+                || PyTuple_GET_SIZE(PyTuple_GET_ITEM(it, 1)) < 2
+                || !PyUnicode_Check(PyTuple_GET_ITEM(PyTuple_GET_ITEM(it, 1), 0))) {
+                PyErr_SetString(PyExc_TypeError, "pending are (fd, (host, port, ...))");
+                goto out;
+            }
+            long pfd = PyLong_AsLong(PyTuple_GET_ITEM(it, 0));
+            if (pfd < 0 || pfd > 0x7fffffffL) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_ValueError, "a pending descriptor out of range");
+                goto out;
+            }
+            ip++;
+            fd = (int)pfd;
+            paddr = PyTuple_GET_ITEM(it, 1);
+        } else {
+            fd = accept_next(lfd, &ss, &len, &status);
+            if (fd == -2)
+                goto out;
+            if (fd < 0)
+                break;
+        }
         conn_t *c = &conns[nconn++];
         c->fd = fd;
+        http_head_t head = {0};
+        Py_ssize_t got = 0;
+        if (sniffing) {
+            /* the head is usually queued already: one peek, then exactly its bytes */
+            int e = 0;
+            do {
+                Py_BEGIN_ALLOW_THREADS
+                got = recv(fd, peek, (size_t)max_head, MSG_PEEK | MSG_DONTWAIT);
+                Py_END_ALLOW_THREADS
+                e = got < 0 ? errno : 0;
+            } while (got < 0 && e == EINTR);
+            if (got <= 0 || !http_head(peek, got, &head)
+                || sniff_meta_len(peek, &head) > max_meta) {
+                c->worker = -1;   /* for the Python sniffer (which says what is wrong) */
+                /* -1: nothing queued yet (the caller may try it again in a later burst) */
+                c->err = got < 0 && (e == EAGAIN || e == EWOULDBLOCK) ? -1 : 0;
+                c->addr = paddr != NULL ? Py_NewRef(paddr) : make_address(&ss, len);
+                if (c->addr == NULL)
+                    goto out;
+                if (paddr == NULL && fd >= fd_high) {
+                    status = -1;
+                    last_fd = fd;
+                    break;
+                }
+                continue;
+            }
+        }
         char host[INET6_ADDRSTRLEN + 64];
         int port;
-        if (ss.ss_family == AF_INET) {
+        if (paddr != NULL) {   /* (a pending one: its address as accept_many gave it) */
+            Py_ssize_t hl;
+            const char *h = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(paddr, 0), &hl);
+            long pl = PyLong_AsLong(PyTuple_GET_ITEM(paddr, 1));
+            if (h == NULL || (pl == -1 && PyErr_Occurred()))
+                goto out;
+            if (hl >= (Py_ssize_t)sizeof host || memchr(h, '"', (size_t)hl) != NULL
+                || memchr(h, '\\', (size_t)hl) != NULL || pl < 0 || pl > 65535) {
+                PyErr_SetString(PyExc_ValueError, "a pending address that is not an IP address");
+                goto out;
+            }
+            memcpy(host, h, (size_t)hl);
+            host[hl] = 0;
+            port = (int)pl;
+        } else if (ss.ss_family == AF_INET) {
             struct sockaddr_in *a = (struct sockaddr_in *)&ss;
             inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
             port = ntohs(a->sin_port);
@@ -1332,6 +1655,8 @@ dispatch_burst(PyObject *self, PyObject *args)
         int portlen = snprintf(portbuf, sizeof portbuf, "%d", port);
         size_t hostlen = strlen(host);
         Py_ssize_t mlen = prefix.len + numlen + mid.len + (Py_ssize_t)hostlen + 2 + portlen + end.len;
+        if (sniffing)   /* ],"protocol":...,"host":... (sniff_meta_len less its braces) */
+            mlen += sniff_meta_len(peek, &head) - 2 + 2;
         c->meta = PyBytes_FromStringAndSize(NULL, mlen);
         if (c->meta == NULL)
             goto out;
@@ -1342,7 +1667,64 @@ dispatch_burst(PyObject *self, PyObject *args)
         memcpy(m, host, hostlen); m += hostlen;
         *m++ = '"'; *m++ = ',';
         memcpy(m, portbuf, portlen); m += portlen;
-        memcpy(m, end.buf, end.len);
+        if (sniffing) {
+            memcpy(m, SNIFF_A, sizeof SNIFF_A - 1); m += sizeof SNIFF_A - 1;
+            memcpy(m, peek, head.method_len); m += head.method_len;
+            memcpy(m, SNIFF_B, sizeof SNIFF_B - 1); m += sizeof SNIFF_B - 1;
+            m = put_json_target(m, peek + head.target_off, head.target_len);
+            memcpy(m, SNIFF_C, sizeof SNIFF_C - 1); m += sizeof SNIFF_C - 1;
+            *m++ = (char)('0' + head.minor);
+            memcpy(m, SNIFF_D, sizeof SNIFF_D - 1); m += sizeof SNIFF_D - 1;
+            if (head.host_len < 0) {
+                memcpy(m, "null", 4); m += 4;
+            } else {
+                *m++ = '"';
+                for (Py_ssize_t i = 0; i < head.host_len; i++) {
+                    unsigned char ch = peek[head.host_off + i];
+                    *m++ = (char)(ch >= 'A' && ch <= 'Z' ? ch + 32 : ch);
+                }
+                *m++ = '"';
+            }
+            /* end is the rest after the client address: ,"route":...} */
+            memcpy(m, end.buf, end.len);
+            /* the head: read exactly what was peeked (queued, so one recv takes it) */
+            c->data = PyBytes_FromStringAndSize(NULL, head.length);
+            if (c->data == NULL)
+                goto out;
+            char *d = PyBytes_AS_STRING(c->data);
+            Py_ssize_t have = 0;
+            while (have < head.length) {
+                Py_ssize_t r;
+                Py_BEGIN_ALLOW_THREADS
+                r = recv(fd, d + have, (size_t)(head.length - have), MSG_DONTWAIT);
+                Py_END_ALLOW_THREADS
+                if (r > 0) {
+                    have += r;
+                } else if (r < 0 && errno == EINTR) {
+                    continue;
+                } else {
+                    c->err = r == 0 ? ECONNRESET : errno;
+                    break;
+                }
+            }
+            if (c->err != 0) {   /* it failed mid-way: the Python path refuses it */
+                Py_CLEAR(c->meta);
+                Py_CLEAR(c->data);
+                c->worker = -1;
+                c->addr = paddr != NULL ? Py_NewRef(paddr) : make_address(&ss, len);
+                if (c->addr == NULL)
+                    goto out;
+                if (paddr == NULL && fd >= fd_high) {
+                    status = -1;
+                    last_fd = fd;
+                    break;
+                }
+                continue;
+            }
+            mlen += head.length;   /* (the frame's size below counts the data too) */
+        } else {
+            memcpy(m, end.buf, end.len);
+        }
         c->hid = hid++;
         seq++;
         int pick = least_conn(w, (int)nw, &last);
@@ -1350,12 +1732,17 @@ dispatch_burst(PyObject *self, PyObject *args)
             PyErr_SetString(PyExc_RuntimeError, "dispatch_burst: no worker has room");
             goto out;
         }
+        if (sniffing && w[pick].size + 20 + mlen > max_payload) {
+            /* (the caller keeps budget x the largest entry within the frame limit) */
+            PyErr_SetString(PyExc_RuntimeError, "dispatch_sniffed: a frame over max_payload");
+            goto out;
+        }
         c->worker = pick;
         w[pick].load++;
         w[pick].room--;
         w[pick].count++;
         w[pick].size += 20 + mlen;
-        if (fd >= fd_high) {
+        if (paddr == NULL && fd >= fd_high) {
             status = -1;
             last_fd = fd;
             break;
@@ -1366,15 +1753,38 @@ dispatch_burst(PyObject *self, PyObject *args)
         if (!anyroom)
             break;
     }
-    /* register each connection in its worker's channel (hid -> (fd, meta, sent)), then
-     * one frame per worker */
+    /* the pending connections not taken (no room, or over the budget): back as they came */
+    for (; ip < npend; ip++) {
+        PyObject *it = PyList_GET_ITEM(pending, ip);
+        conn_t *c = &conns[nconn];
+        long pfd = PyTuple_Check(it) && PyTuple_GET_SIZE(it) == 2
+                   ? PyLong_AsLong(PyTuple_GET_ITEM(it, 0)) : -1;
+        if (pfd < 0 || pfd > 0x7fffffffL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "pending are (fd, (host, port, ...))");
+            goto out;
+        }
+        c->fd = (int)pfd;
+        c->worker = -1;
+        c->err = -1;
+        c->addr = Py_NewRef(PyTuple_GET_ITEM(it, 1));
+        nconn++;
+    }
+    /* register each connection in its worker's channel (hid -> (fd, meta, sent, data)),
+     * then one frame per worker */
     PyObject *when = PyFloat_FromDouble(now);
     if (when == NULL)
         goto out;
+    Py_ssize_t placed = 0;
     for (Py_ssize_t i = 0; i < nconn; i++) {
         conn_t *c = &conns[i];
+        registered = (int)i;
+        if (c->worker < 0)
+            continue;
+        placed++;
         PyObject *key = PyLong_FromUnsignedLongLong(c->hid);
-        PyObject *val = key == NULL ? NULL : Py_BuildValue("(iOO)", c->fd, c->meta, when);
+        PyObject *val = key == NULL ? NULL : Py_BuildValue(
+            "(iOOO)", c->fd, c->meta, when, c->data != NULL ? c->data : empty_bytes);
         if (val == NULL || PyDict_SetItem(w[c->worker].raw, key, val) < 0) {
             Py_XDECREF(key);
             Py_XDECREF(val);
@@ -1383,8 +1793,8 @@ dispatch_burst(PyObject *self, PyObject *args)
         }
         Py_DECREF(key);
         Py_DECREF(val);
-        registered = (int)i + 1;
     }
+    registered = (int)nconn;
     Py_DECREF(when);
     PyObject *frames = PyList_New(0);
     if (frames == NULL)
@@ -1414,10 +1824,13 @@ dispatch_burst(PyObject *self, PyObject *args)
             Py_ssize_t lm = PyBytes_GET_SIZE(c->meta);
             put64(p, c->hid);
             memcpy(p + 8, kind.buf, 4);
+            Py_ssize_t ld = c->data != NULL ? PyBytes_GET_SIZE(c->data) : 0;
             put32(p + 12, (unsigned long)lm);
-            put32(p + 16, 0);
+            put32(p + 16, (unsigned long)ld);
             memcpy(p + 20, PyBytes_AS_STRING(c->meta), lm);
-            p += 20 + lm;
+            if (ld)
+                memcpy(p + 20 + lm, PyBytes_AS_STRING(c->data), ld);
+            p += 20 + lm + ld;
             PyList_SET_ITEM(fds, j++, PyLong_FromLong(c->fd));
         }
         PyObject *item = Py_BuildValue("(nNNn)", k, frame, fds, w[k].count);
@@ -1428,12 +1841,31 @@ dispatch_burst(PyObject *self, PyObject *args)
         }
         Py_DECREF(item);
     }
-    result = Py_BuildValue("(NniliKK)", frames, nconn, status, last_fd, last, seq, hid);
+    if (!sniffing) {
+        result = Py_BuildValue("(NniliKK)", frames, placed, status, last_fd, last, seq, hid);
+    } else {
+        PyObject *left = PyList_New(0);
+        for (Py_ssize_t i = 0; left != NULL && i < nconn; i++) {
+            conn_t *c = &conns[i];
+            if (c->worker >= 0)
+                continue;
+            PyObject *item = Py_BuildValue("(iOi)", c->fd, c->addr, c->err);
+            if (item == NULL || PyList_Append(left, item) < 0)
+                Py_CLEAR(left);
+            Py_XDECREF(item);
+        }
+        if (left == NULL) {
+            Py_DECREF(frames);
+            goto out;
+        }
+        result = Py_BuildValue("(NniliKKN)", frames, placed, status, last_fd, last, seq, hid,
+                               left);
+    }
 out:
     if (result == NULL) {
         /* never leave a descriptor behind nor a registration: undo this burst */
         for (Py_ssize_t i = 0; i < nconn; i++) {
-            if (i < registered) {
+            if (i < registered && conns[i].worker >= 0) {
                 PyObject *key = PyLong_FromUnsignedLongLong(conns[i].hid);
                 if (key != NULL) {
                     PyObject *et, *ev, *tb;
@@ -1446,10 +1878,27 @@ out:
             }
             close(conns[i].fd);
         }
+        /* and the pending ones not reached: they were this call's to hand back */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        for (; ip < npend; ip++) {
+            PyObject *it = PyList_GET_ITEM(pending, ip);
+            long pfd = PyTuple_Check(it) && PyTuple_GET_SIZE(it) >= 1
+                       && PyLong_Check(PyTuple_GET_ITEM(it, 0))
+                       ? PyLong_AsLong(PyTuple_GET_ITEM(it, 0)) : -1;
+            PyErr_Clear();
+            if (pfd >= 0 && pfd <= 0x7fffffffL)
+                close((int)pfd);
+        }
+        PyErr_Restore(et, ev, tb);
     }
     if (conns != NULL)
-        for (Py_ssize_t i = 0; i < nconn; i++)
+        for (Py_ssize_t i = 0; i < nconn; i++) {
             Py_XDECREF(conns[i].meta);
+            Py_XDECREF(conns[i].data);
+            Py_XDECREF(conns[i].addr);
+        }
+    PyMem_Free(peek);
     PyMem_Free(conns);
     PyMem_Free(w);
     PyBuffer_Release(&prefix);
@@ -1457,6 +1906,18 @@ out:
     PyBuffer_Release(&end);
     PyBuffer_Release(&kind);
     return result;
+}
+
+static PyObject *
+dispatch_burst(PyObject *self, PyObject *args)
+{
+    return dispatch_core(args, "iiiKKly*y*y*y*idO!:dispatch_burst", 0);
+}
+
+static PyObject *
+dispatch_sniffed(PyObject *self, PyObject *args)
+{
+    return dispatch_core(args, "iiiKKly*y*y*y*idO!nnnO!:dispatch_sniffed", 1);
 }
 
 /* ACCEPT of compiled handoffs: pop each id from `raw` (hid -> (fd, meta, sent)), close
@@ -1701,6 +2162,12 @@ done:
 }
 
 static PyMethodDef methods[] = {
+    {"dispatch_sniffed", dispatch_sniffed, METH_VARARGS,
+     "dispatch_sniffed(lfd, budget, fd_high, seq, hid, last, prefix, mid, end, kind, flags, now, "
+     "workers, max_head, max_meta, max_payload, pending) -> (frames, placed, status, last_fd, "
+     "last, seq, hid, left)"},
+    {"http_head", http_head_py, METH_VARARGS,
+     "http_head(buf, max_size) -> (method, target, version, host, length) or None"},
     {"dispatch_burst", dispatch_burst, METH_VARARGS,
      "dispatch_burst(lfd, budget, fd_high, seq, hid, last, prefix, mid, end, kind, flags, now, "
      "workers) -> (frames, accepted, status, last_fd, last, seq, hid)"},
@@ -1738,6 +2205,9 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
+    if (empty_bytes == NULL)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;

@@ -351,10 +351,11 @@ class ChannelState:
         self.received = 0  # an attribute, not in the dict: the hot path counts it
         self.pending_accepts: list[int] = []
         #: acknowledged handoffs sent by the compiled dispatcher path and not answered:
-        #: id -> (descriptor, meta JSON, time.monotonic() when sent). No Ticket and no
+        #: id -> (descriptor, meta JSON, time.monotonic() when sent, pre-read data: the
+        #: HTTP head a compiled sniff read, else b""). No Ticket and no
         #: socket object for them: an ACCEPT closes the descriptor (in C), a REJECT or the
         #: end of the channel makes a Ticket of it (:meth:`_compiled_ticket`)
-        self.raw: dict[int, tuple[int, bytes, float]] = {}
+        self.raw: dict[int, tuple[int, bytes, float, bytes]] = {}
         #: how many of those the peer accepted since the adapter last asked
         self.raw_accepted = 0
         #: acked handoffs received and not answered yet (queued or with the application)
@@ -964,13 +965,13 @@ class ChannelState:
     def _compiled_ticket(self, hid: int) -> Ticket:
         """A compiled handoff comes back (REJECT, or the channel ended): from now on an
         ordinary Ticket, with a socket object of its descriptor."""
-        fd, meta, _sent = self.raw.pop(hid)
+        fd, meta, _sent, data = self.raw.pop(hid)
         try:
             sock = socket.socket(fileno=fd)
         except OSError:
             close_fds([fd])
             sock = None
-        return Ticket(hid, sock, meta, b"", "pending", "", None, True)
+        return Ticket(hid, sock, meta, data, "pending", "", None, True)
 
     def _on_handoff(self, frame: Frame, answer: Any) -> None:
         fds = list(frame.fds)
@@ -1072,7 +1073,7 @@ class ChannelState:
         """This side is closing and the live peer did not answer: close our copies."""
         tickets, self.tickets = self.tickets, {}
         if self.raw:   # (emptied in place: the dispatcher's slot counts this dict)
-            close_fds([fd for fd, _meta, _sent in self.raw.values()])
+            close_fds([fd for fd, _meta, _sent, _data in self.raw.values()])
             self.raw.clear()
         for ticket in tickets.values():
             ticket.state = "abandoned"

@@ -14,6 +14,9 @@ handoff id, pre-read length, sniffed meta) and then:
 ``exit``       kills the worker process (``os._exit(7)``) without answering;
 ``raise``      raises inside the handler (the worker must survive);
 anything else (an HTTP request line, say) is treated as ``who``.
+
+:func:`stream_app` answers what the stream held up to the client's line ``end\n`` (the
+bytes the dispatcher pre-read, then the rest, in order), with the metadata as sent.
 """
 
 from __future__ import annotations
@@ -54,6 +57,19 @@ async def app(conn: Any) -> None:
     if cmd == "hold":
         while await conn.reader.read(4096):
             pass
+    await conn.close()
+
+
+async def stream_app(conn: Any) -> None:
+    """The client's stream up to and including ``end\n`` (pre-read bytes first), the
+    pre-read length, and the handoff's metadata as it came (the JSON bytes, decoded)."""
+    pre_len = len(conn.reader._buffer)
+    seen = await asyncio.wait_for(conn.reader.readuntil(b"end\n"), 10.0)
+    conn.writer.write(json.dumps({
+        "stream": seen.decode("latin-1"), "pre": pre_len, "meta": conn.meta,
+        "raw_meta": conn._raw_meta.decode() if conn._raw_meta else None,
+    }).encode() + b"\n")
+    await conn.writer.drain()
     await conn.close()
 
 

@@ -138,6 +138,10 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sniff-max", type=int, metavar="N",
                    help="connections sniffed at once; past it new ones wait in the kernel's "
                         "accept queue (default: 512)")
+    p.add_argument("--defer-accept", type=int, metavar="S",
+                   help="TCP listeners (Linux): accept a connection once its first bytes came "
+                        "(TCP_DEFER_ACCEPT), or after about S seconds if none did; for sniffing "
+                        "listeners, whose clients speak first (default: 0, off)")
     p.add_argument("--accept-window", metavar="auto|off|USEC",
                    help="under load, let an accept burst grow this many microseconds before "
                         "accepting it (fewer wake-ups per connection); a lone connection is "

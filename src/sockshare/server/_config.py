@@ -234,6 +234,10 @@ class ListenerConfig:
     #: source networks whose PROXY header is believed ("*": any); from anyone else,
     #: "optional" passes the bytes on as the client's data, "required" refuses
     proxy_allow: tuple[str, ...] = DEFAULT_PROXY_ALLOW
+    #: TCP_DEFER_ACCEPT (Linux), seconds: a connection is accepted once its first bytes
+    #: came, or after about this long if none did (docs/sniffing.md, "Deferred accept");
+    #: 0: the socket's own setting is left as it is
+    defer_accept: int = 0
 
     @property
     def sniffs(self) -> bool:
@@ -391,6 +395,10 @@ class ServerConfig:
             parse_proxy_allow(lc.proxy_allow, f"listener {lc.name!r}: proxy_allow_from")
             if lc.backlog < 1:
                 raise ConfigError(f"listener {lc.name!r}: backlog must be at least 1")
+            if not 0 <= lc.defer_accept <= 3600:
+                raise ConfigError(f"listener {lc.name!r}: defer_accept must be 0..3600 seconds")
+            if lc.defer_accept and lc.bind.is_unix:
+                raise ConfigError(f"listener {lc.name!r}: defer_accept is for TCP listeners")
         for i, r in enumerate(self.routes):
             if r.pool not in self.pools:
                 raise ConfigError(f"routes[{i}]: unknown pool {r.pool!r}")
@@ -603,6 +611,8 @@ def _override(cfg: ServerConfig, args: argparse.Namespace) -> None:
         listen["backlog"] = args.backlog
     if getattr(args, "proxy_allow_from", None) is not None:
         listen["proxy_allow"] = _split_list(args.proxy_allow_from)
+    if getattr(args, "defer_accept", None) is not None:
+        listen["defer_accept"] = args.defer_accept
     if listen:
         cfg.listeners = [dataclasses.replace(lc, **listen) for lc in cfg.listeners]
     if getattr(args, "config", None) and getattr(args, "accept", None) is not None:
@@ -624,7 +634,8 @@ _TOP = {"queue", "grace", "metrics", "agent", "control", "log_level", "log_confi
         "pid_file", "user", "group", "dispatchers", "accept_window"}
 _POOL = {"app", "worker_cmd", "workers", "policy", "hash_key", "max_conns", "queue", "resume",
          "rebalance", "accept", *WEB_FLAGS}
-_LISTEN = {"bind", "name", "sniff", "pool", "backlog", "proxy", "proxy_allow_from"}
+_LISTEN = {"bind", "name", "sniff", "pool", "backlog", "proxy", "proxy_allow_from",
+           "defer_accept"}
 _ROUTE = {"pool", "host", "sni", "proxy", "listener"}
 
 
@@ -684,7 +695,8 @@ def parse_document(doc: Mapping[str, Any]) -> ServerConfig:
             sniff=_typed(lt, "sniff", bool, False, where), pool=_typed(lt, "pool", str, None, where),
             backlog=_typed(lt, "backlog", int, 1024, where),
             proxy=_typed(lt, "proxy", str, "off", where),
-            proxy_allow=_allow_list(lt, where)))
+            proxy_allow=_allow_list(lt, where),
+            defer_accept=_typed(lt, "defer_accept", int, 0, where)))
     routes: list[RouteConfig] = []
     raw_routes = doc.get("routes", [])
     if not isinstance(raw_routes, list):

@@ -137,6 +137,7 @@ class Feeder:
             # supervisor (raw_pending, waiting_of), and a feeder settles tickets only --
             # a compiled handoff that a retiring worker rejected was closed unanswered
             ls.compiled = None
+            ls.sniff_compiled = False
         # it accepts once it can hand over: its channels to the workers the lead lists
         # are open (or after START_TIMEOUT)
         loop.call_later(START_TIMEOUT, self._start_accepting)

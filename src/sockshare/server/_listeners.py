@@ -10,7 +10,10 @@ Linux says wait in the queue), and each accepted socket is *admitted*: its metad
 built (the common case -- TCP, no sniffer, no routes -- encoded once per listener), or
 sniffed first (a task per connection, at most ``sniff_max`` at once), routed to a pool
 and given to :meth:`~sockshare.server._admission.Admission.place`. The batches of the
-burst are flushed when it ends.
+burst are flushed when it ends. With the compiled module, a static route's burst is one
+C call (:meth:`Listeners._dispatch_compiled`), and so is a sniffing listener's whose
+HTTP heads are queued at accept (:meth:`Listeners._dispatch_sniffed`; the others go to
+the Python sniffer).
 
 The accept window (``accept_window``, :meth:`Listeners.on_acceptable`): under load, a
 burst waits a few hundred microseconds before it is accepted, so that more connections
@@ -83,6 +86,12 @@ _monotonic = time.monotonic
 _exp = math.exp
 #: seconds: the time constant of a listener's smoothed arrival rate (the accept window)
 WINDOW_TAU = 0.001
+#: the compiled sniffing path: a connection accepted before its first bytes came is
+#: tried again at the listener's next burst, or after this many seconds if none comes...
+UNSNIFFED_RETRY = 0.001
+#: ...until it has waited this long: then the Python sniffer takes it (a task that waits
+#: for its bytes, up to the sniff timeout)
+UNSNIFFED_MAX = 0.005
 _sleep = time.sleep
 
 
@@ -125,6 +134,19 @@ class ListenerState:
         #: the compiled path's constants (Listeners.prepare): metadata around the handoff
         #: id and the client address, the kind code, an entry's largest size
         self.compiled: tuple[bytes, bytes, bytes, bytes, int] | None = None
+        #: a sniffing listener's compiled path (Listeners._dispatch_sniffed) is possible:
+        #: TCP, HTTP sniffed (until the whole head), no PROXY header (set by prepare)
+        self.sniff_compiled = False
+        #: its constants, for the routes, pools and default pool they were made from (a
+        #: reload replaces them; Listeners._sniff_constants): (routes, pools, default_pool,
+        #: (pool, prefix, mid, end, kind, entry_max, max_head))
+        self.sniff_consts: tuple[Any, Any, Any,
+                                 tuple[str, bytes, bytes, bytes, bytes, int, int] | None] | None = None
+        #: connections of that path accepted before their first bytes came: (descriptor,
+        #: address, when first tried), tried again in C by the next burst
+        #: (Listeners._dispatch_sniffed); a retry is armed while there are some
+        self.unsniffed: list[tuple[int, Any, float]] = []
+        self.retry_armed = False
         if cfg.bind.is_unix:
             self.address = f"unix:{cfg.bind.address}"
         else:
@@ -157,6 +179,22 @@ def bind_listener(cfg: ListenerConfig) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def defer_accept(sock: socket.socket, lc: ListenerConfig) -> None:
+    """``defer_accept`` of a TCP listener: TCP_DEFER_ACCEPT (Linux), so that accept
+    returns a connection once its first bytes came (the sniffer then finds the head
+    queued), or after about ``defer_accept`` seconds if none did (Linux waits until the
+    handshake's next retransmission: 1 s gives 1 s, 2 gives 3, 5 gives 7). Elsewhere:
+    a warning, and the listener accepts as usual."""
+    opt = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    if opt is None or not sys.platform.startswith("linux"):
+        log.warning("listener %s: defer_accept needs Linux (TCP_DEFER_ACCEPT); ignored", lc.name)
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, opt, lc.defer_accept)
+    except OSError as exc:
+        log.warning("listener %s: TCP_DEFER_ACCEPT not set: %s", lc.name, exc)
 
 
 def _same_address(sock: socket.socket, cfg: ListenerConfig) -> bool:
@@ -196,6 +234,8 @@ class Listeners:
         #: the sniffer's no-wait attempt (a whole head already queued), or None
         self.sniff_now: Callable[..., Any] | None = None
         self._sniff_rules: dict[str, Any] = {}
+        #: the sniffer's bound of the metadata it adds (set when it is loaded)
+        self._max_sniff_meta = 0
         #: per listener with a PROXY setting: the rules for a source not in its
         #: proxy_allow_from (no PROXY parsing), and the networks allowed (None: any)
         self._untrusted_rules: dict[str, Any] = {}
@@ -230,6 +270,8 @@ class Listeners:
                                              f"{exc.strerror or exc}") from exc
                 except SockshareError as exc:
                     raise OSError(f"cannot listen on {lc.bind.text}: {exc}") from exc
+            if lc.defer_accept:
+                defer_accept(sock, lc)
             self.all.append(ListenerState(lc, sock, owned=owned))
 
     def prepare(self) -> None:
@@ -254,6 +296,10 @@ class Listeners:
                 end = f'],{tail}}}'.encode()
                 ls.compiled = (prefix, mid, end, SocketKind.code_of(ls.sock),
                                _ENTRY_SLACK + len(prefix) + len(mid) + len(end))
+            rules = self._sniff_rules.get(ls.cfg.name)
+            ls.sniff_compiled = (ls.sniffs and ls.tcp_info and ls.cfg.proxy == "off"
+                                 and rules is not None and rules.http
+                                 and rules.http_until == "headers")
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -272,6 +318,8 @@ class Listeners:
         for ls in self.all:
             with contextlib.suppress(ValueError, RuntimeError, OSError):
                 loop.remove_reader(ls.sock.fileno())
+            if ls.unsniffed:   # (accepted already: sniffed and served by this dispatcher)
+                self._flush_unsniffed(ls)
 
     def close_all(self) -> None:
         for ls in self.all:
@@ -315,8 +363,9 @@ class Listeners:
         return pick
 
     def _load_sniffer(self) -> None:
-        from sockshare.server._sniff import SniffRules, sniff, sniff_now
+        from sockshare.server._sniff import MAX_SNIFF_META, SniffRules, sniff, sniff_now
 
+        self._max_sniff_meta = MAX_SNIFF_META
         self.sniff = sniff
         self.sniff_now = sniff_now
         for lc in self.cfg.listeners:
@@ -349,6 +398,17 @@ class Listeners:
         return any(ip in net for net in nets)
 
     def close(self, ls: ListenerState) -> None:
+        pending, ls.unsniffed = ls.unsniffed, []
+        for fd, _a, _t in pending:   # (stopping: reset, as the sniffing tasks are)
+            ls.accepted += 1
+            self.counters["accepted"] += 1
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                continue
+            close_reset(sock)
         if ls.sock.fileno() < 0:
             return
         with contextlib.suppress(ValueError, RuntimeError):
@@ -408,17 +468,24 @@ class Listeners:
         accept = ls.sock._accept  # type: ignore[attr-defined]  # the C accept, see ListenerState
         family, type_, proto = ls.kind
         budget = ACCEPT_BATCH
+        waiting = 0
         if ls.sniffs:
-            room = self.cfg.sniff_max - len(self.sniffing)
+            # (the connections waiting for their first bytes count as being sniffed; they
+            # go first in the compiled burst, within its budget)
+            waiting = len(ls.unsniffed)
+            room = self.cfg.sniff_max - len(self.sniffing) - waiting
             if room <= 0:
-                self.hold(ls, "sniff")
+                self.hold(ls, "sniff")   # (the waiting ones: to the Python sniffer)
                 return
-            budget = min(budget, room)
+            budget = min(budget, room) + waiting
         sp = _fast.speedups
         if sp is not None and ls.tcp_info:
             if ls.compiled is not None and self._dispatch_compiled(ls, sp, budget):
                 return
-            self._accept_compiled(ls, sp, budget)
+            if ls.sniff_compiled and self._dispatch_sniffed(ls, sp, budget):
+                return
+            # (not taken: the waiting ones went to the Python sniffer, in their places)
+            self._accept_compiled(ls, sp, budget - waiting)
             return
         if ls.tcp_info:
             # Linux tells a TCP listener's accept queue length (TCP_INFO, tcpi_unacked):
@@ -464,11 +531,33 @@ class Listeners:
         (:meth:`waiting_of`): re-dispatched like any other. False: take the Python path."""
         assert ls.static_route is not None
         assert ls.compiled is not None
-        pool = self.pools.get(ls.static_route[0])
-        if (pool is None or pool.queue or type(pool.policy) is not LeastConnections
-                or self.admission.upstream is not None):
+        found = self._compiled_workers(ls.static_route[0])
+        if found is None:
             return False
-        workers: list[tuple[int, int, int, dict[int, tuple[int, bytes, float]]]] = []
+        policy, workers, slots, room, peer_max = found
+        prefix, mid, end, kind, entry_max = ls.compiled
+        budget = min(budget, room, max(1, (peer_max - 2) // entry_max))
+        frames, n, status, last_fd, policy._last, self._seq, self._hid = sp.dispatch_burst(
+            ls.sock.fileno(), budget, self._fd_high, self._seq, self._hid, policy._last,
+            prefix, mid, end, kind, FLAG_ACK, time.monotonic(), workers)
+        self._sent_compiled(ls, n, frames, slots, status=status, last_fd=last_fd)
+        return True
+
+    def _compiled_workers(self, name: str) -> tuple[
+            LeastConnections, list[tuple[int, int, int, dict[int, tuple[int, bytes, float, bytes]]]],
+            list[WorkerSlot], int, int] | None:
+        """The compiled paths' view of pool ``name``: ``(policy, workers, slots, room,
+        peer_max)`` -- its policy, the workers with room as ``(id, connections, room, raw
+        dict)``, their slots, their room together, the smallest frame limit of their channels;
+        None when the burst must take the Python path (not ``least-conn``, a queue, no
+        worker with room, a hand-over under way)."""
+        pool = self.pools.get(name)
+        if pool is None or pool.queue or self.admission.upstream is not None:
+            return None
+        policy = pool.policy
+        if type(policy) is not LeastConnections:
+            return None
+        workers: list[tuple[int, int, int, dict[int, tuple[int, bytes, float, bytes]]]] = []
         slots: list[WorkerSlot] = []
         room = 0
         peer_max = MAX_PAYLOAD
@@ -485,13 +574,13 @@ class Listeners:
             room += r
             peer_max = min(peer_max, ch.peer.max_payload)
         if not workers:
-            return False
-        prefix, mid, end, kind, entry_max = ls.compiled
-        budget = min(budget, room, max(1, (peer_max - 2) // entry_max))
-        policy = pool.policy
-        frames, n, status, last_fd, policy._last, self._seq, self._hid = sp.dispatch_burst(
-            ls.sock.fileno(), budget, self._fd_high, self._seq, self._hid, policy._last,
-            prefix, mid, end, kind, FLAG_ACK, time.monotonic(), workers)
+            return None
+        return policy, workers, slots, room, peer_max
+
+    def _sent_compiled(self, ls: ListenerState, n: int,
+                       frames: list[tuple[int, bytes, list[int], int]], slots: list[WorkerSlot],
+                       *, status: int, last_fd: int) -> None:
+        """After a compiled burst: its counts, its frames to the channels, its status."""
         if n:
             ls.accepted += n
             self.counters["accepted"] += n
@@ -505,7 +594,152 @@ class Listeners:
             log.error("accept on %s failed: %s; pausing it for 0.5 s", ls.address,
                       os.strerror(status))
             self._pause(ls, 0.5)
+
+    def _sniff_constants(self, ls: ListenerState) -> tuple[str, bytes, bytes, bytes, bytes, int,
+                                                           int] | None:
+        """The compiled sniffing path's constants for ``ls``: ``(pool, prefix, mid, end,
+        kind, entry_max, max_head)``, or None where the route depends on the connection
+        (routes configured) or the pool ends TLS (plain bytes read for it are refused:
+        :meth:`_route`). Made again when a reload changed the routes, the pools or the
+        default pool."""
+        cfg = self.cfg
+        cached = ls.sniff_consts
+        if (cached is not None and cached[0] is cfg.routes and cached[1] is cfg.pools
+                and cached[2] == cfg.default_pool):
+            return cached[3]
+        consts = None
+        if not cfg.routes:
+            rules = self._sniff_rules[ls.cfg.name]
+            pool, why = cfg.route(ls.cfg, {})
+            pcfg = cfg.pools.get(pool)
+            if pcfg is not None and not pcfg.web.tls:
+                prefix = f'{{"handoff_id":"{self._pid}.'.encode()
+                mid = f'","listener":{json.dumps(ls.cfg.name)},"client":["'.encode()
+                end = f',"route":{json.dumps(why)},"pool":{json.dumps(pool)}}}'.encode()
+                # the largest entry: the constant metadata, the sniffed part at its limit,
+                # the head at its limit
+                entry_max = (_ENTRY_SLACK + len(prefix) + len(mid) + len(end)
+                             + self._max_sniff_meta + rules.max_http_head)
+                consts = (pool, prefix, mid, end, SocketKind.code_of(ls.sock), entry_max,
+                          rules.max_http_head)
+        ls.sniff_consts = (cfg.routes, cfg.pools, cfg.default_pool, consts)
+        return consts
+
+    def _dispatch_sniffed(self, ls: ListenerState, sp: _fast.Speedups, budget: int) -> bool:
+        """:meth:`_dispatch_compiled` for a listener that sniffs the HTTP Host
+        (sockshare._speedups.dispatch_sniffed): each connection whose whole, plain
+        HTTP/1.x head is already queued is sniffed in C -- the head read and sent along
+        as pre-read data, the request in its metadata, as :meth:`_admit` and
+        ``sniff_now`` would do it -- and handed over with the burst. The others (nothing
+        queued yet, TLS, anything unusual) come back untouched and take the Python
+        sniffer (:meth:`_admit`: ``sniff_now``, else a task), which also says what is
+        wrong. False: the whole burst takes the Python path."""
+        consts = self._sniff_constants(ls)
+        found = None if consts is None else self._compiled_workers(consts[0])
+        if consts is None or found is None:
+            if ls.unsniffed:
+                self._flush_unsniffed(ls)
+            return False
+        _name, prefix, mid, end, kind, entry_max, max_head = consts
+        policy, workers, slots, room, peer_max = found
+        budget = min(budget, room, max(1, (peer_max - 2) // entry_max), sp.MAX_FDS)
+        pending, ls.unsniffed = ls.unsniffed, []
+        now = time.monotonic()
+        # (the call owns the pending descriptors from here: frames, left, or closed)
+        frames, n, status, last_fd, policy._last, self._seq, self._hid, left = \
+            sp.dispatch_sniffed(ls.sock.fileno(), budget, self._fd_high, self._seq, self._hid,
+                                policy._last, prefix, mid, end, kind, FLAG_ACK, now, workers,
+                                max_head, self._max_sniff_meta, peer_max,
+                                [(fd, addr) for fd, addr, _t in pending])
+        if left:
+            self._sniff_left(ls, sp, left, {fd: t for fd, _a, t in pending}, now)
+        self._sent_compiled(ls, n, frames, slots, status=status, last_fd=last_fd)
         return True
+
+    def _sniff_left(self, ls: ListenerState, sp: _fast.Speedups, left: list[tuple[int, Any, int]],
+                    since: dict[int, float], now: float) -> None:
+        """The connections of a compiled sniffing burst that C did not sniff: nothing
+        queued yet (-1): kept for the next burst (:attr:`ListenerState.unsniffed`) for up
+        to UNSNIFFED_MAX; else to the Python sniffer (0: untouched, or waited long
+        enough), or refused (an errno: their head failed mid-read)."""
+        family, type_, proto = ls.kind
+        make, counters = socket.socket, self.counters
+        owned = 0
+        try:
+            for fd, addr, err in left:
+                owned += 1
+                if err == -1:
+                    first = since.get(fd, now)
+                    if now - first < UNSNIFFED_MAX and not self.d.stopping:
+                        ls.unsniffed.append((fd, addr, first))
+                        continue
+                try:
+                    sock = make(family, type_, proto, fd)
+                except OSError:   # (the client already gone, say) never leave the fd behind
+                    os.close(fd)
+                    continue
+                ls.accepted += 1
+                counters["accepted"] += 1
+                if err > 0:
+                    n = self._seq
+                    self._seq = n + 1
+                    meta: dict[str, Any] = {"handoff_id": f"{self._pid}.{n}",
+                                            "listener": ls.cfg.name, "client": [addr[0], addr[1]]}
+                    from sockshare.server._sniff import SniffError
+
+                    self._sniff_failed(ls, sock, meta, SniffError(
+                        f"connection failed while sniffing: {os.strerror(err)}", "closed"))
+                else:
+                    self._admit(ls, sock, addr)
+        except BaseException:
+            sp.close_fds([f for f, _a, _e in left[owned:]])
+            raise
+        if ls.unsniffed and not ls.retry_armed:
+            ls.retry_armed = True
+            asyncio.get_running_loop().call_later(UNSNIFFED_RETRY, self._retry_unsniffed, ls)
+
+    def _retry_unsniffed(self, ls: ListenerState) -> None:
+        """The retry of connections accepted before their first bytes came, when no
+        burst of their listener came first: a burst now (they go first)."""
+        ls.retry_armed = False
+        if not ls.unsniffed:
+            return
+        if ls.holds or self.d.stopping or self.d.handover.handed_over or ls.sock.fileno() < 0:
+            self._flush_unsniffed(ls)
+            return
+        admission = self.admission
+        admission.accepting = True
+        try:
+            self._accept_burst(ls)
+        finally:
+            admission.accepting = False
+        if ls.unsniffed and "sniff" in ls.holds:
+            self._flush_unsniffed(ls)
+        if admission.batches:
+            admission.flush()
+
+    def _flush_unsniffed(self, ls: ListenerState) -> None:
+        """The connections waiting for their first bytes, to the Python sniffer now (a
+        hold, a hand-over, or the compiled path not taken)."""
+        pending, ls.unsniffed = ls.unsniffed, []
+        family, type_, proto = ls.kind
+        owned = 0
+        try:
+            for fd, addr, _t in pending:
+                owned += 1
+                try:
+                    sock = socket.socket(family, type_, proto, fd)
+                except OSError:
+                    os.close(fd)
+                    continue
+                ls.accepted += 1
+                self.counters["accepted"] += 1
+                self._admit(ls, sock, addr)
+        except BaseException:
+            for fd, _a, _t in pending[owned:]:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
 
     def waiting_of(self, t: Ticket) -> Waiting:
         """A handoff of the compiled path that came back (rejected, or its channel
@@ -515,7 +749,7 @@ class Listeners:
         meta: dict[str, Any] = json.loads(t.meta)
         info = ConnInfo(meta["client"], meta["listener"], meta["pool"], meta["handoff_id"], meta)
         now = time.monotonic()
-        return Waiting(t.socket, info, meta, b"", now, raw=t.meta, sent=now)
+        return Waiting(t.socket, info, meta, t.data, now, raw=t.meta, sent=now)
 
     def _accept_compiled(self, ls: ListenerState, sp: _fast.Speedups, budget: int) -> None:
         """:meth:`_accept_burst` with the accept loop in C (sockshare._speedups): one
@@ -557,6 +791,8 @@ class Listeners:
             with contextlib.suppress(ValueError, RuntimeError, OSError):
                 asyncio.get_running_loop().remove_reader(ls.sock.fileno())
         ls.holds.add(why)
+        if ls.unsniffed:   # (no next burst to try them again: the Python sniffer's now)
+            self._flush_unsniffed(ls)
 
     def release(self, ls: ListenerState, why: str) -> None:
         if why not in ls.holds:

@@ -161,7 +161,7 @@ class WorkerSlot:
         self.pending: dict[int, tuple[Ticket, Waiting]] = {}
         #: handoffs in flight sent by the compiled path (its channel's ``raw_pending``:
         #: id -> (descriptor, meta JSON, sent)); counted like ``pending``
-        self.raw: dict[int, tuple[int, bytes, float]] = {}
+        self.raw: dict[int, tuple[int, bytes, float, bytes]] = {}
         self.started = 0.0
         self.rate = 0.0
         self.marks: deque[tuple[float, int]] = deque(maxlen=6)

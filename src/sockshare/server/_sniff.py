@@ -37,6 +37,10 @@ gives :data:`NEED_DATA` (tested at every byte), and nothing but a result,
 :func:`proxy_signature` and :func:`parse_proxy_header`, :func:`classify`,
 :func:`parse_client_hello`, :func:`parse_http_head`; :func:`route` looks a name up in a
 routing table.
+The dispatcher's compiled accept burst has a C twin of the commonest case, a whole plain
+HTTP/1.x head queued at accept (``sockshare._speedups.dispatch_sniffed``, docs/sniffing.md,
+"In C, when the head is queued"); it takes a subset of what :func:`parse_http_head`
+accepts, with the same result, and leaves everything else to this module.
 
 The asyncio driver :func:`sniff` moves the bytes: it peeks at everything queued (up to a
 bound), runs a parser, and when the parser needs more it waits for the socket to hold

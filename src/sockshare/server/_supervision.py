@@ -918,7 +918,7 @@ class Supervisor:
                     or slot.hung:
                 continue
             oldest = min([w.sent for _t, w in slot.pending.values()]
-                         + [sent for _fd, _meta, sent in slot.raw.values()])
+                         + [sent for _fd, _meta, sent, _data in slot.raw.values()])
             if now - oldest <= self.cfg.timeout:
                 continue
             slot.hung = True
