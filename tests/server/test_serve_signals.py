@@ -411,3 +411,36 @@ def test_required_proxy_header_from_an_unlisted_source_is_refused(tmp_path: Path
         assert "127.0.0.2 is not in its proxy_allow_from" in srv.log()
         assert pid_alive(srv.pid)
     assert wait_gone(srv.pid, 1.0)
+
+
+def test_a_reload_that_adds_routes_applies_them_to_new_connections(tmp_path: Path) -> None:
+    """``routes`` and ``default_pool`` are live: a listener whose every connection went
+    to one pool (its metadata compiled once, no routes to try) follows the re-read file.
+    (Before, a reload that added ``[[routes]]`` was logged as applied and ignored.)"""
+    conf = tmp_path / "serve.toml"
+    two_pools = ('grace = 5.0\ndefault_pool = "web"\n[[listen]]\nbind = "127.0.0.1:0"\n'
+                 'name = "main"\n[pools.web]\napp = "live_apps:handle"\nworkers = 1\n'
+                 '[pools.beta]\napp = "live_apps:handle"\nworkers = 1\n')
+    conf.write_text(two_pools)
+    with LiveServer(tmp_path, "--config", str(conf), app=None, bind=[], workers=None,
+                    ready=2) as srv:
+        pool_of = {w["pid"]: w["pool"] for w in srv.status()["workers"]}
+
+        def pools_now() -> set[str]:
+            out = set()
+            for _ in range(4):
+                c = LineClient(srv.address())
+                out.add(pool_of[c.ask("echo a")["pid"]])
+                c.close()
+            return out
+
+        assert pools_now() == {"web"}
+        conf.write_text(two_pools + '[[routes]]\nlistener = "main"\npool = "beta"\n')
+        assert srv.command({"cmd": "reload", "wait": True})["ok"]
+        pool_of = {w["pid"]: w["pool"] for w in srv.status()["workers"] if w["state"] == "ready"}
+        assert pools_now() == {"beta"}
+        conf.write_text(two_pools.replace('default_pool = "web"', 'default_pool = "beta"'))
+        assert srv.command({"cmd": "reload", "wait": True})["ok"]
+        pool_of = {w["pid"]: w["pool"] for w in srv.status()["workers"] if w["state"] == "ready"}
+        assert pools_now() == {"beta"}
+        assert srv.status()["counters"]["refused"] == 0

@@ -287,7 +287,16 @@ class Listeners:
                 # open (upgrades, the fd store), so it never accepts there
                 ls.worker_pool = worker[ls.cfg.name]
                 ls.holds.add("worker")
+        self.settle_routes()
+
+    def settle_routes(self) -> None:
+        """Each listener's static route and its compiled metadata, from the running
+        configuration: at start, and again at every reload that re-reads it (``routes``
+        and ``default_pool`` are live: a listener compiled for one pool kept handing to
+        it after a reload that added ``[[routes]]``)."""
+        for ls in self.all:
             ls.static_route = self._static_route(ls)
+            ls.compiled = None
             ls.sniffs = ls.cfg.sniffs and self.sniff is not None
             if ls.static_route is not None and ls.tcp_info and not ls.sniffs:
                 _pool, _why, head, tail = ls.static_route

@@ -115,3 +115,4 @@ def _apply(d: Dispatcher, top: dict[str, Any], pools: dict[str, PoolConfig]) -> 
         state.rebalance = (not pc.policy.startswith("hash-")) if pc.rebalance is None \
             else pc.rebalance
     logging.getLogger().setLevel(getattr(logging, d.cfg.log_level.upper(), logging.INFO))
+    d.listeners.settle_routes()   # (routes and default_pool: where connections go)
