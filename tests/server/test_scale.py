@@ -209,3 +209,45 @@ def test_8000_websockets_reload_with_short_grace(tmp_path: Path) -> None:
         assert counters["lost"] == 0
         assert counters["web_ws_closed_1012"] == 0
         assert counters["drain_kills"] == 0
+
+
+def test_1800_websockets_under_1024_descriptors_reload(tmp_path: Path) -> None:
+    """Two workers of the ASGI demo near their descriptor limit (900 WebSockets each
+    under RLIMIT_NOFILE 1,024: a move holds two descriptors on its way, and each has
+    fewer than 100 to spare), through a reload with a short --grace: every WebSocket
+    moves, a few at a time as descriptors come free. Before, the first moves took the
+    spare descriptors, every other move of the drain failed at once (EMFILE on its
+    ``dup``, a raw OSError to the app), nothing asked them again, and the drain's end
+    closed them all (in benchmarks/scale.py a reload after a migration dropped 19,746
+    of 20,000)."""
+    pytest.importorskip("uvicorn", reason="pip install 'sockshare[asgi]' (or the test extra)")
+    pytest.importorskip("wsproto")
+    n = 1800
+    room_for(n)
+    with LiveServer(tmp_path, "--no-rebalance", "--grace", "1", "--log-level", "warning",
+                    app="sockshare.server._demo_asgi:app", workers=2, nofile=1024) as srv:
+        load = Load(srv.address(), short_clients=0, ws_clients=n, ws_period=5.0, timeout=30.0)
+        load.start()
+        try:
+            st = srv.wait_for(lambda st: sum(w["connections"] for w in st["workers"]) == n,
+                              timeout=60, what=f"{n} WebSockets open")
+            assert min(w["connections"] for w in st["workers"]) >= 850   # (both near the limit)
+            wait_until(lambda: load.snapshot().ws_messages >= n, timeout=30,
+                       what="an echo on each")
+            old = _pids(st)
+            assert srv.command({"cmd": "reload", "wait": True})["ok"]
+            wait_until(lambda: not any(pid_alive(p) for p in old), timeout=60,
+                       what="the old workers to exit")
+            wait_until(lambda: load.snapshot().moves >= n, timeout=30, what="every move seen")
+            time.sleep(5.5)   # (one more message each, on the new workers)
+        finally:
+            final = load.stop()
+        counters = srv.status()["counters"]
+        print(f"{n} WebSockets under 1,024 descriptors moved by a reload: {final.moves} moves",
+              {k: v for k, v in counters.items() if v})
+        assert final.failures() == 0, final
+        assert final.ws_opened == n
+        assert final.moves == n
+        assert counters["lost"] == 0
+        assert counters["web_ws_closed_1012"] == 0
+        assert counters["drain_kills"] == 0

@@ -44,8 +44,10 @@ to load with a message that says what to install.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import errno
 import functools
 import inspect
 import io
@@ -63,7 +65,7 @@ from email.utils import formatdate
 from typing import Any
 
 from sockshare._errors import SockshareError
-from sockshare.server._handler import MIGRATION_WINDOW, MoveWindow, set_nodelay
+from sockshare.server._handler import MIGRATION_WINDOW, MigrationRefused, MoveWindow, set_nodelay
 from sockshare.server._platform import dup_fd
 
 __all__ = [
@@ -689,6 +691,10 @@ class WebServer:
         #: bound on how many go at once
         self.ws_moving = 0
         self.ws_slots = MoveWindow(MIGRATION_WINDOW)
+        #: moves that hold a duplicate descriptor now (each frees it when it ends), and
+        #: the moves waiting for one of those (:meth:`dup_for_move`)
+        self.fd_holders = 0
+        self._fd_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         #: True while :meth:`_protocol` builds the WebSocket protocol of a connection
         #: that resumes here (``_wsmove``: it needs no handshake set-up)
         self.making_resumed = False
@@ -1169,6 +1175,43 @@ class WebServer:
         self.state.tasks.add(task)
         task.add_done_callback(self.state.tasks.discard)
 
+    async def dup_for_move(self, fd: int) -> int:
+        """A duplicate of ``fd`` for a move (the transport keeps ``fd`` until a target
+        has the connection: a move holds two descriptors on its way). Out of descriptors
+        (EMFILE, ENFILE) while other moves hold some: wait until one of them ends (it
+        frees its duplicate, and its connection's descriptor if it left) and try again,
+        first come first served. A worker near its limit then moves its connections a
+        few at a time instead of refusing all but the first few -- which a drain never
+        asked again, and closed at its end (19,746 WebSockets of a worker of 19,906 at a
+        20,000-descriptor limit dropped by a reload). With no move holding one, nothing
+        will free a descriptor: :class:`MigrationRefused`, the reason given. The caller
+        calls :meth:`move_ended` once the duplicate is closed."""
+        while True:
+            try:
+                new = dup_fd(fd)
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self.fd_holders:
+                    raise MigrationRefused(
+                        f"cannot duplicate the connection's descriptor: {exc}") from None
+                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._fd_waiters.append(fut)
+                await fut
+                continue
+            self.fd_holders += 1
+            return new
+
+    def move_ended(self) -> None:
+        """A move that held a duplicate descriptor ended (the duplicate is closed): the
+        next move waiting for a descriptor tries again."""
+        self.fd_holders -= 1
+        waiters = self._fd_waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():   # (a cancelled waiter is skipped)
+                fut.set_result(None)
+                return
+        # (none waits: nothing to do)
+
     async def _handover(self, proto: Any) -> None:
         """Hand one idle keep-alive connection over: stop reading, let the last response
         leave, give a duplicate of the socket to the dispatcher, and close ours once a
@@ -1192,15 +1235,28 @@ class WebServer:
                 transport.resume_reading()
                 return
             raw = transport.get_extra_info("socket")
-            dup = socket.socket(raw.family, raw.type, raw.proto, dup_fd(raw.fileno()))
-            meta = {k: v for k, v in c.meta.items() if k not in ("resume", "migration", "attempt")}
-            previous = c.meta.get("migration")
-            count = previous.get("count", 0) if isinstance(previous, dict) else 0
-            meta["migration"] = {"count": (count if isinstance(count, int) else 0) + 1,
-                                 "reason": self.handover_reason or "rebalance",
-                                 "started": time.monotonic()}
-            meta["resume"] = KEEP_ALIVE_RESUME
-            outcome = await self.relay(dup, _COMPACT.encode(meta).encode(), b"")
+            try:
+                fd = await self.dup_for_move(raw.fileno())
+            except MigrationRefused as exc:
+                outcome = f"rejected: {exc}"
+            else:
+                try:
+                    try:
+                        dup = socket.socket(raw.family, raw.type, raw.proto, fd)
+                    except OSError:
+                        os.close(fd)
+                        raise
+                    meta = {k: v for k, v in c.meta.items()
+                            if k not in ("resume", "migration", "attempt")}
+                    previous = c.meta.get("migration")
+                    count = previous.get("count", 0) if isinstance(previous, dict) else 0
+                    meta["migration"] = {"count": (count if isinstance(count, int) else 0) + 1,
+                                         "reason": self.handover_reason or "rebalance",
+                                         "started": time.monotonic()}
+                    meta["resume"] = KEEP_ALIVE_RESUME
+                    outcome = await self.relay(dup, _COMPACT.encode(meta).encode(), b"")
+                finally:
+                    self.move_ended()
         finally:
             self._moving.discard(proto)
         if outcome == "accepted":

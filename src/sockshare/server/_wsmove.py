@@ -51,7 +51,6 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from sockshare.protocol import MAX_DATA, MAX_META
-from sockshare.server._platform import dup_fd
 
 if TYPE_CHECKING:
     from sockshare.server._web import WebServer
@@ -280,9 +279,18 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
                     raise MigrationRefused("the client did not take what was written")
                 async with web.ws_slots:   # (MIGRATION_WINDOW at once)
                     raw = transport.get_extra_info("socket")
-                    dup = socket.socket(raw.family, raw.type, raw.proto, dup_fd(raw.fileno()))
-                    assert web.relay is not None
-                    outcome = await web.relay(dup, meta, bytes(self._ss_raw))
+                    # (out of descriptors: waits for a move in flight to end, or refused)
+                    fd = await web.dup_for_move(raw.fileno())
+                    try:
+                        try:
+                            dup = socket.socket(raw.family, raw.type, raw.proto, fd)
+                        except OSError:
+                            os.close(fd)
+                            raise
+                        assert web.relay is not None
+                        outcome = await web.relay(dup, meta, bytes(self._ss_raw))
+                    finally:
+                        web.move_ended()
             except BaseException:
                 web.ws_moving -= 1
                 self._ss_moving = False
