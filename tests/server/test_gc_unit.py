@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -136,6 +136,16 @@ def test_a_hold_collects_the_youngest_generation_past_young_max(
     assert young < 5_000
 
 
+def _recorder() -> tuple[list[int], Callable[[str, dict[str, int]], None]]:
+    """A ``gc.callbacks`` entry that lists the generation of every collection begun."""
+    seen: list[int] = []
+
+    def record(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            seen.append(info["generation"])
+    return seen, record
+
+
 def test_a_retiring_worker_never_walks_its_oldest_generation_again() -> None:
     """The drain of a worker with 10,000 WebSockets stalled for seconds in a full
     collection (and was killed for making no progress): once retired, collections of
@@ -143,11 +153,7 @@ def test_a_retiring_worker_never_walks_its_oldest_generation_again() -> None:
     is never collected again, however much survives."""
     gc.set_threshold(700, 10, 10)
     gc.enable()
-    seen: list[int] = []
-
-    def record(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            seen.append(info["generation"])
+    seen, record = _recorder()
 
     def churn() -> tuple[list[object], bool]:
         keep: list[object] = []
@@ -196,11 +202,7 @@ def test_the_end_of_a_large_hold_runs_one_full_collection_and_nothing_before_it(
     all of them in a reload of 20,000 (0.6 s of a new worker's CPU)."""
     gc.set_threshold(700, 10, 10)
     gc.enable()
-    seen: list[int] = []
-
-    def record(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            seen.append(info["generation"])
+    seen, record = _recorder()
 
     async def main() -> tuple[list[int], list[int]]:
         hold = MoveBurst()

@@ -1175,8 +1175,8 @@ class WebServer:
         self.state.tasks.add(task)
         task.add_done_callback(self.state.tasks.discard)
 
-    async def dup_for_move(self, fd: int) -> int:
-        """A duplicate of ``fd`` for a move (the transport keeps ``fd`` until a target
+    async def dup_for_move(self, raw: socket.socket) -> socket.socket:
+        """A duplicate of ``raw`` for a move (the transport keeps ``raw`` until a target
         has the connection: a move holds two descriptors on its way). Out of descriptors
         (EMFILE, ENFILE) while other moves hold some: wait until one of them ends (it
         frees its duplicate, and its connection's descriptor if it left) and try again,
@@ -1188,7 +1188,7 @@ class WebServer:
         calls :meth:`move_ended` once the duplicate is closed."""
         while True:
             try:
-                new = dup_fd(fd)
+                fd = dup_fd(raw.fileno())
             except OSError as exc:
                 if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self.fd_holders:
                     raise MigrationRefused(
@@ -1197,8 +1197,13 @@ class WebServer:
                 self._fd_waiters.append(fut)
                 await fut
                 continue
+            try:
+                dup = socket.socket(raw.family, raw.type, raw.proto, fd)
+            except OSError:
+                os.close(fd)
+                raise
             self.fd_holders += 1
-            return new
+            return dup
 
     def move_ended(self) -> None:
         """A move that held a duplicate descriptor ended (the duplicate is closed): the
@@ -1236,16 +1241,11 @@ class WebServer:
                 return
             raw = transport.get_extra_info("socket")
             try:
-                fd = await self.dup_for_move(raw.fileno())
+                dup = await self.dup_for_move(raw)
             except MigrationRefused as exc:
                 outcome = f"rejected: {exc}"
             else:
                 try:
-                    try:
-                        dup = socket.socket(raw.family, raw.type, raw.proto, fd)
-                    except OSError:
-                        os.close(fd)
-                        raise
                     meta = {k: v for k, v in c.meta.items()
                             if k not in ("resume", "migration", "attempt")}
                     previous = c.meta.get("migration")

@@ -45,7 +45,6 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -280,13 +279,8 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
                 async with web.ws_slots:   # (MIGRATION_WINDOW at once)
                     raw = transport.get_extra_info("socket")
                     # (out of descriptors: waits for a move in flight to end, or refused)
-                    fd = await web.dup_for_move(raw.fileno())
+                    dup = await web.dup_for_move(raw)
                     try:
-                        try:
-                            dup = socket.socket(raw.family, raw.type, raw.proto, fd)
-                        except OSError:
-                            os.close(fd)
-                            raise
                         assert web.relay is not None
                         outcome = await web.relay(dup, meta, bytes(self._ss_raw))
                     finally:
