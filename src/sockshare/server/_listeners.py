@@ -483,8 +483,15 @@ class Listeners:
             # go first in the compiled burst, within its budget)
             waiting = len(ls.unsniffed)
             room = self.cfg.sniff_max - len(self.sniffing) - waiting
+            if room <= 0 and waiting:
+                # the room is taken by the waiting ones: to the Python sniffer now. Only a
+                # sniffing task ends a "sniff" hold (_sniffed), and sniff_now may take them
+                # all at once with no task: hold only if tasks now fill the room
+                self._flush_unsniffed(ls)
+                waiting = 0
+                room = self.cfg.sniff_max - len(self.sniffing)
             if room <= 0:
-                self.hold(ls, "sniff")   # (the waiting ones: to the Python sniffer)
+                self.hold(ls, "sniff")
                 return
             budget = min(budget, room) + waiting
         sp = _fast.speedups
