@@ -652,7 +652,9 @@ class Listeners:
         wrong. False: the whole burst takes the Python path."""
         consts = self._sniff_constants(ls)
         found = None if consts is None else self._compiled_workers(consts[0])
-        if consts is None or found is None:
+        # (a peer whose frames cannot hold one entry of the largest head: the Python
+        # path, which sizes each handoff as it is, not a burst C would refuse whole)
+        if consts is None or found is None or found[4] - 2 < consts[5]:
             if ls.unsniffed:
                 self._flush_unsniffed(ls)
             return False
@@ -667,9 +669,11 @@ class Listeners:
                                 policy._last, prefix, mid, end, kind, FLAG_ACK, now, workers,
                                 max_head, self._max_sniff_meta, peer_max,
                                 [(fd, addr) for fd, addr, _t in pending])
-        if left:
-            self._sniff_left(ls, sp, left, {fd: t for fd, _a, t in pending}, now)
-        self._sent_compiled(ls, n, frames, slots, status=status, last_fd=last_fd)
+        try:   # (the frames leave first: what is left may raise in the Python path)
+            self._sent_compiled(ls, n, frames, slots, status=status, last_fd=last_fd)
+        finally:
+            if left:
+                self._sniff_left(ls, sp, left, {fd: t for fd, _a, t in pending}, now)
         return True
 
     def _sniff_left(self, ls: ListenerState, sp: _fast.Speedups, left: list[tuple[int, Any, int]],
