@@ -907,6 +907,23 @@ def _stop(pid: int) -> None:
     raise AssertionError(f"process {pid} did not stop")
 
 
+def _agent_served(pid: int) -> None:
+    """Wait (bounded) until ``pid``'s export agent has served every connection made to
+    it: the only socket left with its address is its listener (/proc/net/unix lists a
+    connection still in the accept queue, or accepted and not yet closed, under the
+    listener's name too). ``pending()`` cannot tell: it says 1 while a CLAIM waits, 0
+    while the agent serves it (the token is in flight), 1 again once it gave it back."""
+    deadline = time.monotonic() + IO
+    while time.monotonic() < deadline:
+        with open("/proc/net/unix", encoding="ascii", errors="replace") as f:
+            next(f)
+            named = [line for line in f if f" @sockshare/{pid}/" in line]
+        if len(named) == 1:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"the export agent of pid {pid} still has connections: {named}")
+
+
 def test_stopped_exporter_times_out_and_the_token_survives(
     exporter: PeerProcess, importer: PeerProcess,
 ) -> None:
@@ -937,10 +954,9 @@ def test_stopped_exporter_times_out_and_the_token_survives(
         finally:
             os.kill(exporter.pid, signal.SIGCONT)
         # The agent served the claim when it woke up, found the importer gone and kept
-        # the socket for the next try (it finds that out on its own thread: bounded wait)
-        deadline = time.monotonic() + 10
-        while exporter.call("pending") != 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        # the socket for the next try (on its own thread: wait until it is done with
+        # that connection; pending() alone says 1 before it starts, too)
+        _agent_served(exporter.pid)
         assert exporter.call("pending") == 1
         got = importer.call("import", token=token, timeout=5)
         srv.sendall(b"still here;")
@@ -959,12 +975,40 @@ def test_stopped_exporter_times_out_and_the_token_survives(
         assert importer.fails("import", token=token, timeout=0.5).name == "ExporterTimeout"
     finally:
         os.kill(exporter.pid, signal.SIGCONT)
-    deadline = time.monotonic() + 5
-    while exporter.call("pending") != 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _agent_served(exporter.pid)
+    assert exporter.call("pending") == 1
     assert exporter.call("release", token=token) is True
     assert exporter.call("pending") == 0
     assert importer.fails("import", token=token).name == "TokenExpired"  # (released)
+    settle(exporter)
+    settle(importer)
+
+
+def test_claim_to_a_gone_importer_never_takes_the_token(
+    exporter: PeerProcess, importer: PeerProcess,
+) -> None:
+    """The CLAIMs a stopped exporter finds when it resumes come from importers that
+    timed out and hung up: their GRANTs cannot be sent, and no token ever leaves the
+    pending set -- ``pending()`` read all along never drops (a token in flight), and
+    ``release()`` withdraws each token and says so (True)."""
+    n = 64
+    for _round in range(2):  # (a round without the fix sees a token in flight: 1 in 2)
+        socks = [exporter.call("socket", family="unix", type="dgram") for _ in range(n)]
+        tokens = [exporter.call("export", h=x["h"], pid=importer.pid, close=True)
+                  for x in socks]
+        _stop(exporter.pid)
+        try:
+            got = importer.call("import_many", tokens=tokens, threads=32, timeout=0.3)
+            assert got == [["ExporterTimeout"]] * n
+            # read by the exporter's main thread as soon as it resumes, while its agent
+            # serves those CLAIMs
+            exporter.send("watch_pending", seconds=0.2)
+        finally:
+            os.kill(exporter.pid, signal.SIGCONT)
+        assert exporter.reply() == [n]
+        _agent_served(exporter.pid)
+        assert [exporter.call("release", token=t) for t in tokens] == [True] * n
+        assert exporter.call("pending") == 0
     settle(exporter)
     settle(importer)
 

@@ -218,14 +218,16 @@ class Peer:
             _unpool()
         return {"h": self._add(s), **self.info(s)}
 
-    def op_import_many(self, tokens: list[str], threads: int = 8) -> list[Any]:
-        """Import ``tokens`` concurrently from ``threads`` threads; close each socket.
+    def op_import_many(self, tokens: list[str], threads: int = 8,
+                       timeout: float = IO_TIMEOUT) -> list[Any]:
+        """Import ``tokens`` concurrently from ``threads`` threads (each import within
+        ``timeout``); close each socket.
 
         Returns, per token, ``[family, type, inode]`` or ``[error class name]``.
         """
         def one(token: str) -> list[Any]:
             try:
-                s = sockshare.import_socket(token, timeout=IO_TIMEOUT)
+                s = sockshare.import_socket(token, timeout=timeout)
             except sockshare.SockshareError as exc:
                 return [type(exc).__name__]
             with s:
@@ -248,6 +250,16 @@ class Peer:
 
     def op_pending(self) -> int:
         return agent().pending()
+
+    def op_watch_pending(self, seconds: float) -> list[int]:
+        """``pending()`` read in a loop for ``seconds``: the values seen, each change once."""
+        seen = [agent().pending()]
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            n = agent().pending()
+            if n != seen[-1]:
+                seen.append(n)
+        return seen
 
     def op_fds(self) -> list[int]:
         return sorted(int(x) for x in os.listdir("/proc/self/fd"))

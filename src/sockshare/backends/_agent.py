@@ -20,7 +20,9 @@ claimer's, read through ``SO_PEERPIDFD`` where the kernel has it (a pid reused b
 process after the target exited does not match). After a GRANT the
 importer answers DONE and the agent closes its duplicate; if the importer hangs up
 instead (it timed out, or died), the token is given back: it can be imported again
-until it expires, unless it was released meanwhile. The connection then stays open for the
+until it expires, unless it was released meanwhile. (An importer that hung up before its
+CLAIM was served never takes the token at all: the GRANT is sent under the registry's lock,
+before the token leaves the pending set, and cannot be.) The connection then stays open for the
 importer's next CLAIM (importers pool one connection per agent: no connect, accept or
 credential check per import), for at most ``IDLE_DEADLINE`` seconds. Expired and released entries are closed
 by the agent's sweep. A bounded memory of finished ids (tombstones) lets the agent say
@@ -571,6 +573,8 @@ class ExportAgent:
                     conn.idle = False
                     conn.deadline = time.monotonic() + CONN_DEADLINE
                     self._on_claim(conn, decode_claim(frame.payload))
+                    if self._conns.get(conn.fd) is not conn:
+                        return  # dropped: its importer hung up
                 elif frame.type == FrameType.DONE and conn.granted is not None:
                     if decode_done(frame.payload) != conn.granted.token_id:
                         raise ValueError("DONE names another token")
@@ -634,14 +638,30 @@ class ExportAgent:
                 close_fds([entry.fd] if entry.fd >= 0 else [])
                 self._reply_error(conn, ErrorCode.EXPIRED, _REFUSALS[ErrorCode.EXPIRED])
                 return
-            del self._entries[claim.token_id]
-            self._tomb(claim.token_id, ErrorCode.CONSUMED)
-            if entry.fd >= 0:
-                self._inflight[claim.token_id] = entry
-        conn.granted = entry
-        frame = encode_frame(FrameType.GRANT, encode_grant(Grant(entry.token_id, entry.kind)),
-                             nfds=0 if IS_WINDOWS else 1)
-        send_with_fds(conn.sock, frame, [] if IS_WINDOWS else [entry.fd])
+            # Sent under the lock, the token still pending: an importer that hung up
+            # before its GRANT (it timed out while this process was stopped or slow, or
+            # it died) never takes the token, not even for an instant -- pending() keeps
+            # counting it, release() withdraws it and says so. (A non-blocking send: it
+            # never waits under the lock.)
+            frame = encode_frame(FrameType.GRANT, encode_grant(Grant(entry.token_id, entry.kind)),
+                                 nfds=0 if IS_WINDOWS else 1)
+            try:
+                send_with_fds(conn.sock, frame, [] if IS_WINDOWS else [entry.fd])
+            except OSError as exc:
+                unsent: OSError | None = exc
+                if entry.fd < 0:  # Windows: the target has the socket already (and closed it)
+                    del self._entries[claim.token_id]
+                    self._tomb(claim.token_id, ErrorCode.CONSUMED)
+            else:
+                unsent = None
+                del self._entries[claim.token_id]
+                self._tomb(claim.token_id, ErrorCode.CONSUMED)
+                if entry.fd >= 0:
+                    self._inflight[claim.token_id] = entry
+                conn.granted = entry
+        if unsent is not None:
+            self._drop(conn, f"the GRANT could not be sent ({unsent}): the importer hung up "
+                             "(it timed out, or died); the token stays pending")
 
     def _same_process(self, entry: _Entry, conn: _Conn) -> bool:
         """Is the process that connected ``conn`` the one ``entry`` was exported for
