@@ -659,6 +659,38 @@ class CpuMeter(threading.Thread):
         return out
 
 
+#: ``--perf DIR``: a system-wide ``perf record`` over each operation, one file per operation
+PERF_DIR: Path | None = None
+#: ``--py-spy DIR``: ``py-spy record --subprocesses`` of the server over each operation
+PYSPY_DIR: Path | None = None
+
+
+def _perf_start(op: str, n: int, server_pid: int) -> subprocess.Popen[bytes] | None:
+    """Start ``perf record -a -g`` (on-CPU samples of every process, the kernel's
+    included) into ``PERF_DIR/<op>-<n>-<k>.data``, or py-spy (the server's processes,
+    Python stacks, ``PYSPY_DIR/<op>-<n>-<k>.txt`` in collapsed form); None without
+    ``--perf`` / ``--py-spy``."""
+    out_dir = PERF_DIR or PYSPY_DIR
+    if out_dir is None:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    k = len(list(out_dir.glob(f"{op}-{n}-*")))
+    if PERF_DIR is not None:
+        cmd = ["perf", "record", "-a", "-g", "-F", "499", "-o", str(out_dir / f"{op}-{n}-{k}.data")]
+    else:
+        cmd = ["py-spy", "record", "--subprocesses", "--rate", "250", "--nonblocking", "--format", "raw",
+               "--pid", str(server_pid), "--output", str(out_dir / f"{op}-{n}-{k}.txt")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)   # the profiler attaches before the operation starts
+    return proc
+
+
+def _perf_stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+
 def run_op(op: str, srv: Server, clients: Clients, n: int, rate: float) -> dict[str, Any]:
     clients.all({"op": "traffic", "rate": rate / len(clients.procs)})
     time.sleep(0.3)
@@ -674,6 +706,7 @@ def run_op(op: str, srv: Server, clients: Clients, n: int, rate: float) -> dict[
     old = {int(w["pid"]) for w in before["workers"] if w["pid"]} if op != "migrate" else set()
     if op == "upgrade":
         old.add(int(before.get("dispatcher") or before["pid"]))
+    perf = _perf_start(op, n, srv.proc.pid)
     meter = CpuMeter(srv.proc.pid, [p.pid for p in clients.procs])
     meter.start()
     t0 = time.monotonic()
@@ -683,6 +716,7 @@ def run_op(op: str, srv: Server, clients: Clients, n: int, rate: float) -> dict[
         time.sleep(0.01)
     took = time.monotonic() - t0
     cpu = meter.stop()
+    _perf_stop(perf)
     time.sleep(0.3)
     outs = clients.all({"op": "settle", "timeout": 30.0})
     current = _worker_pids(srv)
@@ -834,6 +868,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="the operations this many times on the same connections (default 1)")
     ap.add_argument("--plot", default=None, metavar="FILE.png")
+    ap.add_argument("--perf", default=None, metavar="DIR",
+                    help="record each operation with a system-wide `perf record -a -g` "
+                         "into DIR (Linux perf; for `perf report --sort comm,dso,sym`)")
+    ap.add_argument("--py-spy", default=None, metavar="DIR", dest="pyspy",
+                    help="record the server's processes with `py-spy record --subprocesses` "
+                         "over each operation into DIR (collapsed stacks)")
     ap.add_argument("--out", default=str(HERE / "results" / "scale.json"))
     args = ap.parse_args()
     try:
@@ -847,6 +887,11 @@ def main() -> int:
         ap.error(f"--ops: some of {','.join(OPS)}")
     if args.rounds < 1:
         ap.error("--rounds: at least 1")
+    global PERF_DIR, PYSPY_DIR
+    if args.perf and args.pyspy:
+        ap.error("--perf or --py-spy, not both")
+    PERF_DIR = Path(args.perf).resolve() if args.perf else None
+    PYSPY_DIR = Path(args.pyspy).resolve() if args.pyspy else None
     src = Path(args.src).resolve()
     if not (src / "sockshare" / "server" / "_demo_asgi.py").exists():
         ap.error(f"--src {src}: not a sockshare source tree with the ASGI demo")

@@ -20,6 +20,7 @@ def _thresholds() -> Iterator[None]:
     saved = gc.get_threshold()
     enabled = gc.isenabled()
     yield
+    gc.unfreeze()   # (what a test froze goes back: nothing else in this process freezes)
     gc.set_threshold(*saved)
     if enabled:
         gc.enable()
@@ -195,34 +196,124 @@ def test_retiring_leaves_a_collector_the_app_turned_off_alone() -> None:
     assert gc.get_threshold() == (0, 10, 10)
 
 
-def test_the_end_of_a_large_hold_runs_one_full_collection_and_nothing_before_it() -> None:
-    """Connections that moved in are walked once at the end of the hold (a full
-    collection), not by a young, a middle and a full collection in turn: the young
-    collection the collector would run at the first allocation once back on walked
-    all of them in a reload of 20,000 (0.6 s of a new worker's CPU)."""
+def test_the_end_of_a_large_hold_freezes_what_moved_in_and_walks_nothing() -> None:
+    """Connections that moved in are frozen at the end of the hold, not walked: a full
+    collection there found no garbage in a reload (0 unreachable) and cost 0.8-0.9 s of
+    CPU per 10,000 WebSockets, often just as the next reload made the worker leave; left
+    to the collector they were walked three times (young, middle, full)."""
     gc.set_threshold(700, 10, 10)
     gc.enable()
     seen, record = _recorder()
 
-    async def main() -> tuple[list[int], list[int]]:
+    async def main() -> tuple[list[int], int, list[int], int]:
         hold = MoveBurst()
         hold.moved()
         gc.callbacks.append(record)
         try:
-            kept = [[i] for i in range(_gc.FULL_MIN + 10_000)]   # as moved-in connections
+            kept = [[i] for i in range(_gc.FREEZE_MIN + 10_000)]   # as moved-in connections
             hold.release()
-            at_release = list(seen)
+            at_release, frozen = list(seen), gc.get_freeze_count()
             seen.clear()
             small = MoveBurst()
             small.moved()
-            more = [[i] for i in range(1_000)]   # a small hold: nothing run at its end
+            more = [[i] for i in range(1_000)]   # a small hold: nothing frozen at its end
             small.release()
+            after_small = list(seen)
+            frozen_small = gc.get_freeze_count()
             del kept, more
         finally:
             gc.callbacks.remove(record)
-        return at_release, seen
+        return at_release, frozen, after_small, frozen_small
 
-    at_release, after_small = asyncio.run(main())
-    assert at_release[:1] == [2]   # the full collection first, no young one before it
+    at_release, frozen, after_small, frozen_small = asyncio.run(main())
+    assert at_release == []   # no collection at all at the hold's end
+    assert frozen >= _gc.FREEZE_MIN + 10_000   # what moved in is out of every walk
     assert 2 not in after_small
+    assert frozen_small == frozen or frozen_small < frozen   # (the small hold froze nothing)
     assert gc.isenabled()
+
+
+def _held_then_frozen(n: int) -> tuple[MoveBurst, list[object], weakref.ref[_Node]]:
+    """A hold that took in n objects and one cycle (an object only the collector frees,
+    dead by the time the hold ends), released inside a running loop or not."""
+    hold = MoveBurst()
+    hold.moved()
+    kept: list[object] = [[i] for i in range(n)]
+    probe = _Node()
+    ref = weakref.ref(probe)
+    del probe
+    hold.release()
+    return hold, kept, ref
+
+
+def test_what_a_hold_froze_goes_back_once_a_quarter_of_it_went_away() -> None:
+    """The frozen objects go back to the collector, with one full collection, once a
+    quarter of them went away (connections closed or moved on): cyclic garbage among
+    them waits until then, no longer."""
+    gc.set_threshold(700, 10, 10)
+    gc.enable()
+
+    async def main() -> None:
+        # (everything alive is frozen with them: make them most of it)
+        n = max(_gc.FREEZE_MIN + 20_000, 2 * len(gc.get_objects()))
+        hold, kept, ref = _held_then_frozen(n)
+        assert gc.get_freeze_count() > _gc.FREEZE_MIN
+        assert not hold.sweep_due()
+        gc.collect()
+        assert ref() is not None   # frozen: not even a full collection frees it
+        del kept[: len(kept) // 10]   # a tenth went away: not yet
+        assert not hold.sweep_due()
+        del kept[:]   # past a quarter
+        assert hold.sweep_due()
+        hold.sweep()
+        assert gc.get_freeze_count() == 0
+        assert ref() is None   # the cycle is freed
+        assert not hold.sweep_due()   # (once)
+    asyncio.run(main())
+
+
+def test_what_a_hold_froze_goes_back_after_sweep_max_however_little_went_away(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cycles that leave nothing behind to count are freed too: after ``SWEEP_MAX``
+    the frozen objects go back whatever happened meanwhile (checked on the loop every
+    ``SWEEP_EVERY`` seconds)."""
+    monkeypatch.setattr(_gc, "SWEEP_EVERY", 0.05)
+    monkeypatch.setattr(_gc, "SWEEP_MAX", 0.2)
+    monkeypatch.setattr(_gc, "FREEZE_MIN", 1_000)
+    gc.set_threshold(700, 10, 10)
+    gc.enable()
+
+    async def main() -> tuple[bool, bool]:
+        _hold, kept, ref = _held_then_frozen(5_000)
+        frozen_at_first = gc.get_freeze_count() > 0
+        for _ in range(100):   # the loop's check sweeps within SWEEP_MAX (5 s at most)
+            await asyncio.sleep(0.05)
+            if gc.get_freeze_count() == 0:
+                break
+        del kept
+        return frozen_at_first, ref() is None
+
+    frozen_at_first, freed = asyncio.run(main())
+    assert frozen_at_first
+    assert gc.get_freeze_count() == 0
+    assert freed
+
+
+def test_a_worker_that_leaves_keeps_what_it_froze(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retiring worker never walks what it froze: it all goes when the process
+    exits (the drain would otherwise stall in that walk)."""
+    monkeypatch.setattr(_gc, "SWEEP_EVERY", 0.02)
+    monkeypatch.setattr(_gc, "SWEEP_MAX", 0.05)
+    monkeypatch.setattr(_gc, "FREEZE_MIN", 1_000)
+    gc.set_threshold(700, 10, 10)
+    gc.enable()
+
+    async def main() -> int:
+        hold, kept, _ref = _held_then_frozen(5_000)
+        hold.retire()
+        del kept
+        assert not hold.sweep_due()
+        await asyncio.sleep(0.3)   # past SWEEP_MAX, several checks' worth
+        return gc.get_freeze_count()
+
+    assert asyncio.run(main()) > 0

@@ -20,14 +20,23 @@ So, in a worker:
 * :class:`MoveBurst` -- while connections move in or out, collections are held (the
   collector is off: ``gc.disable()``), and resume :data:`QUIET` seconds after the last
   move, or after :data:`HOLD_MAX` seconds held in a row, whichever comes first. When
-  the hold kept many objects young (:data:`FULL_MIN`, and a quarter of what the last
-  such collection left), its end runs one full collection, before the collector is
-  back: left to itself, the collector walked them with a young collection at the first
-  allocation, again with a middle one, and again with the next full one -- 1.9 s of CPU
-  in each new worker of a reload of 20,000 WebSockets, 0.9 s with one full collection
-  (2026-12-07, three interleaved runs, load average 3-6). A hold lasts through gaps of
-  up to :data:`QUIET` = 2 s between moves: under load, gaps of half a second were
-  common in a move of 20,000, and each ended the hold.
+  the hold kept many objects young (:data:`FREEZE_MIN`), its end *freezes* them
+  (``gc.freeze()``: O(1), the lists are spliced) before the collector is back, so that
+  no collection walks what moved in: left to itself, the collector walked them with a
+  young collection at the first allocation, again with a middle one, and again with the
+  next full one -- 1.9 s of CPU in each new worker of a reload of 20,000 WebSockets.
+  One full collection at the hold's end instead (the policy before this one) still
+  walked them once, 0.24 s for 2,500 WebSockets, 0.8-0.9 s for 10,000, and found no
+  garbage at all (0 unreachable objects, scale.py, reload and upgrade of 5,000); it
+  came 2 s after the last move, often just as the next reload or upgrade made that
+  worker leave, and delayed its drain by as much (a third of an old worker's CPU in
+  back-to-back reloads of 20,000, py-spy). What was frozen goes back to the collector
+  (``gc.unfreeze()`` and one full collection, :meth:`MoveBurst.sweep_due`) once a
+  quarter of it went away (:data:`SWEEP_DROP`: connections closed or moved out, whose
+  cyclic garbage, if any, waits among the frozen objects), or :data:`SWEEP_MAX` seconds
+  after the freeze, whichever comes first; a worker that leaves first never walks it.
+  A hold lasts through gaps of up to :data:`QUIET` = 2 s between moves: under load,
+  gaps of half a second were common in a move of 20,000, and each ended the hold.
   Holding only the full collections (the oldest generation's threshold out of reach,
   the young ones collected as usual) still left 10-15 % of a target worker's CPU in a
   reload of 5,000 WebSockets in young collections: every object a moved connection
@@ -54,8 +63,8 @@ import asyncio
 import gc
 import time
 
-__all__ = ["FULL_MIN", "HOLD_MAX", "NEVER", "QUIET", "YOUNG_MAX", "MoveBurst", "freeze_for_exit",
-           "freeze_startup"]
+__all__ = ["FREEZE_MIN", "HOLD_MAX", "NEVER", "QUIET", "SWEEP_DROP", "SWEEP_EVERY", "SWEEP_MAX",
+           "YOUNG_MAX", "MoveBurst", "freeze_for_exit", "freeze_startup"]
 
 #: seconds without a move before collections resume (a hold lasts through shorter gaps)
 QUIET = 2.0
@@ -67,9 +76,16 @@ HOLD_MAX = 15.0
 YOUNG_MAX = 2_000_000
 #: the oldest generation's threshold in a retiring worker: out of reach
 NEVER = 1 << 30
-#: objects a hold must have gained (at least, and a quarter of those tracked after the
-#: last full collection run at a hold's end) for its end to run one full collection
-FULL_MIN = 100_000
+#: objects a hold must have gained for its end to freeze them (smaller holds: the
+#: collector as usual)
+FREEZE_MIN = 100_000
+#: what a hold froze goes back to the collector once this share of it went away...
+SWEEP_DROP = 0.25
+#: ...or this many seconds after the freeze
+SWEEP_MAX = 900.0
+#: seconds between two looks at the frozen objects (``gc.get_freeze_count()`` walks
+#: their list: 9 ms for 1.2 million, the objects of 10,000 WebSockets)
+SWEEP_EVERY = 30.0
 
 
 def freeze_startup() -> None:
@@ -98,8 +114,10 @@ class MoveBurst:
         self._retired = False
         #: objects the young generation gained during this hold (net of those freed)
         self._gained = 0
-        #: objects tracked after the last full collection run here (_collect_once)
-        self._base = 0
+        #: frozen objects after the last freeze at a hold's end (0: none waiting)
+        self._frozen = 0
+        self._frozen_at = 0.0
+        self._sweep_timer: asyncio.TimerHandle | None = None
 
     @property
     def holding(self) -> bool:
@@ -155,12 +173,16 @@ class MoveBurst:
         if self._retired:
             return
         self._retired = True
+        if self._sweep_timer is not None:   # (what is frozen leaves with the process)
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
         young, middle, _old = gc.get_threshold()
         if young:   # (0: the collector is off anyway)
             gc.set_threshold(young, middle, NEVER)
 
     def release(self) -> None:
-        """Collections run again (those put off run at the next allocations)."""
+        """Collections run again (those put off run at the next allocations); what a
+        large hold kept young is frozen first (module docstring)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -168,17 +190,47 @@ class MoveBurst:
             return
         gained = self._gained + gc.get_count()[0]
         self._held = False
-        if not self._retired and gained >= max(FULL_MIN, self._base // 4):
+        if not self._retired and gained >= FREEZE_MIN:
             # (before the collector is back: its first young collection, at the next
-            # allocation, would walk everything the hold kept young once more)
-            self._collect_once()
+            # allocation, would walk everything the hold kept young)
+            self._freeze_held()
         gc.enable()
 
-    def _collect_once(self) -> None:
-        """One full collection now, instead of what the collector would run on its own
-        after a large hold: each object walked by a young collection, again by a middle
-        one and again by the next full one -- three walks of everything that moved in
-        (module docstring)."""
-        gc.collect()
-        self._base = len(gc.get_objects(generation=2))
+    def _freeze_held(self) -> None:
+        gc.freeze()
+        self._frozen = gc.get_freeze_count()
+        self._frozen_at = time.monotonic()
+        if self._sweep_timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:   # (no loop: sweep_due() is for the caller to ask)
+                return
+            self._sweep_timer = loop.call_later(SWEEP_EVERY, self._sweep_check)
 
+    def sweep_due(self, now: float | None = None) -> bool:
+        """Whether what the last large hold froze should go back to the collector now:
+        a quarter of it went away (:data:`SWEEP_DROP`), or :data:`SWEEP_MAX` passed."""
+        if not self._frozen or self._retired or self._held:
+            return False
+        now = time.monotonic() if now is None else now
+        if now - self._frozen_at >= SWEEP_MAX:
+            return True
+        return gc.get_freeze_count() <= self._frozen * (1.0 - SWEEP_DROP)
+
+    def sweep(self) -> None:
+        """Give the frozen objects back to the collector, and collect once (the cyclic
+        garbage of what went away meanwhile). Everything frozen goes back, the
+        start-up's too: from now on the collector's own rules apply, until the next
+        large hold."""
+        self._frozen = 0
+        gc.unfreeze()
+        gc.collect()
+
+    def _sweep_check(self) -> None:
+        self._sweep_timer = None
+        if not self._frozen or self._retired:
+            return
+        if self.sweep_due():
+            self.sweep()
+            return
+        self._sweep_timer = asyncio.get_running_loop().call_later(SWEEP_EVERY, self._sweep_check)
