@@ -103,11 +103,29 @@ def test_toml_pools_carry_their_own_web_settings() -> None:
     assert not cfg.pools["b"].web.tls
 
 
+def test_websocket_keepalive_settings_from_the_file_and_the_flags() -> None:
+    """``ws_ping_interval`` / ``ws_ping_timeout`` (uvicorn's names and defaults, 20 s
+    each; 0 turns either off), from a pool's table (an integer is seconds too) or from
+    ``--ws-ping-interval`` / ``--ws-ping-timeout``."""
+    cfg = parse_document({"listen": [{"bind": "127.0.0.1:0"}],
+                          "pools": {"p": {"app": "m:a", "ws_ping_interval": 5,
+                                          "ws_ping_timeout": 0}}})
+    cfg.validate()
+    assert (cfg.pools["p"].web.ws_ping_interval, cfg.pools["p"].web.ws_ping_timeout) == (5.0, 0.0)
+    assert (WebSettings().ws_ping_interval, WebSettings().ws_ping_timeout) == (20.0, 20.0)
+    web = from_args(_serve_args("m:a", "--ws-ping-interval", "0",
+                                "--ws-ping-timeout", "2.5")).pools["default"].web
+    assert (web.ws_ping_interval, web.ws_ping_timeout) == (0.0, 2.5)
+
+
 @pytest.mark.parametrize(("pool", "match"), [
     ({"app": "m:a", "interface": "cgi"}, "interface must be one of"),
     ({"app": "m:a", "threads": 0}, "threads must be at least 1"),
     ({"app": "m:a", "ssl_keyfile": "k.pem"}, "ssl_keyfile needs ssl_certfile"),
     ({"app": "m:a", "threads": "8"}, "threads must be int"),
+    ({"app": "m:a", "ws_ping_interval": -1}, "ws_ping_interval must be 0 .off. or a positive"),
+    ({"app": "m:a", "ws_ping_timeout": float("nan")}, "ws_ping_timeout must be 0 .off."),
+    ({"app": "m:a", "ws_ping_interval": "20"}, "ws_ping_interval must be float"),
     ({"worker_cmd": "php w.php", "interface": "asgi"}, "not worker_cmd"),
 ])
 def test_bad_web_settings_name_their_key(pool: dict[str, Any], match: str) -> None:

@@ -246,6 +246,11 @@ def _web_flags(p: argparse.ArgumentParser) -> None:
                    help="largest request head; past it 431 (default: 65536)")
     g.add_argument("--ws-max-size", type=int, metavar="BYTES",
                    help="largest WebSocket message (default: 16 MiB)")
+    g.add_argument("--ws-ping-interval", type=float, metavar="S",
+                   help="seconds between keep-alive pings on a WebSocket (default: 20; 0: none)")
+    g.add_argument("--ws-ping-timeout", type=float, metavar="S",
+                   help="seconds a ping waits for its pong before the WebSocket is closed "
+                        "(default: 20; 0: forever)")
 
 
 # --- serve ----------------------------------------------------------------------------

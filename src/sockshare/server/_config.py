@@ -582,7 +582,8 @@ WEB_FLAGS = ("interface", "threads", "http", "ws", "loop", "lifespan", "ssl_cert
              "ssl_keyfile", "ssl_keyfile_password", "ssl_ca_certs", "ssl_cert_reqs",
              "access_log", "access_log_format", "max_requests", "max_requests_jitter",
              "limit_concurrency", "root_path", "proxy_headers", "forwarded_allow_ips",
-             "timeout_keep_alive", "limit_header_size", "ws_max_size")
+             "timeout_keep_alive", "limit_header_size", "ws_max_size", "ws_ping_interval",
+             "ws_ping_timeout")
 
 
 def web_from_args(args: argparse.Namespace, base: WebSettings | None = None) -> WebSettings:
@@ -750,7 +751,7 @@ def _web_table(p: Mapping[str, Any], where: str) -> WebSettings:
     for f in dataclasses.fields(WebSettings):
         if f.name in p:
             typ: type = {"int": int, "str": str, "bool": bool, "str | None": str,
-                         "int | None": int}[str(f.type)]
+                         "int | None": int, "float": float}[str(f.type)]
             values[f.name] = _typed(p, f.name, typ, None, where)
     return WebSettings(**values)
 

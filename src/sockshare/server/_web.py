@@ -138,6 +138,10 @@ class WebSettings:
     limit_header_size: int = 64 * 1024
     #: largest WebSocket message
     ws_max_size: int = 16 * 1024 * 1024
+    #: seconds between the server's keep-alive pings on a WebSocket (uvicorn's 20; 0: none)
+    ws_ping_interval: float = 20.0
+    #: seconds a ping waits for its pong before the WebSocket is closed (1011; 0: forever)
+    ws_ping_timeout: float = 20.0
 
     @property
     def tls(self) -> bool:
@@ -173,6 +177,11 @@ class WebSettings:
             raise WebAppError(f"{where}: limit_concurrency must be at least 1")
         if self.limit_header_size < 1024:
             raise WebAppError(f"{where}: limit_header_size must be at least 1024")
+        for name in ("ws_ping_interval", "ws_ping_timeout"):
+            value = getattr(self, name)
+            if not 0 <= value < 1e9:   # (NaN fails too)
+                raise WebAppError(f"{where}: {name} must be 0 (off) or a positive number of "
+                                  f"seconds, not {value!r}")
 
 
 def _positional(func: Callable[..., Any]) -> int | None:
@@ -650,6 +659,8 @@ class WebServer:
             root_path=settings.root_path, limit_concurrency=settings.limit_concurrency,
             timeout_keep_alive=settings.timeout_keep_alive, server_header=False,
             headers=[("server", "sockshare")], ws_max_size=settings.ws_max_size,
+            ws_ping_interval=settings.ws_ping_interval or None,
+            ws_ping_timeout=settings.ws_ping_timeout or None,
             h11_max_incomplete_event_size=settings.limit_header_size, **ssl_kwargs)
         try:
             self.config.load()
