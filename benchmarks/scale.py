@@ -688,7 +688,11 @@ def _perf_start(op: str, n: int, server_pid: int) -> subprocess.Popen[bytes] | N
 def _perf_stop(proc: subprocess.Popen[bytes] | None) -> None:
     if proc is not None:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def run_op(op: str, srv: Server, clients: Clients, n: int, rate: float) -> dict[str, Any]:
@@ -707,16 +711,18 @@ def run_op(op: str, srv: Server, clients: Clients, n: int, rate: float) -> dict[
     if op == "upgrade":
         old.add(int(before.get("dispatcher") or before["pid"]))
     perf = _perf_start(op, n, srv.proc.pid)
-    meter = CpuMeter(srv.proc.pid, [p.pid for p in clients.procs])
-    meter.start()
-    t0 = time.monotonic()
-    resp = srv.command(req)
-    deadline = time.monotonic() + 120
-    while any(_alive(p) for p in old) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    took = time.monotonic() - t0
-    cpu = meter.stop()
-    _perf_stop(perf)
+    try:   # (a profiler left running, `perf record -a` above all, outlives this script)
+        meter = CpuMeter(srv.proc.pid, [p.pid for p in clients.procs])
+        meter.start()
+        t0 = time.monotonic()
+        resp = srv.command(req)
+        deadline = time.monotonic() + 120
+        while any(_alive(p) for p in old) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        took = time.monotonic() - t0
+        cpu = meter.stop()
+    finally:
+        _perf_stop(perf)
     time.sleep(0.3)
     outs = clients.all({"op": "settle", "timeout": 30.0})
     current = _worker_pids(srv)

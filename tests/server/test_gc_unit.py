@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 import weakref
 from collections.abc import Callable, Iterator
 
@@ -317,3 +318,53 @@ def test_a_worker_that_leaves_keeps_what_it_froze(monkeypatch: pytest.MonkeyPatc
         return gc.get_freeze_count()
 
     assert asyncio.run(main()) > 0
+
+
+def test_a_later_large_hold_does_not_put_off_what_the_first_froze(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that takes in a large batch of moves every few minutes (rebalancing,
+    migrations) freezes again at each hold's end; the garbage of what it froze before
+    (connections closed since, as cycles: they do not lower the frozen count) must still
+    go back to the collector ``SWEEP_MAX`` after the *first* freeze, and what went away
+    before a later freeze still counts towards the quarter. Otherwise each new hold
+    started both over, and the frozen garbage grew without bound."""
+    monkeypatch.setattr(_gc, "FREEZE_MIN", 1_000)
+    gc.set_threshold(700, 10, 10)
+    gc.enable()
+
+    async def main() -> None:
+        hold, _kept, _ref = _held_then_frozen(5_000)   # (kept alive: nothing went away)
+        first_done = time.monotonic()   # (the first freeze was before this)
+        await asyncio.sleep(0.2)
+        hold.moved()   # a second large hold, later
+        more = [[i] for i in range(2_000)]
+        hold.release()
+        assert gc.get_freeze_count() > 0
+        # the deadline still runs from the first freeze, not from the second
+        assert hold.sweep_due(now=first_done + _gc.SWEEP_MAX)
+        del more
+    asyncio.run(main())
+
+
+def test_what_went_away_before_a_later_freeze_still_counts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quarter of what was frozen, counted across the freezes of later holds."""
+    monkeypatch.setattr(_gc, "FREEZE_MIN", 1_000)
+    gc.set_threshold(700, 10, 10)
+    gc.enable()
+
+    async def drops() -> None:
+        n = max(20_000, 2 * len(gc.get_objects()))
+        hold, kept, _ref = _held_then_frozen(n)
+        first = gc.get_freeze_count()
+        del kept[: first * 15 // 100]   # 15 % went away: not yet
+        assert not hold.sweep_due()
+        hold.moved()   # a second large hold
+        more = [[i] for i in range(3_000)]
+        hold.release()
+        assert gc.get_freeze_count() > first * 85 // 100 + 2_000   # (it froze)
+        assert not hold.sweep_due()
+        del kept[: first * 15 // 100]   # 30 % of the first freeze in all: due
+        assert hold.sweep_due()
+        del more
+    asyncio.run(drops())

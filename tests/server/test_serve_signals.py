@@ -73,6 +73,17 @@ def test_environment_over_the_config_file(tmp_path: Path) -> None:
     assert cfg.listeners[0].backlog == 77
 
 
+def test_a_0_on_the_command_line_is_given_and_wins_over_the_environment() -> None:
+    """``--ws-ping-interval 0`` (pings off) or ``--max-requests 0`` on the command line
+    are values, not "not given": the environment does not replace them (0 == False)."""
+    env = {"SOCKSHARE_WS_PING_INTERVAL": "20", "SOCKSHARE_MAX_REQUESTS": "500",
+           "SOCKSHARE_CMD_ARGS": "--ws-ping-timeout 0", "SOCKSHARE_WS_PING_TIMEOUT": "9"}
+    args = apply_environment(_parse(["m:a", "--ws-ping-interval", "0", "--max-requests", "0"]), env)
+    web = from_args(args).pools["default"].web
+    assert (web.ws_ping_interval, web.max_requests) == (0.0, 0)
+    assert web.ws_ping_timeout == 0.0   # SOCKSHARE_CMD_ARGS over SOCKSHARE_<FLAG>, 0 too
+
+
 @pytest.mark.parametrize(("env", "message"), [
     ({"SOCKSHARE_WORKERS": "many"}, "invalid int value"),
     ({"SOCKSHARE_SNIFF": "perhaps"}, "SOCKSHARE_SNIFF='perhaps'"),

@@ -314,14 +314,16 @@ def apply_environment(args: argparse.Namespace,
                       environ: dict[str, str] | os._Environ[str] | None = None) -> argparse.Namespace:
     """Fill the flags not given on the command line from the environment:
     ``SOCKSHARE_CMD_ARGS`` (parsed like a command line, as gunicorn's GUNICORN_CMD_ARGS),
-    then ``SOCKSHARE_<FLAG>``. A flag is "not given" when it is None (False for a switch)."""
+    then ``SOCKSHARE_<FLAG>``. A flag is "not given" when it is None (False for a switch;
+    a 0 is given: ``--ws-ping-interval 0`` is not replaced, although ``0 == False``)."""
     env = os.environ if environ is None else environ
     layers = [vars(_env_parser("SOCKSHARE_CMD_ARGS").parse_args(
                   shlex.split(env.get("SOCKSHARE_CMD_ARGS", "")))),
               vars(_env_parser("SOCKSHARE_<FLAG>").parse_args(environment_argv(env)))]
     for layer in layers:
         for key, value in layer.items():
-            if value is not None and getattr(args, key, None) in (None, False):
+            current = getattr(args, key, None)
+            if value is not None and (current is None or current is False):
                 setattr(args, key, value)
     return args
 

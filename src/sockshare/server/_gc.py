@@ -34,7 +34,9 @@ So, in a worker:
   (``gc.unfreeze()`` and one full collection, :meth:`MoveBurst.sweep_due`) once a
   quarter of it went away (:data:`SWEEP_DROP`: connections closed or moved out, whose
   cyclic garbage, if any, waits among the frozen objects), or :data:`SWEEP_MAX` seconds
-  after the freeze, whichever comes first; a worker that leaves first never walks it.
+  after the freeze, whichever comes first (a later large hold freezes too, but puts off
+  neither: the deadline runs from the first freeze not swept yet, and what went away
+  before counts); a worker that leaves first never walks it.
   A hold lasts through gaps of up to :data:`QUIET` = 2 s between moves: under load,
   gaps of half a second were common in a move of 20,000, and each ended the hold.
   Holding only the full collections (the oldest generation's threshold out of reach,
@@ -81,7 +83,7 @@ NEVER = 1 << 30
 FREEZE_MIN = 100_000
 #: what a hold froze goes back to the collector once this share of it went away...
 SWEEP_DROP = 0.25
-#: ...or this many seconds after the freeze
+#: ...or this many seconds after the first freeze not swept yet
 SWEEP_MAX = 900.0
 #: seconds between two looks at the frozen objects (``gc.get_freeze_count()`` walks
 #: their list: 9 ms for 1.2 million, the objects of 10,000 WebSockets)
@@ -116,7 +118,10 @@ class MoveBurst:
         self._gained = 0
         #: frozen objects after the last freeze at a hold's end (0: none waiting)
         self._frozen = 0
+        #: when the first freeze since the last sweep was (a later one keeps it)
         self._frozen_at = 0.0
+        #: frozen objects that went away before the last freeze, since the first one
+        self._gone = 0
         self._sweep_timer: asyncio.TimerHandle | None = None
 
     @property
@@ -197,9 +202,16 @@ class MoveBurst:
         gc.enable()
 
     def _freeze_held(self) -> None:
+        if self._frozen:
+            # (a freeze not swept yet: its deadline stands, and what went away since
+            # counts -- a worker that takes in a large batch more often than SWEEP_MAX
+            # would otherwise put the sweep off forever, and the garbage frozen with it)
+            self._gone += max(0, self._frozen - gc.get_freeze_count())
+        else:
+            self._gone = 0
+            self._frozen_at = time.monotonic()
         gc.freeze()
         self._frozen = gc.get_freeze_count()
-        self._frozen_at = time.monotonic()
         if self._sweep_timer is None:
             try:
                 loop = asyncio.get_running_loop()
@@ -208,21 +220,23 @@ class MoveBurst:
             self._sweep_timer = loop.call_later(SWEEP_EVERY, self._sweep_check)
 
     def sweep_due(self, now: float | None = None) -> bool:
-        """Whether what the last large hold froze should go back to the collector now:
-        a quarter of it went away (:data:`SWEEP_DROP`), or :data:`SWEEP_MAX` passed."""
+        """Whether what the large holds froze should go back to the collector now: a
+        quarter of it went away (:data:`SWEEP_DROP`), or :data:`SWEEP_MAX` passed since
+        the first of those freezes (a later hold's freeze puts off neither)."""
         if not self._frozen or self._retired or self._held:
             return False
         now = time.monotonic() if now is None else now
         if now - self._frozen_at >= SWEEP_MAX:
             return True
-        return gc.get_freeze_count() <= self._frozen * (1.0 - SWEEP_DROP)
+        gone = self._gone + self._frozen - gc.get_freeze_count()
+        return gone >= SWEEP_DROP * (self._gone + self._frozen)
 
     def sweep(self) -> None:
         """Give the frozen objects back to the collector, and collect once (the cyclic
         garbage of what went away meanwhile). Everything frozen goes back, the
         start-up's too: from now on the collector's own rules apply, until the next
         large hold."""
-        self._frozen = 0
+        self._frozen = self._gone = 0
         gc.unfreeze()
         gc.collect()
 
