@@ -368,3 +368,26 @@ def test_what_went_away_before_a_later_freeze_still_counts(
         assert hold.sweep_due()
         del more
     asyncio.run(drops())
+
+
+def test_a_quarter_is_a_quarter_of_what_the_holds_froze() -> None:
+    """What was frozen before the hold (the start-up's: modules, classes, the app) never
+    goes away; it must not dilute the quarter: a third of what moved in going away is
+    enough, however much the start-up left frozen."""
+    gc.set_threshold(700, 10, 10)
+    gc.enable()
+
+    async def main() -> tuple[bool, bool]:
+        n = max(_gc.FREEZE_MIN + 20_000, len(gc.get_objects()))
+        startup = [[i] for i in range(4 * n)]   # frozen before: four times the moved-in
+        gc.freeze()
+        hold, kept, _ref = _held_then_frozen(n)
+        del kept[: n // 10]
+        early = hold.sweep_due()
+        del kept[: n // 4]   # a third of what moved in, under a tenth of all frozen
+        due = hold.sweep_due()
+        del startup
+        return early, due
+    early, due = asyncio.run(main())
+    assert not early
+    assert due

@@ -122,6 +122,8 @@ class MoveBurst:
         self._frozen_at = 0.0
         #: frozen objects that went away before the last freeze, since the first one
         self._gone = 0
+        #: frozen objects before the first freeze since the last sweep (the start-up's)
+        self._before = 0
         self._sweep_timer: asyncio.TimerHandle | None = None
 
     @property
@@ -210,6 +212,9 @@ class MoveBurst:
         else:
             self._gone = 0
             self._frozen_at = time.monotonic()
+            # (what was frozen before -- the start-up's -- never goes away: a quarter is
+            # a quarter of what the holds froze)
+            self._before = gc.get_freeze_count()
         gc.freeze()
         self._frozen = gc.get_freeze_count()
         if self._sweep_timer is None:
@@ -229,7 +234,7 @@ class MoveBurst:
         if now - self._frozen_at >= SWEEP_MAX:
             return True
         gone = self._gone + self._frozen - gc.get_freeze_count()
-        return gone >= SWEEP_DROP * (self._gone + self._frozen)
+        return gone >= SWEEP_DROP * max(1, self._gone + self._frozen - self._before)
 
     def sweep(self) -> None:
         """Give the frozen objects back to the collector, and collect once (the cyclic
