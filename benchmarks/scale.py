@@ -3,6 +3,12 @@
 Run:  python benchmarks/scale.py [--sizes 1000,5000] [--rate 500] [--plot FILE.png]
                                  [--src DIR] [--only sockshare|uvicorn]
                                  [--ops reload,upgrade,migrate] [--rounds K]
+                                 [--base-src DIR --runs K] [--perf DIR | --py-spy DIR]
+
+``--base-src DIR`` makes it an A/B of two sockshare trees (the tree before a change and
+``--src``): for each N, ``--runs`` runs of each, interleaved and the order swapped every
+other run, then a table of the medians side by side, per operation and its place in the
+sequence (a first and a second reload of the same connections differ).
 
 For each N of ``--sizes``, one server after the other, on 127.0.0.1, with the same app,
 the ASGI demo ``sockshare.server._demo_asgi:app`` (its WebSocket echoes each text message
@@ -763,7 +769,10 @@ def run_op(op: str, srv: Server, clients: Clients, n: int, rate: float) -> dict[
 
 
 def run_size(name: str, n: int, src: Path, tmp: Path, rate: float,
-             ops: tuple[str, ...] = OPS, rounds: int = 1) -> dict[str, Any]:
+             ops: tuple[str, ...] = OPS, rounds: int = 1, label: str | None = None) -> dict[str, Any]:
+    """``name``'s server (``sockshare`` or ``uvicorn``) with N WebSockets, the operations
+    ``rounds`` times over; ``label``: how the row names it (``sockshare (base)`` in an
+    A/B)."""
     srv = start(name, src, tmp)
     clients = Clients(n)
     try:
@@ -773,11 +782,11 @@ def run_size(name: str, n: int, src: Path, tmp: Path, rate: float,
         time.sleep(1.0)
         rss = rss_kib(srv.proc.pid)
         row: dict[str, Any] = {
-            "server": name, "n": n, "opened": opened, "open_failed": failed,
+            "server": label or name, "n": n, "opened": opened, "open_failed": failed,
             "open_secs": round(secs, 2), "open_rate": round(opened / secs) if secs else None,
             "rss_base_mib": round(base / 1024, 1), "rss_mib": round(rss / 1024, 1),
             "rss_per_conn_kib": round((rss - base) / max(1, opened), 2), "ops": []}
-        print(f"{name} N={n}: opened {opened} ({failed} failed) in {secs:.1f} s, "
+        print(f"{label or name} N={n}: opened {opened} ({failed} failed) in {secs:.1f} s, "
               f"{row['rss_per_conn_kib']} KiB/connection", file=sys.stderr)
         if name == "sockshare":
             for _ in range(rounds):
@@ -812,6 +821,36 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                        f"{o['latency_p50_ms']} / {o['latency_p99_ms']} | {o['echo_max_ms']} | "
                        f"{o['dropped']} | {o['lost']} | {o['duplicated']} | {o['disordered']} | "
                        f"{o['unanswered']} | {o['stale']} |")
+    return "\n".join(out)
+
+
+def compare(rows: list[dict[str, Any]]) -> str:
+    """An A/B's medians: per N and operation (its place in the sequence: a first and a
+    second reload differ), the time and the server's CPU a move of each tree, with the
+    old and new workers' share, and each run's time."""
+    groups: dict[tuple[int, int, str], dict[str, list[dict[str, Any]]]] = {}
+    for r in rows:
+        for k, o in enumerate(r["ops"]):
+            groups.setdefault((r["n"], k, o["op"]), {}).setdefault(r["server"], []).append(o)
+    out = ["| N | operation (#) | tree | time s, median (runs) | server CPU µs/move, median "
+           "(old / new workers) | clients µs/move |",
+           "|---:|---|---|---|---|---:|"]
+
+    def med(xs: list[float]) -> float:
+        return round(statistics.median(xs), 2) if xs else float("nan")
+
+    for (n, k, op), by_tree in sorted(groups.items()):
+        for tree in ("sockshare (base)", "sockshare"):
+            got = by_tree.get(tree, [])
+            if not got:
+                continue
+            roles = [o["cpu_us_per_move_by_process"] for o in got]
+            old = med([x.get("workers (old)", 0) for x in roles])
+            new = med([x.get("workers (new)", x.get("workers (both)", 0)) for x in roles])
+            out.append(f"| {n:,} | {op} ({k + 1}) | {'before' if 'base' in tree else 'after'} | "
+                       f"{med([o['secs'] for o in got])} ({' / '.join(str(o['secs']) for o in got)}) | "
+                       f"{med([o['server_cpu_us_per_move'] for o in got])} ({old} / {new}) | "
+                       f"{med([o['client_cpu_us_per_move'] for o in got])} |")
     return "\n".join(out)
 
 
@@ -882,6 +921,12 @@ def main() -> int:
                     help=f"comma-separated operations, in order (default {','.join(OPS)})")
     ap.add_argument("--rounds", type=int, default=1,
                     help="the operations this many times on the same connections (default 1)")
+    ap.add_argument("--base-src", default=None, metavar="DIR",
+                    help="an A/B: sockshare from this source tree (the tree before a change) "
+                         "and from --src, interleaved, --runs times each; prints the medians "
+                         "side by side (uvicorn is not run)")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="with --base-src: runs of each tree (default 1; 3 or more for medians)")
     ap.add_argument("--plot", default=None, metavar="FILE.png")
     ap.add_argument("--perf", default=None, metavar="DIR",
                     help="record each operation with a system-wide `perf record -a -g` "
@@ -910,6 +955,11 @@ def main() -> int:
     src = Path(args.src).resolve()
     if not (src / "sockshare" / "server" / "_demo_asgi.py").exists():
         ap.error(f"--src {src}: not a sockshare source tree with the ASGI demo")
+    base_src = Path(args.base_src).resolve() if args.base_src else None
+    if base_src is not None and not (base_src / "sockshare" / "server" / "_demo_asgi.py").exists():
+        ap.error(f"--base-src {base_src}: not a sockshare source tree with the ASGI demo")
+    if args.runs < 1:
+        ap.error("--runs: at least 1")
     limit = _raise_nofile()
     if limit < max(sizes) // WORKERS + 512:
         ap.error(f"RLIMIT_NOFILE hard limit {limit}: too low for {max(sizes)} connections "
@@ -924,6 +974,16 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     t0 = time.monotonic()
     for n in sizes:
+        if base_src is not None:
+            # interleaved, the order swapped every other run (the machine's load drifts)
+            for k in range(args.runs):
+                trees = [("sockshare (base)", base_src), ("sockshare", src)]
+                for label, tree in trees if k % 2 == 0 else trees[::-1]:
+                    d = tmp / label.replace(" ", "_").strip("()") / str(n) / str(k)
+                    d.mkdir(parents=True)
+                    rows.append(run_size("sockshare", n, tree, d, args.rate, ops, args.rounds,
+                                         label=label))
+            continue
         for name in args.only or SERVERS:
             (tmp / name / str(n)).mkdir(parents=True)
             rows.append(run_size(name, n, src, tmp / name / str(n), args.rate, ops, args.rounds))
@@ -939,6 +999,9 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(markdown(rows))
     print()
+    if base_src is not None:
+        print(compare(rows))
+        print()
     lat = [o["latency_p99_ms"] for r in rows for o in r["ops"] if o["latency_p99_ms"] is not None]
     if lat:
         print(f"migration latency p99, median over operations: {statistics.median(lat):.3f} ms")
