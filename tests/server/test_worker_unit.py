@@ -496,7 +496,7 @@ def test_a_window_of_moves_queued_in_one_turn_leaves_before_the_turn_ends(tmp_pa
             return send_nowait(*args, **kwargs)
 
         ch.send_nowait = counting   # type: ignore[method-assign]
-        pairs = [socket.socketpair() for _ in range(150)]
+        pairs = [socket.socketpair() for _ in range(MIGRATION_WINDOW + 22)]
 
         async def move(i: int) -> None:
             sent_before.append(writes)
