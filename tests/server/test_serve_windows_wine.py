@@ -316,8 +316,12 @@ def test_control_refuses_a_client_without_the_secret(wine: WinePython, tmp_path:
     assert "stopped" in err
 
 
-def test_killed_worker_restarts_and_no_request_fails(wine: WinePython, tmp_path: Path,
-                                                     serve: Start) -> None:
+def test_killed_worker_restarts_and_loses_only_what_it_had(wine: WinePython, tmp_path: Path,
+                                                           serve: Start) -> None:
+    """A worker killed under load is restarted; what it had in hand is lost with it
+    (its WebSockets, and a short request it was serving or had been handed: the
+    dispatcher counts them ``lost``), nothing else -- the rule the Linux live test holds
+    (tests/server/test_live_load.py)."""
     server, st = serve()
     fds0, base = _baseline(server)
     load = _start_load(server, ws_clients=4)
@@ -348,10 +352,18 @@ def test_killed_worker_restarts_and_no_request_fails(wine: WinePython, tmp_path:
           f"{d.failures()} failures ({d})")
     assert d.short_ok > 20, d
     assert d.ws_messages > 20, d
-    assert d.failures() == 0, f"{d}; log:\n{server.out.stderr()[-6000:]}"
-    assert report.failures() == 0, report
+    assert before.failures() == 0, before
     st = server.status()
-    assert st["counters"]["lost"] == st["workers"][0]["lost"] + st["workers"][1]["lost"]
+    lost = int(st["counters"]["lost"])
+    why = f"{d}; dispatcher lost {lost}; log:\n{server.out.stderr()[-6000:]}"
+    # only the killed worker's own: its WebSockets (their unechoed messages counted
+    # apart, killed_lost) and the short requests it had in hand, no more than the
+    # dispatcher lost with it
+    assert d.ws_killed >= 1, why
+    assert (d.lost, d.duplicated, d.disordered, d.n_errors, d.ws_dropped, d.refused) == (
+        0, 0, 0, 0, 0, 0), why
+    assert d.reset + d.unanswered <= lost - d.ws_killed, why
+    assert lost == st["workers"][0]["lost"] + st["workers"][1]["lost"]
     _back_to_baseline(server, fds0, base)
     server.cli("stop")
     assert server.finish() == 0
