@@ -558,12 +558,12 @@ def start(name: str, src: Path, tmp: Path) -> Server:
         control = str(tmp / "ctl" / "scale.ctl")
         argv = [sys.executable, "-m", "sockshare.server._cli", "serve", APP,
                 "--workers", str(WORKERS), "--bind", f"127.0.0.1:{port}", "--control", control,
-                "--no-rebalance", "--log-level", "warning", "--grace", "5"]
+                "--no-rebalance", "--log-level", LOG_LEVEL, "--grace", "5"]
     else:
         control = ""
         argv = [sys.executable, "-m", "uvicorn", APP, "--workers", str(WORKERS),
                 "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
-                "--log-level", "warning", "--backlog", "4096"]
+                "--log-level", LOG_LEVEL, "--backlog", "4096"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 env=_env(src), cwd=str(tmp), start_new_session=True)
@@ -673,6 +673,9 @@ class CpuMeter(threading.Thread):
 
 #: ``--perf DIR``: a system-wide ``perf record`` over each operation, one file per operation
 PERF_DIR: Path | None = None
+#: the servers' --log-level (``--log-level``; their logs are in the temporary directory
+#: that the last line names: with ``info``, sockshare's log times each step of an operation)
+LOG_LEVEL = "warning"
 #: ``--py-spy DIR``: ``py-spy record --subprocesses`` of the server over each operation
 PYSPY_DIR: Path | None = None
 
@@ -928,6 +931,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=1,
                     help="with --base-src: runs of each tree (default 1; 3 or more for medians)")
     ap.add_argument("--plot", default=None, metavar="FILE.png")
+    ap.add_argument("--log-level", default="warning", choices=["warning", "info", "debug"],
+                    help="the servers' log level (default warning; info times each step of "
+                         "a reload or upgrade in the sockshare server's log)")
     ap.add_argument("--perf", default=None, metavar="DIR",
                     help="record each operation with a system-wide `perf record -a -g` "
                          "into DIR (Linux perf; for `perf report --sort comm,dso,sym`)")
@@ -947,7 +953,8 @@ def main() -> int:
         ap.error(f"--ops: some of {','.join(OPS)}")
     if args.rounds < 1:
         ap.error("--rounds: at least 1")
-    global PERF_DIR, PYSPY_DIR
+    global PERF_DIR, PYSPY_DIR, LOG_LEVEL
+    LOG_LEVEL = args.log_level
     if args.perf and args.pyspy:
         ap.error("--perf or --py-spy, not both")
     PERF_DIR = Path(args.perf).resolve() if args.perf else None

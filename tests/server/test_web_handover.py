@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from live_helpers import LiveServer, wait_until
@@ -418,3 +419,50 @@ def test_a_request_in_progress_at_the_reload_moves_after_its_response(tmp_path: 
         assert after in {w["pid"] for w in srv.status()["workers"]}
         wait_until(lambda: srv.status()["counters"]["web_keepalive_handed_over"] >= 1,
                    timeout=10, what="the handover counted in the status")
+
+
+def test_moved_connections_carry_where_they_came_from_and_how_often_they_moved(
+        tmp_path: Path) -> None:
+    """``scope["extensions"]["sockshare"]["migration"]`` of a WebSocket and of a keep-alive
+    connection after one reload and after a second: ``count`` 1 then 2, ``from`` the id
+    of the worker it left, ``from_pid`` that worker's pid, ``reason`` "reload" (docs/web.md,
+    docs/server.md: the same fields as a handler connection's)."""
+    import json
+
+    from websockets.sync.client import connect
+
+    with _server(tmp_path, "web_apps:combined_app") as srv:
+        host, port = srv.address()
+        keep = http.client.HTTPConnection(host, port, timeout=10)
+
+        def ext() -> dict[str, Any]:
+            keep.request("GET", "/ext")
+            r = keep.getresponse()
+            assert r.status == 200
+            return dict(json.loads(r.read()) or {})
+
+        def worker_ids() -> dict[int, int]:
+            return {int(w["pid"]): int(w["id"]) for w in srv.status()["workers"]}
+
+        with connect(f"ws://{host}:{port}/where", open_timeout=10) as ws:
+            first = json.loads(str(ws.recv(timeout=10)))
+            assert first["migration"] is None
+            assert "migration" not in ext()
+            pid, ids = first["pid"], worker_ids()
+            http_pid = None
+            for count in (1, 2):
+                _reload(srv)
+                moved = json.loads(str(ws.recv(timeout=15)))
+                m = moved["migration"]
+                assert moved["pid"] != pid
+                assert (m["count"], m["from_pid"], m["from"], m["reason"]) == \
+                    (count, pid, ids[pid], "reload"), m
+                assert isinstance(m["started"], float)
+                h = ext()["migration"]
+                assert (h["count"], h["reason"]) == (count, "reload"), h
+                assert h["from_pid"] in ids, (h, ids)
+                assert h["from"] == ids[h["from_pid"]], (h, ids)
+                assert h["from_pid"] != http_pid
+                http_pid = h["from_pid"]
+                pid, ids = moved["pid"], worker_ids()
+        keep.close()

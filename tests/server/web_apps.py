@@ -54,6 +54,7 @@ from starlette.applications import Starlette  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import PlainTextResponse  # noqa: E402
 from starlette.routing import Route, WebSocketRoute  # noqa: E402
+from starlette.websockets import WebSocket  # noqa: E402
 from ws_endpoints import count as counter  # noqa: E402
 from ws_endpoints import echo as plain_echo  # noqa: E402
 
@@ -72,7 +73,23 @@ async def extension(request: Request) -> PlainTextResponse:
     return PlainTextResponse(json.dumps(request.scope.get("extensions", {}).get("sockshare")))
 
 
+async def where(ws: WebSocket) -> None:
+    """An opted-in WebSocket that says, first thing in each worker, what its handoff's
+    metadata says of its last move (``scope["extensions"]["sockshare"]["migration"]``,
+    JSON; ``null`` where it was opened), then moves whenever the server asks."""
+    import json
+
+    ext: dict[str, Any] = ws.scope.get("extensions") or {}
+    await ws.accept()
+    await ws.send_text(json.dumps({"pid": os.getpid(),
+                                   "migration": (ext.get("sockshare") or {}).get("migration")}))
+    moving = (ext.get("sockshare.migration") or {}).get("requested") or asyncio.Event()
+    await moving.wait()
+    await ext["sockshare.migration"]["migrate"](None)
+
+
 #: keep-alive HTTP (``/``), an opted-in WebSocket (``/count``), a plain one (``/echo``),
-#: the handoff's metadata (``/ext``)
+#: the handoff's metadata (``/ext``, and ``/where`` for a WebSocket)
 combined_app = Starlette(routes=[Route("/", pid_page), WebSocketRoute("/count", counter),
-                                 WebSocketRoute("/echo", plain_echo), Route("/ext", extension)])
+                                 WebSocketRoute("/echo", plain_echo), Route("/ext", extension),
+                                 WebSocketRoute("/where", where)])

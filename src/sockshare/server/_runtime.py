@@ -251,6 +251,7 @@ class Worker:
             web.on_tally = self._tallied
             web.on_max_requests = self._max_requests
             web.relay = self._relay_out
+            web.worker_id = info.id
         self.resume = resume
         self.info = info
         self.address = channel

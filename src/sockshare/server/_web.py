@@ -695,6 +695,8 @@ class WebServer:
         #: set by the runtime: hands a connection (a duplicate of its socket) to the
         #: dispatcher, which gives it to another worker (docs/web.md, "Keep-alive handover")
         self.relay: Relay | None = None
+        #: set by the runtime: this worker's id (``migration["from"]`` of what leaves it)
+        self.worker_id: Any = None
         #: :attr:`handover_reason`'s value
         self._handover_reason = ""
         self._moving: set[asyncio.Protocol] = set()
@@ -1261,9 +1263,10 @@ class WebServer:
                             if k not in ("resume", "migration", "attempt")}
                     previous = c.meta.get("migration")
                     count = previous.get("count", 0) if isinstance(previous, dict) else 0
-                    meta["migration"] = {"count": (count if isinstance(count, int) else 0) + 1,
-                                         "reason": self.handover_reason or "rebalance",
-                                         "started": time.monotonic()}
+                    meta["migration"] = {"from": self.worker_id, "from_pid": os.getpid(),
+                                         "count": (count if isinstance(count, int) else 0) + 1,
+                                         "started": time.monotonic(),
+                                         "reason": self.handover_reason or "rebalance"}
                     meta["resume"] = KEEP_ALIVE_RESUME
                     outcome = await self.relay(dup, _COMPACT.encode(meta).encode(), b"")
                 finally:

@@ -322,6 +322,7 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
             as it is, last (not decoded and encoded again)."""
             c = getattr(self, "_ss_conn", None)
             base = dict(c.meta) if c is not None else {}
+            previous = base.get("migration")   # (the count goes on from the last move)
             for key in ("resume", "migration", "attempt"):
                 base.pop(key, None)
             sc = self.scope
@@ -331,11 +332,11 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
                     # (the new worker's compressor: what this side decompresses is
                     # "remote", what it compresses "local", as here)
                     deflate = [ext.remote_max_window_bits, ext.local_max_window_bits]
-            previous = base.get("migration")
             count = previous.get("count", 0) if isinstance(previous, dict) else 0
-            base["migration"] = {"count": (count if isinstance(count, int) else 0) + 1,
-                                 "reason": (self._ss_offer or {}).get("reason") or "app",
-                                 "started": time.monotonic(), "from_pid": pid}
+            base["migration"] = {"from": web.worker_id, "from_pid": pid,
+                                 "count": (count if isinstance(count, int) else 0) + 1,
+                                 "started": time.monotonic(),
+                                 "reason": (self._ss_offer or {}).get("reason") or "app"}
             base["resume"] = {"ws": {
                 "from": pid, "deflate": deflate,
                 "scope": {"path": sc["path"], "raw_path": sc["raw_path"].decode("latin-1"),
