@@ -455,3 +455,25 @@ def test_a_reload_that_adds_routes_applies_them_to_new_connections(tmp_path: Pat
         pool_of = {w["pid"]: w["pool"] for w in srv.status()["workers"] if w["state"] == "ready"}
         assert pools_now() == {"beta"}
         assert srv.status()["counters"]["refused"] == 0
+
+
+# --- audit: flags and variables next to --config -----------------------------------------
+
+
+def test_queue_flag_overrides_the_files_top_level_queue(tmp_path: Path) -> None:
+    """``--queue`` (or ``SOCKSHARE_QUEUE``) next to ``--config`` overrides the file's
+    top-level ``queue`` (the default of every pool without its own), as docs/server.md
+    says of the top-level settings. (Before, it was silently ignored.)"""
+    conf = tmp_path / "serve.toml"
+    conf.write_text('queue = 10\ngrace = 5.0\n[[listen]]\nbind = "127.0.0.1:0"\n'
+                    '[pools.a]\napp = "serve_apps:app"\nworkers = 1\n'
+                    '[pools.b]\napp = "serve_apps:app"\nworkers = 1\nqueue = 3\n')
+    with Server(tmp_path / "flag", "--config", str(conf), "--queue", "5", app=None, bind=[],
+                workers=None, ready=2) as srv:
+        limits = {p["name"]: p["queue_limit"] for p in srv.status()["pools"]}
+        assert limits == {"a": 5, "b": 3}   # b's own queue stays
+    with Server(tmp_path / "env", "--config", str(conf), app=None, bind=[], workers=None,
+                ready=2, env={"SOCKSHARE_QUEUE": "7"}) as srv:
+        limits = {p["name"]: p["queue_limit"] for p in srv.status()["pools"]}
+        assert limits == {"a": 7, "b": 3}
+

@@ -547,7 +547,9 @@ def _listeners_from(binds: list[str]) -> list[ListenerConfig]:
 def from_args(args: argparse.Namespace) -> ServerConfig:
     """Build the configuration of ``sockshare serve`` from parsed flags (and ``--config``)."""
     if getattr(args, "config", None):
-        cfg = load_toml(args.config)
+        # --queue overrides the file's top-level queue: the default of every pool
+        # without its own (so it is applied before the pools are built)
+        cfg = load_toml(args.config, queue=getattr(args, "queue", None))
         _override(cfg, args)
         cfg.validate()
         return cfg
@@ -640,8 +642,9 @@ _LISTEN = {"bind", "name", "sniff", "pool", "backlog", "proxy", "proxy_allow_fro
 _ROUTE = {"pool", "host", "sni", "proxy", "listener"}
 
 
-def load_toml(path: str | os.PathLike[str]) -> ServerConfig:
-    """Read a TOML configuration file (see the module docstring)."""
+def load_toml(path: str | os.PathLike[str], *, queue: int | None = None) -> ServerConfig:
+    """Read a TOML configuration file (see the module docstring). ``queue`` (``--queue``)
+    replaces the file's top-level ``queue``: the queue of every pool without its own."""
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -649,6 +652,8 @@ def load_toml(path: str | os.PathLike[str]) -> ServerConfig:
         raise ConfigError(f"cannot read config {os.fspath(path)!r}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {os.fspath(path)!r}: {exc}") from exc
+    if queue is not None:
+        doc["queue"] = queue
     return parse_document(doc)
 
 
