@@ -477,3 +477,16 @@ def test_queue_flag_overrides_the_files_top_level_queue(tmp_path: Path) -> None:
         limits = {p["name"]: p["queue_limit"] for p in srv.status()["pools"]}
         assert limits == {"a": 7, "b": 3}
 
+
+def test_a_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
+    """docs/server.md: "A bad value is a configuration error (exit 2) that names the
+    variable" -- SOCKSHARE_MAX_CONNS, not only the flag it stands for."""
+    e = env_with_apps()
+    e.update({"SOCKSHARE_MAX_CONNS": "lots", "SOCKSHARE_CONTROL": str(tmp_path / "c.ctl")})
+    out = subprocess.run([sys.executable, "-m", "sockshare", "serve", "serve_apps:app"],
+                         env=e, cwd=str(ROOT), capture_output=True, text=True, timeout=30,
+                         stdin=subprocess.DEVNULL, check=False)
+    assert out.returncode == 2, out.stderr
+    assert "SOCKSHARE_MAX_CONNS" in out.stderr, out.stderr
+    assert "invalid int value: 'lots'" in out.stderr
+

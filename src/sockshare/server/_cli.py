@@ -263,10 +263,22 @@ _FALSE = frozenset({"0", "false", "no", "off", ""})
 
 
 class _EnvParser(argparse.ArgumentParser):
-    """``serve``'s flags, for the environment: a mistake is a :class:`ConfigError`."""
+    """``serve``'s flags, for the environment: a mistake is a :class:`ConfigError`; for
+    the ``SOCKSHARE_<FLAG>`` variables it names the variable (``SOCKSHARE_MAX_CONNS
+    (--max-conns): invalid int value: 'x'``), not only the flag it stands for."""
 
     def error(self, message: str) -> Any:   # (argparse would exit)
+        if self.prog == _FLAG_VARIABLES:
+            for action in self._actions:
+                name = "/".join(action.option_strings)
+                if name and message.startswith(f"argument {name}: "):
+                    raise ConfigError(f"{env_name(action)} ({name}): "
+                                      f"{message.removeprefix(f'argument {name}: ')}")
         raise ConfigError(f"{self.prog}: {message}")
+
+
+#: the ``prog`` of the parser of the ``SOCKSHARE_<FLAG>`` variables
+_FLAG_VARIABLES = "SOCKSHARE_<FLAG>"
 
 
 def _env_parser(prog: str) -> _EnvParser:
@@ -319,7 +331,7 @@ def apply_environment(args: argparse.Namespace,
     env = os.environ if environ is None else environ
     layers = [vars(_env_parser("SOCKSHARE_CMD_ARGS").parse_args(
                   shlex.split(env.get("SOCKSHARE_CMD_ARGS", "")))),
-              vars(_env_parser("SOCKSHARE_<FLAG>").parse_args(environment_argv(env)))]
+              vars(_env_parser(_FLAG_VARIABLES).parse_args(environment_argv(env)))]
     for layer in layers:
         for key, value in layer.items():
             current = getattr(args, key, None)
