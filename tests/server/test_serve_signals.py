@@ -490,3 +490,19 @@ def test_a_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
     assert "SOCKSHARE_MAX_CONNS" in out.stderr, out.stderr
     assert "invalid int value: 'lots'" in out.stderr
 
+
+def test_a_reload_names_a_changed_dispatchers_count_as_needing_an_upgrade(tmp_path: Path) -> None:
+    """``dispatchers`` is read at start only: a reload of a file that changed it must
+    say so (the warning of what needs an upgrade), not log "no live setting changed"."""
+    conf = tmp_path / "serve.toml"
+    base = ('grace = 5.0\n[[listen]]\nbind = "127.0.0.1:0"\nname = "main"\n'
+            '[pools.web]\napp = "live_apps:handle"\nworkers = 1\n')
+    conf.write_text(base)
+    with LiveServer(tmp_path, "--config", str(conf), app=None, bind=[], workers=None,
+                    ready=1) as srv:
+        conf.write_text("dispatchers = 2\n" + base)
+        assert srv.command({"cmd": "reload", "wait": True})["ok"]
+        log = srv.log()
+        assert "needs an upgrade" in log, log[-2000:]
+        assert "dispatchers 1 -> 2" in log, log[-2000:]
+        assert "dispatchers" not in srv.status()   # still one process: no feeders

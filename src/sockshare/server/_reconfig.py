@@ -14,7 +14,8 @@ What needs an upgrade (SIGUSR2, ``sockshare upgrade``: the new dispatcher reads 
 anew) -- the running values stay and one warning names each: the listeners (binds,
 names, sniff, proxy, backlog, proxy_allow_from), pools added or removed, a pool's
 ``accept`` mode, and the
-settings in :data:`UPGRADE_ONLY` (metrics, agent, control, fd_reserve, pid_file, user, group).
+settings in :data:`UPGRADE_ONLY` (metrics, agent, control, fd_reserve, pid_file, user, group,
+dispatchers).
 
 A file that cannot be read or is invalid (:class:`ConfigError`) changes nothing: the
 caller logs the message and the reload stops there (no new workers either).
@@ -44,7 +45,8 @@ LIVE = ("routes", "default_pool", "grace", "log_level", "log_config", "sniff_tim
         "rebalance_interval", "rebalance_min", "rebalance_spread", "direct_migration",
         "accept_window")
 #: top-level settings only an upgrade (a new dispatcher) applies
-UPGRADE_ONLY = ("metrics", "agent", "control", "fd_reserve", "pid_file", "user", "group")
+UPGRADE_ONLY = ("metrics", "agent", "control", "fd_reserve", "pid_file", "user", "group",
+                "dispatchers")
 
 
 def _diff(old: Any, new: Any, keys: tuple[str, ...] | list[str]) -> list[str]:
