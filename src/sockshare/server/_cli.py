@@ -158,8 +158,8 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backlog", type=int, metavar="N",
                    help="listen backlog of every listener (default: 1024)")
     p.add_argument("--pid-file", metavar="PATH",
-                   help="write the dispatcher's pid there once the listeners are bound; "
-                        "removed on exit")
+                   help="write the server's pid there (the master's: the one to signal) "
+                        "once the listeners are bound; removed on exit")
     p.add_argument("-u", "--user", metavar="USER",
                    help="run the workers as USER (name or uid; the dispatcher must be root)")
     p.add_argument("-g", "--group", metavar="GROUP",

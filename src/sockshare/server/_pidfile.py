@@ -1,4 +1,5 @@
-"""``--pid-file``: the dispatcher's pid in a file, for init scripts and monitors.
+"""``--pid-file``: the server's pid in a file, for init scripts and monitors (under a
+master, ``sockshare serve`` as started, the master's: the pid to signal).
 
 :func:`claim` runs before the listeners are bound: a file naming a live process other
 than the dispatcher being upgraded refuses the start (:class:`PidFileError`); a stale
