@@ -506,3 +506,19 @@ def test_a_reload_names_a_changed_dispatchers_count_as_needing_an_upgrade(tmp_pa
         assert "needs an upgrade" in log, log[-2000:]
         assert "dispatchers 1 -> 2" in log, log[-2000:]
         assert "dispatchers" not in srv.status()   # still one process: no feeders
+
+
+@pytest.mark.xfail(strict=True, reason="with --config, the pool flags (APP, --workers, --policy, "
+                   "--max-conns, ...) and --sniff/--proxy-protocol are silently ignored, even "
+                   "for the listeners --bind makes; needs a decision: apply them (as --backlog "
+                   "is applied to every listener) or refuse them (exit 2)")
+def test_flags_next_to_config_are_applied_or_refused(tmp_path: Path) -> None:
+    conf = tmp_path / "s.toml"
+    conf.write_text('[[listen]]\nbind = "127.0.0.1:0"\n[pools.a]\napp = "serve_apps:app"\n')
+    try:
+        cfg = from_args(_parse(["--config", str(conf), "--bind", "127.0.0.1:0",
+                                "--proxy-protocol", "required", "--workers", "3"]))
+    except ConfigError:
+        return   # refused: fine too
+    assert cfg.listeners[0].proxy == "required"
+    assert cfg.pools["a"].workers == 3
