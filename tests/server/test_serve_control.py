@@ -163,3 +163,41 @@ def test_stop_command_stops_gracefully(tmp_path: Path) -> None:
         assert not os.path.exists(srv.control)
         for pid in workers:
             assert not os.path.exists(f"/proc/{pid}"), pid
+
+
+def test_stop_command_says_stopping_at_once_and_is_no_error(tmp_path: Path) -> None:
+    """``sockshare stop`` is a graceful stop as SIGTERM is: the master says
+    ``STOPPING=1`` when it begins (docs/server.md, "systemd"), not once the workers have
+    drained, and does not log the dispatcher's exit as a crash. (Before, the master
+    dropped the dispatcher's STOPPING=1, said it only after the drain, and logged
+    ``ERROR ... the dispatcher (pid N) exited with status 0: stopping``.)"""
+    from live_helpers import LineClient, LiveServer, pid_alive
+
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(tmp_path / "notify")
+    notify.bind(path)
+    notify.settimeout(0.1)
+    with notify, LiveServer(tmp_path / "srv", app="live_apps:handle", workers=1,
+                            env={"NOTIFY_SOCKET": path}) as srv:
+        c = LineClient(srv.address())   # an open connection: the drain takes --grace (5 s)
+        c.ask("echo a")
+        stop = subprocess.Popen([sys.executable, "-m", "sockshare.server._cli", "stop",
+                                 "--control", srv.control], env=env_with_apps(), cwd=ROOT,
+                                stdout=subprocess.DEVNULL)
+        said: list[str] = []
+        try:
+            while "STOPPING=1" not in said and srv.proc.poll() is None:
+                try:
+                    said += notify.recv(4096).decode().split("\n")
+                except TimeoutError:
+                    pass
+            assert "STOPPING=1" in said
+            assert pid_alive(srv.dispatcher), "STOPPING=1 came only once the dispatcher had exited"
+            assert stop.wait(30) == 0
+            assert srv.proc.wait(30) == 0
+        finally:
+            c.close()
+            if stop.poll() is None:
+                stop.kill()
+                stop.wait()
+        assert "ERROR master" not in srv.log()

@@ -28,7 +28,9 @@ What the master keeps:
 
 Signals: SIGTERM/SIGINT go to every live generation (a stop during an upgrade stops
 both), and the master exits with the current generation's status once it and every
-other child are gone (children still there ``grace`` + 5 s after it are killed);
+other child are gone (children still there ``grace`` + 5 s after it are killed); a
+stop the current generation begins itself (``sockshare stop``: its ``STOPPING=1``) is
+one too;
 SIGHUP, SIGUSR2, SIGQUIT, SIGTTIN and SIGTTOU go to the current generation. When the
 current generation exits on its own (a crash, an internal error), the master stops the
 others and exits with its status (128 + n for a signal n), as the dispatcher's own exit
@@ -424,7 +426,14 @@ class Master:
                 if sender == self.current and value.isdigit() and int(value) != sender:
                     self._follow(int(value), "handed over")
             elif key == "STOPPING":
-                continue   # the master says it, once, for the whole server
+                # the master says it, once, for the whole server; the current dispatcher
+                # says it when it stops without a signal from us (``sockshare stop``,
+                # ``{"cmd": "stop"}``): a stop all the same, as SIGTERM is
+                if sender == self.current and not self.stopping:
+                    log.info("master: dispatcher pid %d is stopping", sender)
+                    self.stopping = signal.SIGTERM
+                    self._say_stopping()
+                continue
             elif line:
                 keep.append(line)
         if keep or fds:
