@@ -508,17 +508,26 @@ def test_a_reload_names_a_changed_dispatchers_count_as_needing_an_upgrade(tmp_pa
         assert "dispatchers" not in srv.status()   # still one process: no feeders
 
 
-@pytest.mark.xfail(strict=True, reason="with --config, the pool flags (APP, --workers, --policy, "
-                   "--max-conns, ...) and --sniff/--proxy-protocol are silently ignored, even "
-                   "for the listeners --bind makes; needs a decision: apply them (as --backlog "
-                   "is applied to every listener) or refuse them (exit 2)")
-def test_flags_next_to_config_are_applied_or_refused(tmp_path: Path) -> None:
+def test_pool_and_listener_flags_next_to_config_apply_to_every_pool_and_listener(
+        tmp_path: Path) -> None:
+    """Flags beside ``--config`` that are pool settings (``--workers``, ``--policy``,
+    ``--max-conns``, ...) apply to every pool of the file, and listener settings
+    (``--sniff``, ``--proxy-protocol``) to every listener, as ``--backlog`` and the web
+    flags do: none is dropped without a word. An APP or ``--worker-cmd`` beside it is a
+    configuration error (the file names each pool's app)."""
     conf = tmp_path / "s.toml"
-    conf.write_text('[[listen]]\nbind = "127.0.0.1:0"\n[pools.a]\napp = "serve_apps:app"\n')
-    try:
-        cfg = from_args(_parse(["--config", str(conf), "--bind", "127.0.0.1:0",
-                                "--proxy-protocol", "required", "--workers", "3"]))
-    except ConfigError:
-        return   # refused: fine too
-    assert cfg.listeners[0].proxy == "required"
-    assert cfg.pools["a"].workers == 3
+    conf.write_text('[[listen]]\nbind = "127.0.0.1:0"\n[[listen]]\nbind = "127.0.0.1:0"\n'
+                    '[pools.a]\napp = "serve_apps:app"\n[pools.b]\napp = "serve_apps:app"\n'
+                    'workers = 4\n')
+    cfg = from_args(_parse(["--config", str(conf), "--proxy-protocol", "required", "--sniff",
+                            "--workers", "3", "--policy", "round-robin", "--max-conns", "7",
+                            "--no-rebalance"]))
+    assert [(lc.proxy, lc.sniff) for lc in cfg.listeners] == [("required", True)] * 2
+    assert [(p.workers, p.policy, p.max_conns, p.rebalance) for p in cfg.pools.values()] == \
+        [(3, "round-robin", 7, False)] * 2
+    plain = from_args(_parse(["--config", str(conf)]))   # (nothing given: the file's)
+    assert [(lc.proxy, lc.sniff) for lc in plain.listeners] == [("off", False)] * 2
+    assert [p.workers for p in plain.pools.values()][1] == 4
+    for extra in (["serve_apps:app"], ["--worker-cmd", "sleep 100"]):
+        with pytest.raises(ConfigError, match="cannot be given with --config"):
+            from_args(_parse([*extra, "--config", str(conf)]))

@@ -618,12 +618,34 @@ def _override(cfg: ServerConfig, args: argparse.Namespace) -> None:
         listen["defer_accept"] = args.defer_accept
     if listen:
         cfg.listeners = [dataclasses.replace(lc, **listen) for lc in cfg.listeners]
-    if getattr(args, "config", None) and getattr(args, "accept", None) is not None:
-        cfg.pools = {name: dataclasses.replace(p, accept=args.accept)
-                     for name, p in cfg.pools.items()}
+    if getattr(args, "config", None):
+        _override_file(cfg, args)
     if getattr(args, "config", None) and any(getattr(args, k, None) is not None for k in WEB_FLAGS):
         cfg.pools = {name: dataclasses.replace(p, web=web_from_args(args, p.web))
                      if p.app is not None else p for name, p in cfg.pools.items()}
+
+
+def _override_file(cfg: ServerConfig, args: argparse.Namespace) -> None:
+    """Flags next to ``--config`` that are pool or listener settings: each applies to
+    every pool (listener) of the file, as a web flag does. The app is the file's to name:
+    an APP or ``--worker-cmd`` beside it is an error, not ignored."""
+    if getattr(args, "app", None) is not None or getattr(args, "worker_cmd", None):
+        raise ConfigError("APP and --worker-cmd cannot be given with --config: a pool's app is "
+                          "its app = ... (or worker_cmd = ...) in the file")
+    pool: dict[str, Any] = {key: getattr(args, key) for key in
+                            ("workers", "policy", "hash_key", "max_conns", "resume", "accept")
+                            if getattr(args, key, None) is not None}
+    if getattr(args, "no_rebalance", False):
+        pool["rebalance"] = False
+    if pool:
+        cfg.pools = {name: dataclasses.replace(p, **pool) for name, p in cfg.pools.items()}
+    listen: dict[str, Any] = {}
+    if getattr(args, "sniff", False):
+        listen["sniff"] = True
+    if getattr(args, "proxy_protocol", None) is not None:
+        listen["proxy"] = args.proxy_protocol
+    if listen:
+        cfg.listeners = [dataclasses.replace(lc, **listen) for lc in cfg.listeners]
 
 
 # --- TOML ---------------------------------------------------------------------------
