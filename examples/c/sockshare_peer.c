@@ -44,6 +44,7 @@ const char *ss_reason(int r)
     case SS_E_UNEXPECTED: return "unexpected-frame";
     case SS_E_WRONG_SOCKET: return "wrong-socket";
     case SS_E_PEER_CRED: return "peer-credentials";
+    case SS_E_NO_ENTRIES: return "no-entries";
     case SS_E_PEER_ERROR: return "peer-error";
     case SS_E_CLOSED: return "closed";
     case SS_E_TIMEOUT: return "timeout";
@@ -269,6 +270,7 @@ int ss_handoff_decode(const uint8_t *p, size_t n, struct ss_entry *out, size_t c
 {
     if (n < 2) return SS_E_BAD_LENGTH;
     size_t cnt = get16(p), pos = 2;
+    if (cnt == 0) return SS_E_NO_ENTRIES; /* 1..253 entries: 0 is a protocol error */
     for (size_t i = 0; i < cnt; i++) {
         struct ss_entry e;
         if (n - pos < SS_ENTRY_SIZE) return SS_E_BAD_LENGTH;

@@ -239,6 +239,9 @@ final class Codec
     {
         self::need($p, 2, 'HANDOFF');
         $count = unpack('n', $p)[1];
+        if ($count === 0) {
+            throw new ProtocolError('no-entries', 'HANDOFF frame with no entries', 'payload');
+        }
         $pos = 2;
         $n = strlen($p);
         $out = [];

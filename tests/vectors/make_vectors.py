@@ -111,6 +111,7 @@ REASONS = {
     "bad-utf8": "a text field is not valid UTF-8",
     "fd-count-mismatch": "a HANDOFF frame's entry count differs from its descriptors",
     "fds-on-wrong-frame": "a frame other than HANDOFF carried descriptors",
+    "no-entries": "a HANDOFF frame's entry count is 0 (a frame carries 1..253 entries)",
 }
 
 
@@ -289,6 +290,8 @@ def invalid_vectors() -> list[dict[str, Any]]:
                 "bad-utf8", "payload"),
         invalid("handoff-empty-payload", "HANDOFF with no payload at all (no count)",
                 _frame(0x20, b""), "bad-length", "payload"),
+        invalid("handoff-no-entries", "HANDOFF whose entry count is 0 (1..253 is allowed)",
+                _frame(0x20, struct.pack(">H", 0)), "no-entries", "payload"),
         invalid("handoff-truncated-entry", "HANDOFF count 2 with only one entry",
                 _frame(0x20, struct.pack(">H", 2) + one[2:], nfds=2, flags=1),
                 "bad-length", "payload", fds=2),
