@@ -581,9 +581,12 @@ class ChannelState:
         return encode_frame(FrameType.ACCEPT, encode_accept(ids))
 
     def control_frame(self, obj: dict[str, Any]) -> bytes:
-        """A CONTROL frame for ``obj`` (raises if the channel is not usable)."""
+        """A CONTROL frame for ``obj`` (raises if the channel is not usable, and
+        :class:`~sockshare.MessageTooLarge` if it is over the peer's HELLO ``max
+        payload``: the peer would refuse it and end the channel)."""
         self.check_usable()
-        return encode_frame(FrameType.CONTROL, encode_control(obj))
+        limit = self.peer.max_payload if self.peer is not None else MAX_PAYLOAD
+        return encode_frame(FrameType.CONTROL, encode_control(obj), max_payload=limit)
 
     # -- outgoing ----------------------------------------------------------------
 
