@@ -5,17 +5,24 @@
   control over a smaller peer limit went out and the peer, which refuses a frame over
   its limit (§1), broke the channel. It is now refused before anything is sent
   (:class:`~sockshare.MessageTooLarge`), and the channel stays up.
+* §3.1 and §6: a HELLO name is at most 255 bytes. The C peer refused a longer one; the
+  Python (and PHP) codec took it. Every implementation now refuses it (the vector
+  ``hello-name-too-long``), and a Python listener does not let such a peer in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
 import sockshare
+from sockshare.protocol import FrameType, Hello, encode_frame
+from sockshare.protocol._messages import _HELLO
 
 SMALL = 4096
 
@@ -65,3 +72,23 @@ def test_an_async_control_over_the_peers_limit_is_refused_before_it_is_sent() ->
         asyncio.run(main())
     finally:
         small.close()
+
+
+def test_a_listener_refuses_a_hello_whose_name_is_over_255_bytes(sock_dir: Path) -> None:
+    path = str(sock_dir / "l.sock")
+    with sockshare.Channel.listen(path) as lst, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+        raw.connect(path)
+        h = Hello(os.getpid(), os.getuid(), 3, 5, 1 << 20)
+        payload = _HELLO.pack(1, h.role, h.features, h.pid, h.uid, h.max_payload) + b"n" * 256
+        raw.sendall(encode_frame(FrameType.HELLO, payload))
+        try:
+            ch = lst.accept(timeout=0.5)
+        except sockshare.ChannelTimeout:
+            pass  # refused: no channel comes out of it
+        else:
+            ch.close()
+            pytest.fail("a peer whose HELLO name is 256 bytes was let in")
+        raw.settimeout(5)
+        while raw.recv(4096):  # and its connection is closed
+            pass

@@ -225,7 +225,7 @@ int ss_hello_encode(const struct ss_hello *h, uint8_t *out, size_t cap, size_t *
 
 int ss_hello_decode(const uint8_t *p, size_t n, struct ss_hello *out)
 {
-    if (n < HELLO_FIXED) return SS_E_BAD_LENGTH;
+    if (n < HELLO_FIXED || n > HELLO_FIXED + 255) return SS_E_BAD_LENGTH; /* name <= 255 */
     out->version = p[0];
     out->role = p[1];
     out->features = get32(p + 2);
@@ -785,7 +785,6 @@ int ss_handshake(struct ss_conn *c, uint8_t role, const char *name, int timeout_
         return conn_fail(c, SS_E_UNEXPECTED, "expected HELLO, got frame type 0x%02x", f.h.type);
     }
     r = ss_hello_decode(f.payload, f.h.length, &c->peer);
-    if (r == SS_OK && c->peer.name_len > 255) r = SS_E_BAD_LENGTH;
     if (r != SS_OK) {
         ss_frame_release(&f);
         return conn_fail(c, r, "malformed HELLO: %s", ss_reason(r));

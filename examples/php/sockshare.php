@@ -213,6 +213,9 @@ final class Codec
     public static function decodeHello(string $p): array
     {
         self::need($p, 18, 'HELLO');
+        if (strlen($p) > 18 + 255) {
+            throw new ProtocolError('bad-length', 'HELLO payload has ' . strlen($p) . ' bytes, expected at most ' . (18 + 255) . ' (a name of 255 bytes)', 'payload');
+        }
         $h = unpack('Cversion/Crole/Nfeatures/Npid/Nuid/Nmax_payload', $p);
         $h['name'] = self::text(substr($p, 18), 'HELLO name');
         return $h;
