@@ -8,6 +8,10 @@
 * §3.1 and §6: a HELLO name is at most 255 bytes. The C peer refused a longer one; the
   Python (and PHP) codec took it. Every implementation now refuses it (the vector
   ``hello-name-too-long``), and a Python listener does not let such a peer in.
+* §3.5: handoff metadata is "a JSON object". A float NaN or infinity in a sender's
+  ``meta`` went out as ``NaN``/``Infinity``, which is not JSON: the C and PHP peers'
+  readers refuse it. It is now a :class:`~sockshare.LocalProtocolError` before anything
+  is sent, as any other value JSON cannot hold.
 """
 
 from __future__ import annotations
@@ -92,3 +96,31 @@ def test_a_listener_refuses_a_hello_whose_name_is_over_255_bytes(sock_dir: Path)
         raw.settimeout(5)
         while raw.recv(4096):  # and its connection is closed
             pass
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("many", [False, True], ids=["send", "send_many"])
+def test_metadata_that_is_not_json_is_refused_before_anything_is_sent(value: float,
+                                                                       many: bool) -> None:
+    a, b = sockshare.Channel.pair()
+    x, y = socket.socketpair()
+    try:
+        bad = {"v": value}
+        send = ((lambda: a.send_many([(x, bad, b""), (x, {}, b"")])) if many
+                else (lambda: a.send(x, meta=bad)))
+        with pytest.raises(sockshare.LocalProtocolError):
+            send()
+        with pytest.raises(sockshare.ChannelTimeout):
+            b.receive(timeout=0.2)  # nothing went
+        assert x.fileno() >= 0  # still the caller's
+        ticket = a.send(x, meta={"v": 1.5})  # a finite float is JSON
+        h = b.receive(timeout=5)
+        assert h.meta == {"v": 1.5}
+        h.accept()
+        assert ticket.wait(5)
+        h.socket.close()
+    finally:
+        a.close()
+        b.close()
+        x.close()
+        y.close()
