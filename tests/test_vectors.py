@@ -89,6 +89,7 @@ REASON_PATTERNS = {
     "bad-utf8": r"not valid UTF-8",
     "fd-count-mismatch": r"lists \d+ sockets but carries \d+ fds",
     "fds-on-wrong-frame": r"frame carried \d+ descriptors",
+    "no-entries": r"HANDOFF frame with no entries",
 }
 
 _FAMILY = {1: socket.AF_INET, 2: socket.AF_INET6, 3: socket.AF_UNIX}

@@ -44,6 +44,7 @@ const char *ss_reason(int r)
     case SS_E_UNEXPECTED: return "unexpected-frame";
     case SS_E_WRONG_SOCKET: return "wrong-socket";
     case SS_E_PEER_CRED: return "peer-credentials";
+    case SS_E_NO_ENTRIES: return "no-entries";
     case SS_E_PEER_ERROR: return "peer-error";
     case SS_E_CLOSED: return "closed";
     case SS_E_TIMEOUT: return "timeout";
@@ -224,7 +225,7 @@ int ss_hello_encode(const struct ss_hello *h, uint8_t *out, size_t cap, size_t *
 
 int ss_hello_decode(const uint8_t *p, size_t n, struct ss_hello *out)
 {
-    if (n < HELLO_FIXED) return SS_E_BAD_LENGTH;
+    if (n < HELLO_FIXED || n > HELLO_FIXED + 255) return SS_E_BAD_LENGTH; /* name <= 255 */
     out->version = p[0];
     out->role = p[1];
     out->features = get32(p + 2);
@@ -269,6 +270,7 @@ int ss_handoff_decode(const uint8_t *p, size_t n, struct ss_entry *out, size_t c
 {
     if (n < 2) return SS_E_BAD_LENGTH;
     size_t cnt = get16(p), pos = 2;
+    if (cnt == 0) return SS_E_NO_ENTRIES; /* 1..253 entries: 0 is a protocol error */
     for (size_t i = 0; i < cnt; i++) {
         struct ss_entry e;
         if (n - pos < SS_ENTRY_SIZE) return SS_E_BAD_LENGTH;
@@ -783,7 +785,6 @@ int ss_handshake(struct ss_conn *c, uint8_t role, const char *name, int timeout_
         return conn_fail(c, SS_E_UNEXPECTED, "expected HELLO, got frame type 0x%02x", f.h.type);
     }
     r = ss_hello_decode(f.payload, f.h.length, &c->peer);
-    if (r == SS_OK && c->peer.name_len > 255) r = SS_E_BAD_LENGTH;
     if (r != SS_OK) {
         ss_frame_release(&f);
         return conn_fail(c, r, "malformed HELLO: %s", ss_reason(r));

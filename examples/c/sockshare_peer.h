@@ -101,7 +101,8 @@ enum ss_result {
     SS_E_UNEXPECTED = -18,     /* a frame type that makes no sense here */
     SS_E_WRONG_SOCKET = -19,   /* a received fd is not the socket type its entry says */
     SS_E_PEER_CRED = -20,      /* HELLO pid/uid differ from the kernel's SO_PEERCRED */
-    SS_E_LAST_PROTOCOL = -20,
+    SS_E_NO_ENTRIES = -21,     /* a HANDOFF frame with an entry count of 0 */
+    SS_E_LAST_PROTOCOL = -21,
     /* not the peer's fault, or not an error of the stream */
     SS_E_PEER_ERROR = -30,     /* the peer sent an ERROR frame (ss_conn.err has it) */
     SS_E_CLOSED = -31,         /* the peer closed the connection between two frames */

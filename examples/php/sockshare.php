@@ -213,6 +213,9 @@ final class Codec
     public static function decodeHello(string $p): array
     {
         self::need($p, 18, 'HELLO');
+        if (strlen($p) > 18 + 255) {
+            throw new ProtocolError('bad-length', 'HELLO payload has ' . strlen($p) . ' bytes, expected at most ' . (18 + 255) . ' (a name of 255 bytes)', 'payload');
+        }
         $h = unpack('Cversion/Crole/Nfeatures/Npid/Nuid/Nmax_payload', $p);
         $h['name'] = self::text(substr($p, 18), 'HELLO name');
         return $h;
@@ -239,6 +242,9 @@ final class Codec
     {
         self::need($p, 2, 'HANDOFF');
         $count = unpack('n', $p)[1];
+        if ($count === 0) {
+            throw new ProtocolError('no-entries', 'HANDOFF frame with no entries', 'payload');
+        }
         $pos = 2;
         $n = strlen($p);
         $out = [];

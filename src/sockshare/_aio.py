@@ -614,7 +614,9 @@ class AsyncChannel(StateView):
     def send_control(self, obj: dict[str, Any], *, soon: bool = False) -> None:
         """Send a small JSON control message. With ``soon`` it goes out at the end of
         this turn of the loop, in one write with the answers and other controls queued
-        by then (or earlier, with the next frame written)."""
+        by then (or earlier, with the next frame written). Raises
+        :class:`~sockshare.MessageTooLarge` (nothing sent, the channel stays up) for a
+        message over the peer's limit (``peer.max_payload``)."""
         frame = self._state.control_frame(obj)
         if not soon:
             self._write_frame(frame)

@@ -717,7 +717,9 @@ class Channel(StateView):
 
         Never waits for the peer while this side holds less than ``OUT_LIMIT`` bytes it
         could not write yet; past that, waits for the peer to read, up to
-        ``send_timeout`` (then :class:`~sockshare.ChannelTimeout`, nothing sent)."""
+        ``send_timeout`` (then :class:`~sockshare.ChannelTimeout`, nothing sent).
+        Raises :class:`~sockshare.MessageTooLarge` (nothing sent, the channel stays up)
+        for a message over the peer's limit (``peer.max_payload``)."""
         frame = self._state.control_frame(obj)
         if self._out_bytes > OUT_LIMIT:
             deadline = None if self.send_timeout is None else time.monotonic() + self.send_timeout

@@ -581,9 +581,12 @@ class ChannelState:
         return encode_frame(FrameType.ACCEPT, encode_accept(ids))
 
     def control_frame(self, obj: dict[str, Any]) -> bytes:
-        """A CONTROL frame for ``obj`` (raises if the channel is not usable)."""
+        """A CONTROL frame for ``obj`` (raises if the channel is not usable, and
+        :class:`~sockshare.MessageTooLarge` if it is over the peer's HELLO ``max
+        payload``: the peer would refuse it and end the channel)."""
         self.check_usable()
-        return encode_frame(FrameType.CONTROL, encode_control(obj))
+        limit = self.peer.max_payload if self.peer is not None else MAX_PAYLOAD
+        return encode_frame(FrameType.CONTROL, encode_control(obj), max_payload=limit)
 
     # -- outgoing ----------------------------------------------------------------
 
@@ -1143,13 +1146,14 @@ def _not_json(obj: object) -> Any:
 _c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
 _c_encode: Any = None
 if _c_make_encoder is not None:
+    # (allow_nan False: NaN and Infinity are not JSON, and other peers' readers refuse them)
     _c_encode = _c_make_encoder(None, _not_json, json.encoder.encode_basestring_ascii, None,
-                                ":", ",", False, False, True)
+                                ":", ",", False, False, False)
 
     def _json_encode(obj: Any) -> str:
         return "".join(_c_encode(obj, 0))
 else:  # pragma: no cover - PyPy and friends
-    _json_encode = json.JSONEncoder(separators=(",", ":")).encode  # type: ignore[assignment]
+    _json_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode  # type: ignore[assignment]
 
 
 def _encode_meta(meta: Any) -> bytes:

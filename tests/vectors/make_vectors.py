@@ -104,13 +104,15 @@ REASONS = {
     "too-many-fds": "the header announces more than 253 descriptors",
     "missing-fds": "fewer descriptors arrived with the frame than the header announces",
     "truncated-frame": "the stream ended inside a frame",
-    "bad-length": "the payload is shorter than its layout needs (or not its fixed size)",
+    "bad-length": "the payload is shorter than its layout needs (or not its fixed size, or "
+                  "longer than its largest: a HELLO name over 255 bytes)",
     "trailing-bytes": "bytes are left after the last HANDOFF entry",
     "unknown-kind": "a HANDOFF entry's family or type code is not defined",
     "entry-over-limits": "a HANDOFF entry's meta (> 16384) or data (> 65536) is too long",
     "bad-utf8": "a text field is not valid UTF-8",
     "fd-count-mismatch": "a HANDOFF frame's entry count differs from its descriptors",
     "fds-on-wrong-frame": "a frame other than HANDOFF carried descriptors",
+    "no-entries": "a HANDOFF frame's entry count is 0 (a frame carries 1..253 entries)",
 }
 
 
@@ -287,8 +289,13 @@ def invalid_vectors() -> list[dict[str, Any]]:
         invalid("hello-bad-utf8", "HELLO name that is not UTF-8",
                 _frame(0x01, struct.pack(">BBIIII", 1, 3, 5, 1, 1, 4096) + b"\xc3\x28"),
                 "bad-utf8", "payload"),
+        invalid("hello-name-too-long", "HELLO whose name is 256 bytes (at most 255)",
+                _frame(0x01, struct.pack(">BBIIII", 1, 3, 5, 1, 1, 4096) + b"n" * 256),
+                "bad-length", "payload"),
         invalid("handoff-empty-payload", "HANDOFF with no payload at all (no count)",
                 _frame(0x20, b""), "bad-length", "payload"),
+        invalid("handoff-no-entries", "HANDOFF whose entry count is 0 (1..253 is allowed)",
+                _frame(0x20, struct.pack(">H", 0)), "no-entries", "payload"),
         invalid("handoff-truncated-entry", "HANDOFF count 2 with only one entry",
                 _frame(0x20, struct.pack(">H", 2) + one[2:], nfds=2, flags=1),
                 "bad-length", "payload", fds=2),

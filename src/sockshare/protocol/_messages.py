@@ -199,13 +199,20 @@ class Hello:
 
 def encode_hello(h: Hello) -> bytes:
     name = h.name.encode()
-    if len(name) > 255:
-        raise MessageTooLarge("a HELLO name is at most 255 bytes")
+    if len(name) > MAX_HELLO_NAME:
+        raise MessageTooLarge(f"a HELLO name is at most {MAX_HELLO_NAME} bytes")
     return _HELLO.pack(h.version, h.role, h.features, h.pid, h.uid, h.max_payload) + name
+
+
+#: The longest HELLO name, in bytes (docs/protocol.md, section 3.1).
+MAX_HELLO_NAME = 255
 
 
 def decode_hello(p: bytes) -> Hello:
     _need(p, _HELLO.size, "HELLO", exact=False)
+    if len(p) > _HELLO.size + MAX_HELLO_NAME:
+        raise RemoteProtocolError(f"HELLO payload has {len(p)} bytes, expected at most "
+                                  f"{_HELLO.size + MAX_HELLO_NAME} (a name of 255 bytes)")
     version, role, features, pid, uid, max_payload = _HELLO.unpack_from(p)
     name = _text(p[_HELLO.size:], "HELLO name")
     return Hello(pid, uid, role, features, max_payload, name, version)
