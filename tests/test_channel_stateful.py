@@ -270,10 +270,16 @@ class ChannelMachine(RuleBasedStateMachine):
         s = self.sides[i]
         if not self._calling(i):
             return
+        broken_by_live_peer = s.ch._state.broken is not None and self.sides[1 - i].alive
         self._timed(CLOSE_TIMEOUT + SEND_TIMEOUT, s.ch.close)
         s.closed = True
-        for h in s.held:  # close() accepted them: the application's now
-            self.conns[h.meta["n"]].served = True
+        for h in s.held:
+            if broken_by_live_peer:
+                # the peer, alive, broke the channel (it gave up waiting for us to read):
+                # what we held unanswered is its again (``ChannelState.fail``), not ours
+                h.socket.close()
+            else:  # close() accepted them (or their sender is dead): the application's now
+                self.conns[h.meta["n"]].served = True
         s.held.clear()
 
     @precondition(lambda self: self.steps >= 25 and all(s.alive for s in self.sides))

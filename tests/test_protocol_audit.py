@@ -12,18 +12,23 @@
   ``meta`` went out as ``NaN``/``Infinity``, which is not JSON: the C and PHP peers'
   readers refuse it. It is now a :class:`~sockshare.LocalProtocolError` before anything
   is sent, as any other value JSON cannot hold.
-* §5.3 "Accept before use means written, not queued" (not fixed: see the xfail): the
-  blocking ``Handoff.accept()`` returns once its ACCEPT is *queued*; when the channel
-  socket is full it is not written, and a receiver that then serves the socket and dies
-  leaves its sender with a "returned" handoff that it gives to someone else.
+* §5.3 "Accept before use means written, not queued": the blocking
+  ``Handoff.accept()`` returned once its ACCEPT was *queued*; when the channel socket was
+  full it was not written, and a receiver that then served the socket and died left its
+  sender with a "returned" handoff that it gave to someone else. It now returns once the
+  ACCEPT is written (reading the peer meanwhile); a peer that reads nothing for
+  ``send_timeout`` breaks the channel (:class:`~sockshare.ChannelBroken`: the sender
+  has the connection back, the receiver closes its copy).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +36,7 @@ import pytest
 import sockshare
 from sockshare.protocol import FrameType, Hello, encode_frame
 from sockshare.protocol._messages import _HELLO
+from tests._fdcount import fd_count, wait_fd_count
 from tests.conftest import Procs
 
 SMALL = 4096
@@ -144,12 +150,6 @@ time.sleep(60)        # and then this process dies (SIGKILL)
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Handoff.accept() on a blocking Channel returns with its ACCEPT only queued when the "
-    "channel socket is full (protocol.md 5.3: a receiver MUST NOT use the socket before "
-    "its ACCEPT is written); fix: make accept() wait, reading meanwhile, until the ACCEPT "
-    "is written (up to send_timeout, then ChannelTimeout: do not serve it yet), or give "
-    "the blocking API a way to wait for it (AsyncChannel has drain())"))
 def test_accept_returns_only_once_the_accept_is_written(procs: Procs) -> None:
     a, b = socket.socketpair()
     rx = procs.python(RECEIVER_WITH_A_FULL_QUEUE, str(b.fileno()), pass_fds=[b.fileno()])
@@ -158,11 +158,23 @@ def test_accept_returns_only_once_the_accept_is_written(procs: Procs) -> None:
     x, y = socket.socketpair()
     try:
         ticket = ch.send(x)
+        def read_controls() -> None:
+            # the sender reads its channel, as a dispatcher's loop does, but only after
+            # a second: the receiver's ACCEPT, queued behind 720 KB of controls, can be
+            # written only once they are read -- and the receiver must not serve before
+            time.sleep(1.0)
+            with contextlib.suppress(sockshare.SockshareError):
+                for _ in range(12):
+                    ch.receive_control(timeout=20)
+
+        reader = threading.Thread(target=read_controls, daemon=True)
+        reader.start()
         assert rx.stdout is not None
         assert rx.stdout.readline() == b"served\n"
         assert y.recv(16) == b"served\n"  # the receiver served the connection
         rx.kill()
         rx.wait(10)
+        reader.join(20)
         ticket.wait(10)
         # it was served: the sender must know it is no longer its own
         assert ticket.state == "accepted", (ticket.state, ticket.reason)
@@ -171,3 +183,36 @@ def test_accept_returns_only_once_the_accept_is_written(procs: Procs) -> None:
             ticket.socket.close()
         ch.close()
         y.close()
+
+
+def test_an_accept_the_peer_never_reads_breaks_the_channel_and_the_sender_keeps_it() -> None:
+    """The other side of "written": a sender that reads nothing for ``send_timeout``
+    while the receiver's ACCEPT waits behind its controls. ``accept()`` raises
+    :class:`~sockshare.ChannelBroken` (do not serve), the ACCEPT never goes, and the
+    sender has the connection back, open; no descriptor is left behind."""
+    before = fd_count()
+    a, b = sockshare.Channel.pair()
+    x, y = socket.socketpair()
+    try:
+        b.send_timeout = 0.5
+        ticket = a.send(x)
+        h = b.receive(timeout=5)
+        for _ in range(12):   # 720 KB the sender does not read: the socket fills
+            b.send_control({"pad": "x" * 60000})
+        started = time.monotonic()
+        with pytest.raises(sockshare.ChannelBroken, match="ACCEPT could not be written"):
+            h.accept()
+        assert 0.4 <= time.monotonic() - started < 5
+        h.socket.close()   # (what the exception says to do)
+        ticket.wait(5)
+        assert ticket.state == "returned", (ticket.state, ticket.reason)
+        assert ticket.socket is not None
+        ticket.socket.sendall(b"still open")   # the sender's copy serves on
+        assert y.recv(16) == b"still open"
+        ticket.socket.close()
+    finally:
+        a.close()
+        b.close()
+        x.close()
+        y.close()
+    wait_fd_count("self", before, what="after the broken accept")

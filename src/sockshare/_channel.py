@@ -676,6 +676,32 @@ class Channel(StateView):
         frame = self._state.answer(hid, reason, coalesce=self._batching)
         if frame is not None:
             self._send_raw(frame)
+            if reason is None:   # an ACCEPT: written before the caller uses the socket
+                self._wait_written()
+
+    def _wait_written(self) -> None:
+        """Return once every queued frame is written (an ACCEPT among them: accept
+        before use means *written*, docs/protocol.md §5.3), reading the peer meanwhile.
+        A peer that reads nothing for ``send_timeout`` breaks the channel: the ACCEPT
+        never goes, the sender takes the connection back, and
+        :class:`~sockshare.ChannelBroken` tells the caller not to serve its copy."""
+        if not self._out:
+            return
+        deadline = None if self.send_timeout is None else time.monotonic() + self.send_timeout
+        read_too = True
+        while not self._flush():
+            if self._state.broken is not None:
+                break
+            room = self._wait_room(deadline, read_too)
+            if room is None:
+                exc = TimeoutError(f"the peer read nothing for {self.send_timeout} s: the "
+                                   "ACCEPT could not be written")
+                self._break(exc)
+                raise ChannelBroken(f"{exc}; the channel is closed and the connection is "
+                                    "the sender's again: close this copy") from exc
+            read_too = room
+        if self._state.broken is not None:
+            raise ChannelBroken(f"the peer is gone: {self._state.broken}") from self._state.broken
 
     def accept_all(self, handoffs: Iterable[Handoff]) -> None:
         """Accept many handoffs with one ACCEPT frame (per 64), e.g. a whole batch from
@@ -696,6 +722,7 @@ class Channel(StateView):
         finally:
             self._batching = False
         self.flush()
+        self._wait_written()
 
     def receive_many(self, max_count: int = BATCH, timeout: float | None = None) -> list[Handoff]:
         """Wait for at least one handoff; return up to ``max_count`` that are ready."""
@@ -982,6 +1009,11 @@ class Channel(StateView):
         Answers this side queued and could not write yet are written first, waiting up to
         ``send_timeout`` for the peer to read them: an ACCEPT that never arrives would
         let the sender hand the same connection elsewhere.
+
+        On a channel that broke first, nothing can be answered: a handoff the
+        application holds unanswered is the sender's again (as :meth:`Handoff.accept`
+        raising :class:`~sockshare.ChannelBroken` says), so close its socket unless the
+        sender is known to be dead.
         """
         st = self._state
         if st.closed or self._detached:
