@@ -11,8 +11,8 @@ from flask import Flask
 
 
 async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """``GET /`` -> ``"<worker pid> <client port>"`` (``/sleep?s=S``: after S seconds);
-    ``/ws``: an echo WebSocket."""
+    """``GET /`` -> ``"<worker pid> <client port>"`` (``/sleep?s=S``: after S seconds;
+    ``/big?n=N``: N bytes); ``/ws``: an echo WebSocket."""
     if scope["type"] == "lifespan":
         while True:
             message = await receive()
@@ -31,6 +31,12 @@ async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
             await send({"type": "websocket.send", "text": f"{os.getpid()} {message.get('text')}"})
     if scope["path"] == "/sleep":   # ``/sleep?s=S``: a request in progress for S seconds
         await asyncio.sleep(float(scope["query_string"].decode().partition("=")[2] or "1"))
+    if scope["path"] == "/big":   # ``/big?n=N``: N bytes of body, in one message
+        size = int(scope["query_string"].decode().partition("=")[2] or "1")
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(size).encode())]})
+        await send({"type": "http.response.body", "body": b"x" * size})
+        return
     body = f"{os.getpid()} {scope['client'][1]}".encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain"),

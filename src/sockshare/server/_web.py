@@ -516,7 +516,7 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
                     # could read a quick client's next request here, which would then be
                     # served here (the move put off to its response) instead of moving
                     # with the connection
-                    web._handover_if_idle(self)
+                    web._handover_if_idle(self, web.handover_reason)
 
             if h11 is None:   # httptools: its callbacks, in the order of the bytes
                 # (the end of a head: data_received saw its blank line; its scope's
@@ -1173,18 +1173,18 @@ class WebServer:
             if n is not None and picked >= n:
                 break
             if self._idle_http(proto):
-                self._handover_if_idle(proto)
+                self._handover_if_idle(proto, reason)
                 picked += 1
             elif self._is_ws(proto) and hasattr(proto, "request_move") and proto.request_move(reason):
                 picked += 1   # (it moves if the app takes the offer: docs/web.md)
         return picked
 
-    def _handover_if_idle(self, proto: Any) -> None:
+    def _handover_if_idle(self, proto: Any, reason: str) -> None:
         if self.relay is None or not self._idle_http(proto):
             return
         self._moving.add(proto)
         proto.transport.pause_reading()   # now: no byte of a next request may come in
-        task = asyncio.get_running_loop().create_task(self._handover(proto))
+        task = asyncio.get_running_loop().create_task(self._handover(proto, reason))
         self.state.tasks.add(task)
         task.add_done_callback(self.state.tasks.discard)
 
@@ -1230,7 +1230,7 @@ class WebServer:
                 return
         # (none waits: nothing to do)
 
-    async def _handover(self, proto: Any) -> None:
+    async def _handover(self, proto: Any, reason: str) -> None:
         """Hand one idle keep-alive connection over: stop reading, let the last response
         leave, give a duplicate of the socket to the dispatcher, and close ours once a
         target ACCEPTed it (no FIN, no RST: the client never notices). Refused: it
@@ -1266,7 +1266,7 @@ class WebServer:
                     meta["migration"] = {"from": self.worker_id, "from_pid": os.getpid(),
                                          "count": (count if isinstance(count, int) else 0) + 1,
                                          "started": time.monotonic(),
-                                         "reason": self.handover_reason or "rebalance"}
+                                         "reason": reason or "rebalance"}
                     meta["resume"] = KEEP_ALIVE_RESUME
                     outcome = await self.relay(dup, _COMPACT.encode(meta).encode(), b"")
                 finally:
