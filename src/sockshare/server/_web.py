@@ -387,6 +387,9 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
         _ss_head = 0          # bytes of the request head read so far (HTTP)
         _ss_in_head = True
         _ss_tail = b""        # its last 3 bytes
+        #: asked to move once its response in progress is complete (``sockshare migrate``
+        #: of every connection: :meth:`WebServer.request_handover`)
+        _ss_move_reason = ""
 
         if h11 is not None or (http and web.settings.limit_concurrency is not None):
             # (only then: one Python call less per connection otherwise)
@@ -508,15 +511,21 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
             def _ss_on_response_handover(self) -> None:
                 """``on_response_complete`` while a handover is under way (installed on
                 the class, and on the requests in progress, by
-                :attr:`WebServer.handover_reason`: no call per response otherwise)."""
+                :attr:`WebServer.handover_reason`; on one connection, by
+                :meth:`WebServer.request_handover` of every connection: no call per
+                response otherwise)."""
                 plain(self)
-                if web.handover_reason and self._ss_conn is not None:
-                    # between two requests now: the connection moves. Its reading paused
-                    # here and now, not at the next turn of the loop: that turn's poll
-                    # could read a quick client's next request here, which would then be
-                    # served here (the move put off to its response) instead of moving
-                    # with the connection
-                    web._handover_if_idle(self, web.handover_reason)
+                reason = web.handover_reason or self._ss_move_reason
+                # between two requests now: the connection moves. Its reading paused
+                # here and now, not at the next turn of the loop: that turn's poll could
+                # read a quick client's next request here, which would then be served
+                # here (the move put off to its response) instead of moving with the
+                # connection
+                if (reason and self._ss_conn is not None and web._handover_if_idle(self, reason)
+                        and self._ss_move_reason):
+                    # (asked of this connection once: its move is under way)
+                    self._ss_move_reason = ""
+                    self.__dict__.pop("on_response_complete", None)
 
             if h11 is None:   # httptools: its callbacks, in the order of the bytes
                 # (the end of a head: data_received saw its blank line; its scope's
@@ -752,17 +761,22 @@ class WebServer:
         # the ones in progress (or queued behind a pipelined one) have the plain method
         # bound already: re-bound here. (Off the rest of the time: no call per response.)
         cls.on_response_complete = hook
-        protos: list[Any] = [p for p in self.state.connections if isinstance(p, cls)]
-        for proto in protos:
-            cycles: list[Any] = [cycle for cycle, _app in getattr(proto, "pipeline", ())]
-            current = getattr(proto, "cycle", None)
-            if current is not None:
-                cycles.append(current)
-            hooked = proto.on_response_complete
-            for pending in cycles:
-                bound = getattr(pending, "on_response", None)
-                if getattr(bound, "__self__", None) is proto and not pending.response_complete:
-                    pending.on_response = hooked
+        for proto in [p for p in self.state.connections if isinstance(p, cls)]:
+            self._rehook(proto)
+
+    @staticmethod
+    def _rehook(proto: Any) -> None:
+        """The requests of ``proto`` in progress (or queued behind a pipelined one) call
+        its ``on_response_complete`` as it is now (each bound it when its head was read)."""
+        cycles: list[Any] = [cycle for cycle, _app in getattr(proto, "pipeline", ())]
+        current = getattr(proto, "cycle", None)
+        if current is not None:
+            cycles.append(current)
+        hooked = proto.on_response_complete
+        for pending in cycles:
+            bound = getattr(pending, "on_response", None)
+            if getattr(bound, "__self__", None) is proto and not pending.response_complete:
+                pending.on_response = hooked
 
     # -- the app, as uvicorn calls it ----------------------------------------------------
 
@@ -1162,31 +1176,42 @@ class WebServer:
 
     def request_handover(self, n: int | None, reason: str) -> int:
         """Move up to ``n`` idle keep-alive connections to other workers (None: all of
-        them, and from now on each one as its response completes). Returns how many
-        were asked to move now."""
+        them, and each one with a request in progress once its response is complete --
+        these, not the connections that come later: only a drain,
+        :attr:`handover_reason`, moves every connection it has). Returns how many were
+        asked to move now."""
         if self.relay is None:
             return 0
-        if n is None:
-            self.handover_reason = reason
         picked = 0
+        hook = getattr(self.http_class, "_ss_on_response_handover", None)
         for proto in list(self.state.connections):
             if n is not None and picked >= n:
                 break
             if self._idle_http(proto):
                 self._handover_if_idle(proto, reason)
                 picked += 1
-            elif self._is_ws(proto) and hasattr(proto, "request_move") and proto.request_move(reason):
-                picked += 1   # (it moves if the app takes the offer: docs/web.md)
+            elif self._is_ws(proto):
+                if hasattr(proto, "request_move") and proto.request_move(reason):
+                    picked += 1   # (it moves if the app takes the offer: docs/web.md)
+            elif (n is None and hook is not None and not self.handover_reason
+                    and self.ssl is None and isinstance(proto, self.http_class)
+                    and proto._ss_conn is not None):
+                # a request in progress: it moves once its response is complete
+                proto._ss_move_reason = reason
+                proto.on_response_complete = hook.__get__(proto)
+                self._rehook(proto)
         return picked
 
-    def _handover_if_idle(self, proto: Any, reason: str) -> None:
+    def _handover_if_idle(self, proto: Any, reason: str) -> bool:
+        """Start moving ``proto`` if it is idle (True: started)."""
         if self.relay is None or not self._idle_http(proto):
-            return
+            return False
         self._moving.add(proto)
         proto.transport.pause_reading()   # now: no byte of a next request may come in
         task = asyncio.get_running_loop().create_task(self._handover(proto, reason))
         self.state.tasks.add(task)
         task.add_done_callback(self.state.tasks.discard)
+        return True
 
     async def dup_for_move(self, raw: socket.socket) -> socket.socket:
         """A duplicate of ``raw`` for a move (the transport keeps ``raw`` until a target
