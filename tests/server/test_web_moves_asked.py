@@ -115,9 +115,6 @@ def test_sockshare_migrate_of_every_connection_moves_one_busy_after_its_response
         assert after != first
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a handover that gives up (or is refused outside a drain) never re-arms the "
-    "keep-alive timer it cancelled"))
 def test_a_connection_whose_handover_gave_up_still_times_out(tmp_path: Path) -> None:
     """A move asked of an idle keep-alive connection whose client has not read its last
     response gives up after 5 s (the connection stays here). The keep-alive timer that

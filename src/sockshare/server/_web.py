@@ -1276,6 +1276,7 @@ class WebServer:
                 # the client is slow to read, or a request came first: serve it here,
                 # and try again once its response is complete
                 transport.resume_reading()
+                self._keep_alive_again(proto)
                 return
             raw = transport.get_extra_info("socket")
             try:
@@ -1338,6 +1339,19 @@ class WebServer:
             proto.shutdown()   # draining: closed between requests, as uvicorn does
         else:
             transport.resume_reading()
+            self._keep_alive_again(proto)
+
+    def _keep_alive_again(self, proto: Any) -> None:
+        """``proto`` stays here after a move that did not happen: idle, it gets its
+        keep-alive timer again (the move stopped it; uvicorn starts one only when a
+        response completes, so without this the connection was kept for ever)."""
+        if proto.transport.is_closing() or not self._still_idle(proto):
+            return   # (a request in progress: its response starts the timer)
+        timer = getattr(proto, "timeout_keep_alive_task", None)
+        if timer is not None:
+            timer.cancel()
+        proto.timeout_keep_alive_task = asyncio.get_running_loop().call_later(
+            proto.timeout_keep_alive, proto.timeout_keep_alive_handler)
 
     def _is_ws(self, proto: Any) -> bool:
         return not isinstance(proto, self.http_class)
