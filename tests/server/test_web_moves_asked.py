@@ -173,15 +173,13 @@ def _closed_within(s: socket.socket, seconds: float) -> bool:
         return False
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "uvicorn arms the keep-alive timer only when a response completes: a connection "
-    "moved in idle has none"))
-def test_a_keep_alive_connection_moved_here_times_out_when_idle(tmp_path: Path) -> None:
+@pytest.mark.parametrize("impl", ["httptools", "h11"])
+def test_a_keep_alive_connection_moved_here_times_out_when_idle(tmp_path: Path, impl: str) -> None:
     """A keep-alive connection that moved to another worker between two requests (a
     reload, rebalancing, ``sockshare migrate``) is kept there, idle, as long as
     ``--timeout-keep-alive`` says -- not for ever: uvicorn starts the timer only when a
     response completes, and the new worker's protocol had served none."""
-    with LiveServer(tmp_path, "--no-rebalance", "--timeout-keep-alive", "2",
+    with LiveServer(tmp_path, "--no-rebalance", "--timeout-keep-alive", "2", "--http", impl,
                     app="web_apps:combined_app", workers=2) as srv:
         host, port = srv.address()
         c = http.client.HTTPConnection(host, port, timeout=10)

@@ -441,6 +441,12 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
             if c.pre:
                 pre, c.pre = c.pre, b""
                 self.data_received(pre)
+            elif http and "migration" in c.meta:
+                # a keep-alive connection moved here between two requests: idle, it is
+                # kept --timeout-keep-alive seconds, as it was where it came from
+                # (uvicorn starts the timer when a response completes: none did here)
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
         if http:
             # The head's bytes are counted as they arrive, from the end of a request
