@@ -195,14 +195,13 @@ def test_a_keep_alive_connection_moved_here_times_out_when_idle(tmp_path: Path, 
             c.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "uvicorn arms the keep-alive timer only when a response completes: a connection "
-    "that never sends has none"))
-def test_a_connection_that_never_sends_is_closed(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("accept", "loop"), [("dispatcher", "auto"), ("worker", "uvloop"),
+                                             ("worker", "asyncio")])
+def test_a_connection_that_never_sends_is_closed(tmp_path: Path, accept: str, loop: str) -> None:
     """docs/web.md, "Bad input": a client that never sends -- the connection is closed
     (keep-alive timeout ``--timeout-keep-alive``)."""
-    with LiveServer(tmp_path, "--timeout-keep-alive", "2", app="web_apps:asgi",
-                    workers=1) as srv:
+    with LiveServer(tmp_path, "--timeout-keep-alive", "2", "--accept", accept, "--loop", loop,
+                    app="web_apps:asgi", workers=1) as srv:
         s = socket.create_connection(srv.address(), timeout=10)
         try:
             srv.wait_for(lambda st: st["workers"][0]["connections"] == 1, 5, "the connection")

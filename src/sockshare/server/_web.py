@@ -429,6 +429,9 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
                 if not tally.due:
                     web.on_tally()
                 self.app = web.direct_app if direct else made.app
+                # (a client that never sends: closed after --timeout-keep-alive, as below)
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler)
                 return
             c = web._conns.get(id(transport)) or web._conns.get(_fd_of(transport))
             super().connection_made(transport)
@@ -441,10 +444,12 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
             if c.pre:
                 pre, c.pre = c.pre, b""
                 self.data_received(pre)
-            elif http and "migration" in c.meta:
-                # a keep-alive connection moved here between two requests: idle, it is
-                # kept --timeout-keep-alive seconds, as it was where it came from
-                # (uvicorn starts the timer when a response completes: none did here)
+            elif http:
+                # nothing read yet: a new connection whose client never sends, or a
+                # keep-alive one moved here between two requests, is kept
+                # --timeout-keep-alive seconds (uvicorn starts the timer only when a
+                # response completes: it kept such a connection for ever). Its first
+                # bytes stop the timer (uvicorn's data_received).
                 self.timeout_keep_alive_task = self.loop.call_later(
                     self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
