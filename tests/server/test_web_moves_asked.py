@@ -208,3 +208,33 @@ def test_a_connection_that_never_sends_is_closed(tmp_path: Path, accept: str, lo
             assert _closed_within(s, 8.0), "still open 8 s later (--timeout-keep-alive 2)"
         finally:
             s.close()
+
+
+def test_a_websocket_move_refused_on_the_way_is_counted(tmp_path: Path) -> None:
+    """docs/web.md: ``migrate`` raises ``MigrationRefused`` if no worker took it or it
+    cannot move, "the reason is logged and counted" (``web_moves_refused``). A move
+    refused once under way -- the client had not taken what was written within 10 s,
+    or no descriptor to duplicate -- raised it, uncounted and unlogged."""
+    size = 64 * 1024 * 1024
+    with LiveServer(tmp_path, "--no-rebalance", app="web_apps:combined_app", workers=2) as srv:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.settimeout(30)
+        s.connect(srv.address())
+        try:
+            s.sendall(f"GET /flood?n={size} HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n"
+                      "connection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      "sec-websocket-version: 13\r\n\r\n".encode())
+            time.sleep(11.0)   # read nothing: the move waits 10 s, then is refused
+            data = b""
+            while b"refused: " not in data[-4096:]:
+                chunk = s.recv(1 << 20)
+                assert chunk, data[:200]
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 101"), data[:200]
+        finally:
+            s.close()
+        st = srv.wait_for(lambda st: st["counters"]["web_moves_refused"] >= 1, 5,
+                          "the refusal counted")
+        assert st["counters"]["web_moves_refused"] == 1
+        assert "did not take what was written" in srv.log()

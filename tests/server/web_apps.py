@@ -94,8 +94,23 @@ async def where(ws: WebSocket) -> None:
     await ext["sockshare.migration"]["migrate"](None)
 
 
+async def flood(ws: WebSocket) -> None:
+    """Sends ``?n=N`` bytes (which a client that does not read leaves in the worker), then
+    moves at once; refused, it says why (``refused: <reason>``) and waits for the end."""
+    from sockshare.server import MigrationRefused
+
+    await ws.accept()
+    await ws.send_bytes(b"x" * int(ws.query_params.get("n", "1")))
+    try:
+        await ws.scope["extensions"]["sockshare.migration"]["migrate"](None)
+    except MigrationRefused as exc:
+        await ws.send_text(f"refused: {exc}")
+        await ws.receive()
+
+
 #: keep-alive HTTP (``/``), an opted-in WebSocket (``/count``), a plain one (``/echo``),
-#: the handoff's metadata (``/ext``, and ``/where`` for a WebSocket)
+#: the handoff's metadata (``/ext``, and ``/where`` for a WebSocket), one whose client
+#: is slow (``/flood``)
 combined_app = Starlette(routes=[Route("/", pid_page), WebSocketRoute("/count", counter),
                                  WebSocketRoute("/echo", plain_echo), Route("/ext", extension),
-                                 WebSocketRoute("/where", where)])
+                                 WebSocketRoute("/where", where), WebSocketRoute("/flood", flood)])

@@ -285,10 +285,13 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
                         outcome = await web.relay(dup, meta, bytes(self._ss_raw))
                     finally:
                         web.move_ended()
-            except BaseException:
+            except BaseException as exc:
                 web.ws_moving -= 1
                 self._ss_moving = False
                 self._ss_resume_here()
+                if isinstance(exc, MigrationRefused):   # (logged and counted: docs/web.md)
+                    web.counts["ws_refused"] += 1
+                    log.info("WebSocket %s stays here: %s", self._ss_id(), exc)
                 raise
             web.ws_moving -= 1
             if outcome in ("accepted", "gone"):
