@@ -238,3 +238,32 @@ def test_a_websocket_move_refused_on_the_way_is_counted(tmp_path: Path) -> None:
                           "the refusal counted")
         assert st["counters"]["web_moves_refused"] == 1
         assert "did not take what was written" in srv.log()
+
+
+def test_what_a_web_drain_closes_is_counted_as_drain_closed(tmp_path: Path) -> None:
+    """docs/server.md ("Draining by progress"): what cannot move is closed -- for a web
+    app, WebSockets that did not opt in get 1012 -- and "the closed ones are counted:
+    ``drain_closed``" (the worker's ``unmoved`` report), which ``sockshare reload``
+    prints as "M closed (could not move)". A web worker never reported them."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    with LiveServer(tmp_path, "--grace", "1", app="web_apps:asgi", workers=1) as srv:
+        host, port = srv.address()
+        with connect(f"ws://{host}:{port}/ws", open_timeout=10) as ws:
+            ws.send("a")
+            ws.recv(timeout=10)
+            resp = srv.command({"cmd": "reload", "wait": True})
+            assert resp["ok"], resp
+
+            def until_closed() -> None:
+                while True:
+                    ws.recv(timeout=10)
+
+            with pytest.raises(ConnectionClosed) as closed:
+                until_closed()
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 1012
+        st = srv.wait_for(lambda st: st["counters"]["web_ws_closed_1012"] >= 1, 10,
+                          "the 1012 close counted")
+        assert st["counters"]["drain_closed"] == 1, st["counters"]

@@ -1098,6 +1098,7 @@ class Worker:
         await self._drain()
         if self.web is not None:
             await self.web.drain(self.grace)
+            self._unmoved_closed += self.web.drain_closed   # (reported below: unmoved)
             await self.web.shutdown()
             if reporter is not None:
                 reporter.cancel()

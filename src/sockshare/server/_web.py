@@ -735,6 +735,10 @@ class WebServer:
         #: uvicorn would) / WebSockets closed with 1012
         self.counts = {"handed_over": 0, "handover_refused": 0, "ws_closed_1012": 0,
                        "ws_migrated_out": 0, "ws_migrated_in": 0, "ws_refused": 0, "ws_lost": 0}
+        #: connections a drain closed because they could not move (WebSockets given
+        #: 1012, keep-alive connections no worker took or whose TLS ended here, what was
+        #: cut at the end): the worker reports them (``unmoved``, ``drain_closed``)
+        self.drain_closed = 0
         self._ticker: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -1347,6 +1351,7 @@ class WebServer:
         if transport.is_closing():
             return
         if self.handover_reason:
+            self.drain_closed += 1
             proto.shutdown()   # draining: closed between requests, as uvicorn does
         else:
             transport.resume_reading()
@@ -1384,6 +1389,7 @@ class WebServer:
             http = [p for p in self.state.connections if not self._is_ws(p)]
             if http:
                 self.counts["handover_refused"] += len(http)
+                self.drain_closed += len(http)
                 log.info("%d keep-alive TLS connection(s) cannot move (TLS ended in this "
                          "worker): closed between requests", len(http))
             for proto in http:
@@ -1406,6 +1412,8 @@ class WebServer:
             for proto in list(self.state.connections):
                 transport = getattr(proto, "transport", None)
                 if transport is not None:
+                    if not self._is_ws(proto):   # (a WebSocket was counted at its 1012)
+                        self.drain_closed += 1
                     transport.abort()
         for task in list(self.state.tasks):
             if not task.done():
@@ -1438,6 +1446,7 @@ class WebServer:
             return   # on its way to another worker, which may serve it already: not ours
         if self._is_ws(proto) and getattr(proto, "handshake_complete", True):
             self.counts["ws_closed_1012"] += 1
+            self.drain_closed += 1
         with contextlib.suppress(Exception):
             proto.shutdown()
 
