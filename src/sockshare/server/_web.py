@@ -1182,12 +1182,7 @@ class WebServer:
                 or proto._ss_conn is None or transport is None or transport.is_closing()
                 or proto in self._moving):
             return False   # (TLS ended here: its state is this process's, it cannot move)
-        if not proto._ss_in_head or proto._ss_head:
-            return False
-        cycle = getattr(proto, "cycle", None)
-        if cycle is not None and not cycle.response_complete:
-            return False
-        return not getattr(proto, "pipeline", None)
+        return self._still_idle(proto)
 
     def request_handover(self, n: int | None, reason: str) -> int:
         """Move up to ``n`` idle keep-alive connections to other workers (None: all of
@@ -1322,10 +1317,16 @@ class WebServer:
         else:
             self._handover_refused(proto, outcome)
 
-    def _still_idle(self, proto: Any) -> bool:
+    @staticmethod
+    def _still_idle(proto: Any) -> bool:
+        """Between two requests, no byte of the next one read. (httptools: the start of
+        a next head read with the end of the last request, in the same read, is not
+        counted in ``_ss_head``; the parser began a message for it, with a new scope:
+        the last cycle's is not the protocol's any more.)"""
         cycle = getattr(proto, "cycle", None)
         return (proto._ss_in_head and not proto._ss_head
-                and (cycle is None or cycle.response_complete)
+                and (cycle is None or (cycle.response_complete
+                                       and cycle.scope is getattr(proto, "scope", None)))
                 and not getattr(proto, "pipeline", None))
 
     def detach(self, proto: Any) -> None:
