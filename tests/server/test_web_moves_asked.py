@@ -317,3 +317,59 @@ def test_the_start_of_the_next_request_read_with_the_last_keeps_the_connection(
             assert int(body.split()[0]) == first   # served where it was read
         finally:
             s.close()
+
+
+def _frame(s: socket.socket, buf: bytearray) -> tuple[int, bytes]:
+    """The next frame a server sent (unmasked, short): its opcode and payload."""
+    def need(n: int) -> None:
+        while len(buf) < n:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed: {bytes(buf)!r}")
+            buf.extend(chunk)
+
+    need(2)
+    n, pos = buf[1] & 0x7F, 2
+    if n == 126:
+        need(4)
+        n, pos = int.from_bytes(buf[2:4], "big"), 4
+    need(pos + n)
+    opcode, payload = buf[0] & 0x0F, bytes(buf[pos:pos + n])
+    del buf[:pos + n]
+    return opcode, payload
+
+
+def test_a_websocket_opened_while_its_worker_drains_is_asked_to_move(tmp_path: Path) -> None:
+    """An opted-in WebSocket whose upgrade request was read partly before a reload's
+    drain began and completed after it: it was offered the extension but never asked
+    to move (the drain had asked the WebSockets open at its start), and got 1012 when
+    ``--grace`` ended instead of moving with its state (docs/web.md)."""
+    with LiveServer(tmp_path, "--grace", "3", app="web_apps:combined_app", workers=1) as srv:
+        s = socket.create_connection(srv.address(), timeout=15)
+        try:
+            s.sendall(b"GET /where HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\n")
+            time.sleep(0.3)
+            old = {w["pid"] for w in srv.status()["workers"]}
+            resp = srv.command({"cmd": "reload", "wait": False})
+            assert resp["ok"], resp
+            srv.wait_for(lambda st: any(w["retiring"] for w in st["workers"]), 20,
+                         "the old worker draining")
+            s.sendall(b"connection: Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      b"sec-websocket-version: 13\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = s.recv(1)
+                assert chunk, head
+                head += chunk
+            assert head.startswith(b"HTTP/1.1 101"), head
+            buf = bytearray()
+            opcode, first = _frame(s, buf)
+            assert opcode == 1, (opcode, first)
+            assert json.loads(first)["pid"] in old
+            opcode, second = _frame(s, buf)
+            assert opcode == 1, (opcode, second)   # (8: closed, 1012)
+            moved = json.loads(second)
+            assert moved["pid"] not in old
+            assert moved["migration"]["reason"] == "reload", moved
+        finally:
+            s.close()

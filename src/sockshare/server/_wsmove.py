@@ -143,6 +143,10 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
             self._ss_offer = {"requested": asyncio.Event(), "reason": "",
                               "migrate": self._ss_migrate}
             scope.setdefault("extensions", {})["sockshare.migration"] = self._ss_offer
+            if web.handover_reason:
+                # opened while its worker drains (its upgrade request was in progress
+                # when the drain asked the WebSockets open then): asked now
+                self.request_move(web.handover_reason)
 
         def _ss_resume(self, ws: dict[str, Any], client: tuple[str, int] | None) -> None:
             """Go on with a WebSocket another worker handed over: open, no handshake."""
