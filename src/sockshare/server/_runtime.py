@@ -1021,9 +1021,7 @@ class Worker:
             for sock in socks:
                 fd = sock.fileno()
                 sock.close()
-                web.forget(fd)
-                if ch is not self.ch:   # a feeder's: counted in by our "fed", out here
-                    self._closed_one()
+                web.forget(fd)   # (counted out: a feeder's was counted in by our "fed")
             return
         for sock in socks:
             web.start(sock)
