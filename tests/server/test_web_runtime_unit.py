@@ -62,3 +62,31 @@ def test_handoffs_whose_accepts_never_left_are_counted_out_once() -> None:
                 theirs.close()
 
     assert asyncio.run(main()) == 3
+
+
+def test_a_handoff_whose_accept_fails_is_closed_and_not_kept() -> None:
+    """``Handoff.accept`` raising (the channel broke: "the sender has the connection
+    back: close your copy and do not serve it"): the worker registered the connection
+    before its ACCEPT and kept it registered, unclosed -- a connection it never serves,
+    which its drain then waited for (``--grace`` longer to exit) -- and its copy stayed
+    open until collected."""
+    from sockshare import ChannelBroken
+    from sockshare._state import Handoff
+
+    def broken(_id: int, _reason: str | None) -> None:
+        raise ChannelBroken("the dispatcher is gone")
+
+    async def main() -> tuple[int, bytes]:
+        web = WebServer(app, "asgi", WebSettings(lifespan="off"), on_tally=lambda: None)
+        worker = Worker(None, INFO, "unused", web=web)
+        ours, theirs = socket.socketpair()
+        try:
+            h = Handoff(1, ours, b"", b'{"handoff_id":"1.1"}', True, broken)
+            worker._take_web(FeederThatBroke(), [h], web)  # type: ignore[arg-type]
+            theirs.settimeout(2.0)
+            return web.open_connections, theirs.recv(1)
+        finally:
+            ours.close()
+            theirs.close()
+
+    assert asyncio.run(main()) == (0, b"")

@@ -984,8 +984,8 @@ class Worker:
                 if why is not None:
                     h.reject(why)
                     continue
+                h.accept()   # (first: raised, the sender has the connection back)
                 web.register(h.socket, meta, h.data, resume)
-                h.accept()
                 accepted.append(h.socket)
             if moved_in:
                 self.gc_hold.moved()
@@ -1004,6 +1004,10 @@ class Worker:
                 fd = sock.fileno()
                 sock.close()
                 web.forget(fd)
+            taken = {id(sock) for sock in accepted}
+            for h in handoffs:   # the others are the sender's: our copies closed
+                if id(h.socket) not in taken:
+                    h.socket.close()
             return
         if ch.buffered:   # the ACCEPTs first, then the first byte to the client
             self._task(self._start_web_later(ch, web, accepted))
