@@ -373,3 +373,41 @@ def test_a_websocket_opened_while_its_worker_drains_is_asked_to_move(tmp_path: P
             assert moved["migration"]["reason"] == "reload", moved
         finally:
             s.close()
+
+
+def test_a_websocket_asked_once_is_not_counted_again(tmp_path: Path) -> None:
+    """``migrate`` of up to ``n`` connections (rebalancing, ``sockshare migrate --count``)
+    asks connections not yet asked, as a handler worker does (docs/server.md: "sets
+    ``conn.migration_requested`` on up to *k* connections"). A web worker asked the same
+    WebSockets again each time -- those of an app that does not move them used up every
+    request, and its keep-alive connections were never asked."""
+    import contextlib
+
+    from websockets.sync.client import connect
+
+    with LiveServer(tmp_path, "--no-rebalance", app="web_apps:combined_app", workers=2) as srv, \
+            contextlib.ExitStack() as stack:
+        host, port = srv.address()
+        sockets = [stack.enter_context(connect(f"ws://{host}:{port}/echo", open_timeout=10))
+                   for _ in range(4)]
+        pids = []
+        for ws in sockets:
+            ws.send("x")
+            pids.append(int(str(ws.recv(timeout=10)).split()[0]))
+        a = pids[0]
+        assert pids.count(a) == 2, pids   # (least-conn: two on each worker)
+        # a keep-alive connection on the same worker: of two, one is there (least-conn)
+        keep = [stack.enter_context(contextlib.closing(
+            http.client.HTTPConnection(host, port, timeout=10))) for _ in range(2)]
+        c = next(k for k in keep if _pid(k) == a)
+        wid = _worker_ids(srv)[a]
+        flagged = []
+        for _ in range(2):
+            resp = srv.command({"cmd": "migrate", "from": wid, "count": 2, "wait": False})
+            assert resp["ok"], resp
+            flagged.append(resp["flagged"])
+            time.sleep(0.3)
+        moved = _pid(c) != a
+        # two of the three asked, then the third: the keep-alive connection moved
+        assert flagged == [2, 1], flagged
+        assert moved

@@ -232,11 +232,14 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
         # -- moving ---------------------------------------------------------------------------
 
         def request_move(self, reason: str) -> bool:
-            """Ask the app to move (True if it was offered the extension)."""
-            if self._ss_offer is None or self._ss_moving:
+            """Ask the app to move (True if it was offered the extension and not asked
+            already: one that was, and did not move, is not counted again -- a request
+            for ``n`` connections then asks others)."""
+            offer = self._ss_offer
+            if offer is None or self._ss_moving or offer["requested"].is_set():
                 return False
-            self._ss_offer["reason"] = reason
-            self._ss_offer["requested"].set()
+            offer["reason"] = reason
+            offer["requested"].set()
             return True
 
         def _ss_why_not(self) -> str | None:
