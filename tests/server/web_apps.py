@@ -11,8 +11,8 @@ from flask import Flask
 
 
 async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """``GET /`` -> ``"<worker pid> <client port>"`` (``/sleep?s=S``: after S seconds);
-    ``/ws``: an echo WebSocket."""
+    """``GET /`` -> ``"<worker pid> <client port>"`` (``/sleep?s=S``: after S seconds;
+    ``/big?n=N``: N bytes); ``/ws``: an echo WebSocket."""
     if scope["type"] == "lifespan":
         while True:
             message = await receive()
@@ -31,6 +31,12 @@ async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
             await send({"type": "websocket.send", "text": f"{os.getpid()} {message.get('text')}"})
     if scope["path"] == "/sleep":   # ``/sleep?s=S``: a request in progress for S seconds
         await asyncio.sleep(float(scope["query_string"].decode().partition("=")[2] or "1"))
+    if scope["path"] == "/big":   # ``/big?n=N``: N bytes of body, in one message
+        size = int(scope["query_string"].decode().partition("=")[2] or "1")
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(size).encode())]})
+        await send({"type": "http.response.body", "body": b"x" * size})
+        return
     body = f"{os.getpid()} {scope['client'][1]}".encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/plain"),
@@ -88,8 +94,23 @@ async def where(ws: WebSocket) -> None:
     await ext["sockshare.migration"]["migrate"](None)
 
 
+async def flood(ws: WebSocket) -> None:
+    """Sends ``?n=N`` bytes (which a client that does not read leaves in the worker), then
+    moves at once; refused, it says why (``refused: <reason>``) and waits for the end."""
+    from sockshare.server import MigrationRefused
+
+    await ws.accept()
+    await ws.send_bytes(b"x" * int(ws.query_params.get("n", "1")))
+    try:
+        await ws.scope["extensions"]["sockshare.migration"]["migrate"](None)
+    except MigrationRefused as exc:
+        await ws.send_text(f"refused: {exc}")
+        await ws.receive()
+
+
 #: keep-alive HTTP (``/``), an opted-in WebSocket (``/count``), a plain one (``/echo``),
-#: the handoff's metadata (``/ext``, and ``/where`` for a WebSocket)
+#: the handoff's metadata (``/ext``, and ``/where`` for a WebSocket), one whose client
+#: is slow (``/flood``)
 combined_app = Starlette(routes=[Route("/", pid_page), WebSocketRoute("/count", counter),
                                  WebSocketRoute("/echo", plain_echo), Route("/ext", extension),
-                                 WebSocketRoute("/where", where)])
+                                 WebSocketRoute("/where", where), WebSocketRoute("/flood", flood)])

@@ -984,8 +984,8 @@ class Worker:
                 if why is not None:
                     h.reject(why)
                     continue
+                h.accept()   # (first: raised, the sender has the connection back)
                 web.register(h.socket, meta, h.data, resume)
-                h.accept()
                 accepted.append(h.socket)
             if moved_in:
                 self.gc_hold.moved()
@@ -1004,6 +1004,10 @@ class Worker:
                 fd = sock.fileno()
                 sock.close()
                 web.forget(fd)
+            taken = {id(sock) for sock in accepted}
+            for h in handoffs:   # the others are the sender's: our copies closed
+                if id(h.socket) not in taken:
+                    h.socket.close()
             return
         if ch.buffered:   # the ACCEPTs first, then the first byte to the client
             self._task(self._start_web_later(ch, web, accepted))
@@ -1021,9 +1025,7 @@ class Worker:
             for sock in socks:
                 fd = sock.fileno()
                 sock.close()
-                web.forget(fd)
-                if ch is not self.ch:   # a feeder's: counted in by our "fed", out here
-                    self._closed_one()
+                web.forget(fd)   # (counted out: a feeder's was counted in by our "fed")
             return
         for sock in socks:
             web.start(sock)
@@ -1098,6 +1100,7 @@ class Worker:
         await self._drain()
         if self.web is not None:
             await self.web.drain(self.grace)
+            self._unmoved_closed += self.web.drain_closed   # (reported below: unmoved)
             await self.web.shutdown()
             if reporter is not None:
                 reporter.cancel()

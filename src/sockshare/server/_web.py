@@ -387,6 +387,9 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
         _ss_head = 0          # bytes of the request head read so far (HTTP)
         _ss_in_head = True
         _ss_tail = b""        # its last 3 bytes
+        #: asked to move once its response in progress is complete (``sockshare migrate``
+        #: of every connection: :meth:`WebServer.request_handover`)
+        _ss_move_reason = ""
 
         if h11 is not None or (http and web.settings.limit_concurrency is not None):
             # (only then: one Python call less per connection otherwise)
@@ -426,6 +429,9 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
                 if not tally.due:
                     web.on_tally()
                 self.app = web.direct_app if direct else made.app
+                # (a client that never sends: closed after --timeout-keep-alive, as below)
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler)
                 return
             c = web._conns.get(id(transport)) or web._conns.get(_fd_of(transport))
             super().connection_made(transport)
@@ -438,6 +444,14 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
             if c.pre:
                 pre, c.pre = c.pre, b""
                 self.data_received(pre)
+            elif http:
+                # nothing read yet: a new connection whose client never sends, or a
+                # keep-alive one moved here between two requests, is kept
+                # --timeout-keep-alive seconds (uvicorn starts the timer only when a
+                # response completes: it kept such a connection for ever). Its first
+                # bytes stop the timer (uvicorn's data_received).
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
         if http:
             # The head's bytes are counted as they arrive, from the end of a request
@@ -508,15 +522,21 @@ def _subclass(base: type[asyncio.Protocol], web: WebServer, http: bool) -> type[
             def _ss_on_response_handover(self) -> None:
                 """``on_response_complete`` while a handover is under way (installed on
                 the class, and on the requests in progress, by
-                :attr:`WebServer.handover_reason`: no call per response otherwise)."""
+                :attr:`WebServer.handover_reason`; on one connection, by
+                :meth:`WebServer.request_handover` of every connection: no call per
+                response otherwise)."""
                 plain(self)
-                if web.handover_reason and self._ss_conn is not None:
-                    # between two requests now: the connection moves. Its reading paused
-                    # here and now, not at the next turn of the loop: that turn's poll
-                    # could read a quick client's next request here, which would then be
-                    # served here (the move put off to its response) instead of moving
-                    # with the connection
-                    web._handover_if_idle(self)
+                reason = web.handover_reason or self._ss_move_reason
+                # between two requests now: the connection moves. Its reading paused
+                # here and now, not at the next turn of the loop: that turn's poll could
+                # read a quick client's next request here, which would then be served
+                # here (the move put off to its response) instead of moving with the
+                # connection
+                if (reason and self._ss_conn is not None and web._handover_if_idle(self, reason)
+                        and self._ss_move_reason):
+                    # (asked of this connection once: its move is under way)
+                    self._ss_move_reason = ""
+                    self.__dict__.pop("on_response_complete", None)
 
             if h11 is None:   # httptools: its callbacks, in the order of the bytes
                 # (the end of a head: data_received saw its blank line; its scope's
@@ -715,6 +735,10 @@ class WebServer:
         #: uvicorn would) / WebSockets closed with 1012
         self.counts = {"handed_over": 0, "handover_refused": 0, "ws_closed_1012": 0,
                        "ws_migrated_out": 0, "ws_migrated_in": 0, "ws_refused": 0, "ws_lost": 0}
+        #: connections a drain closed because they could not move (WebSockets given
+        #: 1012, keep-alive connections no worker took or whose TLS ended here, what was
+        #: cut at the end): the worker reports them (``unmoved``, ``drain_closed``)
+        self.drain_closed = 0
         self._ticker: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -752,17 +776,22 @@ class WebServer:
         # the ones in progress (or queued behind a pipelined one) have the plain method
         # bound already: re-bound here. (Off the rest of the time: no call per response.)
         cls.on_response_complete = hook
-        protos: list[Any] = [p for p in self.state.connections if isinstance(p, cls)]
-        for proto in protos:
-            cycles: list[Any] = [cycle for cycle, _app in getattr(proto, "pipeline", ())]
-            current = getattr(proto, "cycle", None)
-            if current is not None:
-                cycles.append(current)
-            hooked = proto.on_response_complete
-            for pending in cycles:
-                bound = getattr(pending, "on_response", None)
-                if getattr(bound, "__self__", None) is proto and not pending.response_complete:
-                    pending.on_response = hooked
+        for proto in [p for p in self.state.connections if isinstance(p, cls)]:
+            self._rehook(proto)
+
+    @staticmethod
+    def _rehook(proto: Any) -> None:
+        """The requests of ``proto`` in progress (or queued behind a pipelined one) call
+        its ``on_response_complete`` as it is now (each bound it when its head was read)."""
+        cycles: list[Any] = [cycle for cycle, _app in getattr(proto, "pipeline", ())]
+        current = getattr(proto, "cycle", None)
+        if current is not None:
+            cycles.append(current)
+        hooked = proto.on_response_complete
+        for pending in cycles:
+            bound = getattr(pending, "on_response", None)
+            if getattr(bound, "__self__", None) is proto and not pending.response_complete:
+                pending.on_response = hooked
 
     # -- the app, as uvicorn calls it ----------------------------------------------------
 
@@ -1153,40 +1182,46 @@ class WebServer:
                 or proto._ss_conn is None or transport is None or transport.is_closing()
                 or proto in self._moving):
             return False   # (TLS ended here: its state is this process's, it cannot move)
-        if not proto._ss_in_head or proto._ss_head:
-            return False
-        cycle = getattr(proto, "cycle", None)
-        if cycle is not None and not cycle.response_complete:
-            return False
-        return not getattr(proto, "pipeline", None)
+        return self._still_idle(proto)
 
     def request_handover(self, n: int | None, reason: str) -> int:
         """Move up to ``n`` idle keep-alive connections to other workers (None: all of
-        them, and from now on each one as its response completes). Returns how many
-        were asked to move now."""
+        them, and each one with a request in progress once its response is complete --
+        these, not the connections that come later: only a drain,
+        :attr:`handover_reason`, moves every connection it has). Returns how many were
+        asked to move now."""
         if self.relay is None:
             return 0
-        if n is None:
-            self.handover_reason = reason
         picked = 0
+        hook = getattr(self.http_class, "_ss_on_response_handover", None)
         for proto in list(self.state.connections):
             if n is not None and picked >= n:
                 break
             if self._idle_http(proto):
-                self._handover_if_idle(proto)
+                self._handover_if_idle(proto, reason)
                 picked += 1
-            elif self._is_ws(proto) and hasattr(proto, "request_move") and proto.request_move(reason):
-                picked += 1   # (it moves if the app takes the offer: docs/web.md)
+            elif self._is_ws(proto):
+                if hasattr(proto, "request_move") and proto.request_move(reason):
+                    picked += 1   # (it moves if the app takes the offer: docs/web.md)
+            elif (n is None and hook is not None and not self.handover_reason
+                    and self.ssl is None and isinstance(proto, self.http_class)
+                    and proto._ss_conn is not None):
+                # a request in progress: it moves once its response is complete
+                proto._ss_move_reason = reason
+                proto.on_response_complete = hook.__get__(proto)
+                self._rehook(proto)
         return picked
 
-    def _handover_if_idle(self, proto: Any) -> None:
+    def _handover_if_idle(self, proto: Any, reason: str) -> bool:
+        """Start moving ``proto`` if it is idle (True: started)."""
         if self.relay is None or not self._idle_http(proto):
-            return
+            return False
         self._moving.add(proto)
         proto.transport.pause_reading()   # now: no byte of a next request may come in
-        task = asyncio.get_running_loop().create_task(self._handover(proto))
+        task = asyncio.get_running_loop().create_task(self._handover(proto, reason))
         self.state.tasks.add(task)
         task.add_done_callback(self.state.tasks.discard)
+        return True
 
     async def dup_for_move(self, raw: socket.socket) -> socket.socket:
         """A duplicate of ``raw`` for a move (the transport keeps ``raw`` until a target
@@ -1230,7 +1265,7 @@ class WebServer:
                 return
         # (none waits: nothing to do)
 
-    async def _handover(self, proto: Any) -> None:
+    async def _handover(self, proto: Any, reason: str) -> None:
         """Hand one idle keep-alive connection over: stop reading, let the last response
         leave, give a duplicate of the socket to the dispatcher, and close ours once a
         target ACCEPTed it (no FIN, no RST: the client never notices). Refused: it
@@ -1251,6 +1286,7 @@ class WebServer:
                 # the client is slow to read, or a request came first: serve it here,
                 # and try again once its response is complete
                 transport.resume_reading()
+                self._keep_alive_again(proto)
                 return
             raw = transport.get_extra_info("socket")
             try:
@@ -1266,7 +1302,7 @@ class WebServer:
                     meta["migration"] = {"from": self.worker_id, "from_pid": os.getpid(),
                                          "count": (count if isinstance(count, int) else 0) + 1,
                                          "started": time.monotonic(),
-                                         "reason": self.handover_reason or "rebalance"}
+                                         "reason": reason or "rebalance"}
                     meta["resume"] = KEEP_ALIVE_RESUME
                     outcome = await self.relay(dup, _COMPACT.encode(meta).encode(), b"")
                 finally:
@@ -1281,10 +1317,16 @@ class WebServer:
         else:
             self._handover_refused(proto, outcome)
 
-    def _still_idle(self, proto: Any) -> bool:
+    @staticmethod
+    def _still_idle(proto: Any) -> bool:
+        """Between two requests, no byte of the next one read. (httptools: the start of
+        a next head read with the end of the last request, in the same read, is not
+        counted in ``_ss_head``; the parser began a message for it, with a new scope:
+        the last cycle's is not the protocol's any more.)"""
         cycle = getattr(proto, "cycle", None)
         return (proto._ss_in_head and not proto._ss_head
-                and (cycle is None or cycle.response_complete)
+                and (cycle is None or (cycle.response_complete
+                                       and cycle.scope is getattr(proto, "scope", None)))
                 and not getattr(proto, "pipeline", None))
 
     def detach(self, proto: Any) -> None:
@@ -1310,9 +1352,23 @@ class WebServer:
         if transport.is_closing():
             return
         if self.handover_reason:
+            self.drain_closed += 1
             proto.shutdown()   # draining: closed between requests, as uvicorn does
         else:
             transport.resume_reading()
+            self._keep_alive_again(proto)
+
+    def _keep_alive_again(self, proto: Any) -> None:
+        """``proto`` stays here after a move that did not happen: idle, it gets its
+        keep-alive timer again (the move stopped it; uvicorn starts one only when a
+        response completes, so without this the connection was kept for ever)."""
+        if proto.transport.is_closing() or not self._still_idle(proto):
+            return   # (a request in progress: its response starts the timer)
+        timer = getattr(proto, "timeout_keep_alive_task", None)
+        if timer is not None:
+            timer.cancel()
+        proto.timeout_keep_alive_task = asyncio.get_running_loop().call_later(
+            proto.timeout_keep_alive, proto.timeout_keep_alive_handler)
 
     def _is_ws(self, proto: Any) -> bool:
         return not isinstance(proto, self.http_class)
@@ -1334,6 +1390,7 @@ class WebServer:
             http = [p for p in self.state.connections if not self._is_ws(p)]
             if http:
                 self.counts["handover_refused"] += len(http)
+                self.drain_closed += len(http)
                 log.info("%d keep-alive TLS connection(s) cannot move (TLS ended in this "
                          "worker): closed between requests", len(http))
             for proto in http:
@@ -1356,6 +1413,8 @@ class WebServer:
             for proto in list(self.state.connections):
                 transport = getattr(proto, "transport", None)
                 if transport is not None:
+                    if not self._is_ws(proto):   # (a WebSocket was counted at its 1012)
+                        self.drain_closed += 1
                     transport.abort()
         for task in list(self.state.tasks):
             if not task.done():
@@ -1388,6 +1447,7 @@ class WebServer:
             return   # on its way to another worker, which may serve it already: not ours
         if self._is_ws(proto) and getattr(proto, "handshake_complete", True):
             self.counts["ws_closed_1012"] += 1
+            self.drain_closed += 1
         with contextlib.suppress(Exception):
             proto.shutdown()
 

@@ -143,6 +143,10 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
             self._ss_offer = {"requested": asyncio.Event(), "reason": "",
                               "migrate": self._ss_migrate}
             scope.setdefault("extensions", {})["sockshare.migration"] = self._ss_offer
+            if web.handover_reason:
+                # opened while its worker drains (its upgrade request was in progress
+                # when the drain asked the WebSockets open then): asked now
+                self.request_move(web.handover_reason)
 
         def _ss_resume(self, ws: dict[str, Any], client: tuple[str, int] | None) -> None:
             """Go on with a WebSocket another worker handed over: open, no handshake."""
@@ -228,11 +232,14 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
         # -- moving ---------------------------------------------------------------------------
 
         def request_move(self, reason: str) -> bool:
-            """Ask the app to move (True if it was offered the extension)."""
-            if self._ss_offer is None or self._ss_moving:
+            """Ask the app to move (True if it was offered the extension and not asked
+            already: one that was, and did not move, is not counted again -- a request
+            for ``n`` connections then asks others)."""
+            offer = self._ss_offer
+            if offer is None or self._ss_moving or offer["requested"].is_set():
                 return False
-            self._ss_offer["reason"] = reason
-            self._ss_offer["requested"].set()
+            offer["reason"] = reason
+            offer["requested"].set()
             return True
 
         def _ss_why_not(self) -> str | None:
@@ -285,10 +292,13 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
                         outcome = await web.relay(dup, meta, bytes(self._ss_raw))
                     finally:
                         web.move_ended()
-            except BaseException:
+            except BaseException as exc:
                 web.ws_moving -= 1
                 self._ss_moving = False
                 self._ss_resume_here()
+                if isinstance(exc, MigrationRefused):   # (logged and counted: docs/web.md)
+                    web.counts["ws_refused"] += 1
+                    log.info("WebSocket %s stays here: %s", self._ss_id(), exc)
                 raise
             web.ws_moving -= 1
             if outcome in ("accepted", "gone"):

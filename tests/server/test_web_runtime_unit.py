@@ -1,0 +1,92 @@
+"""A web app's worker runtime (:class:`sockshare.server._runtime.Worker` with a
+:class:`sockshare.server._web.WebServer`), built in the test process: what it reports of
+handoffs it accepted but could not start. Real sockets; the channel that could not send
+its ACCEPTs is a stand-in (only what ``_start_web_later`` uses of an AsyncChannel)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import Any
+
+import pytest
+
+from sockshare.server import WorkerInfo
+
+pytest.importorskip("uvicorn", reason="pip install 'sockshare[asgi]' (or the test extra)")
+
+from sockshare.server._runtime import Worker
+from sockshare.server._web import WebServer, WebSettings
+
+INFO = WorkerInfo(id=3, pid=os.getpid(), generation=1, pool="default")
+
+
+async def app(scope: Any, receive: Any, send: Any) -> None:
+    """An ASGI app that is never called here."""
+
+
+class FeederThatBroke:
+    """A feeder's channel (``--dispatchers N``) whose ACCEPTs never left."""
+
+    buffered = 1
+    usable = False
+
+    async def drain(self) -> None:
+        return None
+
+
+def test_handoffs_whose_accepts_never_left_are_counted_out_once() -> None:
+    """A feeder's handoffs are counted in by the worker's ``fed`` report; if the channel
+    closes before their ACCEPTs leave, the worker closes them and counts each out once.
+    It counted each twice (``WebServer.forget`` counts the close, and
+    ``_start_web_later`` counted it again), so the dispatcher's count of the worker's
+    connections fell below what it held."""
+
+    async def main() -> int:
+        web = WebServer(app, "asgi", WebSettings(lifespan="off"), on_tally=lambda: None)
+        worker = Worker(None, INFO, "unused", web=web)
+        pairs = [socket.socketpair() for _ in range(3)]
+        try:
+            for ours, _theirs in pairs:
+                web.register(ours, {"handoff_id": "1.1"}, b"")
+            await worker._start_web_later(FeederThatBroke(), web,  # type: ignore[arg-type]
+                                          [ours for ours, _theirs in pairs])
+            assert web.open_connections == 0
+            for _ours, theirs in pairs:   # closed on our side
+                assert theirs.recv(1) == b""
+            return web.tally.closed
+        finally:
+            for ours, theirs in pairs:
+                ours.close()
+                theirs.close()
+
+    assert asyncio.run(main()) == 3
+
+
+def test_a_handoff_whose_accept_fails_is_closed_and_not_kept() -> None:
+    """``Handoff.accept`` raising (the channel broke: "the sender has the connection
+    back: close your copy and do not serve it"): the worker registered the connection
+    before its ACCEPT and kept it registered, unclosed -- a connection it never serves,
+    which its drain then waited for (``--grace`` longer to exit) -- and its copy stayed
+    open until collected."""
+    from sockshare import ChannelBroken
+    from sockshare._state import Handoff
+
+    def broken(_id: int, _reason: str | None) -> None:
+        raise ChannelBroken("the dispatcher is gone")
+
+    async def main() -> tuple[int, bytes]:
+        web = WebServer(app, "asgi", WebSettings(lifespan="off"), on_tally=lambda: None)
+        worker = Worker(None, INFO, "unused", web=web)
+        ours, theirs = socket.socketpair()
+        try:
+            h = Handoff(1, ours, b"", b'{"handoff_id":"1.1"}', True, broken)
+            worker._take_web(FeederThatBroke(), [h], web)  # type: ignore[arg-type]
+            theirs.settimeout(2.0)
+            return web.open_connections, theirs.recv(1)
+        finally:
+            ours.close()
+            theirs.close()
+
+    assert asyncio.run(main()) == (0, b"")
