@@ -216,3 +216,38 @@ def test_an_accept_the_peer_never_reads_breaks_the_channel_and_the_sender_keeps_
         x.close()
         y.close()
     wait_fd_count("self", before, what="after the broken accept")
+
+
+@pytest.mark.parametrize("bad", [{"v": float("nan")}, {"v": float("inf")}, {"v": object()},
+                                 ["not", "a", "dict"]], ids=["nan", "inf", "object", "list"])
+def test_a_control_json_cannot_hold_is_refused_before_anything_is_sent(bad: object) -> None:
+    """docs/protocol.md §3.7: a CONTROL payload is a JSON object. What JSON cannot hold
+    (NaN and Infinity included, which Python's reader takes and no other does) is a
+    :class:`~sockshare.LocalProtocolError`, as for handoff metadata; nothing is sent and
+    the channel stays up."""
+    a, b = sockshare.Channel.pair()
+    try:
+        with pytest.raises(sockshare.LocalProtocolError):
+            a.send_control(bad)  # type: ignore[arg-type]
+        a.send_control({"ok": 1.5})
+        assert b.receive_control(timeout=5) == {"ok": 1.5}   # (the first to arrive)
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("size", [0, 100, (1 << 20) + 1, 1 << 32, 2.5],
+                         ids=["zero", "tiny", "over-1MiB", "over-u32", "float"])
+def test_a_max_payload_out_of_range_is_refused_where_it_is_given(tmp_path: Path,
+                                                                size: object) -> None:
+    """A channel's ``max_payload`` goes in its HELLO (a u32) and may not exceed the
+    protocol's 1 MiB: out of range, ``pair``, ``from_socket`` and ``listen`` refuse it
+    with a :class:`~sockshare.LocalProtocolError` (it was a ``struct.error`` in the
+    handshake, or a limit the peer would not honour), and nothing is left open."""
+    before = fd_count()
+    with pytest.raises(sockshare.LocalProtocolError, match="max_payload"):
+        sockshare.Channel.pair(max_payload=size)  # type: ignore[arg-type]
+    with pytest.raises(sockshare.LocalProtocolError, match="max_payload"):
+        sockshare.Channel.listen(str(tmp_path / "c.sock"), max_payload=size)  # type: ignore[arg-type]
+    assert not (tmp_path / "c.sock").exists()
+    wait_fd_count("self", before, what="after the refused max_payload")

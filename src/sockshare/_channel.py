@@ -53,6 +53,7 @@ from sockshare._errors import (
     ChannelError,
     ChannelPermission,
     ChannelTimeout,
+    LocalProtocolError,
     PeerRefused,
     RemoteProtocolError,
     SockshareError,
@@ -152,10 +153,24 @@ def _own_ids() -> tuple[int, int]:
     return os.getpid(), (os.getuid() if hasattr(os, "getuid") else 0)
 
 
+#: the smallest ``max_payload`` a channel takes: room for a HELLO and a handoff or two
+MIN_PAYLOAD = 1024
+
+
+def check_max_payload(max_payload: int) -> None:
+    """``max_payload`` (this side's limit, sent in its HELLO): an int from
+    :data:`MIN_PAYLOAD` to ``MAX_PAYLOAD`` (docs/protocol.md: the upper bound of a frame),
+    else :class:`~sockshare.LocalProtocolError`."""
+    if type(max_payload) is not int or not MIN_PAYLOAD <= max_payload <= MAX_PAYLOAD:
+        raise LocalProtocolError(f"max_payload must be an int from {MIN_PAYLOAD} to "
+                                 f"{MAX_PAYLOAD}, not {max_payload!r}")
+
+
 def new_state(sock: socket.socket, *, max_payload: int, name: str,
               blocking: bool | None) -> ChannelState:
     """The protocol state for a channel over ``sock`` (its transport decides SCM_RIGHTS
     or WSA blobs)."""
+    check_max_payload(max_payload)
     wsa = sock.family != _AF_UNIX
     if wsa and not IS_WINDOWS:
         raise ChannelError("descriptors cannot travel over TCP on POSIX: use a UNIX socket address")
@@ -290,12 +305,18 @@ class Channel(StateView):
     @classmethod
     def pair(cls, *, max_payload: int = MAX_PAYLOAD) -> tuple[Channel, Channel]:
         """Two connected ends in this process (hand one to a child with pass_fds)."""
+        check_max_payload(max_payload)
         a, b = socket.socketpair()
-        ca, cb = cls(a, max_payload=max_payload), cls(b, max_payload=max_payload)
-        for c in (ca, cb):
-            c._sock.sendall(c._state.hello())
-        for c in (ca, cb):
-            c._handshake(HANDSHAKE_TIMEOUT, policy=None, send_hello=False)
+        try:
+            ca, cb = cls(a, max_payload=max_payload), cls(b, max_payload=max_payload)
+            for c in (ca, cb):
+                c._sock.sendall(c._state.hello())
+            for c in (ca, cb):
+                c._handshake(HANDSHAKE_TIMEOUT, policy=None, send_hello=False)
+        except BaseException:
+            a.close()
+            b.close()
+            raise
         return ca, cb
 
     @classmethod
@@ -1072,6 +1093,7 @@ class ChannelListener:
         allow_pids: Iterable[int] | None, backlog: int, mode: int, max_payload: int,
         name: str,
     ) -> None:
+        check_max_payload(max_payload)
         family, addr = _parse_address(address)
         self.address = os.fspath(address)
         self._path = addr if family == getattr(socket, "AF_UNIX", -1) and isinstance(addr, str) else None

@@ -389,8 +389,21 @@ def decode_reject(p: bytes) -> Reject:
 _COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps would build one per call
 
 
+#: a CONTROL payload is JSON (docs/protocol.md, section 3.7): no NaN or Infinity, which
+#: Python's json reads but no other JSON reader does
+_STRICT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def encode_control(obj: dict[str, Any]) -> bytes:
-    return _COMPACT.encode(obj).encode()
+    """A CONTROL payload: ``obj`` as compact JSON; :class:`LocalProtocolError` for what
+    JSON cannot hold (as handoff metadata)."""
+    if not isinstance(obj, dict):
+        raise LocalProtocolError(f"a control message is a dict (a JSON object), not "
+                                 f"{type(obj).__name__}")
+    try:
+        return _STRICT.encode(obj).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise LocalProtocolError(f"a control message must be JSON-compatible: {exc}") from None
 
 
 def decode_control(p: bytes) -> dict[str, Any]:
