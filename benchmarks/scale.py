@@ -836,11 +836,21 @@ def compare(rows: list[dict[str, Any]]) -> str:
         for k, o in enumerate(r["ops"]):
             groups.setdefault((r["n"], k, o["op"]), {}).setdefault(r["server"], []).append(o)
     out = ["| N | operation (#) | tree | time s, median (runs) | server CPU µs/move, median "
-           "(old / new workers) | clients µs/move |",
+           "(old / new workers / dispatcher) | clients µs/move |",
            "|---:|---|---|---|---|---:|"]
 
     def med(xs: list[float]) -> float:
         return round(statistics.median(xs), 2) if xs else float("nan")
+
+    for n in sorted({r["n"] for r in rows}):   # (opening the N WebSockets: open/s)
+        for tree in ("sockshare (base)", "sockshare"):
+            got = [r for r in rows if r["n"] == n and r["server"] == tree and r.get("open_rate")]
+            if got:
+                out.append(f"| {n:,} | open | {'before' if 'base' in tree else 'after'} | "
+                           f"{med([r['open_secs'] for r in got])} "
+                           f"({' / '.join(str(r['open_secs']) for r in got)}) | "
+                           f"{med([r['open_rate'] for r in got]):,.0f} opened/s, "
+                           f"{med([r['rss_per_conn_kib'] for r in got])} KiB/conn | |")
 
     for (n, k, op), by_tree in sorted(groups.items()):
         for tree in ("sockshare (base)", "sockshare"):
@@ -850,9 +860,10 @@ def compare(rows: list[dict[str, Any]]) -> str:
             roles = [o["cpu_us_per_move_by_process"] for o in got]
             old = med([x.get("workers (old)", 0) for x in roles])
             new = med([x.get("workers (new)", x.get("workers (both)", 0)) for x in roles])
+            disp = med([sum(v for k, v in x.items() if k.startswith("dispatcher")) for x in roles])
             out.append(f"| {n:,} | {op} ({k + 1}) | {'before' if 'base' in tree else 'after'} | "
                        f"{med([o['secs'] for o in got])} ({' / '.join(str(o['secs']) for o in got)}) | "
-                       f"{med([o['server_cpu_us_per_move'] for o in got])} ({old} / {new}) | "
+                       f"{med([o['server_cpu_us_per_move'] for o in got])} ({old} / {new} / {disp}) | "
                        f"{med([o['client_cpu_us_per_move'] for o in got])} |")
     return "\n".join(out)
 

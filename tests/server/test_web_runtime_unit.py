@@ -6,6 +6,7 @@ its ACCEPTs is a stand-in (only what ``_start_web_later`` uses of an AsyncChanne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from typing import Any
@@ -90,3 +91,55 @@ def test_a_handoff_whose_accept_fails_is_closed_and_not_kept() -> None:
             theirs.close()
 
     assert asyncio.run(main()) == (0, b"")
+
+
+async def _ws_app(scope: Any, receive: Any, send: Any) -> None:
+    """A WebSocket that opens and reads until it is closed."""
+    if scope["type"] != "websocket":
+        return
+    await receive()
+    await send({"type": "websocket.accept"})
+    while (await receive())["type"] != "websocket.disconnect":
+        pass
+
+
+def test_a_websocket_closed_by_a_drain_is_counted_once() -> None:
+    """A plain stop's drain sends every WebSocket 1012 at once and, once ``grace`` passed
+    without progress, gives what is still open its last chance: a client that never
+    answers the close frame is counted once (``ws_closed_1012`` and ``drain_closed``),
+    not again at the last chance."""
+
+    async def main() -> tuple[int, int, bytes]:
+        web = WebServer(_ws_app, "asgi", WebSettings(lifespan="off"), on_tally=lambda: None)
+        lst = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(lst.getsockname())
+        ours, _ = lst.accept()
+        lst.close()
+        try:
+            web.register(ours, {"handoff_id": "1.1"}, b"")
+            web.start(ours)
+            client.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                           b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+            client.setblocking(False)
+            head = b""
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                with contextlib.suppress(BlockingIOError):
+                    head += client.recv(4096)
+                if b"\r\n\r\n" in head:
+                    break
+            assert head.startswith(b"HTTP/1.1 101"), head
+            await web.drain(0.3)   # (the client never answers the close frame)
+            got = b""
+            with contextlib.suppress(OSError):
+                got = client.recv(64)
+            return web.counts["ws_closed_1012"], web.drain_closed, got[:4]
+        finally:
+            client.close()
+            ours.close()
+
+    closed_1012, drain_closed, first = asyncio.run(main())
+    assert first[:1] == b"\x88"   # a close frame...
+    assert first[2:4] == (1012).to_bytes(2, "big")   # ...with 1012
+    assert (closed_1012, drain_closed) == (1, 1)

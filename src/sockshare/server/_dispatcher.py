@@ -148,6 +148,7 @@ from sockshare.server._control import ControlServer, default_path, runtime_dir
 from sockshare.server._exclusive import ExclusiveListeners
 from sockshare.server._feeders import Feeders
 from sockshare.server._feedin import FEED_SUFFIX
+from sockshare.server._gc import MoveBurst, freeze_startup
 from sockshare.server._health import AGENT_FDNAME, HealthServer, agent_line, http_answer
 from sockshare.server._listeners import Listeners, ListenerState, bind_listener, sd_notify
 from sockshare.server._master import ENV_MASTER, ENV_MASTER_FD, NOTIFY_SUFFIX
@@ -272,6 +273,8 @@ class Dispatcher:
         self.started = time.monotonic()
         # the parts (admission first: the others hold it)
         self.admission = Admission(cfg, self.pools, self.counters)
+        #: collections held while connections are relayed (a reload's moves: _gc)
+        self.gc_hold = MoveBurst()
         self.migration = Migrations(self)
         self.admission.place_migration = self.migration.place
         self.admission.migration_failed = self.migration.failed
@@ -514,6 +517,9 @@ class Dispatcher:
                 self.stop("upgrade failed")
                 return
         self.ready = True
+        # (what start-up made -- modules, the configuration, the loop -- never walked by
+        # a full collection again: 18 ms each in a reload of 10,000)
+        freeze_startup()
         if self.cfg.pid_file and self.takeover.predecessor:
             with contextlib.suppress(_pidfile.PidFileError):
                 _pidfile.write(self.cfg.pid_file, self.master)

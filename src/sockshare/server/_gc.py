@@ -1,4 +1,5 @@
-"""The worker's garbage-collection policy: collections wait while connections move.
+"""The garbage-collection policy of the server's processes: collections wait while
+connections move (the workers, and the dispatcher that relays the moves).
 
 CPython's cyclic collector runs a *full* collection (every tracked object in the
 process) whenever the objects that survived into the oldest generation grew by 25 %
@@ -57,6 +58,11 @@ So, in a worker:
   (a reload of 20,000 at a load average of 14, 2026-12-07). Everything a leaving
   worker holds is freed when it exits; the young and middle generations are still
   collected between moves, so its cyclic garbage stays bounded.
+
+The dispatcher uses :func:`freeze_startup` once its workers are ready and a
+:class:`MoveBurst` while it relays moves: without them it spent 5.9 µs a move of a
+reload in collections (young ones walking the moves in flight, and a full one walking
+its start-up), docs/server.md, "The dispatcher's collections".
 """
 
 from __future__ import annotations

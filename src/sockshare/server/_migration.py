@@ -117,6 +117,7 @@ class Migrations:
         """A connection handed to us by a worker (or the old dispatcher) to move on.
         ``flush=False``: one of several read at once; the caller sends them all with one
         :meth:`Admission.flush` (a batch, one write per target) once it took the last."""
+        self.d.gc_hold.moved()
         try:
             meta = h.meta
         except ValueError:
