@@ -491,6 +491,28 @@ def test_a_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
     assert "invalid int value: 'lots'" in out.stderr
 
 
+@pytest.mark.parametrize(("env", "argv", "named"), [
+    ({"SOCKSHARE_WORKERS": "0"}, [], "(SOCKSHARE_WORKERS=0, from the environment)"),
+    ({"SOCKSHARE_CMD_ARGS": "--workers 0"}, [],
+     "(SOCKSHARE_CMD_ARGS=--workers 0, from the environment)"),
+    ({"SOCKSHARE_GRACE": "3"}, ["-w", "0"], "(also set from the environment: SOCKSHARE_GRACE=3)"),
+], ids=["variable", "cmd-args", "flag"])
+def test_a_value_that_parses_but_is_refused_names_its_variable(
+        tmp_path: Path, env: dict[str, str], argv: list[str], named: str) -> None:
+    """A value from the environment that parses but fails validation (workers 0) is a
+    configuration error (exit 2) that names the variable too, not only what the
+    setting is; one from the command line says which variables were in play."""
+    e = env_with_apps()
+    e.update({"SOCKSHARE_CONTROL": str(tmp_path / "c.ctl"), **env})
+    out = subprocess.run([sys.executable, "-m", "sockshare", "serve", "serve_apps:app", *argv],
+                         env=e, cwd=str(ROOT), capture_output=True, text=True, timeout=30,
+                         stdin=subprocess.DEVNULL, check=False)
+    assert out.returncode == 2, out.stderr
+    assert "workers must be at least 1" in out.stderr, out.stderr
+    assert named in out.stderr.replace("SOCKSHARE_CONTROL=" + str(tmp_path / "c.ctl") + "; ", ""), \
+        out.stderr
+
+
 def test_a_reload_names_a_changed_dispatchers_count_as_needing_an_upgrade(tmp_path: Path) -> None:
     """``dispatchers`` is read at start only: a reload of a file that changed it must
     say so (the warning of what needs an upgrade), not log "no live setting changed"."""

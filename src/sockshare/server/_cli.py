@@ -329,15 +329,34 @@ def apply_environment(args: argparse.Namespace,
     then ``SOCKSHARE_<FLAG>``. A flag is "not given" when it is None (False for a switch;
     a 0 is given: ``--ws-ping-interval 0`` is not replaced, although ``0 == False``)."""
     env = os.environ if environ is None else environ
-    layers = [vars(_env_parser("SOCKSHARE_CMD_ARGS").parse_args(
-                  shlex.split(env.get("SOCKSHARE_CMD_ARGS", "")))),
-              vars(_env_parser(_FLAG_VARIABLES).parse_args(environment_argv(env)))]
-    for layer in layers:
+    layers = [("SOCKSHARE_CMD_ARGS", vars(_env_parser("SOCKSHARE_CMD_ARGS").parse_args(
+                  shlex.split(env.get("SOCKSHARE_CMD_ARGS", ""))))),
+              ("", vars(_env_parser(_FLAG_VARIABLES).parse_args(environment_argv(env))))]
+    #: the settings the environment gave: flag dest -> "VARIABLE=value" (error messages)
+    from_env: dict[str, str] = {}
+    for variable, layer in layers:
         for key, value in layer.items():
             current = getattr(args, key, None)
             if value is not None and (current is None or current is False):
                 setattr(args, key, value)
+                name = variable or f"SOCKSHARE_{key.upper()}"
+                from_env[key] = f"{name}={env.get(name, value)}"
+    args.from_environment = from_env
     return args
+
+
+def _env_hint(args: argparse.Namespace, message: str) -> str:
+    """A configuration error's message, naming the environment variable that gave the
+    setting it is about (docs/server.md: a bad value names the variable), or every
+    variable in play when it cannot tell which."""
+    given: dict[str, str] = getattr(args, "from_environment", {}) or {}
+    if not given:
+        return message
+    words = message.replace("-", "_").lower()
+    named = [v for k, v in given.items() if k.lower() in words]
+    if named:
+        return f"{message} ({'; '.join(named)}, from the environment)"
+    return f"{message} (also set from the environment: {'; '.join(given.values())})"
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -346,7 +365,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         cfg = from_args(apply_environment(args))
     except ConfigError as exc:
-        print(f"sockshare serve: {exc}", file=sys.stderr)
+        print(f"sockshare serve: {_env_hint(args, str(exc))}", file=sys.stderr)
         return 2
     # the process started is the master (docs/server.md, "The stable process"); it runs
     # the dispatcher generations: the same command line, with SOCKSHARE_MASTER set
