@@ -402,7 +402,12 @@ def test_a_request_in_progress_at_the_reload_moves_after_its_response(tmp_path: 
                 if in_time:
                     break
                 busy *= 2
-                c.request("GET", "/")   # (which worker serves it now: the next round's)
+                # (which worker serves it now: the next round's -- once the old one is
+                # gone, so that the request does not reach it between its response and
+                # the connection's move, or before a drain it has not begun yet)
+                wait_until(lambda old=first: old not in {w["pid"] for w in srv.status()["workers"]},
+                           timeout=30, what="the old worker gone")
+                c.request("GET", "/")
                 r = c.getresponse()
                 first = int(r.read().decode().split()[0])
             else:
