@@ -163,6 +163,25 @@ def test_expired_wait_is_refused(clients: Clients) -> None:
     assert not pool.queue
 
 
+def test_an_expired_wait_behind_a_younger_redispatch_is_refused(clients: Clients) -> None:
+    # A re-dispatched connection goes to the head of the queue, and may have waited less
+    # than the connections behind it (a compiled-path handoff that came back counts from
+    # its return; several re-dispatches stack up newest first): one that waited past
+    # --queue-timeout is refused wherever it stands in the queue.
+    adm, pool, (w1,) = build(1, queue=4)   # the worker is not up: nothing has room
+    old = clients.waiting()
+    adm.place(old)
+    back = clients.waiting()
+    back.since = old.since + 20
+    adm.redispatch(back, w1, "rejected by worker 1")
+    assert list(pool.queue) == [back, old]
+    adm.expire(old.since + adm.cfg.queue_timeout + 1)
+    assert adm.refused == {"queue_timeout": 1}
+    assert list(pool.queue) == [back]
+    assert old.sock.fileno() == -1
+    assert reset_seen(clients.clients[0])
+
+
 def test_redispatch_prefers_another_worker_then_gives_up(clients: Clients) -> None:
     adm, _pool, (w1, w2) = build(2, max_retries=1)
     up(w1)

@@ -287,9 +287,15 @@ class Admission:
         """Refuse what waited past ``queue_timeout``; feed the rest."""
         timeout = self.cfg.queue_timeout
         for pool in self.pools.values():
-            while pool.queue and now - pool.queue[0].since > timeout:
-                self.refuse(pool.queue.popleft(), "queue_timeout",
-                            f"waited {timeout:.0f} s for a free worker")
+            # (not only from the head: a re-dispatch goes to the head of the queue and
+            # may have waited less than those behind it)
+            if any(now - w.since > timeout for w in pool.queue):
+                expired = [w for w in pool.queue if now - w.since > timeout]
+                kept = [w for w in pool.queue if now - w.since <= timeout]
+                pool.queue.clear()
+                pool.queue.extend(kept)
+                for w in expired:
+                    self.refuse(w, "queue_timeout", f"waited {timeout:.0f} s for a free worker")
             self.feed(pool)
 
     def queued(self) -> int:
