@@ -135,3 +135,20 @@ def test_histogram_buckets_and_sum_of_two_dispatchers() -> None:
     assert samples[("sockshare_migration_duration_seconds_count", None)] == 10
     assert samples[("sockshare_migration_duration_seconds_sum", None)] == pytest.approx(
         sum([0.00005, 0.0001, 0.0003, 0.0011, 0.02, 0.7, 9.99, 10.0, 12.0, 3600.0]))
+
+
+def test_worker_up_is_one_while_the_channel_is_connected() -> None:
+    """``sockshare_worker_up`` is 1 while the worker's channel is connected
+    (docs/server.md, "Metrics"): a retiring worker (scaled down, or replaced with no
+    successor yet under its id) still has its channel and finishes its connections on
+    it; a ``gone`` one has lost it, a ``starting`` one has none yet."""
+    def row(wid: int, state: str, *, retiring: bool = False) -> dict[str, Any]:
+        return {"id": wid, "pool": "p", "state": state, "connections": 3, "inflight": 0,
+                "retiring": retiring}
+    st = {"counters": {"redispatches": 0, "refused_by_reason": {}, "sniff_failures": 0,
+                       "lost": 0},
+          "workers": [row(1, "ready"), row(2, "draining"), row(3, "retiring", retiring=True),
+                      row(4, "gone"), row(5, "starting"), row(6, "backoff")],
+          "pools": [], "listeners": []}
+    up = {s.labels["worker"]: s.value for s in _families(render(st))["sockshare_worker_up"].samples}
+    assert up == {"1": 1, "2": 1, "3": 1, "4": 0, "5": 0, "6": 0}

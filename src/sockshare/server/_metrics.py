@@ -232,7 +232,10 @@ def render(status: dict[str, Any]) -> str:
             o.sample(name, w.get(key, 0), pool=w["pool"], worker=w["id"])
     o.family("sockshare_worker_up", "gauge", "1 when the worker's channel is connected.")
     for w in workers:
-        o.sample("sockshare_worker_up", 1 if w["state"] in ("ready", "draining") else 0,
+        # (ready, draining and retiring: the states with a channel, see _slots.SlotState;
+        # a retiring worker finishes its connections on it)
+        o.sample("sockshare_worker_up",
+                 1 if w["state"] in ("ready", "draining", "retiring") else 0,
                  pool=w["pool"], worker=w["id"])
     o.family("sockshare_migrations_total", "counter", "Connections migrated between workers.")
     for result, key in (("ok", "migrations"), ("refused", "migrations_refused"),
