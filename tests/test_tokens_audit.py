@@ -1,0 +1,80 @@
+"""Findings of the token audit (docs against code), each with real processes and sockets.
+
+* An importer at its descriptor limit must get a ``TokenError`` saying so, not a bare
+  ``OSError`` nor a ``RemoteProtocolError`` blaming the exporter (README, "Errors").
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sockshare
+from sockshare.backends._agent import agent
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+_IMPORTER = r"""
+import os, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+import sockshare
+warm = sys.argv[1] == "warm"
+first, second = sys.stdin.readline().split()
+if warm:  # an import before: the connection to the agent is pooled
+    sockshare.import_socket(first, timeout=10).close()
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+try:
+    sockshare.import_socket(second, timeout=10)
+    print("imported")
+except BaseException as exc:
+    print(type(exc).__name__, isinstance(exc, sockshare.TokenError))
+for fd in held:
+    os.close(fd)
+n = len(os.listdir("/proc/self/fd"))
+sockshare.import_socket(second, timeout=10).close()  # not consumed, nothing left open
+sockshare.close_agent_connections()
+print(n, len(os.listdir("/proc/self/fd")))
+"""
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "import_socket at EMFILE raises a bare OSError (no pooled connection: socket() in "
+    "_connect_agent) or RemoteProtocolError (pooled: the GRANT's descriptor is cut, "
+    "MSG_CTRUNC), which blames the exporter; it should be a TokenError that says this "
+    "process is out of descriptors and the token is not consumed (an error class to add "
+    "and document: ImportFailed(TokenError, OSError), say)"))
+@pytest.mark.parametrize("pool", ["cold", "warm"])
+def test_importer_out_of_descriptors_gets_a_token_error(pool: str) -> None:
+    a, b = socket.socketpair()
+    env = {**os.environ, "PYTHONPATH": SRC}
+    p = subprocess.Popen(
+        [sys.executable, "-c", _IMPORTER, pool], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True, env=env)
+    try:
+        with a, b:
+            tokens = [sockshare.export_socket(a, p.pid) for _ in range(2)]
+        out, _ = p.communicate(" ".join(tokens) + "\n", timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    lines = out.splitlines()
+    assert p.returncode == 0, out
+    before, after = lines[1].split()
+    assert before == after  # the failed import left nothing open in the importer
+    assert sockshare.release(tokens[0]) is (pool == "cold")  # the second was imported
+    assert agent().pending() == 0
+    name, is_token_error = lines[0].split()
+    assert name != "RemoteProtocolError", "the exporter is blamed for our own fd limit"
+    assert is_token_error == "True", f"{name} is not a TokenError"
+
