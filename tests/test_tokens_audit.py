@@ -2,6 +2,8 @@
 
 * An importer at its descriptor limit must get a ``TokenError`` saying so, not a bare
   ``OSError`` nor a ``RemoteProtocolError`` blaming the exporter (README, "Errors").
+* A token whose GRANT was never confirmed (the importer hung up) and whose lifetime ran
+  out meanwhile is expired, not consumed (docs/protocol.md, section 4.3, step 6).
 """
 
 from __future__ import annotations
@@ -10,13 +12,19 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import sockshare
 from sockshare.backends._agent import agent
+from sockshare.protocol import FrameType, decode_token, encode_frame
+from sockshare.protocol._messages import Claim, encode_claim
+from sockshare.protocol._token import ADDR_ABSTRACT
+from tests._fdcount import fd_count, wait_fd_count
 
+IO = 10.0
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 _IMPORTER = r"""
@@ -78,3 +86,28 @@ def test_importer_out_of_descriptors_gets_a_token_error(pool: str) -> None:
     assert name != "RemoteProtocolError", "the exporter is blamed for our own fd limit"
     assert is_token_error == "True", f"{name} is not a TokenError"
 
+
+def test_a_grant_never_confirmed_then_expired_is_expired_not_consumed() -> None:
+    sockshare.close_agent_connections()
+    a, b = socket.socketpair()
+    with a, b:
+        token = sockshare.export_socket(a, os.getpid(), ttl=0.5)
+    time.sleep(0.1)  # the agent thread runs
+    base = fd_count()  # with the agent's duplicate
+    info = decode_token(token)
+    assert info.address_kind == ADDR_ABSTRACT
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(IO)
+        c.connect(b"\0" + info.address)
+        c.sendall(encode_frame(FrameType.CLAIM,
+                               encode_claim(Claim(info.token_id, info.secret, os.getpid()))))
+        _data, fds, _flags, _ = socket.recv_fds(c, 4096, 1)
+        assert len(fds) == 1  # the GRANT
+        for fd in fds:
+            os.close(fd)
+        time.sleep(0.7)  # the token's lifetime runs out before any DONE
+    # hung up without DONE: the agent takes it that the socket never arrived
+    wait_fd_count("self", base - 1, what="this process (the agent's duplicate closed)")
+    with pytest.raises(sockshare.TokenExpired):
+        sockshare.import_socket(token, timeout=IO)
+    sockshare.close_agent_connections()

@@ -748,7 +748,14 @@ class ExportAgent:
                 del self._tombs[entry.token_id]
                 self._entries[entry.token_id] = entry  # (this thread's next sweep sees it)
                 return
-            self._tomb(entry.token_id, ErrorCode.RELEASED if entry.released else ErrorCode.CONSUMED)
+            if entry.released:
+                code = ErrorCode.RELEASED
+            elif entry.deadline <= time.monotonic():
+                # never delivered, and its time ran out meanwhile: expired, not consumed
+                code = ErrorCode.EXPIRED
+            else:
+                code = ErrorCode.CONSUMED
+            self._tomb(entry.token_id, code)
             close_fds([entry.fd])
 
     def _tomb(self, token_id: int, code: ErrorCode) -> None:
