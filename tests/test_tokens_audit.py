@@ -111,3 +111,34 @@ def test_a_grant_never_confirmed_then_expired_is_expired_not_consumed() -> None:
     with pytest.raises(sockshare.TokenExpired):
         sockshare.import_socket(token, timeout=IO)
     sockshare.close_agent_connections()
+
+
+_EXPORT_IN_PIDNS = r"""
+import errno, os, socket
+import sockshare
+from sockshare.backends import _pidfd
+assert os.getpid() == 1 and not _pidfd.proc_is_ours()  # /proc shows another pid namespace
+a, b = socket.socketpair()
+try:
+    sockshare.export_socket(a, 3999999)  # above the largest pid_max: no such process
+    print("exported")
+except sockshare.ExportFailed as exc:
+    print("ExportFailed", errno.errorcode.get(exc.errno or 0))
+"""
+
+
+def test_export_for_a_missing_pid_fails_where_proc_is_not_ours() -> None:
+    """README, "Tokens": ``export_socket`` raises ``ExportFailed`` for a target pid that
+    does not exist. In a pid namespace whose /proc is another's (``unshare -p`` without
+    remounting /proc, as some containers run), the identity check is skipped, and so was
+    that refusal: the token was made for a pid nobody has."""
+    try:
+        r = subprocess.run(["unshare", "-p", "-f", sys.executable, "-c", _EXPORT_IN_PIDNS], check=False,
+                           capture_output=True, text=True, timeout=30,
+                           env={**os.environ, "PYTHONPATH": SRC})
+    except FileNotFoundError:
+        pytest.skip("no unshare(1) here")
+    if r.returncode != 0 and "unshare" in r.stderr:
+        pytest.skip(f"cannot make a pid namespace here: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["ExportFailed", "ESRCH"]
