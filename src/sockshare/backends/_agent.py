@@ -218,6 +218,8 @@ class ExportAgent:
             raise ValueError(f"target_pid must be a process id, not {target_pid!r}")
         kind = SocketKind.of(sock)
         kind.pack()  # raises LocalProtocolError for families/types we cannot move
+        if not IS_WINDOWS and not (_PROC_IDENTITY and _pidfd.proc_is_ours()):
+            _check_pid_exists(target_pid)  # (with /proc of ours, the identity check does)
         self._ensure_running()
         token_id = secrets.randbits(64)
         secret = secrets.token_bytes(16)
@@ -748,7 +750,14 @@ class ExportAgent:
                 del self._tombs[entry.token_id]
                 self._entries[entry.token_id] = entry  # (this thread's next sweep sees it)
                 return
-            self._tomb(entry.token_id, ErrorCode.RELEASED if entry.released else ErrorCode.CONSUMED)
+            if entry.released:
+                code = ErrorCode.RELEASED
+            elif entry.deadline <= time.monotonic():
+                # never delivered, and its time ran out meanwhile: expired, not consumed
+                code = ErrorCode.EXPIRED
+            else:
+                code = ErrorCode.CONSUMED
+            self._tomb(entry.token_id, code)
             close_fds([entry.fd])
 
     def _tomb(self, token_id: int, code: ErrorCode) -> None:
@@ -767,6 +776,18 @@ _REFUSALS = {
 
 #: Start times bind tokens to processes where /proc has them (Linux).
 _PROC_IDENTITY = sys.platform.startswith("linux")
+
+
+def _check_pid_exists(pid: int) -> None:
+    """Raise ``ProcessLookupError`` (ESRCH) if no process has ``pid``: where a token
+    cannot be bound to the process itself (macOS, BSD, a ``/proc`` of another pid
+    namespace), it is still bound to a pid that exists."""
+    if pid >= 2**31:  # beyond pid_t: no process has it
+        raise ProcessLookupError(errno.ESRCH, f"no process has pid {pid}")
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # it exists, and is not ours to signal
+        pass
 
 
 def _open_reserve() -> int:

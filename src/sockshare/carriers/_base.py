@@ -71,6 +71,8 @@ class Deadline:
             timeout = float(timeout)
             if math.isnan(timeout) or timeout < 0:
                 raise ValueError(f"timeout must be None or >= 0, not {timeout!r}")
+            if math.isinf(timeout):  # forever, as None: no poll() or settimeout() takes inf
+                timeout = None
         self.timeout = timeout
         self._end = None if timeout is None else time.monotonic() + timeout
 
