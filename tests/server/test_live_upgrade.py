@@ -327,3 +327,66 @@ def _children(pid: int) -> list[int]:
     except OSError:
         pass
     return out
+
+
+_SLOW_APP = """\
+import os, time
+if os.path.exists(os.environ["SLOW_FLAG"]):
+    # the reload's worker (generation 2) starts in 3 s; a new dispatcher's (generation 1)
+    # never in time
+    time.sleep(3.0 if os.environ.get("SOCKSHARE_GENERATION") == "2" else 60.0)
+from live_apps import handle  # noqa: E402,F401
+"""
+
+
+def test_a_reload_abandoned_for_an_upgrade_that_fails_says_ready_again(tmp_path: Path) -> None:
+    """RELOADING=1 ... READY=1 around a reload (docs/server.md, "systemd"): a reload
+    abandoned because an upgrade began, the upgrade then failing, must still be followed
+    by READY=1, or the service manager waits in "reloading" for ever."""
+    import socket as socket_mod
+
+    (tmp_path / "slowapp.py").write_text(_SLOW_APP)
+    flag = tmp_path / "slow.flag"
+    notify_path = str(tmp_path / "notify")
+    notify = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(0.1)
+    said: list[str] = []
+
+    def read_notify() -> list[str]:
+        while True:
+            try:
+                said.append(notify.recv(4096).decode())
+            except TimeoutError:
+                return said
+
+    env = {"NOTIFY_SOCKET": notify_path, "SLOW_FLAG": str(flag),
+           "PYTHONPATH": os.pathsep.join((str(tmp_path), env_with_apps()["PYTHONPATH"]))}
+    try:
+        with LiveServer(tmp_path / "srv", "--upgrade-probation", "5",
+                        app="slowapp:handle", workers=1, env=env) as srv:
+            flag.write_text("1")
+            os.kill(srv.pid, signal.SIGHUP)
+            wait_until(lambda: any("RELOADING=1" in m for m in read_notify()),
+                       timeout=10, what="RELOADING=1")
+            os.kill(srv.pid, signal.SIGUSR2)
+            successor = wait_until(lambda: srv.status().get("successor"), timeout=10,
+                                   what="the new dispatcher")
+            wait_until(lambda: "reload abandoned" in srv.log(), timeout=20,
+                       what="the reload abandoned")
+            os.kill(successor, signal.SIGKILL)
+            wait_until(lambda: "upgrade failed" in srv.log(), timeout=10, what="upgrade failed")
+            read_notify()
+            after: list[str] = []
+            deadline = time.monotonic() + 3.0
+            while not any("READY=1" in m for m in after) and time.monotonic() < deadline:
+                read_notify()
+                after = said[next(i for i, m in enumerate(said) if "RELOADING=1" in m):]
+            assert any("READY=1" in m for m in after), (after, srv.log())
+            c = LineClient(srv.address())
+            try:
+                assert c.ask("echo 1")["n"] == 1   # the old workers serve on
+            finally:
+                c.close()
+    finally:
+        notify.close()

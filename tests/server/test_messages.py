@@ -362,3 +362,21 @@ def test_supervisor_applies_reports_by_table(caplog: pytest.LogCaptureFixture) -
         assert not any(r.levelno >= logging.ERROR for r in caplog.records)
     finally:
         relay.close()
+
+
+def test_the_docs_table_lists_the_whole_vocabulary() -> None:
+    """docs/server.md, "Control messages": "The whole vocabulary is _messages.py" -- each
+    report and command there has its row (a C or PHP worker is written from that table)."""
+    import re
+    from pathlib import Path
+
+    from sockshare.server._messages import COMMANDS, REPORTS
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "server.md").read_text()
+    section = doc.split("## Control messages", 1)[1].split("\n## ", 1)[0]
+    reports, commands = section.split("Commands, dispatcher", 1)
+    row = re.compile(r"^\| `([a-z_]+)` \|(.*)$", re.M)
+    assert {m.group(1) for m in row.finditer(reports)} == set(REPORTS)
+    assert {m.group(1) for m in row.finditer(commands)} == set(COMMANDS)
+    fatal = next(m.group(2) for m in row.finditer(reports) if m.group(1) == "fatal")
+    assert "`startup`" in fatal

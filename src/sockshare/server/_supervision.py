@@ -883,6 +883,8 @@ class Supervisor:
             log.error("reload abandoned: %s", upgrading)
             self._abandon(fresh)
             revert()
+            # (RELOADING=1 said above wants its READY=1: the old workers serve on)
+            sd_notify(f"READY=1\nSTATUS=reload abandoned; {self.d.status_line()}")
             return f"reload abandoned: {upgrading}"
         if failed:
             self.counters["reload_failures"] += 1
