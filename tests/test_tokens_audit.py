@@ -1,7 +1,9 @@
 """Findings of the token audit (docs against code), each with real processes and sockets.
 
-* An importer at its descriptor limit must get a ``TokenError`` saying so, not a bare
-  ``OSError`` nor a ``RemoteProtocolError`` blaming the exporter (README, "Errors").
+* An importer at its descriptor limit gets :class:`~sockshare.ImportFailed` (a
+  ``TokenError`` and an ``OSError``: EMFILE), not a bare ``OSError`` nor a
+  ``RemoteProtocolError`` blaming the exporter (README, "Errors"); the token is not
+  consumed.
 * A token whose GRANT was never confirmed (the importer hung up) and whose lifetime ran
   out meanwhile is expired, not consumed (docs/protocol.md, section 4.3, step 6).
 """
@@ -55,12 +57,6 @@ print(n, len(os.listdir("/proc/self/fd")))
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "import_socket at EMFILE raises a bare OSError (no pooled connection: socket() in "
-    "_connect_agent) or RemoteProtocolError (pooled: the GRANT's descriptor is cut, "
-    "MSG_CTRUNC), which blames the exporter; it should be a TokenError that says this "
-    "process is out of descriptors and the token is not consumed (an error class to add "
-    "and document: ImportFailed(TokenError, OSError), say)"))
 @pytest.mark.parametrize("pool", ["cold", "warm"])
 def test_importer_out_of_descriptors_gets_a_token_error(pool: str) -> None:
     a, b = socket.socketpair()
@@ -83,7 +79,7 @@ def test_importer_out_of_descriptors_gets_a_token_error(pool: str) -> None:
     assert sockshare.release(tokens[0]) is (pool == "cold")  # the second was imported
     assert agent().pending() == 0
     name, is_token_error = lines[0].split()
-    assert name != "RemoteProtocolError", "the exporter is blamed for our own fd limit"
+    assert name == "ImportFailed", "the exporter is blamed for our own fd limit"
     assert is_token_error == "True", f"{name} is not a TokenError"
 
 

@@ -126,6 +126,13 @@ class ExporterBusy(TokenError):
     file descriptors, or has too many importer connections). The token is not consumed."""
 
 
+class ImportFailed(TokenError, OSError):
+    """This process could not take the socket in (``errno`` set): it is out of file
+    descriptors (EMFILE, ENFILE), so the kernel could not give it the granted socket or
+    a connection to the exporter's agent. The token is not consumed: free descriptors
+    and import again."""
+
+
 class ExportFailed(SockshareError, OSError):
     """``export_socket`` failed in the operating system (``errno`` set): the process is
     out of file descriptors (EMFILE), the descriptor is not a socket, the target pid

@@ -29,6 +29,7 @@ from sockshare._errors import (
     ExporterGone,
     ExporterTimeout,
     ExportFailed,
+    ImportFailed,
     InvalidToken,
     RemoteProtocolError,
     SockshareError,
@@ -37,7 +38,7 @@ from sockshare._errors import (
 )
 from sockshare.backends._agent import agent
 from sockshare.backends._fds import checked_socket
-from sockshare.backends._scm import close_fds, peer_credentials, recv_with_fds
+from sockshare.backends._scm import FdsTruncated, close_fds, peer_credentials, recv_with_fds
 from sockshare.protocol import (
     Claim,
     ErrorCode,
@@ -148,7 +149,9 @@ def import_socket(
     :class:`~sockshare.ExporterGone` (the exporter exited),
     :class:`~sockshare.ExporterTimeout` (alive, but no answer within ``timeout``; also a
     ``TimeoutError``) or :class:`~sockshare.ExporterBusy` (alive, but it cannot serve
-    now, e.g. out of file descriptors), all subclasses of ``SockshareError``.
+    now, e.g. out of file descriptors) or :class:`~sockshare.ImportFailed` (this process
+    is out of file descriptors: the token is not consumed), all subclasses of
+    ``SockshareError``.
     """
     deadline = time.monotonic() + timeout
     info = decode_token(token)
@@ -194,13 +197,27 @@ def _timed_out(info: TokenInfo, timeout: float) -> ExporterGone:
     )
 
 
+#: errnos that say this process (or the system) is out of descriptors
+_NO_FDS = frozenset({errno.EMFILE, errno.ENFILE})
+
+
+def _out_of_fds(code: int, what: str) -> ImportFailed:
+    return ImportFailed(code, f"this process is out of file descriptors ({what}); the token "
+                              "was not consumed: free descriptors and import again")
+
+
 def _connect_agent(info: TokenInfo, deadline: float, timeout: float) -> socket.socket:
-    if info.is_windows:
-        ch = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        addr: str | bytes | tuple[str, int] = ("127.0.0.1", info.agent_port)
-    else:
-        ch = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        addr = b"\0" + info.address if info.address_kind == ADDR_ABSTRACT else info.address
+    try:
+        if info.is_windows:
+            ch = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            addr: str | bytes | tuple[str, int] = ("127.0.0.1", info.agent_port)
+        else:
+            ch = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            addr = b"\0" + info.address if info.address_kind == ADDR_ABSTRACT else info.address
+    except OSError as exc:
+        if exc.errno in _NO_FDS:
+            raise _out_of_fds(exc.errno, "no socket for the exporter's agent") from exc
+        raise
     pause = 0.001
     try:
         while True:
@@ -293,7 +310,11 @@ def _exchange(ch: socket.socket, info: TokenInfo, deadline: float,
             if info.is_windows:
                 data, fds = ch.recv(8192), list[int]()
             else:
-                data, fds = recv_with_fds(ch, 8192)
+                try:
+                    data, fds = recv_with_fds(ch, 8192)
+                except FdsTruncated as exc:   # (the GRANT's socket: never ours)
+                    raise _out_of_fds(errno.EMFILE, "the kernel dropped the granted "
+                                                    "socket") from exc
             if not data and not fds:
                 if not got_any:
                     raise _Stale("the export agent hung up before answering")

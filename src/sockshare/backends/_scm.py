@@ -31,6 +31,7 @@ from sockshare import _fast
 from sockshare._errors import BackendUnavailable, RemoteProtocolError
 
 __all__ = [
+    "FdsTruncated",
     "CMSG_SPACE_MAX",
     "MSG_DONTWAIT",
     "RECV_FLAGS",
@@ -61,6 +62,11 @@ _SCM_RIGHTS = int(getattr(socket, "SCM_RIGHTS", -1))
 #: Room for the largest descriptor batch a frame may carry (253).
 CMSG_SPACE_MAX = socket.CMSG_SPACE(253 * _INT_SIZE) if hasattr(socket, "CMSG_SPACE") else 0
 
+
+class FdsTruncated(RemoteProtocolError):
+    """The kernel dropped descriptors of a message (``MSG_CTRUNC``): the receiver is at
+    its descriptor limit, or a sender passed more than 253. Every one that did arrive
+    is closed."""
 
 def close_fds(fds: list[int] | tuple[int, ...]) -> None:
     """Close every descriptor in ``fds``, ignoring ones already closed."""
@@ -228,7 +234,7 @@ def fds_from_ancillary(
         return fds
     if flags & _CTRUNC:
         close_fds(fds)
-        raise RemoteProtocolError(
+        raise FdsTruncated(
             f"the kernel truncated the descriptors of a message ({len(fds)} arrived): "
             "the receiver is at its fd limit (ulimit -n) or the sender exceeded 253"
         )
