@@ -156,6 +156,42 @@ def test_ttin_and_ttou_add_and_retire_a_worker_without_dropping(tmp_path: Path) 
         assert srv.status()["pools"][0]["workers"] == 1
 
 
+def test_sigusr1_has_the_workers_reopen_their_log_files(tmp_path: Path) -> None:
+    """SIGUSR1, gunicorn's meaning (logrotate's ``kill -USR1``): the workers reopen the
+    files of their ``--log-config``, and nothing else happens. It used to end the
+    master -- its default action -- and the whole server with it."""
+    log_file = tmp_path / "workers.log"
+    conf = tmp_path / "logging.json"
+    conf.write_text(json.dumps({
+        "version": 1, "disable_existing_loggers": False,
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": str(log_file)}},
+        "root": {"level": "INFO", "handlers": ["file"]}}))
+    with LiveServer(tmp_path, "--log-config", str(conf), app=LIVE, workers=2) as srv:
+        pids = {w["pid"] for w in srv.status()["workers"]}
+        client = LineClient(srv.address())
+        assert client.ask("echo a")["echo"] == "a"
+        deadline = time.monotonic() + 10
+        while not log_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        moved = tmp_path / "workers.log.1"
+        log_file.rename(moved)   # (what logrotate does before its postrotate)
+        os.kill(srv.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            text = log_file.read_text() if log_file.exists() else ""
+            if text.count("SIGUSR1: 1 log file(s) reopened") >= 2:
+                break
+            time.sleep(0.05)
+        assert text.count("SIGUSR1: 1 log file(s) reopened") == 2, (text, srv.log()[-2000:])
+        assert "reopened" not in moved.read_text()   # the moved file is left alone
+        assert "SIGUSR1: 2 worker(s) reopen their log files" in srv.log()
+        # nothing else happened: the same workers, the same connection, serving
+        assert {w["pid"] for w in srv.status()["workers"]} == pids
+        assert client.ask("echo b")["echo"] == "b"
+        assert pid_alive(srv.pid)
+        client.close()
+
+
 def _conf(path: Path, workers: int, max_conns: int, extra: str = "") -> None:
     path.write_text(f'grace = 5.0\n[[listen]]\nbind = "127.0.0.1:0"\nname = "main"\n'
                     f'[pools.web]\napp = "live_apps:handle"\nworkers = {workers}\n'

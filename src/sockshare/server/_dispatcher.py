@@ -178,7 +178,7 @@ log = logging.getLogger("sockshare.server")
 QUICK_GRACE = 1.0
 #: the signals the dispatcher handles (docs/server.md, "Signals")
 _SIGNALS = () if WINDOWS else (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                               signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+                               signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
 
 
 def _remove_dead_sockets(rundir: str) -> None:
@@ -346,6 +346,7 @@ class Dispatcher:
         loop.add_signal_handler(signal.SIGQUIT, self.stop, "SIGQUIT", True)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         loop.add_signal_handler(signal.SIGUSR2, self._on_sigusr2)
+        loop.add_signal_handler(signal.SIGUSR1, self._on_sigusr1)
         loop.add_signal_handler(signal.SIGTTIN, self.supervisor.scale, 1, "SIGTTIN")
         loop.add_signal_handler(signal.SIGTTOU, self.supervisor.scale, -1, "SIGTTOU")
 
@@ -402,6 +403,23 @@ class Dispatcher:
 
     def _on_sigusr2(self) -> None:
         self.spawn(self.upgrade("SIGUSR2"), critical=False)
+
+    def _on_sigusr1(self) -> None:
+        """SIGUSR1, gunicorn's meaning: the workers reopen their log files (the file
+        handlers of ``--log-config``, after logrotate moved them). The master and the
+        dispatcher log to stderr: nothing of theirs to reopen. Only workers of the Python
+        runtime that are connected get it: one still starting has no handler yet (the
+        signal's default action would end it), and a ``--worker-cmd`` program's SIGUSR1
+        is its own business."""
+        told = 0
+        for slot in self.slots:
+            pid = slot.pid
+            if pid is None or slot.channel is None or slot.pool_state.cfg.worker_cmd:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+                told += 1
+        log.info("SIGUSR1: %d worker(s) reopen their log files", told)
 
     # -- setting up ------------------------------------------------------------------
 

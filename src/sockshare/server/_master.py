@@ -31,7 +31,7 @@ both), and the master exits with the current generation's status once it and eve
 other child are gone (children still there ``grace`` + 5 s after it are killed); a
 stop the current generation begins itself (``sockshare stop``: its ``STOPPING=1``) is
 one too;
-SIGHUP, SIGUSR2, SIGQUIT, SIGTTIN and SIGTTOU go to the current generation. When the
+SIGHUP, SIGUSR2, SIGQUIT, SIGTTIN, SIGTTOU and SIGUSR1 go to the current generation. When the
 current generation exits on its own (a crash, an internal error), the master stops the
 others and exits with its status (128 + n for a signal n), as the dispatcher's own exit
 would have been seen before.
@@ -72,7 +72,8 @@ SUCCESSOR_FIELD = "SOCKSHARE_SUCCESSOR"
 #: Signals the master passes to the current generation (TERM and INT: to every one).
 #: (none on Windows, which has no master: see _platform)
 FORWARDED: tuple[signal.Signals, ...] = () if sys.platform == "win32" else (
-    signal.SIGHUP, signal.SIGUSR2, signal.SIGQUIT, signal.SIGTTIN, signal.SIGTTOU)
+    signal.SIGHUP, signal.SIGUSR2, signal.SIGQUIT, signal.SIGTTIN, signal.SIGTTOU,
+    signal.SIGUSR1)
 STOPS = (signal.SIGTERM, signal.SIGINT)
 _PR_SET_CHILD_SUBREAPER = 36
 _UCRED = struct.Struct("3i")
@@ -284,7 +285,7 @@ class Master:
             log.info("%s ignored: stopping", name)
             return
         if self.current not in self.ready:
-            # its default action would end it (SIGHUP, SIGUSR2) or stop it (SIGTTIN)
+            # its default action would end it (SIGHUP, SIGUSR1, SIGUSR2) or stop it (SIGTTIN)
             log.info("%s: held until dispatcher pid %d is ready", name, self.current)
             self._held.append(sig)
             return

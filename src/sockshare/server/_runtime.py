@@ -1042,6 +1042,8 @@ class Worker:
         else:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
+            # (before the channel connects: the dispatcher signals connected workers only)
+            loop.add_signal_handler(signal.SIGUSR1, reopen_log_files, self.info.id)
         if self.web is not None:   # lifespan startup, before the dispatcher hears of us
             failed = await self.web.startup()
             if failed:
@@ -1245,6 +1247,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-config", default=None, help="a logging dictConfig file (JSON) or an "
                    "INI file for logging.config.fileConfig")
     return p
+
+
+def reopen_log_files(worker_id: object = None) -> int:
+    """SIGUSR1: close and reopen every file handler of this process's loggers (after
+    logrotate moved the files: the handlers would go on writing to the moved ones).
+    Returns how many were reopened."""
+    loggers: list[logging.Logger] = [logging.getLogger()]
+    loggers += [lg for lg in logging.Logger.manager.loggerDict.values()
+                if isinstance(lg, logging.Logger)]
+    reopened = 0
+    seen: set[int] = set()
+    for lg in loggers:
+        for h in lg.handlers:
+            if not isinstance(h, logging.FileHandler) or id(h) in seen:
+                continue
+            seen.add(id(h))
+            h.acquire()
+            try:
+                if h.stream is not None:
+                    h.stream.close()
+                    h.stream = None
+                h.stream = h._open()
+                reopened += 1
+            except OSError as exc:   # (the directory went away, say: say so, go on)
+                log.error("SIGUSR1: cannot reopen %s: %s", h.baseFilename, exc)
+            finally:
+                h.release()
+    log.info("worker %s: SIGUSR1: %d log file(s) reopened", worker_id, reopened)
+    return reopened
 
 
 def _configure_logging(info: WorkerInfo, level: str, config: str | None) -> None:
