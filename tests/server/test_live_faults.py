@@ -15,6 +15,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,19 @@ def _kill_source_mid_move(srv: LiveServer, c: LineClient) -> tuple[int, int]:
     first = c.ask("echo a")
     source = first["pid"]
     target = w[2]["pid"] if first["id"] == 1 else w[1]["pid"]
+    _kill_source_while_moving(srv, source, target, lambda: c.send("move\n"))
+    return source, target
+
+
+def _kill_source_while_moving(srv: LiveServer, source: int, target: int,
+                              move: Callable[[], object]) -> None:
+    """``move()`` starts a migration from ``source`` to ``target``, stopped (SIGSTOP):
+    once the dispatcher shows it in flight, ``source`` is SIGKILLed; then the target goes
+    on."""
     os.kill(target, signal.SIGSTOP)
     try:
-        c.send("move\n")
+        move()
+        # (a direct one shows once announced: after ANNOUNCE_DELAY)
         srv.wait_for(lambda st: any(x["inflight"] == 1 and x["pid"] == target
                                     for x in st["workers"]), what="the migration in flight")
         os.kill(source, signal.SIGKILL)
@@ -66,7 +77,6 @@ def _kill_source_mid_move(srv: LiveServer, c: LineClient) -> tuple[int, int]:
                      what="the source restarted")
     finally:
         os.kill(target, signal.SIGCONT)
-    return source, target
 
 
 @pytest.mark.parametrize("mode", ["relay", "direct"])
@@ -97,15 +107,73 @@ def test_source_killed_while_its_connection_moves_out(tmp_path: Path, mode: str)
         _wait_fds(srv, base)
 
 
-def test_a_direct_migration_whose_source_lives_is_not_served(tmp_path: Path) -> None:
-    """The other side of that rule, with a real peer: a process that hands a worker a
-    migrating connection and closes its channel before the ACCEPT can reach it, while it
-    lives. The worker must not serve it (the sender might have taken it back): closed."""
+DEMO = "sockshare.server._demo_asgi:app"
+
+
+def _ws_ask(ws: Any, text: str) -> dict[str, Any]:
+    """Send ``text`` on a demo app WebSocket; its echo (notices before it skipped)."""
+    import json
+
+    ws.send(text)
+    while True:
+        msg = json.loads(str(ws.recv(timeout=15)))
+        if msg.get("echo") == text:
+            return dict(msg)
+
+
+def test_a_websocket_whose_source_dies_mid_move_is_served_by_its_target(tmp_path: Path) -> None:
+    """A web app's WebSocket moving straight to the other worker, whose source is killed
+    before the target's ACCEPT can reach it: the target holds the socket, not started
+    (nothing read), asks the dispatcher, hears that the source is gone, and serves it --
+    the client sees the move and goes on, nothing counted lost."""
+    import json
+
+    from websockets.sync.client import connect
+
+    with LiveServer(tmp_path, "--no-rebalance", "--policy", "round-robin", app=DEMO,
+                    workers=2) as srv:
+        host, port = srv.address()
+        with connect(f"ws://{host}:{port}/ws", open_timeout=10) as ws:
+            first = _ws_ask(ws, "a")["worker_pid"]
+            ws.send(json.dumps({"cmd": "move"}))   # once: the peer channels are open
+            moved = json.loads(str(ws.recv(timeout=15)))
+            assert moved["event"] == "moved", moved
+            source, target = moved["worker_pid"], first
+            wait_until(lambda: srv.status()["counters"]["migrations"] == 1, timeout=10,
+                       what="the first move counted")
+            _kill_source_while_moving(srv, source, target,
+                                      lambda: ws.send(json.dumps({"cmd": "move"})))
+            again = json.loads(str(ws.recv(timeout=15)))
+            assert again["event"] == "moved", again
+            assert again["worker_pid"] == target
+            assert again["from_pid"] == source
+            assert _ws_ask(ws, "b")["worker_pid"] == target
+            st = srv.wait_for(lambda st: st["counters"]["migrations"] == 2, what="counted")
+            assert st["counters"]["migrations_direct"] == 2
+            assert st["counters"]["lost"] == 0, srv.log()[-3000:]
+            assert "the source is gone" in srv.log()
+
+
+#: the resume meta a peer worker sends: a handler's state, a web app's WebSocket
+_RESUMES: dict[str, dict[str, Any]] = {
+    APP: {"n": 1, "pids": [1]},
+    DEMO: {"ws": {"from": 1, "deflate": None, "state": {"n": 0, "moves": 1},
+                  "scope": {"path": "/ws", "raw_path": "/ws", "query_string": "",
+                            "headers": [], "subprotocols": []}}},
+}
+
+
+@pytest.mark.parametrize("app", [APP, DEMO])
+def test_a_direct_migration_whose_source_lives_is_not_served(tmp_path: Path, app: str) -> None:
+    """The other side of that rule, with a real peer: a process that hands a worker (a
+    handler's, a web app's) a migrating connection on its peer socket and closes its
+    channel before the ACCEPT can reach it, while it lives. The worker must not serve it
+    (the sender might have taken it back): closed, nothing read from it, nothing counted."""
     import socket as _socket
 
     import sockshare
 
-    with LiveServer(tmp_path, "--no-rebalance", app=APP, workers=1) as srv:
+    with LiveServer(tmp_path, "--no-rebalance", app=app, workers=1) as srv:
         st = srv.status()
         pid = st["workers"][0]["pid"]
         path = os.path.join(os.path.dirname(st["channel"]), f"{pid}.peer")
@@ -116,7 +184,7 @@ def test_a_direct_migration_whose_source_lives_is_not_served(tmp_path: Path) -> 
             with sockshare.Channel.connect(path, name="test") as ch:
                 os.kill(pid, signal.SIGSTOP)    # it reads the handoff only after we left
                 try:
-                    meta = {"resume": {"n": 1, "pids": [1]},
+                    meta = {"resume": _RESUMES[app],
                             "migration": {"from": 99, "from_pid": os.getpid(), "count": 1,
                                           "started": time.monotonic(), "reason": "test"}}
                     ch.close_timeout = 0.2
@@ -126,9 +194,10 @@ def test_a_direct_migration_whose_source_lives_is_not_served(tmp_path: Path) -> 
                     os.kill(pid, signal.SIGCONT)
             assert t.state == "abandoned"
             conn.close()
-            c = LineClient.wrap(client)
-            assert c.read_eof() == b""          # closed by the worker, never served
+            client.settimeout(15)
+            assert client.recv(1024) == b""     # closed by the worker, never served
             assert srv.status()["counters"]["migrations"] == 0
+            assert "lives; closed here" in srv.log()
         finally:
             client.close()
             server.close()

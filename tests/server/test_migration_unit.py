@@ -75,18 +75,23 @@ class Relay:
         self.channels: list[StandInChannel] = []
         self.workers: list[WorkerSlot] = []
         for wid in range(1, workers + 1):
-            slot = WorkerSlot(wid, self.pool)
-            slot.proc = SimpleNamespace(pid=1000 + wid, returncode=None)  # type: ignore[assignment]
-            ch = StandInChannel()
-            slot.connected(ch, stopping=False)  # type: ignore[arg-type]
-            slot.can_resume = True
-            slot.peer_path = f"/run/{1000 + wid}.peer"
+            slot = self.add_worker(wid, 1000 + wid)
             self.pool.workers.append(slot)
-            self.d.slots.append(slot)
-            self.channels.append(ch)
             self.workers.append(slot)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.sockets: list[socket.socket] = [self.listener]
+
+    def add_worker(self, wid: int, pid: int) -> WorkerSlot:
+        """A ready worker that resumes and takes direct migrations (not in a pool yet)."""
+        slot = WorkerSlot(wid, self.pool)
+        slot.proc = SimpleNamespace(pid=pid, returncode=None)  # type: ignore[assignment]
+        ch = StandInChannel()
+        slot.connected(ch, stopping=False)  # type: ignore[arg-type]
+        slot.can_resume = True
+        slot.peer_path = f"/run/{pid}.peer"
+        self.d.slots.append(slot)
+        self.channels.append(ch)
+        return slot
 
     def handoff(self) -> StandInHandoff:
         c = socket.create_connection(self.listener.getsockname()[:2], timeout=5)
@@ -202,7 +207,39 @@ def test_peer_lists_name_the_others_with_room_once(relay: Relay) -> None:
     w3.retire()
     relay.mig.push_peers(relay.pool)
     assert relay.channels[0].controls[-1]["peers"] == [[2, 1002, "/run/1002.peer", 0]]
-    assert len(relay.channels[2].controls) == 1   # a retired worker gets no new list
+    # a retired worker is listed to nobody, and is told who takes its connections: the
+    # others, as before (not sent again)
+    assert len(relay.channels[2].controls) == 1
+
+
+def test_a_reloads_old_workers_are_told_the_new_ones_and_after_a_hand_over_nobody(
+        relay: Relay) -> None:
+    """A reload replaces the pool's workers, then retires the old ones: they are no
+    longer the pool's, but their connections go straight to the new ones (with their
+    room: max_conns, descriptors). An upgrade's hand-over: the new dispatcher picks
+    their workers, so they are told nobody (a list of none, once)."""
+    old = list(relay.workers)
+    fresh = [relay.add_worker(wid, 2000 + wid) for wid in (1, 2, 3)]   # (the old ids)
+    fresh[0].set_fd_full(False, capacity=10)
+    fresh[0].active = 4
+    relay.pool.workers = fresh
+    for slot in old:
+        slot.retire()
+    relay.mig.push_peers(relay.pool)
+    new_list = [[1, 2001, "/run/2001.peer", 4, 6], [2, 2002, "/run/2002.peer", 0],
+                [3, 2003, "/run/2003.peer", 0]]
+    for ch in relay.channels[:3]:   # each old worker: all three new ones
+        assert ch.controls[-1] == {"cmd": "peers", "peers": new_list}
+    assert relay.channels[3].controls[-1]["peers"] == new_list[1:]   # not itself
+    relay.d.handover.handed_over = True
+    for slot in fresh:
+        slot.retire()
+    relay.mig.push_peers(relay.pool)
+    for ch in relay.channels:
+        assert ch.controls[-1] == {"cmd": "peers", "peers": []}
+    sent = [len(ch.controls) for ch in relay.channels]
+    relay.mig.push_peers(relay.pool)
+    assert [len(ch.controls) for ch in relay.channels] == sent
 
 
 def test_rebalance_asks_the_busiest_worker(relay: Relay) -> None:

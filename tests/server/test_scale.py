@@ -122,7 +122,8 @@ def test_1800_connections_under_1024_descriptors_reload_and_migrate(tmp_path: Pa
             assert counters["refused"] == 0
             moved = resp["migrated"]
             assert moved > 0
-            assert moved + resp["refused"] == resp["flagged"] == n // 2
+            # (every one the source had: a reload spreads them within a few of n / 2)
+            assert moved + resp["refused"] == resp["flagged"] == source["connections"]
             assert resp["refused"] > 0   # the target had no room for all
             assert counters["migrations_refused"] == resp["refused"]
             assert took < 8   # (it returns once each one moved or was refused)

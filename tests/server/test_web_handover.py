@@ -471,3 +471,59 @@ def test_moved_connections_carry_where_they_came_from_and_how_often_they_moved(
                 http_pid = h["from_pid"]
                 pid, ids = moved["pid"], worker_ids()
         keep.close()
+
+
+def test_a_reload_and_a_migration_move_websockets_straight_to_the_other_workers(
+        tmp_path: Path) -> None:
+    """Direct migration (docs/server.md): the WebSockets of a reload go from each old worker
+    straight to a new one (the dispatcher lists the new generation to the workers it
+    retires), and a ``migrate`` request's from one worker straight to the other -- none
+    through the dispatcher, none lost, every one answering on its new worker, the new
+    workers' counts within a few of each other, the dispatcher's descriptors as before."""
+    import json
+
+    from websockets.sync.client import connect
+
+    n = 40
+    with _server(tmp_path, "sockshare.server._demo_asgi:app", "--no-rebalance") as srv:
+        host, port = srv.address()
+        fds = _fds(srv.dispatcher)
+        sockets = [connect(f"ws://{host}:{port}/ws", open_timeout=10) for _ in range(n)]
+        try:
+            def ask(ws: Any, text: str) -> dict[str, Any]:
+                ws.send(text)
+                while True:   # (a "moved" notice may come first)
+                    msg = json.loads(str(ws.recv(timeout=15)))
+                    if msg.get("echo") == text:
+                        return dict(msg)
+
+            first = {ask(ws, "a")["worker_pid"] for ws in sockets}
+            assert len(first) == 2
+            _reload(srv)
+            st = srv.wait_for(lambda st: st["counters"]["migrations"] == n, timeout=15,
+                              what="the reload's moves counted")
+            pids = [ask(ws, "b")["worker_pid"] for ws in sockets]
+            assert not set(pids) & first
+            assert st["counters"]["migrations_direct"] == n, st["counters"]
+            assert st["counters"]["lost"] == 0
+            counts = sorted(pids.count(p) for p in set(pids))
+            assert counts[-1] - counts[0] <= 4, counts
+            source = next(w for w in st["workers"] if w["pid"] == pids[0] and not w["retiring"])
+            resp = srv.command({"cmd": "migrate", "from": source["id"], "count": None,
+                                "wait": True}, timeout=60)
+            assert resp["ok"], resp
+            assert resp["migrated"] == pids.count(pids[0]), resp
+            after = [ask(ws, "c")["worker_pid"] for ws in sockets]
+            assert set(after) == set(pids) - {pids[0]}
+            st = srv.wait_for(lambda st: st["counters"]["migrations"] == n + resp["migrated"],
+                              timeout=15, what="the migration's moves counted")
+            assert st["counters"]["migrations_direct"] == st["counters"]["migrations"]
+            assert st["counters"]["migrations_refused"] == 0
+        finally:
+            for ws in sockets:
+                ws.close()
+        srv.wait_for(lambda st: sum(w["connections"] for w in st["workers"]) == 0
+                     and len(st["workers"]) == 2, what="the connections closed, the old workers gone")
+        # (each worker's channel, as at the start; nothing held for a move)
+        wait_until(lambda: _fds(srv.dispatcher) == fds, timeout=10,
+                   what=f"the dispatcher's {fds} descriptors (it has {_fds(srv.dispatcher)})")

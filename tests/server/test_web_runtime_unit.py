@@ -52,7 +52,7 @@ def test_handoffs_whose_accepts_never_left_are_counted_out_once() -> None:
             for ours, _theirs in pairs:
                 web.register(ours, {"handoff_id": "1.1"}, b"")
             await worker._start_web_later(FeederThatBroke(), web,  # type: ignore[arg-type]
-                                          [ours for ours, _theirs in pairs])
+                                          [ours for ours, _theirs in pairs], None)
             assert web.open_connections == 0
             for _ours, theirs in pairs:   # closed on our side
                 assert theirs.recv(1) == b""

@@ -7,6 +7,7 @@ workers). Real sockets and channels throughout; no subprocess."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import socket
@@ -28,7 +29,7 @@ from sockshare.server import (
     WorkerInfo,
 )
 from sockshare.server._handler import MAX_STATE, MIGRATION_WINDOW, encode_state
-from sockshare.server._messages import Message, PeerEntry, Report
+from sockshare.server._messages import Message, MovedOut, PeerEntry, Report
 from sockshare.server._peers import PeerMigration
 from sockshare.server._runtime import EXIT_APP_ERROR, Worker, resume_spec
 
@@ -401,11 +402,14 @@ class _Host:
 def test_peer_list_and_pick(tmp_path: Path) -> None:
     async def main() -> None:
         host = _Host(1)
-        peers = PeerMigration(host, report_delay=0.002)
+        peers = PeerMigration(host, announce_delay=0.002)
         nowhere = str(tmp_path / "nobody.peer")
-        peers.set_peers([PeerEntry(2, 20, nowhere, 3), PeerEntry(1, 10, nowhere, 0),
+        me = os.getpid()
+        peers.set_peers([PeerEntry(2, 20, nowhere, 3), PeerEntry(1, me, nowhere, 0),
                          PeerEntry(3, 30, nowhere, 1)])
-        assert sorted(peers.peers) == [2, 3]   # not itself (malformed lists: test_messages)
+        # not itself, its pid (a reload's new worker may have its id: listed then);
+        # malformed lists: test_messages
+        assert sorted(peers.peers) == [2, 3]
         assert peers.pick() is None            # none connected (the paths do not exist)
         pairs = []
         for wid in (2, 3):
@@ -421,12 +425,113 @@ def test_peer_list_and_pick(tmp_path: Path) -> None:
         assert picked == [3, 3, 2, 3]
         peers.set_peers([PeerEntry(3, 30, nowhere, 7)])   # 2 left the pool: its channel closes
         assert list(peers.peers) == [3]
-        assert peers.peers[3].load == 7
+        # the dispatcher's count, and our 3 picks not answered yet (it cannot have them)
+        assert peers.peers[3].load == 7 + 3
         await peers.close()
         assert pairs[0][0].closed
         for mine, theirs in pairs:
             await mine.aclose()
             await theirs.aclose()
+
+    asyncio.run(main())
+
+
+def _connected_peers(host: _Host, loads: dict[int, int], rooms: dict[int, int | None]
+                     ) -> tuple[PeerMigration, list[tuple[AsyncChannel, AsyncChannel]]]:
+    """A PeerMigration whose peers (ids ``loads``) have open channels: (ours, theirs)."""
+    peers = PeerMigration(host, announce_delay=30.0)
+    peers.set_peers([PeerEntry(wid, 1000 + wid, "/nowhere", load, rooms.get(wid))
+                     for wid, load in loads.items()])
+    pairs = []
+    for wid in loads:
+        task = peers._background.pop()   # (the connect attempts to "/nowhere": not wanted)
+        task.cancel()
+        a, b = Channel.pair()
+        pairs.append((AsyncChannel.wrap(a), AsyncChannel.wrap(b)))
+        peers.peers[wid].ch = pairs[-1][0]
+        peers.peers[wid].connecting = False
+    return peers, pairs
+
+
+def test_moves_to_a_peer_in_one_turn_leave_in_one_write_and_are_reported_once(
+        tmp_path: Path) -> None:
+    """The moves to one peer started in one turn of the loop leave as one HANDOFF frame
+    (one write, as the relay's do), and their outcome reaches the dispatcher as one
+    ``moved_out`` naming them all (docs/server.md, "Direct migration")."""
+    async def main() -> None:
+        host = _Host(1)
+        peers, pairs = _connected_peers(host, {2: 0}, {})
+        _mine, theirs = pairs[0]
+        peer = peers.peers[2]
+        ends = [socket.socketpair() for _ in range(5)]
+        moves = [asyncio.ensure_future(peers.move(peer, a, b'{"resume":{}}', b"")) for a, _b in ends]
+        reads = 0
+        got: list[Any] = []
+        async with asyncio.timeout(STEP):
+            while len(got) < 5:
+                await theirs._wait_event()
+                reads += 1
+                got += theirs.received()
+        assert reads == 1            # one write, one read
+        assert len(got) == 5
+        for h in got:
+            h.accept()
+            h.socket.close()
+        theirs.flush()
+        outcomes = await asyncio.wait_for(asyncio.gather(*moves), STEP)
+        assert {o.value for o in outcomes} == {"accepted"}
+        await asyncio.sleep(0)   # (the reports leave at the end of the turn)
+        [report] = [m for m in host.sent if isinstance(m, MovedOut)]
+        assert report.to == 2
+        assert [k.id for k in report.keys] == [h.id for h in got]
+        assert all(k.pid == os.getpid() for k in report.keys)
+        for a, b in ends:
+            a.close()
+            b.close()
+        await peers.close()
+        for m, t in pairs:
+            await m.aclose()
+            await t.aclose()
+
+    asyncio.run(main())
+
+
+def test_picks_run_to_one_peer_while_many_moves_come_and_spread_at_the_end(
+        tmp_path: Path) -> None:
+    """Told that many moves are coming (a drain), ``pick`` keeps the same peer for runs of
+    up to STICK (its batches stay whole: one write, one answer, one peer woken) and
+    spreads the last ones one by one: the counts end within one of each other. Without
+    it, ties rotate at every move. A peer's room is never exceeded."""
+    from sockshare.server._peers import STICK
+
+    async def main() -> None:
+        peers, pairs = _connected_peers(_Host(1), {2: 0, 3: 0}, {})
+        assert [peers.pick().id for _ in range(4)] == [2, 3, 2, 3]   # type: ignore[union-attr]
+        peers, more = _connected_peers(_Host(1), {2: 0, 3: 0}, {})
+        pairs += more
+        peers.expect(400)
+        picked = [peers.pick().id for _ in range(400)]   # type: ignore[union-attr]
+        runs = [1]
+        for a, b in itertools.pairwise(picked):
+            if a == b:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+        assert max(runs) <= 2 * STICK
+        assert sum(runs[:4]) / 4 >= STICK / 2, runs[:10]   # long runs first
+        assert runs[-4:] == [1, 1, 1, 1], runs[-10:]       # one by one at the end
+        assert abs(picked.count(2) - picked.count(3)) <= 1
+        peers, more = _connected_peers(_Host(1), {2: 0, 3: 5}, {2: 2, 3: None})
+        pairs += more
+        peers.expect(100)
+        assert [peers.pick().id for _ in range(6)] == [2, 2, 3, 3, 3, 3]   # type: ignore[union-attr]
+        peers, more = _connected_peers(_Host(1), {2: 0}, {2: 1})
+        pairs += more
+        assert peers.pick() is not None
+        assert peers.pick() is None   # no room left anywhere: the relay's turn
+        for m, t in pairs:
+            await m.aclose()
+            await t.aclose()
 
     asyncio.run(main())
 

@@ -169,6 +169,9 @@ class PeerEntry(NamedTuple):
     pid: int
     path: str
     connections: int
+    #: how many more connections it may be given (its limit: ``max_conns``, its
+    #: descriptors), None for no limit (wire: a 5th element, left out when None)
+    room: int | None = None
 
 
 # --- reading fields ----------------------------------------------------------------------
@@ -236,6 +239,36 @@ class _Fields:
                 or not math.isfinite(value)):
             raise self._fail(key, "a number or null", value)
         return float(value)
+
+    def more_keys(self, key: str = "more") -> tuple[MoveKey, ...]:
+        """More [pid, id] keys of the same report (a batch): absent is none."""
+        value = self._get(key, [])
+        expected = "a list of [pid, id] (two integers each)"
+        if not isinstance(value, list):
+            raise self._fail(key, expected, value)
+        out = []
+        for item in value:
+            if not (isinstance(item, list) and len(item) == 2 and _is_int(item[0])
+                    and _is_int(item[1])):
+                raise self._fail(key, expected, item)
+            out.append(MoveKey(item[0], item[1]))
+        return tuple(out)
+
+    def more_arrivals(self, key: str = "more") -> tuple[tuple[int, float | None], ...]:
+        """More [id, latency] pairs of a ``moved_in`` (the same source): absent is none."""
+        value = self._get(key, [])
+        expected = "a list of [id, latency seconds or null]"
+        if not isinstance(value, list):
+            raise self._fail(key, expected, value)
+        out: list[tuple[int, float | None]] = []
+        for item in value:
+            if not (isinstance(item, list) and len(item) == 2 and _is_int(item[0])
+                    and (item[1] is None or (isinstance(item[1], int | float)
+                                             and not isinstance(item[1], bool)
+                                             and math.isfinite(item[1])))):
+                raise self._fail(key, expected, item)
+            out.append((item[0], None if item[1] is None else float(item[1])))
+        return tuple(out)
 
     def move_key(self, key: str = "key", *, null_pid: bool = False) -> Any:
         value = self._get(key, _MISSING)
@@ -473,17 +506,26 @@ class MigrateAck(Report):
 
 @dataclass(frozen=True)
 class _DirectMove(Report):
-    """A source's report of a direct move to worker ``to``."""
+    """A source's report of direct moves to worker ``to``: ``key``, and the ``more``
+    of the same batch (wire: ``"more"``, left out when empty)."""
 
     to: int
     key: MoveKey
+    more: tuple[MoveKey, ...] = ()
+
+    @property
+    def keys(self) -> tuple[MoveKey, ...]:
+        return (self.key, *self.more)
 
     def fields(self) -> dict[str, Any]:
-        return {"to": self.to, "key": list(self.key)}
+        out: dict[str, Any] = {"to": self.to, "key": list(self.key)}
+        if self.more:
+            out["more"] = [list(k) for k in self.more]
+        return out
 
     @classmethod
     def read(cls, f: _Fields) -> _DirectMove:
-        return cls(f.integer("to"), f.move_key())
+        return cls(f.integer("to"), f.move_key(), f.more_keys())
 
 
 @dataclass(frozen=True)
@@ -509,13 +551,24 @@ class MovedIn(Report):
     #: (source pid, handoff id); the pid is None if the migration meta had none
     key: tuple[int | None, int]
     latency: float | None = None
+    #: more arrivals from the same source in the same report, (id, latency) (wire:
+    #: ``"more": [[id, latency], ...]``, left out when empty)
+    more: tuple[tuple[int, float | None], ...] = ()
+
+    def arrivals(self) -> tuple[tuple[int, float | None], ...]:
+        """(handoff id, latency) of every connection the report counts in."""
+        return ((self.key[1], self.latency), *self.more)
 
     def fields(self) -> dict[str, Any]:
-        return {"from": self.source, "key": list(self.key), "latency": self.latency}
+        out: dict[str, Any] = {"from": self.source, "key": list(self.key), "latency": self.latency}
+        if self.more:
+            out["more"] = [list(m) for m in self.more]
+        return out
 
     @classmethod
     def read(cls, f: _Fields) -> MovedIn:
-        return cls(f.integer("from", None, null=True), f.move_key(null_pid=True), f.number("latency", None))
+        return cls(f.integer("from", None, null=True), f.move_key(null_pid=True),
+                   f.number("latency", None), f.more_arrivals())
 
 
 @dataclass(frozen=True)
@@ -555,18 +608,19 @@ class Peers(Command):
     peers: tuple[PeerEntry, ...] = ()
 
     def fields(self) -> dict[str, Any]:
-        return {"peers": [list(p) for p in self.peers]}
+        return {"peers": [list(p) if p.room is not None else list(p[:4]) for p in self.peers]}
 
     @classmethod
     def read(cls, f: _Fields) -> Peers:
         listed = f.obj.get("peers", _MISSING)
-        expected = "a list of [id, pid, path, connections]"
+        expected = "a list of [id, pid, path, connections(, room)]"
         if not isinstance(listed, list):
             raise f._fail("peers", expected, listed)
         out = []
         for item in listed:
-            if not (isinstance(item, list) and len(item) == 4 and _is_int(item[0])
-                    and _is_int(item[1]) and isinstance(item[2], str) and _is_int(item[3])):
+            if not (isinstance(item, list) and len(item) in (4, 5) and _is_int(item[0])
+                    and _is_int(item[1]) and isinstance(item[2], str) and _is_int(item[3])
+                    and (len(item) == 4 or (_is_int(item[4]) and item[4] >= 0))):
                 raise f._fail("peers", expected, item)
             out.append(PeerEntry(*item))
         return cls(tuple(out))

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import sys
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -188,46 +189,66 @@ class Migrations:
     # -- direct migrations (worker to worker; we hear of them afterwards) --------------
 
     def push_peers(self, pool: PoolState) -> None:
-        """Tell every ready worker of ``pool`` that resumes which others take its own
-        migrations directly, ``{"cmd": "peers", "peers": [[id, pid, path, connections]]}``
-        (when that changed). A worker that is not listed, or lists nobody, relays."""
+        """Tell every ready worker of ``pool`` that resumes which others take its
+        migrations directly, ``{"cmd": "peers", "peers": [[id, pid, path, connections,
+        room]]}`` (when that changed): the workers of the pool that are ready, not retired
+        and have room. A worker that a reload retires gets the list too (the new
+        generation): its connections go straight there. A worker that is not listed,
+        or lists nobody, relays."""
         if not self.cfg.direct_migration:
             return
+        # (a worker that gave no peer socket in its hello is never listed, nor told)
         ready = [s for s in pool.workers if s.state is READY and s.channel is not None
-                 and s.can_resume and s.peer_path and not s.retired and s.pid]
-        for s in ready:
-            listed = tuple(PeerEntry(o.id, o.pid or 0, o.peer_path, o.connections)  # (pid set)
-                           for o in ready if o is not s and o.has_room())
+                 and s.can_resume and s.peer_path and s.pid]
+        # (handed over in an upgrade: our workers' connections go to the new dispatcher,
+        # which picks their workers -- not to each other: an empty list)
+        targets = [] if self.d.handover.handed_over else [s for s in ready if not s.retired]
+        # (a reload's old workers are no longer the pool's, but still its: they move
+        # their connections to the new ones)
+        leaving = [s for s in self.slots if s.pool_state is pool and s.retired
+                   and s.state is SlotState.RETIRING and s.channel is not None
+                   and s.can_resume and s.peer_path and s.pid]
+        for s in ready + leaving:
+            listed = tuple(PeerEntry(o.id, o.pid or 0, o.peer_path, o.connections,   # (pid set)
+                                     None if o.limit >= sys.maxsize
+                                     else max(0, o.limit - o.connections))
+                           for o in targets if o is not s and o.has_room())
             if listed != s.peers_sent and s.control(Peers(listed)):
                 s.peers_sent = listed
 
     def moved_in(self, slot: WorkerSlot, msg: MovedIn) -> None:
-        """The target's report of a direct migration: counted in."""
-        slot.active += 1
-        slot.stats.migrated_in += 1
-        self.counters["migrations"] += 1
-        self.counters["migrations_direct"] += 1
-        latency = msg.latency   # measured by the target as resume started
-        if latency is not None and 0 <= latency < 60:
-            self.record_latency(latency)
+        """The target's report of direct migrations: counted in."""
+        for _hid, latency in msg.arrivals():   # (measured by the target as resume started)
+            slot.active += 1
+            slot.stats.migrated_in += 1
+            self.counters["migrations"] += 1
+            self.counters["migrations_direct"] += 1
+            if latency is not None and 0 <= latency < 60:
+                self.record_latency(latency)
 
     def moving_out(self, slot: WorkerSlot, msg: Moving) -> None:
-        """The source's direct move still unanswered after a few ms: --timeout watches it."""
+        """The source's direct moves still unanswered after a few ms: --timeout watches
+        them."""
         target = next((s for s in slot.pool_state.workers if s.id == msg.to
                        and s.channel is not None), None)
         if target is not None:
-            self.moving[msg.key] = (target, time.monotonic())
+            now = time.monotonic()
+            for key in msg.keys:
+                self.moving[key] = (target, now)
 
     def moved_out(self, slot: WorkerSlot, msg: MovedOut) -> None:
-        """The source's direct move left: counted out."""
-        slot.active = max(0, slot.active - 1)
-        slot.stats.migrated_out += 1
+        """The source's direct moves left: counted out."""
+        keys = msg.keys
+        slot.active = max(0, slot.active - len(keys))
+        slot.stats.migrated_out += len(keys)
         self.admission.feed(slot.pool_state)
-        self.moving.pop(msg.key, None)
+        for key in keys:
+            self.moving.pop(key, None)
 
     def move_back(self, slot: WorkerSlot, msg: MoveBack) -> None:
-        """An announced direct move came back to its source."""
-        self.moving.pop(msg.key, None)
+        """Announced direct moves came back to their source."""
+        for key in msg.keys:
+            self.moving.pop(key, None)
 
     async def answer_orphan(self, slot: WorkerSlot, msg: OrphanQuery) -> None:
         """A target could not deliver its ACCEPT of a direct migration: the source's end

@@ -136,7 +136,7 @@ from sockshare.server._messages import (
     decode,
     encode,
 )
-from sockshare.server._peers import Move, PeerMigration
+from sockshare.server._peers import PEER_WAIT, Move, Orphan, PeerMigration
 from sockshare.server._platform import WINDOWS, close_fd, dup_fd, run
 from sockshare.server._rlimit import log_nofile
 from sockshare.server._web import (
@@ -266,7 +266,7 @@ class Worker:
         self._report_delay = ACCEPT_REPORT_DELAY if web is not None and web.listening else REPORT_DELAY
         self._reports: list[Report] = []
         #: direct migration: our listener and channels for peer workers, held orphans
-        self.peers = PeerMigration(self, report_delay=REPORT_DELAY)
+        self.peers = PeerMigration(self)
         #: --dispatchers N: channels from the feeders (``_feedin``)
         self.feed = FeedIn(info.id, self.take) if os.environ.get(ENV_FEEDERS) == "1" else None
         #: handoffs are refused from this descriptor number on; we said we are full
@@ -352,6 +352,13 @@ class Worker:
             dup.close()
             return "rejected"
         self.gc_hold.moved()
+        peer = self.peers.pick() if self.peers.peers else None
+        if peer is not None:   # straight to a peer worker (as ``_migrate_out``)
+            outcome = await self.peers.move(peer, dup, meta, data)
+            if outcome is Move.ACCEPTED:
+                return "accepted"
+            if outcome is Move.GONE:
+                return "gone"
         try:
             ticket = await self._hand_over(ch, dup, meta, data)
         except (SockshareError, ValueError, OSError) as exc:
@@ -636,10 +643,11 @@ class Worker:
             transport.set_write_buffer_limits()
             transport.resume_reading()
             raise
-        requested = conn._requested_event is not None and conn._requested_event.is_set()
-        if self.peers.peers and not requested and not self.stopping.is_set():
-            # the handler's own migration: straight to a peer worker, one hop instead of
-            # two; if it says no (or dies before answering) the dispatcher gets a try
+        if self.peers.peers:
+            # straight to a peer worker the dispatcher listed (the handler's own
+            # migration, or one it asked for: then the peers it lists are the targets
+            # it chose -- for a reload, the new generation), one hop instead of two; if
+            # it says no (or dies before answering) the dispatcher gets a try
             peer = self.peers.pick()
             if peer is not None:
                 outcome = await self.peers.move(peer, dup, meta, data)
@@ -717,6 +725,7 @@ class Worker:
             picked = self.web.request_handover(msg.n, reason)
         else:
             picked = self._request_migrations(msg.n, reason) if self.resume is not None else 0
+        self.peers.expect(picked)
         self.control(MigrateAck(picked, msg.req))
 
     def _on_peers(self, msg: Peers) -> None:
@@ -890,8 +899,8 @@ class Worker:
         handoffs = ch.received()
         if not handoffs:
             return
-        if self.web is not None and not from_peer:
-            self._take_web(ch, handoffs, self.web)
+        if self.web is not None:
+            self._take_web(ch, handoffs, self.web, from_peer)
             return
         if self.stopping.is_set():
             for h in handoffs:
@@ -952,7 +961,8 @@ class Worker:
         for h, conn, resuming in ready:
             self._task(self._run(conn, resuming, ch, h if from_peer else None, held))
 
-    def _take_web(self, ch: AsyncChannel, handoffs: list[Handoff], web: WebServer) -> None:
+    def _take_web(self, ch: AsyncChannel, handoffs: list[Handoff], web: WebServer,
+                  from_peer: bool = False) -> None:
         """:meth:`take` for a web app: ACCEPT, and only once the ACCEPTs left, give each
         socket its transport (uvicorn's protocol then reads the request)."""
         if self.stopping.is_set():
@@ -961,6 +971,9 @@ class Worker:
                     h.reject(REJECT_STOPPING)
             return
         accepted: list[socket.socket] = []
+        #: the ones to take (checked), then the ones taken: accepted and registered
+        chosen: list[tuple[Handoff, dict[str, Any], Any]] = []
+        taken: list[Handoff] = []
         moved_in = False
         mark = self._fd_mark
         try:
@@ -969,6 +982,8 @@ class Worker:
                     self._refuse_no_fds(h)
                     continue
                 why = web.refusal(h.data)
+                if why is None and from_peer and b'"resume"' not in h.raw_meta:
+                    why = "a peer worker may only hand over connections it migrates"
                 meta = h.meta
                 resume = None
                 if why is None and b'"resume"' in h.raw_meta:
@@ -984,41 +999,91 @@ class Worker:
                 if why is not None:
                     h.reject(why)
                     continue
+                chosen.append((h, meta, resume))
+            for h, meta, resume in chosen:
                 h.accept()   # (first: raised, the sender has the connection back)
                 web.register(h.socket, meta, h.data, resume)
                 accepted.append(h.socket)
+                taken.append(h)
             if moved_in:
                 self.gc_hold.moved()
             if not accepted:
                 return
-            if ch is not self.ch:   # a feeder's: counted in with the next reports
+            if from_peer:   # (counted in once the ACCEPTs left: moved_in, below)
+                pass
+            elif ch is not self.ch:   # a feeder's: counted in with the next reports
                 self.queue_report(self._fed(ch, len(accepted)))
             elif self._tally.closed or self._reports or self._tally.opened:
                 ch.queue_answers()   # (the ACCEPTs first, as in take)
                 self._flush_report(soon=True)   # rides along with the ACCEPTs
             ch.flush()
+            if not ch.usable:   # (the write failed: the sender never heard of them)
+                raise ChannelError("the channel closed before the ACCEPTs left")
         except SockshareError as exc:  # the channel broke: the sender still has them
             log.warning("worker %d: could not accept %d handoff(s): %s", self.info.id,
                         len(handoffs), exc)
+            if from_peer and chosen:
+                # a peer worker's end closed before our ACCEPTs reached it: unless it is
+                # dead, it may have taken them back -- ask the dispatcher (held, not
+                # started: nothing read); counted in only if served
+                self.peers.hold_orphans(ch, [
+                    self._web_orphan(web, h, meta, resume, registered=i < len(taken))
+                    for i, (h, meta, resume) in enumerate(chosen)])
+                held = {id(h.socket) for h, _m, _r in chosen}
+                for h in handoffs:
+                    if id(h.socket) not in held:
+                        h.socket.close()
+                return
             for sock in accepted:
                 fd = sock.fileno()
                 sock.close()
                 web.forget(fd)
-            taken = {id(sock) for sock in accepted}
+            ours = {id(sock) for sock in accepted}
             for h in handoffs:   # the others are the sender's: our copies closed
-                if id(h.socket) not in taken:
+                if id(h.socket) not in ours:
                     h.socket.close()
             return
         if ch.buffered:   # the ACCEPTs first, then the first byte to the client
-            self._task(self._start_web_later(ch, web, accepted))
+            self._task(self._start_web_later(ch, web, accepted, chosen if from_peer else None))
             return
+        if from_peer:   # counted in with the next reports: one for the read
+            for h in taken:
+                self.peers.arrived(h.id, h.meta)
         for sock in accepted:
             web.start(sock)
 
+    def _web_orphan(self, web: WebServer, h: Handoff, meta: dict[str, Any], resume: Any,
+                    *, registered: bool) -> Orphan:
+        """A web app's direct migration whose ACCEPT did not reach its source: its
+        socket waits, not started (nothing read), for the dispatcher's answer."""
+        sock = h.socket
+
+        def serve() -> None:
+            if not registered:
+                web.register(sock, meta, h.data, resume)
+            self.peers.arrived(h.id, h.meta)
+            web.start(sock)
+
+        def drop() -> None:
+            fd = sock.fileno()
+            sock.close()
+            if registered:
+                web.forget(fd)
+
+        return Orphan(h, serve, drop)
+
     async def _start_web_later(self, ch: AsyncChannel, web: WebServer,
-                               socks: list[socket.socket]) -> None:
+                               socks: list[socket.socket],
+                               from_peer: list[tuple[Handoff, dict[str, Any], Any]] | None
+                               ) -> None:
+        """Start the connections once their ACCEPTs left (``from_peer``: a peer worker's
+        migrations, held instead of closed if they cannot leave)."""
         with contextlib.suppress(SockshareError, OSError):
             await ch.drain()
+        if (ch.buffered or not ch.usable) and from_peer is not None:
+            self.peers.hold_orphans(ch, [self._web_orphan(web, h, meta, resume, registered=True)
+                                         for h, meta, resume in from_peer])
+            return
         if ch.buffered or not ch.usable:
             log.warning("worker %d: the channel closed before %d ACCEPT(s) left",
                         self.info.id, len(socks))
@@ -1027,6 +1092,9 @@ class Worker:
                 sock.close()
                 web.forget(fd)   # (counted out: a feeder's was counted in by our "fed")
             return
+        if from_peer is not None:
+            for h, _meta, _resume in from_peer:
+                self.peers.arrived(h.id, h.meta)
         for sock in socks:
             web.start(sock)
 
@@ -1060,7 +1128,7 @@ class Worker:
         ch = self.ch
         if (self.app is None and self.web is None) or self._startup_failed:
             return await self._fail(ch)
-        if self.resume is not None and self.web is None:
+        if self.resume is not None or self.web is not None:
             self.peers.listen(self.address)
         if self.feed is not None:
             self.feed.listen(self.address, ch)
@@ -1095,6 +1163,12 @@ class Worker:
             self._stop()
         else:
             self.control(Draining())
+            if self._migrate_all or (self.web is not None and self.web.handover_reason):
+                # (a reload lists the new generation just before it asks us to drain:
+                # straight there from the first move, not through the dispatcher)
+                await self.peers.wait_connected(PEER_WAIT)
+                self.peers.expect(len(self.conns) + (len(self.web.state.connections)
+                                                      if self.web is not None else 0))
             if self._migrate_all:
                 n = self._request_migrations(None, self._migrate_all)
                 log.info("worker %d: asked %d connection(s) to migrate (%s)", self.info.id, n,
