@@ -11,6 +11,7 @@ time ends. Descriptors of the dispatcher come back to their count after each pha
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import threading
@@ -488,8 +489,10 @@ def test_a_reload_and_a_migration_move_websockets_straight_to_the_other_workers(
     with _server(tmp_path, "sockshare.server._demo_asgi:app", "--no-rebalance") as srv:
         host, port = srv.address()
         fds = _fds(srv.dispatcher)
-        sockets = [connect(f"ws://{host}:{port}/ws", open_timeout=10) for _ in range(n)]
-        try:
+        with contextlib.ExitStack() as stack:   # (each client closed at the end)
+            sockets = [stack.enter_context(connect(f"ws://{host}:{port}/ws", open_timeout=10))
+                       for _ in range(n)]
+
             def ask(ws: Any, text: str) -> dict[str, Any]:
                 ws.send(text)
                 while True:   # (a "moved" notice may come first)
@@ -519,9 +522,6 @@ def test_a_reload_and_a_migration_move_websockets_straight_to_the_other_workers(
                               timeout=15, what="the migration's moves counted")
             assert st["counters"]["migrations_direct"] == st["counters"]["migrations"]
             assert st["counters"]["migrations_refused"] == 0
-        finally:
-            for ws in sockets:
-                ws.close()
         srv.wait_for(lambda st: sum(w["connections"] for w in st["workers"]) == 0
                      and len(st["workers"]) == 2, what="the connections closed, the old workers gone")
         # (each worker's channel, as at the start; nothing held for a move)

@@ -143,3 +143,52 @@ def test_a_websocket_closed_by_a_drain_is_counted_once() -> None:
     assert first[:1] == b"\x88"   # a close frame...
     assert first[2:4] == (1012).to_bytes(2, "big")   # ...with 1012
     assert (closed_1012, drain_closed) == (1, 1)
+
+
+def test_a_peers_migrations_whose_accepts_never_left_are_held_and_closed_uncounted() -> None:
+    """A peer worker's direct migrations whose ACCEPTs could not leave (its end closed
+    first): held, not started, while the dispatcher says whether the source lives; it
+    does: closed here, and not reported closed -- they were never counted in (a direct
+    move is counted in by ``moved_in``, sent when it is served)."""
+    from sockshare.server._messages import MoveKey, OrphanAnswer, OrphanQuery
+
+    class Stand:   # (what a held migration needs of its Handoff and its channel)
+        def __init__(self, hid: int, sock: socket.socket) -> None:
+            self.id, self.socket, self.data = hid, sock, b""
+            self.meta = {"handoff_id": f"1.{hid}", "migration": {"from": 1, "from_pid": 99}}
+
+    class PeerThatLeft(FeederThatBroke):
+        peer = type("P", (), {"pid": 99})()
+
+    async def main() -> tuple[int, list[Any]]:
+        web = WebServer(app, "asgi", WebSettings(lifespan="off"), on_tally=lambda: None)
+        worker = Worker(None, INFO, "unused", web=web)
+        sent: list[Any] = []
+        def control(msg: Any, *, soon: bool = False) -> None:
+            sent.append(msg)
+
+        worker.control = control  # type: ignore[method-assign]
+        pairs = [socket.socketpair() for _ in range(2)]
+        try:
+            held: list[Any] = []
+            for hid, (ours, _theirs) in enumerate(pairs, 1):
+                web.register(ours, {"handoff_id": f"1.{hid}"}, b"")
+                held.append((Stand(hid, ours), {"handoff_id": f"1.{hid}"}, None))
+            await worker._start_web_later(PeerThatLeft(), web,  # type: ignore[arg-type]
+                                          [ours for ours, _theirs in pairs], held)
+            assert sorted(worker.peers.orphans) == [(99, 1), (99, 2)]
+            assert [type(m) for m in sent] == [OrphanQuery, OrphanQuery]
+            for hid in (1, 2):   # the source lives: closed
+                worker.peers.adopt(OrphanAnswer(MoveKey(99, hid), False))
+            assert not worker.peers.orphans
+            assert web.open_connections == 0
+            for _ours, theirs in pairs:
+                assert theirs.recv(1) == b""
+            return web.tally.closed, sent
+        finally:
+            for ours, theirs in pairs:
+                ours.close()
+                theirs.close()
+
+    closed, _sent = asyncio.run(main())
+    assert closed == 0

@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -529,6 +530,15 @@ def test_picks_run_to_one_peer_while_many_moves_come_and_spread_at_the_end(
         pairs += more
         assert peers.pick() is not None
         assert peers.pick() is None   # no room left anywhere: the relay's turn
+        # a peer that refused a move rests (the others take the moves); the least
+        # loaded one whose channel is not open yet: relayed (the dispatcher balances)
+        peers, more = _connected_peers(_Host(1), {2: 0, 3: 5}, {})
+        pairs += more
+        peers.peers[2].resting = time.monotonic() + 60
+        assert [peers.pick().id for _ in range(2)] == [3, 3]   # type: ignore[union-attr]
+        peers.peers[2].resting = 0.0
+        peers.peers[2].ch = None
+        assert peers.pick() is None
         for m, t in pairs:
             await m.aclose()
             await t.aclose()

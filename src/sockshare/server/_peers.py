@@ -99,6 +99,9 @@ REPORT_KEYS = 256
 #: watch counts them as progress. Not sooner: on a busy machine most batches take a few
 #: milliseconds, and a message each would cost the three processes more than the moves.
 ANNOUNCE_DELAY = 0.1
+#: Seconds a peer that refused a move is not picked (the moves go to the others, or
+#: through the dispatcher, which knows why).
+PEER_REST = 0.5
 #: Seconds a worker asked to drain by moving its connections waits for its channels to
 #: the peers the dispatcher just listed (the new generation of a reload) to open.
 PEER_WAIT = 0.5
@@ -153,7 +156,8 @@ class _Peer:
     """Another worker of the pool, as the dispatcher last described it, and our channel
     to it once open."""
 
-    __slots__ = ("batch", "ch", "connecting", "id", "inflight", "load", "path", "pid", "room")
+    __slots__ = ("batch", "ch", "connecting", "id", "inflight", "load", "path", "pid", "resting",
+                 "room")
 
     def __init__(self, wid: int, pid: int, path: str, load: int, room: int | None) -> None:
         self.id = wid
@@ -164,6 +168,8 @@ class _Peer:
         self.room = room
         #: our moves to it not answered yet (the dispatcher's counts cannot have them)
         self.inflight = 0
+        #: it refused a move (out of descriptors, stopping): not picked before this time
+        self.resting = 0.0
         self.ch: AsyncChannel | None = None
         #: moves queued in this turn of the loop (they leave together)
         self.batch: _Batch = []
@@ -219,7 +225,13 @@ class PeerMigration:
         most ``stick`` more than the fewest: runs of moves to one peer leave in one batch
         (one write, one answer), instead of every batch split over all of them."""
         best: _Peer | None = None
+        now = 0.0
         for p in self.peers.values():
+            if p.resting:
+                now = now or time.monotonic()
+                if p.resting > now:
+                    continue
+                p.resting = 0.0
             if (p.room is None or p.room > 0) and (best is None or p.load < best.load):
                 best = p
         if best is None or best.ch is None or not best.ch.usable:
@@ -303,6 +315,8 @@ class PeerMigration:
             log.info("worker %d: worker %d %s the migration (%s); via the dispatcher",
                      self._host.info.id, peer.id, ticket.state, ticket.reason or "no reason")
             self._unpick(peer)
+            # (out of descriptors, draining: the next moves go elsewhere for a while)
+            peer.resting = time.monotonic() + PEER_REST
             return Move.BACK
         # Abandoned (our channel to the target closed before it answered): the
         # connection left this worker all the same -- the target may serve it, and
@@ -418,6 +432,9 @@ class PeerMigration:
             else:   # (the dispatcher's count, and ours on the way, which it cannot have)
                 known.load = entry.connections + known.inflight
                 known.room = None if entry.room is None else max(0, entry.room - known.inflight)
+                if known.ch is None and not known.connecting and not self._closing:
+                    known.connecting = True   # (its channel failed to open: again)
+                    self._bg(self._connect_peer(known))
 
     def _close_peer(self, p: _Peer) -> None:
         ch, p.ch = p.ch, None

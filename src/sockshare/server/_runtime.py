@@ -1067,8 +1067,8 @@ class Worker:
         def drop() -> None:
             fd = sock.fileno()
             sock.close()
-            if registered:
-                web.forget(fd)
+            if registered:   # (never counted in: moved_in is sent when it is served)
+                web.forget(fd, counted=False)
 
         return Orphan(h, serve, drop)
 

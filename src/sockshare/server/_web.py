@@ -948,12 +948,15 @@ class WebServer:
             sock.close()
             self.forget(fd)
 
-    def forget(self, fd: int) -> None:
-        """A registered connection that never got (or lost) its protocol."""
+    def forget(self, fd: int, *, counted: bool = True) -> None:
+        """A registered connection that never got (or lost) its protocol; reported
+        closed unless ``counted`` is False (one the dispatcher never counted in: a peer
+        worker's migration whose ACCEPT did not reach it, and that is closed here)."""
         c = self._conns.pop(fd, None)
         if c is not None and not c.done:
             c.done = True
-            self._count_closed()
+            if counted:
+                self._count_closed()
         if not self._conns:
             self._idle.set()
         if self._accept_holds:
