@@ -215,8 +215,8 @@ def test_peer_lists_name_the_others_with_room_once(relay: Relay) -> None:
 def test_a_reloads_old_workers_are_told_the_new_ones_and_after_a_hand_over_nobody(
         relay: Relay) -> None:
     """A reload replaces the pool's workers, then retires the old ones: they are no
-    longer the pool's, but their connections go straight to the new ones (with a share
-    of their room each: max_conns, descriptors). An upgrade's hand-over: the new dispatcher picks
+    longer the pool's, but their connections go straight to the new ones (with their
+    room: max_conns, descriptors). An upgrade's hand-over: the new dispatcher picks
     their workers, so they are told nobody (a list of none, once)."""
     old = list(relay.workers)
     fresh = [relay.add_worker(wid, 2000 + wid) for wid in (1, 2, 3)]   # (the old ids)
@@ -226,8 +226,7 @@ def test_a_reloads_old_workers_are_told_the_new_ones_and_after_a_hand_over_nobod
     for slot in old:
         slot.retire()
     relay.mig.push_peers(relay.pool)
-    # (room: 10 - 4 = 6, shared by the 5 others told about worker 1: 1 each)
-    new_list = [[1, 2001, "/run/2001.peer", 4, 1], [2, 2002, "/run/2002.peer", 0],
+    new_list = [[1, 2001, "/run/2001.peer", 4, 6], [2, 2002, "/run/2002.peer", 0],
                 [3, 2003, "/run/2003.peer", 0]]
     for ch in relay.channels[:3]:   # each old worker: all three new ones
         assert ch.controls[-1] == {"cmd": "peers", "peers": new_list}

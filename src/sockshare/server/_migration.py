@@ -208,13 +208,10 @@ class Migrations:
         leaving = [s for s in self.slots if s.pool_state is pool and s.retired
                    and s.state is SlotState.RETIRING and s.channel is not None
                    and s.can_resume and s.peer_path and s.pid]
-        told = ready + leaving
-        for s in told:
+        for s in ready + leaving:
             listed = tuple(PeerEntry(o.id, o.pid or 0, o.peer_path, o.connections,   # (pid set)
                                      None if o.limit >= sys.maxsize
-                                     # (each of the workers told gets its share: together
-                                     # they never give it more than its room)
-                                     else max(0, o.limit - o.connections) // max(1, len(told) - 1))
+                                     else max(0, o.limit - o.connections))
                            for o in targets if o is not s and o.has_room())
             if listed != s.peers_sent and s.control(Peers(listed)):
                 s.peers_sent = listed
