@@ -116,6 +116,10 @@ class _Counts:
     duplicated: int = 0
     disordered: int = 0
     moves: int = 0
+    #: (CLOCK_MONOTONIC, system-wide) when the first move started (its "moved" notice's
+    #: arrival less its latency) and when the last notice arrived
+    first_move_at: float | None = None
+    last_move_at: float | None = None
     latencies_ms: list[float] = field(default_factory=list)
     rtts_ms: list[float] = field(default_factory=list)
 
@@ -229,8 +233,13 @@ class _Ws(asyncio.Protocol):
         if msg.get("event") == "moved":
             c.moves += 1
             self.pid = int(msg.get("worker_pid") or 0)
+            now = time.monotonic()
+            c.last_move_at = now
             if msg.get("latency_ms") is not None:
                 c.latencies_ms.append(float(msg["latency_ms"]))
+                began = now - float(msg["latency_ms"]) / 1000
+                if c.first_move_at is None or began < c.first_move_at:
+                    c.first_move_at = began
             if msg.get("n") != self.last_n:
                 c.disordered += 1
             return
@@ -373,7 +382,8 @@ class _Client:
         c = self.counts
         out = {"dropped": c.dropped, "lost": c.lost, "duplicated": c.duplicated,
                "disordered": c.disordered, "moves": c.moves, "latencies_ms": c.latencies_ms,
-               "rtts_ms": c.rtts_ms}
+               "rtts_ms": c.rtts_ms, "first_move_at": c.first_move_at,
+               "last_move_at": c.last_move_at}
         self.counts = _Counts()
         return out
 
@@ -758,6 +768,14 @@ def run_op(op: str, srv: Server, clients: Clients, n: int, rate: float) -> dict[
            "connections": {w["id"]: w["connections"] for w in after["workers"]
                            if w["state"] == "ready"},
            **cpu}
+    # the time before the first move (an upgrade: the new dispatcher starting, its
+    # probation) and the moves themselves, first started to last arrived
+    firsts = [o["first_move_at"] for o in outs if o.get("first_move_at") is not None]
+    lasts = [o["last_move_at"] for o in outs if o.get("last_move_at") is not None]
+    if firsts and lasts:
+        row["before_moves_secs"] = round(max(0.0, min(firsts) - t0), 2)
+        row["moving_secs"] = round(max(lasts) - min(firsts), 2)
+        row["moves_per_s"] = round(row["moves"] / row["moving_secs"]) if row["moving_secs"] else None
     moved = row["moves"] or 1
     row["cpu_us_per_move_by_process"] = {k: round(v / moved * 1e6) for k, v in sorted(roles.items())}
     # (a page faulted in costs several µs on a VM that gives freed memory back to its host)
@@ -812,13 +830,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         out.append(f"| {r['server']} | {r['n']:,} | {r['open_rate'] or 0:,} | "
                    f"{r['rss_per_conn_kib']} | {r['rss_base_mib']} -> {r['rss_mib']} |")
-    out += ["", "| N | operation | time s | moves | CPU µs/move server (clients) | machine CPU s "
+    out += ["", "| N | operation | time s (before the first move + moving) | moves "
+            "| CPU µs/move server (clients) | machine CPU s "
             "(load) | migration p50 / p99 ms | slowest echo ms "
             "| dropped | lost | dup | disord. | unanswered | stale |",
             "|---:|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         for o in r["ops"]:
-            out.append(f"| {r['n']:,} | {o['op']} | {o['secs']} | {o['moves']:,} | "
+            out.append(f"| {r['n']:,} | {o['op']} | {o['secs']} ({o.get('before_moves_secs')} + "
+                       f"{o.get('moving_secs')}) | {o['moves']:,} | "
                        f"{o.get('server_cpu_us_per_move')} ({o.get('client_cpu_us_per_move')}) | "
                        f"{o.get('machine_cpu_s')} ({o.get('loadavg')}) | "
                        f"{o['latency_p50_ms']} / {o['latency_p99_ms']} | {o['echo_max_ms']} | "
@@ -835,9 +855,9 @@ def compare(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         for k, o in enumerate(r["ops"]):
             groups.setdefault((r["n"], k, o["op"]), {}).setdefault(r["server"], []).append(o)
-    out = ["| N | operation (#) | tree | time s, median (runs) | server CPU µs/move, median "
-           "(old / new workers / dispatcher) | clients µs/move |",
-           "|---:|---|---|---|---|---:|"]
+    out = ["| N | operation (#) | tree | time s, median (runs) | moving s, median | server CPU "
+           "µs/move, median (old / new workers / dispatcher) | clients µs/move |",
+           "|---:|---|---|---|---:|---|---:|"]
 
     def med(xs: list[float]) -> float:
         return round(statistics.median(xs), 2) if xs else float("nan")
@@ -848,7 +868,7 @@ def compare(rows: list[dict[str, Any]]) -> str:
             if got:
                 out.append(f"| {n:,} | open | {'before' if 'base' in tree else 'after'} | "
                            f"{med([r['open_secs'] for r in got])} "
-                           f"({' / '.join(str(r['open_secs']) for r in got)}) | "
+                           f"({' / '.join(str(r['open_secs']) for r in got)}) | | "
                            f"{med([r['open_rate'] for r in got]):,.0f} opened/s, "
                            f"{med([r['rss_per_conn_kib'] for r in got])} KiB/conn | |")
 
@@ -863,6 +883,7 @@ def compare(rows: list[dict[str, Any]]) -> str:
             disp = med([sum(v for k, v in x.items() if k.startswith("dispatcher")) for x in roles])
             out.append(f"| {n:,} | {op} ({k + 1}) | {'before' if 'base' in tree else 'after'} | "
                        f"{med([o['secs'] for o in got])} ({' / '.join(str(o['secs']) for o in got)}) | "
+                       f"{med([o['moving_secs'] for o in got if o.get('moving_secs') is not None])} | "
                        f"{med([o['server_cpu_us_per_move'] for o in got])} ({old} / {new} / {disp}) | "
                        f"{med([o['client_cpu_us_per_move'] for o in got])} |")
     return "\n".join(out)

@@ -240,3 +240,13 @@ def tcp_rst_close(s: socket.socket) -> None:
 
 __all__ = ["LineClient", "LiveServer", "ShortLoad", "fd_count", "is_clean_eof", "pid_alive", "read_line",
            "room_for", "tcp_rst_close", "wait_gone", "wait_until"]
+
+
+def ask_demo(ws: Any, text: str) -> dict[str, Any]:
+    """Send ``text`` on a WebSocket of the demo app (``/ws``); its echo (a "moved"
+    notice that comes first is skipped)."""
+    ws.send(text)
+    while True:
+        msg = json.loads(str(ws.recv(timeout=15)))
+        if msg.get("echo") == text:
+            return dict(msg)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from live_helpers import LineClient, LiveServer, fd_count, wait_until
+from live_helpers import LineClient, LiveServer, ask_demo, fd_count, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -110,17 +110,6 @@ def test_source_killed_while_its_connection_moves_out(tmp_path: Path, mode: str)
 DEMO = "sockshare.server._demo_asgi:app"
 
 
-def _ws_ask(ws: Any, text: str) -> dict[str, Any]:
-    """Send ``text`` on a demo app WebSocket; its echo (notices before it skipped)."""
-    import json
-
-    ws.send(text)
-    while True:
-        msg = json.loads(str(ws.recv(timeout=15)))
-        if msg.get("echo") == text:
-            return dict(msg)
-
-
 def test_a_websocket_whose_source_dies_mid_move_is_served_by_its_target(tmp_path: Path) -> None:
     """A web app's WebSocket moving straight to the other worker, whose source is killed
     before the target's ACCEPT can reach it: the target holds the socket, not started
@@ -134,7 +123,7 @@ def test_a_websocket_whose_source_dies_mid_move_is_served_by_its_target(tmp_path
                     workers=2) as srv:
         host, port = srv.address()
         with connect(f"ws://{host}:{port}/ws", open_timeout=10) as ws:
-            first = _ws_ask(ws, "a")["worker_pid"]
+            first = ask_demo(ws, "a")["worker_pid"]
             ws.send(json.dumps({"cmd": "move"}))   # once: the peer channels are open
             moved = json.loads(str(ws.recv(timeout=15)))
             assert moved["event"] == "moved", moved
@@ -147,7 +136,7 @@ def test_a_websocket_whose_source_dies_mid_move_is_served_by_its_target(tmp_path
             assert again["event"] == "moved", again
             assert again["worker_pid"] == target
             assert again["from_pid"] == source
-            assert _ws_ask(ws, "b")["worker_pid"] == target
+            assert ask_demo(ws, "b")["worker_pid"] == target
             st = srv.wait_for(lambda st: st["counters"]["migrations"] == 2, what="counted")
             assert st["counters"]["migrations_direct"] == 2
             assert st["counters"]["lost"] == 0, srv.log()[-3000:]

@@ -23,7 +23,7 @@ from stand_ins import StandInChannel, Ticket
 from sockshare.server._admission import Admission
 from sockshare.server._config import PoolConfig, ServerConfig
 from sockshare.server._gc import MoveBurst
-from sockshare.server._messages import MovedIn, MovedOut, MoveKey, Moving
+from sockshare.server._messages import MovedIn, MovedOut, MoveKey, Moving, PeerEntry
 from sockshare.server._migration import Migrations
 from sockshare.server._slots import PoolState, WorkerSlot
 from sockshare.server._supervision import Supervisor
@@ -67,7 +67,8 @@ class Relay:
         self.spawned: list[Coroutine[Any, Any, Any]] = []
         self.d = SimpleNamespace(
             cfg=self.cfg, pools={"default": self.pool}, slots=[], counters=self.counters,
-            admission=self.admission, handover=SimpleNamespace(handed_over=False),
+            admission=self.admission,
+            handover=SimpleNamespace(handed_over=False, successor_peers={}),
             spawn=lambda coro, critical=True: self.spawned.append(coro), gc_hold=MoveBurst())
         self.mig = Migrations(self.d)  # type: ignore[arg-type]
         self.admission.place_migration = self.mig.place
@@ -212,12 +213,13 @@ def test_peer_lists_name_the_others_with_room_once(relay: Relay) -> None:
     assert len(relay.channels[2].controls) == 1
 
 
-def test_a_reloads_old_workers_are_told_the_new_ones_and_after_a_hand_over_nobody(
+def test_a_reloads_old_workers_are_told_the_new_ones_and_an_upgrades_the_new_dispatchers(
         relay: Relay) -> None:
     """A reload replaces the pool's workers, then retires the old ones: they are no
     longer the pool's, but their connections go straight to the new ones (with their
-    room: max_conns, descriptors). An upgrade's hand-over: the new dispatcher picks
-    their workers, so they are told nobody (a list of none, once)."""
+    room: max_conns, descriptors). An upgrade's hand-over: they are told the new
+    dispatcher's workers for their pool, as its ``peers`` command listed them (nobody
+    if it did not answer), and again when that list changes."""
     old = list(relay.workers)
     fresh = [relay.add_worker(wid, 2000 + wid) for wid in (1, 2, 3)]   # (the old ids)
     fresh[0].set_fd_full(False, capacity=10)
@@ -231,6 +233,9 @@ def test_a_reloads_old_workers_are_told_the_new_ones_and_after_a_hand_over_nobod
     for ch in relay.channels[:3]:   # each old worker: all three new ones
         assert ch.controls[-1] == {"cmd": "peers", "peers": new_list}
     assert relay.channels[3].controls[-1]["peers"] == new_list[1:]   # not itself
+    assert relay.mig.targets(relay.pool) == (
+        PeerEntry(1, 2001, "/run/2001.peer", 4, 6), PeerEntry(2, 2002, "/run/2002.peer", 0),
+        PeerEntry(3, 2003, "/run/2003.peer", 0, None))
     relay.d.handover.handed_over = True
     for slot in fresh:
         slot.retire()
@@ -240,6 +245,42 @@ def test_a_reloads_old_workers_are_told_the_new_ones_and_after_a_hand_over_nobod
     sent = [len(ch.controls) for ch in relay.channels]
     relay.mig.push_peers(relay.pool)
     assert [len(ch.controls) for ch in relay.channels] == sent
+    successor = (PeerEntry(1, 3001, "/run/3001.peer", 7, 100), PeerEntry(2, 3002, "/run/3002.peer", 9))
+    relay.d.handover.successor_peers = {"default": successor, "other": (PeerEntry(5, 1, "/x", 0),)}
+    relay.mig.push_peers(relay.pool)
+    for ch in relay.channels:
+        assert ch.controls[-1] == {"cmd": "peers", "peers": [[1, 3001, "/run/3001.peer", 7, 100],
+                                                             [2, 3002, "/run/3002.peer", 9]]}
+
+
+def test_an_orphan_of_a_process_not_ours_is_served_only_once_that_process_is_gone(
+        relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A target asks about a direct migration whose ACCEPT could not reach its source,
+    a process this dispatcher never started (an upgrade's old worker): served once that
+    process no longer runs, closed while it runs (it may have taken it back); our
+    counts are not touched (they never had it)."""
+    import subprocess
+    import sys
+
+    from sockshare.server import _migration
+    from sockshare.server._messages import OrphanQuery
+
+    monkeypatch.setattr(_migration, "ORPHAN_WAIT", 0.3)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        before = dict(relay.counters)
+        target = relay.workers[0]
+        asyncio.run(relay.mig.answer_orphan(target, OrphanQuery(gone.pid, MoveKey(gone.pid, 7))))
+        assert relay.channels[0].controls[-1] == {"cmd": "orphan", "key": [gone.pid, 7], "dead": True}
+        asyncio.run(relay.mig.answer_orphan(target, OrphanQuery(alive.pid, MoveKey(alive.pid, 8))))
+        assert relay.channels[0].controls[-1] == {"cmd": "orphan", "key": [alive.pid, 8], "dead": False}
+        assert relay.counters == before
+        assert [(w.stats.lost, w.stats.migrated_out, w.active) for w in relay.workers] == [(0, 0, 0)] * 3
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def test_rebalance_asks_the_busiest_worker(relay: Relay) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from live_helpers import LiveServer, wait_until
+from live_helpers import LiveServer, ask_demo, wait_until
 from serve_helpers import IN_CI
 
 pytest.importorskip("uvicorn", reason="pip install 'sockshare[asgi]' (or the test extra)")
@@ -474,6 +474,14 @@ def test_moved_connections_carry_where_they_came_from_and_how_often_they_moved(
         keep.close()
 
 
+def _demo_sockets(stack: contextlib.ExitStack, host: str, port: int, n: int) -> list[Any]:
+    """``n`` WebSockets to the demo app's ``/ws``, each closed when ``stack`` ends."""
+    from websockets.sync.client import connect
+
+    return [stack.enter_context(connect(f"ws://{host}:{port}/ws", open_timeout=10))
+            for _ in range(n)]
+
+
 def test_a_reload_and_a_migration_move_websockets_straight_to_the_other_workers(
         tmp_path: Path) -> None:
     """Direct migration (docs/server.md): the WebSockets of a reload go from each old worker
@@ -481,25 +489,13 @@ def test_a_reload_and_a_migration_move_websockets_straight_to_the_other_workers(
     retires), and a ``migrate`` request's from one worker straight to the other -- none
     through the dispatcher, none lost, every one answering on its new worker, the new
     workers' counts within a few of each other, the dispatcher's descriptors as before."""
-    import json
-
-    from websockets.sync.client import connect
-
     n = 40
     with _server(tmp_path, "sockshare.server._demo_asgi:app", "--no-rebalance") as srv:
         host, port = srv.address()
         fds = _fds(srv.dispatcher)
         with contextlib.ExitStack() as stack:   # (each client closed at the end)
-            sockets = [stack.enter_context(connect(f"ws://{host}:{port}/ws", open_timeout=10))
-                       for _ in range(n)]
-
-            def ask(ws: Any, text: str) -> dict[str, Any]:
-                ws.send(text)
-                while True:   # (a "moved" notice may come first)
-                    msg = json.loads(str(ws.recv(timeout=15)))
-                    if msg.get("echo") == text:
-                        return dict(msg)
-
+            sockets = _demo_sockets(stack, host, port, n)
+            ask = ask_demo
             first = {ask(ws, "a")["worker_pid"] for ws in sockets}
             assert len(first) == 2
             _reload(srv)
@@ -527,3 +523,36 @@ def test_a_reload_and_a_migration_move_websockets_straight_to_the_other_workers(
         # (each worker's channel, as at the start; nothing held for a move)
         wait_until(lambda: _fds(srv.dispatcher) == fds, timeout=10,
                    what=f"the dispatcher's {fds} descriptors (it has {_fds(srv.dispatcher)})")
+
+
+def test_an_upgrade_moves_websockets_straight_to_the_new_dispatchers_workers(
+        tmp_path: Path) -> None:
+    """Direct migration across an upgrade (docs/server.md): the old dispatcher lists the
+    new one's workers (its ``peers`` command) to the workers it retires, so each
+    WebSocket goes old worker -> new worker, through neither dispatcher: the new one
+    counts every move as direct, none lost, each answering on a new worker, the new
+    workers' counts within a few of each other; its ``peers`` command lists its two."""
+    n = 40
+    with _server(tmp_path, "sockshare.server._demo_asgi:app", "--no-rebalance") as srv:
+        host, port = srv.address()
+        with contextlib.ExitStack() as stack:   # (each client closed at the end)
+            sockets = _demo_sockets(stack, host, port, n)
+            ask = ask_demo
+            first = {ask(ws, "a")["worker_pid"] for ws in sockets}
+            assert len(first) == 2
+            old = srv.current()
+            resp = srv.command({"cmd": "upgrade", "wait": True})
+            assert resp["ok"], resp
+            wait_until(lambda: _answers_other_than(srv, old), timeout=30, what="the new dispatcher")
+            st = srv.wait_for(lambda st: st["counters"]["migrations"] == n, timeout=20,
+                              what="the upgrade's moves counted by the new dispatcher")
+            pids = [ask(ws, "b")["worker_pid"] for ws in sockets]
+            assert not set(pids) & first
+            assert set(pids) == {w["pid"] for w in st["workers"]}
+            assert st["counters"]["migrations_direct"] == n, st["counters"]
+            assert st["counters"]["lost"] == 0
+            counts = sorted(pids.count(p) for p in set(pids))
+            assert counts[-1] - counts[0] <= 4, counts
+            listed = srv.command({"cmd": "peers"})
+            assert listed["ok"], listed
+            assert sorted(e[1] for e in listed["pools"]["default"]) == sorted(set(pids))

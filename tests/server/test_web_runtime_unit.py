@@ -192,3 +192,38 @@ def test_a_peers_migrations_whose_accepts_never_left_are_held_and_closed_uncount
 
     closed, _sent = asyncio.run(main())
     assert closed == 0
+
+
+def test_a_peers_move_past_max_conns_is_refused_and_nothing_is_registered() -> None:
+    """A web app's worker at its pool's ``max_conns`` refuses a peer worker's move
+    (REJECT "worker at max_conns": the source relays it, the dispatcher places it by
+    its exact counts), its copy closed, nothing registered or counted; one under the
+    limit is not refused for it."""
+    from sockshare._state import Handoff
+
+    answers: list[tuple[int, str | None]] = []
+
+    def answer(hid: int, reason: str | None) -> None:
+        answers.append((hid, reason))
+
+    meta = (b'{"handoff_id":"1.5","migration":{"from":1,"from_pid":99},'
+            b'"resume":{"ws":{"from":99,"scope":{}}}}')
+
+    async def main() -> tuple[int, int]:
+        web = WebServer(app, "asgi", WebSettings(lifespan="off"), on_tally=lambda: None)
+        worker = Worker(None, INFO, "unused", web=web, max_conns=1)
+        held, other = socket.socketpair()
+        ours, theirs = socket.socketpair()
+        try:
+            web.register(held, {"handoff_id": "1.1"}, b"")   # (one open already)
+            h = Handoff(5, ours, b"", meta, True, answer)
+            worker._take_web(FeederThatBroke(), [h], web, from_peer=True)  # type: ignore[arg-type]
+            return web.open_connections, ours.fileno()
+        finally:
+            for s in (held, other, ours, theirs):
+                s.close()
+
+    open_now, fd = asyncio.run(main())
+    assert answers == [(5, "worker at max_conns")]
+    assert open_now == 1
+    assert fd == -1   # (our copy closed by the REJECT)

@@ -185,13 +185,14 @@ def test_interruptible_raises_on_request_and_loses_no_bytes() -> None:
 
 async def _start(tmp: Path, app: Any, resume: Any = None, *, wid: int = 4, pid: int = 0,
                  name: str = "d.sock", listener: AsyncChannelListener | None = None,
+                 max_conns: int | None = None,
                  ) -> tuple[Worker, asyncio.Task[int], AsyncChannel, AsyncChannelListener]:
     path = str(tmp / name)
     if listener is None:
         listener = AsyncChannelListener.listen(path, name="dispatcher")
     # (two workers in this one process need two pids: their peer sockets are <pid>.peer)
     info = WorkerInfo(id=wid, pid=pid or os.getpid(), generation=1, pool="default")
-    worker = Worker(app, info, path, grace=2.0, resume=resume)
+    worker = Worker(app, info, path, grace=2.0, resume=resume, max_conns=max_conns)
     run = asyncio.get_running_loop().create_task(worker.run())
     ch = await asyncio.wait_for(listener.accept(), STEP)
     return worker, run, ch, listener
@@ -587,6 +588,64 @@ def test_direct_migration_between_two_workers(tmp_path: Path) -> None:
 
     asyncio.run(main())
 
+
+
+def test_a_peers_move_past_max_conns_is_refused_and_the_connection_stays_with_its_source(
+        tmp_path: Path) -> None:
+    """Each source counts down its own copy of a target's room, so two sources at once
+    could take it past ``max_conns``: the target refuses a peer's move that would
+    (REJECT "worker at max_conns"); the source keeps the connection (its copy open, the
+    client unharmed) and relays it. The dispatcher's own handoffs are not refused (it
+    counts exactly)."""
+    resumed: list[Any] = []
+
+    async def resume(conn: Connection, state: Any) -> None:
+        resumed.append(state)
+        line = await conn.reader.readline()
+        conn.writer.write(b"resumed " + line)
+        await conn.writer.drain()
+
+    async def main() -> None:
+        before = fd_count()
+        worker, run, ch, listener = await _start(tmp_path, _mover, resume, max_conns=1)
+        hello = await _control(ch, "hello")
+        peer = await AsyncChannel.connect(hello["peer"], name="peer:source")
+        pairs = [socket.socketpair() for _ in range(3)]
+        for client, _ in pairs:
+            client.setblocking(False)
+
+        def meta(i: int) -> dict[str, Any]:
+            return {"handoff_id": f"9.{i}", "resume": {"n": i},
+                    "migration": {"from": 9, "from_pid": 99999, "count": 1}}
+
+        first = await asyncio.wait_for(peer.send(pairs[0][1], meta=meta(0)), STEP)
+        assert first.state == "accepted"
+        second = await asyncio.wait_for(peer.send(pairs[1][1], meta=meta(1)), STEP)
+        assert second.state == "rejected"
+        assert second.reason == "worker at max_conns"
+        # the source still has it: its end works, nothing was read by the target
+        pairs[1][0].sendall(b"ping\n")
+        assert pairs[1][1].recv(16) == b"ping\n"
+        # the dispatcher's handoff is taken (max_conns is its to keep)
+        third = await asyncio.wait_for(ch.send(pairs[2][1], meta={"handoff_id": "1.1"}), STEP)
+        assert third.state == "accepted"
+        pairs[0][0].sendall(b"one\n")
+        assert await _recv(pairs[0][0], 12) == b"resumed one\n"
+        assert resumed == [{"n": 0}]
+        pairs[2][0].sendall(b"x\nrest")   # (_mover: it asks us to migrate it; refused)
+        h = await asyncio.wait_for(ch.receive(), STEP)
+        h.reject("no room")
+        ch.flush()
+        pairs[2][0].sendall(b"\n")
+        assert await _recv(pairs[2][0], 16) == b"still here\nrest\n"
+        await peer.aclose()
+        assert await _stop(worker, run, ch, listener) == 0
+        for a, b in pairs:
+            a.close()
+            b.close()
+        wait_fd_count("self", before, what="the channels and the connections")
+
+    asyncio.run(main())
 
 
 def test_a_window_of_moves_queued_in_one_turn_leaves_before_the_turn_ends(tmp_path: Path) -> None:

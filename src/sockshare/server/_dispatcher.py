@@ -152,7 +152,7 @@ from sockshare.server._gc import MoveBurst, freeze_startup
 from sockshare.server._health import AGENT_FDNAME, HealthServer, agent_line, http_answer
 from sockshare.server._listeners import Listeners, ListenerState, bind_listener, sd_notify
 from sockshare.server._master import ENV_MASTER, ENV_MASTER_FD, NOTIFY_SUFFIX
-from sockshare.server._messages import Drain
+from sockshare.server._messages import Drain, Peers, encode
 from sockshare.server._metrics import MetricsServer
 from sockshare.server._migration import Migrations
 from sockshare.server._peers import PEER_SUFFIX
@@ -709,6 +709,13 @@ class Dispatcher:
         """(From the new dispatcher of an upgrade: see ``_upgrade``.)"""
         return await self.handover.takeover(req)
 
+    async def _req_peers(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``{"cmd": "peers"}``: by pool, the workers that take direct migrations now
+        (the list each worker gets; the old dispatcher of an upgrade gives it to its
+        workers, whose connections then go straight to ours)."""
+        return {"ok": True, "pools": {name: encode(Peers(self.migration.targets(pool)))["peers"]
+                                      for name, pool in self.pools.items()}}
+
     # -- what the control socket asks --------------------------------------------------
 
     async def reload(self, why: str = "reload requested", *, wait: bool = False) -> dict[str, Any]:
@@ -741,4 +748,5 @@ _REQUESTS: dict[str, Callable[[Dispatcher, dict[str, Any]], Awaitable[dict[str, 
     "health": Dispatcher._req_health,
     "takeover": Dispatcher._req_takeover,
     "listeners": Dispatcher._req_listeners,
+    "peers": Dispatcher._req_peers,
 }

@@ -52,6 +52,7 @@ from sockshare.server._messages import (
     Peers,
 )
 from sockshare.server._metrics import Histogram
+from sockshare.server._platform import pid_alive
 from sockshare.server._policy import ConnInfo, LeastConnections
 from sockshare.server._slots import PoolState, SlotState, Waiting, WorkerSlot
 
@@ -192,29 +193,42 @@ class Migrations:
         """Tell every ready worker of ``pool`` that resumes which others take its
         migrations directly, ``{"cmd": "peers", "peers": [[id, pid, path, connections,
         room]]}`` (when that changed): the workers of the pool that are ready, not retired
-        and have room. A worker that a reload retires gets the list too (the new
-        generation): its connections go straight there. A worker that is not listed,
+        and have room (:meth:`targets`). A worker that a reload retires gets the list too
+        (the new generation): its connections go straight there. Once an upgrade handed
+        over, our workers get the new dispatcher's list for their pool (its workers, as
+        it last told us: :meth:`Handover.successor_peers`). A worker that is not listed,
         or lists nobody, relays."""
         if not self.cfg.direct_migration:
             return
         # (a worker that gave no peer socket in its hello is never listed, nor told)
-        ready = [s for s in pool.workers if s.state is READY and s.channel is not None
-                 and s.can_resume and s.peer_path and s.pid]
-        # (handed over in an upgrade: our workers' connections go to the new dispatcher,
-        # which picks their workers -- not to each other: an empty list)
-        targets = [] if self.d.handover.handed_over else [s for s in ready if not s.retired]
+        ready = [s for s in pool.workers if self._peer_capable(s) and s.state is READY]
+        handover = self.d.handover
+        targets = (handover.successor_peers.get(pool.cfg.name, ()) if handover.handed_over
+                   else self.targets(pool))
         # (a reload's old workers are no longer the pool's, but still its: they move
-        # their connections to the new ones)
+        # their connections to the new ones; an upgrade's, to the new dispatcher's)
         leaving = [s for s in self.slots if s.pool_state is pool and s.retired
-                   and s.state is SlotState.RETIRING and s.channel is not None
-                   and s.can_resume and s.peer_path and s.pid]
+                   and s.state is SlotState.RETIRING and self._peer_capable(s)]
         for s in ready + leaving:
-            listed = tuple(PeerEntry(o.id, o.pid or 0, o.peer_path, o.connections,   # (pid set)
-                                     None if o.limit >= sys.maxsize
-                                     else max(0, o.limit - o.connections))
-                           for o in targets if o is not s and o.has_room())
+            listed = tuple(e for e in targets if e.pid != s.pid)
             if listed != s.peers_sent and s.control(Peers(listed)):
                 s.peers_sent = listed
+
+    @staticmethod
+    def _peer_capable(s: WorkerSlot) -> bool:
+        return bool(s.channel is not None and s.can_resume and s.peer_path and s.pid)
+
+    def targets(self, pool: PoolState) -> tuple[PeerEntry, ...]:
+        """The workers of ``pool`` that take direct migrations now: ready, not retired,
+        with room (under ``max_conns`` and their descriptors), each with that room."""
+        if not self.cfg.direct_migration:
+            return ()
+        return tuple(PeerEntry(o.id, o.pid or 0, o.peer_path, o.connections,   # (pid set)
+                               None if o.limit >= sys.maxsize
+                               else max(0, o.limit - o.connections))
+                     for o in pool.workers
+                     if o.state is READY and self._peer_capable(o) and not o.retired
+                     and o.has_room())
 
     def moved_in(self, slot: WorkerSlot, msg: MovedIn) -> None:
         """The target's report of direct migrations: counted in."""
@@ -252,9 +266,10 @@ class Migrations:
 
     async def answer_orphan(self, slot: WorkerSlot, msg: OrphanQuery) -> None:
         """A target could not deliver its ACCEPT of a direct migration: the source's end
-        closed first. Dead (a worker of ours that exited in the last ORPHAN_MEMORY s):
-        the target serves it. Alive, or not ours: it must not. A source still running
-        gets ORPHAN_WAIT seconds to be reaped (a SIGKILL is seen within ms)."""
+        closed first. Dead (a worker of ours that exited in the last ORPHAN_MEMORY s; not
+        ours -- an upgrade's old worker -- and no longer running): the target serves it.
+        Alive: it must not. A source still running gets ORPHAN_WAIT seconds to be reaped
+        (a SIGKILL is seen within ms)."""
         pid = msg.pid
         dead = False
         if pid > 0:
@@ -274,13 +289,18 @@ class Migrations:
                         self.counters["lost"] = max(0, self.counters["lost"] - 1)
                     source.stats.migrated_out += 1
                     break
-                running = any(s.proc is not None and s.proc.pid == pid and s.proc.returncode is None
-                              for s in self.slots)
-                if not running or now >= deadline:
+                ours = any(s.proc is not None and s.proc.pid == pid and s.proc.returncode is None
+                           for s in self.slots)
+                if not ours and pid not in self.exited and not pid_alive(pid):
+                    # (an upgrade's old worker, its predecessor's: gone, so nobody else
+                    # can serve the connection; our counts never had it)
+                    dead = True
+                    break
+                if (not ours and pid in self.exited) or now >= deadline:
                     break
                 await asyncio.sleep(0.01)
         log.info("direct migration from pid %s whose ACCEPT was lost: the source is %s; "
-                 "worker %d %s it", pid, "gone" if dead else "alive (or not ours)", slot.id,
+                 "worker %d %s it", pid, "gone" if dead else "alive", slot.id,
                  "serves" if dead else "closes")
         slot.control(OrphanAnswer(msg.key, dead))
 

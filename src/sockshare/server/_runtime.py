@@ -187,6 +187,11 @@ REJECT_NO_FDS = "worker out of file descriptors"
 #: dispatcher and the feeders send it nothing more from the first one on, and give the
 #: connection to another worker without counting an attempt: not the connection's fault).
 REJECT_STOPPING = "worker is shutting down"
+#: The REJECT of a peer worker's move that would take this one past its pool's
+#: ``max_conns``: each source counts down its own copy of the room the dispatcher listed,
+#: so several at once could overshoot; the source relays it (the dispatcher places it by
+#: its exact counts).
+REJECT_FULL = "worker at max_conns"
 #: Seconds ``migrate`` waits for the client to take what the handler wrote.
 FLUSH_TIMEOUT = 10.0
 #: Seconds between two looks at a drain's progress.
@@ -240,7 +245,8 @@ class Worker:
                  app_error: str = "", resume: Resume | None = None,
                  web: WebServer | None = None, max_conns: int | None = None) -> None:
         self.app = app
-        #: accept = "worker": the pool's max_conns (the web server's accept limit)
+        #: the pool's max_conns: the most connections a peer's move may bring this one to
+        #: (REJECT_FULL); accept = "worker": the web server's accept limit
         self._max_conns = max_conns
         #: an ASGI/WSGI app's server (``--interface asgi|wsgi``); None: a handler app
         self.web = web
@@ -455,6 +461,11 @@ class Worker:
         log.info("worker %d: served %d requests (--max-requests): asking to be replaced",
                  self.info.id, self.web.requests)
         self.control(Recycle("max-requests"))
+
+    def _full(self, open_now: int) -> bool:
+        """At the pool's ``max_conns`` with ``open_now`` connections (a peer's move is
+        refused: ``REJECT_FULL``)."""
+        return self._max_conns is not None and open_now >= self._max_conns
 
     def _refuse_no_fds(self, h: Handoff) -> None:
         """``h``'s descriptor is past the mark: refuse it (our copy is closed, the sender
@@ -915,6 +926,9 @@ class Worker:
                 if h.socket.fileno() >= mark:
                     self._refuse_no_fds(h)
                     continue
+                if from_peer and self._full(len(self.conns) + len(ready)):
+                    h.reject(REJECT_FULL)
+                    continue
                 resuming = self._resuming(h, from_peer)
                 if resuming is None:
                     continue
@@ -984,6 +998,8 @@ class Worker:
                 why = web.refusal(h.data)
                 if why is None and from_peer and b'"resume"' not in h.raw_meta:
                     why = "a peer worker may only hand over connections it migrates"
+                if why is None and from_peer and self._full(web.open_connections + len(chosen)):
+                    why = REJECT_FULL
                 meta = h.meta
                 resume = None
                 if why is None and b'"resume"' in h.raw_meta:
@@ -1314,6 +1330,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--generation", type=int,
                    default=int(os.environ.get("SOCKSHARE_GENERATION", "0")))
     p.add_argument("--grace", type=float, default=10.0)
+    p.add_argument("--max-conns", type=int, default=None,
+                   help="the pool's max_conns: a peer worker's move past it is refused")
     p.add_argument("--log-level", default="info")
     p.add_argument("--interface", default="auto", choices=("auto", "asgi", "wsgi", "handler"))
     p.add_argument("--web", default=os.environ.get("SOCKSHARE_WEB", ""),
@@ -1438,6 +1456,8 @@ def main(argv: list[str] | None = None) -> int:
     error = ""
     settings = WebSettings.from_json(args.web)
     listening, max_conns = _inherited_listeners(os.environ.get(ENV_LISTEN, ""))
+    if args.max_conns is not None:
+        max_conns = args.max_conns
     not_web = False
     try:
         app, web = _load_web(args.app, args.interface, settings)

@@ -560,6 +560,8 @@ class Supervisor:
                 "--log-level", self.cfg.log_level]
         if p.resume is not None:
             argv += ["--resume", p.resume]
+        if p.max_conns is not None:
+            argv += ["--max-conns", str(p.max_conns)]
         if p.web != WebSettings():
             # in the environment, not argv: a key's password must not show in ps
             argv += ["--interface", p.web.interface]

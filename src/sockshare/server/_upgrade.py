@@ -12,9 +12,11 @@ hand over (:meth:`_hand_over`): ``MAINPID=`` to the master (:mod:`._master`, whi
 follows the new one; to systemd when there is no master), stop accepting (the kernel's
 accept queue is shared), connect a channel to the new dispatcher (the *upstream*),
 forward its queue over it (admission's ``upstream`` hook), and retire its workers with
-migration: their connections travel worker → old dispatcher → new dispatcher → new
-worker. It stops when its last worker has exited. A new dispatcher that dies first
-leaves the old one serving, as if nothing had started.
+migration: it lists the new dispatcher's workers to them (the ``peers`` control command,
+:attr:`Handover.successor_peers`), so their connections go straight to a new worker;
+what cannot travels worker → old dispatcher → new dispatcher → new worker. It stops
+when its last worker has exited. A new dispatcher that dies first leaves the old one
+serving, as if nothing had started.
 
 On Windows there is no descriptor inheritance to speak of (and no ``exec``): the old
 dispatcher starts the new one with the same command line and nothing else; the new one
@@ -53,6 +55,7 @@ from sockshare.server._control import request
 from sockshare.server._health import AGENT_FDNAME
 from sockshare.server._listeners import sd_notify
 from sockshare.server._master import ENV_MASTER, ENV_MASTER_FD, SUCCESSOR_FIELD, pass_master_fd
+from sockshare.server._messages import PeerEntry, Peers, decode
 from sockshare.server._platform import WINDOWS, start_process
 from sockshare.server._policy import ConnInfo
 from sockshare.server._slots import Waiting
@@ -70,6 +73,8 @@ METRICS_FDNAME = "sockshare.metrics"
 #: Environment of a dispatcher started by ``upgrade``: the predecessor's pid and control.
 ENV_UPGRADE_FROM = "SOCKSHARE_UPGRADE_FROM"
 ENV_UPGRADE_CONTROL = "SOCKSHARE_UPGRADE_CONTROL"
+#: How often an old dispatcher that handed over asks the new one for its workers again.
+SUCCESSOR_PEERS_EVERY = 0.5
 
 
 class Handover:
@@ -95,6 +100,10 @@ class Handover:
         self._shared = False
         #: forwarded in this turn of the loop: they leave together (``_flush_forward``)
         self._forwarding: list[Waiting] = []
+        #: once handed over: by pool, the new dispatcher's workers that take direct
+        #: migrations (its ``peers`` answer, asked again every SUCCESSOR_PEERS_EVERY s):
+        #: our workers' connections go straight to them
+        self.successor_peers: dict[str, tuple[PeerEntry, ...]] = {}
 
     def _passed_sockets(self) -> list[tuple[str, socket.socket]]:
         """What a new dispatcher takes over: the listeners, the metrics and agent sockets."""
@@ -270,7 +279,7 @@ class Handover:
                 return
             await asyncio.sleep(0.1)
         if proc.returncode is None and self.successor is proc and not self.d.stopping:
-            await self._hand_over(proc, chan)
+            await self._hand_over(proc, chan, control)
 
     async def _probe_successor(self, pid: int, control: str) -> str:
         """'' if the new dispatcher answers a status with a ready worker in each pool,
@@ -287,9 +296,12 @@ class Handover:
         missing = [p for p in self.pools if p not in ready]
         return f"no ready worker in pool(s) {', '.join(missing)}" if missing else ""
 
-    async def _hand_over(self, proc: asyncio.subprocess.Process, chan: str) -> None:
-        """The new dispatcher has shown that it serves: give it everything."""
+    async def _hand_over(self, proc: asyncio.subprocess.Process, chan: str, control: str) -> None:
+        """The new dispatcher has shown that it serves: give it everything. Its workers
+        are listed to ours first, so that their connections go straight to them."""
         pid = proc.pid
+        if self.cfg.direct_migration and control:
+            await self._ask_successor_peers(control)
         try:
             up = await AsyncChannel.connect(chan, name=f"dispatcher:{self.d.pid}")
         except (OSError, SockshareError) as exc:
@@ -315,6 +327,8 @@ class Handover:
             self.d.metrics = None
         await self.d.health.close()   # the new one answers (drain until we have exited)
         self.d.spawn(self._watch_upstream(up))
+        if self.successor_peers:
+            self.d.spawn(self._follow_successor_peers(control), critical=False)
         for slot in list(self.slots):
             self.d.supervisor.retire(slot, "upgrade")
         for pool in self.pools.values():
@@ -325,6 +339,39 @@ class Handover:
             self._successor_ready.set_result(True)
         log.info("upgrade: handed over to pid %d; draining %d worker(s)", pid, len(self.slots))
         self.d.spawn(self._exit_when_workers_gone())
+
+    async def _ask_successor_peers(self, *controls: str) -> bool:
+        """Ask the new dispatcher which of its workers take direct migrations (its
+        ``peers`` control command, at the first of ``controls`` that answers); False if
+        it did not answer (then ours relay)."""
+        try:
+            resp = await asyncio.to_thread(_request_first, controls, {"cmd": "peers"}, 2.0)
+            pools = resp.get("pools") if resp.get("ok") else None
+            if not isinstance(pools, dict):
+                raise ValueError(f"answered {resp!r:.200}")
+            found: dict[str, tuple[PeerEntry, ...]] = {}
+            for name, listed in pools.items():
+                msg = decode({"cmd": "peers", "peers": listed})
+                if isinstance(msg, Peers):
+                    found[str(name)] = msg.peers
+        except (OSError, SockshareError, ValueError) as exc:
+            log.info("upgrade: the new dispatcher did not list its workers (%s); our "
+                     "connections go through it", exc)
+            return False
+        self.successor_peers = found
+        return True
+
+    async def _follow_successor_peers(self, control: str) -> None:
+        """While our workers drain, the new dispatcher's list again (its connection
+        counts and room change as ours arrive), pushed to them."""
+        while self.slots and not self.d.stopping:
+            await asyncio.sleep(SUCCESSOR_PEERS_EVERY)
+            # (once the channel arrived, it moved its control socket onto our path)
+            final = self.d.control.path if self.d.control is not None else ""
+            if not self.slots or not await self._ask_successor_peers(final, control):
+                return
+            for pool in self.pools.values():
+                self.d.migration.push_peers(pool)
 
     def forward(self, w: Waiting) -> bool:
         """Send ``w`` to the new dispatcher (False: there is none to send it to). The ones
@@ -383,6 +430,19 @@ class Handover:
         while self.slots or self.upstream_pending or any(p.queue for p in self.pools.values()):
             await asyncio.sleep(0.05)
         self.d.stop("handed over to the new dispatcher")
+
+
+def _request_first(controls: tuple[str, ...], req: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """``request`` to the first of ``controls`` that answers (the last one's error)."""
+    err: Exception = SockshareError("no control socket to ask")
+    for path in controls:
+        if not path:
+            continue
+        try:
+            return request(path, req, timeout=timeout)
+        except (OSError, SockshareError) as exc:
+            err = exc
+    raise err
 
 
 class Takeover:
