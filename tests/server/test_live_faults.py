@@ -143,6 +143,45 @@ def test_a_websocket_whose_source_dies_mid_move_is_served_by_its_target(tmp_path
             assert "the source is gone" in srv.log()
 
 
+def test_a_websocket_whose_mover_gives_up_midway_lives_where_the_answer_puts_it(
+        tmp_path: Path) -> None:
+    """An app gives its WebSocket's move a deadline (``asyncio.wait_for``) and goes on
+    when it passes, the WebSocket still on its way to a worker that is stopped: the
+    source neither serves it again nor forgets the move. Once the target answers
+    (SIGCONT), the WebSocket lives there alone (every echo from it), the source counts
+    it out, and the dispatcher does not take the target for hung at --timeout."""
+    from websockets.sync.client import connect
+
+    pytest.importorskip("starlette", reason="pip install starlette (or the test extra)")
+    with LiveServer(tmp_path, "--no-rebalance", "--timeout", "3", app="web_apps:combined_app",
+                    workers=2) as srv:
+        host, port = srv.address()
+        with connect(f"ws://{host}:{port}/impatient?t=0.5", open_timeout=10) as ws:
+            source = int(str(ws.recv(timeout=10)).split()[1])
+            target = next(w["pid"] for w in srv.status()["workers"] if w["pid"] != source)
+            time.sleep(0.5)   # (the workers' channels to each other open after ready)
+            os.kill(target, signal.SIGSTOP)
+            try:
+                ws.send("move")
+                time.sleep(1.0)   # the app's deadline passes; the move is announced
+                ws.send("early")   # (read by nobody until the move is answered)
+            finally:
+                os.kill(target, signal.SIGCONT)
+            assert ws.recv(timeout=10) == f"here {target}"
+            assert ws.recv(timeout=10) == f"{target} early"
+            st = srv.wait_for(lambda st: st["counters"]["migrations"] == 1, what="counted")
+            assert st["counters"]["migrations_direct"] == 1
+            time.sleep(4.0)   # past --timeout: the target must not be killed as hung
+            for i in range(5):
+                ws.send(f"m{i}")
+                assert ws.recv(timeout=10) == f"{target} m{i}"
+            st = srv.status()
+            assert st["counters"]["hung_kills"] == 0, srv.log()[-3000:]
+            assert st["counters"]["lost"] == 0
+            assert sorted(w["connections"] for w in st["workers"]) == [0, 1]
+            assert target in {w["pid"] for w in st["workers"]}
+
+
 #: the resume meta a peer worker sends: a handler's state, a web app's WebSocket
 _RESUMES: dict[str, dict[str, Any]] = {
     APP: {"n": 1, "pids": [1]},

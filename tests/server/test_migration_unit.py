@@ -14,16 +14,18 @@ import json
 import socket
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from stand_ins import StandInChannel, Ticket
 
+from sockshare import SockshareError
 from sockshare.server._admission import Admission
 from sockshare.server._config import PoolConfig, ServerConfig
 from sockshare.server._gc import MoveBurst
-from sockshare.server._messages import MovedIn, MovedOut, MoveKey, Moving, PeerEntry
+from sockshare.server._messages import MoveBack, MovedIn, MovedOut, MoveKey, Moving, PeerEntry
 from sockshare.server._migration import Migrations
 from sockshare.server._slots import PoolState, WorkerSlot
 from sockshare.server._supervision import Supervisor
@@ -366,3 +368,64 @@ def test_the_relay_holds_the_dispatchers_collector_while_moves_go_on(
     finally:
         if not enabled:
             gc.disable()
+
+
+def test_moves_to_a_target_not_ours_count_as_a_drains_progress_only(relay: Relay) -> None:
+    """After an upgrade's hand-over, an old worker's moves go to the new dispatcher's
+    workers, which the old one does not know: announced (``moving``), they count as its
+    drain's progress until answered (``moved_out``, ``move_back``) or until the worker
+    is gone -- and --timeout, which is for our own workers, never sees them."""
+    source = relay.workers[0]
+    pid = source.pid or 0
+    relay.mig.moving_out(source, Moving(9, MoveKey(pid, 1), (MoveKey(pid, 2), MoveKey(pid, 3))))
+    assert relay.mig.moving == {}
+    assert set(relay.mig.moving_away) == {(pid, 1), (pid, 2), (pid, 3)}
+    assert relay.mig.moving_from(pid)
+    assert not relay.mig.moving_from(pid + 1)
+    relay.mig.moved_out(source, MovedOut(9, MoveKey(pid, 1)))
+    relay.mig.move_back(source, MoveBack(9, MoveKey(pid, 2)))
+    assert set(relay.mig.moving_away) == {(pid, 3)}
+    relay.mig.forget_moves_from(pid)
+    assert not relay.mig.moving_from(pid)
+
+
+def test_the_successors_peers_are_taken_only_from_the_successor(tmp_path: Path) -> None:
+    """The old dispatcher of an upgrade asks ``peers`` at the new one's final control
+    path first, then at its temporary one: an answer from another process (itself,
+    before the new one moved its socket onto the path) is passed over, and the error
+    says what answered."""
+    import threading
+
+    from sockshare.server._upgrade import _successor_pools
+
+    def serve(path: str, answer: dict[str, Any]) -> socket.socket:
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen()
+
+        def run() -> None:
+            while True:
+                try:
+                    c, _ = srv.accept()
+                except OSError:
+                    return
+                with c:
+                    c.recv(65536)
+                    c.sendall(json.dumps(answer).encode() + b"\n")
+
+        threading.Thread(target=run, daemon=True).start()
+        return srv
+
+    ours = serve(str(tmp_path / "final"), {"ok": True, "pid": 1, "pools": {"default": []}})
+    theirs = serve(str(tmp_path / "temp"), {"ok": True, "pid": 2, "pools": {
+        "default": [[1, 2001, "/run/2001.peer", 3]]}})
+    try:
+        got = _successor_pools(2, (str(tmp_path / "final"), str(tmp_path / "temp")))
+        assert got == {"default": [[1, 2001, "/run/2001.peer", 3]]}
+        with pytest.raises(ValueError, match="answered"):
+            _successor_pools(2, (str(tmp_path / "final"),))
+        with pytest.raises(SockshareError):
+            _successor_pools(2, (str(tmp_path / "nobody"),))
+    finally:
+        ours.close()
+        theirs.close()

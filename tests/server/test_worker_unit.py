@@ -455,6 +455,18 @@ def _connected_peers(host: _Host, loads: dict[int, int], rooms: dict[int, int | 
     return peers, pairs
 
 
+async def _close_all(peers: PeerMigration, pairs: list[tuple[AsyncChannel, AsyncChannel]],
+                     ends: list[tuple[socket.socket, socket.socket]]) -> None:
+    """The end of a :func:`_connected_peers` test: sockets, peers, channels."""
+    for a, b in ends:
+        a.close()
+        b.close()
+    await peers.close()
+    for mine, theirs in pairs:
+        await mine.aclose()
+        await theirs.aclose()
+
+
 def test_moves_to_a_peer_in_one_turn_leave_in_one_write_and_are_reported_once(
         tmp_path: Path) -> None:
     """The moves to one peer started in one turn of the loop leave as one HANDOFF frame
@@ -487,13 +499,48 @@ def test_moves_to_a_peer_in_one_turn_leave_in_one_write_and_are_reported_once(
         assert report.to == 2
         assert [k.id for k in report.keys] == [h.id for h in got]
         assert all(k.pid == os.getpid() for k in report.keys)
-        for a, b in ends:
-            a.close()
-            b.close()
-        await peers.close()
-        for m, t in pairs:
-            await m.aclose()
-            await t.aclose()
+        await _close_all(peers, pairs, ends)
+
+    asyncio.run(main())
+
+
+def test_moves_whose_movers_are_cancelled_are_reported_when_answered(tmp_path: Path) -> None:
+    """A mover cancelled (``asyncio.wait_for``) after its handoff left: the answer still
+    comes, and is reported as it would have been -- an ACCEPT as ``moved_out`` (else
+    the dispatcher keeps an announced move open and takes the target for hung at
+    --timeout, and counts the connection here), a REJECT's connection closed (nobody
+    waits for it) -- and the peer's in-flight count goes back to 0."""
+    async def main() -> None:
+        host = _Host(1)
+        peers, pairs = _connected_peers(host, {2: 0}, {})
+        _mine, theirs = pairs[0]
+        peer = peers.peers[2]
+        ends = [socket.socketpair() for _ in range(2)]
+        assert [peers.pick(), peers.pick()] == [peer, peer]   # (as a mover does)
+        moves = [asyncio.ensure_future(peers.move(peer, a, b'{"resume":{}}', b"")) for a, _b in ends]
+        got: list[Any] = []
+        async with asyncio.timeout(STEP):
+            while len(got) < 2:
+                await theirs._wait_event()
+                got += theirs.received()
+        for move in moves:
+            move.cancel()
+        for move in moves:
+            with pytest.raises(asyncio.CancelledError):
+                await move
+        assert peer.inflight == 2   # (still on their way)
+        got[0].accept()
+        got[0].socket.close()
+        got[1].reject("full")
+        theirs.flush()
+        async with asyncio.timeout(STEP):
+            while peer.inflight:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0)   # (the reports leave at the end of the turn)
+        [report] = [m for m in host.sent if isinstance(m, MovedOut)]
+        assert [k.id for k in report.keys] == [got[0].id]
+        assert ends[1][0].fileno() == -1   # the refused one: closed here
+        await _close_all(peers, pairs, ends)
 
     asyncio.run(main())
 
@@ -590,6 +637,14 @@ def test_direct_migration_between_two_workers(tmp_path: Path) -> None:
 
 
 
+async def _stop_resumed(client: socket.socket) -> None:
+    """End a connection resumed by the max_conns test's handler: a line, its answer, and
+    the handler returns (the connection leaves the worker's count)."""
+    client.sendall(b"one\n")
+    assert await _recv(client, 12) == b"resumed one\n"
+    assert await _recv(client, 1) == b""
+
+
 def test_a_peers_move_past_max_conns_is_refused_and_the_connection_stays_with_its_source(
         tmp_path: Path) -> None:
     """Each source counts down its own copy of a target's room, so two sources at once
@@ -629,15 +684,34 @@ def test_a_peers_move_past_max_conns_is_refused_and_the_connection_stays_with_it
         # the dispatcher's handoff is taken (max_conns is its to keep)
         third = await asyncio.wait_for(ch.send(pairs[2][1], meta={"handoff_id": "1.1"}), STEP)
         assert third.state == "accepted"
-        pairs[0][0].sendall(b"one\n")
-        assert await _recv(pairs[0][0], 12) == b"resumed one\n"
-        assert resumed == [{"n": 0}]
         pairs[2][0].sendall(b"x\nrest")   # (_mover: it asks us to migrate it; refused)
         h = await asyncio.wait_for(ch.receive(), STEP)
         h.reject("no room")
         ch.flush()
         pairs[2][0].sendall(b"\n")
         assert await _recv(pairs[2][0], 16) == b"still here\nrest\n"
+        # two sources at once, in one turn of the target's loop: one of them only (the
+        # first is not in its connections yet when the second is read)
+        assert await _recv(pairs[2][0], 1) == b""   # (its handler returned)
+        await asyncio.wait_for(_stop_resumed(pairs[0][0]), STEP)
+        assert resumed == [{"n": 0}]
+        other = await AsyncChannel.connect(hello["peer"], name="peer:other")
+        both = [socket.socketpair() for _ in range(2)]
+        for client, _ in both:
+            client.setblocking(False)
+        tickets = [*peer.send_nowait([(both[0][1], json.dumps(meta(5)).encode(), b"")]),
+                   *other.send_nowait([(both[1][1], json.dumps(meta(6)).encode(), b"")])]
+        async with asyncio.timeout(STEP):
+            while any(t.state == "pending" for t in tickets):
+                await asyncio.sleep(0.01)
+        assert sorted(t.state for t in tickets) == ["accepted", "rejected"], tickets
+        taken = next(i for i, t in enumerate(tickets) if t.state == "accepted")
+        both[taken][1].close()   # (the sender's copy, as an ACCEPT's sender closes it)
+        await asyncio.wait_for(_stop_resumed(both[taken][0]), STEP)
+        await other.aclose()
+        for a, b in both:
+            a.close()
+            b.close()
         await peer.aclose()
         assert await _stop(worker, run, ch, listener) == 0
         for a, b in pairs:

@@ -108,9 +108,36 @@ async def flood(ws: WebSocket) -> None:
         await ws.receive()
 
 
+async def impatient(ws: WebSocket) -> None:
+    """An opted-in WebSocket that says ``here <pid>`` first thing in each worker and
+    echoes ``<pid> <text>``; on ``move`` it gives its move ``?t=S`` seconds
+    (``asyncio.wait_for``) and, past them, goes on as if nothing had happened -- the
+    WebSocket then still on its way, where the target's answer puts it."""
+    from starlette.websockets import WebSocketDisconnect
+
+    ext: dict[str, Any] = ws.scope.get("extensions") or {}
+    await ws.accept()
+    await ws.send_text(f"here {os.getpid()}")
+    try:
+        while True:
+            text = await ws.receive_text()
+            if text != "move":
+                await ws.send_text(f"{os.getpid()} {text}")
+                continue
+            try:
+                await asyncio.wait_for(ext["sockshare.migration"]["migrate"](None),
+                                       float(ws.query_params.get("t", "0.5")))
+            except TimeoutError:
+                continue
+            return
+    except WebSocketDisconnect:
+        return
+
+
 #: keep-alive HTTP (``/``), an opted-in WebSocket (``/count``), a plain one (``/echo``),
 #: the handoff's metadata (``/ext``, and ``/where`` for a WebSocket), one whose client
-#: is slow (``/flood``)
+#: is slow (``/flood``), one that gives up waiting for its move (``/impatient``)
 combined_app = Starlette(routes=[Route("/", pid_page), WebSocketRoute("/count", counter),
                                  WebSocketRoute("/echo", plain_echo), Route("/ext", extension),
-                                 WebSocketRoute("/where", where), WebSocketRoute("/flood", flood)])
+                                 WebSocketRoute("/where", where), WebSocketRoute("/flood", flood),
+                                 WebSocketRoute("/impatient", impatient)])

@@ -15,8 +15,9 @@ The protocol is newline-delimited JSON, one request per line, one response per l
     -> {"cmd": "nope"}
     <- {"ok": false, "error": "unknown command 'nope' (known: ping, status, ...)"}
 
-Commands: ``status``, ``ping``, ``reload``, ``upgrade``, ``migrate``, ``health`` (docs/server.md) and
-``takeover``, which only the dispatcher that an ``upgrade`` started may send.
+Commands: ``status``, ``ping``, ``reload``, ``upgrade``, ``migrate``, ``health``, ``stop``,
+``peers`` (docs/server.md), ``takeover``, which only the dispatcher that an ``upgrade``
+started may send, and ``listeners`` (Windows: the same, for its listening sockets).
 
 Whatever a client sends cannot disturb the dispatcher: a line that is not JSON, not an
 object, not UTF-8, or names no known command gets an error response; a line longer than

@@ -713,8 +713,9 @@ class Dispatcher:
         """``{"cmd": "peers"}``: by pool, the workers that take direct migrations now
         (the list each worker gets; the old dispatcher of an upgrade gives it to its
         workers, whose connections then go straight to ours)."""
-        return {"ok": True, "pools": {name: encode(Peers(self.migration.targets(pool)))["peers"]
-                                      for name, pool in self.pools.items()}}
+        return {"ok": True, "pid": self.pid,
+                "pools": {name: encode(Peers(self.migration.targets(pool)))["peers"]
+                          for name, pool in self.pools.items()}}
 
     # -- what the control socket asks --------------------------------------------------
 

@@ -19,7 +19,8 @@ itself; the dispatcher learns of it afterwards from ``moved_out``/``moved_in`` r
 (and ``moving`` for one still unanswered, which ``--timeout`` watches: see
 ``Supervisor.kill_hung``). A target whose ACCEPT could not reach a source that closed
 first asks whether it may serve the *orphan* (:meth:`answer_orphan`): yes only if the
-source is a worker of ours that exited.
+source is a worker of ours that exited, or a process not ours (an upgrade's old worker)
+that no longer runs.
 
 *Asked for*: :meth:`ask_migrate` sends ``{"cmd": "migrate", ...}`` to a worker and waits
 for its ``migrate_ack``; the rebalancer (:meth:`rebalance`: load spread past a threshold,
@@ -101,6 +102,9 @@ class Migrations:
         #: direct migrations still unanswered a few ms after they left: (source pid,
         #: handoff id) -> (target, since); for --timeout and the status
         self.moving: dict[tuple[int, int], tuple[WorkerSlot, float]] = {}
+        #: the same for targets that are not ours (an upgrade's old workers moving to the
+        #: new dispatcher's): a drain's progress only (their --timeout is not ours)
+        self.moving_away: dict[tuple[int, int], float] = {}
         #: worker pids that exited (reaped), and when: a target whose ACCEPT could not
         #: reach a dead source may serve the connection
         self.exited: dict[int, tuple[float, WorkerSlot]] = {}
@@ -245,10 +249,12 @@ class Migrations:
         them."""
         target = next((s for s in slot.pool_state.workers if s.id == msg.to
                        and s.channel is not None), None)
-        if target is not None:
-            now = time.monotonic()
-            for key in msg.keys:
+        now = time.monotonic()
+        for key in msg.keys:
+            if target is not None:
                 self.moving[key] = (target, now)
+            else:
+                self.moving_away[key] = now
 
     def moved_out(self, slot: WorkerSlot, msg: MovedOut) -> None:
         """The source's direct moves left: counted out."""
@@ -258,11 +264,24 @@ class Migrations:
         self.admission.feed(slot.pool_state)
         for key in keys:
             self.moving.pop(key, None)
+            self.moving_away.pop(key, None)
 
     def move_back(self, slot: WorkerSlot, msg: MoveBack) -> None:
         """Announced direct moves came back to their source."""
         for key in msg.keys:
             self.moving.pop(key, None)
+            self.moving_away.pop(key, None)
+
+    def moving_from(self, pid: int) -> bool:
+        """Whether worker ``pid`` has announced direct moves still unanswered."""
+        return (any(k[0] == pid for k in self.moving)
+                or any(k[0] == pid for k in self.moving_away))
+
+    def forget_moves_from(self, pid: int) -> None:
+        """Worker ``pid`` is gone: its moves are settled by their targets now."""
+        for table in (self.moving, self.moving_away):
+            for key in [k for k in table if k[0] == pid]:
+                del table[key]
 
     async def answer_orphan(self, slot: WorkerSlot, msg: OrphanQuery) -> None:
         """A target could not deliver its ACCEPT of a direct migration: the source's end
@@ -289,8 +308,9 @@ class Migrations:
                         self.counters["lost"] = max(0, self.counters["lost"] - 1)
                     source.stats.migrated_out += 1
                     break
-                ours = any(s.proc is not None and s.proc.pid == pid and s.proc.returncode is None
-                           for s in self.slots)
+                # (ours until its exit is recorded above: its returncode is set a turn
+                # of the loop before that)
+                ours = any(s.proc is not None and s.proc.pid == pid for s in self.slots)
                 if not ours and pid not in self.exited and not pid_alive(pid):
                     # (an upgrade's old worker, its predecessor's: gone, so nobody else
                     # can serve the connection; our counts never had it)

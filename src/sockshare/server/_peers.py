@@ -45,8 +45,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, NamedTuple, Protocol, cast
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 from sockshare._aio import AsyncChannel, AsyncChannelListener
 from sockshare._channel import Handoff, Ticket
@@ -78,6 +78,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("sockshare.server.worker")
+T = TypeVar("T")
 
 #: A worker's peer channel socket: ``<its pid>.peer``, beside the dispatcher's channel.
 PEER_SUFFIX = ".peer"
@@ -142,6 +143,13 @@ class PeerHost(Protocol):
 
     def serve_adopted(self, h: Handoff, conn: Connection) -> None:
         """Serve a held direct migration whose source died (its ACCEPT is sent)."""
+
+
+def _chunks(items: Sequence[T]) -> Iterator[tuple[T, tuple[T, ...]]]:
+    """``items`` in reports of at most REPORT_KEYS: each its first and the rest (a
+    report's ``key`` and its ``more``)."""
+    for i in range(0, len(items), REPORT_KEYS):
+        yield items[i], tuple(items[i + 1:i + REPORT_KEYS])
 
 
 def _int_or_none(x: Any) -> int | None:
@@ -302,10 +310,35 @@ class PeerMigration:
         key = MoveKey(self._host.info.pid, ticket.id)
         try:
             await ch.wait([ticket])
-        finally:
-            peer.inflight -= 1
-            announced = key in self._announced
-            self._announced.discard(key)
+        except asyncio.CancelledError:
+            # the handoff left: its answer still comes, and is reported when it does
+            # (unreported, an announced move would make the dispatcher take the target
+            # for hung at --timeout; the source's count would stay one too many)
+            self._bg(self._settle(peer, ch, ticket, key))
+            raise
+        except BaseException:
+            self._ended(peer, key)
+            raise
+        return self._outcome(peer, ticket, key)
+
+    def _ended(self, peer: _Peer, key: MoveKey) -> bool:
+        """A move to ``peer`` is answered (or given up): whether it had been announced."""
+        peer.inflight -= 1
+        announced = key in self._announced
+        self._announced.discard(key)
+        return announced
+
+    async def _settle(self, peer: _Peer, ch: AsyncChannel, ticket: Ticket, key: MoveKey) -> None:
+        """The answer to a move whose mover was cancelled, reported as :meth:`move`
+        would have; a connection that came back is closed here (nobody waits for it)."""
+        with contextlib.suppress(SockshareError, OSError, ValueError):
+            await ch.wait([ticket])
+        if self._outcome(peer, ticket, key) is Move.BACK and ticket.socket is not None:
+            ticket.socket.close()
+
+    def _outcome(self, peer: _Peer, ticket: Ticket, key: MoveKey) -> Move:
+        """Report an answered move (moved_out, or move_back if it was announced)."""
+        announced = self._ended(peer, key)
         if ticket.state == "accepted":
             self._report(self._out, peer.id, key)
             return Move.ACCEPTED
@@ -371,10 +404,10 @@ class PeerMigration:
         """The moves of a batch still unanswered: one ``moving`` (--timeout watches)."""
         pid = self._host.info.pid
         keys = [MoveKey(pid, t.id) for t in tickets if t.state == "pending"]
-        for i in range(0, len(keys), REPORT_KEYS):
-            chunk = keys[i:i + REPORT_KEYS]
-            self._announced.update(chunk)
-            self._host.control(Moving(peer_id, chunk[0], tuple(chunk[1:])))
+        for first, more in _chunks(keys):
+            self._announced.add(first)
+            self._announced.update(more)
+            self._host.control(Moving(peer_id, first, more))
 
     def _report(self, table: dict[int, list[MoveKey]], peer_id: int, key: MoveKey) -> None:
         table.setdefault(peer_id, []).append(key)
@@ -391,15 +424,12 @@ class PeerMigration:
         self._reports_due = False
         for table, kind in ((self._out, MovedOut), (self._back, MoveBack)):
             for peer_id, keys in table.items():
-                for i in range(0, len(keys), REPORT_KEYS):
-                    chunk = keys[i:i + REPORT_KEYS]
-                    self._host.queue_report(kind(peer_id, chunk[0], tuple(chunk[1:])))
+                for first, more in _chunks(keys):
+                    self._host.queue_report(kind(peer_id, first, more))
             table.clear()
         for (source, source_pid), arrivals in self._in.items():
-            for i in range(0, len(arrivals), REPORT_KEYS):
-                part = arrivals[i:i + REPORT_KEYS]
-                (hid, latency), more = part[0], tuple(part[1:])
-                self._host.queue_report(MovedIn(source, (source_pid, hid), latency, more))
+            for (hid, latency), rest in _chunks(arrivals):
+                self._host.queue_report(MovedIn(source, (source_pid, hid), latency, rest))
         self._in.clear()
 
     async def wait_connected(self, timeout: float) -> None:

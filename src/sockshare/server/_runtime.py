@@ -190,7 +190,7 @@ REJECT_STOPPING = "worker is shutting down"
 #: The REJECT of a peer worker's move that would take this one past its pool's
 #: ``max_conns``: each source counts down its own copy of the room the dispatcher listed,
 #: so several at once could overshoot; the source relays it (the dispatcher places it by
-#: its exact counts).
+#: its counts, which hear of direct moves within milliseconds).
 REJECT_FULL = "worker at max_conns"
 #: Seconds ``migrate`` waits for the client to take what the handler wrote.
 FLUSH_TIMEOUT = 10.0
@@ -266,6 +266,8 @@ class Worker:
         self.ch: AsyncChannel | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.conns: dict[Connection, None] = {}   # insertion-ordered: oldest first
+        #: accepted by :meth:`take`, not in ``conns`` yet (their ``_run`` not started)
+        self._starting = 0
         self.stopping = asyncio.Event()
         self._migrate_all = ""
         self._signals = 0
@@ -822,17 +824,23 @@ class Worker:
         await self._run(conn, resuming, ch, h if from_peer else None)
 
     async def _run(self, conn: Connection, resuming: bool, ch: AsyncChannel,
-                   from_peer: Handoff | None = None, held: bool = False) -> None:
+                   from_peer: Handoff | None = None, held: bool = False, *,
+                   starting: bool = False) -> None:
         """Serve an accepted connection once its ACCEPT has left (``from_peer``: the
         handoff, when a peer worker migrated it here directly; ``held``: its transport
-        was paused by :meth:`take` until then)."""
+        was paused by :meth:`take` until then; ``starting``: counted in ``_starting``
+        until it is in ``conns``)."""
         # The ACCEPT leaves before the app may write a byte, or the transport read one:
         # were this process killed between the two, the dispatcher would take the
         # connection back and give it to another worker, and the client would hear from
         # both, or (its request read here) the other worker would wait for a request
         # that never comes.
-        if ch.buffered:
-            await ch.drain()
+        try:
+            if ch.buffered:
+                await ch.drain()
+        finally:
+            if starting:   # (no await from here to ``conns``: counted one way or the other)
+                self._starting -= 1
         if not ch.usable:
             if from_peer is not None:   # served here after all if its source is dead
                 self.peers.hold(ch, [(from_peer, conn)])
@@ -926,7 +934,7 @@ class Worker:
                 if h.socket.fileno() >= mark:
                     self._refuse_no_fds(h)
                     continue
-                if from_peer and self._full(len(self.conns) + len(ready)):
+                if from_peer and self._full(len(self.conns) + self._starting + len(ready)):
                     h.reject(REJECT_FULL)
                     continue
                 resuming = self._resuming(h, from_peer)
@@ -949,6 +957,7 @@ class Worker:
                 return
             for h, _conn, _resuming in ready:
                 h.accept()
+                self._starting += 1   # (until _run registers it)
             if ch is not self.ch and not from_peer:
                 # a feeder's: counted in with the next batch of reports (REPORT_DELAY: no
                 # write to the dispatcher, no wake-up of it, per handoff), ahead of its close
@@ -973,7 +982,8 @@ class Worker:
             for _h, conn, _resuming in ready:
                 cast(asyncio.Transport, conn.writer.transport).pause_reading()
         for h, conn, resuming in ready:
-            self._task(self._run(conn, resuming, ch, h if from_peer else None, held))
+            self._task(self._run(conn, resuming, ch, h if from_peer else None, held,
+                                 starting=True))
 
     def _take_web(self, ch: AsyncChannel, handoffs: list[Handoff], web: WebServer,
                   from_peer: bool = False) -> None:
@@ -1025,11 +1035,10 @@ class Worker:
                 self.gc_hold.moved()
             if not accepted:
                 return
-            if from_peer:   # (counted in once the ACCEPTs left: moved_in, below)
-                pass
-            elif ch is not self.ch:   # a feeder's: counted in with the next reports
+            # (a peer's: counted in once the ACCEPTs left, moved_in below)
+            if not from_peer and ch is not self.ch:   # a feeder's: counted in with the next reports
                 self.queue_report(self._fed(ch, len(accepted)))
-            elif self._tally.closed or self._reports or self._tally.opened:
+            elif not from_peer and (self._tally.closed or self._reports or self._tally.opened):
                 ch.queue_answers()   # (the ACCEPTs first, as in take)
                 self._flush_report(soon=True)   # rides along with the ACCEPTs
             ch.flush()

@@ -505,8 +505,7 @@ class Supervisor:
         slot.active = 0
         slot.set_fd_full(False)
         # its direct migrations out are settled by their targets now (or died with it)
-        for key in [k for k in self.d.migration.moving if k[0] == ch.peer.pid]:
-            del self.d.migration.moving[key]
+        self.d.migration.forget_moves_from(ch.peer.pid)
         self.d.migration.push_peers(slot.pool_state)
         with contextlib.suppress(Exception):
             await ch.aclose()
@@ -736,7 +735,7 @@ class Supervisor:
             if slot.proc is not proc or proc.returncode is not None or self.d.stopping:
                 return   # (gone; or the shutdown's own deadline applies)
             now = loop.time()
-            moving = any(k[0] == proc.pid for k in self.d.migration.moving)
+            moving = self.d.migration.moving_from(proc.pid)
             if slot.active < lowest or slot.stats.migrated_out != out or moving:
                 lowest, out, quiet_since = min(lowest, slot.active), slot.stats.migrated_out, now
             if now - quiet_since < limit:

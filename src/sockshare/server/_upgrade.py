@@ -73,8 +73,12 @@ METRICS_FDNAME = "sockshare.metrics"
 #: Environment of a dispatcher started by ``upgrade``: the predecessor's pid and control.
 ENV_UPGRADE_FROM = "SOCKSHARE_UPGRADE_FROM"
 ENV_UPGRADE_CONTROL = "SOCKSHARE_UPGRADE_CONTROL"
-#: How often an old dispatcher that handed over asks the new one for its workers again.
+#: How often an old dispatcher that handed over asks the new one for its workers again,
+#: how long it waits for an answer, and after how many unanswered asks in a row its
+#: workers are told nobody (they relay).
 SUCCESSOR_PEERS_EVERY = 0.5
+SUCCESSOR_PEERS_TIMEOUT = 1.0
+SUCCESSOR_PEERS_MISSES = 3
 
 
 class Handover:
@@ -300,8 +304,9 @@ class Handover:
         """The new dispatcher has shown that it serves: give it everything. Its workers
         are listed to ours first, so that their connections go straight to them."""
         pid = proc.pid
-        if self.cfg.direct_migration and control:
-            await self._ask_successor_peers(control)
+        self.successor_peers = {}
+        if self.cfg.direct_migration and control and not WINDOWS:   # (no peers there)
+            await self._ask_successor_peers(pid, control)
         try:
             up = await AsyncChannel.connect(chan, name=f"dispatcher:{self.d.pid}")
         except (OSError, SockshareError) as exc:
@@ -328,7 +333,7 @@ class Handover:
         await self.d.health.close()   # the new one answers (drain until we have exited)
         self.d.spawn(self._watch_upstream(up))
         if self.successor_peers:
-            self.d.spawn(self._follow_successor_peers(control), critical=False)
+            self.d.spawn(self._follow_successor_peers(pid, control), critical=False)
         for slot in list(self.slots):
             self.d.supervisor.retire(slot, "upgrade")
         for pool in self.pools.values():
@@ -340,15 +345,12 @@ class Handover:
         log.info("upgrade: handed over to pid %d; draining %d worker(s)", pid, len(self.slots))
         self.d.spawn(self._exit_when_workers_gone())
 
-    async def _ask_successor_peers(self, *controls: str) -> bool:
-        """Ask the new dispatcher which of its workers take direct migrations (its
-        ``peers`` control command, at the first of ``controls`` that answers); False if
-        it did not answer (then ours relay)."""
+    async def _ask_successor_peers(self, pid: int, *controls: str) -> bool:
+        """Ask the new dispatcher (``pid``) which of its workers take direct migrations
+        (its ``peers`` control command, at the first of ``controls`` where it answers);
+        False if it did not (then ours relay)."""
         try:
-            resp = await asyncio.to_thread(_request_first, controls, {"cmd": "peers"}, 2.0)
-            pools = resp.get("pools") if resp.get("ok") else None
-            if not isinstance(pools, dict):
-                raise ValueError(f"answered {resp!r:.200}")
+            pools = await asyncio.to_thread(_successor_pools, pid, controls)
             found: dict[str, tuple[PeerEntry, ...]] = {}
             for name, listed in pools.items():
                 msg = decode({"cmd": "peers", "peers": listed})
@@ -361,15 +363,26 @@ class Handover:
         self.successor_peers = found
         return True
 
-    async def _follow_successor_peers(self, control: str) -> None:
+    async def _follow_successor_peers(self, pid: int, control: str) -> None:
         """While our workers drain, the new dispatcher's list again (its connection
-        counts and room change as ours arrive), pushed to them."""
+        counts and room change as ours arrive), pushed to them. After
+        SUCCESSOR_PEERS_MISSES unanswered asks in a row (or with the channel to it
+        closed), they are told nobody -- they relay -- until it answers again."""
+        misses = 0
         while self.slots and not self.d.stopping:
             await asyncio.sleep(SUCCESSOR_PEERS_EVERY)
             # (once the channel arrived, it moved its control socket onto our path)
             final = self.d.control.path if self.d.control is not None else ""
-            if not self.slots or not await self._ask_successor_peers(final, control):
+            if not self.slots:
                 return
+            up = self.upstream
+            if up is not None and not up.closed and await self._ask_successor_peers(pid, final, control):
+                misses = 0
+            else:
+                misses += 1
+                if misses < SUCCESSOR_PEERS_MISSES and up is not None and not up.closed:
+                    continue
+                self.successor_peers = {}
             for pool in self.pools.values():
                 self.d.migration.push_peers(pool)
 
@@ -432,16 +445,23 @@ class Handover:
         self.d.stop("handed over to the new dispatcher")
 
 
-def _request_first(controls: tuple[str, ...], req: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """``request`` to the first of ``controls`` that answers (the last one's error)."""
+def _successor_pools(pid: int, controls: tuple[str, ...]) -> dict[str, Any]:
+    """The ``peers`` answer of dispatcher ``pid`` at the first of ``controls`` where it
+    answers (another process there -- ourselves, before it moved its control socket
+    onto our path -- is passed over); raises the last error."""
     err: Exception = SockshareError("no control socket to ask")
     for path in controls:
         if not path:
             continue
         try:
-            return request(path, req, timeout=timeout)
+            resp = request(path, {"cmd": "peers"}, timeout=SUCCESSOR_PEERS_TIMEOUT)
         except (OSError, SockshareError) as exc:
             err = exc
+            continue
+        pools = resp.get("pools")
+        if resp.get("ok") and resp.get("pid") == pid and isinstance(pools, dict):
+            return pools
+        err = ValueError(f"{path} answered {resp!r:.200}")
     raise err
 
 

@@ -42,6 +42,7 @@ the next one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -277,6 +278,7 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
             web.ws_moving += 1
             transport.pause_reading()
             self.stop_keepalive()
+            in_flight = False
             try:
                 deadline = time.monotonic() + 10.0
                 while transport.get_write_buffer_size() and time.monotonic() < deadline:
@@ -287,12 +289,21 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
                     raw = transport.get_extra_info("socket")
                     # (out of descriptors: waits for a move in flight to end, or refused)
                     dup = await web.dup_for_move(raw)
+                    assert web.relay is not None
+                    relay = asyncio.ensure_future(web.relay(dup, meta, bytes(self._ss_raw)))
+                    relay.add_done_callback(lambda _t: web.move_ended())
                     try:
-                        assert web.relay is not None
-                        outcome = await web.relay(dup, meta, bytes(self._ss_raw))
-                    finally:
-                        web.move_ended()
+                        outcome = await asyncio.shield(relay)
+                    except asyncio.CancelledError:
+                        # the mover was cancelled with the WebSocket on its way: the
+                        # answer decides, when it comes (served here again, or detached:
+                        # never both, never neither)
+                        in_flight = True
+                        relay.add_done_callback(self._ss_settle)
+                        raise
             except BaseException as exc:
+                if in_flight:
+                    raise
                 web.ws_moving -= 1
                 self._ss_moving = False
                 self._ss_resume_here()
@@ -300,6 +311,20 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
                     web.counts["ws_refused"] += 1
                     log.info("WebSocket %s stays here: %s", self._ss_id(), exc)
                 raise
+            self._ss_apply(outcome)
+
+        def _ss_settle(self, relay: asyncio.Future[str]) -> None:
+            """The answer to a move whose mover was cancelled on the way, applied."""
+            if relay.cancelled() or relay.exception() is not None:
+                outcome = "rejected: the move failed"
+            else:
+                outcome = relay.result()
+            with contextlib.suppress(MigrationRefused, MigrationAborted):
+                self._ss_apply(outcome)
+
+        def _ss_apply(self, outcome: str) -> None:
+            """The relay's answer: moved (detached here), gone (MigrationAborted) or
+            refused (served here again: MigrationRefused)."""
             web.ws_moving -= 1
             if outcome in ("accepted", "gone"):
                 web.counts["ws_migrated_out" if outcome == "accepted" else "ws_lost"] += 1
