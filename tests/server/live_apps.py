@@ -18,6 +18,8 @@ it was served by. Every answer is one JSON line:
 ``stall S``    answers after S seconds without reading (a busy handler);
 ``block S``    blocks the worker's whole event loop for S seconds (a hung worker);
 ``who``        ``{"pid": ..., "id": ..., "n": k}`` without counting;
+``impatient T`` migrates within T seconds (``asyncio.wait_for``) or goes on as if it had
+               not asked: the answer, when it comes, says where the connection lives;
 ``tightmove``  migrates with the worker's soft RLIMIT_NOFILE lowered to its lowest free
                descriptor (``os.dup`` fails with EMFILE), then puts the limit back:
                ``{"refused": reason, "pid": ...}`` and the connection goes on here.
@@ -90,6 +92,14 @@ async def _serve(conn: Connection, state: dict[str, Any]) -> None:
             try:
                 await conn.migrate(state)
                 return
+            except MigrationRefused as exc:
+                await _say(conn, {"refused": str(exc), "pid": os.getpid()})
+        elif cmd == "impatient":
+            try:
+                await asyncio.wait_for(conn.migrate(state), float(arg or "0.5"))
+                return
+            except TimeoutError:
+                continue
             except MigrationRefused as exc:
                 await _say(conn, {"refused": str(exc), "pid": os.getpid()})
         elif cmd == "tightmove":

@@ -143,13 +143,56 @@ def test_a_websocket_whose_source_dies_mid_move_is_served_by_its_target(tmp_path
             assert "the source is gone" in srv.log()
 
 
+def _sockets(pid: int) -> int:
+    """How many sockets process ``pid`` has open."""
+    n = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            n += os.readlink(fd).startswith("socket:")
+    return n
+
+
+def _give_up_midway(srv: LiveServer, source: int, target: int, ask_to_move: Callable[[], None],
+                    say_early: Callable[[], None]) -> int:
+    """Stop ``target``, let the app on ``source`` ask for a move it gives up on after
+    0.5 s, say something while nobody reads, then let the target go on; returns the
+    source's socket count from before (its connection's included)."""
+    before = _sockets(source)
+    os.kill(target, signal.SIGSTOP)
+    try:
+        ask_to_move()
+        time.sleep(1.0)   # the app's deadline passes; the move is announced
+        say_early()   # (read by nobody until the move is answered)
+    finally:
+        os.kill(target, signal.SIGCONT)
+    return before
+
+
+def _after_giving_up(srv: LiveServer, source: int, target: int, before: int,
+                     ask: Callable[[str], str]) -> None:
+    """What a move given up on midway must leave: the connection the target's alone
+    (every answer from it), the source's socket closed, the move counted once, and the
+    target alive past --timeout (not taken for hung)."""
+    srv.wait_for(lambda st: st["counters"]["migrations"] == 3, what="the third move counted")
+    wait_until(lambda: _sockets(source) == before - 1, timeout=10,
+               what=f"the source's socket closed ({_sockets(source)} sockets, {before} before)")
+    time.sleep(4.0)   # past --timeout (3 s)
+    for i in range(5):
+        assert ask(f"m{i}") == f"{target} m{i}"
+    st = srv.status()
+    assert st["counters"]["hung_kills"] == 0, srv.log()[-3000:]
+    assert st["counters"]["lost"] == 0
+    assert sorted(w["connections"] for w in st["workers"]) == [0, 1]
+    assert target in {w["pid"] for w in st["workers"]}
+
+
 def test_a_websocket_whose_mover_gives_up_midway_lives_where_the_answer_puts_it(
         tmp_path: Path) -> None:
     """An app gives its WebSocket's move a deadline (``asyncio.wait_for``) and goes on
     when it passes, the WebSocket still on its way to a worker that is stopped: the
     source neither serves it again nor forgets the move. Once the target answers
-    (SIGCONT), the WebSocket lives there alone (every echo from it), the source counts
-    it out, and the dispatcher does not take the target for hung at --timeout."""
+    (SIGCONT), the WebSocket lives there alone, the source's socket is closed, and the
+    dispatcher does not take the target for hung at --timeout."""
     from websockets.sync.client import connect
 
     pytest.importorskip("starlette", reason="pip install starlette (or the test extra)")
@@ -158,28 +201,47 @@ def test_a_websocket_whose_mover_gives_up_midway_lives_where_the_answer_puts_it(
         host, port = srv.address()
         with connect(f"ws://{host}:{port}/impatient?t=0.5", open_timeout=10) as ws:
             source = int(str(ws.recv(timeout=10)).split()[1])
-            target = next(w["pid"] for w in srv.status()["workers"] if w["pid"] != source)
-            time.sleep(0.5)   # (the workers' channels to each other open after ready)
-            os.kill(target, signal.SIGSTOP)
-            try:
+            for _ in range(2):   # there and back: the channels between the two are open
                 ws.send("move")
-                time.sleep(1.0)   # the app's deadline passes; the move is announced
-                ws.send("early")   # (read by nobody until the move is answered)
-            finally:
-                os.kill(target, signal.SIGCONT)
+                target, source = source, int(str(ws.recv(timeout=10)).split()[1])
+
+            def ask(text: str) -> str:
+                ws.send(text)
+                return str(ws.recv(timeout=10))
+
+            before = _give_up_midway(srv, source, target, lambda: ws.send("move"),
+                                     lambda: ws.send("early"))
             assert ws.recv(timeout=10) == f"here {target}"
             assert ws.recv(timeout=10) == f"{target} early"
-            st = srv.wait_for(lambda st: st["counters"]["migrations"] == 1, what="counted")
-            assert st["counters"]["migrations_direct"] == 1
-            time.sleep(4.0)   # past --timeout: the target must not be killed as hung
-            for i in range(5):
-                ws.send(f"m{i}")
-                assert ws.recv(timeout=10) == f"{target} m{i}"
-            st = srv.status()
-            assert st["counters"]["hung_kills"] == 0, srv.log()[-3000:]
-            assert st["counters"]["lost"] == 0
-            assert sorted(w["connections"] for w in st["workers"]) == [0, 1]
-            assert target in {w["pid"] for w in st["workers"]}
+            _after_giving_up(srv, source, target, before, ask)
+
+
+def test_a_handler_connection_whose_mover_gives_up_midway_lives_where_the_answer_puts_it(
+        tmp_path: Path) -> None:
+    """The same with a handler (``live_apps``, ``impatient 0.5``): the handler goes on
+    past its deadline; the connection is the target's alone once it answers, the
+    source's handler ends without counting it closed, its socket closed."""
+    import json
+
+    with LiveServer(tmp_path, "--no-rebalance", "--timeout", "3", app=APP, workers=2) as srv:
+        c = LineClient(srv.address())
+        source = c.ask("echo a")["pid"]
+        for _ in range(2):   # there and back
+            c.send("move\n")
+            target, source = source, c.read()["pid"]
+
+        def ask(text: str) -> str:
+            answer = c.ask(f"echo {text}")
+            return f"{answer['pid']} {answer['echo']}"
+
+        before = _give_up_midway(srv, source, target, lambda: c.send("impatient 0.5\n"),
+                                 lambda: c.send("echo early\n"))
+        moved = c.read()
+        assert (moved.get("moved"), moved["pid"], moved["from"]) == (True, target, source), moved
+        early = c.read()
+        assert (early["pid"], early["echo"], early["n"]) == (target, "early", 2), json.dumps(early)
+        _after_giving_up(srv, source, target, before, ask)
+        c.close()
 
 
 #: the resume meta a peer worker sends: a handler's state, a web app's WebSocket

@@ -380,13 +380,15 @@ def test_moves_to_a_target_not_ours_count_as_a_drains_progress_only(relay: Relay
     relay.mig.moving_out(source, Moving(9, MoveKey(pid, 1), (MoveKey(pid, 2), MoveKey(pid, 3))))
     assert relay.mig.moving == {}
     assert set(relay.mig.moving_away) == {(pid, 1), (pid, 2), (pid, 3)}
-    assert relay.mig.moving_from(pid)
-    assert not relay.mig.moving_from(pid + 1)
+    assert relay.mig.moving_from(pid, 10.0)
+    assert not relay.mig.moving_from(pid + 1, 10.0)
+    # (for a while only: a target that never answers does not hold a drain forever)
+    assert not relay.mig.moving_from(pid, 0.0)
     relay.mig.moved_out(source, MovedOut(9, MoveKey(pid, 1)))
     relay.mig.move_back(source, MoveBack(9, MoveKey(pid, 2)))
     assert set(relay.mig.moving_away) == {(pid, 3)}
     relay.mig.forget_moves_from(pid)
-    assert not relay.mig.moving_from(pid)
+    assert not relay.mig.moving_from(pid, 10.0)
 
 
 def test_the_successors_peers_are_taken_only_from_the_successor(tmp_path: Path) -> None:
@@ -427,5 +429,6 @@ def test_the_successors_peers_are_taken_only_from_the_successor(tmp_path: Path) 
         with pytest.raises(SockshareError):
             _successor_pools(2, (str(tmp_path / "nobody"),))
     finally:
-        ours.close()
-        theirs.close()
+        for srv in (ours, theirs):   # (wakes the thread in accept)
+            srv.shutdown(socket.SHUT_RDWR)
+            srv.close()

@@ -232,6 +232,9 @@ class Connection:
         self._closed = False
         self._migrated = False
         self._migrating = False
+        #: its move once the descriptor may have left (the runtime's): the handler's end
+        #: waits for it if the mover stopped waiting
+        self._move: asyncio.Future[None] | None = None
         self._migratable = False
         self._requested_event: asyncio.Event | None = None
         self._reason = ""

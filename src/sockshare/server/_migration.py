@@ -103,7 +103,8 @@ class Migrations:
         #: handoff id) -> (target, since); for --timeout and the status
         self.moving: dict[tuple[int, int], tuple[WorkerSlot, float]] = {}
         #: the same for targets that are not ours (an upgrade's old workers moving to the
-        #: new dispatcher's): a drain's progress only (their --timeout is not ours)
+        #: new dispatcher's; or ours without a channel): a drain's progress only, for a
+        #: while (their --timeout is not ours)
         self.moving_away: dict[tuple[int, int], float] = {}
         #: worker pids that exited (reaped), and when: a target whose ACCEPT could not
         #: reach a dead source may serve the connection
@@ -272,10 +273,14 @@ class Migrations:
             self.moving.pop(key, None)
             self.moving_away.pop(key, None)
 
-    def moving_from(self, pid: int) -> bool:
-        """Whether worker ``pid`` has announced direct moves still unanswered."""
-        return (any(k[0] == pid for k in self.moving)
-                or any(k[0] == pid for k in self.moving_away))
+    def moving_from(self, pid: int, within: float) -> bool:
+        """Whether worker ``pid`` has announced direct moves still unanswered: to ours
+        (--timeout watches those), or announced less than ``within`` seconds ago to
+        others (an upgrade's new workers, which we cannot kill when they hang)."""
+        if any(k[0] == pid for k in self.moving):
+            return True
+        since = time.monotonic() - within
+        return any(k[0] == pid and t >= since for k, t in self.moving_away.items())
 
     def forget_moves_from(self, pid: int) -> None:
         """Worker ``pid`` is gone: its moves are settled by their targets now."""

@@ -305,7 +305,12 @@ class PeerMigration:
             self._unpick(peer)
             return Move.BACK
         except BaseException:
-            peer.inflight -= 1
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # (cancelled just as it left: settled like one cancelled on its way)
+                sent = fut.result()
+                self._bg(self._settle(peer, ch, sent, MoveKey(self._host.info.pid, sent.id)))
+            else:
+                peer.inflight -= 1
             raise
         key = MoveKey(self._host.info.pid, ticket.id)
         try:

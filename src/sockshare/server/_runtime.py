@@ -656,6 +656,23 @@ class Worker:
             transport.set_write_buffer_limits()
             transport.resume_reading()
             raise
+        # 3b. from here the duplicate may leave: the rest runs as its own task, so that a
+        # mover cancelled on the way (an ``asyncio.wait_for`` around ``migrate``) leaves
+        # nothing half done -- the answer is applied when it comes (detached, or reading
+        # here again), and the handler's end waits for it (``_run``)
+        move = asyncio.ensure_future(self._send_out(
+            conn, dup, transport=transport, raw_sock=raw_sock, ch=ch, meta=meta, data=data))
+        conn._move = move
+        try:
+            await asyncio.shield(move)
+        except asyncio.CancelledError:
+            move.add_done_callback(_retrieve)
+            raise
+
+    async def _send_out(self, conn: Connection, dup: socket.socket, *, transport: asyncio.Transport,
+                        raw_sock: Any, ch: AsyncChannel, meta: bytes, data: bytes) -> None:
+        """:meth:`_migrate_out` once the duplicate is made: to a peer worker, or through
+        the dispatcher; the connection detached, or reading here again."""
         if self.peers.peers:
             # straight to a peer worker the dispatcher listed (the handler's own
             # migration, or one it asked for: then the peers it lists are the targets
@@ -874,6 +891,12 @@ class Worker:
             log.exception("worker %d: %s failed on %s", self.info.id,
                           "resume handler" if resuming else "handler", conn.handoff_id)
         finally:
+            move = conn._move
+            if move is not None and not move.done():
+                # a move the handler gave up waiting for: its answer says whether the
+                # connection is still ours to close
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({move})
             self.conns.pop(conn, None)
             self._fd_retry.pop(conn, None)
             if not conn.closed:
@@ -957,7 +980,6 @@ class Worker:
                 return
             for h, _conn, _resuming in ready:
                 h.accept()
-                self._starting += 1   # (until _run registers it)
             if ch is not self.ch and not from_peer:
                 # a feeder's: counted in with the next batch of reports (REPORT_DELAY: no
                 # write to the dispatcher, no wake-up of it, per handoff), ahead of its close
@@ -981,6 +1003,7 @@ class Worker:
         if held:   # (before the next turn of the loop, when the transports would read)
             for _h, conn, _resuming in ready:
                 cast(asyncio.Transport, conn.writer.transport).pause_reading()
+        self._starting += len(ready)   # (until each _run puts it in conns)
         for h, conn, resuming in ready:
             self._task(self._run(conn, resuming, ch, h if from_peer else None, held,
                                  starting=True))
@@ -1410,6 +1433,13 @@ def _load_web(spec: str, interface: str, settings: WebSettings
 #: accept = "worker": the listening descriptors this worker inherited, JSON (written by
 #: the dispatcher's ``Supervisor.listen_fds``)
 ENV_LISTEN = "SOCKSHARE_LISTEN"
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """A move its mover stopped waiting for: its outcome was applied; its exception (a
+    refusal) has nobody to go to."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _inherited_listeners(text: str) -> tuple[list[Listening], int | None]:

@@ -735,7 +735,7 @@ class Supervisor:
             if slot.proc is not proc or proc.returncode is not None or self.d.stopping:
                 return   # (gone; or the shutdown's own deadline applies)
             now = loop.time()
-            moving = self.d.migration.moving_from(proc.pid)
+            moving = self.d.migration.moving_from(proc.pid, limit)
             if slot.active < lowest or slot.stats.migrated_out != out or moving:
                 lowest, out, quiet_since = min(lowest, slot.active), slot.stats.migrated_out, now
             if now - quiet_since < limit:

@@ -108,6 +108,7 @@ class Handover:
         #: migrations (its ``peers`` answer, asked again every SUCCESSOR_PEERS_EVERY s):
         #: our workers' connections go straight to them
         self.successor_peers: dict[str, tuple[PeerEntry, ...]] = {}
+        self._peers_missed = False
 
     def _passed_sockets(self) -> list[tuple[str, socket.socket]]:
         """What a new dispatcher takes over: the listeners, the metrics and agent sockets."""
@@ -357,9 +358,14 @@ class Handover:
                 if isinstance(msg, Peers):
                     found[str(name)] = msg.peers
         except (OSError, SockshareError, ValueError) as exc:
-            log.info("upgrade: the new dispatcher did not list its workers (%s); our "
-                     "connections go through it", exc)
+            if not self._peers_missed:   # (once until it answers again: asked every 0.5 s)
+                log.info("upgrade: the new dispatcher did not list its workers (%s); our "
+                         "connections go through it until it does", exc)
+            self._peers_missed = True
             return False
+        if self._peers_missed and found:
+            log.info("upgrade: the new dispatcher lists its workers again")
+        self._peers_missed = False
         self.successor_peers = found
         return True
 

@@ -89,6 +89,7 @@ def frame_end(buf: bytes | bytearray, start: int) -> tuple[int, bool, int] | Non
 
 def movable_class(base: type[Any], web: WebServer) -> type[Any]:
     """uvicorn's ``WebSocketsSansIOProtocol`` (``base``) made movable (module docstring)."""
+    from uvicorn.protocols.utils import ClientDisconnected
     from websockets.extensions.permessage_deflate import (
         PerMessageDeflate,
         ServerPerMessageDeflateFactory,
@@ -123,6 +124,10 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
             self._ss_accepted = False
             self._ss_offer: dict[str, Any] | None = None
             self._ss_moving = False
+            #: the move on its way (its own task: a cancelled mover does not end it) and
+            #: whether it took the WebSocket away
+            self._ss_relay: asyncio.Future[str] | None = None
+            self._ss_gone = False
 
         # -- the connection's life ------------------------------------------------------
 
@@ -225,6 +230,13 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
             if kind == MIGRATE:
                 await self._ss_migrate(message.get("state"))
                 return
+            relay = self._ss_relay
+            if relay is not None and not relay.done():
+                # (another task of the app, or one whose move it stopped waiting for:
+                # nothing is written while another worker may be taking the WebSocket)
+                await asyncio.wait({relay})
+            if self._ss_gone:
+                raise ClientDisconnected()
             if kind == "websocket.accept" and self._ss_resumed and not self._ss_accepted:
                 self._ss_accepted = True   # the client saw the 101 in the first worker
                 return
@@ -288,9 +300,11 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
                 async with web.ws_slots:   # (MIGRATION_WINDOW at once)
                     raw = transport.get_extra_info("socket")
                     # (out of descriptors: waits for a move in flight to end, or refused)
+                    relay_out = web.relay
+                    assert relay_out is not None   # (checked by _ss_why_not)
                     dup = await web.dup_for_move(raw)
-                    assert web.relay is not None
-                    relay = asyncio.ensure_future(web.relay(dup, meta, bytes(self._ss_raw)))
+                    relay = self._ss_relay = asyncio.ensure_future(
+                        relay_out(dup, meta, bytes(self._ss_raw)))
                     relay.add_done_callback(lambda _t: web.move_ended())
                     try:
                         outcome = await asyncio.shield(relay)
@@ -328,6 +342,7 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
             web.ws_moving -= 1
             if outcome in ("accepted", "gone"):
                 web.counts["ws_migrated_out" if outcome == "accepted" else "ws_lost"] += 1
+                self._ss_gone = True
                 web.detach(self)
                 if outcome == "gone":
                     raise MigrationAborted("the channel broke while the WebSocket was on its way; "
