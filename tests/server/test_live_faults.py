@@ -143,20 +143,22 @@ def test_a_websocket_whose_source_dies_mid_move_is_served_by_its_target(tmp_path
             assert "the source is gone" in srv.log()
 
 
-def _sockets(pid: int) -> int:
-    """How many sockets process ``pid`` has open."""
-    n = 0
+def _sockets(pid: int) -> set[str]:
+    """The sockets process ``pid`` has open (``socket:[inode]``)."""
+    out = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         with contextlib.suppress(OSError):
-            n += os.readlink(fd).startswith("socket:")
-    return n
+            link = os.readlink(fd)
+            if link.startswith("socket:"):
+                out.add(link)
+    return out
 
 
-def _give_up_midway(srv: LiveServer, source: int, target: int, ask_to_move: Callable[[], None],
-                    say_early: Callable[[], None]) -> int:
+def _give_up_midway(source: int, target: int, ask_to_move: Callable[[], None],
+                    say_early: Callable[[], None]) -> set[str]:
     """Stop ``target``, let the app on ``source`` ask for a move it gives up on after
     0.5 s, say something while nobody reads, then let the target go on; returns the
-    source's socket count from before (its connection's included)."""
+    source's sockets from before (its connection's included)."""
     before = _sockets(source)
     os.kill(target, signal.SIGSTOP)
     try:
@@ -168,14 +170,14 @@ def _give_up_midway(srv: LiveServer, source: int, target: int, ask_to_move: Call
     return before
 
 
-def _after_giving_up(srv: LiveServer, source: int, target: int, before: int,
+def _after_giving_up(srv: LiveServer, source: int, target: int, before: set[str],
                      ask: Callable[[str], str]) -> None:
     """What a move given up on midway must leave: the connection the target's alone
     (every answer from it), the source's socket closed, the move counted once, and the
     target alive past --timeout (not taken for hung)."""
     srv.wait_for(lambda st: st["counters"]["migrations"] == 3, what="the third move counted")
-    wait_until(lambda: _sockets(source) == before - 1, timeout=10,
-               what=f"the source's socket closed ({_sockets(source)} sockets, {before} before)")
+    wait_until(lambda: before - _sockets(source), timeout=10,
+               what="the source's socket of the connection closed")
     time.sleep(4.0)   # past --timeout (3 s)
     for i in range(5):
         assert ask(f"m{i}") == f"{target} m{i}"
@@ -189,8 +191,9 @@ def _after_giving_up(srv: LiveServer, source: int, target: int, before: int,
 def test_a_websocket_whose_mover_gives_up_midway_lives_where_the_answer_puts_it(
         tmp_path: Path) -> None:
     """An app gives its WebSocket's move a deadline (``asyncio.wait_for``) and goes on
-    when it passes, the WebSocket still on its way to a worker that is stopped: the
-    source neither serves it again nor forgets the move. Once the target answers
+    when it passes, the WebSocket still on its way to a worker that is stopped: a move
+    cannot be called back, so the app's cancellation waits for the answer -- the source
+    neither serves the WebSocket again nor forgets the move. Once the target answers
     (SIGCONT), the WebSocket lives there alone, the source's socket is closed, and the
     dispatcher does not take the target for hung at --timeout."""
     from websockets.sync.client import connect
@@ -209,9 +212,11 @@ def test_a_websocket_whose_mover_gives_up_midway_lives_where_the_answer_puts_it(
                 ws.send(text)
                 return str(ws.recv(timeout=10))
 
-            before = _give_up_midway(srv, source, target, lambda: ws.send("move"),
+            before = _give_up_midway(source, target, lambda: ws.send("move"),
                                      lambda: ws.send("early"))
-            assert ws.recv(timeout=10) == f"here {target}"
+            here, pid, took = str(ws.recv(timeout=10)).split()
+            assert (here, int(pid)) == ("here", target)
+            assert int(took) > 500   # (on its way past the app's deadline: it fired)
             assert ws.recv(timeout=10) == f"{target} early"
             _after_giving_up(srv, source, target, before, ask)
 
@@ -234,10 +239,11 @@ def test_a_handler_connection_whose_mover_gives_up_midway_lives_where_the_answer
             answer = c.ask(f"echo {text}")
             return f"{answer['pid']} {answer['echo']}"
 
-        before = _give_up_midway(srv, source, target, lambda: c.send("impatient 0.5\n"),
+        before = _give_up_midway(source, target, lambda: c.send("impatient 0.5\n"),
                                  lambda: c.send("echo early\n"))
         moved = c.read()
         assert (moved.get("moved"), moved["pid"], moved["from"]) == (True, target, source), moved
+        assert moved["latency_us"] > 500_000   # (past the handler's deadline: it fired)
         early = c.read()
         assert (early["pid"], early["echo"], early["n"]) == (target, "early", 2), json.dumps(early)
         _after_giving_up(srv, source, target, before, ask)

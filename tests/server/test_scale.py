@@ -98,8 +98,12 @@ def test_1800_connections_under_1024_descriptors_reload_and_migrate(tmp_path: Pa
             answers = _echo_all(clients, 2)
             assert all(a["n"] == 2 and a["pid"] in new for a in answers)
             assert st["counters"]["migrations_refused"] == 0   # (tried again meanwhile)
-            # every connection of one worker to the other, which has no room for all
-            source, target = sorted(st["workers"], key=lambda w: w["id"])
+            # every connection of the fuller worker to the other, which has no room for
+            # all (a reload balances within 1.1, not exactly: 933 / 867 in one CI run,
+            # which left the fuller one no room at all)
+            assert max(w["connections"] for w in st["workers"]) <= 1.1 * min(
+                w["connections"] for w in st["workers"])
+            target, source = sorted(st["workers"], key=lambda w: (w["connections"], w["id"]))
             t0 = time.monotonic()
             resp = srv.command({"cmd": "migrate", "from": source["id"], "count": None,
                                 "wait": True}, timeout=120)
@@ -122,7 +126,7 @@ def test_1800_connections_under_1024_descriptors_reload_and_migrate(tmp_path: Pa
             assert counters["refused"] == 0
             moved = resp["migrated"]
             assert moved > 0
-            # (every one the source had: a reload spreads them within a few of n / 2)
+            # (every one the source had)
             assert moved + resp["refused"] == resp["flagged"] == source["connections"]
             assert resp["refused"] > 0   # the target had no room for all
             assert counters["migrations_refused"] == resp["refused"]

@@ -109,15 +109,19 @@ async def flood(ws: WebSocket) -> None:
 
 
 async def impatient(ws: WebSocket) -> None:
-    """An opted-in WebSocket that says ``here <pid>`` first thing in each worker and
-    echoes ``<pid> <text>``; on ``move`` it gives its move ``?t=S`` seconds
-    (``asyncio.wait_for``) and, past them, goes on as if nothing had happened -- the
-    WebSocket then still on its way, where the target's answer puts it."""
+    """An opted-in WebSocket that says ``here <pid> <ms>`` first thing in each worker
+    (``<ms>``: how long its last move took, -1 where it was opened) and echoes ``<pid>
+    <text>``; on ``move`` it gives its move ``?t=S`` seconds (``asyncio.wait_for``) and,
+    past them, goes on as if nothing had happened."""
+    import time
+
     from starlette.websockets import WebSocketDisconnect
 
     ext: dict[str, Any] = ws.scope.get("extensions") or {}
+    started = ((ext.get("sockshare") or {}).get("migration") or {}).get("started")
+    took = round((time.monotonic() - started) * 1000) if isinstance(started, float) else -1
     await ws.accept()
-    await ws.send_text(f"here {os.getpid()}")
+    await ws.send_text(f"here {os.getpid()} {took}")
     try:
         while True:
             text = await ws.receive_text()

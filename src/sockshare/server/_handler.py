@@ -210,6 +210,17 @@ class Migrator(Protocol):
     async def migrate_out(self, conn: Connection, meta: bytes, unread: bytes) -> None: ...
 
 
+async def answer_first(move: asyncio.Future[Any]) -> None:
+    """Wait until ``move`` -- a connection on its way to another worker -- is answered,
+    whatever cancels the waiter meanwhile: a move cannot be called back once its
+    descriptor left, so a cancelled mover (an ``asyncio.wait_for`` around ``migrate``)
+    takes effect once the answer is applied (the connection gone, or ours again), never
+    with the connection in between. Its outcome is the caller's to read."""
+    while not move.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(move)
+
+
 class Connection:
     """One client connection handed to this worker, as the app sees it.
 
@@ -232,9 +243,6 @@ class Connection:
         self._closed = False
         self._migrated = False
         self._migrating = False
-        #: its move once the descriptor may have left (the runtime's): the handler's end
-        #: waits for it if the mover stopped waiting
-        self._move: asyncio.Future[None] | None = None
         self._migratable = False
         self._requested_event: asyncio.Event | None = None
         self._reason = ""

@@ -110,6 +110,7 @@ from sockshare.server._handler import (
     Resume,
     StateError,
     WorkerInfo,
+    answer_first,
     connection_now,
     open_connection,
 )
@@ -656,17 +657,17 @@ class Worker:
             transport.set_write_buffer_limits()
             transport.resume_reading()
             raise
-        # 3b. from here the duplicate may leave: the rest runs as its own task, so that a
-        # mover cancelled on the way (an ``asyncio.wait_for`` around ``migrate``) leaves
-        # nothing half done -- the answer is applied when it comes (detached, or reading
-        # here again), and the handler's end waits for it (``_run``)
+        # 3b. from here the duplicate may leave: a mover cancelled now (an
+        # ``asyncio.wait_for`` around ``migrate``) is cancelled once the answer is
+        # applied -- the connection detached, or reading here again -- never in between
         move = asyncio.ensure_future(self._send_out(
             conn, dup, transport=transport, raw_sock=raw_sock, ch=ch, meta=meta, data=data))
-        conn._move = move
         try:
             await asyncio.shield(move)
         except asyncio.CancelledError:
-            move.add_done_callback(_retrieve)
+            await answer_first(move)
+            if not move.cancelled():
+                move.exception()   # (a refusal: the cancellation is what the mover gets)
             raise
 
     async def _send_out(self, conn: Connection, dup: socket.socket, *, transport: asyncio.Transport,
@@ -891,12 +892,6 @@ class Worker:
             log.exception("worker %d: %s failed on %s", self.info.id,
                           "resume handler" if resuming else "handler", conn.handoff_id)
         finally:
-            move = conn._move
-            if move is not None and not move.done():
-                # a move the handler gave up waiting for: its answer says whether the
-                # connection is still ours to close
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait({move})
             self.conns.pop(conn, None)
             self._fd_retry.pop(conn, None)
             if not conn.closed:
@@ -1433,13 +1428,6 @@ def _load_web(spec: str, interface: str, settings: WebSettings
 #: accept = "worker": the listening descriptors this worker inherited, JSON (written by
 #: the dispatcher's ``Supervisor.listen_fds``)
 ENV_LISTEN = "SOCKSHARE_LISTEN"
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    """A move its mover stopped waiting for: its outcome was applied; its exception (a
-    refusal) has nobody to go to."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _inherited_listeners(text: str) -> tuple[list[Listening], int | None]:

@@ -825,16 +825,7 @@ class WebServer:
                 scope["extensions"] = {"sockshare": meta}
             else:
                 ext["sockshare"] = meta
-            try:
-                await loaded(scope, receive, send)
-            finally:
-                # a WebSocket whose move the app stopped waiting for: uvicorn closes the
-                # connection once the app returns -- not before the answer says whether
-                # it is still this worker's to close
-                relay = getattr(getattr(send, "__self__", None), "_ss_relay", None)
-                if relay is not None and not relay.done():
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await asyncio.wait({relay})
+            await loaded(scope, receive, send)
 
         return app
 

@@ -89,7 +89,6 @@ def frame_end(buf: bytes | bytearray, start: int) -> tuple[int, bool, int] | Non
 
 def movable_class(base: type[Any], web: WebServer) -> type[Any]:
     """uvicorn's ``WebSocketsSansIOProtocol`` (``base``) made movable (module docstring)."""
-    from uvicorn.protocols.utils import ClientDisconnected
     from websockets.extensions.permessage_deflate import (
         PerMessageDeflate,
         ServerPerMessageDeflateFactory,
@@ -97,7 +96,12 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
     from websockets.protocol import State
     from websockets.server import ServerProtocol
 
-    from sockshare.server._handler import MigrationAborted, MigrationRefused, StateError
+    from sockshare.server._handler import (
+        MigrationAborted,
+        MigrationRefused,
+        StateError,
+        answer_first,
+    )
 
     def deflate_factory() -> Any:
         return ServerPerMessageDeflateFactory(
@@ -124,10 +128,6 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
             self._ss_accepted = False
             self._ss_offer: dict[str, Any] | None = None
             self._ss_moving = False
-            #: the move on its way (its own task: a cancelled mover does not end it) and
-            #: whether it took the WebSocket away
-            self._ss_relay: asyncio.Future[str] | None = None
-            self._ss_gone = False
 
         # -- the connection's life ------------------------------------------------------
 
@@ -230,13 +230,6 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
             if kind == MIGRATE:
                 await self._ss_migrate(message.get("state"))
                 return
-            relay = self._ss_relay
-            if relay is not None and not relay.done():
-                # (another task of the app, or one whose move it stopped waiting for:
-                # nothing is written while another worker may be taking the WebSocket)
-                await asyncio.wait({relay})
-            if self._ss_gone:
-                raise ClientDisconnected()
             if kind == "websocket.accept" and self._ss_resumed and not self._ss_accepted:
                 self._ss_accepted = True   # the client saw the 101 in the first worker
                 return
@@ -303,17 +296,20 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
                     relay_out = web.relay
                     assert relay_out is not None   # (checked by _ss_why_not)
                     dup = await web.dup_for_move(raw)
-                    relay = self._ss_relay = asyncio.ensure_future(
-                        relay_out(dup, meta, bytes(self._ss_raw)))
+                    relay = asyncio.ensure_future(relay_out(dup, meta, bytes(self._ss_raw)))
                     relay.add_done_callback(lambda _t: web.move_ended())
                     try:
                         outcome = await asyncio.shield(relay)
                     except asyncio.CancelledError:
-                        # the mover was cancelled with the WebSocket on its way: the
-                        # answer decides, when it comes (served here again, or detached:
-                        # never both, never neither)
+                        # the mover was cancelled with the WebSocket on its way: it is,
+                        # once the answer is applied (detached, or served here again),
+                        # never in between
                         in_flight = True
-                        relay.add_done_callback(self._ss_settle)
+                        await answer_first(relay)
+                        failed = relay.cancelled() or relay.exception() is not None
+                        with contextlib.suppress(MigrationRefused, MigrationAborted):
+                            self._ss_apply("rejected: the move failed" if failed
+                                           else relay.result())
                         raise
             except BaseException as exc:
                 if in_flight:
@@ -327,22 +323,12 @@ def movable_class(base: type[Any], web: WebServer) -> type[Any]:
                 raise
             self._ss_apply(outcome)
 
-        def _ss_settle(self, relay: asyncio.Future[str]) -> None:
-            """The answer to a move whose mover was cancelled on the way, applied."""
-            if relay.cancelled() or relay.exception() is not None:
-                outcome = "rejected: the move failed"
-            else:
-                outcome = relay.result()
-            with contextlib.suppress(MigrationRefused, MigrationAborted):
-                self._ss_apply(outcome)
-
         def _ss_apply(self, outcome: str) -> None:
             """The relay's answer: moved (detached here), gone (MigrationAborted) or
             refused (served here again: MigrationRefused)."""
             web.ws_moving -= 1
             if outcome in ("accepted", "gone"):
                 web.counts["ws_migrated_out" if outcome == "accepted" else "ws_lost"] += 1
-                self._ss_gone = True
                 web.detach(self)
                 if outcome == "gone":
                     raise MigrationAborted("the channel broke while the WebSocket was on its way; "
